@@ -1,0 +1,201 @@
+"""The signed, sealed envelope: the unit every device sends and the relay stores.
+
+Wire form: a canonical CBOR array of nine elements
+
+    [version, kind, msg_id, sender, created_at_ms, ttl_s, recipients, payload, signature]
+
+with `recipients` an array of [recipient_key, wrapped_key] pairs sorted by key.
+The signature is Ed25519 by `sender` over SIGNING_DOMAIN ‖ canonical CBOR of
+the first eight elements.  Decoding checks structure only; `verify()` checks
+the signature, so a relay can refuse garbage before spending a verify on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from . import canonical
+from .errors import (DecodeError, DecryptError, InvalidFieldError, OversizeError,
+                     UnsupportedVersionError)
+from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
+from .limits import DEFAULT_LIMITS, MAX_TTL_SECONDS, PROTOCOL_VERSION, Limits
+from .sealing import PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES, RandomBytes, seal, unseal
+
+SIGNING_DOMAIN = b"continuum/v1/envelope\x00"
+PAYLOAD_AAD_DOMAIN = b"continuum/v1/payload\x00"
+MSG_ID_BYTES = 16
+_FIELD_COUNT = 9
+_MAX_UINT64 = 2**64 - 1
+
+
+class Kind(IntEnum):
+    """What an envelope means to its recipient; the relay treats all alike."""
+
+    DATA = 1
+    RECEIPT = 2
+    EXPIRY = 3
+    PEER_CHANGE = 4
+
+
+@dataclass(frozen=True)
+class Recipient:
+    key: PublicKey
+    wrapped_key: bytes
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A decoded envelope; `raw` is the exact bytes that were signed and sent."""
+
+    version: int
+    kind: Kind
+    msg_id: bytes
+    sender: PublicKey
+    created_at_ms: int
+    ttl_s: int
+    recipients: tuple[Recipient, ...]
+    payload: bytes
+    signature: bytes
+    raw: bytes = field(repr=False, compare=False)
+
+    @property
+    def expires_at_ms(self) -> int:
+        return self.created_at_ms + self.ttl_s * 1000
+
+    @property
+    def recipient_keys(self) -> tuple[PublicKey, ...]:
+        return tuple(r.key for r in self.recipients)
+
+    def signed_bytes(self) -> bytes:
+        return _signed_bytes(self._header_fields(), _recipient_array(self.recipients), self.payload)
+
+    def _header_fields(self) -> list:
+        return [self.version, int(self.kind), self.msg_id, self.sender.raw,
+                self.created_at_ms, self.ttl_s]
+
+    def verify(self) -> None:
+        """Raise SignatureError unless the sender signed exactly this envelope."""
+        self.sender.verify(self.signed_bytes(), self.signature)
+
+    def open(self, identity: Identity) -> bytes:
+        """Decrypt the payload for `identity`; DecryptError if it is not a recipient."""
+        for recipient in self.recipients:
+            if recipient.key == identity.public:
+                return unseal(self.payload, recipient.wrapped_key, self.sender, identity,
+                              _associated_data(self._header_fields(), self.recipient_keys))
+        raise DecryptError(f"{identity.public.text} is not a recipient of this envelope")
+
+
+def _recipient_array(recipients: tuple[Recipient, ...]) -> list:
+    return [[r.key.raw, r.wrapped_key] for r in recipients]
+
+
+def _signed_bytes(header: list, recipients: list, payload: bytes) -> bytes:
+    return SIGNING_DOMAIN + canonical.encode([*header, recipients, payload])
+
+
+def _associated_data(header: list, recipient_keys: tuple[PublicKey, ...]) -> bytes:
+    return PAYLOAD_AAD_DOMAIN + canonical.encode([*header, [k.raw for k in recipient_keys]])
+
+
+def seal_envelope(
+    sender: Identity,
+    kind: Kind,
+    recipients: list[PublicKey],
+    plaintext: bytes,
+    *,
+    ttl_s: int,
+    now_ms: int,
+    limits: Limits = DEFAULT_LIMITS,
+    random_bytes: RandomBytes = os.urandom,
+) -> Envelope:
+    """Encrypt `plaintext` to every recipient, sign, and return the envelope.
+
+    Raises InvalidFieldError / OversizeError for inputs the relay would refuse,
+    so a device learns about a bad send before it touches the network.
+    """
+    unique = sorted(set(recipients))
+    if not unique:
+        raise InvalidFieldError("an envelope needs at least one recipient")
+    if len(unique) > limits.max_recipients:
+        raise InvalidFieldError(
+            f"{len(unique)} recipients exceeds the limit of {limits.max_recipients}")
+    if not 1 <= ttl_s <= MAX_TTL_SECONDS:
+        raise InvalidFieldError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
+    msg_id = random_bytes(MSG_ID_BYTES)
+    header = [PROTOCOL_VERSION, int(kind), msg_id, sender.public.raw, now_ms, ttl_s]
+    payload, wraps = seal(plaintext, sender, unique,
+                          _associated_data(header, tuple(unique)), random_bytes)
+    recipient_entries = tuple(Recipient(k, w) for k, w in zip(unique, wraps))
+    recipient_array = _recipient_array(recipient_entries)
+    signature = sender.sign(_signed_bytes(header, recipient_array, payload))
+    raw = canonical.encode([*header, recipient_array, payload, signature])
+    if len(raw) > limits.max_envelope_bytes:
+        raise OversizeError(
+            f"envelope of {len(raw)} bytes exceeds the limit of {limits.max_envelope_bytes}"
+            f" (payload {len(plaintext)} bytes)")
+    return Envelope(PROTOCOL_VERSION, kind, msg_id, sender.public, now_ms, ttl_s,
+                    recipient_entries, payload, signature, raw)
+
+
+def _expect(value: object, typ: type, name: str) -> None:
+    if type(value) is not typ:  # bool is an int subclass; be exact
+        raise InvalidFieldError(f"envelope {name} must be {typ.__name__}, got {type(value).__name__}")
+
+
+def _expect_bytes(value: object, length: int, name: str) -> bytes:
+    _expect(value, bytes, name)
+    if len(value) != length:  # type: ignore[arg-type]
+        raise InvalidFieldError(f"envelope {name} must be {length} bytes, got {len(value)}")  # type: ignore[arg-type]
+    return value  # type: ignore[return-value]
+
+
+def _expect_uint(value: object, name: str, low: int, high: int) -> int:
+    _expect(value, int, name)
+    if not low <= value <= high:  # type: ignore[operator]
+        raise InvalidFieldError(f"envelope {name} {value} outside [{low}, {high}]")
+    return value  # type: ignore[return-value]
+
+
+def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Parse and structurally validate an envelope; does not check the signature."""
+    value = canonical.decode(data, max_size=limits.max_envelope_bytes, what="envelope")
+    if type(value) is not list:
+        raise DecodeError("envelope must be a CBOR array")
+    if value and type(value[0]) is int and value[0] != PROTOCOL_VERSION:
+        raise UnsupportedVersionError(
+            f"envelope version {value[0]} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if len(value) != _FIELD_COUNT:
+        raise DecodeError(f"envelope must have {_FIELD_COUNT} elements, got {len(value)}")
+    version, kind, msg_id, sender, created_at, ttl, recipients, payload, signature = value
+    _expect(version, int, "version")
+    _expect(kind, int, "kind")
+    try:
+        kind_enum = Kind(kind)
+    except ValueError:
+        raise InvalidFieldError(f"envelope kind {kind} is unknown") from None
+    _expect_bytes(msg_id, MSG_ID_BYTES, "msg_id")
+    sender_key = PublicKey(_expect_bytes(sender, KEY_BYTES, "sender"))
+    _expect_uint(created_at, "created_at", 0, _MAX_UINT64)
+    _expect_uint(ttl, "ttl", 1, MAX_TTL_SECONDS)
+    _expect(recipients, list, "recipients")
+    if not 1 <= len(recipients) <= limits.max_recipients:
+        raise InvalidFieldError(
+            f"envelope must have 1..{limits.max_recipients} recipients, got {len(recipients)}")
+    entries: list[Recipient] = []
+    for entry in recipients:
+        if type(entry) is not list or len(entry) != 2:
+            raise InvalidFieldError("each recipient must be a [key, wrapped_key] pair")
+        key = PublicKey(_expect_bytes(entry[0], KEY_BYTES, "recipient key"))
+        wrapped = _expect_bytes(entry[1], WRAPPED_KEY_BYTES, "wrapped key")
+        if entries and key <= entries[-1].key:
+            raise InvalidFieldError("recipients must be sorted by key and unique")
+        entries.append(Recipient(key, wrapped))
+    _expect(payload, bytes, "payload")
+    if len(payload) < PAYLOAD_OVERHEAD_BYTES:
+        raise InvalidFieldError("envelope payload is shorter than its nonce and tag")
+    _expect_bytes(signature, SIGNATURE_BYTES, "signature")
+    return Envelope(version, kind_enum, msg_id, sender_key, created_at, ttl,
+                    tuple(entries), payload, signature, bytes(data))

@@ -1,0 +1,150 @@
+"""One exception hierarchy for everything that can be wrong on the wire.
+
+Every error carries a stable numeric `ErrorCode`, because the relay reports
+rejections to devices as error frames and a device written in C must be able
+to act on the number without parsing English.  `error_for_code` turns a
+received error frame back into the same exception type on the client side.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ErrorCode(IntEnum):
+    """Stable error codes carried in error frames; never renumber, only append."""
+
+    MALFORMED = 1
+    UNSUPPORTED_VERSION = 2
+    OVERSIZE = 3
+    BAD_SIGNATURE = 4
+    WRONG_SENDER = 5
+    REPLAY = 6
+    STALE = 7
+    RATE_LIMITED = 8
+    MAILBOX_FULL = 9
+    REVOKED = 10
+    NOT_ENROLLED = 11
+    STORE_UNAVAILABLE = 12
+    UNAUTHENTICATED = 13
+    INVALID_FIELD = 14
+    UNEXPECTED_FRAME = 15
+    DECRYPT_FAILED = 16
+    INTERNAL = 17
+
+
+class ProtocolError(Exception):
+    """Base of every wire-level failure; `code` is what goes into an error frame."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class DecodeError(ProtocolError):
+    """Bytes that are not a well-formed, canonical message of the expected shape."""
+
+    code = ErrorCode.MALFORMED
+
+
+class UnsupportedVersionError(DecodeError):
+    code = ErrorCode.UNSUPPORTED_VERSION
+
+
+class OversizeError(DecodeError):
+    code = ErrorCode.OVERSIZE
+
+
+class InvalidFieldError(DecodeError):
+    """Well-formed CBOR whose field values break a rule (length, range, order)."""
+
+    code = ErrorCode.INVALID_FIELD
+
+
+class SignatureError(ProtocolError):
+    code = ErrorCode.BAD_SIGNATURE
+
+
+class DecryptError(ProtocolError):
+    """The payload is not for us, or was altered; never raised by the relay."""
+
+    code = ErrorCode.DECRYPT_FAILED
+
+
+class WrongSenderError(ProtocolError):
+    code = ErrorCode.WRONG_SENDER
+
+
+class ReplayError(ProtocolError):
+    code = ErrorCode.REPLAY
+
+
+class StaleError(ProtocolError):
+    code = ErrorCode.STALE
+
+
+class RateLimitedError(ProtocolError):
+    code = ErrorCode.RATE_LIMITED
+
+
+class MailboxFullError(ProtocolError):
+    code = ErrorCode.MAILBOX_FULL
+
+
+class RevokedError(ProtocolError):
+    code = ErrorCode.REVOKED
+
+
+class NotEnrolledError(ProtocolError):
+    code = ErrorCode.NOT_ENROLLED
+
+
+class StoreUnavailableError(ProtocolError):
+    code = ErrorCode.STORE_UNAVAILABLE
+
+
+class UnauthenticatedError(ProtocolError):
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class UnexpectedFrameError(ProtocolError):
+    code = ErrorCode.UNEXPECTED_FRAME
+
+
+class InternalError(ProtocolError):
+    code = ErrorCode.INTERNAL
+
+
+_BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
+    cls.code: cls
+    for cls in (
+        DecodeError,
+        UnsupportedVersionError,
+        OversizeError,
+        InvalidFieldError,
+        SignatureError,
+        DecryptError,
+        WrongSenderError,
+        ReplayError,
+        StaleError,
+        RateLimitedError,
+        MailboxFullError,
+        RevokedError,
+        NotEnrolledError,
+        StoreUnavailableError,
+        UnauthenticatedError,
+        UnexpectedFrameError,
+        InternalError,
+    )
+}
+
+
+def error_for_code(code: int, message: str) -> ProtocolError:
+    """Rebuild the exception a peer reported; unknown codes become InternalError."""
+    try:
+        cls = _BY_CODE[ErrorCode(code)]
+    except ValueError:
+        return InternalError(f"unknown error code {code}: {message}")
+    return cls(message)

@@ -1,0 +1,254 @@
+"""WebSocket frames between a device and a relay: one canonical CBOR array per binary message.
+
+    relay  → device   CHALLENGE [1, protocol_version, relay_nonce(32), relay_key(32)]
+    device → relay    HELLO     [2, device_key(32), client_nonce(32), signature(64)]
+    relay  → device   WELCOME   [3, server_time_ms, relay_signature(64), max_envelope_bytes]
+    device → relay    SEND      [4, envelope(bstr)]
+    relay  → device   ACCEPTED  [5, msg_id(16)]
+    relay  → device   ERROR     [6, msg_id(16) / null, code, message(tstr)]
+    relay  → device   DELIVER   [7, tag(tstr), envelope(bstr)]
+    device → relay    ACK       [8, tag(tstr)]
+
+HELLO's signature proves the device holds its key:  Ed25519 over
+HELLO_DOMAIN ‖ relay_nonce ‖ relay_key ‖ device_key ‖ client_nonce.
+WELCOME's proves the relay holds the key it announced (devices trust expiry
+notices signed by it): Ed25519 over WELCOME_DOMAIN ‖ client_nonce ‖ relay_nonce ‖
+device_key ‖ relay_key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+from . import canonical
+from .envelope import MSG_ID_BYTES
+from .errors import DecodeError, ErrorCode, InvalidFieldError, UnsupportedVersionError
+from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
+from .limits import PROTOCOL_VERSION
+
+NONCE_BYTES = 32
+MAX_TAG_CHARS = 64
+MAX_ERROR_MESSAGE_CHARS = 512
+HELLO_DOMAIN = b"continuum/v1/hello\x00"
+WELCOME_DOMAIN = b"continuum/v1/welcome\x00"
+
+
+class FrameType(IntEnum):
+    CHALLENGE = 1
+    HELLO = 2
+    WELCOME = 3
+    SEND = 4
+    ACCEPTED = 5
+    ERROR = 6
+    DELIVER = 7
+    ACK = 8
+
+
+def _bytes(value: object, length: int | None, name: str) -> bytes:
+    if type(value) is not bytes:
+        raise InvalidFieldError(f"{name} must be a byte string")
+    if length is not None and len(value) != length:
+        raise InvalidFieldError(f"{name} must be {length} bytes")
+    return value
+
+
+def _uint(value: object, name: str) -> int:
+    if type(value) is not int or not 0 <= value < 2**64:
+        raise InvalidFieldError(f"{name} must be an unsigned integer")
+    return value
+
+
+def _text(value: object, max_chars: int, name: str) -> str:
+    if type(value) is not str or len(value) > max_chars:
+        raise InvalidFieldError(f"{name} must be text of at most {max_chars} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class Challenge:
+    TYPE: ClassVar[FrameType] = FrameType.CHALLENGE
+    protocol_version: int
+    relay_nonce: bytes
+    relay_key: PublicKey
+
+    def fields(self) -> list:
+        return [self.protocol_version, self.relay_nonce, self.relay_key.raw]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Challenge:
+        version = _uint(f[0], "protocol version")
+        if version != PROTOCOL_VERSION:
+            raise UnsupportedVersionError(
+                f"relay speaks protocol {version}, this side speaks {PROTOCOL_VERSION}")
+        return cls(version, _bytes(f[1], NONCE_BYTES, "relay nonce"),
+                   PublicKey(_bytes(f[2], KEY_BYTES, "relay key")))
+
+
+def hello_signed_bytes(challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> bytes:
+    return (HELLO_DOMAIN + challenge.relay_nonce + challenge.relay_key.raw
+            + device_key.raw + client_nonce)
+
+
+def welcome_signed_bytes(challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> bytes:
+    return (WELCOME_DOMAIN + client_nonce + challenge.relay_nonce
+            + device_key.raw + challenge.relay_key.raw)
+
+
+@dataclass(frozen=True)
+class Hello:
+    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    device_key: PublicKey
+    client_nonce: bytes
+    signature: bytes
+
+    @classmethod
+    def answer(cls, challenge: Challenge, identity: Identity, client_nonce: bytes) -> Hello:
+        signed = hello_signed_bytes(challenge, identity.public, client_nonce)
+        return cls(identity.public, client_nonce, identity.sign(signed))
+
+    def verify(self, challenge: Challenge) -> None:
+        """SignatureError unless the device signed this connection's challenge."""
+        self.device_key.verify(
+            hello_signed_bytes(challenge, self.device_key, self.client_nonce), self.signature)
+
+    def fields(self) -> list:
+        return [self.device_key.raw, self.client_nonce, self.signature]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Hello:
+        return cls(PublicKey(_bytes(f[0], KEY_BYTES, "device key")),
+                   _bytes(f[1], NONCE_BYTES, "client nonce"),
+                   _bytes(f[2], SIGNATURE_BYTES, "hello signature"))
+
+
+@dataclass(frozen=True)
+class Welcome:
+    TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    server_time_ms: int
+    relay_signature: bytes
+    max_envelope_bytes: int
+
+    def verify(self, challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> None:
+        challenge.relay_key.verify(
+            welcome_signed_bytes(challenge, device_key, client_nonce), self.relay_signature)
+
+    def fields(self) -> list:
+        return [self.server_time_ms, self.relay_signature, self.max_envelope_bytes]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Welcome:
+        return cls(_uint(f[0], "server time"), _bytes(f[1], SIGNATURE_BYTES, "relay signature"),
+                   _uint(f[2], "max envelope bytes"))
+
+
+@dataclass(frozen=True)
+class Send:
+    TYPE: ClassVar[FrameType] = FrameType.SEND
+    envelope: bytes
+
+    def fields(self) -> list:
+        return [self.envelope]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Send:
+        return cls(_bytes(f[0], None, "envelope"))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    TYPE: ClassVar[FrameType] = FrameType.ACCEPTED
+    msg_id: bytes
+
+    def fields(self) -> list:
+        return [self.msg_id]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Accepted:
+        return cls(_bytes(f[0], MSG_ID_BYTES, "accepted msg_id"))
+
+
+@dataclass(frozen=True)
+class Error:
+    """A refusal; `msg_id` names the refused envelope when there was one."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ERROR
+    msg_id: bytes | None
+    code: int
+    message: str
+
+    def fields(self) -> list:
+        return [self.msg_id, self.code, self.message[:MAX_ERROR_MESSAGE_CHARS]]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Error:
+        msg_id = None if f[0] is None else _bytes(f[0], MSG_ID_BYTES, "error msg_id")
+        return cls(msg_id, _uint(f[1], "error code"),
+                   _text(f[2], MAX_ERROR_MESSAGE_CHARS, "error message"))
+
+    @property
+    def error_code(self) -> ErrorCode | None:
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return None
+
+
+@dataclass(frozen=True)
+class Deliver:
+    TYPE: ClassVar[FrameType] = FrameType.DELIVER
+    tag: str
+    envelope: bytes
+
+    def fields(self) -> list:
+        return [self.tag, self.envelope]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Deliver:
+        return cls(_text(f[0], MAX_TAG_CHARS, "delivery tag"), _bytes(f[1], None, "envelope"))
+
+
+@dataclass(frozen=True)
+class Ack:
+    TYPE: ClassVar[FrameType] = FrameType.ACK
+    tag: str
+
+    def fields(self) -> list:
+        return [self.tag]
+
+    @classmethod
+    def from_fields(cls, f: list) -> Ack:
+        return cls(_text(f[0], MAX_TAG_CHARS, "ack tag"))
+
+
+Frame = Challenge | Hello | Welcome | Send | Accepted | Error | Deliver | Ack
+
+_FRAME_CLASSES: dict[int, tuple[type, int]] = {
+    FrameType.CHALLENGE: (Challenge, 3),
+    FrameType.HELLO: (Hello, 3),
+    FrameType.WELCOME: (Welcome, 3),
+    FrameType.SEND: (Send, 1),
+    FrameType.ACCEPTED: (Accepted, 1),
+    FrameType.ERROR: (Error, 3),
+    FrameType.DELIVER: (Deliver, 2),
+    FrameType.ACK: (Ack, 1),
+}
+
+
+def encode_frame(frame: Frame) -> bytes:
+    return canonical.encode([int(frame.TYPE), *frame.fields()])
+
+
+def decode_frame(data: bytes, max_size: int) -> Frame:
+    """Parse one frame or raise a DecodeError subclass naming what is wrong."""
+    value = canonical.decode(data, max_size=max_size, what="frame")
+    if type(value) is not list or not value or type(value[0]) is not int:
+        raise DecodeError("frame must be a CBOR array starting with its type")
+    entry = _FRAME_CLASSES.get(value[0])
+    if entry is None:
+        raise DecodeError(f"unknown frame type {value[0]}")
+    cls, arity = entry
+    if len(value) != arity + 1:
+        raise DecodeError(f"{cls.__name__} frame must have {arity} fields, got {len(value) - 1}")
+    return cls.from_fields(value[1:])

@@ -1,0 +1,139 @@
+"""Identities: Ed25519 key pairs and their one human-readable spelling.
+
+A device is its Ed25519 public key.  The text form is used everywhere a
+person sees a key (CLI, logs, config, dashboard), so it carries a short
+checksum: a mistyped key is refused instead of silently addressing nobody.
+
+    public key:  "cpk_" + base32(pk ‖ BLAKE2b-32(pk))      lower case, no padding
+    secret key:  "csk_" + base32(seed ‖ BLAKE2b-32(seed))
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import nacl.exceptions
+import nacl.signing
+
+from .errors import InvalidFieldError, SignatureError
+
+KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+PUBLIC_PREFIX = "cpk_"
+SECRET_PREFIX = "csk_"
+_CHECKSUM_BYTES = 4
+
+
+def _checksum(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=_CHECKSUM_BYTES).digest()
+
+
+def _to_text(prefix: str, raw: bytes) -> str:
+    body = base64.b32encode(raw + _checksum(raw)).decode("ascii").rstrip("=").lower()
+    return prefix + body
+
+
+def _from_text(prefix: str, text: str, what: str) -> bytes:
+    if not isinstance(text, str) or not text.startswith(prefix):
+        raise InvalidFieldError(f"{what} must start with {prefix!r}")
+    body = text[len(prefix):].strip().upper()
+    try:
+        decoded = base64.b32decode(body + "=" * (-len(body) % 8))
+    except (ValueError, base64.binascii.Error):
+        raise InvalidFieldError(f"{what} is not valid base32") from None
+    if len(decoded) != KEY_BYTES + _CHECKSUM_BYTES:
+        raise InvalidFieldError(f"{what} has the wrong length")
+    raw, check = decoded[:KEY_BYTES], decoded[KEY_BYTES:]
+    if _checksum(raw) != check:
+        raise InvalidFieldError(f"{what} checksum mismatch (typo?)")
+    return raw
+
+
+@dataclass(frozen=True, order=True)
+class PublicKey:
+    """An Ed25519 verify key; hashable and ordered by its bytes."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes) or len(self.raw) != KEY_BYTES:
+            raise InvalidFieldError(f"public key must be {KEY_BYTES} bytes")
+
+    @classmethod
+    def from_text(cls, text: str) -> PublicKey:
+        return cls(_from_text(PUBLIC_PREFIX, text, "public key"))
+
+    @property
+    def text(self) -> str:
+        return _to_text(PUBLIC_PREFIX, self.raw)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"PublicKey({self.text})"
+
+    def verify(self, message: bytes, signature: bytes) -> None:
+        """Raise SignatureError unless `signature` is this key's over `message`."""
+        if len(signature) != SIGNATURE_BYTES:
+            raise SignatureError("signature has the wrong length")
+        try:
+            nacl.signing.VerifyKey(self.raw).verify(message, signature)
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,
+                nacl.exceptions.TypeError):
+            raise SignatureError(f"signature does not verify for {self.text}") from None
+
+
+class Identity:
+    """A private Ed25519 key; never printed, logged or sent anywhere."""
+
+    __slots__ = ("_signing", "public")
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != KEY_BYTES:
+            raise InvalidFieldError(f"secret seed must be {KEY_BYTES} bytes")
+        self._signing = nacl.signing.SigningKey(seed)
+        self.public = PublicKey(bytes(self._signing.verify_key))
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(os.urandom(KEY_BYTES))
+
+    @classmethod
+    def from_text(cls, text: str) -> Identity:
+        return cls(_from_text(SECRET_PREFIX, text, "secret key"))
+
+    def secret_text(self) -> str:
+        """The secret's text form, for writing the key file only."""
+        return _to_text(SECRET_PREFIX, bytes(self._signing))
+
+    @property
+    def signing_key(self) -> nacl.signing.SigningKey:
+        return self._signing
+
+    def sign(self, message: bytes) -> bytes:
+        return self._signing.sign(message).signature
+
+    def __repr__(self) -> str:
+        return f"Identity(public={self.public.text})"
+
+    def save(self, path: Path) -> None:
+        """Write the key file readable by its owner only (0600), never over another key."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(self.secret_text() + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Identity:
+        """Read a key file, refusing one that others can read."""
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise PermissionError(
+                f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
+        return cls.from_text(path.read_text(encoding="ascii").strip())

@@ -1,0 +1,87 @@
+"""Plaintexts of the protocol's own envelope kinds (everything but DATA).
+
+These live inside the encrypted payload, so only the addressed device reads
+them; each is a small canonical CBOR array decoded as strictly as the envelope.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import canonical
+from .envelope import MSG_ID_BYTES
+from .errors import DecodeError, InvalidFieldError
+from .keys import KEY_BYTES, PublicKey
+
+_MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_PEERS = 1024
+
+
+def _array(data: bytes, length: int, what: str) -> list:
+    value = canonical.decode(data, max_size=_MAX_PAYLOAD_BYTES, what=what)
+    if type(value) is not list or len(value) != length:
+        raise DecodeError(f"{what} must be a CBOR array of {length} elements")
+    return value
+
+
+def _msg_id(value: object, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != MSG_ID_BYTES:
+        raise InvalidFieldError(f"{what} message id must be {MSG_ID_BYTES} bytes")
+    return value
+
+
+def _key(value: object, what: str) -> PublicKey:
+    if type(value) is not bytes or len(value) != KEY_BYTES:
+        raise InvalidFieldError(f"{what} key must be {KEY_BYTES} bytes")
+    return PublicKey(value)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Sent by a recipient after it decrypted `msg_id`: proof of delivery."""
+
+    msg_id: bytes
+
+    def encode(self) -> bytes:
+        return canonical.encode([self.msg_id])
+
+    @classmethod
+    def decode(cls, data: bytes) -> Receipt:
+        (msg_id,) = _array(data, 1, "receipt")
+        return cls(_msg_id(msg_id, "receipt"))
+
+
+@dataclass(frozen=True)
+class ExpiryNotice:
+    """Sent by a relay to a sender when `msg_id` expired unread in `recipient`'s mailbox."""
+
+    msg_id: bytes
+    recipient: PublicKey
+
+    def encode(self) -> bytes:
+        return canonical.encode([self.msg_id, self.recipient.raw])
+
+    @classmethod
+    def decode(cls, data: bytes) -> ExpiryNotice:
+        msg_id, recipient = _array(data, 2, "expiry notice")
+        return cls(_msg_id(msg_id, "expiry notice"), _key(recipient, "expiry notice"))
+
+
+@dataclass(frozen=True)
+class PeerChange:
+    """The oracle's word on whom a device may talk to; `version` only ever grows."""
+
+    version: int
+    peers: tuple[PublicKey, ...]
+
+    def encode(self) -> bytes:
+        return canonical.encode([self.version, [p.raw for p in sorted(set(self.peers))]])
+
+    @classmethod
+    def decode(cls, data: bytes) -> PeerChange:
+        version, peers = _array(data, 2, "peer change")
+        if type(version) is not int or not 0 <= version < 2**63:
+            raise InvalidFieldError("peer change version must be a non-negative integer")
+        if type(peers) is not list or len(peers) > MAX_PEERS:
+            raise InvalidFieldError(f"peer change peers must be a list of at most {MAX_PEERS}")
+        return cls(version, tuple(_key(p, "peer change") for p in peers))
