@@ -1,0 +1,34 @@
+"""`continuum` command: run one relay until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from .logging import configure_logging
+from .server import RelayServer
+from .settings import Settings
+
+
+async def _serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with RelayServer(settings) as server:
+        print(f"continuum relay listening on {server.url}", file=sys.stderr, flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings.from_sources(argv)
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as exc:
+        sys.exit(f"continuum: cannot start: {exc}")
+
+
+if __name__ == "__main__":
+    main()

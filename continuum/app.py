@@ -1,0 +1,49 @@
+"""The aiohttp application: the device WebSocket, /healthz and /metrics."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proto.errors import ProtocolError
+
+from .context import RelayContext
+from .session import DeviceSession, authenticate
+
+RELAY_KEY = web.AppKey("relay", RelayContext)
+CONNECT_PATH = "/v1/connect"
+
+
+async def connect(request: web.Request) -> web.WebSocketResponse:
+    relay = request.app[RELAY_KEY]
+    ws = web.WebSocketResponse(max_msg_size=relay.settings.limits.max_frame_bytes,
+                               heartbeat=relay.settings.heartbeat_s)
+    await ws.prepare(request)
+    device = await authenticate(ws, relay)
+    if device is not None:
+        await DeviceSession(ws, device, relay).run()
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    relay = request.app[RELAY_KEY]
+    try:
+        await relay.store.ping()
+    except ProtocolError as exc:
+        return web.json_response({"status": "store_unavailable", "detail": exc.message},
+                                 status=503)
+    return web.json_response({"status": "ok", "relay_key": relay.identity.public.text})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RELAY_KEY].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(relay: RelayContext) -> web.Application:
+    app = web.Application()
+    app[RELAY_KEY] = relay
+    app.router.add_get(CONNECT_PATH, connect)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,31 @@
+"""What every part of one relay process shares: settings, store, key, metrics, log."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from proto import Identity
+
+from .metrics import RelayMetrics
+from .settings import Settings
+from .store import MailboxLimits, MailboxStore
+
+
+@dataclass
+class RelayContext:
+    settings: Settings
+    store: MailboxStore
+    identity: Identity
+    metrics: RelayMetrics
+    log: structlog.typing.FilteringBoundLogger
+
+    @property
+    def mailbox_limits(self) -> MailboxLimits:
+        return MailboxLimits(self.settings.mailbox_max_messages, self.settings.mailbox_max_bytes)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

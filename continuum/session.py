@@ -1,0 +1,174 @@
+"""One device's WebSocket: authenticate, then accept its sends and push its mailbox.
+
+The session owns only connection bookkeeping (the delivery cursor and the
+tags in flight); anything another replica would need is in the store, so a
+device may reconnect anywhere.  Bad input produces an ERROR frame and the
+connection stays up, until `max_invalid_frames` says it is abuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import WSMsgType, web
+
+from proto import PublicKey, decode_envelope
+from proto.errors import (DecodeError, ProtocolError, RateLimitedError, UnauthenticatedError,
+                          UnexpectedFrameError)
+from proto.frames import (Accepted, Ack, Challenge, Deliver, Error, Hello, Send, Welcome,
+                          decode_frame, encode_frame, welcome_signed_bytes)
+from proto.limits import PROTOCOL_VERSION
+
+from .admission import admit, replay_until_ms
+from .context import RelayContext, now_ms
+
+_CLOSE_POLICY_VIOLATION = 1008
+
+
+async def _send_frame(ws: web.WebSocketResponse, lock: asyncio.Lock, frame: object) -> None:
+    async with lock:
+        await ws.send_bytes(encode_frame(frame))  # type: ignore[arg-type]
+
+
+async def authenticate(ws: web.WebSocketResponse, relay: RelayContext) -> PublicKey | None:
+    """Run CHALLENGE → HELLO → WELCOME; None (socket closed) if the device fails it."""
+    challenge = Challenge(PROTOCOL_VERSION, os.urandom(32), relay.identity.public)
+    await ws.send_bytes(encode_frame(challenge))
+    try:
+        async with asyncio.timeout(relay.settings.handshake_timeout_s):
+            message = await ws.receive()
+    except TimeoutError:
+        return await _refuse(ws, relay, "timeout", UnauthenticatedError(
+            f"no HELLO within {relay.settings.handshake_timeout_s}s"))
+    if message.type != WSMsgType.BINARY:
+        return await _refuse(ws, relay, "not_binary",
+                             UnauthenticatedError("expected a binary HELLO frame"))
+    try:
+        hello = decode_frame(message.data, relay.settings.limits.max_frame_bytes)
+        if not isinstance(hello, Hello):
+            raise UnexpectedFrameError(f"expected HELLO, got {type(hello).__name__.upper()}")
+        hello.verify(challenge)
+    except ProtocolError as exc:
+        return await _refuse(ws, relay, exc.code.name.lower(), UnauthenticatedError(exc.message))
+    signature = relay.identity.sign(
+        welcome_signed_bytes(challenge, hello.device_key, hello.client_nonce))
+    await ws.send_bytes(encode_frame(
+        Welcome(now_ms(), signature, relay.settings.max_envelope_bytes)))
+    return hello.device_key
+
+
+async def _refuse(ws: web.WebSocketResponse, relay: RelayContext, reason: str,
+                  error: ProtocolError) -> None:
+    relay.metrics.handshake_failures.labels(reason).inc()
+    relay.log.info("handshake_refused", reason=reason, detail=error.message)
+    if not ws.closed:
+        await ws.send_bytes(encode_frame(Error(None, int(error.code), error.message)))
+        await ws.close(code=_CLOSE_POLICY_VIOLATION, message=b"unauthenticated")
+    return None
+
+
+class DeviceSession:
+    def __init__(self, ws: web.WebSocketResponse, device: PublicKey, relay: RelayContext) -> None:
+        self._ws = ws
+        self._device = device
+        self._relay = relay
+        self._send_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._in_flight: set[str] = set()
+        self._invalid_frames = 0
+        self._log = relay.log.bind(device=device.text)
+
+    async def run(self) -> None:
+        """Serve until the device disconnects or abuses the connection."""
+        subscription = await self._relay.store.subscribe(self._device, self._wake.set)
+        delivery = asyncio.create_task(self._deliver_forever(), name="deliver")
+        self._relay.metrics.connected.inc()
+        self._log.info("device_connected")
+        try:
+            await self._read_forever(delivery)
+        finally:
+            self._relay.metrics.connected.dec()
+            delivery.cancel()
+            await asyncio.gather(delivery, return_exceptions=True)
+            await subscription.close()
+            self._log.info("device_disconnected")
+
+    async def _read_forever(self, delivery: asyncio.Task[None]) -> None:
+        async for message in self._ws:
+            if delivery.done():
+                break  # the delivery side failed (store down, socket broken): drop the device
+            if message.type != WSMsgType.BINARY:
+                await self._reject(None, DecodeError("frames must be binary WebSocket messages"))
+            else:
+                await self._handle(message.data)
+            if self._invalid_frames >= self._relay.settings.max_invalid_frames:
+                self._log.warning("closing_abusive_connection", invalid=self._invalid_frames)
+                await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=b"too many invalid frames")
+                break
+
+    async def _handle(self, data: bytes) -> None:
+        try:
+            frame = decode_frame(data, self._relay.settings.limits.max_frame_bytes)
+        except ProtocolError as exc:
+            await self._reject(None, exc)
+            return
+        if isinstance(frame, Send):
+            await self._accept(frame.envelope)
+        elif isinstance(frame, Ack):
+            await self._ack(frame.tag)
+        else:
+            await self._reject(None, UnexpectedFrameError(
+                f"a device may send SEND or ACK here, not {type(frame).__name__.upper()}"))
+
+    async def _accept(self, raw: bytes) -> None:
+        relay, settings = self._relay, self._relay.settings
+        try:
+            envelope = decode_envelope(raw, settings.limits)
+        except ProtocolError as exc:
+            await self._reject(None, exc)
+            return
+        try:
+            if not await relay.store.allow(self._device, now_ms(), settings.rate_per_s,
+                                           settings.rate_burst):
+                raise RateLimitedError(
+                    f"more than {settings.rate_per_s:g} messages/s (burst {settings.rate_burst})")
+            admit(envelope, self._device, now_ms(), settings, relay.metrics.verify_seconds.observe)
+            await relay.store.accept(envelope, replay_until_ms=replay_until_ms(envelope, settings),
+                                     limits=relay.mailbox_limits)
+        except ProtocolError as exc:
+            await self._reject(envelope.msg_id, exc)
+            return
+        relay.metrics.accepted.inc()
+        await _send_frame(self._ws, self._send_lock, Accepted(envelope.msg_id))
+
+    async def _ack(self, tag: str) -> None:
+        if await self._relay.store.ack(self._device, tag):
+            self._relay.metrics.acked.inc()
+        if tag in self._in_flight:
+            self._in_flight.discard(tag)
+            self._wake.set()
+
+    async def _reject(self, msg_id: bytes | None, error: ProtocolError) -> None:
+        self._invalid_frames += 1
+        reason = error.code.name.lower()
+        self._relay.metrics.rejected.labels(reason).inc()
+        self._log.debug("rejected", reason=reason, detail=error.message)
+        await _send_frame(self._ws, self._send_lock, Error(msg_id, int(error.code), error.message))
+
+    async def _deliver_forever(self) -> None:
+        """Push the mailbox in order, never more than `delivery_window` un-acked."""
+        store, window = self._relay.store, self._relay.settings.delivery_window
+        self._relay.metrics.mailbox_depth.observe(await store.depth(self._device))
+        cursor: str | None = None
+        while True:
+            self._wake.clear()
+            room = window - len(self._in_flight)
+            batch = await store.fetch(self._device, cursor, room) if room > 0 else []
+            for entry in batch:
+                self._in_flight.add(entry.tag)
+                cursor = entry.tag
+                await _send_frame(self._ws, self._send_lock, Deliver(entry.tag, entry.raw))
+                self._relay.metrics.delivered.inc()
+            if not batch:
+                await self._wake.wait()

@@ -1,0 +1,87 @@
+"""The relay's one typed settings object, from CLI flags and CONTINUUM_* variables.
+
+Flags win over environment variables, which win over defaults; `describe()`
+is printed at start with secrets masked, so an operator sees what is in force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields, replace
+
+from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
+
+_SECRET_FIELDS = {"relay_key"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8470
+    store: str = "memory"
+    # Relay signing key (csk_… text) for expiry notices; replicas behind one
+    # load balancer share it.  Empty: a key file, else a fresh key per process.
+    relay_key: str = ""
+    relay_key_file: str = ""
+    max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES
+    max_ttl_s: int = 7 * 24 * 3600
+    max_skew_s: int = 300
+    rate_per_s: float = 50.0
+    rate_burst: int = 100
+    mailbox_max_messages: int = 10_000
+    mailbox_max_bytes: int = 64 * 1024 * 1024
+    delivery_window: int = 64
+    handshake_timeout_s: float = 10.0
+    sweep_interval_s: float = 1.0
+    max_invalid_frames: int = 100
+    heartbeat_s: float = 30.0
+    log_level: str = "info"
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_envelope_bytes=self.max_envelope_bytes)
+
+    def describe(self) -> dict[str, object]:
+        return {f.name: ("***" if f.name in _SECRET_FIELDS and getattr(self, f.name)
+                         else getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_sources(cls, argv: list[str] | None = None,
+                     environ: dict[str, str] | None = None) -> Settings:
+        environ = dict(os.environ if environ is None else environ)
+        settings = cls()
+        parser = argparse.ArgumentParser(
+            prog="continuum", description="Continuum relay: store-and-forward for devices.")
+        for f in fields(cls):
+            default = getattr(settings, f.name)
+            env_name = "CONTINUUM_" + f.name.upper()
+            if env_name in environ:
+                try:
+                    default = type(default)(environ[env_name])
+                except ValueError:
+                    parser.error(f"{env_name}={environ[env_name]!r} is not a valid {type(default).__name__}")
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(default),
+                                default=default, dest=f.name,
+                                help=f"(env {env_name}; default {getattr(settings, f.name)!r})")
+        args = parser.parse_args(argv)
+        result = replace(settings, **vars(args))
+        result.validate(parser)
+        return result
+
+    def validate(self, parser: argparse.ArgumentParser | None = None) -> None:
+        problems = [
+            name for name, ok in [
+                ("port must be 0..65535", 0 <= self.port <= 65535),
+                ("max_envelope_bytes must be >= 1024", self.max_envelope_bytes >= 1024),
+                ("max_ttl_s must be >= 1", self.max_ttl_s >= 1),
+                ("rate_per_s must be > 0", self.rate_per_s > 0),
+                ("rate_burst must be >= 1", self.rate_burst >= 1),
+                ("delivery_window must be >= 1", self.delivery_window >= 1),
+                ("mailbox_max_messages must be >= 1", self.mailbox_max_messages >= 1),
+            ] if not ok]
+        if problems:
+            message = "; ".join(problems)
+            if parser is not None:
+                parser.error(message)
+            raise ValueError(message)

@@ -1,0 +1,23 @@
+"""Mailbox stores and the URL that picks one: `memory`, `sqlite:///path`, `redis://…`."""
+
+from __future__ import annotations
+
+from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+
+
+def open_store(url: str) -> MailboxStore:
+    """Build the store a settings URL names; ValueError names what was not understood."""
+    if url in ("memory", "memory://", "sqlite://:memory:"):
+        from .sqlite import SqliteStore
+        return SqliteStore(":memory:")
+    if url.startswith("sqlite:///"):
+        from .sqlite import SqliteStore
+        return SqliteStore(url[len("sqlite:///"):])  # sqlite:////abs or sqlite:///relative
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from .redis import RedisStore
+        return RedisStore.from_url(url)
+    raise ValueError(f"unknown store {url!r}: use 'memory', 'sqlite:///path' or 'redis://host:port'")
+
+
+__all__ = ["ExpiredMessage", "MailboxLimits", "MailboxStore", "StoredMessage", "Subscription",
+           "open_store"]
