@@ -16,7 +16,9 @@ CONNECT_PATH = "/v1/connect"
 
 async def connect(request: web.Request) -> web.WebSocketResponse:
     relay = request.app[RELAY_KEY]
-    ws = web.WebSocketResponse(max_msg_size=relay.settings.limits.max_frame_bytes,
+    # Frames up to twice the limit are read and refused with an OVERSIZE error
+    # frame; beyond that aiohttp closes the socket (1009) without buffering more.
+    ws = web.WebSocketResponse(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
                                heartbeat=relay.settings.heartbeat_s)
     await ws.prepare(request)
     device = await authenticate(ws, relay)

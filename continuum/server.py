@@ -76,14 +76,17 @@ class RelayServer:
                  settings=self.settings.describe())
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        """Stop serving and close the store; safe to call twice."""
+        sweeper, runner, relay = self._sweeper, self._runner, self.relay
+        self._sweeper = self._runner = self.relay = None
+        if sweeper is not None:
+            sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self.relay is not None:
-            await self.relay.store.close()
+                await sweeper
+        if runner is not None:
+            await runner.cleanup()
+        if relay is not None:
+            await relay.store.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()

@@ -14,7 +14,7 @@ import os
 from aiohttp import WSMsgType, web
 
 from proto import PublicKey, decode_envelope
-from proto.errors import (DecodeError, ProtocolError, RateLimitedError, UnauthenticatedError,
+from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError, UnauthenticatedError,
                           UnexpectedFrameError)
 from proto.frames import (Accepted, Ack, Challenge, Deliver, Error, Hello, Send, Welcome,
                           decode_frame, encode_frame, welcome_signed_bytes)
@@ -87,6 +87,8 @@ class DeviceSession:
         self._log.info("device_connected")
         try:
             await self._read_forever(delivery)
+        except ConnectionError:
+            pass  # the device went away mid-write; its mailbox is intact
         finally:
             self._relay.metrics.connected.dec()
             delivery.cancel()
@@ -98,6 +100,8 @@ class DeviceSession:
         async for message in self._ws:
             if delivery.done():
                 break  # the delivery side failed (store down, socket broken): drop the device
+            if message.type == WSMsgType.ERROR:
+                break  # protocol-level failure, e.g. a frame beyond the hard cap (close 1009)
             if message.type != WSMsgType.BINARY:
                 await self._reject(None, DecodeError("frames must be binary WebSocket messages"))
             else:
@@ -108,6 +112,11 @@ class DeviceSession:
                 break
 
     async def _handle(self, data: bytes) -> None:
+        if len(data) > self._relay.settings.limits.max_frame_bytes:
+            await self._reject(None, OversizeError(
+                f"frame of {len(data)} bytes exceeds the limit of"
+                f" {self._relay.settings.limits.max_frame_bytes}"))
+            return
         try:
             frame = decode_frame(data, self._relay.settings.limits.max_frame_bytes)
         except ProtocolError as exc:

@@ -1,0 +1,294 @@
+"""The relay over real sockets: store-and-forward, expiry, persistence, limits, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import aiohttp
+import pytest
+
+from continuum.server import RelayServer
+from proto import Identity, Kind, decode_envelope, seal_envelope
+from proto.frames import Accepted, Ack, Challenge, Hello, Send, decode_frame, encode_frame
+from proto.payloads import ExpiryNotice
+from wire import RawDevice, error_code, now_ms, sealed
+
+
+async def depth(server: RelayServer, identity: Identity) -> int:
+    assert server.relay is not None
+    return await server.relay.store.depth(identity.public)
+
+
+async def test_online_round_trip_is_delivered_and_removed_on_ack(relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relay.url, alice) as a, \
+            await RawDevice.connect(relay.url, bob) as b:
+        envelope = sealed(alice, [bob.public], b"ping")
+        assert await a.send(envelope) == Accepted(envelope.msg_id)
+        delivery = await b.next_delivery()
+        assert decode_envelope(delivery.envelope).open(bob) == b"ping"
+        for _ in range(50):  # the ACK is processed asynchronously by the relay
+            if await depth(relay, bob) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await depth(relay, bob) == 0
+
+
+async def test_multi_recipient_envelope_reaches_each_mailbox(relay: RelayServer) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    envelope = sealed(alice, [bob.public, carol.public], b"to both")
+    async with await RawDevice.connect(relay.url, alice) as a:
+        assert isinstance(await a.send(envelope), Accepted)
+    for reader in (bob, carol):
+        async with await RawDevice.connect(relay.url, reader) as r:
+            delivery = await r.next_delivery()
+            assert delivery.envelope == envelope.raw
+            assert decode_envelope(delivery.envelope).open(reader) == b"to both"
+
+
+async def test_offline_recipient_gets_backlog_in_order_on_connect(relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    sent = [sealed(alice, [bob.public], f"m{i}".encode()) for i in range(10)]
+    async with await RawDevice.connect(relay.url, alice) as a:
+        for envelope in sent:
+            assert isinstance(await a.send(envelope), Accepted)
+    assert await depth(relay, bob) == 10
+    async with await RawDevice.connect(relay.url, bob) as b:
+        received = [(await b.next_delivery()).envelope for _ in sent]
+    assert received == [e.raw for e in sent]
+
+
+async def test_unacked_delivery_is_redelivered_on_next_connection(relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    envelope = sealed(alice, [bob.public])
+    async with await RawDevice.connect(relay.url, alice) as a:
+        await a.send(envelope)
+    async with await RawDevice.connect(relay.url, bob) as b:
+        first = await b.next_delivery(ack=False)
+    async with await RawDevice.connect(relay.url, bob) as b:
+        second = await b.next_delivery()
+    assert first.envelope == second.envelope == envelope.raw
+
+
+async def test_delivery_window_bounds_unacked_frames(start_relay) -> None:
+    server = await start_relay(delivery_window=4)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, alice) as a:
+        for i in range(10):
+            assert isinstance(await a.send(sealed(alice, [bob.public], bytes([i]))), Accepted)
+    async with await RawDevice.connect(server.url, bob) as b:
+        held = [await b.next_delivery(ack=False) for _ in range(4)]
+        await b.expect_silence(0.3)
+        await b.ws.send_bytes(encode_frame(Ack(held[0].tag)))
+        fifth = await b.next_delivery(ack=False)
+    assert fifth.tag not in {d.tag for d in held}
+
+
+async def test_expired_message_notifies_sender_through_its_mailbox(relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    envelope = sealed(alice, [bob.public], ttl_s=1)
+    async with await RawDevice.connect(relay.url, alice) as a:
+        assert isinstance(await a.send(envelope), Accepted)
+        delivery = await a.next_delivery(timeout=5)
+    notice = decode_envelope(delivery.envelope)
+    assert notice.kind is Kind.EXPIRY
+    assert notice.sender == relay.relay.identity.public  # type: ignore[union-attr]
+    notice.verify()
+    assert ExpiryNotice.decode(notice.open(alice)) == ExpiryNotice(envelope.msg_id, bob.public)
+    assert await depth(relay, bob) == 0
+    assert relay.relay.metrics.expired._value.get() == 1  # type: ignore[union-attr]
+
+
+async def test_file_store_keeps_messages_across_relay_restart(start_relay, tmp_path) -> None:
+    store = f"sqlite:///{tmp_path / 'mail.db'}"
+    alice, bob = Identity.generate(), Identity.generate()
+    sent = [sealed(alice, [bob.public], f"m{i}".encode()) for i in range(5)]
+    first = await start_relay(store=store)
+    async with await RawDevice.connect(first.url, alice) as a:
+        for envelope in sent:
+            assert isinstance(await a.send(envelope), Accepted)
+    await first.stop()
+    second = await start_relay(store=store)
+    async with await RawDevice.connect(second.url, bob) as b:
+        received = [(await b.next_delivery()).envelope for _ in sent]
+    assert received == [e.raw for e in sent]
+    async with await RawDevice.connect(second.url, alice) as a:  # replay window survived too
+        assert error_code(await a.send(sent[0])) == "REPLAY"
+
+
+async def test_forged_signature_is_refused_and_nothing_stored(relay: RelayServer) -> None:
+    alice, bob, mallory = (Identity.generate() for _ in range(3))
+    honest = sealed(alice, [bob.public])
+    forged = bytearray(honest.raw)
+    forged[-1] ^= 0x01
+    async with await RawDevice.connect(relay.url, alice) as a:
+        await a.send_raw(encode_frame(Send(bytes(forged))))
+        answer = await a.recv()
+        assert error_code(answer) == "BAD_SIGNATURE"
+        assert answer.msg_id == honest.msg_id  # type: ignore[union-attr]
+        # Signed by another key but claiming alice as sender: same refusal.
+        resigned = seal_envelope(mallory, Kind.DATA, [bob.public], b"x", ttl_s=60, now_ms=now_ms())
+        claim = bytearray(resigned.raw)
+        start = claim.index(mallory.public.raw)
+        claim[start:start + 32] = alice.public.raw
+        await a.send_raw(encode_frame(Send(bytes(claim))))
+        assert error_code(await a.recv()) == "BAD_SIGNATURE"
+        assert await a.send(honest) == Accepted(honest.msg_id)  # connection still served
+    assert await depth(relay, bob) == 1
+
+
+async def test_sender_must_be_the_authenticated_key(relay: RelayServer) -> None:
+    alice, bob, mallory = (Identity.generate() for _ in range(3))
+    async with await RawDevice.connect(relay.url, mallory) as m:
+        assert error_code(await m.send(sealed(alice, [bob.public]))) == "WRONG_SENDER"
+    assert await depth(relay, bob) == 0
+
+
+async def test_replay_stale_and_future_timestamps_are_refused(relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    skew_ms = relay.settings.max_skew_s * 1000
+    async with await RawDevice.connect(relay.url, alice) as a:
+        envelope = sealed(alice, [bob.public])
+        assert isinstance(await a.send(envelope), Accepted)
+        assert error_code(await a.send(envelope)) == "REPLAY"
+        stale = sealed(alice, [bob.public], created_at_ms=now_ms() - skew_ms - 5000)
+        assert error_code(await a.send(stale)) == "STALE"
+        future = sealed(alice, [bob.public], created_at_ms=now_ms() + skew_ms + 5000)
+        assert error_code(await a.send(future)) == "STALE"
+        too_long = sealed(alice, [bob.public], ttl_s=relay.settings.max_ttl_s + 1)
+        assert error_code(await a.send(too_long)) == "INVALID_FIELD"
+    assert await depth(relay, bob) == 1
+
+
+async def test_oversize_frame_is_refused_without_storing(start_relay) -> None:
+    server = await start_relay(max_envelope_bytes=4096)
+    alice, bob = Identity.generate(), Identity.generate()
+    big = seal_envelope(alice, Kind.DATA, [bob.public], b"x" * 3000, ttl_s=60, now_ms=now_ms())
+    async with await RawDevice.connect(server.url, alice) as a:
+        assert isinstance(await a.send(big), Accepted)
+        bigger = bytes(encode_frame(Send(b"\x00" * 5000)))
+        await a.send_raw(bigger)
+        assert error_code(await a.recv()) == "OVERSIZE"
+        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+        await a.send_raw(encode_frame(Send(b"\x00" * 20_000)))  # beyond the hard cap
+        closing = await a.ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert a.ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+    assert await depth(server, bob) == 2
+
+
+async def test_rate_limit_refuses_the_flooder_only(start_relay) -> None:
+    server = await start_relay(rate_per_s=1.0, rate_burst=5)
+    flooder, quiet, bob = (Identity.generate() for _ in range(3))
+    async with await RawDevice.connect(server.url, flooder) as f, \
+            await RawDevice.connect(server.url, quiet) as q:
+        answers = [await f.send(sealed(flooder, [bob.public])) for _ in range(8)]
+        assert [type(x) for x in answers[:5]] == [Accepted] * 5
+        assert {error_code(x) for x in answers[5:]} == {"RATE_LIMITED"}
+        assert isinstance(await q.send(sealed(quiet, [bob.public])), Accepted)
+    assert await depth(server, bob) == 6
+
+
+async def test_full_mailbox_refuses_with_clear_error(start_relay) -> None:
+    server = await start_relay(mailbox_max_messages=3)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, alice) as a:
+        for _ in range(3):
+            assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+        refused = await a.send(sealed(alice, [bob.public]))
+        assert error_code(refused) == "MAILBOX_FULL"
+        assert bob.public.text in refused.message  # type: ignore[union-attr]
+    assert await depth(server, bob) == 3
+
+
+async def test_garbage_frames_get_errors_then_abuse_closes(start_relay) -> None:
+    server = await start_relay(max_invalid_frames=5)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, alice) as a:
+        await a.send_raw(b"\xff\x00garbage")
+        assert error_code(await a.recv()) == "MALFORMED"
+        await a.ws.send_str("text is not a frame")
+        assert error_code(await a.recv()) == "MALFORMED"
+        await a.send_raw(encode_frame(Accepted(b"\x00" * 16)))
+        assert error_code(await a.recv()) == "UNEXPECTED_FRAME"
+        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+        for _ in range(2):
+            await a.send_raw(b"\x00")
+            assert error_code(await a.recv()) == "MALFORMED"
+        closing = await a.ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    async with await RawDevice.connect(server.url, bob) as b:  # relay still serves
+        assert (await b.next_delivery()).envelope
+
+
+async def _raw_socket(url: str):
+    session = aiohttp.ClientSession()
+    ws = await session.ws_connect(url)
+    await ws.receive_bytes(timeout=5)  # CHALLENGE
+    return session, ws
+
+
+@pytest.mark.parametrize("hello", [b"\x00", encode_frame(Send(b"x")), b""])
+async def test_bad_hello_is_refused_and_socket_closed(relay: RelayServer, hello: bytes) -> None:
+    session, ws = await _raw_socket(relay.url)
+    async with session:
+        await ws.send_bytes(hello)
+        answer = await ws.receive(timeout=5)
+        assert answer.type == aiohttp.WSMsgType.BINARY
+        assert error_code(decode_frame(answer.data, 4096)) == "UNAUTHENTICATED"
+        assert (await ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                      aiohttp.WSMsgType.CLOSED)
+
+
+async def test_hello_signed_by_another_key_is_refused(relay: RelayServer) -> None:
+    alice, mallory = Identity.generate(), Identity.generate()
+    session = aiohttp.ClientSession()
+    async with session:
+        ws = await session.ws_connect(relay.url)
+        challenge = decode_frame(await ws.receive_bytes(timeout=5), 4096)
+        assert isinstance(challenge, Challenge)
+        honest = Hello.answer(challenge, mallory, b"\x01" * 32)
+        claimed = replace(honest, device_key=alice.public)
+        await ws.send_bytes(encode_frame(claimed))
+        assert error_code(decode_frame(await ws.receive_bytes(timeout=5), 4096)) == "UNAUTHENTICATED"
+
+
+async def test_silent_connection_times_out_in_handshake(start_relay) -> None:
+    server = await start_relay(handshake_timeout_s=0.3)
+    session, ws = await _raw_socket(server.url)
+    async with session:
+        answer = await ws.receive(timeout=5)
+        assert error_code(decode_frame(answer.data, 4096)) == "UNAUTHENTICATED"
+    assert server.relay.metrics.handshake_failures.labels("timeout")._value.get() == 1  # type: ignore[union-attr]
+
+
+async def test_healthz_and_metrics_report_traffic(relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relay.url, alice) as a:
+        await a.send(sealed(alice, [bob.public]))
+        await a.send_raw(b"\x00")
+        await a.recv()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(relay.base_url + "/healthz") as response:
+                assert response.status == 200
+                assert (await response.json())["status"] == "ok"
+            async with http.get(relay.base_url + "/metrics") as response:
+                text = await response.text()
+    assert "continuum_messages_accepted_total 1.0" in text
+    assert 'continuum_messages_rejected_total{reason="malformed"} 1.0' in text
+    assert "continuum_connected_devices 1.0" in text
+    assert "continuum_verify_seconds_count 1.0" in text
+
+
+async def test_deliveries_are_not_sent_to_other_devices(relay: RelayServer) -> None:
+    alice, bob, eve = (Identity.generate() for _ in range(3))
+    async with await RawDevice.connect(relay.url, eve) as e, \
+            await RawDevice.connect(relay.url, alice) as a:
+        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+        await e.expect_silence(0.3)
+        # Eve cannot ack bob's message away either.
+        await e.ws.send_bytes(encode_frame(Ack("1")))
+        await e.expect_silence(0.1)
+    assert await depth(relay, bob) == 1
+
