@@ -1,0 +1,102 @@
+"""Property: whatever bytes an authenticated device sends, the relay answers with a
+clear ERROR frame, stores nothing, and keeps serving everyone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TEST_SETTINGS, LoopThread
+from continuum.server import RelayServer
+from proto import Identity
+from proto.errors import ErrorCode
+from proto.frames import Accepted, Error, Send, encode_frame
+from wire import RawDevice, sealed
+
+
+@dataclass
+class FuzzTarget:
+    loop: LoopThread
+    server: RelayServer
+    sender: RawDevice
+    sender_identity: Identity
+    recipient: Identity
+
+    def depth(self) -> int:
+        assert self.server.relay is not None
+        return self.loop.run(self.server.relay.store.depth(self.recipient.public))
+
+
+@pytest.fixture(scope="module")
+def target(loop_thread: LoopThread) -> Iterator[FuzzTarget]:
+    server = RelayServer(replace(TEST_SETTINGS, max_invalid_frames=10**9,
+                                 rate_per_s=1e9, rate_burst=10**9))
+    loop_thread.run(server.start())
+    sender_identity, recipient = Identity.generate(), Identity.generate()
+    sender = loop_thread.run(RawDevice.connect(server.url, sender_identity))
+    yield FuzzTarget(loop_thread, server, sender, sender_identity, recipient)
+    loop_thread.run(sender.close())
+    loop_thread.run(server.stop())
+
+
+def _answer(target: FuzzTarget, data: bytes) -> object:
+    async def exchange() -> object:
+        await target.sender.send_raw(data)
+        return await target.sender.recv_not_deliver()
+    return target.loop.run(exchange())
+
+
+def _valid_send(target: FuzzTarget) -> bytes:
+    envelope = sealed(target.sender_identity, [target.recipient.public], b"fuzz")
+    return encode_frame(Send(envelope.raw))
+
+
+_FUZZ = settings(max_examples=150, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_FUZZ
+@given(data=st.binary(min_size=0, max_size=2048))
+def test_random_bytes_are_refused_with_an_error_frame(target: FuzzTarget, data: bytes) -> None:
+    before = target.depth()
+    answer = _answer(target, data)
+    assert isinstance(answer, Error)
+    assert answer.error_code is not None and answer.error_code is not ErrorCode.INTERNAL
+    assert target.depth() == before
+
+
+@_FUZZ
+@given(data=st.data())
+def test_mutated_valid_frames_are_refused_and_not_stored(target: FuzzTarget,
+                                                         data: st.DataObject) -> None:
+    original = _valid_send(target)
+    frame = bytearray(original)
+    mutation = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
+    if mutation == "flip":
+        index = data.draw(st.integers(0, len(frame) - 1))
+        frame[index] ^= 1 << data.draw(st.integers(0, 7))
+    elif mutation == "truncate":
+        del frame[data.draw(st.integers(0, len(frame) - 1)):]
+    elif mutation == "extend":
+        frame += data.draw(st.binary(min_size=1, max_size=64))
+    else:
+        start = data.draw(st.integers(0, len(frame) - 1))
+        frame[start:start + 8] = data.draw(st.binary(min_size=0, max_size=16))
+    before = target.depth()
+    answer = _answer(target, bytes(frame))
+    if bytes(frame) == original:  # a splice that changed nothing: still a valid send
+        assert isinstance(answer, Accepted) and target.depth() == before + 1
+        return
+    assert isinstance(answer, Error)
+    assert answer.error_code is not None and answer.error_code is not ErrorCode.INTERNAL
+    assert target.depth() == before
+
+
+def test_relay_still_serves_after_fuzzing(target: FuzzTarget) -> None:
+    before = target.depth()
+    assert isinstance(_answer(target, _valid_send(target)), Accepted)
+    assert target.depth() == before + 1
