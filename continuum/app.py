@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.errors import ProtocolError
 
+from .connection_gate import ConnectionRefused, Slot
 from .context import RelayContext
 from .session import DeviceSession, authenticate
 
@@ -14,14 +15,25 @@ RELAY_KEY = web.AppKey("relay", RelayContext)
 CONNECT_PATH = "/v1/connect"
 
 
-async def connect(request: web.Request) -> web.WebSocketResponse:
+async def connect(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY_KEY]
+    try:
+        with relay.gate.connection(request.remote or "unknown") as slot:
+            return await _serve_device(request, relay, slot)
+    except ConnectionRefused as refused:
+        relay.metrics.handshake_failures.labels("connection_limit").inc()
+        return web.json_response({"error": refused.reason}, status=refused.status)
+
+
+async def _serve_device(request: web.Request, relay: RelayContext,
+                        slot: Slot) -> web.WebSocketResponse:
     # Frames up to twice the limit are read and refused with an OVERSIZE error
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
     ws = web.WebSocketResponse(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
                                heartbeat=relay.settings.heartbeat_s)
     await ws.prepare(request)
     device = await authenticate(ws, relay)
+    slot.authenticated()
     if device is not None:
         await DeviceSession(ws, device, relay).run()
     return ws

@@ -9,6 +9,7 @@ import structlog
 
 from proto import Identity
 
+from .connection_gate import ConnectionGate
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import MailboxLimits, MailboxStore
@@ -21,6 +22,7 @@ class RelayContext:
     identity: Identity
     metrics: RelayMetrics
     log: structlog.typing.FilteringBoundLogger
+    gate: ConnectionGate
 
     @property
     def mailbox_limits(self) -> MailboxLimits:

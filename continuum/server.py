@@ -18,6 +18,7 @@ from aiohttp import web
 from proto import Identity
 
 from .app import CONNECT_PATH, create_app
+from .connection_gate import ConnectionGate
 from .context import RelayContext
 from .expiry import expire_forever
 from .metrics import RelayMetrics
@@ -62,7 +63,9 @@ class RelayServer:
         store = open_store(self.settings.store)
         identity = load_relay_identity(self.settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
-        self.relay = RelayContext(self.settings, store, identity, RelayMetrics(), log)
+        gate = ConnectionGate(self.settings.max_connections,
+                              self.settings.max_pending_handshakes_per_address)
+        self.relay = RelayContext(self.settings, store, identity, RelayMetrics(), log, gate)
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
                                      handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()

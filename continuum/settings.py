@@ -33,6 +33,8 @@ class Settings:
     mailbox_max_bytes: int = 64 * 1024 * 1024
     delivery_window: int = 64
     handshake_timeout_s: float = 10.0
+    max_connections: int = 20_000
+    max_pending_handshakes_per_address: int = 64
     sweep_interval_s: float = 1.0
     max_invalid_frames: int = 100
     heartbeat_s: float = 30.0

@@ -1,0 +1,93 @@
+"""Abuse of a live relay: floods, slow readers and idle sockets hurt only the abuser."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from proto import Identity, Kind, seal_envelope
+from proto.frames import Accepted, Send, encode_frame
+from wire import RawDevice, now_ms, sealed
+
+
+async def round_trip_seconds(url: str) -> float:
+    """Time for a fresh pair of devices to pass one message: the 'others unaffected' probe."""
+    alice, bob = Identity.generate(), Identity.generate()
+    started = time.perf_counter()
+    async with await RawDevice.connect(url, alice) as a, await RawDevice.connect(url, bob) as b:
+        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+        await b.next_delivery(timeout=5)
+    return time.perf_counter() - started
+
+
+async def test_flood_of_tiny_frames_is_rate_limited_then_cut_off(start_relay) -> None:
+    server = await start_relay(rate_per_s=20.0, rate_burst=40, max_invalid_frames=200)
+    flooder, target = Identity.generate(), Identity.generate()
+    frames = [encode_frame(Send(sealed(flooder, [target.public], b"").raw)) for _ in range(2000)]
+    async with await RawDevice.connect(server.url, flooder) as f:
+        for frame in frames:
+            if f.ws.closed:
+                break
+            await f.send_raw(frame)
+        assert await round_trip_seconds(server.url) < 1.0
+        answers = []
+        while True:
+            message = await f.ws.receive(timeout=10)
+            if message.type != aiohttp.WSMsgType.BINARY:
+                break
+            answers.append(message.data)
+    assert f.ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+    stored = await server.relay.store.depth(target.public)  # type: ignore[union-attr]
+    assert 40 <= stored <= 60  # the burst plus what 20/s refilled while flooding
+    assert len(answers) < len(frames)  # cut off before it was served in full
+
+
+async def test_slow_reader_holds_only_its_window_and_others_flow(start_relay) -> None:
+    server = await start_relay(delivery_window=8, rate_per_s=1e6, rate_burst=10**6)
+    sender, slow = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, sender) as s:
+        for _ in range(200):
+            envelope = seal_envelope(sender, Kind.DATA, [slow.public], b"x" * 30_000,
+                                     ttl_s=60, now_ms=now_ms())
+            assert isinstance(await s.send(envelope), Accepted)
+    async with await RawDevice.connect(server.url, slow):  # connects, then never reads
+        await asyncio.sleep(0.5)
+        assert await round_trip_seconds(server.url) < 1.0
+        delivered = server.relay.metrics.delivered._value.get()  # type: ignore[union-attr]
+    assert delivered <= 8 + 1  # its window, plus the probe's one delivery
+    assert await server.relay.store.depth(slow.public) == 200  # type: ignore[union-attr]
+
+
+async def test_connection_flood_from_one_address_is_capped(start_relay) -> None:
+    server = await start_relay(max_pending_handshakes_per_address=16, handshake_timeout_s=5)
+    async with aiohttp.ClientSession() as http:
+        idle = [await http.ws_connect(server.url) for _ in range(16)]
+        async with http.get(server.url) as refused:  # the 17th, before any upgrade
+            assert refused.status == 429
+        # Devices at other addresses (127.0.0.2 is loopback too) are unaffected.
+        other = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+        async with aiohttp.ClientSession(connector=other) as elsewhere:
+            ws = await elsewhere.ws_connect(server.url)
+            assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY  # CHALLENGE
+            await ws.close()
+        for ws in idle:
+            await ws.close()
+    refusals = server.relay.metrics.handshake_failures.labels(  # type: ignore[union-attr]
+        "connection_limit")._value.get()
+    assert refusals == 1
+
+
+async def test_idle_sockets_are_closed_after_the_handshake_timeout(start_relay) -> None:
+    server = await start_relay(handshake_timeout_s=0.2, max_pending_handshakes_per_address=4)
+    async with aiohttp.ClientSession() as http:
+        idle = [await http.ws_connect(server.url) for _ in range(4)]
+        for ws in idle:
+            while (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY:
+                pass  # CHALLENGE, then the UNAUTHENTICATED error, then the close
+        # The timed-out sockets freed their slots.
+        assert await round_trip_seconds(server.url) < 1.0
+        fresh = await http.ws_connect(server.url)
+        await fresh.close()
+
