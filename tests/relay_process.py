@@ -1,0 +1,70 @@
+"""Relays as real OS processes, for tests that kill them (SIGKILL) and start them again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+RELAY_COMMAND = [sys.executable, "-m", "continuum"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RelayProcess:
+    """`continuum` started with `args` on a fixed port, so a restart keeps its URL."""
+
+    def __init__(self, *args: str, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+                     *args]
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/connect"
+
+    async def start(self, timeout_s: float = 15.0) -> RelayProcess:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen([*RELAY_COMMAND, *self.args], stdout=log, stderr=log,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout_s
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"relay exited with {self.process.returncode}")
+                try:
+                    async with http.get(f"http://127.0.0.1:{self.port}/healthz") as response:
+                        if response.status == 200:
+                            return self
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"relay on port {self.port} not healthy within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
