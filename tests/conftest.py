@@ -68,3 +68,11 @@ def loop_thread() -> Iterator[LoopThread]:
     thread = LoopThread()
     yield thread
     thread.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    from tally import TALLY, summary_lines
+    if TALLY:
+        terminalreporter.section("adversarial suite")
+        for line in summary_lines():
+            terminalreporter.write_line(line)

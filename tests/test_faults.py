@@ -9,6 +9,7 @@ import pytest
 from proto import Identity, decode_envelope
 from proto.frames import Accepted, Error, Send, encode_frame
 from relay_process import RelayProcess
+from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from wire import RawDevice, sealed
 
 
@@ -61,5 +62,7 @@ async def test_sigkill_during_sends_loses_no_acknowledged_message(tmp_path) -> N
         delivered = await drain(relay.url, recipient, expected=len(accepted))
     finally:
         relay.stop()
+    TALLY[MESSAGES_LOST] += len(accepted - set(delivered))
+    TALLY[FAULTS_SURVIVED] += 1
     assert accepted <= set(delivered), "a message the relay acknowledged was lost"
     assert len(delivered) == len(set(delivered)), "a stored message was delivered twice"

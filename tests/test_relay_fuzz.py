@@ -15,6 +15,7 @@ from continuum.server import RelayServer
 from proto import Identity
 from proto.errors import ErrorCode
 from proto.frames import Accepted, Error, Send, encode_frame
+from tally import ATTACKS_REJECTED, INPUTS_TRIED, TALLY
 from wire import RawDevice, sealed
 
 
@@ -44,6 +45,8 @@ def target(loop_thread: LoopThread) -> Iterator[FuzzTarget]:
 
 
 def _answer(target: FuzzTarget, data: bytes) -> object:
+    TALLY[INPUTS_TRIED] += 1
+
     async def exchange() -> object:
         await target.sender.send_raw(data)
         return await target.sender.recv_not_deliver()
@@ -67,6 +70,7 @@ def test_random_bytes_are_refused_with_an_error_frame(target: FuzzTarget, data: 
     assert isinstance(answer, Error)
     assert answer.error_code is not None and answer.error_code is not ErrorCode.INTERNAL
     assert target.depth() == before
+    TALLY[ATTACKS_REJECTED] += 1
 
 
 @_FUZZ
@@ -94,6 +98,7 @@ def test_mutated_valid_frames_are_refused_and_not_stored(target: FuzzTarget,
     assert isinstance(answer, Error)
     assert answer.error_code is not None and answer.error_code is not ErrorCode.INTERNAL
     assert target.depth() == before
+    TALLY[ATTACKS_REJECTED] += 1
 
 
 def test_relay_still_serves_after_fuzzing(target: FuzzTarget) -> None:

@@ -15,6 +15,7 @@ import aiohttp
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
 from proto.frames import (Ack, Challenge, Deliver, Error, Frame, Hello, Send, Welcome,
                           decode_frame, encode_frame)
+from tally import ATTACKS_REJECTED, TALLY
 
 MAX_FRAME = 1 << 20
 
@@ -102,6 +103,8 @@ class RawDevice:
 
 
 def error_code(frame: Frame) -> str:
+    """The refusal's code name; each one checked here counts as an attack rejected."""
     assert isinstance(frame, Error), f"expected ERROR, got {frame}"
     assert frame.error_code is not None
+    TALLY[ATTACKS_REJECTED] += 1
     return frame.error_code.name
