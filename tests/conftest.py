@@ -18,6 +18,9 @@ from continuum.server import RelayServer, Settings
 sys.path.insert(0, str(Path(__file__).parent))
 configure_logging("warning")
 
+# Real Redis servers for the store contract, multi-replica and durability tests.
+pytest_plugins = ("redis_server",)
+
 T = TypeVar("T")
 
 # Fast sweeps so expiry tests take a second, not a minute.

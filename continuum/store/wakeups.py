@@ -21,6 +21,9 @@ class WakeupHub:
             if not waiters:
                 del self._waiters[key]
 
+    def has(self, key: bytes) -> bool:
+        return key in self._waiters
+
     def wake(self, key: bytes) -> None:
         for wake in tuple(self._waiters.get(key, ())):
             wake()

@@ -1,0 +1,313 @@
+"""The MailboxStore contract, proved against every implementation with the same tests.
+
+SQLite (in memory and in a file) and Redis (standalone and a one-node
+cluster, where a script touching two slots fails) must agree on ordering,
+cursors, acks, replay, limits, atomic refusal, exactly-once expiry, rate
+limits and wake-ups.  Tests that need two store instances sharing one backend
+(two replicas) run where that exists: a SQLite file and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from continuum.store import MailboxLimits, MailboxStore, open_store
+from proto import Envelope, Identity, Kind, seal_envelope
+from proto.errors import MailboxFullError, ReplayError, StoreUnavailableError
+from relay_process import free_port
+
+ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
+BACKENDS = ["sqlite-memory", "sqlite-file",
+            pytest.param("redis", marks=pytest.mark.redis),
+            pytest.param("redis-cluster", marks=pytest.mark.redis)]
+SHARED_BACKENDS = ["sqlite-file",
+                   pytest.param("redis", marks=pytest.mark.redis),
+                   pytest.param("redis-cluster", marks=pytest.mark.redis)]
+REDIS_BACKENDS = [pytest.param("redis", marks=pytest.mark.redis),
+                  pytest.param("redis-cluster", marks=pytest.mark.redis)]
+
+OpenStore = Callable[[], Awaitable[MailboxStore]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def envelope(sender: Identity, recipients: list[Identity], text: bytes = b"hi", *,
+             ttl_s: int = 60, created_at_ms: int | None = None) -> Envelope:
+    return seal_envelope(sender, Kind.DATA, [r.public for r in recipients], text, ttl_s=ttl_s,
+                         now_ms=now_ms() if created_at_ms is None else created_at_ms)
+
+
+async def put(store: MailboxStore, env: Envelope, limits: MailboxLimits = ROOMY,
+              replay_ms: int = 60_000) -> None:
+    await store.accept(env, replay_until_ms=now_ms() + replay_ms, limits=limits)
+
+
+@pytest.fixture
+async def open_backend(request: pytest.FixtureRequest,
+                       tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens store instances on one backend (several = several replicas); closes them all."""
+    backend = request.param
+    url = {"sqlite-memory": "memory",
+           "sqlite-file": f"sqlite:///{tmp_path / 'mailboxes.db'}"}.get(backend)
+    if url is None:
+        fixture = "redis_url" if backend == "redis" else "redis_cluster_url"
+        url = request.getfixturevalue(fixture)
+    opened: list[MailboxStore] = []
+
+    async def open_one() -> MailboxStore:
+        store = open_store(url)
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_backend: OpenStore) -> MailboxStore:
+    return await open_backend()
+
+
+def backends(which: list) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("open_backend", which, indirect=True)
+
+
+@backends(BACKENDS)
+async def test_fetch_is_oldest_first_and_strictly_after_the_cursor(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    sent = [envelope(alice, [bob], bytes([i])) for i in range(6)]
+    for env in sent:
+        await put(store, env)
+    entries = await store.fetch(bob.public, None, 100)
+    assert [e.raw for e in entries] == [e.raw for e in sent]
+    assert all(isinstance(e.tag, str) and 0 < len(e.tag) <= 64 for e in entries)
+    assert len({e.tag for e in entries}) == 6
+    after = await store.fetch(bob.public, entries[2].tag, 100)
+    assert [e.raw for e in after] == [e.raw for e in sent[3:]]
+    assert [e.raw for e in await store.fetch(bob.public, entries[0].tag, 2)] == \
+        [sent[1].raw, sent[2].raw]
+    assert await store.fetch(bob.public, entries[-1].tag, 100) == []
+    assert await store.fetch(alice.public, None, 100) == []
+    assert await store.depth(bob.public) == 6
+
+
+@backends(BACKENDS)
+async def test_tags_keep_growing_after_a_mailbox_was_emptied(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    await put(store, envelope(alice, [bob], b"first"))
+    [first] = await store.fetch(bob.public, None, 10)
+    assert await store.ack(bob.public, first.tag)
+    await put(store, envelope(alice, [bob], b"second"))
+    assert [e.raw for e in await store.fetch(bob.public, first.tag, 10)] != []
+
+
+@backends(BACKENDS)
+async def test_ack_removes_exactly_one_entry_once(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    for i in range(3):
+        await put(store, envelope(alice, [bob], bytes([i])))
+    first, second, third = await store.fetch(bob.public, None, 10)
+    assert await store.ack(bob.public, second.tag) is True
+    assert await store.ack(bob.public, second.tag) is False
+    assert await store.ack(alice.public, first.tag) is False  # another device's tag
+    assert await store.ack(bob.public, "not-a-tag") is False
+    assert [e.tag for e in await store.fetch(bob.public, None, 10)] == [first.tag, third.tag]
+    assert await store.depth(bob.public) == 2
+
+
+@backends(BACKENDS)
+async def test_replayed_message_id_is_refused_until_its_window_ends(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    env = envelope(alice, [bob])
+    await store.accept(env, replay_until_ms=now_ms() + 300, limits=ROOMY)
+    with pytest.raises(ReplayError):
+        await store.accept(env, replay_until_ms=now_ms() + 300, limits=ROOMY)
+    assert await store.depth(bob.public) == 1
+    await asyncio.sleep(0.5)
+    await store.take_expired(now_ms(), 100)  # the embedded store forgets ids while sweeping
+    await store.accept(env, replay_until_ms=now_ms() + 300, limits=ROOMY)
+    assert await store.depth(bob.public) == 2
+
+
+@backends(BACKENDS)
+async def test_full_mailbox_refuses_and_stores_nothing(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    by_count = MailboxLimits(max_messages=2, max_bytes=10_000_000)
+    await put(store, envelope(alice, [bob]), by_count)
+    await put(store, envelope(alice, [bob]), by_count)
+    refused = envelope(alice, [bob])
+    with pytest.raises(MailboxFullError):
+        await put(store, refused, by_count)
+    assert await store.depth(bob.public) == 2
+    entries = await store.fetch(bob.public, None, 10)
+    assert await store.ack(bob.public, entries[0].tag)
+    await put(store, refused, by_count)  # its msg_id was not remembered
+    assert await store.depth(bob.public) == 2
+
+    carol = Identity.generate()
+    big = envelope(alice, [carol], b"x" * 300)
+    by_bytes = MailboxLimits(max_messages=100, max_bytes=2 * len(big.raw) + 10)
+    await put(store, big, by_bytes)
+    await put(store, envelope(alice, [carol], b"x" * 300), by_bytes)
+    with pytest.raises(MailboxFullError):
+        await put(store, envelope(alice, [carol], b"x" * 300), by_bytes)
+    assert await store.depth(carol.public) == 2
+
+
+@backends(BACKENDS)
+async def test_multi_recipient_accept_is_all_or_nothing(store: MailboxStore) -> None:
+    alice, bob, carol, dave = (Identity.generate() for _ in range(4))
+    limits = MailboxLimits(max_messages=1, max_bytes=10_000_000)
+    await put(store, envelope(alice, [carol]), limits)  # carol is now full
+    shared = envelope(alice, [bob, carol, dave])  # carol in the middle: bob is tried first
+    with pytest.raises(MailboxFullError):
+        await put(store, shared, limits)
+    assert await store.depth(bob.public) == 0
+    assert await store.depth(dave.public) == 0
+    assert await store.fetch(bob.public, None, 10) == []
+    assert await store.take_expired(shared.expires_at_ms + 1, 100) != []  # carol's first
+    await put(store, shared, limits)  # room again, and the id was never remembered
+    for reader in (bob, carol, dave):
+        assert [e.raw for e in await store.fetch(reader.public, None, 10)] == [shared.raw]
+
+
+@backends(BACKENDS)
+async def test_take_expired_returns_due_entries_once_and_removes_them(store: MailboxStore) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    created = now_ms()
+    short = envelope(alice, [bob, carol], b"short", ttl_s=1, created_at_ms=created)
+    acked = envelope(alice, [bob], b"acked", ttl_s=1, created_at_ms=created)
+    long = envelope(alice, [bob], b"long", ttl_s=600, created_at_ms=created)
+    for env in (short, acked, long):
+        await put(store, env)
+    entries = await store.fetch(bob.public, None, 10)
+    assert await store.ack(bob.public, entries[1].tag)
+    assert await store.take_expired(short.expires_at_ms - 1, 100) == []
+    expired = await store.take_expired(short.expires_at_ms + 1, 100)
+    assert sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.kind) for m in expired) == sorted(
+        (r.public.raw, alice.public.raw, short.msg_id, Kind.DATA) for r in (bob, carol))
+    assert await store.take_expired(short.expires_at_ms + 1, 100) == []
+    assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [long.raw]
+    assert await store.depth(carol.public) == 0
+
+
+@backends(BACKENDS)
+async def test_take_expired_honours_its_limit(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    created = now_ms()
+    for i in range(5):
+        await put(store, envelope(alice, [bob], bytes([i]), ttl_s=1, created_at_ms=created))
+    later = created + 5_000
+    assert len(await store.take_expired(later, 3)) == 3
+    assert len(await store.take_expired(later, 3)) == 2
+    assert await store.depth(bob.public) == 0
+
+
+@backends(SHARED_BACKENDS)
+async def test_two_replicas_racing_take_each_expired_entry_exactly_once(
+        open_backend: OpenStore) -> None:
+    first, second = await open_backend(), await open_backend()
+    alice = Identity.generate()
+    readers = [Identity.generate() for _ in range(5)]
+    created = now_ms()
+    sent = [envelope(alice, readers, bytes([i]), ttl_s=1, created_at_ms=created)
+            for i in range(20)]
+    for env in sent:
+        await put(first, env)
+
+    async def drain(store: MailboxStore) -> list[tuple[bytes, bytes]]:
+        taken: list[tuple[bytes, bytes]] = []
+        while batch := await store.take_expired(created + 5_000, 7):
+            taken += [(m.recipient.raw, m.msg_id) for m in batch]
+            await asyncio.sleep(0)
+        return taken
+
+    results = await asyncio.gather(*(drain(s) for s in (first, second, first, second)))
+    taken = [item for result in results for item in result]
+    assert len(taken) == len(set(taken)) == 100
+    assert set(taken) == {(r.public.raw, e.msg_id) for r in readers for e in sent}
+
+
+@backends(BACKENDS)
+async def test_rate_limit_is_a_token_bucket_per_sender(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    start = now_ms()
+    assert [await store.allow(alice.public, start, 10.0, 3) for _ in range(4)] == \
+        [True, True, True, False]
+    assert await store.allow(bob.public, start, 10.0, 3) is True
+    assert await store.allow(alice.public, start + 50, 10.0, 3) is False
+    assert await store.allow(alice.public, start + 110, 10.0, 3) is True
+    assert await store.allow(alice.public, start + 120, 10.0, 3) is False
+
+
+@backends(REDIS_BACKENDS)
+async def test_rate_limit_is_shared_by_replicas(open_backend: OpenStore) -> None:
+    first, second = await open_backend(), await open_backend()
+    alice = Identity.generate()
+    start = now_ms()
+    allowed = [await store.allow(alice.public, start, 1.0, 4) for store in (first, second) * 3]
+    assert allowed == [True] * 4 + [False] * 2
+
+
+@backends(BACKENDS)
+async def test_subscribe_wakes_on_accept_until_closed(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    woken = asyncio.Event()
+    subscription = await store.subscribe(bob.public, woken.set)
+    await asyncio.sleep(0.1)
+    woken.clear()  # a store may wake once on subscribing
+    await put(store, envelope(alice, [bob]))
+    await asyncio.wait_for(woken.wait(), 5)
+    await subscription.close()
+    await asyncio.sleep(0.1)
+    woken.clear()
+    await put(store, envelope(alice, [bob]))
+    await asyncio.sleep(0.3)
+    assert not woken.is_set()
+
+
+@backends(REDIS_BACKENDS)
+async def test_subscribe_wakes_when_another_replica_appends(open_backend: OpenStore) -> None:
+    listening, accepting = await open_backend(), await open_backend()
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    bob_woken, carol_woken = asyncio.Event(), asyncio.Event()
+    bob_sub = await listening.subscribe(bob.public, bob_woken.set)
+    carol_sub = await listening.subscribe(carol.public, carol_woken.set)
+    await asyncio.sleep(0.1)
+    bob_woken.clear()
+    carol_woken.clear()
+    started = time.monotonic()
+    await put(accepting, envelope(alice, [bob]))
+    await asyncio.wait_for(bob_woken.wait(), 5)
+    assert time.monotonic() - started < 1.0
+    assert not carol_woken.is_set()
+    await bob_sub.close()
+    await carol_sub.close()
+
+
+@backends(BACKENDS)
+async def test_ping_answers_when_the_backend_is_up(store: MailboxStore) -> None:
+    await store.ping()
+
+
+@pytest.mark.redis
+async def test_unreachable_redis_raises_store_unavailable() -> None:
+    store = open_store(f"redis://127.0.0.1:{free_port()}/0")
+    alice, bob = Identity.generate(), Identity.generate()
+    try:
+        with pytest.raises(StoreUnavailableError):
+            await store.ping()
+        with pytest.raises(StoreUnavailableError):
+            await put(store, envelope(alice, [bob]))
+        with pytest.raises(StoreUnavailableError):
+            await store.fetch(bob.public, None, 10)
+    finally:
+        await store.close()
