@@ -1,0 +1,91 @@
+"""Relay throughput and end-to-end latency against the verify floor measured in the same run.
+
+N sender devices → ONE relay process (the CLI, rate limits raised) → N
+receiver devices, all on 127.0.0.1, clients in separate processes.  First an
+open-throttle run finds saturation (messages delivered end to end per
+second); then paced runs offer 25/50/75/100 % of it, each on a fresh relay.
+
+    .venv/bin/python benchmarks/relay.py [--quick] [--store sqlite:///{tmp}/relay.sqlite3]
+
+`{tmp}` in --store is replaced by the relay's scratch directory (deleted after).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import verify_floor
+from common import UNTHROTTLED, RelayProcess, raise_nofile, table, write_results
+from loadgen import LoadPlan, per_sender_for, run_load
+
+LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+
+
+def benchmark(*, quick: bool, store: str = "memory", pairs: int | None = None,
+              procs: int | None = None, payload_bytes: int = 64) -> dict[str, object]:
+    """Floor, saturation, then the paced levels; returns everything the JSON file holds."""
+    raise_nofile()
+    pairs = pairs or (4 if quick else 16)
+    procs = procs or (1 if quick else 2)
+    open_total = 1_500 if quick else 30_000
+    paced_s = 1.5 if quick else 8.0
+    floor = verify_floor.measure(0.6 if quick else 3.0, payload_bytes)
+    floor_per_s = floor["envelope_decode_verify"]["ops_per_s"]
+
+    open_plan = LoadPlan(pairs, procs, max(1, open_total // pairs), None, window=32,
+                         payload_bytes=payload_bytes, deadline_s=20.0 if quick else 60.0)
+    with RelayProcess(*UNTHROTTLED, store=store) as relay:
+        saturation = run_load(relay, open_plan)
+    saturated_per_s = float(saturation["delivered_per_s"])  # type: ignore[arg-type]
+
+    levels = []
+    for fraction in LOAD_FRACTIONS:
+        rate = fraction * saturated_per_s
+        plan = LoadPlan(pairs, procs, per_sender_for(rate, paced_s, pairs), rate, window=256,
+                        payload_bytes=payload_bytes, deadline_s=paced_s * 2 + 5)
+        with RelayProcess(*UNTHROTTLED, store=store) as relay:
+            levels.append({"load_fraction": fraction, **run_load(relay, plan)})
+    return {
+        "store": store,
+        "pairs": pairs,
+        "client_processes_per_side": procs,
+        "payload_bytes": payload_bytes,
+        "verify_floor": floor,
+        "saturation": saturation,
+        "throughput_vs_floor": saturated_per_s / floor_per_s,
+        "levels": levels,
+    }
+
+
+def render(result: dict) -> str:
+    floor = result["verify_floor"]["envelope_decode_verify"]["ops_per_s"]
+    rows = []
+    for name, run in [("open", result["saturation"]),
+                      *((f"{lvl['load_fraction']:.0%}", lvl) for lvl in result["levels"])]:
+        lat = run["latency_ms"]
+        rows.append((name, run["offered_per_s"] or "max", run["accepted_per_s"],
+                     run["delivered_per_s"], lat["p50"], lat["p90"], lat["p99"], lat["max"],
+                     run["relay_cpu_percent"], run["relay_peak_rss_mib"], run["client_cpu_cores"],
+                     run["other_cpu_cores"], run["lost"]))
+    head = (f"store={result['store']}  pairs={result['pairs']}  verify floor {floor:,.0f}/s"
+            f"  saturation {result['saturation']['delivered_per_s']:,.0f}/s"
+            f" = {result['throughput_vs_floor']:.1%} of floor")
+    return head + "\n" + table(
+        ["load", "offered/s", "accepted/s", "delivered/s", "p50 ms", "p90 ms", "p99 ms",
+         "max ms", "relay CPU%", "relay RSS MiB", "client cores", "other cores", "lost"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: small and fast")
+    parser.add_argument("--store", default="memory", help="relay --store (default memory)")
+    parser.add_argument("--pairs", type=int, help="sender/receiver device pairs")
+    parser.add_argument("--procs", type=int, help="client processes per side")
+    args = parser.parse_args()
+    result = benchmark(quick=args.quick, store=args.store, pairs=args.pairs, procs=args.procs)
+    print(render(result))
+    print(f"results: {write_results('relay', result)}")
+
+
+if __name__ == "__main__":
+    main()

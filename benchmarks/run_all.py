@@ -1,0 +1,82 @@
+"""Run every relay benchmark and print one summary with the targets beside the figures.
+
+    .venv/bin/python benchmarks/run_all.py           # full: about 3 minutes
+    .venv/bin/python benchmarks/run_all.py --quick   # CI smoke: under a minute, checks the scripts run
+
+Writes benchmarks/results/all-<timestamp>.json with every figure of every part.
+`--quick` figures are too small to mean anything; only the full run is quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import drain
+import idle
+import relay
+from common import table, write_results
+
+TARGET_FLOOR_FRACTION = 0.70
+TARGET_P99_MS_AT_HALF_LOAD = 5.0
+TARGET_KIB_PER_IDLE_CONNECTION = 20.0
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def summary_rows(results: dict) -> list[tuple[object, ...]]:
+    load, idle_result, drain_result = results["relay"], results["idle"], results["drain"]
+    floor = load["verify_floor"]["envelope_decode_verify"]
+    half = next(lvl for lvl in load["levels"] if lvl["load_fraction"] == 0.5)
+    largest = idle_result["levels"][-1]
+    kib = largest["bytes_per_connection"] / 1024
+    busiest_other = max(run["other_cpu_cores"] for run in [load["saturation"], *load["levels"]])
+    rows: list[tuple[object, ...]] = [
+        ("verify floor: decode + verify, 1 core", f"{floor['ops_per_s']:,.0f}/s"
+         f" ({floor['us_per_op']:.1f} µs)", "-", "-"),
+        ("relay saturation, delivered end to end", f"{load['saturation']['delivered_per_s']:,.0f}/s"
+         f" (relay CPU {load['saturation']['relay_cpu_percent']:.0f}%)", "-", "-"),
+        ("relay throughput / verify floor", f"{load['throughput_vs_floor']:.1%}",
+         f">= {TARGET_FLOOR_FRACTION:.0%}", _verdict(load["throughput_vs_floor"] >= TARGET_FLOOR_FRACTION)),
+    ]
+    for lvl in load["levels"]:
+        lat = lvl["latency_ms"]
+        target = f"< {TARGET_P99_MS_AT_HALF_LOAD:g} ms" if lvl is half else "-"
+        rows.append((f"p50/p90/p99/max at {lvl['load_fraction']:.0%} load"
+                     f" ({lvl['delivered_per_s']:,.0f}/s)",
+                     f"{lat['p50']:.2f} / {lat['p90']:.2f} / {lat['p99']:.2f} / {lat['max']:.1f} ms",
+                     target, _verdict(lat["p99"] < TARGET_P99_MS_AT_HALF_LOAD) if lvl is half else "-"))
+    for lvl in idle_result["levels"]:
+        is_largest = lvl is largest
+        rows.append((f"relay memory per idle connection, {lvl['connections']:,} devices",
+                     f"{lvl['bytes_per_connection'] / 1024:.1f} KiB ({lvl['rss_mib']:.0f} MiB RSS)",
+                     f"<= {TARGET_KIB_PER_IDLE_CONNECTION:g} KiB" if is_largest else "-",
+                     _verdict(kib <= TARGET_KIB_PER_IDLE_CONNECTION) if is_largest else "-"))
+    for run in drain_result["runs"]:
+        rows.append((f"drain {run['messages']:,}-message mailbox, {run['store'].split(':')[0]} store",
+                     f"{run['all_acked_s']:.2f} s ({run['drain_per_s']:,.0f}/s;"
+                     f" fill {run['fill_per_s']:,.0f}/s)", "-", "-"))
+    rows.append(("other load on the machine (max, cores)", f"{busiest_other:.2f}",
+                 "~0 for clean figures", "-" if busiest_other < 0.2 else "CONTENDED"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: small and fast")
+    parser.add_argument("--store", default="memory", help="relay --store for the load runs")
+    args = parser.parse_args()
+    results = {"quick": args.quick,
+               "relay": relay.benchmark(quick=args.quick, store=args.store),
+               "idle": idle.benchmark(quick=args.quick),
+               "drain": drain.benchmark(quick=args.quick)}
+    print(relay.render(results["relay"]), end="\n\n")
+    print(idle.render(results["idle"]), end="\n\n")
+    print(drain.render(results["drain"]), end="\n\n")
+    print(table(["figure", "measured", "target", "verdict"], summary_rows(results)))
+    print(f"results: {write_results('all', results)}")
+
+
+if __name__ == "__main__":
+    main()
