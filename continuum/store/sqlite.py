@@ -7,7 +7,9 @@ last transactions).  Rate-limit buckets stay in memory: they describe the
 last second, not anything a restart must keep.
 
 Calls run on the event loop thread: each is one short indexed transaction,
-cheaper than a hop to a worker thread.  Scale-out uses the Redis store.
+cheaper than a hop to a worker thread.  This process is the file's only
+writer, so mailbox sizes are counted once at open and then kept in memory,
+sparing a query per recipient on every accept.  Scale-out uses the Redis store.
 """
 
 from __future__ import annotations
@@ -35,11 +37,6 @@ CREATE TABLE IF NOT EXISTS mailbox (
 );
 CREATE INDEX IF NOT EXISTS mailbox_by_recipient ON mailbox (recipient, seq);
 CREATE INDEX IF NOT EXISTS mailbox_by_expiry ON mailbox (expires_at_ms);
-CREATE TABLE IF NOT EXISTS mailbox_size (
-    recipient BLOB PRIMARY KEY,
-    messages INTEGER NOT NULL,
-    bytes INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS seen (
     sender BLOB NOT NULL,
     msg_id BLOB NOT NULL,
@@ -68,6 +65,10 @@ class SqliteStore(MailboxStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # recipient -> [messages, bytes]; changed only after a commit succeeded.
+        self._sizes: dict[bytes, list[int]] = {
+            recipient: [messages, size] for recipient, messages, size in self._db.execute(
+                "SELECT recipient, count(*), sum(length(raw)) FROM mailbox GROUP BY recipient")}
         self._wakeups = WakeupHub()
         self._buckets = TokenBuckets()
 
@@ -90,33 +91,25 @@ class SqliteStore(MailboxStore):
         recipients = [key.raw for key in envelope.recipient_keys]
 
         def work(db: sqlite3.Connection) -> None:
-            seen = db.execute("SELECT 1 FROM seen WHERE sender = ? AND msg_id = ?",
-                              (sender, envelope.msg_id)).fetchone()
-            if seen:
-                raise ReplayError("message id already used by this sender")
-            for recipient in recipients:
-                row = db.execute("SELECT messages, bytes FROM mailbox_size WHERE recipient = ?",
-                                 (recipient,)).fetchone()
-                messages, total = row or (0, 0)
+            try:
+                db.execute("INSERT INTO seen (sender, msg_id, until_ms) VALUES (?, ?, ?)",
+                           (sender, envelope.msg_id, replay_until_ms))
+            except sqlite3.IntegrityError:
+                raise ReplayError("message id already used by this sender") from None
+            for recipient in recipients:  # raising here rolls the `seen` row back too
+                messages, total = self._sizes.get(recipient, (0, 0))
                 if messages + 1 > limits.max_messages or total + size > limits.max_bytes:
-                    raise MailboxFullError(
-                        f"mailbox of {PublicKey(recipient).text} is full "
-                        f"({messages} messages, {total} bytes)")
-            db.execute("INSERT INTO seen (sender, msg_id, until_ms) VALUES (?, ?, ?)",
-                       (sender, envelope.msg_id, replay_until_ms))
+                    raise MailboxFullError(f"mailbox of {PublicKey(recipient).text} is full "
+                                           f"({messages} messages, {total} bytes)")
             db.executemany(
                 "INSERT INTO mailbox (recipient, sender, msg_id, kind, expires_at_ms, raw)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [(r, sender, envelope.msg_id, int(envelope.kind), envelope.expires_at_ms,
                   envelope.raw) for r in recipients])
-            db.executemany(
-                "INSERT INTO mailbox_size (recipient, messages, bytes) VALUES (?, 1, ?)"
-                " ON CONFLICT (recipient) DO UPDATE SET messages = messages + 1,"
-                " bytes = bytes + excluded.bytes",
-                [(r, size) for r in recipients])
 
         self._transaction(work)
         for recipient in recipients:
+            self._grow(recipient, 1, size)
             self._wakeups.wake(recipient)
 
     async def fetch(self, recipient: PublicKey, after: str | None,
@@ -135,15 +128,16 @@ class SqliteStore(MailboxStore):
         if seq is None:
             return False
 
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: sqlite3.Connection) -> int | None:
             row = db.execute("DELETE FROM mailbox WHERE seq = ? AND recipient = ?"
                              " RETURNING length(raw)", (seq, recipient.raw)).fetchone()
-            if row is None:
-                return False
-            _shrink(db, recipient.raw, 1, row[0])
-            return True
+            return None if row is None else row[0]
 
-        return bool(self._transaction(work))
+        size = self._transaction(work)
+        if size is None:
+            return False
+        self._grow(recipient.raw, -1, -size)  # type: ignore[operator]
+        return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
         def work(db: sqlite3.Connection) -> list[ExpiredMessage]:
@@ -152,22 +146,28 @@ class SqliteStore(MailboxStore):
                 " WHERE expires_at_ms <= ? ORDER BY expires_at_ms LIMIT ?)"
                 " RETURNING recipient, sender, msg_id, kind, length(raw)",
                 (now_ms, limit)).fetchall()
-            for recipient, _sender, _msg_id, _kind, size in rows:
-                _shrink(db, recipient, 1, size)
             db.execute("DELETE FROM seen WHERE until_ms <= ?", (now_ms,))
-            return [ExpiredMessage(PublicKey(r), PublicKey(s), m, Kind(k))
-                    for r, s, m, k, _size in rows]
+            return rows
 
-        return self._transaction(work)  # type: ignore[return-value]
+        rows = self._transaction(work)
+        for recipient, _sender, _msg_id, _kind, size in rows:  # type: ignore[attr-defined]
+            self._grow(recipient, -1, -size)
+        return [ExpiredMessage(PublicKey(r), PublicKey(s), m, Kind(k))
+                for r, s, m, k, _size in rows]  # type: ignore[attr-defined]
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
                     burst: int) -> bool:
         return self._buckets.take(sender.raw, now_ms, rate_per_s, burst)
 
     async def depth(self, recipient: PublicKey) -> int:
-        row = self._db.execute("SELECT messages FROM mailbox_size WHERE recipient = ?",
-                               (recipient.raw,)).fetchone()
-        return row[0] if row else 0
+        return self._sizes.get(recipient.raw, (0, 0))[0]
+
+    def _grow(self, recipient: bytes, messages: int, size: int) -> None:
+        entry = self._sizes.setdefault(recipient, [0, 0])
+        entry[0] += messages
+        entry[1] += size
+        if entry[0] <= 0:
+            del self._sizes[recipient]
 
     async def subscribe(self, recipient: PublicKey,
                         wake: Callable[[], None]) -> Subscription:
@@ -182,12 +182,6 @@ class SqliteStore(MailboxStore):
 
     async def close(self) -> None:
         self._db.close()
-
-
-def _shrink(db: sqlite3.Connection, recipient: bytes, messages: int, size: int) -> None:
-    db.execute("UPDATE mailbox_size SET messages = messages - ?, bytes = bytes - ?"
-               " WHERE recipient = ?", (messages, size, recipient))
-    db.execute("DELETE FROM mailbox_size WHERE recipient = ? AND messages <= 0", (recipient,))
 
 
 def _parse_tag(tag: str) -> int | None:
