@@ -31,6 +31,8 @@ def admit(envelope: Envelope, connection_key: PublicKey, now_ms: int, settings: 
         raise StaleError(
             f"created_at is {(envelope.created_at_ms - now_ms) / 1000:+.1f}s from relay time;"
             f" allowed skew is ±{settings.max_skew_s}s")
+    if envelope.expires_at_ms <= now_ms:
+        raise StaleError("envelope has already expired (created_at + ttl is in the past)")
     started = time.perf_counter()
     envelope.verify()
     if observe_verify is not None:

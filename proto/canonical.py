@@ -48,4 +48,29 @@ def decode(data: bytes, *, max_size: int, what: str) -> Any:
         raise DecodeError(f"{what}: not valid CBOR ({exc})") from None
     if canonical != data:
         raise DecodeError(f"{what}: not in canonical CBOR form (or has trailing bytes)")
+    _refuse_tags(value, what)
     return value
+
+
+# Python types cbor2 produces for untagged CBOR.  Anything else (datetime,
+# Decimal, set, regex, CBORTag, ...) came from a tag whose canonical
+# re-encoding happened to match the input, and a bignum tag shows up as an
+# int outside the 64-bit range of major types 0 and 1.
+_UNTAGGED_TYPES = (bytes, str, bool, type(None), float, cbor2.CBORSimpleValue,
+                   type(cbor2.undefined))
+
+
+def _refuse_tags(value: Any, what: str) -> None:
+    """Refuse tagged items: cbor2 decodes them to objects that may re-encode identically."""
+    if type(value) is int:
+        if not -(2**64) <= value < 2**64:
+            raise DecodeError(f"{what}: tagged values (bignums) are not allowed")
+    elif type(value) in (list, tuple):
+        for item in value:
+            _refuse_tags(item, what)
+    elif type(value) is dict:
+        for key, item in value.items():
+            _refuse_tags(key, what)
+            _refuse_tags(item, what)
+    elif type(value) not in _UNTAGGED_TYPES:
+        raise DecodeError(f"{what}: tagged values are not allowed ({type(value).__name__})")

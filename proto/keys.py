@@ -51,6 +51,10 @@ def _from_text(prefix: str, text: str, what: str) -> bytes:
     raw, check = decoded[:KEY_BYTES], decoded[KEY_BYTES:]
     if _checksum(raw) != check:
         raise InvalidFieldError(f"{what} checksum mismatch (typo?)")
+    # The last base32 character carries 2 unused bits that b32decode ignores;
+    # without this check a typo there would still name the same key.
+    if _to_text(prefix, raw) != prefix + body.lower():
+        raise InvalidFieldError(f"{what} is not in canonical form (typo at the end?)")
     return raw
 
 

@@ -84,4 +84,8 @@ class PeerChange:
             raise InvalidFieldError("peer change version must be a non-negative integer")
         if type(peers) is not list or len(peers) > MAX_PEERS:
             raise InvalidFieldError(f"peer change peers must be a list of at most {MAX_PEERS}")
-        return cls(version, tuple(_key(p, "peer change") for p in peers))
+        keys = tuple(_key(p, "peer change") for p in peers)
+        # One encoding per peer set, as for envelope recipients.
+        if any(a >= b for a, b in zip(keys, keys[1:])):
+            raise InvalidFieldError("peer change peers must be sorted by key and unique")
+        return cls(version, keys)

@@ -45,6 +45,12 @@ def test_created_at_within_skew_is_admitted(offset_ms: int) -> None:
     admit(envelope(alice, created_at_ms=NOW + offset_ms), alice.public, NOW, SETTINGS)
 
 
+def test_already_expired_envelope_is_stale() -> None:
+    alice = Identity.generate()
+    with pytest.raises(StaleError, match="expired"):
+        admit(envelope(alice, created_at_ms=NOW - 2000, ttl_s=2), alice.public, NOW, SETTINGS)
+
+
 def test_ttl_beyond_relay_limit_is_refused() -> None:
     alice = Identity.generate()
     with pytest.raises(InvalidFieldError, match="ttl"):

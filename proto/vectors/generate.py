@@ -1,0 +1,368 @@
+"""Generate the JSON test vectors from fixed seeds and fixed "random" bytes.
+
+Run `python -m proto.vectors.generate` to rewrite the files; `--check` only
+compares.  Every value is produced by the real `proto` code with its
+randomness pinned, so the files are the reference another implementation
+(a device in C, say) reproduces byte for byte.  Byte strings are lower-case hex.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import nacl.bindings
+
+from .. import canonical
+from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Envelope, Kind, decode_envelope,
+                        seal_envelope)
+from ..errors import ErrorCode
+from ..frames import (HELLO_DOMAIN, WELCOME_DOMAIN, Accepted, Ack, Challenge, Deliver, Error,
+                      Hello, Send, Welcome, encode_frame, hello_signed_bytes,
+                      welcome_signed_bytes)
+from ..keys import Identity
+from ..limits import DEFAULT_LIMITS, PROTOCOL_VERSION
+from ..payloads import ExpiryNotice, PeerChange, Receipt
+from ..sealing import PAYLOAD_NONCE_BYTES
+from . import VECTOR_DIR
+
+CREATED_AT_MS = 1_700_000_000_000
+TTL_S = 86_400
+SEEDS = {
+    "alice": bytes(range(0x00, 0x20)),
+    "bob": bytes(range(0x20, 0x40)),
+    "carol": bytes(range(0x40, 0x60)),
+    "relay": bytes(range(0x60, 0x80)),
+}
+IDS = {name: Identity(seed) for name, seed in SEEDS.items()}
+
+
+def fill(byte: int, length: int) -> bytes:
+    """Obviously-not-random "random" bytes, easy to spot in a hex dump."""
+    return bytes([byte]) * length
+
+
+class Script:
+    """A random_bytes stand-in that hands out prepared chunks in order."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self._chunks = list(chunks)
+
+    def __call__(self, n: int) -> bytes:
+        chunk = self._chunks.pop(0)
+        if len(chunk) != n:
+            raise AssertionError(f"script expected a request for {len(chunk)} bytes, got {n}")
+        return chunk
+
+    def done(self) -> None:
+        if self._chunks:
+            raise AssertionError(f"{len(self._chunks)} scripted chunks were not used")
+
+
+def key_vectors() -> dict:
+    keys = []
+    for name, identity in IDS.items():
+        secret64 = SEEDS[name] + identity.public.raw
+        keys.append({
+            "name": name,
+            "seed": SEEDS[name].hex(),
+            "public_key": identity.public.raw.hex(),
+            "public_text": identity.public.text,
+            "secret_text": identity.secret_text(),
+            "x25519_public": nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(
+                identity.public.raw).hex(),
+            "x25519_secret": nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(secret64).hex(),
+        })
+    return {"description": "Ed25519 key pairs from fixed seeds, their text forms and the "
+                           "X25519 keys derived for sealing.", "keys": keys}
+
+
+def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
+                     plaintext: bytes, fill_base: int) -> tuple[dict, Envelope]:
+    ordered = sorted(recipients, key=lambda r: IDS[r].public)
+    msg_id = fill(fill_base, 16)
+    content_key = fill(fill_base + 1, 32)
+    payload_nonce = fill(fill_base + 2, 24)
+    wrap_nonces = [fill(fill_base + 3 + i, 24) for i in range(len(ordered))]
+    script = Script(msg_id, content_key, payload_nonce, *wrap_nonces)
+    env = seal_envelope(IDS[sender], kind, [IDS[r].public for r in recipients], plaintext,
+                        ttl_s=TTL_S, now_ms=CREATED_AT_MS, random_bytes=script)
+    script.done()
+    aad = PAYLOAD_AAD_DOMAIN + canonical.encode(
+        [PROTOCOL_VERSION, int(kind), msg_id, env.sender.raw, CREATED_AT_MS, TTL_S,
+         [IDS[r].public.raw for r in ordered]])
+    vector = {
+        "name": name,
+        "sender": sender,
+        "recipients": ordered,
+        "plaintext": plaintext.hex(),
+        "random": {
+            "msg_id": msg_id.hex(),
+            "content_key": content_key.hex(),
+            "payload_nonce": payload_nonce.hex(),
+            "wrap_nonces": [n.hex() for n in wrap_nonces],
+        },
+        "fields": {
+            "version": env.version,
+            "kind": int(env.kind),
+            "msg_id": env.msg_id.hex(),
+            "sender": env.sender.raw.hex(),
+            "created_at_ms": env.created_at_ms,
+            "ttl_s": env.ttl_s,
+            "recipients": [{"key": r.key.raw.hex(), "wrapped_key": r.wrapped_key.hex()}
+                           for r in env.recipients],
+            "payload": env.payload.hex(),
+            "signature": env.signature.hex(),
+        },
+        "sealing": {
+            "aad": aad.hex(),
+            "ciphertext": env.payload[PAYLOAD_NONCE_BYTES:].hex(),
+            "wraps": [{"recipient": r, "nonce": n.hex(), "box": e.wrapped_key[24:].hex()}
+                      for r, n, e in zip(ordered, wrap_nonces, env.recipients)],
+        },
+        "signed_bytes": env.signed_bytes().hex(),
+        "encoded": env.raw.hex(),
+    }
+    return vector, env
+
+
+def envelope_vectors() -> dict:
+    one, _ = _envelope_vector("data_one_recipient", "alice", ["bob"], Kind.DATA,
+                              b"hello, bob", 0x10)
+    two, _ = _envelope_vector("data_two_recipients", "alice", ["carol", "bob"], Kind.DATA,
+                              b"hello, bob and carol", 0x20)
+    receipt, _ = _envelope_vector("receipt_for_data_one_recipient", "bob", ["alice"],
+                                  Kind.RECEIPT, Receipt(fill(0x10, 16)).encode(), 0x30)
+    return {
+        "description": "Sealed and signed envelopes; randomness is given in `random` and is "
+                       "consumed in the order msg_id, content_key, payload_nonce, wrap_nonces "
+                       "(one per recipient, recipients sorted by key).",
+        "signing_domain": SIGNING_DOMAIN.hex(),
+        "payload_aad_domain": PAYLOAD_AAD_DOMAIN.hex(),
+        "envelopes": [one, two, receipt],
+    }
+
+
+def payload_vectors() -> dict:
+    msg_id = fill(0x10, 16)
+    peers = sorted([IDS["bob"].public, IDS["carol"].public])
+    return {
+        "description": "Plaintexts of RECEIPT, EXPIRY and PEER_CHANGE envelopes.",
+        "receipt": {"fields": {"msg_id": msg_id.hex()},
+                    "encoded": Receipt(msg_id).encode().hex()},
+        "expiry_notice": {
+            "fields": {"msg_id": msg_id.hex(), "recipient": IDS["bob"].public.raw.hex()},
+            "encoded": ExpiryNotice(msg_id, IDS["bob"].public).encode().hex()},
+        "peer_change": {
+            "fields": {"version": 7, "peers": [p.raw.hex() for p in peers]},
+            "encoded": PeerChange(7, tuple(peers)).encode().hex()},
+    }
+
+
+def handshake_vectors() -> dict:
+    relay, device = IDS["relay"], IDS["alice"]
+    relay_nonce, client_nonce = fill(0xC1, 32), fill(0xC2, 32)
+    server_time_ms = CREATED_AT_MS + 1234
+    challenge = Challenge(PROTOCOL_VERSION, relay_nonce, relay.public)
+    hello = Hello.answer(challenge, device, client_nonce)
+    welcome_signed = welcome_signed_bytes(challenge, device.public, client_nonce)
+    welcome = Welcome(server_time_ms, relay.sign(welcome_signed),
+                      DEFAULT_LIMITS.max_envelope_bytes)
+    envelope = bytes.fromhex(envelope_vectors()["envelopes"][0]["encoded"])
+    msg_id = decode_envelope(envelope).msg_id
+    frames = {
+        "send": Send(envelope),
+        "accepted": Accepted(msg_id),
+        "error_replay": Error(msg_id, int(ErrorCode.REPLAY), "already stored"),
+        "error_no_msg_id": Error(None, int(ErrorCode.UNAUTHENTICATED), "hello timed out"),
+        "deliver": Deliver("7", envelope),
+        "ack": Ack("7"),
+    }
+    return {
+        "description": "A handshake between device `alice` and relay `relay`, then one frame "
+                       "of every other type.",
+        "device": "alice",
+        "relay": "relay",
+        "hello_domain": HELLO_DOMAIN.hex(),
+        "welcome_domain": WELCOME_DOMAIN.hex(),
+        "challenge": {"protocol_version": PROTOCOL_VERSION, "relay_nonce": relay_nonce.hex(),
+                      "relay_key": relay.public.raw.hex(),
+                      "encoded": encode_frame(challenge).hex()},
+        "hello": {"device_key": device.public.raw.hex(), "client_nonce": client_nonce.hex(),
+                  "signed_bytes": hello_signed_bytes(challenge, device.public,
+                                                     client_nonce).hex(),
+                  "signature": hello.signature.hex(), "encoded": encode_frame(hello).hex()},
+        "welcome": {"server_time_ms": server_time_ms,
+                    "max_envelope_bytes": DEFAULT_LIMITS.max_envelope_bytes,
+                    "signed_bytes": welcome_signed.hex(),
+                    "signature": welcome.relay_signature.hex(),
+                    "encoded": encode_frame(welcome).hex()},
+        "frames": {name: encode_frame(frame).hex() for name, frame in frames.items()},
+    }
+
+
+def _invalid(name: str, check: str, data: bytes | str, error: ErrorCode, **extra: object) -> dict:
+    entry: dict = {"name": name, "check": check}
+    entry["text" if isinstance(data, str) else "hex"] = (
+        data if isinstance(data, str) else data.hex())
+    entry.update(extra)
+    entry["error"] = error.name
+    return entry
+
+
+def _reencoded(fields: list, **changes: object) -> bytes:
+    index = {"version": 0, "kind": 1, "msg_id": 2, "created_at_ms": 4, "ttl_s": 5,
+             "recipients": 6}
+    changed = list(fields)
+    for name, value in changes.items():
+        changed[index[name]] = value
+    return canonical.encode(changed)
+
+
+def _wire_fields(env: Envelope) -> list:
+    return [env.version, int(env.kind), env.msg_id, env.sender.raw, env.created_at_ms,
+            env.ttl_s, [[r.key.raw, r.wrapped_key] for r in env.recipients],
+            env.payload, env.signature]
+
+
+def _resign_as(fields: list, signer: Identity) -> bytes:
+    """Another sender's ciphertext, recipients and header claimed and signed by `signer`."""
+    changed = list(fields)
+    changed[3] = signer.public.raw
+    changed[8] = signer.sign(SIGNING_DOMAIN + canonical.encode(changed[:8]))
+    return canonical.encode(changed)
+
+
+def invalid_vectors() -> dict:
+    """Inputs every implementation must refuse, each with the error code it must report."""
+    envelopes = envelope_vectors()["envelopes"]
+    one, two = (bytes.fromhex(envelopes[i]["encoded"]) for i in (0, 1))
+    fields, fields_two = _wire_fields(decode_envelope(one)), _wire_fields(decode_envelope(two))
+    flipped = bytearray(one)
+    flipped[-100] ^= 0x01  # inside the payload ciphertext
+    hello = bytearray(bytes.fromhex(handshake_vectors()["hello"]["encoded"]))
+    hello[-1] ^= 0x80
+    alice_text = IDS["alice"].public.text
+    last_char_typo = alice_text[:-1] + chr(ord(alice_text[-1]) ^ 1)
+    msg_id = fill(0x10, 16)
+    bob, carol = IDS["bob"].public.raw, IDS["carol"].public.raw
+    m = ErrorCode.MALFORMED
+    entries = [
+        _invalid("empty input", "envelope", b"", m),
+        _invalid("truncated by one byte", "envelope", one[:-1], m),
+        _invalid("trailing zero byte", "envelope", one + b"\x00", m),
+        _invalid("version as a non-shortest integer", "envelope",
+                 bytes.fromhex("891801") + one[2:], m),
+        _invalid("indefinite-length outer array", "envelope",
+                 b"\x9f" + one[1:] + b"\xff", m),
+        _invalid("self-described CBOR tag 55799", "envelope", bytes.fromhex("d9d9f7") + one, m),
+        _invalid("created_at_ms as a bignum (tag 2)", "envelope",
+                 _reencoded(fields, created_at_ms=2**64), m),
+        _invalid("eight elements", "envelope", canonical.encode(fields[:8]), m),
+        _invalid("a map instead of an array", "envelope", canonical.encode({1: 1}), m),
+        _invalid("version 2", "envelope", _reencoded(fields, version=2),
+                 ErrorCode.UNSUPPORTED_VERSION),
+        _invalid("larger than the receiver's limit", "envelope", one, ErrorCode.OVERSIZE,
+                 max_bytes=len(one) - 1),
+        _invalid("version as a float", "envelope", _reencoded(fields, version=1.0),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("unknown kind 5", "envelope", _reencoded(fields, kind=5),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("msg_id of 15 bytes", "envelope", _reencoded(fields, msg_id=msg_id[:15]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("ttl_s of 0", "envelope", _reencoded(fields, ttl_s=0), ErrorCode.INVALID_FIELD),
+        _invalid("no recipients", "envelope", _reencoded(fields, recipients=[]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("recipients not sorted by key", "envelope",
+                 _reencoded(fields_two, recipients=list(reversed(fields_two[6]))),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("payload bit flipped", "envelope_verify", bytes(flipped),
+                 ErrorCode.BAD_SIGNATURE),
+        _invalid("signed by carol, claiming alice", "envelope_verify",
+                 canonical.encode([*fields[:8], IDS["carol"].sign(
+                     SIGNING_DOMAIN + canonical.encode(fields[:8]))]),
+                 ErrorCode.BAD_SIGNATURE),
+        _invalid("opened by a key that is not a recipient", "envelope_open", one,
+                 ErrorCode.DECRYPT_FAILED, open_as="carol"),
+        _invalid("alice's ciphertext re-signed by carol as sender", "envelope_open",
+                 _resign_as(fields, IDS["carol"]), ErrorCode.DECRYPT_FAILED, open_as="bob"),
+        _invalid("unknown frame type 9", "frame", canonical.encode([9, b""]), m),
+        _invalid("SEND frame with a second field", "frame", canonical.encode([4, b"", b""]), m),
+        _invalid("CHALLENGE for protocol 2", "frame",
+                 canonical.encode([1, 2, fill(0xC1, 32), IDS["relay"].public.raw]),
+                 ErrorCode.UNSUPPORTED_VERSION),
+        _invalid("ACCEPTED with a 15-byte msg_id", "frame", canonical.encode([5, msg_id[:15]]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("ACK tag of 65 characters", "frame", canonical.encode([8, "t" * 65]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("SEND frame over the frame limit", "frame", encode_frame(Send(one)),
+                 ErrorCode.OVERSIZE, max_bytes=len(one)),
+        _invalid("HELLO with a flipped signature bit", "hello_verify", bytes(hello),
+                 ErrorCode.BAD_SIGNATURE),
+        _invalid("receipt msg_id of 15 bytes", "receipt", canonical.encode([msg_id[:15]]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("expiry notice with trailing byte", "expiry_notice",
+                 ExpiryNotice(msg_id, IDS["bob"].public).encode() + b"\x00", m),
+        _invalid("peer change with unsorted peers", "peer_change",
+                 canonical.encode([1, sorted([bob, carol], reverse=True)]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("public key with a typo", "public_key_text",
+                 alice_text[:10] + ("a" if alice_text[10] != "a" else "b") + alice_text[11:],
+                 ErrorCode.INVALID_FIELD),
+        _invalid("public key with a typo in the unused bits of the last character",
+                 "public_key_text", last_char_typo, ErrorCode.INVALID_FIELD),
+        _invalid("secret key text where a public key belongs", "public_key_text",
+                 IDS["alice"].secret_text(), ErrorCode.INVALID_FIELD),
+    ]
+    return {
+        "description": "Inputs that must be refused. `check` names the operation: envelope "
+                       "(decode), envelope_verify (decode then verify), envelope_open "
+                       "(decode, verify, open as `open_as`), frame, hello_verify (decode a "
+                       "HELLO and verify it against handshake.json's challenge), receipt, "
+                       "expiry_notice, peer_change, public_key_text. `max_bytes` overrides "
+                       "the size limit. `error` is the ErrorCode name that must result.",
+        "invalid": entries,
+    }
+
+
+BUILDERS: dict[str, Callable[[], dict]] = {
+    "keys": key_vectors,
+    "envelopes": envelope_vectors,
+    "payloads": payload_vectors,
+    "handshake": handshake_vectors,
+    "invalid": invalid_vectors,
+}
+
+def render(document: dict) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+
+
+def build() -> dict[str, str]:
+    """File name → JSON text, exactly as committed."""
+    return {f"{name}.json": render(builder()) for name, builder in BUILDERS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed files instead of writing them")
+    args = parser.parse_args(argv)
+    stale = []
+    for filename, text in build().items():
+        path = VECTOR_DIR / filename
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(filename)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+    if stale:
+        print("out of date: " + ", ".join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

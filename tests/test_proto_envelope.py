@@ -1,0 +1,287 @@
+"""Envelope: seal → encode → decode → verify → open, and every way it must refuse."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto import canonical
+from proto.envelope import (MSG_ID_BYTES, PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Kind,
+                            decode_envelope, seal_envelope)
+from proto.errors import (DecodeError, DecryptError, ErrorCode, InvalidFieldError,
+                          OversizeError,
+                          SignatureError, UnsupportedVersionError)
+from proto.keys import Identity
+from proto.limits import DEFAULT_MAX_RECIPIENTS, MAX_TTL_SECONDS, Limits
+from proto.sealing import PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES
+from proto_support import (ALICE, BOB, CAROL, MALLORY, NOW_MS, TTL_S, counter_random,
+                                 envelope_fields, identity, make_envelope, reencode)
+
+
+def _forge(fields: list, signer: Identity) -> bytes:
+    """Re-sign the first eight fields with `signer` and encode the envelope."""
+    signature = signer.sign(SIGNING_DOMAIN + canonical.encode(fields[:8]))
+    return canonical.encode([*fields[:8], signature])
+
+
+class TestRoundTrip:
+    @settings(max_examples=200, deadline=None)
+    @given(plaintext=st.binary(max_size=2048), kind=st.sampled_from(list(Kind)))
+    def test_single_recipient(self, plaintext: bytes, kind: Kind) -> None:
+        env = make_envelope(plaintext, kind=kind)
+        decoded = decode_envelope(env.raw)
+        decoded.verify()
+        assert decoded == env
+        assert decoded.open(BOB) == plaintext
+        assert decoded.kind is kind
+        assert decoded.sender == ALICE.public
+        assert decoded.created_at_ms == NOW_MS and decoded.ttl_s == TTL_S
+        assert decoded.expires_at_ms == NOW_MS + TTL_S * 1000
+
+    def test_multi_recipient_carries_payload_once(self) -> None:
+        plaintext = b"x" * 1000
+        one = make_envelope(plaintext, recipients=(BOB,))
+        three = make_envelope(plaintext, recipients=(BOB, CAROL, MALLORY))
+        assert len(three.payload) == len(one.payload) == len(plaintext) + PAYLOAD_OVERHEAD_BYTES
+        # Each extra recipient costs one [key, wrap] pair: 1 + (2+32) + (2+72) bytes.
+        assert len(three.raw) - len(one.raw) == 2 * (1 + 2 + 32 + 2 + WRAPPED_KEY_BYTES)
+        decoded = decode_envelope(three.raw)
+        decoded.verify()
+        for reader in (BOB, CAROL, MALLORY):
+            assert decoded.open(reader) == plaintext
+
+    def test_recipients_sorted_and_deduplicated(self) -> None:
+        env = make_envelope(recipients=(CAROL, BOB, CAROL, BOB))
+        keys = [r.key for r in env.recipients]
+        assert keys == sorted({BOB.public, CAROL.public})
+
+    @settings(max_examples=200, deadline=None)
+    @given(plaintext=st.binary(max_size=512), count=st.integers(1, 5))
+    def test_decode_then_encode_is_identical(self, plaintext: bytes, count: int) -> None:
+        readers = tuple(identity(f"reader{i}") for i in range(count))
+        env = make_envelope(plaintext, recipients=readers)
+        assert reencode(decode_envelope(env.raw)) == env.raw
+
+    def test_signed_bytes_are_domain_and_first_eight_fields(self) -> None:
+        env = make_envelope()
+        assert env.signed_bytes() == SIGNING_DOMAIN + canonical.encode(envelope_fields(env)[:8])
+        ALICE.public.verify(env.signed_bytes(), env.signature)
+
+    def test_sender_can_address_itself(self) -> None:
+        env = make_envelope(recipients=(ALICE, BOB))
+        assert decode_envelope(env.raw).open(ALICE) == b"hello, device"
+
+
+class TestForgery:
+    def test_signed_by_another_key(self) -> None:
+        fields = envelope_fields(make_envelope())
+        fields[8] = MALLORY.sign(SIGNING_DOMAIN + canonical.encode(fields[:8]))
+        with pytest.raises(SignatureError):
+            decode_envelope(canonical.encode(fields)).verify()
+
+    def test_every_single_bit_flip_is_refused(self) -> None:
+        raw = make_envelope(b"short").raw
+        for index in range(len(raw)):
+            for bit in range(8):
+                data = bytearray(raw)
+                data[index] ^= 1 << bit
+                try:
+                    env = decode_envelope(bytes(data))
+                except DecodeError:
+                    continue
+                with pytest.raises(SignatureError):
+                    env.verify()
+
+    @pytest.mark.parametrize("index", range(1, 8))  # a changed version is UNSUPPORTED_VERSION
+    def test_changed_field_breaks_signature(self, index: int) -> None:
+        env = make_envelope(recipients=(BOB, CAROL))
+        fields = envelope_fields(env)
+        other = envelope_fields(make_envelope(b"other", sender=MALLORY, kind=Kind.RECEIPT,
+                                              recipients=(CAROL, MALLORY), label="other"))
+        fields[index] = other[index]
+        if index in (4, 5):
+            fields[index] += 1
+        decoded = decode_envelope(canonical.encode(fields))
+        with pytest.raises(SignatureError):
+            decoded.verify()
+
+    def test_wrong_signature_length_is_invalid_field(self) -> None:
+        fields = envelope_fields(make_envelope())
+        fields[8] = fields[8][:63]
+        with pytest.raises(InvalidFieldError):
+            decode_envelope(canonical.encode(fields))
+
+
+class TestDecrypt:
+    def test_not_a_recipient(self) -> None:
+        with pytest.raises(DecryptError):
+            make_envelope().open(CAROL)
+
+    def test_wrong_key_for_listed_recipient(self) -> None:
+        # Carol's wrap placed under Bob's entry: Bob holds the wrong key for it.
+        env = make_envelope(recipients=(BOB, CAROL))
+        fields = envelope_fields(env)
+        wraps = [entry[1] for entry in fields[6]]
+        fields[6] = [[entry[0], wrap] for entry, wrap in zip(fields[6], reversed(wraps))]
+        forged = decode_envelope(_forge(fields, ALICE))
+        forged.verify()
+        with pytest.raises(DecryptError):
+            forged.open(BOB)
+
+    def test_resigned_under_new_sender_does_not_decrypt(self) -> None:
+        """A relay or attacker cannot claim someone else's ciphertext as its own."""
+        fields = envelope_fields(make_envelope(b"secret from alice"))
+        fields[3] = MALLORY.public.raw
+        forged = decode_envelope(_forge(fields, MALLORY))
+        forged.verify()  # a perfectly valid envelope from Mallory…
+        with pytest.raises(DecryptError):
+            forged.open(BOB)  # …whose payload is bound to Alice's header
+
+    @pytest.mark.parametrize("index", [1, 2, 4, 5])
+    def test_header_change_resigned_by_sender_does_not_decrypt(self, index: int) -> None:
+        fields = envelope_fields(make_envelope())
+        fields[index] = {1: 2, 2: b"\x00" * MSG_ID_BYTES, 4: NOW_MS + 1, 5: TTL_S + 1}[index]
+        forged = decode_envelope(_forge(fields, ALICE))
+        forged.verify()
+        with pytest.raises(DecryptError):
+            forged.open(BOB)
+
+    def test_dropping_a_recipient_does_not_decrypt(self) -> None:
+        fields = envelope_fields(make_envelope(recipients=(BOB, CAROL)))
+        fields[6] = [entry for entry in fields[6] if entry[0] == BOB.public.raw]
+        forged = decode_envelope(_forge(fields, ALICE))
+        with pytest.raises(DecryptError):
+            forged.open(BOB)
+
+    def test_altered_ciphertext(self) -> None:
+        fields = envelope_fields(make_envelope())
+        payload = bytearray(fields[7])
+        payload[-1] ^= 1
+        fields[7] = bytes(payload)
+        with pytest.raises(DecryptError):
+            decode_envelope(_forge(fields, ALICE)).open(BOB)
+
+    def test_aad_is_domain_and_header_with_recipient_keys(self) -> None:
+        import nacl.bindings
+
+        env = make_envelope()
+        aad = PAYLOAD_AAD_DOMAIN + canonical.encode(
+            [*envelope_fields(env)[:6], [r.key.raw for r in env.recipients]])
+        box_key = nacl.bindings.crypto_box_beforenm(
+            nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(ALICE.public.raw),
+            nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+                BOB.signing_key.encode() + BOB.public.raw))
+        wrap = env.recipients[0].wrapped_key
+        content_key = nacl.bindings.crypto_box_open_afternm(wrap[24:], wrap[:24], box_key)
+        plaintext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            env.payload[24:], aad, env.payload[:24], content_key)
+        assert plaintext == b"hello, device"
+
+
+class TestStrictDecoding:
+    def test_every_truncation(self) -> None:
+        raw = make_envelope(recipients=(BOB, CAROL)).raw
+        for length in range(len(raw)):
+            with pytest.raises(DecodeError):
+                decode_envelope(raw[:length])
+
+    @pytest.mark.parametrize("suffix", [b"\x00", b"\xff", b"\x80", b"\x40hello"])
+    def test_trailing_bytes(self, suffix: bytes) -> None:
+        with pytest.raises(DecodeError):
+            decode_envelope(make_envelope().raw + suffix)
+
+    def test_oversize(self) -> None:
+        raw = make_envelope(b"x" * 1000).raw
+        with pytest.raises(OversizeError):
+            decode_envelope(raw, Limits(max_envelope_bytes=len(raw) - 1))
+        assert decode_envelope(raw, Limits(max_envelope_bytes=len(raw))).raw == raw
+
+    def test_seal_refuses_oversize(self) -> None:
+        with pytest.raises(OversizeError):
+            seal_envelope(ALICE, Kind.DATA, [BOB.public], b"x" * 65536,
+                          ttl_s=TTL_S, now_ms=NOW_MS)
+
+    @pytest.mark.parametrize("version", [0, 2, 255, 2**32])
+    def test_unknown_version(self, version: int) -> None:
+        fields = envelope_fields(make_envelope())
+        fields[0] = version
+        with pytest.raises(UnsupportedVersionError):
+            decode_envelope(canonical.encode(fields))
+
+    def test_unknown_version_with_other_shape(self) -> None:
+        """A future version may change the layout; the version must be reported first."""
+        with pytest.raises(UnsupportedVersionError):
+            decode_envelope(canonical.encode([2, "anything"]))
+
+    @pytest.mark.parametrize("index,value", [
+        (0, True), (0, "1"),
+        (1, 0), (1, 5), (1, True), (1, 1.0),
+        (2, b"\x00" * 15), (2, b"\x00" * 17), (2, "x" * 16),
+        (3, b"\x00" * 31), (3, b"\x00" * 33), (3, None),
+        (4, -1), (4, "now"),
+        (5, 0), (5, MAX_TTL_SECONDS + 1), (5, -5), (5, False),
+        (6, []), (6, b""), (6, [[b"\x00" * 32]]), (6, [[b"\x00" * 32, b"\x00" * 71]]),
+        (6, [[b"\x00" * 31, b"\x00" * 72]]), (6, [b"\x00" * 32]), (6, {}),
+        (7, b"\x00" * (PAYLOAD_OVERHEAD_BYTES - 1)), (7, "text"), (7, []),
+        (8, b"\x00" * 65), (8, None),
+    ])
+    def test_wrong_types_and_lengths(self, index: int, value: object) -> None:
+        fields = envelope_fields(make_envelope())
+        fields[index] = value
+        with pytest.raises(InvalidFieldError):
+            decode_envelope(canonical.encode(fields))
+
+    def test_bignum_is_a_tag_not_an_integer(self) -> None:
+        """2**64 only fits CBOR as tag 2; tags are refused before any field check."""
+        fields = envelope_fields(make_envelope())
+        fields[4] = 2**64
+        with pytest.raises(DecodeError) as caught:
+            decode_envelope(canonical.encode(fields))
+        assert caught.value.code is ErrorCode.MALFORMED
+
+    def test_unsorted_or_duplicate_recipients(self) -> None:
+        fields = envelope_fields(make_envelope(recipients=(BOB, CAROL)))
+        fields[6] = list(reversed(fields[6]))
+        with pytest.raises(InvalidFieldError):
+            decode_envelope(canonical.encode(fields))
+        fields[6] = [fields[6][0], fields[6][0]]
+        with pytest.raises(InvalidFieldError):
+            decode_envelope(canonical.encode(fields))
+
+    def test_too_many_recipients(self) -> None:
+        fields = envelope_fields(make_envelope())
+        wrap = fields[6][0][1]
+        fields[6] = [[i.to_bytes(32, "big"), wrap] for i in range(DEFAULT_MAX_RECIPIENTS + 1)]
+        with pytest.raises(InvalidFieldError):
+            decode_envelope(canonical.encode(fields))
+        with pytest.raises(InvalidFieldError):
+            seal_envelope(ALICE, Kind.DATA,
+                          [identity(f"r{i}").public for i in range(DEFAULT_MAX_RECIPIENTS + 1)],
+                          b"", ttl_s=TTL_S, now_ms=NOW_MS)
+
+    @pytest.mark.parametrize("value", [[], [1] * 8, [1] * 10, {}, 1, b"", "envelope", None])
+    def test_wrong_shape(self, value: object) -> None:
+        with pytest.raises(DecodeError):
+            decode_envelope(canonical.encode(value))
+
+    @pytest.mark.parametrize("data", [b"", bytearray(), "text", None, 42])
+    def test_not_bytes_or_empty(self, data: object) -> None:
+        with pytest.raises(DecodeError):
+            decode_envelope(data)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("ttl", [0, MAX_TTL_SECONDS + 1])
+    def test_seal_refuses_bad_ttl(self, ttl: int) -> None:
+        with pytest.raises(InvalidFieldError):
+            seal_envelope(ALICE, Kind.DATA, [BOB.public], b"", ttl_s=ttl, now_ms=NOW_MS)
+
+    def test_seal_refuses_no_recipient(self) -> None:
+        with pytest.raises(InvalidFieldError):
+            seal_envelope(ALICE, Kind.DATA, [], b"", ttl_s=TTL_S, now_ms=NOW_MS)
+
+    def test_seal_uses_injected_randomness(self) -> None:
+        a = make_envelope(label="same")
+        b = make_envelope(label="same")
+        c = make_envelope(label="different")
+        assert a.raw == b.raw != c.raw
+        assert a.msg_id == counter_random("same")(MSG_ID_BYTES)

@@ -1,0 +1,191 @@
+"""Frames and the CHALLENGE/HELLO/WELCOME handshake."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto import canonical
+from proto.errors import (DecodeError, ErrorCode, InvalidFieldError, OversizeError,
+                          SignatureError, UnsupportedVersionError)
+from proto.frames import (HELLO_DOMAIN, MAX_ERROR_MESSAGE_CHARS, MAX_TAG_CHARS, WELCOME_DOMAIN,
+                          Accepted, Ack, Challenge, Deliver, Error, FrameType, Hello, Send,
+                          Welcome, decode_frame, encode_frame, hello_signed_bytes,
+                          welcome_signed_bytes)
+from proto.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
+from proto_support import ALICE, BOB, MALLORY, identity, make_envelope
+
+RELAY = identity("relay")
+MAX = DEFAULT_LIMITS.max_frame_bytes
+RELAY_NONCE = bytes(range(32))
+CLIENT_NONCE = bytes(range(32, 64))
+CHALLENGE = Challenge(PROTOCOL_VERSION, RELAY_NONCE, RELAY.public)
+
+
+def _welcome(challenge: Challenge = CHALLENGE, device=ALICE.public,
+             client_nonce: bytes = CLIENT_NONCE) -> Welcome:
+    signature = RELAY.sign(welcome_signed_bytes(challenge, device, client_nonce))
+    return Welcome(1_700_000_000_000, signature, DEFAULT_LIMITS.max_envelope_bytes)
+
+
+def sample_frames() -> list:
+    env = make_envelope().raw
+    return [
+        CHALLENGE,
+        Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE),
+        _welcome(),
+        Send(env),
+        Accepted(b"\x01" * 16),
+        Error(b"\x02" * 16, int(ErrorCode.REPLAY), "already stored"),
+        Error(None, int(ErrorCode.UNAUTHENTICATED), ""),
+        Deliver("mailbox-42", env),
+        Ack("mailbox-42"),
+    ]
+
+
+@pytest.mark.parametrize("frame", sample_frames(), ids=lambda f: type(f).__name__)
+def test_round_trip(frame) -> None:
+    data = encode_frame(frame)
+    assert data[1] == int(frame.TYPE)
+    decoded = decode_frame(data, MAX)
+    assert decoded == frame
+    assert encode_frame(decoded) == data
+
+
+@pytest.mark.parametrize("frame", sample_frames(), ids=lambda f: type(f).__name__)
+def test_every_truncation_and_trailing_byte(frame) -> None:
+    data = encode_frame(frame)
+    for length in range(len(data)):
+        with pytest.raises(DecodeError):
+            decode_frame(data[:length], MAX)
+    with pytest.raises(DecodeError):
+        decode_frame(data + b"\x00", MAX)
+
+
+def test_oversize() -> None:
+    data = encode_frame(Send(b"x" * 1000))
+    with pytest.raises(OversizeError):
+        decode_frame(data, len(data) - 1)
+    assert decode_frame(data, len(data)) == Send(b"x" * 1000)
+
+
+def test_frame_limit_is_envelope_plus_overhead() -> None:
+    env = b"x" * DEFAULT_LIMITS.max_envelope_bytes
+    assert decode_frame(encode_frame(Deliver("t" * MAX_TAG_CHARS, env)), MAX).envelope == env
+
+
+def test_error_message_is_truncated_on_encode() -> None:
+    frame = Error(None, 1, "x" * (MAX_ERROR_MESSAGE_CHARS + 100))
+    decoded = decode_frame(encode_frame(frame), MAX)
+    assert decoded.message == "x" * MAX_ERROR_MESSAGE_CHARS
+
+
+def test_error_code_lookup() -> None:
+    assert Error(None, 6, "").error_code is ErrorCode.REPLAY
+    assert Error(None, 9999, "").error_code is None
+
+
+@pytest.mark.parametrize("value,error", [
+    ([], DecodeError),
+    ([0], DecodeError),
+    ([99, b""], DecodeError),
+    ([True, b""], DecodeError),
+    (["4", b""], DecodeError),
+    ({4: b""}, DecodeError),
+    ([4], DecodeError),
+    ([4, b"", b""], DecodeError),
+    ([1, 2, RELAY_NONCE, RELAY.public.raw], UnsupportedVersionError),
+    ([1, 0, RELAY_NONCE, RELAY.public.raw], UnsupportedVersionError),
+    ([1, PROTOCOL_VERSION, RELAY_NONCE[:31], RELAY.public.raw], InvalidFieldError),
+    ([1, PROTOCOL_VERSION, RELAY_NONCE, RELAY.public.raw[:31]], InvalidFieldError),
+    ([1, True, RELAY_NONCE, RELAY.public.raw], InvalidFieldError),
+    ([2, ALICE.public.raw, CLIENT_NONCE, b"\x00" * 63], InvalidFieldError),
+    ([2, ALICE.public.raw, "nonce", b"\x00" * 64], InvalidFieldError),
+    ([3, -1, b"\x00" * 64, 65536], InvalidFieldError),
+    ([3, 0, b"\x00" * 64, "65536"], InvalidFieldError),
+    ([4, "envelope"], InvalidFieldError),
+    ([5, b"\x00" * 15], InvalidFieldError),
+    ([6, b"\x00" * 16, -1, "x"], InvalidFieldError),
+    ([6, b"\x00" * 15, 1, "x"], InvalidFieldError),
+    ([6, None, 1, "x" * (MAX_ERROR_MESSAGE_CHARS + 1)], InvalidFieldError),
+    ([6, None, 1, b"x"], InvalidFieldError),
+    ([7, "t" * (MAX_TAG_CHARS + 1), b""], InvalidFieldError),
+    ([7, 7, b""], InvalidFieldError),
+    ([8, b"tag"], InvalidFieldError),
+    ([8, None], InvalidFieldError),
+])
+def test_strict_decoding(value: object, error: type) -> None:
+    with pytest.raises(error):
+        decode_frame(canonical.encode(value), MAX)
+
+
+@pytest.mark.parametrize("data", ["9f0480ff", "8218044140", "c28204" + "40"])
+def test_non_canonical_frames(data: str) -> None:
+    with pytest.raises(DecodeError):
+        decode_frame(bytes.fromhex(data), MAX)
+
+
+class TestHandshake:
+    def test_hello_verifies(self) -> None:
+        hello = decode_frame(encode_frame(Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE)), MAX)
+        hello.verify(CHALLENGE)
+        assert hello_signed_bytes(CHALLENGE, ALICE.public, CLIENT_NONCE) == (
+            HELLO_DOMAIN + RELAY_NONCE + RELAY.public.raw + ALICE.public.raw + CLIENT_NONCE)
+
+    @pytest.mark.parametrize("other", [
+        Challenge(PROTOCOL_VERSION, bytes(32), RELAY.public),
+        Challenge(PROTOCOL_VERSION, RELAY_NONCE, MALLORY.public),
+    ], ids=["other relay nonce", "other relay key"])
+    def test_hello_fails_for_another_challenge(self, other: Challenge) -> None:
+        with pytest.raises(SignatureError):
+            Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE).verify(other)
+
+    def test_hello_fails_for_other_nonce_or_key(self) -> None:
+        hello = Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE)
+        with pytest.raises(SignatureError):
+            Hello(hello.device_key, bytes(32), hello.signature).verify(CHALLENGE)
+        with pytest.raises(SignatureError):
+            Hello(BOB.public, hello.client_nonce, hello.signature).verify(CHALLENGE)
+        forged = Hello.answer(CHALLENGE, MALLORY, CLIENT_NONCE)
+        with pytest.raises(SignatureError):
+            Hello(ALICE.public, CLIENT_NONCE, forged.signature).verify(CHALLENGE)
+
+    def test_welcome_verifies(self) -> None:
+        welcome = decode_frame(encode_frame(_welcome()), MAX)
+        welcome.verify(CHALLENGE, ALICE.public, CLIENT_NONCE)
+        assert welcome_signed_bytes(CHALLENGE, ALICE.public, CLIENT_NONCE) == (
+            WELCOME_DOMAIN + CLIENT_NONCE + RELAY_NONCE + ALICE.public.raw + RELAY.public.raw)
+
+    def test_welcome_fails_when_anything_differs(self) -> None:
+        welcome = _welcome()
+        with pytest.raises(SignatureError):
+            welcome.verify(CHALLENGE, ALICE.public, bytes(32))
+        with pytest.raises(SignatureError):
+            welcome.verify(CHALLENGE, BOB.public, CLIENT_NONCE)
+        with pytest.raises(SignatureError):
+            welcome.verify(Challenge(PROTOCOL_VERSION, bytes(32), RELAY.public),
+                           ALICE.public, CLIENT_NONCE)
+        with pytest.raises(SignatureError):
+            welcome.verify(Challenge(PROTOCOL_VERSION, RELAY_NONCE, MALLORY.public),
+                           ALICE.public, CLIENT_NONCE)
+
+    def test_hello_and_welcome_signatures_are_not_interchangeable(self) -> None:
+        """Domain separation: a relay cannot pass off its signature as a device's."""
+        welcome = _welcome(device=RELAY.public)
+        with pytest.raises(SignatureError):
+            Hello(RELAY.public, CLIENT_NONCE, welcome.relay_signature).verify(CHALLENGE)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=64), st.binary(max_size=300))
+def test_send_deliver_carry_any_bytes(tag_seed: bytes, envelope: bytes) -> None:
+    tag = tag_seed.hex()[:MAX_TAG_CHARS]
+    for frame in (Send(envelope), Deliver(tag, envelope), Ack(tag)):
+        assert decode_frame(encode_frame(frame), MAX) == frame
+
+
+def test_frame_types_are_stable() -> None:
+    assert {t.name: t.value for t in FrameType} == {
+        "CHALLENGE": 1, "HELLO": 2, "WELCOME": 3, "SEND": 4,
+        "ACCEPTED": 5, "ERROR": 6, "DELIVER": 7, "ACK": 8}

@@ -1,0 +1,112 @@
+"""Keys: the one text spelling, its checksum, and the key file's permissions."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto.errors import InvalidFieldError, SignatureError
+from proto.keys import PUBLIC_PREFIX, SECRET_PREFIX, Identity, PublicKey
+from proto_support import ALICE, BOB
+
+BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=32, max_size=32))
+def test_text_round_trip(seed: bytes) -> None:
+    identity = Identity(seed)
+    text = identity.public.text
+    assert text.startswith(PUBLIC_PREFIX) and text == text.lower() and "=" not in text
+    assert PublicKey.from_text(text) == identity.public
+    assert str(identity.public) == text
+    restored = Identity.from_text(identity.secret_text())
+    assert restored.secret_text().startswith(SECRET_PREFIX)
+    assert restored.public == identity.public
+
+
+def test_every_single_character_typo_is_caught() -> None:
+    text = ALICE.public.text
+    for index in range(len(PUBLIC_PREFIX), len(text)):
+        for char in BASE32:
+            if char == text[index]:
+                continue
+            typo = text[:index] + char + text[index + 1:]
+            with pytest.raises(InvalidFieldError):
+                PublicKey.from_text(typo)
+
+
+def test_secret_typo_is_caught() -> None:
+    text = ALICE.secret_text()
+    typo = text[:10] + ("a" if text[10] != "a" else "b") + text[11:]
+    with pytest.raises(InvalidFieldError):
+        Identity.from_text(typo)
+
+
+@pytest.mark.parametrize("text", [
+    "cpx_" + "a" * 58, "", "cpk_", "cpk_!!!", "cpk_" + "a" * 57, "cpk_" + "a" * 64,
+])
+def test_malformed_text_refused(text: str) -> None:
+    with pytest.raises(InvalidFieldError):
+        PublicKey.from_text(text)
+
+
+def test_wrong_prefix_refused() -> None:
+    with pytest.raises(InvalidFieldError):
+        PublicKey.from_text(ALICE.secret_text())
+    with pytest.raises(InvalidFieldError):
+        Identity.from_text(ALICE.public.text)
+    with pytest.raises(InvalidFieldError):
+        PublicKey.from_text(ALICE.public.text.replace(PUBLIC_PREFIX, SECRET_PREFIX, 1))
+
+
+def test_raw_length_checked() -> None:
+    with pytest.raises(InvalidFieldError):
+        PublicKey(b"\x00" * 31)
+    with pytest.raises(InvalidFieldError):
+        Identity(b"\x00" * 33)
+
+
+def test_secret_never_in_repr() -> None:
+    assert ALICE.secret_text() not in repr(ALICE)
+    assert ALICE.secret_text()[4:] not in repr(ALICE)
+
+
+def test_sign_and_verify() -> None:
+    signature = ALICE.sign(b"message")
+    ALICE.public.verify(b"message", signature)
+    with pytest.raises(SignatureError):
+        BOB.public.verify(b"message", signature)
+    with pytest.raises(SignatureError):
+        ALICE.public.verify(b"messagE", signature)
+    with pytest.raises(SignatureError):
+        ALICE.public.verify(b"message", signature[:-1])
+
+
+def test_save_is_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "device.key"
+    ALICE.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Identity.load(path).public == ALICE.public
+
+
+def test_save_refuses_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "device.key"
+    ALICE.save(path)
+    with pytest.raises(FileExistsError):
+        BOB.save(path)
+    assert Identity.load(path).public == ALICE.public
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660, 0o666])
+def test_load_refuses_readable_by_others(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "device.key"
+    ALICE.save(path)
+    os.chmod(path, mode)
+    with pytest.raises(PermissionError):
+        Identity.load(path)

@@ -1,0 +1,94 @@
+"""Plaintexts of receipts, expiry notices and peer changes: round trip and strictness."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto import canonical
+from proto.errors import DecodeError, InvalidFieldError, ProtocolError
+from proto.keys import PublicKey
+from proto.payloads import MAX_PEERS, ExpiryNotice, PeerChange, Receipt
+from proto_support import ALICE, BOB, CAROL, cbor_values, encode_any
+
+msg_ids = st.binary(min_size=16, max_size=16)
+keys = st.binary(min_size=32, max_size=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(msg_ids)
+def test_receipt_round_trip(msg_id: bytes) -> None:
+    data = Receipt(msg_id).encode()
+    assert Receipt.decode(data) == Receipt(msg_id)
+    assert Receipt.decode(data).encode() == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(msg_ids, keys)
+def test_expiry_notice_round_trip(msg_id: bytes, key: bytes) -> None:
+    notice = ExpiryNotice(msg_id, PublicKey(key))
+    data = notice.encode()
+    assert ExpiryNotice.decode(data) == notice
+    assert ExpiryNotice.decode(data).encode() == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**63 - 1), st.lists(keys, max_size=20))
+def test_peer_change_round_trip(version: int, peers: list[bytes]) -> None:
+    change = PeerChange(version, tuple(PublicKey(p) for p in peers))
+    data = change.encode()
+    decoded = PeerChange.decode(data)
+    assert decoded.version == version
+    assert decoded.peers == tuple(sorted(set(change.peers)))
+    assert decoded.encode() == data
+
+
+def test_peer_change_must_be_sorted_and_unique() -> None:
+    ordered = sorted([ALICE.public.raw, BOB.public.raw, CAROL.public.raw])
+    with pytest.raises(InvalidFieldError):
+        PeerChange.decode(canonical.encode([1, list(reversed(ordered))]))
+    with pytest.raises(InvalidFieldError):
+        PeerChange.decode(canonical.encode([1, [ordered[0], ordered[0]]]))
+
+
+@pytest.mark.parametrize("decoder,value,error", [
+    (Receipt.decode, [b"\x00" * 15], InvalidFieldError),
+    (Receipt.decode, [b"\x00" * 17], InvalidFieldError),
+    (Receipt.decode, ["x" * 16], InvalidFieldError),
+    (Receipt.decode, [], DecodeError),
+    (Receipt.decode, [b"\x00" * 16, 1], DecodeError),
+    (Receipt.decode, b"\x00" * 16, DecodeError),
+    (ExpiryNotice.decode, [b"\x00" * 16, b"\x00" * 31], InvalidFieldError),
+    (ExpiryNotice.decode, [b"\x00" * 16], DecodeError),
+    (ExpiryNotice.decode, [b"\x00" * 16, None], InvalidFieldError),
+    (PeerChange.decode, [-1, []], InvalidFieldError),
+    (PeerChange.decode, [2**63, []], InvalidFieldError),
+    (PeerChange.decode, [True, []], InvalidFieldError),
+    (PeerChange.decode, [1, [b"\x00" * 31]], InvalidFieldError),
+    (PeerChange.decode, [1, b""], InvalidFieldError),
+    (PeerChange.decode, [1, [i.to_bytes(32, "big") for i in range(MAX_PEERS + 1)]],
+     InvalidFieldError),
+    (PeerChange.decode, {1: []}, DecodeError),
+])
+def test_strict_decoding(decoder, value: object, error: type) -> None:
+    with pytest.raises(error):
+        decoder(canonical.encode(value))
+
+
+@pytest.mark.parametrize("decoder", [Receipt.decode, ExpiryNotice.decode, PeerChange.decode])
+def test_trailing_and_non_canonical_refused(decoder) -> None:
+    with pytest.raises(DecodeError):
+        decoder(Receipt(b"\x00" * 16).encode() + b"\x00")
+    with pytest.raises(DecodeError):
+        decoder(bytes.fromhex("9f") + b"\x50" + b"\x00" * 16 + b"\xff")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), cbor_values.map(encode_any)))
+def test_garbage_raises_only_protocol_errors(data: bytes) -> None:
+    for decoder in (Receipt.decode, ExpiryNotice.decode, PeerChange.decode):
+        try:
+            decoder(data)
+        except ProtocolError:
+            pass
