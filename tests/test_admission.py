@@ -42,7 +42,7 @@ def test_created_at_beyond_skew_is_stale(offset_ms: int) -> None:
 @pytest.mark.parametrize("offset_ms", [-300_000, 0, 300_000])
 def test_created_at_within_skew_is_admitted(offset_ms: int) -> None:
     alice = Identity.generate()
-    admit(envelope(alice, created_at_ms=NOW + offset_ms), alice.public, NOW, SETTINGS)
+    admit(envelope(alice, created_at_ms=NOW + offset_ms, ttl_s=600), alice.public, NOW, SETTINGS)
 
 
 def test_already_expired_envelope_is_stale() -> None:
