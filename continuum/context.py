@@ -9,6 +9,7 @@ import structlog
 
 from proto import Identity
 
+from .access import AccessControl
 from .connection_gate import ConnectionGate
 from .metrics import RelayMetrics
 from .settings import Settings
@@ -23,6 +24,7 @@ class RelayContext:
     metrics: RelayMetrics
     log: structlog.typing.FilteringBoundLogger
     gate: ConnectionGate
+    access: AccessControl
 
     @property
     def mailbox_limits(self) -> MailboxLimits:

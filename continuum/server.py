@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proto import Identity
 
+from .access import AccessControl
 from .app import CONNECT_PATH, create_app
 from .connection_gate import ConnectionGate
 from .context import RelayContext
@@ -65,7 +66,10 @@ class RelayServer:
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
         gate = ConnectionGate(self.settings.max_connections,
                               self.settings.max_pending_handshakes_per_address)
-        self.relay = RelayContext(self.settings, store, identity, RelayMetrics(), log, gate)
+        access = AccessControl(self.settings.oracle_url, self.settings.oracle_key,
+                               self.settings.require_enrollment, log)
+        self.relay = RelayContext(self.settings, store, identity, RelayMetrics(), log, gate,
+                                  access)
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
                                      handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -75,6 +79,7 @@ class RelayServer:
         sockets = [s for s in site._server.sockets if s.family in (socket.AF_INET, socket.AF_INET6)]  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
+        await access.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
                  settings=self.settings.describe())
 
@@ -82,6 +87,8 @@ class RelayServer:
         """Stop serving and close the store; safe to call twice."""
         sweeper, runner, relay = self._sweeper, self._runner, self.relay
         self._sweeper = self._runner = self.relay = None
+        if relay is not None:
+            await relay.access.stop()
         if sweeper is not None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

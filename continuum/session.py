@@ -51,6 +51,9 @@ async def authenticate(ws: web.WebSocketResponse, relay: RelayContext) -> Public
         hello.verify(challenge)
     except ProtocolError as exc:
         return await _refuse(ws, relay, exc.code.name.lower(), UnauthenticatedError(exc.message))
+    refusal = relay.access.refusal(hello.device_key)
+    if refusal is not None:
+        return await _refuse(ws, relay, refusal.code.name.lower(), refusal)
     signature = relay.identity.sign(
         welcome_signed_bytes(challenge, hello.device_key, hello.client_nonce))
     await ws.send_bytes(encode_frame(
@@ -78,11 +81,13 @@ class DeviceSession:
         self._in_flight: set[str] = set()
         self._invalid_frames = 0
         self._log = relay.log.bind(device=device.text)
+        self._closing: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         """Serve until the device disconnects or abuses the connection."""
         subscription = await self._relay.store.subscribe(self._device, self._wake.set)
         delivery = asyncio.create_task(self._deliver_forever(), name="deliver")
+        unwatch = self._relay.access.watch(self._device, self._refused)
         self._relay.metrics.connected.inc()
         self._log.info("device_connected")
         try:
@@ -90,11 +95,26 @@ class DeviceSession:
         except ConnectionError:
             pass  # the device went away mid-write; its mailbox is intact
         finally:
+            unwatch()
             self._relay.metrics.connected.dec()
             delivery.cancel()
             await asyncio.gather(delivery, return_exceptions=True)
             await subscription.close()
+            if self._closing is not None:
+                await asyncio.gather(self._closing, return_exceptions=True)
             self._log.info("device_disconnected")
+
+    def _refused(self, error: ProtocolError) -> None:
+        """A newer access list refuses this key (revoked): end the session now, not at reconnect."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._close_refused(error), name="close-refused")
+
+    async def _close_refused(self, error: ProtocolError) -> None:
+        self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
+        try:
+            await _send_frame(self._ws, self._send_lock, Error(None, int(error.code), error.message))
+        finally:
+            await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=error.code.name.encode())
 
     async def _read_forever(self, delivery: asyncio.Task[None]) -> None:
         async for message in self._ws:
@@ -143,6 +163,7 @@ class DeviceSession:
                 raise RateLimitedError(
                     f"more than {settings.rate_per_s:g} messages/s (burst {settings.rate_burst})")
             admit(envelope, self._device, now_ms(), settings, relay.metrics.verify_seconds.observe)
+            relay.access.check_recipients(envelope.recipient_keys)
             await relay.store.accept(envelope, replay_until_ms=replay_until_ms(envelope, settings),
                                      limits=relay.mailbox_limits)
         except ProtocolError as exc:

@@ -39,6 +39,11 @@ class Settings:
     max_invalid_frames: int = 100
     heartbeat_s: float = 30.0
     log_level: str = "info"
+    # Access control: the oracle's base URL (empty: off) and public key (cpk_…).
+    oracle_url: str = ""
+    oracle_key: str = ""
+    # Accept only keys the oracle enrolled, so anonymous keys cannot spam devices.
+    require_enrollment: bool = False
 
     @property
     def limits(self) -> Limits:
@@ -58,12 +63,13 @@ class Settings:
         for f in fields(cls):
             default = getattr(settings, f.name)
             env_name = "CONTINUUM_" + f.name.upper()
+            parse = parse_bool if type(default) is bool else type(default)
             if env_name in environ:
                 try:
-                    default = type(default)(environ[env_name])
+                    default = parse(environ[env_name])
                 except ValueError:
                     parser.error(f"{env_name}={environ[env_name]!r} is not a valid {type(default).__name__}")
-            parser.add_argument("--" + f.name.replace("_", "-"), type=type(default),
+            parser.add_argument("--" + f.name.replace("_", "-"), type=parse,
                                 default=default, dest=f.name,
                                 help=f"(env {env_name}; default {getattr(settings, f.name)!r})")
         args = parser.parse_args(argv)
@@ -81,9 +87,22 @@ class Settings:
                 ("rate_burst must be >= 1", self.rate_burst >= 1),
                 ("delivery_window must be >= 1", self.delivery_window >= 1),
                 ("mailbox_max_messages must be >= 1", self.mailbox_max_messages >= 1),
+                ("oracle_url needs oracle_key", not self.oracle_url or bool(self.oracle_key)),
+                ("require_enrollment needs oracle_url", not self.require_enrollment
+                 or bool(self.oracle_url)),
             ] if not ok]
         if problems:
             message = "; ".join(problems)
             if parser is not None:
                 parser.error(message)
             raise ValueError(message)
+
+
+def parse_bool(text: str) -> bool:
+    """bool("false") is True, so flags and variables spell booleans explicitly."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{text!r} is not a boolean")

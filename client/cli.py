@@ -1,0 +1,248 @@
+"""`continuum-client`: keys, peers, send and listen from a shell.
+
+    continuum-client [--home DIR] [--relay URL]… [--oracle-key cpk_…] COMMAND
+      keygen                       create identity.key (0600); print the public key
+      whoami                       print the public key
+      peers add|remove KEY…        edit the allowed-peer list
+      peers list                   print it, one key per line
+      send KEY… TEXT|@FILE         send one message to all KEYs; --wait S for receipts
+      listen                       print messages from peers as they arrive
+
+Results go to stdout (one line each, easy to script), diagnostics to
+stderr.  Exit codes: 0 ok, 1 refused (by the relay, or a bad message),
+2 usage or set-up problem, 3 no relay accepted the message in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from proto import Identity, PublicKey
+from proto.errors import ProtocolError
+
+from .device import DEFAULT_TTL_S, Device
+from .inbox import InboundMessage
+from .peers import PeerList
+from .settings import ClientSettings
+
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_NOT_ACCEPTED = 3
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="continuum-client",
+                                     description="Continuum device: keys, peers, send, listen.")
+    parser.add_argument("--home", help="directory with identity.key and peers.json"
+                        " (env CONTINUUM_HOME; default ~/.continuum)")
+    parser.add_argument("--relay", action="append", dest="relays", metavar="URL",
+                        help="relay URL, ws://HOST:PORT/v1/connect; repeat for failover"
+                        " (env CONTINUUM_RELAYS, comma-separated)")
+    parser.add_argument("--oracle-key", metavar="cpk_…",
+                        help="key whose PEER_CHANGE messages replace the peer list"
+                        " (env CONTINUUM_ORACLE_KEY)")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("keygen", help="create this device's key pair")
+    commands.add_parser("whoami", help="print this device's public key")
+    peers = commands.add_parser("peers", help="edit or show the allowed-peer list")
+    peer_commands = peers.add_subparsers(dest="peers_command", required=True)
+    for name in ("add", "remove"):
+        peer_commands.add_parser(name).add_argument("keys", nargs="+", metavar="KEY")
+    peer_commands.add_parser("list")
+    send = commands.add_parser("send", help="send one message to one or more peers")
+    send.add_argument("recipients", nargs="+", metavar="KEY")
+    send.add_argument("message", metavar="TEXT|@FILE", help="the text, or @path to send a file")
+    send.add_argument("--ttl", type=int, default=DEFAULT_TTL_S, help="seconds the relay keeps it")
+    send.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                      help="wait this long for return receipts and report per recipient")
+    send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                      help="give up if no relay accepted it within this time")
+    listen = commands.add_parser("listen", help="print messages from peers")
+    listen.add_argument("--count", type=int, help="exit after this many messages")
+    listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
+    listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        settings = ClientSettings.resolve(home=args.home, relays=args.relays,
+                                          oracle_key=args.oracle_key, log_level=args.log_level)
+        sys.exit(_run(args, settings))
+    except (CliError, ValueError, ProtocolError) as exc:
+        code = exc.exit_code if isinstance(exc, CliError) else EXIT_USAGE
+        print(f"continuum-client: {_message(exc)}", file=sys.stderr)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
+    if args.command == "keygen":
+        return _keygen(settings)
+    if args.command == "whoami":
+        print(_load_identity(settings).public.text)
+        return 0
+    if args.command == "peers":
+        return _peers(args, settings)
+    if args.command == "send":
+        payload = _read_message(args.message)
+        recipients = [PublicKey.from_text(text) for text in args.recipients]
+        return asyncio.run(_send(settings, recipients, payload, args.ttl, args.wait, args.timeout))
+    return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
+
+
+def _keygen(settings: ClientSettings) -> int:
+    identity = Identity.generate()
+    try:
+        identity.save(settings.identity_path)
+    except FileExistsError:
+        raise CliError(f"{settings.identity_path} already exists; refusing to overwrite"
+                       " a device key") from None
+    print(identity.public.text)
+    return 0
+
+
+def _load_identity(settings: ClientSettings) -> Identity:
+    try:
+        return Identity.load(settings.identity_path)
+    except FileNotFoundError:
+        raise CliError(f"no key at {settings.identity_path}; run: continuum-client"
+                       f" --home {settings.home} keygen") from None
+    except PermissionError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _peers(args: argparse.Namespace, settings: ClientSettings) -> int:
+    peers = PeerList.load(settings.peers_path)
+    if args.peers_command == "list":
+        for key in peers:
+            print(key.text)
+        return 0
+    keys = [PublicKey.from_text(text) for text in args.keys]
+    if args.peers_command == "add":
+        peers.add(keys)
+    else:
+        peers.remove(keys)
+    print(f"{len(peers)} peer(s) in {settings.peers_path}", file=sys.stderr)
+    return 0
+
+
+def _read_message(argument: str) -> bytes:
+    if not argument.startswith("@"):
+        return argument.encode("utf-8")
+    try:
+        return Path(argument[1:]).read_bytes()
+    except OSError as exc:
+        raise CliError(f"cannot read {argument[1:]}: {exc.strerror}") from None
+
+
+def _device(settings: ClientSettings) -> Device:
+    if not settings.relays:
+        raise CliError("no relay configured: pass --relay URL or set CONTINUUM_RELAYS")
+    identity = _load_identity(settings)
+    structlog.get_logger("continuum.client").info("client_started", **settings.describe())
+    return Device(identity, settings.relays, PeerList.load(settings.peers_path),
+                  settings.oracle_key)
+
+
+async def _send(settings: ClientSettings, recipients: list[PublicKey], payload: bytes,
+                ttl_s: int, wait_s: float, timeout_s: float) -> int:
+    async with _device(settings) as device:
+        try:
+            async with asyncio.timeout(timeout_s):
+                outgoing = await device.send(recipients, payload, ttl_s=ttl_s)
+        except TimeoutError:
+            raise CliError(f"not accepted within {timeout_s:g}s"
+                           f" (last error: {device.last_error or 'none'})",
+                           EXIT_NOT_ACCEPTED) from None
+        except ProtocolError as exc:
+            raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
+        print(f"accepted {outgoing.msg_id.hex()} via {device.relay_url}", flush=True)
+        if wait_s > 0:
+            statuses = await outgoing.wait_receipts(wait_s)
+            for key, status in sorted(statuses.items()):
+                print(f"{key.text} {status.value}")
+    return 0
+
+
+async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
+                  as_json: bool) -> int:
+    received = 0
+    async with _device(settings) as device:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await device.wait_connected()
+                print(f"listening as {device.identity.public.text} on {device.relay_url}",
+                      file=sys.stderr, flush=True)
+                async for message in device.messages():
+                    print(_format(message, as_json), flush=True)
+                    received += 1
+                    if count is not None and received >= count:
+                        break
+        except TimeoutError:
+            pass
+        dropped = {name: value for name, value in device.stats.as_dict().items()
+                   if name.startswith(("dropped_", "duplicates")) and value}
+        if dropped:
+            print("dropped: " + " ".join(f"{k}={v}" for k, v in dropped.items()),
+                  file=sys.stderr)
+    return 0
+
+
+def _format(message: InboundMessage, as_json: bool) -> str:
+    try:
+        text: str | None = message.payload.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if as_json:
+        body = {"text": text} if text is not None else {
+            "base64": base64.b64encode(message.payload).decode("ascii")}
+        return json.dumps({"from": message.sender.text, "msg_id": message.msg_id.hex(),
+                           "created_at_ms": message.created_at_ms, **body})
+    when = datetime.fromtimestamp(message.created_at_ms / 1000, UTC).isoformat(timespec="seconds")
+    shown = text if text is not None else f"<{len(message.payload)} bytes, not UTF-8>"
+    return f"{when} {message.sender.text} {message.msg_id.hex()} {shown}"
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, ProtocolError):
+        return f"{exc.code.name}: {exc.message}"
+    return str(exc)
+
+
+def _configure_logging(level: str) -> None:
+    """JSON lines on stderr like the relay's, so stdout stays clean for results."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )

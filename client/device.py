@@ -1,0 +1,328 @@
+"""The device: keeps one outbound relay connection alive and turns frames into messages.
+
+`Device` is the connection manager and the shell around the pure parts: it
+walks the relay list (failing over on a refused connect or a drop, with
+jittered exponential backoff), re-sends the outbox on every new connection,
+runs each delivery through `inbox.decide`, and acts on the decision.
+
+Acknowledgement rule: every delivery is ACKed once dealt with.  Receipts,
+expiry notices, peer changes and drops are dealt with on arrival.  A DATA
+message is dealt with when the application takes it from `messages()`: only
+then is the receipt sent and the ACK written, so a crash before that leaves
+it in the mailbox for the next run.  DATA waiting for the application holds
+relay window slots, so an application that never reads `messages()` (a pure
+sender) stops getting receipts once a window's worth of DATA is waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Iterable
+from types import TracebackType
+
+import aiohttp
+import structlog
+
+from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, seal_envelope
+from proto.errors import OversizeError, ProtocolError, WrongSenderError, error_for_code
+from proto.frames import Accepted, Deliver, Error, Frame, Send
+from proto.payloads import Receipt
+
+from .backoff import Backoff
+from .connection import RelayConnection, connect
+from .dedup import RecentlySeen
+from .inbox import (Drop, ExpiryArrived, InboundMessage, InboxView, PeerChangeArrived,
+                    ReceiptArrived, Surface, decide)
+from .outbox import Outbox, PendingSend
+from .peers import PeerList
+from .stats import DeviceStats
+from .tracking import DeliveryStatus, Outgoing, SentLog
+
+log = structlog.get_logger("continuum.client")
+
+DEFAULT_TTL_S = 24 * 3600
+_RECEIPT_QUEUE_SIZE = 10_000
+_CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
+
+
+class Device:
+    """A device identity talking to its peers through relays; use as `async with device:`."""
+
+    def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
+                 oracle_key: PublicKey | None = None, *, backoff: Backoff | None = None,
+                 limits: Limits = DEFAULT_LIMITS, handshake_timeout_s: float = 10.0) -> None:
+        self.identity = identity
+        self.relays = list(relays)
+        if not self.relays:
+            raise ValueError("a device needs at least one relay URL")
+        self.peers = peers if peers is not None else PeerList()
+        self.oracle_key = oracle_key
+        self.stats = DeviceStats()
+        # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
+        self.relay_keys: set[PublicKey] = set()
+        self.last_error: str | None = None
+        self._backoff = backoff or Backoff()
+        self._limits = limits
+        self._handshake_timeout_s = handshake_timeout_s
+        self._seen = RecentlySeen()
+        self._sent = SentLog()
+        self._outbox = Outbox()
+        self._view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sent,
+                               oracle_key, limits)
+        self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
+        self._inbound_ready = asyncio.Event()
+        self._receipt_listeners: list[asyncio.Queue[tuple[PublicKey, Receipt]]] = []
+        self._connection: RelayConnection | None = None
+        self._connected = asyncio.Event()
+        self._clock_offset_ms = 0
+        self._runner: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Device:
+        self._runner = asyncio.create_task(self._run_forever(), name="continuum-device")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None
+
+    @property
+    def relay_url(self) -> str | None:
+        """The relay currently connected to, if any."""
+        return self._connection.url if self._connection is not None else None
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(self, recipients: Iterable[PublicKey], payload: bytes, *,
+                   ttl_s: int = DEFAULT_TTL_S) -> Outgoing:
+        """Seal `payload` to all recipients as one DATA envelope; return once a relay stored it.
+
+        Raises the relay's refusal as its proto exception (RateLimitedError, …).
+        Waits through disconnections: bound it with `asyncio.timeout`, and on
+        cancellation the envelope is no longer re-sent.
+        """
+        envelope = seal_envelope(self.identity, Kind.DATA, list(recipients), payload,
+                                 ttl_s=ttl_s, now_ms=self._now_ms(), limits=self._limits)
+        return await self.send_envelope(envelope)
+
+    async def send_envelope(self, envelope: Envelope) -> Outgoing:
+        """Send an envelope sealed elsewhere (same bytes on every retry); see `send`."""
+        if envelope.sender != self.identity.public:
+            raise WrongSenderError("a device can only send envelopes it signed itself")
+        outgoing = self._sent.track(envelope)  # before sending: a receipt may beat ACCEPTED
+        entry = self._outbox.add(envelope)
+        if self._connection is not None:
+            await self._transmit(entry, self._connection)
+        try:
+            await entry.accepted
+        except ProtocolError as exc:
+            self.stats.refused += 1
+            log.info("send_refused", msg_id=envelope.msg_id.hex(), code=exc.code.name,
+                     detail=exc.message)
+            raise
+        finally:
+            if not entry.accepted.done() or entry.accepted.cancelled():
+                self._outbox.discard(envelope.msg_id)
+        self.stats.sent += 1
+        return outgoing
+
+    async def _send_without_waiting(self, envelope: Envelope) -> None:
+        """Send a protocol reply (a receipt) through the outbox, without waiting for ACCEPTED."""
+        entry = self._outbox.add(envelope)
+        entry.accepted.add_done_callback(_log_refused_reply)
+        if self._connection is not None:
+            await self._transmit(entry, self._connection)
+
+    async def _transmit(self, entry: PendingSend, connection: RelayConnection) -> None:
+        if entry.sent_on is connection:
+            return
+        size = len(entry.envelope.raw)
+        if size > connection.max_envelope_bytes:
+            self._outbox.refused(entry.envelope.msg_id, OversizeError(
+                f"envelope of {size} bytes exceeds the relay's limit of"
+                f" {connection.max_envelope_bytes}"))
+            return
+        self._outbox.mark_sent(entry, connection)
+        if entry.transmissions > 1:
+            self.stats.resent += 1
+        try:
+            await connection.send_frame(Send(entry.envelope.raw))
+        except ConnectionError:
+            pass  # still in the outbox: the next connection sends it again
+
+    async def _send_receipt(self, envelope: Envelope) -> None:
+        receipt = seal_envelope(self.identity, Kind.RECEIPT, [envelope.sender],
+                                Receipt(envelope.msg_id).encode(), ttl_s=envelope.ttl_s,
+                                now_ms=self._now_ms(), limits=self._limits)
+        await self._send_without_waiting(receipt)
+
+    def _now_ms(self) -> int:
+        return time.time_ns() // 1_000_000 + self._clock_offset_ms
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def messages(self) -> AsyncGenerator[InboundMessage, None]:
+        """DATA messages from peers, in mailbox order, each once (receipt sent, then ACKed)."""
+        while True:
+            while not self._inbound:
+                self._inbound_ready.clear()
+                await self._inbound_ready.wait()
+            surface, connection, tag = self._inbound.popleft()
+            key = (surface.envelope.sender, surface.envelope.msg_id)
+            if key in self._seen:  # a re-delivery queued before the first copy was taken
+                self.stats.duplicates += 1
+                await connection.ack(tag)
+                continue
+            self._seen.add(key)
+            await self._send_receipt(surface.envelope)
+            await connection.ack(tag)
+            self.stats.surfaced += 1
+            yield surface.message
+
+    def receipts(self) -> AsyncGenerator[tuple[PublicKey, Receipt], None]:
+        """Every accepted receipt as (who read it, receipt), from the moment of this call.
+
+        Registration happens here, not at the first iteration, so no receipt
+        arriving in between is missed; close the iterator when done with it.
+        """
+        queue: asyncio.Queue[tuple[PublicKey, Receipt]] = asyncio.Queue(_RECEIPT_QUEUE_SIZE)
+        self._receipt_listeners.append(queue)
+        return self._drain_receipts(queue)
+
+    async def _drain_receipts(self, queue: asyncio.Queue[tuple[PublicKey, Receipt]]
+                              ) -> AsyncGenerator[tuple[PublicKey, Receipt], None]:
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._receipt_listeners.remove(queue)
+
+    async def _on_frame(self, frame: Frame, connection: RelayConnection) -> None:
+        if isinstance(frame, Deliver):
+            await self._on_delivery(frame, connection)
+        elif isinstance(frame, Accepted):
+            self._outbox.accepted(frame.msg_id)
+        elif isinstance(frame, Error):
+            error = error_for_code(frame.code, frame.message)
+            if frame.msg_id is None or not self._outbox.refused(frame.msg_id, error):
+                self.last_error = f"{error.code.name}: {error.message}"
+                log.warning("relay_error", relay=connection.url, code=error.code.name,
+                            detail=error.message)
+        else:
+            log.warning("unexpected_frame", relay=connection.url, frame=type(frame).__name__)
+
+    async def _on_delivery(self, frame: Deliver, connection: RelayConnection) -> None:
+        self.stats.deliveries += 1
+        decision = decide(frame.envelope, self._view)
+        if isinstance(decision, Surface):
+            self._inbound.append((decision, connection, frame.tag))
+            self._inbound_ready.set()
+            return  # ACKed when the application takes it
+        if isinstance(decision, Drop):
+            self.stats.count_drop(decision.reason)
+            envelope = decision.envelope
+            log.info("delivery_dropped", reason=decision.reason.value, detail=decision.detail,
+                     sender=envelope.sender.text if envelope else None)
+        else:
+            self._seen.add((decision.envelope.sender, decision.envelope.msg_id))
+            if isinstance(decision, ReceiptArrived):
+                self._on_receipt(decision)
+            elif isinstance(decision, ExpiryArrived):
+                self.stats.expiry_notices += 1
+                self._sent.record(decision.notice.msg_id, decision.notice.recipient,
+                                  DeliveryStatus.EXPIRED)
+            elif isinstance(decision, PeerChangeArrived):
+                await self._on_peer_change(decision)
+        await connection.ack(frame.tag)
+
+    def _on_receipt(self, decision: ReceiptArrived) -> None:
+        sender = decision.envelope.sender
+        self.stats.receipts += 1
+        self._sent.record(decision.receipt.msg_id, sender, DeliveryStatus.DELIVERED)
+        for queue in self._receipt_listeners:
+            try:
+                queue.put_nowait((sender, decision.receipt))
+            except asyncio.QueueFull:
+                log.warning("receipt_listener_full", sender=sender.text)
+
+    async def _on_peer_change(self, decision: PeerChangeArrived) -> None:
+        if decision.newer:
+            self.peers.replace(decision.change.version, decision.change.peers)
+            self.stats.peer_list_updates += 1
+            log.info("peer_list_replaced", version=decision.change.version,
+                     peers=len(decision.change.peers))
+        # The receipt tells the oracle this device holds this version (or a newer one).
+        await self._send_receipt(decision.envelope)
+
+    # -- connection manager ----------------------------------------------------------------
+
+    async def _run_forever(self) -> None:
+        """Connect, serve, and on failure or drop move to the next relay after a backoff."""
+        attempt = 0
+        while True:
+            url = self.relays[attempt % len(self.relays)]
+            attempt += 1
+            served = False
+            try:
+                async with connect(url, self.identity, limits=self._limits,
+                                   handshake_timeout_s=self._handshake_timeout_s) as connection:
+                    served = True
+                    self._backoff.reset()
+                    await self._serve(connection)
+                log.info("relay_disconnected", relay=url)
+            except _CONNECT_ERRORS as exc:
+                self.last_error = f"{url}: {_describe(exc)}"
+                if not served:
+                    self.stats.connect_failures += 1
+                log.warning("relay_connection_failed" if not served else "relay_connection_lost",
+                            relay=url, error=_describe(exc))
+            except Exception as exc:  # a bug must cost one connection, never the device
+                self.last_error = f"{url}: {_describe(exc)}"
+                log.exception("connection_crashed", relay=url)
+            await asyncio.sleep(self._backoff.next_delay())
+
+    async def _serve(self, connection: RelayConnection) -> None:
+        self.relay_keys.add(connection.relay_key)
+        self._clock_offset_ms = connection.clock_offset_ms
+        self._connection = connection
+        self._connected.set()
+        self.stats.connects += 1
+        log.info("relay_connected", relay=connection.url, relay_key=connection.relay_key.text,
+                 outbox=len(self._outbox))
+        try:
+            for entry in self._outbox.unsent_on(connection):
+                await self._transmit(entry, connection)
+            async for frame in connection.frames():
+                await self._on_frame(frame, connection)
+        finally:
+            self._connection = None
+            self._connected.clear()
+            # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
+            self._inbound = deque(item for item in self._inbound if item[1] is not connection)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ProtocolError):
+        return f"{exc.code.name}: {exc.message}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _log_refused_reply(future: asyncio.Future[None]) -> None:
+    """Nobody awaits a reply's future: log its refusal (and mark the exception retrieved)."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("reply_refused", error=_describe(future.exception()))  # type: ignore[arg-type]

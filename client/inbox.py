@@ -1,0 +1,168 @@
+"""Pure decision: what a device does with one delivered envelope.
+
+`decide(raw, view)` takes the delivered bytes and a read-only view of the
+device's state (its identity, peers, trusted keys, what it has seen and what
+it awaits) and returns one decision; it does no I/O and changes nothing, so
+every rule below is tested without a network.  The device shell then acts on
+the decision and acknowledges the delivery whatever it was: a message that
+can never be accepted must not be re-delivered forever.
+
+Rules, cheapest first so hostile input costs as little as possible:
+
+1. bytes that are not a well-formed envelope, not addressed to this device,
+   or whose signature does not verify → drop (invalid);
+2. a (sender, msg_id) already handled → drop (duplicate);
+3. who may send what, checked before decrypting:
+   DATA from peers only; EXPIRY from relay keys proven in a WELCOME only;
+   PEER_CHANGE from the configured oracle key only;
+4. a payload that does not decrypt or parse → drop (invalid);
+5. RECEIPT only from a peer, or from a recipient of a message this device
+   sent and still tracks (the oracle has no peers but needs its receipts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass
+from enum import StrEnum
+
+from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, decode_envelope
+from proto.errors import ProtocolError
+from proto.payloads import ExpiryNotice, PeerChange, Receipt
+
+from .dedup import MessageKey
+from .peers import PeerList
+
+
+class DropReason(StrEnum):
+    """Why a delivery was dropped; each has its own counter in `DeviceStats`."""
+
+    INVALID = "invalid"
+    DUPLICATE = "duplicate"
+    NON_PEER = "non_peer"
+    UNTRUSTED_EXPIRY = "untrusted_expiry"
+    UNAUTHORIZED_PEER_CHANGE = "unauthorized_peer_change"
+    UNEXPECTED_RECEIPT = "unexpected_receipt"
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """A decrypted DATA message from a peer, as the application sees it."""
+
+    sender: PublicKey
+    msg_id: bytes
+    payload: bytes
+    kind: Kind
+    created_at_ms: int
+
+
+@dataclass(frozen=True)
+class Drop:
+    reason: DropReason
+    detail: str
+    envelope: Envelope | None = None
+
+
+@dataclass(frozen=True)
+class Surface:
+    """Hand `message` to the application (and send the sender a receipt)."""
+
+    envelope: Envelope
+    message: InboundMessage
+
+
+@dataclass(frozen=True)
+class ReceiptArrived:
+    """`envelope.sender` decrypted our message `receipt.msg_id`."""
+
+    envelope: Envelope
+    receipt: Receipt
+
+
+@dataclass(frozen=True)
+class ExpiryArrived:
+    """A relay says our message expired unread in one recipient's mailbox."""
+
+    envelope: Envelope
+    notice: ExpiryNotice
+
+
+@dataclass(frozen=True)
+class PeerChangeArrived:
+    """The oracle's peer list; `newer` says whether it replaces the stored one."""
+
+    envelope: Envelope
+    change: PeerChange
+    newer: bool
+
+
+Decision = Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
+
+
+@dataclass(frozen=True)
+class InboxView:
+    """What `decide` may read of the device's state; live objects, never modified here."""
+
+    identity: Identity
+    peers: PeerList
+    relay_keys: Container[PublicKey]
+    seen: Container[MessageKey]
+    # (our msg_id, recipient) pairs for which a receipt is still awaited.
+    awaiting_receipt: Container[tuple[bytes, PublicKey]]
+    oracle_key: PublicKey | None = None
+    limits: Limits = DEFAULT_LIMITS
+
+
+def decide(raw: bytes, view: InboxView) -> Decision:
+    """Return what to do with one delivered envelope; never raises on bad input."""
+    try:
+        envelope = decode_envelope(raw, view.limits)
+    except ProtocolError as exc:
+        return Drop(DropReason.INVALID, f"undecodable envelope: {exc.message}")
+    if view.identity.public not in envelope.recipient_keys:
+        return Drop(DropReason.INVALID, "this device is not a recipient", envelope)
+    try:
+        envelope.verify()
+    except ProtocolError as exc:
+        return Drop(DropReason.INVALID, exc.message, envelope)
+    if (envelope.sender, envelope.msg_id) in view.seen:
+        return Drop(DropReason.DUPLICATE, "already handled", envelope)
+    refusal = _sender_refusal(envelope, view)
+    if refusal is not None:
+        return refusal
+    try:
+        plaintext = envelope.open(view.identity)
+        return _interpret(envelope, plaintext, view)
+    except ProtocolError as exc:
+        return Drop(DropReason.INVALID, exc.message, envelope)
+
+
+def _sender_refusal(envelope: Envelope, view: InboxView) -> Drop | None:
+    sender, kind = envelope.sender, envelope.kind
+    if kind is Kind.DATA and sender not in view.peers:
+        return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+    if kind is Kind.EXPIRY and sender not in view.relay_keys:
+        return Drop(DropReason.UNTRUSTED_EXPIRY, f"{sender.text} is not a relay key", envelope)
+    if kind is Kind.PEER_CHANGE and (view.oracle_key is None or sender != view.oracle_key):
+        return Drop(DropReason.UNAUTHORIZED_PEER_CHANGE,
+                    f"{sender.text} is not the oracle key", envelope)
+    return None
+
+
+def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
+    """Parse the decrypted payload by kind; DecodeError propagates to `decide`."""
+    if envelope.kind is Kind.DATA:
+        return Surface(envelope, InboundMessage(envelope.sender, envelope.msg_id, plaintext,
+                                                envelope.kind, envelope.created_at_ms))
+    if envelope.kind is Kind.RECEIPT:
+        receipt = Receipt.decode(plaintext)
+        if (envelope.sender not in view.peers
+                and (receipt.msg_id, envelope.sender) not in view.awaiting_receipt):
+            return Drop(DropReason.UNEXPECTED_RECEIPT,
+                        f"receipt from non-peer {envelope.sender.text} for no message of ours",
+                        envelope)
+        return ReceiptArrived(envelope, receipt)
+    if envelope.kind is Kind.EXPIRY:
+        return ExpiryArrived(envelope, ExpiryNotice.decode(plaintext))
+    change = PeerChange.decode(plaintext)
+    return PeerChangeArrived(envelope, change, change.version > view.peers.version)

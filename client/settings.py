@@ -1,0 +1,55 @@
+"""The CLI's one typed settings object: flags, then CONTINUUM_* variables, then defaults.
+
+The home directory holds everything a device keeps between runs:
+
+    identity.key   the private key, 0600, written once (`Identity.save` refuses to overwrite)
+    peers.json     the allowed-peer list and its oracle version (see `peers`)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from proto import PublicKey
+
+IDENTITY_FILE = "identity.key"
+PEERS_FILE = "peers.json"
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    home: Path
+    relays: tuple[str, ...]
+    oracle_key: PublicKey | None
+    log_level: str
+
+    @property
+    def identity_path(self) -> Path:
+        return self.home / IDENTITY_FILE
+
+    @property
+    def peers_path(self) -> Path:
+        return self.home / PEERS_FILE
+
+    @classmethod
+    def resolve(cls, *, home: str | None, relays: list[str] | None, oracle_key: str | None,
+                log_level: str, environ: Mapping[str, str] = os.environ) -> ClientSettings:
+        """Combine flags (None: not given) with the environment; ValueError names a bad value."""
+        home_text = home or environ.get("CONTINUUM_HOME") or "~/.continuum"
+        relay_urls = relays or [url.strip() for url in
+                                environ.get("CONTINUUM_RELAYS", "").split(",") if url.strip()]
+        for url in relay_urls:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"relay URL {url!r} must start with ws:// or wss://")
+        key_text = oracle_key or environ.get("CONTINUUM_ORACLE_KEY") or ""
+        return cls(Path(home_text).expanduser(), tuple(relay_urls),
+                   PublicKey.from_text(key_text) if key_text else None, log_level)
+
+    def describe(self) -> dict[str, object]:
+        """What is in force, for the start-up log line (nothing here is secret)."""
+        return {"home": str(self.home), "relays": list(self.relays),
+                "oracle_key": self.oracle_key.text if self.oracle_key else None,
+                "log_level": self.log_level}

@@ -1,0 +1,38 @@
+"""Counters a device application can read, e.g. to export as metrics or show on a console.
+
+Dropped messages are never surfaced, so counting them is the only way an
+operator learns that a non-peer is knocking or that someone sends garbage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .inbox import DropReason
+
+
+@dataclass
+class DeviceStats:
+    connects: int = 0
+    connect_failures: int = 0
+    deliveries: int = 0
+    sent: int = 0
+    resent: int = 0
+    refused: int = 0
+    surfaced: int = 0
+    receipts: int = 0
+    expiry_notices: int = 0
+    peer_list_updates: int = 0
+    dropped_invalid: int = 0
+    duplicates: int = 0
+    dropped_non_peer: int = 0
+    dropped_untrusted_expiry: int = 0
+    dropped_unauthorized_peer_change: int = 0
+    dropped_unexpected_receipt: int = 0
+
+    def count_drop(self, reason: DropReason) -> None:
+        name = "duplicates" if reason is DropReason.DUPLICATE else f"dropped_{reason.value}"
+        setattr(self, name, getattr(self, name) + 1)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)

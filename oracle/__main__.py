@@ -1,0 +1,86 @@
+"""`continuum-oracle` / `python -m oracle`: serve, create-admin, create-token, show-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from continuum.logging import configure_logging
+
+from .auth import Auth
+from .db import open_database
+from .errors import OracleError
+from .server import OracleServer, load_oracle_identity
+from .settings import OracleSettings
+
+
+async def _serve(settings: OracleSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with OracleServer(settings) as server:
+        print(f"continuum oracle {server.identity.public.text} listening on {server.url}",
+              file=sys.stderr, flush=True)
+        await stop.wait()
+
+
+async def _with_auth(settings: OracleSettings, action: str, name: str) -> str:
+    db = await open_database(settings.database)
+    try:
+        auth = Auth(db, settings.session_ttl_s)
+        if action == "create-admin":
+            return await auth.create_admin(name)
+        return await auth.create_api_token(name)
+    finally:
+        await db.close()
+
+
+# command → (what it does, its positional argument or None)
+COMMANDS = {
+    "serve": ("run the oracle: dashboard, API, access list, peer-change pushes", None),
+    "create-admin": ("create an administrator; prints a generated password once", "username"),
+    "create-token": ("create an API bearer token; prints it once", "name"),
+    "show-key": ("print the oracle's public key (cpk_…) to configure devices and relays", None),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: continuum-oracle COMMAND [options]   (COMMAND --help for its options)", ""]
+    lines += [f"  {name:13s} {text}" for name, (text, _) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    command, rest = argv[0], argv[1:]
+    text, positional = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"continuum-oracle {command}", description=text)
+    if positional:
+        parser.add_argument(positional)
+    settings, args = OracleSettings.from_sources(rest, parser=parser)
+    configure_logging(settings.log_level)
+    try:
+        if command == "serve":
+            asyncio.run(_serve(settings))
+        elif command == "show-key":
+            print(load_oracle_identity(Path(settings.identity_file)).public.text)
+        else:
+            name = getattr(args, positional or "")
+            secret = asyncio.run(_with_auth(settings, command, name))
+            label = "password" if command == "create-admin" else "token"
+            print(f"{label} for {name!r} (shown once): {secret}")
+    except OracleError as exc:
+        sys.exit(f"continuum-oracle: {exc.message}")
+    except OSError as exc:
+        sys.exit(f"continuum-oracle: cannot start: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The JSON API: everything the dashboard does, for scripts too (see openapi.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proto.access import ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH
+
+from .auth import PRINCIPAL
+from .context import OracleContext
+from .errors import InvalidInput
+from .registry import parse_key
+
+ORACLE_KEY = web.AppKey("oracle", OracleContext)
+OPENAPI_FILE = Path(__file__).parent / "openapi.json"
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput("request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return body
+
+
+def _oracle(request: web.Request) -> OracleContext:
+    return request.app[ORACLE_KEY]
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    devices = await _oracle(request).registry.list_devices(request.query.get("q", ""))
+    return web.json_response({"devices": [d.to_json() for d in devices]})
+
+
+async def enroll_device(request: web.Request) -> web.Response:
+    body = await _body(request)
+    device = await _oracle(request).registry.enroll(body.get("key"), body.get("name"),
+                                                    body.get("tags", []))
+    return web.json_response(device.to_json(), status=201)
+
+
+async def get_device(request: web.Request) -> web.Response:
+    registry = _oracle(request).registry
+    key = parse_key(request.match_info["key"])
+    device = await registry.get_device(key)
+    return web.json_response({
+        **device.to_json(),
+        "peers": sorted(await registry.current_peers(key)),
+        "pushes": [p.to_json() for p in await registry.push_history(key)],
+    })
+
+
+async def update_device(request: web.Request) -> web.Response:
+    body = await _body(request)
+    device = await _oracle(request).registry.update_device(
+        parse_key(request.match_info["key"]), body.get("name"), body.get("tags"))
+    return web.json_response(device.to_json())
+
+
+async def revoke_device(request: web.Request) -> web.Response:
+    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]), True)
+    return web.json_response(device.to_json())
+
+
+async def restore_device(request: web.Request) -> web.Response:
+    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]), False)
+    return web.json_response(device.to_json())
+
+
+async def list_groups(request: web.Request) -> web.Response:
+    groups = await _oracle(request).registry.list_groups()
+    return web.json_response({"groups": [g.to_json() for g in groups]})
+
+
+async def create_group(request: web.Request) -> web.Response:
+    group = await _oracle(request).registry.create_group((await _body(request)).get("name"))
+    return web.json_response(group.to_json(), status=201)
+
+
+async def get_group(request: web.Request) -> web.Response:
+    group = await _oracle(request).registry.get_group(request.match_info["group_id"])
+    return web.json_response(group.to_json())
+
+
+async def rename_group(request: web.Request) -> web.Response:
+    group = await _oracle(request).registry.rename_group(
+        request.match_info["group_id"], (await _body(request)).get("name"))
+    return web.json_response(group.to_json())
+
+
+async def delete_group(request: web.Request) -> web.Response:
+    await _oracle(request).registry.delete_group(request.match_info["group_id"])
+    return web.Response(status=204)
+
+
+async def add_member(request: web.Request) -> web.Response:
+    group = await _oracle(request).registry.add_member(request.match_info["group_id"],
+                                                       request.match_info["key"])
+    return web.json_response(group.to_json())
+
+
+async def remove_member(request: web.Request) -> web.Response:
+    group = await _oracle(request).registry.remove_member(request.match_info["group_id"],
+                                                          request.match_info["key"])
+    return web.json_response(group.to_json())
+
+
+async def status(request: web.Request) -> web.Response:
+    oracle = _oracle(request)
+    devices = await oracle.registry.list_devices()
+    return web.json_response({
+        "oracle_key": oracle.identity.public.text,
+        "access_list_version": await oracle.registry.access_version(),
+        "relays": list(oracle.settings.relays),
+        "devices": len(devices),
+        "revoked": sum(d.revoked for d in devices),
+        "behind": [d.key for d in devices if d.behind],
+        "pending_pushes": len(await oracle.registry.pending_pushes(limit=10_000)),
+    })
+
+
+async def whoami(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    return web.json_response({"name": principal.name, "csrf_token": principal.csrf_token})
+
+
+async def access_list(request: web.Request) -> web.Response:
+    """Long-poll for the signed access list (public: it holds public keys and a signature)."""
+    try:
+        after = int(request.query.get("after", "0"))
+    except ValueError:
+        raise InvalidInput("after must be an integer") from None
+    oracle = _oracle(request)
+    document = await oracle.publisher.wait_newer(after, oracle.settings.longpoll_s)
+    if document is None:
+        return web.Response(status=204)
+    return web.Response(body=document, content_type=ACCESS_LIST_CONTENT_TYPE)
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI_FILE.read_bytes(), content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    oracle = _oracle(request)
+    await oracle.registry.access_version()  # the database answers
+    return web.json_response({"status": "ok", "oracle_key": oracle.identity.public.text,
+                              "relays_connected": oracle.pusher.connected})
+
+
+PUBLIC_PATHS = {"/healthz", ACCESS_LIST_PATH, "/v1/openapi"}
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get(ACCESS_LIST_PATH, access_list)
+    r.add_get("/v1/openapi", openapi)
+    r.add_get("/v1/status", status)
+    r.add_get("/v1/me", whoami)
+    r.add_get("/v1/devices", list_devices)
+    r.add_post("/v1/devices", enroll_device)
+    r.add_get("/v1/devices/{key}", get_device)
+    r.add_patch("/v1/devices/{key}", update_device)
+    r.add_post("/v1/devices/{key}/revoke", revoke_device)
+    r.add_post("/v1/devices/{key}/restore", restore_device)
+    r.add_get("/v1/groups", list_groups)
+    r.add_post("/v1/groups", create_group)
+    r.add_get("/v1/groups/{group_id}", get_group)
+    r.add_patch("/v1/groups/{group_id}", rename_group)
+    r.add_delete("/v1/groups/{group_id}", delete_group)
+    r.add_put("/v1/groups/{group_id}/members/{key}", add_member)
+    r.add_delete("/v1/groups/{group_id}/members/{key}", remove_member)

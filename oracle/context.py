@@ -1,0 +1,29 @@
+"""What every part of one oracle process shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from proto import Identity
+
+from .auth import Auth
+from .publisher import AccessListPublisher
+from .registry import Registry
+from .settings import OracleSettings
+
+if TYPE_CHECKING:
+    from .pusher import Pusher
+
+
+@dataclass
+class OracleContext:
+    settings: OracleSettings
+    identity: Identity
+    registry: Registry
+    auth: Auth
+    publisher: AccessListPublisher
+    pusher: Pusher
+    log: structlog.typing.FilteringBoundLogger

@@ -1,0 +1,203 @@
+"""One small async database interface over SQLite (default) and PostgreSQL.
+
+Queries are written once, with PostgreSQL's `$1` placeholders, in SQL both
+engines accept; SQLite gets them rewritten to its equivalent `?1`.  Every
+state change runs in `transaction()`, which also serialises writers (SQLite:
+BEGIN IMMEDIATE; PostgreSQL: a transaction-scoped advisory lock), because
+peer lists are derived from several tables and two admins editing groups at
+once must not push lists computed from each other's half-done changes.
+
+Migrations are the numbered files in `oracle/migrations/`, applied in order
+at start and recorded in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_WRITER_LOCK_ID = 0x636F6E74  # "cont": one advisory lock for every oracle writer
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+Row = dict[str, Any]
+
+
+class Connection(ABC):
+    """What a query needs: run SQL, get rows back as dicts."""
+
+    @abstractmethod
+    async def execute(self, sql: str, *args: Any) -> None: ...
+
+    @abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        row = await self.fetchrow(sql, *args)
+        return None if row is None else next(iter(row.values()))
+
+
+class Database(Connection):
+    """A connection pool of one engine; `transaction()` hands out a serialised writer."""
+
+    @abstractmethod
+    def transaction(self) -> Any:
+        """Async context manager yielding a Connection whose changes commit together."""
+
+    @abstractmethod
+    async def run_script(self, conn: Connection, script: str) -> None:
+        """Run a migration file's statements inside the current transaction."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def migrate(self) -> list[int]:
+        """Apply every migration not yet recorded; returns the numbers applied now."""
+        applied_now: list[int] = []
+        async with self.transaction() as conn:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)")
+            done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+            for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+                number = int(path.name.split("_", 1)[0])
+                if number in done:
+                    continue
+                await self.run_script(conn, path.read_text(encoding="utf-8"))
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3)",
+                    number, path.stem, time.time_ns() // 1_000_000)
+                applied_now.append(number)
+        return applied_now
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (our migrations never put ';' inside literals)."""
+    lines = [line for line in script.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+class _SqliteConnection(Connection):
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        cursor = self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
+        return [dict(row) for row in cursor.fetchall()]
+
+
+class SqliteDatabase(Database):
+    """One connection on the event-loop thread: each query is a short indexed lookup,
+    cheaper than a hop to a worker thread, as in the relay's embedded store."""
+
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._plain = _SqliteConnection(self._conn)
+        self._lock = asyncio.Lock()
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._lock:
+            return await self._plain.fetch(sql, *args)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        async with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._plain
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    async def run_script(self, conn: Connection, script: str) -> None:
+        for statement in _statements(script):
+            await conn.execute(statement)
+
+    async def close(self) -> None:
+        self._conn.close()
+
+
+class _PostgresConnection(Connection):
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        await self._conn.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(row) for row in await self._conn.fetch(sql, *args)]
+
+
+class PostgresDatabase(Database):
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str) -> PostgresDatabase:
+        import asyncpg  # only needed when a DSN is configured
+        return cls(await asyncpg.create_pool(dsn, min_size=1, max_size=5, timeout=10))
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(row) for row in await self._pool.fetch(sql, *args)]
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        async with self._pool.acquire() as raw, raw.transaction():
+            await raw.execute("SELECT pg_advisory_xact_lock($1)", _WRITER_LOCK_ID)
+            yield _PostgresConnection(raw)
+
+    async def run_script(self, conn: Connection, script: str) -> None:
+        for statement in _statements(script):
+            await conn.execute(statement)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def open_database(url: str) -> Database:
+    """`sqlite:///path` (or a bare path), `sqlite://:memory:`, or `postgresql://…`; migrated."""
+    if url.startswith(("postgresql://", "postgres://")):
+        db: Database = await PostgresDatabase.connect(url)
+    elif url in ("sqlite://:memory:", ":memory:"):
+        db = SqliteDatabase(":memory:")
+    elif url.startswith("sqlite:///"):
+        db = SqliteDatabase(url[len("sqlite:///"):])
+    elif "://" not in url:
+        db = SqliteDatabase(url)
+    else:
+        raise ValueError(f"unknown database {url!r}: use sqlite:///path or postgresql://…")
+    try:
+        await db.migrate()
+    except BaseException:
+        await db.close()
+        raise
+    return db

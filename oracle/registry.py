@@ -1,0 +1,390 @@
+"""Devices, peer groups and the peer-change outbox: every change in one transaction.
+
+Each administrative change re-derives the peer lists and, in the same
+transaction, issues a new version to every device whose list changed (the
+outbox row) and bumps the access-list version when enrolment or revocation
+changed.  So a committed change always has its pushes recorded: a crash
+after the commit loses nothing, the pusher finds the rows on restart.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proto import PublicKey
+from proto.errors import InvalidFieldError
+
+from .db import Connection, Database
+from .errors import Conflict, InvalidInput, NotFound
+from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_peer_text
+
+_TAG = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,31}$")
+MAX_NAME_CHARS = 100
+MAX_TAGS = 16
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Device:
+    key: str
+    name: str
+    tags: tuple[str, ...]
+    enrolled_at_ms: int
+    revoked_at_ms: int | None
+    last_seen_ms: int | None
+    peer_version: int
+    acked_version: int
+    groups: tuple[str, ...]
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at_ms is not None
+
+    @property
+    def behind(self) -> bool:
+        """Issued a peer list the device has not acknowledged yet."""
+        return not self.revoked and self.acked_version < self.peer_version
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "tags": list(self.tags),
+                "enrolled_at_ms": self.enrolled_at_ms, "revoked_at_ms": self.revoked_at_ms,
+                "revoked": self.revoked, "last_seen_ms": self.last_seen_ms,
+                "peer_version": self.peer_version, "acked_version": self.acked_version,
+                "behind": self.behind, "groups": list(self.groups)}
+
+
+@dataclass(frozen=True)
+class Group:
+    id: str
+    name: str
+    created_at_ms: int
+    members: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "created_at_ms": self.created_at_ms,
+                "members": list(self.members)}
+
+
+@dataclass(frozen=True)
+class PendingPush:
+    """The newest unsent peer-change version of one device."""
+
+    device_key: str
+    version: int
+    peers: frozenset[str]
+    envelope: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class PushStatus:
+    device_key: str
+    version: int
+    created_at_ms: int
+    sent_at_ms: int | None
+    acked_at_ms: int | None
+    attempts: int
+    last_error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device_key": self.device_key, "version": self.version,
+                "created_at_ms": self.created_at_ms, "sent_at_ms": self.sent_at_ms,
+                "acked_at_ms": self.acked_at_ms, "attempts": self.attempts,
+                "last_error": self.last_error}
+
+
+@dataclass(frozen=True)
+class AccessSnapshot:
+    version: int
+    enrolled: frozenset[str]
+    revoked: frozenset[str]
+
+
+def parse_key(text: object) -> str:
+    """The canonical cpk_… spelling, or InvalidInput naming the problem (typo, checksum)."""
+    if not isinstance(text, str):
+        raise InvalidInput("key must be a cpk_… string")
+    try:
+        return PublicKey.from_text(text.strip()).text
+    except InvalidFieldError as exc:
+        raise InvalidInput(exc.message) from None
+
+
+def parse_name(text: object, what: str) -> str:
+    if not isinstance(text, str) or not text.strip() or len(text.strip()) > MAX_NAME_CHARS:
+        raise InvalidInput(f"{what} must be 1..{MAX_NAME_CHARS} characters")
+    return text.strip()
+
+
+def parse_tags(value: object) -> tuple[str, ...]:
+    """Tags from a list or a comma/space separated string; lower case, deduplicated."""
+    if isinstance(value, str):
+        value = re.split(r"[\s,]+", value)
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+        raise InvalidInput("tags must be a list of strings")
+    tags = sorted({t.strip().lower() for t in value if t.strip()})
+    if len(tags) > MAX_TAGS or not all(_TAG.match(t) for t in tags):
+        raise InvalidInput(f"at most {MAX_TAGS} tags of 1..32 characters [a-z0-9._:-]")
+    return tuple(tags)
+
+
+_DEVICE_COLUMNS = ("key, name, tags, enrolled_at_ms, revoked_at_ms, last_seen_ms,"
+                   " peer_version, acked_version")
+
+
+class Registry:
+    """All reads and writes of the oracle's data; `on_change` wakes the pusher and long-polls."""
+
+    def __init__(self, db: Database, on_change: Callable[[], None]) -> None:
+        self.db = db
+        self._on_change = on_change
+
+    # -- devices ---------------------------------------------------------------
+
+    async def list_devices(self, query: str = "") -> list[Device]:
+        """Devices whose name, key, tag or group contains `query` (case-insensitive)."""
+        memberships = await self._group_names_by_device()
+        rows = await self.db.fetch(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY name, key")
+        devices = [self._device(row, memberships) for row in rows]
+        needle = query.strip().lower()
+        if not needle:
+            return devices
+        return [d for d in devices
+                if needle in d.name.lower() or needle in d.key
+                or any(needle in t for t in d.tags) or any(needle in g.lower() for g in d.groups)]
+
+    async def get_device(self, key: str) -> Device:
+        row = await self.db.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", key)
+        if row is None:
+            raise NotFound(f"no device {key}")
+        return self._device(row, await self._group_names_by_device())
+
+    async def enroll(self, key: object, name: object, tags: object = ()) -> Device:
+        key_text, name_text = parse_key(key), parse_name(name, "device name")
+        tag_list = parse_tags(list(tags) if isinstance(tags, tuple) else tags)
+        async with self.db.transaction() as conn:
+            if await conn.fetchrow("SELECT key FROM devices WHERE key = $1", key_text):
+                raise Conflict(f"device {key_text} is already enrolled")
+            await conn.execute(
+                "INSERT INTO devices (key, name, tags, enrolled_at_ms) VALUES ($1, $2, $3, $4)",
+                key_text, name_text, " ".join(tag_list), now_ms())
+            await self._bump_access_list(conn)
+        self._on_change()
+        return await self.get_device(key_text)
+
+    async def update_device(self, key: str, name: object = None, tags: object = None) -> Device:
+        await self.get_device(key)
+        async with self.db.transaction() as conn:
+            if name is not None:
+                await conn.execute("UPDATE devices SET name = $1 WHERE key = $2",
+                                   parse_name(name, "device name"), key)
+            if tags is not None:
+                await conn.execute("UPDATE devices SET tags = $1 WHERE key = $2",
+                                   " ".join(parse_tags(tags)), key)
+        return await self.get_device(key)
+
+    async def set_revoked(self, key: str, revoked: bool) -> Device:
+        """Revoke or restore: the access list and every affected peer list change at once."""
+        device = await self.get_device(key)
+        if device.revoked == revoked:
+            return device
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE devices SET revoked_at_ms = $1 WHERE key = $2",
+                               now_ms() if revoked else None, key)
+            await self._bump_access_list(conn)
+            await self._reconcile(conn)
+        self._on_change()
+        return await self.get_device(key)
+
+    # -- groups ----------------------------------------------------------------
+
+    async def list_groups(self) -> list[Group]:
+        rows = await self.db.fetch("SELECT id, name, created_at_ms FROM peer_groups ORDER BY name")
+        members: dict[str, list[str]] = {}
+        for row in await self.db.fetch(
+                "SELECT group_id, device_key FROM memberships ORDER BY device_key"):
+            members.setdefault(row["group_id"], []).append(row["device_key"])
+        return [Group(r["id"], r["name"], r["created_at_ms"], tuple(members.get(r["id"], ())))
+                for r in rows]
+
+    async def get_group(self, group_id: str) -> Group:
+        for group in await self.list_groups():
+            if group.id == group_id:
+                return group
+        raise NotFound(f"no group {group_id}")
+
+    async def create_group(self, name: object) -> Group:
+        name_text = parse_name(name, "group name")
+        group_id = uuid.uuid4().hex[:12]
+        async with self.db.transaction() as conn:
+            await self._refuse_duplicate_group(conn, name_text)
+            await conn.execute(
+                "INSERT INTO peer_groups (id, name, created_at_ms) VALUES ($1, $2, $3)",
+                group_id, name_text, now_ms())
+        return await self.get_group(group_id)
+
+    async def rename_group(self, group_id: str, name: object) -> Group:
+        name_text = parse_name(name, "group name")
+        await self.get_group(group_id)
+        async with self.db.transaction() as conn:
+            await self._refuse_duplicate_group(conn, name_text, group_id)
+            await conn.execute("UPDATE peer_groups SET name = $1 WHERE id = $2", name_text, group_id)
+        return await self.get_group(group_id)
+
+    async def delete_group(self, group_id: str) -> None:
+        await self.get_group(group_id)
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM memberships WHERE group_id = $1", group_id)
+            await conn.execute("DELETE FROM peer_groups WHERE id = $1", group_id)
+            await self._reconcile(conn)
+        self._on_change()
+
+    async def add_member(self, group_id: str, key: object) -> Group:
+        key_text = parse_key(key)
+        await self.get_group(group_id)
+        await self.get_device(key_text)
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO memberships (group_id, device_key) VALUES ($1, $2)"
+                " ON CONFLICT DO NOTHING", group_id, key_text)
+            await self._reconcile(conn)
+        self._on_change()
+        return await self.get_group(group_id)
+
+    async def remove_member(self, group_id: str, key: object) -> Group:
+        key_text = parse_key(key)
+        await self.get_group(group_id)
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM memberships WHERE group_id = $1 AND device_key = $2",
+                               group_id, key_text)
+            await self._reconcile(conn)
+        self._on_change()
+        return await self.get_group(group_id)
+
+    # -- pushes ----------------------------------------------------------------
+
+    async def pending_pushes(self, limit: int = 100) -> list[PendingPush]:
+        """Newest unsent version per active device; superseded versions are never sent."""
+        rows = await self.db.fetch(
+            "SELECT pc.device_key, pc.version, pc.peers, pc.envelope, pc.attempts"
+            " FROM peer_changes pc JOIN devices d"
+            "  ON d.key = pc.device_key AND d.peer_version = pc.version"
+            " WHERE pc.sent_at_ms IS NULL AND d.revoked_at_ms IS NULL"
+            " ORDER BY pc.created_at_ms LIMIT $1", limit)
+        return [PendingPush(r["device_key"], r["version"], decode_peer_text(r["peers"]),
+                            r["envelope"], r["attempts"]) for r in rows]
+
+    async def record_sealed(self, push: PendingPush, envelope_b64: str, msg_id_hex: str) -> None:
+        """Remember the exact envelope before sending it, so a retry resends the same bytes."""
+        await self.db.execute(
+            "UPDATE peer_changes SET envelope = $1, msg_id = $2 WHERE device_key = $3 AND version = $4",
+            envelope_b64, msg_id_hex, push.device_key, push.version)
+
+    async def mark_sent(self, push: PendingPush) -> None:
+        await self.db.execute(
+            "UPDATE peer_changes SET sent_at_ms = $1, attempts = attempts + 1, last_error = NULL"
+            " WHERE device_key = $2 AND version = $3", now_ms(), push.device_key, push.version)
+
+    async def mark_failed(self, push: PendingPush, error: str) -> None:
+        await self.db.execute(
+            "UPDATE peer_changes SET attempts = attempts + 1, last_error = $1"
+            " WHERE device_key = $2 AND version = $3", error[:500], push.device_key, push.version)
+
+    async def record_receipt(self, sender: str, msg_id_hex: str) -> int | None:
+        """A device's receipt for a peer change: raise its acknowledged version; the version or None."""
+        async with self.db.transaction() as conn:
+            row = await conn.fetchrow(
+                "SELECT version FROM peer_changes WHERE msg_id = $1 AND device_key = $2",
+                msg_id_hex, sender)
+            now = now_ms()
+            await conn.execute("UPDATE devices SET last_seen_ms = $1 WHERE key = $2", now, sender)
+            if row is None:
+                return None
+            await conn.execute(
+                "UPDATE peer_changes SET acked_at_ms = $1 WHERE device_key = $2 AND version = $3"
+                " AND acked_at_ms IS NULL", now, sender, row["version"])
+            await conn.execute(
+                "UPDATE devices SET acked_version = $1 WHERE key = $2 AND acked_version < $1",
+                row["version"], sender)
+        return int(row["version"])
+
+    async def push_history(self, key: str, limit: int = 20) -> list[PushStatus]:
+        rows = await self.db.fetch(
+            "SELECT device_key, version, created_at_ms, sent_at_ms, acked_at_ms, attempts,"
+            " last_error FROM peer_changes WHERE device_key = $1 ORDER BY version DESC LIMIT $2",
+            key, limit)
+        return [PushStatus(**row) for row in rows]
+
+    async def current_peers(self, key: str) -> frozenset[str]:
+        """The newest list issued to a device (what it has, once it acknowledges)."""
+        text = await self.db.fetchval(
+            "SELECT pc.peers FROM peer_changes pc JOIN devices d"
+            " ON d.key = pc.device_key AND d.peer_version = pc.version WHERE d.key = $1", key)
+        return decode_peer_text(text or "")
+
+    # -- access list -----------------------------------------------------------
+
+    async def access_snapshot(self) -> AccessSnapshot:
+        async with self.db.transaction() as conn:  # one consistent view of version and keys
+            version = await conn.fetchval("SELECT version FROM access_list_state WHERE id = 1")
+            rows = await conn.fetch("SELECT key, revoked_at_ms FROM devices")
+        return AccessSnapshot(
+            int(version),
+            frozenset(r["key"] for r in rows if r["revoked_at_ms"] is None),
+            frozenset(r["key"] for r in rows if r["revoked_at_ms"] is not None))
+
+    async def access_version(self) -> int:
+        return int(await self.db.fetchval("SELECT version FROM access_list_state WHERE id = 1"))
+
+    # -- internals -------------------------------------------------------------
+
+    async def _bump_access_list(self, conn: Connection) -> None:
+        await conn.execute("UPDATE access_list_state SET version = version + 1 WHERE id = 1")
+
+    async def _reconcile(self, conn: Connection) -> None:
+        """Issue a new version to every active device whose derived list changed."""
+        devices = await conn.fetch(
+            "SELECT d.key, d.revoked_at_ms, d.peer_version, pc.peers FROM devices d"
+            " LEFT JOIN peer_changes pc ON pc.device_key = d.key AND pc.version = d.peer_version")
+        revoked = {d["key"] for d in devices if d["revoked_at_ms"] is not None}
+        memberships = [(r["group_id"], r["device_key"])
+                       for r in await conn.fetch("SELECT group_id, device_key FROM memberships")]
+        last_sent = {d["key"]: decode_peer_text(d["peers"] or "") for d in devices}
+        active = [d["key"] for d in devices if d["revoked_at_ms"] is None]
+        changes = changed_lists(last_sent, derive_peer_lists(memberships, revoked), active)
+        now = now_ms()
+        for key, peers in sorted(changes.items()):
+            version = await conn.fetchval(
+                "UPDATE devices SET peer_version = peer_version + 1 WHERE key = $1"
+                " RETURNING peer_version", key)
+            await conn.execute(
+                "INSERT INTO peer_changes (device_key, version, peers, created_at_ms)"
+                " VALUES ($1, $2, $3, $4)", key, version, encode_peer_text(peers), now)
+
+    async def _refuse_duplicate_group(self, conn: Connection, name: str,
+                                      except_id: str | None = None) -> None:
+        row = await conn.fetchrow("SELECT id FROM peer_groups WHERE name = $1", name)
+        if row is not None and row["id"] != except_id:
+            raise Conflict(f"a group named {name!r} already exists")
+
+    async def _group_names_by_device(self) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {}
+        for row in await self.db.fetch(
+                "SELECT m.device_key, g.name FROM memberships m"
+                " JOIN peer_groups g ON g.id = m.group_id ORDER BY g.name"):
+            result.setdefault(row["device_key"], []).append(row["name"])
+        return result
+
+    @staticmethod
+    def _device(row: dict[str, Any], groups: dict[str, list[str]]) -> Device:
+        return Device(row["key"], row["name"], tuple(row["tags"].split()), row["enrolled_at_ms"],
+                      row["revoked_at_ms"], row["last_seen_ms"], row["peer_version"],
+                      row["acked_version"], tuple(groups.get(row["key"], ())))

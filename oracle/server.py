@@ -1,0 +1,114 @@
+"""Run an oracle in-process: database, identity, pusher and HTTP app, as one async context.
+
+`OracleServer` is what the CLI, the demo, the tests and the benchmark start,
+so they all exercise the same code path; port 0 picks a free port.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+from aiohttp import web
+
+from proto import Identity
+
+from .auth import Auth
+from .context import OracleContext
+from .db import open_database
+from .publisher import AccessListPublisher
+from .pusher import Pusher
+from .registry import Registry
+from .settings import OracleSettings
+from .web import create_app
+
+__all__ = ["OracleServer", "OracleSettings", "load_oracle_identity"]
+
+
+def load_oracle_identity(path: Path) -> Identity:
+    """The oracle's key from its 0600 file, created on first start."""
+    if not path.exists():
+        Identity.generate().save(path)
+    return Identity.load(path)
+
+
+class OracleServer:
+    def __init__(self, settings: OracleSettings) -> None:
+        settings.validate()
+        self.settings = settings
+        self.identity = load_oracle_identity(Path(settings.identity_file))
+        self.oracle: OracleContext | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = settings.port
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def create_admin(self, username: str, password: str | None = None) -> str:
+        """Create an administrator; returns the (generated unless given) password."""
+        assert self.oracle is not None, "start the oracle first"
+        return await self.oracle.auth.create_admin(username, password)
+
+    async def create_api_token(self, name: str) -> str:
+        assert self.oracle is not None, "start the oracle first"
+        return await self.oracle.auth.create_api_token(name)
+
+    async def start(self) -> None:
+        log = structlog.get_logger("oracle").bind(oracle=self.identity.public.text[:16])
+        db = await open_database(self.settings.database)
+        try:
+            publisher: AccessListPublisher | None = None
+            pusher: Pusher | None = None
+
+            def changed() -> None:
+                assert publisher is not None and pusher is not None
+                publisher.notify()
+                pusher.notify()
+
+            registry = Registry(db, changed)
+            publisher = AccessListPublisher(registry, self.identity)
+            pusher = Pusher(registry, self.identity, self.settings, log)
+            self.oracle = OracleContext(self.settings, self.identity, registry,
+                                        Auth(db, self.settings.session_ttl_s), publisher,
+                                        pusher, log)
+            self._runner = web.AppRunner(create_app(self.oracle), access_log=None,
+                                         handle_signals=False, shutdown_timeout=1.0)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
+                               reuse_address=True)
+            await site.start()
+        except BaseException:
+            if self.oracle is None:
+                await db.close()
+            await self.stop()
+            raise
+        sockets = [s for s in site._server.sockets  # type: ignore[union-attr]
+                   if s.family in (socket.AF_INET, socket.AF_INET6)]
+        self.port = sockets[0].getsockname()[1]
+        await pusher.start()
+        log.info("oracle_started", url=self.url, oracle_key=self.identity.public.text,
+                 settings=self.settings.describe())
+
+    async def stop(self) -> None:
+        """Stop pushing and serving, close the database; safe to call twice."""
+        runner, oracle = self._runner, self.oracle
+        self._runner = self.oracle = None
+        if oracle is not None:
+            await oracle.pusher.stop()
+        if runner is not None:
+            await runner.cleanup()
+        if oracle is not None:
+            await oracle.registry.db.close()
+
+    async def __aenter__(self) -> OracleServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()

@@ -1,0 +1,88 @@
+"""The oracle's aiohttp application: authentication, CSRF and error middlewares around the routes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from . import api, dashboard
+from .auth import CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal, csrf_ok
+from .context import OracleContext
+from .errors import OracleError
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+def _is_public(request: web.Request) -> bool:
+    path = request.path
+    return (path in api.PUBLIC_PATHS or path in dashboard.PUBLIC_PATHS
+            or path.startswith(dashboard.STATIC_PREFIX))
+
+
+def _is_api(request: web.Request) -> bool:
+    return request.path.startswith("/v1/")
+
+
+async def _principal(request: web.Request) -> Principal | None:
+    auth = request.app[api.ORACLE_KEY].auth
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return await auth.by_bearer(header[7:].strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return await auth.by_session(cookie) if cookie else None
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """OracleError → its status, as JSON for the API and as a short page elsewhere."""
+    try:
+        return await handler(request)
+    except OracleError as exc:
+        if _is_api(request):
+            return web.json_response({"error": exc.message}, status=exc.status)
+        return web.Response(text=exc.message, status=exc.status)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every non-public route needs an admin; every cookie-authenticated change needs CSRF."""
+    if _is_public(request):
+        return await handler(request)
+    principal = await _principal(request)
+    if principal is None:
+        if _is_api(request):
+            return web.json_response({"error": "authentication required"}, status=401)
+        raise web.HTTPSeeOther("/login")
+    if request.method not in _SAFE_METHODS:
+        presented = request.headers.get(CSRF_HEADER)
+        if presented is None and request.content_type == "application/x-www-form-urlencoded":
+            presented = (await request.post()).get(CSRF_FIELD)  # type: ignore[assignment]
+        if not csrf_ok(principal, presented if isinstance(presented, str) else None):
+            if _is_api(request):
+                return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
+            return web.Response(text="missing or wrong CSRF token", status=403)
+    request[PRINCIPAL] = principal
+    return await handler(request)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    if response.content_type == "text/html":
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'")
+    return response
+
+
+def create_app(oracle: OracleContext) -> web.Application:
+    app = web.Application(middlewares=[security_headers, errors_middleware, auth_middleware])
+    app[api.ORACLE_KEY] = oracle
+    api.add_routes(app)
+    dashboard.add_routes(app)
+    return app

@@ -1,0 +1,147 @@
+"""The device's pure inbox decisions, without a network: one rule per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from client.dedup import RecentlySeen
+from client.inbox import (Drop, DropReason, ExpiryArrived, InboxView, PeerChangeArrived,
+                          ReceiptArrived, Surface, decide)
+from client.peers import PeerList
+from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
+from proto.payloads import ExpiryNotice, PeerChange, Receipt
+
+NOW_MS = 1_700_000_000_000
+
+alice, bob, carol, mallory, oracle, relay = (Identity.generate() for _ in range(6))
+
+
+def sealed(sender: Identity, recipients: list[Identity], plaintext: bytes,
+           kind: Kind = Kind.DATA) -> Envelope:
+    return seal_envelope(sender, kind, [r.public for r in recipients], plaintext,
+                         ttl_s=60, now_ms=NOW_MS)
+
+
+def view(*, peers: list[Identity] = (bob,), peer_version: int = 0,  # type: ignore[assignment]
+         seen: RecentlySeen | None = None,
+         awaiting: set[tuple[bytes, PublicKey]] | None = None,
+         oracle_key: PublicKey | None = oracle.public) -> InboxView:
+    """What alice's device knows: bob is her peer and `relay` proved its key."""
+    return InboxView(identity=alice, peers=PeerList([p.public for p in peers], peer_version),
+                     relay_keys={relay.public}, seen=seen or RecentlySeen(),
+                     awaiting_receipt=awaiting or set(), oracle_key=oracle_key)
+
+
+def test_data_from_a_peer_is_surfaced_with_its_plaintext() -> None:
+    envelope = sealed(bob, [alice], b"hello")
+    decision = decide(envelope.raw, view())
+    assert isinstance(decision, Surface)
+    message = decision.message
+    assert (message.sender, message.msg_id, message.payload, message.kind,
+            message.created_at_ms) == (bob.public, envelope.msg_id, b"hello", Kind.DATA, NOW_MS)
+
+
+def test_forged_signature_is_dropped_as_invalid() -> None:
+    raw = bytearray(sealed(bob, [alice], b"hello").raw)
+    raw[-1] ^= 0x01  # the signature is the envelope's last field
+    decision = decide(bytes(raw), view())
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+    assert "signature" in decision.detail
+
+
+def test_envelope_not_addressed_to_this_device_is_dropped() -> None:
+    decision = decide(sealed(bob, [carol], b"not yours").raw, view())
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+    assert "not a recipient" in decision.detail
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x00", b"\x83\x01\x02\x03", b"\xff" * 100])
+def test_garbage_bytes_are_dropped_not_raised(raw: bytes) -> None:
+    decision = decide(raw, view())
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+
+
+def test_data_from_a_non_peer_is_dropped() -> None:
+    decision = decide(sealed(mallory, [alice], b"spam").raw, view())
+    assert isinstance(decision, Drop) and decision.reason is DropReason.NON_PEER
+
+
+def test_already_seen_message_is_a_duplicate() -> None:
+    envelope = sealed(bob, [alice], b"again")
+    seen = RecentlySeen()
+    seen.add((bob.public, envelope.msg_id))
+    decision = decide(envelope.raw, view(seen=seen))
+    assert isinstance(decision, Drop) and decision.reason is DropReason.DUPLICATE
+
+
+def test_same_msg_id_from_another_sender_is_not_a_duplicate() -> None:
+    envelope = sealed(bob, [alice], b"fresh")
+    seen = RecentlySeen()
+    seen.add((carol.public, envelope.msg_id))
+    assert isinstance(decide(envelope.raw, view(seen=seen)), Surface)
+
+
+def test_expiry_from_a_proven_relay_key_is_accepted() -> None:
+    notice = ExpiryNotice(b"m" * 16, bob.public)
+    decision = decide(sealed(relay, [alice], notice.encode(), Kind.EXPIRY).raw, view())
+    assert isinstance(decision, ExpiryArrived) and decision.notice == notice
+
+
+@pytest.mark.parametrize("sender", [mallory, bob], ids=["stranger", "peer"])
+def test_expiry_from_any_other_key_is_dropped(sender: Identity) -> None:
+    notice = ExpiryNotice(b"m" * 16, bob.public)
+    decision = decide(sealed(sender, [alice], notice.encode(), Kind.EXPIRY).raw, view())
+    assert isinstance(decision, Drop) and decision.reason is DropReason.UNTRUSTED_EXPIRY
+
+
+def test_newer_peer_change_from_the_oracle_replaces() -> None:
+    change = PeerChange(5, (carol.public,))
+    decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
+                      view(peer_version=4))
+    assert isinstance(decision, PeerChangeArrived)
+    assert decision.change == change and decision.newer
+
+
+@pytest.mark.parametrize("version", [2, 3], ids=["older", "same"])
+def test_older_or_equal_peer_change_version_is_ignored(version: int) -> None:
+    change = PeerChange(version, (mallory.public,))
+    decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
+                      view(peer_version=3))
+    assert isinstance(decision, PeerChangeArrived) and not decision.newer
+
+
+@pytest.mark.parametrize("oracle_key", [oracle.public, None], ids=["oracle-set", "no-oracle"])
+def test_peer_change_from_another_key_is_dropped(oracle_key: PublicKey | None) -> None:
+    change = PeerChange(99, (mallory.public,))
+    for sender in (mallory, bob):
+        decision = decide(sealed(sender, [alice], change.encode(), Kind.PEER_CHANGE).raw,
+                          view(oracle_key=oracle_key))
+        assert isinstance(decision, Drop)
+        assert decision.reason is DropReason.UNAUTHORIZED_PEER_CHANGE
+
+
+def test_receipt_from_a_peer_is_accepted() -> None:
+    receipt = Receipt(b"r" * 16)
+    decision = decide(sealed(bob, [alice], receipt.encode(), Kind.RECEIPT).raw, view())
+    assert isinstance(decision, ReceiptArrived) and decision.receipt == receipt
+
+
+def test_receipt_from_a_non_peer_only_for_a_message_we_sent_it() -> None:
+    receipt = Receipt(b"r" * 16)
+    raw = sealed(carol, [alice], receipt.encode(), Kind.RECEIPT).raw
+    awaited = view(peers=[], awaiting={(receipt.msg_id, carol.public)})
+    assert isinstance(decide(raw, awaited), ReceiptArrived)
+    for other in (view(peers=[]), view(peers=[], awaiting={(receipt.msg_id, bob.public)})):
+        decision = decide(raw, other)
+        assert isinstance(decision, Drop) and decision.reason is DropReason.UNEXPECTED_RECEIPT
+
+
+def test_payload_that_does_not_parse_for_its_kind_is_dropped_as_invalid() -> None:
+    decision = decide(sealed(bob, [alice], b"not a receipt", Kind.RECEIPT).raw, view())
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+
+
+def test_multi_recipient_envelope_opens_for_each_recipient() -> None:
+    envelope = sealed(bob, [alice, carol], b"to both")
+    decision = decide(envelope.raw, view())
+    assert isinstance(decision, Surface) and decision.message.payload == b"to both"

@@ -1,0 +1,84 @@
+"""End to end in a real browser: an admin adds a device to a group on the dashboard, and the
+device receives its new peer list through a running relay.
+
+Needs Debian's Chromium and the Playwright package (scripts/install-browser installs both).
+A missing browser fails the test with that instruction instead of skipping it silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from oracle_support import Admin, eventually, oracle_settings
+
+from client.device import Device
+from oracle import OracleServer
+from proto import Identity
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _require_browser() -> None:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/install-browser (apt-get install chromium)")
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        pytest.fail("the playwright package is missing: run scripts/install-browser")
+
+
+async def test_dashboard_membership_change_reaches_the_device(start_relay, tmp_path) -> None:
+    _require_browser()
+    from playwright.async_api import async_playwright
+
+    relay = await start_relay()
+    sensor, gateway = Identity.generate(), Identity.generate()
+    async with OracleServer(oracle_settings(tmp_path, relays=(relay.url,))) as oracle:
+        password = await oracle.create_admin("alice")
+        setup = await Admin.login(oracle, "setup")
+        for identity, name in ((sensor, "sensor"), (gateway, "gateway")):
+            await setup.call("POST", "/v1/devices", {"key": identity.public.text, "name": name},
+                             expect=201)
+        group = await setup.call("POST", "/v1/groups", {"name": "lab"}, expect=201)
+        await setup.call("PUT", f"/v1/groups/{group['id']}/members/{gateway.public.text}")
+        await setup.close()
+
+        async with Device(sensor, relays=[relay.url], oracle_key=oracle.identity.public) as device, \
+                async_playwright() as playwright:
+            await device.wait_connected()
+            browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                                       args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page(viewport={"width": 1280, "height": 900})
+                page.set_default_timeout(10_000)
+                await page.goto(oracle.url + "/")
+                assert page.url.endswith("/login")
+                await page.fill("input[name=username]", "alice")
+                await page.fill("input[name=password]", password)
+                await page.click("button:has-text('Log in')")
+                await page.wait_for_selector("h2:has-text('Devices')")
+
+                card = page.locator("article.group[data-group='lab']")
+                await card.locator("select[name=key]").select_option(sensor.public.text)
+                await card.locator("button:has-text('Add member')").click()
+                await page.wait_for_selector(
+                    f"article.group[data-group='lab'] ul.members code[title='{sensor.public.text}']")
+
+                await eventually(lambda: _has_peer(device, gateway), timeout=5)
+                assert device.peers.version == 1
+
+                async def shows_up_to_date() -> bool:
+                    await page.reload()
+                    row = page.locator(f"tr[data-key='{sensor.public.text}'] td.sync")
+                    return "up to date" in await row.inner_text()
+                await eventually(shows_up_to_date, timeout=5, interval=0.2)
+                await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+            finally:
+                await browser.close()
+
+
+async def _has_peer(device: Device, peer: Identity) -> bool:
+    return peer.public in device.peers

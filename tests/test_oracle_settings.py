@@ -1,0 +1,46 @@
+"""The oracle's settings and CLI: flags over environment, secrets masked, admin creation."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from oracle import OracleSettings
+
+
+def test_flags_win_over_environment_and_relays_repeat() -> None:
+    environ = {"CONTINUUM_ORACLE_PORT": "9000", "CONTINUUM_ORACLE_SECURE_COOKIES": "yes",
+               "CONTINUUM_ORACLE_RELAYS": "ws://a/v1/connect, ws://b/v1/connect"}
+    settings, _ = OracleSettings.from_sources([], environ)
+    assert settings.port == 9000 and settings.secure_cookies is True
+    assert settings.relays == ("ws://a/v1/connect", "ws://b/v1/connect")
+    settings, _ = OracleSettings.from_sources(
+        ["--port", "9001", "--relay", "ws://c/v1/connect", "--relay", "wss://d/v1/connect"], environ)
+    assert settings.port == 9001 and settings.relays == ("ws://c/v1/connect", "wss://d/v1/connect")
+    with pytest.raises(SystemExit):
+        OracleSettings.from_sources(["--relay", "http://not-a-websocket"], {})
+
+
+def test_database_password_is_masked() -> None:
+    settings = OracleSettings(database="postgresql://oracle:hunter2@db.example/oracle")
+    assert settings.describe()["database"] == "postgresql://oracle:***@db.example/oracle"
+    assert "hunter2" not in repr(settings.describe())
+
+
+def test_cli_creates_admin_once_and_a_0600_key(tmp_path) -> None:
+    env = {**os.environ, "CONTINUUM_ORACLE_DATABASE": f"sqlite:///{tmp_path / 'o.db'}",
+           "CONTINUUM_ORACLE_IDENTITY_FILE": str(tmp_path / "oracle.key")}
+    run = [sys.executable, "-m", "oracle"]
+    created = subprocess.run([*run, "create-admin", "ops"], env=env, capture_output=True,
+                             text=True, timeout=30)
+    assert created.returncode == 0 and "password for 'ops'" in created.stdout
+    again = subprocess.run([*run, "create-admin", "ops"], env=env, capture_output=True,
+                           text=True, timeout=30)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    key = subprocess.run([*run, "show-key"], env=env, capture_output=True, text=True, timeout=30)
+    assert key.stdout.startswith("cpk_")
+    assert stat.S_IMODE((tmp_path / "oracle.key").stat().st_mode) == 0o600

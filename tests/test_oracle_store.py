@@ -1,0 +1,141 @@
+"""The oracle's registry on both databases: migrations, derived peer lists, versions, outbox."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from oracle_support import fresh_postgres_database, postgres_available
+
+from oracle.db import Database, open_database
+from oracle.errors import Conflict, InvalidInput, NotFound
+from oracle.peers import changed_lists, derive_peer_lists
+from oracle.registry import Registry
+from proto import Identity
+
+Opener = Callable[[], Awaitable[Database]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_db(request, tmp_path) -> AsyncIterator[Opener]:
+    """Opens the same database again on each call (to test restarts); closes them all."""
+    opened: list[Database] = []
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'oracle.db'}"
+
+        async def opener() -> Database:
+            opened.append(await open_database(url))
+            return opened[-1]
+        yield opener
+    else:
+        if not postgres_available():
+            pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+        async with fresh_postgres_database() as dsn:
+            async def opener() -> Database:
+                opened.append(await open_database(dsn))
+                return opened[-1]
+            yield opener
+            for db in opened:
+                await db.close()
+            opened.clear()
+    for db in opened:
+        await db.close()
+
+
+def key() -> str:
+    return Identity.generate().public.text
+
+
+def test_peer_lists_are_union_of_groups_minus_revoked() -> None:
+    memberships = [("g1", "a"), ("g1", "b"), ("g2", "a"), ("g2", "c"), ("g3", "d")]
+    lists = derive_peer_lists(memberships, revoked={"c"})
+    assert lists == {"a": {"b"}, "b": {"a"}, "d": frozenset()}
+    changes = changed_lists({"a": frozenset({"b", "c"}), "c": frozenset({"a"})}, lists,
+                            active=["a", "b", "d"])
+    assert changes == {"a": {"b"}, "b": {"a"}}  # d: never sent, still empty → nothing to say
+
+
+async def test_migrations_are_numbered_recorded_and_applied_once(open_db: Opener) -> None:
+    db = await open_db()
+    rows = await db.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    assert rows and rows[0]["version"] == 1 and rows[0]["name"] == "0001_initial"
+    assert await db.migrate() == []  # nothing left to apply
+    again = await open_db()
+    assert await again.fetch("SELECT version FROM schema_migrations") == [{"version": 1}]
+
+
+async def test_group_changes_issue_versions_only_to_affected_devices(open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    a, b, c = key(), key(), key()
+    for k in (a, b, c):
+        await registry.enroll(k, f"dev-{k[4:8]}", ["t"])
+    with pytest.raises(Conflict):
+        await registry.enroll(a, "dup")
+    with pytest.raises(InvalidInput):
+        await registry.enroll("cpk_nope", "bad")
+    group = await registry.create_group("g")
+    await registry.add_member(group.id, a)
+    assert await registry.pending_pushes() == []  # alone in a group: nothing to say yet
+    await registry.add_member(group.id, b)
+    pending = {p.device_key: p for p in await registry.pending_pushes()}
+    assert set(pending) == {a, b} and pending[a].peers == {b} and pending[a].version == 1
+    await registry.add_member(group.id, b)  # idempotent: no new version
+    assert (await registry.get_device(a)).peer_version == 1
+    other = await registry.create_group("h")
+    await registry.add_member(other.id, c)
+    await registry.add_member(other.id, a)
+    assert (await registry.get_device(a)).peer_version == 2
+    assert await registry.current_peers(a) == {b, c}
+    assert (await registry.get_device(b)).peer_version == 1  # b's list did not change
+    await registry.delete_group(other.id)
+    assert await registry.current_peers(a) == {b} and await registry.current_peers(c) == frozenset()
+    with pytest.raises(NotFound):
+        await registry.get_group(other.id)
+
+
+async def test_revocation_removes_device_from_lists_and_bumps_access_list(open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    a, b = key(), key()
+    for k in (a, b):
+        await registry.enroll(k, "d")
+    group = await registry.create_group("g")
+    await registry.add_member(group.id, a)
+    await registry.add_member(group.id, b)
+    before = await registry.access_snapshot()
+    await registry.set_revoked(b, True)
+    after = await registry.access_snapshot()
+    assert after.version == before.version + 1
+    assert after.revoked == {b} and after.enrolled == {a}
+    assert await registry.current_peers(a) == frozenset()
+    assert [p.device_key for p in await registry.pending_pushes()] == [a]  # none to the revoked
+    await registry.set_revoked(b, False)
+    assert await registry.current_peers(a) == {b}
+
+
+async def test_outbox_receipts_and_versions_survive_reopening(open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    a, b = key(), key()
+    for k in (a, b):
+        await registry.enroll(k, "d")
+    group = await registry.create_group("g")
+    await registry.add_member(group.id, a)
+    await registry.add_member(group.id, b)
+    await registry.remove_member(group.id, b)
+    await registry.add_member(group.id, b)  # a is now at v3; v1 and v2 are superseded
+    (push_a,) = [p for p in await registry.pending_pushes() if p.device_key == a]
+    assert push_a.version == 3
+    await registry.record_sealed(push_a, "ZW52ZWxvcGU=", "00" * 16)
+    await registry.mark_failed(push_a, "ConnectionError: relay down")
+
+    reopened = Registry(await open_db(), lambda: None)  # an oracle restart
+    (again,) = [p for p in await reopened.pending_pushes() if p.device_key == a]
+    assert again.version == 3 and again.envelope == "ZW52ZWxvcGU=" and again.attempts == 1
+    await reopened.mark_sent(again)
+    assert await reopened.record_receipt(a, "00" * 16) == 3
+    assert await reopened.record_receipt(a, "ff" * 16) is None  # not a peer change of ours
+    device = await reopened.get_device(a)
+    assert device.acked_version == 3 and not device.behind and device.last_seen_ms is not None
+    await reopened.remove_member(group.id, b)
+    assert (await reopened.get_device(a)).peer_version == 4  # never reuses a version
+    history = await reopened.push_history(a)
+    assert [h.version for h in history] == [4, 3, 2, 1]
