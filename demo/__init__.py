@@ -1,0 +1,1 @@
+"""The one-command demo of relay, oracle and devices (`continuum-demo`)."""
