@@ -1,8 +1,12 @@
 """Property: whatever bytes an authenticated device sends, the relay answers with a
-clear ERROR frame, stores nothing, and keeps serving everyone."""
+clear ERROR frame, stores nothing, and keeps serving everyone.
+
+CI runs a modest number of examples; `pytest -m fuzz` runs the same properties
+against a live relay with CONTINUUM_FUZZ_EXAMPLES (default 100 000) each."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -58,13 +62,14 @@ def _valid_send(target: FuzzTarget) -> bytes:
     return encode_frame(Send(envelope.raw))
 
 
-_FUZZ = settings(max_examples=150, deadline=None,
+quick = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+long = settings(max_examples=int(os.environ.get("CONTINUUM_FUZZ_EXAMPLES", "100000")),
+                deadline=None, database=None, suppress_health_check=list(HealthCheck))
+random_bytes = st.binary(min_size=0, max_size=2048)
 
 
-@_FUZZ
-@given(data=st.binary(min_size=0, max_size=2048))
-def test_random_bytes_are_refused_with_an_error_frame(target: FuzzTarget, data: bytes) -> None:
+def check_random_bytes(target: FuzzTarget, data: bytes) -> None:
     before = target.depth()
     answer = _answer(target, data)
     assert isinstance(answer, Error)
@@ -73,10 +78,7 @@ def test_random_bytes_are_refused_with_an_error_frame(target: FuzzTarget, data: 
     TALLY[ATTACKS_REJECTED] += 1
 
 
-@_FUZZ
-@given(data=st.data())
-def test_mutated_valid_frames_are_refused_and_not_stored(target: FuzzTarget,
-                                                         data: st.DataObject) -> None:
+def check_mutated_frame(target: FuzzTarget, data: st.DataObject) -> None:
     original = _valid_send(target)
     frame = bytearray(original)
     mutation = data.draw(st.sampled_from(["flip", "truncate", "extend", "splice"]))
@@ -99,6 +101,35 @@ def test_mutated_valid_frames_are_refused_and_not_stored(target: FuzzTarget,
     assert answer.error_code is not None and answer.error_code is not ErrorCode.INTERNAL
     assert target.depth() == before
     TALLY[ATTACKS_REJECTED] += 1
+
+
+@quick
+@given(data=random_bytes)
+def test_random_bytes_are_refused_with_an_error_frame(target: FuzzTarget, data: bytes) -> None:
+    check_random_bytes(target, data)
+
+
+@quick
+@given(data=st.data())
+def test_mutated_valid_frames_are_refused_and_not_stored(target: FuzzTarget,
+                                                         data: st.DataObject) -> None:
+    check_mutated_frame(target, data)
+
+
+@pytest.mark.fuzz
+@pytest.mark.timeout(0)
+@long
+@given(data=random_bytes)
+def test_random_bytes_long(target: FuzzTarget, data: bytes) -> None:
+    check_random_bytes(target, data)
+
+
+@pytest.mark.fuzz
+@pytest.mark.timeout(0)
+@long
+@given(data=st.data())
+def test_mutated_valid_frames_long(target: FuzzTarget, data: st.DataObject) -> None:
+    check_mutated_frame(target, data)
 
 
 def test_relay_still_serves_after_fuzzing(target: FuzzTarget) -> None:
