@@ -29,7 +29,8 @@ logged or sent.
 Modules, one job each: `inbox` (pure decision per delivery), `outbox` (sends
 awaiting ACCEPTED), `tracking` (receipts and expiries per recipient),
 `peers`, `dedup`, `backoff`, `connection` (handshake and frames), `device`
-(the shell tying them together), `home` and `cli` (the `continuum-client` command).
+(the shell tying them together), `stats`, `settings` and `cli` (the
+`continuum-client` command).
 """
 
 from .device import Device

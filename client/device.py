@@ -126,9 +126,9 @@ class Device:
             raise WrongSenderError("a device can only send envelopes it signed itself")
         outgoing = self._sent.track(envelope)  # before sending: a receipt may beat ACCEPTED
         entry = self._outbox.add(envelope)
-        if self._connection is not None:
-            await self._transmit(entry, self._connection)
         try:
+            if self._connection is not None:
+                await self._transmit(entry, self._connection)
             await entry.accepted
         except ProtocolError as exc:
             self.stats.refused += 1
@@ -239,15 +239,16 @@ class Device:
             log.info("delivery_dropped", reason=decision.reason.value, detail=decision.detail,
                      sender=envelope.sender.text if envelope else None)
         else:
-            self._seen.add((decision.envelope.sender, decision.envelope.msg_id))
             if isinstance(decision, ReceiptArrived):
                 self._on_receipt(decision)
             elif isinstance(decision, ExpiryArrived):
                 self.stats.expiry_notices += 1
                 self._sent.record(decision.notice.msg_id, decision.notice.recipient,
                                   DeliveryStatus.EXPIRED)
-            elif isinstance(decision, PeerChangeArrived):
+            else:
                 await self._on_peer_change(decision)
+            # Only once handled: if handling failed (disk full), the re-delivery retries it.
+            self._seen.add((decision.envelope.sender, decision.envelope.msg_id))
         await connection.ack(frame.tag)
 
     def _on_receipt(self, decision: ReceiptArrived) -> None:

@@ -251,4 +251,4 @@ def decode_frame(data: bytes, max_size: int) -> Frame:
     cls, arity = entry
     if len(value) != arity + 1:
         raise DecodeError(f"{cls.__name__} frame must have {arity} fields, got {len(value) - 1}")
-    return cls.from_fields(value[1:])
+    return cls.from_fields(value[1:])  # type: ignore[attr-defined, no-any-return]

@@ -11,6 +11,7 @@ checksum: a mistyped key is refused instead of silently addressing nobody.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import os
 import stat
@@ -44,7 +45,7 @@ def _from_text(prefix: str, text: str, what: str) -> bytes:
     body = text[len(prefix):].strip().upper()
     try:
         decoded = base64.b32decode(body + "=" * (-len(body) % 8))
-    except (ValueError, base64.binascii.Error):
+    except (ValueError, binascii.Error):
         raise InvalidFieldError(f"{what} is not valid base32") from None
     if len(decoded) != KEY_BYTES + _CHECKSUM_BYTES:
         raise InvalidFieldError(f"{what} has the wrong length")

@@ -94,7 +94,7 @@ class PubSubWakeups:
     async def _resubscribe_all(self, pubsub: PubSub) -> None:
         """After a lost connection: a fresh socket, every local channel again, everyone woken."""
         try:
-            await pubsub.reset()
+            await pubsub.aclose()
             channels = [self._channel(recipient) for recipient in self._hub.keys()]
             if channels:
                 await pubsub.subscribe(*channels)
