@@ -3,6 +3,7 @@
     continuum-client [--home DIR] [--relay URL]… [--oracle-key cpk_…] COMMAND
       keygen                       create identity.key (0600); print the public key
       whoami                       print the public key
+      enroll --oracle cpk_…        trust this oracle (only) to set the peer list
       peers add|remove KEY…        edit the allowed-peer list
       peers list                   print it, one key per line
       send KEY… TEXT|@FILE         send one message to all KEYs; --wait S for receipts
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("keygen", help="create this device's key pair")
     commands.add_parser("whoami", help="print this device's public key")
+    enroll = commands.add_parser("enroll", help="trust an oracle to set the peer list")
+    enroll.add_argument("--oracle", required=True, metavar="cpk_…", help="the oracle's key")
+    enroll.add_argument("--replace", action="store_true",
+                        help="switch to another oracle than the one already enrolled with")
     peers = commands.add_parser("peers", help="edit or show the allowed-peer list")
     peer_commands = peers.add_subparsers(dest="peers_command", required=True)
     for name in ("add", "remove"):
@@ -104,6 +109,8 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.command == "whoami":
         print(_load_identity(settings).public.text)
         return 0
+    if args.command == "enroll":
+        return _enroll(settings, PublicKey.from_text(args.oracle), args.replace)
     if args.command == "peers":
         return _peers(args, settings)
     if args.command == "send":
@@ -111,6 +118,19 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         recipients = [PublicKey.from_text(text) for text in args.recipients]
         return asyncio.run(_send(settings, recipients, payload, args.ttl, args.wait, args.timeout))
     return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
+
+
+def _enroll(settings: ClientSettings, oracle: PublicKey, replace: bool) -> int:
+    """Record the oracle key in the home; a different one only on purpose (--replace)."""
+    identity = _load_identity(settings)
+    current = settings.oracle_path.read_text(encoding="ascii").strip() \
+        if settings.oracle_path.exists() else None
+    if current not in (None, oracle.text) and not replace:
+        raise CliError(f"already enrolled with oracle {current}; use --replace to switch")
+    settings.oracle_path.write_text(oracle.text + "\n", encoding="ascii")
+    print(f"enrolled with oracle {oracle.text}")
+    print(f"ask its administrator to add this device: {identity.public.text}")
+    return 0
 
 
 def _keygen(settings: ClientSettings) -> int:

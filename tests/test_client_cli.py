@@ -9,12 +9,15 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from proto import Identity, PublicKey
+from client import Device
+from proto import Identity, Kind, PublicKey, seal_envelope
+from proto.payloads import PeerChange
 from relay_process import RelayProcess, free_port
 
 CLIENT = str(Path(sys.executable).parent / "continuum-client")
@@ -150,3 +153,34 @@ async def test_send_with_no_reachable_relay_gives_up_after_its_timeout(tmp_path:
                                          "--timeout", "1")
     assert code == 3 and out == ""
     assert "not accepted within 1s" in err and "Cannot connect" in err
+
+
+def test_enroll_records_the_oracle_and_refuses_a_silent_switch(tmp_path: Path) -> None:
+    device_key = new_home(tmp_path)
+    oracle, other = Identity.generate().public.text, Identity.generate().public.text
+    result = run_cli(tmp_path, "enroll", "--oracle", oracle)
+    assert result.returncode == 0, result.stderr
+    assert device_key in result.stdout
+    assert (tmp_path / "oracle.pub").read_text().strip() == oracle
+    switch = run_cli(tmp_path, "enroll", "--oracle", other)
+    assert switch.returncode == 2 and "--replace" in switch.stderr
+    assert (tmp_path / "oracle.pub").read_text().strip() == oracle
+    assert run_cli(tmp_path, "enroll", "--oracle", other, "--replace").returncode == 0
+    assert (tmp_path / "oracle.pub").read_text().strip() == other
+
+
+async def test_enrolled_oracle_sets_the_peer_list_through_the_relay(
+        tmp_path: Path, relay_process: RelayProcess) -> None:
+    device_key = PublicKey.from_text(new_home(tmp_path))
+    oracle, peer = Identity.generate(), Identity.generate()
+    assert run_cli(tmp_path, "enroll", "--oracle", oracle.public.text).returncode == 0
+    change = PeerChange(1, (peer.public,)).encode()
+    async with Device(oracle, [relay_process.url]) as pusher:
+        await pusher.wait_connected()
+        envelope = seal_envelope(oracle, Kind.PEER_CHANGE, [device_key], change, ttl_s=600,
+                                 now_ms=time.time_ns() // 1_000_000)
+        await pusher.send_envelope(envelope)
+    code, _out, err = await run_cli_async("--home", str(tmp_path), "--relay", relay_process.url,
+                                          "listen", "--timeout", "2")
+    assert code == 0, err
+    assert run_cli(tmp_path, "peers", "list").stdout.split() == [peer.public.text]
