@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from client.device import Device  # noqa: E402
 from continuum.logging import configure_logging  # noqa: E402
 from continuum.server import RelayServer, Settings  # noqa: E402
-from oracle import OracleServer, OracleSettings, load_oracle_identity  # noqa: E402
+from oracle import OracleServer, OracleSettings  # noqa: E402
 from proto import Identity  # noqa: E402
 from proto.frames import Error  # noqa: E402
 from wire import RawDevice  # noqa: E402
@@ -95,7 +95,7 @@ async def main(rounds: int) -> None:
     configure_logging("error")
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "oracle.key"
-        oracle_key = load_oracle_identity(key_file).public
+        oracle_key = Identity.load_or_create(key_file).public
         oracle_port = _free_port()
         relay_settings = Settings(host="127.0.0.1", port=0, log_level="error",
                                   oracle_url=f"http://127.0.0.1:{oracle_port}",

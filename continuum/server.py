@@ -34,10 +34,7 @@ def load_relay_identity(settings: Settings) -> Identity:
     if settings.relay_key:
         return Identity.from_text(settings.relay_key)
     if settings.relay_key_file:
-        path = Path(settings.relay_key_file)
-        if not path.exists():
-            Identity.generate().save(path)
-        return Identity.load(path)
+        return Identity.load_or_create(Path(settings.relay_key_file))
     return Identity.generate()
 
 

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 from continuum.logging import configure_logging
+from proto import Identity
 
 from .auth import Auth
 from .db import open_database
 from .errors import OracleError
-from .server import OracleServer, load_oracle_identity
+from .server import OracleServer
 from .settings import OracleSettings
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         if command == "serve":
             asyncio.run(_serve(settings))
         elif command == "show-key":
-            print(load_oracle_identity(Path(settings.identity_file)).public.text)
+            print(Identity.load_or_create(Path(settings.identity_file)).public.text)
         else:
             name = getattr(args, positional or "")
             secret = asyncio.run(_with_auth(settings, command, name))

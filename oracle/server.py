@@ -24,21 +24,14 @@ from .registry import Registry
 from .settings import OracleSettings
 from .web import create_app
 
-__all__ = ["OracleServer", "OracleSettings", "load_oracle_identity"]
-
-
-def load_oracle_identity(path: Path) -> Identity:
-    """The oracle's key from its 0600 file, created on first start."""
-    if not path.exists():
-        Identity.generate().save(path)
-    return Identity.load(path)
+__all__ = ["OracleServer", "OracleSettings"]
 
 
 class OracleServer:
     def __init__(self, settings: OracleSettings) -> None:
         settings.validate()
         self.settings = settings
-        self.identity = load_oracle_identity(Path(settings.identity_file))
+        self.identity = Identity.load_or_create(Path(settings.identity_file))
         self.oracle: OracleContext | None = None
         self._runner: web.AppRunner | None = None
         self.port = settings.port

@@ -135,6 +135,13 @@ class Identity:
             handle.write(self.secret_text() + "\n")
 
     @classmethod
+    def load_or_create(cls, path: Path) -> Identity:
+        """A service's key: created (0600) on first start, the same key ever after."""
+        if not path.exists():
+            cls.generate().save(path)
+        return cls.load(path)
+
+    @classmethod
     def load(cls, path: Path) -> Identity:
         """Read a key file, refusing one that others can read."""
         mode = stat.S_IMODE(path.stat().st_mode)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from child_process import ChildProcess
 from relay_process import free_port
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def redis_server_binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(ChildProcess):
     """A redis-server process on a fixed loopback port and data dir, so a restart finds its AOF."""
 
     def __init__(self, *options: str, port: int | None = None) -> None:
@@ -71,20 +72,6 @@ class RedisServer:
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.02)
         return self
-
-    def kill(self) -> None:
-        """SIGKILL, like a crash: only what reached the AOF survives."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
     def remove(self) -> None:
         self.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from child_process import ChildProcess
 
 RELAY_COMMAND = [sys.executable, "-m", "continuum"]
 
@@ -22,7 +23,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-class RelayProcess:
+class RelayProcess(ChildProcess):
     """`continuum` started with `args` on a fixed port, so a restart keeps its URL."""
 
     def __init__(self, *args: str, port: int | None = None, log_path: Path | None = None) -> None:
@@ -54,17 +55,3 @@ class RelayProcess:
                 await asyncio.sleep(0.05)
         self.kill()
         raise TimeoutError(f"relay on port {self.port} not healthy within {timeout_s}s")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()

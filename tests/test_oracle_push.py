@@ -12,7 +12,7 @@ from wire import RawDevice, now_ms
 
 from client.device import Device
 from continuum.server import RelayServer
-from oracle import OracleServer, load_oracle_identity
+from oracle import OracleServer
 from proto import Identity, Kind, PublicKey, seal_envelope
 from proto.frames import Accepted
 from proto.payloads import PeerChange
@@ -114,7 +114,7 @@ async def _counted_forgery(dev: Device) -> bool:
 async def test_revoked_device_is_refused_closed_and_dropped_by_peers(start_relay, tmp_path) -> None:
     oracle_port = free_port()  # the relay polls the oracle, the oracle pushes through the relay
     Identity.generate().save(tmp_path / "oracle.key")
-    oracle_key = load_oracle_identity(tmp_path / "oracle.key").public.text
+    oracle_key = Identity.load_or_create(tmp_path / "oracle.key").public.text
     relay = await start_relay(oracle_key=oracle_key, oracle_url=f"http://127.0.0.1:{oracle_port}")
     async with OracleServer(oracle_settings(tmp_path, relays=(relay.url,),
                                             port=oracle_port)) as oracle:
