@@ -72,6 +72,8 @@ async def next_message(dev: Device) -> bytes:
 async def run(args: argparse.Namespace) -> None:
     home = Path(args.dir or tempfile.mkdtemp(prefix="continuum-demo-"))
     home.mkdir(parents=True, exist_ok=True)
+    if (home / "oracle.db").exists():
+        raise RuntimeError(f"{home} already holds a demo's state; give an empty --dir")
     relay_port, oracle_port = free_port(args.relay_port), free_port(args.oracle_port)
     relay_url = f"ws://127.0.0.1:{relay_port}/v1/connect"
     oracle = OracleServer(OracleSettings(
@@ -83,10 +85,10 @@ async def run(args: argparse.Namespace) -> None:
         require_enrollment=True, log_level="warning"))
 
     async with oracle, relay:
-        password = await oracle.create_admin(f"admin-{home.name[-6:]}")
+        password = await oracle.create_admin("admin")
         say(f"relay      {relay.url}   (store: {home / 'relay.db'}, enrolled keys only)")
         say(f"oracle     {oracle.url}/   key {oracle.identity.public.text}")
-        say(f"dashboard  {oracle.url}/login   user admin-{home.name[-6:]}   password {password}")
+        say(f"dashboard  {oracle.url}/login   user admin   password {password}")
         say(f"state      {home}")
 
         alice, bob = Identity.generate(), Identity.generate()
