@@ -108,7 +108,7 @@ async def index(request: web.Request) -> web.Response:
 <input type="hidden" name="{CSRF_FIELD}" value="{e(principal.csrf_token or '')}">
 <button class="link">Log out</button></form></div></header>
 <main><div id="flash" role="alert" hidden></div>
-<p class="summary">{len(all_devices)} devices · {len(groups)} groups ·
+<p class="summary">{_count(len(all_devices), "device")} · {_count(len(groups), "group")} ·
 <strong class="{'warn' if behind else ''}">{behind} behind</strong></p>
 <section><h2>Devices</h2>
 <form method="get" action="/" class="row search"><input name="q" value="{e(query)}"
@@ -172,6 +172,10 @@ async def logout(request: web.Request) -> web.Response:
 def _redirect(location: str) -> web.Response:
     """303 after a POST, so reloading the next page does not repeat the POST."""
     return web.Response(status=303, headers={"Location": location})
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def add_routes(app: web.Application) -> None:
