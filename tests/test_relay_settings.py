@@ -1,0 +1,50 @@
+"""The relay's settings: flags over CONTINUUM_* variables over defaults, secrets masked."""
+
+from __future__ import annotations
+
+import pytest
+
+from continuum.settings import Settings
+from proto import Identity
+
+
+def test_flags_override_environment_which_overrides_defaults() -> None:
+    env = {"CONTINUUM_PORT": "9000", "CONTINUUM_RATE_PER_S": "7.5", "CONTINUUM_STORE": "memory"}
+    settings = Settings.from_sources(["--port", "9100"], env)
+    assert settings.port == 9100
+    assert settings.rate_per_s == 7.5
+    assert settings.max_skew_s == Settings().max_skew_s
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), ("0", False),
+                                                 ("yes", True)])
+def test_booleans_are_spelled_out(text: str, expected: bool) -> None:
+    oracle = {"CONTINUUM_ORACLE_URL": "http://127.0.0.1:8480",
+              "CONTINUUM_ORACLE_KEY": Identity.generate().public.text}
+    flagged = Settings.from_sources(["--require-enrollment", text], oracle)
+    assert flagged.require_enrollment is expected
+    env = {**oracle, "CONTINUUM_REQUIRE_ENROLLMENT": text}
+    assert Settings.from_sources([], env).require_enrollment is expected
+
+
+def test_enrollment_without_an_oracle_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_sources(["--require-enrollment", "true"], {})
+    assert "oracle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--rate-per-s", "0"],
+                                  ["--require-enrollment", "maybe"], ["--port", "abc"]])
+def test_bad_values_exit_with_a_usage_error(argv: list[str],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        Settings.from_sources(argv, {})
+    assert exited.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_relay_key_is_masked_when_described() -> None:
+    secret = Identity.generate().secret_text()
+    described = Settings.from_sources([], {"CONTINUUM_RELAY_KEY": secret}).describe()
+    assert described["relay_key"] == "***"
+    assert secret not in repr(described)
