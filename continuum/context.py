@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -26,8 +27,9 @@ class RelayContext:
     gate: ConnectionGate
     access: AccessControl
 
-    @property
+    @functools.cached_property
     def mailbox_limits(self) -> MailboxLimits:
+        """Built once (read on every accept); `settings` is frozen and never replaced."""
         return MailboxLimits(self.settings.mailbox_max_messages, self.settings.mailbox_max_bytes)
 
 

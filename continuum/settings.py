@@ -7,6 +7,7 @@ is printed at start with secrets masked, so an operator sees what is in force.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from dataclasses import dataclass, fields, replace
 
@@ -45,8 +46,13 @@ class Settings:
     # Accept only keys the oracle enrolled, so anonymous keys cannot spam devices.
     require_enrollment: bool = False
 
-    @property
+    @functools.cached_property
     def limits(self) -> Limits:
+        """Built once: the session reads it up to three times per frame.
+
+        cached_property stores into the instance __dict__ directly, which a
+        frozen dataclass allows; the settings never change, so neither does this.
+        """
         return Limits(max_envelope_bytes=self.max_envelope_bytes)
 
     def describe(self) -> dict[str, object]:
