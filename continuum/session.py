@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+import structlog
 from aiohttp import WSMsgType, web
 
 from proto import PublicKey, decode_envelope
@@ -72,34 +73,44 @@ async def _refuse(ws: web.WebSocketResponse, relay: RelayContext, reason: str,
 
 
 class DeviceSession:
+    """Most devices sit idle, so an idle session holds no task and no event of its own:
+    the mailbox wake-up starts a delivery pass, which ends when nothing is left to push."""
+
     def __init__(self, ws: web.WebSocketResponse, device: PublicKey, relay: RelayContext) -> None:
         self._ws = ws
         self._device = device
         self._relay = relay
         self._send_lock = asyncio.Lock()
-        self._wake = asyncio.Event()
+        self._delivery: asyncio.Task[None] | None = None  # a pass running, or the one that failed
+        self._pending_wake = False  # set by a wake-up: the running pass must fetch again
+        self._cursor: str | None = None
         self._in_flight: set[str] = set()
         self._invalid_frames = 0
-        self._log = relay.log.bind(device=device.text)
         self._closing: asyncio.Task[None] | None = None
+
+    @property
+    def _log(self) -> structlog.typing.FilteringBoundLogger:
+        """Bound per call (connect, disconnect, refusals), not kept per idle connection."""
+        return self._relay.log.bind(device=self._device.text)
 
     async def run(self) -> None:
         """Serve until the device disconnects or abuses the connection."""
-        subscription = await self._relay.store.subscribe(self._device, self._wake.set)
-        delivery = asyncio.create_task(self._deliver_forever(), name="deliver")
+        subscription = await self._relay.store.subscribe(self._device, self._wake)
+        self._delivery = asyncio.create_task(self._deliver(observe_depth=True), name="deliver")
         unwatch = self._relay.access.watch(self._device, self._refused)
         self._relay.metrics.connected.inc()
         self._log.info("device_connected")
         try:
-            await self._read_forever(delivery)
+            await self._read_forever()
         except ConnectionError:
             pass  # the device went away mid-write; its mailbox is intact
         finally:
             unwatch()
             self._relay.metrics.connected.dec()
-            delivery.cancel()
-            await asyncio.gather(delivery, return_exceptions=True)
-            await subscription.close()
+            await subscription.close()  # first: no wake-up may start a pass after the cancel
+            if self._delivery is not None:
+                self._delivery.cancel()
+                await asyncio.gather(self._delivery, return_exceptions=True)
             if self._closing is not None:
                 await asyncio.gather(self._closing, return_exceptions=True)
             self._log.info("device_disconnected")
@@ -116,9 +127,9 @@ class DeviceSession:
         finally:
             await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=error.code.name.encode())
 
-    async def _read_forever(self, delivery: asyncio.Task[None]) -> None:
+    async def _read_forever(self) -> None:
         async for message in self._ws:
-            if delivery.done():
+            if self._delivery is not None and self._delivery.done():
                 break  # the delivery side failed (store down, socket broken): drop the device
             if message.type == WSMsgType.ERROR:
                 break  # protocol-level failure, e.g. a frame beyond the hard cap (close 1009)
@@ -177,7 +188,7 @@ class DeviceSession:
             self._relay.metrics.acked.inc()
         if tag in self._in_flight:
             self._in_flight.discard(tag)
-            self._wake.set()
+            self._wake()
 
     async def _reject(self, msg_id: bytes | None, error: ProtocolError) -> None:
         self._invalid_frames += 1
@@ -186,19 +197,32 @@ class DeviceSession:
         self._log.debug("rejected", reason=reason, detail=error.message)
         await _send_frame(self._ws, self._send_lock, Error(msg_id, int(error.code), error.message))
 
-    async def _deliver_forever(self) -> None:
-        """Push the mailbox in order, never more than `delivery_window` un-acked."""
+    def _wake(self) -> None:
+        """The mailbox may have grown or the window opened: make sure a delivery pass runs."""
+        self._pending_wake = True
+        if self._delivery is None:
+            self._delivery = asyncio.create_task(self._deliver(), name="deliver")
+
+    async def _deliver(self, observe_depth: bool = False) -> None:
+        """Push the mailbox in order, never more than `delivery_window` un-acked, then end.
+
+        A pass that raises stays in `_delivery`, so no wake-up starts another and
+        the reader drops the device.  Clearing `_delivery` and returning happen
+        in one step of the loop, so no wake-up can fall between them.
+        """
         store, window = self._relay.store, self._relay.settings.delivery_window
-        self._relay.metrics.mailbox_depth.observe(await store.depth(self._device))
-        cursor: str | None = None
-        while True:
-            self._wake.clear()
+        if observe_depth:
+            self._relay.metrics.mailbox_depth.observe(await store.depth(self._device))
+        self._pending_wake = True
+        while self._pending_wake:
+            self._pending_wake = False
             room = window - len(self._in_flight)
-            batch = await store.fetch(self._device, cursor, room) if room > 0 else []
+            batch = await store.fetch(self._device, self._cursor, room) if room > 0 else []
             for entry in batch:
                 self._in_flight.add(entry.tag)
-                cursor = entry.tag
+                self._cursor = entry.tag
                 await _send_frame(self._ws, self._send_lock, Deliver(entry.tag, entry.raw))
                 self._relay.metrics.delivered.inc()
-            if not batch:
-                await self._wake.wait()
+            if batch:
+                self._pending_wake = True  # the mailbox may hold more than one batch
+        self._delivery = None

@@ -11,6 +11,7 @@ import pytest
 from continuum.server import RelayServer
 from proto import Identity, Kind, decode_envelope, seal_envelope
 from proto.frames import Accepted, Ack, Challenge, Hello, Send, decode_frame, encode_frame
+from proto.errors import StoreUnavailableError
 from proto.payloads import ExpiryNotice
 from wire import RawDevice, error_code, now_ms, sealed
 
@@ -292,3 +293,21 @@ async def test_deliveries_are_not_sent_to_other_devices(relay: RelayServer) -> N
         await e.expect_silence(0.1)
     assert await depth(relay, bob) == 1
 
+
+
+async def test_failed_delivery_drops_the_device_instead_of_retrying_silently(
+        relay: RelayServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relay.url, alice) as a, \
+            await RawDevice.connect(relay.url, bob) as b:
+        assert relay.relay is not None
+
+        async def broken_fetch(*args: object) -> list[object]:
+            raise StoreUnavailableError("mailbox store failed: test")
+
+        monkeypatch.setattr(relay.relay.store, "fetch", broken_fetch)
+        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)  # wakes bob
+        await asyncio.sleep(0.1)
+        await b.send_raw(encode_frame(Ack("1")))  # the reader notices the failed delivery
+        closing = await b.ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
