@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from proto import Identity, PublicKey
+from proto.errors import InvalidFieldError
 
 yaml = pytest.importorskip("yaml")
 
@@ -29,32 +33,47 @@ def load_yaml(path: Path) -> Any:
 
 def merged_values(name: str) -> dict[str, Any]:
     """Defaults overlaid with a region file, as `helm -f` merges maps."""
-    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-        out = dict(base)
-        for key, value in over.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(
-                out.get(key), dict) else value
-        return out
     base = load_yaml(CHART / "values.yaml")
-    return base if name == "values.yaml" else merge(base, load_yaml(CHART / name))
+    return base if name == "values.yaml" else deep_merge(base, load_yaml(CHART / name))
 
 
-def render(values_file: str) -> list[dict[str, Any]]:
-    """Manifests rendered by Helm (binary or SDK); skips when neither is installed."""
-    overrides = {"relay": {"relayKey": RELAY_KEY}}
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def render_with_notes(values_file: str, overrides: dict[str, Any] | None = None,
+                      ) -> tuple[list[dict[str, Any]], str | None]:
+    """Manifests rendered by Helm (binary or SDK), and NOTES.txt (SDK only; `helm template` omits it).
+
+    Skips when neither is installed.
+    """
+    overrides = deep_merge({"relay": {"relayKey": RELAY_KEY}}, overrides or {})
+    notes = None
     if shutil.which("helm"):
-        result = subprocess.run(
-            ["helm", "template", "test", str(CHART), "-f", str(CHART / values_file),
-             "--set", f"relay.relayKey={RELAY_KEY}"],
-            capture_output=True, text=True, timeout=60, check=True)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as extra:
+            yaml.safe_dump(overrides, extra)
+            extra.flush()
+            result = subprocess.run(
+                ["helm", "template", "test", str(CHART), "-f", str(CHART / values_file),
+                 "-f", extra.name],
+                capture_output=True, text=True, timeout=60, check=True)
         text = result.stdout
     else:
         helm_python = pytest.importorskip("helm_python")
         chart = helm_python.Chart.load(CHART)
-        values = merged_values(values_file)
-        values["relay"] = {**values["relay"], **overrides["relay"]}
-        text = "\n---\n".join(chart.render(values, name="test", namespace="default").values())
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+        rendered = chart.render(deep_merge(merged_values(values_file), overrides),
+                                name="test", namespace="default")
+        notes = rendered.pop("continuum/templates/NOTES.txt", None)
+        text = "\n---\n".join(rendered.values())
+    return [doc for doc in yaml.safe_load_all(text) if doc], notes
+
+
+def render(values_file: str, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return render_with_notes(values_file, overrides)[0]
 
 
 def test_chart_metadata_is_valid() -> None:
@@ -80,12 +99,14 @@ def test_schema_refuses_external_redis_without_url() -> None:
         jsonschema.validate(values, schema)
 
 
-def test_chart_lints_clean() -> None:
+@pytest.mark.parametrize("values_file", VALUE_FILES)
+def test_chart_lints_clean(values_file: str) -> None:
     if shutil.which("helm"):
-        subprocess.run(["helm", "lint", "--strict", str(CHART)], check=True, timeout=60)
+        subprocess.run(["helm", "lint", "--strict", str(CHART), "-f", str(CHART / values_file)],
+                       check=True, timeout=60)
         return
     helm_python = pytest.importorskip("helm_python")
-    report = helm_python.lint(CHART, strict=True)
+    report = helm_python.lint(CHART, merged_values(values_file), strict=True)
     problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
     assert problems == []
 
@@ -119,3 +140,210 @@ def test_rendered_manifests_wire_relays_to_one_store(values_file: str) -> None:
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/connect"
     annotations = ingress["metadata"]["annotations"]
     assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+
+
+# --- the oracle and access control -------------------------------------------------
+
+ORACLE = Identity.generate()
+ORACLE_KEYS = {"oracle": {"identityKey": ORACLE.secret_text(), "publicKey": ORACLE.public.text}}
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
+    return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
+
+
+def oracle_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = find(docs, "Deployment", "test-continuum-oracle")
+    assert deployment is not None
+    return deployment["spec"]["template"]["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def relay_config(docs: list[dict[str, Any]]) -> dict[str, str]:
+    config = find(docs, "ConfigMap", "test-continuum-relay")
+    assert config is not None
+    return config["data"]
+
+
+def test_oracle_serves_on_all_interfaces_as_one_process() -> None:
+    docs = render("values.yaml", ORACLE_KEYS)
+    deployment = find(docs, "Deployment", "test-continuum-oracle")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    oracle = oracle_pod(docs)["containers"][0]
+    assert oracle["command"] == ["continuum-oracle", "serve"]
+    env = env_of(oracle)
+    assert env["CONTINUUM_ORACLE_HOST"]["value"] == "0.0.0.0"
+    port = int(env["CONTINUUM_ORACLE_PORT"]["value"])
+    assert oracle["ports"][0]["containerPort"] == port
+    service = find(docs, "Service", "test-continuum-oracle")
+    assert service["spec"]["ports"][0]["port"] == port
+    # Peer changes go through the in-cluster relay Service, on its real port.
+    relay_port = find(docs, "Service", "test-continuum-relay")["spec"]["ports"][0]["port"]
+    assert env["CONTINUUM_ORACLE_RELAYS"]["value"] == \
+        f"ws://test-continuum-relay:{relay_port}/v1/connect"
+    assert env["CONTINUUM_ORACLE_SECURE_COOKIES"]["value"] == "false"
+
+
+def test_oracle_key_comes_from_a_0400_secret_mounted_read_only() -> None:
+    docs = render("values.yaml", ORACLE_KEYS)
+    pod = oracle_pod(docs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    secret_volume = next(v for v in volumes.values() if "secret" in v)
+    assert secret_volume["secret"]["defaultMode"] == 0o400
+    secret = find(docs, "Secret", secret_volume["secret"]["secretName"])
+    assert secret is not None and secret["stringData"]["identity.key"] == ORACLE.secret_text()
+    assert "0400" in json.dumps(pod["initContainers"][0]["command"])
+
+    oracle = pod["containers"][0]
+    key_file = Path(env_of(oracle)["CONTINUUM_ORACLE_IDENTITY_FILE"]["value"])
+    mount = next(m for m in oracle["volumeMounts"] if key_file.parent == Path(m["mountPath"]))
+    assert mount.get("readOnly") is True
+    # The oracle itself never sees the Secret volume (fsGroup makes it group-readable).
+    assert secret_volume["name"] not in {m["name"] for m in oracle["volumeMounts"]}
+    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_identity_copy_passes_the_oracles_key_file_check(tmp_path: Path) -> None:
+    """Run the init container's own command: its copy loads, the Secret file as mounted does not."""
+    pod = oracle_pod(render("values.yaml", ORACLE_KEYS))
+    init = pod["initContainers"][0]
+    # With fsGroup the kubelet leaves a Secret file 0440 whatever defaultMode says.
+    assert pod["securityContext"]["fsGroup"]
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    (secret_dir / "identity.key").write_text(ORACLE.secret_text() + "\n")
+    (secret_dir / "identity.key").chmod(0o440)
+    with pytest.raises(PermissionError):
+        Identity.load(secret_dir / "identity.key")
+
+    secret_volume = next(v["name"] for v in pod["volumes"] if "secret" in v)
+    where = {m["mountPath"]: str(secret_dir if m["name"] == secret_volume
+                                 else tmp_path / m["name"]) for m in init["volumeMounts"]}
+    for path in where.values():
+        Path(path).mkdir(exist_ok=True)
+    command = list(init["command"])
+    for i, arg in enumerate(command):
+        for mount_path, local in where.items():
+            if arg.startswith(mount_path + "/"):
+                command[i] = local + arg[len(mount_path):]
+    subprocess.run(command, check=True, timeout=10)
+
+    oracle = pod["containers"][0]
+    key_file = Path(env_of(oracle)["CONTINUUM_ORACLE_IDENTITY_FILE"]["value"])
+    mount = next(m for m in oracle["volumeMounts"] if key_file.parent == Path(m["mountPath"]))
+    copied = tmp_path / mount["name"] / key_file.name
+    assert Identity.load(copied).public == ORACLE.public
+
+
+def test_existing_secret_is_used_and_none_is_created() -> None:
+    docs = render("values.yaml", {"oracle": {"existingSecret": "fleet-oracle-key"}})
+    secret_volume = next(v for v in oracle_pod(docs)["volumes"] if "secret" in v)
+    assert secret_volume["secret"]["secretName"] == "fleet-oracle-key"
+    assert not [d for d in docs if d["kind"] == "Secret" and "oracle" in d["metadata"]["name"]]
+
+
+def test_sqlite_on_a_kept_volume_without_a_dsn() -> None:
+    docs = render("values.yaml", ORACLE_KEYS)
+    pod = oracle_pod(docs)
+    oracle = pod["containers"][0]
+    database = env_of(oracle)["CONTINUUM_ORACLE_DATABASE"]["value"]
+    assert database.startswith("sqlite:////")
+    db_dir = Path(database[len("sqlite:///"):]).parent
+    mount = next(m for m in oracle["volumeMounts"] if Path(m["mountPath"]) == db_dir)
+    claim = next(v for v in pod["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]
+    pvc = find(docs, "PersistentVolumeClaim", claim["claimName"])
+    assert pvc["spec"]["resources"]["requests"]["storage"] == \
+        merged_values("values.yaml")["oracle"]["storage"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_postgres_dsn_lives_only_in_a_secret() -> None:
+    dsn = "postgresql://oracle:s3cret-pw@db.internal:5432/continuum"
+    docs = render("values.yaml", deep_merge(ORACLE_KEYS, {"oracle": {"databaseUrl": dsn}}))
+    oracle = oracle_pod(docs)["containers"][0]
+    ref = env_of(oracle)["CONTINUUM_ORACLE_DATABASE"]["valueFrom"]["secretKeyRef"]
+    secret = find(docs, "Secret", ref["name"])
+    assert secret["stringData"][ref["key"]] == dsn
+    # Nowhere else: not in a pod spec, a ConfigMap, or an annotation.
+    elsewhere = [d for d in docs if d is not secret]
+    assert "s3cret-pw" not in yaml.safe_dump_all(elsewhere)
+    assert find(docs, "PersistentVolumeClaim", "test-continuum-oracle") is None
+
+
+@pytest.mark.parametrize("require", [True, False])
+def test_relays_learn_the_oracle_when_its_key_is_set(require: bool) -> None:
+    docs = render("values.yaml", deep_merge(ORACLE_KEYS, {"relay": {"requireEnrollment": require}}))
+    config = relay_config(docs)
+    port = find(docs, "Service", "test-continuum-oracle")["spec"]["ports"][0]["port"]
+    assert config["CONTINUUM_ORACLE_URL"] == f"http://test-continuum-oracle:{port}"
+    assert config["CONTINUUM_ORACLE_KEY"] == ORACLE.public.text
+    assert config["CONTINUUM_REQUIRE_ENROLLMENT"] == str(require).lower()
+
+
+def test_relays_without_an_oracle_key_get_no_oracle_settings() -> None:
+    config = relay_config(render("values.yaml"))
+    assert not {"CONTINUUM_ORACLE_URL", "CONTINUUM_ORACLE_KEY",
+                "CONTINUUM_REQUIRE_ENROLLMENT"} & set(config)
+
+
+def test_one_oracle_for_both_regions() -> None:
+    eu, us = merged_values("values-eu.yaml"), merged_values("values-us.yaml")
+    eu_docs, us_docs = render("values-eu.yaml"), render("values-us.yaml")
+    # EU hosts it behind TLS, so the dashboard cookie is Secure.
+    assert find(eu_docs, "Deployment", "test-continuum-oracle") is not None
+    eu_ingress = find(eu_docs, "Ingress", "test-continuum-oracle")
+    assert eu_ingress["spec"]["tls"][0]["hosts"] == [eu["oracle"]["ingress"]["host"]]
+    assert env_of(oracle_pod(eu_docs)["containers"][0])[
+        "CONTINUUM_ORACLE_SECURE_COOKIES"]["value"] == "true"
+    # US runs none and its relays poll the EU oracle's public URL with the same key.
+    assert not [d for d in us_docs if "oracle" in d["metadata"]["name"]]
+    us_config = relay_config(us_docs)
+    assert us_config["CONTINUUM_ORACLE_URL"] == us["oracle"]["externalUrl"] == \
+        f"https://{eu['oracle']['ingress']['host']}"
+    assert us_config["CONTINUUM_ORACLE_KEY"] == eu["oracle"]["publicKey"] == \
+        relay_config(eu_docs)["CONTINUUM_ORACLE_KEY"]
+    assert us_config["CONTINUUM_REQUIRE_ENROLLMENT"] == "true"
+
+
+def test_region_placeholder_key_cannot_be_mistaken_for_a_real_one() -> None:
+    """The example key fits the schema but fails its checksum, so relays refuse to start with it."""
+    with pytest.raises(InvalidFieldError, match="checksum"):
+        PublicKey.from_text(merged_values("values-eu.yaml")["oracle"]["publicKey"])
+
+
+def test_notes_guide_setup_and_warn_without_access_control() -> None:
+    pytest.importorskip("helm_python")
+    if shutil.which("helm"):
+        pytest.skip("`helm template` does not render NOTES.txt")
+    _, bare = render_with_notes("values.yaml")
+    assert "continuum-oracle show-key" in bare
+    assert "continuum-oracle create-admin admin" in bare
+    assert "kubectl -n default exec deploy/test-continuum-oracle" in bare
+    assert "WITHOUT access control" in bare
+    _, keyed = render_with_notes("values.yaml", ORACLE_KEYS)
+    assert "show-key" not in keyed and "WITHOUT" not in keyed
+    assert "create-admin admin" in keyed
+    _, us = render_with_notes("values-us.yaml")
+    assert "create-admin" not in us and "WITHOUT" not in us
+
+
+def schema_errors(values: dict[str, Any]) -> list[str]:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    return [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(values)]
+
+
+@pytest.mark.parametrize("override", [
+    {"oracle": {"replicas": 2}},  # exactly one oracle process
+    {"oracle": {"enabled": False, "publicKey": ORACLE.public.text}},  # relays need a URL
+    {"oracle": {"publicKey": ORACLE.public.text[:-1]}},  # truncated paste
+    {"oracle": {"databaseUrl": "mysql://x@y/z"}},
+    {"oracle": {"settings": {"CONTINUUM_ORACLE_HOST": "127.0.0.1"}}},  # chart-managed
+    {"relay": {"settings": {"CONTINUUM_ORACLE_URL": "http://elsewhere"}}},
+])
+def test_schema_refuses(override: dict[str, Any]) -> None:
+    assert schema_errors(deep_merge(merged_values("values.yaml"), override))

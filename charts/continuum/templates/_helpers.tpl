@@ -27,3 +27,34 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "continuum.relayKeySecret" -}}
 {{- .Values.relay.existingSecret | default (printf "%s-relay-key" (include "continuum.fullname" .)) -}}
 {{- end -}}
+
+{{- define "continuum.oracleIdentitySecret" -}}
+{{- .Values.oracle.existingSecret | default (printf "%s-oracle-identity" (include "continuum.fullname" .)) -}}
+{{- end -}}
+
+{{/* The oracle URL relays long-poll: this release's oracle Service, else another region's. */}}
+{{- define "continuum.oracleUrl" -}}
+{{- if .Values.oracle.enabled -}}
+{{- printf "http://%s-oracle:%v" (include "continuum.fullname" .) .Values.oracle.port -}}
+{{- else -}}
+{{- required "oracle.externalUrl is required when oracle.publicKey is set and oracle.enabled is false" .Values.oracle.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The session cookie must be Secure exactly when browsers reach the dashboard over HTTPS. */}}
+{{- define "continuum.oracleTls" -}}
+{{- if and .Values.oracle.ingress.enabled .Values.oracle.ingress.tlsSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Dockerfile's user, numeric so the kubelet can enforce runAsNonRoot. */}}
+{{- define "continuum.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+seccompProfile: {type: RuntimeDefault}
+{{- end -}}
+
+{{- define "continuum.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+capabilities: {drop: [ALL]}
+{{- end -}}
