@@ -9,6 +9,7 @@ from proto.errors import ProtocolError
 
 from .connection_gate import ConnectionRefused, Slot
 from .context import RelayContext
+from .frame_writer import FrameWriter
 from .session import DeviceSession, authenticate
 
 RELAY_KEY = web.AppKey("relay", RelayContext)
@@ -31,11 +32,11 @@ async def _serve_device(request: web.Request, relay: RelayContext,
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
     ws = web.WebSocketResponse(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
                                heartbeat=relay.settings.heartbeat_s)
-    await ws.prepare(request)
+    stream = await ws.prepare(request)
     device = await authenticate(ws, relay)
     slot.authenticated()
     if device is not None:
-        await DeviceSession(ws, device, relay).run()
+        await DeviceSession(ws, FrameWriter(ws, stream), device, relay).run()
     return ws
 
 

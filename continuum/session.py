@@ -23,13 +23,9 @@ from proto.limits import PROTOCOL_VERSION
 
 from .admission import admit, replay_until_ms
 from .context import RelayContext, now_ms
+from .frame_writer import FrameWriter
 
 _CLOSE_POLICY_VIOLATION = 1008
-
-
-async def _send_frame(ws: web.WebSocketResponse, lock: asyncio.Lock, frame: object) -> None:
-    async with lock:
-        await ws.send_bytes(encode_frame(frame))  # type: ignore[arg-type]
 
 
 async def authenticate(ws: web.WebSocketResponse, relay: RelayContext) -> PublicKey | None:
@@ -76,11 +72,12 @@ class DeviceSession:
     """Most devices sit idle, so an idle session holds no task and no event of its own:
     the mailbox wake-up starts a delivery pass, which ends when nothing is left to push."""
 
-    def __init__(self, ws: web.WebSocketResponse, device: PublicKey, relay: RelayContext) -> None:
+    def __init__(self, ws: web.WebSocketResponse, writer: FrameWriter, device: PublicKey,
+                 relay: RelayContext) -> None:
         self._ws = ws
+        self._writer = writer
         self._device = device
         self._relay = relay
-        self._send_lock = asyncio.Lock()
         self._delivery: asyncio.Task[None] | None = None  # a pass running, or the one that failed
         self._pending_wake = False  # set by a wake-up: the running pass must fetch again
         self._cursor: str | None = None
@@ -123,7 +120,7 @@ class DeviceSession:
     async def _close_refused(self, error: ProtocolError) -> None:
         self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
         try:
-            await _send_frame(self._ws, self._send_lock, Error(None, int(error.code), error.message))
+            await self._writer.write([encode_frame(Error(None, int(error.code), error.message))])
         finally:
             await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=error.code.name.encode())
 
@@ -181,7 +178,7 @@ class DeviceSession:
             await self._reject(envelope.msg_id, exc)
             return
         relay.metrics.accepted.inc()
-        await _send_frame(self._ws, self._send_lock, Accepted(envelope.msg_id))
+        await self._writer.write([encode_frame(Accepted(envelope.msg_id))])
 
     async def _ack(self, tag: str) -> None:
         if await self._relay.store.ack(self._device, tag):
@@ -195,7 +192,7 @@ class DeviceSession:
         reason = error.code.name.lower()
         self._relay.metrics.rejected.labels(reason).inc()
         self._log.debug("rejected", reason=reason, detail=error.message)
-        await _send_frame(self._ws, self._send_lock, Error(msg_id, int(error.code), error.message))
+        await self._writer.write([encode_frame(Error(msg_id, int(error.code), error.message))])
 
     def _wake(self) -> None:
         """The mailbox may have grown or the window opened: make sure a delivery pass runs."""
@@ -218,11 +215,11 @@ class DeviceSession:
             self._pending_wake = False
             room = window - len(self._in_flight)
             batch = await store.fetch(self._device, self._cursor, room) if room > 0 else []
-            for entry in batch:
-                self._in_flight.add(entry.tag)
-                self._cursor = entry.tag
-                await _send_frame(self._ws, self._send_lock, Deliver(entry.tag, entry.raw))
-                self._relay.metrics.delivered.inc()
             if batch:
+                self._in_flight.update(entry.tag for entry in batch)
+                self._cursor = batch[-1].tag
+                await self._writer.write([encode_frame(Deliver(entry.tag, entry.raw))
+                                          for entry in batch])  # one system call per batch
+                self._relay.metrics.delivered.inc(len(batch))
                 self._pending_wake = True  # the mailbox may hold more than one batch
         self._delivery = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import replace
 
 import aiohttp
@@ -10,8 +11,9 @@ import pytest
 
 from continuum.server import RelayServer
 from proto import Identity, Kind, decode_envelope, seal_envelope
-from proto.frames import Accepted, Ack, Challenge, Hello, Send, decode_frame, encode_frame
+from proto.frames import Accepted, Ack, Challenge, Deliver, Hello, Send, decode_frame, encode_frame
 from proto.errors import StoreUnavailableError
+from proto.limits import Limits
 from proto.payloads import ExpiryNotice
 from wire import RawDevice, error_code, now_ms, sealed
 
@@ -311,3 +313,22 @@ async def test_failed_delivery_drops_the_device_instead_of_retrying_silently(
         await b.send_raw(encode_frame(Ack("1")))  # the reader notices the failed delivery
         closing = await b.ws.receive(timeout=5)
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+@pytest.mark.parametrize("compress", [0, 15], ids=["plain", "permessage-deflate"])
+async def test_frames_of_every_length_form_reach_plain_and_deflate_clients(
+        start_relay, compress: int) -> None:
+    """The relay writes its own frame headers: 7-bit, 16-bit and 64-bit lengths must all parse."""
+    server = await start_relay(max_envelope_bytes=200_000)
+    alice, bob = Identity.generate(), Identity.generate()
+    sent = [seal_envelope(alice, Kind.DATA, [bob.public], os.urandom(size), ttl_s=60,
+                          now_ms=now_ms(), limits=Limits(max_envelope_bytes=200_000))
+            for size in (1, 1_000, 100_000)]
+    async with await RawDevice.connect(server.url, alice, compress) as a, \
+            await RawDevice.connect(server.url, bob, compress) as b:
+        assert a.ws.compress == compress and b.ws.compress == compress
+        for envelope in sent:
+            assert await a.send(envelope) == Accepted(envelope.msg_id)  # a short frame
+        received = [(await b.next_delivery()).envelope for _ in sent]
+    assert received == [envelope.raw for envelope in sent]
+    assert len(encode_frame(Deliver("1", sent[-1].raw))) > 65535

@@ -39,10 +39,11 @@ class RawDevice:
         self.challenge, self.welcome = challenge, welcome
 
     @classmethod
-    async def connect(cls, url: str, identity: Identity) -> RawDevice:
+    async def connect(cls, url: str, identity: Identity, compress: int = 0) -> RawDevice:
+        """`compress` 15 offers permessage-deflate, as browsers do."""
         session = aiohttp.ClientSession()
         try:
-            ws = await session.ws_connect(url, max_msg_size=MAX_FRAME)
+            ws = await session.ws_connect(url, max_msg_size=MAX_FRAME, compress=compress)
             challenge = decode_frame((await ws.receive_bytes(timeout=5)), MAX_FRAME)
             assert isinstance(challenge, Challenge)
             nonce = os.urandom(32)
