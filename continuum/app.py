@@ -9,8 +9,8 @@ from proto.errors import ProtocolError
 
 from .connection_gate import ConnectionRefused, Slot
 from .context import RelayContext
-from .frame_writer import FrameWriter
 from .session import DeviceSession, authenticate
+from .websocket import DeviceWebSocket
 
 RELAY_KEY = web.AppKey("relay", RelayContext)
 CONNECT_PATH = "/v1/connect"
@@ -27,16 +27,16 @@ async def connect(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve_device(request: web.Request, relay: RelayContext,
-                        slot: Slot) -> web.WebSocketResponse:
+                        slot: Slot) -> DeviceWebSocket:
     # Frames up to twice the limit are read and refused with an OVERSIZE error
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
-    ws = web.WebSocketResponse(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
-                               heartbeat=relay.settings.heartbeat_s)
-    stream = await ws.prepare(request)
+    ws = DeviceWebSocket(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
+                         heartbeat=relay.settings.heartbeat_s)
+    await ws.prepare(request)
     device = await authenticate(ws, relay)
     slot.authenticated()
     if device is not None:
-        await DeviceSession(ws, FrameWriter(ws, stream), device, relay).run()
+        await DeviceSession(ws, device, relay).run()
     return ws
 
 

@@ -23,7 +23,7 @@ from proto.limits import PROTOCOL_VERSION
 
 from .admission import admit, replay_until_ms
 from .context import RelayContext, now_ms
-from .frame_writer import FrameWriter
+from .websocket import DeviceWebSocket
 
 _CLOSE_POLICY_VIOLATION = 1008
 
@@ -72,10 +72,8 @@ class DeviceSession:
     """Most devices sit idle, so an idle session holds no task and no event of its own:
     the mailbox wake-up starts a delivery pass, which ends when nothing is left to push."""
 
-    def __init__(self, ws: web.WebSocketResponse, writer: FrameWriter, device: PublicKey,
-                 relay: RelayContext) -> None:
+    def __init__(self, ws: DeviceWebSocket, device: PublicKey, relay: RelayContext) -> None:
         self._ws = ws
-        self._writer = writer
         self._device = device
         self._relay = relay
         self._delivery: asyncio.Task[None] | None = None  # a pass running, or the one that failed
@@ -120,7 +118,7 @@ class DeviceSession:
     async def _close_refused(self, error: ProtocolError) -> None:
         self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
         try:
-            await self._writer.write([encode_frame(Error(None, int(error.code), error.message))])
+            await self._ws.send_frames([encode_frame(Error(None, int(error.code), error.message))])
         finally:
             await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=error.code.name.encode())
 
@@ -178,7 +176,7 @@ class DeviceSession:
             await self._reject(envelope.msg_id, exc)
             return
         relay.metrics.accepted.inc()
-        await self._writer.write([encode_frame(Accepted(envelope.msg_id))])
+        await self._ws.send_frames([encode_frame(Accepted(envelope.msg_id))])
 
     async def _ack(self, tag: str) -> None:
         if await self._relay.store.ack(self._device, tag):
@@ -192,7 +190,7 @@ class DeviceSession:
         reason = error.code.name.lower()
         self._relay.metrics.rejected.labels(reason).inc()
         self._log.debug("rejected", reason=reason, detail=error.message)
-        await self._writer.write([encode_frame(Error(msg_id, int(error.code), error.message))])
+        await self._ws.send_frames([encode_frame(Error(msg_id, int(error.code), error.message))])
 
     def _wake(self) -> None:
         """The mailbox may have grown or the window opened: make sure a delivery pass runs."""
@@ -218,8 +216,8 @@ class DeviceSession:
             if batch:
                 self._in_flight.update(entry.tag for entry in batch)
                 self._cursor = batch[-1].tag
-                await self._writer.write([encode_frame(Deliver(entry.tag, entry.raw))
-                                          for entry in batch])  # one system call per batch
+                await self._ws.send_frames([encode_frame(Deliver(entry.tag, entry.raw))
+                                           for entry in batch])
                 self._relay.metrics.delivered.inc(len(batch))
                 self._pending_wake = True  # the mailbox may hold more than one batch
         self._delivery = None

@@ -15,7 +15,7 @@ from proto.frames import Accepted, Ack, Challenge, Deliver, Hello, Send, decode_
 from proto.errors import StoreUnavailableError
 from proto.limits import Limits
 from proto.payloads import ExpiryNotice
-from wire import RawDevice, error_code, now_ms, sealed
+from wire import MAX_FRAME, RawDevice, error_code, now_ms, sealed
 
 
 async def depth(server: RelayServer, identity: Identity) -> int:
@@ -332,3 +332,17 @@ async def test_frames_of_every_length_form_reach_plain_and_deflate_clients(
         received = [(await b.next_delivery()).envelope for _ in sent]
     assert received == [envelope.raw for envelope in sent]
     assert len(encode_frame(Deliver("1", sent[-1].raw))) > 65535
+
+
+async def test_send_just_before_the_device_closes_is_still_answered(relay: RelayServer) -> None:
+    """Answers queued in the loop turn that reads the device's CLOSE precede the relay's CLOSE."""
+    alice, bob = Identity.generate(), Identity.generate()
+    envelope = sealed(alice, [bob.public])
+    async with await RawDevice.connect(relay.url, alice) as a:
+        await a.ws.send_bytes(encode_frame(Send(envelope.raw)))
+        await a.ws.send_frame(b"\x03\xe8", aiohttp.WSMsgType.CLOSE)  # code 1000, same segment
+        answer = await a.ws.receive(timeout=5)
+        assert answer.type == aiohttp.WSMsgType.BINARY
+        assert decode_frame(answer.data, MAX_FRAME) == Accepted(envelope.msg_id)
+        assert (await a.ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                        aiohttp.WSMsgType.CLOSED)

@@ -1,0 +1,80 @@
+"""The device WebSocket: a session's frames go out in one system call per event-loop turn.
+
+aiohttp's `send_bytes` costs one `send()` system call per frame, which was a
+fifth of the relay's CPU under load (benchmarks/profile_relay.py).  Under load
+the reader answers every SEND buffered in one TCP read, and a mailbox fetch
+yields up to `delivery_window` DELIVERs, all in the same loop turn.  So
+`send_frames` queues complete frames and one `transport.write` at the end of
+the turn sends them all.  Queuing and writing are synchronous and whole, so
+frames from the reader and the delivery pass never interleave and need no lock.
+
+Frames are RFC 6455 unmasked binary frames without RSV1: valid whether or not
+permessage-deflate was negotiated (sealed envelopes do not compress anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
+
+_FIN_BINARY = 0x82
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """One complete server-to-client binary WebSocket frame (RFC 6455 §5.2)."""
+    size = len(payload)
+    if size < 126:
+        return _SHORT.pack(_FIN_BINARY, size) + payload
+    if size < 65536:
+        return _MEDIUM.pack(_FIN_BINARY, 126, size) + payload
+    return _LONG.pack(_FIN_BINARY, 127, size) + payload
+
+
+class DeviceWebSocket(web.WebSocketResponse):
+    """A WebSocketResponse with `send_frames`: binary frames written once per loop turn."""
+
+    _stream: AbstractStreamWriter | None = None
+    _queued: list[bytes] | None = None  # frames waiting for the end of this loop turn
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter:
+        self._stream = await super().prepare(request)
+        return self._stream
+
+    async def send_frames(self, payloads: list[bytes]) -> None:
+        """Queue these frames in order, then wait only while the device reads too slowly.
+
+        Raises ConnectionResetError once the WebSocket is closing, as aiohttp
+        does: no data frame may follow a CLOSE.
+        """
+        assert self._stream is not None, "send_frames before prepare"
+        transport = self._stream.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise ConnectionResetError("cannot write to a closing WebSocket")
+        if self._queued is None:
+            self._queued = []
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._queued.extend([ws_frame(payload) for payload in payloads])
+        await self._stream.drain()  # returns at once unless the socket's buffer is full
+
+    def flush(self) -> None:
+        """Write every queued frame now, in one system call."""
+        queued, self._queued = self._queued, None
+        transport = self._stream.transport if self._stream is not None else None
+        if queued and not self.closed and transport is not None and not transport.is_closing():
+            transport.write(b"".join(queued))
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        """Frames queued before the close go out before the CLOSE frame, as if sent at once.
+
+        aiohttp itself calls close() when the device closes or breaks the
+        protocol, so a SEND answered in the same loop turn still gets its answer.
+        """
+        self.flush()
+        return await super().close(code=code, message=message, drain=drain)
