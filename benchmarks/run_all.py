@@ -14,6 +14,7 @@ import argparse
 import drain
 import idle
 import relay
+import replicas
 from common import table, write_results
 
 TARGET_FLOOR_FRACTION = 0.70
@@ -57,6 +58,12 @@ def summary_rows(results: dict) -> list[tuple[object, ...]]:
         rows.append((f"drain {run['messages']:,}-message mailbox, {run['store'].split(':')[0]} store",
                      f"{run['all_acked_s']:.2f} s ({run['drain_per_s']:,.0f}/s;"
                      f" fill {run['fill_per_s']:,.0f}/s)", "-", "-"))
+    for run in results.get("replicas", {}).get("runs", []):
+        rows.append((f"{run['replicas']} replica(s) on one Redis, delivered (sender i -> receiver i+1)",
+                     f"{run['delivered_per_s']:,.0f}/s ({run['speedup_vs_1'] or 0:.2f}x;"
+                     f" relays {run['relay_cpu_percent']:.0f}% Redis {run['redis_cpu_percent']:.0f}%"
+                     f" CPU; p99 {run['latency_ms']['p99']:.0f} ms; stalled"
+                     f" {run['left_in_mailboxes']})", "- (2 cores)", "-"))
     rows.append(("other load on the machine (max, cores)", f"{busiest_other:.2f}",
                  "~0 for clean figures", "-" if busiest_other < 0.2 else "CONTENDED"))
     return rows
@@ -70,10 +77,12 @@ def main() -> None:
     results = {"quick": args.quick,
                "relay": relay.benchmark(quick=args.quick, store=args.store),
                "idle": idle.benchmark(quick=args.quick),
-               "drain": drain.benchmark(quick=args.quick)}
+               "drain": drain.benchmark(quick=args.quick),
+               "replicas": replicas.benchmark(quick=args.quick)}
     print(relay.render(results["relay"]), end="\n\n")
     print(idle.render(results["idle"]), end="\n\n")
     print(drain.render(results["drain"]), end="\n\n")
+    print(replicas.render(results["replicas"]), end="\n\n")
     print(table(["figure", "measured", "target", "verdict"], summary_rows(results)))
     print(f"results: {write_results('all', results)}")
 
