@@ -294,6 +294,28 @@ async def test_subscribe_wakes_when_another_replica_appends(open_backend: OpenSt
 
 
 @backends(BACKENDS)
+async def test_concurrent_first_subscriptions_all_wake(store: MailboxStore) -> None:
+    """Devices connect at once on a fresh relay: every one of them must hear of its mail.
+
+    Regression: concurrent first SUBSCRIBEs each opened a pub/sub connection of
+    their own and all but the last went unread, so 15 of 16 devices got nothing.
+    """
+    sender = Identity.generate()
+    readers = [Identity.generate() for _ in range(16)]
+    woken = [asyncio.Event() for _ in readers]
+    subscriptions = await asyncio.gather(*(store.subscribe(r.public, w.set)
+                                           for r, w in zip(readers, woken)))
+    await asyncio.sleep(0.1)
+    for event in woken:
+        event.clear()  # a store may wake once on subscribing
+    for reader in readers:
+        await put(store, envelope(sender, [reader]))
+    await asyncio.wait_for(asyncio.gather(*(w.wait() for w in woken)), 5)
+    for subscription in subscriptions:
+        await subscription.close()
+
+
+@backends(BACKENDS)
 async def test_ping_answers_when_the_backend_is_up(store: MailboxStore) -> None:
     await store.ping()
 

@@ -8,6 +8,11 @@ wakes its mailbox: a message appended between the session's first fetch and
 the moment Redis registered the subscription is then fetched, not missed.
 After a lost connection every local waiter is woken, since publications sent
 meanwhile are gone.
+
+SUBSCRIBE and UNSUBSCRIBE are serialised by a lock: redis-py's PubSub opens
+its connection lazily inside the first command, so concurrent first calls
+each opened a connection of their own and all but the last were orphaned —
+subscribed in Redis, but never read (devices then got no wake-ups at all).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class PubSubWakeups:
         self._hub = WakeupHub()
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._commands = asyncio.Lock()
 
     async def add(self, recipient: bytes, wake: Callable[[], None]) -> None:
         """Start waking `wake`; a failed SUBSCRIBE is redone by the listener's recovery."""
@@ -43,7 +49,8 @@ class PubSubWakeups:
         self._hub.add(recipient, wake)
         if first:
             try:
-                await self._pubsub_connection().subscribe(self._channel(recipient))
+                async with self._commands:
+                    await self._pubsub_connection().subscribe(self._channel(recipient))
             # redis-py can raise more than RedisError on a half-closed socket.
             except Exception as exc:  # noqa: BLE001
                 _log.warning("wakeup_subscribe_failed", error=repr(exc))
@@ -54,7 +61,8 @@ class PubSubWakeups:
         self._hub.remove(recipient, wake)
         if not self._hub.has(recipient) and self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError, AttributeError):
-                await self._pubsub.unsubscribe(self._channel(recipient))
+                async with self._commands:
+                    await self._pubsub.unsubscribe(self._channel(recipient))
 
     async def close(self) -> None:
         listener, pubsub = self._listener, self._pubsub
@@ -94,10 +102,11 @@ class PubSubWakeups:
     async def _resubscribe_all(self, pubsub: PubSub) -> None:
         """After a lost connection: a fresh socket, every local channel again, everyone woken."""
         try:
-            await pubsub.aclose()
-            channels = [self._channel(recipient) for recipient in self._hub.keys()]
-            if channels:
-                await pubsub.subscribe(*channels)
+            async with self._commands:
+                await pubsub.aclose()
+                channels = [self._channel(recipient) for recipient in self._hub.keys()]
+                if channels:
+                    await pubsub.subscribe(*channels)
         except Exception as exc:  # noqa: BLE001 - still down: the next read fails and retries
             _log.warning("wakeup_resubscribe_failed", error=repr(exc))
         self._wake_all()
