@@ -56,8 +56,8 @@ async def test_sigkill_during_sends_loses_no_acknowledged_message(tmp_path) -> N
                                "--rate-burst", "1000000").start()
     sender, recipient = Identity.generate(), Identity.generate()
     try:
-        accepted = await send_until_killed(relay, sender, recipient, count=400, kill_after=150)
-        assert 150 <= len(accepted) < 400, "the kill must land mid-stream"
+        accepted = await send_until_killed(relay, sender, recipient, count=2000, kill_after=150)
+        assert 150 <= len(accepted) < 2000, "the kill must land mid-stream"
         await relay.start()  # same port, same file
         delivered = await drain(relay.url, recipient, expected=len(accepted))
     finally:
