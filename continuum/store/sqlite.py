@@ -128,15 +128,16 @@ class SqliteStore(MailboxStore):
         if seq is None:
             return False
 
-        def work(db: sqlite3.Connection) -> int | None:
-            row = db.execute("DELETE FROM mailbox WHERE seq = ? AND recipient = ?"
-                             " RETURNING length(raw)", (seq, recipient.raw)).fetchone()
-            return None if row is None else row[0]
-
-        size = self._transaction(work)
-        if size is None:
+        try:
+            # One statement is atomic on its own (autocommit), so no BEGIN/COMMIT
+            # round trips; fetchall steps it to completion, which commits it.
+            rows = self._db.execute("DELETE FROM mailbox WHERE seq = ? AND recipient = ?"
+                                    " RETURNING length(raw)", (seq, recipient.raw)).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
+        if not rows:
             return False
-        self._grow(recipient.raw, -1, -size)  # type: ignore[operator]
+        self._grow(recipient.raw, -1, -rows[0][0])
         return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
