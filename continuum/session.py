@@ -26,6 +26,7 @@ from .context import RelayContext, now_ms
 from .websocket import DeviceWebSocket
 
 _CLOSE_POLICY_VIOLATION = 1008
+_CLOSE_INTERNAL_ERROR = 1011
 
 
 async def authenticate(ws: web.WebSocketResponse, relay: RelayContext) -> PublicKey | None:
@@ -91,7 +92,7 @@ class DeviceSession:
     async def run(self) -> None:
         """Serve until the device disconnects or abuses the connection."""
         subscription = await self._relay.store.subscribe(self._device, self._wake)
-        self._delivery = asyncio.create_task(self._deliver(observe_depth=True), name="deliver")
+        self._start_delivery(observe_depth=True)
         unwatch = self._relay.access.watch(self._device, self._refused)
         self._relay.metrics.connected.inc()
         self._log.info("device_connected")
@@ -124,8 +125,6 @@ class DeviceSession:
 
     async def _read_forever(self) -> None:
         async for message in self._ws:
-            if self._delivery is not None and self._delivery.done():
-                break  # the delivery side failed (store down, socket broken): drop the device
             if message.type == WSMsgType.ERROR:
                 break  # protocol-level failure, e.g. a frame beyond the hard cap (close 1009)
             if message.type != WSMsgType.BINARY:
@@ -196,13 +195,27 @@ class DeviceSession:
         """The mailbox may have grown or the window opened: make sure a delivery pass runs."""
         self._pending_wake = True
         if self._delivery is None:
-            self._delivery = asyncio.create_task(self._deliver(), name="deliver")
+            self._start_delivery()
+
+    def _start_delivery(self, observe_depth: bool = False) -> None:
+        self._delivery = asyncio.create_task(self._deliver(observe_depth), name="deliver")
+        self._delivery.add_done_callback(self._delivery_ended)
+
+    def _delivery_ended(self, task: asyncio.Task[None]) -> None:
+        """A pass that failed (store down) closes the socket at once, even if the device is
+        idle: it reconnects with backoff and its mailbox is fetched afresh, nothing is lost."""
+        if task.cancelled() or task.exception() is None or self._closing is not None:
+            return
+        self._log.warning("delivery_failed", error=repr(task.exception()))
+        self._closing = asyncio.create_task(
+            self._ws.close(code=_CLOSE_INTERNAL_ERROR, message=b"mailbox store unavailable"),
+            name="close-failed-delivery")
 
     async def _deliver(self, observe_depth: bool = False) -> None:
         """Push the mailbox in order, never more than `delivery_window` un-acked, then end.
 
-        A pass that raises stays in `_delivery`, so no wake-up starts another and
-        the reader drops the device.  Clearing `_delivery` and returning happen
+        A pass that raises stays in `_delivery`, so no wake-up starts another, and
+        `_delivery_ended` closes the socket.  Clearing `_delivery` and returning happen
         in one step of the loop, so no wake-up can fall between them.
         """
         store, window = self._relay.store, self._relay.settings.delivery_window
