@@ -149,14 +149,20 @@ class RelayProcess:
     def stop(self) -> None:
         """Signal the relay's process group (a wrapper and its child alike), SIGKILL after 20 s."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, self.stop_signal)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop_process_group(process, self.stop_signal, grace_s=20)
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def stop_process_group(process: subprocess.Popen[bytes] | None, first_signal: int,
+                       grace_s: float) -> None:
+    """Signal a child's process group (a wrapper and its child alike), SIGKILL after `grace_s`."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, first_signal)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
 
 
 @dataclass

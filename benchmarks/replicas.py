@@ -40,6 +40,7 @@ from common import (
     free_port,
     memory_kib,
     raise_nofile,
+    stop_process_group,
     table,
     write_results,
 )
@@ -109,13 +110,7 @@ class RedisServerProcess:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop_process_group(process, signal.SIGTERM, grace_s=10)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
