@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
@@ -10,6 +10,7 @@ import structlog
 from proto import Identity
 
 from .auth import Auth
+from .login_throttle import LoginThrottle
 from .publisher import AccessListPublisher
 from .registry import Registry
 from .settings import OracleSettings
@@ -27,3 +28,4 @@ class OracleContext:
     publisher: AccessListPublisher
     pusher: Pusher
     log: structlog.typing.FilteringBoundLogger
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)

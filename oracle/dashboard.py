@@ -8,6 +8,7 @@ script sends as X-CSRF-Token on each change.
 from __future__ import annotations
 
 import html
+import math
 import time
 from pathlib import Path
 
@@ -148,11 +149,21 @@ async def login_form(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.Response:
     oracle = request.app[ORACLE_KEY]
     form = await request.post()
-    token = await oracle.auth.login(str(form.get("username", "")), str(form.get("password", "")))
+    username, address = str(form.get("username", "")), request.remote or "unknown"
+    wait_s = oracle.login_throttle.retry_after(username, address)
+    if wait_s > 0:
+        oracle.log.warning("login_throttled", username=username[:64], address=address)
+        return web.Response(text=_login_page(f"Too many failed logins; try again in"
+                                             f" {math.ceil(wait_s)} s."),
+                            content_type="text/html", status=429,
+                            headers={"Retry-After": str(math.ceil(wait_s))})
+    token = await oracle.auth.login(username, str(form.get("password", "")))
     if token is None:
-        oracle.log.warning("login_refused", username=str(form.get("username", ""))[:64])
+        oracle.login_throttle.failed(username, address)
+        oracle.log.warning("login_refused", username=username[:64], address=address)
         return web.Response(text=_login_page("Wrong username or password."),
                             content_type="text/html", status=401)
+    oracle.login_throttle.succeeded(username, address)
     response = _redirect("/")
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
                         secure=oracle.settings.secure_cookies,
