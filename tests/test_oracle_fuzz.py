@@ -5,7 +5,6 @@ keeps serving; unauthenticated requests never change anything."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,10 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from fuzz_settings import long_run, quick
 
 from conftest import LoopThread
 from oracle.server import OracleServer
@@ -88,10 +89,6 @@ json_values = st.recursive(
 bodies = st.one_of(json_values.map(lambda v: json.dumps(v).encode()), st.binary(max_size=200))
 path_parts = st.one_of(st.text(max_size=40), st.sampled_from(["", "..", "%00", "cpk_", "0" * 200]))
 
-quick = settings(max_examples=200, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-long = settings(max_examples=int(os.environ.get("CONTINUUM_FUZZ_EXAMPLES", "100000")),
-                deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
 def fill(template: str, key: str, group: str, text: str) -> str:
@@ -115,16 +112,14 @@ def check_request(target: OracleTarget, data: st.DataObject) -> None:
         TALLY[ATTACKS_REJECTED] += 1
 
 
-@quick
+@quick(200)
 @given(data=st.data())
 def test_api_answers_hostile_requests_without_server_errors(oracle: OracleTarget,
                                                             data: st.DataObject) -> None:
     check_request(oracle, data)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(0)
-@long
+@long_run
 @given(data=st.data())
 def test_api_hostile_requests_long(oracle: OracleTarget, data: st.DataObject) -> None:
     check_request(oracle, data)

@@ -8,11 +8,12 @@ examples modest; `pytest -m fuzz` repeats the same properties with
 
 from __future__ import annotations
 
-import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from fuzz_settings import long_run, quick
 
 from proto.envelope import decode_envelope
 from proto.errors import ProtocolError, SignatureError
@@ -30,10 +31,6 @@ FRAMES = [encode_frame(f) for f in (
     Error(ENVELOPE.msg_id, 6, "replay"), CHALLENGE, Hello.answer(CHALLENGE, ALICE, bytes(32)),
 )]
 
-FUZZ_EXAMPLES = int(os.environ.get("CONTINUUM_FUZZ_EXAMPLES", "100000"))
-quick = settings(max_examples=300, deadline=None)
-long = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
 
 envelope_inputs = st.one_of(
     st.binary(max_size=600),
@@ -91,29 +88,25 @@ def check_frame(data: bytes) -> None:
         check_envelope(frame.envelope)
 
 
-@quick
+@quick(300)
 @given(envelope_inputs)
 def test_envelope_hostile_input(data: bytes) -> None:
     check_envelope(data)
 
 
-@quick
+@quick(300)
 @given(frame_inputs)
 def test_frame_hostile_input(data: bytes) -> None:
     check_frame(data)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(0)
-@long
+@long_run
 @given(envelope_inputs)
 def test_envelope_hostile_input_long(data: bytes) -> None:
     check_envelope(data)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(0)
-@long
+@long_run
 @given(frame_inputs)
 def test_frame_hostile_input_long(data: bytes) -> None:
     check_frame(data)

@@ -6,13 +6,14 @@ against a live relay with CONTINUUM_FUZZ_EXAMPLES (default 100 000) each."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
+
+from fuzz_settings import long_run, quick
 
 from conftest import TEST_SETTINGS, LoopThread
 from continuum.server import RelayServer
@@ -62,10 +63,6 @@ def _valid_send(target: FuzzTarget) -> bytes:
     return encode_frame(Send(envelope.raw))
 
 
-quick = settings(max_examples=150, deadline=None,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture])
-long = settings(max_examples=int(os.environ.get("CONTINUUM_FUZZ_EXAMPLES", "100000")),
-                deadline=None, database=None, suppress_health_check=list(HealthCheck))
 random_bytes = st.binary(min_size=0, max_size=2048)
 
 
@@ -103,30 +100,26 @@ def check_mutated_frame(target: FuzzTarget, data: st.DataObject) -> None:
     TALLY[ATTACKS_REJECTED] += 1
 
 
-@quick
+@quick(150)
 @given(data=random_bytes)
 def test_random_bytes_are_refused_with_an_error_frame(target: FuzzTarget, data: bytes) -> None:
     check_random_bytes(target, data)
 
 
-@quick
+@quick(150)
 @given(data=st.data())
 def test_mutated_valid_frames_are_refused_and_not_stored(target: FuzzTarget,
                                                          data: st.DataObject) -> None:
     check_mutated_frame(target, data)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(0)
-@long
+@long_run
 @given(data=random_bytes)
 def test_random_bytes_long(target: FuzzTarget, data: bytes) -> None:
     check_random_bytes(target, data)
 
 
-@pytest.mark.fuzz
-@pytest.mark.timeout(0)
-@long
+@long_run
 @given(data=st.data())
 def test_mutated_valid_frames_long(target: FuzzTarget, data: st.DataObject) -> None:
     check_mutated_frame(target, data)
