@@ -37,21 +37,25 @@ async def authenticate(ws: web.WebSocketResponse, relay: RelayContext) -> Public
         async with asyncio.timeout(relay.settings.handshake_timeout_s):
             message = await ws.receive()
     except TimeoutError:
-        return await _refuse(ws, relay, "timeout", UnauthenticatedError(
+        await _refuse(ws, relay, "timeout", UnauthenticatedError(
             f"no HELLO within {relay.settings.handshake_timeout_s}s"))
+        return None
     if message.type != WSMsgType.BINARY:
-        return await _refuse(ws, relay, "not_binary",
-                             UnauthenticatedError("expected a binary HELLO frame"))
+        await _refuse(ws, relay, "not_binary",
+                      UnauthenticatedError("expected a binary HELLO frame"))
+        return None
     try:
         hello = decode_frame(message.data, relay.settings.limits.max_frame_bytes)
         if not isinstance(hello, Hello):
             raise UnexpectedFrameError(f"expected HELLO, got {type(hello).__name__.upper()}")
         hello.verify(challenge)
     except ProtocolError as exc:
-        return await _refuse(ws, relay, exc.code.name.lower(), UnauthenticatedError(exc.message))
+        await _refuse(ws, relay, exc.code.name.lower(), UnauthenticatedError(exc.message))
+        return None
     refusal = relay.access.refusal(hello.device_key)
     if refusal is not None:
-        return await _refuse(ws, relay, refusal.code.name.lower(), refusal)
+        await _refuse(ws, relay, refusal.code.name.lower(), refusal)
+        return None
     signature = relay.identity.sign(
         welcome_signed_bytes(challenge, hello.device_key, hello.client_nonce))
     await ws.send_bytes(encode_frame(
@@ -82,7 +86,7 @@ class DeviceSession:
         self._cursor: str | None = None
         self._in_flight: set[str] = set()
         self._invalid_frames = 0
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[object] | None = None
 
     @property
     def _log(self) -> structlog.typing.FilteringBoundLogger:

@@ -25,7 +25,7 @@ import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -167,8 +167,9 @@ class RedisStore(MailboxStore):
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
         start = f"({after}" if after is not None and _STREAM_ID.match(after) else "-"
-        entries = await self._guard(self._client.xrange(
-            self._keys.mailbox(recipient).log, min=start, max="+", count=limit))
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await self._guard(
+            self._client.xrange(self._keys.mailbox(recipient).log, min=start, max="+",
+                                count=limit)))
         return [StoredMessage(tag.decode(), fields[b"r"]) for tag, fields in entries]
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:

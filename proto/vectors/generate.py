@@ -20,6 +20,7 @@ from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Envelope, Kind, deco
                         seal_envelope)
 from ..errors import ErrorCode
 from ..frames import (HELLO_DOMAIN, WELCOME_DOMAIN, Accepted, Ack, Challenge, Deliver, Error,
+                      Frame,
                       Hello, Send, Welcome, encode_frame, hello_signed_bytes,
                       welcome_signed_bytes)
 from ..keys import Identity
@@ -172,7 +173,7 @@ def handshake_vectors() -> dict:
                       DEFAULT_LIMITS.max_envelope_bytes)
     envelope = bytes.fromhex(envelope_vectors()["envelopes"][0]["encoded"])
     msg_id = decode_envelope(envelope).msg_id
-    frames = {
+    frames: dict[str, Frame] = {
         "send": Send(envelope),
         "accepted": Accepted(msg_id),
         "error_replay": Error(msg_id, int(ErrorCode.REPLAY), "already stored"),
