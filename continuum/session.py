@@ -185,8 +185,12 @@ class DeviceSession:
         if await self._relay.store.ack(self._device, tag):
             self._relay.metrics.acked.inc()
         if tag in self._in_flight:
+            # Only a full window can have stopped the last pass short of the mailbox's
+            # end; otherwise new mail wakes us anyway, and a fetch per ACK is wasted.
+            window_was_full = len(self._in_flight) >= self._relay.settings.delivery_window
             self._in_flight.discard(tag)
-            self._wake()
+            if window_was_full:
+                self._wake()
 
     async def _reject(self, msg_id: bytes | None, error: ProtocolError) -> None:
         self._invalid_frames += 1
