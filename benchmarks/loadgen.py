@@ -229,12 +229,17 @@ def run_load(relay: RelayProcess, plan: LoadPlan) -> dict[str, object]:
             got = [_expect(pipe, limit, "receiver result") for pipe in rx]
         memory = memory_kib(relay.pid)
     finally:
-        for process, _pipe in workers:
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+        reap_workers(workers)
     return _summarise(plan, sent, got, cpu, memory)  # type: ignore[arg-type]
+
+
+def reap_workers(workers: list[tuple[mp.process.BaseProcess, Connection]]) -> None:
+    """Join every worker process, killing any still alive after 5 s, so none outlives a run."""
+    for process, _pipe in workers:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
 
 
 def _summarise(plan: LoadPlan, senders: list[dict], receivers: list[dict], cpu: CpuSampler,

@@ -53,6 +53,7 @@ from loadgen import (
     _receiver_process,
     _sender_process,
     _summarise,
+    reap_workers,
 )
 
 from proto import Identity
@@ -185,11 +186,7 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
             relay_counters = [{name: r.metric(f"continuum_messages_{name}_total")
                                for name in ("accepted", "delivered", "acked")} for r in relays]
         finally:
-            for process, _pipe in workers:
-                process.join(5)
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
+            reap_workers(workers)
         with redis_server.client() as client:
             redis_memory_mib = client.info("memory")["used_memory"] / (1 << 20)
             # Undelivered is not lost if Redis still holds it: count what the mailboxes keep.
