@@ -31,8 +31,8 @@ import tracemalloc
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from continuum.logging import configure_logging
 from continuum.server import RelayServer, Settings
+from runtime.logs import configure_logging
 
 from common import UNTHROTTLED, RelayProcess, free_port, memory_kib, raise_nofile, table, write_results
 from idle import _hold_process

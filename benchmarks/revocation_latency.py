@@ -29,11 +29,11 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from client.device import Device  # noqa: E402
-from continuum.logging import configure_logging  # noqa: E402
 from continuum.server import RelayServer, Settings  # noqa: E402
 from oracle import OracleServer, OracleSettings  # noqa: E402
 from proto import Identity  # noqa: E402
 from proto.frames import Error  # noqa: E402
+from runtime.logs import configure_logging  # noqa: E402
 from wire import RawDevice  # noqa: E402
 
 

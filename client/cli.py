@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import base64
 import json
-import logging
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +28,7 @@ import structlog
 
 from proto import Identity, PublicKey
 from proto.errors import ProtocolError
+from runtime.logs import configure_logging
 
 from .device import DEFAULT_TTL_S, Device
 from .inbox import InboundMessage
@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level, sys.stderr)  # stdout stays clean for results
     try:
         settings = ClientSettings.resolve(home=args.home, relays=args.relays,
                                           oracle_key=args.oracle_key, log_level=args.log_level)
@@ -250,19 +250,3 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, ProtocolError):
         return f"{exc.code.name}: {exc.message}"
     return str(exc)
-
-
-def _configure_logging(level: str) -> None:
-    """JSON lines on stderr like the relay's, so stdout stays clean for results."""
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
-    )

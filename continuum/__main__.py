@@ -6,7 +6,8 @@ import asyncio
 import signal
 import sys
 
-from .logging import configure_logging
+from runtime.logs import configure_logging
+
 from .server import RelayServer
 from .settings import Settings
 

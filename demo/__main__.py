@@ -21,10 +21,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from client import DeliveryStatus, Device, PeerList
-from continuum.logging import configure_logging
 from continuum.server import RelayServer, Settings
 from oracle.server import OracleServer, OracleSettings
 from proto import Identity, PublicKey
+from runtime.logs import configure_logging
 
 STEP_TIMEOUT_S = 15.0
 

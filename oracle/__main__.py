@@ -8,8 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
-from continuum.logging import configure_logging
 from proto import Identity
+from runtime.logs import configure_logging
 
 from .auth import Auth
 from .db import open_database

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 import pytest
 
-from continuum.logging import configure_logging
 from continuum.server import RelayServer, Settings
+from runtime.logs import configure_logging
 
 sys.path.insert(0, str(Path(__file__).parent))
 configure_logging("warning")
