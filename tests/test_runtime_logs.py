@@ -1,0 +1,41 @@
+"""The one log set-up: JSON lines at the chosen level, on the stream the process chose."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from runtime.logs import configure_logging
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Other tests log through the set-up conftest made; put it back afterwards."""
+    config = structlog.get_config()
+    yield
+    structlog.configure(**config)
+    structlog.contextvars.clear_contextvars()
+
+
+def test_lines_are_json_at_the_level_and_above_on_the_given_stream() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    log = structlog.get_logger("test")
+    log.debug("hidden")
+    structlog.contextvars.bind_contextvars(peer="cpk_x")
+    log.info("shown", count=2)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["event"] == "shown" and lines[0]["level"] == "info"
+    assert lines[0]["count"] == 2 and lines[0]["peer"] == "cpk_x" and "timestamp" in lines[0]
+
+
+def test_without_a_stream_lines_go_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("warning")
+    structlog.get_logger("test").warning("to_stdout")
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["event"] == "to_stdout" and captured.err == ""
