@@ -1,7 +1,8 @@
 """The relay's one typed settings object, from CLI flags and CONTINUUM_* variables.
 
-Flags win over environment variables, which win over defaults; `describe()`
-is printed at start with secrets masked, so an operator sees what is in force.
+Flags win over environment variables, which win over defaults (`runtime.settings`
+does the parsing for both services); `describe()` is printed at start with
+secrets masked, so an operator sees what is in force.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
-
-_SECRET_FIELDS = {"relay_key"}
+from runtime.settings import describe, load_settings
 
 
 @dataclass(frozen=True)
@@ -56,34 +57,19 @@ class Settings:
         return Limits(max_envelope_bytes=self.max_envelope_bytes)
 
     def describe(self) -> dict[str, object]:
-        return {f.name: ("***" if f.name in _SECRET_FIELDS and getattr(self, f.name)
-                         else getattr(self, f.name)) for f in fields(self)}
+        """What is in force, for the start-up log: the relay key and any URL password masked."""
+        return describe(self, secrets={"relay_key"})
 
     @classmethod
     def from_sources(cls, argv: list[str] | None = None,
-                     environ: dict[str, str] | None = None) -> Settings:
-        environ = dict(os.environ if environ is None else environ)
-        settings = cls()
+                     environ: Mapping[str, str] | None = None) -> Settings:
         parser = argparse.ArgumentParser(
             prog="continuum", description="Continuum relay: store-and-forward for devices.")
-        for f in fields(cls):
-            default = getattr(settings, f.name)
-            env_name = "CONTINUUM_" + f.name.upper()
-            parse = parse_bool if type(default) is bool else type(default)
-            if env_name in environ:
-                try:
-                    default = parse(environ[env_name])
-                except ValueError:
-                    parser.error(f"{env_name}={environ[env_name]!r} is not a valid {type(default).__name__}")
-            parser.add_argument("--" + f.name.replace("_", "-"), type=parse,
-                                default=default, dest=f.name,
-                                help=f"(env {env_name}; default {getattr(settings, f.name)!r})")
-        args = parser.parse_args(argv)
-        result = replace(settings, **vars(args))
-        result.validate(parser)
-        return result
+        settings, _ = load_settings(cls, "CONTINUUM_", parser, argv,
+                                    os.environ if environ is None else environ)
+        return settings
 
-    def validate(self, parser: argparse.ArgumentParser | None = None) -> None:
+    def validate(self) -> None:
         problems = [
             name for name, ok in [
                 ("port must be 0..65535", 0 <= self.port <= 65535),
@@ -98,17 +84,4 @@ class Settings:
                  or bool(self.oracle_url)),
             ] if not ok]
         if problems:
-            message = "; ".join(problems)
-            if parser is not None:
-                parser.error(message)
-            raise ValueError(message)
-
-
-def parse_bool(text: str) -> bool:
-    """bool("false") is True, so flags and variables spell booleans explicitly."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{text!r} is not a boolean")
+            raise ValueError("; ".join(problems))

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-from continuum.settings import parse_bool
+from runtime.settings import describe, load_settings, repeatable
 
 ENV_PREFIX = "CONTINUUM_ORACLE_"
 
@@ -26,7 +25,7 @@ class OracleSettings:
     # The oracle's Ed25519 key file (0600), created on first start.
     identity_file: str = "oracle.key"
     # Continuum relays the oracle connects to as a device (ws://…/v1/connect), repeatable.
-    relays: tuple[str, ...] = field(default_factory=tuple)
+    relays: tuple[str, ...] = repeatable("relay", "relay URL")
     # How long a relay's long-poll for a newer access list is held open.
     longpoll_s: float = 25.0
     # Lifetime of a peer-change envelope in an offline device's mailbox.
@@ -42,10 +41,7 @@ class OracleSettings:
 
     def describe(self) -> dict[str, object]:
         """Settings as printed at start: a password in the database DSN is masked."""
-        shown = {f.name: getattr(self, f.name) for f in fields(self)}
-        shown["database"] = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", self.database)
-        shown["relays"] = list(self.relays)
-        return shown
+        return describe(self)
 
     def validate(self) -> None:
         problems = [message for message, ok in [
@@ -62,7 +58,7 @@ class OracleSettings:
 
     @classmethod
     def from_sources(cls, argv: list[str] | None = None,
-                     environ: dict[str, str] | None = None,
+                     environ: Mapping[str, str] | None = None,
                      parser: argparse.ArgumentParser | None = None,
                      ) -> tuple[OracleSettings, argparse.Namespace]:
         """Parse flags (`--relay` repeatable) over CONTINUUM_ORACLE_* variables (RELAYS comma-separated).
@@ -70,35 +66,5 @@ class OracleSettings:
         Returns the settings and the parsed namespace, which also holds any
         positional arguments the caller added to `parser`.
         """
-        environ = dict(os.environ if environ is None else environ)
-        parser = parser or argparse.ArgumentParser(prog="continuum-oracle serve")
-        settings = cls()
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            env_name = ENV_PREFIX + f.name.upper()
-            default = getattr(settings, f.name)
-            if f.name == "relays":
-                env_relays = tuple(r.strip() for r in environ.get(env_name, "").split(",") if r.strip())
-                parser.add_argument("--relay", action="append", dest="relays", default=None,
-                                    help=f"relay URL, repeatable (env {env_name}, comma-separated)")
-                values["relays"] = env_relays
-                continue
-            parse = parse_bool if type(default) is bool else type(default)
-            if env_name in environ:
-                try:
-                    values[f.name] = parse(environ[env_name])
-                except ValueError:
-                    parser.error(f"{env_name}={environ[env_name]!r} is not a valid {type(default).__name__}")
-            parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None,
-                                dest=f.name, help=f"(env {env_name}; default {default!r})")
-        args = parser.parse_args(argv)
-        for name, value in vars(args).items():
-            if value is not None and name in {f.name for f in fields(cls)}:
-                values[name] = tuple(value) if name == "relays" else value
-        result = replace(settings, **values)
-        try:
-            result.validate()
-        except ValueError as exc:
-            parser.error(str(exc))
-        return result, args
-
+        return load_settings(cls, ENV_PREFIX, parser or argparse.ArgumentParser(
+            prog="continuum-oracle serve"), argv, os.environ if environ is None else environ)

@@ -29,6 +29,8 @@ def test_database_password_is_masked() -> None:
     settings = OracleSettings(database="postgresql://oracle:hunter2@db.example/oracle")
     assert settings.describe()["database"] == "postgresql://oracle:***@db.example/oracle"
     assert "hunter2" not in repr(settings.describe())
+    in_query = OracleSettings(database="postgresql://oracle@db.example/oracle?password=hunter2")
+    assert in_query.describe()["database"] == "postgresql://oracle@db.example/oracle?password=***"
 
 
 def test_cli_creates_admin_once_and_a_0600_key(tmp_path) -> None:

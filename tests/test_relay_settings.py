@@ -48,3 +48,14 @@ def test_relay_key_is_masked_when_described() -> None:
     described = Settings.from_sources([], {"CONTINUUM_RELAY_KEY": secret}).describe()
     assert described["relay_key"] == "***"
     assert secret not in repr(described)
+
+
+@pytest.mark.parametrize(("store", "shown"), [
+    ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+    ("rediss://user:p%40ss@h/0?password=x", "rediss://user:***@h/0?password=***"),
+    ("sqlite:///var/lib/continuum/relay.db", "sqlite:///var/lib/continuum/relay.db"),
+])
+def test_a_store_password_is_masked_when_described(store: str, shown: str) -> None:
+    described = Settings.from_sources(["--store", store], {}).describe()
+    assert described["store"] == shown
+    assert "secret" not in repr(described) and "p%40ss" not in repr(described)
