@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from runtime.clock import now_ms
+
 from .db import Database
 from .errors import Conflict, InvalidInput
-from .registry import now_ms
 
 SESSION_COOKIE = "continuum_oracle_session"
 CSRF_HEADER = "X-CSRF-Token"

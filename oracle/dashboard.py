@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import html
 import math
-import time
 from pathlib import Path
 
 from aiohttp import web
+
+from runtime.clock import now_ms
 
 from .api import ORACLE_KEY
 from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE
@@ -40,7 +41,7 @@ def _page(title: str, body: str, csrf: str = "") -> str:
 def _ago(ms: int | None) -> str:
     if ms is None:
         return "never"
-    seconds = max(0, int(time.time() - ms / 1000))
+    seconds = max(0, (now_ms() - ms) // 1000)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds // size} {unit} ago"

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
-import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+from runtime.clock import now_ms
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _WRITER_LOCK_ID = 0x636F6E74  # "cont": one advisory lock for every oracle writer
@@ -77,7 +78,7 @@ class Database(Connection):
                 await self.run_script(conn, path.read_text(encoding="utf-8"))
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES ($1, $2, $3)",
-                    number, path.stem, time.time_ns() // 1_000_000)
+                    number, path.stem, now_ms())
                 applied_now.append(number)
         return applied_now
 

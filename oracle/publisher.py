@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from proto.access import AccessList
 from proto import Identity, PublicKey
+from proto.access import AccessList
+from runtime.clock import now_ms
 
-from .registry import Registry, now_ms
+from .registry import Registry
 
 
 class AccessListPublisher:

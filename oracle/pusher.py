@@ -26,8 +26,9 @@ from client.peers import PeerList
 from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_envelope
 from proto.errors import ProtocolError, ReplayError
 from proto.payloads import PeerChange
+from runtime.clock import now_ms
 
-from .registry import PendingPush, Registry, now_ms
+from .registry import PendingPush, Registry
 from .settings import OracleSettings
 
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 10.0

@@ -10,7 +10,6 @@ after the commit loses nothing, the pusher finds the rows on restart.
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 from proto import PublicKey
 from proto.errors import InvalidFieldError
+from runtime.clock import now_ms
 
 from .db import Connection, Database
 from .errors import Conflict, InvalidInput, NotFound
@@ -26,10 +26,6 @@ from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_pe
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,31}$")
 MAX_NAME_CHARS = 100
 MAX_TAGS = 16
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
