@@ -13,7 +13,7 @@ from proto.access import ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH
 from .auth import PRINCIPAL
 from .context import OracleContext
 from .errors import InvalidInput
-from .registry import parse_key
+from .validation import parse_key
 
 ORACLE_KEY = web.AppKey("oracle", OracleContext)
 OPENAPI_FILE = Path(__file__).parent / "openapi.json"

@@ -17,7 +17,7 @@ from runtime.clock import now_ms
 
 from .api import ORACLE_KEY
 from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE
-from .registry import Device, Group
+from .records import DeviceRecord, GroupRecord
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/static/"
@@ -52,7 +52,7 @@ def _short(key: str) -> str:
     return f'<code title="{e(key)}">{e(key[:14])}…{e(key[-4:])}</code>'
 
 
-def _device_row(d: Device) -> str:
+def _device_row(d: DeviceRecord) -> str:
     state = ('<span class="badge revoked">revoked</span>' if d.revoked
              else '<span class="badge active">active</span>')
     if d.revoked:
@@ -74,7 +74,7 @@ def _device_row(d: Device) -> str:
   data-confirm="{label} {e(d.name)}?"><button class="{css}">{label}</button></form></td></tr>"""
 
 
-def _group_card(g: Group, devices: list[Device]) -> str:
+def _group_card(g: GroupRecord, devices: list[DeviceRecord]) -> str:
     names = {d.key: d for d in devices}
     members = "".join(
         f"""<li>{e(names[k].name) if k in names else ''} {_short(k)}

@@ -28,7 +28,8 @@ from proto.errors import ProtocolError, ReplayError
 from proto.payloads import PeerChange
 from runtime.clock import now_ms
 
-from .registry import PendingPush, Registry
+from .records import PendingPush
+from .registry import Registry
 from .settings import OracleSettings
 
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 10.0

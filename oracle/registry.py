@@ -1,136 +1,28 @@
-"""Devices, peer groups and the peer-change outbox: every change in one transaction.
+"""The SQL behind devices, peer groups and the peer-change outbox: every change in one transaction.
 
 Each administrative change re-derives the peer lists and, in the same
 transaction, issues a new version to every device whose list changed (the
 outbox row) and bumps the access-list version when enrolment or revocation
 changed.  So a committed change always has its pushes recorded: a crash
 after the commit loses nothing, the pusher finds the rows on restart.
+
+Input is checked by `validation` before it is stored, and what is read comes
+back as the frozen values of `records`.
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from proto import PublicKey
-from proto.errors import InvalidFieldError
 from runtime.clock import now_ms
 
 from .db import Connection, Database
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, NotFound
 from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_peer_text
-
-_TAG = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,31}$")
-MAX_NAME_CHARS = 100
-MAX_TAGS = 16
-
-
-@dataclass(frozen=True)
-class Device:
-    key: str
-    name: str
-    tags: tuple[str, ...]
-    enrolled_at_ms: int
-    revoked_at_ms: int | None
-    last_seen_ms: int | None
-    peer_version: int
-    acked_version: int
-    groups: tuple[str, ...]
-
-    @property
-    def revoked(self) -> bool:
-        return self.revoked_at_ms is not None
-
-    @property
-    def behind(self) -> bool:
-        """Issued a peer list the device has not acknowledged yet."""
-        return not self.revoked and self.acked_version < self.peer_version
-
-    def to_json(self) -> dict[str, Any]:
-        return {"key": self.key, "name": self.name, "tags": list(self.tags),
-                "enrolled_at_ms": self.enrolled_at_ms, "revoked_at_ms": self.revoked_at_ms,
-                "revoked": self.revoked, "last_seen_ms": self.last_seen_ms,
-                "peer_version": self.peer_version, "acked_version": self.acked_version,
-                "behind": self.behind, "groups": list(self.groups)}
-
-
-@dataclass(frozen=True)
-class Group:
-    id: str
-    name: str
-    created_at_ms: int
-    members: tuple[str, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "created_at_ms": self.created_at_ms,
-                "members": list(self.members)}
-
-
-@dataclass(frozen=True)
-class PendingPush:
-    """The newest unsent peer-change version of one device."""
-
-    device_key: str
-    version: int
-    peers: frozenset[str]
-    envelope: str | None
-    attempts: int
-
-
-@dataclass(frozen=True)
-class PushStatus:
-    device_key: str
-    version: int
-    created_at_ms: int
-    sent_at_ms: int | None
-    acked_at_ms: int | None
-    attempts: int
-    last_error: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device_key": self.device_key, "version": self.version,
-                "created_at_ms": self.created_at_ms, "sent_at_ms": self.sent_at_ms,
-                "acked_at_ms": self.acked_at_ms, "attempts": self.attempts,
-                "last_error": self.last_error}
-
-
-@dataclass(frozen=True)
-class AccessSnapshot:
-    version: int
-    enrolled: frozenset[str]
-    revoked: frozenset[str]
-
-
-def parse_key(text: object) -> str:
-    """The canonical cpk_… spelling, or InvalidInput naming the problem (typo, checksum)."""
-    if not isinstance(text, str):
-        raise InvalidInput("key must be a cpk_… string")
-    try:
-        return PublicKey.from_text(text.strip()).text
-    except InvalidFieldError as exc:
-        raise InvalidInput(exc.message) from None
-
-
-def parse_name(text: object, what: str) -> str:
-    if not isinstance(text, str) or not text.strip() or len(text.strip()) > MAX_NAME_CHARS:
-        raise InvalidInput(f"{what} must be 1..{MAX_NAME_CHARS} characters")
-    return text.strip()
-
-
-def parse_tags(value: object) -> tuple[str, ...]:
-    """Tags from a list or a comma/space separated string; lower case, deduplicated."""
-    if isinstance(value, str):
-        value = re.split(r"[\s,]+", value)
-    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
-        raise InvalidInput("tags must be a list of strings")
-    tags = sorted({t.strip().lower() for t in value if t.strip()})
-    if len(tags) > MAX_TAGS or not all(_TAG.match(t) for t in tags):
-        raise InvalidInput(f"at most {MAX_TAGS} tags of 1..32 characters [a-z0-9._:-]")
-    return tuple(tags)
-
+from .records import AccessSnapshot, DeviceRecord, GroupRecord, PendingPush, PushStatus
+from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("key, name, tags, enrolled_at_ms, revoked_at_ms, last_seen_ms,"
                    " peer_version, acked_version")
@@ -145,7 +37,7 @@ class Registry:
 
     # -- devices ---------------------------------------------------------------
 
-    async def list_devices(self, query: str = "") -> list[Device]:
+    async def list_devices(self, query: str = "") -> list[DeviceRecord]:
         """Devices whose name, key, tag or group contains `query` (case-insensitive)."""
         memberships = await self._group_names_by_device()
         rows = await self.db.fetch(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY name, key")
@@ -157,13 +49,13 @@ class Registry:
                 if needle in d.name.lower() or needle in d.key
                 or any(needle in t for t in d.tags) or any(needle in g.lower() for g in d.groups)]
 
-    async def get_device(self, key: str) -> Device:
+    async def get_device(self, key: str) -> DeviceRecord:
         row = await self.db.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", key)
         if row is None:
             raise NotFound(f"no device {key}")
         return self._device(row, await self._group_names_by_device())
 
-    async def enroll(self, key: object, name: object, tags: object = ()) -> Device:
+    async def enroll(self, key: object, name: object, tags: object = ()) -> DeviceRecord:
         key_text, name_text = parse_key(key), parse_name(name, "device name")
         tag_list = parse_tags(list(tags) if isinstance(tags, tuple) else tags)
         async with self.db.transaction() as conn:
@@ -176,7 +68,8 @@ class Registry:
         self._on_change()
         return await self.get_device(key_text)
 
-    async def update_device(self, key: str, name: object = None, tags: object = None) -> Device:
+    async def update_device(self, key: str, name: object = None,
+                            tags: object = None) -> DeviceRecord:
         await self.get_device(key)
         async with self.db.transaction() as conn:
             if name is not None:
@@ -187,7 +80,7 @@ class Registry:
                                    " ".join(parse_tags(tags)), key)
         return await self.get_device(key)
 
-    async def set_revoked(self, key: str, revoked: bool) -> Device:
+    async def set_revoked(self, key: str, revoked: bool) -> DeviceRecord:
         """Revoke or restore: the access list and every affected peer list change at once."""
         device = await self.get_device(key)
         if device.revoked == revoked:
@@ -202,22 +95,22 @@ class Registry:
 
     # -- groups ----------------------------------------------------------------
 
-    async def list_groups(self) -> list[Group]:
+    async def list_groups(self) -> list[GroupRecord]:
         rows = await self.db.fetch("SELECT id, name, created_at_ms FROM peer_groups ORDER BY name")
         members: dict[str, list[str]] = {}
         for row in await self.db.fetch(
                 "SELECT group_id, device_key FROM memberships ORDER BY device_key"):
             members.setdefault(row["group_id"], []).append(row["device_key"])
-        return [Group(r["id"], r["name"], r["created_at_ms"], tuple(members.get(r["id"], ())))
+        return [GroupRecord(r["id"], r["name"], r["created_at_ms"], tuple(members.get(r["id"], ())))
                 for r in rows]
 
-    async def get_group(self, group_id: str) -> Group:
+    async def get_group(self, group_id: str) -> GroupRecord:
         for group in await self.list_groups():
             if group.id == group_id:
                 return group
         raise NotFound(f"no group {group_id}")
 
-    async def create_group(self, name: object) -> Group:
+    async def create_group(self, name: object) -> GroupRecord:
         name_text = parse_name(name, "group name")
         group_id = uuid.uuid4().hex[:12]
         async with self.db.transaction() as conn:
@@ -227,7 +120,7 @@ class Registry:
                 group_id, name_text, now_ms())
         return await self.get_group(group_id)
 
-    async def rename_group(self, group_id: str, name: object) -> Group:
+    async def rename_group(self, group_id: str, name: object) -> GroupRecord:
         name_text = parse_name(name, "group name")
         await self.get_group(group_id)
         async with self.db.transaction() as conn:
@@ -243,7 +136,7 @@ class Registry:
             await self._reconcile(conn)
         self._on_change()
 
-    async def add_member(self, group_id: str, key: object) -> Group:
+    async def add_member(self, group_id: str, key: object) -> GroupRecord:
         key_text = parse_key(key)
         await self.get_group(group_id)
         await self.get_device(key_text)
@@ -255,7 +148,7 @@ class Registry:
         self._on_change()
         return await self.get_group(group_id)
 
-    async def remove_member(self, group_id: str, key: object) -> Group:
+    async def remove_member(self, group_id: str, key: object) -> GroupRecord:
         key_text = parse_key(key)
         await self.get_group(group_id)
         async with self.db.transaction() as conn:
@@ -380,7 +273,8 @@ class Registry:
         return result
 
     @staticmethod
-    def _device(row: dict[str, Any], groups: dict[str, list[str]]) -> Device:
-        return Device(row["key"], row["name"], tuple(row["tags"].split()), row["enrolled_at_ms"],
-                      row["revoked_at_ms"], row["last_seen_ms"], row["peer_version"],
-                      row["acked_version"], tuple(groups.get(row["key"], ())))
+    def _device(row: dict[str, Any], groups: dict[str, list[str]]) -> DeviceRecord:
+        return DeviceRecord(row["key"], row["name"], tuple(row["tags"].split()),
+                            row["enrolled_at_ms"], row["revoked_at_ms"], row["last_seen_ms"],
+                            row["peer_version"], row["acked_version"],
+                            tuple(groups.get(row["key"], ())))

@@ -1,0 +1,88 @@
+"""The oracle's records: what the registry reads from its database, as frozen values.
+
+A row is not a device: `DeviceRecord` is what the oracle knows about one
+enrolled key (the client library's `Device` is the device itself).  The
+records an administrator sees render themselves (`to_json`), so the API
+has one spelling of each field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    key: str
+    name: str
+    tags: tuple[str, ...]
+    enrolled_at_ms: int
+    revoked_at_ms: int | None
+    last_seen_ms: int | None
+    peer_version: int
+    acked_version: int
+    groups: tuple[str, ...]
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at_ms is not None
+
+    @property
+    def behind(self) -> bool:
+        """Issued a peer list the device has not acknowledged yet."""
+        return not self.revoked and self.acked_version < self.peer_version
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "tags": list(self.tags),
+                "enrolled_at_ms": self.enrolled_at_ms, "revoked_at_ms": self.revoked_at_ms,
+                "revoked": self.revoked, "last_seen_ms": self.last_seen_ms,
+                "peer_version": self.peer_version, "acked_version": self.acked_version,
+                "behind": self.behind, "groups": list(self.groups)}
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    id: str
+    name: str
+    created_at_ms: int
+    members: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "created_at_ms": self.created_at_ms,
+                "members": list(self.members)}
+
+
+@dataclass(frozen=True)
+class PendingPush:
+    """The newest unsent peer-change version of one device."""
+
+    device_key: str
+    version: int
+    peers: frozenset[str]
+    envelope: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class PushStatus:
+    device_key: str
+    version: int
+    created_at_ms: int
+    sent_at_ms: int | None
+    acked_at_ms: int | None
+    attempts: int
+    last_error: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device_key": self.device_key, "version": self.version,
+                "created_at_ms": self.created_at_ms, "sent_at_ms": self.sent_at_ms,
+                "acked_at_ms": self.acked_at_ms, "attempts": self.attempts,
+                "last_error": self.last_error}
+
+
+@dataclass(frozen=True)
+class AccessSnapshot:
+    version: int
+    enrolled: frozenset[str]
+    revoked: frozenset[str]
