@@ -11,11 +11,10 @@ from aiohttp import web
 from proto.access import ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH
 
 from .auth import PRINCIPAL
-from .context import OracleContext
+from .context import ORACLE_KEY, OracleContext
 from .errors import InvalidInput
 from .validation import parse_key
 
-ORACLE_KEY = web.AppKey("oracle", OracleContext)
 OPENAPI_FILE = Path(__file__).parent / "openapi.json"
 
 

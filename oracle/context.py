@@ -1,4 +1,4 @@
-"""What every part of one oracle process shares."""
+"""What every part of one oracle process shares, and the key its aiohttp application keeps it by."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import structlog
+from aiohttp import web
 
 from proto import Identity
 
@@ -29,3 +30,7 @@ class OracleContext:
     pusher: Pusher
     log: structlog.typing.FilteringBoundLogger
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+
+
+# Where the aiohttp application keeps the context, for the API, the dashboard and the middlewares.
+ORACLE_KEY = web.AppKey("oracle", OracleContext)

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from runtime.clock import now_ms
 
-from .api import ORACLE_KEY
 from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE
+from .context import ORACLE_KEY
 from .records import DeviceRecord, GroupRecord
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from . import api, dashboard
 from .auth import CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal, csrf_ok
-from .context import OracleContext
+from .context import ORACLE_KEY, OracleContext
 from .errors import OracleError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -26,7 +26,7 @@ def _is_api(request: web.Request) -> bool:
 
 
 async def _principal(request: web.Request) -> Principal | None:
-    auth = request.app[api.ORACLE_KEY].auth
+    auth = request.app[ORACLE_KEY].auth
     header = request.headers.get("Authorization", "")
     if header.lower().startswith("bearer "):
         return await auth.by_bearer(header[7:].strip())
@@ -82,7 +82,7 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 
 def create_app(oracle: OracleContext) -> web.Application:
     app = web.Application(middlewares=[security_headers, errors_middleware, auth_middleware])
-    app[api.ORACLE_KEY] = oracle
+    app[ORACLE_KEY] = oracle
     api.add_routes(app)
     dashboard.add_routes(app)
     return app
