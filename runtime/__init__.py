@@ -1,7 +1,13 @@
 """What the relay, the oracle and the device CLI share as processes, and nothing else.
 
 `proto` is pure and reads no clock, and neither service may import the other,
-so the few process-level helpers all of them need live here: the wall clock
-in the protocol's unit (`clock`).  Nothing in this package imports
-`continuum`, `oracle` or `client`.
+so the few process-level helpers all of them need live here:
+
+- `clock`: the wall clock in the protocol's unit (`now_ms`);
+- `logs`: the one structlog set-up, JSON lines on a chosen stream (`configure_logging`);
+- `settings`: a frozen settings dataclass from flags over environment variables
+  over defaults (`load_settings`), rendered for the start-up log with secrets
+  masked (`describe`, `mask_url`).
+
+Nothing in this package imports `continuum`, `oracle` or `client`.
 """
