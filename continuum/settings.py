@@ -19,6 +19,12 @@ from runtime.settings import describe, load_settings
 
 @dataclass(frozen=True)
 class Settings:
+    """What one relay process runs with, fixed at start: each field is a --flag and a variable.
+
+    Frozen, because sessions read it on every frame and nothing may change it
+    under them; tests derive variants with dataclasses.replace.
+    """
+
     host: str = "127.0.0.1"
     port: int = 8470
     store: str = "memory"

@@ -18,6 +18,8 @@ ENV_PREFIX = "CONTINUUM_ORACLE_"
 
 @dataclass(frozen=True)
 class OracleSettings:
+    """What one oracle process runs with, fixed at start: each field is a --flag and a variable."""
+
     host: str = "127.0.0.1"
     port: int = 8480
     # sqlite:///path (zero set-up default) or postgresql://user@host/db.
