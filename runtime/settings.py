@@ -47,6 +47,8 @@ def load_settings(cls: type[S], prefix: str, parser: argparse.ArgumentParser,
                   ) -> tuple[S, argparse.Namespace]:
     """`cls` from flags over `prefix` + FIELD variables over its defaults; exit 2 on a bad value.
 
+    A field parses as the type of its default (booleans with `parse_bool`);
+    a tuple field must be declared with `repeatable`, which names its flag.
     Bad values (a variable or flag that does not parse, or what `validate`
     refuses) end in one `parser.error` line.  Returns the settings and the
     namespace, which also holds any positional arguments the caller added.
