@@ -15,7 +15,8 @@ import aiohttp
 import cbor2
 
 from proto import Identity, Kind, PublicKey, canonical, seal_envelope
-from proto.frames import Challenge, FrameType, Hello, Send, Welcome, decode_frame, encode_frame
+from proto.frames import NONCE_BYTES, FrameType, Send, encode_frame
+from proto.handshake import DeviceHandshake
 
 MAX_FRAME = 1 << 20
 _ARRAY_OF_9 = 0x89
@@ -27,13 +28,9 @@ async def connect(http: aiohttp.ClientSession, url: str,
     """CHALLENGE → HELLO → WELCOME (checked with the relay's key); the socket is then live."""
     ws = await http.ws_connect(url, max_msg_size=MAX_FRAME, autoping=True)
     try:
-        challenge = decode_frame(await ws.receive_bytes(timeout=30), MAX_FRAME)
-        assert isinstance(challenge, Challenge), challenge
-        nonce = os.urandom(32)
-        await ws.send_bytes(encode_frame(Hello.answer(challenge, identity, nonce)))
-        welcome = decode_frame(await ws.receive_bytes(timeout=30), MAX_FRAME)
-        assert isinstance(welcome, Welcome), welcome
-        welcome.verify(challenge, identity.public, nonce)
+        handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+        await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=30)))
+        handshake.receive_welcome(await ws.receive_bytes(timeout=30))
     except BaseException:
         await ws.close()
         raise

@@ -1,9 +1,8 @@
-"""The device: keeps one outbound relay connection alive and turns frames into messages.
+"""The device's public API, and what it does with each event of its relay connection.
 
-`Device` is the connection manager and the shell around the pure parts: it
-walks the relay list (failing over on a refused connect or a drop, with
-jittered exponential backoff), re-sends the outbox on every new connection,
-runs each delivery through `inbox.decide`, and acts on the decision.
+`Device` ties the pure parts together: the `ConnectionManager` keeps a relay
+connection open and hands over its events, `inbox.decide` rules on each
+delivery, `outbox` and `tracking` follow what was sent.
 
 Acknowledgement rule: every delivery is ACKed once dealt with.  Receipts,
 expiry notices, peer changes and drops are dealt with on arrival.  A DATA
@@ -18,34 +17,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
 from collections.abc import AsyncGenerator, Iterable
 from types import TracebackType
 
-import aiohttp
 import structlog
 
-from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, seal_envelope
-from proto.errors import OversizeError, ProtocolError, WrongSenderError, error_for_code
-from proto.frames import Accepted, Deliver, Error, Frame, Send
+from proto import Envelope, Identity, Kind, Limits, PublicKey, seal_envelope
+from proto.errors import ProtocolError, WrongSenderError
 from proto.payloads import Receipt
+from runtime.clock import now_ms
 
 from .backoff import Backoff
-from .connection import RelayConnection, connect
+from .connection import RelayConnection
 from .dedup import RecentlySeen
 from .inbox import (Drop, ExpiryArrived, InboundMessage, InboxView, PeerChangeArrived,
                     ReceiptArrived, Surface, decide)
+from .manager import ConnectionManager, describe
 from .outbox import Outbox, PendingSend
 from .peers import PeerList
+from .protocol import BadFrame, Delivered, Event, SendAccepted, SendRefused
 from .stats import DeviceStats
 from .tracking import DeliveryStatus, Outgoing, SentLog
 
 log = structlog.get_logger("continuum.client")
 
 DEFAULT_TTL_S = 24 * 3600
+# This device's own caps.  The envelope cap bounds what it seals and the largest
+# delivery it reads; each connection uses the relay's announced limit below it.
+DEVICE_LIMITS = Limits(max_envelope_bytes=16 * 1024 * 1024)
 _RECEIPT_QUEUE_SIZE = 10_000
-_CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
 
 
 class Device:
@@ -53,7 +54,7 @@ class Device:
 
     def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
                  oracle_key: PublicKey | None = None, *, backoff: Backoff | None = None,
-                 limits: Limits = DEFAULT_LIMITS, handshake_timeout_s: float = 10.0) -> None:
+                 limits: Limits = DEVICE_LIMITS, handshake_timeout_s: float = 10.0) -> None:
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -63,27 +64,27 @@ class Device:
         self.stats = DeviceStats()
         # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
         self.relay_keys: set[PublicKey] = set()
-        self.last_error: str | None = None
-        self._backoff = backoff or Backoff()
         self._limits = limits
-        self._handshake_timeout_s = handshake_timeout_s
         self._seen = RecentlySeen()
         self._sent = SentLog()
         self._outbox = Outbox()
         self._view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sent,
-                               oracle_key, limits)
+                               oracle_key)
         self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
         self._inbound_ready = asyncio.Event()
         self._receipt_listeners: list[asyncio.Queue[tuple[PublicKey, Receipt]]] = []
-        self._connection: RelayConnection | None = None
-        self._connected = asyncio.Event()
         self._clock_offset_ms = 0
+        self._manager = ConnectionManager(
+            identity, self.relays, max_envelope_bytes=limits.max_envelope_bytes,
+            handshake_timeout_s=handshake_timeout_s, backoff=backoff or Backoff(),
+            stats=self.stats, on_connected=self._on_connected, on_event=self._on_event,
+            on_disconnected=self._on_disconnected)
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Device:
-        self._runner = asyncio.create_task(self._run_forever(), name="continuum-device")
+        self._runner = asyncio.create_task(self._manager.run_forever(), name="continuum-device")
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -96,15 +97,21 @@ class Device:
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None
+        return self._manager.connection is not None
 
     @property
     def relay_url(self) -> str | None:
         """The relay currently connected to, if any."""
-        return self._connection.url if self._connection is not None else None
+        connection = self._manager.connection
+        return connection.url if connection is not None else None
+
+    @property
+    def last_error(self) -> str | None:
+        """The last connection failure or relay refusal, for a human ("relay …: code: why")."""
+        return self._manager.last_error
 
     async def wait_connected(self) -> None:
-        await self._connected.wait()
+        await self._manager.connected.wait()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -127,8 +134,8 @@ class Device:
         outgoing = self._sent.track(envelope)  # before sending: a receipt may beat ACCEPTED
         entry = self._outbox.add(envelope)
         try:
-            if self._connection is not None:
-                await self._transmit(entry, self._connection)
+            if self._manager.connection is not None:
+                await self._transmit(entry, self._manager.connection)
             await entry.accepted
         except ProtocolError as exc:
             self.stats.refused += 1
@@ -145,23 +152,19 @@ class Device:
         """Send a protocol reply (a receipt) through the outbox, without waiting for ACCEPTED."""
         entry = self._outbox.add(envelope)
         entry.accepted.add_done_callback(_log_refused_reply)
-        if self._connection is not None:
-            await self._transmit(entry, self._connection)
+        if self._manager.connection is not None:
+            await self._transmit(entry, self._manager.connection)
 
     async def _transmit(self, entry: PendingSend, connection: RelayConnection) -> None:
         if entry.sent_on is connection:
-            return
-        size = len(entry.envelope.raw)
-        if size > connection.max_envelope_bytes:
-            self._outbox.refused(entry.envelope.msg_id, OversizeError(
-                f"envelope of {size} bytes exceeds the relay's limit of"
-                f" {connection.max_envelope_bytes}"))
             return
         self._outbox.mark_sent(entry, connection)
         if entry.transmissions > 1:
             self.stats.resent += 1
         try:
-            await connection.send_frame(Send(entry.envelope.raw))
+            await connection.send(entry.envelope.raw)
+        except ProtocolError as exc:  # too large for this relay: refused before it is sent
+            self._outbox.refused(entry.envelope.msg_id, exc)
         except ConnectionError:
             pass  # still in the outbox: the next connection sends it again
 
@@ -172,7 +175,7 @@ class Device:
         await self._send_without_waiting(receipt)
 
     def _now_ms(self) -> int:
-        return time.time_ns() // 1_000_000 + self._clock_offset_ms
+        return now_ms() + self._clock_offset_ms
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -212,25 +215,25 @@ class Device:
         finally:
             self._receipt_listeners.remove(queue)
 
-    async def _on_frame(self, frame: Frame, connection: RelayConnection) -> None:
-        if isinstance(frame, Deliver):
-            await self._on_delivery(frame, connection)
-        elif isinstance(frame, Accepted):
-            self._outbox.accepted(frame.msg_id)
-        elif isinstance(frame, Error):
-            error = error_for_code(frame.code, frame.message)
-            if frame.msg_id is None or not self._outbox.refused(frame.msg_id, error):
-                self.last_error = f"{error.code.name}: {error.message}"
+    async def _on_event(self, event: Event, connection: RelayConnection) -> None:
+        if isinstance(event, Delivered):
+            await self._on_delivery(event, connection)
+        elif isinstance(event, SendAccepted):
+            self._outbox.accepted(event.msg_id)
+        elif isinstance(event, SendRefused):
+            error = event.error
+            if event.msg_id is None or not self._outbox.refused(event.msg_id, error):
+                self._manager.last_error = f"{error.code.name}: {error.message}"
                 log.warning("relay_error", relay=connection.url, code=error.code.name,
                             detail=error.message)
-        else:
-            log.warning("unexpected_frame", relay=connection.url, frame=type(frame).__name__)
+        elif isinstance(event, BadFrame):
+            self.stats.bad_frames += 1
 
-    async def _on_delivery(self, frame: Deliver, connection: RelayConnection) -> None:
+    async def _on_delivery(self, delivery: Delivered, connection: RelayConnection) -> None:
         self.stats.deliveries += 1
-        decision = decide(frame.envelope, self._view)
+        decision = decide(delivery.envelope, self._view, connection.limits)
         if isinstance(decision, Surface):
-            self._inbound.append((decision, connection, frame.tag))
+            self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
             return  # ACKed when the application takes it
         if isinstance(decision, Drop):
@@ -249,7 +252,7 @@ class Device:
                 await self._on_peer_change(decision)
             # Only once handled: if handling failed (disk full), the re-delivery retries it.
             self._seen.add((decision.envelope.sender, decision.envelope.msg_id))
-        await connection.ack(frame.tag)
+        await connection.ack(delivery.tag)
 
     def _on_receipt(self, decision: ReceiptArrived) -> None:
         sender = decision.envelope.sender
@@ -270,60 +273,22 @@ class Device:
         # The receipt tells the oracle this device holds this version (or a newer one).
         await self._send_receipt(decision.envelope)
 
-    # -- connection manager ----------------------------------------------------------------
+    # -- connection callbacks --------------------------------------------------------------
 
-    async def _run_forever(self) -> None:
-        """Connect, serve, and on failure or drop move to the next relay after a backoff."""
-        attempt = 0
-        while True:
-            url = self.relays[attempt % len(self.relays)]
-            attempt += 1
-            served = False
-            try:
-                async with connect(url, self.identity, limits=self._limits,
-                                   handshake_timeout_s=self._handshake_timeout_s) as connection:
-                    served = True
-                    self._backoff.reset()
-                    await self._serve(connection)
-                log.info("relay_disconnected", relay=url)
-            except _CONNECT_ERRORS as exc:
-                self.last_error = f"{url}: {_describe(exc)}"
-                if not served:
-                    self.stats.connect_failures += 1
-                log.warning("relay_connection_failed" if not served else "relay_connection_lost",
-                            relay=url, error=_describe(exc))
-            except Exception as exc:  # a bug must cost one connection, never the device
-                self.last_error = f"{url}: {_describe(exc)}"
-                log.exception("connection_crashed", relay=url)
-            await asyncio.sleep(self._backoff.next_delay())
-
-    async def _serve(self, connection: RelayConnection) -> None:
+    async def _on_connected(self, connection: RelayConnection) -> None:
         self.relay_keys.add(connection.relay_key)
         self._clock_offset_ms = connection.clock_offset_ms
-        self._connection = connection
-        self._connected.set()
-        self.stats.connects += 1
         log.info("relay_connected", relay=connection.url, relay_key=connection.relay_key.text,
                  outbox=len(self._outbox))
-        try:
-            for entry in self._outbox.unsent_on(connection):
-                await self._transmit(entry, connection)
-            async for frame in connection.frames():
-                await self._on_frame(frame, connection)
-        finally:
-            self._connection = None
-            self._connected.clear()
-            # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
-            self._inbound = deque(item for item in self._inbound if item[1] is not connection)
+        for entry in self._outbox.unsent_on(connection):
+            await self._transmit(entry, connection)
 
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ProtocolError):
-        return f"{exc.code.name}: {exc.message}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    def _on_disconnected(self, connection: RelayConnection) -> None:
+        # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
+        self._inbound = deque(item for item in self._inbound if item[1] is not connection)
 
 
 def _log_refused_reply(future: asyncio.Future[None]) -> None:
     """Nobody awaits a reply's future: log its refusal (and mark the exception retrieved)."""
     if not future.cancelled() and future.exception() is not None:
-        log.warning("reply_refused", error=_describe(future.exception()))  # type: ignore[arg-type]
+        log.warning("reply_refused", error=describe(future.exception()))  # type: ignore[arg-type]

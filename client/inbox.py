@@ -1,8 +1,8 @@
 """Pure decision: what a device does with one delivered envelope.
 
-`decide(raw, view)` takes the delivered bytes and a read-only view of the
-device's state (its identity, peers, trusted keys, what it has seen and what
-it awaits) and returns one decision; it does no I/O and changes nothing, so
+`decide(raw, view, limits)` takes the delivered bytes, a read-only view of
+the device's state (its identity, peers, trusted keys, what it has seen and
+what it awaits) and the connection's limits, and returns one decision; it does no I/O and changes nothing, so
 every rule below is tested without a network.  The device shell then acts on
 the decision and acknowledges the delivery whatever it was: a message that
 can never be accepted must not be re-delivered forever.
@@ -110,13 +110,16 @@ class InboxView:
     # (our msg_id, recipient) pairs for which a receipt is still awaited.
     awaiting_receipt: Container[tuple[bytes, PublicKey]]
     oracle_key: PublicKey | None = None
-    limits: Limits = DEFAULT_LIMITS
 
 
-def decide(raw: bytes, view: InboxView) -> Decision:
-    """Return what to do with one delivered envelope; never raises on bad input."""
+def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS) -> Decision:
+    """Return what to do with one delivered envelope; never raises on bad input.
+
+    `limits` are the connection's (the relay's announced envelope limit, bounded
+    by the device's cap): what the relay accepted, the device can decode.
+    """
     try:
-        envelope = decode_envelope(raw, view.limits)
+        envelope = decode_envelope(raw, limits)
     except ProtocolError as exc:
         return Drop(DropReason.INVALID, f"undecodable envelope: {exc.message}")
     if view.identity.public not in envelope.recipient_keys:

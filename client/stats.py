@@ -29,6 +29,8 @@ class DeviceStats:
     dropped_untrusted_expiry: int = 0
     dropped_unauthorized_peer_change: int = 0
     dropped_unexpected_receipt: int = 0
+    # Relay messages that were no frame a device may receive (nothing to ACK).
+    bad_frames: int = 0
 
     def count_drop(self, reason: DropReason) -> None:
         name = "duplicates" if reason is DropReason.DUPLICATE else f"dropped_{reason.value}"

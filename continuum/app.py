@@ -9,7 +9,7 @@ from proto.errors import ProtocolError
 
 from .connection_gate import ConnectionRefused, Slot
 from .context import RelayContext
-from .session import DeviceSession, authenticate
+from .session import DeviceSession
 from .websocket import DeviceWebSocket
 
 RELAY_KEY = web.AppKey("relay", RelayContext)
@@ -33,10 +33,11 @@ async def _serve_device(request: web.Request, relay: RelayContext,
     ws = DeviceWebSocket(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
                          heartbeat=relay.settings.heartbeat_s)
     await ws.prepare(request)
-    device = await authenticate(ws, relay)
+    session = DeviceSession(ws, relay)
+    authenticated = await session.handshake()
     slot.authenticated()
-    if device is not None:
-        await DeviceSession(ws, device, relay).run()
+    if authenticated:
+        await session.serve()
     return ws
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 
 import structlog
@@ -31,7 +30,3 @@ class RelayContext:
     def mailbox_limits(self) -> MailboxLimits:
         """Built once (read on every accept); `settings` is frozen and never replaced."""
         return MailboxLimits(self.settings.mailbox_max_messages, self.settings.mailbox_max_bytes)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

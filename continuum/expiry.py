@@ -13,9 +13,10 @@ import asyncio
 from proto import Kind, seal_envelope
 from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice
+from runtime.clock import now_ms
 
 from .admission import replay_until_ms
-from .context import RelayContext, now_ms
+from .context import RelayContext
 from .store import ExpiredMessage
 
 _BATCH = 500

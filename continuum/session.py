@@ -1,9 +1,13 @@
-"""One device's WebSocket: authenticate, then accept its sends and push its mailbox.
+"""One device's WebSocket: the I/O shell around `RelayProtocol`, deciding nothing itself.
 
-The session owns only connection bookkeeping (the delivery cursor and the
-tags in flight); anything another replica would need is in the store, so a
-device may reconnect anywhere.  Bad input produces an ERROR frame and the
-connection stays up, until `max_invalid_frames` says it is abuse.
+It reads a message, feeds it to the protocol, performs the store call the
+protocol asks for and reports the result back, and writes what the protocol
+says to write, closing when it says so.  It also owns the two things a pure
+object cannot: the HELLO deadline (a timer) and the store's wake-up
+subscription and access-list watch (callbacks from elsewhere in the process).
+
+Anything another replica would need is in the store, so a device may
+reconnect anywhere.
 """
 
 from __future__ import annotations
@@ -11,234 +15,196 @@ from __future__ import annotations
 import asyncio
 import os
 
-import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType
 
-from proto import PublicKey, decode_envelope
-from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError, UnauthenticatedError,
-                          UnexpectedFrameError)
-from proto.frames import (Accepted, Ack, Challenge, Deliver, Error, Hello, Send, Welcome,
-                          decode_frame, encode_frame, welcome_signed_bytes)
-from proto.limits import PROTOCOL_VERSION
+from proto import PublicKey
+from proto.errors import InternalError, ProtocolError
+from proto.frames import NONCE_BYTES
+from runtime.clock import now_ms
 
-from .admission import admit, replay_until_ms
-from .context import RelayContext, now_ms
+from .context import RelayContext
+from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
+                       StoreEnvelope)
+from .store import Subscription
 from .websocket import DeviceWebSocket
-
-_CLOSE_POLICY_VIOLATION = 1008
-_CLOSE_INTERNAL_ERROR = 1011
-
-
-async def authenticate(ws: web.WebSocketResponse, relay: RelayContext) -> PublicKey | None:
-    """Run CHALLENGE → HELLO → WELCOME; None (socket closed) if the device fails it."""
-    challenge = Challenge(PROTOCOL_VERSION, os.urandom(32), relay.identity.public)
-    await ws.send_bytes(encode_frame(challenge))
-    try:
-        async with asyncio.timeout(relay.settings.handshake_timeout_s):
-            message = await ws.receive()
-    except TimeoutError:
-        await _refuse(ws, relay, "timeout", UnauthenticatedError(
-            f"no HELLO within {relay.settings.handshake_timeout_s}s"))
-        return None
-    if message.type != WSMsgType.BINARY:
-        await _refuse(ws, relay, "not_binary",
-                      UnauthenticatedError("expected a binary HELLO frame"))
-        return None
-    try:
-        hello = decode_frame(message.data, relay.settings.limits.max_frame_bytes)
-        if not isinstance(hello, Hello):
-            raise UnexpectedFrameError(f"expected HELLO, got {type(hello).__name__.upper()}")
-        hello.verify(challenge)
-    except ProtocolError as exc:
-        await _refuse(ws, relay, exc.code.name.lower(), UnauthenticatedError(exc.message))
-        return None
-    refusal = relay.access.refusal(hello.device_key)
-    if refusal is not None:
-        await _refuse(ws, relay, refusal.code.name.lower(), refusal)
-        return None
-    signature = relay.identity.sign(
-        welcome_signed_bytes(challenge, hello.device_key, hello.client_nonce))
-    await ws.send_bytes(encode_frame(
-        Welcome(now_ms(), signature, relay.settings.max_envelope_bytes)))
-    return hello.device_key
-
-
-async def _refuse(ws: web.WebSocketResponse, relay: RelayContext, reason: str,
-                  error: ProtocolError) -> None:
-    relay.metrics.handshake_failures.labels(reason).inc()
-    relay.log.info("handshake_refused", reason=reason, detail=error.message)
-    if not ws.closed:
-        await ws.send_bytes(encode_frame(Error(None, int(error.code), error.message)))
-        await ws.close(code=_CLOSE_POLICY_VIOLATION, message=b"unauthenticated")
-    return None
 
 
 class DeviceSession:
-    """Most devices sit idle, so an idle session holds no task and no event of its own:
-    the mailbox wake-up starts a delivery pass, which ends when nothing is left to push."""
+    """Most devices sit idle, so an idle session holds no task of its own: a wake-up
+    starts a delivery task, which ends when the protocol asks for no further fetch."""
 
-    def __init__(self, ws: DeviceWebSocket, device: PublicKey, relay: RelayContext) -> None:
+    __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_closing")
+
+    def __init__(self, ws: DeviceWebSocket, relay: RelayContext) -> None:
         self._ws = ws
-        self._device = device
         self._relay = relay
-        self._delivery: asyncio.Task[None] | None = None  # a pass running, or the one that failed
-        self._pending_wake = False  # set by a wake-up: the running pass must fetch again
-        self._cursor: str | None = None
-        self._in_flight: set[str] = set()
-        self._invalid_frames = 0
+        self._protocol = RelayProtocol(relay.identity, relay.settings, relay.access,
+                                       relay.metrics, relay.log,
+                                       relay_nonce=os.urandom(NONCE_BYTES))
+        self._delivery: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[object] | None = None
 
-    @property
-    def _log(self) -> structlog.typing.FilteringBoundLogger:
-        """Bound per call (connect, disconnect, refusals), not kept per idle connection."""
-        return self._relay.log.bind(device=self._device.text)
-
-    async def run(self) -> None:
-        """Serve until the device disconnects or abuses the connection."""
-        subscription = await self._relay.store.subscribe(self._device, self._wake)
-        self._start_delivery(observe_depth=True)
-        unwatch = self._relay.access.watch(self._device, self._refused)
-        self._relay.metrics.connected.inc()
-        self._log.info("device_connected")
+    async def handshake(self) -> bool:
+        """CHALLENGE → HELLO → WELCOME within the deadline; False (socket closing) if refused."""
+        protocol, timeout_s = self._protocol, self._relay.settings.handshake_timeout_s
+        self._write()
         try:
-            await self._read_forever()
+            async with asyncio.timeout(timeout_s):
+                message = await self._ws.receive()
+        except TimeoutError:
+            protocol.handshake_timed_out(timeout_s)
+        else:
+            self._feed(message)
+        self._write()
+        if protocol.device_key is None:
+            await self._finish_closing()
+            return False
+        return True
+
+    async def serve(self) -> None:
+        """Serve an authenticated device until it disconnects or the protocol closes."""
+        device = self._protocol.device_key
+        assert device is not None
+        relay = self._relay
+        # Watch before any await: a revocation published meanwhile must still close us.
+        unwatch = relay.access.watch(device, self._revoked)
+        subscription: Subscription | None = None
+        relay.metrics.connected.inc()
+        log = relay.log.bind(device=device.text)
+        log.info("device_connected")
+        try:
+            try:
+                subscription = await relay.store.subscribe(device, self._wake)
+            except ProtocolError as exc:
+                self._protocol.store_failed(exc)
+            else:
+                self._start_delivery(self._protocol.wake(), device, observe_depth=True)
+            self._write()
+            await self._read_until_closed()
         except ConnectionError:
             pass  # the device went away mid-write; its mailbox is intact
         finally:
+            self._protocol.connection_lost()  # from here on no wake-up starts a fetch
             unwatch()
-            self._relay.metrics.connected.dec()
-            await subscription.close()  # first: no wake-up may start a pass after the cancel
+            relay.metrics.connected.dec()
+            if subscription is not None:
+                await subscription.close()
             if self._delivery is not None:
                 self._delivery.cancel()
                 await asyncio.gather(self._delivery, return_exceptions=True)
-            if self._closing is not None:
-                await asyncio.gather(self._closing, return_exceptions=True)
-            self._log.info("device_disconnected")
+            await self._finish_closing()
+            log.info("device_disconnected")
 
-    def _refused(self, error: ProtocolError) -> None:
-        """A newer access list refuses this key (revoked): end the session now, not at reconnect."""
-        if self._closing is None:
-            self._closing = asyncio.create_task(self._close_refused(error), name="close-refused")
+    async def _read_until_closed(self) -> None:
+        protocol = self._protocol
+        while protocol.close is None:
+            message = await self._ws.receive()
+            if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                                WSMsgType.ERROR):
+                return  # closed by the device, or a frame beyond the hard cap (1009)
+            request = self._feed(message)
+            if isinstance(request, CheckRate):
+                await self._admit(request)
+            elif isinstance(request, RemoveDelivered):
+                await self._remove(request)
+            self._write()
+            await self._ws.drain()  # a device that sends without reading is not outrun
 
-    async def _close_refused(self, error: ProtocolError) -> None:
-        self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
+    def _feed(self, message: WSMessage) -> Authenticated | CheckRate | RemoveDelivered | None:
+        if message.type == WSMsgType.BINARY:
+            return self._protocol.receive(message.data, now_ms())
+        self._protocol.receive_non_binary()
+        return None
+
+    async def _admit(self, request: CheckRate) -> None:
+        protocol, store, settings = self._protocol, self._relay.store, self._relay.settings
+        envelope = request.envelope
         try:
-            await self._ws.send_frames([encode_frame(Error(None, int(error.code), error.message))])
-        finally:
-            await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=error.code.name.encode())
-
-    async def _read_forever(self) -> None:
-        async for message in self._ws:
-            if message.type == WSMsgType.ERROR:
-                break  # protocol-level failure, e.g. a frame beyond the hard cap (close 1009)
-            if message.type != WSMsgType.BINARY:
-                await self._reject(None, DecodeError("frames must be binary WebSocket messages"))
-            else:
-                await self._handle(message.data)
-            if self._invalid_frames >= self._relay.settings.max_invalid_frames:
-                self._log.warning("closing_abusive_connection", invalid=self._invalid_frames)
-                await self._ws.close(code=_CLOSE_POLICY_VIOLATION, message=b"too many invalid frames")
-                break
-
-    async def _handle(self, data: bytes) -> None:
-        if len(data) > self._relay.settings.limits.max_frame_bytes:
-            await self._reject(None, OversizeError(
-                f"frame of {len(data)} bytes exceeds the limit of"
-                f" {self._relay.settings.limits.max_frame_bytes}"))
-            return
-        try:
-            frame = decode_frame(data, self._relay.settings.limits.max_frame_bytes)
+            allowed = await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
+                                        settings.rate_burst)
         except ProtocolError as exc:
-            await self._reject(None, exc)
+            protocol.store_refused(envelope.msg_id, exc)
             return
-        if isinstance(frame, Send):
-            await self._accept(frame.envelope)
-        elif isinstance(frame, Ack):
-            await self._ack(frame.tag)
+        store_request: StoreEnvelope | None = protocol.rate_checked(envelope, allowed, now_ms())
+        if store_request is None:
+            return
+        try:
+            await store.accept(envelope, replay_until_ms=store_request.replay_until_ms,
+                               limits=self._relay.mailbox_limits)
+        except ProtocolError as exc:
+            protocol.store_refused(envelope.msg_id, exc)
         else:
-            await self._reject(None, UnexpectedFrameError(
-                f"a device may send SEND or ACK here, not {type(frame).__name__.upper()}"))
+            protocol.stored(envelope.msg_id)
 
-    async def _accept(self, raw: bytes) -> None:
-        relay, settings = self._relay, self._relay.settings
+    async def _remove(self, request: RemoveDelivered) -> None:
+        device = self._protocol.device_key
+        assert device is not None
         try:
-            envelope = decode_envelope(raw, settings.limits)
+            existed = await self._relay.store.ack(device, request.tag)
         except ProtocolError as exc:
-            await self._reject(None, exc)
+            self._protocol.store_failed(exc)
             return
-        try:
-            if not await relay.store.allow(self._device, now_ms(), settings.rate_per_s,
-                                           settings.rate_burst):
-                raise RateLimitedError(
-                    f"more than {settings.rate_per_s:g} messages/s (burst {settings.rate_burst})")
-            admit(envelope, self._device, now_ms(), settings, relay.metrics.verify_seconds.observe)
-            relay.access.check_recipients(envelope.recipient_keys)
-            await relay.store.accept(envelope, replay_until_ms=replay_until_ms(envelope, settings),
-                                     limits=relay.mailbox_limits)
-        except ProtocolError as exc:
-            await self._reject(envelope.msg_id, exc)
-            return
-        relay.metrics.accepted.inc()
-        await self._ws.send_frames([encode_frame(Accepted(envelope.msg_id))])
+        self._start_delivery(self._protocol.removed(request.tag, existed), device)
 
-    async def _ack(self, tag: str) -> None:
-        if await self._relay.store.ack(self._device, tag):
-            self._relay.metrics.acked.inc()
-        if tag in self._in_flight:
-            # Only a full window can have stopped the last pass short of the mailbox's
-            # end; otherwise new mail wakes us anyway, and a fetch per ACK is wasted.
-            window_was_full = len(self._in_flight) >= self._relay.settings.delivery_window
-            self._in_flight.discard(tag)
-            if window_was_full:
-                self._wake()
-
-    async def _reject(self, msg_id: bytes | None, error: ProtocolError) -> None:
-        self._invalid_frames += 1
-        reason = error.code.name.lower()
-        self._relay.metrics.rejected.labels(reason).inc()
-        self._log.debug("rejected", reason=reason, detail=error.message)
-        await self._ws.send_frames([encode_frame(Error(msg_id, int(error.code), error.message))])
+    # -- delivery: one task while fetches are wanted ---------------------------------------
 
     def _wake(self) -> None:
-        """The mailbox may have grown or the window opened: make sure a delivery pass runs."""
-        self._pending_wake = True
-        if self._delivery is None:
-            self._start_delivery()
+        """The store's callback: the mailbox may have grown."""
+        device = self._protocol.device_key
+        if device is not None:
+            self._start_delivery(self._protocol.wake(), device)
 
-    def _start_delivery(self, observe_depth: bool = False) -> None:
-        self._delivery = asyncio.create_task(self._deliver(observe_depth), name="deliver")
-        self._delivery.add_done_callback(self._delivery_ended)
+    def _start_delivery(self, fetch: Fetch | None, device: PublicKey,
+                        observe_depth: bool = False) -> None:
+        # The protocol hands out one Fetch at a time, so no other delivery task is running.
+        if fetch is not None:
+            self._delivery = asyncio.create_task(self._deliver(fetch, device, observe_depth),
+                                                 name="deliver")
 
-    def _delivery_ended(self, task: asyncio.Task[None]) -> None:
-        """A pass that failed (store down) closes the socket at once, even if the device is
-        idle: it reconnects with backoff and its mailbox is fetched afresh, nothing is lost."""
-        if task.cancelled() or task.exception() is None or self._closing is not None:
-            return
-        self._log.warning("delivery_failed", error=repr(task.exception()))
-        self._closing = asyncio.create_task(
-            self._ws.close(code=_CLOSE_INTERNAL_ERROR, message=b"mailbox store unavailable"),
-            name="close-failed-delivery")
+    async def _deliver(self, fetch: Fetch | None, device: PublicKey, observe_depth: bool) -> None:
+        """Run the fetches the protocol asks for; the window bounds what is queued, so
+        writes here need not wait for a slow reader."""
+        store, protocol = self._relay.store, self._protocol
+        try:
+            if observe_depth:
+                self._relay.metrics.mailbox_depth.observe(await store.depth(device))
+            while fetch is not None:
+                batch = await store.fetch(device, fetch.after, fetch.limit)
+                fetch = protocol.fetched(batch)
+                self._write()
+        except ProtocolError as exc:
+            protocol.store_failed(exc)
+            self._write()
+        except Exception as exc:  # a bug must cost this connection (1011), not its deliveries
+            self._relay.log.exception("delivery_crashed")
+            protocol.store_failed(InternalError(repr(exc)))
+            self._write()
+        finally:
+            if self._delivery is asyncio.current_task():
+                self._delivery = None
 
-    async def _deliver(self, observe_depth: bool = False) -> None:
-        """Push the mailbox in order, never more than `delivery_window` un-acked, then end.
+    # -- writing and closing ---------------------------------------------------------------
 
-        A pass that raises stays in `_delivery`, so no wake-up starts another, and
-        `_delivery_ended` closes the socket.  Clearing `_delivery` and returning happen
-        in one step of the loop, so no wake-up can fall between them.
-        """
-        store, window = self._relay.store, self._relay.settings.delivery_window
-        if observe_depth:
-            self._relay.metrics.mailbox_depth.observe(await store.depth(self._device))
-        self._pending_wake = True
-        while self._pending_wake:
-            self._pending_wake = False
-            room = window - len(self._in_flight)
-            batch = await store.fetch(self._device, self._cursor, room) if room > 0 else []
-            if batch:
-                self._in_flight.update(entry.tag for entry in batch)
-                self._cursor = batch[-1].tag
-                await self._ws.send_frames([encode_frame(Deliver(entry.tag, entry.raw))
-                                           for entry in batch])
-                self._relay.metrics.delivered.inc(len(batch))
-                self._pending_wake = True  # the mailbox may hold more than one batch
-        self._delivery = None
+    def _revoked(self, error: ProtocolError) -> None:
+        """The access list's callback: this key is refused from now on."""
+        self._protocol.revoked(error)
+        self._write()
+
+    def _write(self) -> None:
+        """Queue what the protocol produced; start the close it asked for, once."""
+        protocol = self._protocol
+        frames = protocol.data_to_send()
+        if frames:
+            try:
+                self._ws.write_frames(frames)
+            except ConnectionError:
+                protocol.connection_lost()
+                return
+        close = protocol.close
+        if close is not None and self._closing is None:
+            self._closing = asyncio.create_task(
+                self._ws.close(code=close.code, message=close.reason.encode()), name="close")
+
+    async def _finish_closing(self) -> None:
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)

@@ -4,7 +4,7 @@ aiohttp's `send_bytes` costs one `send()` system call per frame, which was a
 fifth of the relay's CPU under load (benchmarks/profile_relay.py).  Under load
 the reader answers every SEND buffered in one TCP read, and a mailbox fetch
 yields up to `delivery_window` DELIVERs, all in the same loop turn.  So
-`send_frames` queues complete frames and one `transport.write` at the end of
+`write_frames` queues complete frames and one `transport.write` at the end of
 the turn sends them all.  Queuing and writing are synchronous and whole, so
 frames from the reader and the delivery pass never interleave and need no lock.
 
@@ -39,7 +39,7 @@ def ws_frame(payload: bytes) -> bytes:
 
 
 class DeviceWebSocket(web.WebSocketResponse):
-    """A WebSocketResponse with `send_frames`: binary frames written once per loop turn."""
+    """A WebSocketResponse with `write_frames`: binary frames written once per loop turn."""
 
     # Slots, not new keys in the inherited instance __dict__, which would make
     # it resize and cost about 1 KiB more per connection.
@@ -54,13 +54,14 @@ class DeviceWebSocket(web.WebSocketResponse):
         self._stream = await super().prepare(request)
         return self._stream
 
-    async def send_frames(self, payloads: list[bytes]) -> None:
-        """Queue these frames in order, then wait only while the device reads too slowly.
+    def write_frames(self, payloads: list[bytes]) -> None:
+        """Queue these frames, in order, for one write at the end of this loop turn.
 
         Raises ConnectionResetError once the WebSocket is closing, as aiohttp
-        does: no data frame may follow a CLOSE.
+        does: no data frame may follow a CLOSE.  Callers that must not outrun
+        a slow reader then await `drain()`.
         """
-        assert self._stream is not None, "send_frames before prepare"
+        assert self._stream is not None, "write_frames before prepare"
         transport = self._stream.transport
         if self.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("cannot write to a closing WebSocket")
@@ -68,7 +69,11 @@ class DeviceWebSocket(web.WebSocketResponse):
             self._queued = []
             asyncio.get_running_loop().call_soon(self.flush)
         self._queued.extend([ws_frame(payload) for payload in payloads])
-        await self._stream.drain()  # returns at once unless the socket's buffer is full
+
+    async def drain(self) -> None:
+        """Wait only while the device reads too slowly (returns at once otherwise)."""
+        assert self._stream is not None, "drain before prepare"
+        await self._stream.drain()
 
     def flush(self) -> None:
         """Write every queued frame now, in one system call."""

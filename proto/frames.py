@@ -9,11 +9,8 @@
     relay  → device   DELIVER   [7, tag(tstr), envelope(bstr)]
     device → relay    ACK       [8, tag(tstr)]
 
-HELLO's signature proves the device holds its key:  Ed25519 over
-HELLO_DOMAIN ‖ relay_nonce ‖ relay_key ‖ device_key ‖ client_nonce.
-WELCOME's proves the relay holds the key it announced (devices trust expiry
-notices signed by it): Ed25519 over WELCOME_DOMAIN ‖ client_nonce ‖ relay_nonce ‖
-device_key ‖ relay_key.
+This module only encodes and decodes; what the handshake frames sign and
+prove, and the order they come in, is `handshake`'s job.
 """
 
 from __future__ import annotations
@@ -25,14 +22,12 @@ from typing import ClassVar
 from . import canonical
 from .envelope import MSG_ID_BYTES
 from .errors import DecodeError, ErrorCode, InvalidFieldError, UnsupportedVersionError
-from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
+from .keys import KEY_BYTES, SIGNATURE_BYTES, PublicKey
 from .limits import PROTOCOL_VERSION
 
 NONCE_BYTES = 32
 MAX_TAG_CHARS = 64
 MAX_ERROR_MESSAGE_CHARS = 512
-HELLO_DOMAIN = b"continuum/v1/hello\x00"
-WELCOME_DOMAIN = b"continuum/v1/welcome\x00"
 
 
 class FrameType(IntEnum):
@@ -86,32 +81,12 @@ class Challenge:
                    PublicKey(_bytes(f[2], KEY_BYTES, "relay key")))
 
 
-def hello_signed_bytes(challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> bytes:
-    return (HELLO_DOMAIN + challenge.relay_nonce + challenge.relay_key.raw
-            + device_key.raw + client_nonce)
-
-
-def welcome_signed_bytes(challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> bytes:
-    return (WELCOME_DOMAIN + client_nonce + challenge.relay_nonce
-            + device_key.raw + challenge.relay_key.raw)
-
-
 @dataclass(frozen=True)
 class Hello:
     TYPE: ClassVar[FrameType] = FrameType.HELLO
     device_key: PublicKey
     client_nonce: bytes
     signature: bytes
-
-    @classmethod
-    def answer(cls, challenge: Challenge, identity: Identity, client_nonce: bytes) -> Hello:
-        signed = hello_signed_bytes(challenge, identity.public, client_nonce)
-        return cls(identity.public, client_nonce, identity.sign(signed))
-
-    def verify(self, challenge: Challenge) -> None:
-        """SignatureError unless the device signed this connection's challenge."""
-        self.device_key.verify(
-            hello_signed_bytes(challenge, self.device_key, self.client_nonce), self.signature)
 
     def fields(self) -> list:
         return [self.device_key.raw, self.client_nonce, self.signature]
@@ -129,10 +104,6 @@ class Welcome:
     server_time_ms: int
     relay_signature: bytes
     max_envelope_bytes: int
-
-    def verify(self, challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> None:
-        challenge.relay_key.verify(
-            welcome_signed_bytes(challenge, device_key, client_nonce), self.relay_signature)
 
     def fields(self) -> list:
         return [self.server_time_ms, self.relay_signature, self.max_envelope_bytes]

@@ -10,11 +10,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+import pytest
+
 from client import DeliveryStatus, Device, InboundMessage, PeerList
 from client.backoff import Backoff
 from continuum.server import RelayServer
 from proto import Identity, Kind, seal_envelope
-from proto.errors import InvalidFieldError
+from proto.errors import InvalidFieldError, OversizeError
+from proto.limits import Limits
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from relay_process import RelayProcess
 
@@ -280,3 +283,37 @@ async def test_a_receipt_from_a_stranger_is_dropped(relay: RelayServer) -> None:
             while a.stats.dropped_unexpected_receipt == 0:
                 await asyncio.sleep(0.02)
         assert a.stats.receipts == 0
+
+
+async def test_a_relay_with_a_larger_envelope_limit_delivers_to_a_default_device(
+        start_relay: StartRelay) -> None:
+    """Found as a new user: on a 256 KiB relay a default recipient logged a bad frame, never
+    ACKed, and the 100 kB message blocked its mailbox forever.  Devices decode with the
+    limit the relay announces in WELCOME (below their own cap)."""
+    server = await start_relay(max_envelope_bytes=262_144)
+    alice, bob = Identity.generate(), Identity.generate()
+    payload = bytes(range(256)) * 400  # 102,400 bytes: above the 64 KiB protocol default
+    sender_limits = Limits(max_envelope_bytes=262_144)  # a sender configured like its relay
+    async with device(alice, [server.url], [bob], limits=sender_limits) as a, \
+            device(bob, [server.url], [alice]) as b:
+        async with asyncio.timeout(10):
+            outgoing = await a.send([bob.public], payload)
+        [message] = await next_messages(b)
+        assert message.payload == payload
+        assert await outgoing.wait_receipts(timeout=10) == {bob.public: DeliveryStatus.DELIVERED}
+        assert b.stats.bad_frames == 0 and b.stats.dropped_invalid == 0
+    assert server.relay is not None
+    assert await server.relay.store.depth(bob.public) == 0  # ACKed, so removed
+
+
+async def test_an_envelope_above_the_relays_limit_is_refused_before_it_is_sent(
+        start_relay: StartRelay) -> None:
+    server = await start_relay(max_envelope_bytes=4_096)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with device(alice, [server.url], [bob]) as a:
+        await a.wait_connected()
+        with pytest.raises(OversizeError, match="relay's limit of 4096"):
+            async with asyncio.timeout(10):
+                await a.send([bob.public], b"x" * 5_000)
+    assert server.relay is not None
+    assert server.relay.metrics.rejected.labels("oversize")._value.get() == 0  # never sent

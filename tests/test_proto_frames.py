@@ -1,4 +1,4 @@
-"""Frames and the CHALLENGE/HELLO/WELCOME handshake."""
+"""Frames: encoding, strict decoding, limits (the handshake is tests/test_proto_handshake.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto import canonical
-from proto.errors import (DecodeError, ErrorCode, InvalidFieldError, OversizeError,
-                          SignatureError, UnsupportedVersionError)
-from proto.frames import (HELLO_DOMAIN, MAX_ERROR_MESSAGE_CHARS, MAX_TAG_CHARS, WELCOME_DOMAIN,
-                          Accepted, Ack, Challenge, Deliver, Error, FrameType, Hello, Send,
-                          Welcome, decode_frame, encode_frame, hello_signed_bytes,
-                          welcome_signed_bytes)
+from proto.errors import DecodeError, ErrorCode, InvalidFieldError, OversizeError, UnsupportedVersionError
+from proto.frames import (MAX_ERROR_MESSAGE_CHARS, MAX_TAG_CHARS, Accepted, Ack, Challenge, Deliver,
+                          Error, FrameType, Send, Welcome, decode_frame, encode_frame)
+from proto.handshake import sign_hello, welcome_signed_bytes
 from proto.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
-from proto_support import ALICE, BOB, MALLORY, identity, make_envelope
+from proto_support import ALICE, identity, make_envelope
 
 RELAY = identity("relay")
 MAX = DEFAULT_LIMITS.max_frame_bytes
@@ -33,7 +31,7 @@ def sample_frames() -> list:
     env = make_envelope().raw
     return [
         CHALLENGE,
-        Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE),
+        sign_hello(CHALLENGE, ALICE, CLIENT_NONCE),
         _welcome(),
         Send(env),
         Accepted(b"\x01" * 16),
@@ -124,57 +122,6 @@ def test_strict_decoding(value: object, error: type) -> None:
 def test_non_canonical_frames(data: str) -> None:
     with pytest.raises(DecodeError):
         decode_frame(bytes.fromhex(data), MAX)
-
-
-class TestHandshake:
-    def test_hello_verifies(self) -> None:
-        hello = decode_frame(encode_frame(Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE)), MAX)
-        hello.verify(CHALLENGE)
-        assert hello_signed_bytes(CHALLENGE, ALICE.public, CLIENT_NONCE) == (
-            HELLO_DOMAIN + RELAY_NONCE + RELAY.public.raw + ALICE.public.raw + CLIENT_NONCE)
-
-    @pytest.mark.parametrize("other", [
-        Challenge(PROTOCOL_VERSION, bytes(32), RELAY.public),
-        Challenge(PROTOCOL_VERSION, RELAY_NONCE, MALLORY.public),
-    ], ids=["other relay nonce", "other relay key"])
-    def test_hello_fails_for_another_challenge(self, other: Challenge) -> None:
-        with pytest.raises(SignatureError):
-            Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE).verify(other)
-
-    def test_hello_fails_for_other_nonce_or_key(self) -> None:
-        hello = Hello.answer(CHALLENGE, ALICE, CLIENT_NONCE)
-        with pytest.raises(SignatureError):
-            Hello(hello.device_key, bytes(32), hello.signature).verify(CHALLENGE)
-        with pytest.raises(SignatureError):
-            Hello(BOB.public, hello.client_nonce, hello.signature).verify(CHALLENGE)
-        forged = Hello.answer(CHALLENGE, MALLORY, CLIENT_NONCE)
-        with pytest.raises(SignatureError):
-            Hello(ALICE.public, CLIENT_NONCE, forged.signature).verify(CHALLENGE)
-
-    def test_welcome_verifies(self) -> None:
-        welcome = decode_frame(encode_frame(_welcome()), MAX)
-        welcome.verify(CHALLENGE, ALICE.public, CLIENT_NONCE)
-        assert welcome_signed_bytes(CHALLENGE, ALICE.public, CLIENT_NONCE) == (
-            WELCOME_DOMAIN + CLIENT_NONCE + RELAY_NONCE + ALICE.public.raw + RELAY.public.raw)
-
-    def test_welcome_fails_when_anything_differs(self) -> None:
-        welcome = _welcome()
-        with pytest.raises(SignatureError):
-            welcome.verify(CHALLENGE, ALICE.public, bytes(32))
-        with pytest.raises(SignatureError):
-            welcome.verify(CHALLENGE, BOB.public, CLIENT_NONCE)
-        with pytest.raises(SignatureError):
-            welcome.verify(Challenge(PROTOCOL_VERSION, bytes(32), RELAY.public),
-                           ALICE.public, CLIENT_NONCE)
-        with pytest.raises(SignatureError):
-            welcome.verify(Challenge(PROTOCOL_VERSION, RELAY_NONCE, MALLORY.public),
-                           ALICE.public, CLIENT_NONCE)
-
-    def test_hello_and_welcome_signatures_are_not_interchangeable(self) -> None:
-        """Domain separation: a relay cannot pass off its signature as a device's."""
-        welcome = _welcome(device=RELAY.public)
-        with pytest.raises(SignatureError):
-            Hello(RELAY.public, CLIENT_NONCE, welcome.relay_signature).verify(CHALLENGE)
 
 
 @settings(max_examples=200, deadline=None)

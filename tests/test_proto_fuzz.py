@@ -17,8 +17,8 @@ from fuzz_settings import long_run, quick
 
 from proto.envelope import decode_envelope
 from proto.errors import ProtocolError, SignatureError
-from proto.frames import (Ack, Challenge, Deliver, Error, Hello, Send, Welcome, decode_frame,
-                          encode_frame)
+from proto.frames import Ack, Challenge, Deliver, Error, Send, decode_frame, encode_frame
+from proto.handshake import DeviceHandshake, RelayHandshake, sign_hello
 from proto.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from proto_support import (ALICE, BOB, CAROL, cbor_values, encode_any, envelope_fields,
                            field_replacements, make_envelope, mutations)
@@ -28,7 +28,7 @@ ENVELOPE_FIELDS = envelope_fields(ENVELOPE)
 CHALLENGE = Challenge(PROTOCOL_VERSION, bytes(range(32)), BOB.public)
 FRAMES = [encode_frame(f) for f in (
     Send(ENVELOPE.raw), Deliver("tag-1", ENVELOPE.raw), Ack("tag-1"),
-    Error(ENVELOPE.msg_id, 6, "replay"), CHALLENGE, Hello.answer(CHALLENGE, ALICE, bytes(32)),
+    Error(ENVELOPE.msg_id, 6, "replay"), CHALLENGE, sign_hello(CHALLENGE, ALICE, bytes(32)),
 )]
 
 
@@ -77,15 +77,20 @@ def check_frame(data: bytes) -> None:
     except ProtocolError:
         return
     assert encode_frame(frame) == data
-    try:
-        if isinstance(frame, Hello):
-            frame.verify(CHALLENGE)
-        elif isinstance(frame, Welcome):
-            frame.verify(CHALLENGE, ALICE.public, bytes(32))
-    except ProtocolError:
-        pass
     if isinstance(frame, (Send, Deliver)):
         check_envelope(frame.envelope)
+
+
+def check_handshake(data: bytes) -> None:
+    """Hostile bytes as HELLO to a relay and as WELCOME to a device: only ProtocolError."""
+    relay = RelayHandshake(BOB, CHALLENGE.relay_nonce, DEFAULT_LIMITS)
+    device = DeviceHandshake(ALICE, bytes(32), DEFAULT_LIMITS.max_envelope_bytes)
+    device.receive_challenge(relay.challenge())
+    for step in (relay.receive_hello, device.receive_welcome):
+        try:
+            step(data)
+        except ProtocolError:
+            pass
 
 
 @quick(300)
@@ -98,6 +103,7 @@ def test_envelope_hostile_input(data: bytes) -> None:
 @given(frame_inputs)
 def test_frame_hostile_input(data: bytes) -> None:
     check_frame(data)
+    check_handshake(data)
 
 
 @long_run
@@ -110,3 +116,4 @@ def test_envelope_hostile_input_long(data: bytes) -> None:
 @given(frame_inputs)
 def test_frame_hostile_input_long(data: bytes) -> None:
     check_frame(data)
+    check_handshake(data)

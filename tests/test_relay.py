@@ -11,7 +11,8 @@ import pytest
 
 from continuum.server import RelayServer
 from proto import Identity, Kind, decode_envelope, seal_envelope
-from proto.frames import Accepted, Ack, Challenge, Deliver, Hello, Send, decode_frame, encode_frame
+from proto.frames import Accepted, Ack, Challenge, Deliver, Send, decode_frame, encode_frame
+from proto.handshake import sign_hello
 from proto.errors import StoreUnavailableError
 from proto.limits import Limits
 from proto.payloads import ExpiryNotice
@@ -251,7 +252,7 @@ async def test_hello_signed_by_another_key_is_refused(relay: RelayServer) -> Non
         ws = await session.ws_connect(relay.url)
         challenge = decode_frame(await ws.receive_bytes(timeout=5), 4096)
         assert isinstance(challenge, Challenge)
-        honest = Hello.answer(challenge, mallory, b"\x01" * 32)
+        honest = sign_hello(challenge, mallory, b"\x01" * 32)
         claimed = replace(honest, device_key=alice.public)
         await ws.send_bytes(encode_frame(claimed))
         assert error_code(decode_frame(await ws.receive_bytes(timeout=5), 4096)) == "UNAUTHENTICATED"

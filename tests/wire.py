@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import aiohttp
 
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
-from proto.frames import (Ack, Challenge, Deliver, Error, Frame, Hello, Send, Welcome,
-                          decode_frame, encode_frame)
+from proto.frames import NONCE_BYTES, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
+from proto.handshake import DeviceHandshake, Established
+from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, TALLY
 
 MAX_FRAME = 1 << 20
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def sealed(sender: Identity, recipients: list[PublicKey], text: bytes = b"hi", *,
@@ -34,9 +30,8 @@ class RawDevice:
     """One authenticated connection; `recv` returns decoded frames."""
 
     def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
-                 identity: Identity, challenge: Challenge, welcome: Welcome) -> None:
-        self.session, self.ws, self.identity = session, ws, identity
-        self.challenge, self.welcome = challenge, welcome
+                 identity: Identity, terms: Established) -> None:
+        self.session, self.ws, self.identity, self.terms = session, ws, identity, terms
 
     @classmethod
     async def connect(cls, url: str, identity: Identity, compress: int = 0) -> RawDevice:
@@ -44,17 +39,13 @@ class RawDevice:
         session = aiohttp.ClientSession()
         try:
             ws = await session.ws_connect(url, max_msg_size=MAX_FRAME, compress=compress)
-            challenge = decode_frame((await ws.receive_bytes(timeout=5)), MAX_FRAME)
-            assert isinstance(challenge, Challenge)
-            nonce = os.urandom(32)
-            await ws.send_bytes(encode_frame(Hello.answer(challenge, identity, nonce)))
-            welcome = decode_frame((await ws.receive_bytes(timeout=5)), MAX_FRAME)
-            assert isinstance(welcome, Welcome), welcome
-            welcome.verify(challenge, identity.public, nonce)
+            handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+            await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
+            terms = handshake.receive_welcome(await ws.receive_bytes(timeout=5))
         except BaseException:
             await session.close()
             raise
-        return cls(session, ws, identity, challenge, welcome)
+        return cls(session, ws, identity, terms)
 
     async def send_raw(self, data: bytes) -> None:
         await self.ws.send_bytes(data)

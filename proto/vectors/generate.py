@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import TypeVar
 
 import nacl.bindings
 
@@ -19,15 +20,17 @@ from .. import canonical
 from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Envelope, Kind, decode_envelope,
                         seal_envelope)
 from ..errors import ErrorCode
-from ..frames import (HELLO_DOMAIN, WELCOME_DOMAIN, Accepted, Ack, Challenge, Deliver, Error,
-                      Frame,
-                      Hello, Send, Welcome, encode_frame, hello_signed_bytes,
-                      welcome_signed_bytes)
+from ..frames import (Accepted, Ack, Challenge, Deliver, Error, Frame, Hello, Send, Welcome,
+                      decode_frame, encode_frame)
+from ..handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake,
+                         RelayHandshake, hello_signed_bytes, welcome_signed_bytes)
 from ..keys import Identity
 from ..limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from ..payloads import ExpiryNotice, PeerChange, Receipt
 from ..sealing import PAYLOAD_NONCE_BYTES
 from . import VECTOR_DIR
+
+FrameT = TypeVar("FrameT", bound=Frame)
 
 CREATED_AT_MS = 1_700_000_000_000
 TTL_S = 86_400
@@ -166,11 +169,17 @@ def handshake_vectors() -> dict:
     relay, device = IDS["relay"], IDS["alice"]
     relay_nonce, client_nonce = fill(0xC1, 32), fill(0xC2, 32)
     server_time_ms = CREATED_AT_MS + 1234
-    challenge = Challenge(PROTOCOL_VERSION, relay_nonce, relay.public)
-    hello = Hello.answer(challenge, device, client_nonce)
+    # Both state machines run the exchange, so the vectors are exactly what they send.
+    relay_side = RelayHandshake(relay, relay_nonce, DEFAULT_LIMITS)
+    device_side = DeviceHandshake(device, client_nonce, DEFAULT_LIMITS.max_envelope_bytes)
+    challenge_bytes = relay_side.challenge()
+    hello_bytes = device_side.receive_challenge(challenge_bytes)
+    relay_side.receive_hello(hello_bytes)
+    welcome_bytes, _terms = relay_side.welcome(server_time_ms)
+    device_side.receive_welcome(welcome_bytes)
+    challenge = _decoded(challenge_bytes, Challenge)
+    hello, welcome = _decoded(hello_bytes, Hello), _decoded(welcome_bytes, Welcome)
     welcome_signed = welcome_signed_bytes(challenge, device.public, client_nonce)
-    welcome = Welcome(server_time_ms, relay.sign(welcome_signed),
-                      DEFAULT_LIMITS.max_envelope_bytes)
     envelope = bytes.fromhex(envelope_vectors()["envelopes"][0]["encoded"])
     msg_id = decode_envelope(envelope).msg_id
     frames: dict[str, Frame] = {
@@ -190,18 +199,24 @@ def handshake_vectors() -> dict:
         "welcome_domain": WELCOME_DOMAIN.hex(),
         "challenge": {"protocol_version": PROTOCOL_VERSION, "relay_nonce": relay_nonce.hex(),
                       "relay_key": relay.public.raw.hex(),
-                      "encoded": encode_frame(challenge).hex()},
+                      "encoded": challenge_bytes.hex()},
         "hello": {"device_key": device.public.raw.hex(), "client_nonce": client_nonce.hex(),
                   "signed_bytes": hello_signed_bytes(challenge, device.public,
                                                      client_nonce).hex(),
-                  "signature": hello.signature.hex(), "encoded": encode_frame(hello).hex()},
+                  "signature": hello.signature.hex(), "encoded": hello_bytes.hex()},
         "welcome": {"server_time_ms": server_time_ms,
                     "max_envelope_bytes": DEFAULT_LIMITS.max_envelope_bytes,
                     "signed_bytes": welcome_signed.hex(),
                     "signature": welcome.relay_signature.hex(),
-                    "encoded": encode_frame(welcome).hex()},
+                    "encoded": welcome_bytes.hex()},
         "frames": {name: encode_frame(frame).hex() for name, frame in frames.items()},
     }
+
+
+def _decoded(data: bytes, cls: type[FrameT]) -> FrameT:
+    frame = decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES)
+    assert isinstance(frame, cls)
+    return frame
 
 
 def _invalid(name: str, check: str, data: bytes | str, error: ErrorCode, **extra: object) -> dict:

@@ -1,0 +1,322 @@
+"""The relay's half of one device connection, as a pure object: messages in, decisions out.
+
+`RelayProtocol` owns every rule of the conversation: the handshake, what
+becomes ACCEPTED or ERROR, the delivery window and its ACK rule, when the
+mailbox is fetched again, abuse counting, and when to close.  It does no
+I/O, reads no clock and draws no randomness (the nonce and `now_ms` come in),
+so every rule is tested frame by frame without a socket (tests/test_protocol.py).
+
+The shell (`session.py`) follows one contract:
+
+- after every call, write `data_to_send()` in order, then close the
+  WebSocket if `close` is set (and stop reading);
+- a call that returns a request (`CheckRate`, `StoreEnvelope`, `RemoveDelivered`,
+  `Fetch`) asks for one store call, whose result goes back in through the
+  matching method (`rate_checked`, `stored`/`store_refused`, `removed`,
+  `fetched`); a store failure goes back through `store_failed` (or, for an
+  accept, `store_refused`);
+- `Authenticated` asks it to subscribe to the mailbox and watch the key's
+  access, then call `wake()`.
+
+At most one `Fetch` is outstanding at a time: a wake-up that arrives while
+one runs is remembered and served when `fetched` reports back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+
+import structlog
+
+from proto import Envelope, Identity, PublicKey, decode_envelope
+from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError,
+                          UnauthenticatedError, UnexpectedFrameError)
+from proto.frames import Accepted, Ack, Deliver, Error, Send, decode_frame, encode_frame
+from proto.handshake import RelayHandshake
+
+from .access import AccessControl
+from .admission import admit, replay_until_ms
+from .metrics import RelayMetrics
+from .settings import Settings
+from .store import StoredMessage
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """The device proved `device_key`: subscribe to its mailbox, watch it, then `wake()`."""
+
+    device_key: PublicKey
+
+
+@dataclass(frozen=True)
+class CheckRate:
+    """Take one token from the sender's bucket (`store.allow`), then `rate_checked`."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class StoreEnvelope:
+    """`store.accept` the envelope, then `stored`, or `store_refused` with its error."""
+
+    envelope: Envelope
+    replay_until_ms: int
+
+
+@dataclass(frozen=True)
+class RemoveDelivered:
+    """`store.ack` the delivery, then `removed` with whether it was still there."""
+
+    tag: str
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """`store.fetch` up to `limit` entries after `after`, then `fetched` with them."""
+
+    after: str | None
+    limit: int
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the WebSocket with this code once `data_to_send()` is written."""
+
+    code: int
+    reason: str
+
+
+class Phase(Enum):
+    HANDSHAKE = auto()
+    OPEN = auto()
+    CLOSED = auto()
+
+
+Request = Authenticated | CheckRate | RemoveDelivered
+
+
+class RelayProtocol:
+    """One device connection as the relay sees it; see the module docstring for the contract.
+
+    Most devices sit idle for hours, so the object is small: slots, the handshake
+    dropped once done, and the device's logger bound per call, not kept.
+    """
+
+    __slots__ = ("_settings", "_access", "_metrics", "_relay_log", "_handshake", "_out", "phase",
+                 "device_key", "close", "_invalid_frames", "_in_flight", "_cursor", "_fetching",
+                 "_wanted")
+
+    def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
+                 metrics: RelayMetrics, log: structlog.typing.FilteringBoundLogger, *,
+                 relay_nonce: bytes) -> None:
+        self._settings = settings
+        self._access = access
+        self._metrics = metrics
+        self._relay_log = log
+        self._handshake: RelayHandshake | None = RelayHandshake(identity, relay_nonce,
+                                                                 settings.limits)
+        self._out: list[bytes] = [self._handshake.challenge()]
+        self.phase = Phase.HANDSHAKE
+        self.device_key: PublicKey | None = None
+        self.close: Close | None = None
+        self._invalid_frames = 0
+        # The delivery window: tags sent and not yet acked, and where the next fetch starts.
+        self._in_flight: set[str] = set()
+        self._cursor: str | None = None
+        self._fetching = False
+        self._wanted = False  # the mailbox may hold more than was fetched
+
+    @property
+    def _log(self) -> structlog.typing.FilteringBoundLogger:
+        if self.device_key is None:
+            return self._relay_log
+        return self._relay_log.bind(device=self.device_key.text)
+
+    def data_to_send(self) -> list[bytes]:
+        """Frames to write now, in order; after each call the list starts empty."""
+        out, self._out = self._out, []
+        return out
+
+    # -- the device's messages -------------------------------------------------------------
+
+    def receive(self, data: bytes, now_ms: int) -> Request | None:
+        """One binary WebSocket message from the device."""
+        if self.phase is Phase.HANDSHAKE:
+            return self._receive_hello(data, now_ms)
+        if self.phase is Phase.CLOSED:
+            return None
+        max_frame = self._settings.limits.max_frame_bytes
+        if len(data) > max_frame:
+            self._reject(None, OversizeError(
+                f"frame of {len(data)} bytes exceeds the limit of {max_frame}"))
+            return None
+        try:
+            frame = decode_frame(data, max_frame)
+        except ProtocolError as exc:
+            self._reject(None, exc)
+            return None
+        if isinstance(frame, Send):
+            try:
+                return CheckRate(decode_envelope(frame.envelope, self._settings.limits))
+            except ProtocolError as exc:
+                self._reject(None, exc)
+                return None
+        if isinstance(frame, Ack):
+            return RemoveDelivered(frame.tag)
+        self._reject(None, UnexpectedFrameError(
+            f"a device may send SEND or ACK here, not {type(frame).__name__.upper()}"))
+        return None
+
+    def receive_non_binary(self) -> None:
+        """A text message: frames are binary, so this is refused like a bad frame."""
+        if self.phase is Phase.HANDSHAKE:
+            self._refuse_handshake(UnauthenticatedError("expected a binary HELLO frame"),
+                                   "not_binary")
+        elif self.phase is Phase.OPEN:
+            self._reject(None, DecodeError("frames must be binary WebSocket messages"))
+
+    def handshake_timed_out(self, timeout_s: float) -> None:
+        """No HELLO arrived within the deadline the shell enforces."""
+        if self.phase is Phase.HANDSHAKE:
+            self._refuse_handshake(UnauthenticatedError(f"no HELLO within {timeout_s}s"),
+                                   "timeout")
+
+    def connection_lost(self) -> None:
+        """The socket is gone: nothing more is sent, fetched or decided."""
+        self.phase = Phase.CLOSED
+
+    def _receive_hello(self, data: bytes, now_ms: int) -> Authenticated | None:
+        assert self._handshake is not None
+        try:
+            key = self._handshake.receive_hello(data)
+        except ProtocolError as exc:
+            self._refuse_handshake(exc, exc.code.name.lower())
+            return None
+        refusal = self._access.refusal(key)
+        if refusal is not None:
+            self._refuse_handshake(refusal, refusal.code.name.lower())
+            return None
+        welcome, _terms = self._handshake.welcome(now_ms)
+        self._out.append(welcome)
+        self._handshake = None
+        self.device_key = key
+        self.phase = Phase.OPEN
+        return Authenticated(key)
+
+    def _refuse_handshake(self, error: ProtocolError, reason: str) -> None:
+        assert self._handshake is not None
+        self._metrics.handshake_failures.labels(reason).inc()
+        self._log.info("handshake_refused", reason=reason, detail=error.message)
+        self._out.append(self._handshake.refuse(error))
+        self._close(Close(CLOSE_POLICY_VIOLATION, "unauthenticated"))
+
+    # -- sending: rate check, admission, store ---------------------------------------------
+
+    def rate_checked(self, envelope: Envelope, allowed: bool, now_ms: int) -> StoreEnvelope | None:
+        """The sender's bucket answered; admit the envelope (signature, clock, access) or refuse."""
+        if self.phase is not Phase.OPEN:
+            return None
+        assert self.device_key is not None
+        settings = self._settings
+        try:
+            if not allowed:
+                raise RateLimitedError(
+                    f"more than {settings.rate_per_s:g} messages/s (burst {settings.rate_burst})")
+            admit(envelope, self.device_key, now_ms, settings, self._metrics.verify_seconds.observe)
+            self._access.check_recipients(envelope.recipient_keys)
+        except ProtocolError as exc:
+            self._reject(envelope.msg_id, exc)
+            return None
+        return StoreEnvelope(envelope, replay_until_ms(envelope, settings))
+
+    def stored(self, msg_id: bytes) -> None:
+        """The store holds every recipient's copy: only now may the device hear ACCEPTED."""
+        if self.phase is Phase.OPEN:
+            self._metrics.accepted.inc()
+            self._out.append(encode_frame(Accepted(msg_id)))
+
+    def store_refused(self, msg_id: bytes, error: ProtocolError) -> None:
+        """The store refused the envelope (replay, full mailbox, outage): nothing was stored."""
+        if self.phase is Phase.OPEN:
+            self._reject(msg_id, error)
+
+    # -- delivering: the window and the ACK rule -------------------------------------------
+
+    def wake(self) -> Fetch | None:
+        """The mailbox may have grown (or the window opened): the fetch to run now, if any."""
+        self._wanted = True
+        if self.phase is not Phase.OPEN or self._fetching:
+            return None
+        return self._next_fetch()
+
+    def fetched(self, batch: list[StoredMessage]) -> Fetch | None:
+        """Entries the last `Fetch` returned, oldest first: DELIVER them; the next fetch, if any."""
+        self._fetching = False
+        if self.phase is not Phase.OPEN:
+            return None
+        if batch:
+            self._in_flight.update(entry.tag for entry in batch)
+            self._cursor = batch[-1].tag
+            self._out.extend(encode_frame(Deliver(entry.tag, entry.raw)) for entry in batch)
+            self._metrics.delivered.inc(len(batch))
+            self._wanted = True  # the mailbox may hold more than one batch
+        return self._next_fetch()
+
+    def removed(self, tag: str, existed: bool) -> Fetch | None:
+        """The store acted on an ACK; `existed` is False if it was already gone (acked, expired)."""
+        if existed:
+            self._metrics.acked.inc()
+        if tag not in self._in_flight:
+            return None
+        # Only a full window can have stopped the last fetch short of the mailbox's end;
+        # otherwise new mail wakes us anyway, and a fetch per ACK would be wasted.
+        window_was_full = len(self._in_flight) >= self._settings.delivery_window
+        self._in_flight.discard(tag)
+        return self.wake() if window_was_full else None
+
+    def _next_fetch(self) -> Fetch | None:
+        if not self._wanted:
+            return None
+        self._wanted = False
+        room = self._settings.delivery_window - len(self._in_flight)
+        if room <= 0:
+            return None  # the ACK that opens the window wakes us
+        self._fetching = True
+        return Fetch(self._cursor, room)
+
+    # -- endings ---------------------------------------------------------------------------
+
+    def store_failed(self, error: ProtocolError) -> None:
+        """A fetch or ACK could not reach the store: close (1011) so the device reconnects
+        with backoff and its mailbox is read afresh; nothing in it is lost."""
+        self._fetching = False
+        if self.phase is Phase.OPEN:
+            self._log.warning("delivery_failed", error=error.message)
+            self._close(Close(CLOSE_INTERNAL_ERROR, "mailbox store unavailable"))
+
+    def revoked(self, error: ProtocolError) -> None:
+        """A newer access list refuses this key: end the connection now, not at reconnect."""
+        if self.phase is Phase.OPEN:
+            self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
+            self._out.append(encode_frame(Error(None, int(error.code), error.message)))
+            self._close(Close(CLOSE_POLICY_VIOLATION, error.code.name))
+
+    def _reject(self, msg_id: bytes | None, error: ProtocolError) -> None:
+        """Answer one bad frame or refused envelope with ERROR; too many of them is abuse."""
+        self._invalid_frames += 1
+        reason = error.code.name.lower()
+        self._metrics.rejected.labels(reason).inc()
+        self._log.debug("rejected", reason=reason, detail=error.message)
+        self._out.append(encode_frame(Error(msg_id, int(error.code), error.message)))
+        if self._invalid_frames >= self._settings.max_invalid_frames:
+            self._log.warning("closing_abusive_connection", invalid=self._invalid_frames)
+            self._close(Close(CLOSE_POLICY_VIOLATION, "too many invalid frames"))
+
+    def _close(self, close: Close) -> None:
+        if self.close is None:
+            self.close = close
+        self.phase = Phase.CLOSED

@@ -1,0 +1,204 @@
+"""The handshake, CHALLENGE → HELLO → WELCOME, as one small state machine per side.
+
+Every party that connects or accepts (the relay, the device library, the
+test wire client, the load generator) runs these two objects, so there is
+one implementation of the exchange and of what it proves:
+
+    relay  → device   CHALLENGE [1, protocol_version, relay_nonce(32), relay_key(32)]
+    device → relay    HELLO     [2, device_key(32), client_nonce(32), signature(64)]
+    relay  → device   WELCOME   [3, server_time_ms, relay_signature(64), max_envelope_bytes]
+
+HELLO's signature proves the device holds its key, WELCOME's that the relay
+holds the key it announced (devices trust expiry notices signed by it).
+Both cover both nonces and both keys, so neither replays on another
+connection, and the distinct domains stop one being passed off as the other.
+
+Pure in the sans-I/O sense: message bytes in, message bytes out; the nonces
+and the clock come from the caller, so both machines run in tests without a
+socket and produce the vectors byte for byte.  The caller moves the bytes and
+enforces the deadline (SPEC §8: HELLO within 10 s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import TypeVar
+
+from .errors import (ErrorCode, NotEnrolledError, ProtocolError, RevokedError, UnexpectedFrameError,
+                     error_for_code)
+from .frames import NONCE_BYTES, Challenge, Error, Frame, Hello, Welcome, decode_frame, encode_frame
+from .keys import Identity, PublicKey
+from .limits import PROTOCOL_VERSION, Limits
+
+HELLO_DOMAIN = b"continuum/v1/hello\x00"
+WELCOME_DOMAIN = b"continuum/v1/welcome\x00"
+# Largest handshake frame either side reads: CHALLENGE is 72 bytes, HELLO 135, WELCOME
+# about 85, an ERROR at most 512 characters.  A peer that has not authenticated
+# yet never makes the other side buffer or parse more than this.
+HANDSHAKE_FRAME_MAX_BYTES = 4096
+# Refusals a device can act on (stop retrying this key); every other failure
+# is UNAUTHENTICATED with the reason in the message (SPEC §8).
+_REFUSALS_KEPT = (RevokedError, NotEnrolledError)
+F = TypeVar("F", bound=Frame)
+
+
+def hello_signed_bytes(challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> bytes:
+    return (HELLO_DOMAIN + challenge.relay_nonce + challenge.relay_key.raw
+            + device_key.raw + client_nonce)
+
+
+def welcome_signed_bytes(challenge: Challenge, device_key: PublicKey, client_nonce: bytes) -> bytes:
+    return (WELCOME_DOMAIN + client_nonce + challenge.relay_nonce
+            + device_key.raw + challenge.relay_key.raw)
+
+
+def sign_hello(challenge: Challenge, identity: Identity, client_nonce: bytes) -> Hello:
+    """The HELLO that answers `challenge` as `identity`."""
+    signed = hello_signed_bytes(challenge, identity.public, client_nonce)
+    return Hello(identity.public, client_nonce, identity.sign(signed))
+
+
+@dataclass(frozen=True)
+class Established:
+    """What a completed handshake proved and agreed, the same on both sides."""
+
+    device_key: PublicKey
+    relay_key: PublicKey
+    # The relay's clock when it sent WELCOME: devices stamp envelopes in relay time.
+    server_time_ms: int
+    # Envelope limit for this connection: the relay's, bounded on a device by its own cap.
+    limits: Limits
+    # Device side: the relay announced more than this device's cap (larger deliveries
+    # cannot be read, so the device should warn its operator).
+    relay_limit_above_cap: bool = False
+
+
+class HandshakeState(Enum):
+    AWAITING_CHALLENGE = auto()  # device: nothing received yet
+    AWAITING_HELLO = auto()      # relay: CHALLENGE sent
+    AWAITING_WELCOME = auto()    # device: HELLO sent
+    HELLO_VERIFIED = auto()      # relay: the device proved its key; WELCOME or a refusal next
+    ESTABLISHED = auto()
+    FAILED = auto()
+
+
+def _expect_state(actual: HandshakeState, expected: HandshakeState, step: str) -> None:
+    if actual is not expected:
+        raise RuntimeError(f"handshake {step} called in state {actual.name}")
+
+
+class RelayHandshake:
+    """The relay's side: send CHALLENGE, verify HELLO, then WELCOME or a refusal.
+
+    Between `receive_hello` and `welcome` the relay decides whether the
+    proven key may connect (access list); `refuse` is the answer if not.
+    """
+
+    def __init__(self, identity: Identity, relay_nonce: bytes, limits: Limits) -> None:
+        if len(relay_nonce) != NONCE_BYTES:
+            raise ValueError(f"relay nonce must be {NONCE_BYTES} bytes")
+        self._identity = identity
+        self._limits = limits
+        self._challenge = Challenge(PROTOCOL_VERSION, relay_nonce, identity.public)
+        self._hello: Hello | None = None
+        self.state = HandshakeState.AWAITING_HELLO
+
+    def challenge(self) -> bytes:
+        """The first frame of the connection: send it at once."""
+        return encode_frame(self._challenge)
+
+    def receive_hello(self, data: bytes) -> PublicKey:
+        """The key the device proved; raises the ProtocolError saying why HELLO is refused.
+
+        DecodeError subclasses for bytes that are not a HELLO frame,
+        UnexpectedFrameError for another frame, SignatureError for a HELLO
+        that does not answer this connection's challenge.
+        """
+        _expect_state(self.state, HandshakeState.AWAITING_HELLO, "receive_hello")
+        self.state = HandshakeState.FAILED  # until proven otherwise
+        hello = _expect(decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES), Hello, peer_is_relay=False)
+        hello.device_key.verify(
+            hello_signed_bytes(self._challenge, hello.device_key, hello.client_nonce),
+            hello.signature)
+        self._hello = hello
+        self.state = HandshakeState.HELLO_VERIFIED
+        return hello.device_key
+
+    def welcome(self, now_ms: int) -> tuple[bytes, Established]:
+        """WELCOME to send, and the connection's terms."""
+        _expect_state(self.state, HandshakeState.HELLO_VERIFIED, "welcome")
+        assert self._hello is not None
+        hello = self._hello
+        signature = self._identity.sign(
+            welcome_signed_bytes(self._challenge, hello.device_key, hello.client_nonce))
+        self.state = HandshakeState.ESTABLISHED
+        frame = Welcome(now_ms, signature, self._limits.max_envelope_bytes)
+        return encode_frame(frame), Established(hello.device_key, self._identity.public, now_ms,
+                                                self._limits)
+
+    def refuse(self, error: ProtocolError) -> bytes:
+        """The ERROR frame that ends a failed handshake (the caller then closes, 1008).
+
+        REVOKED and NOT_ENROLLED keep their codes; every other failure is
+        UNAUTHENTICATED, with the reason in the message.
+        """
+        self.state = HandshakeState.FAILED
+        code = error.code if isinstance(error, _REFUSALS_KEPT) else ErrorCode.UNAUTHENTICATED
+        return encode_frame(Error(None, int(code), error.message))
+
+
+class DeviceHandshake:
+    """The device's side: answer CHALLENGE with HELLO, then verify WELCOME.
+
+    `max_envelope_bytes` is this device's own cap: the connection's limit is
+    the relay's announced one, never more than that.
+    """
+
+    def __init__(self, identity: Identity, client_nonce: bytes, max_envelope_bytes: int) -> None:
+        if len(client_nonce) != NONCE_BYTES:
+            raise ValueError(f"client nonce must be {NONCE_BYTES} bytes")
+        self._identity = identity
+        self._client_nonce = client_nonce
+        self._cap = max_envelope_bytes
+        self._challenge: Challenge | None = None
+        self.state = HandshakeState.AWAITING_CHALLENGE
+
+    def receive_challenge(self, data: bytes) -> bytes:
+        """The HELLO to send; raises the relay's refusal (an ERROR frame) or why CHALLENGE is bad."""
+        _expect_state(self.state, HandshakeState.AWAITING_CHALLENGE, "receive_challenge")
+        self.state = HandshakeState.FAILED
+        challenge = _expect(decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES), Challenge,
+                            peer_is_relay=True)
+        self._challenge = challenge
+        self.state = HandshakeState.AWAITING_WELCOME
+        return encode_frame(sign_hello(challenge, self._identity, self._client_nonce))
+
+    def receive_welcome(self, data: bytes) -> Established:
+        """The connection's terms; raises the relay's refusal, or SignatureError if the relay
+        did not prove the key its CHALLENGE announced."""
+        _expect_state(self.state, HandshakeState.AWAITING_WELCOME, "receive_welcome")
+        assert self._challenge is not None
+        self.state = HandshakeState.FAILED
+        welcome = _expect(decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES), Welcome,
+                          peer_is_relay=True)
+        challenge = self._challenge
+        challenge.relay_key.verify(
+            welcome_signed_bytes(challenge, self._identity.public, self._client_nonce),
+            welcome.relay_signature)
+        self.state = HandshakeState.ESTABLISHED
+        limit = min(welcome.max_envelope_bytes, self._cap)
+        return Established(self._identity.public, challenge.relay_key, welcome.server_time_ms,
+                           Limits(max_envelope_bytes=limit),
+                           relay_limit_above_cap=welcome.max_envelope_bytes > self._cap)
+
+
+def _expect(frame: Frame, expected: type[F], *, peer_is_relay: bool) -> F:
+    """`frame` if it is an `expected`.  A relay's ERROR instead is its refusal, raised as
+    the matching exception; a device may not send ERROR, so from it that is unexpected."""
+    if isinstance(frame, expected):
+        return frame
+    if peer_is_relay and isinstance(frame, Error):
+        raise error_for_code(frame.code, frame.message)
+    raise UnexpectedFrameError(
+        f"expected {expected.__name__.upper()}, got {type(frame).__name__.upper()}")

@@ -1,0 +1,187 @@
+"""The two handshake state machines, driven message by message without a socket."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto import canonical
+from proto.errors import (DecodeError, ErrorCode, NotEnrolledError, OversizeError, ProtocolError,
+                          RevokedError, SignatureError, UnauthenticatedError, UnexpectedFrameError,
+                          UnsupportedVersionError)
+from proto.frames import Challenge, Error, Hello, Send, Welcome, decode_frame, encode_frame
+from proto.handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN,
+                             DeviceHandshake, HandshakeState, RelayHandshake, hello_signed_bytes,
+                             sign_hello, welcome_signed_bytes)
+from proto.limits import DEFAULT_LIMITS, PROTOCOL_VERSION, Limits
+from proto_support import ALICE, BOB, MALLORY, identity
+
+RELAY = identity("relay")
+RELAY_NONCE = bytes(range(32))
+CLIENT_NONCE = bytes(range(32, 64))
+NOW = 1_700_000_000_000
+
+
+def pair(relay_limits: Limits = DEFAULT_LIMITS, device_cap: int = 1 << 20,
+         device=ALICE) -> tuple[RelayHandshake, DeviceHandshake]:
+    return (RelayHandshake(RELAY, RELAY_NONCE, relay_limits),
+            DeviceHandshake(device, CLIENT_NONCE, device_cap))
+
+
+def decoded(data: bytes):
+    return decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES)
+
+
+def test_exchange_establishes_the_same_terms_on_both_sides() -> None:
+    relay, device = pair()
+    hello = device.receive_challenge(relay.challenge())
+    assert relay.receive_hello(hello) == ALICE.public
+    welcome, relay_terms = relay.welcome(NOW)
+    device_terms = device.receive_welcome(welcome)
+    assert relay_terms == device_terms
+    assert device_terms.device_key == ALICE.public and device_terms.relay_key == RELAY.public
+    assert device_terms.server_time_ms == NOW
+    assert relay.state is device.state is HandshakeState.ESTABLISHED
+
+
+def test_signed_transcripts_cover_both_nonces_and_both_keys() -> None:
+    challenge = Challenge(PROTOCOL_VERSION, RELAY_NONCE, RELAY.public)
+    assert hello_signed_bytes(challenge, ALICE.public, CLIENT_NONCE) == (
+        HELLO_DOMAIN + RELAY_NONCE + RELAY.public.raw + ALICE.public.raw + CLIENT_NONCE)
+    assert welcome_signed_bytes(challenge, ALICE.public, CLIENT_NONCE) == (
+        WELCOME_DOMAIN + CLIENT_NONCE + RELAY_NONCE + ALICE.public.raw + RELAY.public.raw)
+
+
+@pytest.mark.parametrize("announced,cap,limit,above", [
+    (65_536, 1 << 20, 65_536, False),       # the relay's limit when it is below the cap
+    (262_144, 1 << 20, 262_144, False),     # a relay above the protocol default: followed
+    (262_144, 100_000, 100_000, True),      # never above the device's own cap
+])
+def test_device_takes_the_announced_limit_bounded_by_its_cap(announced: int, cap: int,
+                                                              limit: int, above: bool) -> None:
+    relay, device = pair(Limits(max_envelope_bytes=announced), cap)
+    relay.receive_hello(device.receive_challenge(relay.challenge()))
+    welcome, _ = relay.welcome(NOW)
+    terms = device.receive_welcome(welcome)
+    assert terms.limits.max_envelope_bytes == limit
+    assert terms.relay_limit_above_cap is above
+
+
+# -- the relay refuses -----------------------------------------------------------------------
+
+def _honest_hello() -> Hello:
+    return sign_hello(Challenge(PROTOCOL_VERSION, RELAY_NONCE, RELAY.public), ALICE, CLIENT_NONCE)
+
+
+@pytest.mark.parametrize("hello,error", [
+    (b"", DecodeError),
+    (b"\x00", DecodeError),
+    (encode_frame(Send(b"x")), UnexpectedFrameError),
+    (encode_frame(Error(None, 13, "no")), UnexpectedFrameError),       # a device sends no ERROR
+    (b"\x82" + b"\x00" * HANDSHAKE_FRAME_MAX_BYTES, OversizeError),    # never parsed past the cap
+    (encode_frame(replace(_honest_hello(), client_nonce=bytes(32))), SignatureError),
+    (encode_frame(replace(_honest_hello(), device_key=BOB.public)), SignatureError),
+    (encode_frame(sign_hello(Challenge(PROTOCOL_VERSION, bytes(32), RELAY.public), ALICE,
+                             CLIENT_NONCE)), SignatureError),          # another connection's
+    (encode_frame(sign_hello(Challenge(PROTOCOL_VERSION, RELAY_NONCE, MALLORY.public), ALICE,
+                             CLIENT_NONCE)), SignatureError),          # for another relay
+])
+def test_relay_refuses_a_bad_hello(hello: bytes, error: type) -> None:
+    relay, _ = pair()
+    with pytest.raises(error):
+        relay.receive_hello(hello)
+    assert relay.state is HandshakeState.FAILED
+    with pytest.raises(RuntimeError):
+        relay.welcome(NOW)  # a failed handshake can never be welcomed
+
+
+def test_a_welcome_signature_cannot_pass_as_a_hello() -> None:
+    """Domain separation: the relay's own signature is no device's HELLO."""
+    relay, device = pair(device=RELAY)
+    relay.receive_hello(device.receive_challenge(relay.challenge()))
+    welcome = decoded(relay.welcome(NOW)[0])
+    assert isinstance(welcome, Welcome)
+    other, _ = pair()
+    with pytest.raises(SignatureError):
+        other.receive_hello(encode_frame(Hello(RELAY.public, CLIENT_NONCE,
+                                               welcome.relay_signature)))
+
+
+@pytest.mark.parametrize("error,code", [
+    (RevokedError("revoked"), ErrorCode.REVOKED),
+    (NotEnrolledError("unknown"), ErrorCode.NOT_ENROLLED),
+    (SignatureError("bad"), ErrorCode.UNAUTHENTICATED),
+    (UnexpectedFrameError("SEND first"), ErrorCode.UNAUTHENTICATED),
+])
+def test_refusal_keeps_actionable_codes_and_hides_the_rest(error, code: ErrorCode) -> None:
+    relay, _ = pair()
+    frame = decoded(relay.refuse(error))
+    assert isinstance(frame, Error)
+    assert (frame.msg_id, frame.code, frame.message) == (None, int(code), error.message)
+    assert relay.state is HandshakeState.FAILED
+
+
+# -- the device refuses ----------------------------------------------------------------------
+
+def test_device_raises_the_relays_refusal() -> None:
+    _, device = pair()
+    with pytest.raises(RevokedError, match="gone"):
+        device.receive_challenge(encode_frame(Error(None, int(ErrorCode.REVOKED), "gone")))
+
+
+def test_device_refuses_another_protocol_version() -> None:
+    _, device = pair()
+    other = canonical.encode([1, PROTOCOL_VERSION + 1, RELAY_NONCE, RELAY.public.raw])
+    with pytest.raises(UnsupportedVersionError):
+        device.receive_challenge(other)
+
+
+def test_device_refuses_a_welcome_from_a_relay_without_the_announced_key() -> None:
+    """A relay that names RELAY's key in CHALLENGE but signs WELCOME with another key."""
+    relay, device = pair()
+    device.receive_challenge(relay.challenge())
+    forged = Welcome(NOW, MALLORY.sign(welcome_signed_bytes(
+        Challenge(PROTOCOL_VERSION, RELAY_NONCE, RELAY.public), ALICE.public, CLIENT_NONCE)),
+        DEFAULT_LIMITS.max_envelope_bytes)
+    with pytest.raises(SignatureError):
+        device.receive_welcome(encode_frame(forged))
+    assert device.state is HandshakeState.FAILED
+
+
+def test_device_refuses_a_welcome_made_for_another_connection() -> None:
+    relay, device = pair()
+    device.receive_challenge(relay.challenge())
+    # The same relay and device key, but the other connection's device nonce.
+    other = DeviceHandshake(ALICE, bytes(32), 1 << 20)
+    relay.receive_hello(other.receive_challenge(relay.challenge()))
+    with pytest.raises(SignatureError):
+        device.receive_welcome(relay.welcome(NOW)[0])
+
+
+def test_device_wants_welcome_after_challenge() -> None:
+    relay, device = pair()
+    device.receive_challenge(relay.challenge())
+    with pytest.raises(UnexpectedFrameError):
+        device.receive_welcome(relay.challenge())
+    with pytest.raises(RuntimeError):
+        device.receive_challenge(relay.challenge())  # out of order is a caller's bug
+
+
+def test_unauthenticated_refusal_reaches_the_device_as_its_exception() -> None:
+    relay, device = pair()
+    device.receive_challenge(relay.challenge())
+    with pytest.raises(UnauthenticatedError):
+        device.receive_welcome(relay.refuse(SignatureError("bad hello")))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_hostile_bytes_only_ever_raise_protocol_errors(data: bytes) -> None:
+    relay, device = pair()
+    device.receive_challenge(relay.challenge())
+    for step in (relay.receive_hello, device.receive_welcome):
+        with pytest.raises(ProtocolError):
+            step(data)

@@ -1,0 +1,267 @@
+"""The relay's protocol object, driven frame by frame without a socket or a store.
+
+Each test plays the shell: it feeds bytes in, performs (by hand) the store
+call the protocol asks for, reports the result, and asserts on the frames
+the protocol wants written.  The socket-level behaviour of the same rules is
+covered by tests/test_relay.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import structlog
+
+from continuum.access import AccessControl
+from continuum.metrics import RelayMetrics
+from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, Authenticated,
+                                CheckRate, Fetch, Phase, RelayProtocol, RemoveDelivered,
+                                StoreEnvelope)
+from continuum.settings import Settings
+from continuum.store import StoredMessage
+from proto import Identity, Kind, seal_envelope
+from proto.access import AccessList
+from proto.errors import ErrorCode, MailboxFullError, RevokedError, StoreUnavailableError
+from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Send, decode_frame,
+                          encode_frame)
+from proto.handshake import DeviceHandshake
+from proto_support import ALICE, BOB, MALLORY, identity
+
+RELAY = identity("relay")
+ORACLE = identity("oracle")
+NOW = 1_700_000_000_000
+WINDOW = 4
+MAX = 1 << 20
+
+
+def access(revoked: frozenset = frozenset()) -> AccessControl:
+    """A relay's access control with the oracle's signed list applied (no polling)."""
+    control = AccessControl("http://oracle.invalid", ORACLE.public.text, False,
+                            structlog.get_logger("test"))
+    control.apply(AccessList(1, NOW, ORACLE.public, frozenset({ALICE.public, BOB.public}),
+                             revoked).sign(ORACLE))
+    return control
+
+
+def new_protocol(*, control: AccessControl | None = None, **overrides) -> RelayProtocol:
+    settings = Settings(delivery_window=WINDOW, **overrides)
+    return RelayProtocol(RELAY, settings, control or access(), RelayMetrics(),
+                         structlog.get_logger("test"), relay_nonce=os.urandom(32))
+
+
+def frames(protocol: RelayProtocol) -> list[Frame]:
+    return [decode_frame(data, MAX) for data in protocol.data_to_send()]
+
+
+def authenticated(device: Identity = ALICE, **overrides) -> RelayProtocol:
+    protocol = new_protocol(**overrides)
+    handshake = DeviceHandshake(device, os.urandom(32), MAX)
+    hello = handshake.receive_challenge(protocol.data_to_send()[0])
+    assert protocol.receive(hello, NOW) == Authenticated(device.public)
+    handshake.receive_welcome(protocol.data_to_send()[0])
+    return protocol
+
+
+def send_frame(sender: Identity = ALICE, created_at_ms: int = NOW) -> tuple[bytes, bytes]:
+    envelope = seal_envelope(sender, Kind.DATA, [BOB.public], b"hi", ttl_s=60,
+                             now_ms=created_at_ms)
+    return encode_frame(Send(envelope.raw)), envelope.msg_id
+
+
+def error_codes(protocol: RelayProtocol) -> list[ErrorCode]:
+    out = frames(protocol)
+    assert all(isinstance(f, Error) for f in out), out
+    return [ErrorCode(f.code) for f in out]  # type: ignore[union-attr]
+
+
+def stored(tags: list[str]) -> list[StoredMessage]:
+    return [StoredMessage(tag, b"envelope " + tag.encode()) for tag in tags]
+
+
+# -- handshake -------------------------------------------------------------------------------
+
+def test_challenge_first_then_welcome_for_a_proven_key() -> None:
+    protocol = authenticated()
+    assert protocol.phase is Phase.OPEN and protocol.device_key == ALICE.public
+    assert protocol.close is None
+
+
+def test_bad_hello_gets_one_error_and_a_policy_close() -> None:
+    protocol = new_protocol()
+    protocol.data_to_send()
+    assert protocol.receive(b"\x00", NOW) is None
+    assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
+    assert protocol.close is not None and protocol.close.code == CLOSE_POLICY_VIOLATION
+    assert protocol.receive(b"\x00", NOW) is None and protocol.data_to_send() == []
+
+
+def test_revoked_key_is_refused_at_the_handshake_with_its_code() -> None:
+    protocol = new_protocol(control=access(revoked=frozenset({ALICE.public})))
+    handshake = DeviceHandshake(ALICE, os.urandom(32), MAX)
+    hello = handshake.receive_challenge(protocol.data_to_send()[0])
+    assert protocol.receive(hello, NOW) is None
+    assert error_codes(protocol) == [ErrorCode.REVOKED]
+    assert protocol.device_key is None and protocol.close is not None
+
+
+@pytest.mark.parametrize("fail,reason", [
+    (lambda p: p.handshake_timed_out(10.0), "timeout"),
+    (lambda p: p.receive_non_binary(), "not_binary"),
+])
+def test_handshake_failures_are_counted_by_reason(fail, reason: str) -> None:
+    protocol = new_protocol()
+    protocol.data_to_send()
+    fail(protocol)
+    assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
+    assert protocol._metrics.handshake_failures.labels(reason)._value.get() == 1
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+def test_send_is_rate_checked_admitted_stored_then_accepted() -> None:
+    protocol = authenticated()
+    data, msg_id = send_frame()
+    request = protocol.receive(data, NOW)
+    assert isinstance(request, CheckRate) and request.envelope.msg_id == msg_id
+    store = protocol.rate_checked(request.envelope, True, NOW)
+    assert isinstance(store, StoreEnvelope)
+    assert protocol.data_to_send() == []  # nothing is said before the store answered
+    protocol.stored(msg_id)
+    assert frames(protocol) == [Accepted(msg_id)]
+
+
+def refusal_of(protocol: RelayProtocol, data: bytes, allowed: bool = True) -> tuple[bytes | None,
+                                                                                    ErrorCode]:
+    request = protocol.receive(data, NOW)
+    assert isinstance(request, CheckRate)
+    assert protocol.rate_checked(request.envelope, allowed, NOW) is None
+    out = frames(protocol)
+    assert len(out) == 1 and isinstance(out[0], Error)
+    return out[0].msg_id, ErrorCode(out[0].code)
+
+
+def test_rate_limited_and_stale_sends_are_refused_by_msg_id() -> None:
+    protocol = authenticated()
+    data, msg_id = send_frame()
+    assert refusal_of(protocol, data, allowed=False) == (msg_id, ErrorCode.RATE_LIMITED)
+    data, msg_id = send_frame(created_at_ms=NOW - 400_000)
+    assert refusal_of(protocol, data) == (msg_id, ErrorCode.STALE)
+
+
+def test_another_keys_signature_is_refused() -> None:
+    protocol = authenticated()
+    envelope = seal_envelope(ALICE, Kind.DATA, [BOB.public], b"hi", ttl_s=60, now_ms=NOW)
+    forged = envelope.raw[:-64] + MALLORY.sign(envelope.raw[:-64])
+    assert refusal_of(protocol, encode_frame(Send(forged))) == (envelope.msg_id,
+                                                                ErrorCode.BAD_SIGNATURE)
+
+
+def test_an_envelope_from_another_key_is_wrong_sender() -> None:
+    protocol = authenticated(ALICE)
+    data, msg_id = send_frame(sender=BOB)
+    assert refusal_of(protocol, data) == (msg_id, ErrorCode.WRONG_SENDER)
+
+
+def test_store_refusal_is_an_error_for_that_message() -> None:
+    protocol = authenticated()
+    data, msg_id = send_frame()
+    request = protocol.receive(data, NOW)
+    assert isinstance(request, CheckRate)
+    assert protocol.rate_checked(request.envelope, True, NOW) is not None
+    protocol.store_refused(msg_id, MailboxFullError("full"))
+    out = frames(protocol)
+    assert isinstance(out[0], Error) and out[0].msg_id == msg_id
+    assert out[0].code == ErrorCode.MAILBOX_FULL
+
+
+@pytest.mark.parametrize("data,code", [
+    (b"\xff", ErrorCode.MALFORMED),
+    (encode_frame(Send(b"not an envelope")), ErrorCode.MALFORMED),
+    (encode_frame(Deliver("t", b"x")), ErrorCode.UNEXPECTED_FRAME),
+    (b"\x00" * (Settings().limits.max_frame_bytes + 1), ErrorCode.OVERSIZE),
+])
+def test_bad_frames_get_an_error_and_the_connection_stays(data: bytes, code: ErrorCode) -> None:
+    protocol = authenticated()
+    assert protocol.receive(data, NOW) is None
+    assert error_codes(protocol) == [code]
+    assert protocol.close is None
+
+
+def test_abuse_threshold_closes_after_exactly_max_invalid_frames() -> None:
+    protocol = authenticated(max_invalid_frames=3)
+    for _ in range(2):
+        protocol.receive(b"\xff", NOW)
+        assert protocol.close is None
+    protocol.receive(b"\xff", NOW)
+    assert error_codes(protocol) == [ErrorCode.MALFORMED] * 3
+    assert protocol.close is not None and protocol.close.code == CLOSE_POLICY_VIOLATION
+    assert protocol.receive(send_frame()[0], NOW) is None  # nothing more is read
+
+
+# -- the delivery window and the ACK rule ----------------------------------------------------
+
+def test_first_wake_fetches_a_full_window_from_the_start() -> None:
+    protocol = authenticated()
+    assert protocol.wake() == Fetch(None, WINDOW)
+
+
+def test_a_full_window_waits_for_an_ack_and_the_ack_fetches_one_more() -> None:
+    protocol = authenticated()
+    fetch = protocol.wake()
+    assert fetch is not None
+    assert protocol.fetched(stored(["1", "2", "3", "4"])) is None  # window full: no fetch
+    assert [f.tag for f in frames(protocol)] == ["1", "2", "3", "4"]  # type: ignore[union-attr]
+    assert protocol.wake() is None  # new mail while full waits for the window
+    request = protocol.receive(encode_frame(Ack("2")), NOW)
+    assert request == RemoveDelivered("2")
+    assert protocol.removed("2", existed=True) == Fetch("4", 1)
+
+
+def test_an_ack_below_a_full_window_fetches_nothing() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    assert protocol.fetched(stored(["1", "2"])) == Fetch("2", 2)  # the mailbox may hold more
+    assert protocol.fetched([]) is None                           # it did not
+    assert protocol.removed("1", existed=True) is None            # new mail would wake us
+
+
+def test_a_wake_during_a_fetch_is_served_when_it_returns() -> None:
+    protocol = authenticated()
+    assert protocol.wake() == Fetch(None, WINDOW)
+    assert protocol.wake() is None  # one fetch at a time
+    assert protocol.fetched([]) == Fetch(None, WINDOW)  # but the wake is not lost
+
+
+def test_the_cursor_moves_past_what_was_delivered() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    assert protocol.fetched(stored(["a1"])) == Fetch("a1", WINDOW - 1)
+    assert protocol.fetched(stored(["a2"])) == Fetch("a2", WINDOW - 2)
+
+
+def test_acks_of_unknown_tags_change_no_window() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    protocol.fetched(stored(["1", "2", "3", "4"]))
+    assert protocol.removed("other-connection", existed=True) is None
+    assert protocol.removed("other-connection", existed=False) is None
+    assert protocol._metrics.acked._value.get() == 1  # counted only when something was removed
+
+
+def test_deliveries_stop_once_closed() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    protocol.store_failed(StoreUnavailableError("down"))
+    assert protocol.close is not None and protocol.close.code == CLOSE_INTERNAL_ERROR
+    assert protocol.fetched(stored(["1"])) is None
+    assert protocol.data_to_send() == []
+    assert protocol.wake() is None
+
+
+def test_revocation_sends_the_reason_and_closes() -> None:
+    protocol = authenticated()
+    protocol.revoked(RevokedError("revoked by the oracle"))
+    assert error_codes(protocol) == [ErrorCode.REVOKED]
+    assert protocol.close is not None and protocol.close.code == CLOSE_POLICY_VIOLATION
+    assert protocol.wake() is None
