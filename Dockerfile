@@ -15,6 +15,7 @@ ENV CONTINUUM_HOST=0.0.0.0 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proto ./proto
+COPY runtime ./runtime
 COPY continuum ./continuum
 COPY client ./client
 COPY oracle ./oracle

@@ -16,7 +16,7 @@ Public API::
         async for message in device.messages():      # InboundMessage(sender, msg_id, payload,
             ...                                      #                kind, created_at_ms)
 
-    device.stats       # DeviceStats counters: dropped_non_peer, dropped_invalid, duplicates, …
+    device.stats       # DeviceStats counters: dropped_non_peer, dropped_invalid, bad_frames, …
     device.receipts()  # async iterator of (sender, Receipt), for senders like the oracle
     device.send_envelope(envelope)   # send an envelope sealed elsewhere, same bytes on retry
 
@@ -26,11 +26,19 @@ anything else is dropped, counted and ACKed.  Envelopes not yet accepted are
 re-sent, byte for byte, on every new connection.  The private key is never
 logged or sent.
 
-Modules, one job each: `inbox` (pure decision per delivery), `outbox` (sends
-awaiting ACCEPTED), `tracking` (receipts and expiries per recipient),
-`peers`, `dedup`, `backoff`, `connection` (handshake and frames), `device`
-(the shell tying them together), `stats`, `settings` and `cli` (the
-`continuum-client` command).
+Limits: each connection decodes envelopes up to the limit the relay
+announced in WELCOME, never above the device's own cap (`limits`, default
+`DEVICE_LIMITS`: 16 MiB).  A relay that announces more than the cap is
+logged at connect: a delivery larger than the cap cannot be read at all.  A
+delivery that is read but cannot be taken (undecodable, not for us) is
+dropped, counted and ACKed, so it never blocks the mailbox.
+
+Modules, one job each: `protocol` (the pure conversation with one relay:
+handshake, frames in and out), `connection` (its socket shell), `manager`
+(relay list, backoff, failover), `inbox` (pure decision per delivery),
+`outbox` (sends awaiting ACCEPTED), `tracking` (receipts and expiries per
+recipient), `peers`, `dedup`, `backoff`, `device` (the public API tying them
+together), `stats`, `settings` and `cli` (the `continuum-client` command).
 """
 
 from .device import Device

@@ -17,7 +17,8 @@ from wire import MAX_FRAME, error_code
 
 from oracle import OracleServer, OracleSettings
 from proto import Identity
-from proto.frames import Hello, decode_frame, encode_frame
+from proto.frames import NONCE_BYTES, decode_frame
+from proto.handshake import DeviceHandshake
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
@@ -98,6 +99,6 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0,
 async def handshake_refusal(url: str, identity: Identity) -> str:
     """Answer a relay's challenge and return the error code it sends instead of WELCOME."""
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-        challenge = decode_frame(await ws.receive_bytes(timeout=5), MAX_FRAME)
-        await ws.send_bytes(encode_frame(Hello.answer(challenge, identity, os.urandom(32))))
+        handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+        await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
         return error_code(decode_frame(await ws.receive_bytes(timeout=5), MAX_FRAME))
