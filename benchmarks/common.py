@@ -81,7 +81,9 @@ class RelayProcess:
     """One relay started with the CLI on a free loopback port; always stop it (context manager)."""
 
     def __init__(self, *args: str, store: str = "memory", wrapper: Sequence[str] = (),
-                 stop_signal: signal.Signals = signal.SIGTERM) -> None:
+                 stop_signal: signal.Signals = signal.SIGTERM, code_dir: str | None = None) -> None:
+        """`code_dir`: run the relay code of another checkout (put first on PYTHONPATH), so
+        an A/B comparison drives both with the same load generator in one run."""
         self.port = free_port()
         self.wrapped = bool(wrapper)
         self.stop_signal = stop_signal
@@ -90,6 +92,7 @@ class RelayProcess:
         self.command = [*wrapper, *relay_command(), "--host", "127.0.0.1", "--port",
                         str(self.port), "--store", self.store, *args]
         self.log_path = self._workdir / "relay.log"
+        self.env = None if code_dir is None else {**os.environ, "PYTHONPATH": code_dir}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +112,7 @@ class RelayProcess:
     def __enter__(self) -> RelayProcess:
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, env=self.env)
         try:
             self._wait_healthy(timeout_s=20.0)
         except BaseException:

@@ -80,12 +80,21 @@ class AccessControl:
                 return NotEnrolledError(f"{key.text} is not enrolled with the oracle")
         return None
 
-    def check_recipients(self, keys: tuple[PublicKey, ...]) -> None:
-        """Raise RevokedError if any recipient is revoked: nothing may reach it any more."""
+    def check_send(self, sender: PublicKey, recipients: tuple[PublicKey, ...]) -> None:
+        """Raise why `sender` may not store an envelope for `recipients` now.
+
+        Checked on every SEND against the live list, not only at the handshake:
+        a key revoked while its connection is open is refused from the next SEND
+        on, whatever the timing of the callback that closes that connection.
+        A revoked recipient is refused too: nothing may reach it any more.
+        """
+        refusal = self.refusal(sender)
+        if refusal is not None:
+            raise refusal
         current = self.current
         if not self.enabled or current is None:
             return
-        for key in keys:
+        for key in recipients:
             if key in current.revoked:
                 raise RevokedError(f"recipient {key.text} has been revoked by the oracle")
 

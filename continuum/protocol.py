@@ -227,7 +227,7 @@ class RelayProtocol:
                 raise RateLimitedError(
                     f"more than {settings.rate_per_s:g} messages/s (burst {settings.rate_burst})")
             admit(envelope, self.device_key, now_ms, settings, self._metrics.verify_seconds.observe)
-            self._access.check_recipients(envelope.recipient_keys)
+            self._access.check_send(self.device_key, envelope.recipient_keys)
         except ProtocolError as exc:
             self._reject(envelope.msg_id, exc)
             return None

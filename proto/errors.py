@@ -31,6 +31,9 @@ class ErrorCode(IntEnum):
     UNEXPECTED_FRAME = 15
     DECRYPT_FAILED = 16
     INTERNAL = 17
+    NOT_PEER = 18
+    QUOTA_EXCEEDED = 19
+    SUPERSEDED = 20
 
 
 class ProtocolError(Exception):
@@ -117,6 +120,24 @@ class InternalError(ProtocolError):
     code = ErrorCode.INTERNAL
 
 
+class NotPeerError(ProtocolError):
+    """The oracle's peer groups do not let this sender write to that recipient."""
+
+    code = ErrorCode.NOT_PEER
+
+
+class QuotaExceededError(ProtocolError):
+    """Storing this would exceed a byte budget (the sender's or the relay's); retry later."""
+
+    code = ErrorCode.QUOTA_EXCEEDED
+
+
+class SupersededError(ProtocolError):
+    """A newer connection authenticated with the same key; this one is closed."""
+
+    code = ErrorCode.SUPERSEDED
+
+
 _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -137,6 +158,9 @@ _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
         UnauthenticatedError,
         UnexpectedFrameError,
         InternalError,
+        NotPeerError,
+        QuotaExceededError,
+        SupersededError,
     )
 }
 
