@@ -33,6 +33,9 @@ class RelayMetrics:
                                           ["reason"], registry=self.registry)
         self.connected = Gauge("continuum_connected_devices",
                                "Authenticated device connections", registry=self.registry)
+        self.open_sockets = Gauge("continuum_open_sockets",
+                                  "TCP sockets from accept() until really closed",
+                                  registry=self.registry)
         self.mailbox_depth = Histogram(
             "continuum_mailbox_depth_on_connect",
             "Messages waiting in a device's mailbox when it connects",
