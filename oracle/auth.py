@@ -19,9 +19,10 @@ import base64
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -37,6 +38,8 @@ _T = TypeVar("_T")
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 _SCRYPT_DIGEST_BYTES = 64  # hashlib.scrypt's default dklen
 SCRYPT_CONCURRENCY = 2
+# Sec-Fetch-Site values a login may carry: posted from the oracle's own page, or user-initiated.
+_OWN_FETCH_SITES = {"same-origin", "none"}
 
 
 def hash_password(password: str) -> str:
@@ -162,3 +165,25 @@ def csrf_ok(principal: Principal, presented: str | None) -> bool:
         return True
     return (presented is not None and principal.csrf_token is not None
             and hmac.compare_digest(presented.encode(), principal.csrf_token.encode()))
+
+
+def from_own_pages(headers: Mapping[str, str], host: str) -> bool:
+    """Whether a browser sent this request from the oracle's own pages: the login CSRF check.
+
+    A session cookie does not exist yet at login, so the session's CSRF token
+    cannot protect it: another site could post its own credentials to /login
+    and the victim's browser would then work, unknowingly, in the attacker's
+    session.  Browsers say where a request comes from: Sec-Fetch-Site (every
+    current browser, to HTTPS and loopback origins), or else Origin (sent with
+    every POST).  Origin is compared with Host by host and port only, so a
+    proxy terminating TLS in front does not break it; "null" never matches.  A
+    client sending neither is a script, not a browser another site could drive.
+    """
+    site = headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.strip().lower() in _OWN_FETCH_SITES
+    origin = headers.get("Origin")
+    if origin is None:
+        return True
+    netloc = urlsplit(origin.strip()).netloc.lower()
+    return bool(netloc) and netloc == host.lower()

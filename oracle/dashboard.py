@@ -15,7 +15,7 @@ from aiohttp import web
 
 from runtime.clock import now_ms
 
-from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE
+from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE, from_own_pages
 from .context import ORACLE_KEY
 from .records import DeviceRecord, GroupRecord
 
@@ -148,7 +148,14 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
+    """Check a password under the throttle; refuse forms posted from other sites (login CSRF)."""
     oracle = request.app[ORACLE_KEY]
+    if not from_own_pages(request.headers, request.host):
+        oracle.log.warning("login_cross_site", origin=request.headers.get("Origin", "")[:200],
+                           fetch_site=request.headers.get("Sec-Fetch-Site", "")[:40])
+        return web.Response(text=_login_page("This form was sent from another site; log in"
+                                             " from this page."),
+                            content_type="text/html", status=403)
     form = await request.post()
     username, address = str(form.get("username", "")), request.remote or "unknown"
     throttle = oracle.login_throttle

@@ -1,5 +1,5 @@
 """The dashboard login over real sockets: one scrypt per attempt whoever the user, checked off
-the event loop."""
+the event loop, and refused when another site posts the form (login CSRF)."""
 
 from __future__ import annotations
 
@@ -85,3 +85,30 @@ async def test_the_event_loop_answers_while_passwords_are_checked(tmp_path, scry
         await asyncio.wait_for(asyncio.gather(*logins), timeout=30)
     assert finished[0] == "healthz", finished
     assert healthz_s < SLOW_CHECK_S, healthz_s
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site", "Origin": "http://127.0.0.1:1"},
+], ids=["foreign-origin", "null-origin", "cross-site", "same-site"])
+async def test_a_login_form_posted_from_another_site_is_refused(tmp_path, headers) -> None:
+    async with OracleServer(oracle_settings(tmp_path)) as server:
+        password = await server.create_admin("admin")
+        refused = await _login(server.url, "admin", password, headers=headers)
+        assert refused.status == 403 and "Set-Cookie" not in refused.headers
+        assert server.oracle is not None
+        assert server.oracle.login_throttle.retry_after("admin", "127.0.0.1") == 0
+
+
+async def test_logins_from_the_oracles_own_pages_and_from_scripts_work(tmp_path) -> None:
+    async with OracleServer(oracle_settings(tmp_path)) as server:
+        password = await server.create_admin("admin")
+        own_host = server.url.split("://", 1)[1]
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": server.url},
+                        {"Origin": server.url},
+                        {"Origin": f"https://{own_host}"},  # TLS ended by a proxy in front
+                        {}):  # a script: no browser headers at all
+            response = await _login(server.url, "admin", password, headers=headers)
+            assert response.status == 303, headers
