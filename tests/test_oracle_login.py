@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 from oracle_support import oracle_settings
+from tally import ATTACKS_REJECTED, TALLY
 
 from oracle import OracleServer
 
@@ -100,6 +101,7 @@ async def test_a_login_form_posted_from_another_site_is_refused(tmp_path, header
         assert refused.status == 403 and "Set-Cookie" not in refused.headers
         assert server.oracle is not None
         assert server.oracle.login_throttle.retry_after("admin", "127.0.0.1") == 0
+        TALLY[ATTACKS_REJECTED] += 1
 
 
 async def test_logins_from_the_oracles_own_pages_and_from_scripts_work(tmp_path) -> None:

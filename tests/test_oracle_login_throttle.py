@@ -25,6 +25,7 @@ from oracle.login_throttle import (
 )
 from oracle.server import OracleServer
 from oracle_support import oracle_settings
+from tally import ATTACKS_REJECTED, TALLY
 
 
 class Clock:
@@ -167,6 +168,7 @@ async def test_guesses_from_another_address_do_not_lock_the_admin_out(tmp_path) 
             assert statuses == [401] * (FREE_PER_PAIR + 1) + [429]
             assert await _post_login(admin, server.url, "admin", password) == 303
             assert await _post_login(attacker, server.url, "admin", password) == 429
+            TALLY[ATTACKS_REJECTED] += 1
 
 
 async def test_parallel_guesses_cannot_outrun_the_throttle(tmp_path, monkeypatch) -> None:
@@ -187,3 +189,4 @@ async def test_parallel_guesses_cannot_outrun_the_throttle(tmp_path, monkeypatch
                                                   for _ in range(20)))
                 assert set(statuses) <= {401, 429}
         assert 1 <= checks <= FREE_PER_PAIR + 1
+        TALLY[ATTACKS_REJECTED] += 1

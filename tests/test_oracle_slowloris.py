@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 from oracle_support import eventually, oracle_settings
+from tally import ATTACKS_REJECTED, TALLY
 
 from oracle import OracleServer
 
@@ -56,6 +57,7 @@ async def test_half_sent_headers_are_closed_within_the_timeout(tmp_path) -> None
             assert await _until_closed(half_line_reader, TIMEOUT_S + SLACK_S) == b""
             assert await _until_closed(trickle_reader, TIMEOUT_S + SLACK_S) == b""
             assert time.monotonic() - started >= TIMEOUT_S * 0.9  # closed by the timer
+            TALLY[ATTACKS_REJECTED] += 2
         finally:
             trickler.cancel()
             half_line.close()
@@ -83,6 +85,7 @@ async def test_a_trickled_body_is_answered_408_and_closed(tmp_path) -> None:
             trickler.cancel()
             writer.close()
         assert received.startswith(b"HTTP/1.1 408 "), received[:80]
+        TALLY[ATTACKS_REJECTED] += 1
         assert await _healthz(server) == 200
 
 
@@ -98,6 +101,7 @@ async def test_sockets_over_the_cap_are_aborted_at_accept(tmp_path) -> None:
         assert await _until_closed(surplus_reader, SLACK_S) == b""
         surplus.close()
         assert cap.refused >= 1 and cap.open == 3
+        TALLY[ATTACKS_REJECTED] += 1
         for _, writer in idle:
             writer.close()
         await eventually(lambda: _true(cap.open == 0))
