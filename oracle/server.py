@@ -6,6 +6,7 @@ so they all exercise the same code path; port 0 picks a free port.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +19,7 @@ from proto import Identity
 from .auth import Auth
 from .context import OracleContext
 from .db import open_database
+from .listener import ConnectionCap
 from .publisher import AccessListPublisher
 from .pusher import Pusher
 from .registry import Registry
@@ -34,6 +36,8 @@ class OracleServer:
         self.identity = Identity.load_or_create(Path(settings.identity_file))
         self.oracle: OracleContext | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections: ConnectionCap | None = None
         self.port = settings.port
 
     @property
@@ -69,18 +73,25 @@ class OracleServer:
             self.oracle = OracleContext(self.settings, self.identity, registry,
                                         Auth(db, self.settings.session_ttl_s), publisher,
                                         pusher, log)
+            # aiohttp arms keepalive_timeout when a connection is made and again after each
+            # response, and closes the connection if no complete request has arrived by then
+            # (web_protocol.RequestHandler); lingering_time bounds discarding an unread body.
+            timeout = self.settings.request_timeout_s
             self._runner = web.AppRunner(create_app(self.oracle), access_log=None,
-                                         handle_signals=False, shutdown_timeout=1.0)
+                                         handle_signals=False, shutdown_timeout=1.0,
+                                         keepalive_timeout=timeout, lingering_time=timeout)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
-                               reuse_address=True)
-            await site.start()
+            assert self._runner.server is not None
+            self.connections = ConnectionCap(self._runner.server, self.settings.max_connections,
+                                             log)
+            self._listener = await asyncio.get_running_loop().create_server(
+                self.connections, self.settings.host, self.settings.port, reuse_address=True)
         except BaseException:
             if self.oracle is None:
                 await db.close()
             await self.stop()
             raise
-        sockets = [s for s in site._server.sockets  # type: ignore[union-attr]
+        sockets = [s for s in self._listener.sockets
                    if s.family in (socket.AF_INET, socket.AF_INET6)]
         self.port = sockets[0].getsockname()[1]
         await pusher.start()
@@ -89,12 +100,16 @@ class OracleServer:
 
     async def stop(self) -> None:
         """Stop pushing and serving, close the database; safe to call twice."""
-        runner, oracle = self._runner, self.oracle
-        self._runner = self.oracle = None
+        runner, oracle, listener = self._runner, self.oracle, self._listener
+        self._runner = self.oracle = self._listener = None
+        if listener is not None:
+            listener.close()  # accept no more; runner.cleanup() closes the open connections
         if oracle is not None:
             await oracle.pusher.stop()
         if runner is not None:
             await runner.cleanup()
+        if listener is not None:
+            await listener.wait_closed()
         if oracle is not None:
             await oracle.registry.db.close()
 

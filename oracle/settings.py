@@ -37,6 +37,13 @@ class OracleSettings:
     # Re-seal a stored envelope older than this (relays refuse stale created_at).
     reseal_after_s: int = 120
     session_ttl_s: int = 12 * 3600
+    # A client must send a complete request's headers within this long of connecting (or of
+    # the previous response), and its body within this long after: half-sent requests
+    # (slowloris) are closed instead of held for aiohttp's default hour.
+    request_timeout_s: float = 10.0
+    # Open sockets, counted from accept(); one more is aborted at once.  Below the usual
+    # 1024 file descriptors a process may open, so the database and relays still get theirs.
+    max_connections: int = 512
     # Set when the dashboard is served over HTTPS, so the session cookie is Secure.
     secure_cookies: bool = False
     log_level: str = "info"
@@ -52,6 +59,8 @@ class OracleSettings:
             ("push_ttl_s must be >= 60", self.push_ttl_s >= 60),
             ("reseal_after_s must be >= 1", self.reseal_after_s >= 1),
             ("send_timeout_s must be > 0", self.send_timeout_s > 0),
+            ("request_timeout_s must be > 0", self.request_timeout_s > 0),
+            ("max_connections must be >= 1", self.max_connections >= 1),
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
         ] if not ok]

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -46,3 +47,12 @@ def test_cli_creates_admin_once_and_a_0600_key(tmp_path) -> None:
     key = subprocess.run([*run, "show-key"], env=env, capture_output=True, text=True, timeout=30)
     assert key.stdout.startswith("cpk_")
     assert stat.S_IMODE((tmp_path / "oracle.key").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("field, value", [("request_timeout_s", 0.0), ("max_connections", 0)])
+def test_connection_bounds_must_be_positive(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        replace(OracleSettings(), **{field: value}).validate()
+    settings, _ = OracleSettings.from_sources(
+        ["--request-timeout-s", "2.5", "--max-connections", "64"], {})
+    assert settings.request_timeout_s == 2.5 and settings.max_connections == 64
