@@ -6,8 +6,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.errors import ProtocolError
+from runtime.client_address import client_address
 
-from .client_address import client_address
 from .connection_gate import ConnectionRefused
 from .context import RelayContext
 from .session import DeviceSession

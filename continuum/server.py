@@ -15,13 +15,13 @@ import structlog
 from aiohttp import web
 
 from proto import Identity
+from runtime.listener import SocketCap, listen
 
 from .access import AccessControl
 from .app import CONNECT_PATH, create_app
 from .connection_gate import ConnectionGate
 from .context import RelayContext
 from .expiry import expire_forever
-from .listener import SocketCount, listen
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import open_store
@@ -45,7 +45,7 @@ class RelayServer:
         self.relay: RelayContext | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
-        self.sockets: SocketCount | None = None
+        self.sockets: SocketCap | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port = settings.port
 
@@ -81,12 +81,12 @@ class RelayServer:
                                      handle_signals=False, shutdown_timeout=1.0,
                                      keepalive_timeout=settings.request_timeout_s)
         await self._runner.setup()
-        self.sockets = SocketCount(
-            settings.max_connections,
-            on_refused=metrics.handshake_failures.labels("connection_limit").inc)
+        refused = metrics.handshake_failures.labels("connection_limit")
+        assert self._runner.server is not None
+        self.sockets = SocketCap(self._runner.server, settings.max_connections,
+                                 on_refused=lambda first: refused.inc())
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
-        self._listener = await listen(self._runner.server, settings.host, settings.port,
-                                      self.sockets)
+        self._listener = await listen(self.sockets, settings.host, settings.port)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()

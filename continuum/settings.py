@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
 from runtime.settings import describe, load_settings, repeatable
 
-from .client_address import Network, parse_networks
+from runtime.client_address import Network, are_networks, parse_networks
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Settings:
                 ("max_pending_handshakes_per_address must be >= 1",
                  self.max_pending_handshakes_per_address >= 1),
                 ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
-                ("trusted_proxies must be IP networks", _networks_parse(self.trusted_proxies)),
+                ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
                 ("oracle_url needs oracle_key", not self.oracle_url or bool(self.oracle_key)),
                 ("require_enrollment needs oracle_url", not self.require_enrollment
                  or bool(self.oracle_url)),
@@ -121,10 +121,3 @@ class Settings:
         if problems:
             raise ValueError("; ".join(problems))
 
-
-def _networks_parse(texts: tuple[str, ...]) -> bool:
-    try:
-        parse_networks(texts)
-    except ValueError:
-        return False
-    return True

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from runtime.client_address import client_address
 from runtime.clock import now_ms
 
 from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE, from_own_pages
@@ -157,7 +158,9 @@ async def login(request: web.Request) -> web.Response:
                                              " from this page."),
                             content_type="text/html", status=403)
     form = await request.post()
-    username, address = str(form.get("username", "")), request.remote or "unknown"
+    username = str(form.get("username", ""))
+    address = client_address(request.remote or "unknown", request.headers,
+                             oracle.settings.trusted_networks)
     throttle = oracle.login_throttle
     wait_s = throttle.begin(username, address)
     if wait_s > 0:

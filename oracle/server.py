@@ -15,11 +15,11 @@ import structlog
 from aiohttp import web
 
 from proto import Identity
+from runtime.listener import SocketCap, listen
 
 from .auth import Auth
 from .context import OracleContext
 from .db import open_database
-from .listener import ConnectionCap
 from .publisher import AccessListPublisher
 from .pusher import Pusher
 from .registry import Registry
@@ -37,7 +37,7 @@ class OracleServer:
         self.oracle: OracleContext | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
-        self.connections: ConnectionCap | None = None
+        self.connections: SocketCap | None = None
         self.port = settings.port
 
     @property
@@ -82,10 +82,15 @@ class OracleServer:
                                          keepalive_timeout=timeout, lingering_time=timeout)
             await self._runner.setup()
             assert self._runner.server is not None
-            self.connections = ConnectionCap(self._runner.server, self.settings.max_connections,
-                                             log)
-            self._listener = await asyncio.get_running_loop().create_server(
-                self.connections, self.settings.host, self.settings.port, reuse_address=True)
+            limit = self.settings.max_connections
+
+            def refused(first: bool) -> None:  # once per episode, not once per socket
+                if first:
+                    log.warning("connections_over_cap", limit=limit)
+
+            self.connections = SocketCap(self._runner.server, limit, refused)
+            self._listener = await listen(self.connections, self.settings.host,
+                                          self.settings.port)
         except BaseException:
             if self.oracle is None:
                 await db.close()

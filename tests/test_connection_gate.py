@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from continuum.client_address import client_address, parse_networks
+from runtime.client_address import client_address, parse_networks
 from continuum.connection_gate import ConnectionGate, ConnectionRefused
 from proto_support import ALICE, BOB, CAROL
 

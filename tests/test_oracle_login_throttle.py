@@ -190,3 +190,24 @@ async def test_parallel_guesses_cannot_outrun_the_throttle(tmp_path, monkeypatch
                 assert set(statuses) <= {401, 429}
         assert 1 <= checks <= FREE_PER_PAIR + 1
         TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_counters(
+        tmp_path) -> None:
+    """Behind the chart's ingress every client has the proxy's address: without trusted
+    proxies one guesser would lock the admin out; with them, each client counts alone."""
+    from dataclasses import replace
+    settings = replace(oracle_settings(tmp_path), trusted_proxies=("127.0.0.0/8",))
+    async with OracleServer(settings) as server:
+        password = await server.create_admin("admin")
+        async with aiohttp.ClientSession() as proxy:
+            async def login(client: str, secret: str) -> int:
+                async with proxy.post(f"{server.url}/login", allow_redirects=False,
+                                      data={"username": "admin", "password": secret},
+                                      headers={"X-Forwarded-For": client}) as response:
+                    await response.read()
+                    return response.status
+            statuses = [await login("198.51.100.66", "guess") for _ in range(FREE_PER_PAIR + 2)]
+            assert statuses[-1] == 429
+            assert await login("203.0.113.10", password) == 303  # the admin, same proxy
+            TALLY[ATTACKS_REJECTED] += 1

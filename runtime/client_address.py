@@ -30,6 +30,15 @@ def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def are_networks(texts: Iterable[str]) -> bool:
+    """Whether every entry parses, for a settings object's `validate`."""
+    try:
+        parse_networks(texts)
+    except ValueError:
+        return False
+    return True
+
+
 def client_address(peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
     """The client's address: `peer` itself unless `peer` is a trusted proxy that forwarded it."""
     if not trusted or not _is_trusted(peer, trusted):
