@@ -26,7 +26,7 @@ class RelayMetrics:
                                "Envelopes whose TTL passed in a mailbox", registry=self.registry)
         self.expiry_notices_dropped = Counter(
             "continuum_expiry_notices_dropped",
-            "Expiry notices that could not be stored (sender mailbox full)",
+            "Expiries (message, recipient) whose notice could not be stored (sender mailbox full)",
             registry=self.registry)
         self.handshake_failures = Counter("continuum_handshake_failures",
                                           "Connections refused before authentication",
