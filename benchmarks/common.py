@@ -43,6 +43,14 @@ def relay_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "continuum"]
 
 
+def relay_flags(code_dir: str | None = None) -> str:
+    """The relay's --help text (of another checkout's code, with `code_dir`): which flags it has,
+    so one script can drive an older relay that lacks newer settings."""
+    env = None if code_dir is None else {**os.environ, "PYTHONPATH": code_dir}
+    return subprocess.run([*relay_command(), "--help"], capture_output=True, text=True, env=env,
+                          check=True).stdout
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -17,20 +17,16 @@ over the measured window.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 from pathlib import Path
 
-from common import UNTHROTTLED, RelayProcess, raise_nofile, relay_command, table, write_results
+from common import UNTHROTTLED, RelayProcess, raise_nofile, relay_flags, table, write_results
 from loadgen import LoadPlan, per_sender_for, run_load
 
 
 def unthrottled_for(code_dir: str | None) -> tuple[str, ...]:
     """UNTHROTTLED without the flags an older relay does not have yet."""
-    env = None if code_dir is None else {**os.environ, "PYTHONPATH": code_dir}
-    known = subprocess.run([*relay_command(), "--help"], capture_output=True, text=True,
-                           env=env, check=True).stdout
+    known = relay_flags(code_dir)
     kept: list[str] = []
     for flag, value in zip(UNTHROTTLED[::2], UNTHROTTLED[1::2]):
         if flag in known:
