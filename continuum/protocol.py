@@ -120,7 +120,7 @@ class RelayProtocol:
 
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
                  "phase", "device_key", "close", "_invalid_frames", "_probation", "_in_flight",
-                 "_cursor", "_fetching", "_wanted")
+                 "_cursor", "_asked", "_wanted")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
@@ -141,7 +141,7 @@ class RelayProtocol:
         # The delivery window: tags sent and not yet acked, and where the next fetch starts.
         self._in_flight: set[str] = set()
         self._cursor: str | None = None
-        self._fetching = False
+        self._asked = 0  # the limit of the Fetch outstanding, 0 when none is
         self._wanted = False  # the mailbox may hold more than was fetched
 
     @property
@@ -290,13 +290,18 @@ class RelayProtocol:
     def wake(self) -> Fetch | None:
         """The mailbox may have grown (or the window opened): the fetch to run now, if any."""
         self._wanted = True
-        if self.phase is not Phase.OPEN or self._fetching:
+        if self.phase is not Phase.OPEN or self._asked:
             return None
         return self._next_fetch()
 
     def fetched(self, batch: list[StoredMessage]) -> Fetch | None:
-        """Entries the last `Fetch` returned, oldest first: DELIVER them; the next fetch, if any."""
-        self._fetching = False
+        """Entries the last `Fetch` returned, oldest first: DELIVER them; the next fetch, if any.
+
+        Only a batch that filled what was asked can have left entries behind; a
+        shorter one reached the mailbox's end, and mail stored after that read
+        wakes us (a wake during the fetch is kept in `_wanted`).
+        """
+        asked, self._asked = self._asked, 0
         if self.phase is not Phase.OPEN:
             return None
         if batch:
@@ -304,7 +309,8 @@ class RelayProtocol:
             self._cursor = batch[-1].tag
             self._out.extend(encode_frame(Deliver(entry.tag, entry.raw)) for entry in batch)
             self._metrics.delivered.inc(len(batch))
-            self._wanted = True  # the mailbox may hold more than one batch
+        if len(batch) >= asked:
+            self._wanted = True
         return self._next_fetch()
 
     def removed(self, tag: str, existed: bool) -> Fetch | None:
@@ -326,7 +332,7 @@ class RelayProtocol:
         room = self._settings.delivery_window - len(self._in_flight)
         if room <= 0:
             return None  # the ACK that opens the window wakes us
-        self._fetching = True
+        self._asked = room
         return Fetch(self._cursor, room)
 
     # -- endings ---------------------------------------------------------------------------
@@ -334,7 +340,7 @@ class RelayProtocol:
     def store_failed(self, error: ProtocolError) -> None:
         """A fetch or ACK could not reach the store: close (1011) so the device reconnects
         with backoff and its mailbox is read afresh; nothing in it is lost."""
-        self._fetching = False
+        self._asked = 0
         if self.phase is Phase.OPEN:
             self._log.warning("delivery_failed", error=error.message)
             self._close(Close(CLOSE_INTERNAL_ERROR, "mailbox store unavailable"))

@@ -234,9 +234,17 @@ def test_a_full_window_waits_for_an_ack_and_the_ack_fetches_one_more() -> None:
 def test_an_ack_below_a_full_window_fetches_nothing() -> None:
     protocol = authenticated()
     protocol.wake()
-    assert protocol.fetched(stored(["1", "2"])) == Fetch("2", 2)  # the mailbox may hold more
-    assert protocol.fetched([]) is None                           # it did not
-    assert protocol.removed("1", existed=True) is None            # new mail would wake us
+    assert protocol.fetched(stored(["1", "2"])) is None  # short of what was asked: the end
+    assert protocol.removed("1", existed=True) is None   # new mail would wake us
+
+
+def test_only_a_batch_that_filled_what_was_asked_fetches_again() -> None:
+    protocol = authenticated()  # window 4
+    assert protocol.wake() == Fetch(None, 4)
+    assert protocol.fetched(stored(["1", "2"])) is None  # short of 4: the mailbox's end
+    assert protocol.wake() == Fetch("2", 2)  # new mail
+    assert protocol.removed("1", existed=True) is None  # the window was not full
+    assert protocol.fetched(stored(["3", "4"])) == Fetch("4", 1)  # filled the 2 asked: more?
 
 
 def test_a_wake_during_a_fetch_is_served_when_it_returns() -> None:
@@ -249,8 +257,10 @@ def test_a_wake_during_a_fetch_is_served_when_it_returns() -> None:
 def test_the_cursor_moves_past_what_was_delivered() -> None:
     protocol = authenticated()
     protocol.wake()
-    assert protocol.fetched(stored(["a1"])) == Fetch("a1", WINDOW - 1)
-    assert protocol.fetched(stored(["a2"])) == Fetch("a2", WINDOW - 2)
+    assert protocol.fetched(stored(["a1"])) is None
+    assert protocol.wake() == Fetch("a1", WINDOW - 1)
+    assert protocol.fetched(stored(["a2"])) is None
+    assert protocol.wake() == Fetch("a2", WINDOW - 2)
 
 
 def test_acks_of_unknown_tags_change_no_window() -> None:
