@@ -144,12 +144,16 @@ class RedisStore(MailboxStore):
         # is safe to run twice (accept carries a nonce, appends are by field).
         options["retry"] = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
         options["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
-        pubsub_client = Redis.from_url(plain_url, **options)
-        if cluster:
-            return cls(RedisCluster.from_url(plain_url, **options), pubsub_client,
-                       prefix=prefix, cluster=True)
-        return cls(Redis.from_url(plain_url, **options), pubsub_client, prefix=prefix,
-                   durability=durability)
+        try:
+            pubsub_client = Redis.from_url(plain_url, **options)
+            # Builds a connection object without connecting: an option redis-py does
+            # not know fails here, at start, not as a TypeError on every first use.
+            pubsub_client.connection_pool.make_connection()
+            client = (RedisCluster.from_url(plain_url, **options) if cluster
+                      else Redis.from_url(plain_url, **options))
+        except TypeError as exc:
+            raise ValueError(f"store URL option not understood: {exc}") from None
+        return cls(client, pubsub_client, prefix=prefix, cluster=cluster, durability=durability)
 
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
                      limits: MailboxLimits) -> None:
