@@ -60,6 +60,8 @@ def run(rounds: int, pairs: int, per_sender: int, aof: bool) -> dict:
                              "latency_ms": result["latency_ms"], "lost": result["lost"],
                              "errors": result["errors"],
                              "relay_cpu_percent": result["relay_cpu_percent"],
+                             "cpu_us_per_msg": result["relay_cpu_percent"] / 100
+                             / result["delivered_per_s"] * 1e6,
                              "other_cpu_cores": result["other_cpu_cores"]})
         redis_version = primary.version
     return {"pairs": pairs, "per_sender": per_sender, "aof": aof, "redis": redis_version,
@@ -69,19 +71,21 @@ def run(rounds: int, pairs: int, per_sender: int, aof: bool) -> dict:
 def render(result: dict) -> str:
     rows = [(r["round"], r["mode"], r["delivered_per_s"], r["accepted_per_s"],
              f"{r['latency_ms']['p50']:.1f} / {r['latency_ms']['p99']:.1f}",
-             r["relay_cpu_percent"], r["lost"], f"{r['other_cpu_cores']:.2f}")
-            for r in result["runs"]]
-    ratios = []
+             r["relay_cpu_percent"], r["cpu_us_per_msg"], r["lost"],
+             f"{r['other_cpu_cores']:.2f}") for r in result["runs"]]
     by_round: dict[int, dict[str, dict]] = {}
     for r in result["runs"]:
         by_round.setdefault(r["round"], {})[r["mode"]] = r
-    for pair in by_round.values():
-        ratios.append(pair["min_replicas=1"]["delivered_per_s"] / pair["plain"]["delivered_per_s"])
+    lines = []
+    for figure in ("delivered_per_s", "cpu_us_per_msg"):
+        ratios = [pair["min_replicas=1"][figure] / pair["plain"][figure]
+                  for pair in by_round.values()]
+        lines.append(f"min_replicas=1 / plain, {figure}: median {statistics.median(ratios):.3f}"
+                     f" (per round {' '.join(f'{v:.2f}' for v in ratios)})")
     return (table(["round", "store", "delivered/s", "accepted/s", "p50/p99 ms", "relay CPU%",
-                   "lost", "other cores"], rows)
-            + f"\n\nmin_replicas=1 / plain, delivered/s: median {statistics.median(ratios):.3f}"
-            f" (per round {' '.join(f'{v:.2f}' for v in ratios)}); Redis {result['redis']},"
-            f" AOF {'everysec' if result['aof'] else 'off'}")
+                   "relay µs/msg", "lost", "other cores"], rows)
+            + "\n\n" + "\n".join(lines)
+            + f"\nRedis {result['redis']}, AOF {'everysec' if result['aof'] else 'off'}")
 
 
 def main() -> None:

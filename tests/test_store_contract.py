@@ -458,3 +458,24 @@ async def test_fetch_skips_an_entry_whose_body_is_gone_and_fills_the_batch(
         match=f"{prefix}body:*:{sent[1].msg_id.hex()}:*")]
     await client.delete(gone)
     assert [e.raw for e in await store.fetch(bob.public, None, 2)] == [sent[0].raw, sent[2].raw]
+
+
+@pytest.mark.redis
+async def test_a_sweep_reloads_scripts_a_restarted_or_promoted_redis_forgot() -> None:
+    """A standalone sweep runs its scripts in pipelines, where redis-py does not reload
+    them by itself; a private server, since SCRIPT FLUSH would touch everyone's."""
+    from redis_server import RedisServer
+    server = RedisServer("--appendonly", "no").start()
+    store = open_store(f"{server.url}/0")
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    try:
+        env = envelope(alice, [bob, carol], ttl_s=1)
+        await put(store, env)
+        await store._client.script_flush()  # type: ignore[attr-defined]
+        expired = await store.take_expired(env.expires_at_ms + 1, 100)
+        assert sorted(m.recipient.raw for m in expired) == sorted([bob.public.raw,
+                                                                   carol.public.raw])
+        assert await body_keys(store) == []
+    finally:
+        await store.close()
+        server.remove()

@@ -127,10 +127,11 @@ class RedisStore(MailboxStore):
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
         """`redis://host:port/db`, plus query options: `prefix=` (key prefix),
-        `cluster=true`, and the durability options of redis_durability.
+        `cluster=true`, the durability options of redis_durability, and redis-py's own.
 
         No connection is made here: the first command connects, so a relay
         starts (and reports 503 on /healthz) while Redis is still coming up.
+        ValueError names an option that is not understood.
         """
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
@@ -328,34 +329,60 @@ class RedisStore(MailboxStore):
         return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
-        due: list[bytes] = await self._guard(self._claim_due(
-            keys=[self._keys.expiry_index], args=[now_ms, limit, now_ms + CLAIM_LEASE_MS]))
+        due = [raw.decode() for raw in await self._guard(self._claim_due(
+            keys=[self._keys.expiry_index], args=[now_ms, limit, now_ms + CLAIM_LEASE_MS]))]
+        leaked = [member for member in due if parse_body_member(member) is not None]
+        entries = [member for member in due if parse_body_member(member) is None]
+        # What is left of bodies whose references a dead relay leaked.
+        await self._guard(self._each(self._drop_body, [
+            (self._keys.sender_keys(cast(str, parse_body_member(member))), [])
+            for member in leaked]))
+        located = [member.split(":", 1) for member in entries]
+        removed = await self._guard(self._each(self._remove_by_field, [
+            (self._keys.mailbox(recipient_hex).slot_keys, [field])
+            for recipient_hex, field in located]))
         expired: list[ExpiredMessage] = []
-        entries: list[str] = []   # index members to remove
-        released: list[str] = []  # members of bodies that are gone
-        for member in (raw.decode() for raw in due):
-            field = parse_body_member(member)
-            if field is not None:  # a body whose references leaked: drop what is left
-                await self._guard(self._drop_body(keys=self._keys.sender_keys(field)))
-                released.append(member)
-                continue
-            entries.append(member)
-            recipient_hex, field = member.split(":", 1)
-            mailbox = self._keys.mailbox(recipient_hex)
-            entry = await self._guard(self._remove_by_field(keys=mailbox.slot_keys,
-                                                             args=[field]))
-            if entry is None:
+        referenced: list[tuple[str, str, int]] = []  # recipient hex, field, body size
+        for (recipient_hex, field), entry in zip(located, removed):
+            if entry is None:  # gone already (acked), or another replica removed it
                 continue
             sender, msg_id, kind, size = entry
             expired.append(ExpiredMessage(PublicKey(bytes.fromhex(recipient_hex)),
                                           PublicKey(sender), msg_id, Kind(int(kind))))
-            if size is not None and await self._guard(self._unref(
-                    keys=self._keys.sender_keys(field), args=[recipient_hex])):
-                released.append(body_member(field, int(size)))
+            if size is not None:
+                referenced.append((recipient_hex, field, int(size)))
+        dropped = await self._guard(self._each(self._unref, [
+            (self._keys.sender_keys(field), [recipient_hex])
+            for recipient_hex, field, _size in referenced]))
+        released = leaked + [body_member(field, size) for (_hex, field, size), gone
+                             in zip(referenced, dropped) if gone]
         if due:
             await self._guard(self._forget(keys=self._keys.store_keys,
                                            args=[len(entries), *entries, *released]))
         return expired
+
+    async def _each(self, script: AsyncScript,
+                    calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run `script` once per (keys, args): on a standalone Redis in one pipelined round
+        trip (a sweep of 500 entries is then a few round trips, not 1,000); on a cluster
+        one call at a time, each to its slot's node."""
+        if self._cluster or not calls:
+            return [await script(keys=keys, args=args) for keys, args in calls]
+        results = await self._pipelined(script, calls)
+        if any(isinstance(result, NoScriptError) for result in results):
+            await self._client.script_load(script.script)  # every script is safe to repeat
+            results = await self._pipelined(script, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def _pipelined(self, script: AsyncScript,
+                         calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
                     burst: int) -> bool:
