@@ -449,8 +449,8 @@ async def test_a_reference_left_by_a_dead_relay_is_freed_after_the_ttl(store: Ma
 @backends(REDIS_BACKENDS)
 async def test_fetch_skips_an_entry_whose_body_is_gone_and_fills_the_batch(
         store: MailboxStore) -> None:
-    alice, bob = Identity.generate(), Identity.generate()
-    sent = [envelope(alice, [bob], bytes([i])) for i in range(3)]
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    sent = [envelope(alice, [bob, carol], bytes([i])) for i in range(3)]  # shared bodies
     for env in sent:
         await put(store, env)
     client, prefix = store._client, store._keys.prefix  # type: ignore[attr-defined]

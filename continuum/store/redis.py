@@ -2,13 +2,15 @@
 
 Layout (see redis_keys): per recipient a stream of entries (ids are the
 delivery tags), a byte counter and a field->id hash, under the recipient's
-`{hex}` hash tag.  An entry holds the message's name and size, not its
-bytes: the envelope is stored once, as a body hash in the sender's `{hex}`
-slot with one reference per recipient whose entry still points at it, next
-to the sender's replay keys, rate bucket and stored-bytes counter.  The
-store-wide `{expiry}` slot holds the expiry index (one member per entry, one
-per body) and the bytes of all bodies.  A fetch reads the stream, then the
-bodies in a second, pipelined step.
+`{hex}` hash tag.  Each message has a body record in the sender's `{hex}`
+slot (its size, one reference per recipient whose entry still points at it),
+next to the sender's replay keys, rate bucket and stored-bytes counter.  The
+envelope itself is stored once: in the body record when it has several
+recipients, inline in the entry when it has one (the common case, which
+then fetches in one round trip).  The store-wide `{expiry}` slot holds the
+expiry index (one member per entry, one per body) and the bytes of all
+bodies.  A fetch reads the stream, then any shared bodies in a second,
+pipelined step.
 
 Why the sender's slot: one body per message, wherever its recipients are.
 Storing it in each recipient's slot (or once per slot involved) would keep
@@ -260,10 +262,11 @@ class RedisStore(MailboxStore):
     async def _append_each(self, envelope: Envelope, recipients: list[MailboxKeys], field: str,
                            limits: MailboxLimits) -> None:
         """Append per recipient; if a mailbox filled meanwhile, remove the entries appended."""
+        inline = [envelope.raw] if len(recipients) == 1 else []
         for appended, mailbox in enumerate(recipients):
             tag = await self._append_one(keys=mailbox.slot_keys, args=[
                 field, len(envelope.raw), envelope.sender.raw, envelope.msg_id,
-                int(envelope.kind), limits.max_messages, limits.max_bytes])
+                int(envelope.kind), limits.max_messages, limits.max_bytes, *inline])
             if tag is None:
                 for done in recipients[:appended]:
                     await self._remove_by_field(keys=done.slot_keys, args=[field])

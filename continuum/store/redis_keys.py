@@ -7,7 +7,7 @@ Three kinds of slot, by hash tag:
   envelopes it sent, and the bytes those bodies take (its budget);
 - the store-wide `{expiry}`: the expiry index and the bytes all bodies take.
 
-A body lives in its sender's slot, once, whatever the number of recipients:
+A body record lives in its sender's slot, once, whatever the number of recipients:
 one message touches one sender slot, one store-wide slot and a slot per
 recipient, and no script ever needs keys from two of them.
 """
@@ -89,8 +89,9 @@ class KeySpace:
         return f"{self.prefix}rate:{{{sender.raw.hex()}}}"
 
     def body(self, field: str) -> str:
-        """A hash in the sender's slot: `r` the envelope, plus one field per recipient
-        whose entry still refers to it."""
+        """A hash in the sender's slot: `n` the envelope's size, `r` the envelope when it
+        has several recipients (one recipient's entry carries it inline), and one
+        field per recipient whose entry still refers to it."""
         sender_hex, rest = field.split(":", 1)
         return f"{self.prefix}body:{{{sender_hex}}}:{rest}"
 

@@ -29,11 +29,16 @@ local function room(log, size, bytes, max_messages, max_bytes)
   return messages + 1 <= max_messages and total + bytes <= max_bytes
 end
 
-local function append(log, size, ids, field, bytes, sender, msg_id, kind)
+-- `raw` (the envelope) only for a message with one recipient, whose entry carries
+-- it inline; otherwise nil, and the entry refers to the body.
+local function append(log, size, ids, field, bytes, sender, msg_id, kind, raw)
   local existing = redis.call('HGET', ids, field)
   if existing then return existing end  -- a retried call after a lost reply
-  local id = redis.call('XADD', log, '*', 's', sender, 'm', msg_id, 'k', kind, 'f', field,
-                        'n', bytes)
+  local entry = {{'s', sender, 'm', msg_id, 'k', kind, 'f', field, 'n', bytes}}
+  if raw then
+    entry[11], entry[12] = 'r', raw
+  end
+  local id = redis.call('XADD', log, '*', unpack(entry))
   redis.call('PERSIST', log)
   redis.call('INCRBY', size, bytes)
   redis.call('HSET', ids, field, id)
@@ -46,7 +51,8 @@ local function fields_of(entry)
   return out
 end
 
--- Entries written before bodies were shared carry the envelope inline ('r', no 'n').
+-- Entries written before bodies were shared carry the envelope inline ('r', no 'n')
+-- and have no body record.
 local function entry_size(entry)
   return tonumber(entry['n']) or string.len(entry['r'])
 end
@@ -80,18 +86,25 @@ local function within(counter, bytes, max_bytes)
   return tonumber(redis.call('GET', counter) or '0') + bytes <= tonumber(max_bytes)
 end
 
--- refs: recipient hex, '1', recipient hex, '1', ... (one reference per entry).
-local function store_body(seen, body, stored, nonce, until_ms, raw, refs)
+-- The body record: 'n' its size, 'r' the envelope unless its one entry carries it
+-- (inline), and one field per recipient whose entry refers to it; refs is
+-- recipient hex, '1', recipient hex, '1', ...
+local function store_body(seen, body, stored, nonce, until_ms, raw, refs, inline)
   redis.call('SET', seen, nonce, 'PXAT', until_ms)
-  redis.call('HSET', body, 'r', raw, unpack(refs))
-  redis.call('INCRBY', stored, string.len(raw))
+  local bytes = string.len(raw)
+  if inline then
+    redis.call('HSET', body, 'n', bytes, unpack(refs))
+  else
+    redis.call('HSET', body, 'n', bytes, 'r', raw, unpack(refs))
+  end
+  redis.call('INCRBY', stored, bytes)
 end
 
 -- Remove the body if it is still there, returning its bytes to the sender's
 -- budget; its size, or false when it was already gone.
 local function drop_body(body, stored)
-  local bytes = redis.call('HSTRLEN', body, 'r')
-  if bytes == 0 then return false end
+  local bytes = tonumber(redis.call('HGET', body, 'n'))
+  if not bytes then return false end
   redis.call('DEL', body)
   if redis.call('DECRBY', stored, bytes) <= 0 then redis.call('DEL', stored) end
   return bytes
@@ -99,9 +112,9 @@ end
 
 -- One recipient is done with the body; the last one drops it (its size, else false).
 local function unref(body, stored, recipient_hex)
-  if redis.call('HDEL', body, recipient_hex) == 0 or redis.call('HLEN', body) > 1 then
-    return false
-  end
+  if redis.call('HDEL', body, recipient_hex) == 0 then return false end
+  local others = redis.call('HLEN', body) - 1 - redis.call('HEXISTS', body, 'r')
+  if others > 0 then return false end
   return drop_body(body, stored)
 end
 
@@ -153,11 +166,13 @@ for i = 1, count do
   refs[2 * i - 1], refs[2 * i] = ARGV[12 + 2 * i], '1'
   members[i] = ARGV[13 + 2 * i]
 end
-store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs)
+local inline = count == 1
+store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs, inline)
 index_body(KEYS[4], KEYS[5], ARGV[13], bytes, tonumber(ARGV[7]), members)
 for i = 1, count do
   local b = 5 + (i - 1) * 3
-  append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5], ARGV[6])
+  append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5], ARGV[6],
+         inline and ARGV[3] or nil)
 end
 return {0}
 """
@@ -187,7 +202,7 @@ for i = 5, #ARGV do
   refs[#refs + 1] = ARGV[i]
   refs[#refs + 1] = '1'
 end
-store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs)
+store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs, #ARGV == 5)
 return 0
 """
 
@@ -199,14 +214,15 @@ return 0
 """
 
 # KEYS: log, size, ids.  ARGV: field, bytes, sender, msg_id, kind, max_messages,
-# max_bytes.  Returns the stream id, or false when full.
+# max_bytes, and the envelope for a message with one recipient (inline).
+# Returns the stream id, or false when full.
 APPEND_ONE = _HELPERS + """
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 then
   if not room(KEYS[1], KEYS[2], tonumber(ARGV[2]), tonumber(ARGV[6]), tonumber(ARGV[7])) then
     return false
   end
 end
-return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[8])
 """
 
 # KEYS: log, size, ids.  ARGV: field.  Returns {sender, msg_id, kind, size} or
