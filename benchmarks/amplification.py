@@ -26,7 +26,7 @@ from common import RelayProcess, memory_kib, table, write_results
 from proto import Identity, Kind, PublicKey, seal_envelope
 from proto.frames import FrameType, Send, encode_frame
 from replicas import RedisServerProcess
-from wsclient import MAX_FRAME, connect, frame_type
+from wsclient import connect, frame_type
 
 ENVELOPE_LIMIT = 65_536
 RECIPIENTS = 64

@@ -17,13 +17,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 import redis
 import redis.asyncio
 
-from continuum.store import open_store
+from continuum.store import MailboxLimits, open_store
 from proto import Envelope, Identity, decode_envelope
-from proto.errors import ErrorCode
+from proto.errors import ErrorCode, StoreUnavailableError
 from proto.frames import Accepted, Error, Frame
 from redis_server import RedisServer
 from relay_process import free_port
@@ -249,7 +250,6 @@ async def test_without_min_replicas_what_was_accepted_during_the_lag_is_lost(
 
 async def test_healthz_fails_while_the_replica_does_not_acknowledge(
         redis_pair: PrimaryAndReplica, start_relay) -> None:
-    import aiohttp
     assert redis_pair.link is not None
     relay = await start_relay(store=f"{redis_pair.primary.url}/0?{DURABLE}")
     async with aiohttp.ClientSession() as http:
@@ -264,7 +264,6 @@ async def test_healthz_fails_while_the_replica_does_not_acknowledge(
 async def test_a_relay_pointed_at_a_read_only_replica_is_unhealthy(
         redis_pair: PrimaryAndReplica, start_relay) -> None:
     """A failover that left the relay on the demoted side: PING answers, writes do not."""
-    import aiohttp
     assert redis_pair.replica is not None
     relay = await start_relay(store=f"{redis_pair.replica.url}/0")
     async with aiohttp.ClientSession() as http, http.get(f"{relay.base_url}/healthz") as response:
@@ -283,8 +282,6 @@ async def test_wait_aof_on_a_server_without_waitaof_fails_closed(redis_base_url:
     store = open_store(f"{redis_base_url}/0?wait_aof=true&prefix=continuum-test-waitaof:")
     alice, bob = Identity.generate(), Identity.generate()
     envelope = sealed(alice, [bob.public])
-    from continuum.store import MailboxLimits
-    from proto.errors import StoreUnavailableError
     try:
         with pytest.raises(StoreUnavailableError, match="WAITAOF"):
             await store.ping()

@@ -95,3 +95,26 @@ async def test_a_full_database_is_a_store_fault_and_recovers(tmp_path: Path) -> 
         assert len(await store.fetch(bob.public, None, 1000)) == stored + 1
     finally:
         await store.close()
+
+
+async def test_bodies_go_with_their_last_entry(tmp_path: Path) -> None:
+    """One row per envelope whatever its recipients, removed by the last ack or expiry."""
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    store = SqliteStore(tmp_path / "mail.db")
+
+    def bodies() -> int:
+        return store._db.execute("SELECT count(*) FROM body").fetchone()[0]
+
+    try:
+        acked, expiring = envelope(alice, [bob, carol]), envelope(alice, [bob, carol])
+        for env in (acked, expiring):
+            await store.accept(env, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+        assert bodies() == 2
+        for reader in (bob, carol):
+            first = (await store.fetch(reader.public, None, 10))[0]
+            assert await store.ack(reader.public, first.tag)
+            assert bodies() == (2 if reader is bob else 1)
+        assert len(await store.take_expired(expiring.expires_at_ms + 1, 100)) == 2
+        assert bodies() == 0
+    finally:
+        await store.close()

@@ -17,6 +17,7 @@ import redis
 
 from proto import Envelope, Identity, PublicKey
 from proto.frames import Accepted
+from redis_server import RedisServer
 from relay_process import RelayProcess
 from wire import RawDevice, error_code, sealed
 
@@ -66,9 +67,8 @@ async def test_one_envelope_to_64_recipients_is_stored_once_in_memory(tmp_path) 
 
 
 @pytest.mark.redis
-async def test_one_envelope_to_64_recipients_is_stored_once_in_redis(redis_base_url) -> None:
+async def test_one_envelope_to_64_recipients_is_stored_once_in_redis() -> None:
     """Redis used_memory after 40 such sends, on a private Redis so nothing else moves it."""
-    from redis_server import RedisServer
     server = RedisServer("--appendonly", "no").start()
     relay = RelayProcess("--store", f"{server.url}/0")
     alice = Identity.generate()

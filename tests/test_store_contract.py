@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from continuum.store import MailboxLimits, MailboxStore, open_store
+from continuum.store.redis_scripts import BODY_GRACE_MS
 from proto import Envelope, Identity, Kind, seal_envelope
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
+from redis_server import RedisServer
 from relay_process import free_port
 
 ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
@@ -432,7 +434,6 @@ async def test_redis_keeps_no_body_or_count_after_the_last_reference(store: Mail
 async def test_a_reference_left_by_a_dead_relay_is_freed_after_the_ttl(store: MailboxStore) -> None:
     """A relay killed between removing an entry and dropping its reference leaks
     the body only until its own index member falls due."""
-    from continuum.store.redis_scripts import BODY_GRACE_MS
     alice, bob = Identity.generate(), Identity.generate()
     env = envelope(alice, [bob], b"x" * 1000, ttl_s=1)
     await put(store, env, sender_budget(env))
@@ -464,7 +465,6 @@ async def test_fetch_skips_an_entry_whose_body_is_gone_and_fills_the_batch(
 async def test_a_sweep_reloads_scripts_a_restarted_or_promoted_redis_forgot() -> None:
     """A standalone sweep runs its scripts in pipelines, where redis-py does not reload
     them by itself; a private server, since SCRIPT FLUSH would touch everyone's."""
-    from redis_server import RedisServer
     server = RedisServer("--appendonly", "no").start()
     store = open_store(f"{server.url}/0")
     alice, bob, carol = (Identity.generate() for _ in range(3))
