@@ -41,6 +41,12 @@ class Settings:
     rate_burst: int = 100
     mailbox_max_messages: int = 10_000
     mailbox_max_bytes: int = 64 * 1024 * 1024
+    # Byte budgets of the store, each stored envelope counted once however many
+    # recipients it has (QUOTA_EXCEEDED beyond them).  One sender may have one
+    # full mailbox's worth waiting; the whole store, 1 GiB: far above what a
+    # fleet keeps waiting, and a bound on what made-up keys can make it hold.
+    sender_max_stored_bytes: int = 64 * 1024 * 1024
+    store_max_bytes: int = 1024 * 1024 * 1024
     delivery_window: int = 64
     handshake_timeout_s: float = 10.0
     # Time from accept() to a complete HTTP upgrade request (slowloris bound).
@@ -114,6 +120,10 @@ class Settings:
                  self.max_pending_handshakes_per_address >= 1),
                 ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
                 ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
+                ("sender_max_stored_bytes must be >= max_envelope_bytes",
+                 self.sender_max_stored_bytes >= self.max_envelope_bytes),
+                ("store_max_bytes must be >= max_envelope_bytes",
+                 self.store_max_bytes >= self.max_envelope_bytes),
                 ("oracle_url needs oracle_key", not self.oracle_url or bool(self.oracle_key)),
                 ("require_enrollment needs oracle_url", not self.require_enrollment
                  or bool(self.oracle_url)),
