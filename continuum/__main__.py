@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 
+from proto.errors import ProtocolError
 from runtime.logs import configure_logging
 
 from .server import RelayServer
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_serve(settings))
     except OSError as exc:
         sys.exit(f"continuum: cannot start: {exc}")
+    except (ValueError, ProtocolError) as exc:  # a store URL or key the settings named
+        print(f"continuum: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

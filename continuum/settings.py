@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from proto import Identity, PublicKey
+from proto.errors import InvalidFieldError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
 from runtime.settings import describe, load_settings, repeatable
 
@@ -120,6 +122,10 @@ class Settings:
                  self.max_pending_handshakes_per_address >= 1),
                 ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
                 ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
+                ("relay_key must be a csk_… secret key text",
+                 not self.relay_key or _parses(Identity.from_text, self.relay_key)),
+                ("oracle_key must be a cpk_… public key text",
+                 not self.oracle_key or _parses(PublicKey.from_text, self.oracle_key)),
                 ("sender_max_stored_bytes must be >= max_envelope_bytes",
                  self.sender_max_stored_bytes >= self.max_envelope_bytes),
                 ("store_max_bytes must be >= max_envelope_bytes",
@@ -131,3 +137,10 @@ class Settings:
         if problems:
             raise ValueError("; ".join(problems))
 
+
+def _parses(parse: Callable[[str], object], text: str) -> bool:
+    try:
+        parse(text)
+    except InvalidFieldError:
+        return False
+    return True

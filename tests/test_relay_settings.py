@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from continuum.settings import Settings
@@ -59,3 +62,17 @@ def test_a_store_password_is_masked_when_described(store: str, shown: str) -> No
     described = Settings.from_sources(["--store", store], {}).describe()
     assert described["store"] == shown
     assert "secret" not in repr(described) and "p%40ss" not in repr(described)
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--store", "ftp://somewhere"], "unknown store"),
+    (["--store", "redis://127.0.0.1:1/0?no_such_option=1"], "store URL option not understood"),
+    (["--relay-key", "csk_not-a-key"], "relay_key must be a csk_"),
+    (["--oracle-url", "http://o", "--oracle-key", "cpk_typo"], "oracle_key must be a cpk_"),
+])
+def test_bad_start_up_values_are_one_line_and_exit_2(args: list[str], says: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "continuum", "--port", "0", *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert says in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("continuum: error:")
