@@ -63,10 +63,10 @@ class RelayServer:
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
         gate = ConnectionGate(self.settings.max_connections,
                               self.settings.max_pending_handshakes_per_address)
+        metrics = RelayMetrics()
         access = AccessControl(self.settings.oracle_url, self.settings.oracle_key,
-                               self.settings.require_enrollment, log)
-        self.relay = RelayContext(self.settings, store, identity, RelayMetrics(), log, gate,
-                                  access)
+                               self.settings.require_enrollment, identity, metrics, log)
+        self.relay = RelayContext(self.settings, store, identity, metrics, log, gate, access)
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
                                      handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
