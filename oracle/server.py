@@ -13,7 +13,7 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
-from proto import Identity
+from proto import Identity, PublicKey
 
 from .auth import Auth
 from .context import OracleContext
@@ -21,6 +21,7 @@ from .db import open_database
 from .publisher import AccessListPublisher
 from .pusher import Pusher
 from .registry import Registry
+from .relay_auth import RelayAuth
 from .settings import OracleSettings
 from .web import create_app
 
@@ -64,11 +65,17 @@ class OracleServer:
                 pusher.notify()
 
             registry = Registry(db, changed)
-            publisher = AccessListPublisher(registry, self.identity)
-            pusher = Pusher(registry, self.identity, self.settings, log)
+            epoch = await registry.begin_epoch()
+            log = log.bind(epoch=epoch)
+            publisher = AccessListPublisher(registry, self.identity, log)
+            await publisher.current()  # the first list is signed before anyone may ask for it
+            pusher = Pusher(registry, publisher, self.identity, self.settings, log)
+            relay_auth = RelayAuth(self.identity.public,
+                                   [PublicKey.from_text(k) for k in self.settings.relay_keys],
+                                   lambda: pusher.relay_keys)
             self.oracle = OracleContext(self.settings, self.identity, registry,
                                         Auth(db, self.settings.session_ttl_s), publisher,
-                                        pusher, log)
+                                        pusher, relay_auth, log)
             self._runner = web.AppRunner(create_app(self.oracle), access_log=None,
                                          handle_signals=False, shutdown_timeout=1.0)
             await self._runner.setup()

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proto import PublicKey
+from proto.errors import ProtocolError
 from runtime.settings import describe, load_settings, repeatable
 
 ENV_PREFIX = "CONTINUUM_ORACLE_"
@@ -28,6 +30,9 @@ class OracleSettings:
     identity_file: str = "oracle.key"
     # Continuum relays the oracle connects to as a device (ws://…/v1/connect), repeatable.
     relays: tuple[str, ...] = repeatable("relay", "relay URL")
+    # Public keys (cpk_…) of relays allowed to fetch the access list besides those in `relays`
+    # (which prove their key when the oracle connects), e.g. another region's, repeatable.
+    relay_keys: tuple[str, ...] = repeatable("relay-key", "relay public key (cpk_…)")
     # How long a relay's long-poll for a newer access list is held open.
     longpoll_s: float = 25.0
     # Lifetime of a peer-change envelope in an offline device's mailbox.
@@ -54,6 +59,7 @@ class OracleSettings:
             ("send_timeout_s must be > 0", self.send_timeout_s > 0),
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
+            ("relay_keys must be public keys (cpk_…)", all(map(_is_public_key, self.relay_keys))),
         ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))
@@ -70,3 +76,11 @@ class OracleSettings:
         """
         return load_settings(cls, ENV_PREFIX, parser or argparse.ArgumentParser(
             prog="continuum-oracle serve"), argv, os.environ if environ is None else environ)
+
+
+def _is_public_key(text: str) -> bool:
+    try:
+        PublicKey.from_text(text)
+    except ProtocolError:
+        return False
+    return True
