@@ -31,7 +31,7 @@ from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 
 from .dedup import MessageKey
-from .peers import PeerList
+from .peers import PeerList, Standing
 
 
 class DropReason(StrEnum):
@@ -89,11 +89,16 @@ class ExpiryArrived:
 
 @dataclass(frozen=True)
 class PeerChangeArrived:
-    """The oracle's peer list; `newer` says whether it replaces the stored one."""
+    """The oracle's peer list; `standing` says whether it replaces the stored one (NEWER),
+    is the one held (HELD), or is behind it (OLDER: neither applied nor receipted)."""
 
     envelope: Envelope
     change: PeerChange
-    newer: bool
+    standing: Standing
+
+    @property
+    def newer(self) -> bool:
+        return self.standing is Standing.NEWER
 
 
 Decision = Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
@@ -168,4 +173,5 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
     if envelope.kind is Kind.EXPIRY:
         return ExpiryArrived(envelope, ExpiryNotice.decode(plaintext))
     change = PeerChange.decode(plaintext)
-    return PeerChangeArrived(envelope, change, change.version > view.peers.version)
+    return PeerChangeArrived(envelope, change,
+                             view.peers.standing(change.stamp, envelope.sender))

@@ -7,7 +7,7 @@ import pytest
 from client.dedup import RecentlySeen
 from client.inbox import (Drop, DropReason, ExpiryArrived, InboxView, PeerChangeArrived,
                           ReceiptArrived, Surface, decide)
-from client.peers import PeerList
+from client.peers import PeerList, Standing
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 
@@ -145,3 +145,15 @@ def test_multi_recipient_envelope_opens_for_each_recipient() -> None:
     envelope = sealed(bob, [alice, carol], b"to both")
     decision = decide(envelope.raw, view())
     assert isinstance(decision, Surface) and decision.message.payload == b"to both"
+
+
+@pytest.mark.parametrize("epoch,version,standing", [
+    (10, 3, Standing.HELD), (10, 2, Standing.OLDER), (9, 99, Standing.OLDER),
+    (11, 1, Standing.NEWER)], ids=["held", "older-version", "older-epoch", "newer-epoch"])
+def test_peer_changes_are_ranked_by_epoch_then_version(epoch: int, version: int,
+                                                       standing: Standing) -> None:
+    held = PeerList([bob.public], 3, epoch=10, oracle=oracle.public)
+    change = PeerChange(version, (mallory.public,), epoch)
+    decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
+                      InboxView(alice, held, {relay.public}, RecentlySeen(), set(), oracle.public))
+    assert isinstance(decision, PeerChangeArrived) and decision.standing is standing
