@@ -154,9 +154,10 @@ class AccessList:
         return mine is not None and theirs is not None and not mine.isdisjoint(theirs)
 
     def _body(self) -> list:
+        # Sorted by raw bytes (the same order as PublicKey's, without 10,000s of __lt__ calls).
+        enrolled = sorted((key.raw, sorted(groups)) for key, groups in self.groups.items())
         return [self.epoch, self.version, self.issued_at_ms, self.oracle.raw,
-                [[key.raw, sorted(self.groups[key])] for key in sorted(self.groups)],
-                [key.raw for key in sorted(self.revoked)]]
+                [list(entry) for entry in enrolled], sorted(key.raw for key in self.revoked)]
 
     def sign(self, identity: Identity) -> bytes:
         """The signed wire form; `identity` must be the oracle named in the list."""
@@ -213,8 +214,9 @@ class AccessRequest:
         StaleError beyond MAX_REQUEST_SKEW_MS.  Whether the relay key is allowed
         and the nonce unused is the oracle's to check.
         """
-        scheme, _, token = header.partition(" ")
-        if scheme != RELAY_AUTH_SCHEME or not token:
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != RELAY_AUTH_SCHEME.lower() or not token:  # schemes ignore case
             raise UnauthenticatedError(f"expected Authorization: {RELAY_AUTH_SCHEME} <token>")
         try:
             data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
