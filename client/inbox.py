@@ -17,7 +17,10 @@ Rules, cheapest first so hostile input costs as little as possible:
    PEER_CHANGE from the configured oracle key only;
 4. a payload that does not decrypt or parse → drop (invalid);
 5. RECEIPT only from a peer, or from a recipient of a message this device
-   sent and still tracks (the oracle has no peers but needs its receipts).
+   sent and still tracks (the oracle has no peers but needs its receipts);
+6. a PEER_CHANGE is ranked against the held list by (epoch, version) and
+   oracle (`PeerList.standing`): the device applies NEWER, receipts NEWER and
+   HELD, and neither applies nor receipts OLDER.
 """
 
 from __future__ import annotations
@@ -95,10 +98,6 @@ class PeerChangeArrived:
     envelope: Envelope
     change: PeerChange
     standing: Standing
-
-    @property
-    def newer(self) -> bool:
-        return self.standing is Standing.NEWER
 
 
 Decision = Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived

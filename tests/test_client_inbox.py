@@ -99,7 +99,7 @@ def test_newer_peer_change_from_the_oracle_replaces() -> None:
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
                       view(peer_version=4))
     assert isinstance(decision, PeerChangeArrived)
-    assert decision.change == change and decision.newer
+    assert decision.change == change and decision.standing is Standing.NEWER
 
 
 @pytest.mark.parametrize("version", [2, 3], ids=["older", "same"])
@@ -107,7 +107,7 @@ def test_older_or_equal_peer_change_version_is_ignored(version: int) -> None:
     change = PeerChange(version, (mallory.public,))
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
                       view(peer_version=3))
-    assert isinstance(decision, PeerChangeArrived) and not decision.newer
+    assert isinstance(decision, PeerChangeArrived) and decision.standing is not Standing.NEWER
 
 
 @pytest.mark.parametrize("oracle_key", [oracle.public, None], ids=["oracle-set", "no-oracle"])
