@@ -10,6 +10,7 @@ copied, and later copied back, as an operator restores a backup.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -56,15 +57,19 @@ async def test_restored_oracle_revokes_and_repushes_and_old_lists_are_refused(
             await admin.close()
         shutil.copy(database, backup)
 
-        # 2. Changes after the backup: carol joins; versions move on past the backup's.
+        # 2. Changes after the backup: dave is enrolled and carol joins the group; the
+        # versions of the access list and of alice's peer list move on past the backup's.
         async with OracleServer(settings) as oracle:
             admin = await Admin.login(oracle, "second")
+            await admin.call("POST", "/v1/devices", {"key": Identity.generate().public.text,
+                                                     "name": "dave"}, expect=201)
             await admin.call("PUT", f"/v1/groups/{group}/members/{carol.public.text}")
             await eventually(lambda: _peers_are(c, {alice, bob}), timeout=10)
             await eventually(lambda: caught_up(admin), timeout=10)
             await admin.close()
-        old_list = access.current.sign(oracle_identity)  # what an attacker could replay later
-        old_peer_change = PeerChange(a.peers.version, (bob.public, carol.public), a.peers.epoch)
+        # What an attacker could replay after the restore: the lists in force now.
+        old_list = access.current.sign(oracle_identity)
+        alices_old_list = copy.copy(a.peers)  # its stamp and keys (a replace makes a new set)
 
         # 3. The database is restored from the backup: carol's joining is lost.
         for suffix in ("", "-wal", "-shm"):
@@ -94,6 +99,9 @@ async def test_restored_oracle_revokes_and_repushes_and_old_lists_are_refused(
         assert access.current.stamp == before
         assert relay.relay.metrics.registry.get_sample_value(
             "continuum_access_list_backwards_total") == 1
+        old_peer_change = PeerChange(alices_old_list.version, tuple(alices_old_list),
+                                     alices_old_list.epoch)
+        assert set(old_peer_change.peers) == {bob.public, carol.public}
         async with Device(oracle_identity, [relay.url]) as impostor:  # the oracle's own key
             replay = seal_envelope(oracle_identity, Kind.PEER_CHANGE, [alice.public],
                                    old_peer_change.encode(), ttl_s=600, now_ms=now_ms())
