@@ -211,11 +211,12 @@ class AccessControl:
                 return self.apply(await response.read())
             if response.status == 204:
                 return True
-            if response.status == 401:
-                self._log.error("access_list_unauthorized", relay_key=self._identity.public.text,
-                                reason=(await response.text())[:200],
-                                detail="the oracle does not accept this relay's key: add it to"
-                                       " the oracle's --relay-key list")
+            if response.status == 401:  # also for a moment at start, until the oracle has
+                # connected to this relay and so learned its key
+                self._log.warning("access_list_unauthorized", relay_key=self._identity.public.text,
+                                  reason=(await response.text())[:200],
+                                  detail="the oracle does not accept this relay's key: add it to"
+                                         " the oracle's --relay-key list")
                 return False
             raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
                                               message=response.reason or "")

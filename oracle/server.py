@@ -91,6 +91,9 @@ class OracleServer:
                    if s.family in (socket.AF_INET, socket.AF_INET6)]
         self.port = sockets[0].getsockname()[1]
         await pusher.start()
+        if not self.settings.relays and not self.settings.relay_keys:
+            log.warning("no_relay_may_fetch_the_access_list",
+                        detail="set --relay (relays this oracle pushes through) or --relay-key")
         log.info("oracle_started", url=self.url, oracle_key=self.identity.public.text,
                  settings=self.settings.describe())
 
