@@ -27,16 +27,28 @@ from pathlib import Path
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Raised so the rate limiter, mailbox cap and handshake gate never shape a figure.
+# Raised so the rate limiter, mailbox cap and handshake gate never shape a figure: every
+# benchmark device connects from 127.0.0.1 with a fresh key.
 UNTHROTTLED = ("--rate-per-s", "1e9", "--rate-burst", "1000000000",
                "--mailbox-max-messages", "1000000", "--mailbox-max-bytes", str(1 << 31),
-               "--max-pending-handshakes-per-address", "4096", "--log-level", "warning")
+               "--max-pending-handshakes-per-address", "4096",
+               "--max-connections-per-address", "1000000",
+               "--unknown-key-rate-per-s", "1e9", "--unknown-key-burst", "1000000000",
+               "--log-level", "warning")
 
 
 def relay_command() -> list[str]:
     """The installed `continuum` CLI of this interpreter's environment."""
     script = Path(sys.executable).parent / "continuum"
     return [str(script)] if script.exists() else [sys.executable, "-m", "continuum"]
+
+
+def relay_flags(code_dir: str | None = None) -> str:
+    """The relay's --help text (of another checkout's code, with `code_dir`): which flags it has,
+    so one script can drive an older relay that lacks newer settings."""
+    env = None if code_dir is None else {**os.environ, "PYTHONPATH": code_dir}
+    return subprocess.run([*relay_command(), "--help"], capture_output=True, text=True, env=env,
+                          check=True).stdout
 
 
 def free_port() -> int:

@@ -20,8 +20,18 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import UNTHROTTLED, RelayProcess, raise_nofile, table, write_results
+from common import UNTHROTTLED, RelayProcess, raise_nofile, relay_flags, table, write_results
 from loadgen import LoadPlan, per_sender_for, run_load
+
+
+def unthrottled_for(code_dir: str | None) -> tuple[str, ...]:
+    """UNTHROTTLED without the flags an older relay does not have yet."""
+    known = relay_flags(code_dir)
+    kept: list[str] = []
+    for flag, value in zip(UNTHROTTLED[::2], UNTHROTTLED[1::2]):
+        if flag in known:
+            kept += [flag, value]
+    return tuple(kept)
 
 
 def _us_per_message(run: dict) -> float:
@@ -29,7 +39,7 @@ def _us_per_message(run: dict) -> float:
 
 
 def _one(code_dir: str | None, plan: LoadPlan, store: str) -> dict:
-    with RelayProcess(*UNTHROTTLED, store=store, code_dir=code_dir) as relay:
+    with RelayProcess(*unthrottled_for(code_dir), store=store, code_dir=code_dir) as relay:
         run = run_load(relay, plan)
     lat = run["latency_ms"]
     return {"delivered_per_s": run["delivered_per_s"], "cpu_us_per_msg": _us_per_message(run),

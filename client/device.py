@@ -246,8 +246,8 @@ class Device:
                 self._on_receipt(decision)
             elif isinstance(decision, ExpiryArrived):
                 self.stats.expiry_notices += 1
-                self._sent.record(decision.notice.msg_id, decision.notice.recipient,
-                                  DeliveryStatus.EXPIRED)
+                for msg_id, recipient in decision.notice.entries:
+                    self._sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
             else:
                 await self._on_peer_change(decision)
             # Only once handled: if handling failed (disk full), the re-delivery retries it.

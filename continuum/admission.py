@@ -3,7 +3,9 @@
 No I/O here: the session calls it with the connection's key and the current
 time, so every rule (sender binding, TTL bound, clock skew, signature) is
 tested without a socket.  Cheap checks run before the signature verify, so
-garbage costs a decode and nothing more.
+garbage costs a decode and nothing more; the recipient point check (a scalar
+multiplication per key unless remembered) runs after it, so only a sender
+that proved its key can make the relay spend it.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ def admit(envelope: Envelope, connection_key: PublicKey, now_ms: int, settings: 
     envelope.verify()
     if observe_verify is not None:
         observe_verify(time.perf_counter() - started)
+    for recipient in envelope.recipient_keys:
+        if not recipient.is_valid_point():
+            raise InvalidFieldError(
+                f"recipient {recipient.text} is not an Ed25519 public key: no device can read it")
 
 
 def replay_until_ms(envelope: Envelope, settings: Settings) -> int:

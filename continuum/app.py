@@ -6,8 +6,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.errors import ProtocolError
+from runtime.client_address import client_address
 
-from .connection_gate import ConnectionRefused, Slot
+from .connection_gate import ConnectionRefused
 from .context import RelayContext
 from .session import DeviceSession
 from .websocket import DeviceWebSocket
@@ -18,26 +19,24 @@ CONNECT_PATH = "/v1/connect"
 
 async def connect(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY_KEY]
-    try:
-        with relay.gate.connection(request.remote or "unknown") as slot:
-            return await _serve_device(request, relay, slot)
-    except ConnectionRefused as refused:
-        relay.metrics.handshake_failures.labels("connection_limit").inc()
-        return web.json_response({"error": refused.reason}, status=refused.status)
-
-
-async def _serve_device(request: web.Request, relay: RelayContext,
-                        slot: Slot) -> DeviceWebSocket:
+    address = client_address(request.remote or "unknown", request.headers,
+                             relay.settings.trusted_networks)
     # Frames up to twice the limit are read and refused with an OVERSIZE error
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
     ws = DeviceWebSocket(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
                          heartbeat=relay.settings.heartbeat_s)
-    await ws.prepare(request)
-    session = DeviceSession(ws, relay)
-    authenticated = await session.handshake()
-    slot.authenticated()
-    if authenticated:
-        await session.serve()
+    session = DeviceSession(ws, relay, address)
+    try:
+        slot = relay.gate.admit(address, session)
+    except ConnectionRefused as refused:
+        relay.metrics.handshake_failures.labels("connection_limit").inc()
+        return web.json_response({"error": refused.reason}, status=refused.status)
+    try:
+        await ws.prepare(request)
+        if await session.handshake(slot):
+            await session.serve()
+    finally:
+        slot.release()
     return ws
 
 

@@ -29,4 +29,7 @@ class RelayContext:
     @functools.cached_property
     def mailbox_limits(self) -> MailboxLimits:
         """Built once (read on every accept); `settings` is frozen and never replaced."""
-        return MailboxLimits(self.settings.mailbox_max_messages, self.settings.mailbox_max_bytes)
+        settings = self.settings
+        return MailboxLimits(settings.mailbox_max_messages, settings.mailbox_max_bytes,
+                             sender_max_bytes=settings.sender_max_stored_bytes,
+                             store_max_bytes=settings.store_max_bytes)

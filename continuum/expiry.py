@@ -1,25 +1,34 @@
 """Expire messages whose TTL passed and tell their senders, through their own mailboxes.
 
 Every replica runs this loop; `take_expired` hands each expired entry to
-exactly one of them, so a sender gets one notice per (message, recipient).
+exactly one of them, so a sender hears of each (message, recipient) once.
 The notice is an ordinary envelope signed by the relay key and sealed to the
 sender, so it waits for an offline sender like any other message.
+
+A storm (thousands of messages to many recipients expiring together) must
+not freeze the relay: the entries of one sweep step are grouped by sender
+into batched notices (one signature per up to MAX_EXPIRY_ENTRIES entries, not
+one per entry), and the sweep yields to the event loop after every step and
+every notice, so WebSocket traffic and /healthz are served throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 
-from proto import Kind, seal_envelope
+from proto import Kind, PublicKey, seal_envelope
 from proto.errors import ProtocolError
-from proto.payloads import ExpiryNotice
+from proto.payloads import EXPIRY_ENTRY_BYTES, MAX_EXPIRY_ENTRIES, ExpiryNotice
 from runtime.clock import now_ms
 
 from .admission import replay_until_ms
 from .context import RelayContext
-from .store import ExpiredMessage
 
-_BATCH = 500
+_STEP = 500  # entries taken from the store per step
+# Bytes of a one-recipient EXPIRY envelope around its entries (header, wrap, nonce,
+# tag, signature), with room to spare.
+_NOTICE_OVERHEAD_BYTES = 512
 
 
 async def expire_forever(relay: RelayContext) -> None:
@@ -33,27 +42,41 @@ async def expire_forever(relay: RelayContext) -> None:
 
 
 async def expire_due(relay: RelayContext) -> int:
-    """Expire everything due now; returns how many messages expired."""
+    """Expire everything due now, one bounded step per loop turn; returns how many expired."""
     total = 0
     while True:
-        expired = await relay.store.take_expired(now_ms(), _BATCH)
+        expired = await relay.store.take_expired(now_ms(), _STEP)
+        by_sender: defaultdict[PublicKey, list[tuple[bytes, PublicKey]]] = defaultdict(list)
         for message in expired:
             relay.metrics.expired.inc()
             if message.kind is not Kind.EXPIRY:  # a notice about a notice helps no one
-                await _notify_sender(relay, message)
+                by_sender[message.sender].append((message.msg_id, message.recipient))
+        for sender, entries in by_sender.items():
+            per_notice = entries_per_notice(relay.settings.max_envelope_bytes)
+            for start in range(0, len(entries), per_notice):
+                await _notify_sender(relay, sender, entries[start:start + per_notice])
+                await asyncio.sleep(0)
         total += len(expired)
-        if len(expired) < _BATCH:
+        if len(expired) < _STEP:
             return total
+        await asyncio.sleep(0)
 
 
-async def _notify_sender(relay: RelayContext, message: ExpiredMessage) -> None:
+def entries_per_notice(max_envelope_bytes: int) -> int:
+    """As many entries as fit one envelope under this relay's limit (at least one)."""
+    room = (max_envelope_bytes - _NOTICE_OVERHEAD_BYTES) // EXPIRY_ENTRY_BYTES
+    return max(1, min(MAX_EXPIRY_ENTRIES, room))
+
+
+async def _notify_sender(relay: RelayContext, sender: PublicKey,
+                         entries: list[tuple[bytes, PublicKey]]) -> None:
     notice = seal_envelope(
-        relay.identity, Kind.EXPIRY, [message.sender],
-        ExpiryNotice(message.msg_id, message.recipient).encode(),
+        relay.identity, Kind.EXPIRY, [sender], ExpiryNotice(tuple(entries)).encode(),
         ttl_s=relay.settings.max_ttl_s, now_ms=now_ms(), limits=relay.settings.limits)
     try:
         await relay.store.accept(notice, replay_until_ms=replay_until_ms(notice, relay.settings),
                                  limits=relay.mailbox_limits)
     except ProtocolError as exc:
-        relay.metrics.expiry_notices_dropped.inc()
-        relay.log.warning("expiry_notice_dropped", sender=message.sender.text, error=exc.message)
+        relay.metrics.expiry_notices_dropped.inc(len(entries))
+        relay.log.warning("expiry_notice_dropped", sender=sender.text, entries=len(entries),
+                          error=exc.message)

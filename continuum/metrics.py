@@ -26,7 +26,7 @@ class RelayMetrics:
                                "Envelopes whose TTL passed in a mailbox", registry=self.registry)
         self.expiry_notices_dropped = Counter(
             "continuum_expiry_notices_dropped",
-            "Expiry notices that could not be stored (sender mailbox full)",
+            "Expiries (message, recipient) whose notice could not be stored (sender mailbox full)",
             registry=self.registry)
         self.handshake_failures = Counter("continuum_handshake_failures",
                                           "Connections refused before authentication",
@@ -38,6 +38,9 @@ class RelayMetrics:
             registry=self.registry)
         self.connected = Gauge("continuum_connected_devices",
                                "Authenticated device connections", registry=self.registry)
+        self.open_sockets = Gauge("continuum_open_sockets",
+                                  "TCP sockets from accept() until really closed",
+                                  registry=self.registry)
         self.mailbox_depth = Histogram(
             "continuum_mailbox_depth_on_connect",
             "Messages waiting in a device's mailbox when it connects",

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, auto
+from typing import Protocol
 
 import structlog
 
 from proto import Envelope, Identity, PublicKey, decode_envelope
 from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError,
-                          UnauthenticatedError, UnexpectedFrameError)
+                          StoreUnavailableError, SupersededError, UnauthenticatedError,
+                          UnexpectedFrameError)
 from proto.frames import Accepted, Ack, Deliver, Error, Send, decode_frame, encode_frame
 from proto.handshake import RelayHandshake
 
@@ -41,8 +43,18 @@ from .metrics import RelayMetrics
 from .settings import Settings
 from .store import StoredMessage
 
+CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+
+
+class VerifyBudget(Protocol):
+    """Signature checks this connection's address may still spend on keys the relay does
+    not know (`connection_gate.Slot`): a flood of fresh keys is refused before any verify."""
+
+    def is_known(self, key: PublicKey) -> bool: ...
+
+    def take_unknown_key_token(self, now_ms: int) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -106,15 +118,16 @@ class RelayProtocol:
     dropped once done, and the device's logger bound per call, not kept.
     """
 
-    __slots__ = ("_settings", "_access", "_metrics", "_relay_log", "_handshake", "_out", "phase",
-                 "device_key", "close", "_invalid_frames", "_in_flight", "_cursor", "_fetching",
-                 "_wanted")
+    __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
+                 "phase", "device_key", "close", "_invalid_frames", "_probation", "_in_flight",
+                 "_cursor", "_asked", "_wanted")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
-                 metrics: RelayMetrics, log: structlog.typing.FilteringBoundLogger, *,
-                 relay_nonce: bytes) -> None:
+                 budget: VerifyBudget, metrics: RelayMetrics,
+                 log: structlog.typing.FilteringBoundLogger, *, relay_nonce: bytes) -> None:
         self._settings = settings
         self._access = access
+        self._budget = budget
         self._metrics = metrics
         self._relay_log = log
         self._handshake: RelayHandshake | None = RelayHandshake(identity, relay_nonce,
@@ -124,10 +137,11 @@ class RelayProtocol:
         self.device_key: PublicKey | None = None
         self.close: Close | None = None
         self._invalid_frames = 0
+        self._probation = 0  # SENDs still charged to the address's budget for unknown keys
         # The delivery window: tags sent and not yet acked, and where the next fetch starts.
         self._in_flight: set[str] = set()
         self._cursor: str | None = None
-        self._fetching = False
+        self._asked = 0  # the limit of the Fetch outstanding, 0 when none is
         self._wanted = False  # the mailbox may hold more than was fetched
 
     @property
@@ -161,10 +175,17 @@ class RelayProtocol:
             return None
         if isinstance(frame, Send):
             try:
-                return CheckRate(decode_envelope(frame.envelope, self._settings.limits))
+                envelope = decode_envelope(frame.envelope, self._settings.limits)
             except ProtocolError as exc:
                 self._reject(None, exc)
                 return None
+            if self._probation > 0:
+                self._probation -= 1
+                if not self._budget.take_unknown_key_token(now_ms):
+                    self._reject(envelope.msg_id, RateLimitedError(
+                        "too many signature checks for new keys from this address; retry later"))
+                    return None
+            return CheckRate(envelope)
         if isinstance(frame, Ack):
             return RemoveDelivered(frame.tag)
         self._reject(None, UnexpectedFrameError(
@@ -190,9 +211,18 @@ class RelayProtocol:
         self.phase = Phase.CLOSED
 
     def _receive_hello(self, data: bytes, now_ms: int) -> Authenticated | None:
-        assert self._handshake is not None
+        handshake = self._handshake
+        assert handshake is not None
         try:
-            key = self._handshake.receive_hello(data)
+            claimed = handshake.read_hello(data)
+            if not self._budget.is_known(claimed):
+                if not self._budget.take_unknown_key_token(now_ms):
+                    self._refuse_handshake(RateLimitedError(
+                        "too many handshakes of new keys from this address; retry later"),
+                        "unknown_key_budget")
+                    return None
+                self._probation = self._settings.probation_sends
+            key = handshake.verify_hello()
         except ProtocolError as exc:
             self._refuse_handshake(exc, exc.code.name.lower())
             return None
@@ -200,12 +230,20 @@ class RelayProtocol:
         if refusal is not None:
             self._refuse_handshake(refusal, refusal.code.name.lower())
             return None
-        welcome, _terms = self._handshake.welcome(now_ms)
+        welcome, _terms = handshake.welcome(now_ms)
         self._out.append(welcome)
         self._handshake = None
         self.device_key = key
         self.phase = Phase.OPEN
         return Authenticated(key)
+
+    def evicted(self) -> None:
+        """Still in its handshake, this connection lost its place to a newer one from its
+        address (the pending-handshake cap per address)."""
+        if self.phase is Phase.HANDSHAKE:
+            self._refuse_handshake(UnauthenticatedError(
+                "too many pending handshakes from this address; this one was the oldest"),
+                "evicted")
 
     def _refuse_handshake(self, error: ProtocolError, reason: str) -> None:
         assert self._handshake is not None
@@ -240,22 +278,30 @@ class RelayProtocol:
             self._out.append(encode_frame(Accepted(msg_id)))
 
     def store_refused(self, msg_id: bytes, error: ProtocolError) -> None:
-        """The store refused the envelope (replay, full mailbox, outage): nothing was stored."""
+        """The store refused the envelope (replay, full mailbox, outage): nothing was stored.
+
+        An outage is never the device's fault, so it does not count toward abuse.
+        """
         if self.phase is Phase.OPEN:
-            self._reject(msg_id, error)
+            self._reject(msg_id, error, abuse=not isinstance(error, StoreUnavailableError))
 
     # -- delivering: the window and the ACK rule -------------------------------------------
 
     def wake(self) -> Fetch | None:
         """The mailbox may have grown (or the window opened): the fetch to run now, if any."""
         self._wanted = True
-        if self.phase is not Phase.OPEN or self._fetching:
+        if self.phase is not Phase.OPEN or self._asked:
             return None
         return self._next_fetch()
 
     def fetched(self, batch: list[StoredMessage]) -> Fetch | None:
-        """Entries the last `Fetch` returned, oldest first: DELIVER them; the next fetch, if any."""
-        self._fetching = False
+        """Entries the last `Fetch` returned, oldest first: DELIVER them; the next fetch, if any.
+
+        Only a batch that filled what was asked can have left entries behind; a
+        shorter one reached the mailbox's end, and mail stored after that read
+        wakes us (a wake during the fetch is kept in `_wanted`).
+        """
+        asked, self._asked = self._asked, 0
         if self.phase is not Phase.OPEN:
             return None
         if batch:
@@ -263,7 +309,8 @@ class RelayProtocol:
             self._cursor = batch[-1].tag
             self._out.extend(encode_frame(Deliver(entry.tag, entry.raw)) for entry in batch)
             self._metrics.delivered.inc(len(batch))
-            self._wanted = True  # the mailbox may hold more than one batch
+        if len(batch) >= asked:
+            self._wanted = True
         return self._next_fetch()
 
     def removed(self, tag: str, existed: bool) -> Fetch | None:
@@ -285,7 +332,7 @@ class RelayProtocol:
         room = self._settings.delivery_window - len(self._in_flight)
         if room <= 0:
             return None  # the ACK that opens the window wakes us
-        self._fetching = True
+        self._asked = room
         return Fetch(self._cursor, room)
 
     # -- endings ---------------------------------------------------------------------------
@@ -293,10 +340,24 @@ class RelayProtocol:
     def store_failed(self, error: ProtocolError) -> None:
         """A fetch or ACK could not reach the store: close (1011) so the device reconnects
         with backoff and its mailbox is read afresh; nothing in it is lost."""
-        self._fetching = False
+        self._asked = 0
         if self.phase is Phase.OPEN:
             self._log.warning("delivery_failed", error=error.message)
             self._close(Close(CLOSE_INTERNAL_ERROR, "mailbox store unavailable"))
+
+    def superseded(self) -> None:
+        """A newer connection of this key authenticated: this one ends (`max_connections_per_key`)."""
+        if self.phase is Phase.OPEN:
+            error = SupersededError("another connection authenticated with this key")
+            self._log.info("session_superseded")
+            self._out.append(encode_frame(Error(None, int(error.code), error.message)))
+            self._close(Close(CLOSE_NORMAL, "superseded"))
+
+    def write_stalled(self, timeout_s: float) -> None:
+        """Frames waited `timeout_s` for a device that reads nothing: stop holding them."""
+        if self.phase is not Phase.CLOSED:
+            self._log.info("closing_stalled_reader", timeout_s=timeout_s)
+            self._close(Close(CLOSE_POLICY_VIOLATION, "device stopped reading"))
 
     def revoked(self, error: ProtocolError) -> None:
         """A newer access list refuses this key: end the connection now, not at reconnect."""
@@ -305,9 +366,10 @@ class RelayProtocol:
             self._out.append(encode_frame(Error(None, int(error.code), error.message)))
             self._close(Close(CLOSE_POLICY_VIOLATION, error.code.name))
 
-    def _reject(self, msg_id: bytes | None, error: ProtocolError) -> None:
+    def _reject(self, msg_id: bytes | None, error: ProtocolError, abuse: bool = True) -> None:
         """Answer one bad frame or refused envelope with ERROR; too many of them is abuse."""
-        self._invalid_frames += 1
+        if abuse:
+            self._invalid_frames += 1
         reason = error.code.name.lower()
         self._metrics.rejected.labels(reason).inc()
         self._log.debug("rejected", reason=reason, detail=error.message)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from pathlib import Path
 from types import TracebackType
 
@@ -16,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from proto import Identity
+from runtime.listener import SocketCap, listen
 
 from .access import AccessControl
 from .app import CONNECT_PATH, create_app
@@ -44,6 +44,8 @@ class RelayServer:
         self.settings = settings
         self.relay: RelayContext | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.sockets: SocketCap | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.port = settings.port
 
@@ -58,32 +60,45 @@ class RelayServer:
         return self.base_url.replace("http://", "ws://", 1) + CONNECT_PATH
 
     async def start(self) -> None:
-        store = open_store(self.settings.store)
-        identity = load_relay_identity(self.settings)
+        settings = self.settings
+        store = open_store(settings.store)
+        identity = load_relay_identity(settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
-        gate = ConnectionGate(self.settings.max_connections,
-                              self.settings.max_pending_handshakes_per_address)
         metrics = RelayMetrics()
-        access = AccessControl(self.settings.oracle_url, self.settings.oracle_key,
-                               self.settings.require_enrollment, identity, metrics, log)
-        self.relay = RelayContext(self.settings, store, identity, metrics, log, gate, access)
+        access = AccessControl(settings.oracle_url, settings.oracle_key,
+                               settings.require_enrollment, identity, metrics, log)
+        gate = ConnectionGate(
+            max_pending_per_address=settings.max_pending_handshakes_per_address,
+            max_per_address=settings.max_connections_per_address,
+            max_per_key=settings.max_connections_per_key,
+            unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
+            unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys,
+            enrolled=lambda key: access.current is not None and key in access.current.enrolled)
+        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access)
+        # keepalive_timeout also bounds the time from accept() to a complete request:
+        # aiohttp arms it when the socket is accepted (slowloris).
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
-                                     handle_signals=False, shutdown_timeout=1.0)
+                                     handle_signals=False, shutdown_timeout=1.0,
+                                     keepalive_timeout=settings.request_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
-                           reuse_address=True)
-        await site.start()
-        sockets = [s for s in site._server.sockets if s.family in (socket.AF_INET, socket.AF_INET6)]  # type: ignore[union-attr]
-        self.port = sockets[0].getsockname()[1]
+        refused = metrics.handshake_failures.labels("connection_limit")
+        assert self._runner.server is not None
+        self.sockets = SocketCap(self._runner.server, settings.max_connections,
+                                 on_refused=lambda first: refused.inc())
+        metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
+        self._listener = await listen(self.sockets, settings.host, settings.port)
+        self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
-                 settings=self.settings.describe())
+                 settings=settings.describe())
 
     async def stop(self) -> None:
         """Stop serving and close the store; safe to call twice."""
-        sweeper, runner, relay = self._sweeper, self._runner, self.relay
-        self._sweeper = self._runner = self.relay = None
+        sweeper, runner, relay, listener = self._sweeper, self._runner, self.relay, self._listener
+        self._sweeper = self._runner = self.relay = self._listener = None
+        if listener is not None:
+            listener.close()  # accept nothing more; open sockets are shut down by the runner
         if relay is not None:
             await relay.access.stop()
         if sweeper is not None:
@@ -92,6 +107,8 @@ class RelayServer:
                 await sweeper
         if runner is not None:
             await runner.cleanup()
+        if listener is not None:
+            await listener.wait_closed()
         if relay is not None:
             await relay.store.close()
 

@@ -2,9 +2,11 @@
 
 It reads a message, feeds it to the protocol, performs the store call the
 protocol asks for and reports the result back, and writes what the protocol
-says to write, closing when it says so.  It also owns the two things a pure
-object cannot: the HELLO deadline (a timer) and the store's wake-up
-subscription and access-list watch (callbacks from elsewhere in the process).
+says to write, closing when it says so.  It also owns what a pure object
+cannot: the deadlines (HELLO, a device that stops reading, a close that never
+completes, after which the socket is aborted), and the callbacks from
+elsewhere in the process (the store's wake-ups, the access-list watch, and
+the connection gate's eviction and superseding).
 
 Anything another replica would need is in the store, so a device may
 reconnect anywhere.
@@ -22,6 +24,7 @@ from proto.errors import InternalError, ProtocolError
 from proto.frames import NONCE_BYTES
 from runtime.clock import now_ms
 
+from .connection_gate import AddressBudget, Slot
 from .context import RelayContext
 from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
                        StoreEnvelope)
@@ -33,18 +36,31 @@ class DeviceSession:
     """Most devices sit idle, so an idle session holds no task of its own: a wake-up
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
-    __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_closing")
+    __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing")
 
-    def __init__(self, ws: DeviceWebSocket, relay: RelayContext) -> None:
+    def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
         self._ws = ws
         self._relay = relay
         self._protocol = RelayProtocol(relay.identity, relay.settings, relay.access,
-                                       relay.metrics, relay.log,
-                                       relay_nonce=os.urandom(NONCE_BYTES))
+                                       AddressBudget(relay.gate, address), relay.metrics,
+                                       relay.log, relay_nonce=os.urandom(NONCE_BYTES))
         self._delivery: asyncio.Task[None] | None = None
-        self._closing: asyncio.Task[object] | None = None
+        self._next_fetch: Fetch | None = None
+        self._closing: asyncio.Task[None] | None = None
 
-    async def handshake(self) -> bool:
+    # -- what the gate asks of this connection ---------------------------------------------
+
+    def evict(self) -> None:
+        self._protocol.evicted()
+        self._write()
+
+    def supersede(self) -> None:
+        self._protocol.superseded()
+        self._write()
+
+    # -- the connection's life -------------------------------------------------------------
+
+    async def handshake(self, slot: Slot) -> bool:
         """CHALLENGE → HELLO → WELCOME within the deadline; False (socket closing) if refused."""
         protocol, timeout_s = self._protocol, self._relay.settings.handshake_timeout_s
         self._write()
@@ -59,7 +75,8 @@ class DeviceSession:
         if protocol.device_key is None:
             await self._finish_closing()
             return False
-        return True
+        slot.authenticated(protocol.device_key)  # may supersede this key's older connection
+        return protocol.close is None
 
     async def serve(self) -> None:
         """Serve an authenticated device until it disconnects or the protocol closes."""
@@ -108,7 +125,7 @@ class DeviceSession:
             elif isinstance(request, RemoveDelivered):
                 await self._remove(request)
             self._write()
-            await self._ws.drain()  # a device that sends without reading is not outrun
+            await self._drain()  # a device that sends without reading is not outrun
 
     def _feed(self, message: WSMessage) -> Authenticated | CheckRate | RemoveDelivered | None:
         if message.type == WSMsgType.BINARY:
@@ -156,14 +173,19 @@ class DeviceSession:
 
     def _start_delivery(self, fetch: Fetch | None, device: PublicKey,
                         observe_depth: bool = False) -> None:
-        # The protocol hands out one Fetch at a time, so no other delivery task is running.
-        if fetch is not None:
-            self._delivery = asyncio.create_task(self._deliver(fetch, device, observe_depth),
-                                                 name="deliver")
+        if fetch is None:
+            return
+        if self._delivery is not None:
+            # The running task is still waiting for its last batch to drain: it runs this
+            # fetch next (the protocol hands out one Fetch at a time, so there is no other).
+            self._next_fetch = fetch
+            return
+        self._delivery = asyncio.create_task(self._deliver(fetch, device, observe_depth),
+                                             name="deliver")
 
     async def _deliver(self, fetch: Fetch | None, device: PublicKey, observe_depth: bool) -> None:
-        """Run the fetches the protocol asks for; the window bounds what is queued, so
-        writes here need not wait for a slow reader."""
+        """Run the fetches the protocol asks for, each once the last batch has left: at most
+        one window of frames waits in memory, and a device that reads nothing is closed."""
         store, protocol = self._relay.store, self._protocol
         try:
             if observe_depth:
@@ -172,16 +194,20 @@ class DeviceSession:
                 batch = await store.fetch(device, fetch.after, fetch.limit)
                 fetch = protocol.fetched(batch)
                 self._write()
+                await self._drain()
+                if fetch is None:
+                    fetch, self._next_fetch = self._next_fetch, None
         except ProtocolError as exc:
             protocol.store_failed(exc)
             self._write()
+        except ConnectionError:
+            pass  # closing, or closed for not reading: the reader side ends the session
         except Exception as exc:  # a bug must cost this connection (1011), not its deliveries
             self._relay.log.exception("delivery_crashed")
             protocol.store_failed(InternalError(repr(exc)))
             self._write()
         finally:
-            if self._delivery is asyncio.current_task():
-                self._delivery = None
+            self._delivery = self._next_fetch = None
 
     # -- writing and closing ---------------------------------------------------------------
 
@@ -202,9 +228,29 @@ class DeviceSession:
                 return
         close = protocol.close
         if close is not None and self._closing is None:
-            self._closing = asyncio.create_task(
-                self._ws.close(code=close.code, message=close.reason.encode()), name="close")
+            self._closing = asyncio.create_task(self._close(close.code, close.reason),
+                                                name="close")
+
+    async def _drain(self) -> None:
+        """Wait for a slow reader, but not forever: one that reads nothing is aborted (a
+        close handshake would only queue behind what it does not read)."""
+        timeout_s = self._relay.settings.write_timeout_s
+        if not await self._ws.drain(timeout_s):
+            self._protocol.write_stalled(timeout_s)
+            self._ws.abort()
+            raise ConnectionResetError("device stopped reading")
+
+    async def _close(self, code: int, reason: str) -> None:
+        """The WebSocket close handshake, bounded: a peer that does not answer (or does not
+        read our CLOSE) is aborted, so its socket and unsent data are freed now."""
+        try:
+            async with asyncio.timeout(self._relay.settings.close_timeout_s):
+                await self._ws.close(code=code, message=reason.encode())
+        except TimeoutError:
+            self._ws.abort()
 
     async def _finish_closing(self) -> None:
         if self._closing is not None:
             await asyncio.gather(self._closing, return_exceptions=True)
+        if self._ws.buffered_bytes():
+            self._ws.abort()  # closed, but the device will never read what is left

@@ -14,7 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
-from runtime.settings import describe, load_settings
+from runtime.settings import describe, load_settings, repeatable
+
+from runtime.client_address import Network, are_networks, parse_networks
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,32 @@ class Settings:
     rate_burst: int = 100
     mailbox_max_messages: int = 10_000
     mailbox_max_bytes: int = 64 * 1024 * 1024
+    # Byte budgets of the store, each stored envelope counted once however many
+    # recipients it has (QUOTA_EXCEEDED beyond them).  One sender may have one
+    # full mailbox's worth waiting; the whole store, 1 GiB: far above what a
+    # fleet keeps waiting, and a bound on what made-up keys can make it hold.
+    sender_max_stored_bytes: int = 64 * 1024 * 1024
+    store_max_bytes: int = 1024 * 1024 * 1024
     delivery_window: int = 64
     handshake_timeout_s: float = 10.0
+    # Time from accept() to a complete HTTP upgrade request (slowloris bound).
+    request_timeout_s: float = 10.0
+    # A closing socket that has not finished its close handshake by then is aborted.
+    close_timeout_s: float = 5.0
+    # A device that reads nothing for this long while frames wait for it is closed.
+    write_timeout_s: float = 30.0
+    # Every TCP socket, from accept() until it is really gone.
     max_connections: int = 20_000
     max_pending_handshakes_per_address: int = 64
+    max_connections_per_address: int = 1_024
+    max_connections_per_key: int = 1
+    # Signature checks for keys this relay does not know yet, per client address.
+    unknown_key_rate_per_s: float = 20.0
+    unknown_key_burst: int = 200
+    probation_sends: int = 10
+    known_keys: int = 100_000
+    # Proxies whose X-Forwarded-For / Forwarded headers name the real client (CIDRs).
+    trusted_proxies: tuple[str, ...] = repeatable("trusted-proxy", "network (CIDR)")
     sweep_interval_s: float = 1.0
     max_invalid_frames: int = 100
     heartbeat_s: float = 30.0
@@ -61,6 +85,10 @@ class Settings:
         frozen dataclass allows; the settings never change, so neither does this.
         """
         return Limits(max_envelope_bytes=self.max_envelope_bytes)
+
+    @functools.cached_property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.trusted_proxies)
 
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log: the relay key and any URL password masked."""
@@ -85,9 +113,21 @@ class Settings:
                 ("rate_burst must be >= 1", self.rate_burst >= 1),
                 ("delivery_window must be >= 1", self.delivery_window >= 1),
                 ("mailbox_max_messages must be >= 1", self.mailbox_max_messages >= 1),
+                ("request/close/write timeouts must be > 0", min(
+                    self.request_timeout_s, self.close_timeout_s, self.write_timeout_s) > 0),
+                ("max_connections_per_key must be >= 1", self.max_connections_per_key >= 1),
+                ("max_pending_handshakes_per_address must be >= 1",
+                 self.max_pending_handshakes_per_address >= 1),
+                ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
+                ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
+                ("sender_max_stored_bytes must be >= max_envelope_bytes",
+                 self.sender_max_stored_bytes >= self.max_envelope_bytes),
+                ("store_max_bytes must be >= max_envelope_bytes",
+                 self.store_max_bytes >= self.max_envelope_bytes),
                 ("oracle_url needs oracle_key", not self.oracle_url or bool(self.oracle_key)),
                 ("require_enrollment needs oracle_url", not self.require_enrollment
                  or bool(self.oracle_url)),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))
+

@@ -43,12 +43,13 @@ class DeviceWebSocket(web.WebSocketResponse):
 
     # Slots, not new keys in the inherited instance __dict__, which would make
     # it resize and cost about 1 KiB more per connection.
-    __slots__ = ("_stream", "_queued")
+    __slots__ = ("_stream", "_queued", "_drainer")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._stream: AbstractStreamWriter | None = None
         self._queued: list[bytes] | None = None  # frames waiting for the end of this loop turn
+        self._drainer: asyncio.Future[None] | None = None  # see `drain`
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter:
         self._stream = await super().prepare(request)
@@ -70,10 +71,45 @@ class DeviceWebSocket(web.WebSocketResponse):
             asyncio.get_running_loop().call_soon(self.flush)
         self._queued.extend([ws_frame(payload) for payload in payloads])
 
-    async def drain(self) -> None:
-        """Wait only while the device reads too slowly (returns at once otherwise)."""
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait while the device reads too slowly; False if what is queued did not drain within
+        `timeout_s`.  ConnectionResetError if the socket went away meanwhile.
+
+        aiohttp's drain waits on one future shared by every writer of the
+        socket, and cancelling a wait for it (a timeout) cancels that future
+        for all of them; so the wait runs in one task of its own per socket,
+        which callers watch with a deadline but never cancel.
+        """
         assert self._stream is not None, "drain before prepare"
-        await self._stream.drain()
+        transport = self._stream.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the WebSocket is closing")
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[0]:
+            return True  # below the low-water mark writing is never paused: the usual case
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._stream.drain())
+        done, _ = await asyncio.wait((self._drainer,), timeout=timeout_s)
+        if not done or self._drainer.cancelled():
+            return False
+        if self._drainer.exception() is not None:
+            raise ConnectionResetError("the WebSocket went away while draining")
+        return True
+
+    def buffered_bytes(self) -> int:
+        """Bytes written but not yet taken by the kernel (0 once the transport is gone)."""
+        transport = self._stream.transport if self._stream is not None else None
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def abort(self) -> None:
+        """Drop the socket now, with whatever it still had to send.
+
+        A plain close keeps a socket open until its unsent data is read, which
+        a device that stopped reading never does: it would hold that memory for
+        good.
+        """
+        transport = self._stream.transport if self._stream is not None else None
+        if transport is not None:
+            transport.abort()
 
     def flush(self) -> None:
         """Write every queued frame now, in one system call."""

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from runtime.client_address import client_address
 from runtime.clock import now_ms
 
-from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE
+from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE, from_own_pages
 from .context import ORACLE_KEY
 from .records import DeviceRecord, GroupRecord
 
@@ -148,23 +149,37 @@ async def login_form(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
+    """Check a password under the throttle; refuse forms posted from other sites (login CSRF)."""
     oracle = request.app[ORACLE_KEY]
+    if not from_own_pages(request.headers, request.host):
+        oracle.log.warning("login_cross_site", origin=request.headers.get("Origin", "")[:200],
+                           fetch_site=request.headers.get("Sec-Fetch-Site", "")[:40])
+        return web.Response(text=_login_page("This form was sent from another site; log in"
+                                             " from this page."),
+                            content_type="text/html", status=403)
     form = await request.post()
-    username, address = str(form.get("username", "")), request.remote or "unknown"
-    wait_s = oracle.login_throttle.retry_after(username, address)
+    username = str(form.get("username", ""))
+    address = client_address(request.remote or "unknown", request.headers,
+                             oracle.settings.trusted_networks)
+    throttle = oracle.login_throttle
+    wait_s = throttle.begin(username, address)
     if wait_s > 0:
         oracle.log.warning("login_throttled", username=username[:64], address=address)
-        return web.Response(text=_login_page(f"Too many failed logins; try again in"
+        return web.Response(text=_login_page(f"Too many login attempts; try again in"
                                              f" {math.ceil(wait_s)} s."),
                             content_type="text/html", status=429,
                             headers={"Retry-After": str(math.ceil(wait_s))})
-    token = await oracle.auth.login(username, str(form.get("password", "")))
+    try:
+        token = await oracle.auth.login(username, str(form.get("password", "")))
+    except BaseException:
+        throttle.abandoned(username, address)
+        raise
     if token is None:
-        oracle.login_throttle.failed(username, address)
+        throttle.failed(username, address)
         oracle.log.warning("login_refused", username=username[:64], address=address)
         return web.Response(text=_login_page("Wrong username or password."),
                             content_type="text/html", status=401)
-    oracle.login_throttle.succeeded(username, address)
+    throttle.succeeded(username, address)
     response = _redirect("/")
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
                         secure=oracle.settings.secure_cookies,

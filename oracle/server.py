@@ -6,6 +6,7 @@ so they all exercise the same code path; port 0 picks a free port.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from types import TracebackType
@@ -14,6 +15,7 @@ import structlog
 from aiohttp import web
 
 from proto import Identity, PublicKey
+from runtime.listener import SocketCap, listen
 
 from .auth import Auth
 from .context import OracleContext
@@ -35,6 +37,8 @@ class OracleServer:
         self.identity = Identity.load_or_create(Path(settings.identity_file))
         self.oracle: OracleContext | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.connections: SocketCap | None = None
         self.port = settings.port
 
     @property
@@ -76,18 +80,30 @@ class OracleServer:
             self.oracle = OracleContext(self.settings, self.identity, registry,
                                         Auth(db, self.settings.session_ttl_s), publisher,
                                         pusher, relay_auth, log)
+            # aiohttp arms keepalive_timeout when a connection is made and again after each
+            # response, and closes the connection if no complete request has arrived by then
+            # (web_protocol.RequestHandler); lingering_time bounds discarding an unread body.
+            timeout = self.settings.request_timeout_s
             self._runner = web.AppRunner(create_app(self.oracle), access_log=None,
-                                         handle_signals=False, shutdown_timeout=1.0)
+                                         handle_signals=False, shutdown_timeout=1.0,
+                                         keepalive_timeout=timeout, lingering_time=timeout)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.settings.host, self.settings.port,
-                               reuse_address=True)
-            await site.start()
+            assert self._runner.server is not None
+            limit = self.settings.max_connections
+
+            def refused(first: bool) -> None:  # once per episode, not once per socket
+                if first:
+                    log.warning("connections_over_cap", limit=limit)
+
+            self.connections = SocketCap(self._runner.server, limit, refused)
+            self._listener = await listen(self.connections, self.settings.host,
+                                          self.settings.port)
         except BaseException:
             if self.oracle is None:
                 await db.close()
             await self.stop()
             raise
-        sockets = [s for s in site._server.sockets  # type: ignore[union-attr]
+        sockets = [s for s in self._listener.sockets
                    if s.family in (socket.AF_INET, socket.AF_INET6)]
         self.port = sockets[0].getsockname()[1]
         await pusher.start()
@@ -99,12 +115,16 @@ class OracleServer:
 
     async def stop(self) -> None:
         """Stop pushing and serving, close the database; safe to call twice."""
-        runner, oracle = self._runner, self.oracle
-        self._runner = self.oracle = None
+        runner, oracle, listener = self._runner, self.oracle, self._listener
+        self._runner = self.oracle = self._listener = None
+        if listener is not None:
+            listener.close()  # accept no more; runner.cleanup() closes the open connections
         if oracle is not None:
             await oracle.pusher.stop()
         if runner is not None:
             await runner.cleanup()
+        if listener is not None:
+            await listener.wait_closed()
         if oracle is not None:
             await oracle.registry.db.close()
 

@@ -7,12 +7,14 @@ is printed at start with secrets masked (a PostgreSQL DSN may carry a password).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proto import PublicKey
 from proto.errors import ProtocolError
+from runtime.client_address import Network, are_networks, parse_networks
 from runtime.settings import describe, load_settings, repeatable
 
 ENV_PREFIX = "CONTINUUM_ORACLE_"
@@ -42,9 +44,23 @@ class OracleSettings:
     # Re-seal a stored envelope older than this (relays refuse stale created_at).
     reseal_after_s: int = 120
     session_ttl_s: int = 12 * 3600
+    # A client must send a complete request's headers within this long of connecting (or of
+    # the previous response), and its body within this long after: half-sent requests
+    # (slowloris) are closed instead of held for aiohttp's default hour.
+    request_timeout_s: float = 10.0
+    # Open sockets, counted from accept(); one more is aborted at once.  Below the usual
+    # 1024 file descriptors a process may open, so the database and relays still get theirs.
+    max_connections: int = 512
+    # Proxies (the dashboard's ingress) whose X-Forwarded-For / Forwarded headers name the
+    # real client, so the login throttle counts each client's failures, not the proxy's.
+    trusted_proxies: tuple[str, ...] = repeatable("trusted-proxy", "network (CIDR)")
     # Set when the dashboard is served over HTTPS, so the session cookie is Secure.
     secure_cookies: bool = False
     log_level: str = "info"
+
+    @functools.cached_property
+    def trusted_networks(self) -> tuple[Network, ...]:
+        return parse_networks(self.trusted_proxies)
 
     def describe(self) -> dict[str, object]:
         """Settings as printed at start: a password in the database DSN is masked."""
@@ -57,6 +73,9 @@ class OracleSettings:
             ("push_ttl_s must be >= 60", self.push_ttl_s >= 60),
             ("reseal_after_s must be >= 1", self.reseal_after_s >= 1),
             ("send_timeout_s must be > 0", self.send_timeout_s > 0),
+            ("request_timeout_s must be > 0", self.request_timeout_s > 0),
+            ("max_connections must be >= 1", self.max_connections >= 1),
+            ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
             ("relay_keys must be public keys (cpk_…)", all(map(_is_public_key, self.relay_keys))),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -32,6 +33,26 @@ async def _principal(request: web.Request) -> Principal | None:
         return await auth.by_bearer(header[7:].strip())
     cookie = request.cookies.get(SESSION_COOKIE)
     return await auth.by_session(cookie) if cookie else None
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read every body in full within request_timeout_s before any handler runs.
+
+    aiohttp's keep-alive timer only bounds the headers: once they are in, a
+    client trickling its body would hold the handler, and the socket, for as
+    long as it likes (slowloris on the body).  Reading here, before
+    authentication, bounds every request whoever sends it; handlers then read
+    the buffered body (at most aiohttp's client_max_size, 1 MiB).
+    """
+    if request.body_exists:
+        try:
+            async with asyncio.timeout(request.app[ORACLE_KEY].settings.request_timeout_s):
+                await request.read()
+        except TimeoutError:
+            return web.Response(status=408, text="request body not received in time",
+                                headers={"Connection": "close"})
+    return await handler(request)
 
 
 @web.middleware
@@ -81,7 +102,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 
 
 def create_app(oracle: OracleContext) -> web.Application:
-    app = web.Application(middlewares=[security_headers, errors_middleware, auth_middleware])
+    app = web.Application(middlewares=[security_headers, body_deadline, errors_middleware,
+                                       auth_middleware])
     app[ORACLE_KEY] = oracle
     api.add_routes(app)
     dashboard.add_routes(app)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import TypeVar
 
-from .errors import (ErrorCode, NotEnrolledError, ProtocolError, RevokedError, UnexpectedFrameError,
-                     error_for_code)
+from .errors import (ErrorCode, NotEnrolledError, ProtocolError, RateLimitedError, RevokedError,
+                     UnexpectedFrameError, error_for_code)
 from .frames import NONCE_BYTES, Challenge, Error, Frame, Hello, Welcome, decode_frame, encode_frame
 from .keys import Identity, PublicKey
 from .limits import PROTOCOL_VERSION, Limits
@@ -37,9 +37,9 @@ WELCOME_DOMAIN = b"continuum/v1/welcome\x00"
 # about 85, an ERROR at most 512 characters.  A peer that has not authenticated
 # yet never makes the other side buffer or parse more than this.
 HANDSHAKE_FRAME_MAX_BYTES = 4096
-# Refusals a device can act on (stop retrying this key); every other failure
-# is UNAUTHENTICATED with the reason in the message (SPEC §8).
-_REFUSALS_KEPT = (RevokedError, NotEnrolledError)
+# Refusals a device can act on (stop retrying this key, or retry later); every
+# other failure is UNAUTHENTICATED with the reason in the message (SPEC §8).
+_REFUSALS_KEPT = (RevokedError, NotEnrolledError, RateLimitedError)
 F = TypeVar("F", bound=Frame)
 
 
@@ -78,6 +78,7 @@ class HandshakeState(Enum):
     AWAITING_CHALLENGE = auto()  # device: nothing received yet
     AWAITING_HELLO = auto()      # relay: CHALLENGE sent
     AWAITING_WELCOME = auto()    # device: HELLO sent
+    HELLO_READ = auto()          # relay: HELLO parsed, its signature not yet checked
     HELLO_VERIFIED = auto()      # relay: the device proved its key; WELCOME or a refusal next
     ESTABLISHED = auto()
     FAILED = auto()
@@ -89,10 +90,12 @@ def _expect_state(actual: HandshakeState, expected: HandshakeState, step: str) -
 
 
 class RelayHandshake:
-    """The relay's side: send CHALLENGE, verify HELLO, then WELCOME or a refusal.
+    """The relay's side: send CHALLENGE, read and verify HELLO, then WELCOME or a refusal.
 
-    Between `receive_hello` and `welcome` the relay decides whether the
-    proven key may connect (access list); `refuse` is the answer if not.
+    Between reading HELLO and verifying it the relay may decide not to spend a
+    signature check on the claimed key; between verifying and `welcome` it
+    decides whether the proven key may connect (access list).  `refuse` is
+    the answer if not.
     """
 
     def __init__(self, identity: Identity, relay_nonce: bytes, limits: Limits) -> None:
@@ -109,19 +112,34 @@ class RelayHandshake:
         return encode_frame(self._challenge)
 
     def receive_hello(self, data: bytes) -> PublicKey:
-        """The key the device proved; raises the ProtocolError saying why HELLO is refused.
+        """`read_hello` then `verify_hello`: the key the device proved."""
+        self.read_hello(data)
+        return self.verify_hello()
 
-        DecodeError subclasses for bytes that are not a HELLO frame,
-        UnexpectedFrameError for another frame, SignatureError for a HELLO
-        that does not answer this connection's challenge.
+    def read_hello(self, data: bytes) -> PublicKey:
+        """The key HELLO *claims*, not yet proven: the caller may decide it will not spend a
+        signature check on it (a budget for unknown keys) before calling `verify_hello`.
+
+        Raises DecodeError subclasses for bytes that are not a HELLO frame and
+        UnexpectedFrameError for another frame.
         """
-        _expect_state(self.state, HandshakeState.AWAITING_HELLO, "receive_hello")
+        _expect_state(self.state, HandshakeState.AWAITING_HELLO, "read_hello")
         self.state = HandshakeState.FAILED  # until proven otherwise
-        hello = _expect(decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES), Hello, peer_is_relay=False)
+        self._hello = _expect(decode_frame(data, HANDSHAKE_FRAME_MAX_BYTES), Hello,
+                              peer_is_relay=False)
+        self.state = HandshakeState.HELLO_READ
+        return self._hello.device_key
+
+    def verify_hello(self) -> PublicKey:
+        """The key the device proved; SignatureError if HELLO does not answer this
+        connection's challenge with that key."""
+        _expect_state(self.state, HandshakeState.HELLO_READ, "verify_hello")
+        assert self._hello is not None
+        hello = self._hello
+        self.state = HandshakeState.FAILED
         hello.device_key.verify(
             hello_signed_bytes(self._challenge, hello.device_key, hello.client_nonce),
             hello.signature)
-        self._hello = hello
         self.state = HandshakeState.HELLO_VERIFIED
         return hello.device_key
 
@@ -140,8 +158,8 @@ class RelayHandshake:
     def refuse(self, error: ProtocolError) -> bytes:
         """The ERROR frame that ends a failed handshake (the caller then closes, 1008).
 
-        REVOKED and NOT_ENROLLED keep their codes; every other failure is
-        UNAUTHENTICATED, with the reason in the message.
+        REVOKED, NOT_ENROLLED and RATE_LIMITED keep their codes; every other
+        failure is UNAUTHENTICATED, with the reason in the message.
         """
         self.state = HandshakeState.FAILED
         code = error.code if isinstance(error, _REFUSALS_KEPT) else ErrorCode.UNAUTHENTICATED

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
@@ -28,6 +30,10 @@ SIGNATURE_BYTES = 64
 PUBLIC_PREFIX = "cpk_"
 SECRET_PREFIX = "csk_"
 _CHECKSUM_BYTES = 4
+# Point checks cost ~50 µs (a scalar multiplication); a fleet addresses the same
+# keys again and again, so answers are remembered.  Bounded: a flood of made-up
+# keys evicts old answers, it does not grow memory.
+_POINT_CACHE_SIZE = 16_384
 
 
 def _checksum(raw: bytes) -> bytes:
@@ -83,6 +89,16 @@ class PublicKey:
     def __repr__(self) -> str:
         return f"PublicKey({self.text})"
 
+    def is_valid_point(self) -> bool:
+        """Whether these bytes are a key a device can hold and be sealed to.
+
+        Any 32 bytes decode as a PublicKey, but only a canonical point of
+        Ed25519's prime-order subgroup has a secret behind it and converts to
+        the X25519 key sealing needs: mail addressed to anything else could
+        never be read, so a relay refuses to store it.
+        """
+        return _is_valid_point(self.raw)
+
     def verify(self, message: bytes, signature: bytes) -> None:
         """Raise SignatureError unless `signature` is this key's over `message`."""
         if len(signature) != SIGNATURE_BYTES:
@@ -92,6 +108,11 @@ class PublicKey:
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,
                 nacl.exceptions.TypeError):
             raise SignatureError(f"signature does not verify for {self.text}") from None
+
+
+@functools.lru_cache(maxsize=_POINT_CACHE_SIZE)
+def _is_valid_point(raw: bytes) -> bool:
+    return bool(nacl.bindings.crypto_core_ed25519_is_valid_point(raw))
 
 
 class Identity:

@@ -52,20 +52,52 @@ class Receipt:
         return cls(_msg_id(msg_id, "receipt"))
 
 
+# Entries of one EXPIRY notice: each is 53 bytes encoded, so a full notice stays
+# well inside the default 64 KiB envelope (a relay with a smaller limit sends fewer).
+MAX_EXPIRY_ENTRIES = 1000
+EXPIRY_ENTRY_BYTES = 53
+
+
 @dataclass(frozen=True)
 class ExpiryNotice:
-    """Sent by a relay to a sender when `msg_id` expired unread in `recipient`'s mailbox."""
+    """Sent by a relay to a sender: each (msg_id, recipient) expired unread in that mailbox.
 
-    msg_id: bytes
-    recipient: PublicKey
+    One entry is encoded `[msg_id, recipient]`; several (up to
+    MAX_EXPIRY_ENTRIES) as an array of such pairs, so a storm of expiries
+    costs the relay one signature per notice, not one per message and
+    recipient.  Each form has exactly one encoding: a batch of one is refused.
+    """
+
+    entries: tuple[tuple[bytes, PublicKey], ...]
+
+    @classmethod
+    def single(cls, msg_id: bytes, recipient: PublicKey) -> ExpiryNotice:
+        return cls(((msg_id, recipient),))
 
     def encode(self) -> bytes:
-        return canonical.encode([self.msg_id, self.recipient.raw])
+        if not 1 <= len(self.entries) <= MAX_EXPIRY_ENTRIES:
+            raise InvalidFieldError(f"an expiry notice holds 1..{MAX_EXPIRY_ENTRIES} entries")
+        pairs = [[msg_id, recipient.raw] for msg_id, recipient in self.entries]
+        return canonical.encode(pairs[0] if len(pairs) == 1 else pairs)
 
     @classmethod
     def decode(cls, data: bytes) -> ExpiryNotice:
-        msg_id, recipient = _array(data, 2, "expiry notice")
-        return cls(_msg_id(msg_id, "expiry notice"), _key(recipient, "expiry notice"))
+        value = canonical.decode(data, max_size=_MAX_PAYLOAD_BYTES, what="expiry notice")
+        if type(value) is not list or not value:
+            raise DecodeError("expiry notice must be a non-empty CBOR array")
+        if type(value[0]) is not list:
+            pairs = [value]
+        elif 2 <= len(value) <= MAX_EXPIRY_ENTRIES:
+            pairs = value
+        else:
+            raise InvalidFieldError(
+                f"a batched expiry notice holds 2..{MAX_EXPIRY_ENTRIES} entries")
+        entries = []
+        for pair in pairs:
+            if type(pair) is not list or len(pair) != 2:
+                raise DecodeError("each expiry notice entry must be a [msg_id, recipient] array")
+            entries.append((_msg_id(pair[0], "expiry notice"), _key(pair[1], "expiry notice")))
+        return cls(tuple(entries))
 
 
 @dataclass(frozen=True)

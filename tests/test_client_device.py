@@ -103,7 +103,7 @@ async def test_non_peer_and_forged_protocol_messages_are_dropped_counted_and_ack
     async with device(mallory, [relay.url]) as m, device(alice, [relay.url], [bob]) as a:
         async with asyncio.timeout(10):
             await m.send([bob.public], b"buy now")
-            fake_notice = ExpiryNotice(b"\x00" * 16, alice.public).encode()
+            fake_notice = ExpiryNotice.single(b"\x00" * 16, alice.public).encode()
             await m.send_envelope(seal_envelope(mallory, Kind.EXPIRY, [bob.public], fake_notice,
                                                 ttl_s=60, now_ms=now_ms()))
             fake_peers = PeerChange(1, (mallory.public,)).encode()

@@ -82,14 +82,14 @@ def test_same_msg_id_from_another_sender_is_not_a_duplicate() -> None:
 
 
 def test_expiry_from_a_proven_relay_key_is_accepted() -> None:
-    notice = ExpiryNotice(b"m" * 16, bob.public)
+    notice = ExpiryNotice.single(b"m" * 16, bob.public)
     decision = decide(sealed(relay, [alice], notice.encode(), Kind.EXPIRY).raw, view())
     assert isinstance(decision, ExpiryArrived) and decision.notice == notice
 
 
 @pytest.mark.parametrize("sender", [mallory, bob], ids=["stranger", "peer"])
 def test_expiry_from_any_other_key_is_dropped(sender: Identity) -> None:
-    notice = ExpiryNotice(b"m" * 16, bob.public)
+    notice = ExpiryNotice.single(b"m" * 16, bob.public)
     decision = decide(sealed(sender, [alice], notice.encode(), Kind.EXPIRY).raw, view())
     assert isinstance(decision, Drop) and decision.reason is DropReason.UNTRUSTED_EXPIRY
 

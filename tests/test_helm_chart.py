@@ -364,3 +364,15 @@ def schema_errors(values: dict[str, Any]) -> list[str]:
 ])
 def test_schema_refuses(override: dict[str, Any]) -> None:
     assert schema_errors(deep_merge(merged_values("values.yaml"), override))
+
+
+def test_relays_and_the_oracle_trust_only_the_ingress_for_forwarded_addresses() -> None:
+    docs = render("values.yaml", deep_merge(ORACLE_KEYS, {
+        "ingress": {"trustedProxies": ["10.42.0.0/16", "fd00::/8"]},
+        "oracle": {"ingress": {"enabled": True}}}))
+    assert relay_config(docs)["CONTINUUM_TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::/8"
+    oracle = find(docs, "Deployment", "test-continuum-oracle")
+    env = {e["name"]: e.get("value") for e in oracle["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["CONTINUUM_ORACLE_TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::/8"
+    without = render("values.yaml", {"ingress": {"enabled": False}})
+    assert "CONTINUUM_TRUSTED_PROXIES" not in relay_config(without)  # no proxy: trust none

@@ -1,5 +1,6 @@
 """End to end in a real browser: an admin adds a device to a group on the dashboard, and the
-device receives its new peer list through a running relay.
+device receives its new peer list through a running relay; a login form another site posts
+is refused (login CSRF), with the headers a real browser sends.
 
 Needs Debian's Chromium and the Playwright package (scripts/install-browser installs both).
 A missing browser fails the test with that instruction instead of skipping it silently.
@@ -7,13 +8,17 @@ A missing browser fails the test with that instruction instead of skipping it si
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from oracle_support import Admin, eventually, oracle_settings
 
 from client.device import Device
 from oracle import OracleServer
+from oracle.auth import SESSION_COOKIE
 from proto import Identity
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -82,3 +87,57 @@ async def test_dashboard_membership_change_reaches_the_device(start_relay, tmp_p
 
 async def _has_peer(device: Device, peer: Identity) -> bool:
     return peer.public in device.peers
+
+
+@contextlib.asynccontextmanager
+async def _other_site(login_url: str, username: str, password: str) -> AsyncIterator[str]:
+    """A page on another site whose form posts these credentials to the oracle's /login.
+
+    It listens on 127.0.0.1 but is visited as http://localhost:…, which the browser treats
+    as a different site from http://127.0.0.1:….
+    """
+    page = f"""<!doctype html><title>win a prize</title>
+<form method="post" action="{login_url}"><input type="hidden" name="username" value="{username}">
+<input type="hidden" name="password" value="{password}"><button>Claim</button></form>"""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        yield f"http://localhost:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_login_form_on_another_site_does_not_log_the_browser_in(tmp_path) -> None:
+    _require_browser()
+    from playwright.async_api import async_playwright
+
+    async with OracleServer(oracle_settings(tmp_path)) as oracle, async_playwright() as playwright:
+        password = await oracle.create_admin("attacker")
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                                   args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            page.set_default_timeout(10_000)
+            async with _other_site(oracle.url + "/login", "attacker", password) as other:
+                await page.goto(other)
+                async with page.expect_response(oracle.url + "/login") as posted:
+                    await page.click("button:has-text('Claim')")
+                response = await posted.value
+                assert response.status == 403
+                request_headers = await response.request.all_headers()
+                assert request_headers.get("sec-fetch-site") == "cross-site"
+            cookies = await page.context.cookies(oracle.url)
+            assert SESSION_COOKIE not in {cookie["name"] for cookie in cookies}
+            await page.goto(oracle.url + "/")
+            assert page.url.endswith("/login")
+        finally:
+            await browser.close()

@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -59,3 +60,12 @@ def test_relay_keys_repeat_and_a_bad_key_is_one_clear_error(capsys) -> None:
         OracleSettings.from_sources(["--relay-key", first[:-1] + "x"], {})
     assert exited.value.code == 2
     assert "relay_keys must be public keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("request_timeout_s", 0.0), ("max_connections", 0)])
+def test_connection_bounds_must_be_positive(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        replace(OracleSettings(), **{field: value}).validate()
+    settings, _ = OracleSettings.from_sources(
+        ["--request-timeout-s", "2.5", "--max-connections", "64"], {})
+    assert settings.request_timeout_s == 2.5 and settings.max_connections == 64

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from proto import canonical
 from proto.errors import DecodeError, InvalidFieldError, ProtocolError
 from proto.keys import PublicKey
-from proto.payloads import MAX_PEERS, ExpiryNotice, PeerChange, Receipt
+from proto.payloads import (EXPIRY_ENTRY_BYTES, MAX_EXPIRY_ENTRIES, MAX_PEERS, ExpiryNotice,
+                            PeerChange, Receipt)
 from proto_support import ALICE, BOB, CAROL, cbor_values, encode_any
 
 msg_ids = st.binary(min_size=16, max_size=16)
@@ -27,10 +28,28 @@ def test_receipt_round_trip(msg_id: bytes) -> None:
 @settings(max_examples=200, deadline=None)
 @given(msg_ids, keys)
 def test_expiry_notice_round_trip(msg_id: bytes, key: bytes) -> None:
-    notice = ExpiryNotice(msg_id, PublicKey(key))
+    notice = ExpiryNotice.single(msg_id, PublicKey(key))
     data = notice.encode()
     assert ExpiryNotice.decode(data) == notice
     assert ExpiryNotice.decode(data).encode() == data
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(msg_ids, keys), min_size=1, max_size=MAX_EXPIRY_ENTRIES))
+def test_batched_expiry_notice_round_trip(pairs: list[tuple[bytes, bytes]]) -> None:
+    notice = ExpiryNotice(tuple((m, PublicKey(k)) for m, k in pairs))
+    data = notice.encode()
+    assert ExpiryNotice.decode(data) == notice and ExpiryNotice.decode(data).encode() == data
+    assert len(data) <= len(pairs) * EXPIRY_ENTRY_BYTES + 3
+
+
+def test_expiry_notice_entry_counts_are_bounded() -> None:
+    entry = (b"m" * 16, PublicKey(b"k" * 32))
+    with pytest.raises(InvalidFieldError):
+        ExpiryNotice((entry,) * (MAX_EXPIRY_ENTRIES + 1)).encode()
+    too_many = canonical.encode([[entry[0], entry[1].raw]] * (MAX_EXPIRY_ENTRIES + 1))
+    with pytest.raises(InvalidFieldError):
+        ExpiryNotice.decode(too_many)
 
 
 @settings(max_examples=200, deadline=None)

@@ -99,7 +99,7 @@ async def test_expired_message_notifies_sender_through_its_mailbox(relay: RelayS
     assert notice.kind is Kind.EXPIRY
     assert notice.sender == relay.relay.identity.public  # type: ignore[union-attr]
     notice.verify()
-    assert ExpiryNotice.decode(notice.open(alice)) == ExpiryNotice(envelope.msg_id, bob.public)
+    assert ExpiryNotice.decode(notice.open(alice)) == ExpiryNotice.single(envelope.msg_id, bob.public)
     assert await depth(relay, bob) == 0
     assert relay.relay.metrics.expired._value.get() == 1  # type: ignore[union-attr]
 

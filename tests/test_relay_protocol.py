@@ -14,8 +14,10 @@ import pytest
 import structlog
 
 from continuum.access import AccessControl
+from continuum.connection_gate import AddressBudget, ConnectionGate
 from continuum.metrics import RelayMetrics
-from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_POLICY_VIOLATION, Authenticated,
+from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,
+                                Authenticated,
                                 CheckRate, Fetch, Phase, RelayProtocol, RemoveDelivered,
                                 StoreEnvelope)
 from continuum.settings import Settings
@@ -23,7 +25,7 @@ from continuum.store import StoredMessage
 from proto import Identity, Kind, seal_envelope
 from proto.access import AccessList
 from proto.errors import ErrorCode, MailboxFullError, RevokedError, StoreUnavailableError
-from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Send, decode_frame,
+from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Hello, Send, decode_frame,
                           encode_frame)
 from proto.handshake import DeviceHandshake
 from proto_support import ALICE, BOB, MALLORY, identity
@@ -46,9 +48,20 @@ def access(revoked: frozenset = frozenset()) -> AccessControl:
     return control
 
 
-def new_protocol(*, control: AccessControl | None = None, **overrides) -> RelayProtocol:
+def gate(settings: Settings) -> ConnectionGate:
+    return ConnectionGate(
+        max_pending_per_address=settings.max_pending_handshakes_per_address,
+        max_per_address=settings.max_connections_per_address,
+        max_per_key=settings.max_connections_per_key,
+        unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
+        unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys)
+
+
+def new_protocol(*, control: AccessControl | None = None, budget: AddressBudget | None = None,
+                 **overrides) -> RelayProtocol:
     settings = Settings(delivery_window=WINDOW, **overrides)
-    return RelayProtocol(RELAY, settings, control or access(), RelayMetrics(),
+    return RelayProtocol(RELAY, settings, control or access(),
+                         budget or AddressBudget(gate(settings), "192.0.2.1"), RelayMetrics(),
                          structlog.get_logger("test"), relay_nonce=os.urandom(32))
 
 
@@ -223,9 +236,17 @@ def test_a_full_window_waits_for_an_ack_and_the_ack_fetches_one_more() -> None:
 def test_an_ack_below_a_full_window_fetches_nothing() -> None:
     protocol = authenticated()
     protocol.wake()
-    assert protocol.fetched(stored(["1", "2"])) == Fetch("2", 2)  # the mailbox may hold more
-    assert protocol.fetched([]) is None                           # it did not
-    assert protocol.removed("1", existed=True) is None            # new mail would wake us
+    assert protocol.fetched(stored(["1", "2"])) is None  # short of what was asked: the end
+    assert protocol.removed("1", existed=True) is None   # new mail would wake us
+
+
+def test_only_a_batch_that_filled_what_was_asked_fetches_again() -> None:
+    protocol = authenticated()  # window 4
+    assert protocol.wake() == Fetch(None, 4)
+    assert protocol.fetched(stored(["1", "2"])) is None  # short of 4: the mailbox's end
+    assert protocol.wake() == Fetch("2", 2)  # new mail
+    assert protocol.removed("1", existed=True) is None  # the window was not full
+    assert protocol.fetched(stored(["3", "4"])) == Fetch("4", 1)  # filled the 2 asked: more?
 
 
 def test_a_wake_during_a_fetch_is_served_when_it_returns() -> None:
@@ -238,8 +259,10 @@ def test_a_wake_during_a_fetch_is_served_when_it_returns() -> None:
 def test_the_cursor_moves_past_what_was_delivered() -> None:
     protocol = authenticated()
     protocol.wake()
-    assert protocol.fetched(stored(["a1"])) == Fetch("a1", WINDOW - 1)
-    assert protocol.fetched(stored(["a2"])) == Fetch("a2", WINDOW - 2)
+    assert protocol.fetched(stored(["a1"])) is None
+    assert protocol.wake() == Fetch("a1", WINDOW - 1)
+    assert protocol.fetched(stored(["a2"])) is None
+    assert protocol.wake() == Fetch("a2", WINDOW - 2)
 
 
 def test_acks_of_unknown_tags_change_no_window() -> None:
@@ -267,3 +290,81 @@ def test_revocation_sends_the_reason_and_closes() -> None:
     assert error_codes(protocol) == [ErrorCode.REVOKED]
     assert protocol.close is not None and protocol.close.code == CLOSE_POLICY_VIOLATION
     assert protocol.wake() is None
+
+
+# -- budgets, faults and endings (issue "The relay holds under hostile load") -----------------
+
+def test_an_unknown_key_over_the_address_budget_is_refused_before_its_signature_is_checked(
+        ) -> None:
+    """The HELLO's signature is bad, yet the answer is RATE_LIMITED: no verify was spent."""
+    settings = Settings(unknown_key_rate_per_s=1.0, unknown_key_burst=1)
+    budget = AddressBudget(gate(settings), "192.0.2.1")
+    assert budget.take_unknown_key_token(NOW)  # someone else from the address spent it
+    protocol = new_protocol(budget=budget, unknown_key_rate_per_s=1.0, unknown_key_burst=1)
+    protocol.data_to_send()
+    forged = encode_frame(Hello(ALICE.public, bytes(32), bytes(64)))
+    assert protocol.receive(forged, NOW) is None
+    assert error_codes(protocol) == [ErrorCode.RATE_LIMITED]
+    assert protocol._metrics.handshake_failures.labels("unknown_key_budget")._value.get() == 1
+
+
+def test_a_known_key_spends_nothing_and_has_no_probation() -> None:
+    settings = Settings(unknown_key_rate_per_s=1.0, unknown_key_burst=1, probation_sends=5)
+    the_gate = gate(settings)
+    budget = AddressBudget(the_gate, "192.0.2.1")
+    slot = the_gate.admit("192.0.2.1", Ended())
+    slot.authenticated(ALICE.public)  # alice authenticated here before: known
+    assert budget.take_unknown_key_token(NOW)  # the address's only token is gone
+    protocol = authenticated(ALICE, budget=budget, unknown_key_rate_per_s=1.0,
+                             unknown_key_burst=1, probation_sends=5)
+    assert isinstance(protocol.receive(send_frame()[0], NOW), CheckRate)
+
+
+def test_probation_sends_of_an_unknown_key_draw_on_the_address_budget() -> None:
+    settings = Settings(unknown_key_rate_per_s=1.0, unknown_key_burst=3, probation_sends=4)
+    budget = AddressBudget(gate(settings), "192.0.2.1")
+    protocol = authenticated(budget=budget, unknown_key_rate_per_s=1.0, unknown_key_burst=3,
+                             probation_sends=4)  # the handshake took the first token
+    results = [protocol.receive(send_frame()[0], NOW) for _ in range(3)]
+    assert [isinstance(r, CheckRate) for r in results] == [True, True, False]
+    assert error_codes(protocol) == [ErrorCode.RATE_LIMITED]
+
+
+def test_a_store_outage_is_answered_but_never_counted_as_the_devices_abuse() -> None:
+    protocol = authenticated(max_invalid_frames=2)
+    for _ in range(5):
+        data, msg_id = send_frame()
+        request = protocol.receive(data, NOW)
+        assert isinstance(request, CheckRate)
+        protocol.rate_checked(request.envelope, True, NOW)
+        protocol.store_refused(msg_id, StoreUnavailableError("redis down"))
+    assert error_codes(protocol) == [ErrorCode.STORE_UNAVAILABLE] * 5
+    assert protocol.close is None
+
+
+def test_a_superseded_connection_is_told_why_and_closed_normally() -> None:
+    protocol = authenticated()
+    protocol.superseded()
+    assert error_codes(protocol) == [ErrorCode.SUPERSEDED]
+    assert protocol.close is not None and protocol.close.code == CLOSE_NORMAL
+
+
+def test_an_evicted_handshake_is_told_why() -> None:
+    protocol = new_protocol()
+    protocol.data_to_send()
+    protocol.evicted()
+    assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
+    assert protocol._metrics.handshake_failures.labels("evicted")._value.get() == 1
+
+
+class Ended:
+    """A connection for the gate that only records what the gate did to it."""
+
+    def __init__(self) -> None:
+        self.evicted = self.superseded = False
+
+    def evict(self) -> None:
+        self.evicted = True
+
+    def supersede(self) -> None:
+        self.superseded = True

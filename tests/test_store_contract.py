@@ -3,7 +3,8 @@
 SQLite (in memory and in a file) and Redis (standalone and a one-node
 cluster, where a script touching two slots fails) must agree on ordering,
 cursors, acks, replay, limits, atomic refusal, exactly-once expiry, rate
-limits and wake-ups.  Tests that need two store instances sharing one backend
+limits, wake-ups, and bodies stored once: counted once against the byte
+budgets and released with their last reference (acked or expired).  Tests that need two store instances sharing one backend
 (two replicas) run where that exists: a SQLite file and Redis.
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from continuum.store import MailboxLimits, MailboxStore, open_store
+from continuum.store.redis_scripts import BODY_GRACE_MS
 from proto import Envelope, Identity, Kind, seal_envelope
-from proto.errors import MailboxFullError, ReplayError, StoreUnavailableError
+from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
+from redis_server import RedisServer
 from relay_process import free_port
 
 ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
@@ -179,6 +183,72 @@ async def test_multi_recipient_accept_is_all_or_nothing(store: MailboxStore) -> 
         assert [e.raw for e in await store.fetch(reader.public, None, 10)] == [shared.raw]
 
 
+def sender_budget(env: Envelope) -> MailboxLimits:
+    """Room for one body about the size of `env` per sender, not two: a probe of what is counted."""
+    return replace(ROOMY, sender_max_bytes=len(env.raw) + 100)
+
+
+@backends(BACKENDS)
+async def test_a_body_counts_once_and_until_its_last_recipient_acked(store: MailboxStore) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    shared = envelope(alice, [bob, carol], b"x" * 1000)
+    limits = sender_budget(shared)
+    await put(store, shared, limits)  # two recipients, one body: within a one-body budget
+    later = envelope(alice, [bob], b"y" * 1000)
+    with pytest.raises(QuotaExceededError):
+        await put(store, later, limits)
+    [bobs] = await store.fetch(bob.public, None, 10)
+    assert await store.ack(bob.public, bobs.tag)
+    assert [e.raw for e in await store.fetch(carol.public, None, 10)] == [shared.raw]
+    with pytest.raises(QuotaExceededError):  # carol still refers to the body
+        await put(store, later, limits)
+    [carols] = await store.fetch(carol.public, None, 10)
+    assert await store.ack(carol.public, carols.tag)
+    assert not await store.ack(carol.public, carols.tag)  # a repeated ack releases nothing twice
+    await put(store, later, limits)  # the body went with its last reference
+    with pytest.raises(QuotaExceededError):
+        await put(store, envelope(alice, [carol], b"z" * 1000), limits)
+
+
+@backends(BACKENDS)
+async def test_an_expired_body_returns_its_bytes(store: MailboxStore) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    short = envelope(alice, [bob, carol], b"x" * 500, ttl_s=1)
+    limits = sender_budget(short)
+    await put(store, short, limits)
+    [bobs] = await store.fetch(bob.public, None, 10)
+    assert await store.ack(bob.public, bobs.tag)
+    expired = await store.take_expired(short.expires_at_ms + 1, 100)
+    assert [(m.recipient, m.msg_id) for m in expired] == [(carol.public, short.msg_id)]
+    await put(store, envelope(alice, [bob, carol], b"y" * 500), limits)
+
+
+@backends(BACKENDS)
+async def test_the_store_budget_counts_every_sender_and_refusal_stores_nothing(
+        store: MailboxStore) -> None:
+    alice, bob, reader = (Identity.generate() for _ in range(3))
+    first = envelope(alice, [reader], b"x" * 800)
+    refused = envelope(bob, [reader, alice], b"y" * 800)
+    limits = replace(ROOMY, store_max_bytes=max(len(first.raw), len(refused.raw)) + 100)
+    await put(store, first, limits)
+    with pytest.raises(QuotaExceededError):
+        await put(store, refused, limits)
+    assert await store.depth(reader.public) == 1 and await store.depth(alice.public) == 0
+    [entry] = await store.fetch(reader.public, None, 10)
+    assert await store.ack(reader.public, entry.tag)
+    await put(store, refused, limits)  # room again, and its msg_id was never remembered
+    assert [e.raw for e in await store.fetch(alice.public, None, 10)] == [refused.raw]
+
+
+@backends(BACKENDS)
+async def test_a_replay_is_refused_as_replay_even_over_budget(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    env = envelope(alice, [bob], b"x" * 500)
+    await put(store, env, sender_budget(env))
+    with pytest.raises(ReplayError):  # "already stored" is the answer a retrying device needs
+        await put(store, env, sender_budget(env))
+
+
 @backends(BACKENDS)
 async def test_take_expired_returns_due_entries_once_and_removes_them(store: MailboxStore) -> None:
     alice, bob, carol = (Identity.generate() for _ in range(3))
@@ -333,3 +403,79 @@ async def test_unreachable_redis_raises_store_unavailable() -> None:
             await store.fetch(bob.public, None, 10)
     finally:
         await store.close()
+
+
+async def body_keys(store: MailboxStore) -> list[bytes]:
+    """The body hashes a Redis store holds (white box: the layout of redis_keys)."""
+    client, prefix = store._client, store._keys.prefix  # type: ignore[attr-defined]
+    return [key async for key in client.scan_iter(match=f"{prefix}body:*")]
+
+
+@backends(REDIS_BACKENDS)
+async def test_redis_keeps_no_body_or_count_after_the_last_reference(store: MailboxStore) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    acked = envelope(alice, [bob, carol], b"x" * 2000)
+    expiring = envelope(alice, [bob, carol], b"y" * 2000, ttl_s=1)
+    await put(store, acked)
+    await put(store, expiring)
+    assert len(await body_keys(store)) == 2  # one body per message, not per recipient
+    for reader in (bob, carol):
+        first = (await store.fetch(reader.public, None, 10))[0]
+        assert await store.ack(reader.public, first.tag)
+    assert len(await store.take_expired(expiring.expires_at_ms + 1, 100)) == 2
+    client, keys = store._client, store._keys  # type: ignore[attr-defined]
+    assert await body_keys(store) == []
+    assert await client.zcard(keys.expiry_index) == 0
+    assert int(await client.get(keys.stored_total) or 0) == 0
+    assert await client.get(keys.stored(alice.public.raw.hex())) is None
+
+
+@backends(REDIS_BACKENDS)
+async def test_a_reference_left_by_a_dead_relay_is_freed_after_the_ttl(store: MailboxStore) -> None:
+    """A relay killed between removing an entry and dropping its reference leaks
+    the body only until its own index member falls due."""
+    alice, bob = Identity.generate(), Identity.generate()
+    env = envelope(alice, [bob], b"x" * 1000, ttl_s=1)
+    await put(store, env, sender_budget(env))
+    [entry] = await store.fetch(bob.public, None, 10)
+    mailbox = store._keys.mailbox(bob.public)  # type: ignore[attr-defined]
+    assert await store._ack(keys=mailbox.slot_keys, args=[entry.tag])  # type: ignore[attr-defined]
+    assert await store.take_expired(env.expires_at_ms + 1, 100) == []  # the entry is gone
+    assert len(await body_keys(store)) == 1
+    assert await store.take_expired(env.expires_at_ms + BODY_GRACE_MS + 1, 100) == []
+    assert await body_keys(store) == []
+    await put(store, envelope(alice, [bob], b"y" * 1000), sender_budget(env))  # budget released
+
+
+@backends(REDIS_BACKENDS)
+async def test_fetch_skips_an_entry_whose_body_is_gone_and_fills_the_batch(
+        store: MailboxStore) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    sent = [envelope(alice, [bob, carol], bytes([i])) for i in range(3)]  # shared bodies
+    for env in sent:
+        await put(store, env)
+    client, prefix = store._client, store._keys.prefix  # type: ignore[attr-defined]
+    [gone] = [key async for key in client.scan_iter(
+        match=f"{prefix}body:*:{sent[1].msg_id.hex()}:*")]
+    await client.delete(gone)
+    assert [e.raw for e in await store.fetch(bob.public, None, 2)] == [sent[0].raw, sent[2].raw]
+
+
+@pytest.mark.redis
+async def test_a_sweep_reloads_scripts_a_restarted_or_promoted_redis_forgot() -> None:
+    """A standalone sweep runs its scripts in pipelines, where redis-py does not reload
+    them by itself; a private server, since SCRIPT FLUSH would touch everyone's."""
+    server = RedisServer("--appendonly", "no").start()
+    store = open_store(f"{server.url}/0")
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    try:
+        env = envelope(alice, [bob, carol], ttl_s=1)
+        await put(store, env)
+        await store._client.script_flush()  # type: ignore[attr-defined]
+        expired = await store.take_expired(env.expires_at_ms + 1, 100)
+        assert sorted(m.recipient.raw for m in expired) == sorted([bob.public.raw,
+                                                                   carol.public.raw])
+        assert await body_keys(store) == []
+    finally:
+        await store.close()
+        server.remove()

@@ -113,7 +113,12 @@ def test_payloads() -> None:
     notice_fields = [H(notice["fields"]["msg_id"]), H(notice["fields"]["recipient"])]
     assert cbor(notice_fields) == H(notice["encoded"])
     decoded_notice = ExpiryNotice.decode(H(notice["encoded"]))
-    assert [decoded_notice.msg_id, decoded_notice.recipient.raw] == notice_fields
+    assert [[m, k.raw] for m, k in decoded_notice.entries] == [notice_fields]
+    batch = vectors["expiry_notice_batch"]
+    batch_fields = [[H(m), H(k)] for m, k in batch["fields"]["entries"]]
+    assert cbor(batch_fields) == H(batch["encoded"])
+    assert [[m, k.raw] for m, k in ExpiryNotice.decode(H(batch["encoded"])).entries] == (
+        batch_fields)
     peers = [H(p) for p in change["fields"]["peers"]]
     assert peers == sorted(peers)
     assert cbor([change["fields"]["epoch"], change["fields"]["version"], peers]) == (

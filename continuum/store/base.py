@@ -1,9 +1,14 @@
 """The one interface between a relay and wherever mailboxes live.
 
 Relays are stateless: everything another replica would need (mailboxes, the
-replay window, rate-limit buckets) lives behind this interface, so the
-embedded SQLite store and the Redis store are interchangeable.  Each method is
-one atomic step, because several replicas may call it at once.
+replay window, rate-limit buckets, byte budgets) lives behind this interface,
+so the embedded SQLite store and the Redis store are interchangeable.  Each
+method is one atomic step, because several replicas may call it at once.
+
+An envelope to many recipients is stored once: each mailbox entry refers to
+one shared body, which goes away with its last entry (acked or expired).  So
+what a message costs the store is its size, not its size times its
+recipients, and the byte budgets count each body once.
 """
 
 from __future__ import annotations
@@ -33,10 +38,25 @@ class ExpiredMessage:
     kind: Kind
 
 
+# No budget: more bytes than any store holds, and exact in Lua's doubles.
+UNBOUNDED_BYTES = 2**53
+
+
 @dataclass(frozen=True)
 class MailboxLimits:
+    """What one `accept` must stay within.
+
+    `max_messages` and `max_bytes` bound each recipient's mailbox as its
+    device sees it (every entry counts its envelope's full size).  The two
+    budgets bound what the store holds, counting each stored body once: all
+    bodies of one sender, and all bodies of the whole store.  They are what
+    stops a sender (or many made-up ones) from filling the store.
+    """
+
     max_messages: int
     max_bytes: int
+    sender_max_bytes: int = UNBOUNDED_BYTES
+    store_max_bytes: int = UNBOUNDED_BYTES
 
 
 class Subscription(ABC):
@@ -47,6 +67,10 @@ class Subscription(ABC):
 
 
 class MailboxStore(ABC):
+    """Every backend failure (unreachable, full disk, I/O error) raises
+    StoreUnavailableError, never the driver's own exception: the relay tells
+    the device "retry later" and does not count it as the device's fault."""
+
     @abstractmethod
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
                      limits: MailboxLimits) -> None:
@@ -55,8 +79,12 @@ class MailboxStore(ABC):
 
         Raises ReplayError if (sender, msg_id) is still remembered,
         MailboxFullError if any recipient's mailbox is at its limit,
-        StoreUnavailableError if the backend cannot be reached.  Returning
-        means every recipient's copy is durable: only then may a relay say ACCEPTED.
+        QuotaExceededError if the body would exceed the sender's or the
+        store's byte budget, StoreUnavailableError if the backend cannot be
+        reached or cannot make the write as durable as configured.  Returning
+        means every recipient's entry is durable: only then may a relay say
+        ACCEPTED.  A ReplayError is raised only once the remembered message
+        is that durable too, since a device takes REPLAY for "already stored".
         """
 
     @abstractmethod
@@ -66,7 +94,10 @@ class MailboxStore(ABC):
 
     @abstractmethod
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
-        """Remove one delivered entry; False if it was already gone (acked or expired)."""
+        """Remove one delivered entry; False if it was already gone (acked or expired).
+
+        The body goes with its last entry, and its bytes return to the budgets.
+        """
 
     @abstractmethod
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
@@ -95,7 +126,11 @@ class MailboxStore(ABC):
 
     @abstractmethod
     async def ping(self) -> None:
-        """Raise StoreUnavailableError unless the backend answers (for /healthz)."""
+        """Raise StoreUnavailableError unless the backend can store a message now (for /healthz).
+
+        A backend that answers reads but refuses writes (a full disk, a
+        read-only replica) cannot honour ACCEPTED, so the probe writes.
+        """
 
     @abstractmethod
     async def close(self) -> None: ...

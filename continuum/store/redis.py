@@ -1,16 +1,48 @@
 """Mailbox store in Redis, shared by every relay replica (the scale-out store).
 
-Layout (see redis_keys): per recipient a stream (ids are the delivery tags),
-a byte counter and a field->id hash, all under the recipient's `{hex}` hash
-tag; a replay key per (sender, msg_id) that Redis expires itself (PXAT); a
-token bucket per sender; one expiry index (sorted set) for all mailboxes.
+Layout (see redis_keys): per recipient a stream of entries (ids are the
+delivery tags), a byte counter and a field->id hash, under the recipient's
+`{hex}` hash tag.  Each message has a body record in the sender's `{hex}`
+slot (its size, one reference per recipient whose entry still points at it),
+next to the sender's replay keys, rate bucket and stored-bytes counter.  The
+envelope itself is stored once: in the body record when it has several
+recipients, inline in the entry when it has one (the common case, which
+then fetches in one round trip).  The store-wide `{expiry}` slot holds the
+expiry index (one member per entry, one per body) and the bytes of all
+bodies.  A fetch reads the stream, then any shared bodies in a second,
+pipelined step.
 
-Standalone Redis: `accept` is one Lua script over all recipients, so it
-stores everything or nothing.  Redis Cluster (`?cluster=true`): mailboxes of
-different recipients live in different slots, so no single script may touch
-them; `accept` then claims the replay key (SET NX), checks every mailbox's
-room, appends per recipient (one slot each) and rolls back what it appended
-if a mailbox filled up in between.  Refusal still leaves nothing stored.
+Why the sender's slot: one body per message, wherever its recipients are.
+Storing it in each recipient's slot (or once per slot involved) would keep
+fetch to one step, but 64 recipients are 64 slots on a cluster, so the
+amplification this layout removes would come back there.  The price is a
+second round trip per fetched batch, and references that live in another
+slot than the entries: removing an entry and dropping its reference are two
+steps.  If a relay dies between them the body outlives its last entry; its
+own index member, due BODY_GRACE_MS after its entries, then drops it and
+releases its bytes, so a leak lasts at most the message's TTL.
+
+Budgets: a body counts once against its sender's budget (counter in the
+sender's slot, changed in the same script as the body) and the store's
+(counter in the `{expiry}` slot, changed with the body's index member, which
+carries the size, so each release happens exactly once).
+
+Standalone Redis: `accept` is one Lua script over every key of the message,
+so it stores everything or nothing.  Redis Cluster (`?cluster=true`): no
+script may touch two slots, so `accept` checks every mailbox's room, reserves
+the store budget and indexes the message (`{expiry}` slot), claims the replay
+key, the sender's budget and stores the body (sender slot), then appends per
+recipient; a refusal at any step undoes the steps before it, so refusal
+still leaves nothing stored.
+
+Durability (standalone only, see redis_durability): with `min_replicas` or
+`wait_aof` the accept script and a WAIT/WAITAOF go down one connection in one
+pipeline, and accept returns only once the wait is met.  The same holds for a
+REPLAY: a device takes REPLAY for "already stored", so the script that finds
+the replay key rewrites it unchanged (a write on this connection), and the
+REPLAY is raised only after the wait covering it succeeded; replication is
+ordered, so that wait covers the original accept too.  Until then the device
+hears STORE_UNAVAILABLE and retries.
 
 Exactly-once expiry in both modes: a replica claims due index members by
 moving them to a lease time, then removes each entry with a script in its
@@ -31,16 +63,18 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proto import Envelope, Kind, PublicKey
-from proto.errors import MailboxFullError, ReplayError, StoreUnavailableError
+from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 
 from . import redis_scripts as lua
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
-from .redis_keys import KeySpace, MailboxKeys, entry_field
+from .redis_durability import Durability
+from .redis_keys import KeySpace, MailboxKeys, body_member, entry_field, parse_body_member
 from .redis_wakeups import PubSubWakeups
 
 T = TypeVar("T")
@@ -49,8 +83,11 @@ DEFAULT_PREFIX = "continuum:"
 # A claimed expiry is retried by another replica after this long, if the
 # claimer died before removing it.
 CLAIM_LEASE_MS = 30_000
+# ping() writes this key; it expires by itself.
+_PROBE_TTL_MS = 10_000
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+_Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 class _RedisSubscription(Subscription):
@@ -66,30 +103,43 @@ class RedisStore(MailboxStore):
     """`client` serves the data; `pubsub_client` (a plain connection) carries wake-ups."""
 
     def __init__(self, client: Redis | RedisCluster, pubsub_client: Redis, *,
-                 prefix: str = DEFAULT_PREFIX, cluster: bool = False) -> None:
+                 prefix: str = DEFAULT_PREFIX, cluster: bool = False,
+                 durability: Durability = Durability()) -> None:
+        if cluster and durability.waits:
+            raise ValueError("min_replicas and wait_aof need a standalone Redis (with replicas),"
+                             " not cluster=true: WAIT covers one node's writes")
         self._client = client
         self._pubsub_client = pubsub_client
         self._keys = KeySpace(prefix)
         self._cluster = cluster
+        self._durability = durability
         self._wakeups = PubSubWakeups(pubsub_client, self._keys)
-        self._accept_all = client.register_script(lua.ACCEPT_ALL)
-        self._append_one = client.register_script(lua.APPEND_ONE)
-        self._remove_by_field = client.register_script(lua.REMOVE_BY_FIELD)
-        self._ack = client.register_script(lua.ACK)
-        self._claim_due = client.register_script(lua.CLAIM_DUE)
-        self._take_token = client.register_script(lua.TAKE_TOKEN)
+        script = client.register_script
+        self._accept_all = script(lua.ACCEPT_ALL)
+        self._reserve, self._claim, self._unclaim = (
+            script(lua.RESERVE), script(lua.CLAIM), script(lua.UNCLAIM))
+        self._append_one = script(lua.APPEND_ONE)
+        self._remove_by_field = script(lua.REMOVE_BY_FIELD)
+        self._ack = script(lua.ACK)
+        self._unref, self._unref_and_forget = script(lua.UNREF), script(lua.UNREF_AND_FORGET)
+        self._drop_body, self._forget = script(lua.DROP_BODY), script(lua.FORGET)
+        self._claim_due = script(lua.CLAIM_DUE)
+        self._take_token = script(lua.TAKE_TOKEN)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
-        """`redis://host:port/db`, plus `prefix=` (key prefix) and `cluster=true` query options.
+        """`redis://host:port/db`, plus query options: `prefix=` (key prefix),
+        `cluster=true`, the durability options of redis_durability, and redis-py's own.
 
         No connection is made here: the first command connects, so a relay
         starts (and reports 503 on /healthz) while Redis is still coming up.
+        ValueError names an option that is not understood.
         """
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         prefix = query.pop("prefix", DEFAULT_PREFIX)
         cluster = query.pop("cluster", "false").lower() in ("1", "true", "yes")
+        durability = Durability.from_query(query)
         plain_url = urlunsplit(parts._replace(query=urlencode(query)))
         options: dict[str, Any] = {name: value for name, value in _TIMEOUTS.items()
                                    if name not in query}
@@ -97,11 +147,16 @@ class RedisStore(MailboxStore):
         # is safe to run twice (accept carries a nonce, appends are by field).
         options["retry"] = Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
         options["retry_on_error"] = [RedisConnectionError, RedisTimeoutError]
-        pubsub_client = Redis.from_url(plain_url, **options)
-        if cluster:
-            return cls(RedisCluster.from_url(plain_url, **options), pubsub_client,
-                       prefix=prefix, cluster=True)
-        return cls(Redis.from_url(plain_url, **options), pubsub_client, prefix=prefix)
+        try:
+            pubsub_client = Redis.from_url(plain_url, **options)
+            # Builds a connection object without connecting: an option redis-py does
+            # not know fails here, at start, not as a TypeError on every first use.
+            pubsub_client.connection_pool.make_connection()
+            client = (RedisCluster.from_url(plain_url, **options) if cluster
+                      else Redis.from_url(plain_url, **options))
+        except TypeError as exc:
+            raise ValueError(f"store URL option not understood: {exc}") from None
+        return cls(client, pubsub_client, prefix=prefix, cluster=cluster, durability=durability)
 
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
                      limits: MailboxLimits) -> None:
@@ -120,44 +175,102 @@ class RedisStore(MailboxStore):
     async def _accept_in_one_script(self, envelope: Envelope, recipients: list[MailboxKeys],
                                     field: str, nonce: str, replay_until_ms: int,
                                     limits: MailboxLimits) -> None:
-        keys = [self._keys.seen(envelope.sender, envelope.msg_id), self._keys.expiry_index]
+        size = len(envelope.raw)
+        keys = [self._keys.seen(envelope.sender, envelope.msg_id),
+                *self._keys.sender_keys(field), *self._keys.store_keys]
         for mailbox in recipients:
             keys += mailbox.slot_keys
-        args: list[Any] = [nonce, replay_until_ms, *_entry_args(envelope),
-                           field, limits.max_messages, limits.max_bytes]
-        args += [mailbox.index_member(field) for mailbox in recipients]
-        outcome = await self._accept_all(keys=keys, args=args)
+        args: list[Any] = [nonce, replay_until_ms, envelope.raw, envelope.sender.raw,
+                           envelope.msg_id, int(envelope.kind), envelope.expires_at_ms, field,
+                           limits.max_messages, limits.max_bytes, limits.sender_max_bytes,
+                           limits.store_max_bytes, body_member(field, size)]
+        for mailbox in recipients:
+            args += [mailbox.recipient_hex, mailbox.index_member(field)]
+        if self._durability.waits:
+            outcome, waited = await self._then_wait(self._accept_all, keys, args)
+            if outcome[0] in (0, 1):  # stored, or stored before: either way, durable?
+                self._durability.check(waited)
+        else:
+            outcome = await self._accept_all(keys=keys, args=args)
         if outcome[0] == 1:
             raise ReplayError("message id already used by this sender")
         if outcome[0] == 2:
             raise _full(recipients[outcome[1] - 1])
+        if outcome[0] == 3:
+            raise _over_sender_budget(envelope.sender, limits)
+        if outcome[0] == 4:
+            raise _over_store_budget(limits)
+
+    async def _then_wait(self, script: AsyncScript, keys: list[str],
+                         args: list[Any]) -> tuple[Any, Any]:
+        """Run `script`, then the durability wait, down one connection (a pipeline).
+
+        WAIT counts only the writes of the connection it is sent on.  If the
+        connection breaks, redis-py re-sends the whole pipeline on a new one,
+        where the script writes again (scripts are safe to repeat), so the
+        wait never vouches for writes it did not follow.
+        """
+        outcome, waited = await self._script_and_wait(script, keys, args)
+        if isinstance(outcome, NoScriptError):  # e.g. a freshly promoted replica
+            await self._client.script_load(script.script)
+            outcome, waited = await self._script_and_wait(script, keys, args)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome, waited
+
+    async def _script_and_wait(self, script: AsyncScript, keys: list[str],
+                               args: list[Any]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command(*self._durability.command())
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
 
     async def _accept_per_slot(self, envelope: Envelope, recipients: list[MailboxKeys],
                                field: str, nonce: str, replay_until_ms: int,
                                limits: MailboxLimits) -> None:
-        """Cluster: replay key, room check, appends, and a rollback if a mailbox filled meanwhile."""
-        seen = self._keys.seen(envelope.sender, envelope.msg_id)
-        if not await self._client.set(seen, nonce, nx=True, pxat=replay_until_ms):
-            if await self._client.get(seen) != nonce.encode():  # else: our retried call
-                raise ReplayError("message id already used by this sender")
-        members = {mailbox.index_member(field): envelope.expires_at_ms for mailbox in recipients}
+        """Cluster: room check, store budget and index, replay key and body, appends;
+        each refusal undoes the steps before it."""
+        size = len(envelope.raw)
+        for mailbox in recipients:
+            if not await self._has_room(mailbox, size, limits):
+                raise _full(mailbox)
+        members = [mailbox.index_member(field) for mailbox in recipients]
+        own_member = body_member(field, size)
+        if not await self._reserve(keys=self._keys.store_keys, args=[
+                own_member, size, limits.store_max_bytes, envelope.expires_at_ms, *members]):
+            raise _over_store_budget(limits)
+        sender_keys = [self._keys.seen(envelope.sender, envelope.msg_id),
+                       *self._keys.sender_keys(field)]
         try:
-            for mailbox in recipients:
-                if not await self._has_room(mailbox, len(envelope.raw), limits):
-                    raise _full(mailbox)
-            await self._client.zadd(self._keys.expiry_index, members)
-            for appended, mailbox in enumerate(recipients):
-                tag = await self._append_one(
-                    keys=mailbox.slot_keys,
-                    args=[field, *_entry_args(envelope), limits.max_messages, limits.max_bytes])
-                if tag is None:
-                    for done in recipients[:appended]:
-                        await self._remove_by_field(keys=done.slot_keys, args=[field])
-                    raise _full(mailbox)
-        except MailboxFullError:
-            await self._client.zrem(self._keys.expiry_index, *members)
-            await self._client.delete(seen)
+            claimed = await self._claim(keys=sender_keys, args=[
+                nonce, replay_until_ms, envelope.raw, limits.sender_max_bytes,
+                *(mailbox.recipient_hex for mailbox in recipients)])
+            if claimed == 1:
+                raise ReplayError("message id already used by this sender")
+            if claimed == 3:
+                raise _over_sender_budget(envelope.sender, limits)
+            try:
+                await self._append_each(envelope, recipients, field, limits)
+            except MailboxFullError:
+                await self._unclaim(keys=sender_keys, args=[nonce])
+                raise
+        except (ReplayError, QuotaExceededError, MailboxFullError):
+            await self._forget(keys=self._keys.store_keys,
+                               args=[len(members), *members, own_member])
             raise
+
+    async def _append_each(self, envelope: Envelope, recipients: list[MailboxKeys], field: str,
+                           limits: MailboxLimits) -> None:
+        """Append per recipient; if a mailbox filled meanwhile, remove the entries appended."""
+        inline = [envelope.raw] if len(recipients) == 1 else []
+        for appended, mailbox in enumerate(recipients):
+            tag = await self._append_one(keys=mailbox.slot_keys, args=[
+                field, len(envelope.raw), envelope.sender.raw, envelope.msg_id,
+                int(envelope.kind), limits.max_messages, limits.max_bytes, *inline])
+            if tag is None:
+                for done in recipients[:appended]:
+                    await self._remove_by_field(keys=done.slot_keys, args=[field])
+                raise _full(mailbox)
 
     async def _has_room(self, mailbox: MailboxKeys, size: int, limits: MailboxLimits) -> bool:
         messages = await self._client.xlen(mailbox.log)
@@ -167,38 +280,112 @@ class RedisStore(MailboxStore):
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
         start = f"({after}" if after is not None and _STREAM_ID.match(after) else "-"
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await self._guard(
-            self._client.xrange(self._keys.mailbox(recipient).log, min=start, max="+",
-                                count=limit)))
-        return [StoredMessage(tag.decode(), fields[b"r"]) for tag, fields in entries]
+        log = self._keys.mailbox(recipient).log
+        found: list[StoredMessage] = []
+        while len(found) < limit:
+            wanted = limit - len(found)
+            entries = cast(_Entries, await self._guard(
+                self._client.xrange(log, min=start, max="+", count=wanted)))
+            bodies = await self._guard(self._bodies(entries))
+            found += [StoredMessage(tag.decode(), raw)
+                      for (tag, _fields), raw in zip(entries, bodies) if raw is not None]
+            if len(entries) < wanted or None not in bodies:
+                break
+            # An entry whose body already expired is skipped, and the batch filled from further on.
+            start = f"({entries[-1][0].decode()}"
+        return found
+
+    async def _bodies(self, entries: _Entries) -> list[bytes | None]:
+        """Each entry's envelope, in one pipelined round trip; None where the body is gone."""
+        shared = [index for index, (_tag, fields) in enumerate(entries) if b"r" not in fields]
+        raws: list[bytes | None] = [fields.get(b"r") for _tag, fields in entries]
+        if shared:
+            pipe = (self._client.pipeline() if self._cluster
+                    else self._client.pipeline(transaction=False))
+            async with pipe:
+                for index in shared:
+                    pipe.hget(self._keys.body(entries[index][1][b"f"].decode()), "r")
+                for index, raw in zip(shared, await pipe.execute()):
+                    raws[index] = raw
+        return raws
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
         if not _STREAM_ID.match(tag):
             return False
         mailbox = self._keys.mailbox(recipient)
-        field = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
-        if field is None:
+        removed = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
+        if removed is None:
             return False
-        await self._guard(self._client.zrem(self._keys.expiry_index,
-                                            mailbox.index_member(field.decode())))
+        field, size = removed[0].decode(), removed[1]
+        member = mailbox.index_member(field)
+        if size is None:  # an entry from before shared bodies
+            await self._guard(self._forget(keys=self._keys.store_keys, args=[1, member]))
+        elif self._cluster:
+            freed = await self._guard(self._unref(keys=self._keys.sender_keys(field),
+                                                  args=[mailbox.recipient_hex]))
+            await self._guard(self._forget(keys=self._keys.store_keys, args=[
+                1, member, *([body_member(field, int(size))] if freed else [])]))
+        else:
+            await self._guard(self._unref_and_forget(
+                keys=[*self._keys.sender_keys(field), *self._keys.store_keys],
+                args=[mailbox.recipient_hex, member, body_member(field, int(size))]))
         return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
-        due: list[bytes] = await self._guard(self._claim_due(
-            keys=[self._keys.expiry_index], args=[now_ms, limit, now_ms + CLAIM_LEASE_MS]))
+        due = [raw.decode() for raw in await self._guard(self._claim_due(
+            keys=[self._keys.expiry_index], args=[now_ms, limit, now_ms + CLAIM_LEASE_MS]))]
+        leaked = [member for member in due if parse_body_member(member) is not None]
+        entries = [member for member in due if parse_body_member(member) is None]
+        # What is left of bodies whose references a dead relay leaked.
+        await self._guard(self._each(self._drop_body, [
+            (self._keys.sender_keys(cast(str, parse_body_member(member))), [])
+            for member in leaked]))
+        located = [member.split(":", 1) for member in entries]
+        removed = await self._guard(self._each(self._remove_by_field, [
+            (self._keys.mailbox(recipient_hex).slot_keys, [field])
+            for recipient_hex, field in located]))
         expired: list[ExpiredMessage] = []
-        for member in due:
-            recipient_hex, field = member.decode().split(":", 1)
-            mailbox = self._keys.mailbox(recipient_hex)
-            entry = await self._guard(self._remove_by_field(keys=mailbox.slot_keys,
-                                                             args=[field]))
-            if entry is not None:
-                sender, msg_id, kind = entry
-                expired.append(ExpiredMessage(PublicKey(bytes.fromhex(recipient_hex)),
-                                              PublicKey(sender), msg_id, Kind(int(kind))))
+        referenced: list[tuple[str, str, int]] = []  # recipient hex, field, body size
+        for (recipient_hex, field), entry in zip(located, removed):
+            if entry is None:  # gone already (acked), or another replica removed it
+                continue
+            sender, msg_id, kind, size = entry
+            expired.append(ExpiredMessage(PublicKey(bytes.fromhex(recipient_hex)),
+                                          PublicKey(sender), msg_id, Kind(int(kind))))
+            if size is not None:
+                referenced.append((recipient_hex, field, int(size)))
+        dropped = await self._guard(self._each(self._unref, [
+            (self._keys.sender_keys(field), [recipient_hex])
+            for recipient_hex, field, _size in referenced]))
+        released = leaked + [body_member(field, size) for (_hex, field, size), gone
+                             in zip(referenced, dropped) if gone]
         if due:
-            await self._guard(self._client.zrem(self._keys.expiry_index, *due))
+            await self._guard(self._forget(keys=self._keys.store_keys,
+                                           args=[len(entries), *entries, *released]))
         return expired
+
+    async def _each(self, script: AsyncScript,
+                    calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run `script` once per (keys, args): on a standalone Redis in one pipelined round
+        trip (a sweep of 500 entries is then a few round trips, not 1,000); on a cluster
+        one call at a time, each to its slot's node."""
+        if self._cluster or not calls:
+            return [await script(keys=keys, args=args) for keys, args in calls]
+        results = await self._pipelined(script, calls)
+        if any(isinstance(result, NoScriptError) for result in results):
+            await self._client.script_load(script.script)  # every script is safe to repeat
+            results = await self._pipelined(script, calls)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
+
+    async def _pipelined(self, script: AsyncScript,
+                         calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return cast(list[Any], await pipe.execute(raise_on_error=False))
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
                     burst: int) -> bool:
@@ -215,7 +402,18 @@ class RedisStore(MailboxStore):
         return _RedisSubscription(self._wakeups, recipient.raw, wake)
 
     async def ping(self) -> None:
-        await self._guard(self._client.ping())
+        """A probe write (a read-only replica or an out-of-memory primary refuses it),
+        followed by the durability wait when one is configured."""
+        if not self._durability.waits:
+            await self._guard(self._client.set(self._keys.probe, b"", px=_PROBE_TTL_MS))
+            return
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.set(self._keys.probe, b"", px=_PROBE_TTL_MS)
+            pipe.execute_command(*self._durability.command())
+            written, waited = await self._guard(pipe.execute(raise_on_error=False))
+        if isinstance(written, Exception):
+            raise StoreUnavailableError(f"mailbox store refuses writes: {written}")
+        self._durability.check(waited)
 
     async def close(self) -> None:
         await self._wakeups.close()
@@ -231,12 +429,16 @@ class RedisStore(MailboxStore):
             raise StoreUnavailableError(f"mailbox store unreachable: {exc}") from None
 
 
-def _entry_args(envelope: Envelope) -> list[Any]:
-    """raw, sender, msg_id, kind, expires_at_ms: what a mailbox entry records."""
-    return [envelope.raw, envelope.sender.raw, envelope.msg_id, int(envelope.kind),
-            envelope.expires_at_ms]
-
-
 def _full(mailbox: MailboxKeys) -> MailboxFullError:
     return MailboxFullError(f"mailbox of {PublicKey(bytes.fromhex(mailbox.recipient_hex)).text}"
                             " is full")
+
+
+def _over_sender_budget(sender: PublicKey, limits: MailboxLimits) -> QuotaExceededError:
+    return QuotaExceededError(f"sender {sender.text} has its budget of"
+                              f" {limits.sender_max_bytes} bytes stored")
+
+
+def _over_store_budget(limits: MailboxLimits) -> QuotaExceededError:
+    return QuotaExceededError(f"the relay's store holds its budget of {limits.store_max_bytes}"
+                              " bytes")

@@ -1,9 +1,15 @@
 """Where each piece of Redis state lives, so every script touches one hash slot.
 
-Each mailbox's keys carry the recipient's `{hex}` hash tag: on Redis Cluster
-they share a slot and one Lua script can change them together.  The replay
-key is tagged by sender and the expiry index has its own tag, so no script
-ever needs keys from two slots.
+Three kinds of slot, by hash tag:
+
+- a recipient's `{recipient hex}`: its mailbox (stream, byte count, ids, wake channel);
+- a sender's `{sender hex}`: its replay keys, rate bucket, the bodies of the
+  envelopes it sent, and the bytes those bodies take (its budget);
+- the store-wide `{expiry}`: the expiry index and the bytes all bodies take.
+
+A body record lives in its sender's slot, once, whatever the number of recipients:
+one message touches one sender slot, one store-wide slot and a slot per
+recipient, and no script ever needs keys from two of them.
 """
 
 from __future__ import annotations
@@ -12,15 +18,30 @@ from dataclasses import dataclass
 
 from proto import PublicKey
 
+_BODY_MEMBER = "body:"
+
 
 def entry_field(sender: PublicKey, msg_id: bytes, nonce: str) -> str:
-    """Names one stored copy within a mailbox.
+    """Names one accepted message: its body, and its entry in each recipient's mailbox.
 
     The accept call's nonce makes it unique even if (sender, msg_id) is
     accepted again after its replay window, while a retry of the same call
-    (same nonce) finds and reuses the copy it already appended.
+    (same nonce) finds and reuses what it already stored.
     """
     return f"{sender.raw.hex()}:{msg_id.hex()}:{nonce}"
+
+
+def body_member(field: str, size: int) -> str:
+    """The body's member in the expiry index; it carries the size the store budget counts,
+    so the budget can be released even after the body itself is gone."""
+    return f"{_BODY_MEMBER}{size}:{field}"
+
+
+def parse_body_member(member: str) -> str | None:
+    """The field of a body member, or None for a mailbox entry's member."""
+    if not member.startswith(_BODY_MEMBER):
+        return None
+    return member[len(_BODY_MEMBER):].split(":", 1)[1]
 
 
 @dataclass(frozen=True)
@@ -48,6 +69,13 @@ class KeySpace:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.expiry_index = f"{prefix}{{expiry}}"
+        self.stored_total = f"{prefix}{{expiry}}:stored"  # bytes of all bodies
+        self.probe = f"{prefix}probe"
+
+    @property
+    def store_keys(self) -> list[str]:
+        """The store-wide slot's keys, as scripts take them: index, total bytes."""
+        return [self.expiry_index, self.stored_total]
 
     def mailbox(self, recipient: PublicKey | str) -> MailboxKeys:
         hexkey = recipient if isinstance(recipient, str) else recipient.raw.hex()
@@ -59,6 +87,21 @@ class KeySpace:
 
     def rate(self, sender: PublicKey) -> str:
         return f"{self.prefix}rate:{{{sender.raw.hex()}}}"
+
+    def body(self, field: str) -> str:
+        """A hash in the sender's slot: `n` the envelope's size, `r` the envelope when it
+        has several recipients (one recipient's entry carries it inline), and one
+        field per recipient whose entry still refers to it."""
+        sender_hex, rest = field.split(":", 1)
+        return f"{self.prefix}body:{{{sender_hex}}}:{rest}"
+
+    def stored(self, sender_hex: str) -> str:
+        """Bytes of the sender's bodies: what its budget counts."""
+        return f"{self.prefix}stored:{{{sender_hex}}}"
+
+    def sender_keys(self, field: str) -> list[str]:
+        """The sender slot's keys a body's scripts take: body, the sender's stored bytes."""
+        return [self.body(field), self.stored(field.split(":", 1)[0])]
 
     def recipient_of_channel(self, channel: bytes) -> bytes | None:
         """The recipient key a wake channel belongs to, or None for a foreign channel."""

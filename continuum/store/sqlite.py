@@ -6,37 +6,76 @@ a file, WAL journaling makes every committed `accept` survive a killed process
 last transactions).  Rate-limit buckets stay in memory: they describe the
 last second, not anything a restart must keep.
 
+Layout: an envelope's bytes are one `body` row; each recipient's `mailbox`
+row refers to it (and repeats its sender and size, so removing an entry
+settles the counts without reading the body).  A trigger removes a body with
+its last mailbox row, inside the same statement, so no crash can leave an
+orphan behind.
+
 Calls run on the event loop thread: each is one short indexed transaction,
 cheaper than a hop to a worker thread.  This process is the file's only
-writer, so mailbox sizes are counted once at open and then kept in memory,
-sparing a query per recipient on every accept.  Scale-out uses the Redis store.
+writer, so mailbox sizes and the bytes each sender's bodies take (the byte
+budgets) are counted once at open and then kept in memory, sparing queries
+on every accept.  Scale-out uses the Redis store.
+
+Every SQLite failure (a full disk, an I/O error, a locked or corrupt file)
+becomes StoreUnavailableError, and a transaction it interrupted is rolled
+back, so the store works again as soon as the disk does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from proto import Envelope, Kind, PublicKey
-from proto.errors import MailboxFullError, ReplayError, StoreUnavailableError
+from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
+from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
-from .wakeups import WakeupHub
 from .token_bucket import TokenBuckets
+from .wakeups import WakeupHub
+
+T = TypeVar("T")
+# seq, recipient, sender, msg_id, kind, size, body of an entry that expired
+_Due = tuple[int, bytes, bytes, bytes, int, int, int]
+
+SCHEMA_VERSION = 1
+# ping() commits and removes a body this large: if that cannot be written,
+# neither can the largest envelope a default relay admits.
+_PROBE_BYTES = DEFAULT_MAX_ENVELOPE_BYTES
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS mailbox (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    recipient BLOB NOT NULL,
+CREATE TABLE body (
+    id INTEGER PRIMARY KEY,
     sender BLOB NOT NULL,
     msg_id BLOB NOT NULL,
     kind INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL,
     raw BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS mailbox_by_recipient ON mailbox (recipient, seq);
-CREATE INDEX IF NOT EXISTS mailbox_by_expiry ON mailbox (expires_at_ms);
+CREATE INDEX body_by_expiry ON body (expires_at_ms);
+CREATE TABLE mailbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    recipient BLOB NOT NULL,
+    body INTEGER NOT NULL REFERENCES body (id),
+    sender BLOB NOT NULL,  -- the body's, so an ack settles the sender's budget
+    size INTEGER NOT NULL  -- the body's length
+);
+CREATE INDEX mailbox_by_recipient ON mailbox (recipient, seq);
+CREATE INDEX mailbox_by_body ON mailbox (body);
+CREATE TRIGGER last_entry_removes_body AFTER DELETE ON mailbox
+    WHEN NOT EXISTS (SELECT 1 FROM mailbox WHERE body = OLD.body)
+BEGIN
+    DELETE FROM body WHERE id = OLD.body;
+END;
+CREATE TABLE probe (id INTEGER PRIMARY KEY, filler BLOB NOT NULL);
+"""
+
+_SEEN = """
 CREATE TABLE IF NOT EXISTS seen (
     sender BLOB NOT NULL,
     msg_id BLOB NOT NULL,
@@ -44,6 +83,20 @@ CREATE TABLE IF NOT EXISTS seen (
     PRIMARY KEY (sender, msg_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_by_until ON seen (until_ms);
+"""
+
+# Files written before bodies were shared held one row per copy, bytes inline:
+# each old row becomes a body of its own and the one entry referring to it.
+_FROM_VERSION_0 = """
+DROP INDEX mailbox_by_recipient;
+DROP INDEX mailbox_by_expiry;
+ALTER TABLE mailbox RENAME TO mailbox_v0;
+""" + _SCHEMA + """
+INSERT INTO body (id, sender, msg_id, kind, expires_at_ms, raw)
+    SELECT seq, sender, msg_id, kind, expires_at_ms, raw FROM mailbox_v0;
+INSERT INTO mailbox (seq, recipient, body, sender, size)
+    SELECT seq, recipient, seq, sender, length(raw) FROM mailbox_v0;
+DROP TABLE mailbox_v0;
 """
 
 
@@ -59,31 +112,58 @@ class SqliteStore(MailboxStore):
     """`path` is a file path, or ":memory:" for a store that lives as long as the process."""
 
     def __init__(self, path: str | Path = ":memory:") -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        # recipient -> [messages, bytes]; changed only after a commit succeeded.
-        self._sizes: dict[bytes, list[int]] = {
-            recipient: [messages, size] for recipient, messages, size in self._db.execute(
-                "SELECT recipient, count(*), sum(length(raw)) FROM mailbox GROUP BY recipient")}
+        try:
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._create_or_upgrade()
+            # Changed only after a commit succeeded.  recipient -> [messages, bytes]:
+            self._sizes: dict[bytes, list[int]] = {
+                recipient: [messages, size] for recipient, messages, size in self._db.execute(
+                    "SELECT recipient, count(*), sum(size) FROM mailbox GROUP BY recipient")}
+            # sender -> bytes of its bodies, and their sum: what the budgets count.
+            self._stored: dict[bytes, int] = dict(self._db.execute(
+                "SELECT sender, sum(length(raw)) FROM body GROUP BY sender"))
+            self._stored_total = sum(self._stored.values())
+        except (sqlite3.Error, OSError) as exc:
+            raise _unavailable(exc) from None
         self._wakeups = WakeupHub()
         self._buckets = TokenBuckets()
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], object]) -> object:
+    def _create_or_upgrade(self) -> None:
+        """Bring the file to SCHEMA_VERSION in one transaction: a crash leaves the old or the new."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version != 0:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this relay's {SCHEMA_VERSION}")
+        old_mailbox = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mailbox'").fetchone()
+        self._db.executescript("BEGIN IMMEDIATE;" + (_FROM_VERSION_0 if old_mailbox else _SCHEMA)
+                               + _SEEN + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(self._db)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._roll_back()
                 raise
-            self._db.execute("COMMIT")
             return result
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
+            raise _unavailable(exc) from None
+
+    def _roll_back(self) -> None:
+        """End whatever transaction is open, even one a failed COMMIT left behind:
+        otherwise every later BEGIN would fail and the store never recover."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
 
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
                      limits: MailboxLimits) -> None:
@@ -101,26 +181,51 @@ class SqliteStore(MailboxStore):
                 if messages + 1 > limits.max_messages or total + size > limits.max_bytes:
                     raise MailboxFullError(f"mailbox of {PublicKey(recipient).text} is full "
                                            f"({messages} messages, {total} bytes)")
+            self._check_budgets(sender, size, limits)
+            body = db.execute(
+                "INSERT INTO body (sender, msg_id, kind, expires_at_ms, raw)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (sender, envelope.msg_id, int(envelope.kind), envelope.expires_at_ms,
+                 envelope.raw)).lastrowid
             db.executemany(
-                "INSERT INTO mailbox (recipient, sender, msg_id, kind, expires_at_ms, raw)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(r, sender, envelope.msg_id, int(envelope.kind), envelope.expires_at_ms,
-                  envelope.raw) for r in recipients])
+                "INSERT INTO mailbox (recipient, body, sender, size) VALUES (?, ?, ?, ?)",
+                [(recipient, body, sender, size) for recipient in recipients])
 
         self._transaction(work)
+        self._count_body(sender, size)
         for recipient in recipients:
             self._grow(recipient, 1, size)
             self._wakeups.wake(recipient)
+
+    def _check_budgets(self, sender: bytes, size: int, limits: MailboxLimits) -> None:
+        """QuotaExceededError unless one more body of `size` fits both byte budgets."""
+        used = self._stored.get(sender, 0)
+        if used + size > limits.sender_max_bytes:
+            raise QuotaExceededError(f"sender {PublicKey(sender).text} has {used} bytes stored;"
+                                     f" its budget is {limits.sender_max_bytes}")
+        if self._stored_total + size > limits.store_max_bytes:
+            raise QuotaExceededError(f"the relay's store holds {self._stored_total} bytes;"
+                                     f" its budget is {limits.store_max_bytes}")
+
+    def _count_body(self, sender: bytes, size: int) -> None:
+        """A body of `size` was stored (size > 0) or removed (size < 0)."""
+        self._stored_total += size
+        used = self._stored.get(sender, 0) + size
+        if used > 0:
+            self._stored[sender] = used
+        else:
+            self._stored.pop(sender, None)
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
         after_seq = _parse_tag(after) if after is not None else 0
         try:
             rows = self._db.execute(
-                "SELECT seq, raw FROM mailbox WHERE recipient = ? AND seq > ?"
-                " ORDER BY seq LIMIT ?", (recipient.raw, after_seq or 0, limit)).fetchall()
+                "SELECT mailbox.seq, body.raw FROM mailbox JOIN body ON body.id = mailbox.body"
+                " WHERE mailbox.recipient = ? AND mailbox.seq > ? ORDER BY mailbox.seq LIMIT ?",
+                (recipient.raw, after_seq or 0, limit)).fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
+            raise _unavailable(exc) from None
         return [StoredMessage(str(seq), raw) for seq, raw in rows]
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
@@ -129,32 +234,46 @@ class SqliteStore(MailboxStore):
             return False
 
         try:
-            # One statement is atomic on its own (autocommit), so no BEGIN/COMMIT
-            # round trips; fetchall steps it to completion, which commits it.
+            # One statement is atomic on its own (autocommit), triggers included,
+            # so no BEGIN/COMMIT round trips; fetchall steps it to completion.
+            changes = self._db.total_changes
             rows = self._db.execute("DELETE FROM mailbox WHERE seq = ? AND recipient = ?"
-                                    " RETURNING length(raw)", (seq, recipient.raw)).fetchall()
+                                    " RETURNING sender, size", (seq, recipient.raw)).fetchall()
+            # total_changes counts the rows triggers changed too: 2 means the body went.
+            body_removed = self._db.total_changes - changes > 1
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
+            raise _unavailable(exc) from None
         if not rows:
             return False
-        self._grow(recipient.raw, -1, -rows[0][0])
+        sender, size = rows[0]
+        self._grow(recipient.raw, -1, -size)
+        if body_removed:
+            self._count_body(sender, -size)
         return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
-        def work(db: sqlite3.Connection) -> list[ExpiredMessage]:
+        def work(db: sqlite3.Connection) -> tuple[list[_Due], set[int]]:
             rows = db.execute(
-                "DELETE FROM mailbox WHERE seq IN (SELECT seq FROM mailbox"
-                " WHERE expires_at_ms <= ? ORDER BY expires_at_ms LIMIT ?)"
-                " RETURNING recipient, sender, msg_id, kind, length(raw)",
+                "SELECT mailbox.seq, mailbox.recipient, body.sender, body.msg_id, body.kind,"
+                " mailbox.size, mailbox.body FROM body JOIN mailbox ON mailbox.body = body.id"
+                " WHERE body.expires_at_ms <= ? ORDER BY body.expires_at_ms LIMIT ?",
                 (now_ms, limit)).fetchall()
+            db.executemany("DELETE FROM mailbox WHERE seq = ?", [(row[0],) for row in rows])
             db.execute("DELETE FROM seen WHERE until_ms <= ?", (now_ms,))
-            return rows
+            bodies = {row[6] for row in rows}
+            kept = {body for (body,) in db.execute(
+                f"SELECT id FROM body WHERE id IN ({','.join('?' * len(bodies))})",
+                tuple(bodies))} if bodies else set()
+            return rows, bodies - kept
 
-        rows = self._transaction(work)
-        for recipient, _sender, _msg_id, _kind, size in rows:  # type: ignore[attr-defined]
+        rows, removed = self._transaction(work)
+        for _seq, recipient, sender, _msg_id, _kind, size, body in rows:
             self._grow(recipient, -1, -size)
+            if body in removed:
+                removed.discard(body)
+                self._count_body(sender, -size)
         return [ExpiredMessage(PublicKey(r), PublicKey(s), m, Kind(k))
-                for r, s, m, k, _size in rows]  # type: ignore[attr-defined]
+                for _seq, r, s, m, k, _size, _body in rows]
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
                     burst: int) -> bool:
@@ -176,13 +295,20 @@ class SqliteStore(MailboxStore):
         return _SqliteSubscription(self._wakeups, recipient.raw, wake)
 
     async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
+        """Commit and remove a probe body as large as an envelope may be."""
+        def probe(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO probe (filler) VALUES (zeroblob(?))", (_PROBE_BYTES,))
+            db.execute("DELETE FROM probe")
+
+        self._transaction(probe)
 
     async def close(self) -> None:
-        self._db.close()
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailableError:
+    return StoreUnavailableError(f"mailbox store failed: {exc}")
 
 
 def _parse_tag(tag: str) -> int | None:

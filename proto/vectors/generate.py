@@ -158,12 +158,18 @@ def payload_vectors() -> dict:
     msg_id = fill(0x10, 16)
     peers = sorted([IDS["bob"].public, IDS["carol"].public])
     return {
-        "description": "Plaintexts of RECEIPT, EXPIRY and PEER_CHANGE envelopes.",
+        "description": "Plaintexts of RECEIPT, EXPIRY (one entry, and a batch) and PEER_CHANGE"
+                       " envelopes.",
         "receipt": {"fields": {"msg_id": msg_id.hex()},
                     "encoded": Receipt(msg_id).encode().hex()},
         "expiry_notice": {
             "fields": {"msg_id": msg_id.hex(), "recipient": IDS["bob"].public.raw.hex()},
-            "encoded": ExpiryNotice(msg_id, IDS["bob"].public).encode().hex()},
+            "encoded": ExpiryNotice.single(msg_id, IDS["bob"].public).encode().hex()},
+        "expiry_notice_batch": {
+            "fields": {"entries": [[msg_id.hex(), IDS["bob"].public.raw.hex()],
+                                   [fill(0x11, 16).hex(), IDS["carol"].public.raw.hex()]]},
+            "encoded": ExpiryNotice(((msg_id, IDS["bob"].public),
+                                     (fill(0x11, 16), IDS["carol"].public))).encode().hex()},
         "peer_change": {
             "fields": {"epoch": EPOCH, "version": 7, "peers": [p.raw.hex() for p in peers]},
             "encoded": PeerChange(7, tuple(peers), EPOCH).encode().hex()},
@@ -422,7 +428,9 @@ def invalid_vectors() -> dict:
         _invalid("receipt msg_id of 15 bytes", "receipt", canonical.encode([msg_id[:15]]),
                  ErrorCode.INVALID_FIELD),
         _invalid("expiry notice with trailing byte", "expiry_notice",
-                 ExpiryNotice(msg_id, IDS["bob"].public).encode() + b"\x00", m),
+                 ExpiryNotice.single(msg_id, IDS["bob"].public).encode() + b"\x00", m),
+        _invalid("expiry notice batch of one entry (must use the single form)", "expiry_notice",
+                 canonical.encode([[msg_id, IDS["bob"].public.raw]]), ErrorCode.INVALID_FIELD),
         _invalid("peer change with unsorted peers", "peer_change",
                  canonical.encode([EPOCH, 1, sorted([bob, carol], reverse=True)]),
                  ErrorCode.INVALID_FIELD),

@@ -1,0 +1,310 @@
+"""Figures for the relay under hostile load: each attack against this checkout's relay and,
+with --baseline, against another checkout's, in one run (the note's before/after table).
+
+    git worktree add /tmp/base <commit>
+    .venv/bin/python benchmarks/hostile.py --baseline /tmp/base [--only nat,slowloris,...]
+
+Attacks (issue "The relay holds under hostile load"), each on a fresh relay
+started with the CLI on 127.0.0.1 and the settings named in its row:
+
+  nat        64 idle upgrades per address held by a flooder at 127.0.0.1 while a device
+             at the same address retries its handshake for 5 s: handshakes it completed
+  slowloris  a half-sent upgrade request: seconds until the relay drops it (stops at 30)
+  one-key    connections one key holds at once when it connects 50 times
+  stuck      200 devices that never read, each sent 64 x 60 kB (more than the kernel's socket
+             buffers take, so the rest waits in the relay's memory): relay RSS at the peak
+             and 45 s later (heartbeat 5 s, write timeout 5 s), and sockets still open
+  storm      30,000 (message, recipient) expiries at one instant: worst /healthz gap
+  verify     a flood of handshakes with fresh keys from one address (a second process):
+             a known device's send round trip p99, idle and during the flood
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from common import RelayProcess, memory_kib, raise_nofile, relay_flags, table, write_results
+from proto import Identity, Kind, seal_envelope
+from proto.frames import NONCE_BYTES, Ack, Deliver, Error, Send, decode_frame, encode_frame
+from proto.handshake import DeviceHandshake
+from runtime.clock import now_ms
+
+MAX_FRAME = 1 << 20
+RELAXED = ("--rate-per-s", "1e6", "--rate-burst", "1000000", "--mailbox-max-messages", "1000000",
+           "--mailbox-max-bytes", str(1 << 31), "--log-level", "warning")
+
+
+async def _handshake(http: aiohttp.ClientSession, url: str,
+                     identity: Identity) -> aiohttp.ClientWebSocketResponse:
+    ws = await http.ws_connect(url, max_msg_size=MAX_FRAME)
+    handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+    await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=10)))
+    handshake.receive_welcome(await ws.receive_bytes(timeout=10))
+    return ws
+
+
+# -- the attacks --------------------------------------------------------------------------------
+
+async def nat(url: str) -> str:
+    stop = asyncio.Event()
+    held: list[aiohttp.ClientWebSocketResponse] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as flood, \
+            aiohttp.ClientSession() as http:
+        async def flooder() -> None:
+            while not stop.is_set():
+                try:
+                    ws = await flood.ws_connect(url)
+                    held.append(ws)
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.01)
+        task = asyncio.create_task(flooder())
+        await asyncio.sleep(1.0)
+        served, deadline = 0, time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            try:
+                ws = await _handshake(http, url, Identity.generate())
+                served += 1
+                await ws.close()
+            except Exception:
+                await asyncio.sleep(0.1)  # a device's backoff
+        stop.set()
+        await task
+        for ws in held:
+            await ws.close()
+    return f"{served} handshakes in 5 s"
+
+
+async def slowloris(url: str) -> str:
+    port = int(url.split(":")[2].split("/")[0])
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setblocking(False)
+        await loop.sock_sendall(sock, b"GET /v1/connect HTTP/1.1\r\nHost: x\r\nUpgrade: webs")
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(30):
+                while await loop.sock_recv(sock, 1024):
+                    pass
+        except TimeoutError:
+            return "still open at 30 s"
+        except ConnectionError:
+            pass
+    return f"dropped after {time.monotonic() - started:.1f} s"
+
+
+async def one_key(url: str) -> str:
+    key = Identity.generate()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        sockets = [await _handshake(http, url, key) for _ in range(50)]
+        await asyncio.sleep(1.0)
+        alive = 0
+        for ws in sockets:
+            try:
+                message = await ws.receive(timeout=0.05)
+                alive += message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
+                                              aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR)
+                alive -= isinstance(_decoded(message), Error)  # superseded, then closed
+            except asyncio.TimeoutError:
+                alive += 1
+        for ws in sockets:
+            await ws.close()
+    return f"{alive} of 50 connections open"
+
+
+def _decoded(message: aiohttp.WSMessage) -> object:
+    if message.type != aiohttp.WSMsgType.BINARY:
+        return None
+    return decode_frame(message.data, MAX_FRAME)
+
+
+def _small_window(addr_info: tuple) -> socket.socket:
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+async def stuck(url: str, relay: RelayProcess) -> str:
+    devices = [Identity.generate() for _ in range(200)]
+    sender = Identity.generate()
+    before = memory_kib(relay.pid)["VmRSS"]
+    connector = aiohttp.TCPConnector(limit=0, socket_factory=_small_window)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        readers = [await _handshake(http, url, device) for device in devices]  # never read again
+        sender_ws = await _handshake(http, url, sender)
+        payload = b"x" * 60_000
+        for device in devices:
+            for _ in range(64):
+                envelope = seal_envelope(sender, Kind.DATA, [device.public], payload, ttl_s=3600,
+                                         now_ms=now_ms())
+                await sender_ws.send_bytes(encode_frame(Send(envelope.raw)))
+            while True:  # wait for this device's answers, so the sender is never the stuck one
+                message = await sender_ws.receive(timeout=30)
+                frame = _decoded(message)
+                if isinstance(frame, Deliver):
+                    await sender_ws.send_bytes(encode_frame(Ack(frame.tag)))
+                elif frame is not None and getattr(frame, "msg_id", None) == envelope.msg_id:
+                    break
+        peak = memory_kib(relay.pid)["VmRSS"]
+        await asyncio.sleep(45)
+        after = memory_kib(relay.pid)["VmRSS"]
+        lingering = _established_to(relay.port) - (0 if sender_ws.closed else 1)
+        del readers  # closed with the session
+        await sender_ws.close()
+    return (f"RSS +{(peak - before) / 1024:.0f} MiB at peak, +{(after - before) / 1024:.0f} MiB"
+            f" 45 s later, {lingering} of {len(devices)} sockets still open")
+
+
+def _established_to(port: int) -> int:
+    """Established TCP connections whose local port is `port` (the relay's side), from /proc."""
+    count = 0
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table_path).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+async def storm(url: str, relay: RelayProcess) -> str:
+    sender = Identity.generate()
+    recipients = [Identity.generate().public for _ in range(60)]
+    async with aiohttp.ClientSession() as http:
+        ws = await _handshake(http, url, sender)
+        stamp = now_ms()
+        for _ in range(500):
+            envelope = seal_envelope(sender, Kind.DATA, recipients, b"x", ttl_s=15, now_ms=stamp)
+            await ws.send_bytes(encode_frame(Send(envelope.raw)))
+            await ws.receive(timeout=30)
+        await ws.close()
+        base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
+        worst, last = 0.0, time.monotonic()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            worst, last = max(worst, now - last), now
+            async with http.get(base + "/metrics") as response:
+                metrics = await response.text()
+            if _metric(metrics, "continuum_messages_expired_total") >= 30_000:
+                break
+            async with http.get(base + "/healthz") as response:
+                await response.read()
+            await asyncio.sleep(0.02)
+        worst = max(worst, time.monotonic() - last)  # the request that ended the loop
+    return f"worst /healthz gap {worst * 1000:.0f} ms"
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _flood_handshakes(url: str, seconds: float) -> None:
+    """A second process: fresh keys as fast as it can, from 127.0.0.1."""
+    async def run() -> None:
+        deadline = time.monotonic() + seconds
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            async def one() -> None:
+                while time.monotonic() < deadline:
+                    try:
+                        ws = await _handshake(http, url, Identity.generate())
+                        await ws.close()
+                    except Exception:
+                        pass
+            await asyncio.gather(*(one() for _ in range(32)))
+    asyncio.run(run())
+
+
+async def verify(url: str) -> str:
+    device, peer = Identity.generate(), Identity.generate()
+    async with aiohttp.ClientSession() as http:
+        sender = await _handshake(http, url, device)
+        receiver = await _handshake(http, url, peer)
+
+        async def round_trips(count: int) -> list[float]:
+            times = []
+            for _ in range(count):
+                envelope = seal_envelope(device, Kind.DATA, [peer.public], b"p", ttl_s=60,
+                                         now_ms=now_ms())
+                started = time.perf_counter()
+                await sender.send_bytes(encode_frame(Send(envelope.raw)))
+                while True:
+                    frame = _decoded(await receiver.receive(timeout=30))
+                    if isinstance(frame, Deliver):
+                        await receiver.send_bytes(encode_frame(Ack(frame.tag)))
+                        break
+                times.append(time.perf_counter() - started)
+                await sender.receive(timeout=30)  # its ACCEPTED
+                await asyncio.sleep(0.01)
+            return times
+
+        idle = await round_trips(200)
+        flood = mp.get_context("spawn").Process(target=_flood_handshakes, args=(url, 12.0))
+        flood.start()
+        try:
+            await asyncio.sleep(2.0)
+            loaded = await round_trips(200)
+        finally:
+            flood.join(20)
+            if flood.is_alive():
+                flood.kill()
+        await sender.close()
+        await receiver.close()
+    p99 = lambda xs: statistics.quantiles(xs, n=100)[98] * 1000  # noqa: E731
+    return f"p99 {p99(idle):.1f} ms idle, {p99(loaded):.1f} ms under the flood"
+
+
+ATTACKS: dict[str, tuple[tuple[str, ...], Callable[..., Awaitable[str]]]] = {
+    "nat": (("--max-pending-handshakes-per-address", "64"), nat),
+    "slowloris": ((), slowloris),
+    "one-key": ((), one_key),
+    "stuck": (("--heartbeat-s", "5", "--write-timeout-s", "5", "--close-timeout-s", "2",
+               "--max-connections-per-address", "100000", "--unknown-key-burst", "100000"),
+              stuck),
+    "storm": (("--sweep-interval-s", "1"), storm),
+    "verify": ((), verify),
+}
+
+
+def run(code_dir: str | None, name: str) -> str:
+    flags, attack = ATTACKS[name]
+    known = relay_flags(code_dir)
+    args = [a for pair in zip(flags[::2], flags[1::2]) if pair[0] in known for a in pair]
+    relaxed = [a for pair in zip(RELAXED[::2], RELAXED[1::2]) if pair[0] in known for a in pair]
+    with RelayProcess(*relaxed, *args, code_dir=code_dir) as relay:
+        needs_relay = attack.__code__.co_argcount == 2
+        coro = attack(relay.url, relay) if needs_relay else attack(relay.url)
+        return asyncio.run(coro)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="another checkout's top directory (the 'before')")
+    parser.add_argument("--only", default=",".join(ATTACKS), help="comma-separated attacks")
+    args = parser.parse_args()
+    raise_nofile()
+    rows, results = [], {}
+    for name in args.only.split(","):
+        before = run(str(Path(args.baseline).resolve()), name) if args.baseline else "-"
+        after = run(None, name)
+        rows.append((name, before, after))
+        results[name] = {"before": before, "after": after}
+        print(f"{name}: before {before} | after {after}", flush=True)
+    print(table(["attack", "before (baseline)", "after (this checkout)"], rows))
+    print(f"results: {write_results('hostile', results)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The address of the real client behind trusted proxies, for per-address budgets.
+
+Behind a load balancer or ingress every socket comes from the proxy, so
+budgets keyed on the socket's peer would put the whole fleet in one bucket.
+The proxy says who connected in `Forwarded` (RFC 7239) or `X-Forwarded-For`,
+but anyone can send those headers, so they are believed only from peers in
+`trusted` networks, and only as far as the chain stays inside them: reading
+the chain right to left (nearest hop first), the first address that is not a
+trusted proxy is the client.  A client cannot push itself further right than
+its own hop, so it cannot pose as someone else behind the proxy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
+    """CIDR networks (a bare address is a /32 or /128); ValueError names a bad entry."""
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def are_networks(texts: Iterable[str]) -> bool:
+    """Whether every entry parses, for a settings object's `validate`."""
+    try:
+        parse_networks(texts)
+    except ValueError:
+        return False
+    return True
+
+
+def client_address(peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
+    """The client's address: `peer` itself unless `peer` is a trusted proxy that forwarded it."""
+    if not trusted or not _is_trusted(peer, trusted):
+        return peer
+    hops = _forwarded_for(headers)
+    for hop in reversed(hops):
+        if not _is_trusted(hop, trusted):
+            return hop
+    # Every hop is a proxy of ours (or nothing was forwarded): the leftmost is the origin.
+    return hops[0] if hops else peer
+
+
+def _is_trusted(text: str, trusted: tuple[Network, ...]) -> bool:
+    address = _address(text)
+    return address is not None and any(address in network for network in trusted)
+
+
+def _address(text: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
+    """The `for=` chain of `Forwarded`, else of `X-Forwarded-For`; unparseable hops kept as
+    text (they are never trusted, so they end the walk as the client)."""
+    forwarded = headers.get("Forwarded")
+    if forwarded:
+        hops = []
+        for element in forwarded.split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.lower() == "for" and value:
+                    hops.append(_strip_node(value.strip().strip('"')))
+        if hops:
+            return hops
+    chain = headers.get("X-Forwarded-For", "")
+    return [hop.strip() for hop in chain.split(",") if hop.strip()]
+
+
+def _strip_node(node: str) -> str:
+    """RFC 7239 node: `192.0.2.1`, `192.0.2.1:4711`, `[2001:db8::1]:4711`, or `unknown`."""
+    if node.startswith("["):
+        return node[1:node.find("]")] if "]" in node else node
+    if node.count(":") == 1:
+        return node.partition(":")[0]
+    return node

@@ -1,0 +1,288 @@
+"""Resource exhaustion over real sockets: one address, one key or one idle socket never wins.
+
+Each test is an attack that succeeded against the relay before these bounds
+existed (issue "The relay holds under hostile load", items 1-4 and 8); each
+one counts in the adversarial tally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import aiohttp
+import pytest
+
+from proto import Identity
+from proto.errors import ErrorCode, ProtocolError
+from proto.frames import NONCE_BYTES, Accepted, Error, decode_frame
+from proto.handshake import DeviceHandshake
+from tally import ATTACKS_REJECTED, TALLY
+from wire import MAX_FRAME, RawDevice, error_code, sealed
+
+
+async def idle_upgrade(http: aiohttp.ClientSession, url: str,
+                       headers: dict[str, str] | None = None) -> aiohttp.ClientWebSocketResponse:
+    """A socket that upgrades, reads its CHALLENGE and then never answers."""
+    ws = await http.ws_connect(url, headers=headers)
+    assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
+    return ws
+
+
+async def refusal_of(ws: aiohttp.ClientWebSocketResponse,
+                     timeout: float = 5.0) -> ErrorCode | None:
+    """The ERROR code the relay sent before closing this socket, if it did."""
+    message = await ws.receive(timeout=timeout)
+    if message.type != aiohttp.WSMsgType.BINARY:
+        return None
+    frame = decode_frame(message.data, MAX_FRAME)
+    assert isinstance(frame, Error), frame
+    return ErrorCode(frame.code)
+
+
+async def evicted_count(sockets: list[aiohttp.ClientWebSocketResponse]) -> int:
+    """How many of `sockets` the relay refused (ERROR UNAUTHENTICATED) within a second."""
+    async def refused(ws: aiohttp.ClientWebSocketResponse) -> bool:
+        try:
+            return await refusal_of(ws, timeout=1.0) is ErrorCode.UNAUTHENTICATED
+        except asyncio.TimeoutError:
+            return False
+    return sum(await asyncio.gather(*(refused(ws) for ws in sockets)))
+
+
+async def handshake_seconds(url: str, identity: Identity,
+                            headers: dict[str, str] | None = None) -> float:
+    """How long a real device needs for CHALLENGE → HELLO → WELCOME (raises if refused)."""
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers=headers) as ws:
+            handshake = DeviceHandshake(identity, bytes(NONCE_BYTES), MAX_FRAME)
+            await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
+            handshake.receive_welcome(await ws.receive_bytes(timeout=5))
+    return time.perf_counter() - started
+
+
+# -- 1. one address, many clients: fair pending budgets and trusted proxies --------------------
+
+async def test_a_flood_of_idle_upgrades_cannot_lock_out_a_device_at_the_same_address(
+        start_relay) -> None:
+    """Before: the 17th upgrade from an address got 429 for as long as 16 idle sockets held
+    on (10 s each, renewed), so every device behind that NAT was locked out."""
+    server = await start_relay(max_pending_handshakes_per_address=16, handshake_timeout_s=10)
+    flood_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    idle: list[aiohttp.ClientWebSocketResponse] = []
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        while not stop.is_set():
+            idle.append(await idle_upgrade(flood_http, server.url))
+
+    flooding = asyncio.create_task(flood())
+    try:
+        while len(idle) < 32:
+            await asyncio.sleep(0.01)
+        # A device behind the same address, retrying with backoff as devices do.
+        started, attempts = time.perf_counter(), 0
+        while True:
+            attempts += 1
+            try:
+                await handshake_seconds(server.url, Identity.generate())
+                break
+            except (ProtocolError, aiohttp.ClientError, asyncio.TimeoutError):
+                assert time.perf_counter() - started < 10.0, f"locked out after {attempts}"
+                await asyncio.sleep(0.05)
+        assert server.relay.gate.pending_handshakes <= 16  # the cap itself still holds
+    finally:
+        stop.set()
+        await flooding
+        for ws in idle:
+            await ws.close()
+        await flood_http.close()
+    TALLY[ATTACKS_REJECTED] += 1
+    evicted = server.relay.metrics.handshake_failures.labels("evicted")._value.get()
+    assert evicted >= len(idle) - 16
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget(
+        start_relay) -> None:
+    server = await start_relay(max_pending_handshakes_per_address=2,
+                               trusted_proxies=("127.0.0.0/8",))
+    async with aiohttp.ClientSession() as http:
+        first = [await idle_upgrade(http, server.url, {"X-Forwarded-For": "203.0.113.7"})
+                 for _ in range(2)]
+        # Another client behind the same proxy neither evicts them nor is refused.
+        other = [await idle_upgrade(http, server.url, {"Forwarded": 'for="[2001:db8::9]:4711"'})
+                 for _ in range(2)]
+        assert server.relay.gate.pending_handshakes == 4
+        assert await evicted_count(first + other) == 0
+        for ws in first + other:
+            await ws.close()
+
+
+async def test_forwarded_headers_from_untrusted_peers_are_ignored(start_relay) -> None:
+    """A client cannot spread itself over made-up addresses by sending the header itself."""
+    server = await start_relay(max_pending_handshakes_per_address=2)  # no trusted proxies
+    async with aiohttp.ClientSession() as http:
+        sockets = [await idle_upgrade(http, server.url, {"X-Forwarded-For": f"198.51.100.{i}"})
+                   for i in range(3)]
+        assert server.relay.gate.pending_handshakes == 2
+        assert await evicted_count(sockets[:2]) == 1  # one of them made room for the third
+        TALLY[ATTACKS_REJECTED] += 1
+        for ws in sockets:
+            await ws.close()
+
+
+# -- 2. slowloris --------------------------------------------------------------------------------
+
+async def test_a_half_sent_upgrade_request_is_dropped_after_the_request_timeout(
+        start_relay) -> None:
+    """Before: aiohttp kept it for its keep-alive timeout of about an hour."""
+    server = await start_relay(request_timeout_s=0.5)
+    loop = asyncio.get_running_loop()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.setblocking(False)
+        await loop.sock_sendall(sock, b"GET /v1/connect HTTP/1.1\r\nHost: x\r\nUpgrade: web")
+        started = time.perf_counter()
+        assert server.sockets is not None
+        async with asyncio.timeout(1):
+            while server.sockets.open != 1:  # counted from accept(), before any request
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            assert await loop.sock_recv(sock, 1024) == b""  # closed by the relay
+        assert time.perf_counter() - started < 2.0
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_sockets_beyond_the_cap_are_refused_at_accept(start_relay) -> None:
+    server = await start_relay(max_connections=3)
+    loop = asyncio.get_running_loop()
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(3)]
+    try:
+        await asyncio.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+            extra.setblocking(False)
+            async with asyncio.timeout(5):
+                with pytest.raises(ConnectionResetError):
+                    while await loop.sock_recv(extra, 1024):
+                        pass
+                    raise ConnectionResetError("closed")
+        assert server.sockets is not None and server.sockets.open == 3
+    finally:
+        for sock in held:
+            sock.close()
+    refused = server.relay.metrics.handshake_failures.labels("connection_limit")._value.get()
+    assert refused == 1
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+# -- 3. one key, one connection ------------------------------------------------------------------
+
+async def test_a_key_that_connects_again_supersedes_its_older_connection(relay) -> None:
+    """Before: both connections got every DELIVER, and one key could take every slot."""
+    alice, bob = Identity.generate(), Identity.generate()
+    older = await RawDevice.connect(relay.url, bob)
+    newer = await RawDevice.connect(relay.url, bob)
+    try:
+        frame = await older.recv()
+        assert isinstance(frame, Error) and frame.code == ErrorCode.SUPERSEDED
+        assert (await older.ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                            aiohttp.WSMsgType.CLOSED)
+        async with await RawDevice.connect(relay.url, alice) as a:
+            assert isinstance(await a.send(sealed(alice, [bob.public], b"to bob")), Accepted)
+        assert (await newer.next_delivery()).envelope  # the new connection is served
+    finally:
+        await older.close()
+        await newer.close()
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_connections_per_address_are_capped(start_relay) -> None:
+    server = await start_relay(max_connections_per_address=2)
+    devices = [await RawDevice.connect(server.url, Identity.generate()) for _ in range(2)]
+    try:
+        async with aiohttp.ClientSession() as http, http.get(server.url) as refused:
+            assert refused.status == 429
+    finally:
+        for device in devices:
+            await device.close()
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+# -- 4. devices that stop reading ----------------------------------------------------------------
+
+def small_window_socket(addr_info: tuple) -> socket.socket:
+    """A client socket with a tiny receive buffer, so a device that stops reading pushes
+    back on the relay at once instead of after megabytes of kernel buffer."""
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    return sock
+
+
+async def test_a_device_that_stops_reading_is_aborted_and_frees_its_socket(
+        start_relay) -> None:
+    """Before: closed but never aborted, such sockets lingered with their unsent data and no
+    longer counted toward max_connections."""
+    server = await start_relay(write_timeout_s=0.5, close_timeout_s=0.5, heartbeat_s=3600.0,
+                               delivery_window=256, rate_per_s=1e6, rate_burst=10**6,
+                               mailbox_max_bytes=1 << 30)
+    sender, stuck = Identity.generate(), Identity.generate()
+    connector = aiohttp.TCPConnector(socket_factory=small_window_socket)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        ws = await http.ws_connect(server.url, max_msg_size=MAX_FRAME)
+        handshake = DeviceHandshake(stuck, bytes(NONCE_BYTES), MAX_FRAME)
+        await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
+        handshake.receive_welcome(await ws.receive_bytes(timeout=5))
+        # From here on `stuck` reads nothing; its mailbox fills with large envelopes, more
+        # than the kernel's socket buffers hold, so the rest waits in the relay's memory.
+        async with await RawDevice.connect(server.url, sender) as s:
+            for _ in range(200):
+                assert isinstance(await s.send(sealed(sender, [stuck.public], b"x" * 60_000)),
+                                  Accepted)
+            async with asyncio.timeout(10):
+                while server.sockets.open > 1:  # only the sender's socket is left
+                    await asyncio.sleep(0.05)
+        await ws.close()
+    assert await server.relay.store.depth(stuck.public) == 200  # nothing lost: still queued
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+# -- 8. verify floods from fresh keys ------------------------------------------------------------
+
+async def test_fresh_keys_from_one_address_get_only_the_unknown_key_budget(start_relay) -> None:
+    """Before: a new key per connection bought ~17k signature checks/s from one address."""
+    server = await start_relay(unknown_key_rate_per_s=1.0, unknown_key_burst=5,
+                               probation_sends=2)
+    codes = []
+    for _ in range(8):
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.url) as ws:
+            handshake = DeviceHandshake(Identity.generate(), bytes(NONCE_BYTES), MAX_FRAME)
+            await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
+            answer = decode_frame(await ws.receive_bytes(timeout=5), MAX_FRAME)
+            codes.append("WELCOME" if not isinstance(answer, Error) else error_code(answer))
+    assert codes[:5] == ["WELCOME"] * 5 and set(codes[5:]) == {"RATE_LIMITED"}
+    refused = server.relay.metrics.handshake_failures.labels("unknown_key_budget")._value.get()
+    assert refused == 3
+
+
+async def test_a_known_key_is_not_slowed_by_the_flood_of_unknown_ones(start_relay) -> None:
+    server = await start_relay(unknown_key_rate_per_s=1.0, unknown_key_burst=1,
+                               probation_sends=0)
+    device = Identity.generate()
+    assert await handshake_seconds(server.url, device) < 2.0  # spends the one token
+    for _ in range(3):  # the flood: fresh keys, refused before any verify
+        with pytest.raises(Exception):
+            await handshake_seconds(server.url, Identity.generate())
+    assert await handshake_seconds(server.url, device) < 2.0  # known now: no token needed
+    TALLY[ATTACKS_REJECTED] += 3
+
+
+async def test_first_sends_of_an_unknown_key_draw_on_the_address_budget(start_relay) -> None:
+    server = await start_relay(unknown_key_rate_per_s=1.0, unknown_key_burst=3,
+                               probation_sends=5, rate_per_s=1e6, rate_burst=10**6)
+    sender, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, sender) as s:  # 1 token: the handshake
+        answers = [await s.send(sealed(sender, [bob.public])) for _ in range(4)]
+    assert [isinstance(a, Accepted) for a in answers[:2]] == [True, True]
+    assert [error_code(a) for a in answers[2:]] == ["RATE_LIMITED", "RATE_LIMITED"]

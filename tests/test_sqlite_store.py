@@ -1,0 +1,120 @@
+"""The embedded store's own promises: its files upgrade in place, a full database is a store fault.
+
+The contract every store keeps is in test_store_contract.py; these are about
+SQLite files: one written before bodies were shared still serves its mail,
+and SQLITE_FULL (a genuine one, from `PRAGMA max_page_count`) surfaces as
+StoreUnavailableError, makes ping() fail, and leaves the store working again
+once there is room.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from continuum.store import MailboxLimits
+from continuum.store.sqlite import SCHEMA_VERSION, SqliteStore
+from proto import Envelope, Identity, Kind, seal_envelope
+from proto.errors import ReplayError, StoreUnavailableError
+
+ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
+
+# The layout of the previous release, one row per copy with the bytes inline.
+_VERSION_0 = """
+CREATE TABLE mailbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, recipient BLOB NOT NULL,
+    sender BLOB NOT NULL, msg_id BLOB NOT NULL, kind INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL, raw BLOB NOT NULL);
+CREATE INDEX mailbox_by_recipient ON mailbox (recipient, seq);
+CREATE INDEX mailbox_by_expiry ON mailbox (expires_at_ms);
+CREATE TABLE seen (sender BLOB NOT NULL, msg_id BLOB NOT NULL, until_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, msg_id)) WITHOUT ROWID;
+CREATE INDEX seen_by_until ON seen (until_ms);
+"""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def envelope(sender: Identity, recipients: list[Identity], text: bytes = b"hi") -> Envelope:
+    return seal_envelope(sender, Kind.DATA, [r.public for r in recipients], text, ttl_s=600,
+                         now_ms=now_ms())
+
+
+async def test_a_file_from_before_shared_bodies_still_serves_its_mail(tmp_path: Path) -> None:
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    old = envelope(alice, [bob, carol], b"written by the previous release")
+    path = tmp_path / "mail.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_VERSION_0)
+        db.executemany("INSERT INTO mailbox (recipient, sender, msg_id, kind, expires_at_ms, raw)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       [(r.public.raw, alice.public.raw, old.msg_id, 1, old.expires_at_ms,
+                         old.raw) for r in (bob, carol)])
+        db.execute("INSERT INTO seen VALUES (?, ?, ?)",
+                   (alice.public.raw, old.msg_id, now_ms() + 60_000))
+    store = SqliteStore(path)
+    try:
+        assert await store.depth(bob.public) == 1
+        with pytest.raises(ReplayError):
+            await store.accept(old, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+        [bobs] = await store.fetch(bob.public, None, 10)
+        assert bobs.raw == old.raw
+        assert await store.ack(bob.public, bobs.tag)
+        newer = envelope(alice, [bob])
+        await store.accept(newer, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+        assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [newer.raw]
+        assert [e.raw for e in await store.fetch(carol.public, None, 10)] == [old.raw]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_full_database_is_a_store_fault_and_recovers(tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    store = SqliteStore(tmp_path / "mail.db")
+    try:
+        await store.ping()
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages + 8}")  # room for a few bodies only
+        with pytest.raises(StoreUnavailableError, match="full"):
+            for _ in range(100):
+                await store.accept(envelope(alice, [bob], b"x" * 4000),
+                                   replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+        with pytest.raises(StoreUnavailableError, match="full"):
+            await store.ping()  # what /healthz asks: it must not say "ok" now
+        stored = await store.depth(bob.public)
+        store._db.execute("PRAGMA max_page_count = 1073741823")  # the disk has room again
+        await store.ping()
+        await store.accept(envelope(alice, [bob]), replay_until_ms=now_ms() + 60_000,
+                           limits=ROOMY)
+        assert len(await store.fetch(bob.public, None, 1000)) == stored + 1
+    finally:
+        await store.close()
+
+
+async def test_bodies_go_with_their_last_entry(tmp_path: Path) -> None:
+    """One row per envelope whatever its recipients, removed by the last ack or expiry."""
+    alice, bob, carol = (Identity.generate() for _ in range(3))
+    store = SqliteStore(tmp_path / "mail.db")
+
+    def bodies() -> int:
+        return store._db.execute("SELECT count(*) FROM body").fetchone()[0]
+
+    try:
+        acked, expiring = envelope(alice, [bob, carol]), envelope(alice, [bob, carol])
+        for env in (acked, expiring):
+            await store.accept(env, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+        assert bodies() == 2
+        for reader in (bob, carol):
+            first = (await store.fetch(reader.public, None, 10))[0]
+            assert await store.ack(reader.public, first.tag)
+            assert bodies() == (2 if reader is bob else 1)
+        assert len(await store.take_expired(expiring.expires_at_ms + 1, 100)) == 2
+        assert bodies() == 0
+    finally:
+        await store.close()
