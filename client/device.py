@@ -35,7 +35,7 @@ from .inbox import (Drop, ExpiryArrived, InboundMessage, InboxView, PeerChangeAr
                     ReceiptArrived, Surface, decide)
 from .manager import ConnectionManager, describe
 from .outbox import Outbox, PendingSend
-from .peers import PeerList
+from .peers import PeerList, Standing
 from .protocol import BadFrame, Delivered, Event, SendAccepted, SendRefused
 from .stats import DeviceStats
 from .tracking import DeliveryStatus, Outgoing, SentLog
@@ -265,12 +265,17 @@ class Device:
                 log.warning("receipt_listener_full", sender=sender.text)
 
     async def _on_peer_change(self, decision: PeerChangeArrived) -> None:
-        if decision.newer:
-            self.peers.replace(decision.change.version, decision.change.peers)
+        change, oracle = decision.change, decision.envelope.sender
+        if decision.standing is Standing.OLDER:
+            self.stats.peer_changes_older += 1
+            log.warning("peer_change_older_than_held", offered=str(change.stamp),
+                        held=str(self.peers.stamp), oracle=oracle.text)
+            return  # no receipt: a receipt tells the oracle this very list is in force
+        if decision.standing is Standing.NEWER:
+            self.peers.replace(change.version, change.peers, epoch=change.epoch, oracle=oracle)
             self.stats.peer_list_updates += 1
-            log.info("peer_list_replaced", version=decision.change.version,
-                     peers=len(decision.change.peers))
-        # The receipt tells the oracle this device holds this version (or a newer one).
+            log.info("peer_list_replaced", stamp=str(change.stamp), peers=len(change.peers))
+        # Applied now, or the one already held: the oracle may show this version as in force.
         await self._send_receipt(decision.envelope)
 
     # -- connection callbacks --------------------------------------------------------------

@@ -17,7 +17,10 @@ Rules, cheapest first so hostile input costs as little as possible:
    PEER_CHANGE from the configured oracle key only;
 4. a payload that does not decrypt or parse → drop (invalid);
 5. RECEIPT only from a peer, or from a recipient of a message this device
-   sent and still tracks (the oracle has no peers but needs its receipts).
+   sent and still tracks (the oracle has no peers but needs its receipts);
+6. a PEER_CHANGE is ranked against the held list by (epoch, version) and
+   oracle (`PeerList.standing`): the device applies NEWER, receipts NEWER and
+   HELD, and neither applies nor receipts OLDER.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 
 from .dedup import MessageKey
-from .peers import PeerList
+from .peers import PeerList, Standing
 
 
 class DropReason(StrEnum):
@@ -89,11 +92,12 @@ class ExpiryArrived:
 
 @dataclass(frozen=True)
 class PeerChangeArrived:
-    """The oracle's peer list; `newer` says whether it replaces the stored one."""
+    """The oracle's peer list; `standing` says whether it replaces the stored one (NEWER),
+    is the one held (HELD), or is behind it (OLDER: neither applied nor receipted)."""
 
     envelope: Envelope
     change: PeerChange
-    newer: bool
+    standing: Standing
 
 
 Decision = Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
@@ -168,4 +172,5 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
     if envelope.kind is Kind.EXPIRY:
         return ExpiryArrived(envelope, ExpiryNotice.decode(plaintext))
     change = PeerChange.decode(plaintext)
-    return PeerChangeArrived(envelope, change, change.version > view.peers.version)
+    return PeerChangeArrived(envelope, change,
+                             view.peers.standing(change.stamp, envelope.sender))

@@ -1,14 +1,18 @@
 """The allowed-peer list: the only keys whose messages a device surfaces.
 
 A person edits it with `continuum-client peers …`; the oracle replaces it with
-signed PEER_CHANGE envelopes whose `version` only grows.  The version is kept
-with the list so a re-delivered or replayed older change can never undo a
-newer one, across restarts too.  Local edits keep the version: the oracle's
-next change wins over them.
+signed PEER_CHANGE envelopes whose stamp (epoch, version) only grows.  The
+stamp is kept with the list, and so is the oracle that issued it, so a
+re-delivered or replayed older change can never undo a newer one, across
+restarts too, while the first list of a *different* oracle (after
+`enroll --replace`) is taken whatever its count: versions of two oracles are
+not comparable.  Local edits keep the stamp: the oracle's next change wins
+over them.
 
-File form (JSON, written atomically so a crash never leaves half a list):
+File form (JSON, written atomically so a crash never leaves half a list;
+`oracle` and `epoch` appear once an oracle's list is held):
 
-    {"version": 3, "peers": ["cpk_…", "cpk_…"]}
+    {"version": 3, "peers": ["cpk_…", "cpk_…"], "oracle": "cpk_…", "epoch": 1712345678901}
 """
 
 from __future__ import annotations
@@ -16,19 +20,32 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
+from enum import Enum
 from pathlib import Path
 
 from proto import PublicKey
+from proto.access import Stamp
 from proto.errors import ProtocolError
 
 
+class Standing(Enum):
+    """How an oracle's list compares with the one held."""
+
+    NEWER = "newer"  # replaces the held list
+    HELD = "held"  # the very list held now (a re-delivery)
+    OLDER = "older"  # behind the held list: a replay, or an oracle that went back
+
+
 class PeerList:
-    """A set of public keys plus the oracle version it came from; saved on every change."""
+    """A set of public keys plus the stamp and oracle it came from; saved on every change."""
 
     def __init__(self, peers: Iterable[PublicKey] = (), version: int = 0,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, *, epoch: int = 0,
+                 oracle: PublicKey | None = None) -> None:
         self._peers = set(peers)
         self.version = version
+        self.epoch = epoch
+        self.oracle = oracle
         self.path = path
 
     @classmethod
@@ -39,14 +56,20 @@ class PeerList:
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("peers"), list):
             raise ValueError(f"{path}: expected {{\"version\": int, \"peers\": [cpk_…]}}")
-        version = data.get("version", 0)
-        if type(version) is not int or version < 0:
-            raise ValueError(f"{path}: version must be a non-negative integer")
+        version, epoch = data.get("version", 0), data.get("epoch", 0)
+        for name, number in (("version", version), ("epoch", epoch)):
+            if type(number) is not int or number < 0:
+                raise ValueError(f"{path}: {name} must be a non-negative integer")
         try:
             keys = [PublicKey.from_text(text) for text in data["peers"]]
-        except ProtocolError as exc:
-            raise ValueError(f"{path}: {exc.message}") from None
-        return cls(keys, version, path)
+            oracle = PublicKey.from_text(data["oracle"]) if "oracle" in data else None
+        except (ProtocolError, TypeError) as exc:
+            raise ValueError(f"{path}: {getattr(exc, 'message', exc)}") from None
+        return cls(keys, version, path, epoch=epoch, oracle=oracle)
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.epoch, self.version)
 
     def __contains__(self, key: object) -> bool:
         return key in self._peers
@@ -65,12 +88,27 @@ class PeerList:
         self._peers.difference_update(keys)
         self._save()
 
-    def replace(self, version: int, peers: Iterable[PublicKey]) -> bool:
-        """Adopt the oracle's list if `version` is newer; False (unchanged) otherwise."""
-        if version <= self.version:
+    def standing(self, stamp: Stamp, oracle: PublicKey | None = None) -> Standing:
+        """Where a list stamped `stamp` by `oracle` stands against the held one.
+
+        A list from another oracle than the one the held list came from is
+        NEWER: the device was enrolled with a new oracle, whose count starts
+        afresh.  A held list of unknown origin (a local list, or a file from
+        before oracles were recorded) is compared by stamp alone.
+        """
+        if self.oracle is not None and oracle != self.oracle:
+            return Standing.NEWER
+        if stamp > self.stamp:
+            return Standing.NEWER
+        return Standing.HELD if stamp == self.stamp else Standing.OLDER
+
+    def replace(self, version: int, peers: Iterable[PublicKey], *, epoch: int = 0,
+                oracle: PublicKey | None = None) -> bool:
+        """Adopt the oracle's list if it stands NEWER; False (unchanged) otherwise."""
+        if self.standing(Stamp(epoch, version), oracle) is not Standing.NEWER:
             return False
         self._peers = set(peers)
-        self.version = version
+        self.version, self.epoch, self.oracle = version, epoch, oracle
         self._save()
         return True
 
@@ -78,7 +116,12 @@ class PeerList:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        document = {"version": self.version, "peers": [key.text for key in self]}
+        document: dict[str, object] = {"version": self.version,
+                                       "peers": [key.text for key in self]}
+        if self.oracle is not None:
+            document["oracle"] = self.oracle.text
+        if self.epoch:
+            document["epoch"] = self.epoch
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
         os.replace(temporary, self.path)

@@ -23,6 +23,9 @@ class DeviceStats:
     receipts: int = 0
     expiry_notices: int = 0
     peer_list_updates: int = 0
+    # PEER_CHANGEs behind the held list (a replay, or an oracle that went back): not applied,
+    # not receipted.  Anything but 0 deserves a look.
+    peer_changes_older: int = 0
     dropped_invalid: int = 0
     duplicates: int = 0
     dropped_non_peer: int = 0

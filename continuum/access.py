@@ -1,43 +1,55 @@
 """Access control at the relay: the oracle's signed access list, fetched and enforced.
 
-The oracle publishes which keys are enrolled and which are revoked as one
-document signed with its Ed25519 key.  A relay long-polls the oracle for it
-(`GET /v1/access-list?after=<version>`), verifies it with the oracle's public
-key and keeps it as a cache: the relay holds no private key of the oracle and
-no state another replica could not fetch itself.
+The oracle publishes which keys are enrolled, which are revoked and which
+peer groups each enrolled key is in, as one document signed with its Ed25519
+key.  A relay long-polls the oracle for it (`GET /v1/access-list?epoch=E&after=V`,
+each request signed with the relay's own key), verifies it with the oracle's
+public key and keeps it as a cache: the relay holds no private key of the
+oracle and no state another replica could not fetch itself.
 
-The document's wire form is `proto.access.AccessList`.
+The document's wire form is `proto.access.AccessList`; the rules are SPEC §12.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
+
 import aiohttp
 import structlog
 
-from proto import PublicKey
-from proto.access import ACCESS_LIST_PATH, AccessList
-from proto.errors import NotEnrolledError, ProtocolError, RevokedError
+from proto import Identity, PublicKey
+from proto.access import (ACCESS_LIST_PATH, REQUEST_NONCE_BYTES, AccessList, AccessRequest,
+                          Stamp)
+from proto.errors import NotEnrolledError, NotPeerError, ProtocolError, RevokedError
+from runtime.clock import now_ms
+
+from .metrics import RelayMetrics
+
+_RETRY_MIN_S, _RETRY_MAX_S = 0.2, 5.0
 
 
 class AccessControl:
     """The relay's view of the access list, and the hook that closes revoked sessions.
 
-    With no oracle configured every key is admitted.  With one, a revoked key
-    is refused; with `require_enrollment` so is every key not enrolled, and
-    until a verified list arrives that means every key but the oracle's
-    (fail closed).  Sessions register a callback so a revocation closes them
-    the moment the list that says so is verified.
+    With no oracle configured every key is admitted and may write to every
+    key.  With one, a revoked key is refused; with `require_enrollment` so is
+    every key not enrolled, and until a verified list arrives that means every
+    key but the oracle's (fail closed).  Sessions register a callback so a
+    revocation closes them the moment the list that says so is verified.
     """
 
     def __init__(self, oracle_url: str, oracle_key: str, require_enrollment: bool,
+                 identity: Identity, metrics: RelayMetrics,
                  log: structlog.typing.FilteringBoundLogger) -> None:
         self.enabled = bool(oracle_url)
         self._url = oracle_url.rstrip("/") + ACCESS_LIST_PATH
         self._oracle = PublicKey.from_text(oracle_key) if oracle_key else None
         self._require_enrollment = require_enrollment
+        self._identity = identity
+        self._metrics = metrics
         self._log = log
         self.current: AccessList | None = None
         self._watchers: dict[PublicKey, set[Callable[[ProtocolError], None]]] = {}
@@ -67,7 +79,7 @@ class AccessControl:
         return self._loaded.is_set()
 
     def refusal(self, key: PublicKey) -> ProtocolError | None:
-        """Why `key` may not connect or be written to now; None if it may."""
+        """Why `key` may not connect or send now; None if it may."""
         if not self.enabled or key == self._oracle:
             return None
         current = self.current
@@ -76,7 +88,7 @@ class AccessControl:
         if self._require_enrollment:
             if current is None:
                 return NotEnrolledError("this relay has no verified access list yet (fail closed)")
-            if key not in current.enrolled:
+            if key not in current.groups:
                 return NotEnrolledError(f"{key.text} is not enrolled with the oracle")
         return None
 
@@ -86,7 +98,17 @@ class AccessControl:
         Checked on every SEND against the live list, not only at the handshake:
         a key revoked while its connection is open is refused from the next SEND
         on, whatever the timing of the callback that closes that connection.
-        A revoked recipient is refused too: nothing may reach it any more.
+        Then every recipient (the first refusal wins; nothing is stored):
+
+        - revoked → REVOKED: nothing may reach it any more;
+        - the oracle → any enrolled key may write to it (receipts for peer changes);
+        - not enrolled → NOT_ENROLLED with `require_enrollment`, else allowed:
+          the oracle does not manage that key;
+        - enrolled → only the oracle, or a sender sharing a peer group with it
+          (NOT_PEER), so a stranger cannot fill a device's mailbox.
+
+        The rule ignores the envelope kind: a RECEIPT from a peer passes because
+        it comes from a peer, and relay-originated EXPIRY notices never come here.
         """
         refusal = self.refusal(sender)
         if refusal is not None:
@@ -97,6 +119,15 @@ class AccessControl:
         for key in recipients:
             if key in current.revoked:
                 raise RevokedError(f"recipient {key.text} has been revoked by the oracle")
+            if key == self._oracle:
+                if sender != key and sender not in current.groups:
+                    raise NotPeerError(f"only enrolled keys may write to the oracle, not"
+                                       f" {sender.text}")
+            elif key not in current.groups:
+                if self._require_enrollment:
+                    raise NotEnrolledError(f"recipient {key.text} is not enrolled with the oracle")
+            elif sender != self._oracle and not current.shares_group(sender, key):
+                raise NotPeerError(f"{sender.text} shares no peer group with recipient {key.text}")
 
     def watch(self, key: PublicKey, on_refused: Callable[[ProtocolError], None]) -> Callable[[], None]:
         """Call `on_refused` if a later list refuses `key`; returns the function that unregisters."""
@@ -111,15 +142,30 @@ class AccessControl:
         return unwatch
 
     def apply(self, document: bytes) -> bool:
-        """Verify and install a list if it is newer; True if it was installed."""
+        """Verify and install a list if its stamp is newer; True if it was installed.
+
+        A list older than the one in force is refused and alarmed on (log and
+        `continuum_access_list_backwards`): it is a replay, or an oracle whose
+        database and clock both went back (SPEC §12, README "Restoring the oracle").
+        """
         assert self._oracle is not None
         access = AccessList.verify(document, self._oracle)
-        if self.current is not None and access.version <= self.current.version:
+        current = self.current
+        if current is not None and access.stamp <= current.stamp:
+            if access.stamp < current.stamp:
+                self._metrics.access_list_backwards.inc()
+                self._log.error("access_list_went_backwards", held=str(current.stamp),
+                                offered=str(access.stamp),
+                                detail="refused: a replayed list, or an oracle restored with"
+                                       " its clock behind the epoch of the list in force")
             return False
+        if current is not None and access.epoch != current.epoch:
+            self._log.info("access_list_new_epoch", held=str(current.stamp),
+                           applied=str(access.stamp))
         self.current = access
         self._loaded.set()
-        self._log.info("access_list_applied", version=access.version,
-                       enrolled=len(access.enrolled), revoked=len(access.revoked))
+        self._log.info("access_list_applied", epoch=access.epoch, version=access.version,
+                       enrolled=len(access.groups), revoked=len(access.revoked))
         for key in list(self._watchers):
             error = self.refusal(key)
             if error is not None:
@@ -127,24 +173,50 @@ class AccessControl:
                     callback(error)
         return True
 
+    def _authorization(self) -> str:
+        assert self._oracle is not None
+        request = AccessRequest(self._identity.public, self._oracle, now_ms(),
+                                os.urandom(REQUEST_NONCE_BYTES))
+        return request.authorization(self._identity)
+
     async def _poll_forever(self) -> None:
-        """Long-poll the oracle; each answer is either a newer list or "nothing new yet"."""
+        """Long-poll the oracle; each answer is a list to try, or "nothing new yet"."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-        backoff = 0.2
+        retry_s = _RETRY_MIN_S
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while True:
-                after = self.current.version if self.current is not None else 0
                 try:
-                    async with http.get(self._url, params={"after": str(after)}) as response:
-                        if response.status == 200:
-                            self.apply(await response.read())
-                        elif response.status != 204:
-                            raise aiohttp.ClientResponseError(
-                                response.request_info, (), status=response.status,
-                                message=response.reason or "")
-                    backoff = 0.2
+                    at_once = await self._poll_once(http)
                 except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:
                     self._log.warning("access_list_fetch_failed", url=self._url,
-                                      error=f"{type(exc).__name__}: {exc}", retry_s=backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                                      error=f"{type(exc).__name__}: {exc}", retry_s=retry_s)
+                    at_once = False
+                if at_once:
+                    retry_s = _RETRY_MIN_S
+                    continue
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, _RETRY_MAX_S)
+
+    async def _poll_once(self, http: aiohttp.ClientSession) -> bool:
+        """One long-poll; True if the next may start at once (a list applied, or none newer).
+
+        The oracle answers at once whenever its stamp differs from ours, so a list
+        we refuse (older) would come straight back: the caller backs off instead.
+        """
+        stamp = self.current.stamp if self.current is not None else Stamp(0, 0)
+        async with http.get(self._url, params={"epoch": str(stamp.epoch),
+                                               "after": str(stamp.version)},
+                            headers={"Authorization": self._authorization()}) as response:
+            if response.status == 200:
+                return self.apply(await response.read())
+            if response.status == 204:
+                return True
+            if response.status == 401:  # also for a moment at start, until the oracle has
+                # connected to this relay and so learned its key
+                self._log.warning("access_list_unauthorized", relay_key=self._identity.public.text,
+                                  reason=(await response.text())[:200],
+                                  detail="the oracle does not accept this relay's key: add it to"
+                                         " the oracle's --relay-key list")
+                return False
+            raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
+                                              message=response.reason or "")

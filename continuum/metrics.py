@@ -31,6 +31,11 @@ class RelayMetrics:
         self.handshake_failures = Counter("continuum_handshake_failures",
                                           "Connections refused before authentication",
                                           ["reason"], registry=self.registry)
+        self.access_list_backwards = Counter(
+            "continuum_access_list_backwards",
+            "Signed access lists refused because their (epoch, version) is older than the one"
+            " in force: a replay, or an oracle restored with its clock behind",
+            registry=self.registry)
         self.connected = Gauge("continuum_connected_devices",
                                "Authenticated device connections", registry=self.registry)
         self.open_sockets = Gauge("continuum_open_sockets",

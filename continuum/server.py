@@ -64,8 +64,9 @@ class RelayServer:
         store = open_store(settings.store)
         identity = load_relay_identity(settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
+        metrics = RelayMetrics()
         access = AccessControl(settings.oracle_url, settings.oracle_key,
-                               settings.require_enrollment, log)
+                               settings.require_enrollment, identity, metrics, log)
         gate = ConnectionGate(
             max_pending_per_address=settings.max_pending_handshakes_per_address,
             max_per_address=settings.max_connections_per_address,
@@ -73,7 +74,6 @@ class RelayServer:
             unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
             unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys,
             enrolled=lambda key: access.current is not None and key in access.current.enrolled)
-        metrics = RelayMetrics()
         self.relay = RelayContext(settings, store, identity, metrics, log, gate, access)
         # keepalive_timeout also bounds the time from accept() to a complete request:
         # aiohttp arms it when the socket is accepted (slowloris).

@@ -8,7 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
-from proto.access import ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH
+from proto.access import ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH, Stamp
+from proto.errors import ProtocolError
+from runtime.clock import now_ms
 
 from .auth import PRINCIPAL
 from .context import ORACLE_KEY, OracleContext
@@ -110,11 +112,18 @@ async def remove_member(request: web.Request) -> web.Response:
     return web.json_response(group.to_json())
 
 
+async def reissue_peer_lists(request: web.Request) -> web.Response:
+    """After a restore from backup: every active device gets its list again, in this epoch."""
+    issued = await _oracle(request).registry.reissue_peer_lists()
+    return web.json_response({"issued": issued})
+
+
 async def status(request: web.Request) -> web.Response:
     oracle = _oracle(request)
     devices = await oracle.registry.list_devices()
     return web.json_response({
         "oracle_key": oracle.identity.public.text,
+        "access_list_epoch": (await oracle.publisher.current()).stamp.epoch,
         "access_list_version": await oracle.registry.access_version(),
         "relays": list(oracle.settings.relays),
         "devices": len(devices),
@@ -130,16 +139,25 @@ async def whoami(request: web.Request) -> web.Response:
 
 
 async def access_list(request: web.Request) -> web.Response:
-    """Long-poll for the signed access list (public: it holds public keys and a signature)."""
-    try:
-        after = int(request.query.get("after", "0"))
-    except ValueError:
-        raise InvalidInput("after must be an integer") from None
+    """Long-poll for the signed access list, for relays that sign the request (SPEC §12).
+
+    Answered from the publisher's cached list: a poll never touches the database.
+    """
     oracle = _oracle(request)
-    document = await oracle.publisher.wait_newer(after, oracle.settings.longpoll_s)
-    if document is None:
+    try:
+        oracle.relay_auth.check(request.headers.get("Authorization"), now_ms())
+    except ProtocolError as exc:
+        return web.json_response({"error": exc.message}, status=401,
+                                 headers={"WWW-Authenticate": "Continuum-Relay"})
+    try:
+        held = Stamp(int(request.query.get("epoch", "0")), int(request.query.get("after", "0")))
+    except ValueError:
+        raise InvalidInput("epoch and after must be integers") from None
+    published = await oracle.publisher.wait_changed(held, oracle.settings.longpoll_s)
+    if published is None:
         return web.Response(status=204)
-    return web.Response(body=document, content_type=ACCESS_LIST_CONTENT_TYPE)
+    return web.Response(body=published.document, content_type=ACCESS_LIST_CONTENT_TYPE,
+                        headers={"ETag": published.etag})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -153,6 +171,7 @@ async def healthz(request: web.Request) -> web.Response:
                               "relays_connected": oracle.pusher.connected})
 
 
+# No administrator needed; the access list authenticates relays itself (`relay_auth`).
 PUBLIC_PATHS = {"/healthz", ACCESS_LIST_PATH, "/v1/openapi"}
 
 
@@ -176,3 +195,4 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/groups/{group_id}", delete_group)
     r.add_put("/v1/groups/{group_id}/members/{key}", add_member)
     r.add_delete("/v1/groups/{group_id}/members/{key}", remove_member)
+    r.add_post("/v1/peer-lists/reissue", reissue_peer_lists)

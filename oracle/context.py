@@ -14,6 +14,7 @@ from .auth import Auth
 from .login_throttle import LoginThrottle
 from .publisher import AccessListPublisher
 from .registry import Registry
+from .relay_auth import RelayAuth
 from .settings import OracleSettings
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ class OracleContext:
     auth: Auth
     publisher: AccessListPublisher
     pusher: Pusher
+    relay_auth: RelayAuth
     log: structlog.typing.FilteringBoundLogger
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
 

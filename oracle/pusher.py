@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+from collections.abc import Set
 
 import structlog
 
@@ -28,6 +29,7 @@ from proto.errors import ProtocolError, ReplayError
 from proto.payloads import PeerChange
 from runtime.clock import now_ms
 
+from .publisher import AccessListPublisher
 from .records import PendingPush
 from .registry import Registry
 from .settings import OracleSettings
@@ -38,9 +40,10 @@ _BATCH = 100
 
 
 class Pusher:
-    def __init__(self, registry: Registry, identity: Identity, settings: OracleSettings,
-                 log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(self, registry: Registry, publisher: AccessListPublisher, identity: Identity,
+                 settings: OracleSettings, log: structlog.typing.FilteringBoundLogger) -> None:
         self._registry = registry
+        self._publisher = publisher
         self._identity = identity
         self._settings = settings
         self._log = log
@@ -54,6 +57,11 @@ class Pusher:
     @property
     def connected(self) -> bool:
         return self._device is not None and self._device.connected
+
+    @property
+    def relay_keys(self) -> Set[PublicKey]:
+        """Keys the configured relays proved in WELCOME when this oracle connected to them."""
+        return self._device.relay_keys if self._device is not None else frozenset()
 
     def notify(self) -> None:
         """New outbox rows were committed: drain now."""
@@ -84,7 +92,7 @@ class Pusher:
             await device.__aexit__(None, None, None)
 
     async def _refresh_peers(self) -> None:
-        active = {PublicKey.from_text(k) for k in (await self._registry.access_snapshot()).enrolled}
+        active = set((await self._publisher.current()).access.enrolled)
         current = set(self._peers)
         self._peers.add(active - current)
         self._peers.remove(current - active)
@@ -113,7 +121,8 @@ class Pusher:
             envelope = decode_envelope(base64.b64decode(push.envelope))
             if now_ms() - envelope.created_at_ms < self._settings.reseal_after_s * 1000:
                 return envelope
-        change = PeerChange(push.version, tuple(PublicKey.from_text(k) for k in push.peers))
+        change = PeerChange(push.version, tuple(PublicKey.from_text(k) for k in push.peers),
+                            push.epoch)
         return seal_envelope(self._identity, Kind.PEER_CHANGE,
                              [PublicKey.from_text(push.device_key)], change.encode(),
                              ttl_s=self._settings.push_ttl_s, now_ms=now_ms())
@@ -133,12 +142,12 @@ class Pusher:
         except (ProtocolError, TimeoutError) as exc:
             reason = "no relay accepted it in time" if isinstance(exc, TimeoutError) else str(exc)
             await self._registry.mark_failed(push, f"{type(exc).__name__}: {reason}")
-            self._log.info("peer_change_retry", device=push.device_key, version=push.version,
-                           error=reason)
+            self._log.info("peer_change_retry", device=push.device_key, epoch=push.epoch,
+                           version=push.version, error=reason)
             return False
         await self._registry.mark_sent(push)
-        self._log.info("peer_change_sent", device=push.device_key, version=push.version,
-                       peers=len(push.peers))
+        self._log.info("peer_change_sent", device=push.device_key, epoch=push.epoch,
+                       version=push.version, peers=len(push.peers))
         return True
 
     async def _receipts_forever(self) -> None:

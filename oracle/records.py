@@ -9,6 +9,7 @@ has one spelling of each field.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -58,6 +59,7 @@ class PendingPush:
     """The newest unsent peer-change version of one device."""
 
     device_key: str
+    epoch: int
     version: int
     peers: frozenset[str]
     envelope: str | None
@@ -83,6 +85,11 @@ class PushStatus:
 
 @dataclass(frozen=True)
 class AccessSnapshot:
+    """What the access list is built from: stamp, keys, and the group ids of each enrolled key
+    that is in a group."""
+
+    epoch: int
     version: int
     enrolled: frozenset[str]
     revoked: frozenset[str]
+    groups: Mapping[str, frozenset[str]]

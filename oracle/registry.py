@@ -2,9 +2,11 @@
 
 Each administrative change re-derives the peer lists and, in the same
 transaction, issues a new version to every device whose list changed (the
-outbox row) and bumps the access-list version when enrolment or revocation
-changed.  So a committed change always has its pushes recorded: a crash
-after the commit loses nothing, the pusher finds the rows on restart.
+outbox row) and bumps the access-list version when enrolment, revocation or
+group membership changed (relays enforce groups too).  Both carry the epoch
+the running oracle began at start (`begin_epoch`).  So a committed change
+always has its pushes recorded: a crash after the commit loses nothing, the
+pusher finds the rows on restart.
 
 Input is checked by `validation` before it is stored, and what is read comes
 back as the frozen values of `records`.
@@ -133,6 +135,7 @@ class Registry:
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM memberships WHERE group_id = $1", group_id)
             await conn.execute("DELETE FROM peer_groups WHERE id = $1", group_id)
+            await self._bump_access_list(conn)
             await self._reconcile(conn)
         self._on_change()
 
@@ -144,6 +147,7 @@ class Registry:
             await conn.execute(
                 "INSERT INTO memberships (group_id, device_key) VALUES ($1, $2)"
                 " ON CONFLICT DO NOTHING", group_id, key_text)
+            await self._bump_access_list(conn)
             await self._reconcile(conn)
         self._on_change()
         return await self.get_group(group_id)
@@ -154,6 +158,7 @@ class Registry:
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM memberships WHERE group_id = $1 AND device_key = $2",
                                group_id, key_text)
+            await self._bump_access_list(conn)
             await self._reconcile(conn)
         self._on_change()
         return await self.get_group(group_id)
@@ -163,13 +168,14 @@ class Registry:
     async def pending_pushes(self, limit: int = 100) -> list[PendingPush]:
         """Newest unsent version per active device; superseded versions are never sent."""
         rows = await self.db.fetch(
-            "SELECT pc.device_key, pc.version, pc.peers, pc.envelope, pc.attempts"
+            "SELECT pc.device_key, pc.epoch, pc.version, pc.peers, pc.envelope, pc.attempts"
             " FROM peer_changes pc JOIN devices d"
             "  ON d.key = pc.device_key AND d.peer_version = pc.version"
             " WHERE pc.sent_at_ms IS NULL AND d.revoked_at_ms IS NULL"
             " ORDER BY pc.created_at_ms LIMIT $1", limit)
-        return [PendingPush(r["device_key"], r["version"], decode_peer_text(r["peers"]),
-                            r["envelope"], r["attempts"]) for r in rows]
+        return [PendingPush(r["device_key"], r["epoch"], r["version"],
+                            decode_peer_text(r["peers"]), r["envelope"], r["attempts"])
+                for r in rows]
 
     async def record_sealed(self, push: PendingPush, envelope_b64: str, msg_id_hex: str) -> None:
         """Remember the exact envelope before sending it, so a retry resends the same bytes."""
@@ -222,24 +228,59 @@ class Registry:
     # -- access list -----------------------------------------------------------
 
     async def access_snapshot(self) -> AccessSnapshot:
-        async with self.db.transaction() as conn:  # one consistent view of version and keys
-            version = await conn.fetchval("SELECT version FROM access_list_state WHERE id = 1")
+        """Everything the access list says, read once per change (the publisher caches it)."""
+        async with self.db.transaction() as conn:  # one consistent view of stamp, keys and groups
+            state = await conn.fetchrow("SELECT epoch, version FROM access_list_state WHERE id = 1")
             rows = await conn.fetch("SELECT key, revoked_at_ms FROM devices")
+            memberships = await conn.fetch("SELECT group_id, device_key FROM memberships")
+        assert state is not None
+        enrolled = frozenset(r["key"] for r in rows if r["revoked_at_ms"] is None)
+        groups: dict[str, set[str]] = {}
+        for row in memberships:
+            if row["device_key"] in enrolled:
+                groups.setdefault(row["device_key"], set()).add(row["group_id"])
         return AccessSnapshot(
-            int(version),
-            frozenset(r["key"] for r in rows if r["revoked_at_ms"] is None),
-            frozenset(r["key"] for r in rows if r["revoked_at_ms"] is not None))
+            int(state["epoch"]), int(state["version"]), enrolled,
+            frozenset(r["key"] for r in rows if r["revoked_at_ms"] is not None),
+            {key: frozenset(ids) for key, ids in groups.items()})
 
     async def access_version(self) -> int:
         return int(await self.db.fetchval("SELECT version FROM access_list_state WHERE id = 1"))
+
+    async def begin_epoch(self) -> int:
+        """Start this process's epoch: the clock, but never at or below the last one recorded.
+
+        Called once at every start.  After a restore from backup the recorded
+        epoch is the snapshot's and the clock has moved on, so the new epoch
+        outranks every list issued before the restore; if the clock is behind,
+        one more than the recorded epoch still outranks what this database issued.
+        """
+        async with self.db.transaction() as conn:
+            recorded = int(await conn.fetchval("SELECT epoch FROM access_list_state WHERE id = 1"))
+            epoch = max(now_ms(), recorded + 1)
+            await conn.execute("UPDATE access_list_state SET epoch = $1 WHERE id = 1", epoch)
+        return epoch
+
+    async def reissue_peer_lists(self) -> int:
+        """Issue every active device its current list again, in the current epoch.
+
+        For after a restore: devices may hold lists from changes the backup lost,
+        which the restored outbox knows nothing about; these outrank them.
+        Returns how many devices were issued a list.
+        """
+        async with self.db.transaction() as conn:
+            issued = await self._reconcile(conn, everyone=True)
+        self._on_change()
+        return issued
 
     # -- internals -------------------------------------------------------------
 
     async def _bump_access_list(self, conn: Connection) -> None:
         await conn.execute("UPDATE access_list_state SET version = version + 1 WHERE id = 1")
 
-    async def _reconcile(self, conn: Connection) -> None:
-        """Issue a new version to every active device whose derived list changed."""
+    async def _reconcile(self, conn: Connection, everyone: bool = False) -> int:
+        """Issue a new version to every active device whose derived list changed (or to
+        every active device); returns how many were issued one."""
         devices = await conn.fetch(
             "SELECT d.key, d.revoked_at_ms, d.peer_version, pc.peers FROM devices d"
             " LEFT JOIN peer_changes pc ON pc.device_key = d.key AND pc.version = d.peer_version")
@@ -248,15 +289,19 @@ class Registry:
                        for r in await conn.fetch("SELECT group_id, device_key FROM memberships")]
         last_sent = {d["key"]: decode_peer_text(d["peers"] or "") for d in devices}
         active = [d["key"] for d in devices if d["revoked_at_ms"] is None]
-        changes = changed_lists(last_sent, derive_peer_lists(memberships, revoked), active)
+        desired = derive_peer_lists(memberships, revoked)
+        changes = ({key: desired.get(key, frozenset()) for key in active} if everyone
+                   else changed_lists(last_sent, desired, active))
+        epoch = await conn.fetchval("SELECT epoch FROM access_list_state WHERE id = 1")
         now = now_ms()
         for key, peers in sorted(changes.items()):
             version = await conn.fetchval(
                 "UPDATE devices SET peer_version = peer_version + 1 WHERE key = $1"
                 " RETURNING peer_version", key)
             await conn.execute(
-                "INSERT INTO peer_changes (device_key, version, peers, created_at_ms)"
-                " VALUES ($1, $2, $3, $4)", key, version, encode_peer_text(peers), now)
+                "INSERT INTO peer_changes (device_key, epoch, version, peers, created_at_ms)"
+                " VALUES ($1, $2, $3, $4, $5)", key, epoch, version, encode_peer_text(peers), now)
+        return len(changes)
 
     async def _refuse_duplicate_group(self, conn: Connection, name: str,
                                       except_id: str | None = None) -> None:

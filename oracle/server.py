@@ -14,7 +14,7 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
-from proto import Identity
+from proto import Identity, PublicKey
 from runtime.listener import SocketCap, listen
 
 from .auth import Auth
@@ -23,6 +23,7 @@ from .db import open_database
 from .publisher import AccessListPublisher
 from .pusher import Pusher
 from .registry import Registry
+from .relay_auth import RelayAuth
 from .settings import OracleSettings
 from .web import create_app
 
@@ -68,11 +69,17 @@ class OracleServer:
                 pusher.notify()
 
             registry = Registry(db, changed)
-            publisher = AccessListPublisher(registry, self.identity)
-            pusher = Pusher(registry, self.identity, self.settings, log)
+            epoch = await registry.begin_epoch()
+            log = log.bind(epoch=epoch)
+            publisher = AccessListPublisher(registry, self.identity, log)
+            await publisher.current()  # the first list is signed before anyone may ask for it
+            pusher = Pusher(registry, publisher, self.identity, self.settings, log)
+            relay_auth = RelayAuth(self.identity.public,
+                                   [PublicKey.from_text(k) for k in self.settings.relay_keys],
+                                   lambda: pusher.relay_keys)
             self.oracle = OracleContext(self.settings, self.identity, registry,
                                         Auth(db, self.settings.session_ttl_s), publisher,
-                                        pusher, log)
+                                        pusher, relay_auth, log)
             # aiohttp arms keepalive_timeout when a connection is made and again after each
             # response, and closes the connection if no complete request has arrived by then
             # (web_protocol.RequestHandler); lingering_time bounds discarding an unread body.
@@ -100,6 +107,9 @@ class OracleServer:
                    if s.family in (socket.AF_INET, socket.AF_INET6)]
         self.port = sockets[0].getsockname()[1]
         await pusher.start()
+        if not self.settings.relays and not self.settings.relay_keys:
+            log.warning("no_relay_may_fetch_the_access_list",
+                        detail="set --relay (relays this oracle pushes through) or --relay-key")
         log.info("oracle_started", url=self.url, oracle_key=self.identity.public.text,
                  settings=self.settings.describe())
 

@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proto import PublicKey
+from proto.errors import ProtocolError
 from runtime.client_address import Network, are_networks, parse_networks
 from runtime.settings import describe, load_settings, repeatable
 
@@ -30,6 +32,9 @@ class OracleSettings:
     identity_file: str = "oracle.key"
     # Continuum relays the oracle connects to as a device (ws://…/v1/connect), repeatable.
     relays: tuple[str, ...] = repeatable("relay", "relay URL")
+    # Public keys (cpk_…) of relays allowed to fetch the access list besides those in `relays`
+    # (which prove their key when the oracle connects), e.g. another region's, repeatable.
+    relay_keys: tuple[str, ...] = repeatable("relay-key", "relay public key (cpk_…)")
     # How long a relay's long-poll for a newer access list is held open.
     longpoll_s: float = 25.0
     # Lifetime of a peer-change envelope in an offline device's mailbox.
@@ -73,6 +78,7 @@ class OracleSettings:
             ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
+            ("relay_keys must be public keys (cpk_…)", all(map(_is_public_key, self.relay_keys))),
         ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))
@@ -89,3 +95,11 @@ class OracleSettings:
         """
         return load_settings(cls, ENV_PREFIX, parser or argparse.ArgumentParser(
             prog="continuum-oracle serve"), argv, os.environ if environ is None else environ)
+
+
+def _is_public_key(text: str) -> bool:
+    try:
+        PublicKey.from_text(text)
+    except ProtocolError:
+        return False
+    return True

@@ -1,60 +1,163 @@
-"""The oracle's signed access list: which keys are enrolled, which are revoked.
+"""The oracle's signed access list, and the signed request a relay fetches it with.
 
-Pure wire format, shared by the oracle (which signs it) and every relay
-(which verifies it with the oracle's public key, holding no private key).
+Pure wire format, shared by the oracle (which signs the list and checks
+requests) and every relay (which signs requests and verifies the list with
+the oracle's public key, holding no private key of the oracle).
 
-Wire form (canonical CBOR, decoded as strictly as an envelope):
+Access list (canonical CBOR, decoded as strictly as an envelope):
 
-    [version, issued_at_ms, oracle_key(32), enrolled[key(32)…], revoked[key(32)…], signature(64)]
+    [epoch, version, issued_at_ms, oracle_key(32),
+     enrolled[[key(32), groups[uint…]]…], revoked[key(32)…], signature(64)]
 
-with both key lists sorted and unique, and the signature Ed25519 by
-`oracle_key` over ACCESS_LIST_DOMAIN ‖ canonical CBOR of the first five elements.
+Enrolled keys sorted and unique, each with the sorted, unique numbers of its
+peer groups; revoked keys sorted and unique; the signature Ed25519 by
+`oracle_key` over ACCESS_LIST_DOMAIN ‖ canonical CBOR of the first six
+elements.  Group numbers name groups within one list only: a relay needs to
+know whether two keys share a group, not which group it is, and a number of
+one or two bytes per membership keeps a 10,000-device list near 40 bytes per
+device (a list of peers per key would grow with the square of a group's size).
+
+Relay request (the `Authorization` header of `GET /v1/access-list`):
+
+    "Continuum-Relay " ‖ base64url(canonical CBOR of
+        [relay_key(32), oracle_key(32), issued_at_ms, nonce(16), signature(64)])
+
+signed by `relay_key` over ACCESS_REQUEST_DOMAIN ‖ canonical CBOR of the first
+four elements.  The oracle keeps the nonces it saw for the acceptance window,
+so a captured header is good for one request to one oracle, for a minute.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+from collections.abc import KeysView, Mapping
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import NamedTuple
 
 from . import canonical
-from .errors import DecodeError, InvalidFieldError, SignatureError
+from .errors import (DecodeError, InvalidFieldError, SignatureError, StaleError,
+                     UnauthenticatedError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
 
 ACCESS_LIST_DOMAIN = b"continuum/v1/access-list\x00"
+ACCESS_REQUEST_DOMAIN = b"continuum/v1/access-list-request\x00"
 ACCESS_LIST_PATH = "/v1/access-list"
 ACCESS_LIST_CONTENT_TYPE = "application/cbor"
-# 32-byte keys plus CBOR framing: room for about a quarter of a million devices.
+RELAY_AUTH_SCHEME = "Continuum-Relay"
+REQUEST_NONCE_BYTES = 16
+# How far a request's clock may be from the oracle's; also how long the oracle keeps nonces.
+MAX_REQUEST_SKEW_MS = 60_000
+# About 40 bytes per enrolled key: room for about 200,000 devices.
 MAX_ACCESS_LIST_BYTES = 8 * 1024 * 1024
-_FIELD_COUNT = 6
+MAX_GROUP_NUMBER = 2**32 - 1
+_MAX_REQUEST_BYTES = 256
+_LIST_FIELDS = 7
+_REQUEST_FIELDS = 5
 
 
-def _keys(value: object, what: str) -> frozenset[PublicKey]:
+class Stamp(NamedTuple):
+    """Where a list stands in the oracle's history; stamps compare as (epoch, version).
+
+    The version counts changes and lives in the oracle's database, so restoring
+    that database from a backup takes it back.  The epoch is taken from the
+    clock at every oracle start and never goes back (it is at least one more
+    than the last epoch the database recorded), so every list a restored oracle
+    issues outranks every list issued before, and a list from an earlier epoch
+    (a replay) stays refused.  Used by the access list and by PEER_CHANGE.
+    """
+
+    epoch: int
+    version: int
+
+    def __str__(self) -> str:
+        """`epoch.version`: the spelling in logs and in the oracle's ETag."""
+        return f"{self.epoch}.{self.version}"
+
+
+def uint63(value: object, what: str) -> int:
+    """A stamp component: a CBOR unsigned integer below 2^63."""
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise InvalidFieldError(f"{what} must be a non-negative integer below 2^63")
+    return value
+
+
+def _key(value: object, what: str) -> PublicKey:
+    if type(value) is not bytes or len(value) != KEY_BYTES:
+        raise InvalidFieldError(f"{what} keys must be {KEY_BYTES} bytes")
+    return PublicKey(value)
+
+
+def _sorted_unique(items: list, what: str) -> None:
+    # One encoding per set, so equal lists have equal bytes and signatures.
+    if any(a >= b for a, b in pairwise(items)):
+        raise InvalidFieldError(f"{what} must be sorted and unique")
+
+
+def _revoked(value: object) -> frozenset[PublicKey]:
     if type(value) is not list:
-        raise InvalidFieldError(f"access list {what} must be a list of keys")
+        raise InvalidFieldError("access list revoked must be a list of keys")
+    keys = [_key(item, "access list revoked") for item in value]
+    _sorted_unique(keys, "access list revoked keys")
+    return frozenset(keys)
+
+
+def _enrolled(value: object) -> dict[PublicKey, frozenset[int]]:
+    if type(value) is not list:
+        raise InvalidFieldError("access list enrolled must be a list of [key, groups]")
+    entries: dict[PublicKey, frozenset[int]] = {}
     keys = []
     for item in value:
-        if type(item) is not bytes or len(item) != KEY_BYTES:
-            raise InvalidFieldError(f"access list {what} keys must be {KEY_BYTES} bytes")
-        keys.append(PublicKey(item))
-    # One encoding per set, so equal lists have equal bytes and signatures.
-    if any(a >= b for a, b in pairwise(keys)):
-        raise InvalidFieldError(f"access list {what} keys must be sorted and unique")
-    return frozenset(keys)
+        if type(item) is not list or len(item) != 2:
+            raise InvalidFieldError("access list enrolled entries must be [key, groups]")
+        key, groups = _key(item[0], "access list enrolled"), item[1]
+        if type(groups) is not list or any(
+                type(g) is not int or not 0 <= g <= MAX_GROUP_NUMBER for g in groups):
+            raise InvalidFieldError(
+                f"access list groups must be a list of integers 0..{MAX_GROUP_NUMBER}")
+        _sorted_unique(groups, "access list groups of a key")
+        keys.append(key)
+        entries[key] = frozenset(groups)
+    _sorted_unique(keys, "access list enrolled keys")
+    return entries
 
 
 @dataclass(frozen=True)
 class AccessList:
-    """Which keys may use the relays; `version` only ever grows."""
+    """Which keys may use the relays and who may write to whom; stamps only ever grow.
 
+    `groups` maps every enrolled key to the numbers of its peer groups (empty:
+    in no group).  The rule it carries (SPEC §12): a managed key may be written
+    to by the oracle, and by an enrolled key sharing at least one group with it.
+    """
+
+    epoch: int
     version: int
     issued_at_ms: int
     oracle: PublicKey
-    enrolled: frozenset[PublicKey]
+    groups: Mapping[PublicKey, frozenset[int]]
     revoked: frozenset[PublicKey]
 
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.epoch, self.version)
+
+    @property
+    def enrolled(self) -> KeysView[PublicKey]:
+        """Every enrolled key (a view: membership is O(1))."""
+        return self.groups.keys()
+
+    def shares_group(self, sender: PublicKey, recipient: PublicKey) -> bool:
+        """Whether both keys are enrolled in at least one common group; O(groups of one key)."""
+        mine, theirs = self.groups.get(sender), self.groups.get(recipient)
+        return mine is not None and theirs is not None and not mine.isdisjoint(theirs)
+
     def _body(self) -> list:
-        return [self.version, self.issued_at_ms, self.oracle.raw,
-                [k.raw for k in sorted(self.enrolled)], [k.raw for k in sorted(self.revoked)]]
+        # Sorted by raw bytes (the same order as PublicKey's, without 10,000s of __lt__ calls).
+        enrolled = sorted((key.raw, sorted(groups)) for key, groups in self.groups.items())
+        return [self.epoch, self.version, self.issued_at_ms, self.oracle.raw,
+                [list(entry) for entry in enrolled], sorted(key.raw for key in self.revoked)]
 
     def sign(self, identity: Identity) -> bytes:
         """The signed wire form; `identity` must be the oracle named in the list."""
@@ -67,16 +170,72 @@ class AccessList:
     def verify(cls, data: bytes, oracle: PublicKey) -> AccessList:
         """Decode and check the signature; SignatureError unless `oracle` signed it."""
         value = canonical.decode(data, max_size=MAX_ACCESS_LIST_BYTES, what="access list")
-        if type(value) is not list or len(value) != _FIELD_COUNT:
-            raise DecodeError(f"access list must be a CBOR array of {_FIELD_COUNT} elements")
-        version, issued_at, key, enrolled, revoked, signature = value
-        for name, number in (("version", version), ("issued_at", issued_at)):
-            if type(number) is not int or not 0 <= number < 2**63:
-                raise InvalidFieldError(f"access list {name} must be a non-negative integer")
+        if type(value) is not list or len(value) != _LIST_FIELDS:
+            raise DecodeError(f"access list must be a CBOR array of {_LIST_FIELDS} elements")
+        epoch, version, issued_at, key, enrolled, revoked, signature = value
+        for name, number in (("epoch", epoch), ("version", version), ("issued_at", issued_at)):
+            uint63(number, f"access list {name}")
         if type(key) is not bytes or len(key) != KEY_BYTES or PublicKey(key) != oracle:
             raise SignatureError("access list names another oracle")
         if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
             raise InvalidFieldError("access list signature must be 64 bytes")
         oracle.verify(ACCESS_LIST_DOMAIN + canonical.encode(value[:-1]), signature)
-        return cls(version, issued_at, oracle, _keys(enrolled, "enrolled"),
-                   _keys(revoked, "revoked"))
+        return cls(epoch, version, issued_at, oracle, _enrolled(enrolled), _revoked(revoked))
+
+
+@dataclass(frozen=True)
+class AccessRequest:
+    """A relay's proof, on one fetch of the list, that it holds a key the oracle lets read it."""
+
+    relay: PublicKey
+    oracle: PublicKey
+    issued_at_ms: int
+    nonce: bytes
+
+    def _body(self) -> list:
+        return [self.relay.raw, self.oracle.raw, self.issued_at_ms, self.nonce]
+
+    def authorization(self, identity: Identity) -> str:
+        """The `Authorization` header value, signed by `identity` (the relay it names)."""
+        if identity.public != self.relay:
+            raise InvalidFieldError("an access-list request is signed by the relay it names")
+        if len(self.nonce) != REQUEST_NONCE_BYTES:
+            raise InvalidFieldError(f"request nonce must be {REQUEST_NONCE_BYTES} bytes")
+        body = self._body()
+        token = canonical.encode([*body, identity.sign(ACCESS_REQUEST_DOMAIN
+                                                       + canonical.encode(body))])
+        return f"{RELAY_AUTH_SCHEME} {base64.urlsafe_b64encode(token).rstrip(b'=').decode()}"
+
+    @classmethod
+    def verify(cls, header: str, oracle: PublicKey, now_ms: int) -> AccessRequest:
+        """Decode an `Authorization` value for `oracle` and check its signature and clock.
+
+        UnauthenticatedError for a missing or malformed header, SignatureError,
+        StaleError beyond MAX_REQUEST_SKEW_MS.  Whether the relay key is allowed
+        and the nonce unused is the oracle's to check.
+        """
+        scheme, _, token = header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != RELAY_AUTH_SCHEME.lower() or not token:  # schemes ignore case
+            raise UnauthenticatedError(f"expected Authorization: {RELAY_AUTH_SCHEME} <token>")
+        try:
+            data = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise UnauthenticatedError("relay token is not base64url") from None
+        value = canonical.decode(data, max_size=_MAX_REQUEST_BYTES, what="relay token")
+        if type(value) is not list or len(value) != _REQUEST_FIELDS:
+            raise DecodeError(f"relay token must be a CBOR array of {_REQUEST_FIELDS} elements")
+        relay, named_oracle, issued_at, nonce, signature = value
+        relay_key = _key(relay, "relay token")
+        if _key(named_oracle, "relay token") != oracle:
+            raise UnauthenticatedError("relay token is for another oracle")
+        uint63(issued_at, "relay token issued_at")
+        if type(nonce) is not bytes or len(nonce) != REQUEST_NONCE_BYTES:
+            raise InvalidFieldError(f"relay token nonce must be {REQUEST_NONCE_BYTES} bytes")
+        if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
+            raise InvalidFieldError("relay token signature must be 64 bytes")
+        if abs(now_ms - issued_at) > MAX_REQUEST_SKEW_MS:
+            raise StaleError(f"relay token issued {(now_ms - issued_at) / 1000:.0f}s from the"
+                             f" oracle's clock (limit {MAX_REQUEST_SKEW_MS // 1000}s)")
+        relay_key.verify(ACCESS_REQUEST_DOMAIN + canonical.encode(value[:-1]), signature)
+        return cls(relay_key, oracle, issued_at, nonce)

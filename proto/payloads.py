@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import canonical
+from .access import Stamp, uint63
 from .envelope import MSG_ID_BYTES
 from .errors import DecodeError, InvalidFieldError
 from .keys import KEY_BYTES, PublicKey
@@ -101,23 +102,34 @@ class ExpiryNotice:
 
 @dataclass(frozen=True)
 class PeerChange:
-    """The oracle's word on whom a device may talk to; `version` only ever grows."""
+    """The oracle's word on whom a device may talk to; its `stamp` only ever grows.
+
+    `version` counts this device's lists; `epoch` is the oracle's epoch when
+    the list was issued (see `Stamp`), so a restored oracle's lists outrank the
+    ones it issued before the backup was taken.  Wire order: epoch, version, peers.
+    """
 
     version: int
     peers: tuple[PublicKey, ...]
+    epoch: int = 0
+
+    @property
+    def stamp(self) -> Stamp:
+        return Stamp(self.epoch, self.version)
 
     def encode(self) -> bytes:
-        return canonical.encode([self.version, [p.raw for p in sorted(set(self.peers))]])
+        return canonical.encode([self.epoch, self.version,
+                                 [p.raw for p in sorted(set(self.peers))]])
 
     @classmethod
     def decode(cls, data: bytes) -> PeerChange:
-        version, peers = _array(data, 2, "peer change")
-        if type(version) is not int or not 0 <= version < 2**63:
-            raise InvalidFieldError("peer change version must be a non-negative integer")
+        epoch, version, peers = _array(data, 3, "peer change")
+        uint63(epoch, "peer change epoch")
+        uint63(version, "peer change version")
         if type(peers) is not list or len(peers) > MAX_PEERS:
             raise InvalidFieldError(f"peer change peers must be a list of at most {MAX_PEERS}")
         keys = tuple(_key(p, "peer change") for p in peers)
         # One encoding per peer set, as for envelope recipients.
         if any(a >= b for a, b in zip(keys, keys[1:])):
             raise InvalidFieldError("peer change peers must be sorted by key and unique")
-        return cls(version, keys)
+        return cls(version, keys, epoch)

@@ -17,11 +17,15 @@ from wire import MAX_FRAME, error_code
 
 from oracle import OracleServer, OracleSettings
 from proto import Identity
+from proto.access import AccessRequest
 from proto.frames import NONCE_BYTES, decode_frame
 from proto.handshake import DeviceHandshake
+from runtime.clock import now_ms
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
+# The relay key every test oracle lets fetch its access list (`relay_key=` for `start_relay`).
+TRUSTED_RELAY = Identity.generate()
 
 
 def postgres_available() -> bool:
@@ -48,7 +52,20 @@ def oracle_settings(tmp_path: Path, database: str | None = None, **overrides: An
     return replace(OracleSettings(host="127.0.0.1", port=0,
                                   database=database or f"sqlite:///{tmp_path / 'oracle.db'}",
                                   identity_file=str(tmp_path / "oracle.key"),
+                                  relay_keys=(TRUSTED_RELAY.public.text,),
                                   log_level="warning"), **overrides)
+
+
+def relay_headers(oracle: OracleServer, relay: Identity = TRUSTED_RELAY) -> dict[str, str]:
+    """Headers of one access-list request signed by `relay` (a fresh nonce each call)."""
+    request = AccessRequest(relay.public, oracle.identity.public, now_ms(), os.urandom(16))
+    return {"Authorization": request.authorization(relay)}
+
+
+def trusted_relay(oracle: OracleServer, **overrides: Any) -> dict[str, Any]:
+    """`start_relay` settings for a relay enforcing `oracle`'s list, with the trusted key."""
+    return {"oracle_url": oracle.url, "oracle_key": oracle.identity.public.text,
+            "relay_key": TRUSTED_RELAY.secret_text(), **overrides}
 
 
 class Admin:

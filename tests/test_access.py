@@ -8,14 +8,17 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from oracle_support import Admin, eventually, handshake_refusal, oracle_settings
+import structlog
+from oracle_support import Admin, eventually, handshake_refusal, oracle_settings, trusted_relay
 from wire import RawDevice, error_code, now_ms, sealed
 
-from proto.access import AccessList
+from continuum.access import AccessControl
+from continuum.metrics import RelayMetrics
 from continuum.settings import Settings
 from oracle import OracleServer
 from proto import Identity, canonical
-from proto.errors import DecodeError, InvalidFieldError, SignatureError
+from proto.access import AccessList, Stamp
+from proto.errors import DecodeError, InvalidFieldError, ProtocolError, SignatureError
 from proto.frames import Accepted, Error
 
 
@@ -33,7 +36,8 @@ async def admin(oracle: OracleServer) -> AsyncIterator[Admin]:
 
 
 def _list(oracle: Identity, version: int = 3, enrolled=(), revoked=()) -> AccessList:
-    return AccessList(version, now_ms(), oracle.public, frozenset(enrolled), frozenset(revoked))
+    return AccessList(1, version, now_ms(), oracle.public, {k: frozenset() for k in enrolled},
+                      frozenset(revoked))
 
 
 def test_access_list_round_trip_and_refusals() -> None:
@@ -49,7 +53,7 @@ def test_access_list_round_trip_and_refusals() -> None:
     with pytest.raises(InvalidFieldError):
         _list(other).sign(oracle)
     body = canonical.decode(signed, max_size=1 << 20, what="t")
-    unsorted = [*body[:3], list(reversed(body[3])), *body[4:]]
+    unsorted = [*body[:4], list(reversed(body[4])), *body[5:]]
     with pytest.raises((InvalidFieldError, SignatureError)):
         AccessList.verify(canonical.encode(unsorted), oracle.public)
     with pytest.raises(DecodeError):
@@ -70,8 +74,7 @@ def test_relay_settings_parse_booleans_and_need_an_oracle_key() -> None:
 async def test_require_enrollment_refuses_unknown_keys(oracle, admin, start_relay) -> None:
     enrolled, stranger = Identity.generate(), Identity.generate()
     await admin.call("POST", "/v1/devices", {"key": enrolled.public.text, "name": "e"}, expect=201)
-    relay = await start_relay(oracle_url=oracle.url, oracle_key=oracle.identity.public.text,
-                              require_enrollment=True)
+    relay = await start_relay(**trusted_relay(oracle, require_enrollment=True))
     assert await relay.relay.access.wait_loaded(5)
     assert await handshake_refusal(relay.url, stranger) == "NOT_ENROLLED"
     async with await RawDevice.connect(relay.url, enrolled):
@@ -107,7 +110,10 @@ async def test_revocation_closes_live_session_and_refuses_key_and_sends(
     for identity, name in ((victim, "victim"), (peer, "peer")):
         await admin.call("POST", "/v1/devices", {"key": identity.public.text, "name": name},
                          expect=201)
-    relay = await start_relay(oracle_url=oracle.url, oracle_key=oracle.identity.public.text)
+    group = await admin.call("POST", "/v1/groups", {"name": "pair"}, expect=201)
+    for identity in (victim, peer):  # peers, so the relay lets one write to the other
+        await admin.call("PUT", f"/v1/groups/{group['id']}/members/{identity.public.text}")
+    relay = await start_relay(**trusted_relay(oracle))
     assert await relay.relay.access.wait_loaded(5)
     async with await RawDevice.connect(relay.url, victim) as v, \
             await RawDevice.connect(relay.url, peer) as p:
@@ -127,3 +133,80 @@ async def test_revocation_closes_live_session_and_refuses_key_and_sends(
     await eventually(lambda: _enrolled(relay, victim))
     async with await RawDevice.connect(relay.url, victim):
         pass
+
+
+def _control(require_enrollment: bool = False) -> tuple[AccessControl, Identity]:
+    oracle = Identity.generate()
+    control = AccessControl("http://oracle.invalid", oracle.public.text, require_enrollment,
+                            Identity.generate(), RelayMetrics(), structlog.get_logger("test"))
+    return control, oracle
+
+
+def _groups_list(oracle: Identity, epoch: int, version: int, groups: dict, revoked=()) -> bytes:
+    return AccessList(epoch, version, now_ms(), oracle.public,
+                      {key.public: frozenset(g) for key, g in groups.items()},
+                      frozenset(k.public for k in revoked)).sign(oracle)
+
+
+def _refusal(control: AccessControl, sender: Identity, *recipients: Identity) -> str | None:
+    try:
+        control.check_send(sender.public, tuple(r.public for r in recipients))
+    except ProtocolError as exc:
+        return exc.code.name
+    return None
+
+
+@pytest.mark.parametrize("required", [False, True], ids=["open", "enrollment-required"])
+def test_send_rules_of_the_access_list(required: bool) -> None:
+    """SPEC §12 "Enforcement", one row at a time, without sockets."""
+    control, oracle = _control(required)
+    alice, bob, carol, dave, revoked, stranger = (Identity.generate() for _ in range(6))
+    # alice+bob share group 0, bob+carol group 1, dave is enrolled in no group.
+    control.apply(_groups_list(oracle, 5, 1, {alice: {0}, bob: {0, 1}, carol: {1}, dave: set()},
+                               revoked=[revoked]))
+    assert _refusal(control, alice, bob) is None and _refusal(control, bob, alice) is None
+    assert _refusal(control, bob, alice, carol) is None
+    assert _refusal(control, alice, carol) == "NOT_PEER"  # no common group
+    assert _refusal(control, alice, bob, carol) == "NOT_PEER"  # one non-peer refuses all
+    assert _refusal(control, alice, dave) == "NOT_PEER" and _refusal(control, dave, alice) == "NOT_PEER"
+    assert _refusal(control, oracle, dave) is None  # the oracle writes to anyone it manages
+    assert _refusal(control, dave, oracle) is None  # anyone enrolled writes to the oracle
+    assert _refusal(control, alice, revoked) == "REVOKED"
+    assert _refusal(control, oracle, revoked) == "REVOKED"
+    assert _refusal(control, revoked, alice) == "REVOKED"
+    if required:
+        assert _refusal(control, stranger, alice) == "NOT_ENROLLED"
+        assert _refusal(control, alice, stranger) == "NOT_ENROLLED"
+        assert _refusal(control, oracle, stranger) == "NOT_ENROLLED"
+    else:
+        assert _refusal(control, stranger, alice) == "NOT_PEER"  # a managed mailbox
+        assert _refusal(control, stranger, oracle) == "NOT_PEER"
+        assert _refusal(control, alice, stranger) is None  # a key the oracle does not manage
+        assert _refusal(control, stranger, Identity.generate()) is None
+
+
+def test_without_an_oracle_every_key_writes_to_every_key() -> None:
+    control = AccessControl("", "", False, Identity.generate(), RelayMetrics(),
+                            structlog.get_logger("test"))
+    assert _refusal(control, Identity.generate(), Identity.generate()) is None
+
+
+def test_stamps_order_by_epoch_then_version_and_an_older_list_is_alarmed() -> None:
+    oracle, alice = Identity.generate(), Identity.generate()
+    metrics = RelayMetrics()
+    control = AccessControl("http://oracle.invalid", oracle.public.text, False,
+                            Identity.generate(), metrics, structlog.get_logger("test"))
+
+    def count() -> float:
+        return metrics.registry.get_sample_value("continuum_access_list_backwards_total") or 0.0
+
+    assert control.apply(_groups_list(oracle, 100, 7, {alice: set()}))
+    assert not control.apply(_groups_list(oracle, 100, 7, {}))  # the same stamp: no change
+    assert count() == 0
+    # A restored oracle: the version went back (7 → 3) but a new epoch began: applied.
+    assert control.apply(_groups_list(oracle, 200, 3, {}))
+    assert control.current.stamp == Stamp(200, 3) and alice.public not in control.current.enrolled
+    # Replays of lists from before the restore, whatever their version: refused, counted.
+    for epoch, version in ((100, 7), (100, 9), (199, 10**6), (200, 2)):
+        assert not control.apply(_groups_list(oracle, epoch, version, {alice: set()}))
+    assert control.current.stamp == Stamp(200, 3) and count() == 4

@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from oracle_support import Admin, eventually, oracle_settings
 
 from client import Device
+from oracle import OracleServer
 from proto import Identity, Kind, PublicKey, seal_envelope
 from proto.payloads import PeerChange
 from relay_process import RelayProcess, free_port
@@ -184,3 +186,132 @@ async def test_enrolled_oracle_sets_the_peer_list_through_the_relay(
                                           "listen", "--timeout", "2")
     assert code == 0, err
     assert run_cli(tmp_path, "peers", "list").stdout.split() == [peer.public.text]
+
+
+async def _push_peer_change(oracle: Identity, relay_url: str, device: PublicKey,
+                            change: PeerChange, receipt_wait_s: float = 0.0) -> str:
+    """Send one PEER_CHANGE as `oracle`; the device's receipt status after `receipt_wait_s`."""
+    async with Device(oracle, [relay_url]) as pusher:
+        await pusher.wait_connected()
+        envelope = seal_envelope(oracle, Kind.PEER_CHANGE, [device], change.encode(), ttl_s=600,
+                                 now_ms=time.time_ns() // 1_000_000)
+        outgoing = await pusher.send_envelope(envelope)
+        if not receipt_wait_s:
+            return "not awaited"
+        return (await outgoing.wait_receipts(receipt_wait_s))[device].value
+
+
+async def _listening(home: Path, relay_url: str, seconds: float) -> asyncio.subprocess.Process:
+    listener = await asyncio.create_subprocess_exec(
+        CLIENT, "--home", str(home), "--relay", relay_url, "listen", "--timeout", str(seconds),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert listener.stderr is not None
+    async with asyncio.timeout(30):
+        line = ""
+        while "listening as" not in line:
+            line = (await listener.stderr.readline()).decode()
+            assert line, "listener exited before connecting"
+    return listener
+
+
+async def _stopped(listener: asyncio.subprocess.Process) -> None:
+    if listener.returncode is None:
+        listener.kill()
+    await listener.wait()
+
+
+async def test_a_peer_change_older_than_the_held_list_gets_no_receipt(
+        tmp_path: Path, relay_process: RelayProcess) -> None:
+    """A receipt tells the oracle the list is in force; for an older list it would lie."""
+    device_key = PublicKey.from_text(new_home(tmp_path))
+    oracle, peer, stale_peer = Identity.generate(), Identity.generate(), Identity.generate()
+    assert run_cli(tmp_path, "enroll", "--oracle", oracle.public.text).returncode == 0
+    listener = await _listening(tmp_path, relay_process.url, 60)
+    try:
+        url = relay_process.url
+        assert await _push_peer_change(oracle, url, device_key,
+                                       PeerChange(5, (peer.public,)), 10) == "delivered"
+        assert await _push_peer_change(oracle, url, device_key,
+                                       PeerChange(3, (stale_peer.public,)), 2) == "pending"
+        # The list already held, sent again: it is in force, so it is receipted.
+        assert await _push_peer_change(oracle, url, device_key,
+                                       PeerChange(5, (peer.public,)), 10) == "delivered"
+    finally:
+        await _stopped(listener)
+    assert run_cli(tmp_path, "peers", "list").stdout.split() == [peer.public.text]
+
+
+async def test_after_enroll_replace_the_new_oracles_first_list_is_applied(
+        tmp_path: Path, relay_process: RelayProcess) -> None:
+    """The found bug: the new oracle's version 1 lost to the old oracle's 2, yet was receipted,
+    so the new oracle's dashboard showed the device up to date with an empty peer list."""
+    home = tmp_path / "device"
+    device_key = PublicKey.from_text(new_home(home))
+    old_oracle, old_peer, new_peer = Identity.generate(), Identity.generate(), Identity.generate()
+    assert run_cli(home, "enroll", "--oracle", old_oracle.public.text).returncode == 0
+    for version in (1, 2):
+        await _push_peer_change(old_oracle, relay_process.url, device_key,
+                                PeerChange(version, (old_peer.public,)))
+    code, _out, err = await run_cli_async("--home", str(home), "--relay", relay_process.url,
+                                          "listen", "--timeout", "2")
+    assert code == 0, err
+    assert run_cli(home, "peers", "list").stdout.split() == [old_peer.public.text]
+
+    settings = oracle_settings(tmp_path / "new-oracle", relays=(relay_process.url,))
+    async with OracleServer(settings) as new_oracle:
+        admin = await Admin.login(new_oracle)
+        try:
+            assert run_cli(home, "enroll", "--oracle", new_oracle.identity.public.text,
+                           "--replace").returncode == 0
+            for key, name in ((device_key.text, "device"), (new_peer.public.text, "peer")):
+                await admin.call("POST", "/v1/devices", {"key": key, "name": name}, expect=201)
+            group = await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201)
+            for key in (device_key.text, new_peer.public.text):
+                await admin.call("PUT", f"/v1/groups/{group['id']}/members/{key}")
+            path = f"/v1/devices/{device_key.text}"
+
+            async def stored_at_the_relay() -> bool:
+                pushes = (await admin.call("GET", path))["pushes"]
+                return bool(pushes) and pushes[0]["sent_at_ms"] is not None
+            await eventually(stored_at_the_relay, timeout=10)
+            listener = await _listening(home, relay_process.url, 60)
+            try:
+                async def acknowledged() -> bool:
+                    return (await admin.call("GET", path))["acked_version"] == 1
+                await eventually(acknowledged, timeout=15)
+            finally:
+                await _stopped(listener)
+            shown = await admin.call("GET", path)
+        finally:
+            await admin.close()
+    assert shown["peer_version"] == 1 and not shown["behind"]
+    assert shown["peers"] == [new_peer.public.text]
+    # "Up to date" is true: the device holds exactly what the dashboard shows.
+    assert run_cli(home, "peers", "list").stdout.split() == [new_peer.public.text]
+
+
+async def test_a_new_oracle_starts_the_count_afresh_whatever_the_old_oracles_epoch(
+        tmp_path: Path, relay_process: RelayProcess) -> None:
+    device_key = PublicKey.from_text(new_home(tmp_path))
+    old_oracle, new_oracle, old_peer, new_peer = (Identity.generate() for _ in range(4))
+    url = relay_process.url
+    assert run_cli(tmp_path, "enroll", "--oracle", old_oracle.public.text).returncode == 0
+    listener = await _listening(tmp_path, url, 60)
+    try:  # the old oracle's clock ran far ahead: its epoch outranks anything the new one issues
+        assert await _push_peer_change(old_oracle, url, device_key,
+                                       PeerChange(9, (old_peer.public,), 2**62), 10) == "delivered"
+    finally:
+        await _stopped(listener)
+    assert run_cli(tmp_path, "enroll", "--oracle", new_oracle.public.text,
+                   "--replace").returncode == 0
+    listener = await _listening(tmp_path, url, 60)
+    try:
+        assert await _push_peer_change(new_oracle, url, device_key,
+                                       PeerChange(1, (new_peer.public,), 1), 10) == "delivered"
+        # The old oracle is no longer trusted at all.
+        await _push_peer_change(old_oracle, url, device_key,
+                                PeerChange(10, (old_peer.public,), 2**62))
+        await asyncio.sleep(1.0)
+    finally:
+        await _stopped(listener)
+    assert run_cli(tmp_path, "peers", "list").stdout.split() == [new_peer.public.text]

@@ -7,7 +7,7 @@ import pytest
 from client.dedup import RecentlySeen
 from client.inbox import (Drop, DropReason, ExpiryArrived, InboxView, PeerChangeArrived,
                           ReceiptArrived, Surface, decide)
-from client.peers import PeerList
+from client.peers import PeerList, Standing
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 
@@ -99,7 +99,7 @@ def test_newer_peer_change_from_the_oracle_replaces() -> None:
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
                       view(peer_version=4))
     assert isinstance(decision, PeerChangeArrived)
-    assert decision.change == change and decision.newer
+    assert decision.change == change and decision.standing is Standing.NEWER
 
 
 @pytest.mark.parametrize("version", [2, 3], ids=["older", "same"])
@@ -107,7 +107,7 @@ def test_older_or_equal_peer_change_version_is_ignored(version: int) -> None:
     change = PeerChange(version, (mallory.public,))
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
                       view(peer_version=3))
-    assert isinstance(decision, PeerChangeArrived) and not decision.newer
+    assert isinstance(decision, PeerChangeArrived) and decision.standing is not Standing.NEWER
 
 
 @pytest.mark.parametrize("oracle_key", [oracle.public, None], ids=["oracle-set", "no-oracle"])
@@ -145,3 +145,15 @@ def test_multi_recipient_envelope_opens_for_each_recipient() -> None:
     envelope = sealed(bob, [alice, carol], b"to both")
     decision = decide(envelope.raw, view())
     assert isinstance(decision, Surface) and decision.message.payload == b"to both"
+
+
+@pytest.mark.parametrize("epoch,version,standing", [
+    (10, 3, Standing.HELD), (10, 2, Standing.OLDER), (9, 99, Standing.OLDER),
+    (11, 1, Standing.NEWER)], ids=["held", "older-version", "older-epoch", "newer-epoch"])
+def test_peer_changes_are_ranked_by_epoch_then_version(epoch: int, version: int,
+                                                       standing: Standing) -> None:
+    held = PeerList([bob.public], 3, epoch=10, oracle=oracle.public)
+    change = PeerChange(version, (mallory.public,), epoch)
+    decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
+                      InboxView(alice, held, {relay.public}, RecentlySeen(), set(), oracle.public))
+    assert isinstance(decision, PeerChangeArrived) and decision.standing is standing

@@ -9,8 +9,9 @@ import pytest
 
 from client.backoff import Backoff
 from client.dedup import RecentlySeen
-from client.peers import PeerList
+from client.peers import PeerList, Standing
 from proto import Identity
+from proto.access import Stamp
 
 bob, carol, mallory = (Identity.generate().public for _ in range(3))
 
@@ -67,3 +68,37 @@ def test_backoff_jitter_stays_within_bounds() -> None:
     delays = [backoff.next_delay() for _ in range(200)]
     assert all(0.1 <= d <= 5.0 for d in delays)
     assert len(set(delays)) > 100  # jittered, not a fixed schedule every device shares
+
+
+def test_stamps_compare_epoch_first_and_the_oracle_is_remembered(tmp_path: Path) -> None:
+    path = tmp_path / "peers.json"
+    oracle, other = Identity.generate().public, Identity.generate().public
+    peers = PeerList(path=path)
+    assert peers.replace(7, [bob], epoch=100, oracle=oracle)
+    assert peers.standing(Stamp(100, 7), oracle) is Standing.HELD
+    assert peers.standing(Stamp(100, 6), oracle) is Standing.OLDER
+    assert peers.standing(Stamp(99, 10**9), oracle) is Standing.OLDER  # an earlier epoch
+    assert peers.standing(Stamp(101, 1), oracle) is Standing.NEWER  # a restored oracle's list
+    assert not peers.replace(6, [mallory], epoch=100, oracle=oracle)
+    reloaded = PeerList.load(path)
+    assert (reloaded.stamp, reloaded.oracle, list(reloaded)) == (Stamp(100, 7), oracle, [bob])
+    assert json.loads(path.read_text()) == {"version": 7, "peers": [bob.text],
+                                            "oracle": oracle.text, "epoch": 100}
+    # Another oracle (after `enroll --replace`) starts afresh, whatever its stamp.
+    assert reloaded.standing(Stamp(0, 1), other) is Standing.NEWER
+    assert reloaded.replace(1, [carol], epoch=0, oracle=other)
+    assert PeerList.load(path).oracle == other and list(PeerList.load(path)) == [carol]
+
+
+def test_a_list_of_unknown_origin_is_compared_by_stamp(tmp_path: Path) -> None:
+    """A file from before oracles were recorded: epoch 0, so any epoch-stamped list is newer."""
+    path = tmp_path / "peers.json"
+    path.write_text(json.dumps({"version": 2, "peers": [bob.text]}))
+    peers = PeerList.load(path)
+    assert peers.oracle is None and peers.stamp == Stamp(0, 2)
+    oracle = Identity.generate().public
+    assert peers.standing(Stamp(0, 1), oracle) is Standing.OLDER
+    assert peers.standing(Stamp(1_700_000_000_000, 1), oracle) is Standing.NEWER
+    path.write_text(json.dumps({"version": 2, "epoch": -1, "peers": []}))
+    with pytest.raises(ValueError):
+        PeerList.load(path)

@@ -315,6 +315,21 @@ def test_region_placeholder_key_cannot_be_mistaken_for_a_real_one() -> None:
         PublicKey.from_text(merged_values("values-eu.yaml")["oracle"]["publicKey"])
 
 
+def test_other_regions_relay_keys_reach_the_oracle_and_placeholders_are_refused() -> None:
+    """The EU oracle lets the US relays fetch its access list; its own relays need no entry."""
+    relay_keys = [Identity.generate().public.text for _ in range(2)]
+    docs = render("values.yaml", deep_merge(ORACLE_KEYS, {"oracle": {"relayKeys": relay_keys}}))
+    env = env_of(oracle_pod(docs)["containers"][0])
+    assert env["CONTINUUM_ORACLE_RELAY_KEYS"]["value"] == ",".join(relay_keys)
+    assert "CONTINUUM_ORACLE_RELAY_KEYS" not in env_of(
+        oracle_pod(render("values.yaml", ORACLE_KEYS))["containers"][0])
+    (placeholder,) = merged_values("values-eu.yaml")["oracle"]["relayKeys"]
+    assert env_of(oracle_pod(render("values-eu.yaml"))["containers"][0])[
+        "CONTINUUM_ORACLE_RELAY_KEYS"]["value"] == placeholder
+    with pytest.raises(InvalidFieldError, match="checksum"):  # the oracle refuses to start
+        PublicKey.from_text(placeholder)
+
+
 def test_notes_guide_setup_and_warn_without_access_control() -> None:
     pytest.importorskip("helm_python")
     if shutil.which("helm"):
@@ -344,6 +359,8 @@ def schema_errors(values: dict[str, Any]) -> list[str]:
     {"oracle": {"databaseUrl": "mysql://x@y/z"}},
     {"oracle": {"settings": {"CONTINUUM_ORACLE_HOST": "127.0.0.1"}}},  # chart-managed
     {"relay": {"settings": {"CONTINUUM_ORACLE_URL": "http://elsewhere"}}},
+    {"oracle": {"relayKeys": ["cpk_tooshort"]}},
+    {"oracle": {"settings": {"CONTINUUM_ORACLE_RELAY_KEYS": "cpk_x"}}},  # chart-managed
 ])
 def test_schema_refuses(override: dict[str, Any]) -> None:
     assert schema_errors(deep_merge(merged_values("values.yaml"), override))

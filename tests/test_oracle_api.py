@@ -13,6 +13,7 @@ from oracle_support import (
     fresh_postgres_database,
     oracle_settings,
     postgres_available,
+    relay_headers,
 )
 
 from proto.access import AccessList
@@ -96,7 +97,8 @@ async def test_revoke_and_restore_change_peer_lists_and_access_list(admin: Admin
     assert (await admin.call("GET", f"/v1/devices/{k1}"))["peers"] == []
     after = await admin.call("GET", "/v1/status")
     assert after["access_list_version"] == before["access_list_version"] + 1
-    async with admin.session.get(f"{server.url}/v1/access-list?after=0") as response:
+    async with admin.session.get(f"{server.url}/v1/access-list?after=0",
+                                 headers=relay_headers(server)) as response:
         assert response.status == 200
         access = AccessList.verify(await response.read(), server.identity.public)
     assert access.version == after["access_list_version"]
@@ -171,10 +173,11 @@ async def test_openapi_documents_every_api_route(server: OracleServer) -> None:
 
 async def test_access_list_long_poll_answers_on_change(admin: Admin, server: OracleServer) -> None:
     status = await admin.call("GET", "/v1/status")
-    version = status["access_list_version"]
+    epoch, version = status["access_list_epoch"], status["access_list_version"]
 
     async def poll() -> tuple[int, bytes]:
-        async with admin.session.get(f"{server.url}/v1/access-list?after={version}") as response:
+        async with admin.session.get(f"{server.url}/v1/access-list?epoch={epoch}&after={version}",
+                                     headers=relay_headers(server)) as response:
             return response.status, await response.read()
 
     waiting = asyncio.create_task(poll())
@@ -188,8 +191,12 @@ async def test_access_list_long_poll_answers_on_change(admin: Admin, server: Ora
 
 async def test_access_list_long_poll_times_out_with_204(tmp_path) -> None:
     async with OracleServer(replace(oracle_settings(tmp_path), longpoll_s=0.3)) as server:
+        assert server.oracle is not None
+        epoch = (await server.oracle.publisher.current()).stamp.epoch
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{server.url}/v1/access-list?after=1") as response:
+            async with session.get(f"{server.url}/v1/access-list?epoch={epoch}&after=1",
+                                   headers=relay_headers(server)) as response:
                 assert response.status == 204
-            async with session.get(f"{server.url}/v1/access-list?after=x") as response:
+            async with session.get(f"{server.url}/v1/access-list?after=x",
+                                   headers=relay_headers(server)) as response:
                 assert response.status == 400

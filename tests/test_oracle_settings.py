@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 
 from oracle import OracleSettings
+from proto import Identity
 
 
 def test_flags_win_over_environment_and_relays_repeat() -> None:
@@ -47,6 +48,18 @@ def test_cli_creates_admin_once_and_a_0600_key(tmp_path) -> None:
     key = subprocess.run([*run, "show-key"], env=env, capture_output=True, text=True, timeout=30)
     assert key.stdout.startswith("cpk_")
     assert stat.S_IMODE((tmp_path / "oracle.key").stat().st_mode) == 0o600
+
+
+def test_relay_keys_repeat_and_a_bad_key_is_one_clear_error(capsys) -> None:
+    first, second = (Identity.generate().public.text for _ in range(2))
+    settings, _ = OracleSettings.from_sources(["--relay-key", first, "--relay-key", second], {})
+    assert settings.relay_keys == (first, second)
+    settings, _ = OracleSettings.from_sources([], {"CONTINUUM_ORACLE_RELAY_KEYS": f"{first},{second}"})
+    assert settings.relay_keys == (first, second)
+    with pytest.raises(SystemExit) as exited:
+        OracleSettings.from_sources(["--relay-key", first[:-1] + "x"], {})
+    assert exited.value.code == 2
+    assert "relay_keys must be public keys" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, value", [("request_timeout_s", 0.0), ("max_connections", 0)])

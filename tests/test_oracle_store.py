@@ -12,6 +12,7 @@ from oracle.errors import Conflict, InvalidInput, NotFound
 from oracle.peers import changed_lists, derive_peer_lists
 from oracle.registry import Registry
 from proto import Identity
+from runtime.clock import now_ms
 
 Opener = Callable[[], Awaitable[Database]]
 
@@ -61,7 +62,8 @@ async def test_migrations_are_numbered_recorded_and_applied_once(open_db: Opener
     assert rows and rows[0]["version"] == 1 and rows[0]["name"] == "0001_initial"
     assert await db.migrate() == []  # nothing left to apply
     again = await open_db()
-    assert await again.fetch("SELECT version FROM schema_migrations") == [{"version": 1}]
+    assert await again.fetch("SELECT version FROM schema_migrations ORDER BY version") == [
+        {"version": 1}, {"version": 2}]
 
 
 async def test_group_changes_issue_versions_only_to_affected_devices(open_db: Opener) -> None:
@@ -139,3 +141,63 @@ async def test_outbox_receipts_and_versions_survive_reopening(open_db: Opener) -
     assert (await reopened.get_device(a)).peer_version == 4  # never reuses a version
     history = await reopened.push_history(a)
     assert [h.version for h in history] == [4, 3, 2, 1]
+
+
+async def test_membership_changes_bump_the_access_list_which_carries_groups(
+        open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    a, b, c = key(), key(), key()
+    for k in (a, b, c):
+        await registry.enroll(k, "d")
+    group, other = await registry.create_group("g"), await registry.create_group("h")
+    start = (await registry.access_snapshot()).version
+    await registry.add_member(group.id, a)
+    await registry.add_member(group.id, b)
+    await registry.add_member(other.id, b)
+    snapshot = await registry.access_snapshot()
+    assert snapshot.version == start + 3  # relays enforce groups, so each change is a new list
+    assert snapshot.groups == {a: {group.id}, b: {group.id, other.id}}  # c: in no group
+    assert snapshot.enrolled == {a, b, c}
+    await registry.remove_member(other.id, b)
+    await registry.delete_group(group.id)
+    snapshot = await registry.access_snapshot()
+    assert snapshot.version == start + 5 and snapshot.groups == {}
+
+
+async def test_every_start_begins_a_later_epoch_and_peer_changes_carry_it(
+        open_db: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    first = await registry.begin_epoch()
+    assert first >= now_ms() - 60_000
+    a, b = key(), key()
+    for k in (a, b):
+        await registry.enroll(k, "d")
+    group = await registry.create_group("g")
+    await registry.add_member(group.id, a)
+    await registry.add_member(group.id, b)
+    assert {p.epoch for p in await registry.pending_pushes()} == {first}
+    # The clock went back an hour: the next epoch is still later than the last one recorded.
+    monkeypatch.setattr("oracle.registry.now_ms", lambda: first - 3_600_000)
+    restarted = Registry(await open_db(), lambda: None)
+    second = await restarted.begin_epoch()
+    assert second == first + 1 and (await restarted.access_snapshot()).epoch == second
+    assert {p.epoch for p in await restarted.pending_pushes()} == {first}  # issued before
+
+
+async def test_reissue_gives_every_active_device_a_new_version_of_its_list(
+        open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    await registry.begin_epoch()
+    a, b, c, revoked = key(), key(), key(), key()
+    for k in (a, b, c, revoked):
+        await registry.enroll(k, "d")
+    group = await registry.create_group("g")
+    for k in (a, b, revoked):
+        await registry.add_member(group.id, k)
+    await registry.set_revoked(revoked, True)
+    versions = {k: (await registry.get_device(k)).peer_version for k in (a, b, c)}
+    assert await registry.reissue_peer_lists() == 3
+    pending = {p.device_key: p for p in await registry.pending_pushes()}
+    assert set(pending) == {a, b, c}
+    assert {k: pending[k].version for k in pending} == {k: v + 1 for k, v in versions.items()}
+    assert pending[a].peers == {b} and pending[c].peers == frozenset()

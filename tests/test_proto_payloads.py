@@ -53,12 +53,13 @@ def test_expiry_notice_entry_counts_are_bounded() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 2**63 - 1), st.lists(keys, max_size=20))
-def test_peer_change_round_trip(version: int, peers: list[bytes]) -> None:
-    change = PeerChange(version, tuple(PublicKey(p) for p in peers))
+@given(st.integers(0, 2**63 - 1), st.lists(keys, max_size=20), st.integers(0, 2**63 - 1))
+def test_peer_change_round_trip(version: int, peers: list[bytes], epoch: int) -> None:
+    change = PeerChange(version, tuple(PublicKey(p) for p in peers), epoch)
     data = change.encode()
     decoded = PeerChange.decode(data)
-    assert decoded.version == version
+    assert decoded.version == version and decoded.epoch == epoch
+    assert decoded.stamp == (epoch, version)
     assert decoded.peers == tuple(sorted(set(change.peers)))
     assert decoded.encode() == data
 
@@ -66,9 +67,9 @@ def test_peer_change_round_trip(version: int, peers: list[bytes]) -> None:
 def test_peer_change_must_be_sorted_and_unique() -> None:
     ordered = sorted([ALICE.public.raw, BOB.public.raw, CAROL.public.raw])
     with pytest.raises(InvalidFieldError):
-        PeerChange.decode(canonical.encode([1, list(reversed(ordered))]))
+        PeerChange.decode(canonical.encode([0, 1, list(reversed(ordered))]))
     with pytest.raises(InvalidFieldError):
-        PeerChange.decode(canonical.encode([1, [ordered[0], ordered[0]]]))
+        PeerChange.decode(canonical.encode([0, 1, [ordered[0], ordered[0]]]))
 
 
 @pytest.mark.parametrize("decoder,value,error", [
@@ -81,13 +82,16 @@ def test_peer_change_must_be_sorted_and_unique() -> None:
     (ExpiryNotice.decode, [b"\x00" * 16, b"\x00" * 31], InvalidFieldError),
     (ExpiryNotice.decode, [b"\x00" * 16], DecodeError),
     (ExpiryNotice.decode, [b"\x00" * 16, None], InvalidFieldError),
-    (PeerChange.decode, [-1, []], InvalidFieldError),
-    (PeerChange.decode, [2**63, []], InvalidFieldError),
-    (PeerChange.decode, [True, []], InvalidFieldError),
-    (PeerChange.decode, [1, [b"\x00" * 31]], InvalidFieldError),
-    (PeerChange.decode, [1, b""], InvalidFieldError),
-    (PeerChange.decode, [1, [i.to_bytes(32, "big") for i in range(MAX_PEERS + 1)]],
+    (PeerChange.decode, [0, -1, []], InvalidFieldError),
+    (PeerChange.decode, [0, 2**63, []], InvalidFieldError),
+    (PeerChange.decode, [0, True, []], InvalidFieldError),
+    (PeerChange.decode, [-1, 1, []], InvalidFieldError),
+    (PeerChange.decode, [2**63, 1, []], InvalidFieldError),
+    (PeerChange.decode, [0, 1, [b"\x00" * 31]], InvalidFieldError),
+    (PeerChange.decode, [0, 1, b""], InvalidFieldError),
+    (PeerChange.decode, [0, 1, [i.to_bytes(32, "big") for i in range(MAX_PEERS + 1)]],
      InvalidFieldError),
+    (PeerChange.decode, [1, []], DecodeError),  # the layout before epochs
     (PeerChange.decode, {1: []}, DecodeError),
 ])
 def test_strict_decoding(decoder, value: object, error: type) -> None:

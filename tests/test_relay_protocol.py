@@ -38,10 +38,12 @@ MAX = 1 << 20
 
 
 def access(revoked: frozenset = frozenset()) -> AccessControl:
-    """A relay's access control with the oracle's signed list applied (no polling)."""
-    control = AccessControl("http://oracle.invalid", ORACLE.public.text, False,
-                            structlog.get_logger("test"))
-    control.apply(AccessList(1, NOW, ORACLE.public, frozenset({ALICE.public, BOB.public}),
+    """A relay's access control with the oracle's signed list applied (no polling):
+    alice and bob enrolled in one peer group."""
+    control = AccessControl("http://oracle.invalid", ORACLE.public.text, False, RELAY,
+                            RelayMetrics(), structlog.get_logger("test"))
+    control.apply(AccessList(1, 1, NOW, ORACLE.public,
+                             {ALICE.public: frozenset({0}), BOB.public: frozenset({0})},
                              revoked).sign(ORACLE))
     return control
 

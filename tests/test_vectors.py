@@ -7,11 +7,15 @@ and the decoder cannot hide behind a matching regeneration.
 
 from __future__ import annotations
 
+import base64
+
 import cbor2
 import nacl.bindings
 import nacl.signing
 import pytest
 
+from proto.access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, MAX_REQUEST_SKEW_MS,
+                          AccessList, AccessRequest)
 from proto.envelope import PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, decode_envelope
 from proto.errors import ErrorCode, ProtocolError
 from proto.frames import decode_frame, encode_frame
@@ -117,9 +121,11 @@ def test_payloads() -> None:
         batch_fields)
     peers = [H(p) for p in change["fields"]["peers"]]
     assert peers == sorted(peers)
-    assert cbor([change["fields"]["version"], peers]) == H(change["encoded"])
+    assert cbor([change["fields"]["epoch"], change["fields"]["version"], peers]) == (
+        H(change["encoded"]))
     decoded_change = PeerChange.decode(H(change["encoded"]))
     assert decoded_change.version == change["fields"]["version"]
+    assert decoded_change.epoch == change["fields"]["epoch"]
     assert [p.raw for p in decoded_change.peers] == peers
 
 
@@ -128,6 +134,52 @@ def test_receipt_envelope_carries_the_receipt_payload() -> None:
     receipt_env = decode_envelope(H(by_name["receipt_for_data_one_recipient"]["encoded"]))
     receipt = Receipt.decode(receipt_env.open(identity("alice")))
     assert receipt.msg_id == H(by_name["data_one_recipient"]["fields"]["msg_id"])
+
+
+ACCESS = load("access")
+
+
+def test_access_list() -> None:
+    vector = ACCESS["access_list"]
+    f, oracle_key = vector["fields"], H(KEYS[vector["oracle"]]["public_key"])
+    assert H(ACCESS["access_list_domain"]) == ACCESS_LIST_DOMAIN
+    assert H(f["oracle_key"]) == oracle_key
+    enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
+    assert [e[0] for e in enrolled] == sorted(e[0] for e in enrolled)
+    body = [f["epoch"], f["version"], f["issued_at_ms"], oracle_key, enrolled,
+            [H(k) for k in f["revoked"]]]
+    assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
+    nacl.signing.VerifyKey(oracle_key).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
+
+    access = AccessList.verify(H(vector["encoded"]), PublicKey(oracle_key))
+    assert access.stamp == (f["epoch"], f["version"])
+    assert access.sign(identity(vector["oracle"])) == H(vector["encoded"])
+    for case in vector["shares_group"]:
+        sender, recipient = (PublicKey(H(KEYS[case[k]]["public_key"]))
+                             for k in ("sender", "recipient"))
+        assert access.shares_group(sender, recipient) is case["shares"], case
+
+
+def test_relay_request() -> None:
+    vector = ACCESS["relay_request"]
+    f = vector["fields"]
+    relay_key, oracle_key = (H(KEYS[vector[k]]["public_key"]) for k in ("relay", "oracle"))
+    assert H(ACCESS["access_request_domain"]) == ACCESS_REQUEST_DOMAIN
+    assert vector["max_skew_ms"] == MAX_REQUEST_SKEW_MS
+    body = [relay_key, oracle_key, f["issued_at_ms"], H(f["nonce"])]
+    assert (H(f["relay_key"]), H(f["oracle_key"])) == (relay_key, oracle_key)
+    assert H(vector["signed_bytes"]) == ACCESS_REQUEST_DOMAIN + cbor(body)
+    nacl.signing.VerifyKey(relay_key).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["token"])
+    scheme, token = vector["authorization"].split(" ")
+    assert scheme == "Continuum-Relay" and "=" not in token
+    assert base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)) == H(vector["token"])
+
+    request = AccessRequest.verify(vector["authorization"], PublicKey(oracle_key),
+                                   f["issued_at_ms"] + MAX_REQUEST_SKEW_MS)
+    assert (request.relay.raw, request.nonce) == (relay_key, H(f["nonce"]))
+    assert request.authorization(identity(vector["relay"])) == vector["authorization"]
 
 
 HANDSHAKE = load("handshake")
@@ -177,6 +229,10 @@ def _run_invalid(vector: dict) -> None:
     if check == "public_key_text":
         PublicKey.from_text(vector["text"])
         return
+    oracle = PublicKey(H(KEYS["oracle"]["public_key"]))
+    if check == "relay_token":
+        AccessRequest.verify(vector["text"], oracle, vector["now_ms"])
+        return
     data = H(vector["hex"])
     max_bytes = vector.get("max_bytes")
     if check.startswith("envelope"):
@@ -188,6 +244,8 @@ def _run_invalid(vector: dict) -> None:
             env.open(identity(vector["open_as"]))
     elif check == "frame":
         decode_frame(data, max_bytes or DEFAULT_LIMITS.max_frame_bytes)
+    elif check == "access_list":
+        AccessList.verify(data, oracle)
     elif check == "hello_verify":
         relay_nonce = H(HANDSHAKE["challenge"]["relay_nonce"])
         RelayHandshake(identity(HANDSHAKE["relay"]), relay_nonce, DEFAULT_LIMITS).receive_hello(data)

@@ -9,6 +9,7 @@ randomness pinned, so the files are the reference another implementation
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import sys
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from typing import TypeVar
 import nacl.bindings
 
 from .. import canonical
+from ..access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, MAX_REQUEST_SKEW_MS, AccessList,
+                      AccessRequest)
 from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Envelope, Kind, decode_envelope,
                         seal_envelope)
 from ..errors import ErrorCode
@@ -39,7 +42,9 @@ SEEDS = {
     "bob": bytes(range(0x20, 0x40)),
     "carol": bytes(range(0x40, 0x60)),
     "relay": bytes(range(0x60, 0x80)),
+    "oracle": bytes(range(0x80, 0xA0)),
 }
+EPOCH = 1_700_000_000_123
 IDS = {name: Identity(seed) for name, seed in SEEDS.items()}
 
 
@@ -166,9 +171,65 @@ def payload_vectors() -> dict:
             "encoded": ExpiryNotice(((msg_id, IDS["bob"].public),
                                      (fill(0x11, 16), IDS["carol"].public))).encode().hex()},
         "peer_change": {
-            "fields": {"version": 7, "peers": [p.raw.hex() for p in peers]},
-            "encoded": PeerChange(7, tuple(peers)).encode().hex()},
+            "fields": {"epoch": EPOCH, "version": 7, "peers": [p.raw.hex() for p in peers]},
+            "encoded": PeerChange(7, tuple(peers), EPOCH).encode().hex()},
     }
+
+
+def _access_list() -> AccessList:
+    """alice in group 0, bob in groups 0 and 1, carol revoked; signed by `oracle`."""
+    return AccessList(EPOCH, 42, CREATED_AT_MS, IDS["oracle"].public,
+                      {IDS["alice"].public: frozenset({0}), IDS["bob"].public: frozenset({0, 1})},
+                      frozenset({IDS["carol"].public}))
+
+
+def _relay_request() -> AccessRequest:
+    return AccessRequest(IDS["relay"].public, IDS["oracle"].public, CREATED_AT_MS + 5000,
+                         fill(0xA1, 16))
+
+
+def access_vectors() -> dict:
+    access, request = _access_list(), _relay_request()
+    encoded = access.sign(IDS["oracle"])
+    *body, signature = canonical.decode(encoded, max_size=1 << 20, what="vector")
+    header = request.authorization(IDS["relay"])
+    token = base64.urlsafe_b64decode(header.split(" ", 1)[1] + "==")
+    token_fields = canonical.decode(token, max_size=1 << 10, what="vector")
+    return {
+        "description": "The oracle's signed access list (oracle `oracle`) and a relay's signed "
+                       "request for it (relay `relay`). Group numbers name groups within this "
+                       "list only; two keys may write to each other if they share one.",
+        "access_list_domain": ACCESS_LIST_DOMAIN.hex(),
+        "access_request_domain": ACCESS_REQUEST_DOMAIN.hex(),
+        "access_list": {
+            "oracle": "oracle",
+            "fields": {"epoch": access.epoch, "version": access.version,
+                       "issued_at_ms": access.issued_at_ms,
+                       "oracle_key": access.oracle.raw.hex(),
+                       "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
+                                    for k in sorted(access.groups)],
+                       "revoked": [k.raw.hex() for k in sorted(access.revoked)]},
+            "shares_group": [
+                {"sender": "alice", "recipient": "bob", "shares": True},
+                {"sender": "bob", "recipient": "alice", "shares": True},
+                {"sender": "alice", "recipient": "carol", "shares": False},
+                {"sender": "relay", "recipient": "alice", "shares": False},
+            ],
+            "signed_bytes": (ACCESS_LIST_DOMAIN + canonical.encode(body)).hex(),
+            "signature": signature.hex(),
+            "encoded": encoded.hex()},
+        "relay_request": {
+            "relay": "relay",
+            "oracle": "oracle",
+            "fields": {"relay_key": request.relay.raw.hex(), "oracle_key": request.oracle.raw.hex(),
+                       "issued_at_ms": request.issued_at_ms, "nonce": request.nonce.hex()},
+            "signed_bytes": (ACCESS_REQUEST_DOMAIN + canonical.encode(token_fields[:-1])).hex(),
+            "signature": token_fields[-1].hex(),
+            "token": token.hex(),
+            "authorization": header,
+            "max_skew_ms": MAX_REQUEST_SKEW_MS},
+    }
+
 
 
 def handshake_vectors() -> dict:
@@ -257,6 +318,47 @@ def _resign_as(fields: list, signer: Identity) -> bytes:
     return canonical.encode(changed)
 
 
+def _signed_list(body: list, signer: Identity) -> bytes:
+    return canonical.encode([*body, signer.sign(ACCESS_LIST_DOMAIN + canonical.encode(body))])
+
+
+def _signed_token(body: list, signer: Identity) -> str:
+    token = canonical.encode([*body, signer.sign(ACCESS_REQUEST_DOMAIN + canonical.encode(body))])
+    return "Continuum-Relay " + base64.urlsafe_b64encode(token).rstrip(b"=").decode()
+
+
+def _invalid_access() -> list[dict]:
+    """Access lists and relay tokens to refuse (`access_list`: verify for `oracle`;
+    `relay_token`: verify for `oracle` at `now_ms`)."""
+    oracle, relay = IDS["oracle"], IDS["relay"]
+    encoded = _access_list().sign(oracle)
+    body = canonical.decode(encoded, max_size=1 << 20, what="vector")[:-1]
+    enrolled = [list(entry) for entry in body[4]]
+    enrolled[-1][1] = [1, 0]
+    unsorted_groups = [*body[:4], enrolled, body[5]]
+    request = _relay_request()
+    token_body = [request.relay.raw, request.oracle.raw, request.issued_at_ms, request.nonce]
+    now = request.issued_at_ms
+    return [
+        _invalid("access list signed by another key", "access_list",
+                 _signed_list(body, IDS["carol"]), ErrorCode.BAD_SIGNATURE),
+        _invalid("access list with a key's groups out of order", "access_list",
+                 _signed_list(unsorted_groups, oracle), ErrorCode.INVALID_FIELD),
+        _invalid("access list in the layout before epochs", "access_list",
+                 _signed_list(body[1:], oracle), ErrorCode.MALFORMED),
+        _invalid("relay token signed by another key", "relay_token",
+                 _signed_token(token_body, IDS["carol"]), ErrorCode.BAD_SIGNATURE, now_ms=now),
+        _invalid("relay token for another oracle", "relay_token",
+                 _signed_token([relay.public.raw, IDS["carol"].public.raw, *token_body[2:]], relay),
+                 ErrorCode.UNAUTHENTICATED, now_ms=now),
+        _invalid("relay token a minute and a millisecond old", "relay_token",
+                 _signed_token(token_body, relay), ErrorCode.STALE,
+                 now_ms=now + MAX_REQUEST_SKEW_MS + 1),
+        _invalid("bearer token instead of a relay token", "relay_token",
+                 "Bearer " + "a" * 40, ErrorCode.UNAUTHENTICATED, now_ms=now),
+    ]
+
+
 def invalid_vectors() -> dict:
     """Inputs every implementation must refuse, each with the error code it must report."""
     envelopes = envelope_vectors()["envelopes"]
@@ -330,8 +432,11 @@ def invalid_vectors() -> dict:
         _invalid("expiry notice batch of one entry (must use the single form)", "expiry_notice",
                  canonical.encode([[msg_id, IDS["bob"].public.raw]]), ErrorCode.INVALID_FIELD),
         _invalid("peer change with unsorted peers", "peer_change",
-                 canonical.encode([1, sorted([bob, carol], reverse=True)]),
+                 canonical.encode([EPOCH, 1, sorted([bob, carol], reverse=True)]),
                  ErrorCode.INVALID_FIELD),
+        _invalid("peer change in the layout before epochs", "peer_change",
+                 canonical.encode([1, sorted([bob, carol])]), m),
+        *_invalid_access(),
         _invalid("public key with a typo", "public_key_text",
                  alice_text[:10] + ("a" if alice_text[10] != "a" else "b") + alice_text[11:],
                  ErrorCode.INVALID_FIELD),
@@ -345,8 +450,10 @@ def invalid_vectors() -> dict:
                        "(decode), envelope_verify (decode then verify), envelope_open "
                        "(decode, verify, open as `open_as`), frame, hello_verify (decode a "
                        "HELLO and verify it against handshake.json's challenge), receipt, "
-                       "expiry_notice, peer_change, public_key_text. `max_bytes` overrides "
-                       "the size limit. `error` is the ErrorCode name that must result.",
+                       "expiry_notice, peer_change, public_key_text, access_list (verify for "
+                       "key `oracle`), relay_token (an Authorization value, verified for key "
+                       "`oracle` at `now_ms`). `max_bytes` overrides the size limit. `error` "
+                       "is the ErrorCode name that must result.",
         "invalid": entries,
     }
 
@@ -356,6 +463,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "envelopes": envelope_vectors,
     "payloads": payload_vectors,
     "handshake": handshake_vectors,
+    "access": access_vectors,
     "invalid": invalid_vectors,
 }
 
