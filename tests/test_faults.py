@@ -14,24 +14,31 @@ from wire import RawDevice, sealed
 
 
 async def send_until_killed(relay: RelayProcess, sender: Identity, recipient: Identity,
-                            count: int, kill_after: int) -> set[bytes]:
-    """Pipeline `count` sends, SIGKILL the relay after `kill_after` answers; return ACCEPTED ids."""
+                            count: int, kill_after: int, window: int = 64) -> set[bytes]:
+    """Keep `window` sends in flight (of `count`), SIGKILL the relay after `kill_after`
+    answers; return the ACCEPTED ids.  The window, not timing, makes the kill land
+    mid-stream: however fast the relay, it cannot have answered more than
+    kill_after + window sends when it dies."""
     accepted: set[bytes] = set()
     device = await RawDevice.connect(relay.url, sender)
+    sent = answered = 0
     try:
-        for _ in range(count):
-            await device.send_raw(encode_frame(Send(sealed(sender, [recipient.public]).raw)))
         while True:
+            while sent < count and sent - answered < window:
+                await device.send_raw(encode_frame(Send(sealed(sender, [recipient.public]).raw)))
+                sent += 1
             try:
                 frame = await device.recv(timeout=5)
             except (ConnectionError, asyncio.TimeoutError):
                 break  # the relay is gone
+            answered += 1
             if isinstance(frame, Accepted):
                 accepted.add(frame.msg_id)
             else:
                 assert isinstance(frame, Error), frame
             if len(accepted) == kill_after:
                 relay.kill()
+                sent = count  # send nothing more: the relay is going down
     finally:
         await device.session.close()
     return accepted
