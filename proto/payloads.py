@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import canonical
-from .access import Stamp, uint63
+from .access import Stamp
+from .canonical import uint63
 from .envelope import MSG_ID_BYTES
 from .errors import DecodeError, InvalidFieldError
 from .keys import KEY_BYTES, PublicKey
