@@ -63,7 +63,7 @@ async def test_migrations_are_numbered_recorded_and_applied_once(open_db: Opener
     assert await db.migrate() == []  # nothing left to apply
     again = await open_db()
     assert await again.fetch("SELECT version FROM schema_migrations ORDER BY version") == [
-        {"version": 1}, {"version": 2}]
+        {"version": 1}, {"version": 2}, {"version": 3}]
 
 
 async def test_group_changes_issue_versions_only_to_affected_devices(open_db: Opener) -> None:
