@@ -7,7 +7,9 @@
       peers add|remove KEY…        edit the allowed-peer list
       peers list                   print it, one key per line
       send KEY… TEXT|@FILE         send one message to all KEYs; --wait S for receipts
-      listen                       print messages from peers as they arrive
+      listen                       print messages from peers as they arrive (and drain the
+                                   mailbox of a key rotated away from)
+      rotate-key                   move to a new key the current one vouches for; print it
 
 Results go to stdout (one line each, easy to script), diagnostics to
 stderr.  Exit codes: 0 ok, 1 refused (by the relay, or a bad message),
@@ -28,10 +30,12 @@ import structlog
 
 from proto import Identity, PublicKey
 from proto.errors import ProtocolError
+from proto.rotation import OracleKeyChain
 from runtime.logs import configure_logging
 
 from .device import DEFAULT_TTL_S, Device
 from .inbox import InboundMessage
+from .key_files import KeyFiles, write_atomically
 from .peers import PeerList
 from .settings import ClientSettings
 
@@ -85,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    rotate = commands.add_parser("rotate-key", help="move this device to a new key, keeping"
+                                 " its place (name, groups, peers) with the oracle")
+    rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up (resumable: run again) if the oracle has not confirmed")
     return parser
 
 
@@ -117,6 +125,8 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         payload = _read_message(args.message)
         recipients = [PublicKey.from_text(text) for text in args.recipients]
         return asyncio.run(_send(settings, recipients, payload, args.ttl, args.wait, args.timeout))
+    if args.command == "rotate-key":
+        return asyncio.run(_rotate_key(settings, args.timeout))
     return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
 
 
@@ -182,9 +192,48 @@ def _device(settings: ClientSettings) -> Device:
     if not settings.relays:
         raise CliError("no relay configured: pass --relay URL or set CONTINUUM_RELAYS")
     identity = _load_identity(settings)
-    structlog.get_logger("continuum.client").info("client_started", **settings.describe())
+    log = structlog.get_logger("continuum.client")
+    log.info("client_started", **settings.describe())
+    if KeyFiles(settings.identity_path).pending() is not None:
+        log.warning("key_rotation_pending", detail="run rotate-key to finish it")
+
+    def follow_oracle(chain: OracleKeyChain) -> None:
+        """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
+        assert chain.current is not None
+        write_atomically(settings.oracle_chain_path, chain.encode())
+        write_atomically(settings.oracle_path, (chain.current.text + "\n").encode("ascii"))
+
     return Device(identity, settings.relays, PeerList.load(settings.peers_path),
-                  settings.oracle_key)
+                  settings.oracle_key, on_oracle_key_change=follow_oracle)
+
+
+async def _rotate_key(settings: ClientSettings, timeout_s: float) -> int:
+    """Rotate to identity.key.next (created now, or left by an interrupted run)."""
+    if settings.oracle_key is None:
+        raise CliError("a key rotation needs an oracle: run enroll --oracle cpk_… first")
+    files = KeyFiles(settings.identity_path)
+    resuming = files.pending() is not None
+    device = _device(settings)
+    try:
+        new = files.begin()
+    except FileExistsError as exc:
+        raise CliError(str(exc)) from None
+    print(f"{'resuming rotation' if resuming else 'rotating'} {device.identity.public.text}"
+          f" -> {new.public.text}", file=sys.stderr, flush=True)
+    async with device:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await device.rotate_key(new, on_confirmed=files.confirm)
+        except TimeoutError:
+            raise CliError(f"the oracle did not confirm within {timeout_s:g}s (last error:"
+                           f" {device.last_error or 'none'}); run rotate-key again to resume",
+                           EXIT_NOT_ACCEPTED) from None
+        except ProtocolError as exc:
+            raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
+    print(new.public.text)
+    print(f"the old key stays in {files.old_path} until listen has drained its mailbox",
+          file=sys.stderr)
+    return 0
 
 
 async def _send(settings: ClientSettings, recipients: list[PublicKey], payload: bytes,
@@ -210,7 +259,11 @@ async def _send(settings: ClientSettings, recipients: list[PublicKey], payload: 
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
                   as_json: bool) -> int:
     received = 0
+    files = KeyFiles(settings.identity_path)
     async with _device(settings) as device:
+        old = files.draining()
+        if old is not None:  # a rotation left the old key's mailbox to drain
+            device.drain(old)
         try:
             async with asyncio.timeout(timeout_s):
                 await device.wait_connected()
@@ -223,6 +276,8 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
                         break
         except TimeoutError:
             pass
+        if old is not None and not device.draining:
+            files.drained()
         dropped = {name: value for name, value in device.stats.as_dict().items()
                    if name.startswith(("dropped_", "duplicates")) and value}
         if dropped:

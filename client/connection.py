@@ -35,8 +35,10 @@ class RelayConnection:
     """An open, authenticated connection; `events()` ends when the socket closes."""
 
     def __init__(self, url: str, ws: aiohttp.ClientWebSocketResponse, protocol: DeviceProtocol,
-                 connected: Connected) -> None:
+                 connected: Connected, device_key: PublicKey) -> None:
         self.url = url
+        # The key this connection authenticated as: a device that rotates holds two at once.
+        self.device_key = device_key
         self.relay_key: PublicKey = connected.terms.relay_key
         self.limits: Limits = connected.terms.limits
         self.clock_offset_ms = connected.clock_offset_ms
@@ -122,6 +124,6 @@ async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
                 log.warning("relay_limit_above_device_cap", relay=url,
                             device_cap=max_envelope_bytes,
                             detail="deliveries larger than the cap cannot be read")
-            yield RelayConnection(url, ws, protocol, connected)
+            yield RelayConnection(url, ws, protocol, connected, identity.public)
         finally:
             await ws.close()

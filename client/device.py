@@ -11,6 +11,12 @@ then is the receipt sent and the ACK written, so a crash before that leaves
 it in the mailbox for the next run.  DATA waiting for the application holds
 relay window slots, so an application that never reads `messages()` (a pure
 sender) stops getting receipts once a window's worth of DATA is waiting.
+
+Key rotation (SPEC §15): `rotate_key()` has the current key vouch for a new
+one to the oracle, then authenticates as the new key while a `Drain` keeps the
+old key connected until its mailbox is empty.  Each connection knows the key it
+authenticated as, and its deliveries are decided and its sends made with that
+identity; replies (receipts) are always sealed by the current one.
 """
 
 from __future__ import annotations
@@ -18,21 +24,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import dataclass
 from types import TracebackType
 
 import structlog
 
 from proto import Envelope, Identity, Kind, Limits, PublicKey, seal_envelope
-from proto.errors import ProtocolError, WrongSenderError
+from proto.errors import ProtocolError, RevokedError, WrongSenderError
 from proto.payloads import Receipt
+from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 
 from .backoff import Backoff
 from .connection import RelayConnection
 from .dedup import RecentlySeen
-from .inbox import (Drop, ExpiryArrived, InboundMessage, InboxView, PeerChangeArrived,
-                    ReceiptArrived, Surface, decide)
+from .drain import DEFAULT_QUIET_S, Drain
+from .inbox import (Drop, ExpiryArrived, InboundMessage, InboxView, OracleKeyChanged,
+                    PeerChangeArrived, ReceiptArrived, Surface, decide)
 from .manager import ConnectionManager, describe
 from .outbox import Outbox, PendingSend
 from .peers import PeerList, Standing
@@ -49,12 +58,29 @@ DEVICE_LIMITS = Limits(max_envelope_bytes=16 * 1024 * 1024)
 _RECEIPT_QUEUE_SIZE = 10_000
 
 
+@dataclass(frozen=True)
+class _Rotation:
+    """A rotation waiting for the oracle's word: any peer list it seals to `new.public`."""
+
+    old: Identity
+    new: Identity
+    on_confirmed: Callable[[Identity, Identity], None]
+    confirmed: asyncio.Event
+
+
 class Device:
-    """A device identity talking to its peers through relays; use as `async with device:`."""
+    """A device identity talking to its peers through relays; use as `async with device:`.
+
+    `on_oracle_key_change(chain)` is called when the device follows the oracle
+    to a new key, before it confirms that to the oracle: persist the chain there
+    (the CLI keeps it in its home), and pass the key it leads to as `oracle_key`
+    on the next start.
+    """
 
     def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
                  oracle_key: PublicKey | None = None, *, backoff: Backoff | None = None,
-                 limits: Limits = DEVICE_LIMITS, handshake_timeout_s: float = 10.0) -> None:
+                 limits: Limits = DEVICE_LIMITS, handshake_timeout_s: float = 10.0,
+                 on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None) -> None:
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -65,11 +91,15 @@ class Device:
         # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
         self.relay_keys: set[PublicKey] = set()
         self._limits = limits
+        self._handshake_timeout_s = handshake_timeout_s
+        self._on_oracle_key_change = on_oracle_key_change
         self._seen = RecentlySeen()
         self._sent = SentLog()
         self._outbox = Outbox()
-        self._view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sent,
-                               oracle_key)
+        # Every key this device may be addressed as: the current one, and old ones draining.
+        self._identities = {identity.public: identity}
+        self._rotation: _Rotation | None = None
+        self._drains: dict[PublicKey, tuple[Drain, asyncio.Task[None]]] = {}
         self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
         self._inbound_ready = asyncio.Event()
         self._receipt_listeners: list[asyncio.Queue[tuple[PublicKey, Receipt]]] = []
@@ -90,10 +120,14 @@ class Device:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         runner, self._runner = self._runner, None
+        tasks = [task for _, task in self._drains.values()]
         if runner is not None:
-            runner.cancel()
+            tasks.append(runner)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await runner
+                await task
 
     @property
     def connected(self) -> bool:
@@ -156,8 +190,8 @@ class Device:
             await self._transmit(entry, self._manager.connection)
 
     async def _transmit(self, entry: PendingSend, connection: RelayConnection) -> None:
-        if entry.sent_on is connection:
-            return
+        if entry.sent_on is connection or entry.envelope.sender != connection.device_key:
+            return  # sent there already, or waits for a connection of the key that signed it
         self._outbox.mark_sent(entry, connection)
         if entry.transmissions > 1:
             self.stats.resent += 1
@@ -231,7 +265,10 @@ class Device:
 
     async def _on_delivery(self, delivery: Delivered, connection: RelayConnection) -> None:
         self.stats.deliveries += 1
-        decision = decide(delivery.envelope, self._view, connection.limits)
+        identity = self._identities.get(connection.device_key, self.identity)
+        view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sent,
+                         self.oracle_key)
+        decision = decide(delivery.envelope, view, connection.limits)
         if isinstance(decision, Surface):
             self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
@@ -248,8 +285,10 @@ class Device:
                 self.stats.expiry_notices += 1
                 for msg_id, recipient in decision.notice.entries:
                     self._sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
+            elif isinstance(decision, OracleKeyChanged):
+                await self._on_oracle_key_changed(decision)
             else:
-                await self._on_peer_change(decision)
+                await self._on_peer_change(decision, identity)
             # Only once handled: if handling failed (disk full), the re-delivery retries it.
             self._seen.add((decision.envelope.sender, decision.envelope.msg_id))
         await connection.ack(delivery.tag)
@@ -264,8 +303,17 @@ class Device:
             except asyncio.QueueFull:
                 log.warning("receipt_listener_full", sender=sender.text)
 
-    async def _on_peer_change(self, decision: PeerChangeArrived) -> None:
+    async def _on_peer_change(self, decision: PeerChangeArrived, identity: Identity) -> None:
         change, oracle = decision.change, decision.envelope.sender
+        rotation = self._rotation
+        if rotation is not None and identity is rotation.new and not rotation.confirmed.is_set():
+            # The oracle sealed a list to the new key: it took the rotation in.  Persisted by
+            # the caller before this list is applied and acknowledged (a crash redelivers it).
+            rotation.on_confirmed(rotation.old, rotation.new)
+            rotation.confirmed.set()
+            drain = self._drains.get(rotation.old.public)
+            if drain is not None:
+                drain[0].ready.set()  # from now on nothing more is stored for the old key
         if decision.standing is Standing.OLDER:
             self.stats.peer_changes_older += 1
             log.warning("peer_change_older_than_held", offered=str(change.stamp),
@@ -277,6 +325,117 @@ class Device:
             log.info("peer_list_replaced", stamp=str(change.stamp), peers=len(change.peers))
         # Applied now, or the one already held: the oracle may show this version as in force.
         await self._send_receipt(decision.envelope)
+
+    async def _on_oracle_key_changed(self, decision: OracleKeyChanged) -> None:
+        if decision.moved:
+            former, current = self.oracle_key, decision.chain.current
+            assert former is not None and current is not None
+            if self._on_oracle_key_change is not None:
+                self._on_oracle_key_change(decision.chain)  # persisted before it is confirmed
+            self.oracle_key = current
+            self.peers.follow_oracle(former, current)
+            self.stats.oracle_key_changes += 1
+            log.warning("oracle_key_followed", former=former.text, oracle_key=current.text)
+        await self._send_receipt(decision.envelope)  # "this device follows you now"
+
+    # -- key rotation ----------------------------------------------------------------------
+
+    async def rotate_key(self, new_identity: Identity | None = None, *,
+                         on_confirmed: Callable[[Identity, Identity], None] | None = None,
+                         quiet_s: float = DEFAULT_QUIET_S) -> Identity:
+        """Move this device to a new key that its current key vouches for; returns it.
+
+        The current key sends the oracle a `KeyRotation` signed by both keys;
+        then the device authenticates as the new key (refused until the relays
+        hear of the rotation: sends wait meanwhile) and keeps the old key
+        connected to drain its mailbox.  It returns once the oracle confirmed, by
+        sealing a peer list to the new key; `on_confirmed(old, new)` runs before
+        that list is acknowledged, so a caller that persists the new key there
+        loses nothing to a crash.  The drain goes on (`draining`, `wait_drained`).
+
+        Bound it with `asyncio.timeout`: interrupted before the confirmation, the
+        device is the old key again, and calling again with the same
+        `new_identity` resumes (the oracle applies a rotation once).
+        """
+        oracle = self.oracle_key
+        if oracle is None:
+            raise ValueError("a key rotation needs an oracle (oracle_key)")
+        if self._rotation is not None:
+            raise RuntimeError("a key rotation is already under way")
+        old, new = self.identity, new_identity or Identity.generate()
+        statement = KeyRotation.sign(old, new, self._now_ms())
+        envelope = seal_envelope(old, Kind.DATA, [oracle], statement.encode(),
+                                 ttl_s=DEFAULT_TTL_S, now_ms=self._now_ms(), limits=self._limits)
+        rotation = _Rotation(old, new, on_confirmed or (lambda old, new: None), asyncio.Event())
+        self._rotation = rotation
+        try:
+            try:
+                await self.send_envelope(envelope)
+            except RevokedError:
+                pass  # the old key may only drain: an earlier attempt took effect
+            self._start_drain(old, quiet_s, ready=False)
+            await self._use_identity(new)
+            await rotation.confirmed.wait()
+        except BaseException:
+            if not rotation.confirmed.is_set() and self.identity is new:
+                self._stop_drain(old.public)
+                await self._use_identity(old)
+                del self._identities[new.public]
+            raise
+        finally:
+            self._rotation = None
+        log.info("key_rotated", old=old.public.text, new=new.public.text)
+        return new
+
+    def drain(self, identity: Identity, *, quiet_s: float = DEFAULT_QUIET_S) -> None:
+        """Fetch what still waits for `identity`, a key this device rotated away from
+        (after a restart cut a drain short); `wait_drained()` returns once it is empty."""
+        self._start_drain(identity, quiet_s, ready=True)
+
+    @property
+    def draining(self) -> tuple[PublicKey, ...]:
+        """Old keys whose mailboxes are still being drained."""
+        return tuple(key for key, (drain, _) in self._drains.items() if not drain.done.is_set())
+
+    async def wait_drained(self) -> None:
+        """Return once every old key's mailbox is drained (bound it with asyncio.timeout)."""
+        for drain, _ in list(self._drains.values()):
+            await drain.done.wait()
+
+    async def _use_identity(self, identity: Identity) -> None:
+        self._identities[identity.public] = identity
+        self.identity = identity
+        await self._manager.use_identity(identity)
+
+    def _start_drain(self, identity: Identity, quiet_s: float, *, ready: bool) -> None:
+        if identity.public in self._drains:
+            return
+        self._identities[identity.public] = identity
+        drain = Drain(identity, self.relays, max_envelope_bytes=self._limits.max_envelope_bytes,
+                      handshake_timeout_s=self._handshake_timeout_s, backoff=Backoff(),
+                      on_connected=self._on_connected, on_event=self._on_event,
+                      on_disconnected=self._on_disconnected, waiting=self._waiting_on,
+                      quiet_s=quiet_s)
+        if ready:
+            drain.ready.set()
+        task = asyncio.create_task(drain.run(), name="continuum-drain")
+        task.add_done_callback(lambda _: self._forget(identity.public, task))
+        self._drains[identity.public] = (drain, task)
+
+    def _stop_drain(self, key: PublicKey) -> None:
+        entry = self._drains.get(key)
+        if entry is not None:
+            entry[1].cancel()
+
+    def _forget(self, key: PublicKey, task: asyncio.Task[None]) -> None:
+        """A drain ended: the old key is no longer this device (unless it became it again)."""
+        if self._drains.get(key, (None, None))[1] is task:
+            del self._drains[key]
+        if key != self.identity.public:
+            self._identities.pop(key, None)
+
+    def _waiting_on(self, connection: RelayConnection) -> int:
+        return sum(1 for _, held_by, _ in self._inbound if held_by is connection)
 
     # -- connection callbacks --------------------------------------------------------------
 

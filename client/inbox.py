@@ -20,7 +20,14 @@ Rules, cheapest first so hostile input costs as little as possible:
    sent and still tracks (the oracle has no peers but needs its receipts);
 6. a PEER_CHANGE is ranked against the held list by (epoch, version) and
    oracle (`PeerList.standing`): the device applies NEWER, receipts NEWER and
-   HELD, and neither applies nor receipts OLDER.
+   HELD, and neither applies nor receipts OLDER;
+7. with an oracle configured, DATA from a non-peer is the one exception to
+   rule 3: it may be the oracle's new key announcing itself (SPEC §15), so it is
+   opened, and taken only as the oracle's key chain sent by the key that chain
+   ends at, which leads from the configured oracle key (follow it) or already
+   is it (a re-delivery: receipt again); anything else is dropped as a non-peer's.
+   Only the oracle can write to a device at relays that enforce peer groups, so
+   this costs one decryption per message a stranger gets through elsewhere.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from enum import StrEnum
 from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, decode_envelope
 from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
+from proto.rotation import OracleKeyChain
 
 from .dedup import MessageKey
 from .peers import PeerList, Standing
@@ -91,6 +99,16 @@ class ExpiryArrived:
 
 
 @dataclass(frozen=True)
+class OracleKeyChanged:
+    """The oracle's key chain from `chain.current`: the oracle moved there (`moved`), or the
+    device follows that key already (a re-delivery)."""
+
+    envelope: Envelope
+    chain: OracleKeyChain
+    moved: bool
+
+
+@dataclass(frozen=True)
 class PeerChangeArrived:
     """The oracle's peer list; `standing` says whether it replaces the stored one (NEWER),
     is the one held (HELD), or is behind it (OLDER: neither applied nor receipted)."""
@@ -100,7 +118,8 @@ class PeerChangeArrived:
     standing: Standing
 
 
-Decision = Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
+Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
+            | OracleKeyChanged)
 
 
 @dataclass(frozen=True)
@@ -146,7 +165,7 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS) -> Deci
 
 def _sender_refusal(envelope: Envelope, view: InboxView) -> Drop | None:
     sender, kind = envelope.sender, envelope.kind
-    if kind is Kind.DATA and sender not in view.peers:
+    if kind is Kind.DATA and sender not in view.peers and view.oracle_key is None:
         return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
     if kind is Kind.EXPIRY and sender not in view.relay_keys:
         return Drop(DropReason.UNTRUSTED_EXPIRY, f"{sender.text} is not a relay key", envelope)
@@ -159,6 +178,8 @@ def _sender_refusal(envelope: Envelope, view: InboxView) -> Drop | None:
 def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
     """Parse the decrypted payload by kind; DecodeError propagates to `decide`."""
     if envelope.kind is Kind.DATA:
+        if envelope.sender not in view.peers:
+            return _oracle_key_change(envelope, plaintext, view)
         return Surface(envelope, InboundMessage(envelope.sender, envelope.msg_id, plaintext,
                                                 envelope.kind, envelope.created_at_ms))
     if envelope.kind is Kind.RECEIPT:
@@ -174,3 +195,19 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
     change = PeerChange.decode(plaintext)
     return PeerChangeArrived(envelope, change,
                              view.peers.standing(change.stamp, envelope.sender))
+
+
+def _oracle_key_change(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
+    """Rule 7: DATA from a non-peer counts only as the oracle's key chain from its end."""
+    sender, oracle = envelope.sender, view.oracle_key
+    not_peer = Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+    try:
+        chain = OracleKeyChain.decode(plaintext)
+    except ProtocolError:
+        return not_peer
+    assert oracle is not None  # rule 3 dropped non-peer DATA without an oracle
+    if chain.introduces(oracle, sender):
+        return OracleKeyChanged(envelope, chain, moved=True)
+    if sender == oracle and chain.current == oracle:
+        return OracleKeyChanged(envelope, chain, moved=False)
+    return not_peer

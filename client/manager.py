@@ -24,7 +24,7 @@ from .stats import DeviceStats
 
 log = structlog.get_logger("continuum.client")
 
-_CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
+CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
 
 
 class ConnectionManager:
@@ -48,6 +48,12 @@ class ConnectionManager:
         self.connected = asyncio.Event()
         self.last_error: str | None = None
 
+    async def use_identity(self, identity: Identity) -> None:
+        """Authenticate as `identity` from the next connection on; the current one is closed."""
+        self._identity = identity
+        if self.connection is not None:
+            await self.connection.close()
+
     async def run_forever(self) -> None:
         """Connect, serve, and on failure or drop move to the next relay after a backoff."""
         attempt = 0
@@ -62,7 +68,7 @@ class ConnectionManager:
                     self._backoff.reset()
                     await self._serve(connection)
                 log.info("relay_disconnected", relay=url)
-            except _CONNECT_ERRORS as exc:
+            except CONNECT_ERRORS as exc:
                 self.last_error = f"{url}: {describe(exc)}"
                 if not served:
                     self._stats.connect_failures += 1

@@ -112,6 +112,13 @@ class PeerList:
         self._save()
         return True
 
+    def follow_oracle(self, former: PublicKey, current: PublicKey) -> None:
+        """The oracle rotated from `former` to `current` (SPEC §15): the held list stays, and
+        the new key's lists are ranked against its stamp, as the same oracle's are."""
+        if self.oracle == former:
+            self.oracle = current
+            self._save()
+
     def _save(self) -> None:
         if self.path is None:
             return

@@ -2,10 +2,14 @@
 
 The home directory holds everything a device keeps between runs:
 
-    identity.key   the private key, 0600, written once (`Identity.save` refuses to overwrite)
+    identity.key   the private key, 0600, written once (`Identity.save` refuses to overwrite);
+                   with `identity.key.next` / `.old` during a key rotation (`key_files`)
     peers.json     the allowed-peer list and its oracle version (see `peers`)
     oracle.pub     the oracle's public key, written by `enroll`: from then on only
                    peer lists signed by that key change peers.json
+    oracle.chain   the oracle's key chain, once the oracle rotated its key (SPEC §15):
+                   the oracle key in force is where it leads from the configured one,
+                   so a flag or variable naming an older oracle key still works
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proto import PublicKey
+from proto.rotation import OracleKeyChain
 
 IDENTITY_FILE = "identity.key"
 PEERS_FILE = "peers.json"
 ORACLE_FILE = "oracle.pub"
+ORACLE_CHAIN_FILE = "oracle.chain"
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,10 @@ class ClientSettings:
     def oracle_path(self) -> Path:
         return self.home / ORACLE_FILE
 
+    @property
+    def oracle_chain_path(self) -> Path:
+        return self.home / ORACLE_CHAIN_FILE
+
     @classmethod
     def resolve(cls, *, home: str | None, relays: list[str] | None, oracle_key: str | None,
                 log_level: str, environ: Mapping[str, str] = os.environ) -> ClientSettings:
@@ -54,8 +64,11 @@ class ClientSettings:
         home_path = Path(home_text).expanduser()
         key_text = (oracle_key or environ.get("CONTINUUM_ORACLE_KEY")
                     or _read_text(home_path / ORACLE_FILE))
-        return cls(home_path, tuple(relay_urls),
-                   PublicKey.from_text(key_text) if key_text else None, log_level)
+        key = PublicKey.from_text(key_text) if key_text else None
+        chain_path = home_path / ORACLE_CHAIN_FILE
+        if key is not None and chain_path.exists():
+            key = OracleKeyChain.decode(chain_path.read_bytes()).follow(key)
+        return cls(home_path, tuple(relay_urls), key, log_level)
 
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log line (nothing here is secret)."""
