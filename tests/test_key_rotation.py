@@ -17,7 +17,7 @@ from wire import RawDevice, error_code, sealed
 from client import Device
 from continuum.server import RelayServer
 from oracle import OracleServer
-from proto import Identity, Kind, PublicKey, seal_envelope
+from proto import Identity, Kind, PublicKey, canonical, seal_envelope
 from proto.frames import Accepted
 from proto.rotation import KeyRotation
 from runtime.clock import now_ms
@@ -112,3 +112,47 @@ async def test_device_rotates_peers_follow_old_mail_is_drained_and_old_key_refus
             except AssertionError:  # WELCOME: its drain deadline has not passed yet
                 return False
         await eventually(refused, timeout=10, interval=0.5)
+
+
+async def test_forged_and_replayed_rotation_statements_are_refused(
+        deployment: Deployment) -> None:
+    alice, mallory, spare, elsewhere = (Identity.generate() for _ in range(4))
+    await deployment.enroll(alice, mallory, spare)  # mallory holds two enrolled keys
+    oracle_key = deployment.oracle.identity.public
+    genuine = KeyRotation.sign(alice, Identity.generate(), now_ms())  # alice's, captured
+    statement = KeyRotation.sign(mallory, elsewhere, now_ms())
+    forged_old = statement.to_value()  # the old key's signature made by another key
+    forged_old[3] = elsewhere.sign(statement.signed_bytes())
+    unproven = statement.to_value()  # the new key's proof of possession made by another key
+    unproven[4] = mallory.sign(statement.signed_bytes())
+    attempts = [
+        genuine.encode(),  # someone else's statement, sent by mallory
+        canonical.encode(forged_old),
+        canonical.encode(unproven),
+        KeyRotation.sign(mallory, spare, now_ms()).encode(),  # onto a key already enrolled
+        KeyRotation.sign(mallory, Identity.generate(), now_ms() + 3_600_000).encode(),
+    ]
+    marker = Identity.generate()
+    async with deployment.device(mallory) as m:
+        await m.wait_connected()
+        for payload in [*attempts, KeyRotation.sign(mallory, marker, now_ms()).encode()]:
+            await m.send([oracle_key], payload)
+
+        async def marker_applied() -> bool:  # processed in order: every attempt before it is
+            devices = (await deployment.admin.call("GET", "/v1/devices"))["devices"]
+            return any(d["key"] == marker.public.text for d in devices)
+        await eventually(marker_applied, timeout=15)
+    devices = {d["key"]: d for d in
+               (await deployment.admin.call("GET", "/v1/devices"))["devices"]}
+    assert not devices[alice.public.text]["revoked"] and genuine.new.text not in devices
+    assert not devices[spare.public.text]["revoked"]
+    assert devices[mallory.public.text]["rotated_to"] == marker.public.text
+    assert set(devices) == {alice.public.text, mallory.public.text, spare.public.text,
+                            marker.public.text}
+    # A replay from the rotated key itself cannot even reach the oracle.
+    async with await RawDevice.connect(deployment.relay.url, mallory) as raw:
+        replay = seal_envelope(mallory, Kind.DATA, [oracle_key],
+                               KeyRotation.sign(mallory, marker, now_ms()).encode(), ttl_s=60,
+                               now_ms=now_ms())
+        answer = await raw.send(replay)
+        assert not isinstance(answer, Accepted) and error_code(answer) == "REVOKED"
