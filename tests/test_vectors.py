@@ -23,6 +23,8 @@ from proto.handshake import HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake, Relay
 from proto.keys import Identity, PublicKey
 from proto.limits import DEFAULT_LIMITS, Limits
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
+from proto.rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
+                            OracleKeyChain)
 from proto.vectors import VECTOR_DIR, load
 from proto.vectors.generate import build
 
@@ -182,6 +184,76 @@ def test_relay_request() -> None:
     assert request.authorization(identity(vector["relay"])) == vector["authorization"]
 
 
+ROTATION = load("rotation")
+NEXT_KEYS = {k["name"]: k for k in ROTATION["keys"]}
+
+
+def _public(name: str) -> bytes:
+    return H((KEYS.get(name) or NEXT_KEYS[name])["public_key"])
+
+
+def _check_change(vector: dict, domain: bytes) -> list:
+    """A key change from its fields alone: signed bytes, both signatures, encoding."""
+    f = vector["fields"]
+    old, new = _public(vector["old"]), _public(vector["new"])
+    assert (H(f["old_key"]), H(f["new_key"])) == (old, new)
+    assert H(vector["signed_bytes"]) == domain + cbor([old, new, f["issued_at_ms"]])
+    nacl.signing.VerifyKey(old).verify(H(vector["signed_bytes"]), H(vector["old_signature"]))
+    nacl.signing.VerifyKey(new).verify(H(vector["signed_bytes"]), H(vector["new_signature"]))
+    value = [old, new, f["issued_at_ms"], H(vector["old_signature"]), H(vector["new_signature"])]
+    assert cbor(value) == H(vector["encoded"])
+    return value
+
+
+def test_rotation_keys() -> None:
+    for vector in ROTATION["keys"]:
+        signing = nacl.signing.SigningKey(H(vector["seed"]))
+        assert bytes(signing.verify_key).hex() == vector["public_key"]
+        assert PublicKey.from_text(vector["public_text"]).raw == H(vector["public_key"])
+
+
+def test_key_rotation() -> None:
+    assert H(ROTATION["key_rotation_domain"]) == KEY_ROTATION_DOMAIN
+    vector = ROTATION["key_rotation"]
+    _check_change(vector, KEY_ROTATION_DOMAIN)
+    rotation = KeyRotation.decode(H(vector["encoded"]))
+    assert rotation.encode() == H(vector["encoded"])
+    assert rotation.signed_bytes() == H(vector["signed_bytes"])
+
+
+def test_oracle_key_chain() -> None:
+    assert H(ROTATION["oracle_key_change_domain"]) == ORACLE_KEY_CHANGE_DOMAIN
+    vector = ROTATION["oracle_key_chain"]
+    links = [_check_change(link, ORACLE_KEY_CHANGE_DOMAIN) for link in vector["links"]]
+    for before, after in zip(links, links[1:]):
+        assert after[0] == before[1] and after[2] > before[2]
+    assert cbor(links) == H(vector["encoded"])
+    chain = OracleKeyChain.decode(H(vector["encoded"]))
+    assert chain.encode() == H(vector["encoded"])
+    assert chain.follow(PublicKey(_public("oracle"))).raw == _public("oracle_next")
+
+
+def test_rotated_access_list() -> None:
+    vector = ROTATION["access_list"]
+    f, signer = vector["fields"], _public(vector["oracle"])
+    assert H(f["oracle_key"]) == signer
+    enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
+    draining = [[H(d["key"]), d["until_ms"]] for d in f["draining"]]
+    chain = cbor2.loads(H(ROTATION["oracle_key_chain"]["encoded"]))
+    body = [f["epoch"], f["version"], f["issued_at_ms"], signer, enrolled,
+            [H(k) for k in f["revoked"]], draining, chain]
+    assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
+    nacl.signing.VerifyKey(signer).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
+    assert chain[-1][1] == signer  # the chain ends at the key that signed the list
+
+    access = AccessList.verify(H(vector["encoded"]), PublicKey(_public(vector["trusted"])))
+    assert access.oracle.raw == signer
+    assert {k.raw: until for k, until in access.draining.items()} == dict(
+        (k, until) for k, until in draining)
+    assert access.sign(Identity(H(NEXT_KEYS[vector["oracle"]]["seed"]))) == H(vector["encoded"])
+
+
 HANDSHAKE = load("handshake")
 
 
@@ -250,8 +322,8 @@ def _run_invalid(vector: dict) -> None:
         relay_nonce = H(HANDSHAKE["challenge"]["relay_nonce"])
         RelayHandshake(identity(HANDSHAKE["relay"]), relay_nonce, DEFAULT_LIMITS).receive_hello(data)
     else:
-        {"receipt": Receipt, "expiry_notice": ExpiryNotice,
-         "peer_change": PeerChange}[check].decode(data)
+        {"receipt": Receipt, "expiry_notice": ExpiryNotice, "peer_change": PeerChange,
+         "key_rotation": KeyRotation, "oracle_key_chain": OracleKeyChain}[check].decode(data)
 
 
 @pytest.mark.parametrize("vector", load("invalid")["invalid"], ids=lambda v: v["name"])

@@ -30,6 +30,8 @@ from ..handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN
 from ..keys import Identity
 from ..limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from ..payloads import ExpiryNotice, PeerChange, Receipt
+from ..rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
+                        OracleKeyChain, OracleKeyChange)
 from ..sealing import PAYLOAD_NONCE_BYTES
 from . import VECTOR_DIR
 
@@ -230,6 +232,112 @@ def access_vectors() -> dict:
             "max_skew_ms": MAX_REQUEST_SKEW_MS},
     }
 
+
+
+# The keys alice and the oracle rotate to; listed in rotation.json with their seeds.
+NEXT_SEEDS = {"alice_next": bytes(range(0xA0, 0xC0)), "oracle_next": bytes(range(0xC0, 0xE0))}
+NEXT_IDS = {name: Identity(seed) for name, seed in NEXT_SEEDS.items()}
+ROTATED_AT_MS = CREATED_AT_MS + 60_000
+DRAIN_UNTIL_MS = ROTATED_AT_MS + 604_800_000
+
+
+def _change_vector(change: KeyRotation | OracleKeyChange, old: str, new: str) -> dict:
+    return {"old": old, "new": new,
+            "fields": {"old_key": change.old.raw.hex(), "new_key": change.new.raw.hex(),
+                       "issued_at_ms": change.issued_at_ms},
+            "signed_bytes": change.signed_bytes().hex(),
+            "old_signature": change.old_signature.hex(),
+            "new_signature": change.new_signature.hex(), "encoded": change.encode().hex()}
+
+
+def _oracle_chain() -> OracleKeyChain:
+    return OracleKeyChain().extended(
+        OracleKeyChange.sign(IDS["oracle"], NEXT_IDS["oracle_next"], ROTATED_AT_MS))
+
+
+def _rotated_access_list() -> AccessList:
+    """After both rotations: alice_next in alice's groups, alice draining, signed by oracle_next."""
+    return AccessList(EPOCH + 1, 43, ROTATED_AT_MS, NEXT_IDS["oracle_next"].public,
+                      {NEXT_IDS["alice_next"].public: frozenset({0}),
+                       IDS["bob"].public: frozenset({0, 1})},
+                      frozenset({IDS["carol"].public}), {IDS["alice"].public: DRAIN_UNTIL_MS},
+                      _oracle_chain())
+
+
+def rotation_vectors() -> dict:
+    rotation = KeyRotation.sign(IDS["alice"], NEXT_IDS["alice_next"], ROTATED_AT_MS)
+    chain = _oracle_chain()
+    access = _rotated_access_list()
+    encoded = access.sign(NEXT_IDS["oracle_next"])
+    *body, signature = canonical.decode(encoded, max_size=1 << 20, what="vector")
+    return {
+        "description": "Key rotation (SPEC §15): device `alice` moves to `alice_next` (the "
+                       "statement she sends the oracle), the oracle moves from `oracle` to "
+                       "`oracle_next` (its key chain), and the access list after both, signed "
+                       "by `oracle_next` and verified by a relay that trusts `oracle`.",
+        "key_rotation_domain": KEY_ROTATION_DOMAIN.hex(),
+        "oracle_key_change_domain": ORACLE_KEY_CHANGE_DOMAIN.hex(),
+        "keys": [{"name": name, "seed": NEXT_SEEDS[name].hex(),
+                  "public_key": identity.public.raw.hex(), "public_text": identity.public.text}
+                 for name, identity in NEXT_IDS.items()],
+        "key_rotation": _change_vector(rotation, "alice", "alice_next"),
+        "oracle_key_chain": {"links": [_change_vector(link, "oracle", "oracle_next")
+                                       for link in chain.links],
+                             "encoded": chain.encode().hex()},
+        "access_list": {
+            "trusted": "oracle",
+            "oracle": "oracle_next",
+            "fields": {"epoch": access.epoch, "version": access.version,
+                       "issued_at_ms": access.issued_at_ms,
+                       "oracle_key": access.oracle.raw.hex(),
+                       "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
+                                    for k in sorted(access.groups)],
+                       "revoked": [k.raw.hex() for k in sorted(access.revoked)],
+                       "draining": [{"key": k.raw.hex(), "until_ms": access.draining[k]}
+                                    for k in sorted(access.draining)]},
+            "signed_bytes": (ACCESS_LIST_DOMAIN + canonical.encode(body)).hex(),
+            "signature": signature.hex(),
+            "encoded": encoded.hex()},
+    }
+
+
+def _invalid_rotation() -> list[dict]:
+    """Rotation statements, chains and rotated access lists to refuse (`key_rotation`,
+    `oracle_key_chain`: decode; `access_list`: verify for `oracle`)."""
+    alice, alice_next, carol = IDS["alice"], NEXT_IDS["alice_next"], IDS["carol"]
+    oracle, oracle_next = IDS["oracle"], NEXT_IDS["oracle_next"]
+    rotation = KeyRotation.sign(alice, alice_next, ROTATED_AT_MS)
+    by_carol = rotation.to_value()
+    by_carol[3] = carol.sign(rotation.signed_bytes())
+    unproven = rotation.to_value()
+    unproven[4] = carol.sign(rotation.signed_bytes())
+    gap = OracleKeyChange.sign(carol, IDS["bob"], ROTATED_AT_MS + 1)
+    access = _rotated_access_list()
+    body = canonical.decode(access.sign(oracle_next), max_size=1 << 20, what="vector")[:-1]
+    plain = [*body[:3], oracle.public.raw, *body[4:6], [], []]
+    enrolled_draining = [*body[:6], [[alice_next.public.raw, DRAIN_UNTIL_MS]], body[7]]
+    forged_chain = [*body[:7], [OracleKeyChange.sign(carol, oracle_next, 1).to_value()]]
+    return [
+        _invalid("key rotation whose old-key signature is carol's", "key_rotation",
+                 canonical.encode(by_carol), ErrorCode.BAD_SIGNATURE),
+        _invalid("key rotation whose new-key signature is carol's", "key_rotation",
+                 canonical.encode(unproven), ErrorCode.BAD_SIGNATURE),
+        _invalid("oracle key change passed off as a key rotation", "key_rotation",
+                 OracleKeyChange.sign(alice, alice_next, ROTATED_AT_MS).encode(),
+                 ErrorCode.BAD_SIGNATURE),
+        _invalid("key rotation to the same key", "key_rotation",
+                 canonical.encode([alice.public.raw, *rotation.to_value()[0:1],
+                                   *rotation.to_value()[2:]]), ErrorCode.INVALID_FIELD),
+        _invalid("oracle key chain with a gap", "oracle_key_chain",
+                 canonical.encode([_oracle_chain().links[0].to_value(), gap.to_value()]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("rotated access list with neither draining keys nor key changes",
+                 "access_list", _signed_list(plain, oracle), ErrorCode.INVALID_FIELD),
+        _invalid("rotated access list with a key both enrolled and draining", "access_list",
+                 _signed_list(enrolled_draining, oracle_next), ErrorCode.INVALID_FIELD),
+        _invalid("access list of a key whose chain `oracle` never signed", "access_list",
+                 _signed_list(forged_chain, oracle_next), ErrorCode.BAD_SIGNATURE),
+    ]
 
 
 def handshake_vectors() -> dict:
@@ -437,6 +545,7 @@ def invalid_vectors() -> dict:
         _invalid("peer change in the layout before epochs", "peer_change",
                  canonical.encode([1, sorted([bob, carol])]), m),
         *_invalid_access(),
+        *_invalid_rotation(),
         _invalid("public key with a typo", "public_key_text",
                  alice_text[:10] + ("a" if alice_text[10] != "a" else "b") + alice_text[11:],
                  ErrorCode.INVALID_FIELD),
@@ -452,8 +561,9 @@ def invalid_vectors() -> dict:
                        "HELLO and verify it against handshake.json's challenge), receipt, "
                        "expiry_notice, peer_change, public_key_text, access_list (verify for "
                        "key `oracle`), relay_token (an Authorization value, verified for key "
-                       "`oracle` at `now_ms`). `max_bytes` overrides the size limit. `error` "
-                       "is the ErrorCode name that must result.",
+                       "`oracle` at `now_ms`), key_rotation and oracle_key_chain (decode, "
+                       "signatures included; keys in rotation.json). `max_bytes` overrides "
+                       "the size limit. `error` is the ErrorCode name that must result.",
         "invalid": entries,
     }
 
@@ -464,6 +574,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "payloads": payload_vectors,
     "handshake": handshake_vectors,
     "access": access_vectors,
+    "rotation": rotation_vectors,
     "invalid": invalid_vectors,
 }
 
