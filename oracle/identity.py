@@ -84,15 +84,25 @@ def load_identity(path: Path) -> tuple[Identity, OracleKeyChain]:
 
 @contextlib.contextmanager
 def running(path: Path) -> Iterator[None]:
-    """Held while an oracle serves with this key, so that no rotation runs under it."""
-    with _locked(path, fcntl.LOCK_SH):
+    """Held while an oracle serves with this key, so that no rotation runs under it.
+
+    A key in a read-only directory (the chart mounts it so) cannot be rotated
+    under the oracle anyway: then it serves without the lock.
+    """
+    with _locked(path, fcntl.LOCK_SH, read_only_ok=True):
         yield
 
 
 @contextlib.contextmanager
-def _locked(path: Path, mode: int) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(_sibling(path, ".lock"), "a") as handle:
+def _locked(path: Path, mode: int, read_only_ok: bool = False) -> Iterator[None]:
+    try:
+        handle = open(_sibling(path, ".lock"), "a")  # noqa: SIM115 (held for the block)
+    except OSError:
+        if not read_only_ok:
+            raise
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle.fileno(), mode | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -64,3 +64,15 @@ async def test_no_rotation_while_an_oracle_serves_with_the_key(tmp_path: Path) -
         with pytest.raises(IdentityError, match="stop it first"):
             rotate(tmp_path / "oracle.key", 1)
     assert rotate(tmp_path / "oracle.key", 1).old is not None
+
+
+async def test_an_oracle_serves_where_it_cannot_write_a_lock_file(tmp_path: Path) -> None:
+    """As the chart mounts the key (read only): no lock file can be made, and none is needed.
+    (Tests may run as root, whom a read-only mode does not stop, so the lock file's place is
+    taken by a directory: opening it fails as on a read-only mount.)"""
+    Identity.generate().save(tmp_path / "oracle.key")
+    (tmp_path / "oracle.key.lock").mkdir()
+    async with OracleServer(oracle_settings(tmp_path)) as oracle:
+        assert oracle.identity.public == Identity.load(tmp_path / "oracle.key").public
+    with pytest.raises(OSError):
+        rotate(tmp_path / "oracle.key", 1)  # a rotation, though, needs the lock
