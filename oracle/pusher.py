@@ -204,7 +204,9 @@ class Pusher:
         async for sender, receipt in self._device.receipts():
             if self._notices.get(receipt.msg_id) == sender.text:
                 del self._notices[receipt.msg_id]
-                await self._registry.record_oracle_key(sender.text, self._identity.public.text)
+                if await self._registry.record_oracle_key(sender.text,
+                                                          self._identity.public.text):
+                    self.notify()  # its newest list goes out again
                 self._log.info("oracle_key_confirmed", device=sender.text)
                 continue
             version = await self._registry.record_receipt(sender.text, receipt.msg_id.hex())

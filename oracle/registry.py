@@ -148,17 +148,18 @@ class Registry:
             oracle_key, limit)
         return [row["key"] for row in rows]
 
-    async def record_oracle_key(self, device: str, oracle_key: str) -> None:
-        """`device` confirmed it follows `oracle_key`; its newest list goes out again unless
-        acknowledged, because its receipt for it may have gone to a key the oracle left."""
+    async def record_oracle_key(self, device: str, oracle_key: str) -> bool:
+        """`device` confirmed it follows `oracle_key`.  Its newest list goes out again unless
+        acknowledged, because its receipt for it may have gone to a key the oracle left:
+        True if so (the caller wakes the pusher; nothing the access list says changed)."""
         async with self.db.transaction() as conn:
             await conn.execute("UPDATE devices SET oracle_key = $1, last_seen_ms = $2"
                                " WHERE key = $3", oracle_key, now_ms(), device)
-            await conn.execute(
+            again = await conn.fetch(
                 "UPDATE peer_changes SET sent_at_ms = NULL WHERE device_key = $1"
-                " AND acked_at_ms IS NULL AND version ="
-                " (SELECT peer_version FROM devices WHERE key = $1)", device)
-        self._on_change()
+                " AND sent_at_ms IS NOT NULL AND acked_at_ms IS NULL AND version ="
+                " (SELECT peer_version FROM devices WHERE key = $1) RETURNING version", device)
+        return bool(again)
 
     # -- groups ----------------------------------------------------------------
 
