@@ -20,6 +20,11 @@ Public API::
     device.receipts()  # async iterator of (sender, Receipt), for senders like the oracle
     device.send_envelope(envelope)   # send an envelope sealed elsewhere, same bytes on retry
 
+    new = await device.rotate_key(on_confirmed=save)   # SPEC §15: the old key vouches for a
+                                     # new one; `save(old, new)` runs once the oracle confirmed
+    await device.wait_drained()      # the old key's mailbox is empty; `device.drain(old)`
+                                     # resumes a drain a restart cut short
+
 Guarantees: messages are surfaced only from peers (the local list, or the
 oracle's signed PEER_CHANGE when `oracle_key` is set), each once per run;
 anything else is dropped, counted and ACKed.  Envelopes not yet accepted are
@@ -37,8 +42,10 @@ Modules, one job each: `protocol` (the pure conversation with one relay:
 handshake, frames in and out), `connection` (its socket shell), `manager`
 (relay list, backoff, failover), `inbox` (pure decision per delivery),
 `outbox` (sends awaiting ACCEPTED), `tracking` (receipts and expiries per
-recipient), `peers`, `dedup`, `backoff`, `device` (the public API tying them
-together), `stats`, `settings` and `cli` (the `continuum-client` command).
+recipient), `peers`, `dedup`, `backoff`, `drain` (the old key's mailbox after
+a rotation), `key_files` (the home's key files across a rotation), `device`
+(the public API tying them together), `stats`, `settings` and `cli` (the
+`continuum-client` command).
 """
 
 from .device import Device
