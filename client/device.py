@@ -265,7 +265,9 @@ class Device:
 
     async def _on_delivery(self, delivery: Delivered, connection: RelayConnection) -> None:
         self.stats.deliveries += 1
-        identity = self._identities.get(connection.device_key, self.identity)
+        identity = self._identities.get(connection.device_key)
+        if identity is None:  # the closing connection of a key given up: not ACKed, kept
+            return
         view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sent,
                          self.oracle_key)
         decision = decide(delivery.envelope, view, connection.limits)
@@ -378,7 +380,7 @@ class Device:
             await rotation.confirmed.wait()
         except BaseException:
             if not rotation.confirmed.is_set() and self.identity is new:
-                self._stop_drain(old.public)
+                await self._stop_drain(old.public)
                 await self._use_identity(old)
                 del self._identities[new.public]
             raise
@@ -422,10 +424,12 @@ class Device:
         task.add_done_callback(lambda _: self._forget(identity.public, task))
         self._drains[identity.public] = (drain, task)
 
-    def _stop_drain(self, key: PublicKey) -> None:
+    async def _stop_drain(self, key: PublicKey) -> None:
         entry = self._drains.get(key)
         if entry is not None:
             entry[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await entry[1]
 
     def _forget(self, key: PublicKey, task: asyncio.Task[None]) -> None:
         """A drain ended: the old key is no longer this device (unless it became it again)."""

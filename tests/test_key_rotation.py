@@ -156,3 +156,23 @@ async def test_forged_and_replayed_rotation_statements_are_refused(
                                now_ms=now_ms())
         answer = await raw.send(replay)
         assert not isinstance(answer, Accepted) and error_code(answer) == "REVOKED"
+
+
+async def test_an_unconfirmed_rotation_times_out_back_to_the_old_key(
+        deployment: Deployment) -> None:
+    alice, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
+    await deployment.enroll(alice, bob, carol)
+    async with deployment.device(alice) as a, deployment.device(bob) as b:
+        await eventually(lambda: _has(a, bob.public))
+        await eventually(lambda: _has(b, alice.public))
+        with pytest.raises(TimeoutError):  # onto a key the oracle knows: it never confirms
+            async with asyncio.timeout(3):
+                await a.rotate_key(carol)
+        assert a.identity is alice and a.draining == ()
+        sent = await asyncio.wait_for(a.send([bob.public], b"still alice"), 10)
+        messages = b.messages()
+        received = await asyncio.wait_for(anext(messages), 10)
+        assert (received.sender, received.payload) == (alice.public, b"still alice")
+        assert (await sent.wait_receipts(10))[bob.public].value == "delivered"
+        old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
+        assert not old["revoked"] and old["rotated_to"] is None
