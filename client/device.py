@@ -347,6 +347,10 @@ class Device:
                          quiet_s: float = DEFAULT_QUIET_S) -> Identity:
         """Move this device to a new key that its current key vouches for; returns it.
 
+        `new_identity` must be a key nobody has used (the default: a fresh one),
+        or the one an interrupted call was given: any peer list the oracle seals
+        to it counts as the confirmation.
+
         The current key sends the oracle a `KeyRotation` signed by both keys;
         then the device authenticates as the new key (refused until the relays
         hear of the rotation: sends wait meanwhile) and keeps the old key
