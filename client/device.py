@@ -361,7 +361,8 @@ class Device:
 
         Bound it with `asyncio.timeout`: interrupted before the confirmation, the
         device is the old key again, and calling again with the same
-        `new_identity` resumes (the oracle applies a rotation once).
+        `new_identity` resumes (the oracle applies a rotation once, and may still
+        apply this one later: keep the new key before calling, as the CLI does).
         """
         oracle = self.oracle_key
         if oracle is None:
