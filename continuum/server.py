@@ -28,6 +28,8 @@ from .store import open_store
 
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
+_STOP_STEP_S = 5.0
+
 
 def load_relay_identity(settings: Settings) -> Identity:
     """The relay key from settings text, else its file (created on first use), else a fresh one."""
@@ -102,15 +104,18 @@ class RelayServer:
         if relay is not None:
             await relay.access.stop()
         if sweeper is not None:
+            # Bounded: a store client caught on a dead connection has been seen to sit on
+            # a cancelled call (redis-py); a relay that is told to stop must stop.
             sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            await asyncio.wait((sweeper,), timeout=_STOP_STEP_S)
         if runner is not None:
             await runner.cleanup()
         if listener is not None:
             await listener.wait_closed()
         if relay is not None:
-            await relay.store.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_STEP_S):
+                    await relay.store.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
