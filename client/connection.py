@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 import aiohttp
 import structlog
 
 from proto import Identity, Limits, PublicKey
+from proto.channel import TAG_BYTES
 from proto.frames import NONCE_BYTES
-from proto.handshake import HANDSHAKE_FRAME_MAX_BYTES
+from proto.handshake import EPHEMERAL_SEED_BYTES, HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
 
 from .protocol import BadFrame, Connected, DeviceProtocol, Event
@@ -96,15 +97,20 @@ async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> byt
 
 @asynccontextmanager
 async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
-                  handshake_timeout_s: float = 10.0) -> AsyncIterator[RelayConnection]:
+                  handshake_timeout_s: float = 10.0,
+                  pinned_relay_keys: Collection[PublicKey] | None = None,
+                  ) -> AsyncIterator[RelayConnection]:
     """Open `url` and authenticate, or raise (OSError, aiohttp.ClientError, TimeoutError,
-    ProtocolError: e.g. UnauthenticatedError when the relay refuses this key).
+    ProtocolError: e.g. UnauthenticatedError when the relay refuses this key, or holds a
+    key that is not among `pinned_relay_keys`).
 
     `max_envelope_bytes` is this device's cap: the largest envelope it will read,
     whatever the relay announces.
     """
-    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES), max_envelope_bytes)
-    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes,
+    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
+                              os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
+                              pinned_relay_keys)
+    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes + TAG_BYTES,
                    HANDSHAKE_FRAME_MAX_BYTES)
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
