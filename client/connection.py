@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
@@ -99,13 +100,14 @@ async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> byt
 async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
                   handshake_timeout_s: float = 10.0,
                   pinned_relay_keys: Collection[PublicKey] | None = None,
-                  ) -> AsyncIterator[RelayConnection]:
+                  tls: ssl.SSLContext | None = None) -> AsyncIterator[RelayConnection]:
     """Open `url` and authenticate, or raise (OSError, aiohttp.ClientError, TimeoutError,
     ProtocolError: e.g. UnauthenticatedError when the relay refuses this key, or holds a
     key that is not among `pinned_relay_keys`).
 
     `max_envelope_bytes` is this device's cap: the largest envelope it will read,
-    whatever the relay announces.
+    whatever the relay announces.  A `wss://` URL is verified against `tls` (for a
+    private CA), else the system's certificate store.
     """
     protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
                               os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
@@ -115,7 +117,8 @@ async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
             ws = await http.ws_connect(url, heartbeat=HEARTBEAT_S, autoping=True,
-                                       max_msg_size=read_cap)
+                                       max_msg_size=read_cap,
+                                       ssl=tls if tls is not None else True)
         try:
             async with asyncio.timeout(handshake_timeout_s):
                 connected: Event | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Iterable
 from types import TracebackType
@@ -55,10 +56,12 @@ class Device:
     def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
                  oracle_key: PublicKey | None = None, *, backoff: Backoff | None = None,
                  limits: Limits = DEVICE_LIMITS, handshake_timeout_s: float = 10.0,
-                 relay_keys: Iterable[PublicKey] | None = None) -> None:
+                 relay_keys: Iterable[PublicKey] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         """`relay_keys`: pin the relays this device talks to; a relay holding any other key
         is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
-        count.  None: any relay that proves its key."""
+        count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
+        verified (a private CA); None: the system's certificate store."""
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -81,7 +84,7 @@ class Device:
         self._manager = ConnectionManager(
             identity, self.relays, max_envelope_bytes=limits.max_envelope_bytes,
             handshake_timeout_s=handshake_timeout_s,
-            pinned_relay_keys=None if relay_keys is None else frozenset(relay_keys),
+            pinned_relay_keys=None if relay_keys is None else frozenset(relay_keys), tls=tls,
             backoff=backoff or Backoff(),
             stats=self.stats, on_connected=self._on_connected, on_event=self._on_event,
             on_disconnected=self._on_disconnected)

@@ -9,6 +9,7 @@ callbacks, so `Device` is only the public API and what it does with events.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable, Collection
 
 import aiohttp
@@ -32,7 +33,7 @@ class ConnectionManager:
 
     def __init__(self, identity: Identity, relays: list[str], *, max_envelope_bytes: int,
                  handshake_timeout_s: float, pinned_relay_keys: Collection[PublicKey] | None,
-                 backoff: Backoff, stats: DeviceStats,
+                 tls: ssl.SSLContext | None, backoff: Backoff, stats: DeviceStats,
                  on_connected: Callable[[RelayConnection], Awaitable[None]],
                  on_event: Callable[[Event, RelayConnection], Awaitable[None]],
                  on_disconnected: Callable[[RelayConnection], None]) -> None:
@@ -41,6 +42,7 @@ class ConnectionManager:
         self._max_envelope_bytes = max_envelope_bytes
         self._handshake_timeout_s = handshake_timeout_s
         self._pinned_relay_keys = pinned_relay_keys
+        self._tls = tls
         self._backoff = backoff
         self._stats = stats
         self._on_connected = on_connected
@@ -60,7 +62,8 @@ class ConnectionManager:
             try:
                 async with connect(url, self._identity, max_envelope_bytes=self._max_envelope_bytes,
                                    handshake_timeout_s=self._handshake_timeout_s,
-                                   pinned_relay_keys=self._pinned_relay_keys) as connection:
+                                   pinned_relay_keys=self._pinned_relay_keys,
+                                   tls=self._tls) as connection:
                     served = True
                     self._backoff.reset()
                     await self._serve(connection)

@@ -55,11 +55,12 @@ class RelayServer:
     def base_url(self) -> str:
         host = self.settings.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return self.base_url.replace("http://", "ws://", 1) + CONNECT_PATH
+        return "ws" + self.base_url[len("http"):] + CONNECT_PATH
 
     async def start(self) -> None:
         settings = self.settings
@@ -88,7 +89,8 @@ class RelayServer:
         self.sockets = SocketCap(self._runner.server, settings.max_connections,
                                  on_refused=lambda first: refused.inc())
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
-        self._listener = await listen(self.sockets, settings.host, settings.port)
+        self._listener = await listen(self.sockets, settings.host, settings.port,
+                                      settings.tls_context())
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()
