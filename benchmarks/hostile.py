@@ -16,7 +16,8 @@ started with the CLI on 127.0.0.1 and the settings named in its row:
   stuck      200 devices that never read, each sent 64 x 60 kB (more than the kernel's socket
              buffers take, so the rest waits in the relay's memory): relay RSS at the peak
              and 45 s later (heartbeat 5 s, write timeout 5 s), and sockets still open
-  storm      30,000 (message, recipient) expiries at one instant: worst /healthz gap
+  storm      102,000 (message, recipient) expiries at one instant (1,700 envelopes to 60
+             recipients): the worst gap between two answered /healthz probes
   verify     a flood of handshakes with fresh keys from one address (a second process):
              a known device's send round trip p99, idle and during the flood
 """
@@ -41,6 +42,7 @@ from runtime.clock import now_ms
 from wsclient import Link, connect
 
 MAX_FRAME = 1 << 20
+STORM_SENDS = 1_700
 RELAXED = ("--rate-per-s", "1e6", "--rate-burst", "1000000", "--mailbox-max-messages", "1000000",
            "--mailbox-max-bytes", str(1 << 31), "--log-level", "warning")
 
@@ -174,8 +176,8 @@ async def storm(url: str, relay: RelayProcess) -> str:
     async with aiohttp.ClientSession() as http:
         ws = await _handshake(http, url, sender)
         stamp = now_ms()
-        for _ in range(500):
-            envelope = seal_envelope(sender, Kind.DATA, recipients, b"x", ttl_s=15, now_ms=stamp)
+        for _ in range(STORM_SENDS):
+            envelope = seal_envelope(sender, Kind.DATA, recipients, b"x", ttl_s=40, now_ms=stamp)
             await ws.send(encode_frame(Send(envelope.raw)))
             await ws.receive(timeout=30)
         await ws.close()
@@ -187,7 +189,7 @@ async def storm(url: str, relay: RelayProcess) -> str:
             worst, last = max(worst, now - last), now
             async with http.get(base + "/metrics") as response:
                 metrics = await response.text()
-            if _metric(metrics, "continuum_messages_expired_total") >= 30_000:
+            if _metric(metrics, "continuum_messages_expired_total") >= STORM_SENDS * 60:
                 break
             async with http.get(base + "/healthz") as response:
                 await response.read()
