@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 import aiohttp
 import structlog
 
 from proto import Identity, Limits, PublicKey
+from proto.channel import TAG_BYTES
 from proto.frames import NONCE_BYTES
-from proto.handshake import HANDSHAKE_FRAME_MAX_BYTES
+from proto.handshake import EPHEMERAL_SEED_BYTES, HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
 
 from .protocol import BadFrame, Connected, DeviceProtocol, Event
@@ -98,20 +100,27 @@ async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> byt
 
 @asynccontextmanager
 async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
-                  handshake_timeout_s: float = 10.0) -> AsyncIterator[RelayConnection]:
+                  handshake_timeout_s: float = 10.0,
+                  pinned_relay_keys: Collection[PublicKey] | None = None,
+                  tls: ssl.SSLContext | None = None) -> AsyncIterator[RelayConnection]:
     """Open `url` and authenticate, or raise (OSError, aiohttp.ClientError, TimeoutError,
-    ProtocolError: e.g. UnauthenticatedError when the relay refuses this key).
+    ProtocolError: e.g. UnauthenticatedError when the relay refuses this key, or holds a
+    key that is not among `pinned_relay_keys`).
 
     `max_envelope_bytes` is this device's cap: the largest envelope it will read,
-    whatever the relay announces.
+    whatever the relay announces.  A `wss://` URL is verified against `tls` (for a
+    private CA), else the system's certificate store.
     """
-    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES), max_envelope_bytes)
-    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes,
+    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
+                              os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
+                              pinned_relay_keys)
+    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes + TAG_BYTES,
                    HANDSHAKE_FRAME_MAX_BYTES)
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
             ws = await http.ws_connect(url, heartbeat=HEARTBEAT_S, autoping=True,
-                                       max_msg_size=read_cap)
+                                       max_msg_size=read_cap,
+                                       ssl=tls if tls is not None else True)
         try:
             async with asyncio.timeout(handshake_timeout_s):
                 connected: Event | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
@@ -80,7 +81,13 @@ class Device:
     def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
                  oracle_key: PublicKey | None = None, *, backoff: Backoff | None = None,
                  limits: Limits = DEVICE_LIMITS, handshake_timeout_s: float = 10.0,
+                 relay_keys: Iterable[PublicKey] | None = None,
+                 tls: ssl.SSLContext | None = None,
                  on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None) -> None:
+        """`relay_keys`: pin the relays this device talks to; a relay holding any other key
+        is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
+        count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
+        verified (a private CA); None: the system's certificate store."""
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -92,6 +99,8 @@ class Device:
         self.relay_keys: set[PublicKey] = set()
         self._limits = limits
         self._handshake_timeout_s = handshake_timeout_s
+        self._pinned_relay_keys = None if relay_keys is None else frozenset(relay_keys)
+        self._tls = tls
         self._on_oracle_key_change = on_oracle_key_change
         self._seen = RecentlySeen()
         self._sent = SentLog()
@@ -106,7 +115,9 @@ class Device:
         self._clock_offset_ms = 0
         self._manager = ConnectionManager(
             identity, self.relays, max_envelope_bytes=limits.max_envelope_bytes,
-            handshake_timeout_s=handshake_timeout_s, backoff=backoff or Backoff(),
+            handshake_timeout_s=handshake_timeout_s,
+            pinned_relay_keys=self._pinned_relay_keys, tls=tls,
+            backoff=backoff or Backoff(),
             stats=self.stats, on_connected=self._on_connected, on_event=self._on_event,
             on_disconnected=self._on_disconnected)
         self._runner: asyncio.Task[None] | None = None
@@ -158,7 +169,7 @@ class Device:
         cancellation the envelope is no longer re-sent.
         """
         envelope = seal_envelope(self.identity, Kind.DATA, list(recipients), payload,
-                                 ttl_s=ttl_s, now_ms=self._now_ms(), limits=self._limits)
+                                 ttl_s=ttl_s, now_ms=self._now_ms(), limits=self._seal_limits())
         return await self.send_envelope(envelope)
 
     async def send_envelope(self, envelope: Envelope) -> Outgoing:
@@ -204,9 +215,19 @@ class Device:
 
     async def _send_receipt(self, envelope: Envelope) -> None:
         receipt = seal_envelope(self.identity, Kind.RECEIPT, [envelope.sender],
-                                Receipt(envelope.msg_id).encode(), ttl_s=envelope.ttl_s,
-                                now_ms=self._now_ms(), limits=self._limits)
+                                Receipt.of(envelope).encode(), ttl_s=envelope.ttl_s,
+                                now_ms=self._now_ms(), limits=self._seal_limits())
         await self._send_without_waiting(receipt)
+
+    def _seal_limits(self) -> Limits:
+        """The limit to seal (and pad) to: the connected relay's (never above this device's
+        cap), so padding never pushes a message whose content fits past a relay's limit.
+        Sealed while offline, a message is padded to its full bucket."""
+        connection = self._manager.connection
+        if connection is None:
+            return self._limits
+        return Limits(max_envelope_bytes=connection.limits.max_envelope_bytes,  # below the cap
+                      max_recipients=self._limits.max_recipients)
 
     def _now_ms(self) -> int:
         return now_ms() + self._clock_offset_ms
@@ -419,7 +440,8 @@ class Device:
             return
         self._identities[identity.public] = identity
         drain = Drain(identity, self.relays, max_envelope_bytes=self._limits.max_envelope_bytes,
-                      handshake_timeout_s=self._handshake_timeout_s, backoff=Backoff(),
+                      handshake_timeout_s=self._handshake_timeout_s,
+                      pinned_relay_keys=self._pinned_relay_keys, tls=self._tls, backoff=Backoff(),
                       on_connected=self._on_connected, on_event=self._on_event,
                       on_disconnected=self._on_disconnected, waiting=self._waiting_on,
                       quiet_s=quiet_s)

@@ -17,11 +17,12 @@ whatever it held expires there and its senders get expiry notices.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Collection
 
 import structlog
 
-from proto import Identity
+from proto import Identity, PublicKey
 from proto.errors import NotEnrolledError, RevokedError
 
 from .backoff import Backoff
@@ -39,7 +40,8 @@ class Drain:
     """Runs (`run()`) until the old key's mailbox is drained; `done` is set then."""
 
     def __init__(self, identity: Identity, relays: list[str], *, max_envelope_bytes: int,
-                 handshake_timeout_s: float, backoff: Backoff,
+                 handshake_timeout_s: float, pinned_relay_keys: Collection[PublicKey] | None,
+                 tls: ssl.SSLContext | None, backoff: Backoff,
                  on_connected: Callable[[RelayConnection], Awaitable[None]],
                  on_event: Callable[[Event, RelayConnection], Awaitable[None]],
                  on_disconnected: Callable[[RelayConnection], None],
@@ -49,6 +51,8 @@ class Drain:
         self._relays = relays
         self._max_envelope_bytes = max_envelope_bytes
         self._handshake_timeout_s = handshake_timeout_s
+        self._pinned_relay_keys = pinned_relay_keys
+        self._tls = tls
         self._backoff = backoff
         self._on_connected = on_connected
         self._on_event = on_event
@@ -69,7 +73,9 @@ class Drain:
                 try:
                     async with connect(url, self.identity,
                                        max_envelope_bytes=self._max_envelope_bytes,
-                                       handshake_timeout_s=self._handshake_timeout_s) as connection:
+                                       handshake_timeout_s=self._handshake_timeout_s,
+                                       pinned_relay_keys=self._pinned_relay_keys,
+                                       tls=self._tls) as connection:
                         self._backoff.reset()
                         if await self._serve(connection):
                             return

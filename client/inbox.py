@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Container
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, decode_envelope
 from proto.errors import ProtocolError
@@ -122,6 +123,14 @@ Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
             | OracleKeyChanged)
 
 
+class SentMessages(Protocol):
+    """What `decide` reads of the messages this device sent (`tracking.SentLog`)."""
+
+    def __contains__(self, pair: object) -> bool: ...
+
+    def content_hash_of(self, msg_id: bytes) -> bytes | None: ...
+
+
 @dataclass(frozen=True)
 class InboxView:
     """What `decide` may read of the device's state; live objects, never modified here."""
@@ -130,8 +139,9 @@ class InboxView:
     peers: PeerList
     relay_keys: Container[PublicKey]
     seen: Container[MessageKey]
-    # (our msg_id, recipient) pairs for which a receipt is still awaited.
-    awaiting_receipt: Container[tuple[bytes, PublicKey]]
+    # (our msg_id, recipient) pairs for which a receipt is still awaited, and the
+    # content hash a receipt for each of our messages must name.
+    awaiting_receipt: SentMessages
     oracle_key: PublicKey | None = None
 
 
@@ -184,6 +194,10 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
                                                 envelope.kind, envelope.created_at_ms))
     if envelope.kind is Kind.RECEIPT:
         receipt = Receipt.decode(plaintext)
+        expected = view.awaiting_receipt.content_hash_of(receipt.msg_id)
+        if expected is not None and receipt.content_hash != expected:
+            return Drop(DropReason.INVALID, "receipt names other content than we sent",
+                        envelope)
         if (envelope.sender not in view.peers
                 and (receipt.msg_id, envelope.sender) not in view.awaiting_receipt):
             return Drop(DropReason.UNEXPECTED_RECEIPT,

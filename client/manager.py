@@ -9,12 +9,13 @@ callbacks, so `Device` is only the public API and what it does with events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Collection
 
 import aiohttp
 import structlog
 
-from proto import Identity
+from proto import Identity, PublicKey
 from proto.errors import ProtocolError
 
 from .backoff import Backoff
@@ -31,7 +32,8 @@ class ConnectionManager:
     """Runs until cancelled; `connection` is the live one, or None between connections."""
 
     def __init__(self, identity: Identity, relays: list[str], *, max_envelope_bytes: int,
-                 handshake_timeout_s: float, backoff: Backoff, stats: DeviceStats,
+                 handshake_timeout_s: float, pinned_relay_keys: Collection[PublicKey] | None,
+                 tls: ssl.SSLContext | None, backoff: Backoff, stats: DeviceStats,
                  on_connected: Callable[[RelayConnection], Awaitable[None]],
                  on_event: Callable[[Event, RelayConnection], Awaitable[None]],
                  on_disconnected: Callable[[RelayConnection], None]) -> None:
@@ -39,6 +41,8 @@ class ConnectionManager:
         self._relays = relays
         self._max_envelope_bytes = max_envelope_bytes
         self._handshake_timeout_s = handshake_timeout_s
+        self._pinned_relay_keys = pinned_relay_keys
+        self._tls = tls
         self._backoff = backoff
         self._stats = stats
         self._on_connected = on_connected
@@ -63,7 +67,9 @@ class ConnectionManager:
             served = False
             try:
                 async with connect(url, self._identity, max_envelope_bytes=self._max_envelope_bytes,
-                                   handshake_timeout_s=self._handshake_timeout_s) as connection:
+                                   handshake_timeout_s=self._handshake_timeout_s,
+                                   pinned_relay_keys=self._pinned_relay_keys,
+                                   tls=self._tls) as connection:
                     served = True
                     self._backoff.reset()
                     await self._serve(connection)

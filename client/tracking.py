@@ -83,6 +83,11 @@ class SentLog:
         outgoing = self._sent.get(pair[0])
         return outgoing is not None and pair[1] in outgoing.envelope.recipient_keys
 
+    def content_hash_of(self, msg_id: bytes) -> bytes | None:
+        """What a receipt for `msg_id` must name (None: not a message we still track)."""
+        outgoing = self._sent.get(msg_id)
+        return outgoing.envelope.content_hash() if outgoing is not None else None
+
     def record(self, msg_id: bytes, recipient: PublicKey, status: DeliveryStatus) -> bool:
         outgoing = self._sent.get(msg_id)
         return outgoing is not None and outgoing.record(recipient, status)
