@@ -14,7 +14,8 @@ Rules, cheapest first so hostile input costs as little as possible:
 2. a (sender, msg_id) already handled → drop (duplicate);
 3. who may send what, checked before decrypting:
    DATA from peers only; EXPIRY from relay keys proven in a WELCOME only;
-   PEER_CHANGE from the configured oracle key only;
+   PEER_CHANGE from the oracle key followed only (configured, or where its
+   key chain led: rule 7);
 4. a payload that does not decrypt or parse → drop (invalid);
 5. RECEIPT only from a peer, or from a recipient of a message this device
    sent and still tracks (the oracle has no peers but needs its receipts);
