@@ -26,29 +26,9 @@ import os
 from pathlib import Path
 
 from proto import Identity
+from runtime.files import sibling, sync, write_atomically
 
-
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (mode 0644) so a reader sees the old or the new, never half."""
-    temporary = _sibling(path, ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _sync(path.parent)
+__all__ = ["KeyFiles", "write_atomically"]
 
 
 class KeyFiles:
@@ -56,8 +36,8 @@ class KeyFiles:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.next_path = _sibling(path, ".next")
-        self.old_path = _sibling(path, ".old")
+        self.next_path = sibling(path, ".next")
+        self.old_path = sibling(path, ".old")
 
     def current(self) -> Identity:
         return Identity.load(self.path)
@@ -83,7 +63,7 @@ class KeyFiles:
         if not self.old_path.exists():
             self._save(old, self.old_path)
         os.replace(self.next_path, self.path)
-        _sync(self.path.parent)
+        sync(self.path.parent)
 
     def draining(self) -> Identity | None:
         """The old key whose mailbox still has to be drained, if any."""
@@ -99,5 +79,5 @@ class KeyFiles:
     @staticmethod
     def _save(identity: Identity, path: Path) -> None:
         identity.save(path)  # 0600, never over another file
-        _sync(path)
-        _sync(path.parent)
+        sync(path)
+        sync(path.parent)

@@ -30,34 +30,13 @@ from pathlib import Path
 
 from proto import Identity
 from proto.rotation import OracleKeyChain, OracleKeyChange
+from runtime.files import sibling, sync, write_atomically
 
 from .errors import IdentityError
 
 
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = _sibling(path, ".tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    _sync_directory(path)
-
-
-def _sync_directory(path: Path) -> None:
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def load_chain(path: Path) -> OracleKeyChain:
-    chain_path = _sibling(path, ".chain")
+    chain_path = sibling(path, ".chain")
     if not chain_path.exists():
         return OracleKeyChain()
     return OracleKeyChain.decode(chain_path.read_bytes())
@@ -66,19 +45,19 @@ def load_chain(path: Path) -> OracleKeyChain:
 def load_identity(path: Path) -> tuple[Identity, OracleKeyChain]:
     """The oracle's key (created on first start) and its chain, finishing an interrupted
     rotation; IdentityError if the key is not where its chain ends."""
-    next_path = _sibling(path, ".next")
+    next_path = sibling(path, ".next")
     chain = load_chain(path)
     if next_path.exists():
         successor = Identity.load(next_path)
         if chain.current == successor.public:  # crashed after step 2: finish step 3
             os.replace(next_path, path)
-            _sync_directory(path)
+            sync(path.parent)
         else:  # crashed before step 2: the successor was never announced
             next_path.unlink()
     identity = Identity.load_or_create(path)
     if chain.current is not None and chain.current != identity.public:
         raise IdentityError(f"{path} holds {identity.public.text}, but its key chain"
-                            f" {_sibling(path, '.chain')} ends at {chain.current.text}")
+                            f" {sibling(path, '.chain')} ends at {chain.current.text}")
     return identity, chain
 
 
@@ -96,7 +75,7 @@ def running(path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _locked(path: Path, mode: int, read_only_ok: bool = False) -> Iterator[None]:
     try:
-        handle = open(_sibling(path, ".lock"), "a")  # noqa: SIM115 (held for the block)
+        handle = open(sibling(path, ".lock"), "a")  # noqa: SIM115 (held for the block)
     except OSError:
         if not read_only_ok:
             raise
@@ -122,10 +101,10 @@ def rotate(path: Path, now_ms: int) -> OracleKeyChange:
     with _locked(path, fcntl.LOCK_EX):
         current, chain = load_identity(path)
         successor = Identity.generate()
-        successor.save(_sibling(path, ".next"))
+        successor.save(sibling(path, ".next"))
         last = chain.links[-1].issued_at_ms if chain.links else -1
         change = OracleKeyChange.sign(current, successor, max(now_ms, last + 1))
-        _write_atomically(_sibling(path, ".chain"), chain.extended(change).encode())
-        os.replace(_sibling(path, ".next"), path)
-        _sync_directory(path)
+        write_atomically(sibling(path, ".chain"), chain.extended(change).encode())
+        os.replace(sibling(path, ".next"), path)
+        sync(path.parent)
         return change

@@ -31,6 +31,7 @@ from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Hello, Send, dec
 from proto.channel import ChannelKeys
 from proto.handshake import ephemeral_keypair
 from proto_support import ALICE, BOB, MALLORY, identity
+from gate_support import Recorder
 from wire import device_handshake
 
 RELAY = identity("relay")
@@ -359,7 +360,7 @@ def test_a_known_key_spends_nothing_and_has_no_probation() -> None:
     settings = Settings(unknown_key_rate_per_s=1.0, unknown_key_burst=1, probation_sends=5)
     the_gate = gate(settings)
     budget = AddressBudget(the_gate, "192.0.2.1")
-    slot = the_gate.admit("192.0.2.1", Ended())
+    slot = the_gate.admit("192.0.2.1", Recorder())
     slot.authenticated(ALICE.public)  # alice authenticated here before: known
     assert budget.take_unknown_key_token(NOW)  # the address's only token is gone
     protocol = authenticated(ALICE, budget=budget, unknown_key_rate_per_s=1.0,
@@ -402,16 +403,3 @@ def test_an_evicted_handshake_is_told_why() -> None:
     protocol.evicted()
     assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
     assert protocol._metrics.handshake_failures.labels("evicted")._value.get() == 1
-
-
-class Ended:
-    """A connection for the gate that only records what the gate did to it."""
-
-    def __init__(self) -> None:
-        self.evicted = self.superseded = False
-
-    def evict(self) -> None:
-        self.evicted = True
-
-    def supersede(self) -> None:
-        self.superseded = True
