@@ -20,7 +20,7 @@ from proto.frames import NONCE_BYTES, FrameType, Send, encode_frame
 from proto.handshake import EPHEMERAL_SEED_BYTES, DeviceHandshake
 
 MAX_FRAME = 1 << 20
-_ARRAY_OF_9 = 0x89
+_ARRAY_OF_10 = 0x8A  # an envelope of protocol 2 is an array of ten elements
 _BSTR_16 = 0x50
 
 
@@ -81,7 +81,7 @@ def frame_type(data: bytes) -> int:
 def deliver_parts(data: bytes) -> tuple[str, bytes]:
     """(tag, msg_id) of a DELIVER frame; the msg_id sits at a fixed offset of the envelope."""
     _type, tag, envelope = cbor2.loads(data)
-    if envelope[0] != _ARRAY_OF_9 or envelope[3] != _BSTR_16:
+    if envelope[0] != _ARRAY_OF_10 or envelope[3] != _BSTR_16:
         raise ValueError("unexpected envelope layout")
     return tag, envelope[4:20]
 
