@@ -16,19 +16,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import aiohttp
-import structlog
 
 from proto import Identity, Limits, PublicKey
 from proto.frames import NONCE_BYTES
 from proto.handshake import HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
+from runtime.logs import library_logger
 
 from .protocol import BadFrame, Connected, DeviceProtocol, Event
 
-log = structlog.get_logger("continuum.client")
+log = library_logger("continuum.client")
 
 # Pings from our side find a relay that vanished without closing (NAT timeout, power cut).
-HEARTBEAT_S = 20.0
+# A setting (`Device(keepalive_s=…)`, `--keepalive`): a battery-powered device pings less often.
+DEFAULT_KEEPALIVE_S = 20.0
 
 
 class RelayConnection:
@@ -96,19 +97,20 @@ async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> byt
 
 @asynccontextmanager
 async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
-                  handshake_timeout_s: float = 10.0) -> AsyncIterator[RelayConnection]:
+                  handshake_timeout_s: float = 10.0,
+                  keepalive_s: float = DEFAULT_KEEPALIVE_S) -> AsyncIterator[RelayConnection]:
     """Open `url` and authenticate, or raise (OSError, aiohttp.ClientError, TimeoutError,
     ProtocolError: e.g. UnauthenticatedError when the relay refuses this key).
 
     `max_envelope_bytes` is this device's cap: the largest envelope it will read,
-    whatever the relay announces.
+    whatever the relay announces.  `keepalive_s` is the interval of our pings.
     """
     protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES), max_envelope_bytes)
     read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes,
                    HANDSHAKE_FRAME_MAX_BYTES)
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
-            ws = await http.ws_connect(url, heartbeat=HEARTBEAT_S, autoping=True,
+            ws = await http.ws_connect(url, heartbeat=keepalive_s, autoping=True,
                                        max_msg_size=read_cap)
         try:
             async with asyncio.timeout(handshake_timeout_s):

@@ -27,6 +27,8 @@ class DeviceStats:
     # not receipted.  Anything but 0 deserves a look.
     peer_changes_older: int = 0
     dropped_invalid: int = 0
+    # Envelopes past created_at + ttl + skew: replays (a fake relay, or one on the path).
+    dropped_stale: int = 0
     duplicates: int = 0
     dropped_non_peer: int = 0
     dropped_untrusted_expiry: int = 0

@@ -49,7 +49,7 @@ def test_a_malformed_peer_file_is_refused_not_emptied(tmp_path: Path) -> None:
 def test_recently_seen_forgets_oldest_beyond_capacity() -> None:
     seen = RecentlySeen(capacity=2)
     for n in range(3):
-        seen.add((bob, bytes([n]) * 16))
+        seen.add((bob, bytes([n]) * 16), forget_at_ms=2_000_000_000_000)
     assert (bob, b"\x00" * 16) not in seen
     assert (bob, b"\x01" * 16) in seen and (bob, b"\x02" * 16) in seen and len(seen) == 2
 
