@@ -290,7 +290,7 @@ class Device:
         entry = self._outbox.get(msg_id)
         if entry is None:
             return
-        with self._transaction():
+        with self._transaction(durable=False):  # lost to a power cut: re-sent, REPLAY
             self._outbox.accepted(msg_id)
             if not entry.reply:
                 self._sent.accepted(msg_id)
@@ -318,7 +318,7 @@ class Device:
     def _settle_refused(self, entry: PendingSend, error: ProtocolError, *,
                         lapsed: bool = False) -> None:
         """A final answer other than ACCEPTED (though REPLAY of a re-sent envelope is one)."""
-        with self._transaction():
+        with self._transaction(durable=False):  # lost to a power cut: re-sent, same answer
             if not self._outbox.refused(entry.msg_id, error):
                 return
             stored = entry.accepted.exception() is None
@@ -490,8 +490,10 @@ class Device:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _transaction(self) -> AbstractContextManager[None]:
-        return self._state.transaction() if self._state is not None else contextlib.nullcontext()
+    def _transaction(self, *, durable: bool = True) -> AbstractContextManager[None]:
+        if self._state is None:
+            return contextlib.nullcontext()
+        return self._state.transaction(durable=durable)
 
     def _prune(self) -> None:
         assert self._state is not None

@@ -127,21 +127,34 @@ class DeviceState:
         self._db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """Everything inside commits together or not at all; nests (the outermost commits)."""
-        if self._depth == 0:
+    def transaction(self, *, durable: bool = True) -> Iterator[None]:
+        """Everything inside commits together or not at all; nests (the outermost commits).
+
+        `durable=False` (outermost only) skips the fsync of this commit: for
+        changes a power cut may undo because redoing them is harmless (a
+        relay's final answer, whose loss only means sending the same bytes
+        again and hearing REPLAY or the same refusal).  A later durable
+        commit makes it durable too.
+        """
+        outermost = self._depth == 0
+        if outermost:
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
         self._depth += 1
         try:
             yield
         except BaseException:
             self._depth -= 1
-            if self._depth == 0:
+            if outermost:
                 self._db.execute("ROLLBACK")
+                self._db.execute("PRAGMA synchronous=FULL")
             raise
         self._depth -= 1
-        if self._depth == 0:
+        if outermost:
             self._db.execute("COMMIT")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def _write(self, sql: str, parameters: Iterable[object] = ()) -> int:
         with self.transaction():
