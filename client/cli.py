@@ -42,6 +42,7 @@ from proto.errors import NotEnrolledError, ProtocolError, RevokedError
 from runtime.logs import configure_logging, library_logger
 
 from .device import DEFAULT_TTL_S, Device
+from .files import replace_file
 from .inbox import Drop, DropReason, InboundMessage
 from .peers import PeerList
 from .settings import ClientSettings
@@ -187,7 +188,7 @@ def _enroll(settings: ClientSettings, oracle: PublicKey, replace: bool) -> int:
         if settings.oracle_path.exists() else None
     if current not in (None, oracle.text) and not replace:
         raise CliError(f"already enrolled with oracle {current}; use --replace to switch")
-    settings.oracle_path.write_text(oracle.text + "\n", encoding="ascii")
+    replace_file(settings.oracle_path, oracle.text + "\n")
     print(f"enrolled with oracle {oracle.text}")
     print(f"ask its administrator to add this device: {identity.public.text}")
     return EXIT_OK
