@@ -77,10 +77,12 @@ Modules, one job each: `protocol` (the pure conversation with one relay:
 handshake, frames in and out), `connection` (its socket shell), `manager`
 (relay list, backoff, failover), `inbox` (pure decision per delivery),
 `freshness` (how long an envelope can be valid), `outbox` (sends awaiting
-ACCEPTED), `tracking` (what became of each message sent), `dedup` (messages
-already handled), `state` (the SQLite file behind those three), `peers`,
-`backoff`, `device` (the public API tying them together), `stats`,
-`settings` and `cli` (the `continuum-client` command).
+ACCEPTED and the rules for them), `tracking` (what became of each message
+sent), `sending` (both driven by the relays' answers), `dedup` (messages
+already handled), `state` (the SQLite file behind outbox, tracking and
+dedup), `files` (small files replaced atomically), `peers`, `backoff`,
+`device` (the public API tying them together), `stats`, `settings` and
+`cli` (the `continuum-client` command).
 """
 
 from .device import Device

@@ -2,10 +2,11 @@
 
 Delivery is at-least-once: a message whose ACK was lost comes again on the
 next connection, after a restart too.  A copy is only ever taken while it is
-fresh (`freshness`: until created_at + ttl + skew), so each pair is kept
-until then and no longer.  With a `DeviceState` the set lives in the state
-file and survives restarts (the device prunes it); without one it is this
-run's memory, forgetting its oldest entries beyond `capacity`.
+fresh (`freshness`: until created_at + ttl + skew), so a pair need not be
+kept longer.  With a `DeviceState` the set lives in the state file and
+survives restarts; the device prunes it of pairs past their time and to at
+most `capacity`.  Without one it is this run's memory, forgetting its
+oldest entries beyond `capacity`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ MessageKey = tuple[PublicKey, bytes]
 
 
 class RecentlySeen:
-    """A set of (sender, msg_id), each kept until its `forget_at_ms`, at most `capacity`."""
+    """A set of (sender, msg_id), each needed until its `forget_at_ms`, at most `capacity`."""
 
     def __init__(self, capacity: int = 65_536, state: DeviceState | None = None) -> None:
         if capacity < 1:

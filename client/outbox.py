@@ -14,7 +14,7 @@ last run may have written it just before it died), so REPLAY means stored.
 Two rules keep an entry sendable for its whole TTL, not just for the
 relay's ±300 s clock window:
 - transient refusals (`is_transient`: the relay or its store is busy or
-  full) leave the entry in place; the device sends it again later;
+  full) leave the entry in place, to be sent again later (`sending`);
 - an entry the device sealed itself (its plaintext is kept) is sealed again
   once its `created_at` nears the edge of that window (`needs_renewal`),
   with the same msg_id and no later expiry, so a copy a relay may already

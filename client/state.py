@@ -31,6 +31,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,3 +251,8 @@ class DeviceState:
                 "DELETE FROM sent WHERE seq IN (SELECT seq FROM sent WHERE msg_id NOT IN"
                 " (SELECT msg_id FROM outbox) ORDER BY seq"
                 " LIMIT max(0, (SELECT count(*) FROM sent) - ?))", (max_sent,))
+
+
+def transaction(state: DeviceState | None, *, durable: bool = True) -> AbstractContextManager[None]:
+    """`state.transaction()`, or nothing to commit for a device that keeps its state in memory."""
+    return contextlib.nullcontext() if state is None else state.transaction(durable=durable)
