@@ -265,13 +265,16 @@ class _Session:
     async def until_fatal(self, work: Awaitable[T]) -> T:
         """Await `work`, unless a relay refuses this device for good first (EXIT_REFUSED)."""
         task = asyncio.ensure_future(work)
-        await asyncio.wait([task, self._fatal], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise CliError(f"refused: {_message(self._fatal.result())}", EXIT_REFUSED)
+        try:
+            await asyncio.wait([task, self._fatal], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # refused for good, or our own caller gave up (timeout)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise CliError(f"refused: {_message(self._fatal.result())}", EXIT_REFUSED)
+        return task.result()
 
 
 def _connect_reason(error: BaseException) -> str:
