@@ -50,9 +50,9 @@ async def send_all(url: str, sender: Identity, frames: list[bytes]) -> int:
     async with aiohttp.ClientSession() as http:
         ws = await connect(http, url, sender)
         for frame in frames:
-            await ws.send_bytes(frame)
-            answer = await ws.receive_bytes(timeout=30)
-            accepted += frame_type(answer) == FrameType.ACCEPTED
+            await ws.send(frame)
+            answer = await ws.receive(timeout=30)
+            accepted += answer is not None and frame_type(answer) == FrameType.ACCEPTED
         await ws.close()
     return accepted
 

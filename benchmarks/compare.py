@@ -11,7 +11,8 @@ of percent between minutes, so the figure to quote is the median of the
 per-round ratios candidate / baseline, not either absolute value.
 
 Relay CPU µs per delivered message = relay CPU seconds / messages delivered,
-over the measured window.
+over the measured window.  The load generator speaks this checkout's
+protocol, so the baseline must speak the same protocol version.
 """
 
 from __future__ import annotations

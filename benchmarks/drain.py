@@ -36,13 +36,13 @@ async def _fill(url: str, sender: Identity, frames: list[tuple[bytes, bytes]]) -
         answered = sent = 0
         while answered < len(frames):
             while sent < len(frames) and sent - answered < _WINDOW:
-                await ws.send_bytes(frames[sent][1])
+                await ws.send(frames[sent][1])
                 sent += 1
-            message = await ws.receive()
-            if message.type != aiohttp.WSMsgType.BINARY:
-                raise ConnectionError(f"relay closed during fill: {message.type.name}")
-            if frame_type(message.data) != FrameType.ACCEPTED:
-                raise RuntimeError(f"SEND refused during fill: {message.data!r}")
+            data = await ws.receive()
+            if data is None:
+                raise ConnectionError("relay closed during fill")
+            if frame_type(data) != FrameType.ACCEPTED:
+                raise RuntimeError(f"SEND refused during fill: {data!r}")
             answered += 1
         elapsed = time.monotonic() - started
         await ws.close()
@@ -57,12 +57,12 @@ async def _drain(relay: RelayProcess, recipient: Identity, count: int) -> dict[s
         connected = time.monotonic()
         got = 0
         while got < count:
-            message = await ws.receive()
-            if message.type != aiohttp.WSMsgType.BINARY:
-                raise ConnectionError(f"relay closed during drain: {message.type.name}")
-            if frame_type(message.data) == FrameType.DELIVER:
-                tag, _ = deliver_parts(message.data)
-                await ws.send_bytes(ack_frame(tag))
+            data = await ws.receive()
+            if data is None:
+                raise ConnectionError("relay closed during drain")
+            if frame_type(data) == FrameType.DELIVER:
+                tag, _ = deliver_parts(data)
+                await ws.send(ack_frame(tag))
                 got += 1
         last_delivery = time.monotonic()
         loop = asyncio.get_running_loop()

@@ -1,5 +1,7 @@
 """Figures for the relay under hostile load: each attack against this checkout's relay and,
 with --baseline, against another checkout's, in one run (the note's before/after table).
+The attacking clients are this checkout's, so the baseline must speak the same protocol
+version (before protocol 2, use that checkout's own copy of this script).
 
     git worktree add /tmp/base <commit>
     .venv/bin/python benchmarks/hostile.py --baseline /tmp/base [--only nat,slowloris,...]
@@ -14,7 +16,8 @@ started with the CLI on 127.0.0.1 and the settings named in its row:
   stuck      200 devices that never read, each sent 64 x 60 kB (more than the kernel's socket
              buffers take, so the rest waits in the relay's memory): relay RSS at the peak
              and 45 s later (heartbeat 5 s, write timeout 5 s), and sockets still open
-  storm      30,000 (message, recipient) expiries at one instant: worst /healthz gap
+  storm      102,000 (message, recipient) expiries at one instant (1,700 envelopes to 60
+             recipients): the worst gap between two answered /healthz probes
   verify     a flood of handshakes with fresh keys from one address (a second process):
              a known device's send round trip p99, idle and during the flood
 """
@@ -24,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
 import socket
 import statistics
 import time
@@ -35,22 +37,18 @@ import aiohttp
 
 from common import RelayProcess, memory_kib, raise_nofile, relay_flags, table, write_results
 from proto import Identity, Kind, seal_envelope
-from proto.frames import NONCE_BYTES, Ack, Deliver, Error, Send, decode_frame, encode_frame
-from proto.handshake import DeviceHandshake
+from proto.frames import Ack, Deliver, Error, Send, decode_frame, encode_frame
 from runtime.clock import now_ms
+from wsclient import Link, connect
 
 MAX_FRAME = 1 << 20
+STORM_SENDS = 1_700
 RELAXED = ("--rate-per-s", "1e6", "--rate-burst", "1000000", "--mailbox-max-messages", "1000000",
            "--mailbox-max-bytes", str(1 << 31), "--log-level", "warning")
 
 
-async def _handshake(http: aiohttp.ClientSession, url: str,
-                     identity: Identity) -> aiohttp.ClientWebSocketResponse:
-    ws = await http.ws_connect(url, max_msg_size=MAX_FRAME)
-    handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
-    await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=10)))
-    handshake.receive_welcome(await ws.receive_bytes(timeout=10))
-    return ws
+async def _handshake(http: aiohttp.ClientSession, url: str, identity: Identity) -> Link:
+    return await connect(http, url, identity)
 
 
 # -- the attacks --------------------------------------------------------------------------------
@@ -108,12 +106,11 @@ async def one_key(url: str) -> str:
         sockets = [await _handshake(http, url, key) for _ in range(50)]
         await asyncio.sleep(1.0)
         alive = 0
-        for ws in sockets:
+        for link in sockets:
             try:
-                message = await ws.receive(timeout=0.05)
-                alive += message.type not in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                              aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.ERROR)
-                alive -= isinstance(_decoded(message), Error)  # superseded, then closed
+                data = await link.receive(timeout=0.05)
+                # Superseded: an ERROR, then the close; anything else leaves it open.
+                alive += data is not None and not isinstance(_decoded(data), Error)
             except asyncio.TimeoutError:
                 alive += 1
         for ws in sockets:
@@ -121,10 +118,8 @@ async def one_key(url: str) -> str:
     return f"{alive} of 50 connections open"
 
 
-def _decoded(message: aiohttp.WSMessage) -> object:
-    if message.type != aiohttp.WSMsgType.BINARY:
-        return None
-    return decode_frame(message.data, MAX_FRAME)
+def _decoded(data: bytes | None) -> object:
+    return None if data is None else decode_frame(data, MAX_FRAME)
 
 
 def _small_window(addr_info: tuple) -> socket.socket:
@@ -147,18 +142,17 @@ async def stuck(url: str, relay: RelayProcess) -> str:
             for _ in range(64):
                 envelope = seal_envelope(sender, Kind.DATA, [device.public], payload, ttl_s=3600,
                                          now_ms=now_ms())
-                await sender_ws.send_bytes(encode_frame(Send(envelope.raw)))
+                await sender_ws.send(encode_frame(Send(envelope.raw)))
             while True:  # wait for this device's answers, so the sender is never the stuck one
-                message = await sender_ws.receive(timeout=30)
-                frame = _decoded(message)
+                frame = _decoded(await sender_ws.receive(timeout=30))
                 if isinstance(frame, Deliver):
-                    await sender_ws.send_bytes(encode_frame(Ack(frame.tag)))
+                    await sender_ws.send(encode_frame(Ack(frame.tag)))
                 elif frame is not None and getattr(frame, "msg_id", None) == envelope.msg_id:
                     break
         peak = memory_kib(relay.pid)["VmRSS"]
         await asyncio.sleep(45)
         after = memory_kib(relay.pid)["VmRSS"]
-        lingering = _established_to(relay.port) - (0 if sender_ws.closed else 1)
+        lingering = _established_to(relay.port) - (0 if sender_ws.ws.closed else 1)
         del readers  # closed with the session
         await sender_ws.close()
     return (f"RSS +{(peak - before) / 1024:.0f} MiB at peak, +{(after - before) / 1024:.0f} MiB"
@@ -182,9 +176,9 @@ async def storm(url: str, relay: RelayProcess) -> str:
     async with aiohttp.ClientSession() as http:
         ws = await _handshake(http, url, sender)
         stamp = now_ms()
-        for _ in range(500):
-            envelope = seal_envelope(sender, Kind.DATA, recipients, b"x", ttl_s=15, now_ms=stamp)
-            await ws.send_bytes(encode_frame(Send(envelope.raw)))
+        for _ in range(STORM_SENDS):
+            envelope = seal_envelope(sender, Kind.DATA, recipients, b"x", ttl_s=40, now_ms=stamp)
+            await ws.send(encode_frame(Send(envelope.raw)))
             await ws.receive(timeout=30)
         await ws.close()
         base = url.replace("ws://", "http://").rsplit("/v1/", 1)[0]
@@ -195,7 +189,7 @@ async def storm(url: str, relay: RelayProcess) -> str:
             worst, last = max(worst, now - last), now
             async with http.get(base + "/metrics") as response:
                 metrics = await response.text()
-            if _metric(metrics, "continuum_messages_expired_total") >= 30_000:
+            if _metric(metrics, "continuum_messages_expired_total") >= STORM_SENDS * 60:
                 break
             async with http.get(base + "/healthz") as response:
                 await response.read()
@@ -239,11 +233,11 @@ async def verify(url: str) -> str:
                 envelope = seal_envelope(device, Kind.DATA, [peer.public], b"p", ttl_s=60,
                                          now_ms=now_ms())
                 started = time.perf_counter()
-                await sender.send_bytes(encode_frame(Send(envelope.raw)))
+                await sender.send(encode_frame(Send(envelope.raw)))
                 while True:
                     frame = _decoded(await receiver.receive(timeout=30))
                     if isinstance(frame, Deliver):
-                        await receiver.send_bytes(encode_frame(Ack(frame.tag)))
+                        await receiver.send(encode_frame(Ack(frame.tag)))
                         break
                 times.append(time.perf_counter() - started)
                 await sender.receive(timeout=30)  # its ACCEPTED

@@ -27,7 +27,7 @@ from proto import Identity, PublicKey
 from proto.frames import Error, FrameType, decode_frame
 
 from common import CpuSampler, RelayProcess, memory_kib, percentiles
-from wsclient import MAX_FRAME, ack_frame, connect, deliver_parts, frame_type, sealed_sends
+from wsclient import MAX_FRAME, Link, ack_frame, connect, deliver_parts, frame_type, sealed_sends
 
 _READY_TIMEOUT_S = 300.0  # sealing tens of thousands of envelopes takes a while
 _START_DELAY_NS = 300_000_000
@@ -64,24 +64,23 @@ async def _sleep_until(due_ns: int) -> None:
 
 # --- senders -----------------------------------------------------------------
 
-async def _read_answers(ws: aiohttp.ClientWebSocketResponse, room: asyncio.Semaphore,
-                        stats: dict) -> None:
+async def _read_answers(ws: Link, room: asyncio.Semaphore, stats: dict) -> None:
     """Count ACCEPTED / ERROR answers, each freeing one slot of the window (runs until cancelled)."""
     while True:
-        message = await ws.receive()
-        if message.type != aiohttp.WSMsgType.BINARY:
+        data = await ws.receive()
+        if data is None:
             return
-        if frame_type(message.data) == FrameType.ACCEPTED:
+        if frame_type(data) == FrameType.ACCEPTED:
             stats["accepted"] += 1
             stats["last_accept_ns"] = time.monotonic_ns()
         else:
-            frame = decode_frame(message.data, MAX_FRAME)
+            frame = decode_frame(data, MAX_FRAME)
             code = frame.error_code if isinstance(frame, Error) else None
             stats["errors"][code.name if code else type(frame).__name__] += 1
         room.release()
 
 
-async def _send_all(ws: aiohttp.ClientWebSocketResponse, frames: list[tuple[bytes, bytes]],
+async def _send_all(ws: Link, frames: list[tuple[bytes, bytes]],
                     plan: LoadPlan, first_due_ns: int, interval_ns: int, deadline_ns: int,
                     sent_ns: dict[bytes, int], stats: dict) -> None:
     """Send on schedule (or as the window allows) until done or the deadline, then await answers."""
@@ -97,7 +96,7 @@ async def _send_all(ws: aiohttp.ClientWebSocketResponse, frames: list[tuple[byte
                 room.release()
                 break
             sent_ns[msg_id] = now
-            await ws.send_bytes(frame)
+            await ws.send(frame)
         async with asyncio.timeout(_DRAIN_GRACE_S):
             for _ in range(plan.window):  # the whole window back: every SEND answered
                 await room.acquire()
@@ -139,26 +138,26 @@ async def _senders(pipe: Connection, url: str, plan: LoadPlan,
 
 # --- receivers ---------------------------------------------------------------
 
-async def _receive_all(ws: aiohttp.ClientWebSocketResponse, expected: int, deadline_ns: int,
+async def _receive_all(ws: Link, expected: int, deadline_ns: int,
                        received_ns: dict[bytes, int]) -> int:
     """Take and ACK `expected` deliveries (or stop at the deadline); returns duplicates seen."""
     got = duplicates = 0
     try:
         async with asyncio.timeout(max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)):
             while got < expected:
-                message = await ws.receive()
+                data = await ws.receive()
                 now = time.monotonic_ns()
-                if message.type != aiohttp.WSMsgType.BINARY:
+                if data is None:
                     break
-                if frame_type(message.data) != FrameType.DELIVER:
+                if frame_type(data) != FrameType.DELIVER:
                     continue
-                tag, msg_id = deliver_parts(message.data)
+                tag, msg_id = deliver_parts(data)
                 if msg_id in received_ns:
                     duplicates += 1
                 else:
                     received_ns[msg_id] = now
                     got += 1
-                await ws.send_bytes(ack_frame(tag))
+                await ws.send(ack_frame(tag))
     except TimeoutError:
         pass
     return duplicates

@@ -1,9 +1,10 @@
 """Raw protocol devices for load generation: a real handshake, then pre-encoded frames.
 
 The load generator shares a 2-core machine with the relay it measures, so it
-must cost much less per message than the relay: SEND frames are sealed and
-encoded before the timed phase, and answers are classified by their first
-bytes instead of being decoded and validated like the relay does.
+must cost much less per message than the relay: envelopes are sealed and SEND
+frames encoded before the timed phase (only the channel's seal, a few µs, is
+left for the send), and answers are classified by their first bytes instead
+of being decoded and validated like the relay does.
 """
 
 from __future__ import annotations
@@ -16,25 +17,48 @@ import cbor2
 
 from proto import Identity, Kind, PublicKey, canonical, seal_envelope
 from proto.frames import NONCE_BYTES, FrameType, Send, encode_frame
-from proto.handshake import DeviceHandshake
+from proto.handshake import EPHEMERAL_SEED_BYTES, DeviceHandshake
 
 MAX_FRAME = 1 << 20
 _ARRAY_OF_9 = 0x89
 _BSTR_16 = 0x50
 
 
-async def connect(http: aiohttp.ClientSession, url: str,
-                  identity: Identity) -> aiohttp.ClientWebSocketResponse:
-    """CHALLENGE → HELLO → WELCOME (checked with the relay's key); the socket is then live."""
+class Link:
+    """An authenticated device connection: frames go out and come in through its channel."""
+
+    __slots__ = ("ws", "_sealer", "_opener")
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, handshake_terms: object) -> None:
+        self.ws = ws
+        self._sealer, self._opener = handshake_terms.channel.for_device()  # type: ignore[attr-defined]
+
+    async def send(self, frame: bytes) -> None:
+        await self.ws.send_bytes(self._sealer.seal(frame))
+
+    async def receive(self, timeout: float | None = None) -> bytes | None:
+        """The next frame, opened; None once the socket is closing."""
+        message = await self.ws.receive(timeout=timeout)
+        if message.type != aiohttp.WSMsgType.BINARY:
+            return None
+        return self._opener.open(message.data)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def connect(http: aiohttp.ClientSession, url: str, identity: Identity) -> Link:
+    """CHALLENGE → HELLO → WELCOME (checked with the relay's key); the link is then live."""
     ws = await http.ws_connect(url, max_msg_size=MAX_FRAME, autoping=True)
     try:
-        handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+        handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES),
+                                    os.urandom(EPHEMERAL_SEED_BYTES), MAX_FRAME)
         await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=30)))
-        handshake.receive_welcome(await ws.receive_bytes(timeout=30))
+        terms = handshake.receive_welcome(await ws.receive_bytes(timeout=30))
     except BaseException:
         await ws.close()
         raise
-    return ws
+    return Link(ws, terms)
 
 
 def sealed_sends(sender: Identity, recipient: PublicKey, count: int,

@@ -29,7 +29,8 @@ each normally runs on its own machine, with its own key file)::
 Public API::
 
     device = Device(identity, relays=[url, backup_url], peers=PeerList.load(path),
-                    oracle_key=None, home=None, keepalive_s=20.0)
+                    oracle_key=None, home=None, keepalive_s=20.0,
+                    relay_keys=None, tls=None)   # pin relay keys; CA for wss://
     async with device:                       # starts the connection manager
         await device.wait_connected(timeout=10)   # TimeoutError; `device.connected`, `relay_url`
         outgoing = await device.send([bob], b"hello", ttl_s=3600, timeout=30)
@@ -45,6 +46,11 @@ Public API::
     device.stats       # DeviceStats counters: dropped_non_peer, dropped_stale, bad_frames, …
     device.receipts()  # async iterator of (sender, Receipt), for senders like the oracle
     device.send_envelope(envelope)   # send an envelope sealed elsewhere, same bytes on retry
+
+    new = await device.rotate_key(on_confirmed=save)   # SPEC §15: the old key vouches for a
+                                     # new one; `save(old, new)` runs once the oracle confirmed
+    await device.wait_drained()      # the old key's mailbox is empty; `device.drain(old)`
+                                     # resumes a drain a restart cut short
 
 State: with `home` (a directory) the outbox, the messages sent with what
 became of them, and the messages already handled live in `home/state.db`
@@ -80,9 +86,10 @@ handshake, frames in and out), `connection` (its socket shell), `manager`
 ACCEPTED and the rules for them), `tracking` (what became of each message
 sent), `sending` (both driven by the relays' answers), `dedup` (messages
 already handled), `state` (the SQLite file behind outbox, tracking and
-dedup), `files` (small files replaced atomically), `peers`, `backoff`,
-`device` (the public API tying them together), `stats`, `settings` and
-`cli` (the `continuum-client` command).
+dedup), `peers`, `backoff`, `drain` (the old key's mailbox after a
+rotation), `key_files` (the home's key files across a rotation), `device`
+(the public API tying them together), `stats`, `settings` and `cli` (the
+`continuum-client` command).
 """
 
 from .device import Device

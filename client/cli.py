@@ -11,7 +11,9 @@
       send KEY… --lines            one message per line of stdin, as the lines come
       flush                        send what the outbox holds; collect receipts and notices
       outbox [--json]              messages sent: the relays' answer, each recipient's status
-      listen                       print messages from peers as they arrive
+      listen                       print messages from peers as they arrive (and drain the
+                                   mailbox of a key rotated away from)
+      rotate-key                   move to a new key the current one vouches for; print it
 
 Results go to stdout (one line each, easy to script), diagnostics to
 stderr, in words: one line per failed connection attempt, one per dropped
@@ -39,11 +41,13 @@ import aiohttp
 
 from proto import Identity, PublicKey
 from proto.errors import NotEnrolledError, ProtocolError, RevokedError
+from proto.rotation import OracleKeyChain
+from runtime.files import write_atomically
 from runtime.logs import configure_logging, library_logger
 
 from .device import DEFAULT_TTL_S, Device
-from .files import replace_file
 from .inbox import Drop, DropReason, InboundMessage
+from .key_files import KeyFiles
 from .peers import PeerList
 from .settings import ClientSettings
 from .state import DeviceState
@@ -62,7 +66,8 @@ exit codes:
        message that cannot be sent as given
   2    usage or set-up problem (bad flag, key, file or setting)
   3    no relay: none connected (listen, flush) or accepted the message within --timeout
-       (send; the message stays in the outbox and a later send, flush or listen sends it)
+       (send; the message stays in the outbox and a later send, flush or listen sends it);
+       rotate-key: the oracle did not confirm within --timeout (run it again to resume)
   4    listen --count N: fewer than N messages within --timeout
   130  interrupted (Ctrl-C)"""
 # Handshake refusals that no retry will change: the command ends at once with EXIT_REFUSED.
@@ -139,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    rotate = commands.add_parser("rotate-key", help="move this device to a new key, keeping"
+                                 " its place (name, groups, peers) with the oracle")
+    rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="give up (resumable: run again) if the oracle has not confirmed")
     return parser
 
 
@@ -174,6 +183,8 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         return _send_command(args, settings)
     if args.command == "flush":
         return asyncio.run(_flush(settings, args.timeout))
+    if args.command == "rotate-key":
+        return asyncio.run(_rotate_key(settings, args.timeout))
     return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
 
 
@@ -188,7 +199,7 @@ def _enroll(settings: ClientSettings, oracle: PublicKey, replace: bool) -> int:
         if settings.oracle_path.exists() else None
     if current not in (None, oracle.text) and not replace:
         raise CliError(f"already enrolled with oracle {current}; use --replace to switch")
-    replace_file(settings.oracle_path, oracle.text + "\n")
+    write_atomically(settings.oracle_path, (oracle.text + "\n").encode("ascii"))
     print(f"enrolled with oracle {oracle.text}")
     print(f"ask its administrator to add this device: {identity.public.text}")
     return EXIT_OK
@@ -248,12 +259,22 @@ class _Session:
                  " can read and replay the connection; use wss://")
         identity = _load_identity(settings)
         library_logger("continuum.client").info("client_started", **settings.describe())
+        if KeyFiles(settings.identity_path).pending() is not None:
+            _say("a key rotation is under way: run rotate-key to finish it")
+        self._settings = settings
         self._fatal: asyncio.Future[ProtocolError] = asyncio.get_running_loop().create_future()
         self.device = Device(identity, settings.relays, PeerList.load(settings.peers_path),
                              settings.oracle_key, home=settings.home,
                              keepalive_s=settings.keepalive_s,
+                             on_oracle_key_change=self._follow_oracle,
                              on_connect_error=self._connect_failed,
                              on_drop=_announce_drop if announce_drops else None)
+
+    def _follow_oracle(self, chain: OracleKeyChain) -> None:
+        """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
+        assert chain.current is not None
+        write_atomically(self._settings.oracle_chain_path, chain.encode())
+        write_atomically(self._settings.oracle_path, (chain.current.text + "\n").encode("ascii"))
 
     def _connect_failed(self, url: str, error: BaseException) -> None:
         if isinstance(error, _PERMANENT_AT_CONNECT):
@@ -346,6 +367,35 @@ async def _queue(settings: ClientSettings, recipients: list[PublicKey],
             print(f"queued {outgoing.msg_id.hex()}", flush=True)
     finally:
         device.close()
+    return EXIT_OK
+
+
+async def _rotate_key(settings: ClientSettings, timeout_s: float) -> int:
+    """Rotate to identity.key.next (created now, or left by an interrupted run)."""
+    if settings.oracle_key is None:
+        raise CliError("a key rotation needs an oracle: run enroll --oracle cpk_… first")
+    files = KeyFiles(settings.identity_path)
+    resuming = files.pending() is not None
+    session = _Session(settings)
+    device = session.device
+    try:
+        new = files.begin()
+    except FileExistsError as exc:
+        raise CliError(str(exc)) from None
+    _say(f"{'resuming rotation' if resuming else 'rotating'} {device.identity.public.text}"
+         f" -> {new.public.text}")
+    async with device:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await session.until_fatal(device.rotate_key(new, on_confirmed=files.confirm))
+        except TimeoutError:
+            raise CliError(f"the oracle did not confirm within {timeout_s:g}s (last error:"
+                           f" {device.last_error or 'none'}); run rotate-key again to resume",
+                           EXIT_NO_RELAY) from None
+        except ProtocolError as exc:
+            raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
+    print(new.public.text)
+    _say(f"the old key stays in {files.old_path} until listen has drained its mailbox")
     return EXIT_OK
 
 
@@ -447,8 +497,12 @@ def _format_sent(message: SentMessage, as_json: bool) -> str:
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
                   as_json: bool) -> int:
     received = 0
+    files = KeyFiles(settings.identity_path)
     session = _Session(settings, announce_drops=True)
     async with session.device as device:
+        old = files.draining()
+        if old is not None:  # a rotation left the old key's mailbox to drain
+            device.drain(old)
         try:
             async with asyncio.timeout(timeout_s):
                 await session.until_fatal(device.wait_connected())
@@ -463,6 +517,8 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
             if device.stats.connects == 0:
                 raise CliError(f"never connected within {timeout_s:g}s (last error:"
                                f" {device.last_error or 'none'})", EXIT_NO_RELAY) from None
+        if old is not None and not device.draining:
+            files.drained()
         dropped = {name: value for name, value in device.stats.as_dict().items()
                    if name.startswith(("dropped_", "duplicates")) and value}
         if dropped:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 import aiohttp
 
 from proto import Identity, Limits, PublicKey
+from proto.channel import TAG_BYTES
 from proto.frames import NONCE_BYTES
-from proto.handshake import HANDSHAKE_FRAME_MAX_BYTES
+from proto.handshake import EPHEMERAL_SEED_BYTES, HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
 from runtime.logs import library_logger
 
@@ -36,8 +38,10 @@ class RelayConnection:
     """An open, authenticated connection; `events()` ends when the socket closes."""
 
     def __init__(self, url: str, ws: aiohttp.ClientWebSocketResponse, protocol: DeviceProtocol,
-                 connected: Connected) -> None:
+                 connected: Connected, device_key: PublicKey) -> None:
         self.url = url
+        # The key this connection authenticated as: a device that rotates holds two at once.
+        self.device_key = device_key
         self.relay_key: PublicKey = connected.terms.relay_key
         self.limits: Limits = connected.terms.limits
         self.clock_offset_ms = connected.clock_offset_ms
@@ -98,20 +102,28 @@ async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> byt
 @asynccontextmanager
 async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
                   handshake_timeout_s: float = 10.0,
-                  keepalive_s: float = DEFAULT_KEEPALIVE_S) -> AsyncIterator[RelayConnection]:
+                  keepalive_s: float = DEFAULT_KEEPALIVE_S,
+                  pinned_relay_keys: Collection[PublicKey] | None = None,
+                  tls: ssl.SSLContext | None = None) -> AsyncIterator[RelayConnection]:
     """Open `url` and authenticate, or raise (OSError, aiohttp.ClientError, TimeoutError,
-    ProtocolError: e.g. UnauthenticatedError when the relay refuses this key).
+    ProtocolError: e.g. UnauthenticatedError when the relay refuses this key, or holds a
+    key that is not among `pinned_relay_keys`).
 
     `max_envelope_bytes` is this device's cap: the largest envelope it will read,
-    whatever the relay announces.  `keepalive_s` is the interval of our pings.
+    whatever the relay announces.  `keepalive_s` is the interval of our pings.  A
+    `wss://` URL is verified against `tls` (for a private CA), else the system's
+    certificate store.
     """
-    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES), max_envelope_bytes)
-    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes,
+    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
+                              os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
+                              pinned_relay_keys)
+    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes + TAG_BYTES,
                    HANDSHAKE_FRAME_MAX_BYTES)
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
             ws = await http.ws_connect(url, heartbeat=keepalive_s, autoping=True,
-                                       max_msg_size=read_cap)
+                                       max_msg_size=read_cap,
+                                       ssl=tls if tls is not None else True)
         try:
             async with asyncio.timeout(handshake_timeout_s):
                 connected: Event | None = None
@@ -124,6 +136,6 @@ async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
                 log.warning("relay_limit_above_device_cap", relay=url,
                             device_cap=max_envelope_bytes,
                             detail="deliveries larger than the cap cannot be read")
-            yield RelayConnection(url, ws, protocol, connected)
+            yield RelayConnection(url, ws, protocol, connected, identity.public)
         finally:
             await ws.close()

@@ -23,29 +23,39 @@ receipts once a window's worth of DATA is waiting.
 Replies (receipts) go through the same outbox as the application's
 messages: durable with a home, re-sent on every connection, retried after
 transient refusals, so none is lost to a relay or store restart.
+
+Key rotation (SPEC §15): `rotate_key()` has the current key vouch for a new
+one to the oracle, then authenticates as the new key while a `Drain` keeps the
+old key connected until its mailbox is empty.  Each connection knows the key it
+authenticated as, and its deliveries are decided and its sends made with that
+identity; replies (receipts) are always sealed by the current one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from proto import Envelope, Identity, Kind, Limits, PublicKey
-from proto.errors import WrongSenderError
+from proto.errors import RevokedError, WrongSenderError
 from proto.payloads import Receipt
+from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 from runtime.logs import library_logger
 
 from .backoff import Backoff
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import RecentlySeen
+from .drain import DEFAULT_QUIET_S, Drain
 from .freshness import device_now_ms, valid_until_ms
 from .inbox import (Drop, DropReason, ExpiryArrived, InboundMessage, InboxView,
-                    PeerChangeArrived, ReceiptArrived, Surface, decide)
+                    OracleKeyChanged, PeerChangeArrived, ReceiptArrived, Surface, decide)
 from .manager import ConnectionManager
 from .outbox import PendingSend
 from .peers import PeerList, Standing
@@ -66,6 +76,16 @@ _RECEIPT_QUEUE_SIZE = 10_000
 _PRUNE_EVERY = 1024
 
 
+@dataclass(frozen=True)
+class _Rotation:
+    """A rotation waiting for the oracle's word: any peer list it seals to `new.public`."""
+
+    old: Identity
+    new: Identity
+    on_confirmed: Callable[[Identity, Identity], None]
+    confirmed: asyncio.Event
+
+
 class Device:
     """A device identity talking to its peers through relays; use as `async with device:`.
 
@@ -74,14 +94,26 @@ class Device:
     entered once: leaving it closes the state file.
     `on_connect_error(url, error)` hears of each failed connection attempt,
     `on_drop(drop)` of each delivery dropped (a CLI tells its user at once).
+
+    `on_oracle_key_change(chain)` is called when the device follows the oracle
+    to a new key, before it confirms that to the oracle: persist the chain there
+    (the CLI keeps it in its home), and pass the key it leads to as `oracle_key`
+    on the next start.
     """
 
     def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
                  oracle_key: PublicKey | None = None, *, home: Path | str | None = None,
                  backoff: Backoff | None = None, limits: Limits = DEVICE_LIMITS,
                  handshake_timeout_s: float = 10.0, keepalive_s: float = DEFAULT_KEEPALIVE_S,
+                 relay_keys: Iterable[PublicKey] | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None,
                  on_connect_error: Callable[[str, BaseException], None] | None = None,
                  on_drop: Callable[[Drop], None] | None = None) -> None:
+        """`relay_keys`: pin the relays this device talks to; a relay holding any other key
+        is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
+        count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
+        verified (a private CA); None: the system's certificate store."""
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -92,20 +124,29 @@ class Device:
         # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
         self.relay_keys: set[PublicKey] = set()
         self._on_drop = on_drop
+        self._limits = limits
+        self._handshake_timeout_s = handshake_timeout_s
+        self._pinned_relay_keys = None if relay_keys is None else frozenset(relay_keys)
+        self._tls = tls
+        self._on_oracle_key_change = on_oracle_key_change
         self._state = DeviceState.in_home(Path(home)) if home is not None else None
         self._seen = RecentlySeen(state=self._state)
+        # Every key this device may be addressed as: the current one, and old ones draining.
+        self._identities = {identity.public: identity}
+        self._rotation: _Rotation | None = None
+        self._drains: dict[PublicKey, tuple[Drain, asyncio.Task[None]]] = {}
         self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
         self._inbound_ready = asyncio.Event()
         self._receipt_listeners: list[asyncio.Queue[tuple[PublicKey, Receipt]]] = []
         self._manager = ConnectionManager(
             identity, self.relays, max_envelope_bytes=limits.max_envelope_bytes,
-            handshake_timeout_s=handshake_timeout_s, backoff=backoff or Backoff(),
+            handshake_timeout_s=handshake_timeout_s,
+            pinned_relay_keys=self._pinned_relay_keys, tls=tls,
+            backoff=backoff or Backoff(),
             stats=self.stats, on_connected=self._on_connected, on_event=self._on_event,
             on_disconnected=self._on_disconnected, keepalive_s=keepalive_s,
             on_connect_error=on_connect_error)
-        self._sender = Sender(identity, self._manager, self._state, self.stats, limits)
-        self._view = InboxView(identity, self.peers, self.relay_keys, self._seen,
-                               self._sender.sent, oracle_key)
+        self._sender = Sender(self._identities, self._manager, self._state, self.stats, limits)
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -118,10 +159,14 @@ class Device:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         runner, self._runner = self._runner, None
+        tasks = [task for _, task in self._drains.values()]
         if runner is not None:
-            runner.cancel()
+            tasks.append(runner)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await runner
+                await task
         await self._sender.stop()
         self.close()
 
@@ -171,14 +216,14 @@ class Device:
         `timeout` seconds: the message then stays in the outbox and is sent
         on a later connection (or run).  Cancelling the call withdraws it.
         """
-        envelope = self._sender.seal(Kind.DATA, list(recipients), payload, ttl_s)
+        envelope = self._sender.seal(self.identity, Kind.DATA, list(recipients), payload, ttl_s)
         return await self._sender.submit(envelope, payload, timeout)
 
     async def queue(self, recipients: Iterable[PublicKey], payload: bytes, *,
                     ttl_s: int = DEFAULT_TTL_S) -> Outgoing:
         """Put a message in the outbox and return at once; it is sent whenever a relay is up
         (this run, or with a home a later one).  Needs no connection, nor `async with`."""
-        envelope = self._sender.seal(Kind.DATA, list(recipients), payload, ttl_s)
+        envelope = self._sender.seal(self.identity, Kind.DATA, list(recipients), payload, ttl_s)
         return self._sender.enqueue_soon(envelope, payload)
 
     async def send_envelope(self, envelope: Envelope, *,
@@ -214,8 +259,8 @@ class Device:
                 continue
             with transaction(self._state):
                 self._seen.add(key, valid_until_ms(surface.envelope))
-                receipt = self._sender.queue_receipt(surface.envelope)
-            await self._sender.transmit(receipt, connection)
+                receipt = self._sender.queue_receipt(self.identity, surface.envelope)
+            await self._sender.send_now(receipt)  # sealed by the current key: its connection
             await connection.ack(tag)
             self.stats.surfaced += 1
             yield surface.message
@@ -254,9 +299,14 @@ class Device:
 
     async def _on_delivery(self, delivery: Delivered, connection: RelayConnection) -> None:
         self.stats.deliveries += 1
+        identity = self._identities.get(connection.device_key)
+        if identity is None:  # the closing connection of a key given up: not ACKed, kept
+            return
         if self._state is not None and self.stats.deliveries % _PRUNE_EVERY == 0:
             self._prune()
-        decision = decide(delivery.envelope, self._view, connection.limits,
+        view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sender.sent,
+                         self.oracle_key)
+        decision = decide(delivery.envelope, view, connection.limits,
                           now_ms=device_now_ms(now_ms(), connection.clock_offset_ms))
         if isinstance(decision, Surface):
             self._inbound.append((decision, connection, delivery.tag))
@@ -275,12 +325,14 @@ class Device:
                     self.stats.expiry_notices += 1
                     for msg_id, recipient in decision.notice.entries:
                         self._sender.sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
+                elif isinstance(decision, OracleKeyChanged):
+                    reply = self._on_oracle_key_changed(decision)
                 else:
-                    reply = self._on_peer_change(decision)
+                    reply = self._on_peer_change(decision, identity)
                 self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
                                valid_until_ms(decision.envelope))
         if reply is not None:
-            await self._sender.transmit(reply, connection)
+            await self._sender.send_now(reply)
         await connection.ack(delivery.tag)
 
     def _on_dropped(self, drop: Drop) -> None:
@@ -301,9 +353,19 @@ class Device:
             except asyncio.QueueFull:
                 log.warning("receipt_listener_full", sender=sender.text)
 
-    def _on_peer_change(self, decision: PeerChangeArrived) -> PendingSend | None:
+    def _on_peer_change(self, decision: PeerChangeArrived,
+                        identity: Identity) -> PendingSend | None:
         """Apply a newer list; the receipt to send, if the list is in force."""
         change, oracle = decision.change, decision.envelope.sender
+        rotation = self._rotation
+        if rotation is not None and identity is rotation.new and not rotation.confirmed.is_set():
+            # The oracle sealed a list to the new key: it took the rotation in.  Persisted by
+            # the caller before this list is applied and acknowledged (a crash redelivers it).
+            rotation.on_confirmed(rotation.old, rotation.new)
+            rotation.confirmed.set()
+            drain = self._drains.get(rotation.old.public)
+            if drain is not None:
+                drain[0].ready.set()  # from now on nothing more is stored for the old key
         if decision.standing is Standing.OLDER:
             self.stats.peer_changes_older += 1
             log.warning("peer_change_older_than_held", offered=str(change.stamp),
@@ -315,7 +377,125 @@ class Device:
             self.stats.peer_list_updates += 1
             log.info("peer_list_replaced", stamp=str(change.stamp), peers=len(change.peers))
         # Applied now, or the one already held: the oracle may show this version as in force.
-        return self._sender.queue_receipt(decision.envelope)
+        return self._sender.queue_receipt(self.identity, decision.envelope)
+
+    def _on_oracle_key_changed(self, decision: OracleKeyChanged) -> PendingSend:
+        if decision.moved:
+            former, current = self.oracle_key, decision.chain.current
+            assert former is not None and current is not None
+            if self._on_oracle_key_change is not None:
+                self._on_oracle_key_change(decision.chain)  # persisted before it is confirmed
+            self.oracle_key = current
+            self.peers.follow_oracle(former, current)
+            self.stats.oracle_key_changes += 1
+            log.warning("oracle_key_followed", former=former.text, oracle_key=current.text)
+        return self._sender.queue_receipt(self.identity, decision.envelope)  # "I follow you"
+
+    # -- key rotation ----------------------------------------------------------------------
+
+    async def rotate_key(self, new_identity: Identity | None = None, *,
+                         on_confirmed: Callable[[Identity, Identity], None] | None = None,
+                         quiet_s: float = DEFAULT_QUIET_S) -> Identity:
+        """Move this device to a new key that its current key vouches for; returns it.
+
+        `new_identity` must be a key nobody has used (the default: a fresh one),
+        or the one an interrupted call was given: any peer list the oracle seals
+        to it counts as the confirmation.
+
+        The current key sends the oracle a `KeyRotation` signed by both keys;
+        then the device authenticates as the new key (refused until the relays
+        hear of the rotation: sends wait meanwhile) and keeps the old key
+        connected to drain its mailbox.  It returns once the oracle confirmed, by
+        sealing a peer list to the new key; `on_confirmed(old, new)` runs before
+        that list is acknowledged, so a caller that persists the new key there
+        loses nothing to a crash.  The drain goes on (`draining`, `wait_drained`).
+
+        Bound it with `asyncio.timeout`: interrupted before the confirmation, the
+        device is the old key again, and calling again with the same
+        `new_identity` resumes (the oracle applies a rotation once, and may still
+        apply this one later: keep the new key before calling, as the CLI does).
+        """
+        oracle = self.oracle_key
+        if oracle is None:
+            raise ValueError("a key rotation needs an oracle (oracle_key)")
+        if self._rotation is not None:
+            raise RuntimeError("a key rotation is already under way")
+        old, new = self.identity, new_identity or Identity.generate()
+        statement = KeyRotation.sign(old, new, self._sender.now_ms())
+        envelope = self._sender.seal(old, Kind.DATA, [oracle], statement.encode(), DEFAULT_TTL_S)
+        rotation = _Rotation(old, new, on_confirmed or (lambda old, new: None), asyncio.Event())
+        self._rotation = rotation
+        try:
+            try:
+                await self.send_envelope(envelope)
+            except RevokedError:
+                pass  # the old key may only drain: an earlier attempt took effect
+            self._start_drain(old, quiet_s, ready=False)
+            await self._use_identity(new)
+            await rotation.confirmed.wait()
+        except BaseException:
+            if not rotation.confirmed.is_set() and self.identity is new:
+                await self._stop_drain(old.public)
+                await self._use_identity(old)
+                del self._identities[new.public]
+            raise
+        finally:
+            self._rotation = None
+        log.info("key_rotated", old=old.public.text, new=new.public.text)
+        return new
+
+    def drain(self, identity: Identity, *, quiet_s: float = DEFAULT_QUIET_S) -> None:
+        """Fetch what still waits for `identity`, a key this device rotated away from
+        (after a restart cut a drain short); `wait_drained()` returns once it is empty."""
+        self._start_drain(identity, quiet_s, ready=True)
+
+    @property
+    def draining(self) -> tuple[PublicKey, ...]:
+        """Old keys whose mailboxes are still being drained."""
+        return tuple(key for key, (drain, _) in self._drains.items() if not drain.done.is_set())
+
+    async def wait_drained(self) -> None:
+        """Return once every old key's mailbox is drained (bound it with asyncio.timeout)."""
+        for drain, _ in list(self._drains.values()):
+            await drain.done.wait()
+
+    async def _use_identity(self, identity: Identity) -> None:
+        self._identities[identity.public] = identity
+        self.identity = identity
+        await self._manager.use_identity(identity)
+
+    def _start_drain(self, identity: Identity, quiet_s: float, *, ready: bool) -> None:
+        if identity.public in self._drains:
+            return
+        self._identities[identity.public] = identity
+        drain = Drain(identity, self.relays, max_envelope_bytes=self._limits.max_envelope_bytes,
+                      handshake_timeout_s=self._handshake_timeout_s,
+                      pinned_relay_keys=self._pinned_relay_keys, tls=self._tls, backoff=Backoff(),
+                      on_connected=self._on_connected, on_event=self._on_event,
+                      on_disconnected=self._on_disconnected, waiting=self._waiting_on,
+                      quiet_s=quiet_s)
+        if ready:
+            drain.ready.set()
+        task = asyncio.create_task(drain.run(), name="continuum-drain")
+        task.add_done_callback(lambda _: self._forget(identity.public, task))
+        self._drains[identity.public] = (drain, task)
+
+    async def _stop_drain(self, key: PublicKey) -> None:
+        entry = self._drains.get(key)
+        if entry is not None:
+            entry[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await entry[1]
+
+    def _forget(self, key: PublicKey, task: asyncio.Task[None]) -> None:
+        """A drain ended: the old key is no longer this device (unless it became it again)."""
+        if self._drains.get(key, (None, None))[1] is task:
+            del self._drains[key]
+        if key != self.identity.public:
+            self._identities.pop(key, None)
+
+    def _waiting_on(self, connection: RelayConnection) -> int:
+        return sum(1 for _, held_by, _ in self._inbound if held_by is connection)
 
     # -- connection callbacks --------------------------------------------------------------
 

@@ -21,24 +21,34 @@ Rules, cheapest first so hostile input costs as little as possible:
 4. a (sender, msg_id) already handled → drop (duplicate);
 5. who may send what, checked before decrypting:
    DATA from peers only; EXPIRY from relay keys proven in a WELCOME only;
-   PEER_CHANGE from the configured oracle key only;
+   PEER_CHANGE from the oracle key followed only (configured, or where its
+   key chain led: rule 9);
 6. a payload that does not decrypt or parse → drop (invalid);
 7. RECEIPT only from a peer, or from a recipient of a message this device
    sent and still tracks (the oracle has no peers but needs its receipts);
 8. a PEER_CHANGE is ranked against the held list by (epoch, version) and
    oracle (`PeerList.standing`): the device applies NEWER, receipts NEWER and
-   HELD, and neither applies nor receipts OLDER.
+   HELD, and neither applies nor receipts OLDER;
+9. with an oracle configured, DATA from a non-peer is the one exception to
+   rule 5: it may be the oracle's new key announcing itself (SPEC §15), so it is
+   opened, and taken only as the oracle's key chain sent by the key that chain
+   ends at, which leads from the configured oracle key (follow it) or already
+   is it (a re-delivery: receipt again); anything else is dropped as a non-peer's.
+   Only the oracle can write to a device at relays that enforce peer groups, so
+   this costs one decryption per message a stranger gets through elsewhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Collection, Container
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, decode_envelope
 from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
+from proto.rotation import OracleKeyChain
 
 from .dedup import MessageKey
 from .freshness import is_fresh
@@ -100,6 +110,16 @@ class ExpiryArrived:
 
 
 @dataclass(frozen=True)
+class OracleKeyChanged:
+    """The oracle's key chain from `chain.current`: the oracle moved there (`moved`), or the
+    device follows that key already (a re-delivery)."""
+
+    envelope: Envelope
+    chain: OracleKeyChain
+    moved: bool
+
+
+@dataclass(frozen=True)
 class PeerChangeArrived:
     """The oracle's peer list; `standing` says whether it replaces the stored one (NEWER),
     is the one held (HELD), or is behind it (OLDER: neither applied nor receipted)."""
@@ -109,7 +129,16 @@ class PeerChangeArrived:
     standing: Standing
 
 
-Decision = Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
+Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
+            | OracleKeyChanged)
+
+
+class SentMessages(Protocol):
+    """What `decide` reads of the messages this device sent (`tracking.SentLog`)."""
+
+    def __contains__(self, pair: object) -> bool: ...
+
+    def sealed_as(self, msg_id: bytes) -> Collection[bytes] | None: ...
 
 
 @dataclass(frozen=True)
@@ -120,8 +149,9 @@ class InboxView:
     peers: PeerList
     relay_keys: Container[PublicKey]
     seen: Container[MessageKey]
-    # (our msg_id, recipient) pairs for which a receipt is still awaited.
-    awaiting_receipt: Container[tuple[bytes, PublicKey]]
+    # (our msg_id, recipient) pairs for which a receipt is still awaited, and the
+    # content hash a receipt for each of our messages must name.
+    awaiting_receipt: SentMessages
     oracle_key: PublicKey | None = None
 
 
@@ -161,7 +191,7 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
 
 def _sender_refusal(envelope: Envelope, view: InboxView) -> Drop | None:
     sender, kind = envelope.sender, envelope.kind
-    if kind is Kind.DATA and sender not in view.peers:
+    if kind is Kind.DATA and sender not in view.peers and view.oracle_key is None:
         return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
     if kind is Kind.EXPIRY and sender not in view.relay_keys:
         return Drop(DropReason.UNTRUSTED_EXPIRY, f"{sender.text} is not a relay key", envelope)
@@ -174,10 +204,16 @@ def _sender_refusal(envelope: Envelope, view: InboxView) -> Drop | None:
 def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
     """Parse the decrypted payload by kind; DecodeError propagates to `decide`."""
     if envelope.kind is Kind.DATA:
+        if envelope.sender not in view.peers:
+            return _oracle_key_change(envelope, plaintext, view)
         return Surface(envelope, InboundMessage(envelope.sender, envelope.msg_id, plaintext,
                                                 envelope.kind, envelope.created_at_ms))
     if envelope.kind is Kind.RECEIPT:
         receipt = Receipt.decode(plaintext)
+        ours = view.awaiting_receipt.sealed_as(receipt.msg_id)
+        if ours is not None and receipt.content_hash not in ours:
+            return Drop(DropReason.INVALID, "receipt names other content than we sent",
+                        envelope)
         if (envelope.sender not in view.peers
                 and (receipt.msg_id, envelope.sender) not in view.awaiting_receipt):
             return Drop(DropReason.UNEXPECTED_RECEIPT,
@@ -189,3 +225,19 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
     change = PeerChange.decode(plaintext)
     return PeerChangeArrived(envelope, change,
                              view.peers.standing(change.stamp, envelope.sender))
+
+
+def _oracle_key_change(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
+    """Rule 9: DATA from a non-peer counts only as the oracle's key chain from its end."""
+    sender, oracle = envelope.sender, view.oracle_key
+    not_peer = Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+    try:
+        chain = OracleKeyChain.decode(plaintext)
+    except ProtocolError:
+        return not_peer
+    assert oracle is not None  # rule 5 dropped non-peer DATA without an oracle
+    if chain.introduces(oracle, sender):
+        return OracleKeyChanged(envelope, chain, moved=True)
+    if sender == oracle and chain.current == oracle:
+        return OracleKeyChanged(envelope, chain, moved=False)
+    return not_peer

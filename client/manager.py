@@ -10,11 +10,12 @@ A fourth, optional, hears of each failed attempt (a CLI tells its user).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Awaitable, Callable, Collection
 
 import aiohttp
 
-from proto import Identity
+from proto import Identity, PublicKey
 from proto.errors import ProtocolError
 from runtime.logs import library_logger
 
@@ -25,14 +26,15 @@ from .stats import DeviceStats
 
 log = library_logger("continuum.client")
 
-_CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
+CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
 
 
 class ConnectionManager:
     """Runs until cancelled; `connection` is the live one, or None between connections."""
 
     def __init__(self, identity: Identity, relays: list[str], *, max_envelope_bytes: int,
-                 handshake_timeout_s: float, backoff: Backoff, stats: DeviceStats,
+                 handshake_timeout_s: float, pinned_relay_keys: Collection[PublicKey] | None,
+                 tls: ssl.SSLContext | None, backoff: Backoff, stats: DeviceStats,
                  on_connected: Callable[[RelayConnection], Awaitable[None]],
                  on_event: Callable[[Event, RelayConnection], Awaitable[None]],
                  on_disconnected: Callable[[RelayConnection], None],
@@ -42,6 +44,8 @@ class ConnectionManager:
         self._relays = relays
         self._max_envelope_bytes = max_envelope_bytes
         self._handshake_timeout_s = handshake_timeout_s
+        self._pinned_relay_keys = pinned_relay_keys
+        self._tls = tls
         self._backoff = backoff
         self._stats = stats
         self._on_connected = on_connected
@@ -53,6 +57,12 @@ class ConnectionManager:
         self.connected = asyncio.Event()
         self.last_error: str | None = None
 
+    async def use_identity(self, identity: Identity) -> None:
+        """Authenticate as `identity` from the next connection on; the current one is closed."""
+        self._identity = identity
+        if self.connection is not None:
+            await self.connection.close()
+
     async def run_forever(self) -> None:
         """Connect, serve, and on failure or drop move to the next relay after a backoff."""
         attempt = 0
@@ -63,12 +73,14 @@ class ConnectionManager:
             try:
                 async with connect(url, self._identity, max_envelope_bytes=self._max_envelope_bytes,
                                    handshake_timeout_s=self._handshake_timeout_s,
-                                   keepalive_s=self._keepalive_s) as connection:
+                                   keepalive_s=self._keepalive_s,
+                                   pinned_relay_keys=self._pinned_relay_keys,
+                                   tls=self._tls) as connection:
                     served = True
                     self._backoff.reset()
                     await self._serve(connection)
                 log.info("relay_disconnected", relay=url)
-            except _CONNECT_ERRORS as exc:
+            except CONNECT_ERRORS as exc:
                 self.last_error = f"{url}: {describe(exc)}"
                 if not served:
                     self._stats.connect_failures += 1

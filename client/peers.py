@@ -27,8 +27,8 @@ from pathlib import Path
 from proto import PublicKey
 from proto.access import Stamp
 from proto.errors import ProtocolError
+from runtime.files import write_atomically
 
-from .files import replace_file
 
 
 class Standing(Enum):
@@ -115,6 +115,13 @@ class PeerList:
         self._save()
         return True
 
+    def follow_oracle(self, former: PublicKey, current: PublicKey) -> None:
+        """The oracle rotated from `former` to `current` (SPEC §15): the held list stays, and
+        the new key's lists are ranked against its stamp, as the same oracle's are."""
+        if self.oracle == former:
+            self.oracle = current
+            self._save()
+
     def _save(self) -> None:
         if self.path is None:
             return
@@ -124,4 +131,5 @@ class PeerList:
             document["oracle"] = self.oracle.text
         if self.epoch:
             document["epoch"] = self.epoch
-        replace_file(self.path, json.dumps(document, indent=2) + "\n")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))

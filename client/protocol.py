@@ -11,18 +11,22 @@ protocol default still has its deliveries decoded, not dropped as bad frames.
 
 Contract for the shell (`connection.py`): after every call, write
 `data_to_send()` in order.  `receive` raises during the handshake (the
-connection has failed: the relay's refusal, or why it cannot be trusted) and
-never after it: a bad frame then becomes a `BadFrame` event.
+connection has failed: the relay's refusal, or why it cannot be trusted);
+after it, a frame that opens but is bad becomes a `BadFrame` event, and a
+message that does not open in the sealed channel raises ChannelError: the
+path was tampered with and the connection must end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum, auto
 
 from proto import Identity, PublicKey
+from proto.channel import CipherState
 from proto.errors import OversizeError, ProtocolError, error_for_code
-from proto.frames import Accepted, Ack, Deliver, Error, Send, decode_frame, encode_frame
+from proto.frames import Accepted, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
 from proto.handshake import DeviceHandshake, Established, HandshakeState
 
 
@@ -75,9 +79,14 @@ class Phase(Enum):
 class DeviceProtocol:
     """One relay connection as the device sees it; see the module docstring for the contract."""
 
-    def __init__(self, identity: Identity, client_nonce: bytes, max_envelope_bytes: int) -> None:
-        self._handshake = DeviceHandshake(identity, client_nonce, max_envelope_bytes)
+    def __init__(self, identity: Identity, client_nonce: bytes, ephemeral_seed: bytes,
+                 max_envelope_bytes: int,
+                 pinned_relay_keys: Collection[PublicKey] | None = None) -> None:
+        self._handshake = DeviceHandshake(identity, client_nonce, ephemeral_seed,
+                                          max_envelope_bytes, pinned_relay_keys)
         self._out: list[bytes] = []
+        self._sealer: CipherState | None = None
+        self._opener: CipherState | None = None
         self.phase = Phase.HANDSHAKE
         self.terms: Established | None = None
 
@@ -94,7 +103,8 @@ class DeviceProtocol:
         """One binary WebSocket message from the relay."""
         if self.phase is Phase.HANDSHAKE:
             return self._receive_handshake(data, now_ms)
-        assert self.terms is not None
+        assert self.terms is not None and self._opener is not None
+        data = self._opener.open(data)  # ChannelError: the connection must end
         try:
             frame = decode_frame(data, self.terms.limits.max_frame_bytes)
         except ProtocolError as exc:
@@ -116,6 +126,7 @@ class DeviceProtocol:
             return None
         terms = self._handshake.receive_welcome(data)
         self.terms = terms
+        self._sealer, self._opener = terms.channel.for_device()
         self.phase = Phase.OPEN
         return Connected(terms, terms.server_time_ms - now_ms)
 
@@ -126,8 +137,12 @@ class DeviceProtocol:
         if len(envelope) > limit:
             raise OversizeError(
                 f"envelope of {len(envelope)} bytes exceeds the relay's limit of {limit}")
-        self._out.append(encode_frame(Send(envelope)))
+        self._emit(Send(envelope))
 
     def ack(self, tag: str) -> None:
         """Queue the ACK of one delivery: the relay removes it from the mailbox."""
-        self._out.append(encode_frame(Ack(tag)))
+        self._emit(Ack(tag))
+
+    def _emit(self, frame: Frame) -> None:
+        assert self._sealer is not None, "a frame before the handshake completed"
+        self._out.append(self._sealer.seal(encode_frame(frame)))

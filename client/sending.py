@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from proto import Envelope, Identity, Kind, Limits, PublicKey, seal_envelope
-from proto.errors import ProtocolError, StaleError
+from proto.errors import ProtocolError, RevokedError, StaleError
 from proto.payloads import Receipt
 from runtime.clock import now_ms
 from runtime.logs import library_logger
@@ -42,9 +42,11 @@ log = library_logger("continuum.client")
 class Sender:
     """Everything the device sends, until answered; see the module docstring."""
 
-    def __init__(self, identity: Identity, manager: ConnectionManager, state: DeviceState | None,
-                 stats: DeviceStats, limits: Limits) -> None:
-        self._identity = identity
+    def __init__(self, identities: Mapping[PublicKey, Identity], manager: ConnectionManager,
+                 state: DeviceState | None, stats: DeviceStats, limits: Limits) -> None:
+        # The device's keys (live): an entry is sent, and sealed again, only as the key that
+        # signed it, the current one or one draining after a rotation.
+        self._identities = identities
         self._manager = manager
         self._state = state
         self._stats = stats
@@ -59,10 +61,20 @@ class Sender:
         """Relay time, as learned in the last WELCOME: what envelopes are stamped with."""
         return now_ms() + self.clock_offset_ms
 
-    def seal(self, kind: Kind, recipients: list[PublicKey], payload: bytes,
+    def seal(self, identity: Identity, kind: Kind, recipients: list[PublicKey], payload: bytes,
              ttl_s: int) -> Envelope:
-        return seal_envelope(self._identity, kind, recipients, payload, ttl_s=ttl_s,
-                             now_ms=self.now_ms(), limits=self._limits)
+        return seal_envelope(identity, kind, recipients, payload, ttl_s=ttl_s,
+                             now_ms=self.now_ms(), limits=self._seal_limits())
+
+    def _seal_limits(self) -> Limits:
+        """The limit to seal (and pad) to: the connected relay's (never above this device's
+        cap), so padding never pushes a message whose content fits past a relay's limit.
+        Sealed while offline, a message is padded to its full bucket."""
+        connection = self._manager.connection
+        if connection is None:
+            return self._limits
+        return Limits(max_envelope_bytes=connection.limits.max_envelope_bytes,  # below the cap
+                      max_recipients=self._limits.max_recipients)
 
     # -- the lifecycle of the device ------------------------------------------------------
 
@@ -87,6 +99,9 @@ class Sender:
     async def connected(self, connection: RelayConnection) -> None:
         """A new connection: adopt its clock and send everything it has not carried."""
         self.clock_offset_ms = connection.clock_offset_ms
+        for entry in self.outbox.entries():
+            if entry.envelope.sender not in self._identities:  # left by a run before a rotation
+                self._settle(entry, RevokedError("signed by a key this device rotated away from"))
         for entry in self.outbox.unsent_on(connection):
             await self.transmit(entry, connection)
 
@@ -103,9 +118,7 @@ class Sender:
     def enqueue_soon(self, envelope: Envelope, plaintext: bytes) -> Outgoing:
         """Hold it and, if a relay is connected, send it in the background."""
         outgoing, entry = self.enqueue(envelope, plaintext)
-        connection = self._manager.connection
-        if connection is not None:
-            self._spawn(self.transmit(entry, connection))
+        self._spawn(self.send_now(entry))
         return outgoing
 
     async def submit(self, envelope: Envelope, plaintext: bytes | None,
@@ -113,9 +126,7 @@ class Sender:
         """Hold, send, and wait for the final answer (see `Device.send`)."""
         outgoing, entry = self.enqueue(envelope, plaintext)
         try:
-            connection = self._manager.connection
-            if connection is not None:
-                await self.transmit(entry, connection)
+            await self.send_now(entry)
             done, _ = await asyncio.wait([entry.accepted], timeout=timeout)
         except asyncio.CancelledError:
             if not entry.accepted.done():
@@ -128,11 +139,11 @@ class Sender:
         entry.accepted.result()  # raises the refusal
         return outgoing
 
-    def queue_receipt(self, envelope: Envelope) -> PendingSend:
-        """The receipt for `envelope`, held in the outbox like any message; committing is the
-        caller's (it goes with recording `envelope` as handled)."""
-        receipt = Receipt(envelope.msg_id).encode()
-        sealed = self.seal(Kind.RECEIPT, [envelope.sender], receipt, envelope.ttl_s)
+    def queue_receipt(self, identity: Identity, envelope: Envelope) -> PendingSend:
+        """The receipt for `envelope`, sealed by `identity` and held in the outbox like any
+        message; committing is the caller's (it goes with recording `envelope` as handled)."""
+        receipt = Receipt.of(envelope).encode()
+        sealed = self.seal(identity, Kind.RECEIPT, [envelope.sender], receipt, envelope.ttl_s)
         entry = self.outbox.add(sealed, plaintext=receipt, reply=True)
         entry.accepted.add_done_callback(_log_unawaited_refusal(entry))
         return entry
@@ -144,18 +155,29 @@ class Sender:
                     await asyncio.wait([entry.accepted for entry in self.outbox.entries()])
         return len(self.outbox)
 
+    async def send_now(self, entry: PendingSend) -> None:
+        """Send `entry` on the current connection, if there is one (else on the next)."""
+        connection = self._manager.connection
+        if connection is not None:
+            await self.transmit(entry, connection)
+
     async def transmit(self, entry: PendingSend, connection: RelayConnection) -> None:
-        if entry.sent_on is connection or entry.msg_id not in self.outbox:
-            return
+        if (entry.sent_on is connection or entry.msg_id not in self.outbox
+                or entry.envelope.sender != connection.device_key):
+            return  # sent there already, or waits for a connection of the key that signed it
         now = self.now_ms()
         if needs_renewal(entry, now) or now >= entry.envelope.expires_at_ms:
-            envelope = renewed(entry, self._identity, now, self._limits) \
-                if entry.plaintext is not None else None
+            signer = self._identities.get(entry.envelope.sender)
+            envelope = renewed(entry, signer, now, self._seal_limits()) \
+                if entry.plaintext is not None and signer is not None else None
             if envelope is None:
                 self._settle(entry, StaleError("its ttl passed before any relay accepted it"),
                              lapsed=True)
                 return
-            self.outbox.renew(entry, envelope)
+            with transaction(self._state):
+                self.outbox.renew(entry, envelope)
+                if not entry.reply:
+                    self.sent.resealed(envelope)
         self.outbox.mark_sent(entry, connection)
         if entry.transmissions > 1:
             self._stats.resent += 1
@@ -200,9 +222,7 @@ class Sender:
 
     def _retry(self, entry: PendingSend) -> None:
         entry.retry_timer = None
-        connection = self._manager.connection
-        if connection is not None:
-            self._spawn(self.transmit(entry, connection))
+        self._spawn(self.send_now(entry))
 
     def _settle(self, entry: PendingSend, error: ProtocolError, *, lapsed: bool = False) -> None:
         """A final answer other than ACCEPTED (though REPLAY of a re-sent envelope is one)."""

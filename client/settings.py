@@ -2,10 +2,14 @@
 
 The home directory holds everything a device keeps between runs:
 
-    identity.key   the private key, 0600, written once (`Identity.save` refuses to overwrite)
+    identity.key   the private key, 0600, written once (`Identity.save` refuses to overwrite);
+                   with `identity.key.next` / `.old` during a key rotation (`key_files`)
     peers.json     the allowed-peer list and its oracle version (see `peers`)
     oracle.pub     the oracle's public key, written by `enroll`: from then on only
                    peer lists signed by that key change peers.json
+    oracle.chain   the oracle's key chain, once the oracle rotated its key (SPEC §15):
+                   the oracle key in force is where it leads from the configured one,
+                   so a flag or variable naming an older oracle key still works
     state.db       the outbox, the messages sent and their fate, the messages already
                    handled (`state`; SQLite, with its -wal and -shm files), 0600
 """
@@ -21,12 +25,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from proto import PublicKey
+from proto.rotation import OracleKeyChain
 
 from .connection import DEFAULT_KEEPALIVE_S
 
 IDENTITY_FILE = "identity.key"
 PEERS_FILE = "peers.json"
 ORACLE_FILE = "oracle.pub"
+ORACLE_CHAIN_FILE = "oracle.chain"
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class ClientSettings:
         return self.home / ORACLE_FILE
 
     @property
+    def oracle_chain_path(self) -> Path:
+        return self.home / ORACLE_CHAIN_FILE
+
+    @property
     def unencrypted_remote_relays(self) -> list[str]:
         """`ws://` URLs to hosts other than this machine: readable and changeable on the path."""
         return [url for url in self.relays
@@ -70,12 +80,15 @@ class ClientSettings:
         home_path = Path(home_text).expanduser()
         key_text = (oracle_key or environ.get("CONTINUUM_ORACLE_KEY")
                     or _read_text(home_path / ORACLE_FILE))
+        key = PublicKey.from_text(key_text) if key_text else None
+        chain_path = home_path / ORACLE_CHAIN_FILE
+        if key is not None and chain_path.exists():
+            key = OracleKeyChain.decode(chain_path.read_bytes()).follow(key)
         keepalive = keepalive_s if keepalive_s is not None else _seconds(
             environ.get("CONTINUUM_KEEPALIVE_S"), DEFAULT_KEEPALIVE_S)
         if not (math.isfinite(keepalive) and keepalive > 0):
             raise ValueError(f"keepalive must be a positive number of seconds, not {keepalive}")
-        return cls(home_path, tuple(relay_urls),
-                   PublicKey.from_text(key_text) if key_text else None, log_level, keepalive)
+        return cls(home_path, tuple(relay_urls), key, log_level, keepalive)
 
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log line (nothing here is secret)."""

@@ -9,6 +9,8 @@ the process is written here, in the home next to the key:
     sent      each message this device sent: the relay's answer (queued / accepted /
               refused with its code / expired unsent) and how long it is kept
     sent_to   per message and recipient: pending / delivered / expired
+    sent_hash per message, the content hash of each time it was sealed: what a receipt
+              for it may name
     seen      (sender, msg_id) already handled, until the envelope can no longer be
               valid (created_at + ttl + skew), so a re-delivery after a restart is a duplicate
 
@@ -62,6 +64,11 @@ CREATE TABLE sent_to (
     recipient BLOB NOT NULL,
     status TEXT NOT NULL,
     PRIMARY KEY (msg_id, recipient)
+) WITHOUT ROWID;
+CREATE TABLE sent_hash (
+    msg_id BLOB NOT NULL REFERENCES sent (msg_id) ON DELETE CASCADE,
+    content_hash BLOB NOT NULL,
+    PRIMARY KEY (msg_id, content_hash)
 ) WITHOUT ROWID;
 CREATE TABLE seen (
     sender BLOB NOT NULL,
@@ -183,7 +190,8 @@ class DeviceState:
     # -- sent messages --------------------------------------------------------------------
 
     def track_sent(self, msg_id: bytes, kind: int, created_at_ms: int, expires_at_ms: int,
-                   keep_until_ms: int, state: str, recipients: dict[bytes, str]) -> None:
+                   keep_until_ms: int, state: str, recipients: dict[bytes, str],
+                   content_hash: bytes) -> None:
         """Start following a message (once per msg_id)."""
         with self.transaction():
             added = self._write(
@@ -194,6 +202,15 @@ class DeviceState:
                 self._db.executemany("INSERT INTO sent_to (msg_id, recipient, status)"
                                      " VALUES (?, ?, ?)",
                                      [(msg_id, key, status) for key, status in recipients.items()])
+                self.add_content_hash(msg_id, content_hash)
+
+    def add_content_hash(self, msg_id: bytes, content_hash: bytes) -> None:
+        self._write("INSERT OR IGNORE INTO sent_hash (msg_id, content_hash) VALUES (?, ?)",
+                    (msg_id, content_hash))
+
+    def content_hashes(self, msg_id: bytes) -> list[bytes]:
+        return [value for (value,) in self._db.execute(
+            "SELECT content_hash FROM sent_hash WHERE msg_id = ?", (msg_id,))]
 
     def set_sent_state(self, msg_id: bytes, state: str, error: str | None = None) -> None:
         self._write("UPDATE sent SET state = ?, error = ? WHERE msg_id = ?", (state, error, msg_id))

@@ -26,6 +26,8 @@ class DeviceStats:
     # PEER_CHANGEs behind the held list (a replay, or an oracle that went back): not applied,
     # not receipted.  Anything but 0 deserves a look.
     peer_changes_older: int = 0
+    # Steps of the oracle's key chain followed (SPEC §15).
+    oracle_key_changes: int = 0
     dropped_invalid: int = 0
     # Envelopes past created_at + ttl + skew: replays (a fake relay, or one on the path).
     dropped_stale: int = 0

@@ -62,6 +62,8 @@ class Outgoing:
         self.envelope = envelope
         self.state = SendState.QUEUED
         self.error: str | None = None
+        # What a receipt names (`Envelope.content_hash`): one per sealing of this msg_id.
+        self.content_hashes = {envelope.content_hash()}
         self._statuses = {key: DeliveryStatus.PENDING for key in envelope.recipient_keys}
         self._settled = asyncio.Event()
 
@@ -124,7 +126,8 @@ class SentLog:
                 envelope.expires_at_ms,
                 envelope.expires_at_ms + envelope.ttl_s * 1000 + CLOCK_SKEW_MS,
                 SendState.QUEUED.value,
-                {key.raw: DeliveryStatus.PENDING.value for key in envelope.recipient_keys})
+                {key.raw: DeliveryStatus.PENDING.value for key in envelope.recipient_keys},
+                envelope.content_hash())
         return outgoing
 
     def __contains__(self, pair: object) -> bool:
@@ -156,6 +159,23 @@ class SentLog:
             keys = [PublicKey(raw) for raw in self._state.recipients(msg_id)] if self._state else []
         for key in keys:
             self.record(msg_id, key, DeliveryStatus.EXPIRED)
+
+    def sealed_as(self, msg_id: bytes) -> frozenset[bytes] | None:
+        """The content hashes a receipt for `msg_id` may name: one per time it was sealed
+        (None: not a message we still track)."""
+        outgoing = self._sent.get(msg_id)
+        if outgoing is not None:
+            return frozenset(outgoing.content_hashes)
+        hashes = self._state.content_hashes(msg_id) if self._state is not None else []
+        return frozenset(hashes) if hashes else None
+
+    def resealed(self, envelope: Envelope) -> None:
+        """`envelope` is a message sealed again (same msg_id): a receipt may name either copy."""
+        outgoing = self._sent.get(envelope.msg_id)
+        if outgoing is not None:
+            outgoing.content_hashes.add(envelope.content_hash())
+        if self._state is not None:
+            self._state.add_content_hash(envelope.msg_id, envelope.content_hash())
 
     def record(self, msg_id: bytes, recipient: PublicKey, status: DeliveryStatus) -> bool:
         """Note news about one recipient; False if it changes nothing or the message is unknown."""

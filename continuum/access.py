@@ -8,6 +8,11 @@ public key and keeps it as a cache: the relay holds no private key of the
 oracle and no state another replica could not fetch itself.
 
 The document's wire form is `proto.access.AccessList`; the rules are SPEC §12.
+The oracle key the relay trusts moves along the oracle's key chain (SPEC §15):
+the list carries the chain, and a relay whose requests the oracle refuses
+fetches the chain alone (public, self-authenticating), because an oracle that
+restarted with a new key cannot vouch for this relay until it has connected
+to it, which it cannot do while the relay does not know its new key.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import aiohttp
 import structlog
 
 from proto import Identity, PublicKey
-from proto.access import (ACCESS_LIST_PATH, REQUEST_NONCE_BYTES, AccessList, AccessRequest,
-                          Stamp)
+from proto.access import (ACCESS_LIST_PATH, ORACLE_KEY_CHAIN_PATH, REQUEST_NONCE_BYTES,
+                          AccessList, AccessRequest, Stamp)
 from proto.errors import NotEnrolledError, NotPeerError, ProtocolError, RevokedError
+from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
 
 from .metrics import RelayMetrics
@@ -46,6 +52,8 @@ class AccessControl:
                  log: structlog.typing.FilteringBoundLogger) -> None:
         self.enabled = bool(oracle_url)
         self._url = oracle_url.rstrip("/") + ACCESS_LIST_PATH
+        self._chain_url = oracle_url.rstrip("/") + ORACLE_KEY_CHAIN_PATH
+        # The configured key at start; from then on wherever the oracle's key chain leads.
         self._oracle = PublicKey.from_text(oracle_key) if oracle_key else None
         self._require_enrollment = require_enrollment
         self._identity = identity
@@ -78,13 +86,29 @@ class AccessControl:
                 await self._loaded.wait()
         return self._loaded.is_set()
 
+    @property
+    def oracle(self) -> PublicKey | None:
+        """The oracle key in force: the configured one, or where its key chain led."""
+        return self._oracle
+
     def refusal(self, key: PublicKey) -> ProtocolError | None:
-        """Why `key` may not connect or send now; None if it may."""
+        """Why `key` may not connect now; None if it may.
+
+        The old key of a rotated device may connect until its drain deadline,
+        to fetch its mailbox: `check_send` refuses everything it sends.
+        """
         if not self.enabled or key == self._oracle:
             return None
         current = self.current
-        if current is not None and key in current.revoked:
-            return RevokedError(f"{key.text} has been revoked by the oracle")
+        if current is not None:
+            if key in current.revoked:
+                return RevokedError(f"{key.text} has been revoked by the oracle")
+            if key in current.oracle_chain.former:
+                return RevokedError(f"{key.text} is a key the oracle rotated away from")
+            until_ms = current.draining.get(key)
+            if until_ms is not None:
+                return None if now_ms() < until_ms else RevokedError(
+                    f"{key.text} was rotated to a new key and its drain time is over")
         if self._require_enrollment:
             if current is None:
                 return NotEnrolledError("this relay has no verified access list yet (fail closed)")
@@ -109,6 +133,8 @@ class AccessControl:
 
         The rule ignores the envelope kind: a RECEIPT from a peer passes because
         it comes from a peer, and relay-originated EXPIRY notices never come here.
+        A rotated device's old key (draining) sends nothing and is sent nothing:
+        REVOKED, so whoever still writes to it is told.
         """
         refusal = self.refusal(sender)
         if refusal is not None:
@@ -116,9 +142,15 @@ class AccessControl:
         current = self.current
         if not self.enabled or current is None:
             return
+        if sender in current.draining:
+            raise RevokedError(f"{sender.text} was rotated to a new key: it may only fetch"
+                               " its mailbox")
         for key in recipients:
-            if key in current.revoked:
+            if key in current.revoked or key in current.oracle_chain.former:
                 raise RevokedError(f"recipient {key.text} has been revoked by the oracle")
+            if key in current.draining:
+                raise RevokedError(f"recipient {key.text} was rotated to a new key: write to"
+                                   " its new key (a new peer list names it)")
             if key == self._oracle:
                 if sender != key and sender not in current.groups:
                     raise NotPeerError(f"only enrolled keys may write to the oracle, not"
@@ -162,6 +194,7 @@ class AccessControl:
         if current is not None and access.epoch != current.epoch:
             self._log.info("access_list_new_epoch", held=str(current.stamp),
                            applied=str(access.stamp))
+        self._follow(access.oracle)
         self.current = access
         self._loaded.set()
         self._log.info("access_list_applied", epoch=access.epoch, version=access.version,
@@ -171,6 +204,22 @@ class AccessControl:
             if error is not None:
                 for callback in list(self._watchers.get(key, ())):
                     callback(error)
+        return True
+
+    def follow_chain(self, document: bytes) -> bool:
+        """Take the oracle's key chain alone (`GET /v1/oracle-key-chain`); True if it led
+        to a new key.  Only forward from the key in force: an old chain changes nothing."""
+        assert self._oracle is not None
+        chain = OracleKeyChain.decode(document)
+        return self._follow(chain.follow(self._oracle))
+
+    def _follow(self, key: PublicKey) -> bool:
+        if key == self._oracle:
+            return False
+        self._log.warning("oracle_key_followed", former=self._oracle.text if self._oracle else None,
+                          oracle_key=key.text, detail="the oracle rotated its key; configure the"
+                          " new one (--oracle-key) when convenient: the old still works")
+        self._oracle = key
         return True
 
     def _authorization(self) -> str:
@@ -217,6 +266,17 @@ class AccessControl:
                                   reason=(await response.text())[:200],
                                   detail="the oracle does not accept this relay's key: add it to"
                                          " the oracle's --relay-key list")
+            else:
+                raise aiohttp.ClientResponseError(response.request_info, (),
+                                                  status=response.status,
+                                                  message=response.reason or "")
+        # Refused: or the oracle restarted with a new key that this relay refuses until it
+        # knows the chain, and so cannot connect here to learn this relay's key.
+        return await self._fetch_chain(http)
+
+    async def _fetch_chain(self, http: aiohttp.ClientSession) -> bool:
+        """Follow the oracle's published key chain; True (poll again at once) if it moved."""
+        async with http.get(self._chain_url) as response:
+            if response.status != 200:
                 return False
-            raise aiohttp.ClientResponseError(response.request_info, (), status=response.status,
-                                              message=response.reason or "")
+            return self.follow_chain(await response.read())

@@ -1,10 +1,12 @@
 """The relay's half of one device connection, as a pure object: messages in, decisions out.
 
-`RelayProtocol` owns every rule of the conversation: the handshake, what
-becomes ACCEPTED or ERROR, the delivery window and its ACK rule, when the
-mailbox is fetched again, abuse counting, and when to close.  It does no
-I/O, reads no clock and draws no randomness (the nonce and `now_ms` come in),
-so every rule is tested frame by frame without a socket (tests/test_protocol.py).
+`RelayProtocol` owns every rule of the conversation: the handshake, the
+sealed channel after it (`proto.channel`: a message that does not open ends
+the connection), what becomes ACCEPTED or ERROR, the delivery window and its
+ACK rule, when the mailbox is fetched again, abuse counting, and when to
+close.  It does no I/O, reads no clock and draws no randomness (the nonce,
+the ephemeral seed and `now_ms` come in), so every rule is tested frame by
+frame without a socket (tests/test_relay_protocol.py).
 
 The shell (`session.py`) follows one contract:
 
@@ -34,7 +36,8 @@ from proto import Envelope, Identity, PublicKey, decode_envelope
 from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError,
                           StoreUnavailableError, SupersededError, UnauthenticatedError,
                           UnexpectedFrameError)
-from proto.frames import Accepted, Ack, Deliver, Error, Send, decode_frame, encode_frame
+from proto.channel import ChannelError, CipherState
+from proto.frames import Accepted, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
 from proto.handshake import RelayHandshake
 
 from .access import AccessControl
@@ -119,19 +122,23 @@ class RelayProtocol:
     """
 
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
-                 "phase", "device_key", "close", "_invalid_frames", "_probation", "_in_flight",
-                 "_cursor", "_asked", "_wanted")
+                 "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
+                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
-                 log: structlog.typing.FilteringBoundLogger, *, relay_nonce: bytes) -> None:
+                 log: structlog.typing.FilteringBoundLogger, *, relay_nonce: bytes,
+                 ephemeral_seed: bytes) -> None:
         self._settings = settings
         self._access = access
         self._budget = budget
         self._metrics = metrics
         self._relay_log = log
-        self._handshake: RelayHandshake | None = RelayHandshake(identity, relay_nonce,
-                                                                 settings.limits)
+        self._handshake: RelayHandshake | None = RelayHandshake(
+            identity, relay_nonce, ephemeral_seed, settings.limits)
+        # The sealed channel's two directions, from WELCOME on.
+        self._sealer: CipherState | None = None
+        self._opener: CipherState | None = None
         self._out: list[bytes] = [self._handshake.challenge()]
         self.phase = Phase.HANDSHAKE
         self.device_key: PublicKey | None = None
@@ -162,6 +169,17 @@ class RelayProtocol:
         if self.phase is Phase.HANDSHAKE:
             return self._receive_hello(data, now_ms)
         if self.phase is Phase.CLOSED:
+            return None
+        assert self._opener is not None
+        try:
+            # Opened before anything else, an oversize one too: each message counts in the
+            # channel, so one refused unopened would break every later one.
+            data = self._opener.open(data)
+        except ChannelError as exc:
+            self._metrics.rejected.labels("channel").inc()
+            self._log.warning("channel_broken", detail=exc.message)
+            self._emit(Error(None, int(exc.code), exc.message))
+            self._close(Close(CLOSE_POLICY_VIOLATION, "channel integrity"))
             return None
         max_frame = self._settings.limits.max_frame_bytes
         if len(data) > max_frame:
@@ -230,8 +248,9 @@ class RelayProtocol:
         if refusal is not None:
             self._refuse_handshake(refusal, refusal.code.name.lower())
             return None
-        welcome, _terms = handshake.welcome(now_ms)
+        welcome, terms = handshake.welcome(now_ms)
         self._out.append(welcome)
+        self._sealer, self._opener = terms.channel.for_relay()
         self._handshake = None
         self.device_key = key
         self.phase = Phase.OPEN
@@ -275,7 +294,7 @@ class RelayProtocol:
         """The store holds every recipient's copy: only now may the device hear ACCEPTED."""
         if self.phase is Phase.OPEN:
             self._metrics.accepted.inc()
-            self._out.append(encode_frame(Accepted(msg_id)))
+            self._emit(Accepted(msg_id))
 
     def store_refused(self, msg_id: bytes, error: ProtocolError) -> None:
         """The store refused the envelope (replay, full mailbox, outage): nothing was stored.
@@ -307,7 +326,8 @@ class RelayProtocol:
         if batch:
             self._in_flight.update(entry.tag for entry in batch)
             self._cursor = batch[-1].tag
-            self._out.extend(encode_frame(Deliver(entry.tag, entry.raw)) for entry in batch)
+            for entry in batch:
+                self._emit(Deliver(entry.tag, entry.raw))
             self._metrics.delivered.inc(len(batch))
         if len(batch) >= asked:
             self._wanted = True
@@ -350,7 +370,7 @@ class RelayProtocol:
         if self.phase is Phase.OPEN:
             error = SupersededError("another connection authenticated with this key")
             self._log.info("session_superseded")
-            self._out.append(encode_frame(Error(None, int(error.code), error.message)))
+            self._emit(Error(None, int(error.code), error.message))
             self._close(Close(CLOSE_NORMAL, "superseded"))
 
     def write_stalled(self, timeout_s: float) -> None:
@@ -363,7 +383,7 @@ class RelayProtocol:
         """A newer access list refuses this key: end the connection now, not at reconnect."""
         if self.phase is Phase.OPEN:
             self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
-            self._out.append(encode_frame(Error(None, int(error.code), error.message)))
+            self._emit(Error(None, int(error.code), error.message))
             self._close(Close(CLOSE_POLICY_VIOLATION, error.code.name))
 
     def _reject(self, msg_id: bytes | None, error: ProtocolError, abuse: bool = True) -> None:
@@ -373,10 +393,15 @@ class RelayProtocol:
         reason = error.code.name.lower()
         self._metrics.rejected.labels(reason).inc()
         self._log.debug("rejected", reason=reason, detail=error.message)
-        self._out.append(encode_frame(Error(msg_id, int(error.code), error.message)))
+        self._emit(Error(msg_id, int(error.code), error.message))
         if self._invalid_frames >= self._settings.max_invalid_frames:
             self._log.warning("closing_abusive_connection", invalid=self._invalid_frames)
             self._close(Close(CLOSE_POLICY_VIOLATION, "too many invalid frames"))
+
+    def _emit(self, frame: Frame) -> None:
+        """Queue one frame in the sealed channel (only ever called once it is open)."""
+        assert self._sealer is not None
+        self._out.append(self._sealer.seal(encode_frame(frame)))
 
     def _close(self, close: Close) -> None:
         if self.close is None:

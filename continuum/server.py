@@ -28,6 +28,8 @@ from .store import open_store
 
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
+_STOP_STEP_S = 5.0
+
 
 def load_relay_identity(settings: Settings) -> Identity:
     """The relay key from settings text, else its file (created on first use), else a fresh one."""
@@ -53,11 +55,12 @@ class RelayServer:
     def base_url(self) -> str:
         host = self.settings.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return self.base_url.replace("http://", "ws://", 1) + CONNECT_PATH
+        return "ws" + self.base_url[len("http"):] + CONNECT_PATH
 
     async def start(self) -> None:
         settings = self.settings
@@ -86,7 +89,8 @@ class RelayServer:
         self.sockets = SocketCap(self._runner.server, settings.max_connections,
                                  on_refused=lambda first: refused.inc())
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
-        self._listener = await listen(self.sockets, settings.host, settings.port)
+        self._listener = await listen(self.sockets, settings.host, settings.port,
+                                      settings.tls_context())
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()
@@ -102,15 +106,18 @@ class RelayServer:
         if relay is not None:
             await relay.access.stop()
         if sweeper is not None:
+            # Bounded: a store client caught on a dead connection has been seen to sit on
+            # a cancelled call (redis-py); a relay that is told to stop must stop.
             sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            await asyncio.wait((sweeper,), timeout=_STOP_STEP_S)
         if runner is not None:
             await runner.cleanup()
         if listener is not None:
             await listener.wait_closed()
         if relay is not None:
-            await relay.store.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_STEP_S):
+                    await relay.store.close()
 
     async def __aenter__(self) -> RelayServer:
         await self.start()

@@ -22,6 +22,7 @@ from aiohttp import WSMessage, WSMsgType
 from proto import PublicKey
 from proto.errors import InternalError, ProtocolError
 from proto.frames import NONCE_BYTES
+from proto.handshake import EPHEMERAL_SEED_BYTES
 from runtime.clock import now_ms
 
 from .connection_gate import AddressBudget, Slot
@@ -43,7 +44,8 @@ class DeviceSession:
         self._relay = relay
         self._protocol = RelayProtocol(relay.identity, relay.settings, relay.access,
                                        AddressBudget(relay.gate, address), relay.metrics,
-                                       relay.log, relay_nonce=os.urandom(NONCE_BYTES))
+                                       relay.log, relay_nonce=os.urandom(NONCE_BYTES),
+                                       ephemeral_seed=os.urandom(EPHEMERAL_SEED_BYTES))
         self._delivery: asyncio.Task[None] | None = None
         self._next_fetch: Fetch | None = None
         self._closing: asyncio.Task[None] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -67,6 +68,10 @@ class Settings:
     unknown_key_burst: int = 200
     probation_sends: int = 10
     known_keys: int = 100_000
+    # Serve wss:// (and https:// for /healthz, /metrics) with this certificate chain and
+    # key (PEM files); both empty: plain ws://, e.g. behind a TLS-terminating ingress.
+    tls_cert: str = ""
+    tls_key: str = ""
     # Proxies whose X-Forwarded-For / Forwarded headers name the real client (CIDRs).
     trusted_proxies: tuple[str, ...] = repeatable("trusted-proxy", "network (CIDR)")
     sweep_interval_s: float = 1.0
@@ -87,6 +92,15 @@ class Settings:
         frozen dataclass allows; the settings never change, so neither does this.
         """
         return Limits(max_envelope_bytes=self.max_envelope_bytes)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server TLS context, built from the PEM files; None for plain ws://."""
+        if not self.tls_cert:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
     @functools.cached_property
     def trusted_networks(self) -> tuple[Network, ...]:
@@ -122,6 +136,7 @@ class Settings:
                  self.max_pending_handshakes_per_address >= 1),
                 ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
                 ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
+                ("tls_cert and tls_key go together", bool(self.tls_cert) == bool(self.tls_key)),
                 ("relay_key must be a csk_… secret key text",
                  not self.relay_key or _parses(Identity.from_text, self.relay_key)),
                 ("oracle_key must be a cpk_… public key text",

@@ -1,4 +1,5 @@
-"""`continuum-oracle` / `python -m oracle`: serve, create-admin, create-token, show-key."""
+"""`continuum-oracle` / `python -m oracle`: serve, create-admin, create-token, show-key,
+rotate-key."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
-from proto import Identity
+from runtime.clock import now_ms
 from runtime.logs import configure_logging
 
 from .auth import Auth
 from .db import open_database
 from .errors import OracleError
+from .identity import load_identity, rotate
 from .server import OracleServer
 from .settings import OracleSettings
 
@@ -46,6 +48,8 @@ COMMANDS = {
     "create-admin": ("create an administrator; prints a generated password once", "username"),
     "create-token": ("create an API bearer token; prints it once", "name"),
     "show-key": ("print the oracle's public key (cpk_…) to configure devices and relays", None),
+    "rotate-key": ("with the oracle stopped: move it to a new key its current one signs for;"
+                   " relays and devices follow", None),
 }
 
 
@@ -71,7 +75,11 @@ def main(argv: list[str] | None = None) -> None:
         if command == "serve":
             asyncio.run(_serve(settings))
         elif command == "show-key":
-            print(Identity.load_or_create(Path(settings.identity_file)).public.text)
+            print(load_identity(Path(settings.identity_file))[0].public.text)
+        elif command == "rotate-key":
+            change = rotate(Path(settings.identity_file), now_ms())
+            print(f"rotated {change.old.text} -> {change.new.text}", file=sys.stderr)
+            print(change.new.text)
         else:
             name = getattr(args, positional or "")
             secret = asyncio.run(_with_auth(settings, command, name))

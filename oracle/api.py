@@ -8,7 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from proto.access import ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH, Stamp
+from proto.access import (ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH, ORACLE_KEY_CHAIN_PATH,
+                          Stamp)
 from proto.errors import ProtocolError
 from runtime.clock import now_ms
 
@@ -123,6 +124,7 @@ async def status(request: web.Request) -> web.Response:
     devices = await oracle.registry.list_devices()
     return web.json_response({
         "oracle_key": oracle.identity.public.text,
+        "oracle_key_changes": len(oracle.chain.links),
         "access_list_epoch": (await oracle.publisher.current()).stamp.epoch,
         "access_list_version": await oracle.registry.access_version(),
         "relays": list(oracle.settings.relays),
@@ -160,6 +162,13 @@ async def access_list(request: web.Request) -> web.Response:
                         headers={"ETag": published.etag})
 
 
+async def oracle_key_chain(request: web.Request) -> web.Response:
+    """The oracle's key chain (SPEC §15): public keys and signatures, for relays that must
+    follow it before this oracle, under its new key, can connect to them and vouch for them."""
+    return web.Response(body=_oracle(request).chain.encode(),
+                        content_type=ACCESS_LIST_CONTENT_TYPE)
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI_FILE.read_bytes(), content_type="application/json")
 
@@ -172,13 +181,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 # No administrator needed; the access list authenticates relays itself (`relay_auth`).
-PUBLIC_PATHS = {"/healthz", ACCESS_LIST_PATH, "/v1/openapi"}
+PUBLIC_PATHS = {"/healthz", ACCESS_LIST_PATH, ORACLE_KEY_CHAIN_PATH, "/v1/openapi"}
 
 
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get(ACCESS_LIST_PATH, access_list)
+    r.add_get(ORACLE_KEY_CHAIN_PATH, oracle_key_chain)
     r.add_get("/v1/openapi", openapi)
     r.add_get("/v1/status", status)
     r.add_get("/v1/me", whoami)

@@ -9,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from proto import Identity
+from proto.rotation import OracleKeyChain
 
 from .auth import Auth
 from .login_throttle import LoginThrottle
@@ -31,6 +32,8 @@ class OracleContext:
     pusher: Pusher
     relay_auth: RelayAuth
     log: structlog.typing.FilteringBoundLogger
+    # How this oracle's key got where it is (empty until its first rotation).
+    chain: OracleKeyChain = field(default_factory=OracleKeyChain)
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
 

@@ -21,3 +21,7 @@ class NotFound(OracleError):
 
 class Conflict(OracleError):
     status = 409
+
+
+class IdentityError(OracleError):
+    """The oracle's key files disagree, or a key rotation cannot run now (oracle.identity)."""

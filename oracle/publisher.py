@@ -24,6 +24,7 @@ import structlog
 
 from proto import Identity, PublicKey
 from proto.access import AccessList, Stamp
+from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
 
 from .records import AccessSnapshot
@@ -48,9 +49,11 @@ class Published:
 
 class AccessListPublisher:
     def __init__(self, registry: Registry, identity: Identity,
-                 log: structlog.typing.FilteringBoundLogger) -> None:
+                 log: structlog.typing.FilteringBoundLogger,
+                 chain: OracleKeyChain = OracleKeyChain()) -> None:
         self._registry = registry
         self._identity = identity
+        self._chain = chain
         self._log = log
         self._published: Published | None = None
         self._stale = True
@@ -120,7 +123,8 @@ class AccessListPublisher:
             snapshot.epoch, snapshot.version, now_ms(), self._identity.public,
             {self._key(text): frozenset(numbers[g] for g in snapshot.groups.get(text, ()))
              for text in snapshot.enrolled},
-            frozenset(self._key(text) for text in snapshot.revoked))
+            frozenset(self._key(text) for text in snapshot.revoked),
+            {self._key(text): until for text, until in snapshot.draining.items()}, self._chain)
         self._published = Published(access, access.sign(self._identity))
         self._changed.set()
         self._changed = asyncio.Event()

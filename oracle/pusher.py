@@ -10,7 +10,16 @@ The exact envelope is stored before it is sent and resent byte for byte on
 retry, so a relay that did store it but whose ACCEPTED was lost answers
 REPLAY, which counts as accepted, and the device's receipt (matched by
 msg_id) still finds its row.  Only when a stored envelope is too old for the
-relays' clock-skew check is it sealed afresh.
+relays' clock-skew check, or was sealed by a key the oracle has since rotated
+away from, is it sealed afresh.
+
+Key rotation (SPEC §15) passes through here too.  After the oracle's own
+rotation, every device that has not confirmed the new key is first sent the
+oracle's key chain (a DATA envelope from the new key, which the device trusts
+because the key it knows signed the chain), and only once a relay stored that
+notice its next peer change: mailboxes keep order, so the device knows the
+new key before it reads a list signed by it.  A device's own rotation arrives
+as a DATA message from its old key carrying a `KeyRotation`.
 """
 
 from __future__ import annotations
@@ -23,12 +32,15 @@ from collections.abc import Set
 import structlog
 
 from client.device import Device
+from client.inbox import InboundMessage
 from client.peers import PeerList
 from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_envelope
 from proto.errors import ProtocolError, ReplayError
 from proto.payloads import PeerChange
+from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 
+from .errors import OracleError
 from .publisher import AccessListPublisher
 from .records import PendingPush
 from .registry import Registry
@@ -37,16 +49,23 @@ from .settings import OracleSettings
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 10.0
 # Versions sent concurrently per round; the client library pipelines them on one connection.
 _BATCH = 100
+# A rotation statement dated further ahead of the oracle's clock than relays allow envelopes.
+_MAX_ROTATION_SKEW_MS = 300_000
 
 
 class Pusher:
     def __init__(self, registry: Registry, publisher: AccessListPublisher, identity: Identity,
-                 settings: OracleSettings, log: structlog.typing.FilteringBoundLogger) -> None:
+                 settings: OracleSettings, log: structlog.typing.FilteringBoundLogger,
+                 chain: OracleKeyChain = OracleKeyChain()) -> None:
         self._registry = registry
         self._publisher = publisher
         self._identity = identity
         self._settings = settings
         self._log = log
+        self._chain = chain
+        # Devices a relay stored this run's chain notice for, and notices awaiting a receipt.
+        self._announced: set[str] = set()
+        self._notices: dict[bytes, str] = {}
         self._wake = asyncio.Event()
         # The oracle's "peers" are the active devices: the client library then accepts
         # their receipts even for envelopes sent before an oracle restart.
@@ -78,7 +97,7 @@ class Pusher:
         await self._device.__aenter__()
         self._tasks = [asyncio.create_task(self._push_forever(), name="oracle-push"),
                        asyncio.create_task(self._receipts_forever(), name="oracle-receipts"),
-                       asyncio.create_task(self._discard_data_forever(), name="oracle-data")]
+                       asyncio.create_task(self._take_data_forever(), name="oracle-data")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -103,8 +122,10 @@ class Pusher:
             self._wake.clear()
             await self._refresh_peers()
             pending = await self._registry.pending_pushes(_BATCH)
-            sent = await asyncio.gather(*(self._push_one(push) for push in pending))
-            if all(sent):
+            untold = await self._announce()
+            sent = await asyncio.gather(*(self._push_one(push) for push in pending
+                                          if push.device_key not in untold))
+            if all(sent) and not untold:
                 retry_s = _RETRY_MIN_S
                 if len(pending) < _BATCH:  # drained: sleep until the next change
                     await self._wake.wait()
@@ -115,11 +136,38 @@ class Pusher:
                     await self._wake.wait()
             retry_s = min(retry_s * 2, _RETRY_MAX_S)
 
+    async def _announce(self) -> set[str]:
+        """Send the key chain to every device not yet told this run; the devices still untold."""
+        if not self._chain.links:
+            return set()
+        unaware = await self._registry.unaware_of_oracle_key(self._identity.public.text)
+        todo = [key for key in unaware if key not in self._announced]
+        told = await asyncio.gather(*(self._announce_one(key) for key in todo))
+        return {key for key, ok in zip(todo, told) if not ok}
+
+    async def _announce_one(self, device_key: str) -> bool:
+        assert self._device is not None
+        envelope = seal_envelope(self._identity, Kind.DATA, [PublicKey.from_text(device_key)],
+                                 self._chain.encode(), ttl_s=self._settings.push_ttl_s,
+                                 now_ms=now_ms())
+        self._notices[envelope.msg_id] = device_key
+        try:
+            async with asyncio.timeout(self._settings.send_timeout_s):
+                await self._device.send_envelope(envelope)
+        except (ProtocolError, TimeoutError) as exc:
+            del self._notices[envelope.msg_id]
+            self._log.info("oracle_key_notice_retry", device=device_key, error=repr(exc))
+            return False
+        self._announced.add(device_key)
+        self._log.info("oracle_key_notice_sent", device=device_key)
+        return True
+
     def _envelope(self, push: PendingPush) -> Envelope:
-        """The stored envelope if still fresh, else a newly sealed one."""
+        """The stored envelope if still fresh and sealed by this key, else a newly sealed one."""
         if push.envelope is not None:
             envelope = decode_envelope(base64.b64decode(push.envelope))
-            if now_ms() - envelope.created_at_ms < self._settings.reseal_after_s * 1000:
+            if (envelope.sender == self._identity.public
+                    and now_ms() - envelope.created_at_ms < self._settings.reseal_after_s * 1000):
                 return envelope
         change = PeerChange(push.version, tuple(PublicKey.from_text(k) for k in push.peers),
                             push.epoch)
@@ -154,13 +202,43 @@ class Pusher:
         """Devices send a RECEIPT for every peer change they decrypt: that acknowledges a version."""
         assert self._device is not None
         async for sender, receipt in self._device.receipts():
+            if self._notices.get(receipt.msg_id) == sender.text:
+                del self._notices[receipt.msg_id]
+                if await self._registry.record_oracle_key(sender.text,
+                                                          self._identity.public.text):
+                    self.notify()  # its newest list goes out again
+                self._log.info("oracle_key_confirmed", device=sender.text)
+                continue
             version = await self._registry.record_receipt(sender.text, receipt.msg_id.hex())
             if version is not None:
                 self._log.info("peer_change_acknowledged", device=sender.text, version=version)
 
-    async def _discard_data_forever(self) -> None:
-        """The oracle takes no data messages; draining them keeps its relay window free for receipts."""
+    async def _take_data_forever(self) -> None:
+        """Data messages to the oracle are key rotations; anything else is logged and dropped
+        (taking them keeps the relay window free for receipts)."""
         assert self._device is not None
         async for message in self._device.messages():
+            await self._on_data(message)
+
+    async def _on_data(self, message: InboundMessage) -> None:
+        try:
+            rotation = KeyRotation.decode(message.payload)
+        except ProtocolError:
             self._log.info("data_message_ignored", sender=message.sender.text,
                            bytes=len(message.payload))
+            return
+        log = self._log.bind(device=rotation.old.text, new_key=rotation.new.text)
+        now = now_ms()
+        if rotation.old != message.sender:
+            log.warning("key_rotation_refused", sender=message.sender.text,
+                        reason="a device rotates its own key only")
+        elif rotation.issued_at_ms > now + _MAX_ROTATION_SKEW_MS:
+            log.warning("key_rotation_refused", reason="issued in the future")
+        else:
+            try:
+                await self._registry.rotate_device(rotation.old.text, rotation.new.text,
+                                                   now + self._settings.rotation_drain_s * 1000)
+            except OracleError as exc:
+                log.warning("key_rotation_refused", reason=exc.message)
+            else:
+                log.info("device_key_rotated")

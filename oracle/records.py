@@ -8,7 +8,7 @@ has one spelling of each field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +24,9 @@ class DeviceRecord:
     peer_version: int
     acked_version: int
     groups: tuple[str, ...]
+    # Key rotation: the key this device moved to (this record is then revoked) or came from.
+    rotated_to: str | None = None
+    rotated_from: str | None = None
 
     @property
     def revoked(self) -> bool:
@@ -39,7 +42,8 @@ class DeviceRecord:
                 "enrolled_at_ms": self.enrolled_at_ms, "revoked_at_ms": self.revoked_at_ms,
                 "revoked": self.revoked, "last_seen_ms": self.last_seen_ms,
                 "peer_version": self.peer_version, "acked_version": self.acked_version,
-                "behind": self.behind, "groups": list(self.groups)}
+                "behind": self.behind, "groups": list(self.groups),
+                "rotated_to": self.rotated_to, "rotated_from": self.rotated_from}
 
 
 @dataclass(frozen=True)
@@ -85,11 +89,12 @@ class PushStatus:
 
 @dataclass(frozen=True)
 class AccessSnapshot:
-    """What the access list is built from: stamp, keys, and the group ids of each enrolled key
-    that is in a group."""
+    """What the access list is built from: stamp, keys, the group ids of each enrolled key
+    that is in a group, and the old keys of rotated devices with their drain deadline."""
 
     epoch: int
     version: int
     enrolled: frozenset[str]
     revoked: frozenset[str]
     groups: Mapping[str, frozenset[str]]
+    draining: Mapping[str, int] = field(default_factory=dict)

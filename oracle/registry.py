@@ -27,7 +27,7 @@ from .records import AccessSnapshot, DeviceRecord, GroupRecord, PendingPush, Pus
 from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("key, name, tags, enrolled_at_ms, revoked_at_ms, last_seen_ms,"
-                   " peer_version, acked_version")
+                   " peer_version, acked_version, rotated_to, rotated_from")
 
 
 class Registry:
@@ -52,10 +52,13 @@ class Registry:
                 or any(needle in t for t in d.tags) or any(needle in g.lower() for g in d.groups)]
 
     async def get_device(self, key: str) -> DeviceRecord:
-        row = await self.db.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", key)
+        return await self._device_in(self.db, key)
+
+    async def _device_in(self, conn: Connection, key: str) -> DeviceRecord:
+        row = await conn.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", key)
         if row is None:
             raise NotFound(f"no device {key}")
-        return self._device(row, await self._group_names_by_device())
+        return self._device(row, await self._group_names_by_device(conn))
 
     async def enroll(self, key: object, name: object, tags: object = ()) -> DeviceRecord:
         key_text, name_text = parse_key(key), parse_name(name, "device name")
@@ -87,6 +90,8 @@ class Registry:
         device = await self.get_device(key)
         if device.revoked == revoked:
             return device
+        if device.rotated_to is not None:
+            raise Conflict(f"device {key} rotated to {device.rotated_to}: that key is the device")
         async with self.db.transaction() as conn:
             await conn.execute("UPDATE devices SET revoked_at_ms = $1 WHERE key = $2",
                                now_ms() if revoked else None, key)
@@ -94,6 +99,67 @@ class Registry:
             await self._reconcile(conn)
         self._on_change()
         return await self.get_device(key)
+
+    async def rotate_device(self, old: str, new: str, drain_until_ms: int) -> DeviceRecord:
+        """Re-point a device to its new key (its verified `KeyRotation`), in one transaction.
+
+        The new key gets the old one's name, tags, groups and peer-list count
+        (so its first list outranks the one the device holds), and a list even
+        if it has no peers: that list is how the device learns the rotation took
+        effect.  The old key is revoked, draining until `drain_until_ms`; every
+        peer is issued a list naming the new key.  Applying the same rotation
+        again changes nothing; Conflict for any other rotation of a key that
+        is not an active device, or to a key this oracle has ever seen.
+        """
+        async with self.db.transaction() as conn:
+            row = await conn.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", old)
+            if row is None:
+                raise NotFound(f"no device {old}")
+            if row["rotated_to"] == new:
+                return await self._device_in(conn, new)
+            if row["revoked_at_ms"] is not None:
+                raise Conflict(f"device {old} is revoked and cannot rotate")
+            if await conn.fetchrow("SELECT key FROM devices WHERE key = $1", new):
+                raise Conflict(f"key {new} is already known to this oracle")
+            now = now_ms()
+            await conn.execute(
+                "INSERT INTO devices (key, name, tags, enrolled_at_ms, peer_version,"
+                " acked_version, rotated_from, oracle_key)"
+                " SELECT $1, name, tags, $2, peer_version, acked_version, key, oracle_key"
+                " FROM devices WHERE key = $3", new, now, old)
+            await conn.execute(
+                "INSERT INTO memberships (group_id, device_key)"
+                " SELECT group_id, $1 FROM memberships WHERE device_key = $2", new, old)
+            await conn.execute("DELETE FROM memberships WHERE device_key = $1", old)
+            await conn.execute(
+                "UPDATE devices SET revoked_at_ms = $1, rotated_to = $2, drain_until_ms = $3"
+                " WHERE key = $4", now, new, drain_until_ms, old)
+            await self._bump_access_list(conn)
+            await self._reconcile(conn, include=(new,))
+            record = await self._device_in(conn, new)
+        self._on_change()
+        return record
+
+    async def unaware_of_oracle_key(self, oracle_key: str, limit: int = 100) -> list[str]:
+        """Active devices that have not confirmed following the oracle to `oracle_key`."""
+        rows = await self.db.fetch(
+            "SELECT key FROM devices WHERE revoked_at_ms IS NULL"
+            " AND (oracle_key IS NULL OR oracle_key <> $1) ORDER BY enrolled_at_ms LIMIT $2",
+            oracle_key, limit)
+        return [row["key"] for row in rows]
+
+    async def record_oracle_key(self, device: str, oracle_key: str) -> bool:
+        """`device` confirmed it follows `oracle_key`.  Its newest list goes out again unless
+        acknowledged, because its receipt for it may have gone to a key the oracle left:
+        True if so (the caller wakes the pusher; nothing the access list says changed)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE devices SET oracle_key = $1, last_seen_ms = $2"
+                               " WHERE key = $3", oracle_key, now_ms(), device)
+            again = await conn.fetch(
+                "UPDATE peer_changes SET sent_at_ms = NULL WHERE device_key = $1"
+                " AND sent_at_ms IS NOT NULL AND acked_at_ms IS NULL AND version ="
+                " (SELECT peer_version FROM devices WHERE key = $1) RETURNING version", device)
+        return bool(again)
 
     # -- groups ----------------------------------------------------------------
 
@@ -231,18 +297,22 @@ class Registry:
         """Everything the access list says, read once per change (the publisher caches it)."""
         async with self.db.transaction() as conn:  # one consistent view of stamp, keys and groups
             state = await conn.fetchrow("SELECT epoch, version FROM access_list_state WHERE id = 1")
-            rows = await conn.fetch("SELECT key, revoked_at_ms FROM devices")
+            rows = await conn.fetch("SELECT key, revoked_at_ms, drain_until_ms FROM devices")
             memberships = await conn.fetch("SELECT group_id, device_key FROM memberships")
         assert state is not None
+        now = now_ms()
         enrolled = frozenset(r["key"] for r in rows if r["revoked_at_ms"] is None)
+        draining = {r["key"]: int(r["drain_until_ms"]) for r in rows
+                    if r["revoked_at_ms"] is not None and (r["drain_until_ms"] or 0) > now}
         groups: dict[str, set[str]] = {}
         for row in memberships:
             if row["device_key"] in enrolled:
                 groups.setdefault(row["device_key"], set()).add(row["group_id"])
         return AccessSnapshot(
             int(state["epoch"]), int(state["version"]), enrolled,
-            frozenset(r["key"] for r in rows if r["revoked_at_ms"] is not None),
-            {key: frozenset(ids) for key, ids in groups.items()})
+            frozenset(r["key"] for r in rows
+                      if r["revoked_at_ms"] is not None and r["key"] not in draining),
+            {key: frozenset(ids) for key, ids in groups.items()}, draining)
 
     async def access_version(self) -> int:
         return int(await self.db.fetchval("SELECT version FROM access_list_state WHERE id = 1"))
@@ -278,9 +348,11 @@ class Registry:
     async def _bump_access_list(self, conn: Connection) -> None:
         await conn.execute("UPDATE access_list_state SET version = version + 1 WHERE id = 1")
 
-    async def _reconcile(self, conn: Connection, everyone: bool = False) -> int:
+    async def _reconcile(self, conn: Connection, everyone: bool = False,
+                         include: tuple[str, ...] = ()) -> int:
         """Issue a new version to every active device whose derived list changed (or to
-        every active device); returns how many were issued one."""
+        every active device, and to those in `include` in any case); returns how many
+        were issued one."""
         devices = await conn.fetch(
             "SELECT d.key, d.revoked_at_ms, d.peer_version, pc.peers FROM devices d"
             " LEFT JOIN peer_changes pc ON pc.device_key = d.key AND pc.version = d.peer_version")
@@ -292,6 +364,7 @@ class Registry:
         desired = derive_peer_lists(memberships, revoked)
         changes = ({key: desired.get(key, frozenset()) for key in active} if everyone
                    else changed_lists(last_sent, desired, active))
+        changes.update({key: desired.get(key, frozenset()) for key in include if key in active})
         epoch = await conn.fetchval("SELECT epoch FROM access_list_state WHERE id = 1")
         now = now_ms()
         for key, peers in sorted(changes.items()):
@@ -309,9 +382,10 @@ class Registry:
         if row is not None and row["id"] != except_id:
             raise Conflict(f"a group named {name!r} already exists")
 
-    async def _group_names_by_device(self) -> dict[str, list[str]]:
+    async def _group_names_by_device(self, conn: Connection | None = None
+                                     ) -> dict[str, list[str]]:
         result: dict[str, list[str]] = {}
-        for row in await self.db.fetch(
+        for row in await (conn or self.db).fetch(
                 "SELECT m.device_key, g.name FROM memberships m"
                 " JOIN peer_groups g ON g.id = m.group_id ORDER BY g.name"):
             result.setdefault(row["device_key"], []).append(row["name"])
@@ -322,4 +396,5 @@ class Registry:
         return DeviceRecord(row["key"], row["name"], tuple(row["tags"].split()),
                             row["enrolled_at_ms"], row["revoked_at_ms"], row["last_seen_ms"],
                             row["peer_version"], row["acked_version"],
-                            tuple(groups.get(row["key"], ())))
+                            tuple(groups.get(row["key"], ())), row["rotated_to"],
+                            row["rotated_from"])

@@ -28,8 +28,11 @@ _MAX_NONCES = 100_000
 
 class RelayAuth:
     def __init__(self, oracle: PublicKey, configured: Collection[PublicKey],
-                 learned: Callable[[], Collection[PublicKey]]) -> None:
+                 learned: Callable[[], Collection[PublicKey]],
+                 former: Collection[PublicKey] = ()) -> None:
         self._oracle = oracle
+        # Keys this oracle rotated away from: a relay started with one still asks here.
+        self._former = frozenset(former)
         self._configured = frozenset(configured)
         self._learned = learned
         # nonce → when it may be forgotten; insertion order is (nearly) expiry order.
@@ -40,7 +43,7 @@ class RelayAuth:
         if not header:
             raise UnauthenticatedError("the access list is served to relays only:"
                                        " sign the request (Authorization: Continuum-Relay …)")
-        request = AccessRequest.verify(header, self._oracle, now_ms)
+        request = AccessRequest.verify(header, self._oracle, now_ms, self._former)
         if request.relay not in self._configured and request.relay not in self._learned():
             raise UnauthenticatedError(f"relay key {request.relay.text} is not allowed here")
         self._forget_expired(now_ms)

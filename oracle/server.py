@@ -7,6 +7,7 @@ so they all exercise the same code path; port 0 picks a free port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from pathlib import Path
 from types import TracebackType
@@ -14,12 +15,13 @@ from types import TracebackType
 import structlog
 from aiohttp import web
 
-from proto import Identity, PublicKey
+from proto import PublicKey
 from runtime.listener import SocketCap, listen
 
 from .auth import Auth
 from .context import OracleContext
 from .db import open_database
+from .identity import load_identity, running
 from .publisher import AccessListPublisher
 from .pusher import Pusher
 from .registry import Registry
@@ -34,8 +36,9 @@ class OracleServer:
     def __init__(self, settings: OracleSettings) -> None:
         settings.validate()
         self.settings = settings
-        self.identity = Identity.load_or_create(Path(settings.identity_file))
+        self.identity, self.chain = load_identity(Path(settings.identity_file))
         self.oracle: OracleContext | None = None
+        self._running: contextlib.ExitStack | None = None
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self.connections: SocketCap | None = None
@@ -58,6 +61,8 @@ class OracleServer:
 
     async def start(self) -> None:
         log = structlog.get_logger("oracle").bind(oracle=self.identity.public.text[:16])
+        self._running = contextlib.ExitStack()  # no key rotation while this oracle serves
+        self._running.enter_context(running(Path(self.settings.identity_file)))
         db = await open_database(self.settings.database)
         try:
             publisher: AccessListPublisher | None = None
@@ -71,15 +76,15 @@ class OracleServer:
             registry = Registry(db, changed)
             epoch = await registry.begin_epoch()
             log = log.bind(epoch=epoch)
-            publisher = AccessListPublisher(registry, self.identity, log)
+            publisher = AccessListPublisher(registry, self.identity, log, self.chain)
             await publisher.current()  # the first list is signed before anyone may ask for it
-            pusher = Pusher(registry, publisher, self.identity, self.settings, log)
+            pusher = Pusher(registry, publisher, self.identity, self.settings, log, self.chain)
             relay_auth = RelayAuth(self.identity.public,
                                    [PublicKey.from_text(k) for k in self.settings.relay_keys],
-                                   lambda: pusher.relay_keys)
+                                   lambda: pusher.relay_keys, self.chain.former)
             self.oracle = OracleContext(self.settings, self.identity, registry,
                                         Auth(db, self.settings.session_ttl_s), publisher,
-                                        pusher, relay_auth, log)
+                                        pusher, relay_auth, log, self.chain)
             # aiohttp arms keepalive_timeout when a connection is made and again after each
             # response, and closes the connection if no complete request has arrived by then
             # (web_protocol.RequestHandler); lingering_time bounds discarding an unread body.
@@ -127,6 +132,9 @@ class OracleServer:
             await listener.wait_closed()
         if oracle is not None:
             await oracle.registry.db.close()
+        running_lock, self._running = self._running, None
+        if running_lock is not None:
+            running_lock.close()
 
     async def __aenter__(self) -> OracleServer:
         await self.start()

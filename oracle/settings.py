@@ -43,6 +43,9 @@ class OracleSettings:
     send_timeout_s: float = 5.0
     # Re-seal a stored envelope older than this (relays refuse stale created_at).
     reseal_after_s: int = 120
+    # How long a rotated device's old key may still fetch its mailbox: by default the relays'
+    # longest message lifetime, so everything waiting for the old key can still be drained.
+    rotation_drain_s: int = 7 * 24 * 3600
     session_ttl_s: int = 12 * 3600
     # A client must send a complete request's headers within this long of connecting (or of
     # the previous response), and its body within this long after: half-sent requests
@@ -72,6 +75,7 @@ class OracleSettings:
             ("longpoll_s must be in (0, 120]", 0 < self.longpoll_s <= 120),
             ("push_ttl_s must be >= 60", self.push_ttl_s >= 60),
             ("reseal_after_s must be >= 1", self.reseal_after_s >= 1),
+            ("rotation_drain_s must be >= 0", self.rotation_drain_s >= 0),
             ("send_timeout_s must be > 0", self.send_timeout_s > 0),
             ("request_timeout_s must be > 0", self.request_timeout_s > 0),
             ("max_connections must be >= 1", self.max_connections >= 1),

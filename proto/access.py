@@ -9,13 +9,24 @@ Access list (canonical CBOR, decoded as strictly as an envelope):
     [epoch, version, issued_at_ms, oracle_key(32),
      enrolled[[key(32), groups[uint…]]…], revoked[key(32)…], signature(64)]
 
+or, once keys have been rotated, with two more elements before the signature:
+
+    [..., revoked, draining[[key(32), until_ms]…], oracle_chain[change…], signature]
+
 Enrolled keys sorted and unique, each with the sorted, unique numbers of its
 peer groups; revoked keys sorted and unique; the signature Ed25519 by
-`oracle_key` over ACCESS_LIST_DOMAIN ‖ canonical CBOR of the first six
-elements.  Group numbers name groups within one list only: a relay needs to
+`oracle_key` over ACCESS_LIST_DOMAIN ‖ canonical CBOR of every element but
+the signature.  Group numbers name groups within one list only: a relay needs to
 know whether two keys share a group, not which group it is, and a number of
 one or two bytes per membership keeps a 10,000-device list near 40 bytes per
 device (a list of peers per key would grow with the square of a group's size).
+
+`draining` holds the old keys of rotated devices, each until when it may still
+fetch its mailbox (and nothing else); `oracle_chain` is the oracle's
+`OracleKeyChain`, ending at `oracle_key`, so a relay configured with an older
+oracle key follows it forward.  The short form is the one used while both are
+empty (a list has one encoding, and relays that predate rotation read it), so
+the long form with both empty is refused.
 
 Relay request (the `Authorization` header of `GET /v1/access-list`):
 
@@ -31,19 +42,24 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import KeysView, Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, KeysView, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from itertools import pairwise
 from typing import NamedTuple
 
 from . import canonical
+from .canonical import uint63
 from .errors import (DecodeError, InvalidFieldError, SignatureError, StaleError,
                      UnauthenticatedError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
+from .rotation import OracleKeyChain
 
 ACCESS_LIST_DOMAIN = b"continuum/v1/access-list\x00"
 ACCESS_REQUEST_DOMAIN = b"continuum/v1/access-list-request\x00"
 ACCESS_LIST_PATH = "/v1/access-list"
+# The oracle's key chain (`OracleKeyChain`, CBOR), public: it holds public keys and signatures.
+ORACLE_KEY_CHAIN_PATH = "/v1/oracle-key-chain"
 ACCESS_LIST_CONTENT_TYPE = "application/cbor"
 RELAY_AUTH_SCHEME = "Continuum-Relay"
 REQUEST_NONCE_BYTES = 16
@@ -54,6 +70,7 @@ MAX_ACCESS_LIST_BYTES = 8 * 1024 * 1024
 MAX_GROUP_NUMBER = 2**32 - 1
 _MAX_REQUEST_BYTES = 256
 _LIST_FIELDS = 7
+_ROTATED_LIST_FIELDS = 9
 _REQUEST_FIELDS = 5
 
 
@@ -74,13 +91,6 @@ class Stamp(NamedTuple):
     def __str__(self) -> str:
         """`epoch.version`: the spelling in logs and in the oracle's ETag."""
         return f"{self.epoch}.{self.version}"
-
-
-def uint63(value: object, what: str) -> int:
-    """A stamp component: a CBOR unsigned integer below 2^63."""
-    if type(value) is not int or not 0 <= value < 2**63:
-        raise InvalidFieldError(f"{what} must be a non-negative integer below 2^63")
-    return value
 
 
 def _key(value: object, what: str) -> PublicKey:
@@ -123,6 +133,26 @@ def _enrolled(value: object) -> dict[PublicKey, frozenset[int]]:
     return entries
 
 
+def _draining(value: object, enrolled: Mapping[PublicKey, frozenset[int]],
+              revoked: frozenset[PublicKey]) -> Mapping[PublicKey, int]:
+    if type(value) is not list:
+        raise InvalidFieldError("access list draining must be a list of [key, until_ms]")
+    keys, entries = [], {}
+    for item in value:
+        if type(item) is not list or len(item) != 2:
+            raise InvalidFieldError("access list draining entries must be [key, until_ms]")
+        key = _key(item[0], "access list draining")
+        keys.append(key)
+        entries[key] = uint63(item[1], "access list draining until_ms")
+    _sorted_unique(keys, "access list draining keys")
+    if any(key in enrolled or key in revoked for key in entries):
+        raise InvalidFieldError("a draining key is neither enrolled nor revoked")
+    return MappingProxyType(entries)
+
+
+_NOTHING_DRAINING: Mapping[PublicKey, int] = MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class AccessList:
     """Which keys may use the relays and who may write to whom; stamps only ever grow.
@@ -130,6 +160,9 @@ class AccessList:
     `groups` maps every enrolled key to the numbers of its peer groups (empty:
     in no group).  The rule it carries (SPEC §12): a managed key may be written
     to by the oracle, and by an enrolled key sharing at least one group with it.
+    `draining` maps the old key of each rotated device to the time (Unix ms) until
+    which it may still fetch its mailbox and nothing else; `oracle_chain` is how
+    the oracle's key got to `oracle` (SPEC §15).
     """
 
     epoch: int
@@ -138,6 +171,8 @@ class AccessList:
     oracle: PublicKey
     groups: Mapping[PublicKey, frozenset[int]]
     revoked: frozenset[PublicKey]
+    draining: Mapping[PublicKey, int] = field(default_factory=lambda: _NOTHING_DRAINING)
+    oracle_chain: OracleKeyChain = field(default=OracleKeyChain())
 
     @property
     def stamp(self) -> Stamp:
@@ -156,31 +191,56 @@ class AccessList:
     def _body(self) -> list:
         # Sorted by raw bytes (the same order as PublicKey's, without 10,000s of __lt__ calls).
         enrolled = sorted((key.raw, sorted(groups)) for key, groups in self.groups.items())
-        return [self.epoch, self.version, self.issued_at_ms, self.oracle.raw,
+        body = [self.epoch, self.version, self.issued_at_ms, self.oracle.raw,
                 [list(entry) for entry in enrolled], sorted(key.raw for key in self.revoked)]
+        if self.draining or self.oracle_chain.links:
+            body += [sorted([key.raw, until] for key, until in self.draining.items()),
+                     self.oracle_chain.to_value()]
+        return body
 
     def sign(self, identity: Identity) -> bytes:
         """The signed wire form; `identity` must be the oracle named in the list."""
         if identity.public != self.oracle:
             raise InvalidFieldError("an access list is signed by the oracle it names")
+        chain_end = self.oracle_chain.current
+        if chain_end is not None and chain_end != self.oracle:
+            raise InvalidFieldError("the oracle key chain must end at the list's oracle")
         body = self._body()
         return canonical.encode([*body, identity.sign(ACCESS_LIST_DOMAIN + canonical.encode(body))])
 
     @classmethod
     def verify(cls, data: bytes, oracle: PublicKey) -> AccessList:
-        """Decode and check the signature; SignatureError unless `oracle` signed it."""
+        """Decode and check the signature; SignatureError unless `oracle` signed it, or a
+        key that the list's oracle chain leads to from `oracle` (the oracle rotated)."""
         value = canonical.decode(data, max_size=MAX_ACCESS_LIST_BYTES, what="access list")
-        if type(value) is not list or len(value) != _LIST_FIELDS:
-            raise DecodeError(f"access list must be a CBOR array of {_LIST_FIELDS} elements")
-        epoch, version, issued_at, key, enrolled, revoked, signature = value
+        if type(value) is not list or len(value) not in (_LIST_FIELDS, _ROTATED_LIST_FIELDS):
+            raise DecodeError(f"access list must be a CBOR array of {_LIST_FIELDS} or"
+                              f" {_ROTATED_LIST_FIELDS} elements")
+        epoch, version, issued_at, key, enrolled, revoked = value[:6]
+        signature = value[-1]
         for name, number in (("epoch", epoch), ("version", version), ("issued_at", issued_at)):
             uint63(number, f"access list {name}")
-        if type(key) is not bytes or len(key) != KEY_BYTES or PublicKey(key) != oracle:
-            raise SignatureError("access list names another oracle")
+        if type(key) is not bytes or len(key) != KEY_BYTES:
+            raise InvalidFieldError(f"access list oracle key must be {KEY_BYTES} bytes")
         if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
             raise InvalidFieldError("access list signature must be 64 bytes")
-        oracle.verify(ACCESS_LIST_DOMAIN + canonical.encode(value[:-1]), signature)
-        return cls(epoch, version, issued_at, oracle, _enrolled(enrolled), _revoked(revoked))
+        signer = PublicKey(key)
+        chain = OracleKeyChain()
+        if len(value) == _ROTATED_LIST_FIELDS:
+            chain = OracleKeyChain.from_value(value[7])
+            if chain.current is not None and chain.current != signer:
+                raise InvalidFieldError("the oracle key chain must end at the list's oracle")
+        if signer != oracle and not chain.introduces(oracle, signer):
+            raise SignatureError("access list names another oracle")
+        signer.verify(ACCESS_LIST_DOMAIN + canonical.encode(value[:-1]), signature)
+        groups, revoked_keys = _enrolled(enrolled), _revoked(revoked)
+        draining = _NOTHING_DRAINING
+        if len(value) == _ROTATED_LIST_FIELDS:
+            draining = _draining(value[6], groups, revoked_keys)
+            if not draining and not chain.links:
+                raise InvalidFieldError("an access list without draining keys or oracle key"
+                                        f" changes has {_LIST_FIELDS} elements")
+        return cls(epoch, version, issued_at, signer, groups, revoked_keys, draining, chain)
 
 
 @dataclass(frozen=True)
@@ -207,12 +267,16 @@ class AccessRequest:
         return f"{RELAY_AUTH_SCHEME} {base64.urlsafe_b64encode(token).rstrip(b'=').decode()}"
 
     @classmethod
-    def verify(cls, header: str, oracle: PublicKey, now_ms: int) -> AccessRequest:
+    def verify(cls, header: str, oracle: PublicKey, now_ms: int,
+               former: Collection[PublicKey] = ()) -> AccessRequest:
         """Decode an `Authorization` value for `oracle` and check its signature and clock.
 
-        UnauthenticatedError for a missing or malformed header, SignatureError,
-        StaleError beyond MAX_REQUEST_SKEW_MS.  Whether the relay key is allowed
-        and the nonce unused is the oracle's to check.
+        A token may also name one of the oracle's `former` keys: a relay started
+        with a key the oracle has since rotated away from still asks this oracle
+        (and learns the chain from the list it gets).  UnauthenticatedError for a
+        missing or malformed header, SignatureError, StaleError beyond
+        MAX_REQUEST_SKEW_MS.  Whether the relay key is allowed and the nonce
+        unused is the oracle's to check.
         """
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
@@ -227,7 +291,8 @@ class AccessRequest:
             raise DecodeError(f"relay token must be a CBOR array of {_REQUEST_FIELDS} elements")
         relay, named_oracle, issued_at, nonce, signature = value
         relay_key = _key(relay, "relay token")
-        if _key(named_oracle, "relay token") != oracle:
+        named = _key(named_oracle, "relay token")
+        if named != oracle and named not in former:
             raise UnauthenticatedError("relay token is for another oracle")
         uint63(issued_at, "relay token issued_at")
         if type(nonce) is not bytes or len(nonce) != REQUEST_NONCE_BYTES:
@@ -238,4 +303,4 @@ class AccessRequest:
             raise StaleError(f"relay token issued {(now_ms - issued_at) / 1000:.0f}s from the"
                              f" oracle's clock (limit {MAX_REQUEST_SKEW_MS // 1000}s)")
         relay_key.verify(ACCESS_REQUEST_DOMAIN + canonical.encode(value[:-1]), signature)
-        return cls(relay_key, oracle, issued_at, nonce)
+        return cls(relay_key, named, issued_at, nonce)

@@ -14,7 +14,7 @@ from typing import Any
 
 import cbor2
 
-from .errors import DecodeError, OversizeError
+from .errors import DecodeError, InvalidFieldError, OversizeError
 
 # Our messages nest three levels deep at most; a low bound stops stack
 # exhaustion from deeply nested garbage long before recursion limits matter.
@@ -74,3 +74,10 @@ def _refuse_tags(value: Any, what: str) -> None:
             _refuse_tags(item, what)
     elif type(value) not in _UNTAGGED_TYPES:
         raise DecodeError(f"{what}: tagged values are not allowed ({type(value).__name__})")
+
+
+def uint63(value: object, what: str) -> int:
+    """A counter or time field: a CBOR unsigned integer below 2^63 (fits a signed 64-bit)."""
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise InvalidFieldError(f"{what} must be a non-negative integer below 2^63")
+    return value

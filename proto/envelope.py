@@ -1,13 +1,16 @@
 """The signed, sealed envelope: the unit every device sends and the relay stores.
 
-Wire form: a canonical CBOR array of nine elements
+Wire form (protocol 2): a canonical CBOR array of ten elements
 
-    [version, kind, msg_id, sender, created_at_ms, ttl_s, recipients, payload, signature]
+    [version, kind, msg_id, sender, created_at_ms, ttl_s, ephemeral, recipients, payload,
+     signature]
 
-with `recipients` an array of [recipient_key, wrapped_key] pairs sorted by key.
+with `ephemeral` the sender's X25519 key for this envelope only (`sealing`) and
+`recipients` an array of [recipient_key, wrapped_key] pairs sorted by key.
 The signature is Ed25519 by `sender` over SIGNING_DOMAIN ‖ canonical CBOR of
-the first eight elements.  Decoding checks structure only; `verify()` checks
-the signature, so a relay can refuse garbage before spending a verify on it.
+the first nine elements.  Decoding checks structure only; `verify()` checks
+the signature, so a relay can refuse garbage before spending a verify on it;
+`open()` verifies first itself, so no caller can decrypt an unverified one.
 """
 
 from __future__ import annotations
@@ -16,17 +19,22 @@ import os
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import nacl.encoding
+import nacl.hash
+
 from . import canonical
 from .errors import (DecodeError, DecryptError, InvalidFieldError, OversizeError,
                      UnsupportedVersionError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
 from .limits import DEFAULT_LIMITS, MAX_TTL_SECONDS, PROTOCOL_VERSION, Limits
-from .sealing import PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES, RandomBytes, seal, unseal
+from .sealing import (EPHEMERAL_KEY_BYTES, EPHEMERAL_SEED_BYTES, PAYLOAD_OVERHEAD_BYTES,
+                      WRAPPED_KEY_BYTES, RandomBytes, padded_size, seal, unseal)
 
-SIGNING_DOMAIN = b"continuum/v1/envelope\x00"
-PAYLOAD_AAD_DOMAIN = b"continuum/v1/payload\x00"
+SIGNING_DOMAIN = b"continuum/v2/envelope\x00"
+PAYLOAD_AAD_DOMAIN = b"continuum/v2/payload\x00"
 MSG_ID_BYTES = 16
-_FIELD_COUNT = 9
+CONTENT_HASH_BYTES = 32
+_FIELD_COUNT = 10
 _MAX_UINT64 = 2**64 - 1
 
 
@@ -55,10 +63,13 @@ class Envelope:
     sender: PublicKey
     created_at_ms: int
     ttl_s: int
+    ephemeral: bytes
     recipients: tuple[Recipient, ...]
     payload: bytes
     signature: bytes
     raw: bytes = field(repr=False, compare=False)
+    # Set by a successful `verify`, so `open` does not pay for the signature twice.
+    _verified: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def expires_at_ms(self) -> int:
@@ -73,19 +84,29 @@ class Envelope:
 
     def _header_fields(self) -> list:
         return [self.version, int(self.kind), self.msg_id, self.sender.raw,
-                self.created_at_ms, self.ttl_s]
+                self.created_at_ms, self.ttl_s, self.ephemeral]
 
     def verify(self) -> None:
         """Raise SignatureError unless the sender signed exactly this envelope."""
-        self.sender.verify(self.signed_bytes(), self.signature)
+        if not self._verified:
+            self.sender.verify(self.signed_bytes(), self.signature)
+            object.__setattr__(self, "_verified", True)
 
     def open(self, identity: Identity) -> bytes:
-        """Decrypt the payload for `identity`; DecryptError if it is not a recipient."""
+        """Verify, then decrypt the payload for `identity`: SignatureError if the sender did
+        not sign it, DecryptError if `identity` is not a recipient or it was altered."""
+        self.verify()
         for recipient in self.recipients:
             if recipient.key == identity.public:
-                return unseal(self.payload, recipient.wrapped_key, self.sender, identity,
+                return unseal(self.payload, recipient.wrapped_key, self.ephemeral, identity,
                               _associated_data(self._header_fields(), self.recipient_keys))
         raise DecryptError(f"{identity.public.text} is not a recipient of this envelope")
+
+    def content_hash(self) -> bytes:
+        """BLAKE2b-256 of the signed bytes: what a receipt names, so it is bound to exactly
+        this content, not only to its msg_id."""
+        return nacl.hash.blake2b(self.signed_bytes(), digest_size=CONTENT_HASH_BYTES,
+                                 encoder=nacl.encoding.RawEncoder)
 
 
 def _recipient_array(recipients: tuple[Recipient, ...]) -> list:
@@ -125,9 +146,12 @@ def seal_envelope(
     if not 1 <= ttl_s <= MAX_TTL_SECONDS:
         raise InvalidFieldError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
     msg_id = random_bytes(MSG_ID_BYTES)
-    header = [PROTOCOL_VERSION, int(kind), msg_id, sender.public.raw, now_ms, ttl_s]
-    payload, wraps = seal(plaintext, sender, unique,
-                          _associated_data(header, tuple(unique)), random_bytes)
+    base = [PROTOCOL_VERSION, int(kind), msg_id, sender.public.raw, now_ms, ttl_s]
+    padded = _padded_length(base, len(unique), len(plaintext), limits)
+    ephemeral, payload, wraps = seal(
+        plaintext, unique, random_bytes(EPHEMERAL_SEED_BYTES),
+        lambda eph: _associated_data([*base, eph], tuple(unique)), padded, random_bytes)
+    header = [*base, ephemeral]
     recipient_entries = tuple(Recipient(k, w) for k, w in zip(unique, wraps))
     recipient_array = _recipient_array(recipient_entries)
     signature = sender.sign(_signed_bytes(header, recipient_array, payload))
@@ -135,9 +159,22 @@ def seal_envelope(
     if len(raw) > limits.max_envelope_bytes:
         raise OversizeError(
             f"envelope of {len(raw)} bytes exceeds the limit of {limits.max_envelope_bytes}"
-            f" (payload {len(plaintext)} bytes)")
-    return Envelope(PROTOCOL_VERSION, kind, msg_id, sender.public, now_ms, ttl_s,
-                    recipient_entries, payload, signature, raw)
+            f" (payload {len(plaintext)} bytes, padded to {padded_size(len(plaintext))})")
+    envelope = Envelope(PROTOCOL_VERSION, kind, msg_id, sender.public, now_ms, ttl_s, ephemeral,
+                        recipient_entries, payload, signature, raw)
+    object.__setattr__(envelope, "_verified", True)  # we just signed it
+    return envelope
+
+
+def _padded_length(base: list, recipients: int, plaintext_length: int, limits: Limits) -> int:
+    """The plaintext's size bucket, or less if the bucket would push the envelope past
+    the limit (never below one byte of padding: then the envelope is simply too big)."""
+    bucket = padded_size(plaintext_length)
+    shape = [*base, bytes(EPHEMERAL_KEY_BYTES),
+             [[bytes(32), bytes(WRAPPED_KEY_BYTES)]] * recipients,
+             bytes(PAYLOAD_OVERHEAD_BYTES + bucket), bytes(64)]
+    excess = len(canonical.encode(shape)) - limits.max_envelope_bytes
+    return max(plaintext_length + 1, bucket - max(0, excess))
 
 
 def _expect(value: object, typ: type, name: str) -> None:
@@ -169,7 +206,8 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
             f"envelope version {value[0]} is not supported (this side speaks {PROTOCOL_VERSION})")
     if len(value) != _FIELD_COUNT:
         raise DecodeError(f"envelope must have {_FIELD_COUNT} elements, got {len(value)}")
-    version, kind, msg_id, sender, created_at, ttl, recipients, payload, signature = value
+    (version, kind, msg_id, sender, created_at, ttl, ephemeral, recipients, payload,
+     signature) = value
     _expect(version, int, "version")
     _expect(kind, int, "kind")
     try:
@@ -180,6 +218,7 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     sender_key = PublicKey(_expect_bytes(sender, KEY_BYTES, "sender"))
     _expect_uint(created_at, "created_at", 0, _MAX_UINT64)
     _expect_uint(ttl, "ttl", 1, MAX_TTL_SECONDS)
+    _expect_bytes(ephemeral, EPHEMERAL_KEY_BYTES, "ephemeral key")
     _expect(recipients, list, "recipients")
     if not 1 <= len(recipients) <= limits.max_recipients:
         raise InvalidFieldError(
@@ -197,5 +236,5 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     if len(payload) < PAYLOAD_OVERHEAD_BYTES:
         raise InvalidFieldError("envelope payload is shorter than its nonce and tag")
     _expect_bytes(signature, SIGNATURE_BYTES, "signature")
-    return Envelope(version, kind_enum, msg_id, sender_key, created_at, ttl,
+    return Envelope(version, kind_enum, msg_id, sender_key, created_at, ttl, ephemeral,
                     tuple(entries), payload, signature, bytes(data))

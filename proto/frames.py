@@ -1,16 +1,19 @@
 """WebSocket frames between a device and a relay: one canonical CBOR array per binary message.
 
-    relay  → device   CHALLENGE [1, protocol_version, relay_nonce(32), relay_key(32)]
-    device → relay    HELLO     [2, device_key(32), client_nonce(32), signature(64)]
-    relay  → device   WELCOME   [3, server_time_ms, relay_signature(64), max_envelope_bytes]
+    relay  → device   CHALLENGE [1, protocol_version, relay_nonce(32), relay_key(32),
+                                   relay_ephemeral(32)]
+    device → relay    HELLO     [2, device_key(32), client_nonce(32), device_ephemeral(32),
+                                   signature(64)]
+    relay  → device   WELCOME   [3, server_time_ms, max_envelope_bytes, relay_signature(64)]
     device → relay    SEND      [4, envelope(bstr)]
     relay  → device   ACCEPTED  [5, msg_id(16)]
     relay  → device   ERROR     [6, msg_id(16) / null, code, message(tstr)]
     relay  → device   DELIVER   [7, tag(tstr), envelope(bstr)]
     device → relay    ACK       [8, tag(tstr)]
 
-This module only encodes and decodes; what the handshake frames sign and
-prove, and the order they come in, is `handshake`'s job.
+After WELCOME every frame travels sealed (`channel`).  This module only
+encodes and decodes; what the handshake frames sign and prove, and the order
+they come in, is `handshake`'s job.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .keys import KEY_BYTES, SIGNATURE_BYTES, PublicKey
 from .limits import PROTOCOL_VERSION
 
 NONCE_BYTES = 32
+EPHEMERAL_KEY_BYTES = 32
 MAX_TAG_CHARS = 64
 MAX_ERROR_MESSAGE_CHARS = 512
 
@@ -67,9 +71,11 @@ class Challenge:
     protocol_version: int
     relay_nonce: bytes
     relay_key: PublicKey
+    relay_ephemeral: bytes  # X25519, for this connection's channel keys only
 
     def fields(self) -> list:
-        return [self.protocol_version, self.relay_nonce, self.relay_key.raw]
+        return [self.protocol_version, self.relay_nonce, self.relay_key.raw,
+                self.relay_ephemeral]
 
     @classmethod
     def from_fields(cls, f: list) -> Challenge:
@@ -78,7 +84,8 @@ class Challenge:
             raise UnsupportedVersionError(
                 f"relay speaks protocol {version}, this side speaks {PROTOCOL_VERSION}")
         return cls(version, _bytes(f[1], NONCE_BYTES, "relay nonce"),
-                   PublicKey(_bytes(f[2], KEY_BYTES, "relay key")))
+                   PublicKey(_bytes(f[2], KEY_BYTES, "relay key")),
+                   _bytes(f[3], EPHEMERAL_KEY_BYTES, "relay ephemeral key"))
 
 
 @dataclass(frozen=True)
@@ -86,32 +93,34 @@ class Hello:
     TYPE: ClassVar[FrameType] = FrameType.HELLO
     device_key: PublicKey
     client_nonce: bytes
+    device_ephemeral: bytes  # X25519, for this connection's channel keys only
     signature: bytes
 
     def fields(self) -> list:
-        return [self.device_key.raw, self.client_nonce, self.signature]
+        return [self.device_key.raw, self.client_nonce, self.device_ephemeral, self.signature]
 
     @classmethod
     def from_fields(cls, f: list) -> Hello:
         return cls(PublicKey(_bytes(f[0], KEY_BYTES, "device key")),
                    _bytes(f[1], NONCE_BYTES, "client nonce"),
-                   _bytes(f[2], SIGNATURE_BYTES, "hello signature"))
+                   _bytes(f[2], EPHEMERAL_KEY_BYTES, "device ephemeral key"),
+                   _bytes(f[3], SIGNATURE_BYTES, "hello signature"))
 
 
 @dataclass(frozen=True)
 class Welcome:
     TYPE: ClassVar[FrameType] = FrameType.WELCOME
     server_time_ms: int
-    relay_signature: bytes
     max_envelope_bytes: int
+    relay_signature: bytes
 
     def fields(self) -> list:
-        return [self.server_time_ms, self.relay_signature, self.max_envelope_bytes]
+        return [self.server_time_ms, self.max_envelope_bytes, self.relay_signature]
 
     @classmethod
     def from_fields(cls, f: list) -> Welcome:
-        return cls(_uint(f[0], "server time"), _bytes(f[1], SIGNATURE_BYTES, "relay signature"),
-                   _uint(f[2], "max envelope bytes"))
+        return cls(_uint(f[0], "server time"), _uint(f[1], "max envelope bytes"),
+                   _bytes(f[2], SIGNATURE_BYTES, "relay signature"))
 
 
 @dataclass(frozen=True)
@@ -196,8 +205,8 @@ class Ack:
 Frame = Challenge | Hello | Welcome | Send | Accepted | Error | Deliver | Ack
 
 _FRAME_CLASSES: dict[int, tuple[type, int]] = {
-    FrameType.CHALLENGE: (Challenge, 3),
-    FrameType.HELLO: (Hello, 3),
+    FrameType.CHALLENGE: (Challenge, 4),
+    FrameType.HELLO: (Hello, 4),
     FrameType.WELCOME: (Welcome, 3),
     FrameType.SEND: (Send, 1),
     FrameType.ACCEPTED: (Accepted, 1),
@@ -219,6 +228,12 @@ def decode_frame(data: bytes, max_size: int) -> Frame:
     entry = _FRAME_CLASSES.get(value[0])
     if entry is None:
         raise DecodeError(f"unknown frame type {value[0]}")
+    if (value[0] == FrameType.CHALLENGE and len(value) > 1 and type(value[1]) is int
+            and value[1] != PROTOCOL_VERSION):
+        # Checked before the field count, as an envelope's version is: another version's
+        # CHALLENGE may have other fields, and the answer must name the version.
+        raise UnsupportedVersionError(
+            f"relay speaks protocol {value[1]}, this side speaks {PROTOCOL_VERSION}")
     cls, arity = entry
     if len(value) != arity + 1:
         raise DecodeError(f"{cls.__name__} frame must have {arity} fields, got {len(value) - 1}")

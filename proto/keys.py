@@ -100,9 +100,19 @@ class PublicKey:
         return _is_valid_point(self.raw)
 
     def verify(self, message: bytes, signature: bytes) -> None:
-        """Raise SignatureError unless `signature` is this key's over `message`."""
+        """Raise SignatureError unless `signature` is this key's over `message`.
+
+        The key must be a canonical point of the prime-order subgroup
+        (`is_valid_point`): libsodium's verify alone accepts some signatures
+        under a key with a small-order component (about one message in eight),
+        and a verifier built on another library may not, so two
+        implementations would disagree on the same envelope.  libsodium
+        itself refuses non-canonical S and small-order R and A.
+        """
         if len(signature) != SIGNATURE_BYTES:
             raise SignatureError("signature has the wrong length")
+        if not _is_valid_point(self.raw):
+            raise SignatureError(f"{self.text} is not a prime-order Ed25519 public key")
         try:
             nacl.signing.VerifyKey(self.raw).verify(message, signature)
         except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError,

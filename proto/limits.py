@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 DEFAULT_MAX_ENVELOPE_BYTES = 64 * 1024
 DEFAULT_MAX_RECIPIENTS = 64
 MAX_TTL_SECONDS = 2**32 - 1

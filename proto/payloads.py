@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import canonical
-from .access import Stamp, uint63
-from .envelope import MSG_ID_BYTES
+from .access import Stamp
+from .canonical import uint63
+from .envelope import CONTENT_HASH_BYTES, MSG_ID_BYTES, Envelope
 from .errors import DecodeError, InvalidFieldError
 from .keys import KEY_BYTES, PublicKey
 
@@ -39,17 +40,25 @@ def _key(value: object, what: str) -> PublicKey:
 
 @dataclass(frozen=True)
 class Receipt:
-    """Sent by a recipient after it decrypted `msg_id`: proof of delivery."""
+    """Sent by a recipient after it decrypted `msg_id`: proof of delivery of exactly the
+    envelope whose signed bytes hash to `content_hash` (`Envelope.content_hash`)."""
 
     msg_id: bytes
+    content_hash: bytes
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Receipt:
+        return cls(envelope.msg_id, envelope.content_hash())
 
     def encode(self) -> bytes:
-        return canonical.encode([self.msg_id])
+        return canonical.encode([self.msg_id, self.content_hash])
 
     @classmethod
     def decode(cls, data: bytes) -> Receipt:
-        (msg_id,) = _array(data, 1, "receipt")
-        return cls(_msg_id(msg_id, "receipt"))
+        msg_id, content_hash = _array(data, 2, "receipt")
+        if type(content_hash) is not bytes or len(content_hash) != CONTENT_HASH_BYTES:
+            raise InvalidFieldError(f"receipt content hash must be {CONTENT_HASH_BYTES} bytes")
+        return cls(_msg_id(msg_id, "receipt"), content_hash)
 
 
 # Entries of one EXPIRY notice: each is 53 bytes encoded, so a full notice stays

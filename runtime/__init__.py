@@ -7,7 +7,10 @@ so the few process-level helpers all of them need live here:
 - `logs`: the one structlog set-up, JSON lines on a chosen stream (`configure_logging`);
 - `settings`: a frozen settings dataclass from flags over environment variables
   over defaults (`load_settings`), rendered for the start-up log with secrets
-  masked (`describe`, `mask_url`).
+  masked (`describe`, `mask_url`);
+- `client_address`: the real client behind trusted proxies, for per-address budgets;
+- `listener`: a listening socket that counts every accepted socket against a cap;
+- `files`: crash-safe file replacement (`write_atomically`), for key files and chains.
 
 Nothing in this package imports `continuum`, `oracle` or `client`.
 """

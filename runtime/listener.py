@@ -15,6 +15,7 @@ sites hand to `loop.create_server`; `SocketCap` wraps each protocol it makes.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 
@@ -87,6 +88,8 @@ class _Counted(asyncio.Protocol):
             self._inner.resume_writing()
 
 
-async def listen(cap: SocketCap, host: str, port: int) -> asyncio.Server:
-    """Serve `cap`'s protocols on host:port (port 0: a free one)."""
-    return await asyncio.get_running_loop().create_server(cap, host, port, reuse_address=True)
+async def listen(cap: SocketCap, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Serve `cap`'s protocols on host:port (port 0: a free one), over TLS with `tls`."""
+    return await asyncio.get_running_loop().create_server(cap, host, port, reuse_address=True,
+                                                          ssl=tls)

@@ -18,7 +18,8 @@ from aiohttp import WSMsgType, web
 from proto import Identity, Limits, decode_envelope
 from proto.errors import ErrorCode, ProtocolError
 from proto.frames import Accepted, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
-from proto.handshake import RelayHandshake
+from proto.channel import CipherState
+from proto.handshake import EPHEMERAL_SEED_BYTES, RelayHandshake
 from runtime.clock import now_ms
 
 # What to answer a SEND with (its envelope bytes, how many SENDs came before): a frame, or
@@ -88,7 +89,8 @@ class FakeRelay:
         ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
         await ws.prepare(request)
         self.connections += 1
-        handshake = RelayHandshake(self.identity, os.urandom(32), Limits())
+        handshake = RelayHandshake(self.identity, os.urandom(32),
+                                   os.urandom(EPHEMERAL_SEED_BYTES), Limits())
         await ws.send_bytes(handshake.challenge())
         hello = await ws.receive(timeout=10)
         handshake.receive_hello(hello.data)
@@ -96,18 +98,22 @@ class FakeRelay:
             await ws.send_bytes(handshake.refuse(self.refuse_handshake))
             await ws.close(code=1008)
             return ws
-        await ws.send_bytes(handshake.welcome(now_ms() + self.clock_offset_ms)[0])
+        welcome, terms = handshake.welcome(now_ms() + self.clock_offset_ms)
+        await ws.send_bytes(welcome)
+        sealer, opener = terms.channel.for_relay()
         for number, raw in enumerate(self.deliver):
-            await ws.send_bytes(encode_frame(Deliver(f"t{number}", raw)))
+            await ws.send_bytes(sealer.seal(encode_frame(Deliver(f"t{number}", raw))))
         async for message in ws:
             if message.type is WSMsgType.PING:
                 self.pings += 1
                 await ws.pong(message.data)
             elif message.type is WSMsgType.BINARY:
-                await self._receive(ws, decode_frame(message.data, 1 << 20))
+                frame = decode_frame(opener.open(message.data), 1 << 20)
+                await self._receive(ws, sealer, frame)
         return ws
 
-    async def _receive(self, ws: web.WebSocketResponse, frame: Frame) -> None:
+    async def _receive(self, ws: web.WebSocketResponse, sealer: CipherState,
+                       frame: Frame) -> None:
         if isinstance(frame, Ack):
             self.acks.append(frame.tag)
         elif isinstance(frame, Send):
@@ -115,4 +121,4 @@ class FakeRelay:
             self.sends.append(frame.envelope)
             answer = self.answer(frame.envelope, count)
             if answer is not None:
-                await ws.send_bytes(encode_frame(answer))
+                await ws.send_bytes(sealer.seal(encode_frame(answer)))

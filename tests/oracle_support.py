@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
-from wire import MAX_FRAME, error_code
+from wire import MAX_FRAME, device_handshake, error_code
 
 from oracle import OracleServer, OracleSettings
 from proto import Identity
 from proto.access import AccessRequest
-from proto.frames import NONCE_BYTES, decode_frame
-from proto.handshake import DeviceHandshake
+from proto.frames import decode_frame
 from runtime.clock import now_ms
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -116,6 +115,6 @@ async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 5.0,
 async def handshake_refusal(url: str, identity: Identity) -> str:
     """Answer a relay's challenge and return the error code it sends instead of WELCOME."""
     async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-        handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+        handshake = device_handshake(identity)
         await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
         return error_code(decode_frame(await ws.receive_bytes(timeout=5), MAX_FRAME))

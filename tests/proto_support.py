@@ -52,9 +52,9 @@ def make_envelope(plaintext: bytes = b"hello, device", *, sender: Identity = ALI
 
 
 def envelope_fields(env: Envelope) -> list:
-    """The nine wire elements, rebuilt from the decoded object (not from `raw`)."""
+    """The ten wire elements, rebuilt from the decoded object (not from `raw`)."""
     return [env.version, int(env.kind), env.msg_id, env.sender.raw, env.created_at_ms,
-            env.ttl_s, [[r.key.raw, r.wrapped_key] for r in env.recipients],
+            env.ttl_s, env.ephemeral, [[r.key.raw, r.wrapped_key] for r in env.recipients],
             env.payload, env.signature]
 
 

@@ -9,6 +9,7 @@ from client.freshness import CLOCK_SKEW_MS, device_now_ms
 from client.inbox import (Drop, DropReason, ExpiryArrived, InboxView, PeerChangeArrived,
                           ReceiptArrived, Surface, decide)
 from client.peers import PeerList, Standing
+from client.tracking import SentLog
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 
@@ -24,13 +25,20 @@ def sealed(sender: Identity, recipients: list[Identity], plaintext: bytes,
 
 
 def view(*, peers: list[Identity] = (bob,), peer_version: int = 0,  # type: ignore[assignment]
-         seen: RecentlySeen | None = None,
-         awaiting: set[tuple[bytes, PublicKey]] | None = None,
+         seen: RecentlySeen | None = None, sent: SentLog | None = None,
          oracle_key: PublicKey | None = oracle.public) -> InboxView:
     """What alice's device knows: bob is her peer and `relay` proved its key."""
     return InboxView(identity=alice, peers=PeerList([p.public for p in peers], peer_version),
                      relay_keys={relay.public}, seen=seen or RecentlySeen(),
-                     awaiting_receipt=awaiting or set(), oracle_key=oracle_key)
+                     awaiting_receipt=sent or SentLog(), oracle_key=oracle_key)
+
+
+def sent_to(*recipients: Identity) -> tuple[Envelope, SentLog]:
+    """A message alice sent, tracked as her device tracks it."""
+    log = SentLog()
+    envelope = sealed(alice, list(recipients), b"from alice")
+    log.track(envelope)
+    return envelope, log
 
 
 def test_data_from_a_peer_is_surfaced_with_its_plaintext() -> None:
@@ -124,18 +132,28 @@ def test_peer_change_from_another_key_is_dropped(oracle_key: PublicKey | None) -
 
 
 def test_receipt_from_a_peer_is_accepted() -> None:
-    receipt = Receipt(b"r" * 16)
-    decision = decide(sealed(bob, [alice], receipt.encode(), Kind.RECEIPT).raw, view(),
+    envelope, log = sent_to(bob)
+    receipt = Receipt.of(envelope)
+    decision = decide(sealed(bob, [alice], receipt.encode(), Kind.RECEIPT).raw, view(sent=log),
                       now_ms=NOW_MS)
     assert isinstance(decision, ReceiptArrived) and decision.receipt == receipt
 
 
+def test_a_receipt_for_other_content_than_we_sent_is_dropped() -> None:
+    """Before, a receipt named only a msg_id: one for any content under that id passed."""
+    envelope, log = sent_to(bob)
+    wrong = Receipt(envelope.msg_id, bytes(32))
+    decision = decide(sealed(bob, [alice], wrong.encode(), Kind.RECEIPT).raw, view(sent=log),
+                      now_ms=NOW_MS)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+
+
 def test_receipt_from_a_non_peer_only_for_a_message_we_sent_it() -> None:
-    receipt = Receipt(b"r" * 16)
-    raw = sealed(carol, [alice], receipt.encode(), Kind.RECEIPT).raw
-    awaited = view(peers=[], awaiting={(receipt.msg_id, carol.public)})
-    assert isinstance(decide(raw, awaited, now_ms=NOW_MS), ReceiptArrived)
-    for other in (view(peers=[]), view(peers=[], awaiting={(receipt.msg_id, bob.public)})):
+    envelope, log = sent_to(carol)
+    raw = sealed(carol, [alice], Receipt.of(envelope).encode(), Kind.RECEIPT).raw
+    assert isinstance(decide(raw, view(peers=[], sent=log), now_ms=NOW_MS), ReceiptArrived)
+    _, to_bob = sent_to(bob)
+    for other in (view(peers=[]), view(peers=[], sent=to_bob)):
         decision = decide(raw, other, now_ms=NOW_MS)
         assert isinstance(decision, Drop) and decision.reason is DropReason.UNEXPECTED_RECEIPT
 
@@ -186,7 +204,7 @@ def test_fresh_until_created_at_plus_ttl_plus_the_relays_skew() -> None:
 
 
 @pytest.mark.parametrize("kind,sender,payload", [
-    (Kind.RECEIPT, bob, Receipt(b"m" * 16).encode()),
+    (Kind.RECEIPT, bob, Receipt(b"m" * 16, bytes(32)).encode()),
     (Kind.EXPIRY, relay, ExpiryNotice.single(b"m" * 16, bob.public).encode()),
     (Kind.PEER_CHANGE, oracle, PeerChange(9, (mallory.public,)).encode())],
     ids=["receipt", "expiry", "peer-change"])

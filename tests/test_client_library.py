@@ -127,6 +127,19 @@ async def test_a_queued_message_whose_ttl_passed_is_not_sent_and_shows_expired(
     assert sent.recipients == {bob.public: DeliveryStatus.EXPIRED}
 
 
+async def test_a_message_left_by_a_key_rotated_away_from_is_settled_not_kept_forever(
+        relay: RelayServer, tmp_path: Path) -> None:
+    old, new, bob = Identity.generate(), Identity.generate(), Identity.generate()
+    dead = f"ws://127.0.0.1:{free_port()}/v1/connect"
+    async with device(old, [dead], home=tmp_path / "home") as before:
+        await before.queue([bob.public], b"signed by the old key")
+    async with device(new, [relay.url], home=tmp_path / "home") as after:
+        assert await after.flush(timeout=10) == 0
+        [sent] = after.sent_messages()
+    assert sent.state.value == "refused" and sent.error is not None
+    assert sent.error.startswith("REVOKED")
+
+
 async def test_transient_refusals_are_retried_by_the_library(start_relay) -> None:  # type: ignore[no-untyped-def]
     """Found: a burst above the relay's rate raised RateLimitedError at the caller."""
     relay = await start_relay(rate_per_s=10.0, rate_burst=1)

@@ -6,18 +6,8 @@ import pytest
 
 from runtime.client_address import client_address, parse_networks
 from continuum.connection_gate import ConnectionGate, ConnectionRefused
+from gate_support import Recorder
 from proto_support import ALICE, BOB, CAROL
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.evicted = self.superseded = False
-
-    def evict(self) -> None:
-        self.evicted = True
-
-    def supersede(self) -> None:
-        self.superseded = True
 
 
 def gate(*, pending: int = 2, per_address: int = 10, per_key: int = 1,

@@ -65,5 +65,5 @@ async def test_healthz_answers_throughout_an_expiry_storm_and_every_expiry_is_re
             notices += 1
             reported.update((m, r.raw) for m, r in notice.entries)
     assert reported == {(m, r.raw) for m in sent for r in recipients}
-    assert notices <= expected // 500 + RECIPIENTS  # batches, not one notice per entry
+    assert notices * 50 <= expected  # batches of a sweep step each, not one notice per entry
     TALLY[ATTACKS_REJECTED] += 1

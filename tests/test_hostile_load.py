@@ -16,10 +16,9 @@ import pytest
 
 from proto import Identity
 from proto.errors import ErrorCode, ProtocolError
-from proto.frames import NONCE_BYTES, Accepted, Error, decode_frame
-from proto.handshake import DeviceHandshake
+from proto.frames import Accepted, Error, decode_frame
 from tally import ATTACKS_REJECTED, TALLY
-from wire import MAX_FRAME, RawDevice, error_code, sealed
+from wire import MAX_FRAME, RawDevice, device_handshake, error_code, sealed
 
 
 async def idle_upgrade(http: aiohttp.ClientSession, url: str,
@@ -57,7 +56,7 @@ async def handshake_seconds(url: str, identity: Identity,
     started = time.perf_counter()
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(url, headers=headers) as ws:
-            handshake = DeviceHandshake(identity, bytes(NONCE_BYTES), MAX_FRAME)
+            handshake = device_handshake(identity)
             await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
             handshake.receive_welcome(await ws.receive_bytes(timeout=5))
     return time.perf_counter() - started
@@ -231,7 +230,7 @@ async def test_a_device_that_stops_reading_is_aborted_and_frees_its_socket(
     connector = aiohttp.TCPConnector(socket_factory=small_window_socket)
     async with aiohttp.ClientSession(connector=connector) as http:
         ws = await http.ws_connect(server.url, max_msg_size=MAX_FRAME)
-        handshake = DeviceHandshake(stuck, bytes(NONCE_BYTES), MAX_FRAME)
+        handshake = device_handshake(stuck)
         await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
         handshake.receive_welcome(await ws.receive_bytes(timeout=5))
         # From here on `stuck` reads nothing; its mailbox fills with large envelopes, more
@@ -257,7 +256,7 @@ async def test_fresh_keys_from_one_address_get_only_the_unknown_key_budget(start
     codes = []
     for _ in range(8):
         async with aiohttp.ClientSession() as http, http.ws_connect(server.url) as ws:
-            handshake = DeviceHandshake(Identity.generate(), bytes(NONCE_BYTES), MAX_FRAME)
+            handshake = device_handshake(Identity.generate())
             await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
             answer = decode_frame(await ws.receive_bytes(timeout=5), MAX_FRAME)
             codes.append("WELCOME" if not isinstance(answer, Error) else error_code(answer))

@@ -63,7 +63,7 @@ async def test_migrations_are_numbered_recorded_and_applied_once(open_db: Opener
     assert await db.migrate() == []  # nothing left to apply
     again = await open_db()
     assert await again.fetch("SELECT version FROM schema_migrations ORDER BY version") == [
-        {"version": 1}, {"version": 2}]
+        {"version": 1}, {"version": 2}, {"version": 3}]
 
 
 async def test_group_changes_issue_versions_only_to_affected_devices(open_db: Opener) -> None:
@@ -201,3 +201,48 @@ async def test_reissue_gives_every_active_device_a_new_version_of_its_list(
     assert set(pending) == {a, b, c}
     assert {k: pending[k].version for k in pending} == {k: v + 1 for k, v in versions.items()}
     assert pending[a].peers == {b} and pending[c].peers == frozenset()
+
+
+async def test_rotation_moves_the_device_to_its_new_key_and_drains_the_old(
+        open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    old, new, peer, lonely, lonely_new = key(), key(), key(), key(), key()
+    for k in (old, peer, lonely):
+        await registry.enroll(k, f"dev-{k[4:8]}", ["site-a"])
+    group = await registry.create_group("g")
+    for k in (old, peer):
+        await registry.add_member(group.id, k)
+    before = await registry.get_device(old)
+    until = now_ms() + 60_000
+
+    record = await registry.rotate_device(old, new, until)
+    assert (record.key, record.name, record.tags, record.groups) == (
+        new, before.name, before.tags, ("g",))
+    assert record.rotated_from == old and record.peer_version == before.peer_version + 1
+    retired = await registry.get_device(old)
+    assert retired.revoked and retired.rotated_to == new and retired.groups == ()
+    assert await registry.current_peers(new) == {peer}
+    assert await registry.current_peers(peer) == {new}
+    snapshot = await registry.access_snapshot()
+    assert dict(snapshot.draining) == {old: until} and old not in snapshot.revoked
+    assert new in snapshot.enrolled and old not in snapshot.enrolled
+
+    assert (await registry.rotate_device(old, new, until)).key == new  # again: no change
+    for attempt in ((old, key()), (peer, new), (peer, lonely)):
+        with pytest.raises(Conflict):  # a retired key; onto a key ever seen
+            await registry.rotate_device(*attempt, until)
+    with pytest.raises(Conflict):
+        await registry.set_revoked(old, False)  # the device is its new key now
+
+    # A device in no group is still told: its new key's first list is how it learns.
+    await registry.rotate_device(lonely, lonely_new, until)
+    assert any(p.device_key == lonely_new for p in await registry.pending_pushes())
+
+
+async def test_an_expired_drain_is_a_plain_revocation(open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    old, new = key(), key()
+    await registry.enroll(old, "d")
+    await registry.rotate_device(old, new, now_ms() - 1)
+    snapshot = await registry.access_snapshot()
+    assert old in snapshot.revoked and not snapshot.draining

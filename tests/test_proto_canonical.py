@@ -75,9 +75,9 @@ def test_non_canonical_in_envelope_field_is_refused(hex_data: str) -> None:
 
 def test_non_shortest_integer_inside_envelope() -> None:
     raw = make_envelope().raw
-    assert raw[:2] == bytes.fromhex("8901")  # array(9), version 1
+    assert raw[:2] == bytes.fromhex("8a02")  # array(10), version 2
     with pytest.raises(DecodeError) as caught:
-        decode_envelope(bytes.fromhex("891801") + raw[2:])
+        decode_envelope(bytes.fromhex("8a1802") + raw[2:])
     assert caught.value.code is ErrorCode.MALFORMED
 
 

@@ -14,15 +14,19 @@ from proto.errors import (DecodeError, DecryptError, ErrorCode, InvalidFieldErro
                           SignatureError, UnsupportedVersionError)
 from proto.keys import Identity
 from proto.limits import DEFAULT_MAX_RECIPIENTS, MAX_TTL_SECONDS, Limits
-from proto.sealing import PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES
+from proto.sealing import (PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES, ephemeral_public,
+                           padded_size)
 from proto_support import (ALICE, BOB, CAROL, MALLORY, NOW_MS, TTL_S, counter_random,
                                  envelope_fields, identity, make_envelope, reencode)
 
 
+SIGNATURE, PAYLOAD, RECIPIENTS, EPHEMERAL = 9, 8, 7, 6  # element indices (protocol 2)
+
+
 def _forge(fields: list, signer: Identity) -> bytes:
-    """Re-sign the first eight fields with `signer` and encode the envelope."""
-    signature = signer.sign(SIGNING_DOMAIN + canonical.encode(fields[:8]))
-    return canonical.encode([*fields[:8], signature])
+    """Re-sign the first nine fields with `signer` and encode the envelope."""
+    signature = signer.sign(SIGNING_DOMAIN + canonical.encode(fields[:SIGNATURE]))
+    return canonical.encode([*fields[:SIGNATURE], signature])
 
 
 class TestRoundTrip:
@@ -43,7 +47,8 @@ class TestRoundTrip:
         plaintext = b"x" * 1000
         one = make_envelope(plaintext, recipients=(BOB,))
         three = make_envelope(plaintext, recipients=(BOB, CAROL, MALLORY))
-        assert len(three.payload) == len(one.payload) == len(plaintext) + PAYLOAD_OVERHEAD_BYTES
+        assert len(three.payload) == len(one.payload) == (
+            padded_size(len(plaintext)) + PAYLOAD_OVERHEAD_BYTES)
         # Each extra recipient costs one [key, wrap] pair: 1 + (2+32) + (2+72) bytes.
         assert len(three.raw) - len(one.raw) == 2 * (1 + 2 + 32 + 2 + WRAPPED_KEY_BYTES)
         decoded = decode_envelope(three.raw)
@@ -63,9 +68,10 @@ class TestRoundTrip:
         env = make_envelope(plaintext, recipients=readers)
         assert reencode(decode_envelope(env.raw)) == env.raw
 
-    def test_signed_bytes_are_domain_and_first_eight_fields(self) -> None:
+    def test_signed_bytes_are_domain_and_first_nine_fields(self) -> None:
         env = make_envelope()
-        assert env.signed_bytes() == SIGNING_DOMAIN + canonical.encode(envelope_fields(env)[:8])
+        assert env.signed_bytes() == SIGNING_DOMAIN + canonical.encode(
+            envelope_fields(env)[:SIGNATURE])
         ALICE.public.verify(env.signed_bytes(), env.signature)
 
     def test_sender_can_address_itself(self) -> None:
@@ -76,7 +82,7 @@ class TestRoundTrip:
 class TestForgery:
     def test_signed_by_another_key(self) -> None:
         fields = envelope_fields(make_envelope())
-        fields[8] = MALLORY.sign(SIGNING_DOMAIN + canonical.encode(fields[:8]))
+        fields[SIGNATURE] = MALLORY.sign(SIGNING_DOMAIN + canonical.encode(fields[:SIGNATURE]))
         with pytest.raises(SignatureError):
             decode_envelope(canonical.encode(fields)).verify()
 
@@ -93,7 +99,7 @@ class TestForgery:
                 with pytest.raises(SignatureError):
                     env.verify()
 
-    @pytest.mark.parametrize("index", range(1, 8))  # a changed version is UNSUPPORTED_VERSION
+    @pytest.mark.parametrize("index", range(1, SIGNATURE))  # a changed version: UNSUPPORTED_VERSION
     def test_changed_field_breaks_signature(self, index: int) -> None:
         env = make_envelope(recipients=(BOB, CAROL))
         fields = envelope_fields(env)
@@ -108,7 +114,7 @@ class TestForgery:
 
     def test_wrong_signature_length_is_invalid_field(self) -> None:
         fields = envelope_fields(make_envelope())
-        fields[8] = fields[8][:63]
+        fields[SIGNATURE] = fields[SIGNATURE][:63]
         with pytest.raises(InvalidFieldError):
             decode_envelope(canonical.encode(fields))
 
@@ -122,8 +128,9 @@ class TestDecrypt:
         # Carol's wrap placed under Bob's entry: Bob holds the wrong key for it.
         env = make_envelope(recipients=(BOB, CAROL))
         fields = envelope_fields(env)
-        wraps = [entry[1] for entry in fields[6]]
-        fields[6] = [[entry[0], wrap] for entry, wrap in zip(fields[6], reversed(wraps))]
+        wraps = [entry[1] for entry in fields[RECIPIENTS]]
+        fields[RECIPIENTS] = [[entry[0], wrap]
+                              for entry, wrap in zip(fields[RECIPIENTS], reversed(wraps))]
         forged = decode_envelope(_forge(fields, ALICE))
         forged.verify()
         with pytest.raises(DecryptError):
@@ -138,10 +145,11 @@ class TestDecrypt:
         with pytest.raises(DecryptError):
             forged.open(BOB)  # …whose payload is bound to Alice's header
 
-    @pytest.mark.parametrize("index", [1, 2, 4, 5])
+    @pytest.mark.parametrize("index", [1, 2, 4, 5, EPHEMERAL])
     def test_header_change_resigned_by_sender_does_not_decrypt(self, index: int) -> None:
         fields = envelope_fields(make_envelope())
-        fields[index] = {1: 2, 2: b"\x00" * MSG_ID_BYTES, 4: NOW_MS + 1, 5: TTL_S + 1}[index]
+        fields[index] = {1: 2, 2: b"\x00" * MSG_ID_BYTES, 4: NOW_MS + 1, 5: TTL_S + 1,
+                         EPHEMERAL: ephemeral_public(b"\x09" * 32)}[index]
         forged = decode_envelope(_forge(fields, ALICE))
         forged.verify()
         with pytest.raises(DecryptError):
@@ -149,16 +157,16 @@ class TestDecrypt:
 
     def test_dropping_a_recipient_does_not_decrypt(self) -> None:
         fields = envelope_fields(make_envelope(recipients=(BOB, CAROL)))
-        fields[6] = [entry for entry in fields[6] if entry[0] == BOB.public.raw]
+        fields[RECIPIENTS] = [entry for entry in fields[RECIPIENTS] if entry[0] == BOB.public.raw]
         forged = decode_envelope(_forge(fields, ALICE))
         with pytest.raises(DecryptError):
             forged.open(BOB)
 
     def test_altered_ciphertext(self) -> None:
         fields = envelope_fields(make_envelope())
-        payload = bytearray(fields[7])
+        payload = bytearray(fields[PAYLOAD])
         payload[-1] ^= 1
-        fields[7] = bytes(payload)
+        fields[PAYLOAD] = bytes(payload)
         with pytest.raises(DecryptError):
             decode_envelope(_forge(fields, ALICE)).open(BOB)
 
@@ -167,16 +175,65 @@ class TestDecrypt:
 
         env = make_envelope()
         aad = PAYLOAD_AAD_DOMAIN + canonical.encode(
-            [*envelope_fields(env)[:6], [r.key.raw for r in env.recipients]])
+            [*envelope_fields(env)[:RECIPIENTS], [r.key.raw for r in env.recipients]])
         box_key = nacl.bindings.crypto_box_beforenm(
-            nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(ALICE.public.raw),
-            nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+            env.ephemeral, nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
                 BOB.signing_key.encode() + BOB.public.raw))
         wrap = env.recipients[0].wrapped_key
         content_key = nacl.bindings.crypto_box_open_afternm(wrap[24:], wrap[:24], box_key)
-        plaintext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            env.payload[24:], aad, env.payload[:24], content_key)
-        assert plaintext == b"hello, device"
+        padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            env.payload[24 + 32:], aad, env.payload[:24], content_key)
+        assert padded.rstrip(b"\x00") == b"hello, device\x80"
+
+    def test_a_second_content_key_cannot_open_a_payload_committed_to_the_first(self) -> None:
+        """Invisible salamanders: before, one signed 457-byte envelope decrypted to two
+        different plaintexts for two recipients (their wraps held different keys)."""
+        env = make_envelope(recipients=(BOB, CAROL))
+        fields = envelope_fields(env)
+        other = make_envelope(b"CLOSE valve 7", recipients=(BOB, CAROL), label="other")
+        # Give carol a wrap of another content key (one alice sealed for carol elsewhere),
+        # keep the payload and its commitment: alice signs the mix, the relay cannot tell.
+        carol_entry = [e for e in envelope_fields(other)[RECIPIENTS] if e[0] == CAROL.public.raw]
+        fields[EPHEMERAL] = other.ephemeral  # so carol's wrap opens at all
+        fields[RECIPIENTS] = [e if e[0] != CAROL.public.raw else carol_entry[0]
+                              for e in fields[RECIPIENTS]]
+        forged = decode_envelope(_forge(fields, ALICE))
+        with pytest.raises(DecryptError, match="commits|decrypt"):
+            forged.open(CAROL)
+
+    def test_open_verifies_first(self) -> None:
+        fields = envelope_fields(make_envelope())
+        fields[SIGNATURE] = MALLORY.sign(SIGNING_DOMAIN + canonical.encode(fields[:SIGNATURE]))
+        with pytest.raises(SignatureError):
+            decode_envelope(canonical.encode(fields)).open(BOB)
+
+    def test_the_senders_identity_key_cannot_open_what_it_sent(self) -> None:
+        """Forward secrecy for the sender: the wraps are from a key forgotten after sealing."""
+        import nacl.bindings
+        import nacl.exceptions
+
+        env = make_envelope()
+        wrap = env.recipients[0].wrapped_key
+        alice_x = nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(
+            ALICE.signing_key.encode() + ALICE.public.raw)
+        bob_x = nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(BOB.public.raw)
+        with pytest.raises(nacl.exceptions.CryptoError):
+            nacl.bindings.crypto_box_open(wrap[24:], wrap[:24], bob_x, alice_x)
+
+    @pytest.mark.parametrize("length,bucket", [(0, 64), (63, 64), (64, 128), (1000, 1024),
+                                               (16_383, 16_384), (16_384, 32_768),
+                                               (40_000, 49_152)])
+    def test_payloads_are_padded_to_size_buckets(self, length: int, bucket: int) -> None:
+        assert padded_size(length) == bucket
+        env = make_envelope(b"x" * length)
+        assert len(env.payload) == bucket + PAYLOAD_OVERHEAD_BYTES
+        assert env.open(BOB) == b"x" * length
+
+    def test_the_content_hash_is_of_the_signed_bytes(self) -> None:
+        import hashlib
+        env = make_envelope()
+        assert env.content_hash() == hashlib.blake2b(env.signed_bytes(), digest_size=32).digest()
+        assert make_envelope(label="other").content_hash() != env.content_hash()
 
 
 class TestStrictDecoding:
@@ -202,7 +259,7 @@ class TestStrictDecoding:
             seal_envelope(ALICE, Kind.DATA, [BOB.public], b"x" * 65536,
                           ttl_s=TTL_S, now_ms=NOW_MS)
 
-    @pytest.mark.parametrize("version", [0, 2, 255, 2**32])
+    @pytest.mark.parametrize("version", [0, 1, 3, 255, 2**32])
     def test_unknown_version(self, version: int) -> None:
         fields = envelope_fields(make_envelope())
         fields[0] = version
@@ -212,7 +269,7 @@ class TestStrictDecoding:
     def test_unknown_version_with_other_shape(self) -> None:
         """A future version may change the layout; the version must be reported first."""
         with pytest.raises(UnsupportedVersionError):
-            decode_envelope(canonical.encode([2, "anything"]))
+            decode_envelope(canonical.encode([3, "anything"]))
 
     @pytest.mark.parametrize("index,value", [
         (0, True), (0, "1"),
@@ -221,10 +278,11 @@ class TestStrictDecoding:
         (3, b"\x00" * 31), (3, b"\x00" * 33), (3, None),
         (4, -1), (4, "now"),
         (5, 0), (5, MAX_TTL_SECONDS + 1), (5, -5), (5, False),
-        (6, []), (6, b""), (6, [[b"\x00" * 32]]), (6, [[b"\x00" * 32, b"\x00" * 71]]),
-        (6, [[b"\x00" * 31, b"\x00" * 72]]), (6, [b"\x00" * 32]), (6, {}),
-        (7, b"\x00" * (PAYLOAD_OVERHEAD_BYTES - 1)), (7, "text"), (7, []),
-        (8, b"\x00" * 65), (8, None),
+        (6, b"\x00" * 31), (6, None),
+        (7, []), (7, b""), (7, [[b"\x00" * 32]]), (7, [[b"\x00" * 32, b"\x00" * 71]]),
+        (7, [[b"\x00" * 31, b"\x00" * 72]]), (7, [b"\x00" * 32]), (7, {}),
+        (8, b"\x00" * (PAYLOAD_OVERHEAD_BYTES - 1)), (8, "text"), (8, []),
+        (9, b"\x00" * 65), (9, None),
     ])
     def test_wrong_types_and_lengths(self, index: int, value: object) -> None:
         fields = envelope_fields(make_envelope())
@@ -242,17 +300,18 @@ class TestStrictDecoding:
 
     def test_unsorted_or_duplicate_recipients(self) -> None:
         fields = envelope_fields(make_envelope(recipients=(BOB, CAROL)))
-        fields[6] = list(reversed(fields[6]))
+        fields[RECIPIENTS] = list(reversed(fields[RECIPIENTS]))
         with pytest.raises(InvalidFieldError):
             decode_envelope(canonical.encode(fields))
-        fields[6] = [fields[6][0], fields[6][0]]
+        fields[RECIPIENTS] = [fields[RECIPIENTS][0], fields[RECIPIENTS][0]]
         with pytest.raises(InvalidFieldError):
             decode_envelope(canonical.encode(fields))
 
     def test_too_many_recipients(self) -> None:
         fields = envelope_fields(make_envelope())
-        wrap = fields[6][0][1]
-        fields[6] = [[i.to_bytes(32, "big"), wrap] for i in range(DEFAULT_MAX_RECIPIENTS + 1)]
+        wrap = fields[RECIPIENTS][0][1]
+        fields[RECIPIENTS] = [[i.to_bytes(32, "big"), wrap]
+                              for i in range(DEFAULT_MAX_RECIPIENTS + 1)]
         with pytest.raises(InvalidFieldError):
             decode_envelope(canonical.encode(fields))
         with pytest.raises(InvalidFieldError):
@@ -260,7 +319,7 @@ class TestStrictDecoding:
                           [identity(f"r{i}").public for i in range(DEFAULT_MAX_RECIPIENTS + 1)],
                           b"", ttl_s=TTL_S, now_ms=NOW_MS)
 
-    @pytest.mark.parametrize("value", [[], [1] * 8, [1] * 10, {}, 1, b"", "envelope", None])
+    @pytest.mark.parametrize("value", [[], [2] * 9, [2] * 11, {}, 1, b"", "envelope", None])
     def test_wrong_shape(self, value: object) -> None:
         with pytest.raises(DecodeError):
             decode_envelope(canonical.encode(value))

@@ -10,7 +10,7 @@ from proto import canonical
 from proto.errors import DecodeError, ErrorCode, InvalidFieldError, OversizeError, UnsupportedVersionError
 from proto.frames import (MAX_ERROR_MESSAGE_CHARS, MAX_TAG_CHARS, Accepted, Ack, Challenge, Deliver,
                           Error, FrameType, Send, Welcome, decode_frame, encode_frame)
-from proto.handshake import sign_hello, welcome_signed_bytes
+from proto.handshake import ephemeral_keypair, sign_hello
 from proto.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from proto_support import ALICE, identity, make_envelope
 
@@ -18,20 +18,19 @@ RELAY = identity("relay")
 MAX = DEFAULT_LIMITS.max_frame_bytes
 RELAY_NONCE = bytes(range(32))
 CLIENT_NONCE = bytes(range(32, 64))
-CHALLENGE = Challenge(PROTOCOL_VERSION, RELAY_NONCE, RELAY.public)
+EPH = ephemeral_keypair(bytes(32))[0]
+CHALLENGE = Challenge(PROTOCOL_VERSION, RELAY_NONCE, RELAY.public, EPH)
 
 
-def _welcome(challenge: Challenge = CHALLENGE, device=ALICE.public,
-             client_nonce: bytes = CLIENT_NONCE) -> Welcome:
-    signature = RELAY.sign(welcome_signed_bytes(challenge, device, client_nonce))
-    return Welcome(1_700_000_000_000, signature, DEFAULT_LIMITS.max_envelope_bytes)
+def _welcome() -> Welcome:
+    return Welcome(1_700_000_000_000, DEFAULT_LIMITS.max_envelope_bytes, b"\x07" * 64)
 
 
 def sample_frames() -> list:
     env = make_envelope().raw
     return [
         CHALLENGE,
-        sign_hello(CHALLENGE, ALICE, CLIENT_NONCE),
+        sign_hello(CHALLENGE, ALICE, CLIENT_NONCE, EPH),
         _welcome(),
         Send(env),
         Accepted(b"\x01" * 16),
@@ -93,15 +92,19 @@ def test_error_code_lookup() -> None:
     ({4: b""}, DecodeError),
     ([4], DecodeError),
     ([4, b"", b""], DecodeError),
-    ([1, 2, RELAY_NONCE, RELAY.public.raw], UnsupportedVersionError),
-    ([1, 0, RELAY_NONCE, RELAY.public.raw], UnsupportedVersionError),
-    ([1, PROTOCOL_VERSION, RELAY_NONCE[:31], RELAY.public.raw], InvalidFieldError),
-    ([1, PROTOCOL_VERSION, RELAY_NONCE, RELAY.public.raw[:31]], InvalidFieldError),
-    ([1, True, RELAY_NONCE, RELAY.public.raw], InvalidFieldError),
-    ([2, ALICE.public.raw, CLIENT_NONCE, b"\x00" * 63], InvalidFieldError),
-    ([2, ALICE.public.raw, "nonce", b"\x00" * 64], InvalidFieldError),
-    ([3, -1, b"\x00" * 64, 65536], InvalidFieldError),
-    ([3, 0, b"\x00" * 64, "65536"], InvalidFieldError),
+    ([1, 1, RELAY_NONCE, RELAY.public.raw], UnsupportedVersionError),  # a v1 relay
+    ([1, 3, RELAY_NONCE, RELAY.public.raw, EPH], UnsupportedVersionError),
+    ([1, 0, RELAY_NONCE, RELAY.public.raw, EPH], UnsupportedVersionError),
+    ([1, PROTOCOL_VERSION, RELAY_NONCE, RELAY.public.raw], DecodeError),
+    ([1, PROTOCOL_VERSION, RELAY_NONCE[:31], RELAY.public.raw, EPH], InvalidFieldError),
+    ([1, PROTOCOL_VERSION, RELAY_NONCE, RELAY.public.raw[:31], EPH], InvalidFieldError),
+    ([1, PROTOCOL_VERSION, RELAY_NONCE, RELAY.public.raw, EPH[:31]], InvalidFieldError),
+    ([1, True, RELAY_NONCE, RELAY.public.raw, EPH], InvalidFieldError),
+    ([2, ALICE.public.raw, CLIENT_NONCE, b"\x00" * 64], DecodeError),  # a v1 HELLO
+    ([2, ALICE.public.raw, CLIENT_NONCE, EPH, b"\x00" * 63], InvalidFieldError),
+    ([2, ALICE.public.raw, "nonce", EPH, b"\x00" * 64], InvalidFieldError),
+    ([3, -1, 65536, b"\x00" * 64], InvalidFieldError),
+    ([3, 0, "65536", b"\x00" * 64], InvalidFieldError),
     ([4, "envelope"], InvalidFieldError),
     ([5, b"\x00" * 15], InvalidFieldError),
     ([6, b"\x00" * 16, -1, "x"], InvalidFieldError),

@@ -18,17 +18,18 @@ from fuzz_settings import long_run, quick
 from proto.envelope import decode_envelope
 from proto.errors import ProtocolError, SignatureError
 from proto.frames import Ack, Challenge, Deliver, Error, Send, decode_frame, encode_frame
-from proto.handshake import DeviceHandshake, RelayHandshake, sign_hello
+from proto.handshake import DeviceHandshake, RelayHandshake, ephemeral_keypair, sign_hello
 from proto.limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from proto_support import (ALICE, BOB, CAROL, cbor_values, encode_any, envelope_fields,
                            field_replacements, make_envelope, mutations)
 
 ENVELOPE = make_envelope(b"fuzz me", recipients=(BOB, CAROL))
 ENVELOPE_FIELDS = envelope_fields(ENVELOPE)
-CHALLENGE = Challenge(PROTOCOL_VERSION, bytes(range(32)), BOB.public)
+EPH = ephemeral_keypair(bytes(32))[0]
+CHALLENGE = Challenge(PROTOCOL_VERSION, bytes(range(32)), BOB.public, EPH)
 FRAMES = [encode_frame(f) for f in (
     Send(ENVELOPE.raw), Deliver("tag-1", ENVELOPE.raw), Ack("tag-1"),
-    Error(ENVELOPE.msg_id, 6, "replay"), CHALLENGE, sign_hello(CHALLENGE, ALICE, bytes(32)),
+    Error(ENVELOPE.msg_id, 6, "replay"), CHALLENGE, sign_hello(CHALLENGE, ALICE, bytes(32), EPH),
 )]
 
 
@@ -83,8 +84,8 @@ def check_frame(data: bytes) -> None:
 
 def check_handshake(data: bytes) -> None:
     """Hostile bytes as HELLO to a relay and as WELCOME to a device: only ProtocolError."""
-    relay = RelayHandshake(BOB, CHALLENGE.relay_nonce, DEFAULT_LIMITS)
-    device = DeviceHandshake(ALICE, bytes(32), DEFAULT_LIMITS.max_envelope_bytes)
+    relay = RelayHandshake(BOB, CHALLENGE.relay_nonce, bytes(32), DEFAULT_LIMITS)
+    device = DeviceHandshake(ALICE, bytes(32), bytes(32), DEFAULT_LIMITS.max_envelope_bytes)
     device.receive_challenge(relay.challenge())
     for step in (relay.receive_hello, device.receive_welcome):
         try:

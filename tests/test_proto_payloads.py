@@ -18,11 +18,18 @@ keys = st.binary(min_size=32, max_size=32)
 
 
 @settings(max_examples=200, deadline=None)
-@given(msg_ids)
-def test_receipt_round_trip(msg_id: bytes) -> None:
-    data = Receipt(msg_id).encode()
-    assert Receipt.decode(data) == Receipt(msg_id)
+@given(msg_ids, st.binary(min_size=32, max_size=32))
+def test_receipt_round_trip(msg_id: bytes, content_hash: bytes) -> None:
+    data = Receipt(msg_id, content_hash).encode()
+    assert Receipt.decode(data) == Receipt(msg_id, content_hash)
     assert Receipt.decode(data).encode() == data
+
+
+def test_a_receipt_names_the_content_it_answers() -> None:
+    from proto_support import make_envelope
+    envelope = make_envelope()
+    receipt = Receipt.of(envelope)
+    assert (receipt.msg_id, receipt.content_hash) == (envelope.msg_id, envelope.content_hash())
 
 
 @settings(max_examples=200, deadline=None)
@@ -73,11 +80,13 @@ def test_peer_change_must_be_sorted_and_unique() -> None:
 
 
 @pytest.mark.parametrize("decoder,value,error", [
-    (Receipt.decode, [b"\x00" * 15], InvalidFieldError),
-    (Receipt.decode, [b"\x00" * 17], InvalidFieldError),
-    (Receipt.decode, ["x" * 16], InvalidFieldError),
+    (Receipt.decode, [b"\x00" * 15, b"\x00" * 32], InvalidFieldError),
+    (Receipt.decode, [b"\x00" * 17, b"\x00" * 32], InvalidFieldError),
+    (Receipt.decode, ["x" * 16, b"\x00" * 32], InvalidFieldError),
+    (Receipt.decode, [b"\x00" * 16, b"\x00" * 31], InvalidFieldError),
+    (Receipt.decode, [b"\x00" * 16, 1], InvalidFieldError),
     (Receipt.decode, [], DecodeError),
-    (Receipt.decode, [b"\x00" * 16, 1], DecodeError),
+    (Receipt.decode, [b"\x00" * 16], DecodeError),  # the receipt of protocol 1
     (Receipt.decode, b"\x00" * 16, DecodeError),
     (ExpiryNotice.decode, [b"\x00" * 16, b"\x00" * 31], InvalidFieldError),
     (ExpiryNotice.decode, [b"\x00" * 16], DecodeError),
@@ -102,7 +111,7 @@ def test_strict_decoding(decoder, value: object, error: type) -> None:
 @pytest.mark.parametrize("decoder", [Receipt.decode, ExpiryNotice.decode, PeerChange.decode])
 def test_trailing_and_non_canonical_refused(decoder) -> None:
     with pytest.raises(DecodeError):
-        decoder(Receipt(b"\x00" * 16).encode() + b"\x00")
+        decoder(Receipt(b"\x00" * 16, b"\x00" * 32).encode() + b"\x00")
     with pytest.raises(DecodeError):
         decoder(bytes.fromhex("9f") + b"\x50" + b"\x00" * 16 + b"\xff")
 

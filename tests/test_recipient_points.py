@@ -13,11 +13,11 @@ import pytest
 
 from continuum.admission import admit
 from continuum.settings import Settings
-from proto import Identity, PublicKey, canonical, decode_envelope
+from proto import PROTOCOL_VERSION, Identity, PublicKey, canonical, decode_envelope
 from proto.envelope import MSG_ID_BYTES, SIGNING_DOMAIN
 from proto.errors import InvalidFieldError
 from proto.frames import Accepted, Send, encode_frame
-from proto.sealing import PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES
+from proto.sealing import PAYLOAD_OVERHEAD_BYTES, WRAPPED_KEY_BYTES, ephemeral_public
 from wire import RawDevice, error_code, now_ms, sealed
 
 # The small-order identity point, and bytes that decode to no point at all.
@@ -27,7 +27,8 @@ NOT_POINTS = [b"\x01" + bytes(31), bytes.fromhex("02" * 32)]
 def signed_to_raw_keys(sender: Identity, keys: list[bytes]) -> bytes:
     """A well-formed, correctly signed envelope addressed to arbitrary 32-byte keys,
     as an attacker builds it (sealing to a non-point is impossible)."""
-    header = [1, 1, os.urandom(MSG_ID_BYTES), sender.public.raw, now_ms(), 60]
+    header = [PROTOCOL_VERSION, 1, os.urandom(MSG_ID_BYTES), sender.public.raw, now_ms(), 60,
+              ephemeral_public(os.urandom(32))]
     recipients = sorted([key, os.urandom(WRAPPED_KEY_BYTES)] for key in keys)
     payload = os.urandom(PAYLOAD_OVERHEAD_BYTES + 16)
     signature = sender.sign(SIGNING_DOMAIN + canonical.encode([*header, recipients, payload]))

@@ -12,7 +12,7 @@ import pytest
 from continuum.server import RelayServer
 from proto import Identity, Kind, decode_envelope, seal_envelope
 from proto.frames import Accepted, Ack, Challenge, Deliver, Send, decode_frame, encode_frame
-from proto.handshake import sign_hello
+from proto.handshake import ephemeral_keypair, sign_hello
 from proto.errors import StoreUnavailableError
 from proto.limits import Limits
 from proto.payloads import ExpiryNotice
@@ -84,7 +84,7 @@ async def test_delivery_window_bounds_unacked_frames(start_relay) -> None:
     async with await RawDevice.connect(server.url, bob) as b:
         held = [await b.next_delivery(ack=False) for _ in range(4)]
         await b.expect_silence(0.3)
-        await b.ws.send_bytes(encode_frame(Ack(held[0].tag)))
+        await b.send_frame(Ack(held[0].tag))
         fifth = await b.next_delivery(ack=False)
     assert fifth.tag not in {d.tag for d in held}
 
@@ -168,7 +168,8 @@ async def test_replay_stale_and_future_timestamps_are_refused(relay: RelayServer
 async def test_oversize_frame_is_refused_without_storing(start_relay) -> None:
     server = await start_relay(max_envelope_bytes=4096)
     alice, bob = Identity.generate(), Identity.generate()
-    big = seal_envelope(alice, Kind.DATA, [bob.public], b"x" * 3000, ttl_s=60, now_ms=now_ms())
+    big = seal_envelope(alice, Kind.DATA, [bob.public], b"x" * 3000, ttl_s=60, now_ms=now_ms(),
+                        limits=Limits(max_envelope_bytes=4096))  # padded only as far as fits
     async with await RawDevice.connect(server.url, alice) as a:
         assert isinstance(await a.send(big), Accepted)
         bigger = bytes(encode_frame(Send(b"\x00" * 5000)))
@@ -252,7 +253,7 @@ async def test_hello_signed_by_another_key_is_refused(relay: RelayServer) -> Non
         ws = await session.ws_connect(relay.url)
         challenge = decode_frame(await ws.receive_bytes(timeout=5), 4096)
         assert isinstance(challenge, Challenge)
-        honest = sign_hello(challenge, mallory, b"\x01" * 32)
+        honest = sign_hello(challenge, mallory, b"\x01" * 32, ephemeral_keypair(bytes(32))[0])
         claimed = replace(honest, device_key=alice.public)
         await ws.send_bytes(encode_frame(claimed))
         assert error_code(decode_frame(await ws.receive_bytes(timeout=5), 4096)) == "UNAUTHENTICATED"
@@ -292,7 +293,7 @@ async def test_deliveries_are_not_sent_to_other_devices(relay: RelayServer) -> N
         assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
         await e.expect_silence(0.3)
         # Eve cannot ack bob's message away either.
-        await e.ws.send_bytes(encode_frame(Ack("1")))
+        await e.send_frame(Ack("1"))
         await e.expect_silence(0.1)
     assert await depth(relay, bob) == 1
 
@@ -338,10 +339,8 @@ async def test_send_just_before_the_device_closes_is_still_answered(relay: Relay
     alice, bob = Identity.generate(), Identity.generate()
     envelope = sealed(alice, [bob.public])
     async with await RawDevice.connect(relay.url, alice) as a:
-        await a.ws.send_bytes(encode_frame(Send(envelope.raw)))
+        await a.send_frame(Send(envelope.raw))
         await a.ws.send_frame(b"\x03\xe8", aiohttp.WSMsgType.CLOSE)  # code 1000, same segment
-        answer = await a.ws.receive(timeout=5)
-        assert answer.type == aiohttp.WSMsgType.BINARY
-        assert decode_frame(answer.data, MAX_FRAME) == Accepted(envelope.msg_id)
+        assert await a.recv() == Accepted(envelope.msg_id)
         assert (await a.ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
                                                         aiohttp.WSMsgType.CLOSED)

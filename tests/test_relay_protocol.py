@@ -2,8 +2,9 @@
 
 Each test plays the shell: it feeds bytes in, performs (by hand) the store
 call the protocol asks for, reports the result, and asserts on the frames
-the protocol wants written.  The socket-level behaviour of the same rules is
-covered by tests/test_relay.py.
+the protocol wants written.  After the handshake it also plays the device's
+end of the sealed channel (`Conversation`).  The socket-level behaviour of
+the same rules is covered by tests/test_relay.py.
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ from proto.access import AccessList
 from proto.errors import ErrorCode, MailboxFullError, RevokedError, StoreUnavailableError
 from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Hello, Send, decode_frame,
                           encode_frame)
-from proto.handshake import DeviceHandshake
+from proto.channel import ChannelKeys
+from proto.handshake import ephemeral_keypair
 from proto_support import ALICE, BOB, MALLORY, identity
+from gate_support import Recorder
+from wire import device_handshake
 
 RELAY = identity("relay")
 ORACLE = identity("oracle")
@@ -62,20 +66,43 @@ def new_protocol(*, control: AccessControl | None = None, budget: AddressBudget 
     settings = Settings(delivery_window=WINDOW, **overrides)
     return RelayProtocol(RELAY, settings, control or access(),
                          budget or AddressBudget(gate(settings), "192.0.2.1"), RelayMetrics(),
-                         structlog.get_logger("test"), relay_nonce=os.urandom(32))
+                         structlog.get_logger("test"), relay_nonce=os.urandom(32),
+                         ephemeral_seed=os.urandom(32))
 
 
-def frames(protocol: RelayProtocol) -> list[Frame]:
-    return [decode_frame(data, MAX) for data in protocol.data_to_send()]
+class Conversation:
+    """An authenticated protocol, and the device's end of its sealed channel: `receive`
+    seals what the test sends, `frames` opens what the relay wants written.  Every other
+    attribute is the protocol's."""
+
+    def __init__(self, protocol: RelayProtocol, channel: ChannelKeys) -> None:
+        self.protocol = protocol
+        self.sealer, self.opener = channel.for_device()
+
+    def receive(self, data: bytes, now_ms: int = NOW) -> object:
+        return self.protocol.receive(self.sealer.seal(data), now_ms)
+
+    def opened(self) -> list[bytes]:
+        return [self.opener.open(data) for data in self.protocol.data_to_send()]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.protocol, name)
 
 
-def authenticated(device: Identity = ALICE, **overrides) -> RelayProtocol:
+def frames(protocol: RelayProtocol | Conversation) -> list[Frame]:
+    """What the relay wants written: in the clear during the handshake, opened after it."""
+    out = (protocol.opened() if isinstance(protocol, Conversation)
+           else protocol.data_to_send())
+    return [decode_frame(data, MAX) for data in out]
+
+
+def authenticated(device: Identity = ALICE, **overrides) -> Conversation:
     protocol = new_protocol(**overrides)
-    handshake = DeviceHandshake(device, os.urandom(32), MAX)
+    handshake = device_handshake(device)
     hello = handshake.receive_challenge(protocol.data_to_send()[0])
     assert protocol.receive(hello, NOW) == Authenticated(device.public)
-    handshake.receive_welcome(protocol.data_to_send()[0])
-    return protocol
+    terms = handshake.receive_welcome(protocol.data_to_send()[0])
+    return Conversation(protocol, terms.channel)
 
 
 def send_frame(sender: Identity = ALICE, created_at_ms: int = NOW) -> tuple[bytes, bytes]:
@@ -113,7 +140,7 @@ def test_bad_hello_gets_one_error_and_a_policy_close() -> None:
 
 def test_revoked_key_is_refused_at_the_handshake_with_its_code() -> None:
     protocol = new_protocol(control=access(revoked=frozenset({ALICE.public})))
-    handshake = DeviceHandshake(ALICE, os.urandom(32), MAX)
+    handshake = device_handshake(ALICE)
     hello = handshake.receive_challenge(protocol.data_to_send()[0])
     assert protocol.receive(hello, NOW) is None
     assert error_codes(protocol) == [ErrorCode.REVOKED]
@@ -201,6 +228,26 @@ def test_bad_frames_get_an_error_and_the_connection_stays(data: bytes, code: Err
     assert protocol.receive(data, NOW) is None
     assert error_codes(protocol) == [code]
     assert protocol.close is None
+
+
+def test_a_frame_not_sealed_by_the_device_ends_the_connection() -> None:
+    """Before: a transparent proxy ACKed every DELIVER itself, and the relay removed them."""
+    protocol = authenticated()
+    protocol.wake()
+    protocol.fetched(stored(["1"]))
+    protocol.opened()
+    assert protocol.protocol.receive(encode_frame(Ack("1")), NOW) is None  # in the clear
+    assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
+    assert protocol.close is not None and protocol.close.code == CLOSE_POLICY_VIOLATION
+    assert protocol._metrics.acked._value.get() == 0  # nothing was removed
+
+
+def test_a_replayed_sealed_frame_ends_the_connection() -> None:
+    protocol = authenticated()
+    sealed_ack = protocol.sealer.seal(encode_frame(Ack("1")))
+    assert protocol.protocol.receive(sealed_ack, NOW) == RemoveDelivered("1")
+    assert protocol.protocol.receive(sealed_ack, NOW) is None
+    assert protocol.close is not None
 
 
 def test_abuse_threshold_closes_after_exactly_max_invalid_frames() -> None:
@@ -302,7 +349,8 @@ def test_an_unknown_key_over_the_address_budget_is_refused_before_its_signature_
     assert budget.take_unknown_key_token(NOW)  # someone else from the address spent it
     protocol = new_protocol(budget=budget, unknown_key_rate_per_s=1.0, unknown_key_burst=1)
     protocol.data_to_send()
-    forged = encode_frame(Hello(ALICE.public, bytes(32), bytes(64)))
+    forged = encode_frame(Hello(ALICE.public, bytes(32), ephemeral_keypair(bytes(32))[0],
+                                bytes(64)))
     assert protocol.receive(forged, NOW) is None
     assert error_codes(protocol) == [ErrorCode.RATE_LIMITED]
     assert protocol._metrics.handshake_failures.labels("unknown_key_budget")._value.get() == 1
@@ -312,7 +360,7 @@ def test_a_known_key_spends_nothing_and_has_no_probation() -> None:
     settings = Settings(unknown_key_rate_per_s=1.0, unknown_key_burst=1, probation_sends=5)
     the_gate = gate(settings)
     budget = AddressBudget(the_gate, "192.0.2.1")
-    slot = the_gate.admit("192.0.2.1", Ended())
+    slot = the_gate.admit("192.0.2.1", Recorder())
     slot.authenticated(ALICE.public)  # alice authenticated here before: known
     assert budget.take_unknown_key_token(NOW)  # the address's only token is gone
     protocol = authenticated(ALICE, budget=budget, unknown_key_rate_per_s=1.0,
@@ -355,16 +403,3 @@ def test_an_evicted_handshake_is_told_why() -> None:
     protocol.evicted()
     assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
     assert protocol._metrics.handshake_failures.labels("evicted")._value.get() == 1
-
-
-class Ended:
-    """A connection for the gate that only records what the gate did to it."""
-
-    def __init__(self) -> None:
-        self.evicted = self.superseded = False
-
-    def evict(self) -> None:
-        self.evicted = True
-
-    def supersede(self) -> None:
-        self.superseded = True

@@ -22,7 +22,7 @@ from tcp_proxy import DelayProxy
 from oracle import OracleServer
 from proto import Identity
 from proto.errors import ErrorCode
-from proto.frames import Accepted, Error, Send, encode_frame
+from proto.frames import Accepted, Error, Send
 from wire import RawDevice, sealed
 
 pytestmark = pytest.mark.redis
@@ -81,7 +81,7 @@ async def _race(relay, admin: Admin) -> None:
             for _ in range(60):  # 3 s of SENDs, never waiting for their answers
                 if v.ws.closed:
                     return
-                await v.ws.send_bytes(encode_frame(Send(sealed(victim, [peer.public]).raw)))
+                await v.send_frame(Send(sealed(victim, [peer.public]).raw))
                 await asyncio.sleep(0.05)
 
         sending = asyncio.create_task(keep_sending())

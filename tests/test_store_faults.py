@@ -23,7 +23,7 @@ import redis
 
 from proto import Identity
 from proto.errors import ErrorCode
-from proto.frames import Accepted, Error
+from proto.frames import Accepted, Ack, Error
 from redis_server import RedisServer
 from tally import FAULTS_SURVIVED, TALLY
 from wire import RawDevice, sealed
@@ -87,6 +87,31 @@ async def test_a_full_disk_makes_healthz_fail_and_sends_retry_later(small_disk: 
     async with await RawDevice.connect(server.url, bob) as reader:
         assert [(await reader.next_delivery()).envelope for _ in range(2)] == \
             [before.raw, refused.raw]
+    TALLY[FAULTS_SURVIVED] += 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_disk_is_never_the_devices_fault_and_an_ack_it_breaks_closes_1011(
+        small_disk: Path, start_relay) -> None:
+    """Before: STORE_UNAVAILABLE refusals counted as the device's abuse and closed it (1008),
+    and a store error during an ACK escaped the handler (the socket died, 1006)."""
+    server = await start_relay(store=f"sqlite:///{small_disk / 'mail.db'}", max_invalid_frames=3)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, alice) as sender:
+        assert isinstance(await sender.send(sealed(alice, [bob.public], b"waiting")), Accepted)
+    async with await RawDevice.connect(server.url, bob) as reader:
+        delivery = await reader.next_delivery(ack=False)
+        fill(small_disk)
+        async with await RawDevice.connect(server.url, alice) as sender:
+            for _ in range(5):  # more refusals than max_invalid_frames: still served
+                answer = await sender.send(sealed(alice, [bob.public], b"x" * 20_000))
+                assert isinstance(answer, Error)
+                assert answer.error_code is ErrorCode.STORE_UNAVAILABLE
+            assert not sender.ws.closed
+        await reader.send_frame(Ack(delivery.tag))  # the delete cannot be written either
+        with pytest.raises(ConnectionError, match="1011"):
+            await reader.recv(timeout=5)
+    assert await server.relay.store.depth(bob.public) == 1  # nothing lost
     TALLY[FAULTS_SURVIVED] += 1
 
 

@@ -11,6 +11,9 @@ import base64
 
 import cbor2
 import nacl.bindings
+import nacl.encoding
+import nacl.exceptions
+import nacl.hash
 import nacl.signing
 import pytest
 
@@ -23,6 +26,8 @@ from proto.handshake import HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake, Relay
 from proto.keys import Identity, PublicKey
 from proto.limits import DEFAULT_LIMITS, Limits
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
+from proto.rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
+                            OracleKeyChain)
 from proto.vectors import VECTOR_DIR, load
 from proto.vectors.generate import build
 
@@ -60,6 +65,11 @@ def test_keys(name: str) -> None:
 ENVELOPES = load("envelopes")
 
 
+def _padded(plaintext: bytes, size: int) -> bytes:
+    """ISO/IEC 7816-4 padding to the vector's bucket, written out independently."""
+    return plaintext + b"\x80" + bytes(size - len(plaintext) - 1)
+
+
 @pytest.mark.parametrize("vector", ENVELOPES["envelopes"], ids=lambda v: v["name"])
 def test_envelope(vector: dict) -> None:
     assert H(ENVELOPES["signing_domain"]) == SIGNING_DOMAIN
@@ -67,40 +77,54 @@ def test_envelope(vector: dict) -> None:
     f = vector["fields"]
     recipients = [[H(r["key"]), H(r["wrapped_key"])] for r in f["recipients"]]
     header = [f["version"], f["kind"], H(f["msg_id"]), H(f["sender"]), f["created_at_ms"],
-              f["ttl_s"]]
-    first_eight = [*header, recipients, H(f["payload"])]
+              f["ttl_s"], H(f["ephemeral"])]
+    first_nine = [*header, recipients, H(f["payload"])]
     encoded = H(vector["encoded"])
 
     # Encoding and signature, from the fields alone.
-    assert cbor([*first_eight, H(f["signature"])]) == encoded
-    assert H(vector["signed_bytes"]) == SIGNING_DOMAIN + cbor(first_eight)
+    assert cbor([*first_nine, H(f["signature"])]) == encoded
+    assert H(vector["signed_bytes"]) == SIGNING_DOMAIN + cbor(first_nine)
     nacl.signing.VerifyKey(H(f["sender"])).verify(H(vector["signed_bytes"]), H(f["signature"]))
     assert H(f["sender"]).hex() == KEYS[vector["sender"]]["public_key"]
     assert [r[0].hex() for r in recipients] == [KEYS[n]["public_key"] for n in vector["recipients"]]
+    assert H(vector["content_hash"]) == nacl.hash.blake2b(
+        H(vector["signed_bytes"]), digest_size=32, encoder=nacl.encoding.RawEncoder)
 
     # Sealing, step by step with libsodium.
     sealing, random = vector["sealing"], vector["random"]
+    ephemeral_pk, ephemeral_sk = nacl.bindings.crypto_box_seed_keypair(
+        H(random["ephemeral_seed"]))
+    assert ephemeral_pk == H(f["ephemeral"])
     aad = PAYLOAD_AAD_DOMAIN + cbor([*header, [r[0] for r in recipients]])
     assert H(sealing["aad"]) == aad
     content_key, payload_nonce = H(random["content_key"]), H(random["payload_nonce"])
+    padded = _padded(H(vector["plaintext"]), sealing["padded_plaintext_bytes"])
     ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        H(vector["plaintext"]), aad, payload_nonce, content_key)
+        padded, aad, payload_nonce, content_key)
+    commitment = nacl.hash.blake2b(H(ENVELOPES["commit_domain"]) + aad, digest_size=32,
+                                   key=content_key, encoder=nacl.encoding.RawEncoder)
     assert H(sealing["ciphertext"]) == ciphertext
-    assert H(f["payload"]) == payload_nonce + ciphertext
+    assert H(sealing["commitment"]) == commitment
+    assert H(f["payload"]) == payload_nonce + commitment + ciphertext
     assert H(f["msg_id"]) == H(random["msg_id"])
-    sender_x = H(KEYS[vector["sender"]]["x25519_public"])
     for wrap, nonce, (_, wrapped) in zip(sealing["wraps"], random["wrap_nonces"], recipients):
         assert H(wrap["nonce"]) == H(nonce)
         assert wrapped == H(wrap["nonce"]) + H(wrap["box"])
         recipient_secret = H(KEYS[wrap["recipient"]]["x25519_secret"])
-        opened = nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), sender_x,
+        opened = nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), ephemeral_pk,
                                                recipient_secret)
         assert opened == content_key
+        # The sender's identity key plays no part: what it sent stays closed to its thief.
+        sender_x = H(KEYS[vector["sender"]]["x25519_public"])
+        with pytest.raises(nacl.exceptions.CryptoError):
+            nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), sender_x,
+                                          recipient_secret)
 
     # And our decoder agrees.
     env = decode_envelope(encoded)
     env.verify()
     assert env.signed_bytes() == H(vector["signed_bytes"])
+    assert env.content_hash() == H(vector["content_hash"])
     for name in vector["recipients"]:
         assert env.open(identity(name)) == H(vector["plaintext"])
 
@@ -108,8 +132,10 @@ def test_envelope(vector: dict) -> None:
 def test_payloads() -> None:
     vectors = load("payloads")
     receipt, notice, change = (vectors[k] for k in ("receipt", "expiry_notice", "peer_change"))
-    assert cbor([H(receipt["fields"]["msg_id"])]) == H(receipt["encoded"])
-    assert Receipt.decode(H(receipt["encoded"])).msg_id == H(receipt["fields"]["msg_id"])
+    receipt_fields = [H(receipt["fields"]["msg_id"]), H(receipt["fields"]["content_hash"])]
+    assert cbor(receipt_fields) == H(receipt["encoded"])
+    decoded_receipt = Receipt.decode(H(receipt["encoded"]))
+    assert [decoded_receipt.msg_id, decoded_receipt.content_hash] == receipt_fields
     notice_fields = [H(notice["fields"]["msg_id"]), H(notice["fields"]["recipient"])]
     assert cbor(notice_fields) == H(notice["encoded"])
     decoded_notice = ExpiryNotice.decode(H(notice["encoded"]))
@@ -182,6 +208,76 @@ def test_relay_request() -> None:
     assert request.authorization(identity(vector["relay"])) == vector["authorization"]
 
 
+ROTATION = load("rotation")
+NEXT_KEYS = {k["name"]: k for k in ROTATION["keys"]}
+
+
+def _public(name: str) -> bytes:
+    return H((KEYS.get(name) or NEXT_KEYS[name])["public_key"])
+
+
+def _check_change(vector: dict, domain: bytes) -> list:
+    """A key change from its fields alone: signed bytes, both signatures, encoding."""
+    f = vector["fields"]
+    old, new = _public(vector["old"]), _public(vector["new"])
+    assert (H(f["old_key"]), H(f["new_key"])) == (old, new)
+    assert H(vector["signed_bytes"]) == domain + cbor([old, new, f["issued_at_ms"]])
+    nacl.signing.VerifyKey(old).verify(H(vector["signed_bytes"]), H(vector["old_signature"]))
+    nacl.signing.VerifyKey(new).verify(H(vector["signed_bytes"]), H(vector["new_signature"]))
+    value = [old, new, f["issued_at_ms"], H(vector["old_signature"]), H(vector["new_signature"])]
+    assert cbor(value) == H(vector["encoded"])
+    return value
+
+
+def test_rotation_keys() -> None:
+    for vector in ROTATION["keys"]:
+        signing = nacl.signing.SigningKey(H(vector["seed"]))
+        assert bytes(signing.verify_key).hex() == vector["public_key"]
+        assert PublicKey.from_text(vector["public_text"]).raw == H(vector["public_key"])
+
+
+def test_key_rotation() -> None:
+    assert H(ROTATION["key_rotation_domain"]) == KEY_ROTATION_DOMAIN
+    vector = ROTATION["key_rotation"]
+    _check_change(vector, KEY_ROTATION_DOMAIN)
+    rotation = KeyRotation.decode(H(vector["encoded"]))
+    assert rotation.encode() == H(vector["encoded"])
+    assert rotation.signed_bytes() == H(vector["signed_bytes"])
+
+
+def test_oracle_key_chain() -> None:
+    assert H(ROTATION["oracle_key_change_domain"]) == ORACLE_KEY_CHANGE_DOMAIN
+    vector = ROTATION["oracle_key_chain"]
+    links = [_check_change(link, ORACLE_KEY_CHANGE_DOMAIN) for link in vector["links"]]
+    for before, after in zip(links, links[1:]):
+        assert after[0] == before[1] and after[2] > before[2]
+    assert cbor(links) == H(vector["encoded"])
+    chain = OracleKeyChain.decode(H(vector["encoded"]))
+    assert chain.encode() == H(vector["encoded"])
+    assert chain.follow(PublicKey(_public("oracle"))).raw == _public("oracle_next")
+
+
+def test_rotated_access_list() -> None:
+    vector = ROTATION["access_list"]
+    f, signer = vector["fields"], _public(vector["oracle"])
+    assert H(f["oracle_key"]) == signer
+    enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
+    draining = [[H(d["key"]), d["until_ms"]] for d in f["draining"]]
+    chain = cbor2.loads(H(ROTATION["oracle_key_chain"]["encoded"]))
+    body = [f["epoch"], f["version"], f["issued_at_ms"], signer, enrolled,
+            [H(k) for k in f["revoked"]], draining, chain]
+    assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
+    nacl.signing.VerifyKey(signer).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
+    assert chain[-1][1] == signer  # the chain ends at the key that signed the list
+
+    access = AccessList.verify(H(vector["encoded"]), PublicKey(_public(vector["trusted"])))
+    assert access.oracle.raw == signer
+    assert {k.raw: until for k, until in access.draining.items()} == dict(
+        (k, until) for k, until in draining)
+    assert access.sign(Identity(H(NEXT_KEYS[vector["oracle"]]["seed"]))) == H(vector["encoded"])
+
+
 HANDSHAKE = load("handshake")
 
 
@@ -193,20 +289,41 @@ def test_handshake_transcript() -> None:
     assert relay_key.hex() == KEYS[hs["relay"]]["public_key"]
     assert device_key.hex() == KEYS[hs["device"]]["public_key"]
     relay_nonce, client_nonce = H(c["relay_nonce"]), H(h["client_nonce"])
+    # Ephemeral X25519 keys from their seeds, independently with libsodium.
+    relay_eph_pk, relay_eph_sk = nacl.bindings.crypto_kx_seed_keypair(H(c["relay_ephemeral_seed"]))
+    device_eph_pk, device_eph_sk = nacl.bindings.crypto_kx_seed_keypair(
+        H(h["device_ephemeral_seed"]))
+    assert relay_eph_pk == H(c["relay_ephemeral"]) and device_eph_pk == H(h["device_ephemeral"])
 
-    assert cbor([1, c["protocol_version"], relay_nonce, relay_key]) == H(c["encoded"])
-    assert H(h["signed_bytes"]) == HELLO_DOMAIN + relay_nonce + relay_key + device_key + client_nonce
+    version = c["protocol_version"]
+    assert cbor([1, version, relay_nonce, relay_key, relay_eph_pk]) == H(c["encoded"])
+    transcript = [version, relay_nonce, relay_key, relay_eph_pk, device_key, client_nonce,
+                  device_eph_pk]
+    assert H(h["signed_bytes"]) == HELLO_DOMAIN + cbor(transcript)
     nacl.signing.VerifyKey(device_key).verify(H(h["signed_bytes"]), H(h["signature"]))
-    assert cbor([2, device_key, client_nonce, H(h["signature"])]) == H(h["encoded"])
-    assert H(w["signed_bytes"]) == (
-        WELCOME_DOMAIN + client_nonce + relay_nonce + device_key + relay_key)
+    assert cbor([2, device_key, client_nonce, device_eph_pk, H(h["signature"])]) == H(h["encoded"])
+    assert H(w["signed_bytes"]) == WELCOME_DOMAIN + cbor(
+        [*transcript, w["server_time_ms"], w["max_envelope_bytes"]])
     nacl.signing.VerifyKey(relay_key).verify(H(w["signed_bytes"]), H(w["signature"]))
-    assert cbor([3, w["server_time_ms"], H(w["signature"]), w["max_envelope_bytes"]]) == (
+    assert cbor([3, w["server_time_ms"], w["max_envelope_bytes"], H(w["signature"])]) == (
         H(w["encoded"]))
 
-    # Both state machines, given the vector's keys, nonces and clock, say exactly these bytes.
-    relay = RelayHandshake(identity(hs["relay"]), relay_nonce, DEFAULT_LIMITS)
-    device = DeviceHandshake(identity(hs["device"]), client_nonce,
+    # The channel keys are libsodium's crypto_kx with the device as client.
+    rx, tx = nacl.bindings.crypto_kx_client_session_keys(device_eph_pk, device_eph_sk,
+                                                         relay_eph_pk)
+    ch = hs["channel"]
+    assert (tx, rx) == (H(ch["device_to_relay_key"]), H(ch["relay_to_device_key"]))
+    for direction, key in (("device_to_relay", tx), ("relay_to_device", rx)):
+        for count, sealed in enumerate(ch["sealed_frames"][direction]):
+            nonce = bytes(4) + count.to_bytes(8, "little")
+            frame = nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+                H(sealed), None, nonce, key)
+            assert frame.hex() in hs["frames"].values()
+
+    # Both state machines, given the vector's keys, nonces, seeds and clock, say these bytes.
+    relay = RelayHandshake(identity(hs["relay"]), relay_nonce, H(c["relay_ephemeral_seed"]),
+                           DEFAULT_LIMITS)
+    device = DeviceHandshake(identity(hs["device"]), client_nonce, H(h["device_ephemeral_seed"]),
                              DEFAULT_LIMITS.max_envelope_bytes)
     assert relay.challenge() == H(c["encoded"])
     assert device.receive_challenge(H(c["encoded"])) == H(h["encoded"])
@@ -247,11 +364,12 @@ def _run_invalid(vector: dict) -> None:
     elif check == "access_list":
         AccessList.verify(data, oracle)
     elif check == "hello_verify":
-        relay_nonce = H(HANDSHAKE["challenge"]["relay_nonce"])
-        RelayHandshake(identity(HANDSHAKE["relay"]), relay_nonce, DEFAULT_LIMITS).receive_hello(data)
+        challenge = HANDSHAKE["challenge"]
+        RelayHandshake(identity(HANDSHAKE["relay"]), H(challenge["relay_nonce"]),
+                       H(challenge["relay_ephemeral_seed"]), DEFAULT_LIMITS).receive_hello(data)
     else:
-        {"receipt": Receipt, "expiry_notice": ExpiryNotice,
-         "peer_change": PeerChange}[check].decode(data)
+        {"receipt": Receipt, "expiry_notice": ExpiryNotice, "peer_change": PeerChange,
+         "key_rotation": KeyRotation, "oracle_key_chain": OracleKeyChain}[check].decode(data)
 
 
 @pytest.mark.parametrize("vector", load("invalid")["invalid"], ids=lambda v: v["name"])

@@ -13,7 +13,7 @@ import aiohttp
 
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
 from proto.frames import NONCE_BYTES, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
-from proto.handshake import DeviceHandshake, Established
+from proto.handshake import EPHEMERAL_SEED_BYTES, DeviceHandshake, Established
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, TALLY
 
@@ -26,12 +26,18 @@ def sealed(sender: Identity, recipients: list[PublicKey], text: bytes = b"hi", *
                          now_ms=now_ms() if created_at_ms is None else created_at_ms)
 
 
+def device_handshake(identity: Identity, cap: int = MAX_FRAME) -> DeviceHandshake:
+    """A device's side of the handshake with fresh nonce and ephemeral key."""
+    return DeviceHandshake(identity, os.urandom(NONCE_BYTES), os.urandom(EPHEMERAL_SEED_BYTES), cap)
+
+
 class RawDevice:
     """One authenticated connection; `recv` returns decoded frames."""
 
     def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
                  identity: Identity, terms: Established) -> None:
         self.session, self.ws, self.identity, self.terms = session, ws, identity, terms
+        self.sealer, self.opener = terms.channel.for_device()
 
     @classmethod
     async def connect(cls, url: str, identity: Identity, compress: int = 0) -> RawDevice:
@@ -39,7 +45,7 @@ class RawDevice:
         session = aiohttp.ClientSession()
         try:
             ws = await session.ws_connect(url, max_msg_size=MAX_FRAME, compress=compress)
-            handshake = DeviceHandshake(identity, os.urandom(NONCE_BYTES), MAX_FRAME)
+            handshake = device_handshake(identity)
             await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
             terms = handshake.receive_welcome(await ws.receive_bytes(timeout=5))
         except BaseException:
@@ -48,18 +54,22 @@ class RawDevice:
         return cls(session, ws, identity, terms)
 
     async def send_raw(self, data: bytes) -> None:
-        await self.ws.send_bytes(data)
+        """Any bytes as one frame inside the sealed channel (what a hostile device can send)."""
+        await self.ws.send_bytes(self.sealer.seal(data))
+
+    async def send_frame(self, frame: Frame) -> None:
+        await self.send_raw(encode_frame(frame))
 
     async def send(self, envelope: Envelope) -> Frame:
         """Send an envelope and return the relay's answer (ACCEPTED or ERROR)."""
-        await self.ws.send_bytes(encode_frame(Send(envelope.raw)))
+        await self.send_frame(Send(envelope.raw))
         return await self.recv_not_deliver()
 
     async def recv(self, timeout: float = 5.0) -> Frame:
         message = await self.ws.receive(timeout=timeout)
         if message.type != aiohttp.WSMsgType.BINARY:
             raise ConnectionError(f"relay sent {message.type.name}: {message.data!r}")
-        return decode_frame(message.data, MAX_FRAME)
+        return decode_frame(self.opener.open(message.data), MAX_FRAME)
 
     async def recv_not_deliver(self, timeout: float = 5.0) -> Frame:
         """Next ACCEPTED/ERROR answer, skipping interleaved deliveries."""
@@ -73,7 +83,7 @@ class RawDevice:
             frame = await self.recv(timeout)
             if isinstance(frame, Deliver):
                 if ack:
-                    await self.ws.send_bytes(encode_frame(Ack(frame.tag)))
+                    await self.send_frame(Ack(frame.tag))
                 return frame
 
     async def expect_silence(self, seconds: float) -> None:

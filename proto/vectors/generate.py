@@ -30,7 +30,9 @@ from ..handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN
 from ..keys import Identity
 from ..limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from ..payloads import ExpiryNotice, PeerChange, Receipt
-from ..sealing import PAYLOAD_NONCE_BYTES
+from ..rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
+                        OracleKeyChain, OracleKeyChange)
+from ..sealing import COMMIT_DOMAIN, COMMITMENT_BYTES, PAYLOAD_NONCE_BYTES, padded_size
 from . import VECTOR_DIR
 
 FrameT = TypeVar("FrameT", bound=Frame)
@@ -92,16 +94,17 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
                      plaintext: bytes, fill_base: int) -> tuple[dict, Envelope]:
     ordered = sorted(recipients, key=lambda r: IDS[r].public)
     msg_id = fill(fill_base, 16)
+    ephemeral_seed = fill(fill_base + 9, 32)
     content_key = fill(fill_base + 1, 32)
     payload_nonce = fill(fill_base + 2, 24)
     wrap_nonces = [fill(fill_base + 3 + i, 24) for i in range(len(ordered))]
-    script = Script(msg_id, content_key, payload_nonce, *wrap_nonces)
+    script = Script(msg_id, ephemeral_seed, content_key, payload_nonce, *wrap_nonces)
     env = seal_envelope(IDS[sender], kind, [IDS[r].public for r in recipients], plaintext,
                         ttl_s=TTL_S, now_ms=CREATED_AT_MS, random_bytes=script)
     script.done()
     aad = PAYLOAD_AAD_DOMAIN + canonical.encode(
         [PROTOCOL_VERSION, int(kind), msg_id, env.sender.raw, CREATED_AT_MS, TTL_S,
-         [IDS[r].public.raw for r in ordered]])
+         env.ephemeral, [IDS[r].public.raw for r in ordered]])
     vector = {
         "name": name,
         "sender": sender,
@@ -109,6 +112,7 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
         "plaintext": plaintext.hex(),
         "random": {
             "msg_id": msg_id.hex(),
+            "ephemeral_seed": ephemeral_seed.hex(),
             "content_key": content_key.hex(),
             "payload_nonce": payload_nonce.hex(),
             "wrap_nonces": [n.hex() for n in wrap_nonces],
@@ -120,6 +124,7 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
             "sender": env.sender.raw.hex(),
             "created_at_ms": env.created_at_ms,
             "ttl_s": env.ttl_s,
+            "ephemeral": env.ephemeral.hex(),
             "recipients": [{"key": r.key.raw.hex(), "wrapped_key": r.wrapped_key.hex()}
                            for r in env.recipients],
             "payload": env.payload.hex(),
@@ -127,29 +132,34 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
         },
         "sealing": {
             "aad": aad.hex(),
-            "ciphertext": env.payload[PAYLOAD_NONCE_BYTES:].hex(),
+            "padded_plaintext_bytes": padded_size(len(plaintext)),
+            "commitment": env.payload[PAYLOAD_NONCE_BYTES:PAYLOAD_NONCE_BYTES
+                                      + COMMITMENT_BYTES].hex(),
+            "ciphertext": env.payload[PAYLOAD_NONCE_BYTES + COMMITMENT_BYTES:].hex(),
             "wraps": [{"recipient": r, "nonce": n.hex(), "box": e.wrapped_key[24:].hex()}
                       for r, n, e in zip(ordered, wrap_nonces, env.recipients)],
         },
         "signed_bytes": env.signed_bytes().hex(),
+        "content_hash": env.content_hash().hex(),
         "encoded": env.raw.hex(),
     }
     return vector, env
 
 
 def envelope_vectors() -> dict:
-    one, _ = _envelope_vector("data_one_recipient", "alice", ["bob"], Kind.DATA,
-                              b"hello, bob", 0x10)
+    one, first = _envelope_vector("data_one_recipient", "alice", ["bob"], Kind.DATA,
+                                  b"hello, bob", 0x10)
     two, _ = _envelope_vector("data_two_recipients", "alice", ["carol", "bob"], Kind.DATA,
                               b"hello, bob and carol", 0x20)
     receipt, _ = _envelope_vector("receipt_for_data_one_recipient", "bob", ["alice"],
-                                  Kind.RECEIPT, Receipt(fill(0x10, 16)).encode(), 0x30)
+                                  Kind.RECEIPT, Receipt.of(first).encode(), 0x30)
     return {
         "description": "Sealed and signed envelopes; randomness is given in `random` and is "
-                       "consumed in the order msg_id, content_key, payload_nonce, wrap_nonces "
-                       "(one per recipient, recipients sorted by key).",
+                       "consumed in the order msg_id, ephemeral_seed, content_key, "
+                       "payload_nonce, wrap_nonces (one per recipient, recipients sorted by key).",
         "signing_domain": SIGNING_DOMAIN.hex(),
         "payload_aad_domain": PAYLOAD_AAD_DOMAIN.hex(),
+        "commit_domain": COMMIT_DOMAIN.hex(),
         "envelopes": [one, two, receipt],
     }
 
@@ -160,8 +170,8 @@ def payload_vectors() -> dict:
     return {
         "description": "Plaintexts of RECEIPT, EXPIRY (one entry, and a batch) and PEER_CHANGE"
                        " envelopes.",
-        "receipt": {"fields": {"msg_id": msg_id.hex()},
-                    "encoded": Receipt(msg_id).encode().hex()},
+        "receipt": {"fields": {"msg_id": msg_id.hex(), "content_hash": fill(0x12, 32).hex()},
+                    "encoded": Receipt(msg_id, fill(0x12, 32)).encode().hex()},
         "expiry_notice": {
             "fields": {"msg_id": msg_id.hex(), "recipient": IDS["bob"].public.raw.hex()},
             "encoded": ExpiryNotice.single(msg_id, IDS["bob"].public).encode().hex()},
@@ -232,21 +242,128 @@ def access_vectors() -> dict:
 
 
 
+# The keys alice and the oracle rotate to; listed in rotation.json with their seeds.
+NEXT_SEEDS = {"alice_next": bytes(range(0xA0, 0xC0)), "oracle_next": bytes(range(0xC0, 0xE0))}
+NEXT_IDS = {name: Identity(seed) for name, seed in NEXT_SEEDS.items()}
+ROTATED_AT_MS = CREATED_AT_MS + 60_000
+DRAIN_UNTIL_MS = ROTATED_AT_MS + 604_800_000
+
+
+def _change_vector(change: KeyRotation | OracleKeyChange, old: str, new: str) -> dict:
+    return {"old": old, "new": new,
+            "fields": {"old_key": change.old.raw.hex(), "new_key": change.new.raw.hex(),
+                       "issued_at_ms": change.issued_at_ms},
+            "signed_bytes": change.signed_bytes().hex(),
+            "old_signature": change.old_signature.hex(),
+            "new_signature": change.new_signature.hex(), "encoded": change.encode().hex()}
+
+
+def _oracle_chain() -> OracleKeyChain:
+    return OracleKeyChain().extended(
+        OracleKeyChange.sign(IDS["oracle"], NEXT_IDS["oracle_next"], ROTATED_AT_MS))
+
+
+def _rotated_access_list() -> AccessList:
+    """After both rotations: alice_next in alice's groups, alice draining, signed by oracle_next."""
+    return AccessList(EPOCH + 1, 43, ROTATED_AT_MS, NEXT_IDS["oracle_next"].public,
+                      {NEXT_IDS["alice_next"].public: frozenset({0}),
+                       IDS["bob"].public: frozenset({0, 1})},
+                      frozenset({IDS["carol"].public}), {IDS["alice"].public: DRAIN_UNTIL_MS},
+                      _oracle_chain())
+
+
+def rotation_vectors() -> dict:
+    rotation = KeyRotation.sign(IDS["alice"], NEXT_IDS["alice_next"], ROTATED_AT_MS)
+    chain = _oracle_chain()
+    access = _rotated_access_list()
+    encoded = access.sign(NEXT_IDS["oracle_next"])
+    *body, signature = canonical.decode(encoded, max_size=1 << 20, what="vector")
+    return {
+        "description": "Key rotation (SPEC §15): device `alice` moves to `alice_next` (the "
+                       "statement she sends the oracle), the oracle moves from `oracle` to "
+                       "`oracle_next` (its key chain), and the access list after both, signed "
+                       "by `oracle_next` and verified by a relay that trusts `oracle`.",
+        "key_rotation_domain": KEY_ROTATION_DOMAIN.hex(),
+        "oracle_key_change_domain": ORACLE_KEY_CHANGE_DOMAIN.hex(),
+        "keys": [{"name": name, "seed": NEXT_SEEDS[name].hex(),
+                  "public_key": identity.public.raw.hex(), "public_text": identity.public.text}
+                 for name, identity in NEXT_IDS.items()],
+        "key_rotation": _change_vector(rotation, "alice", "alice_next"),
+        "oracle_key_chain": {"links": [_change_vector(link, "oracle", "oracle_next")
+                                       for link in chain.links],
+                             "encoded": chain.encode().hex()},
+        "access_list": {
+            "trusted": "oracle",
+            "oracle": "oracle_next",
+            "fields": {"epoch": access.epoch, "version": access.version,
+                       "issued_at_ms": access.issued_at_ms,
+                       "oracle_key": access.oracle.raw.hex(),
+                       "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
+                                    for k in sorted(access.groups)],
+                       "revoked": [k.raw.hex() for k in sorted(access.revoked)],
+                       "draining": [{"key": k.raw.hex(), "until_ms": access.draining[k]}
+                                    for k in sorted(access.draining)]},
+            "signed_bytes": (ACCESS_LIST_DOMAIN + canonical.encode(body)).hex(),
+            "signature": signature.hex(),
+            "encoded": encoded.hex()},
+    }
+
+
+def _invalid_rotation() -> list[dict]:
+    """Rotation statements, chains and rotated access lists to refuse (`key_rotation`,
+    `oracle_key_chain`: decode; `access_list`: verify for `oracle`)."""
+    alice, alice_next, carol = IDS["alice"], NEXT_IDS["alice_next"], IDS["carol"]
+    oracle, oracle_next = IDS["oracle"], NEXT_IDS["oracle_next"]
+    rotation = KeyRotation.sign(alice, alice_next, ROTATED_AT_MS)
+    by_carol = rotation.to_value()
+    by_carol[3] = carol.sign(rotation.signed_bytes())
+    unproven = rotation.to_value()
+    unproven[4] = carol.sign(rotation.signed_bytes())
+    gap = OracleKeyChange.sign(carol, IDS["bob"], ROTATED_AT_MS + 1)
+    access = _rotated_access_list()
+    body = canonical.decode(access.sign(oracle_next), max_size=1 << 20, what="vector")[:-1]
+    plain = [*body[:3], oracle.public.raw, *body[4:6], [], []]
+    enrolled_draining = [*body[:6], [[alice_next.public.raw, DRAIN_UNTIL_MS]], body[7]]
+    forged_chain = [*body[:7], [OracleKeyChange.sign(carol, oracle_next, 1).to_value()]]
+    return [
+        _invalid("key rotation whose old-key signature is carol's", "key_rotation",
+                 canonical.encode(by_carol), ErrorCode.BAD_SIGNATURE),
+        _invalid("key rotation whose new-key signature is carol's", "key_rotation",
+                 canonical.encode(unproven), ErrorCode.BAD_SIGNATURE),
+        _invalid("oracle key change passed off as a key rotation", "key_rotation",
+                 OracleKeyChange.sign(alice, alice_next, ROTATED_AT_MS).encode(),
+                 ErrorCode.BAD_SIGNATURE),
+        _invalid("key rotation to the same key", "key_rotation",
+                 canonical.encode([alice.public.raw, *rotation.to_value()[0:1],
+                                   *rotation.to_value()[2:]]), ErrorCode.INVALID_FIELD),
+        _invalid("oracle key chain with a gap", "oracle_key_chain",
+                 canonical.encode([_oracle_chain().links[0].to_value(), gap.to_value()]),
+                 ErrorCode.INVALID_FIELD),
+        _invalid("rotated access list with neither draining keys nor key changes",
+                 "access_list", _signed_list(plain, oracle), ErrorCode.INVALID_FIELD),
+        _invalid("rotated access list with a key both enrolled and draining", "access_list",
+                 _signed_list(enrolled_draining, oracle_next), ErrorCode.INVALID_FIELD),
+        _invalid("access list of a key whose chain `oracle` never signed", "access_list",
+                 _signed_list(forged_chain, oracle_next), ErrorCode.BAD_SIGNATURE),
+    ]
+
+
 def handshake_vectors() -> dict:
     relay, device = IDS["relay"], IDS["alice"]
     relay_nonce, client_nonce = fill(0xC1, 32), fill(0xC2, 32)
+    relay_seed, device_seed = fill(0xC3, 32), fill(0xC4, 32)
     server_time_ms = CREATED_AT_MS + 1234
     # Both state machines run the exchange, so the vectors are exactly what they send.
-    relay_side = RelayHandshake(relay, relay_nonce, DEFAULT_LIMITS)
-    device_side = DeviceHandshake(device, client_nonce, DEFAULT_LIMITS.max_envelope_bytes)
+    relay_side = RelayHandshake(relay, relay_nonce, relay_seed, DEFAULT_LIMITS)
+    device_side = DeviceHandshake(device, client_nonce, device_seed,
+                                  DEFAULT_LIMITS.max_envelope_bytes)
     challenge_bytes = relay_side.challenge()
     hello_bytes = device_side.receive_challenge(challenge_bytes)
     relay_side.receive_hello(hello_bytes)
-    welcome_bytes, _terms = relay_side.welcome(server_time_ms)
+    welcome_bytes, terms = relay_side.welcome(server_time_ms)
     device_side.receive_welcome(welcome_bytes)
     challenge = _decoded(challenge_bytes, Challenge)
     hello, welcome = _decoded(hello_bytes, Hello), _decoded(welcome_bytes, Welcome)
-    welcome_signed = welcome_signed_bytes(challenge, device.public, client_nonce)
     envelope = bytes.fromhex(envelope_vectors()["envelopes"][0]["encoded"])
     msg_id = decode_envelope(envelope).msg_id
     frames: dict[str, Frame] = {
@@ -257,25 +374,41 @@ def handshake_vectors() -> dict:
         "deliver": Deliver("7", envelope),
         "ack": Ack("7"),
     }
+    # The channel after WELCOME: the device's first two frames and the relay's first two.
+    device_send, _ = terms.channel.for_device()
+    relay_send, _ = terms.channel.for_relay()
+    sealed = {"device_to_relay": [device_send.seal(encode_frame(f)).hex()
+                                  for f in (frames["send"], frames["ack"])],
+              "relay_to_device": [relay_send.seal(encode_frame(f)).hex()
+                                  for f in (frames["accepted"], frames["deliver"])]}
     return {
-        "description": "A handshake between device `alice` and relay `relay`, then one frame "
-                       "of every other type.",
+        "description": "A handshake between device `alice` and relay `relay`, the sealed "
+                       "channel it opens, and one frame of every other type.",
         "device": "alice",
         "relay": "relay",
         "hello_domain": HELLO_DOMAIN.hex(),
         "welcome_domain": WELCOME_DOMAIN.hex(),
         "challenge": {"protocol_version": PROTOCOL_VERSION, "relay_nonce": relay_nonce.hex(),
                       "relay_key": relay.public.raw.hex(),
+                      "relay_ephemeral_seed": relay_seed.hex(),
+                      "relay_ephemeral": challenge.relay_ephemeral.hex(),
                       "encoded": challenge_bytes.hex()},
         "hello": {"device_key": device.public.raw.hex(), "client_nonce": client_nonce.hex(),
-                  "signed_bytes": hello_signed_bytes(challenge, device.public,
-                                                     client_nonce).hex(),
+                  "device_ephemeral_seed": device_seed.hex(),
+                  "device_ephemeral": hello.device_ephemeral.hex(),
+                  "signed_bytes": hello_signed_bytes(challenge, device.public, client_nonce,
+                                                     hello.device_ephemeral).hex(),
                   "signature": hello.signature.hex(), "encoded": hello_bytes.hex()},
         "welcome": {"server_time_ms": server_time_ms,
                     "max_envelope_bytes": DEFAULT_LIMITS.max_envelope_bytes,
-                    "signed_bytes": welcome_signed.hex(),
+                    "signed_bytes": welcome_signed_bytes(
+                        challenge, hello, server_time_ms,
+                        DEFAULT_LIMITS.max_envelope_bytes).hex(),
                     "signature": welcome.relay_signature.hex(),
                     "encoded": welcome_bytes.hex()},
+        "channel": {"device_to_relay_key": terms.channel.device_to_relay.hex(),
+                    "relay_to_device_key": terms.channel.relay_to_device.hex(),
+                    "sealed_frames": sealed},
         "frames": {name: encode_frame(frame).hex() for name, frame in frames.items()},
     }
 
@@ -297,7 +430,7 @@ def _invalid(name: str, check: str, data: bytes | str, error: ErrorCode, **extra
 
 def _reencoded(fields: list, **changes: object) -> bytes:
     index = {"version": 0, "kind": 1, "msg_id": 2, "created_at_ms": 4, "ttl_s": 5,
-             "recipients": 6}
+             "ephemeral": 6, "recipients": 7}
     changed = list(fields)
     for name, value in changes.items():
         changed[index[name]] = value
@@ -306,15 +439,23 @@ def _reencoded(fields: list, **changes: object) -> bytes:
 
 def _wire_fields(env: Envelope) -> list:
     return [env.version, int(env.kind), env.msg_id, env.sender.raw, env.created_at_ms,
-            env.ttl_s, [[r.key.raw, r.wrapped_key] for r in env.recipients],
+            env.ttl_s, env.ephemeral, [[r.key.raw, r.wrapped_key] for r in env.recipients],
             env.payload, env.signature]
+
+
+def _with_payload(fields: list, signer: Identity, payload: bytes) -> bytes:
+    """The same envelope with another payload, properly signed again by its sender."""
+    changed = list(fields)
+    changed[8] = payload
+    changed[9] = signer.sign(SIGNING_DOMAIN + canonical.encode(changed[:9]))
+    return canonical.encode(changed)
 
 
 def _resign_as(fields: list, signer: Identity) -> bytes:
     """Another sender's ciphertext, recipients and header claimed and signed by `signer`."""
     changed = list(fields)
     changed[3] = signer.public.raw
-    changed[8] = signer.sign(SIGNING_DOMAIN + canonical.encode(changed[:8]))
+    changed[9] = signer.sign(SIGNING_DOMAIN + canonical.encode(changed[:9]))
     return canonical.encode(changed)
 
 
@@ -384,9 +525,11 @@ def invalid_vectors() -> dict:
         _invalid("self-described CBOR tag 55799", "envelope", bytes.fromhex("d9d9f7") + one, m),
         _invalid("created_at_ms as a bignum (tag 2)", "envelope",
                  _reencoded(fields, created_at_ms=2**64), m),
-        _invalid("eight elements", "envelope", canonical.encode(fields[:8]), m),
+        _invalid("nine elements (no signature)", "envelope", canonical.encode(fields[:9]), m),
         _invalid("a map instead of an array", "envelope", canonical.encode({1: 1}), m),
-        _invalid("version 2", "envelope", _reencoded(fields, version=2),
+        _invalid("version 1 (an envelope of the first protocol)", "envelope",
+                 _reencoded(fields, version=1), ErrorCode.UNSUPPORTED_VERSION),
+        _invalid("version 3", "envelope", _reencoded(fields, version=3),
                  ErrorCode.UNSUPPORTED_VERSION),
         _invalid("larger than the receiver's limit", "envelope", one, ErrorCode.OVERSIZE,
                  max_bytes=len(one) - 1),
@@ -405,18 +548,24 @@ def invalid_vectors() -> dict:
         _invalid("payload bit flipped", "envelope_verify", bytes(flipped),
                  ErrorCode.BAD_SIGNATURE),
         _invalid("signed by carol, claiming alice", "envelope_verify",
-                 canonical.encode([*fields[:8], IDS["carol"].sign(
-                     SIGNING_DOMAIN + canonical.encode(fields[:8]))]),
+                 canonical.encode([*fields[:9], IDS["carol"].sign(
+                     SIGNING_DOMAIN + canonical.encode(fields[:9]))]),
                  ErrorCode.BAD_SIGNATURE),
+        _invalid("commitment that does not match the content key (re-signed)", "envelope_open",
+                 _with_payload(fields, IDS["alice"], bytes([fields[8][0]]) + fields[8][1:24]
+                               + bytes([fields[8][24] ^ 1]) + fields[8][25:]),
+                 ErrorCode.DECRYPT_FAILED, open_as="bob"),
         _invalid("opened by a key that is not a recipient", "envelope_open", one,
                  ErrorCode.DECRYPT_FAILED, open_as="carol"),
         _invalid("alice's ciphertext re-signed by carol as sender", "envelope_open",
                  _resign_as(fields, IDS["carol"]), ErrorCode.DECRYPT_FAILED, open_as="bob"),
         _invalid("unknown frame type 9", "frame", canonical.encode([9, b""]), m),
         _invalid("SEND frame with a second field", "frame", canonical.encode([4, b"", b""]), m),
-        _invalid("CHALLENGE for protocol 2", "frame",
-                 canonical.encode([1, 2, fill(0xC1, 32), IDS["relay"].public.raw]),
+        _invalid("CHALLENGE of a protocol 1 relay (three fields)", "frame",
+                 canonical.encode([1, 1, fill(0xC1, 32), IDS["relay"].public.raw]),
                  ErrorCode.UNSUPPORTED_VERSION),
+        _invalid("HELLO of a protocol 1 device (three fields)", "hello_verify",
+                 canonical.encode([2, IDS["alice"].public.raw, fill(0xC2, 32), bytes(64)]), m),
         _invalid("ACCEPTED with a 15-byte msg_id", "frame", canonical.encode([5, msg_id[:15]]),
                  ErrorCode.INVALID_FIELD),
         _invalid("ACK tag of 65 characters", "frame", canonical.encode([8, "t" * 65]),
@@ -425,7 +574,8 @@ def invalid_vectors() -> dict:
                  ErrorCode.OVERSIZE, max_bytes=len(one)),
         _invalid("HELLO with a flipped signature bit", "hello_verify", bytes(hello),
                  ErrorCode.BAD_SIGNATURE),
-        _invalid("receipt msg_id of 15 bytes", "receipt", canonical.encode([msg_id[:15]]),
+        _invalid("receipt msg_id of 15 bytes", "receipt",
+                 canonical.encode([msg_id[:15], bytes(32)]),
                  ErrorCode.INVALID_FIELD),
         _invalid("expiry notice with trailing byte", "expiry_notice",
                  ExpiryNotice.single(msg_id, IDS["bob"].public).encode() + b"\x00", m),
@@ -437,6 +587,7 @@ def invalid_vectors() -> dict:
         _invalid("peer change in the layout before epochs", "peer_change",
                  canonical.encode([1, sorted([bob, carol])]), m),
         *_invalid_access(),
+        *_invalid_rotation(),
         _invalid("public key with a typo", "public_key_text",
                  alice_text[:10] + ("a" if alice_text[10] != "a" else "b") + alice_text[11:],
                  ErrorCode.INVALID_FIELD),
@@ -452,8 +603,9 @@ def invalid_vectors() -> dict:
                        "HELLO and verify it against handshake.json's challenge), receipt, "
                        "expiry_notice, peer_change, public_key_text, access_list (verify for "
                        "key `oracle`), relay_token (an Authorization value, verified for key "
-                       "`oracle` at `now_ms`). `max_bytes` overrides the size limit. `error` "
-                       "is the ErrorCode name that must result.",
+                       "`oracle` at `now_ms`), key_rotation and oracle_key_chain (decode, "
+                       "signatures included; keys in rotation.json). `max_bytes` overrides "
+                       "the size limit. `error` is the ErrorCode name that must result.",
         "invalid": entries,
     }
 
@@ -464,6 +616,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "payloads": payload_vectors,
     "handshake": handshake_vectors,
     "access": access_vectors,
+    "rotation": rotation_vectors,
     "invalid": invalid_vectors,
 }
 

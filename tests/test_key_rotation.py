@@ -1,0 +1,180 @@
+"""Device key rotation through a real relay and oracle (SPEC §15): the old key vouches for the
+new one, the oracle re-points the device, peers follow, the old mailbox is drained, and the
+old key is refused afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from oracle_support import TRUSTED_RELAY, Admin, eventually, handshake_refusal, oracle_settings
+from relay_process import free_port
+from wire import RawDevice, error_code, sealed
+
+from client import Device
+from continuum.server import RelayServer
+from oracle import OracleServer
+from proto import Identity, Kind, PublicKey, canonical, seal_envelope
+from proto.frames import Accepted
+from proto.rotation import KeyRotation
+from runtime.clock import now_ms
+
+
+@dataclass
+class Deployment:
+    relay: RelayServer
+    oracle: OracleServer
+    admin: Admin
+    group: str
+
+    def device(self, identity: Identity) -> Device:
+        return Device(identity, [self.relay.url], oracle_key=self.oracle.identity.public)
+
+    async def enroll(self, *identities: Identity) -> None:
+        for identity in identities:
+            await self.admin.call("POST", "/v1/devices", {"key": identity.public.text,
+                                                          "name": identity.public.text[4:12]},
+                                  expect=201)
+            await self.admin.call("PUT", f"/v1/groups/{self.group}/members/{identity.public.text}")
+
+
+@pytest.fixture
+async def deployment(start_relay, tmp_path: Path) -> AsyncIterator[Deployment]:
+    """A relay enforcing the oracle's list (enrollment required), the oracle pushing through it."""
+    port = free_port()
+    identity = Identity.load_or_create(tmp_path / "oracle.key")
+    relay = await start_relay(oracle_url=f"http://127.0.0.1:{port}", require_enrollment=True,
+                              oracle_key=identity.public.text,
+                              relay_key=TRUSTED_RELAY.secret_text())
+    async with OracleServer(oracle_settings(tmp_path, port=port, relays=(relay.url,),
+                                            rotation_drain_s=4)) as oracle:
+        admin = await Admin.login(oracle)
+        group = (await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201))["id"]
+        try:
+            yield Deployment(relay, oracle, admin, group)
+        finally:
+            await admin.close()
+
+
+async def _has(device: Device, key: PublicKey) -> bool:
+    return key in device.peers
+
+
+async def test_device_rotates_peers_follow_old_mail_is_drained_and_old_key_refused(
+        deployment: Deployment) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    await deployment.enroll(alice, bob)
+    async with deployment.device(alice) as a, deployment.device(bob) as b:
+        await eventually(lambda: _has(a, bob.public))
+        await eventually(lambda: _has(b, alice.public))
+        # Waiting for alice's old key when she rotates (her application has not read it yet).
+        waiting = await b.send([alice.public], b"sent to the old key")
+        persisted: list[tuple[PublicKey, PublicKey]] = []
+        async with asyncio.timeout(20):
+            new = await a.rotate_key(
+                on_confirmed=lambda old, new: persisted.append((old.public, new.public)))
+        assert persisted == [(alice.public, new.public)] and a.identity is new
+        detail = await deployment.admin.call("GET", f"/v1/devices/{new.public.text}")
+        assert detail["rotated_from"] == alice.public.text and detail["groups"] == ["g"]
+        old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
+        assert old["revoked"] and old["rotated_to"] == new.public.text
+
+        messages = a.messages()
+        async with asyncio.timeout(10):
+            first = await anext(messages)
+        assert (first.sender, first.payload) == (bob.public, b"sent to the old key")
+        assert (await waiting.wait_receipts(0.1))[alice.public].value == "pending"  # see SPEC
+        await eventually(lambda: _has(b, new.public), timeout=10)
+        assert alice.public not in b.peers
+        reply = await b.send([new.public], b"to the new key")
+        async with asyncio.timeout(10):
+            second = await anext(messages)
+        assert second.payload == b"to the new key"
+        statuses = await reply.wait_receipts(10)
+        assert statuses[new.public].value == "delivered"
+        async with asyncio.timeout(10):
+            await a.wait_drained()
+        assert a.draining == ()
+
+        # The old key: peers writing to it are told; it sends nothing; after its drain
+        # deadline it may not even connect.
+        async with await RawDevice.connect(deployment.relay.url, bob) as raw_bob:
+            assert error_code(await raw_bob.send(sealed(bob, [alice.public]))) == "REVOKED"
+        async with await RawDevice.connect(deployment.relay.url, alice) as raw_alice:
+            assert error_code(await raw_alice.send(sealed(alice, [bob.public]))) == "REVOKED"
+
+        async def refused() -> bool:
+            try:
+                return await handshake_refusal(deployment.relay.url, alice) == "REVOKED"
+            except AssertionError:  # WELCOME: its drain deadline has not passed yet
+                return False
+        await eventually(refused, timeout=10, interval=0.5)
+
+
+async def test_forged_and_replayed_rotation_statements_are_refused(
+        deployment: Deployment) -> None:
+    alice, mallory, spare, elsewhere = (Identity.generate() for _ in range(4))
+    await deployment.enroll(alice, mallory, spare)  # mallory holds two enrolled keys
+    oracle_key = deployment.oracle.identity.public
+    genuine = KeyRotation.sign(alice, Identity.generate(), now_ms())  # alice's, captured
+    statement = KeyRotation.sign(mallory, elsewhere, now_ms())
+    forged_old = statement.to_value()  # the old key's signature made by another key
+    forged_old[3] = elsewhere.sign(statement.signed_bytes())
+    unproven = statement.to_value()  # the new key's proof of possession made by another key
+    unproven[4] = mallory.sign(statement.signed_bytes())
+    attempts = [
+        genuine.encode(),  # someone else's statement, sent by mallory
+        canonical.encode(forged_old),
+        canonical.encode(unproven),
+        KeyRotation.sign(mallory, spare, now_ms()).encode(),  # onto a key already enrolled
+        KeyRotation.sign(mallory, Identity.generate(), now_ms() + 3_600_000).encode(),
+    ]
+    marker = Identity.generate()
+    async with deployment.device(mallory) as m:
+        await m.wait_connected()
+        for payload in [*attempts, KeyRotation.sign(mallory, marker, now_ms()).encode()]:
+            await m.send([oracle_key], payload)
+
+        async def marker_applied() -> bool:  # processed in order: every attempt before it is
+            devices = (await deployment.admin.call("GET", "/v1/devices"))["devices"]
+            return any(d["key"] == marker.public.text for d in devices)
+        await eventually(marker_applied, timeout=15)
+    devices = {d["key"]: d for d in
+               (await deployment.admin.call("GET", "/v1/devices"))["devices"]}
+    assert not devices[alice.public.text]["revoked"] and genuine.new.text not in devices
+    assert not devices[spare.public.text]["revoked"]
+    assert devices[mallory.public.text]["rotated_to"] == marker.public.text
+    assert set(devices) == {alice.public.text, mallory.public.text, spare.public.text,
+                            marker.public.text}
+    # A replay from the rotated key itself cannot even reach the oracle.
+    async with await RawDevice.connect(deployment.relay.url, mallory) as raw:
+        replay = seal_envelope(mallory, Kind.DATA, [oracle_key],
+                               KeyRotation.sign(mallory, marker, now_ms()).encode(), ttl_s=60,
+                               now_ms=now_ms())
+        answer = await raw.send(replay)
+        assert not isinstance(answer, Accepted) and error_code(answer) == "REVOKED"
+
+
+async def test_an_unconfirmed_rotation_times_out_back_to_the_old_key(
+        deployment: Deployment) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    await deployment.enroll(alice, bob)
+    async with deployment.device(alice) as a, deployment.device(bob) as b:
+        await eventually(lambda: _has(a, bob.public))
+        await eventually(lambda: _has(b, alice.public))
+        assert deployment.oracle.oracle is not None
+        await deployment.oracle.oracle.pusher.stop()  # the oracle reads nothing any more
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(3):
+                await a.rotate_key()
+        assert a.identity is alice and a.draining == ()
+        sent = await asyncio.wait_for(a.send([bob.public], b"still alice"), 10)
+        messages = b.messages()
+        received = await asyncio.wait_for(anext(messages), 10)
+        assert (received.sender, received.payload) == (alice.public, b"still alice")
+        assert (await sent.wait_receipts(10))[bob.public].value == "delivered"
+        old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
+        assert not old["revoked"] and old["rotated_to"] is None

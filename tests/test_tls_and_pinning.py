@@ -1,0 +1,90 @@
+"""Knowing the relay: wss:// served by the relay itself, and devices that pin relay keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from client import DeliveryStatus, Device, PeerList
+from client.backoff import Backoff
+from continuum.server import RelayServer
+from proto import Identity
+from tally import ATTACKS_REJECTED, TALLY
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and its key), made with the machine's openssl."""
+    cert, key = directory / "relay.crt", directory / "relay.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
+                   timeout=30)
+    return cert, key
+
+
+@contextlib.asynccontextmanager
+async def devices(url: str, **options: object) -> AsyncIterator[tuple[Device, Device, Identity]]:
+    alice, bob = Identity.generate(), Identity.generate()
+    fast = Backoff(0.05, 0.2)
+    async with Device(alice, [url], PeerList([bob.public]), backoff=fast, **options) as a, \
+            Device(bob, [url], PeerList([alice.public]), backoff=fast, **options) as b:
+        yield a, b, bob
+
+
+async def test_a_relay_serves_wss_and_devices_verify_its_certificate(start_relay,
+                                                                     tmp_path) -> None:
+    cert, key = self_signed(tmp_path)
+    server: RelayServer = await start_relay(tls_cert=str(cert), tls_key=str(key))
+    assert server.url.startswith("wss://")
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with devices(server.url, tls=trusting) as (a, b, bob):
+        async with asyncio.timeout(10):
+            outgoing = await a.send([bob.public], b"over TLS")
+        async with asyncio.timeout(10):
+            async for message in b.messages():
+                assert message.payload == b"over TLS"
+                break
+        assert await outgoing.wait_receipts(timeout=10) == {bob.public: DeliveryStatus.DELIVERED}
+
+
+async def test_a_device_that_does_not_trust_the_certificate_never_connects(start_relay,
+                                                                            tmp_path) -> None:
+    cert, key = self_signed(tmp_path)
+    server = await start_relay(tls_cert=str(cert), tls_key=str(key))
+    async with devices(server.url) as (a, _b, _bob):  # the system store: no such CA
+        async with asyncio.timeout(10):
+            while a.stats.connect_failures < 2:
+                await asyncio.sleep(0.05)
+        assert not a.connected and "certificate" in (a.last_error or "").lower()
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_a_pinned_device_talks_only_to_the_relay_key_it_was_given(relay) -> None:
+    """Before: a device signed whatever relay key a CHALLENGE named, so any server holding
+    any key passed the handshake and could forge ACCEPTED and EXPIRY."""
+    other = Identity.generate().public
+    async with devices(relay.url, relay_keys=[other]) as (a, _b, _bob):
+        async with asyncio.timeout(10):
+            while a.stats.connect_failures < 2:
+                await asyncio.sleep(0.05)
+        assert not a.connected and "not one this device trusts" in (a.last_error or "")
+    TALLY[ATTACKS_REJECTED] += 1
+    assert relay.relay is not None
+    async with devices(relay.url, relay_keys=[relay.relay.identity.public]) as (a, _b, _bob):
+        async with asyncio.timeout(10):
+            await a.wait_connected()
+
+
+@pytest.mark.parametrize("cert_only", [True, False])
+def test_tls_settings_go_in_pairs(cert_only: bool) -> None:
+    from continuum.settings import Settings
+    with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
+        Settings(tls_cert="a.pem" if cert_only else "", tls_key="" if cert_only else "k.pem"
+                 ).validate()
