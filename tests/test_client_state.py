@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from client.dedup import RecentlySeen
-from client.inbox import InboxView, Surface, decide
+from client.inbox import InboxView, ReceiptArrived, Surface, decide
 from client.outbox import Outbox, needs_renewal, renewed
 from client.peers import PeerList
 from client.state import SCHEMA_VERSION, DeviceState, StoredSend
 from client.tracking import DeliveryStatus, SendState, SentLog
 from proto import Identity, Kind, Limits, seal_envelope
 from proto.errors import NotPeerError, ReplayError
+from proto.payloads import Receipt
 
 NOW_MS = 1_700_000_000_000
 alice, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
@@ -136,6 +137,30 @@ async def test_news_that_arrives_after_a_restart_finds_its_message(tmp_path: Pat
         envelope.msg_id, SendState.ACCEPTED, None)
     assert message.recipients == {bob.public: DeliveryStatus.DELIVERED,
                                   carol.public: DeliveryStatus.DELIVERED}
+
+
+async def test_a_receipt_after_a_restart_may_name_any_sealing_of_its_message(
+        tmp_path: Path) -> None:
+    """A message sealed again (same msg_id) may have been read as either copy."""
+    state = DeviceState(tmp_path / "state.db")
+    first = sealed(b"twice", ttl_s=3600)
+    log = SentLog(state=state)
+    log.track(first)
+    entry = Outbox(state).add(first, plaintext=b"twice")
+    again = renewed(entry, alice, NOW_MS + 400_000, Limits())
+    assert again is not None
+    log.resealed(again)
+    restarted = SentLog(state=reopened(state))
+    assert restarted.sealed_as(first.msg_id) == {first.content_hash(), again.content_hash()}
+    view = InboxView(alice, PeerList([bob.public]), set(), RecentlySeen(), restarted)
+    for copy in (first, again):
+        receipt = seal_envelope(bob, Kind.RECEIPT, [alice.public], Receipt.of(copy).encode(),
+                                ttl_s=60, now_ms=NOW_MS + 400_000)
+        assert isinstance(decide(receipt.raw, view, now_ms=NOW_MS + 400_000), ReceiptArrived)
+    forged = seal_envelope(bob, Kind.RECEIPT, [alice.public],
+                           Receipt(first.msg_id, bytes(32)).encode(), ttl_s=60,
+                           now_ms=NOW_MS + 400_000)
+    assert not isinstance(decide(forged.raw, view, now_ms=NOW_MS + 400_000), ReceiptArrived)
 
 
 async def test_refusals_and_lapses_are_recorded_with_their_code(tmp_path: Path) -> None:
