@@ -1,22 +1,49 @@
 """Continuum device library: talk to peers through relays over one outbound WebSocket.
 
+From nothing to a message and its receipt (two devices in one script here;
+each normally runs on its own machine, with its own key file)::
+
+    import asyncio
+    from pathlib import Path
+
+    from client import Device, PeerList
+    from proto import Identity
+
+    RELAY = "ws://127.0.0.1:8470/v1/connect"   # start one: continuum --port 8470
+
+    async def main() -> None:
+        alice = Identity.load_or_create(Path("alice.key"))   # 0600; the same key every run
+        bob = Identity.generate()
+        alices_peers = PeerList([bob.public])   # or PeerList.load(Path("peers.json")): on disk
+        async with Device(alice, [RELAY], alices_peers, home=Path("alice-state")) as a, \
+                Device(bob, [RELAY], PeerList([alice.public])) as b:
+            await a.wait_connected(timeout=10)
+            outgoing = await a.send([bob.public], b"hello bob", ttl_s=3600, timeout=30)
+            async for message in b.messages():
+                print(message.sender.text, message.payload)
+                break
+            print(await outgoing.wait_receipts(timeout=10))   # {bob: DeliveryStatus.DELIVERED}
+
+    asyncio.run(main())
+
 Public API::
 
-    from client import Device, PeerList, DeliveryStatus
-    from proto import Identity, PublicKey
-
-    device = Device(identity, relays=["ws://relay-a:8470/v1/connect", "ws://relay-b:8470/v1/connect"],
-                    peers=PeerList.load(path), oracle_key=None)
+    device = Device(identity, relays=[url, backup_url], peers=PeerList.load(path),
+                    oracle_key=None, home=None, keepalive_s=20.0,
+                    relay_keys=None, tls=None)   # pin relay keys; CA for wss://
     async with device:                       # starts the connection manager
-        await device.wait_connected()        # optional; `device.connected`, `device.relay_url`
-        outgoing = await device.send([bob], b"hello", ttl_s=3600)   # returns once ACCEPTED,
-                                             # raises the proto exception (RateLimitedError, …)
+        await device.wait_connected(timeout=10)   # TimeoutError; `device.connected`, `relay_url`
+        outgoing = await device.send([bob], b"hello", ttl_s=3600, timeout=30)
+        # returns once ACCEPTED; raises the final refusal as its proto exception
+        # (NotPeerError, RevokedError, OversizeError, …) or TimeoutError (still queued)
         statuses = await outgoing.wait_receipts(timeout=10)
         # {bob: DeliveryStatus.DELIVERED | EXPIRED | PENDING}
         async for message in device.messages():      # InboundMessage(sender, msg_id, payload,
             ...                                      #                kind, created_at_ms)
-
-    device.stats       # DeviceStats counters: dropped_non_peer, dropped_invalid, bad_frames, …
+    await device.queue([bob], b"later")   # into the outbox only; sent whenever a relay is up
+    await device.flush(timeout=30)        # wait until the outbox is empty; returns what is left
+    device.sent_messages()   # SentMessage per message: relay answer, each recipient's status
+    device.stats       # DeviceStats counters: dropped_non_peer, dropped_stale, bad_frames, …
     device.receipts()  # async iterator of (sender, Receipt), for senders like the oracle
     device.send_envelope(envelope)   # send an envelope sealed elsewhere, same bytes on retry
 
@@ -25,11 +52,25 @@ Public API::
     await device.wait_drained()      # the old key's mailbox is empty; `device.drain(old)`
                                      # resumes a drain a restart cut short
 
+State: with `home` (a directory) the outbox, the messages sent with what
+became of them, and the messages already handled live in `home/state.db`
+(SQLite), so a restart loses nothing: a message is on disk before `send`
+returns and is sent by a later run if this one cannot; receipts and expiry
+notices that arrive after a restart find their message; a re-delivery after
+a restart is not surfaced again.  Without `home` (the default) the same
+state is kept in memory for this run only: what was not yet accepted when
+the process ends is lost.
+
 Guarantees: messages are surfaced only from peers (the local list, or the
-oracle's signed PEER_CHANGE when `oracle_key` is set), each once per run;
+oracle's signed PEER_CHANGE when `oracle_key` is set), and only while fresh
+(created_at + ttl + the relays' 300 s skew, SPEC §11: later copies are
+replays), each at most once (per run without a home, ever with one);
 anything else is dropped, counted and ACKed.  Envelopes not yet accepted are
-re-sent, byte for byte, on every new connection.  The private key is never
-logged or sent.
+re-sent, byte for byte, on every new connection; transient refusals
+(RATE_LIMITED, MAILBOX_FULL, STORE_UNAVAILABLE, QUOTA_EXCEEDED) are retried,
+receipts included.  The private key is never logged or sent.  The library
+logs nothing unless the application configures logging (structlog or the
+standard `logging` module, logger "continuum.client").
 
 Limits: each connection decodes envelopes up to the limit the relay
 announced in WELCOME, never above the device's own cap (`limits`, default
@@ -41,9 +82,12 @@ dropped, counted and ACKed, so it never blocks the mailbox.
 Modules, one job each: `protocol` (the pure conversation with one relay:
 handshake, frames in and out), `connection` (its socket shell), `manager`
 (relay list, backoff, failover), `inbox` (pure decision per delivery),
-`outbox` (sends awaiting ACCEPTED), `tracking` (receipts and expiries per
-recipient), `peers`, `dedup`, `backoff`, `drain` (the old key's mailbox after
-a rotation), `key_files` (the home's key files across a rotation), `device`
+`freshness` (how long an envelope can be valid), `outbox` (sends awaiting
+ACCEPTED and the rules for them), `tracking` (what became of each message
+sent), `sending` (both driven by the relays' answers), `dedup` (messages
+already handled), `state` (the SQLite file behind outbox, tracking and
+dedup), `peers`, `backoff`, `drain` (the old key's mailbox after a
+rotation), `key_files` (the home's key files across a rotation), `device`
 (the public API tying them together), `stats`, `settings` and `cli` (the
 `continuum-client` command).
 """
@@ -52,7 +96,7 @@ from .device import Device
 from .inbox import DropReason, InboundMessage
 from .peers import PeerList
 from .stats import DeviceStats
-from .tracking import DeliveryStatus, Outgoing
+from .tracking import DeliveryStatus, Outgoing, SendState, SentMessage
 
 __all__ = ["DeliveryStatus", "Device", "DeviceStats", "DropReason", "InboundMessage", "Outgoing",
-           "PeerList"]
+           "PeerList", "SendState", "SentMessage"]

@@ -1,19 +1,26 @@
-"""`continuum-client`: keys, peers, send and listen from a shell.
+"""`continuum-client`: keys, peers, send and listen from a shell or a script.
 
-    continuum-client [--home DIR] [--relay URL]… [--oracle-key cpk_…] COMMAND
+    continuum-client [--home DIR] [--relay URL]… [--oracle-key cpk_…] [--keepalive S] COMMAND
       keygen                       create identity.key (0600); print the public key
       whoami                       print the public key
       enroll --oracle cpk_…        trust this oracle (only) to set the peer list
       peers add|remove KEY…        edit the allowed-peer list
       peers list                   print it, one key per line
-      send KEY… TEXT|@FILE         send one message to all KEYs; --wait S for receipts
+      send KEY… TEXT|@FILE|-       send one message to all KEYs (- reads stdin); --wait S for
+                                   receipts, --queue to only put it in the outbox
+      send KEY… --lines            one message per line of stdin, as the lines come
+      flush                        send what the outbox holds; collect receipts and notices
+      outbox [--json]              messages sent: the relays' answer, each recipient's status
       listen                       print messages from peers as they arrive (and drain the
                                    mailbox of a key rotated away from)
       rotate-key                   move to a new key the current one vouches for; print it
 
 Results go to stdout (one line each, easy to script), diagnostics to
-stderr.  Exit codes: 0 ok, 1 refused (by the relay, or a bad message),
-2 usage or set-up problem, 3 no relay accepted the message in time.
+stderr, in words: one line per failed connection attempt, one per dropped
+delivery, never a traceback.  Every command that talks to a relay keeps the
+home's state file (`state.db`): a message is in the outbox before `send`
+tries any relay and is sent by a later `send`, `flush` or `listen` if this
+one cannot.  The exit codes are `EXIT_CODES`, printed by `--help`.
 """
 
 from __future__ import annotations
@@ -21,27 +28,54 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
+import os
 import sys
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
-import structlog
+import aiohttp
 
 from proto import Identity, PublicKey
-from proto.errors import ProtocolError
+from proto.errors import NotEnrolledError, ProtocolError, RevokedError
 from proto.rotation import OracleKeyChain
-from runtime.logs import configure_logging
+from runtime.files import write_atomically
+from runtime.logs import configure_logging, library_logger
 
 from .device import DEFAULT_TTL_S, Device
-from .inbox import InboundMessage
-from .key_files import KeyFiles, write_atomically
+from .inbox import Drop, DropReason, InboundMessage
+from .key_files import KeyFiles
 from .peers import PeerList
 from .settings import ClientSettings
+from .state import DeviceState
+from .tracking import SendState, SentLog, SentMessage
 
+EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
-EXIT_NOT_ACCEPTED = 3
+EXIT_NO_RELAY = 3
+EXIT_TOO_FEW = 4
+EXIT_INTERRUPTED = 130
+EXIT_CODES = """\
+exit codes:
+  0    done
+  1    refused for good: by a relay (REVOKED, NOT_PEER, OVERSIZE, INVALID_FIELD, …), or a
+       message that cannot be sent as given
+  2    usage or set-up problem (bad flag, key, file or setting)
+  3    no relay: none connected (listen, flush) or accepted the message within --timeout
+       (send; the message stays in the outbox and a later send, flush or listen sends it);
+       rotate-key: the oracle did not confirm within --timeout (run it again to resume)
+  4    listen --count N: fewer than N messages within --timeout
+  130  interrupted (Ctrl-C)"""
+# Handshake refusals that no retry will change: the command ends at once with EXIT_REFUSED.
+_PERMANENT_AT_CONNECT = (RevokedError, NotEnrolledError)
+# After the outbox is empty, `flush` keeps collecting receipts until this long passes quietly.
+_FLUSH_QUIET_S = 1.0
+
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -54,8 +88,10 @@ class CliError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="continuum-client",
-                                     description="Continuum device: keys, peers, send, listen.")
-    parser.add_argument("--home", help="directory with identity.key and peers.json"
+                                     description="Continuum device: keys, peers, send, listen.",
+                                     epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", help="directory with identity.key, peers.json and state.db"
                         " (env CONTINUUM_HOME; default ~/.continuum)")
     parser.add_argument("--relay", action="append", dest="relays", metavar="URL",
                         help="relay URL, ws://HOST:PORT/v1/connect; repeat for failover"
@@ -63,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--oracle-key", metavar="cpk_…",
                         help="key whose PEER_CHANGE messages replace the peer list"
                         " (env CONTINUUM_ORACLE_KEY)")
+    parser.add_argument("--keepalive", type=float, metavar="SECONDS", dest="keepalive_s",
+                        help="ping an idle relay connection this often"
+                        " (env CONTINUUM_KEEPALIVE_S; default 20)")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,14 +116,30 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("add", "remove"):
         peer_commands.add_parser(name).add_argument("keys", nargs="+", metavar="KEY")
     peer_commands.add_parser("list")
-    send = commands.add_parser("send", help="send one message to one or more peers")
-    send.add_argument("recipients", nargs="+", metavar="KEY")
-    send.add_argument("message", metavar="TEXT|@FILE", help="the text, or @path to send a file")
+    send = commands.add_parser(
+        "send", help="send a message to one or more peers",
+        usage="continuum-client send KEY… (TEXT | @FILE | -) [options]\n"
+              "       continuum-client send KEY… --lines [options]")
+    send.add_argument("targets", nargs="+", metavar="KEY… MESSAGE",
+                      help="recipient keys, then the message: text, @path of a file, or - for"
+                      " stdin (with --lines, keys only)")
+    send.add_argument("--lines", action="store_true",
+                      help="send each line of stdin as one message, as it arrives"
+                      " (blank lines are not sent)")
     send.add_argument("--ttl", type=int, default=DEFAULT_TTL_S, help="seconds the relay keeps it")
     send.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                       help="wait this long for return receipts and report per recipient")
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                      help="give up if no relay accepted it within this time")
+                      help="give up (exit 3, the message stays queued) if no relay accepted it"
+                      " within this time; transient refusals are retried until then")
+    send.add_argument("--queue", action="store_true",
+                      help="only put it in the outbox and exit; a later send, flush or listen"
+                      " sends it")
+    flush = commands.add_parser("flush", help="send the outbox, collect receipts and notices")
+    flush.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="give up (exit 3) after this long")
+    outbox = commands.add_parser("outbox", help="list sent messages and what became of them")
+    outbox.add_argument("--json", action="store_true", help="one JSON object per message")
     listen = commands.add_parser("listen", help="print messages from peers")
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
@@ -101,14 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, sys.stderr)  # stdout stays clean for results
     try:
         settings = ClientSettings.resolve(home=args.home, relays=args.relays,
-                                          oracle_key=args.oracle_key, log_level=args.log_level)
+                                          oracle_key=args.oracle_key, log_level=args.log_level,
+                                          keepalive_s=args.keepalive_s)
         sys.exit(_run(args, settings))
     except (CliError, ValueError, ProtocolError) as exc:
         code = exc.exit_code if isinstance(exc, CliError) else EXIT_USAGE
-        print(f"continuum-client: {_message(exc)}", file=sys.stderr)
+        _say(_message(exc))
         sys.exit(code)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
@@ -116,18 +172,24 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         return _keygen(settings)
     if args.command == "whoami":
         print(_load_identity(settings).public.text)
-        return 0
+        return EXIT_OK
     if args.command == "enroll":
         return _enroll(settings, PublicKey.from_text(args.oracle), args.replace)
     if args.command == "peers":
         return _peers(args, settings)
+    if args.command == "outbox":
+        return _outbox(settings, args.json)
     if args.command == "send":
-        payload = _read_message(args.message)
-        recipients = [PublicKey.from_text(text) for text in args.recipients]
-        return asyncio.run(_send(settings, recipients, payload, args.ttl, args.wait, args.timeout))
+        return _send_command(args, settings)
+    if args.command == "flush":
+        return asyncio.run(_flush(settings, args.timeout))
     if args.command == "rotate-key":
         return asyncio.run(_rotate_key(settings, args.timeout))
     return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
+
+
+def _say(line: str) -> None:
+    print(f"continuum-client: {line}", file=sys.stderr, flush=True)
 
 
 def _enroll(settings: ClientSettings, oracle: PublicKey, replace: bool) -> int:
@@ -137,10 +199,10 @@ def _enroll(settings: ClientSettings, oracle: PublicKey, replace: bool) -> int:
         if settings.oracle_path.exists() else None
     if current not in (None, oracle.text) and not replace:
         raise CliError(f"already enrolled with oracle {current}; use --replace to switch")
-    settings.oracle_path.write_text(oracle.text + "\n", encoding="ascii")
+    write_atomically(settings.oracle_path, (oracle.text + "\n").encode("ascii"))
     print(f"enrolled with oracle {oracle.text}")
     print(f"ask its administrator to add this device: {identity.public.text}")
-    return 0
+    return EXIT_OK
 
 
 def _keygen(settings: ClientSettings) -> int:
@@ -151,7 +213,7 @@ def _keygen(settings: ClientSettings) -> int:
         raise CliError(f"{settings.identity_path} already exists; refusing to overwrite"
                        " a device key") from None
     print(identity.public.text)
-    return 0
+    return EXIT_OK
 
 
 def _load_identity(settings: ClientSettings) -> Identity:
@@ -169,17 +231,125 @@ def _peers(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.peers_command == "list":
         for key in peers:
             print(key.text)
-        return 0
+        return EXIT_OK
     keys = [PublicKey.from_text(text) for text in args.keys]
     if args.peers_command == "add":
         peers.add(keys)
     else:
         peers.remove(keys)
     print(f"{len(peers)} peer(s) in {settings.peers_path}", file=sys.stderr)
-    return 0
+    return EXIT_OK
+
+
+# -- talking to relays ---------------------------------------------------------------------
+
+
+class _Session:
+    """One command's device, with what the user is told while it runs.
+
+    Each failed connection attempt is one line on stderr; a handshake refusal
+    no retry can change (REVOKED, NOT_ENROLLED) ends the command (`until_fatal`).
+    """
+
+    def __init__(self, settings: ClientSettings, *, announce_drops: bool = False) -> None:
+        if not settings.relays:
+            raise CliError("no relay configured: pass --relay URL or set CONTINUUM_RELAYS")
+        for url in settings.unencrypted_remote_relays:
+            _say(f"warning: {url} is not encrypted and leaves this machine: anyone on the path"
+                 " can read and replay the connection; use wss://")
+        identity = _load_identity(settings)
+        library_logger("continuum.client").info("client_started", **settings.describe())
+        if KeyFiles(settings.identity_path).pending() is not None:
+            _say("a key rotation is under way: run rotate-key to finish it")
+        self._settings = settings
+        self._fatal: asyncio.Future[ProtocolError] = asyncio.get_running_loop().create_future()
+        self.device = Device(identity, settings.relays, PeerList.load(settings.peers_path),
+                             settings.oracle_key, home=settings.home,
+                             keepalive_s=settings.keepalive_s,
+                             on_oracle_key_change=self._follow_oracle,
+                             on_connect_error=self._connect_failed,
+                             on_drop=_announce_drop if announce_drops else None)
+
+    def _follow_oracle(self, chain: OracleKeyChain) -> None:
+        """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
+        assert chain.current is not None
+        write_atomically(self._settings.oracle_chain_path, chain.encode())
+        write_atomically(self._settings.oracle_path, (chain.current.text + "\n").encode("ascii"))
+
+    def _connect_failed(self, url: str, error: BaseException) -> None:
+        if isinstance(error, _PERMANENT_AT_CONNECT):
+            if not self._fatal.done():
+                self._fatal.set_result(error)
+            return
+        _say(f"{url}: {_connect_reason(error)}")
+
+    async def until_fatal(self, work: Awaitable[T]) -> T:
+        """Await `work`, unless a relay refuses this device for good first (EXIT_REFUSED)."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait([task, self._fatal], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():  # refused for good, or our own caller gave up (timeout)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise CliError(f"refused: {_message(self._fatal.result())}", EXIT_REFUSED)
+        return task.result()
+
+
+def _connect_reason(error: BaseException) -> str:
+    """Why a connection attempt failed, in words ("Connection refused")."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        cause = error.os_error
+        return f"cannot connect: {os.strerror(cause.errno) if cause.errno else cause}"
+    if isinstance(error, aiohttp.WSServerHandshakeError):
+        return f"not a relay endpoint (HTTP {error.status})"
+    if isinstance(error, TimeoutError):
+        return "no answer (timed out)"
+    return _message(error) or type(error).__name__
+
+
+def _announce_drop(drop: Drop) -> None:
+    """`listen` tells at once what it dropped, so a missing peer entry is no mystery."""
+    sender = drop.envelope.sender.text if drop.envelope is not None else None
+    if drop.reason is DropReason.NON_PEER:
+        _say(f"dropped a message from {sender}: not a peer (to accept its messages:"
+             f" continuum-client peers add {sender})")
+    elif drop.reason is DropReason.STALE:
+        _say(f"dropped a stale message from {sender}: {drop.detail}")
+    else:
+        _say(f"dropped a delivery{f' from {sender}' if sender else ''}"
+             f" ({drop.reason.value}): {drop.detail}")
+
+
+def _send_command(args: argparse.Namespace, settings: ClientSettings) -> int:
+    if args.lines:
+        keys, payloads = args.targets, _stdin_lines()
+    elif len(args.targets) < 2:
+        raise CliError("send needs KEY… and a message (TEXT, @FILE or -), or --lines")
+    else:
+        keys, payloads = args.targets[:-1], _one(_read_message(args.targets[-1]))
+    recipients = [PublicKey.from_text(text) for text in keys]
+    if args.queue:
+        return asyncio.run(_queue(settings, recipients, payloads, args.ttl))
+    return asyncio.run(_send(settings, recipients, payloads, args.ttl, args.wait, args.timeout))
+
+
+async def _one(payload: bytes) -> AsyncIterator[bytes]:
+    yield payload
+
+
+async def _stdin_lines() -> AsyncIterator[bytes]:
+    """Lines of stdin as they arrive (a sensor piped in), without newline; blank ones skipped."""
+    while line := await asyncio.to_thread(sys.stdin.buffer.readline):
+        if line.strip():
+            yield line.rstrip(b"\r\n")
 
 
 def _read_message(argument: str) -> bytes:
+    if argument == "-":
+        return sys.stdin.buffer.read()
     if not argument.startswith("@"):
         return argument.encode("utf-8")
     try:
@@ -188,23 +358,16 @@ def _read_message(argument: str) -> bytes:
         raise CliError(f"cannot read {argument[1:]}: {exc.strerror}") from None
 
 
-def _device(settings: ClientSettings) -> Device:
-    if not settings.relays:
-        raise CliError("no relay configured: pass --relay URL or set CONTINUUM_RELAYS")
-    identity = _load_identity(settings)
-    log = structlog.get_logger("continuum.client")
-    log.info("client_started", **settings.describe())
-    if KeyFiles(settings.identity_path).pending() is not None:
-        log.warning("key_rotation_pending", detail="run rotate-key to finish it")
-
-    def follow_oracle(chain: OracleKeyChain) -> None:
-        """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
-        assert chain.current is not None
-        write_atomically(settings.oracle_chain_path, chain.encode())
-        write_atomically(settings.oracle_path, (chain.current.text + "\n").encode("ascii"))
-
-    return Device(identity, settings.relays, PeerList.load(settings.peers_path),
-                  settings.oracle_key, on_oracle_key_change=follow_oracle)
+async def _queue(settings: ClientSettings, recipients: list[PublicKey],
+                 payloads: AsyncIterator[bytes], ttl_s: int) -> int:
+    device = _Session(settings).device
+    try:
+        async for payload in payloads:
+            outgoing = await _sealed(device.queue(recipients, payload, ttl_s=ttl_s))
+            print(f"queued {outgoing.msg_id.hex()}", flush=True)
+    finally:
+        device.close()
+    return EXIT_OK
 
 
 async def _rotate_key(settings: ClientSettings, timeout_s: float) -> int:
@@ -213,77 +376,156 @@ async def _rotate_key(settings: ClientSettings, timeout_s: float) -> int:
         raise CliError("a key rotation needs an oracle: run enroll --oracle cpk_… first")
     files = KeyFiles(settings.identity_path)
     resuming = files.pending() is not None
-    device = _device(settings)
+    session = _Session(settings)
+    device = session.device
     try:
         new = files.begin()
     except FileExistsError as exc:
         raise CliError(str(exc)) from None
-    print(f"{'resuming rotation' if resuming else 'rotating'} {device.identity.public.text}"
-          f" -> {new.public.text}", file=sys.stderr, flush=True)
+    _say(f"{'resuming rotation' if resuming else 'rotating'} {device.identity.public.text}"
+         f" -> {new.public.text}")
     async with device:
         try:
             async with asyncio.timeout(timeout_s):
-                await device.rotate_key(new, on_confirmed=files.confirm)
+                await session.until_fatal(device.rotate_key(new, on_confirmed=files.confirm))
         except TimeoutError:
             raise CliError(f"the oracle did not confirm within {timeout_s:g}s (last error:"
                            f" {device.last_error or 'none'}); run rotate-key again to resume",
-                           EXIT_NOT_ACCEPTED) from None
+                           EXIT_NO_RELAY) from None
         except ProtocolError as exc:
             raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
     print(new.public.text)
-    print(f"the old key stays in {files.old_path} until listen has drained its mailbox",
-          file=sys.stderr)
-    return 0
+    _say(f"the old key stays in {files.old_path} until listen has drained its mailbox")
+    return EXIT_OK
 
 
-async def _send(settings: ClientSettings, recipients: list[PublicKey], payload: bytes,
-                ttl_s: int, wait_s: float, timeout_s: float) -> int:
-    async with _device(settings) as device:
+async def _sealed(work: Awaitable[T]) -> T:
+    """A message the device cannot even seal (too large, bad ttl) is refused: EXIT_REFUSED."""
+    try:
+        return await work
+    except ProtocolError as exc:
+        raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
+
+
+async def _send(settings: ClientSettings, recipients: list[PublicKey],
+                payloads: AsyncIterator[bytes], ttl_s: int, wait_s: float,
+                timeout_s: float) -> int:
+    session = _Session(settings)
+    async with session.device as device:
+        async for payload in payloads:
+            try:
+                outgoing = await session.until_fatal(
+                    device.send(recipients, payload, ttl_s=ttl_s, timeout=timeout_s))
+            except TimeoutError:
+                raise CliError(f"not accepted within {timeout_s:g}s (last error:"
+                               f" {device.last_error or 'none'}); it stays in the outbox:"
+                               " a later send, flush or listen sends it",
+                               EXIT_NO_RELAY) from None
+            except ProtocolError as exc:
+                raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
+            print(f"accepted {outgoing.msg_id.hex()} via {device.relay_url}", flush=True)
+            if wait_s > 0:
+                statuses = await outgoing.wait_receipts(wait_s)
+                for key, status in sorted(statuses.items()):
+                    print(f"{key.text} {status.value}", flush=True)
+    return EXIT_OK
+
+
+async def _flush(settings: ClientSettings, timeout_s: float) -> int:
+    session = _Session(settings)
+    async with session.device as device:
+        before = {m.msg_id: m.state for m in device.sent_messages()}
         try:
-            async with asyncio.timeout(timeout_s):
-                outgoing = await device.send(recipients, payload, ttl_s=ttl_s)
+            await session.until_fatal(_flushed(device, timeout_s))
         except TimeoutError:
-            raise CliError(f"not accepted within {timeout_s:g}s"
-                           f" (last error: {device.last_error or 'none'})",
-                           EXIT_NOT_ACCEPTED) from None
-        except ProtocolError as exc:
-            raise CliError(f"refused: {_message(exc)}", EXIT_REFUSED) from None
-        print(f"accepted {outgoing.msg_id.hex()} via {device.relay_url}", flush=True)
-        if wait_s > 0:
-            statuses = await outgoing.wait_receipts(wait_s)
-            for key, status in sorted(statuses.items()):
-                print(f"{key.text} {status.value}")
-    return 0
+            pass
+        if not device.connected and device.stats.connects == 0:
+            raise CliError(f"never connected within {timeout_s:g}s (last error:"
+                           f" {device.last_error or 'none'})", EXIT_NO_RELAY)
+        refused = False
+        for message in device.sent_messages():
+            if before.get(message.msg_id) is not SendState.QUEUED \
+                    or message.state is SendState.QUEUED:
+                continue
+            refused |= message.state is SendState.REFUSED
+            print(f"{message.state.value} {message.msg_id.hex()}"
+                  + (f" {message.error}" if message.error else ""), flush=True)
+        left = device.queued
+    if left:
+        _say(f"{left} message(s) still in the outbox")
+        return EXIT_NO_RELAY
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+async def _flushed(device: Device, timeout_s: float) -> None:
+    """Connect, empty the outbox, then collect what the relay has for us until it is quiet."""
+    async with asyncio.timeout(timeout_s):
+        await device.wait_connected()
+        await device.flush()
+        while True:
+            deliveries = device.stats.deliveries
+            await asyncio.sleep(_FLUSH_QUIET_S)
+            if device.stats.deliveries == deliveries:
+                return
+
+
+def _outbox(settings: ClientSettings, as_json: bool) -> int:
+    if not (settings.home / "state.db").exists():
+        return EXIT_OK
+    state = DeviceState.in_home(settings.home)
+    try:
+        for message in SentLog(state=state).history():
+            print(_format_sent(message, as_json))
+    finally:
+        state.close()
+    return EXIT_OK
+
+
+def _format_sent(message: SentMessage, as_json: bool) -> str:
+    recipients = {key.text: status.value for key, status in message.recipients.items()}
+    if as_json:
+        return json.dumps({"msg_id": message.msg_id.hex(), "kind": message.kind.name.lower(),
+                           "created_at_ms": message.created_at_ms,
+                           "expires_at_ms": message.expires_at_ms, "state": message.state.value,
+                           "error": message.error, "recipients": recipients})
+    when = datetime.fromtimestamp(message.created_at_ms / 1000, UTC).isoformat(timespec="seconds")
+    fates = " ".join(f"{key}={status}" for key, status in recipients.items())
+    error = f" ({message.error})" if message.error else ""
+    return f"{message.msg_id.hex()} {when} {message.state.value}{error} {fates}"
 
 
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
                   as_json: bool) -> int:
     received = 0
     files = KeyFiles(settings.identity_path)
-    async with _device(settings) as device:
+    session = _Session(settings, announce_drops=True)
+    async with session.device as device:
         old = files.draining()
         if old is not None:  # a rotation left the old key's mailbox to drain
             device.drain(old)
         try:
             async with asyncio.timeout(timeout_s):
-                await device.wait_connected()
-                print(f"listening as {device.identity.public.text} on {device.relay_url}",
-                      file=sys.stderr, flush=True)
-                async for message in device.messages():
-                    print(_format(message, as_json), flush=True)
-                    received += 1
-                    if count is not None and received >= count:
-                        break
+                await session.until_fatal(device.wait_connected())
+                _say(f"listening as {device.identity.public.text} on {device.relay_url}")
+                async with contextlib.aclosing(device.messages()) as messages:
+                    async for message in messages:
+                        print(_format(message, as_json), flush=True)
+                        received += 1
+                        if count is not None and received >= count:
+                            break
         except TimeoutError:
-            pass
+            if device.stats.connects == 0:
+                raise CliError(f"never connected within {timeout_s:g}s (last error:"
+                               f" {device.last_error or 'none'})", EXIT_NO_RELAY) from None
         if old is not None and not device.draining:
             files.drained()
         dropped = {name: value for name, value in device.stats.as_dict().items()
                    if name.startswith(("dropped_", "duplicates")) and value}
         if dropped:
-            print("dropped: " + " ".join(f"{k}={v}" for k, v in dropped.items()),
-                  file=sys.stderr)
-    return 0
+            _say("dropped: " + " ".join(f"{k}={v}" for k, v in dropped.items()))
+    if count is not None and received < count:
+        return EXIT_TOO_FEW
+    return EXIT_OK
 
 
 def _format(message: InboundMessage, as_json: bool) -> str:

@@ -17,20 +17,21 @@ from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 
 import aiohttp
-import structlog
 
 from proto import Identity, Limits, PublicKey
 from proto.channel import TAG_BYTES
 from proto.frames import NONCE_BYTES
 from proto.handshake import EPHEMERAL_SEED_BYTES, HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
+from runtime.logs import library_logger
 
 from .protocol import BadFrame, Connected, DeviceProtocol, Event
 
-log = structlog.get_logger("continuum.client")
+log = library_logger("continuum.client")
 
 # Pings from our side find a relay that vanished without closing (NAT timeout, power cut).
-HEARTBEAT_S = 20.0
+# A setting (`Device(keepalive_s=…)`, `--keepalive`): a battery-powered device pings less often.
+DEFAULT_KEEPALIVE_S = 20.0
 
 
 class RelayConnection:
@@ -101,6 +102,7 @@ async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> byt
 @asynccontextmanager
 async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
                   handshake_timeout_s: float = 10.0,
+                  keepalive_s: float = DEFAULT_KEEPALIVE_S,
                   pinned_relay_keys: Collection[PublicKey] | None = None,
                   tls: ssl.SSLContext | None = None) -> AsyncIterator[RelayConnection]:
     """Open `url` and authenticate, or raise (OSError, aiohttp.ClientError, TimeoutError,
@@ -108,8 +110,9 @@ async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
     key that is not among `pinned_relay_keys`).
 
     `max_envelope_bytes` is this device's cap: the largest envelope it will read,
-    whatever the relay announces.  A `wss://` URL is verified against `tls` (for a
-    private CA), else the system's certificate store.
+    whatever the relay announces.  `keepalive_s` is the interval of our pings.  A
+    `wss://` URL is verified against `tls` (for a private CA), else the system's
+    certificate store.
     """
     protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
                               os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
@@ -118,7 +121,7 @@ async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
                    HANDSHAKE_FRAME_MAX_BYTES)
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
-            ws = await http.ws_connect(url, heartbeat=HEARTBEAT_S, autoping=True,
+            ws = await http.ws_connect(url, heartbeat=keepalive_s, autoping=True,
                                        max_msg_size=read_cap,
                                        ssl=tls if tls is not None else True)
         try:

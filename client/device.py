@@ -1,16 +1,28 @@
 """The device's public API, and what it does with each event of its relay connection.
 
-`Device` ties the pure parts together: the `ConnectionManager` keeps a relay
+`Device` ties the parts together: the `ConnectionManager` keeps a relay
 connection open and hands over its events, `inbox.decide` rules on each
-delivery, `outbox` and `tracking` follow what was sent.
+delivery, `Sender` (`sending`) holds and follows what is sent, `dedup`
+remembers what was handled.  With a `home`, all of it is kept in the state
+file there (`state`), so a restart loses nothing; without one it lives in
+memory for this run only.
 
-Acknowledgement rule: every delivery is ACKed once dealt with.  Receipts,
-expiry notices, peer changes and drops are dealt with on arrival.  A DATA
-message is dealt with when the application takes it from `messages()`: only
-then is the receipt sent and the ACK written, so a crash before that leaves
-it in the mailbox for the next run.  DATA waiting for the application holds
-relay window slots, so an application that never reads `messages()` (a pure
-sender) stops getting receipts once a window's worth of DATA is waiting.
+Acknowledgement rule: every delivery is ACKed once dealt with, and "dealt
+with" is committed before the ACK.  Receipts, expiry notices, peer changes
+and drops are dealt with on arrival.  A DATA message is dealt with when the
+application takes it from `messages()`: it is then recorded as seen, with
+its receipt queued in the outbox, in one commit, and only then handed over,
+receipted and ACKed.  So a crash before that commit leaves it in the
+mailbox for the next run, and after it a re-delivery is a duplicate: the
+application gets each message at most once, ever (with a home), and loses
+one only to a crash in the instant between that commit and the hand-over.
+DATA waiting for the application holds relay window slots, so an
+application that never reads `messages()` (a pure sender) stops getting
+receipts once a window's worth of DATA is waiting.
+
+Replies (receipts) go through the same outbox as the application's
+messages: durable with a home, re-sent on every connection, retried after
+transient refusals, so none is lost to a relay or store restart.
 
 Key rotation (SPEC §15): `rotate_key()` has the current key vouch for a new
 one to the oracle, then authenticates as the new key while a `Drain` keeps the
@@ -27,36 +39,41 @@ import ssl
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
-import structlog
-
-from proto import Envelope, Identity, Kind, Limits, PublicKey, seal_envelope
-from proto.errors import ProtocolError, RevokedError, WrongSenderError
+from proto import Envelope, Identity, Kind, Limits, PublicKey
+from proto.errors import RevokedError, WrongSenderError
 from proto.payloads import Receipt
 from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
+from runtime.logs import library_logger
 
 from .backoff import Backoff
-from .connection import RelayConnection
+from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import RecentlySeen
 from .drain import DEFAULT_QUIET_S, Drain
-from .inbox import (Drop, ExpiryArrived, InboundMessage, InboxView, OracleKeyChanged,
-                    PeerChangeArrived, ReceiptArrived, Surface, decide)
-from .manager import ConnectionManager, describe
-from .outbox import Outbox, PendingSend
+from .freshness import device_now_ms, valid_until_ms
+from .inbox import (Drop, DropReason, ExpiryArrived, InboundMessage, InboxView,
+                    OracleKeyChanged, PeerChangeArrived, ReceiptArrived, Surface, decide)
+from .manager import ConnectionManager
+from .outbox import PendingSend
 from .peers import PeerList, Standing
 from .protocol import BadFrame, Delivered, Event, SendAccepted, SendRefused
+from .sending import Sender
+from .state import DeviceState, transaction
 from .stats import DeviceStats
-from .tracking import DeliveryStatus, Outgoing, SentLog
+from .tracking import DeliveryStatus, Outgoing, SentMessage
 
-log = structlog.get_logger("continuum.client")
+log = library_logger("continuum.client")
 
 DEFAULT_TTL_S = 24 * 3600
 # This device's own caps.  The envelope cap bounds what it seals and the largest
 # delivery it reads; each connection uses the relay's announced limit below it.
 DEVICE_LIMITS = Limits(max_envelope_bytes=16 * 1024 * 1024)
 _RECEIPT_QUEUE_SIZE = 10_000
+# The state file is pruned on every connection and after this many deliveries.
+_PRUNE_EVERY = 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +89,12 @@ class _Rotation:
 class Device:
     """A device identity talking to its peers through relays; use as `async with device:`.
 
+    `home`: the directory of the state file (outbox, sent messages, seen
+    messages); None keeps them in memory, for this run only.  A device is
+    entered once: leaving it closes the state file.
+    `on_connect_error(url, error)` hears of each failed connection attempt,
+    `on_drop(drop)` of each delivery dropped (a CLI tells its user at once).
+
     `on_oracle_key_change(chain)` is called when the device follows the oracle
     to a new key, before it confirms that to the oracle: persist the chain there
     (the CLI keeps it in its home), and pass the key it leads to as `oracle_key`
@@ -79,11 +102,14 @@ class Device:
     """
 
     def __init__(self, identity: Identity, relays: Iterable[str], peers: PeerList | None = None,
-                 oracle_key: PublicKey | None = None, *, backoff: Backoff | None = None,
-                 limits: Limits = DEVICE_LIMITS, handshake_timeout_s: float = 10.0,
+                 oracle_key: PublicKey | None = None, *, home: Path | str | None = None,
+                 backoff: Backoff | None = None, limits: Limits = DEVICE_LIMITS,
+                 handshake_timeout_s: float = 10.0, keepalive_s: float = DEFAULT_KEEPALIVE_S,
                  relay_keys: Iterable[PublicKey] | None = None,
                  tls: ssl.SSLContext | None = None,
-                 on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None) -> None:
+                 on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None,
+                 on_connect_error: Callable[[str, BaseException], None] | None = None,
+                 on_drop: Callable[[Drop], None] | None = None) -> None:
         """`relay_keys`: pin the relays this device talks to; a relay holding any other key
         is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
         count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
@@ -97,14 +123,14 @@ class Device:
         self.stats = DeviceStats()
         # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
         self.relay_keys: set[PublicKey] = set()
+        self._on_drop = on_drop
         self._limits = limits
         self._handshake_timeout_s = handshake_timeout_s
         self._pinned_relay_keys = None if relay_keys is None else frozenset(relay_keys)
         self._tls = tls
         self._on_oracle_key_change = on_oracle_key_change
-        self._seen = RecentlySeen()
-        self._sent = SentLog()
-        self._outbox = Outbox()
+        self._state = DeviceState.in_home(Path(home)) if home is not None else None
+        self._seen = RecentlySeen(state=self._state)
         # Every key this device may be addressed as: the current one, and old ones draining.
         self._identities = {identity.public: identity}
         self._rotation: _Rotation | None = None
@@ -112,19 +138,21 @@ class Device:
         self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
         self._inbound_ready = asyncio.Event()
         self._receipt_listeners: list[asyncio.Queue[tuple[PublicKey, Receipt]]] = []
-        self._clock_offset_ms = 0
         self._manager = ConnectionManager(
             identity, self.relays, max_envelope_bytes=limits.max_envelope_bytes,
             handshake_timeout_s=handshake_timeout_s,
             pinned_relay_keys=self._pinned_relay_keys, tls=tls,
             backoff=backoff or Backoff(),
             stats=self.stats, on_connected=self._on_connected, on_event=self._on_event,
-            on_disconnected=self._on_disconnected)
+            on_disconnected=self._on_disconnected, keepalive_s=keepalive_s,
+            on_connect_error=on_connect_error)
+        self._sender = Sender(self._identities, self._manager, self._state, self.stats, limits)
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Device:
+        self._sender.load()
         self._runner = asyncio.create_task(self._manager.run_forever(), name="continuum-device")
         return self
 
@@ -139,6 +167,14 @@ class Device:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._sender.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Close the state file (done on leaving `async with`); needed only after `queue`
+        without entering the device."""
+        if self._state is not None:
+            self._state.close()
 
     @property
     def connected(self) -> bool:
@@ -151,91 +187,66 @@ class Device:
         return connection.url if connection is not None else None
 
     @property
+    def queued(self) -> int:
+        """Envelopes in the outbox: not yet accepted, nor refused for good."""
+        return len(self._sender.outbox)
+
+    @property
     def last_error(self) -> str | None:
         """The last connection failure or relay refusal, for a human ("relay …: code: why")."""
         return self._manager.last_error
 
-    async def wait_connected(self) -> None:
-        await self._manager.connected.wait()
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Return once a relay connection is up; TimeoutError after `timeout` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._manager.connected.wait()
 
     # -- sending ---------------------------------------------------------------------------
 
     async def send(self, recipients: Iterable[PublicKey], payload: bytes, *,
-                   ttl_s: int = DEFAULT_TTL_S) -> Outgoing:
+                   ttl_s: int = DEFAULT_TTL_S, timeout: float | None = None) -> Outgoing:
         """Seal `payload` to all recipients as one DATA envelope; return once a relay stored it.
 
-        Raises the relay's refusal as its proto exception (RateLimitedError, …).
-        Waits through disconnections: bound it with `asyncio.timeout`, and on
-        cancellation the envelope is no longer re-sent.
+        The message is in the outbox (on disk, with a home) before anything
+        is sent, and stays there until a relay accepts it, refuses it for
+        good or its TTL passes; transient refusals (RATE_LIMITED,
+        MAILBOX_FULL, STORE_UNAVAILABLE, QUOTA_EXCEEDED) are retried.  Raises
+        the final refusal as its proto exception (RevokedError, NotPeerError,
+        StaleError once the TTL passed unsent, …), or TimeoutError after
+        `timeout` seconds: the message then stays in the outbox and is sent
+        on a later connection (or run).  Cancelling the call withdraws it.
         """
-        envelope = seal_envelope(self.identity, Kind.DATA, list(recipients), payload,
-                                 ttl_s=ttl_s, now_ms=self._now_ms(), limits=self._seal_limits())
-        return await self.send_envelope(envelope)
+        envelope = self._sender.seal(self.identity, Kind.DATA, list(recipients), payload, ttl_s)
+        return await self._sender.submit(envelope, payload, timeout)
 
-    async def send_envelope(self, envelope: Envelope) -> Outgoing:
+    async def queue(self, recipients: Iterable[PublicKey], payload: bytes, *,
+                    ttl_s: int = DEFAULT_TTL_S) -> Outgoing:
+        """Put a message in the outbox and return at once; it is sent whenever a relay is up
+        (this run, or with a home a later one).  Needs no connection, nor `async with`."""
+        envelope = self._sender.seal(self.identity, Kind.DATA, list(recipients), payload, ttl_s)
+        return self._sender.enqueue_soon(envelope, payload)
+
+    async def send_envelope(self, envelope: Envelope, *,
+                            timeout: float | None = None) -> Outgoing:
         """Send an envelope sealed elsewhere (same bytes on every retry); see `send`."""
         if envelope.sender != self.identity.public:
             raise WrongSenderError("a device can only send envelopes it signed itself")
-        outgoing = self._sent.track(envelope)  # before sending: a receipt may beat ACCEPTED
-        entry = self._outbox.add(envelope)
-        try:
-            if self._manager.connection is not None:
-                await self._transmit(entry, self._manager.connection)
-            await entry.accepted
-        except ProtocolError as exc:
-            self.stats.refused += 1
-            log.info("send_refused", msg_id=envelope.msg_id.hex(), code=exc.code.name,
-                     detail=exc.message)
-            raise
-        finally:
-            if not entry.accepted.done() or entry.accepted.cancelled():
-                self._outbox.discard(envelope.msg_id)
-        self.stats.sent += 1
-        return outgoing
+        return await self._sender.submit(envelope, None, timeout)
 
-    async def _send_without_waiting(self, envelope: Envelope) -> None:
-        """Send a protocol reply (a receipt) through the outbox, without waiting for ACCEPTED."""
-        entry = self._outbox.add(envelope)
-        entry.accepted.add_done_callback(_log_refused_reply)
-        if self._manager.connection is not None:
-            await self._transmit(entry, self._manager.connection)
+    async def flush(self, timeout: float | None = None) -> int:
+        """Wait until the outbox is empty (everything accepted or refused for good), at most
+        `timeout` seconds; return how many entries are still waiting."""
+        return await self._sender.flush(timeout)
 
-    async def _transmit(self, entry: PendingSend, connection: RelayConnection) -> None:
-        if entry.sent_on is connection or entry.envelope.sender != connection.device_key:
-            return  # sent there already, or waits for a connection of the key that signed it
-        self._outbox.mark_sent(entry, connection)
-        if entry.transmissions > 1:
-            self.stats.resent += 1
-        try:
-            await connection.send(entry.envelope.raw)
-        except ProtocolError as exc:  # too large for this relay: refused before it is sent
-            self._outbox.refused(entry.envelope.msg_id, exc)
-        except ConnectionError:
-            pass  # still in the outbox: the next connection sends it again
-
-    async def _send_receipt(self, envelope: Envelope) -> None:
-        receipt = seal_envelope(self.identity, Kind.RECEIPT, [envelope.sender],
-                                Receipt.of(envelope).encode(), ttl_s=envelope.ttl_s,
-                                now_ms=self._now_ms(), limits=self._seal_limits())
-        await self._send_without_waiting(receipt)
-
-    def _seal_limits(self) -> Limits:
-        """The limit to seal (and pad) to: the connected relay's (never above this device's
-        cap), so padding never pushes a message whose content fits past a relay's limit.
-        Sealed while offline, a message is padded to its full bucket."""
-        connection = self._manager.connection
-        if connection is None:
-            return self._limits
-        return Limits(max_envelope_bytes=connection.limits.max_envelope_bytes,  # below the cap
-                      max_recipients=self._limits.max_recipients)
-
-    def _now_ms(self) -> int:
-        return now_ms() + self._clock_offset_ms
+    def sent_messages(self) -> list[SentMessage]:
+        """Messages sent and still remembered, oldest first: the relays' answer and each
+        recipient's status."""
+        return self._sender.sent.history()
 
     # -- receiving -------------------------------------------------------------------------
 
     async def messages(self) -> AsyncGenerator[InboundMessage, None]:
-        """DATA messages from peers, in mailbox order, each once (receipt sent, then ACKed)."""
+        """DATA messages from peers, in mailbox order, each once (see the module docstring)."""
         while True:
             while not self._inbound:
                 self._inbound_ready.clear()
@@ -246,8 +257,10 @@ class Device:
                 self.stats.duplicates += 1
                 await connection.ack(tag)
                 continue
-            self._seen.add(key)
-            await self._send_receipt(surface.envelope)
+            with transaction(self._state):
+                self._seen.add(key, valid_until_ms(surface.envelope))
+                receipt = self._sender.queue_receipt(self.identity, surface.envelope)
+            await self._sender.send_now(receipt)  # sealed by the current key: its connection
             await connection.ack(tag)
             self.stats.surfaced += 1
             yield surface.message
@@ -274,10 +287,10 @@ class Device:
         if isinstance(event, Delivered):
             await self._on_delivery(event, connection)
         elif isinstance(event, SendAccepted):
-            self._outbox.accepted(event.msg_id)
+            self._sender.accepted(event.msg_id)
         elif isinstance(event, SendRefused):
             error = event.error
-            if event.msg_id is None or not self._outbox.refused(event.msg_id, error):
+            if event.msg_id is None or not self._sender.refused(event.msg_id, error):
                 self._manager.last_error = f"{error.code.name}: {error.message}"
                 log.warning("relay_error", relay=connection.url, code=error.code.name,
                             detail=error.message)
@@ -289,44 +302,60 @@ class Device:
         identity = self._identities.get(connection.device_key)
         if identity is None:  # the closing connection of a key given up: not ACKed, kept
             return
-        view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sent,
+        if self._state is not None and self.stats.deliveries % _PRUNE_EVERY == 0:
+            self._prune()
+        view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sender.sent,
                          self.oracle_key)
-        decision = decide(delivery.envelope, view, connection.limits)
+        decision = decide(delivery.envelope, view, connection.limits,
+                          now_ms=device_now_ms(now_ms(), connection.clock_offset_ms))
         if isinstance(decision, Surface):
             self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
             return  # ACKed when the application takes it
+        reply: PendingSend | None = None
         if isinstance(decision, Drop):
-            self.stats.count_drop(decision.reason)
-            envelope = decision.envelope
-            log.info("delivery_dropped", reason=decision.reason.value, detail=decision.detail,
-                     sender=envelope.sender.text if envelope else None)
+            self._on_dropped(decision)
         else:
-            if isinstance(decision, ReceiptArrived):
-                self._on_receipt(decision)
-            elif isinstance(decision, ExpiryArrived):
-                self.stats.expiry_notices += 1
-                for msg_id, recipient in decision.notice.entries:
-                    self._sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
-            elif isinstance(decision, OracleKeyChanged):
-                await self._on_oracle_key_changed(decision)
-            else:
-                await self._on_peer_change(decision, identity)
-            # Only once handled: if handling failed (disk full), the re-delivery retries it.
-            self._seen.add((decision.envelope.sender, decision.envelope.msg_id))
+            # Handled and recorded as seen in one commit: if handling failed (disk full), the
+            # re-delivery retries it; once committed, a re-delivery is a duplicate.
+            with transaction(self._state):
+                if isinstance(decision, ReceiptArrived):
+                    self._on_receipt(decision)
+                elif isinstance(decision, ExpiryArrived):
+                    self.stats.expiry_notices += 1
+                    for msg_id, recipient in decision.notice.entries:
+                        self._sender.sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
+                elif isinstance(decision, OracleKeyChanged):
+                    reply = self._on_oracle_key_changed(decision)
+                else:
+                    reply = self._on_peer_change(decision, identity)
+                self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
+                               valid_until_ms(decision.envelope))
+        if reply is not None:
+            await self._sender.send_now(reply)
         await connection.ack(delivery.tag)
+
+    def _on_dropped(self, drop: Drop) -> None:
+        self.stats.count_drop(drop.reason)
+        envelope = drop.envelope
+        log.info("delivery_dropped", reason=drop.reason.value, detail=drop.detail,
+                 sender=envelope.sender.text if envelope else None)
+        if self._on_drop is not None and drop.reason is not DropReason.DUPLICATE:
+            self._on_drop(drop)
 
     def _on_receipt(self, decision: ReceiptArrived) -> None:
         sender = decision.envelope.sender
         self.stats.receipts += 1
-        self._sent.record(decision.receipt.msg_id, sender, DeliveryStatus.DELIVERED)
+        self._sender.sent.record(decision.receipt.msg_id, sender, DeliveryStatus.DELIVERED)
         for queue in self._receipt_listeners:
             try:
                 queue.put_nowait((sender, decision.receipt))
             except asyncio.QueueFull:
                 log.warning("receipt_listener_full", sender=sender.text)
 
-    async def _on_peer_change(self, decision: PeerChangeArrived, identity: Identity) -> None:
+    def _on_peer_change(self, decision: PeerChangeArrived,
+                        identity: Identity) -> PendingSend | None:
+        """Apply a newer list; the receipt to send, if the list is in force."""
         change, oracle = decision.change, decision.envelope.sender
         rotation = self._rotation
         if rotation is not None and identity is rotation.new and not rotation.confirmed.is_set():
@@ -341,15 +370,16 @@ class Device:
             self.stats.peer_changes_older += 1
             log.warning("peer_change_older_than_held", offered=str(change.stamp),
                         held=str(self.peers.stamp), oracle=oracle.text)
-            return  # no receipt: a receipt tells the oracle this very list is in force
+            return None  # no receipt: a receipt tells the oracle this very list is in force
         if decision.standing is Standing.NEWER:
+            # On disk (fsynced) before the receipt is committed: `peers`.
             self.peers.replace(change.version, change.peers, epoch=change.epoch, oracle=oracle)
             self.stats.peer_list_updates += 1
             log.info("peer_list_replaced", stamp=str(change.stamp), peers=len(change.peers))
         # Applied now, or the one already held: the oracle may show this version as in force.
-        await self._send_receipt(decision.envelope)
+        return self._sender.queue_receipt(self.identity, decision.envelope)
 
-    async def _on_oracle_key_changed(self, decision: OracleKeyChanged) -> None:
+    def _on_oracle_key_changed(self, decision: OracleKeyChanged) -> PendingSend:
         if decision.moved:
             former, current = self.oracle_key, decision.chain.current
             assert former is not None and current is not None
@@ -359,7 +389,7 @@ class Device:
             self.peers.follow_oracle(former, current)
             self.stats.oracle_key_changes += 1
             log.warning("oracle_key_followed", former=former.text, oracle_key=current.text)
-        await self._send_receipt(decision.envelope)  # "this device follows you now"
+        return self._sender.queue_receipt(self.identity, decision.envelope)  # "I follow you"
 
     # -- key rotation ----------------------------------------------------------------------
 
@@ -391,9 +421,8 @@ class Device:
         if self._rotation is not None:
             raise RuntimeError("a key rotation is already under way")
         old, new = self.identity, new_identity or Identity.generate()
-        statement = KeyRotation.sign(old, new, self._now_ms())
-        envelope = seal_envelope(old, Kind.DATA, [oracle], statement.encode(),
-                                 ttl_s=DEFAULT_TTL_S, now_ms=self._now_ms(), limits=self._limits)
+        statement = KeyRotation.sign(old, new, self._sender.now_ms())
+        envelope = self._sender.seal(old, Kind.DATA, [oracle], statement.encode(), DEFAULT_TTL_S)
         rotation = _Rotation(old, new, on_confirmed or (lambda old, new: None), asyncio.Event())
         self._rotation = rotation
         try:
@@ -472,18 +501,17 @@ class Device:
 
     async def _on_connected(self, connection: RelayConnection) -> None:
         self.relay_keys.add(connection.relay_key)
-        self._clock_offset_ms = connection.clock_offset_ms
         log.info("relay_connected", relay=connection.url, relay_key=connection.relay_key.text,
-                 outbox=len(self._outbox))
-        for entry in self._outbox.unsent_on(connection):
-            await self._transmit(entry, connection)
+                 outbox=len(self._sender.outbox))
+        await self._sender.connected(connection)
+        if self._state is not None:
+            self._prune()
 
     def _on_disconnected(self, connection: RelayConnection) -> None:
         # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
         self._inbound = deque(item for item in self._inbound if item[1] is not connection)
 
-
-def _log_refused_reply(future: asyncio.Future[None]) -> None:
-    """Nobody awaits a reply's future: log its refusal (and mark the exception retrieved)."""
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("reply_refused", error=describe(future.exception()))  # type: ignore[arg-type]
+    def _prune(self) -> None:
+        assert self._state is not None
+        self._state.prune(device_now_ms(now_ms(), self._sender.clock_offset_ms),
+                          max_seen=self._seen.capacity, max_sent=self._sender.sent.capacity)

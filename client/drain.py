@@ -20,17 +20,16 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable, Collection
 
-import structlog
-
 from proto import Identity, PublicKey
 from proto.errors import NotEnrolledError, RevokedError
+from runtime.logs import library_logger
 
 from .backoff import Backoff
 from .connection import RelayConnection, connect
 from .manager import CONNECT_ERRORS, describe
 from .protocol import Event, SendRefused
 
-log = structlog.get_logger("continuum.client")
+log = library_logger("continuum.client")
 
 DEFAULT_QUIET_S = 1.0
 _REFUSED = (RevokedError, NotEnrolledError)

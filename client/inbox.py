@@ -1,29 +1,36 @@
 """Pure decision: what a device does with one delivered envelope.
 
-`decide(raw, view, limits)` takes the delivered bytes, a read-only view of
-the device's state (its identity, peers, trusted keys, what it has seen and
-what it awaits) and the connection's limits, and returns one decision; it does no I/O and changes nothing, so
-every rule below is tested without a network.  The device shell then acts on
-the decision and acknowledges the delivery whatever it was: a message that
-can never be accepted must not be re-delivered forever.
+`decide(raw, view, limits, now_ms=…)` takes the delivered bytes, a read-only
+view of the device's state (its identity, peers, trusted keys, what it has
+seen and what it awaits), the connection's limits and the time, and returns
+one decision; it changes nothing and reads no clock, so every rule below is
+tested without a network.  (What it has seen and awaits may be read from the
+device's state file; `decide` only asks whether a pair is in them.)  The
+device shell then acts on the decision and acknowledges the delivery
+whatever it was: a message that can never be accepted must not be
+re-delivered forever.
 
 Rules, cheapest first so hostile input costs as little as possible:
 
-1. bytes that are not a well-formed envelope, not addressed to this device,
-   or whose signature does not verify → drop (invalid);
-2. a (sender, msg_id) already handled → drop (duplicate);
-3. who may send what, checked before decrypting:
+1. bytes that are not a well-formed envelope, or not addressed to this
+   device → drop (invalid);
+2. an envelope past `created_at + ttl + skew` by the device's `now`
+   (`freshness`, SPEC §11) → drop (stale): no honest relay delivers it, so
+   it is a replay, whatever a restart forgot;
+3. a signature that does not verify → drop (invalid);
+4. a (sender, msg_id) already handled → drop (duplicate);
+5. who may send what, checked before decrypting:
    DATA from peers only; EXPIRY from relay keys proven in a WELCOME only;
    PEER_CHANGE from the oracle key followed only (configured, or where its
-   key chain led: rule 7);
-4. a payload that does not decrypt or parse → drop (invalid);
-5. RECEIPT only from a peer, or from a recipient of a message this device
+   key chain led: rule 9);
+6. a payload that does not decrypt or parse → drop (invalid);
+7. RECEIPT only from a peer, or from a recipient of a message this device
    sent and still tracks (the oracle has no peers but needs its receipts);
-6. a PEER_CHANGE is ranked against the held list by (epoch, version) and
+8. a PEER_CHANGE is ranked against the held list by (epoch, version) and
    oracle (`PeerList.standing`): the device applies NEWER, receipts NEWER and
    HELD, and neither applies nor receipts OLDER;
-7. with an oracle configured, DATA from a non-peer is the one exception to
-   rule 3: it may be the oracle's new key announcing itself (SPEC §15), so it is
+9. with an oracle configured, DATA from a non-peer is the one exception to
+   rule 5: it may be the oracle's new key announcing itself (SPEC §15), so it is
    opened, and taken only as the oracle's key chain sent by the key that chain
    ends at, which leads from the configured oracle key (follow it) or already
    is it (a re-delivery: receipt again); anything else is dropped as a non-peer's.
@@ -33,7 +40,7 @@ Rules, cheapest first so hostile input costs as little as possible:
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Collection, Container
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -44,6 +51,7 @@ from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
 
 from .dedup import MessageKey
+from .freshness import is_fresh
 from .peers import PeerList, Standing
 
 
@@ -51,6 +59,7 @@ class DropReason(StrEnum):
     """Why a delivery was dropped; each has its own counter in `DeviceStats`."""
 
     INVALID = "invalid"
+    STALE = "stale"
     DUPLICATE = "duplicate"
     NON_PEER = "non_peer"
     UNTRUSTED_EXPIRY = "untrusted_expiry"
@@ -129,7 +138,7 @@ class SentMessages(Protocol):
 
     def __contains__(self, pair: object) -> bool: ...
 
-    def content_hash_of(self, msg_id: bytes) -> bytes | None: ...
+    def sealed_as(self, msg_id: bytes) -> Collection[bytes] | None: ...
 
 
 @dataclass(frozen=True)
@@ -146,11 +155,13 @@ class InboxView:
     oracle_key: PublicKey | None = None
 
 
-def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS) -> Decision:
+def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
+           now_ms: int) -> Decision:
     """Return what to do with one delivered envelope; never raises on bad input.
 
     `limits` are the connection's (the relay's announced envelope limit, bounded
     by the device's cap): what the relay accepted, the device can decode.
+    `now_ms` is the freshness rule's now (`freshness.device_now_ms`).
     """
     try:
         envelope = decode_envelope(raw, limits)
@@ -158,6 +169,10 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS) -> Deci
         return Drop(DropReason.INVALID, f"undecodable envelope: {exc.message}")
     if view.identity.public not in envelope.recipient_keys:
         return Drop(DropReason.INVALID, "this device is not a recipient", envelope)
+    if not is_fresh(envelope, now_ms):
+        age_s = (now_ms - envelope.created_at_ms) // 1000
+        return Drop(DropReason.STALE, f"created {age_s} s ago with a ttl of {envelope.ttl_s} s:"
+                    " no relay may deliver it any more (a replay)", envelope)
     try:
         envelope.verify()
     except ProtocolError as exc:
@@ -195,8 +210,8 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
                                                 envelope.kind, envelope.created_at_ms))
     if envelope.kind is Kind.RECEIPT:
         receipt = Receipt.decode(plaintext)
-        expected = view.awaiting_receipt.content_hash_of(receipt.msg_id)
-        if expected is not None and receipt.content_hash != expected:
+        ours = view.awaiting_receipt.sealed_as(receipt.msg_id)
+        if ours is not None and receipt.content_hash not in ours:
             return Drop(DropReason.INVALID, "receipt names other content than we sent",
                         envelope)
         if (envelope.sender not in view.peers
@@ -213,14 +228,14 @@ def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decisio
 
 
 def _oracle_key_change(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
-    """Rule 7: DATA from a non-peer counts only as the oracle's key chain from its end."""
+    """Rule 9: DATA from a non-peer counts only as the oracle's key chain from its end."""
     sender, oracle = envelope.sender, view.oracle_key
     not_peer = Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
     try:
         chain = OracleKeyChain.decode(plaintext)
     except ProtocolError:
         return not_peer
-    assert oracle is not None  # rule 3 dropped non-peer DATA without an oracle
+    assert oracle is not None  # rule 5 dropped non-peer DATA without an oracle
     if chain.introduces(oracle, sender):
         return OracleKeyChanged(envelope, chain, moved=True)
     if sender == oracle and chain.current == oracle:

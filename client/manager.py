@@ -4,6 +4,7 @@ The manager knows nothing of messages.  It connects (a refused connect or a
 drop moves on to the next relay after a jittered exponential backoff) and
 hands each connection and each of its events to the device through three
 callbacks, so `Device` is only the public API and what it does with events.
+A fourth, optional, hears of each failed attempt (a CLI tells its user).
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import ssl
 from collections.abc import Awaitable, Callable, Collection
 
 import aiohttp
-import structlog
 
 from proto import Identity, PublicKey
 from proto.errors import ProtocolError
+from runtime.logs import library_logger
 
 from .backoff import Backoff
-from .connection import RelayConnection, connect
+from .connection import DEFAULT_KEEPALIVE_S, RelayConnection, connect
 from .protocol import Event
 from .stats import DeviceStats
 
-log = structlog.get_logger("continuum.client")
+log = library_logger("continuum.client")
 
 CONNECT_ERRORS = (OSError, aiohttp.ClientError, TimeoutError, ProtocolError)
 
@@ -36,7 +37,9 @@ class ConnectionManager:
                  tls: ssl.SSLContext | None, backoff: Backoff, stats: DeviceStats,
                  on_connected: Callable[[RelayConnection], Awaitable[None]],
                  on_event: Callable[[Event, RelayConnection], Awaitable[None]],
-                 on_disconnected: Callable[[RelayConnection], None]) -> None:
+                 on_disconnected: Callable[[RelayConnection], None],
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S,
+                 on_connect_error: Callable[[str, BaseException], None] | None = None) -> None:
         self._identity = identity
         self._relays = relays
         self._max_envelope_bytes = max_envelope_bytes
@@ -48,6 +51,8 @@ class ConnectionManager:
         self._on_connected = on_connected
         self._on_event = on_event
         self._on_disconnected = on_disconnected
+        self._keepalive_s = keepalive_s
+        self._on_connect_error = on_connect_error
         self.connection: RelayConnection | None = None
         self.connected = asyncio.Event()
         self.last_error: str | None = None
@@ -68,6 +73,7 @@ class ConnectionManager:
             try:
                 async with connect(url, self._identity, max_envelope_bytes=self._max_envelope_bytes,
                                    handshake_timeout_s=self._handshake_timeout_s,
+                                   keepalive_s=self._keepalive_s,
                                    pinned_relay_keys=self._pinned_relay_keys,
                                    tls=self._tls) as connection:
                     served = True
@@ -78,8 +84,12 @@ class ConnectionManager:
                 self.last_error = f"{url}: {describe(exc)}"
                 if not served:
                     self._stats.connect_failures += 1
-                log.warning("relay_connection_failed" if not served else "relay_connection_lost",
-                            relay=url, error=describe(exc))
+                    if self._on_connect_error is not None:
+                        self._on_connect_error(url, exc)
+                # info, not warning: a device without its relay is routine, and a CLI tells its
+                # user in words (`on_connect_error`) rather than in a JSON line.
+                log.info("relay_connection_failed" if not served else "relay_connection_lost",
+                         relay=url, error=describe(exc))
             except Exception as exc:  # a bug must cost one connection, never the device
                 self.last_error = f"{url}: {describe(exc)}"
                 log.exception("connection_crashed", relay=url)

@@ -9,8 +9,10 @@ restarts too, while the first list of a *different* oracle (after
 not comparable.  Local edits keep the stamp: the oracle's next change wins
 over them.
 
-File form (JSON, written atomically so a crash never leaves half a list;
-`oracle` and `epoch` appear once an oracle's list is held):
+File form (JSON, replaced atomically and on disk before the device receipts
+it, so neither a crash nor a power cut leaves half a list or a receipt for a
+list it does not hold; `oracle` and `epoch` appear once an oracle's list is
+held):
 
     {"version": 3, "peers": ["cpk_…", "cpk_…"], "oracle": "cpk_…", "epoch": 1712345678901}
 """
@@ -18,7 +20,6 @@ File form (JSON, written atomically so a crash never leaves half a list;
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
@@ -26,6 +27,8 @@ from pathlib import Path
 from proto import PublicKey
 from proto.access import Stamp
 from proto.errors import ProtocolError
+from runtime.files import write_atomically
+
 
 
 class Standing(Enum):
@@ -122,13 +125,11 @@ class PeerList:
     def _save(self) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         document: dict[str, object] = {"version": self.version,
                                        "peers": [key.text for key in self]}
         if self.oracle is not None:
             document["oracle"] = self.oracle.text
         if self.epoch:
             document["epoch"] = self.epoch
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, (json.dumps(document, indent=2) + "\n").encode("utf-8"))

@@ -10,17 +10,24 @@ The home directory holds everything a device keeps between runs:
     oracle.chain   the oracle's key chain, once the oracle rotated its key (SPEC §15):
                    the oracle key in force is where it leads from the configured one,
                    so a flag or variable naming an older oracle key still works
+    state.db       the outbox, the messages sent and their fate, the messages already
+                   handled (`state`; SQLite, with its -wal and -shm files), 0600
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from proto import PublicKey
 from proto.rotation import OracleKeyChain
+
+from .connection import DEFAULT_KEEPALIVE_S
 
 IDENTITY_FILE = "identity.key"
 PEERS_FILE = "peers.json"
@@ -34,6 +41,8 @@ class ClientSettings:
     relays: tuple[str, ...]
     oracle_key: PublicKey | None
     log_level: str
+    # Seconds between our pings on an idle connection (battery-powered devices: longer).
+    keepalive_s: float = DEFAULT_KEEPALIVE_S
 
     @property
     def identity_path(self) -> Path:
@@ -51,9 +60,16 @@ class ClientSettings:
     def oracle_chain_path(self) -> Path:
         return self.home / ORACLE_CHAIN_FILE
 
+    @property
+    def unencrypted_remote_relays(self) -> list[str]:
+        """`ws://` URLs to hosts other than this machine: readable and changeable on the path."""
+        return [url for url in self.relays
+                if url.startswith("ws://") and not _is_loopback(urlsplit(url).hostname or "")]
+
     @classmethod
     def resolve(cls, *, home: str | None, relays: list[str] | None, oracle_key: str | None,
-                log_level: str, environ: Mapping[str, str] = os.environ) -> ClientSettings:
+                log_level: str, keepalive_s: float | None = None,
+                environ: Mapping[str, str] = os.environ) -> ClientSettings:
         """Combine flags (None: not given) with the environment; ValueError names a bad value."""
         home_text = home or environ.get("CONTINUUM_HOME") or "~/.continuum"
         relay_urls = relays or [url.strip() for url in
@@ -68,13 +84,36 @@ class ClientSettings:
         chain_path = home_path / ORACLE_CHAIN_FILE
         if key is not None and chain_path.exists():
             key = OracleKeyChain.decode(chain_path.read_bytes()).follow(key)
-        return cls(home_path, tuple(relay_urls), key, log_level)
+        keepalive = keepalive_s if keepalive_s is not None else _seconds(
+            environ.get("CONTINUUM_KEEPALIVE_S"), DEFAULT_KEEPALIVE_S)
+        if not (math.isfinite(keepalive) and keepalive > 0):
+            raise ValueError(f"keepalive must be a positive number of seconds, not {keepalive}")
+        return cls(home_path, tuple(relay_urls), key, log_level, keepalive)
 
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log line (nothing here is secret)."""
         return {"home": str(self.home), "relays": list(self.relays),
                 "oracle_key": self.oracle_key.text if self.oracle_key else None,
-                "log_level": self.log_level}
+                "log_level": self.log_level, "keepalive_s": self.keepalive_s}
+
+
+def _seconds(text: str | None, default: float) -> float:
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"CONTINUUM_KEEPALIVE_S must be a number of seconds, not {text!r}")\
+            from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _read_text(path: Path) -> str:

@@ -29,6 +29,8 @@ class DeviceStats:
     # Steps of the oracle's key chain followed (SPEC §15).
     oracle_key_changes: int = 0
     dropped_invalid: int = 0
+    # Envelopes past created_at + ttl + skew: replays (a fake relay, or one on the path).
+    dropped_stale: int = 0
     duplicates: int = 0
     dropped_non_peer: int = 0
     dropped_untrusted_expiry: int = 0

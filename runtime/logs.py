@@ -2,12 +2,15 @@
 
 The services log to stdout (where a container runtime collects it); the
 device CLI passes stderr, so its stdout stays clean for results a script reads.
+Code that is also a library (the device library) logs through
+`library_logger`, which writes nothing until the application configures
+structlog (or stdlib logging): an unconfigured structlog would print to stdout.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -31,3 +34,26 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+class _LibraryLogger:
+    """structlog's logger once structlog is configured, else stdlib `logging` (NullHandler)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._stdlib = logging.getLogger(name)
+        self._stdlib.addHandler(logging.NullHandler())
+
+    def __getattr__(self, level: str) -> Any:
+        if structlog.is_configured():
+            return getattr(structlog.get_logger(self._name), level)
+        levelno = logging.getLevelNamesMapping().get(level.upper(), logging.ERROR)
+
+        def emit(event: str, **fields: object) -> None:
+            self._stdlib.log(levelno, "%s %s", event, fields, exc_info=level == "exception")
+        return emit
+
+
+def library_logger(name: str) -> Any:
+    """A logger for library code: silent unless the application set up logging."""
+    return _LibraryLogger(name)

@@ -7,13 +7,12 @@ import base64
 import json
 import os
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cli_support import CLIENT, new_home, run_cli, run_cli_async
 from oracle_support import Admin, eventually, oracle_settings
 
 from client import Device
@@ -21,30 +20,6 @@ from oracle import OracleServer
 from proto import Identity, Kind, PublicKey, seal_envelope
 from proto.payloads import PeerChange
 from relay_process import RelayProcess, free_port
-
-CLIENT = str(Path(sys.executable).parent / "continuum-client")
-
-
-def run_cli(home: Path, *args: str, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([CLIENT, "--home", str(home), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-async def run_cli_async(*args: str, env: dict[str, str] | None = None,
-                        timeout: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        CLIENT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    async with asyncio.timeout(timeout):
-        stdout, stderr = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, stdout.decode(), stderr.decode()
-
-
-def new_home(path: Path) -> str:
-    result = run_cli(path, "keygen")
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 @pytest.fixture

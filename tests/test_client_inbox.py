@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from client.dedup import RecentlySeen
+from client.freshness import CLOCK_SKEW_MS, device_now_ms
 from client.inbox import (Drop, DropReason, ExpiryArrived, InboxView, PeerChangeArrived,
                           ReceiptArrived, Surface, decide)
 from client.peers import PeerList, Standing
@@ -42,7 +43,7 @@ def sent_to(*recipients: Identity) -> tuple[Envelope, SentLog]:
 
 def test_data_from_a_peer_is_surfaced_with_its_plaintext() -> None:
     envelope = sealed(bob, [alice], b"hello")
-    decision = decide(envelope.raw, view())
+    decision = decide(envelope.raw, view(), now_ms=NOW_MS)
     assert isinstance(decision, Surface)
     message = decision.message
     assert (message.sender, message.msg_id, message.payload, message.kind,
@@ -52,60 +53,62 @@ def test_data_from_a_peer_is_surfaced_with_its_plaintext() -> None:
 def test_forged_signature_is_dropped_as_invalid() -> None:
     raw = bytearray(sealed(bob, [alice], b"hello").raw)
     raw[-1] ^= 0x01  # the signature is the envelope's last field
-    decision = decide(bytes(raw), view())
+    decision = decide(bytes(raw), view(), now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
     assert "signature" in decision.detail
 
 
 def test_envelope_not_addressed_to_this_device_is_dropped() -> None:
-    decision = decide(sealed(bob, [carol], b"not yours").raw, view())
+    decision = decide(sealed(bob, [carol], b"not yours").raw, view(), now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
     assert "not a recipient" in decision.detail
 
 
 @pytest.mark.parametrize("raw", [b"", b"\x00", b"\x83\x01\x02\x03", b"\xff" * 100])
 def test_garbage_bytes_are_dropped_not_raised(raw: bytes) -> None:
-    decision = decide(raw, view())
+    decision = decide(raw, view(), now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
 
 
 def test_data_from_a_non_peer_is_dropped() -> None:
-    decision = decide(sealed(mallory, [alice], b"spam").raw, view())
+    decision = decide(sealed(mallory, [alice], b"spam").raw, view(), now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.NON_PEER
 
 
 def test_already_seen_message_is_a_duplicate() -> None:
     envelope = sealed(bob, [alice], b"again")
     seen = RecentlySeen()
-    seen.add((bob.public, envelope.msg_id))
-    decision = decide(envelope.raw, view(seen=seen))
+    seen.add((bob.public, envelope.msg_id), NOW_MS + 60_000)
+    decision = decide(envelope.raw, view(seen=seen), now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.DUPLICATE
 
 
 def test_same_msg_id_from_another_sender_is_not_a_duplicate() -> None:
     envelope = sealed(bob, [alice], b"fresh")
     seen = RecentlySeen()
-    seen.add((carol.public, envelope.msg_id))
-    assert isinstance(decide(envelope.raw, view(seen=seen)), Surface)
+    seen.add((carol.public, envelope.msg_id), NOW_MS + 60_000)
+    assert isinstance(decide(envelope.raw, view(seen=seen), now_ms=NOW_MS), Surface)
 
 
 def test_expiry_from_a_proven_relay_key_is_accepted() -> None:
     notice = ExpiryNotice.single(b"m" * 16, bob.public)
-    decision = decide(sealed(relay, [alice], notice.encode(), Kind.EXPIRY).raw, view())
+    decision = decide(sealed(relay, [alice], notice.encode(), Kind.EXPIRY).raw, view(),
+                      now_ms=NOW_MS)
     assert isinstance(decision, ExpiryArrived) and decision.notice == notice
 
 
 @pytest.mark.parametrize("sender", [mallory, bob], ids=["stranger", "peer"])
 def test_expiry_from_any_other_key_is_dropped(sender: Identity) -> None:
     notice = ExpiryNotice.single(b"m" * 16, bob.public)
-    decision = decide(sealed(sender, [alice], notice.encode(), Kind.EXPIRY).raw, view())
+    decision = decide(sealed(sender, [alice], notice.encode(), Kind.EXPIRY).raw, view(),
+                      now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.UNTRUSTED_EXPIRY
 
 
 def test_newer_peer_change_from_the_oracle_replaces() -> None:
     change = PeerChange(5, (carol.public,))
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
-                      view(peer_version=4))
+                      view(peer_version=4), now_ms=NOW_MS)
     assert isinstance(decision, PeerChangeArrived)
     assert decision.change == change and decision.standing is Standing.NEWER
 
@@ -114,7 +117,7 @@ def test_newer_peer_change_from_the_oracle_replaces() -> None:
 def test_older_or_equal_peer_change_version_is_ignored(version: int) -> None:
     change = PeerChange(version, (mallory.public,))
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
-                      view(peer_version=3))
+                      view(peer_version=3), now_ms=NOW_MS)
     assert isinstance(decision, PeerChangeArrived) and decision.standing is not Standing.NEWER
 
 
@@ -123,7 +126,7 @@ def test_peer_change_from_another_key_is_dropped(oracle_key: PublicKey | None) -
     change = PeerChange(99, (mallory.public,))
     for sender in (mallory, bob):
         decision = decide(sealed(sender, [alice], change.encode(), Kind.PEER_CHANGE).raw,
-                          view(oracle_key=oracle_key))
+                          view(oracle_key=oracle_key), now_ms=NOW_MS)
         assert isinstance(decision, Drop)
         assert decision.reason is DropReason.UNAUTHORIZED_PEER_CHANGE
 
@@ -131,7 +134,8 @@ def test_peer_change_from_another_key_is_dropped(oracle_key: PublicKey | None) -
 def test_receipt_from_a_peer_is_accepted() -> None:
     envelope, log = sent_to(bob)
     receipt = Receipt.of(envelope)
-    decision = decide(sealed(bob, [alice], receipt.encode(), Kind.RECEIPT).raw, view(sent=log))
+    decision = decide(sealed(bob, [alice], receipt.encode(), Kind.RECEIPT).raw, view(sent=log),
+                      now_ms=NOW_MS)
     assert isinstance(decision, ReceiptArrived) and decision.receipt == receipt
 
 
@@ -139,28 +143,30 @@ def test_a_receipt_for_other_content_than_we_sent_is_dropped() -> None:
     """Before, a receipt named only a msg_id: one for any content under that id passed."""
     envelope, log = sent_to(bob)
     wrong = Receipt(envelope.msg_id, bytes(32))
-    decision = decide(sealed(bob, [alice], wrong.encode(), Kind.RECEIPT).raw, view(sent=log))
+    decision = decide(sealed(bob, [alice], wrong.encode(), Kind.RECEIPT).raw, view(sent=log),
+                      now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
 
 
 def test_receipt_from_a_non_peer_only_for_a_message_we_sent_it() -> None:
     envelope, log = sent_to(carol)
     raw = sealed(carol, [alice], Receipt.of(envelope).encode(), Kind.RECEIPT).raw
-    assert isinstance(decide(raw, view(peers=[], sent=log)), ReceiptArrived)
+    assert isinstance(decide(raw, view(peers=[], sent=log), now_ms=NOW_MS), ReceiptArrived)
     _, to_bob = sent_to(bob)
     for other in (view(peers=[]), view(peers=[], sent=to_bob)):
-        decision = decide(raw, other)
+        decision = decide(raw, other, now_ms=NOW_MS)
         assert isinstance(decision, Drop) and decision.reason is DropReason.UNEXPECTED_RECEIPT
 
 
 def test_payload_that_does_not_parse_for_its_kind_is_dropped_as_invalid() -> None:
-    decision = decide(sealed(bob, [alice], b"not a receipt", Kind.RECEIPT).raw, view())
+    decision = decide(sealed(bob, [alice], b"not a receipt", Kind.RECEIPT).raw, view(),
+                      now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
 
 
 def test_multi_recipient_envelope_opens_for_each_recipient() -> None:
     envelope = sealed(bob, [alice, carol], b"to both")
-    decision = decide(envelope.raw, view())
+    decision = decide(envelope.raw, view(), now_ms=NOW_MS)
     assert isinstance(decision, Surface) and decision.message.payload == b"to both"
 
 
@@ -172,5 +178,45 @@ def test_peer_changes_are_ranked_by_epoch_then_version(epoch: int, version: int,
     held = PeerList([bob.public], 3, epoch=10, oracle=oracle.public)
     change = PeerChange(version, (mallory.public,), epoch)
     decision = decide(sealed(oracle, [alice], change.encode(), Kind.PEER_CHANGE).raw,
-                      InboxView(alice, held, {relay.public}, RecentlySeen(), set(), oracle.public))
+                      InboxView(alice, held, {relay.public}, RecentlySeen(), set(), oracle.public),
+                      now_ms=NOW_MS)
     assert isinstance(decision, PeerChangeArrived) and decision.standing is standing
+
+
+TEN_DAYS_MS = 10 * 24 * 3600 * 1000
+
+
+def test_a_replayed_old_envelope_is_dropped_as_stale_though_never_seen() -> None:
+    """The found attack: a genuine 10-day-old "unlock" with a 60 s ttl, replayed by a fake relay,
+    surfaced after every restart because de-duplication had forgotten it."""
+    unlock = sealed(bob, [alice], b"UNLOCK front door")
+    decision = decide(unlock.raw, view(), now_ms=NOW_MS + TEN_DAYS_MS)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.STALE
+    assert "a replay" in decision.detail
+
+
+def test_fresh_until_created_at_plus_ttl_plus_the_relays_skew() -> None:
+    envelope = sealed(bob, [alice], b"just in time")
+    last = envelope.created_at_ms + envelope.ttl_s * 1000 + CLOCK_SKEW_MS
+    assert isinstance(decide(envelope.raw, view(), now_ms=last), Surface)
+    decision = decide(envelope.raw, view(), now_ms=last + 1)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.STALE
+
+
+@pytest.mark.parametrize("kind,sender,payload", [
+    (Kind.RECEIPT, bob, Receipt(b"m" * 16, bytes(32)).encode()),
+    (Kind.EXPIRY, relay, ExpiryNotice.single(b"m" * 16, bob.public).encode()),
+    (Kind.PEER_CHANGE, oracle, PeerChange(9, (mallory.public,)).encode())],
+    ids=["receipt", "expiry", "peer-change"])
+def test_every_kind_is_held_to_the_freshness_rule(kind: Kind, sender: Identity,
+                                                  payload: bytes) -> None:
+    decision = decide(sealed(sender, [alice], payload, kind).raw, view(),
+                      now_ms=NOW_MS + TEN_DAYS_MS)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.STALE
+
+
+def test_now_is_the_devices_clock_unless_the_relays_is_later() -> None:
+    # A relay claiming an old time cannot make a stale envelope look fresh...
+    assert device_now_ms(NOW_MS, -TEN_DAYS_MS) == NOW_MS
+    # ...and a device whose clock restarted at 1970 still applies the rule with an honest relay.
+    assert device_now_ms(5_000, NOW_MS - 5_000) == NOW_MS

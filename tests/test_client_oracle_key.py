@@ -1,4 +1,4 @@
-"""Rule 7 of the inbox (SPEC §15): a device follows its oracle to a new key only along a chain
+"""Rule 9 of the inbox (SPEC §15): a device follows its oracle to a new key only along a chain
 the key it trusts signed, from the key that chain ends at; forgeries and replays change nothing."""
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ def notice(sender: Identity, chain: OracleKeyChain | bytes) -> bytes:
 
 def test_the_chain_from_the_key_it_ends_at_moves_the_device_forward() -> None:
     for held in (o1, o2):  # one step, or several at once
-        decision = decide(notice(o3, TWO), view(held.public))
+        decision = decide(notice(o3, TWO), view(held.public), now_ms=NOW_MS)
         assert isinstance(decision, OracleKeyChanged) and decision.moved
         assert decision.chain.current == o3.public
-    again = decide(notice(o3, TWO), view(o3.public))  # a re-delivery: receipt, no move
+    # A re-delivery: receipt, no move.
+    again = decide(notice(o3, TWO), view(o3.public), now_ms=NOW_MS)
     assert isinstance(again, OracleKeyChanged) and not again.moved
 
 
@@ -44,14 +45,15 @@ def test_forged_and_replayed_chains_are_dropped() -> None:
         (o2, b"not a chain", o1),
     ]
     for sender, chain, held in cases:
-        decision = decide(notice(sender, chain), view(held.public))
+        decision = decide(notice(sender, chain), view(held.public), now_ms=NOW_MS)
         assert isinstance(decision, Drop) and decision.reason is DropReason.NON_PEER, (
             sender, held)
 
 
 def test_without_an_oracle_non_peer_data_is_not_opened_and_peers_data_is_data() -> None:
-    decision = decide(notice(o2, ONE), view(None))
+    decision = decide(notice(o2, ONE), view(None), now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.NON_PEER
     assert "not a peer" in decision.detail
-    from_peer = decide(notice(bob, ONE), view(o1.public))  # a peer's bytes are its own
+    # A peer's bytes are its own.
+    from_peer = decide(notice(bob, ONE), view(o1.public), now_ms=NOW_MS)
     assert isinstance(from_peer, Surface) and from_peer.message.payload == ONE.encode()

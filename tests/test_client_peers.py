@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -46,10 +48,34 @@ def test_a_malformed_peer_file_is_refused_not_emptied(tmp_path: Path) -> None:
         PeerList.load(path)
 
 
+def test_a_saved_list_is_on_disk_before_it_replaces_the_old_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found: the list was renamed into place unsynced, while the device's receipt for it is
+    committed to disk at once; after a power cut the oracle could hold a receipt for a list
+    the device lost (and the re-delivery of the change is then a duplicate)."""
+    events: list[str] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        events.append("fsync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        fsync(fd)
+
+    def recorded_replace(source: str | Path, target: str | Path) -> None:
+        events.append("rename")
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    peers = PeerList.load(tmp_path / "peers.json")
+    peers.replace(3, [bob], epoch=1, oracle=carol)
+    assert events == ["fsync file", "rename", "fsync directory"]
+    assert PeerList.load(tmp_path / "peers.json").stamp == Stamp(1, 3)
+
+
 def test_recently_seen_forgets_oldest_beyond_capacity() -> None:
     seen = RecentlySeen(capacity=2)
     for n in range(3):
-        seen.add((bob, bytes([n]) * 16))
+        seen.add((bob, bytes([n]) * 16), forget_at_ms=2_000_000_000_000)
     assert (bob, b"\x00" * 16) not in seen
     assert (bob, b"\x01" * 16) in seen and (bob, b"\x02" * 16) in seen and len(seen) == 2
 
