@@ -99,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--oracle-key", metavar="cpk_…",
                         help="key whose PEER_CHANGE messages replace the peer list"
                         " (env CONTINUUM_ORACLE_KEY)")
+    parser.add_argument("--relay-key", action="append", dest="relay_keys", metavar="cpk_…",
+                        help="talk only to relays holding this key; repeat for each relay"
+                        " (env CONTINUUM_RELAY_KEYS, comma-separated; default: any relay"
+                        " that proves its key)")
+    parser.add_argument("--ca-file", metavar="PEM",
+                        help="verify wss:// relays against this CA bundle instead of the"
+                        " system's (env CONTINUUM_CA_FILE)")
     parser.add_argument("--keepalive", type=float, metavar="SECONDS", dest="keepalive_s",
                         help="ping an idle relay connection this often"
                         " (env CONTINUUM_KEEPALIVE_S; default 20)")
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = ClientSettings.resolve(home=args.home, relays=args.relays,
                                           oracle_key=args.oracle_key, log_level=args.log_level,
-                                          keepalive_s=args.keepalive_s)
+                                          keepalive_s=args.keepalive_s,
+                                          relay_keys=args.relay_keys, ca_file=args.ca_file)
         sys.exit(_run(args, settings))
     except (CliError, ValueError, ProtocolError) as exc:
         code = exc.exit_code if isinstance(exc, CliError) else EXIT_USAGE
@@ -266,6 +274,7 @@ class _Session:
         self.device = Device(identity, settings.relays, PeerList.load(settings.peers_path),
                              settings.oracle_key, home=settings.home,
                              keepalive_s=settings.keepalive_s,
+                             relay_keys=settings.relay_keys, tls=settings.tls_context(),
                              on_oracle_key_change=self._follow_oracle,
                              on_connect_error=self._connect_failed,
                              on_drop=_announce_drop if announce_drops else None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,19 @@ class ClientSettings:
     log_level: str
     # Seconds between our pings on an idle connection (battery-powered devices: longer).
     keepalive_s: float = DEFAULT_KEEPALIVE_S
+    # The relay keys this device accepts (None: any relay that proves its key, SPEC §4).
+    relay_keys: frozenset[PublicKey] | None = None
+    # A CA bundle wss:// relays are verified against instead of the system's (a private CA).
+    ca_file: Path | None = None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The context for `wss://` relays: None keeps the system's trust store."""
+        if self.ca_file is None:
+            return None
+        try:
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"CA file {self.ca_file}: {exc}") from None
 
     @property
     def identity_path(self) -> Path:
@@ -69,11 +83,11 @@ class ClientSettings:
     @classmethod
     def resolve(cls, *, home: str | None, relays: list[str] | None, oracle_key: str | None,
                 log_level: str, keepalive_s: float | None = None,
+                relay_keys: list[str] | None = None, ca_file: str | None = None,
                 environ: Mapping[str, str] = os.environ) -> ClientSettings:
         """Combine flags (None: not given) with the environment; ValueError names a bad value."""
         home_text = home or environ.get("CONTINUUM_HOME") or "~/.continuum"
-        relay_urls = relays or [url.strip() for url in
-                                environ.get("CONTINUUM_RELAYS", "").split(",") if url.strip()]
+        relay_urls = relays or _list(environ.get("CONTINUUM_RELAYS"))
         for url in relay_urls:
             if not url.startswith(("ws://", "wss://")):
                 raise ValueError(f"relay URL {url!r} must start with ws:// or wss://")
@@ -88,13 +102,25 @@ class ClientSettings:
             environ.get("CONTINUUM_KEEPALIVE_S"), DEFAULT_KEEPALIVE_S)
         if not (math.isfinite(keepalive) and keepalive > 0):
             raise ValueError(f"keepalive must be a positive number of seconds, not {keepalive}")
-        return cls(home_path, tuple(relay_urls), key, log_level, keepalive)
+        pinned_texts = relay_keys or _list(environ.get("CONTINUUM_RELAY_KEYS"))
+        pinned = frozenset(PublicKey.from_text(text) for text in pinned_texts) or None
+        ca_text = ca_file or environ.get("CONTINUUM_CA_FILE")
+        return cls(home_path, tuple(relay_urls), key, log_level, keepalive, pinned,
+                   Path(ca_text).expanduser() if ca_text else None)
 
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log line (nothing here is secret)."""
         return {"home": str(self.home), "relays": list(self.relays),
                 "oracle_key": self.oracle_key.text if self.oracle_key else None,
-                "log_level": self.log_level, "keepalive_s": self.keepalive_s}
+                "log_level": self.log_level, "keepalive_s": self.keepalive_s,
+                "relay_keys": (None if self.relay_keys is None
+                               else sorted(key.text for key in self.relay_keys)),
+                "ca_file": str(self.ca_file) if self.ca_file else None}
+
+
+def _list(text: str | None) -> list[str]:
+    """A comma-separated variable's items, blanks dropped."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
 def _seconds(text: str | None, default: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -11,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from cli_support import new_home, run_cli_async
 from client import DeliveryStatus, Device, PeerList
 from client.backoff import Backoff
+from client.settings import ClientSettings
 from continuum.server import RelayServer
 from proto import Identity
+from proto.errors import InvalidFieldError
 from tally import ATTACKS_REJECTED, TALLY
 
 
@@ -88,3 +92,51 @@ def test_tls_settings_go_in_pairs(cert_only: bool) -> None:
     with pytest.raises(ValueError, match="tls_cert and tls_key go together"):
         Settings(tls_cert="a.pem" if cert_only else "", tls_key="" if cert_only else "k.pem"
                  ).validate()
+
+
+async def test_the_cli_pins_relay_keys_and_trusts_a_private_ca(start_relay, tmp_path) -> None:
+    """`continuum-client --relay-key … --ca-file …`: the library's pinning and TLS, from a shell."""
+    cert, key = self_signed(tmp_path)
+    server: RelayServer = await start_relay(tls_cert=str(cert), tls_key=str(key))
+    assert server.relay is not None
+    home = tmp_path / "alice"
+    new_home(home)
+    bob = Identity.generate().public.text
+    send = ("--home", str(home), "--relay", server.url, "send", bob, "pinned", "--timeout", "3")
+    right = ("--relay-key", server.relay.identity.public.text, "--ca-file", str(cert))
+    code, out, err = await run_cli_async(*right, *send)
+    assert code == 0, err
+
+    wrong_key = ("--relay-key", Identity.generate().public.text, "--ca-file", str(cert))
+    code, out, err = await run_cli_async(*wrong_key, *send)
+    assert code == 3 and "not one this device trusts" in err
+    code, out, err = await run_cli_async(*send)  # no --ca-file: the system store
+    assert code == 3 and "certificate" in err.lower()
+    TALLY[ATTACKS_REJECTED] += 2
+
+    env = {**os.environ, "CONTINUUM_RELAY_KEYS": f"{Identity.generate().public.text},"
+           f" {server.relay.identity.public.text}", "CONTINUUM_CA_FILE": str(cert)}
+    code, out, err = await run_cli_async(*send, env=env)
+    assert code == 0, err
+
+
+def test_pinned_keys_and_ca_file_come_from_flags_or_the_environment(tmp_path: Path) -> None:
+    first, second = Identity.generate().public, Identity.generate().public
+    from_env = ClientSettings.resolve(home=None, relays=None, oracle_key=None,
+                                      log_level="warning", environ={
+                                          "CONTINUUM_RELAY_KEYS": f"{first.text},{second.text}",
+                                          "CONTINUUM_CA_FILE": "/nowhere/ca.pem"})
+    assert from_env.relay_keys == {first, second}
+    assert from_env.ca_file == Path("/nowhere/ca.pem")
+    with pytest.raises(ValueError, match="/nowhere/ca.pem"):
+        from_env.tls_context()
+    flags = ClientSettings.resolve(home=None, relays=None, oracle_key=None, log_level="warning",
+                                   relay_keys=[second.text], environ={
+                                       "CONTINUUM_RELAY_KEYS": first.text})
+    assert flags.relay_keys == {second} and flags.ca_file is None and flags.tls_context() is None
+    unpinned = ClientSettings.resolve(home=None, relays=None, oracle_key=None,
+                                      log_level="warning", environ={})
+    assert unpinned.relay_keys is None
+    with pytest.raises(InvalidFieldError):
+        ClientSettings.resolve(home=None, relays=None, oracle_key=None, log_level="warning",
+                               relay_keys=[first.text[:-1]], environ={})
