@@ -1,4 +1,9 @@
-"""The JSON API: everything the dashboard does, for scripts too (see openapi.json)."""
+"""The JSON API: everything the dashboard does, for scripts too (see openapi.json).
+
+Lists take `limit` and `cursor` (`pagination`); without `limit` the device and
+group lists answer every match at once, as they did before they were paginated,
+so existing scripts keep working.  Every change names its `Actor` for the audit log.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,13 @@ from proto.access import (ACCESS_LIST_CONTENT_TYPE, ACCESS_LIST_PATH, ORACLE_KEY
 from proto.errors import ProtocolError
 from runtime.clock import now_ms
 
-from .auth import PRINCIPAL
+from . import audit
+from .audit import Actor, AuditQuery
+from .auth import ACTOR, PRINCIPAL
 from .context import ORACLE_KEY, OracleContext
+from .device_search import DeviceQuery
 from .errors import InvalidInput
+from .pagination import parse_limit
 from .validation import parse_key
 
 OPENAPI_FILE = Path(__file__).parent / "openapi.json"
@@ -35,15 +44,21 @@ def _oracle(request: web.Request) -> OracleContext:
     return request.app[ORACLE_KEY]
 
 
+def _actor(request: web.Request) -> Actor:
+    return request[ACTOR]
+
+
 async def list_devices(request: web.Request) -> web.Response:
-    devices = await _oracle(request).registry.list_devices(request.query.get("q", ""))
-    return web.json_response({"devices": [d.to_json() for d in devices]})
+    query = DeviceQuery.from_params(request.query, default_limit=None)
+    page = await _oracle(request).registry.search_devices(query)
+    return web.json_response({"devices": [d.to_json() for d in page.items],
+                              "next_cursor": page.next_cursor})
 
 
 async def enroll_device(request: web.Request) -> web.Response:
     body = await _body(request)
     device = await _oracle(request).registry.enroll(body.get("key"), body.get("name"),
-                                                    body.get("tags", []))
+                                                    body.get("tags", []), _actor(request))
     return web.json_response(device.to_json(), status=201)
 
 
@@ -61,27 +76,42 @@ async def get_device(request: web.Request) -> web.Response:
 async def update_device(request: web.Request) -> web.Response:
     body = await _body(request)
     device = await _oracle(request).registry.update_device(
-        parse_key(request.match_info["key"]), body.get("name"), body.get("tags"))
+        parse_key(request.match_info["key"]), body.get("name"), body.get("tags"),
+        _actor(request))
     return web.json_response(device.to_json())
 
 
+async def delete_device(request: web.Request) -> web.Response:
+    await _oracle(request).registry.delete_device(parse_key(request.match_info["key"]),
+                                                  _actor(request))
+    return web.Response(status=204)
+
+
 async def revoke_device(request: web.Request) -> web.Response:
-    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]), True)
+    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]),
+                                                         True, _actor(request))
     return web.json_response(device.to_json())
 
 
 async def restore_device(request: web.Request) -> web.Response:
-    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]), False)
+    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]),
+                                                         False, _actor(request))
     return web.json_response(device.to_json())
 
 
 async def list_groups(request: web.Request) -> web.Response:
-    groups = await _oracle(request).registry.list_groups()
-    return web.json_response({"groups": [g.to_json() for g in groups]})
+    q = request.query.get("q", "")
+    if len(q) > 200:
+        raise InvalidInput("q must be at most 200 characters")
+    page = await _oracle(request).registry.list_groups(
+        q, parse_limit(request.query, None), request.query.get("cursor", ""))
+    return web.json_response({"groups": [g.to_json() for g in page.items],
+                              "next_cursor": page.next_cursor})
 
 
 async def create_group(request: web.Request) -> web.Response:
-    group = await _oracle(request).registry.create_group((await _body(request)).get("name"))
+    group = await _oracle(request).registry.create_group((await _body(request)).get("name"),
+                                                         _actor(request))
     return web.json_response(group.to_json(), status=201)
 
 
@@ -92,45 +122,88 @@ async def get_group(request: web.Request) -> web.Response:
 
 async def rename_group(request: web.Request) -> web.Response:
     group = await _oracle(request).registry.rename_group(
-        request.match_info["group_id"], (await _body(request)).get("name"))
+        request.match_info["group_id"], (await _body(request)).get("name"), _actor(request))
     return web.json_response(group.to_json())
 
 
 async def delete_group(request: web.Request) -> web.Response:
-    await _oracle(request).registry.delete_group(request.match_info["group_id"])
+    await _oracle(request).registry.delete_group(request.match_info["group_id"], _actor(request))
     return web.Response(status=204)
 
 
 async def add_member(request: web.Request) -> web.Response:
     group = await _oracle(request).registry.add_member(request.match_info["group_id"],
-                                                       request.match_info["key"])
+                                                       request.match_info["key"], _actor(request))
     return web.json_response(group.to_json())
 
 
 async def remove_member(request: web.Request) -> web.Response:
-    group = await _oracle(request).registry.remove_member(request.match_info["group_id"],
-                                                          request.match_info["key"])
+    group = await _oracle(request).registry.remove_member(
+        request.match_info["group_id"], request.match_info["key"], _actor(request))
     return web.json_response(group.to_json())
 
 
 async def reissue_peer_lists(request: web.Request) -> web.Response:
     """After a restore from backup: every active device gets its list again, in this epoch."""
-    issued = await _oracle(request).registry.reissue_peer_lists()
+    issued = await _oracle(request).registry.reissue_peer_lists(_actor(request))
     return web.json_response({"issued": issued})
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    """The audit log, newest first; read-only: no route changes or deletes an entry."""
+    query = AuditQuery.from_params(request.query)
+    page = await audit.entries(_oracle(request).registry.db, query)
+    return web.json_response({"entries": [e.to_json() for e in page.items],
+                              "next_cursor": page.next_cursor})
+
+
+async def list_admins(request: web.Request) -> web.Response:
+    admins = await _oracle(request).auth.admins()
+    return web.json_response({"admins": [a.to_json() for a in admins]})
+
+
+async def create_admin(request: web.Request) -> web.Response:
+    """Create an admin; the generated password is in this answer only."""
+    body = await _body(request)
+    username = body.get("username")
+    password = await _oracle(request).auth.create_admin(username, None, _actor(request))
+    return web.json_response({"username": username, "password": password}, status=201)
+
+
+async def delete_admin(request: web.Request) -> web.Response:
+    await _oracle(request).auth.delete_admin(request.match_info["username"], _actor(request))
+    return web.Response(status=204)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    tokens = await _oracle(request).auth.api_tokens()
+    return web.json_response({"tokens": [t.to_json() for t in tokens]})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    """Create an API token; the token is in this answer only (the oracle keeps its hash)."""
+    name = (await _body(request)).get("name")
+    token = await _oracle(request).auth.create_api_token(name, _actor(request))
+    return web.json_response({"name": name, "token": token}, status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    await _oracle(request).auth.revoke_api_token(request.match_info["name"], _actor(request))
+    return web.Response(status=204)
 
 
 async def status(request: web.Request) -> web.Response:
     oracle = _oracle(request)
-    devices = await oracle.registry.list_devices()
+    counts = await oracle.registry.device_counts()
     return web.json_response({
         "oracle_key": oracle.identity.public.text,
         "oracle_key_changes": len(oracle.chain.links),
         "access_list_epoch": (await oracle.publisher.current()).stamp.epoch,
         "access_list_version": await oracle.registry.access_version(),
         "relays": list(oracle.settings.relays),
-        "devices": len(devices),
-        "revoked": sum(d.revoked for d in devices),
-        "behind": [d.key for d in devices if d.behind],
+        "devices": counts.total,
+        "revoked": counts.revoked,
+        "behind": await oracle.registry.behind_keys(),
         "pending_pushes": len(await oracle.registry.pending_pushes(limit=10_000)),
     })
 
@@ -196,6 +269,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/devices", enroll_device)
     r.add_get("/v1/devices/{key}", get_device)
     r.add_patch("/v1/devices/{key}", update_device)
+    r.add_delete("/v1/devices/{key}", delete_device)
     r.add_post("/v1/devices/{key}/revoke", revoke_device)
     r.add_post("/v1/devices/{key}/restore", restore_device)
     r.add_get("/v1/groups", list_groups)
@@ -206,3 +280,10 @@ def add_routes(app: web.Application) -> None:
     r.add_put("/v1/groups/{group_id}/members/{key}", add_member)
     r.add_delete("/v1/groups/{group_id}/members/{key}", remove_member)
     r.add_post("/v1/peer-lists/reissue", reissue_peer_lists)
+    r.add_get("/v1/audit", audit_log)
+    r.add_get("/v1/admins", list_admins)
+    r.add_post("/v1/admins", create_admin)
+    r.add_delete("/v1/admins/{username}", delete_admin)
+    r.add_get("/v1/tokens", list_tokens)
+    r.add_post("/v1/tokens", create_token)
+    r.add_delete("/v1/tokens/{name}", revoke_token)

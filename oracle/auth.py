@@ -10,6 +10,11 @@ scrypt is deliberately slow (about 50 ms) and memory-hard (16 MiB), so it runs
 in a worker thread (it releases the GIL), at most SCRYPT_CONCURRENCY at once:
 a burst of logins neither stalls the event loop nor takes every thread of the
 default executor (which also resolves host names) nor more memory than that.
+
+Accounts and tokens are managed from the CLI and from the dashboard; each
+change (and each login and logout) is an audit entry.  A token's last use is
+written at most once a minute per token, so API traffic does not turn every
+read into a write.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from aiohttp import web
 
 from runtime.clock import now_ms
 
+from . import audit
+from .audit import SYSTEM, Actor
 from .db import Database
-from .errors import Conflict, InvalidInput
+from .errors import Conflict, InvalidInput, NotFound
 
 SESSION_COOKIE = "continuum_oracle_session"
 CSRF_HEADER = "X-CSRF-Token"
@@ -40,6 +47,7 @@ _SCRYPT_DIGEST_BYTES = 64  # hashlib.scrypt's default dklen
 SCRYPT_CONCURRENCY = 2
 # Sec-Fetch-Site values a login may carry: posted from the oracle's own page, or user-initiated.
 _OWN_FETCH_SITES = {"same-origin", "none"}
+LAST_USED_RESOLUTION_MS = 60_000
 
 
 def hash_password(password: str) -> str:
@@ -84,6 +92,31 @@ class Principal:
     via_cookie: bool
     csrf_token: str | None = None
 
+    def actor(self, address: str) -> Actor:
+        return Actor(self.name, "session" if self.via_cookie else "token", address)
+
+
+@dataclass(frozen=True)
+class AdminAccount:
+    username: str
+    created_at_ms: int
+    last_login_ms: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"username": self.username, "created_at_ms": self.created_at_ms,
+                "last_login_ms": self.last_login_ms}
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str
+    created_at_ms: int
+    last_used_ms: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "created_at_ms": self.created_at_ms,
+                "last_used_ms": self.last_used_ms}
+
 
 class Auth:
     def __init__(self, db: Database, session_ttl_s: int) -> None:
@@ -91,16 +124,20 @@ class Auth:
         self._session_ttl_ms = session_ttl_s * 1000
         self._unknown_user_hash = _unmatchable_hash()
         self._scrypt_slots = asyncio.Semaphore(SCRYPT_CONCURRENCY)
+        self._last_used_written: dict[str, int] = {}  # token hash → last_used_ms written
 
     async def _off_loop(self, work: Callable[[], _T]) -> _T:
         """Run one scrypt in a worker thread, at most SCRYPT_CONCURRENCY at once."""
         async with self._scrypt_slots:
             return await asyncio.to_thread(work)
 
-    async def create_admin(self, username: str, password: str | None = None) -> str:
+    async def create_admin(self, username: object, password: str | None = None,
+                           actor: Actor = SYSTEM) -> str:
         """Create an administrator; returns the password (generated when not given)."""
-        if not username or len(username) > 64 or not username.isprintable():
-            raise InvalidInput("username must be 1..64 printable characters")
+        if (not isinstance(username, str) or not username or len(username) > 64
+                or not username.isprintable() or username.startswith("token:")):
+            raise InvalidInput("username must be 1..64 printable characters,"
+                               " not starting with token:")
         password = password or secrets.token_urlsafe(18)
         password_hash = await self._off_loop(lambda: hash_password(password))
         async with self._db.transaction() as conn:
@@ -109,10 +146,32 @@ class Auth:
             await conn.execute(
                 "INSERT INTO admins (username, password_hash, created_at_ms) VALUES ($1, $2, $3)",
                 username, password_hash, now_ms())
+            await audit.record(conn, actor, "admin.create", username)
         return password
 
-    async def create_api_token(self, name: str) -> str:
+    async def delete_admin(self, username: str, actor: Actor = SYSTEM) -> None:
+        """Remove an administrator and end their sessions; never oneself nor the last one."""
+        if actor.via == "session" and actor.name == username:
+            raise Conflict("you cannot delete your own account: ask another admin")
+        async with self._db.transaction() as conn:
+            if not await conn.fetchrow("SELECT username FROM admins WHERE username = $1",
+                                       username):
+                raise NotFound(f"no admin {username!r}")
+            if await conn.fetchval("SELECT COUNT(*) FROM admins") <= 1:
+                raise Conflict("the last admin cannot be deleted")
+            await conn.execute("DELETE FROM admin_sessions WHERE username = $1", username)
+            await conn.execute("DELETE FROM admins WHERE username = $1", username)
+            await audit.record(conn, actor, "admin.delete", username)
+
+    async def admins(self) -> list[AdminAccount]:
+        rows = await self._db.fetch(
+            "SELECT username, created_at_ms, last_login_ms FROM admins ORDER BY username")
+        return [AdminAccount(**row) for row in rows]
+
+    async def create_api_token(self, name: object, actor: Actor = SYSTEM) -> str:
         """A bearer token for scripts; shown once, stored only as a hash."""
+        if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
+            raise InvalidInput("token name must be 1..64 printable characters")
         token = "cot_" + secrets.token_urlsafe(32)
         async with self._db.transaction() as conn:
             if await conn.fetchrow("SELECT name FROM api_tokens WHERE name = $1", name):
@@ -120,9 +179,23 @@ class Auth:
             await conn.execute(
                 "INSERT INTO api_tokens (token_hash, name, created_at_ms) VALUES ($1, $2, $3)",
                 _token_hash(token), name, now_ms())
+            await audit.record(conn, actor, "token.create", name)
         return token
 
-    async def login(self, username: str, password: str) -> str | None:
+    async def revoke_api_token(self, name: str, actor: Actor = SYSTEM) -> None:
+        """The token stops working at once; its name may be used again."""
+        async with self._db.transaction() as conn:
+            if not await conn.fetchrow("SELECT name FROM api_tokens WHERE name = $1", name):
+                raise NotFound(f"no API token named {name!r}")
+            await conn.execute("DELETE FROM api_tokens WHERE name = $1", name)
+            await audit.record(conn, actor, "token.revoke", name)
+
+    async def api_tokens(self) -> list[ApiToken]:
+        rows = await self._db.fetch(
+            "SELECT name, created_at_ms, last_used_ms FROM api_tokens ORDER BY name")
+        return [ApiToken(**row) for row in rows]
+
+    async def login(self, username: str, password: str, address: str = "") -> str | None:
         """A new session token if the password is right, else None (one scrypt either way)."""
         row = await self._db.fetchrow("SELECT password_hash FROM admins WHERE username = $1",
                                       username)
@@ -138,11 +211,22 @@ class Auth:
                 " VALUES ($1, $2, $3, $4)",
                 _token_hash(token), username, secrets.token_urlsafe(32),
                 now + self._session_ttl_ms)
+            await conn.execute("UPDATE admins SET last_login_ms = $1 WHERE username = $2",
+                               now, username)
+            await audit.record(conn, Actor(username, "session", address), "session.login",
+                               username)
         return token
 
-    async def logout(self, session_token: str) -> None:
-        await self._db.execute("DELETE FROM admin_sessions WHERE token_hash = $1",
+    async def logout(self, session_token: str, address: str = "") -> None:
+        async with self._db.transaction() as conn:
+            row = await conn.fetchrow("SELECT username FROM admin_sessions WHERE token_hash = $1",
+                                      _token_hash(session_token))
+            if row is None:
+                return
+            await conn.execute("DELETE FROM admin_sessions WHERE token_hash = $1",
                                _token_hash(session_token))
+            await audit.record(conn, Actor(row["username"], "session", address),
+                               "session.logout", row["username"])
 
     async def by_session(self, session_token: str) -> Principal | None:
         row = await self._db.fetchrow(
@@ -151,12 +235,22 @@ class Auth:
         return Principal(row["username"], True, row["csrf_token"]) if row else None
 
     async def by_bearer(self, token: str) -> Principal | None:
+        token_hash = _token_hash(token)
         row = await self._db.fetchrow("SELECT name FROM api_tokens WHERE token_hash = $1",
-                                      _token_hash(token))
-        return Principal("token:" + row["name"], False) if row else None
+                                      token_hash)
+        if row is None:
+            return None
+        now = now_ms()
+        if now - self._last_used_written.get(token_hash, 0) >= LAST_USED_RESOLUTION_MS:
+            self._last_used_written[token_hash] = now
+            await self._db.execute("UPDATE api_tokens SET last_used_ms = $1 WHERE token_hash = $2",
+                                   now, token_hash)
+        return Principal("token:" + row["name"], False)
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)
+# The principal with the client's address, for the audit log (set with PRINCIPAL).
+ACTOR = web.RequestKey("actor", Actor)
 
 
 def csrf_ok(principal: Principal, presented: str | None) -> bool:

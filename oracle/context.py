@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proto import Identity
 from proto.rotation import OracleKeyChain
+from runtime.client_address import client_address
 
 from .auth import Auth
 from .login_throttle import LoginThrottle
@@ -39,3 +40,10 @@ class OracleContext:
 
 # Where the aiohttp application keeps the context, for the API, the dashboard and the middlewares.
 ORACLE_KEY = web.AppKey("oracle", OracleContext)
+
+
+def address_of(request: web.Request) -> str:
+    """The client's address behind the trusted proxies: the audit log's "from where" and
+    the login throttle's budget key."""
+    return client_address(request.remote or "unknown", request.headers,
+                          request.app[ORACLE_KEY].settings.trusted_networks)

@@ -1,213 +1,126 @@
-"""The administrators' dashboard: server-rendered HTML; its forms call the JSON API via dashboard.js.
+"""The administrators' dashboard: server-rendered pages; their forms call the JSON API via
+dashboard.js.
 
-Rendering is plain functions over the registry's dataclasses with every value
-escaped; the page carries the session's CSRF token in a meta tag, which the
-script sends as X-CSRF-Token on each change.
+Every list is a page of at most PAGE_SIZE rows read with the API's own
+queries (`DeviceQuery`, the registry's group list, the audit log), so a page
+costs the same with 100 devices or 100,000; the member picker searches
+(at most PICKER_SIZE matches) instead of listing every device.  Templates are
+in oracle/templates (`templating`); each page carries the session's CSRF
+token in a meta tag, which the script sends as X-CSRF-Token on each change.
 """
 
 from __future__ import annotations
 
-import html
-import math
 from pathlib import Path
 
 from aiohttp import web
 
-from runtime.client_address import client_address
-from runtime.clock import now_ms
-
-from .auth import CSRF_FIELD, PRINCIPAL, SESSION_COOKIE, from_own_pages
+from . import audit
+from .audit import AuditQuery
 from .context import ORACLE_KEY
-from .records import DeviceRecord, GroupRecord
+from .device_search import DeviceQuery
+from .errors import InvalidInput, NotFound
+from .pagination import parse_limit
+from .templating import render
+from .validation import parse_key
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/static/"
-PUBLIC_PATHS = {"/login"}
-
-e = html.escape
-_NO_DEVICES = '<tr><td colspan="8" class="muted">no devices</td></tr>'
-
-
-def _page(title: str, body: str, csrf: str = "") -> str:
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="csrf-token" content="{e(csrf)}">
-<title>{e(title)} · Continuum oracle</title>
-<link rel="stylesheet" href="/static/dashboard.css">
-<script src="/static/dashboard.js" defer></script>
-</head><body>{body}</body></html>"""
+PAGE_SIZE = 50
+PICKER_SIZE = 20
+HISTORY_SIZE = 20
 
 
-def _ago(ms: int | None) -> str:
-    if ms is None:
-        return "never"
-    seconds = max(0, (now_ms() - ms) // 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
+def _page_links(request: web.Request, next_cursor: str | None,
+                cursor_param: str = "cursor") -> dict[str, str | None]:
+    """Links to the next page (if any) and back to the first (if not on it)."""
+    url = request.rel_url
+    return {"next": str(url.update_query({cursor_param: next_cursor})) if next_cursor else None,
+            "first": str(url.without_query_params(cursor_param))
+            if url.query.get(cursor_param) else None}
 
 
-def _short(key: str) -> str:
-    return f'<code title="{e(key)}">{e(key[:14])}…{e(key[-4:])}</code>'
+async def devices_page(request: web.Request) -> web.Response:
+    registry = request.app[ORACLE_KEY].registry
+    query = DeviceQuery.from_params(request.query, default_limit=PAGE_SIZE)
+    group = None
+    if query.group:
+        try:
+            group = await registry.get_group(query.group)
+        except NotFound:
+            raise InvalidInput(f"no group {query.group}") from None
+    page = await registry.search_devices(query)
+    return render("devices.html", request, "Devices", {
+        "query": query, "devices": page.items, "counts": await registry.device_counts(),
+        "group": group, "page_links": _page_links(request, page.next_cursor),
+        "without_group": str(request.rel_url.without_query_params("group", "cursor")),
+        "remove_from": None}, section="/")
 
 
-def _device_row(d: DeviceRecord) -> str:
-    state = ('<span class="badge revoked">revoked</span>' if d.revoked
-             else '<span class="badge active">active</span>')
-    if d.revoked:
-        sync = '<span class="muted">not pushed while revoked</span>'
-    elif d.behind:
-        sync = f'<span class="badge behind">behind</span> v{d.acked_version} of v{d.peer_version}'
-    elif d.peer_version == 0:
-        sync = '<span class="muted">no list yet</span>'
-    else:
-        sync = f'<span class="badge ok">up to date</span> v{d.peer_version}'
-    action, label, css = (("restore", "Restore", "secondary") if d.revoked
-                          else ("revoke", "Revoke", "danger"))
-    return f"""<tr data-key="{e(d.key)}" class="{'is-revoked' if d.revoked else ''}">
-<td>{e(d.name)}</td><td>{_short(d.key)}</td>
-<td>{' '.join(f'<span class="tag">{e(t)}</span>' for t in d.tags)}</td>
-<td>{e(', '.join(d.groups)) or '<span class="muted">none</span>'}</td>
-<td>{state}</td><td class="sync">{sync}</td><td>{_ago(d.last_seen_ms)}</td>
-<td><form data-api="/v1/devices/{e(d.key)}/{action}" data-method="POST"
-  data-confirm="{label} {e(d.name)}?"><button class="{css}">{label}</button></form></td></tr>"""
-
-
-def _group_card(g: GroupRecord, devices: list[DeviceRecord]) -> str:
-    names = {d.key: d for d in devices}
-    members = "".join(
-        f"""<li>{e(names[k].name) if k in names else ''} {_short(k)}
-<form data-api="/v1/groups/{e(g.id)}/members/{e(k)}" data-method="DELETE" class="inline">
-<button class="link" title="remove from group">remove</button></form></li>"""
-        for k in g.members) or '<li class="muted">no members</li>'
-    candidates = "".join(f'<option value="{e(d.key)}">{e(d.name)}</option>'
-                         for d in devices if d.key not in g.members and not d.revoked)
-    return f"""<article class="group" data-group="{e(g.name)}">
-<header><h3>{e(g.name)}</h3>
-<form data-api="/v1/groups/{e(g.id)}" data-method="DELETE" data-confirm="Delete group {e(g.name)}?"
-  class="inline"><button class="link danger">delete</button></form></header>
-<ul class="members">{members}</ul>
-<form data-api="/v1/groups/{e(g.id)}/members/{{key}}" data-method="PUT" class="row">
-<select name="key" aria-label="device to add" required>{candidates}</select>
-<button>Add member</button></form>
-<form data-api="/v1/groups/{e(g.id)}" data-method="PATCH" class="row">
-<input name="name" value="{e(g.name)}" aria-label="group name" required>
-<button class="secondary">Rename</button></form></article>"""
-
-
-async def index(request: web.Request) -> web.Response:
+async def device_page(request: web.Request) -> web.Response:
     oracle = request.app[ORACLE_KEY]
-    query = request.query.get("q", "")
-    devices = await oracle.registry.list_devices(query)
-    all_devices = await oracle.registry.list_devices() if query else devices
-    groups = await oracle.registry.list_groups()
-    behind = sum(d.behind for d in all_devices)
-    principal = request[PRINCIPAL]
-    body = f"""<header class="top"><h1>Continuum oracle</h1>
-<div class="who">oracle key {_short(oracle.identity.public.text)} · {e(principal.name)}
-<form method="post" action="/logout" class="inline">
-<input type="hidden" name="{CSRF_FIELD}" value="{e(principal.csrf_token or '')}">
-<button class="link">Log out</button></form></div></header>
-<main><div id="flash" role="alert" hidden></div>
-<p class="summary">{_count(len(all_devices), "device")} · {_count(len(groups), "group")} ·
-<strong class="{'warn' if behind else ''}">{behind} behind</strong></p>
-<section><h2>Devices</h2>
-<form method="get" action="/" class="row search"><input name="q" value="{e(query)}"
- placeholder="search name, key, tag, group" aria-label="search">
-<button class="secondary">Search</button></form>
-<table><thead><tr><th>Name</th><th>Key</th><th>Tags</th><th>Groups</th><th>State</th>
-<th>Peer list</th><th>Last seen</th><th></th></tr></thead>
-<tbody>{''.join(_device_row(d) for d in devices) or _NO_DEVICES}</tbody></table>
-<details><summary>Enroll a device</summary>
-<form data-api="/v1/devices" data-method="POST" class="row">
-<input name="key" placeholder="cpk_…" required size="40" aria-label="device key">
-<input name="name" placeholder="name" required aria-label="device name">
-<input name="tags" placeholder="tags, comma separated" aria-label="tags">
-<button>Enroll</button></form></details></section>
-<section><h2>Groups</h2>
-<form data-api="/v1/groups" data-method="POST" class="row">
-<input name="name" placeholder="new group name" required aria-label="new group name">
-<button>Create group</button></form>
-<div class="groups">{''.join(_group_card(g, all_devices) for g in groups)}</div></section></main>"""
-    return web.Response(text=_page("Dashboard", body, principal.csrf_token or ""),
-                        content_type="text/html")
+    key = parse_key(request.match_info["key"])
+    device = await oracle.registry.get_device(key)
+    groups = (await oracle.registry.groups_of(key))
+    history = await audit.entries(oracle.registry.db, AuditQuery(target=key, limit=HISTORY_SIZE))
+    return render("device.html", request, device.name, {
+        "device": device, "groups": groups,
+        "peers": len(await oracle.registry.current_peers(key)),
+        "pushes": await oracle.registry.push_history(key), "history": history.items},
+        section="/")
 
 
-def _login_page(error: str = "") -> str:
-    message = f'<p class="error">{e(error)}</p>' if error else ""
-    return _page("Log in", f"""<main class="login"><h1>Continuum oracle</h1>{message}
-<form method="post" action="/login">
-<label>Username <input name="username" autocomplete="username" required autofocus></label>
-<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
-<button>Log in</button></form></main>""")
+async def groups_page(request: web.Request) -> web.Response:
+    q = request.query.get("q", "").strip()
+    if len(q) > 200:
+        raise InvalidInput("q must be at most 200 characters")
+    page = await request.app[ORACLE_KEY].registry.list_groups(
+        q, parse_limit(request.query, PAGE_SIZE), request.query.get("cursor", ""))
+    return render("groups.html", request, "Groups", {
+        "q": q, "groups": page.items, "page_links": _page_links(request, page.next_cursor)},
+        section="/groups")
 
 
-async def login_form(request: web.Request) -> web.Response:
-    return web.Response(text=_login_page(), content_type="text/html")
+async def group_page(request: web.Request) -> web.Response:
+    """A group's members, a page at a time, and a search for devices to add."""
+    registry = request.app[ORACLE_KEY].registry
+    group = await registry.get_group(request.match_info["group_id"])
+    params = {k: v for k, v in request.query.items() if k in ("cursor", "limit")}
+    members = await registry.search_devices(DeviceQuery.from_params(
+        {**params, "group": group.id}, default_limit=PAGE_SIZE))
+    find = request.query.get("find", "").strip()
+    candidates, more = [], False
+    if find:
+        found = await registry.search_devices(DeviceQuery.from_params(
+            {"q": find, "state": "active"}, default_limit=PICKER_SIZE))
+        in_group = set(group.members)
+        candidates = [d for d in found.items if d.key not in in_group]
+        more = found.next_cursor is not None
+    return render("group.html", request, group.name, {
+        "group": group, "devices": members.items, "find": find, "candidates": candidates,
+        "more_candidates": more, "page_links": _page_links(request, members.next_cursor)},
+        section="/groups")
 
 
-async def login(request: web.Request) -> web.Response:
-    """Check a password under the throttle; refuse forms posted from other sites (login CSRF)."""
-    oracle = request.app[ORACLE_KEY]
-    if not from_own_pages(request.headers, request.host):
-        oracle.log.warning("login_cross_site", origin=request.headers.get("Origin", "")[:200],
-                           fetch_site=request.headers.get("Sec-Fetch-Site", "")[:40])
-        return web.Response(text=_login_page("This form was sent from another site; log in"
-                                             " from this page."),
-                            content_type="text/html", status=403)
-    form = await request.post()
-    username = str(form.get("username", ""))
-    address = client_address(request.remote or "unknown", request.headers,
-                             oracle.settings.trusted_networks)
-    throttle = oracle.login_throttle
-    wait_s = throttle.begin(username, address)
-    if wait_s > 0:
-        oracle.log.warning("login_throttled", username=username[:64], address=address)
-        return web.Response(text=_login_page(f"Too many login attempts; try again in"
-                                             f" {math.ceil(wait_s)} s."),
-                            content_type="text/html", status=429,
-                            headers={"Retry-After": str(math.ceil(wait_s))})
-    try:
-        token = await oracle.auth.login(username, str(form.get("password", "")))
-    except BaseException:
-        throttle.abandoned(username, address)
-        raise
-    if token is None:
-        throttle.failed(username, address)
-        oracle.log.warning("login_refused", username=username[:64], address=address)
-        return web.Response(text=_login_page("Wrong username or password."),
-                            content_type="text/html", status=401)
-    throttle.succeeded(username, address)
-    response = _redirect("/")
-    response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
-                        secure=oracle.settings.secure_cookies,
-                        max_age=oracle.settings.session_ttl_s)
-    return response
+async def audit_page(request: web.Request) -> web.Response:
+    query = AuditQuery.from_params(request.query)
+    page = await audit.entries(request.app[ORACLE_KEY].registry.db, query)
+    return render("audit.html", request, "Audit log", {
+        "query": query, "entries": page.items,
+        "page_links": _page_links(request, page.next_cursor)}, section="/audit")
 
 
-async def logout(request: web.Request) -> web.Response:
-    cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie:
-        await request.app[ORACLE_KEY].auth.logout(cookie)
-    response = _redirect("/login")
-    response.del_cookie(SESSION_COOKIE, path="/")
-    return response
-
-
-def _redirect(location: str) -> web.Response:
-    """303 after a POST, so reloading the next page does not repeat the POST."""
-    return web.Response(status=303, headers={"Location": location})
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+async def admins_page(request: web.Request) -> web.Response:
+    auth = request.app[ORACLE_KEY].auth
+    return render("admins.html", request, "Admins", {
+        "admins": await auth.admins(), "tokens": await auth.api_tokens()}, section="/admins")
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/login", login_form)
-    app.router.add_post("/login", login)
-    app.router.add_post("/logout", logout)
+    app.router.add_get("/", devices_page)
+    app.router.add_get("/devices/{key}", device_page)
+    app.router.add_get("/groups", groups_page)
+    app.router.add_get("/groups/{group_id}", group_page)
+    app.router.add_get("/audit", audit_page)
+    app.router.add_get("/admins", admins_page)
     app.router.add_static(STATIC_PREFIX, STATIC_DIR)

@@ -101,6 +101,10 @@ class _SqliteConnection(Connection):
         return [dict(row) for row in cursor.fetchall()]
 
 
+def _fold(text: str | None) -> str | None:
+    return None if text is None else text.lower()
+
+
 class SqliteDatabase(Database):
     """One connection on the event-loop thread: each query is a short indexed lookup,
     cheaper than a hop to a worker thread, as in the relay's embedded store."""
@@ -113,6 +117,8 @@ class SqliteDatabase(Database):
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
+        # SQLite's lower() folds ASCII only; searches fold names the way PostgreSQL does.
+        self._conn.create_function("lower", 1, _fold, deterministic=True)
         self._plain = _SqliteConnection(self._conn)
         self._lock = asyncio.Lock()
 

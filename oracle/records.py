@@ -27,6 +27,8 @@ class DeviceRecord:
     # Key rotation: the key this device moved to (this record is then revoked) or came from.
     rotated_to: str | None = None
     rotated_from: str | None = None
+    # Until when a rotated device's old key may still drain its mailbox.
+    drain_until_ms: int | None = None
 
     @property
     def revoked(self) -> bool:
@@ -43,7 +45,21 @@ class DeviceRecord:
                 "revoked": self.revoked, "last_seen_ms": self.last_seen_ms,
                 "peer_version": self.peer_version, "acked_version": self.acked_version,
                 "behind": self.behind, "groups": list(self.groups),
-                "rotated_to": self.rotated_to, "rotated_from": self.rotated_from}
+                "rotated_to": self.rotated_to, "rotated_from": self.rotated_from,
+                "drain_until_ms": self.drain_until_ms}
+
+
+@dataclass(frozen=True)
+class DeviceCounts:
+    """The fleet at a glance: the dashboard's summary and the /metrics gauges."""
+
+    total: int
+    revoked: int
+    behind: int
+
+    @property
+    def active(self) -> int:
+        return self.total - self.revoked
 
 
 @dataclass(frozen=True)
@@ -55,7 +71,15 @@ class GroupRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "created_at_ms": self.created_at_ms,
-                "members": list(self.members)}
+                "members": list(self.members), "member_count": len(self.members)}
+
+
+@dataclass(frozen=True)
+class GroupRef:
+    """A group as a device's page names it: no member list."""
+
+    id: str
+    name: str
 
 
 @dataclass(frozen=True)

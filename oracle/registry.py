@@ -9,7 +9,8 @@ always has its pushes recorded: a crash after the commit loses nothing, the
 pusher finds the rows on restart.
 
 Input is checked by `validation` before it is stored, and what is read comes
-back as the frozen values of `records`.
+back as the frozen values of `records`.  Every change appends its audit entry
+(`audit.record`, naming the `Actor`) in its own transaction.
 """
 
 from __future__ import annotations
@@ -20,14 +21,22 @@ from typing import Any
 
 from runtime.clock import now_ms
 
+from . import audit
+from .audit import SYSTEM, Actor
 from .db import Connection, Database
+from .device_search import DeviceQuery, like_pattern
 from .errors import Conflict, NotFound
+from .pagination import Page, decode_cursor, encode_cursor
 from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_peer_text
-from .records import AccessSnapshot, DeviceRecord, GroupRecord, PendingPush, PushStatus
+from .records import (AccessSnapshot, DeviceCounts, DeviceRecord, GroupRecord, GroupRef,
+                      PendingPush, PushStatus)
 from .validation import parse_key, parse_name, parse_tags
 
-_DEVICE_COLUMNS = ("key, name, tags, enrolled_at_ms, revoked_at_ms, last_seen_ms,"
-                   " peer_version, acked_version, rotated_to, rotated_from")
+_DEVICE_COLUMNS = ("d.key, d.name, d.tags, d.enrolled_at_ms, d.revoked_at_ms, d.last_seen_ms,"
+                   " d.peer_version, d.acked_version, d.rotated_to, d.rotated_from,"
+                   " d.drain_until_ms")
+# SQLite allows 32,766 parameters a statement; a page's keys stay far below it.
+_MAX_KEYS_PER_QUERY = 1000
 
 
 class Registry:
@@ -39,28 +48,44 @@ class Registry:
 
     # -- devices ---------------------------------------------------------------
 
-    async def list_devices(self, query: str = "") -> list[DeviceRecord]:
-        """Devices whose name, key, tag or group contains `query` (case-insensitive)."""
-        memberships = await self._group_names_by_device()
-        rows = await self.db.fetch(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY name, key")
-        devices = [self._device(row, memberships) for row in rows]
-        needle = query.strip().lower()
-        if not needle:
-            return devices
-        return [d for d in devices
-                if needle in d.name.lower() or needle in d.key
-                or any(needle in t for t in d.tags) or any(needle in g.lower() for g in d.groups)]
+    async def search_devices(self, query: DeviceQuery) -> Page[DeviceRecord]:
+        """One page of the devices `query` selects, in its order (see `device_search`)."""
+        sql, args = query.sql(_DEVICE_COLUMNS)
+        rows = await self.db.fetch(sql, *args)
+        more = query.limit is not None and len(rows) > query.limit
+        rows = rows[:query.limit] if more else rows
+        groups = await self._group_names_by_device(
+            self.db, [r["key"] for r in rows] if len(rows) <= _MAX_KEYS_PER_QUERY else None)
+        return Page([self._device(row, groups) for row in rows],
+                    query.cursor_for(rows[-1]) if more else None)
+
+    async def device_counts(self) -> DeviceCounts:
+        """How many devices are in each state, in one pass over the table."""
+        row = await self.db.fetchrow(
+            "SELECT COUNT(*) AS total,"
+            " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL THEN 0 ELSE 1 END), 0) AS revoked,"
+            " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL AND acked_version < peer_version"
+            " THEN 1 ELSE 0 END), 0) AS behind FROM devices")
+        assert row is not None
+        return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]))
+
+    async def behind_keys(self) -> list[str]:
+        rows = await self.db.fetch(
+            "SELECT key FROM devices WHERE revoked_at_ms IS NULL AND acked_version < peer_version"
+            " ORDER BY key")
+        return [row["key"] for row in rows]
 
     async def get_device(self, key: str) -> DeviceRecord:
         return await self._device_in(self.db, key)
 
     async def _device_in(self, conn: Connection, key: str) -> DeviceRecord:
-        row = await conn.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", key)
+        row = await conn.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices d WHERE d.key = $1", key)
         if row is None:
             raise NotFound(f"no device {key}")
-        return self._device(row, await self._group_names_by_device(conn))
+        return self._device(row, await self._group_names_by_device(conn, [key]))
 
-    async def enroll(self, key: object, name: object, tags: object = ()) -> DeviceRecord:
+    async def enroll(self, key: object, name: object, tags: object = (),
+                     actor: Actor = SYSTEM) -> DeviceRecord:
         key_text, name_text = parse_key(key), parse_name(name, "device name")
         tag_list = parse_tags(list(tags) if isinstance(tags, tuple) else tags)
         async with self.db.transaction() as conn:
@@ -70,22 +95,55 @@ class Registry:
                 "INSERT INTO devices (key, name, tags, enrolled_at_ms) VALUES ($1, $2, $3, $4)",
                 key_text, name_text, " ".join(tag_list), now_ms())
             await self._bump_access_list(conn)
+            await audit.record(conn, actor, "device.enroll", key_text, name=name_text,
+                               tags=list(tag_list))
         self._on_change()
         return await self.get_device(key_text)
 
-    async def update_device(self, key: str, name: object = None,
-                            tags: object = None) -> DeviceRecord:
-        await self.get_device(key)
+    async def update_device(self, key: str, name: object = None, tags: object = None,
+                            actor: Actor = SYSTEM) -> DeviceRecord:
+        before = await self.get_device(key)
+        changes: dict[str, object] = {}
+        if name is not None and (name_text := parse_name(name, "device name")) != before.name:
+            changes["name"] = name_text
+        if tags is not None and (tag_list := parse_tags(tags)) != before.tags:
+            changes["tags"] = list(tag_list)
+        if not changes:
+            return before
         async with self.db.transaction() as conn:
-            if name is not None:
+            if "name" in changes:
                 await conn.execute("UPDATE devices SET name = $1 WHERE key = $2",
-                                   parse_name(name, "device name"), key)
-            if tags is not None:
+                                   changes["name"], key)
+            if "tags" in changes:
                 await conn.execute("UPDATE devices SET tags = $1 WHERE key = $2",
-                                   " ".join(parse_tags(tags)), key)
+                                   " ".join(tag_list), key)
+            await audit.record(conn, actor, "device.update", key, **changes)
         return await self.get_device(key)
 
-    async def set_revoked(self, key: str, revoked: bool) -> DeviceRecord:
+    async def delete_device(self, key: str, actor: Actor = SYSTEM) -> None:
+        """Forget a revoked device: its record, groups and peer-list history.
+
+        Only a revoked device, and not while its old key drains after a
+        rotation: deleting an active device would drop it from the access list
+        without revoking it, and relays that do not require enrollment let an
+        unknown key connect.  A deleted key is unknown again, so a relay that
+        requires enrollment refuses it as not enrolled.
+        """
+        device = await self.get_device(key)
+        if not device.revoked:
+            raise Conflict(f"device {key} is active: revoke it before deleting it")
+        if device.drain_until_ms is not None and device.drain_until_ms > now_ms():
+            raise Conflict(f"device {key} rotated to {device.rotated_to} and may drain its"
+                           " mailbox until then: delete it after the drain")
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM peer_changes WHERE device_key = $1", key)
+            await conn.execute("DELETE FROM memberships WHERE device_key = $1", key)
+            await conn.execute("DELETE FROM devices WHERE key = $1", key)
+            await self._bump_access_list(conn)
+            await audit.record(conn, actor, "device.delete", key, name=device.name)
+        self._on_change()
+
+    async def set_revoked(self, key: str, revoked: bool, actor: Actor = SYSTEM) -> DeviceRecord:
         """Revoke or restore: the access list and every affected peer list change at once."""
         device = await self.get_device(key)
         if device.revoked == revoked:
@@ -97,6 +155,7 @@ class Registry:
                                now_ms() if revoked else None, key)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await audit.record(conn, actor, "device.revoke" if revoked else "device.restore", key)
         self._on_change()
         return await self.get_device(key)
 
@@ -112,7 +171,8 @@ class Registry:
         is not an active device, or to a key this oracle has ever seen.
         """
         async with self.db.transaction() as conn:
-            row = await conn.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE key = $1", old)
+            row = await conn.fetchrow(f"SELECT {_DEVICE_COLUMNS} FROM devices d WHERE d.key = $1",
+                                      old)
             if row is None:
                 raise NotFound(f"no device {old}")
             if row["rotated_to"] == new:
@@ -136,6 +196,8 @@ class Registry:
                 " WHERE key = $4", now, new, drain_until_ms, old)
             await self._bump_access_list(conn)
             await self._reconcile(conn, include=(new,))
+            await audit.record(conn, Actor(f"device:{old}", "device"), "device.rotate", old,
+                               new_key=new, drain_until_ms=drain_until_ms)
             record = await self._device_in(conn, new)
         self._on_change()
         return record
@@ -163,22 +225,52 @@ class Registry:
 
     # -- groups ----------------------------------------------------------------
 
-    async def list_groups(self) -> list[GroupRecord]:
-        rows = await self.db.fetch("SELECT id, name, created_at_ms FROM peer_groups ORDER BY name")
-        members: dict[str, list[str]] = {}
-        for row in await self.db.fetch(
-                "SELECT group_id, device_key FROM memberships ORDER BY device_key"):
-            members.setdefault(row["group_id"], []).append(row["device_key"])
-        return [GroupRecord(r["id"], r["name"], r["created_at_ms"], tuple(members.get(r["id"], ())))
-                for r in rows]
+    async def list_groups(self, q: str = "", limit: int | None = None,
+                          cursor: str = "") -> Page[GroupRecord]:
+        """Groups by name whose name contains `q` (case-insensitive), a page at a time."""
+        where, args = [], []
+        if q.strip():
+            args.append(like_pattern(q.strip().lower()))
+            where.append(f"lower(name) LIKE ${len(args)} ESCAPE '\\'")
+        if cursor:
+            name, group_id = decode_cursor(cursor, "groups", (str, str))
+            args += [name, group_id]
+            where.append(f"(name, id) > (${len(args) - 1}, ${len(args)})")
+        sql = "SELECT id, name, created_at_ms FROM peer_groups"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY name, id"
+        if limit is not None:
+            args.append(limit + 1)
+            sql += f" LIMIT ${len(args)}"
+        rows = await self.db.fetch(sql, *args)
+        more = limit is not None and len(rows) > limit
+        rows = rows[:limit] if more else rows
+        members = await self._members_by_group(
+            self.db, [r["id"] for r in rows] if len(rows) <= _MAX_KEYS_PER_QUERY else None)
+        return Page([GroupRecord(r["id"], r["name"], r["created_at_ms"],
+                                 tuple(members.get(r["id"], ()))) for r in rows],
+                    encode_cursor("groups", (rows[-1]["name"], rows[-1]["id"])) if more else None)
 
     async def get_group(self, group_id: str) -> GroupRecord:
-        for group in await self.list_groups():
-            if group.id == group_id:
-                return group
-        raise NotFound(f"no group {group_id}")
+        return await self._group_in(self.db, group_id)
 
-    async def create_group(self, name: object) -> GroupRecord:
+    async def _group_in(self, conn: Connection, group_id: str) -> GroupRecord:
+        row = await conn.fetchrow(
+            "SELECT id, name, created_at_ms FROM peer_groups WHERE id = $1", group_id)
+        if row is None:
+            raise NotFound(f"no group {group_id}")
+        members = await self._members_by_group(conn, [group_id])
+        return GroupRecord(row["id"], row["name"], row["created_at_ms"],
+                           tuple(members.get(group_id, ())))
+
+    async def groups_of(self, key: str) -> list[GroupRef]:
+        rows = await self.db.fetch(
+            "SELECT g.id, g.name FROM memberships m JOIN peer_groups g ON g.id = m.group_id"
+            " WHERE m.device_key = $1 ORDER BY g.name", key)
+        return [GroupRef(row["id"], row["name"]) for row in rows]
+
+    async def create_group(self, name: object, actor: Actor = SYSTEM) -> GroupRecord:
         name_text = parse_name(name, "group name")
         group_id = uuid.uuid4().hex[:12]
         async with self.db.transaction() as conn:
@@ -186,28 +278,33 @@ class Registry:
             await conn.execute(
                 "INSERT INTO peer_groups (id, name, created_at_ms) VALUES ($1, $2, $3)",
                 group_id, name_text, now_ms())
+            await audit.record(conn, actor, "group.create", group_id, name=name_text)
         return await self.get_group(group_id)
 
-    async def rename_group(self, group_id: str, name: object) -> GroupRecord:
+    async def rename_group(self, group_id: str, name: object, actor: Actor = SYSTEM) -> GroupRecord:
         name_text = parse_name(name, "group name")
-        await self.get_group(group_id)
+        before = await self.get_group(group_id)
         async with self.db.transaction() as conn:
             await self._refuse_duplicate_group(conn, name_text, group_id)
             await conn.execute("UPDATE peer_groups SET name = $1 WHERE id = $2", name_text, group_id)
+            await audit.record(conn, actor, "group.rename", group_id, name=name_text,
+                               previous=before.name)
         return await self.get_group(group_id)
 
-    async def delete_group(self, group_id: str) -> None:
-        await self.get_group(group_id)
+    async def delete_group(self, group_id: str, actor: Actor = SYSTEM) -> None:
+        group = await self.get_group(group_id)
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM memberships WHERE group_id = $1", group_id)
             await conn.execute("DELETE FROM peer_groups WHERE id = $1", group_id)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await audit.record(conn, actor, "group.delete", group_id, name=group.name,
+                               members=len(group.members))
         self._on_change()
 
-    async def add_member(self, group_id: str, key: object) -> GroupRecord:
+    async def add_member(self, group_id: str, key: object, actor: Actor = SYSTEM) -> GroupRecord:
         key_text = parse_key(key)
-        await self.get_group(group_id)
+        group = await self.get_group(group_id)
         await self.get_device(key_text)
         async with self.db.transaction() as conn:
             await conn.execute(
@@ -215,17 +312,22 @@ class Registry:
                 " ON CONFLICT DO NOTHING", group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await audit.record(conn, actor, "group.member.add", group_id, group=group.name,
+                               device=key_text)
         self._on_change()
         return await self.get_group(group_id)
 
-    async def remove_member(self, group_id: str, key: object) -> GroupRecord:
+    async def remove_member(self, group_id: str, key: object,
+                            actor: Actor = SYSTEM) -> GroupRecord:
         key_text = parse_key(key)
-        await self.get_group(group_id)
+        group = await self.get_group(group_id)
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM memberships WHERE group_id = $1 AND device_key = $2",
                                group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await audit.record(conn, actor, "group.member.remove", group_id, group=group.name,
+                               device=key_text)
         self._on_change()
         return await self.get_group(group_id)
 
@@ -331,7 +433,7 @@ class Registry:
             await conn.execute("UPDATE access_list_state SET epoch = $1 WHERE id = 1", epoch)
         return epoch
 
-    async def reissue_peer_lists(self) -> int:
+    async def reissue_peer_lists(self, actor: Actor = SYSTEM) -> int:
         """Issue every active device its current list again, in the current epoch.
 
         For after a restore: devices may hold lists from changes the backup lost,
@@ -340,6 +442,7 @@ class Registry:
         """
         async with self.db.transaction() as conn:
             issued = await self._reconcile(conn, everyone=True)
+            await audit.record(conn, actor, "peer_lists.reissue", issued=issued)
         self._on_change()
         return issued
 
@@ -382,13 +485,31 @@ class Registry:
         if row is not None and row["id"] != except_id:
             raise Conflict(f"a group named {name!r} already exists")
 
-    async def _group_names_by_device(self, conn: Connection | None = None
+    async def _group_names_by_device(self, conn: Connection, keys: list[str] | None
                                      ) -> dict[str, list[str]]:
+        """Group names of each of `keys` (None: of every device), sorted by name."""
+        sql = ("SELECT m.device_key, g.name FROM memberships m"
+               " JOIN peer_groups g ON g.id = m.group_id")
+        if keys is not None:
+            if not keys:
+                return {}
+            sql += f" WHERE m.device_key IN ({_placeholders(len(keys))})"
         result: dict[str, list[str]] = {}
-        for row in await (conn or self.db).fetch(
-                "SELECT m.device_key, g.name FROM memberships m"
-                " JOIN peer_groups g ON g.id = m.group_id ORDER BY g.name"):
+        for row in await conn.fetch(sql + " ORDER BY g.name", *(keys or ())):
             result.setdefault(row["device_key"], []).append(row["name"])
+        return result
+
+    async def _members_by_group(self, conn: Connection, group_ids: list[str] | None
+                                ) -> dict[str, list[str]]:
+        """Member keys of each of `group_ids` (None: of every group), sorted."""
+        sql = "SELECT group_id, device_key FROM memberships"
+        if group_ids is not None:
+            if not group_ids:
+                return {}
+            sql += f" WHERE group_id IN ({_placeholders(len(group_ids))})"
+        result: dict[str, list[str]] = {}
+        for row in await conn.fetch(sql + " ORDER BY device_key", *(group_ids or ())):
+            result.setdefault(row["group_id"], []).append(row["device_key"])
         return result
 
     @staticmethod
@@ -397,4 +518,8 @@ class Registry:
                             row["enrolled_at_ms"], row["revoked_at_ms"], row["last_seen_ms"],
                             row["peer_version"], row["acked_version"],
                             tuple(groups.get(row["key"], ())), row["rotated_to"],
-                            row["rotated_from"])
+                            row["rotated_from"], row["drain_until_ms"])
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(f"${n}" for n in range(1, count + 1))

@@ -1,4 +1,5 @@
-"""The oracle's aiohttp application: authentication, CSRF and error middlewares around the routes."""
+"""The oracle's aiohttp application: metrics, authentication, CSRF and error middlewares
+around the routes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import api, dashboard
-from .auth import CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal, csrf_ok
-from .context import ORACLE_KEY, OracleContext
+from . import api, dashboard, login, metrics, templating
+from .auth import ACTOR, CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal, csrf_ok
+from .context import ORACLE_KEY, OracleContext, address_of
 from .errors import OracleError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -18,7 +19,7 @@ _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 def _is_public(request: web.Request) -> bool:
     path = request.path
-    return (path in api.PUBLIC_PATHS or path in dashboard.PUBLIC_PATHS
+    return (path in api.PUBLIC_PATHS or path in login.PUBLIC_PATHS
             or path.startswith(dashboard.STATIC_PREFIX))
 
 
@@ -85,7 +86,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                 return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
             return web.Response(text="missing or wrong CSRF token", status=403)
     request[PRINCIPAL] = principal
+    request[ACTOR] = principal.actor(address_of(request))
     return await handler(request)
+
 
 
 @web.middleware
@@ -102,9 +105,12 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
 
 
 def create_app(oracle: OracleContext) -> web.Application:
-    app = web.Application(middlewares=[security_headers, body_deadline, errors_middleware,
-                                       auth_middleware])
+    app = web.Application(middlewares=[metrics.metrics_middleware, security_headers,
+                                       body_deadline, errors_middleware, auth_middleware])
     app[ORACLE_KEY] = oracle
     api.add_routes(app)
+    metrics.add_routes(app)
+    templating.setup(app)
+    login.add_routes(app)
     dashboard.add_routes(app)
     return app

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from oracle_support import fresh_postgres_database, postgres_available
 
-from oracle.db import Database, open_database
+from oracle.db import MIGRATIONS_DIR, Database, open_database
 from oracle.errors import Conflict, InvalidInput, NotFound
 from oracle.peers import changed_lists, derive_peer_lists
 from oracle.registry import Registry
@@ -62,8 +62,10 @@ async def test_migrations_are_numbered_recorded_and_applied_once(open_db: Opener
     assert rows and rows[0]["version"] == 1 and rows[0]["name"] == "0001_initial"
     assert await db.migrate() == []  # nothing left to apply
     again = await open_db()
+    files = sorted(int(p.name.split("_", 1)[0]) for p in MIGRATIONS_DIR.glob("*.sql"))
+    assert files[:4] == [1, 2, 3, 4]
     assert await again.fetch("SELECT version FROM schema_migrations ORDER BY version") == [
-        {"version": 1}, {"version": 2}, {"version": 3}]
+        {"version": n} for n in files]
 
 
 async def test_group_changes_issue_versions_only_to_affected_devices(open_db: Opener) -> None:

@@ -1,5 +1,7 @@
 // Forms marked data-api send their fields as JSON to the oracle's API with the
-// session's CSRF token, then reload the page so it shows the server's state.
+// session's CSRF token, then reload the page so it shows the server's state, or go to
+// data-then (after a delete), or show the answer's data-reveal field once (a new
+// admin's password, a new API token) until the admin dismisses it.
 "use strict";
 
 const csrf = document.querySelector('meta[name="csrf-token"]').content;
@@ -7,6 +9,23 @@ const csrf = document.querySelector('meta[name="csrf-token"]').content;
 function flash(message) {
   const box = document.getElementById("flash");
   box.textContent = message;
+  box.hidden = false;
+}
+
+function reveal(label, secret) {
+  const box = document.getElementById("secret");
+  box.replaceChildren();
+  const text = document.createElement("p");
+  text.textContent = `${label} (shown once, copy it now): `;
+  const code = document.createElement("code");
+  code.className = "secret-value";
+  code.textContent = secret;
+  text.append(code);
+  const done = document.createElement("button");
+  done.type = "button";
+  done.textContent = "Done";
+  done.addEventListener("click", () => window.location.reload());
+  box.append(text, done);
   box.hidden = false;
 }
 
@@ -39,7 +58,17 @@ async function submitApi(event) {
       flash(detail.error || `request failed (${response.status})`);
       return;
     }
-    window.location.reload();
+    if (form.dataset.reveal) {
+      const answer = await response.json();
+      const name = answer.username || answer.name;
+      reveal(`${form.dataset.reveal === "password" ? "Password" : "Token"} for ${name}`,
+             answer[form.dataset.reveal]);
+      form.reset();
+    } else if (form.dataset.then) {
+      window.location.assign(form.dataset.then);
+    } else {
+      window.location.reload();
+    }
   } catch (error) {
     flash(`network error: ${error}`);
   } finally {
