@@ -312,8 +312,8 @@ class Registry:
                 " ON CONFLICT DO NOTHING", group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
-            await audit.record(conn, actor, "group.member.add", group_id, group=group.name,
-                               device=key_text)
+            await audit.record(conn, actor, "group.member.add", key_text, group_id=group_id,
+                               group=group.name)
         self._on_change()
         return await self.get_group(group_id)
 
@@ -326,8 +326,8 @@ class Registry:
                                group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
-            await audit.record(conn, actor, "group.member.remove", group_id, group=group.name,
-                               device=key_text)
+            await audit.record(conn, actor, "group.member.remove", key_text, group_id=group_id,
+                               group=group.name)
         self._on_change()
         return await self.get_group(group_id)
 

@@ -66,11 +66,18 @@ async def test_dashboard_membership_change_reaches_the_device(start_relay, tmp_p
                 await page.click("button:has-text('Log in')")
                 await page.wait_for_selector("h2:has-text('Devices')")
 
-                card = page.locator("article.group[data-group='lab']")
-                await card.locator("select[name=key]").select_option(sensor.public.text)
-                await card.locator("button:has-text('Add member')").click()
+                # The member picker searches (it lists no device until asked).
+                await page.click("a:has-text('Groups')")
+                await page.click("a:has-text('lab')")
+                assert await page.locator("ul.candidates").count() == 0
+                await page.fill("input[name=find]", "sens")
+                await page.click("button:has-text('Find devices')")
+                await page.get_by_role(
+                    "button", name=f"Add sensor ({sensor.public.text[4:12]}) to lab").click()
                 await page.wait_for_selector(
-                    f"article.group[data-group='lab'] ul.members code[title='{sensor.public.text}']")
+                    f"table.devices tr[data-key='{sensor.public.text}'] code"
+                    f"[title='{sensor.public.text}']")
+                await page.goto(oracle.url + "/")
 
                 await eventually(lambda: _has_peer(device, gateway), timeout=5)
                 assert device.peers.version == 1
