@@ -24,7 +24,8 @@ def _is_public(request: web.Request) -> bool:
 
 
 def _is_api(request: web.Request) -> bool:
-    return request.path.startswith("/v1/")
+    """Answered for programs (JSON errors, 401 instead of a redirect to the login page)."""
+    return request.path.startswith("/v1/") or request.path == metrics.METRICS_PATH
 
 
 async def _principal(request: web.Request) -> Principal | None:
