@@ -32,13 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import cbor2
 from common import CpuSampler, free_port, stop_process_group, table, write_results
+import oracle_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,7 +47,6 @@ from proto.access import AccessRequest  # noqa: E402
 from runtime.clock import now_ms  # noqa: E402
 
 GROUP_SIZE = 10
-POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 async def _fill(database: str, devices: int) -> list[str]:
@@ -70,35 +68,6 @@ async def _fill(database: str, devices: int) -> list[str]:
     finally:
         await db.close()
     return keys
-
-
-@contextlib.contextmanager
-def _database(tmp: str, postgres: bool) -> Iterator[str]:
-    """The oracle's database URL: a SQLite file in `tmp`, or a fresh PostgreSQL database."""
-    if not postgres:
-        yield f"sqlite:///{tmp}/oracle.db"
-        return
-    import asyncpg
-    name = "bench_" + uuid.uuid4().hex[:12]
-
-    async def admin(sql: str) -> None:
-        connection = await asyncpg.connect(POSTGRES_ADMIN_DSN)
-        try:
-            await connection.execute(sql)
-        finally:
-            await connection.close()
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-def _oracle_command(baseline: str | None) -> tuple[list[str], dict[str, str]]:
-    env = dict(os.environ)
-    if baseline:
-        env["PYTHONPATH"] = str(Path(baseline).resolve())
-    return [sys.executable, "-m", "oracle"], env
 
 
 def _poll_stamp(body: bytes, etag: str | None) -> tuple[int, int]:
@@ -225,10 +194,10 @@ def run(devices: int, pollers: int, calls: int, interval_ms: float, rounds: int,
         baseline: str | None, postgres: bool) -> dict[str, object]:
     relay = Identity.generate()
     with tempfile.TemporaryDirectory(prefix="continuum-bench-oracle-") as tmp, \
-            _database(tmp, postgres) as database:
+            oracle_process.database(tmp, postgres) as database:
         keys = asyncio.run(_fill(database, devices))
         port = free_port()
-        command, env = _oracle_command(baseline)
+        command, env = oracle_process.oracle_command(baseline)
         env.update({"CONTINUUM_ORACLE_DATABASE": database,
                     "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
                     "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
@@ -247,7 +216,7 @@ def run(devices: int, pollers: int, calls: int, interval_ms: float, rounds: int,
         answered = 0
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_healthy(base, oracle)
+            oracle_process.wait_healthy(base, oracle)
             interval_s = interval_ms / 1000
             _phase(base, token, keys, max(4, calls // 4), interval_s, oracle.pid)  # warm-up
             # Rounds alternate, so drift in the machine's speed hits both phases alike.
@@ -264,21 +233,6 @@ def run(devices: int, pollers: int, calls: int, interval_ms: float, rounds: int,
             "database": "postgresql" if postgres else "sqlite",
             "idle": idle_summary, "polled": polled_summary, "polls_answered": answered,
             "ratio": polled_summary["median_ms"] / idle_summary["median_ms"]}
-
-
-def _wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    import urllib.error
-    import urllib.request
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if oracle.poll() is not None:
-            raise RuntimeError(f"oracle exited with {oracle.returncode}")
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.05)
-    raise TimeoutError(f"oracle not healthy within {timeout_s}s")
 
 
 def render(result: dict) -> str:

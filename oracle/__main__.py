@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from runtime.clock import now_ms
 from runtime.logs import configure_logging
 
+from .audit import Actor
 from .auth import Auth
 from .db import open_database
 from .errors import OracleError
@@ -35,9 +37,10 @@ async def _with_auth(settings: OracleSettings, action: str, name: str) -> str:
     db = await open_database(settings.database)
     try:
         auth = Auth(db, settings.session_ttl_s)
+        actor = Actor(f"cli:{getpass.getuser()}", "cli")  # the audit log's "who"
         if action == "create-admin":
-            return await auth.create_admin(name)
-        return await auth.create_api_token(name)
+            return await auth.create_admin(name, actor=actor)
+        return await auth.create_api_token(name, actor)
     finally:
         await db.close()
 

@@ -63,6 +63,10 @@ class Database(Connection):
     @abstractmethod
     async def close(self) -> None: ...
 
+    def fold_function(self, needle: str) -> str:
+        """The SQL function that lower-cases text to match `needle` (already lower case)."""
+        return "lower"
+
     async def migrate(self) -> list[int]:
         """Apply every migration not yet recorded; returns the numbers applied now."""
         applied_now: list[int] = []
@@ -101,6 +105,9 @@ class _SqliteConnection(Connection):
         return [dict(row) for row in cursor.fetchall()]
 
 
+_UNICODE_LOWER = "unicode_lower"
+
+
 def _fold(text: str | None) -> str | None:
     return None if text is None else text.lower()
 
@@ -117,8 +124,7 @@ class SqliteDatabase(Database):
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
-        # SQLite's lower() folds ASCII only; searches fold names the way PostgreSQL does.
-        self._conn.create_function("lower", 1, _fold, deterministic=True)
+        self._conn.create_function(_UNICODE_LOWER, 1, _fold, deterministic=True)
         self._plain = _SqliteConnection(self._conn)
         self._lock = asyncio.Lock()
 
@@ -144,6 +150,11 @@ class SqliteDatabase(Database):
     async def run_script(self, conn: Connection, script: str) -> None:
         for statement in _statements(script):
             await conn.execute(statement)
+
+    def fold_function(self, needle: str) -> str:
+        """SQLite's lower() folds ASCII only: a needle beyond ASCII needs Python's (as
+        PostgreSQL's lower() does), which costs a call per row, so only then."""
+        return "lower" if needle.isascii() else _UNICODE_LOWER
 
     async def close(self) -> None:
         self._conn.close()

@@ -50,7 +50,7 @@ class Registry:
 
     async def search_devices(self, query: DeviceQuery) -> Page[DeviceRecord]:
         """One page of the devices `query` selects, in its order (see `device_search`)."""
-        sql, args = query.sql(_DEVICE_COLUMNS)
+        sql, args = query.sql(_DEVICE_COLUMNS, self.db.fold_function(query.q.lower()))
         rows = await self.db.fetch(sql, *args)
         more = query.limit is not None and len(rows) > query.limit
         rows = rows[:query.limit] if more else rows
@@ -70,6 +70,7 @@ class Registry:
         return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]))
 
     async def behind_keys(self) -> list[str]:
+        """Active devices that have not acknowledged their newest peer list."""
         rows = await self.db.fetch(
             "SELECT key FROM devices WHERE revoked_at_ms IS NULL AND acked_version < peer_version"
             " ORDER BY key")
@@ -230,8 +231,9 @@ class Registry:
         """Groups by name whose name contains `q` (case-insensitive), a page at a time."""
         where, args = [], []
         if q.strip():
-            args.append(like_pattern(q.strip().lower()))
-            where.append(f"lower(name) LIKE ${len(args)} ESCAPE '\\'")
+            needle = q.strip().lower()
+            args.append(like_pattern(needle))
+            where.append(f"{self.db.fold_function(needle)}(name) LIKE ${len(args)} ESCAPE '\\'")
         if cursor:
             name, group_id = decode_cursor(cursor, "groups", (str, str))
             args += [name, group_id]

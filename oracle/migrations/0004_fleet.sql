@@ -7,8 +7,8 @@
 CREATE TABLE audit_log (
     id BIGINT PRIMARY KEY,
     at_ms BIGINT NOT NULL,
-    actor TEXT NOT NULL,                     -- admin username, token:NAME, device:cpk_… or oracle
-    via TEXT NOT NULL,                       -- session, token, device or internal
+    actor TEXT NOT NULL,                     -- admin, token:NAME, device:cpk_…, cli:USER or oracle
+    via TEXT NOT NULL,                       -- session, token, device, cli or internal
     address TEXT NOT NULL DEFAULT '',        -- the client address (behind trusted proxies)
     action TEXT NOT NULL,                    -- e.g. device.revoke, group.member.add
     target TEXT NOT NULL DEFAULT '',         -- a device key, group id, admin or token name

@@ -1,0 +1,63 @@
+"""An oracle subprocess for benchmarks: its database (SQLite file or a fresh PostgreSQL
+database), its command line (this checkout's code or another's), and waiting until it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@contextlib.contextmanager
+def database(tmp: str, postgres: bool) -> Iterator[str]:
+    """The oracle's database URL: a SQLite file in `tmp`, or a fresh PostgreSQL database
+    that is dropped afterwards."""
+    if not postgres:
+        yield f"sqlite:///{tmp}/oracle.db"
+        return
+    import asyncpg
+    name = "bench_" + uuid.uuid4().hex[:12]
+
+    async def admin(sql: str) -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_DSN)
+        try:
+            await connection.execute(sql)
+        finally:
+            await connection.close()
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN_DSN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def oracle_command(baseline: str | None) -> tuple[list[str], dict[str, str]]:
+    """`python -m oracle` and its environment; `baseline` puts another checkout first on
+    PYTHONPATH, so its oracle code runs instead of this one's."""
+    env = dict(os.environ)
+    if baseline:
+        env["PYTHONPATH"] = str(Path(baseline).resolve())
+    return [sys.executable, "-m", "oracle"], env
+
+
+def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if oracle.poll() is not None:
+            raise RuntimeError(f"oracle exited with {oracle.returncode}")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.05)
+    raise TimeoutError(f"oracle not healthy within {timeout_s}s")
