@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
@@ -42,12 +43,14 @@ def database(tmp: str, postgres: bool) -> Iterator[str]:
 
 
 def oracle_command(baseline: str | None) -> tuple[list[str], dict[str, str]]:
-    """`python -m oracle` and its environment; `baseline` puts another checkout first on
-    PYTHONPATH, so its oracle code runs instead of this one's."""
+    """`python -m oracle` of this checkout, or of the `baseline` checkout, and its environment.
+
+    `-P` keeps the working directory off sys.path: `-m` would put it first, and a run from
+    this checkout's top directory would then measure this code whatever PYTHONPATH says.
+    """
     env = dict(os.environ)
-    if baseline:
-        env["PYTHONPATH"] = str(Path(baseline).resolve())
-    return [sys.executable, "-m", "oracle"], env
+    env["PYTHONPATH"] = str(Path(baseline or CHECKOUT).resolve())
+    return [sys.executable, "-P", "-m", "oracle"], env
 
 
 def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:

@@ -79,6 +79,10 @@ ROUTES = [
     ("POST", "/v1/devices/{key}/restore"), ("POST", "/v1/groups"), ("PATCH", "/v1/groups/{group}"),
     ("PUT", "/v1/groups/{group}/members/{key}"), ("DELETE", "/v1/groups/{group}/members/{key}"),
     ("GET", "/v1/devices/{key}"), ("GET", "/v1/devices?q={text}"), ("GET", "/v1/access-list?after={text}"),
+    ("GET", "/v1/devices?limit={text}&cursor={text}"), ("GET", "/v1/devices?state={text}&tag={text}"),
+    ("GET", "/v1/devices?sort={text}&group={text}&q={text}&limit=2"), ("GET", "/v1/groups?limit={text}&cursor={text}"),
+    ("GET", "/v1/audit?cursor={text}&limit={text}&actor={text}"), ("POST", "/v1/admins"),
+    ("POST", "/v1/tokens"), ("GET", "/?cursor={text}&sort={text}"), ("GET", "/groups/{group}?find={text}"),
 ]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
@@ -104,7 +108,8 @@ def check_request(target: OracleTarget, data: st.DataObject) -> None:
     body = data.draw(bodies)
     anonymous_before = target.snapshot()
     status, text = target.request(method, path, body, None)
-    assert status in (401, 403) or path.startswith("/v1/access-list"), (status, text)
+    assert (status in (401, 403) or path.startswith("/v1/access-list")
+            or (status == 303 and not path.startswith("/v1/"))), (status, text)  # → /login
     assert target.snapshot() == anonymous_before, "an unauthenticated request changed state"
     status, text = target.request(method, path, body, target.token)
     assert status < 500, (method, path, body, status, text)
