@@ -40,7 +40,8 @@ from .state import DeviceState, StoredSend
 # Refusals that mean "retry later" (SPEC §9/§10): nothing was stored, the same envelope may
 # be sent again.  Every other refusal is final for that envelope.
 TRANSIENT = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.MAILBOX_FULL,
-                       ErrorCode.STORE_UNAVAILABLE, ErrorCode.QUOTA_EXCEEDED})
+                       ErrorCode.STORE_UNAVAILABLE, ErrorCode.QUOTA_EXCEEDED,
+                       ErrorCode.ACCESS_LIST_UNAVAILABLE})
 # Seal again this long after created_at: a minute inside the relay's clock window.
 RENEW_AFTER_MS = CLOCK_SKEW_MS - 60_000
 

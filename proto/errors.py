@@ -34,6 +34,7 @@ class ErrorCode(IntEnum):
     NOT_PEER = 18
     QUOTA_EXCEEDED = 19
     SUPERSEDED = 20
+    ACCESS_LIST_UNAVAILABLE = 21
 
 
 class ProtocolError(Exception):
@@ -138,6 +139,14 @@ class SupersededError(ProtocolError):
     code = ErrorCode.SUPERSEDED
 
 
+class AccessListUnavailableError(ProtocolError):
+    """The relay holds no valid access list (none yet, or the one it has lapsed): it admits
+    only the oracle until it has one again.  The relay's state, not the device's: retry,
+    here later or at another relay."""
+
+    code = ErrorCode.ACCESS_LIST_UNAVAILABLE
+
+
 _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -161,6 +170,7 @@ _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
         NotPeerError,
         QuotaExceededError,
         SupersededError,
+        AccessListUnavailableError,
     )
 }
 

@@ -17,7 +17,7 @@ import nacl.hash
 import nacl.signing
 import pytest
 
-from proto.access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, MAX_REQUEST_SKEW_MS,
+from proto.access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, ORACLE_CLOCK_SKEW_MS,
                           AccessList, AccessRequest)
 from proto.envelope import PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, decode_envelope
 from proto.errors import ErrorCode, ProtocolError
@@ -172,8 +172,9 @@ def test_access_list() -> None:
     assert H(f["oracle_key"]) == oracle_key
     enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
     assert [e[0] for e in enrolled] == sorted(e[0] for e in enrolled)
-    body = [f["epoch"], f["version"], f["issued_at_ms"], oracle_key, enrolled,
-            [H(k) for k in f["revoked"]]]
+    body = [f["epoch"], f["version"], f["issued_at_ms"], f["valid_until_ms"], oracle_key,
+            enrolled, [H(k) for k in f["revoked"]]]
+    assert f["valid_until_ms"] > f["issued_at_ms"]
     assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
     nacl.signing.VerifyKey(oracle_key).verify(H(vector["signed_bytes"]), H(vector["signature"]))
     assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
@@ -192,7 +193,7 @@ def test_relay_request() -> None:
     f = vector["fields"]
     relay_key, oracle_key = (H(KEYS[vector[k]]["public_key"]) for k in ("relay", "oracle"))
     assert H(ACCESS["access_request_domain"]) == ACCESS_REQUEST_DOMAIN
-    assert vector["max_skew_ms"] == MAX_REQUEST_SKEW_MS
+    assert vector["max_skew_ms"] == ORACLE_CLOCK_SKEW_MS
     body = [relay_key, oracle_key, f["issued_at_ms"], H(f["nonce"])]
     assert (H(f["relay_key"]), H(f["oracle_key"])) == (relay_key, oracle_key)
     assert H(vector["signed_bytes"]) == ACCESS_REQUEST_DOMAIN + cbor(body)
@@ -203,7 +204,7 @@ def test_relay_request() -> None:
     assert base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)) == H(vector["token"])
 
     request = AccessRequest.verify(vector["authorization"], PublicKey(oracle_key),
-                                   f["issued_at_ms"] + MAX_REQUEST_SKEW_MS)
+                                   f["issued_at_ms"] + ORACLE_CLOCK_SKEW_MS)
     assert (request.relay.raw, request.nonce) == (relay_key, H(f["nonce"]))
     assert request.authorization(identity(vector["relay"])) == vector["authorization"]
 
@@ -264,8 +265,8 @@ def test_rotated_access_list() -> None:
     enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
     draining = [[H(d["key"]), d["until_ms"]] for d in f["draining"]]
     chain = cbor2.loads(H(ROTATION["oracle_key_chain"]["encoded"]))
-    body = [f["epoch"], f["version"], f["issued_at_ms"], signer, enrolled,
-            [H(k) for k in f["revoked"]], draining, chain]
+    body = [f["epoch"], f["version"], f["issued_at_ms"], f["valid_until_ms"], signer,
+            enrolled, [H(k) for k in f["revoked"]], draining, chain]
     assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
     nacl.signing.VerifyKey(signer).verify(H(vector["signed_bytes"]), H(vector["signature"]))
     assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])

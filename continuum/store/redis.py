@@ -69,12 +69,14 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proto import Envelope, Kind, PublicKey
+from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 
 from . import redis_scripts as lua
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
 from .redis_durability import Durability
-from .redis_keys import KeySpace, MailboxKeys, body_member, entry_field, parse_body_member
+from .redis_keys import (KeySpace, MailboxKeys, body_member, entry_field, floor_text,
+                         parse_body_member, parse_floor_text)
 from .redis_wakeups import PubSubWakeups
 
 T = TypeVar("T")
@@ -125,6 +127,7 @@ class RedisStore(MailboxStore):
         self._drop_body, self._forget = script(lua.DROP_BODY), script(lua.FORGET)
         self._claim_due = script(lua.CLAIM_DUE)
         self._take_token = script(lua.TAKE_TOKEN)
+        self._raise_floor = script(lua.RAISE_FLOOR)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -400,6 +403,13 @@ class RedisStore(MailboxStore):
                         wake: Callable[[], None]) -> Subscription:
         await self._wakeups.add(recipient.raw, wake)
         return _RedisSubscription(self._wakeups, recipient.raw, wake)
+
+    async def access_list_floor(self) -> Stamp:
+        return parse_floor_text(await self._guard(self._client.get(self._keys.access_floor)))
+
+    async def raise_access_list_floor(self, stamp: Stamp) -> Stamp:
+        return parse_floor_text(await self._guard(self._raise_floor(
+            keys=[self._keys.access_floor], args=[floor_text(stamp)])))
 
     async def ping(self) -> None:
         """A probe write (a read-only replica or an out-of-memory primary refuses it),

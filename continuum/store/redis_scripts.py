@@ -305,3 +305,12 @@ redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens),
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return allowed
 """
+
+# KEYS: the access-list floor.  ARGV: a stamp as `floor_text` spells it (fixed width, so
+# a greater string is a greater stamp).  Keeps the greater of the two; returns it.
+RAISE_FLOOR = """
+local held = redis.call('GET', KEYS[1])
+if held and held >= ARGV[1] then return held end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""

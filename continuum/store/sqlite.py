@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from proto import Envelope, Kind, PublicKey
+from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
@@ -43,7 +44,7 @@ T = TypeVar("T")
 # seq, recipient, sender, msg_id, kind, size, body of an entry that expired
 _Due = tuple[int, bytes, bytes, bytes, int, int, int]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # ping() commits and removes a body this large: if that cannot be written,
 # neither can the largest envelope a default relay admits.
 _PROBE_BYTES = DEFAULT_MAX_ENVELOPE_BYTES
@@ -73,6 +74,15 @@ BEGIN
     DELETE FROM body WHERE id = OLD.body;
 END;
 CREATE TABLE probe (id INTEGER PRIMARY KEY, filler BLOB NOT NULL);
+"""
+
+# The highest access-list stamp applied (one row, once a list was): version 2.
+_FLOOR = """
+CREATE TABLE access_floor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
 """
 
 _SEEN = """
@@ -137,13 +147,16 @@ class SqliteStore(MailboxStore):
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version != 0:
+        if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"schema version {version} is newer than this relay's {SCHEMA_VERSION}")
-        old_mailbox = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mailbox'").fetchone()
-        self._db.executescript("BEGIN IMMEDIATE;" + (_FROM_VERSION_0 if old_mailbox else _SCHEMA)
-                               + _SEEN + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        steps = _FLOOR
+        if version == 0:
+            old_mailbox = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mailbox'").fetchone()
+            steps = (_FROM_VERSION_0 if old_mailbox else _SCHEMA) + _SEEN + steps
+        self._db.executescript("BEGIN IMMEDIATE;" + steps
+                               + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -293,6 +306,23 @@ class SqliteStore(MailboxStore):
                         wake: Callable[[], None]) -> Subscription:
         self._wakeups.add(recipient.raw, wake)
         return _SqliteSubscription(self._wakeups, recipient.raw, wake)
+
+    async def access_list_floor(self) -> Stamp:
+        try:
+            row = self._db.execute("SELECT epoch, version FROM access_floor").fetchone()
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from None
+        return Stamp(*row) if row else Stamp(0, 0)
+
+    async def raise_access_list_floor(self, stamp: Stamp) -> Stamp:
+        def work(db: sqlite3.Connection) -> Stamp:
+            row = db.execute("SELECT epoch, version FROM access_floor").fetchone()
+            floor = max(Stamp(*row) if row else Stamp(0, 0), stamp)
+            db.execute("INSERT OR REPLACE INTO access_floor (id, epoch, version) VALUES (1, ?, ?)",
+                       floor)
+            return floor
+
+        return self._transaction(work)
 
     async def ping(self) -> None:
         """Commit and remove a probe body as large as an envelope may be."""

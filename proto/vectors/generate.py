@@ -18,7 +18,7 @@ from typing import TypeVar
 import nacl.bindings
 
 from .. import canonical
-from ..access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, MAX_REQUEST_SKEW_MS, AccessList,
+from ..access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, ORACLE_CLOCK_SKEW_MS, AccessList,
                       AccessRequest)
 from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Envelope, Kind, decode_envelope,
                         seal_envelope)
@@ -47,6 +47,8 @@ SEEDS = {
     "oracle": bytes(range(0x80, 0xA0)),
 }
 EPOCH = 1_700_000_000_123
+# The oracle's default access-list validity (oracle/settings.py): ten minutes.
+VALIDITY_MS = 600_000
 IDS = {name: Identity(seed) for name, seed in SEEDS.items()}
 
 
@@ -188,7 +190,7 @@ def payload_vectors() -> dict:
 
 def _access_list() -> AccessList:
     """alice in group 0, bob in groups 0 and 1, carol revoked; signed by `oracle`."""
-    return AccessList(EPOCH, 42, CREATED_AT_MS, IDS["oracle"].public,
+    return AccessList(EPOCH, 42, CREATED_AT_MS, CREATED_AT_MS + VALIDITY_MS, IDS["oracle"].public,
                       {IDS["alice"].public: frozenset({0}), IDS["bob"].public: frozenset({0, 1})},
                       frozenset({IDS["carol"].public}))
 
@@ -215,6 +217,7 @@ def access_vectors() -> dict:
             "oracle": "oracle",
             "fields": {"epoch": access.epoch, "version": access.version,
                        "issued_at_ms": access.issued_at_ms,
+                       "valid_until_ms": access.valid_until_ms,
                        "oracle_key": access.oracle.raw.hex(),
                        "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
                                     for k in sorted(access.groups)],
@@ -237,7 +240,7 @@ def access_vectors() -> dict:
             "signature": token_fields[-1].hex(),
             "token": token.hex(),
             "authorization": header,
-            "max_skew_ms": MAX_REQUEST_SKEW_MS},
+            "max_skew_ms": ORACLE_CLOCK_SKEW_MS},
     }
 
 
@@ -265,7 +268,8 @@ def _oracle_chain() -> OracleKeyChain:
 
 def _rotated_access_list() -> AccessList:
     """After both rotations: alice_next in alice's groups, alice draining, signed by oracle_next."""
-    return AccessList(EPOCH + 1, 43, ROTATED_AT_MS, NEXT_IDS["oracle_next"].public,
+    return AccessList(EPOCH + 1, 43, ROTATED_AT_MS, ROTATED_AT_MS + VALIDITY_MS,
+                      NEXT_IDS["oracle_next"].public,
                       {NEXT_IDS["alice_next"].public: frozenset({0}),
                        IDS["bob"].public: frozenset({0, 1})},
                       frozenset({IDS["carol"].public}), {IDS["alice"].public: DRAIN_UNTIL_MS},
@@ -297,6 +301,7 @@ def rotation_vectors() -> dict:
             "oracle": "oracle_next",
             "fields": {"epoch": access.epoch, "version": access.version,
                        "issued_at_ms": access.issued_at_ms,
+                       "valid_until_ms": access.valid_until_ms,
                        "oracle_key": access.oracle.raw.hex(),
                        "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
                                     for k in sorted(access.groups)],
@@ -322,9 +327,9 @@ def _invalid_rotation() -> list[dict]:
     gap = OracleKeyChange.sign(carol, IDS["bob"], ROTATED_AT_MS + 1)
     access = _rotated_access_list()
     body = canonical.decode(access.sign(oracle_next), max_size=1 << 20, what="vector")[:-1]
-    plain = [*body[:3], oracle.public.raw, *body[4:6], [], []]
-    enrolled_draining = [*body[:6], [[alice_next.public.raw, DRAIN_UNTIL_MS]], body[7]]
-    forged_chain = [*body[:7], [OracleKeyChange.sign(carol, oracle_next, 1).to_value()]]
+    plain = [*body[:4], oracle.public.raw, *body[5:7], [], []]
+    enrolled_draining = [*body[:7], [[alice_next.public.raw, DRAIN_UNTIL_MS]], body[8]]
+    forged_chain = [*body[:8], [OracleKeyChange.sign(carol, oracle_next, 1).to_value()]]
     return [
         _invalid("key rotation whose old-key signature is carol's", "key_rotation",
                  canonical.encode(by_carol), ErrorCode.BAD_SIGNATURE),
@@ -474,9 +479,11 @@ def _invalid_access() -> list[dict]:
     oracle, relay = IDS["oracle"], IDS["relay"]
     encoded = _access_list().sign(oracle)
     body = canonical.decode(encoded, max_size=1 << 20, what="vector")[:-1]
-    enrolled = [list(entry) for entry in body[4]]
+    enrolled = [list(entry) for entry in body[5]]
     enrolled[-1][1] = [1, 0]
-    unsorted_groups = [*body[:4], enrolled, body[5]]
+    unsorted_groups = [*body[:5], enrolled, body[6]]
+    before_expiry = [*body[:3], *body[4:]]  # the layout before valid_until_ms
+    no_validity = [*body[:3], body[2], *body[4:]]  # valid_until_ms == issued_at_ms
     request = _relay_request()
     token_body = [request.relay.raw, request.oracle.raw, request.issued_at_ms, request.nonce]
     now = request.issued_at_ms
@@ -486,7 +493,11 @@ def _invalid_access() -> list[dict]:
         _invalid("access list with a key's groups out of order", "access_list",
                  _signed_list(unsorted_groups, oracle), ErrorCode.INVALID_FIELD),
         _invalid("access list in the layout before epochs", "access_list",
-                 _signed_list(body[1:], oracle), ErrorCode.MALFORMED),
+                 _signed_list(before_expiry[1:], oracle), ErrorCode.MALFORMED),
+        _invalid("access list in the layout before valid_until_ms", "access_list",
+                 _signed_list(before_expiry, oracle), ErrorCode.MALFORMED),
+        _invalid("access list valid until the instant it was issued", "access_list",
+                 _signed_list(no_validity, oracle), ErrorCode.INVALID_FIELD),
         _invalid("relay token signed by another key", "relay_token",
                  _signed_token(token_body, IDS["carol"]), ErrorCode.BAD_SIGNATURE, now_ms=now),
         _invalid("relay token for another oracle", "relay_token",
@@ -494,7 +505,7 @@ def _invalid_access() -> list[dict]:
                  ErrorCode.UNAUTHENTICATED, now_ms=now),
         _invalid("relay token a minute and a millisecond old", "relay_token",
                  _signed_token(token_body, relay), ErrorCode.STALE,
-                 now_ms=now + MAX_REQUEST_SKEW_MS + 1),
+                 now_ms=now + ORACLE_CLOCK_SKEW_MS + 1),
         _invalid("bearer token instead of a relay token", "relay_token",
                  "Bearer " + "a" * 40, ErrorCode.UNAUTHENTICATED, now_ms=now),
     ]
