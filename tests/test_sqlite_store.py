@@ -18,6 +18,7 @@ import pytest
 from continuum.store import MailboxLimits
 from continuum.store.sqlite import SCHEMA_VERSION, SqliteStore
 from proto import Envelope, Identity, Kind, seal_envelope
+from proto.access import Stamp
 from proto.errors import ReplayError, StoreUnavailableError
 
 ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
@@ -68,6 +69,27 @@ async def test_a_file_from_before_shared_bodies_still_serves_its_mail(tmp_path: 
         await store.accept(newer, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
         assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [newer.raw]
         assert [e.raw for e in await store.fetch(carol.public, None, 10)] == [old.raw]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_file_from_before_the_access_list_floor_keeps_its_mail(tmp_path: Path) -> None:
+    """Version 1 (shared bodies, no floor) gains the floor table and keeps everything else."""
+    alice, bob = Identity.generate(), Identity.generate()
+    path = tmp_path / "mail.db"
+    store = SqliteStore(path)
+    kept = envelope(alice, [bob])
+    await store.accept(kept, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+    await store.close()
+    with sqlite3.connect(path) as db:  # as the previous release left it
+        db.executescript("DROP TABLE access_floor; PRAGMA user_version = 1;")
+    store = SqliteStore(path)
+    try:
+        assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [kept.raw]
+        assert await store.access_list_floor() == Stamp(0, 0)
+        assert await store.raise_access_list_floor(Stamp(9, 1)) == Stamp(9, 1)
     finally:
         await store.close()
     with sqlite3.connect(path) as db:

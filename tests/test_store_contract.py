@@ -21,6 +21,7 @@ import pytest
 from continuum.store import MailboxLimits, MailboxStore, open_store
 from continuum.store.redis_scripts import BODY_GRACE_MS
 from proto import Envelope, Identity, Kind, seal_envelope
+from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from redis_server import RedisServer
 from relay_process import free_port
@@ -479,3 +480,24 @@ async def test_a_sweep_reloads_scripts_a_restarted_or_promoted_redis_forgot() ->
     finally:
         await store.close()
         server.remove()
+
+
+@backends(BACKENDS)
+async def test_the_access_list_floor_only_rises(store: MailboxStore) -> None:
+    assert await store.access_list_floor() == Stamp(0, 0)
+    assert await store.raise_access_list_floor(Stamp(5, 7)) == Stamp(5, 7)
+    assert await store.raise_access_list_floor(Stamp(5, 6)) == Stamp(5, 7)  # lower: kept
+    assert await store.raise_access_list_floor(Stamp(4, 10**9)) == Stamp(5, 7)  # epoch first
+    # An epoch is the oracle's clock in ms, a version any count: beyond Lua's exact doubles.
+    big = Stamp(2**63 - 1, 2**63 - 2)
+    assert await store.raise_access_list_floor(big) == big
+    assert await store.access_list_floor() == big
+
+
+@backends(SHARED_BACKENDS)
+async def test_the_access_list_floor_is_shared_by_replicas(open_backend: OpenStore) -> None:
+    first, second = await open_backend(), await open_backend()
+    await first.raise_access_list_floor(Stamp(1_700_000_000_000, 3))
+    assert await second.access_list_floor() == Stamp(1_700_000_000_000, 3)
+    assert await second.raise_access_list_floor(Stamp(1_700_000_000_000, 2)) == Stamp(
+        1_700_000_000_000, 3)
