@@ -43,6 +43,8 @@ from .settings import Settings
 from .store import MailboxStore
 
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 5.0
+# Bounds of one poll's wait for an answer (see `_poll_timeout_s`).
+_POLL_MIN_S, _POLL_MAX_S = 5.0, 60.0
 
 
 class AccessListFetcher:
@@ -80,14 +82,15 @@ class AccessListFetcher:
 
     async def _poll_forever(self) -> None:
         """Long-poll the oracle; each answer is a list to try, or "nothing new yet"."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=_POLL_MAX_S)
         retry_s = _RETRY_MIN_S
         async with aiohttp.ClientSession(timeout=timeout,
                                          connector=aiohttp.TCPConnector(ssl=self._tls)) as http:
             while True:
                 try:
                     await self._sync_floor()
-                    at_once = await self._poll_once(http)
+                    async with asyncio.timeout(self._poll_timeout_s()):
+                        at_once = await self._poll_once(http)
                 except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:
                     self._log.warning("access_list_fetch_failed", url=self._url,
                                       error=f"{type(exc).__name__}: {exc}", retry_s=retry_s)
@@ -108,6 +111,18 @@ class AccessListFetcher:
         current = access.current
         if current is not None and current.stamp > access.floor:
             access.floor = await self._store.raise_access_list_floor(current.stamp)
+
+    def _poll_timeout_s(self) -> float:
+        """How long to wait for one answer: until the held list lapses, within bounds.
+
+        A healthy oracle answers long before that (it refreshes the list at half
+        its validity, and answers a relay holding a lapsed one at once), so a poll
+        still unanswered then is stuck on a dead path (a partition drops packets,
+        it does not close sockets): give it up and ask again on a new connection.
+        """
+        current = self._access.current
+        left_s = (current.valid_until_ms - now_ms()) / 1000 if current is not None else 0.0
+        return min(_POLL_MAX_S, max(_POLL_MIN_S, left_s))
 
     def _authorization(self) -> str:
         oracle = self._access.oracle
