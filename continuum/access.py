@@ -142,7 +142,7 @@ class AccessControl:
         if not self.enabled or key == self._oracle:
             return None
         current = self.current
-        if current is None or current.expired(now_ms()):
+        if current is None or now_ms() >= current.valid_until_ms:  # on every SEND: inlined
             refusal = self._without_valid_list(current)
             if refusal is not None:
                 return refusal
