@@ -67,7 +67,7 @@ class AccessControl:
         # The configured key at start; from then on wherever the oracle's key chain leads.
         self._oracle = PublicKey.from_text(settings.oracle_key) if settings.oracle_key else None
         self._require_enrollment = settings.require_enrollment
-        self.fail_closed = settings.access_list_expired == FAIL_CLOSED
+        self._fail_closed = settings.access_list_expired == FAIL_CLOSED
         self._metrics = metrics
         self._log = log
         self.current: AccessList | None = None
@@ -84,7 +84,7 @@ class AccessControl:
     async def start(self) -> None:
         if not self.enabled:
             return
-        if self.fail_closed or self._require_enrollment:
+        if self._fail_closed or self._require_enrollment:
             self._log.warning("access_list_missing_fail_closed",
                               detail="refusing every key but the oracle's until the"
                                      " oracle's signed access list is verified")
@@ -122,7 +122,7 @@ class AccessControl:
         """The access list's part of /healthz."""
         report: dict[str, object] = {"state": self.state.value}
         if self.enabled:
-            report["on_expiry"] = "fail-closed" if self.fail_closed else "alarm"
+            report["on_expiry"] = "fail-closed" if self._fail_closed else "alarm"
         current = self.current
         if current is not None:
             report.update(stamp=str(current.stamp), age_s=round(self._age_s(), 1),
@@ -166,11 +166,11 @@ class AccessControl:
         list admits what enrollment allows (nothing, when it is required).
         """
         if current is None:
-            if self.fail_closed or self._require_enrollment:
+            if self._fail_closed or self._require_enrollment:
                 return AccessListUnavailableError(
                     "this relay has not verified an access list from the oracle yet (fail"
                     " closed): retry later")
-        elif self.fail_closed:
+        elif self._fail_closed:
             return AccessListUnavailableError(
                 f"this relay's access list {current.stamp} lapsed and the oracle has not been"
                 " heard from since (fail closed): retry later")
@@ -317,12 +317,12 @@ class AccessControl:
                     self._log.warning(
                         "access_list_expired", stamp=str(current.stamp),
                         lapsed_s=round(-wait_s, 1), valid_until_ms=current.valid_until_ms,
-                        on_expiry="fail-closed" if self.fail_closed else "alarm",
+                        on_expiry="fail-closed" if self._fail_closed else "alarm",
                         detail="the oracle has not been heard from: "
-                               + ("refusing every key but the oracle's" if self.fail_closed
+                               + ("refusing every key but the oracle's" if self._fail_closed
                                   else "still enforcing the lapsed list, which misses any"
                                        " revocation since"))
-                    if self.fail_closed:
+                    if self._fail_closed:
                         self._refuse_watched()
                     wait_s = _REMIND_S
             with contextlib.suppress(TimeoutError):
