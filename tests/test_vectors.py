@@ -185,7 +185,8 @@ def test_expiry_notice_envelope_names_the_message_and_its_recipient() -> None:
     by_name = {v["name"]: v for v in ENVELOPES["envelopes"]}
     notice_env = decode_envelope(H(by_name["expiry_notice_for_data_one_recipient"]["encoded"]))
     assert notice_env.sender.raw.hex() == KEYS["relay"]["public_key"]
-    [(msg_id, recipient)] = ExpiryNotice.decode(notice_env.open(identity("alice")).plaintext).entries
+    contents = notice_env.open(identity("alice"))
+    [(msg_id, recipient)] = ExpiryNotice.decode(contents.plaintext).entries
     assert msg_id == H(by_name["data_one_recipient"]["fields"]["msg_id"])
     assert recipient.raw.hex() == KEYS["bob"]["public_key"]
 

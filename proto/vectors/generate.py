@@ -566,11 +566,10 @@ def _invalid_signatures() -> list[dict]:
         alice_seed, numbered(b"open valve"))
     r = fill(0x07, 32)
     order_8_message, order_8_signature = weak_signatures.vanishing_key_signature(
-        weak_signatures.ORDER_8, r, numbered(b"small-order key"))
+        weak_signatures.ORDER_8, 8, r, numbered(b"small-order key"))
     neutral_message, neutral_signature = weak_signatures.vanishing_key_signature(
-        weak_signatures.NEUTRAL_NON_CANONICAL, r, numbered(b"non-canonical key"))
-    small_r = b"small-order R"
-    canonical_s = b"non-canonical S"
+        weak_signatures.NEUTRAL_NON_CANONICAL, 1, r, numbered(b"non-canonical key"))
+    small_r_message, large_s_message = b"small-order R", b"non-canonical S"
     e = ErrorCode.BAD_SIGNATURE
     return [
         _invalid("public key with a small-order component (A + T8); libsodium alone accepts",
@@ -581,12 +580,13 @@ def _invalid_signatures() -> list[dict]:
         _invalid("non-canonical public key (the neutral element as y = p + 1)", "signature",
                  neutral_message, e, public_key=weak_signatures.NEUTRAL_NON_CANONICAL.hex(),
                  signature=neutral_signature.hex()),
-        _invalid("signature with a small-order R (the neutral element)", "signature", small_r, e,
-                 public_key=alice.hex(),
-                 signature=weak_signatures.small_order_r_signature(alice_seed, small_r).hex()),
-        _invalid("signature with a non-canonical S (S + L)", "signature", canonical_s, e,
+        _invalid("signature with a small-order R (the neutral element)", "signature",
+                 small_r_message, e, public_key=alice.hex(),
+                 signature=weak_signatures.small_order_r_signature(alice_seed,
+                                                                   small_r_message).hex()),
+        _invalid("signature with a non-canonical S (S + L)", "signature", large_s_message, e,
                  public_key=alice.hex(), signature=weak_signatures.non_canonical_s(
-                     IDS["alice"].sign(canonical_s)).hex()),
+                     IDS["alice"].sign(large_s_message)).hex()),
     ]
 
 

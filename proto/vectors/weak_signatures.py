@@ -74,12 +74,12 @@ def mixed_order_signature(seed: bytes, message_of: MessageOf) -> tuple[bytes, by
     raise AssertionError("no accepted signature in 256 tries (expected one in eight)")
 
 
-def vanishing_key_signature(public: bytes, r: bytes, message_of: MessageOf) -> tuple[bytes, bytes]:
-    """(message, signature [r]B ‖ r) under a key `public` of small order: the equation holds
-    for the first candidate message whose k makes [k]A vanish (every k for the neutral
-    element, one in eight for ORDER_8)."""
+def vanishing_key_signature(public: bytes, order: int, r: bytes,
+                            message_of: MessageOf) -> tuple[bytes, bytes]:
+    """(message, signature [r]B ‖ r) under a key `public` of small `order`: the equation
+    holds for the first candidate message whose k makes [k]A vanish, i.e. k divisible by
+    the order (every k for the neutral element, one in eight for ORDER_8)."""
     r_point = sodium.crypto_scalarmult_ed25519_base_noclamp(r)
-    order = 1 if public in (NEUTRAL, NEUTRAL_NON_CANONICAL) else 8
     for attempt in range(256):
         message = message_of(public, attempt)
         if int.from_bytes(_challenge(r_point, public, message), "little") % order == 0:
