@@ -493,8 +493,7 @@ def _outbox(settings: ClientSettings, as_json: bool) -> int:
 def _format_sent(message: SentMessage, as_json: bool) -> str:
     recipients = {key.text: status.value for key, status in message.recipients.items()}
     if as_json:
-        return json.dumps({"msg_id": message.msg_id.hex(), "kind": message.kind.name.lower(),
-                           "created_at_ms": message.created_at_ms,
+        return json.dumps({"msg_id": message.msg_id.hex(), "created_at_ms": message.created_at_ms,
                            "expires_at_ms": message.expires_at_ms, "state": message.state.value,
                            "error": message.error, "recipients": recipients})
     when = datetime.fromtimestamp(message.created_at_ms / 1000, UTC).isoformat(timespec="seconds")

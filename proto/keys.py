@@ -4,8 +4,13 @@ A device is its Ed25519 public key.  The text form is used everywhere a
 person sees a key (CLI, logs, config, dashboard), so it carries a short
 checksum: a mistyped key is refused instead of silently addressing nobody.
 
-    public key:  "cpk_" + base32(pk ‖ BLAKE2b-32(pk))      lower case, no padding
-    secret key:  "csk_" + base32(seed ‖ BLAKE2b-32(seed))
+    public key:  "cpk_" + base32(pk ‖ BLAKE2b-32("cpk_" ‖ pk))      lower case, no padding
+    secret key:  "csk_" + base32(seed ‖ BLAKE2b-32("csk_" ‖ seed))
+
+The checksum covers the prefix, so the two forms are domain-separated: a
+secret's body pasted after "cpk_" (or a public key's after "csk_") fails its
+checksum instead of passing for a key of the other kind, which would show a
+secret wherever public keys are shown.
 """
 
 from __future__ import annotations
@@ -36,12 +41,12 @@ _CHECKSUM_BYTES = 4
 _POINT_CACHE_SIZE = 16_384
 
 
-def _checksum(raw: bytes) -> bytes:
-    return hashlib.blake2b(raw, digest_size=_CHECKSUM_BYTES).digest()
+def _checksum(prefix: str, raw: bytes) -> bytes:
+    return hashlib.blake2b(prefix.encode("ascii") + raw, digest_size=_CHECKSUM_BYTES).digest()
 
 
 def _to_text(prefix: str, raw: bytes) -> str:
-    body = base64.b32encode(raw + _checksum(raw)).decode("ascii").rstrip("=").lower()
+    body = base64.b32encode(raw + _checksum(prefix, raw)).decode("ascii").rstrip("=").lower()
     return prefix + body
 
 
@@ -56,7 +61,7 @@ def _from_text(prefix: str, text: str, what: str) -> bytes:
     if len(decoded) != KEY_BYTES + _CHECKSUM_BYTES:
         raise InvalidFieldError(f"{what} has the wrong length")
     raw, check = decoded[:KEY_BYTES], decoded[KEY_BYTES:]
-    if _checksum(raw) != check:
+    if _checksum(prefix, raw) != check:
         raise InvalidFieldError(f"{what} checksum mismatch (typo?)")
     # The last base32 character carries 2 unused bits that b32decode ignores;
     # without this check a typo there would still name the same key.

@@ -65,6 +65,38 @@ def test_wrong_prefix_refused() -> None:
         PublicKey.from_text(ALICE.public.text.replace(PUBLIC_PREFIX, SECRET_PREFIX, 1))
 
 
+def test_a_body_under_the_other_prefix_fails_its_checksum() -> None:
+    """Before, the checksum covered the key only: a secret's body pasted after "cpk_" read
+    as a public key (and showed the secret wherever public keys are shown)."""
+    secret_body = ALICE.secret_text()[len(SECRET_PREFIX):]
+    public_body = ALICE.public.text[len(PUBLIC_PREFIX):]
+    with pytest.raises(InvalidFieldError, match="checksum"):
+        PublicKey.from_text(PUBLIC_PREFIX + secret_body)
+    with pytest.raises(InvalidFieldError, match="checksum"):
+        Identity.from_text(SECRET_PREFIX + public_body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=32, max_size=32))
+def test_no_key_reads_under_the_other_prefix(raw: bytes) -> None:
+    identity = Identity(raw)
+    with pytest.raises(InvalidFieldError):
+        PublicKey.from_text(PUBLIC_PREFIX + identity.secret_text()[len(SECRET_PREFIX):])
+    with pytest.raises(InvalidFieldError):
+        Identity.from_text(SECRET_PREFIX + identity.public.text[len(PUBLIC_PREFIX):])
+
+
+@settings(max_examples=300, deadline=None)
+@given(prefix=st.sampled_from([PUBLIC_PREFIX, SECRET_PREFIX, ""]), body=st.text(max_size=70))
+def test_garbage_text_is_refused_as_invalid_field_only(prefix: str, body: str) -> None:
+    for parse in (PublicKey.from_text, Identity.from_text):
+        try:
+            parse(prefix + body)
+        except InvalidFieldError:
+            continue
+        raise AssertionError(f"{prefix + body!r} parsed")
+
+
 def test_raw_length_checked() -> None:
     with pytest.raises(InvalidFieldError):
         PublicKey(b"\x00" * 31)
