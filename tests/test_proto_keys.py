@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -95,6 +97,38 @@ def test_garbage_text_is_refused_as_invalid_field_only(prefix: str, body: str) -
         except InvalidFieldError:
             continue
         raise AssertionError(f"{prefix + body!r} parsed")
+
+
+def protocol_1_secret_text(identity: Identity) -> str:
+    """How protocol 1 spelled a secret key: its checksum covered the seed alone."""
+    seed = identity.signing_key.encode()
+    checksum = hashlib.blake2b(seed, digest_size=4).digest()
+    return SECRET_PREFIX + base64.b32encode(seed + checksum).decode().rstrip("=").lower()
+
+
+def test_public_key_texts_are_spelled_as_in_protocol_1() -> None:
+    """Peer lists, the oracle's database and configuration hold public key texts: they stay
+    valid (alice's key from protocol 1's keys.json, seed 00 01 … 1f)."""
+    alice = Identity(bytes(range(32)))
+    assert alice.public.text == "cpk_aoqqpp7tzyil4hlq3umoos6atft6jvrqtosq2xy53sdgiesvgg4f7phe7q"
+
+
+def test_a_protocol_1_key_file_is_read_and_rewritten_in_todays_form(tmp_path: Path) -> None:
+    identity = Identity.generate()
+    path = tmp_path / "identity.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(protocol_1_secret_text(identity) + "\n")
+    assert Identity.load(path).public == identity.public
+    assert path.read_text().strip() == identity.secret_text()  # rewritten
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [entry.name for entry in tmp_path.iterdir()] == ["identity.key"]
+    assert Identity.load(path).public == identity.public  # and read as today's form
+
+
+def test_a_protocol_1_secret_text_is_refused_with_the_way_to_upgrade_it() -> None:
+    with pytest.raises(InvalidFieldError, match="protocol 1.*key file"):
+        Identity.from_text(protocol_1_secret_text(ALICE))
 
 
 def test_raw_length_checked() -> None:

@@ -82,21 +82,21 @@ def key_vectors() -> dict:
             "seed": SEEDS[name].hex(),
             "public_key": identity.public.raw.hex(),
             "public_text": identity.public.text,
-            "public_checksum": _checksum(PUBLIC_PREFIX, identity.public.raw).hex(),
+            "public_checksum": _checksum(b"", identity.public.raw).hex(),
             "secret_text": identity.secret_text(),
-            "secret_checksum": _checksum(SECRET_PREFIX, SEEDS[name]).hex(),
+            "secret_checksum": _checksum(SECRET_PREFIX.encode("ascii"), SEEDS[name]).hex(),
             "x25519_public": nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(
                 identity.public.raw).hex(),
             "x25519_secret": nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(secret64).hex(),
         })
-    return {"description": "Ed25519 key pairs from fixed seeds, their text forms (with the "
-                           "checksum, BLAKE2b-32 of prefix ‖ key) and the X25519 keys derived "
-                           "for sealing.", "keys": keys}
+    return {"description": "Ed25519 key pairs from fixed seeds, their text forms (checksums:"
+                           " BLAKE2b-32 of the public key; of \"csk_\" ‖ seed) and the X25519"
+                           " keys derived for sealing.", "keys": keys}
 
 
-def _checksum(prefix: str, raw: bytes) -> bytes:
-    """The text form's checksum, written out here so the vector states it."""
-    return hashlib.blake2b(prefix.encode("ascii") + raw, digest_size=4).digest()
+def _checksum(covered: bytes, raw: bytes) -> bytes:
+    """The text form's checksum (over `covered` ‖ key), written out so the vector states it."""
+    return hashlib.blake2b(covered + raw, digest_size=4).digest()
 
 
 def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
