@@ -450,6 +450,12 @@ class Device:
         log.info("key_rotated", old=old.public.text, new=new.public.text)
         return new
 
+    @property
+    def rotating(self) -> bool:
+        """A key rotation is under way: until the relays apply the oracle's list, the new key
+        is refused NOT_ENROLLED, which reconnecting outlasts (SPEC §15)."""
+        return self._rotation is not None
+
     def drain(self, identity: Identity, *, quiet_s: float = DEFAULT_QUIET_S) -> None:
         """Fetch what still waits for `identity`, a key this device rotated away from
         (after a restart cut a drain short); `wait_drained()` returns once it is empty."""

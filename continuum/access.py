@@ -191,8 +191,9 @@ class AccessControl:
         - enrolled → only the oracle, or a sender sharing a peer group with it
           (NOT_PEER), so a stranger cannot fill a device's mailbox.
 
-        The rule ignores the envelope kind: a RECEIPT from a peer passes because
-        it comes from a peer, and relay-originated EXPIRY notices never come here.
+        The rule cannot see what an envelope means (its kind is sealed), nor
+        need it: a RECEIPT from a peer passes because it comes from a peer, and
+        relays' own EXPIRY notices never come here.
         A rotated device's old key (draining) sends nothing and is sent nothing:
         REVOKED, so whoever still writes to it is told.
         """

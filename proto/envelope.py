@@ -2,7 +2,7 @@
 
 Wire form (protocol 2): a canonical CBOR array of ten elements
 
-    [version, kind, msg_id, sender, created_at_ms, ttl_s, ephemeral, recipients, payload,
+    [version, origin, msg_id, sender, created_at_ms, ttl_s, ephemeral, recipients, payload,
      signature]
 
 with `ephemeral` the sender's X25519 key for this envelope only (`sealing`) and
@@ -11,6 +11,13 @@ The signature is Ed25519 by `sender` over SIGNING_DOMAIN ‖ canonical CBOR of
 the first nine elements.  Decoding checks structure only; `verify()` checks
 the signature, so a relay can refuse garbage before spending a verify on it;
 `open()` verifies first itself, so no caller can decrypt an unverified one.
+
+What the envelope means (`Kind`: data, receipt, expiry notice, peer change)
+is sealed inside the payload, ahead of the plaintext (`Contents`), so a relay
+and whoever reads its store cannot tell receipts from data from peer changes.
+The relay sees only the `Origin`: whether a relay wrote the envelope as its
+own notice, which it must know so as never to send a notice about a notice.
+`open()` refuses contents whose kind disagrees with the origin.
 """
 
 from __future__ import annotations
@@ -38,13 +45,50 @@ _FIELD_COUNT = 10
 _MAX_UINT64 = 2**64 - 1
 
 
+class Origin(IntEnum):
+    """Who wrote an envelope, in its clear header: all a relay learns of what it means."""
+
+    DEVICE = 1  # a device (the oracle included), which sent it over SEND
+    RELAY = 2  # a relay, as its own notice: written to a mailbox, never accepted over SEND
+
+
 class Kind(IntEnum):
-    """What an envelope means to its recipient; the relay treats all alike."""
+    """What an envelope means to its recipient; sealed, so only recipients read it."""
 
     DATA = 1
     RECEIPT = 2
     EXPIRY = 3
     PEER_CHANGE = 4
+
+    @property
+    def origin(self) -> Origin:
+        """The origin an envelope of this kind must carry: relays write expiry notices only."""
+        return Origin.RELAY if self is Kind.EXPIRY else Origin.DEVICE
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What an envelope seals: one byte of `kind`, then the plaintext (SPEC §5).
+
+    The kind is inside the committed ciphertext, so the sender's signature fixes
+    it for every recipient just as it fixes the plaintext.
+    """
+
+    kind: Kind
+    plaintext: bytes
+
+    def encode(self) -> bytes:
+        return bytes([self.kind]) + self.plaintext
+
+    @classmethod
+    def decode(cls, data: bytes) -> Contents:
+        if not data:
+            raise InvalidFieldError("sealed contents have no kind")
+        try:
+            kind = Kind(data[0])
+        except ValueError:
+            raise InvalidFieldError(f"sealed kind {data[0]} is unknown") from None
+        return cls(kind, data[1:])
 
 
 @dataclass(frozen=True)
@@ -58,7 +102,7 @@ class Envelope:
     """A decoded envelope; `raw` is the exact bytes that were signed and sent."""
 
     version: int
-    kind: Kind
+    origin: Origin
     msg_id: bytes
     sender: PublicKey
     created_at_ms: int
@@ -83,7 +127,7 @@ class Envelope:
         return _signed_bytes(self._header_fields(), _recipient_array(self.recipients), self.payload)
 
     def _header_fields(self) -> list:
-        return [self.version, int(self.kind), self.msg_id, self.sender.raw,
+        return [self.version, int(self.origin), self.msg_id, self.sender.raw,
                 self.created_at_ms, self.ttl_s, self.ephemeral]
 
     def verify(self) -> None:
@@ -92,14 +136,24 @@ class Envelope:
             self.sender.verify(self.signed_bytes(), self.signature)
             object.__setattr__(self, "_verified", True)
 
-    def open(self, identity: Identity) -> bytes:
-        """Verify, then decrypt the payload for `identity`: SignatureError if the sender did
-        not sign it, DecryptError if `identity` is not a recipient or it was altered."""
+    def open(self, identity: Identity) -> Contents:
+        """Verify, then decrypt the payload for `identity` and read its kind.
+
+        SignatureError if the sender did not sign it; DecryptError if `identity` is
+        not a recipient or it was altered; InvalidFieldError if the sealed kind is
+        unknown or disagrees with the origin (an expiry notice from a device, data
+        from a relay): then its signer broke the rule, nobody altered it.
+        """
         self.verify()
         for recipient in self.recipients:
             if recipient.key == identity.public:
-                return unseal(self.payload, recipient.wrapped_key, self.ephemeral, identity,
-                              _associated_data(self._header_fields(), self.recipient_keys))
+                contents = Contents.decode(unseal(
+                    self.payload, recipient.wrapped_key, self.ephemeral, identity,
+                    _associated_data(self._header_fields(), self.recipient_keys)))
+                if contents.kind.origin is not self.origin:
+                    raise InvalidFieldError(f"sealed kind {contents.kind.name} cannot have"
+                                            f" origin {self.origin.name}")
+                return contents
         raise DecryptError(f"{identity.public.text} is not a recipient of this envelope")
 
     def content_hash(self) -> bytes:
@@ -132,11 +186,29 @@ def seal_envelope(
     limits: Limits = DEFAULT_LIMITS,
     random_bytes: RandomBytes = os.urandom,
 ) -> Envelope:
-    """Encrypt `plaintext` to every recipient, sign, and return the envelope.
+    """Encrypt `kind` and `plaintext` to every recipient, sign, and return the envelope.
 
     Raises InvalidFieldError / OversizeError for inputs the relay would refuse,
     so a device learns about a bad send before it touches the network.
     """
+    return seal_contents(sender, kind.origin, Contents(kind, plaintext).encode(), recipients,
+                         ttl_s=ttl_s, now_ms=now_ms, limits=limits, random_bytes=random_bytes)
+
+
+def seal_contents(
+    sender: Identity,
+    origin: Origin,
+    contents: bytes,
+    recipients: list[PublicKey],
+    *,
+    ttl_s: int,
+    now_ms: int,
+    limits: Limits = DEFAULT_LIMITS,
+    random_bytes: RandomBytes = os.urandom,
+) -> Envelope:
+    """`seal_envelope` for any origin and any sealed bytes, even a kind that disagrees with
+    the origin or none at all: how the vectors and tests build envelopes a recipient must
+    refuse.  Everything else seals with `seal_envelope`."""
     unique = sorted(set(recipients))
     if not unique:
         raise InvalidFieldError("an envelope needs at least one recipient")
@@ -146,10 +218,10 @@ def seal_envelope(
     if not 1 <= ttl_s <= MAX_TTL_SECONDS:
         raise InvalidFieldError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
     msg_id = random_bytes(MSG_ID_BYTES)
-    base = [PROTOCOL_VERSION, int(kind), msg_id, sender.public.raw, now_ms, ttl_s]
-    padded = _padded_length(base, len(unique), len(plaintext), limits)
+    base = [PROTOCOL_VERSION, int(origin), msg_id, sender.public.raw, now_ms, ttl_s]
+    padded = _padded_length(base, len(unique), len(contents), limits)
     ephemeral, payload, wraps = seal(
-        plaintext, unique, random_bytes(EPHEMERAL_SEED_BYTES),
+        contents, unique, random_bytes(EPHEMERAL_SEED_BYTES),
         lambda eph: _associated_data([*base, eph], tuple(unique)), padded, random_bytes)
     header = [*base, ephemeral]
     recipient_entries = tuple(Recipient(k, w) for k, w in zip(unique, wraps))
@@ -159,22 +231,37 @@ def seal_envelope(
     if len(raw) > limits.max_envelope_bytes:
         raise OversizeError(
             f"envelope of {len(raw)} bytes exceeds the limit of {limits.max_envelope_bytes}"
-            f" (payload {len(plaintext)} bytes, padded to {padded_size(len(plaintext))})")
-    envelope = Envelope(PROTOCOL_VERSION, kind, msg_id, sender.public, now_ms, ttl_s, ephemeral,
+            f" (sealed contents of {len(contents)} bytes, kind included, padded to"
+            f" {padded_size(len(contents))})")
+    envelope = Envelope(PROTOCOL_VERSION, origin, msg_id, sender.public, now_ms, ttl_s, ephemeral,
                         recipient_entries, payload, signature, raw)
     object.__setattr__(envelope, "_verified", True)  # we just signed it
     return envelope
 
 
-def _padded_length(base: list, recipients: int, plaintext_length: int, limits: Limits) -> int:
-    """The plaintext's size bucket, or less if the bucket would push the envelope past
+def check_sent_by_device(envelope: Envelope) -> None:
+    """Raise InvalidFieldError unless `envelope` may arrive in a SEND: a relay's notice never
+    may (SPEC §11).
+
+    A relay writes its notices into mailboxes itself.  Taken from a device, one
+    would be a "relay notice" its recipients must refuse (its sender is no relay
+    key, or its sealed kind disagrees), and it would escape expiry notices, which
+    relays never send about their own.
+    """
+    if envelope.origin is not Origin.DEVICE:
+        raise InvalidFieldError(
+            f"origin {envelope.origin.name} is a relay's own notice: a device may not send one")
+
+
+def _padded_length(base: list, recipients: int, contents_length: int, limits: Limits) -> int:
+    """The contents' size bucket, or less if the bucket would push the envelope past
     the limit (never below one byte of padding: then the envelope is simply too big)."""
-    bucket = padded_size(plaintext_length)
+    bucket = padded_size(contents_length)
     shape = [*base, bytes(EPHEMERAL_KEY_BYTES),
              [[bytes(32), bytes(WRAPPED_KEY_BYTES)]] * recipients,
              bytes(PAYLOAD_OVERHEAD_BYTES + bucket), bytes(64)]
     excess = len(canonical.encode(shape)) - limits.max_envelope_bytes
-    return max(plaintext_length + 1, bucket - max(0, excess))
+    return max(contents_length + 1, bucket - max(0, excess))
 
 
 def _expect(value: object, typ: type, name: str) -> None:
@@ -206,14 +293,14 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
             f"envelope version {value[0]} is not supported (this side speaks {PROTOCOL_VERSION})")
     if len(value) != _FIELD_COUNT:
         raise DecodeError(f"envelope must have {_FIELD_COUNT} elements, got {len(value)}")
-    (version, kind, msg_id, sender, created_at, ttl, ephemeral, recipients, payload,
+    (version, origin, msg_id, sender, created_at, ttl, ephemeral, recipients, payload,
      signature) = value
     _expect(version, int, "version")
-    _expect(kind, int, "kind")
+    _expect(origin, int, "origin")
     try:
-        kind_enum = Kind(kind)
+        origin_enum = Origin(origin)
     except ValueError:
-        raise InvalidFieldError(f"envelope kind {kind} is unknown") from None
+        raise InvalidFieldError(f"envelope origin {origin} is unknown") from None
     _expect_bytes(msg_id, MSG_ID_BYTES, "msg_id")
     sender_key = PublicKey(_expect_bytes(sender, KEY_BYTES, "sender"))
     _expect_uint(created_at, "created_at", 0, _MAX_UINT64)
@@ -236,5 +323,5 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     if len(payload) < PAYLOAD_OVERHEAD_BYTES:
         raise InvalidFieldError("envelope payload is shorter than its nonce and tag")
     _expect_bytes(signature, SIGNATURE_BYTES, "signature")
-    return Envelope(version, kind_enum, msg_id, sender_key, created_at, ttl, ephemeral,
+    return Envelope(version, origin_enum, msg_id, sender_key, created_at, ttl, ephemeral,
                     tuple(entries), payload, signature, bytes(data))

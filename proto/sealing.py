@@ -2,13 +2,14 @@
 
 Construction (all primitives from libsodium via PyNaCl):
 
-1. The plaintext is padded to a size bucket (`padded_size`: ISO/IEC 7816-4,
-   a 0x80 byte then zeros), so a relay learns a size class, not the size;
+1. The plaintext (for an envelope its `Contents`: the kind byte, then the
+   application's bytes) is padded to a size bucket (`padded_size`: ISO/IEC
+   7816-4, a 0x80 byte then zeros), so a relay learns a size class, not the size;
    near the envelope limit, to what still fits (the recipient only checks
    the padding's form).
 2. A fresh 32-byte content key K and 24-byte nonce N encrypt it once with
    XChaCha20-Poly1305-IETF; the associated data binds the envelope header
-   (sender, ephemeral key, recipients, message id, times, kind), so the
+   (sender, ephemeral key, recipients, message id, times, origin), so the
    ciphertext cannot be lifted into another envelope.
 3. A commitment C = BLAKE2b-256 keyed with K over COMMIT_DOMAIN ‖ AAD travels
    beside the ciphertext and is checked (in constant time) before decrypting.

@@ -20,7 +20,7 @@ import pytest
 
 from continuum.store import MailboxLimits, MailboxStore, open_store
 from continuum.store.redis_scripts import BODY_GRACE_MS
-from proto import Envelope, Identity, Kind, seal_envelope
+from proto import Envelope, Identity, Kind, Origin, seal_envelope
 from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from redis_server import RedisServer
@@ -263,8 +263,8 @@ async def test_take_expired_returns_due_entries_once_and_removes_them(store: Mai
     assert await store.ack(bob.public, entries[1].tag)
     assert await store.take_expired(short.expires_at_ms - 1, 100) == []
     expired = await store.take_expired(short.expires_at_ms + 1, 100)
-    assert sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.kind) for m in expired) == sorted(
-        (r.public.raw, alice.public.raw, short.msg_id, Kind.DATA) for r in (bob, carol))
+    assert sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.origin) for m in expired) == sorted(
+        (r.public.raw, alice.public.raw, short.msg_id, Origin.DEVICE) for r in (bob, carol))
     assert await store.take_expired(short.expires_at_ms + 1, 100) == []
     assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [long.raw]
     assert await store.depth(carol.public) == 0
@@ -460,6 +460,26 @@ async def test_fetch_skips_an_entry_whose_body_is_gone_and_fills_the_batch(
         match=f"{prefix}body:*:{sent[1].msg_id.hex()}:*")]
     await client.delete(gone)
     assert [e.raw for e in await store.fetch(bob.public, None, 2)] == [sent[0].raw, sent[2].raw]
+
+
+@backends(REDIS_BACKENDS)
+async def test_redis_entries_that_kept_kinds_expire_with_their_origin(store: MailboxStore) -> None:
+    """Entries written while envelopes showed their kind carry it ('k'), not the origin:
+    only an EXPIRY (3) was a relay's notice, about which no notice is sent."""
+    alice, bob = Identity.generate(), Identity.generate()
+    client, mailbox = store._client, store._keys.mailbox(bob.public)  # type: ignore[attr-defined]
+    by_kind = {kind: envelope(alice, [bob], kind.name.encode(), ttl_s=1) for kind in Kind}
+    for kind, env in by_kind.items():
+        await put(store, env)
+        [(tag, fields)] = await client.xrevrange(mailbox.log, count=1)  # the entry just added
+        legacy = {name: value for name, value in fields.items() if name != b"o"}
+        legacy[b"k"] = str(int(kind)).encode()
+        await client.xdel(mailbox.log, tag)  # replaced by the entry the old layout wrote
+        await client.hset(mailbox.ids, fields[b"f"], await client.xadd(mailbox.log, legacy))
+    expired = await store.take_expired(max(e.expires_at_ms for e in by_kind.values()) + 1, 100)
+    assert {m.msg_id: m.origin for m in expired} == {
+        env.msg_id: Origin.RELAY if kind is Kind.EXPIRY else Origin.DEVICE
+        for kind, env in by_kind.items()}
 
 
 @pytest.mark.redis

@@ -8,6 +8,7 @@ and the decoder cannot hide behind a matching regeneration.
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import cbor2
 import nacl.bindings
@@ -19,7 +20,8 @@ import pytest
 
 from proto.access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, ORACLE_CLOCK_SKEW_MS,
                           AccessList, AccessRequest)
-from proto.envelope import PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, decode_envelope
+from proto.envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Kind, check_sent_by_device,
+                            decode_envelope)
 from proto.errors import ErrorCode, ProtocolError
 from proto.frames import decode_frame, encode_frame
 from proto.handshake import HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake, RelayHandshake
@@ -49,9 +51,21 @@ def test_generator_reproduces_committed_file(filename: str, text: str) -> None:
         f"{filename} is stale: run .venv/bin/python -m proto.vectors.generate")
 
 
+def _text(prefix: str, raw: bytes, covered: bytes) -> str:
+    """The text form written out independently: the checksum covers `covered` ‖ key."""
+    checksum = hashlib.blake2b(covered + raw, digest_size=4).digest()
+    return prefix + base64.b32encode(raw + checksum).decode().rstrip("=").lower()
+
+
 @pytest.mark.parametrize("name", sorted(KEYS))
 def test_keys(name: str) -> None:
     vector = KEYS[name]
+    assert vector["public_text"] == _text("cpk_", H(vector["public_key"]), b"")
+    assert vector["secret_text"] == _text("csk_", H(vector["seed"]), b"csk_")
+    assert H(vector["public_checksum"]) == hashlib.blake2b(
+        H(vector["public_key"]), digest_size=4).digest()
+    assert H(vector["secret_checksum"]) == hashlib.blake2b(
+        b"csk_" + H(vector["seed"]), digest_size=4).digest()
     signing = nacl.signing.SigningKey(H(vector["seed"]))
     assert bytes(signing.verify_key).hex() == vector["public_key"]
     assert PublicKey.from_text(vector["public_text"]).raw.hex() == vector["public_key"]
@@ -76,8 +90,10 @@ def test_envelope(vector: dict) -> None:
     assert H(ENVELOPES["payload_aad_domain"]) == PAYLOAD_AAD_DOMAIN
     f = vector["fields"]
     recipients = [[H(r["key"]), H(r["wrapped_key"])] for r in f["recipients"]]
-    header = [f["version"], f["kind"], H(f["msg_id"]), H(f["sender"]), f["created_at_ms"],
+    header = [f["version"], f["origin"], H(f["msg_id"]), H(f["sender"]), f["created_at_ms"],
               f["ttl_s"], H(f["ephemeral"])]
+    # The kind is sealed; the clear origin says only whether a relay wrote it (EXPIRY).
+    assert f["origin"] == (2 if vector["kind"] == Kind.EXPIRY else 1)
     first_nine = [*header, recipients, H(f["payload"])]
     encoded = H(vector["encoded"])
 
@@ -98,7 +114,9 @@ def test_envelope(vector: dict) -> None:
     aad = PAYLOAD_AAD_DOMAIN + cbor([*header, [r[0] for r in recipients]])
     assert H(sealing["aad"]) == aad
     content_key, payload_nonce = H(random["content_key"]), H(random["payload_nonce"])
-    padded = _padded(H(vector["plaintext"]), sealing["padded_plaintext_bytes"])
+    contents = bytes([vector["kind"]]) + H(vector["plaintext"])
+    assert H(sealing["contents"]) == contents
+    padded = _padded(contents, sealing["padded_contents_bytes"])
     ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
         padded, aad, payload_nonce, content_key)
     commitment = nacl.hash.blake2b(H(ENVELOPES["commit_domain"]) + aad, digest_size=32,
@@ -126,7 +144,8 @@ def test_envelope(vector: dict) -> None:
     assert env.signed_bytes() == H(vector["signed_bytes"])
     assert env.content_hash() == H(vector["content_hash"])
     for name in vector["recipients"]:
-        assert env.open(identity(name)) == H(vector["plaintext"])
+        opened = env.open(identity(name))
+        assert (opened.kind, opened.plaintext) == (vector["kind"], H(vector["plaintext"]))
 
 
 def test_payloads() -> None:
@@ -158,8 +177,18 @@ def test_payloads() -> None:
 def test_receipt_envelope_carries_the_receipt_payload() -> None:
     by_name = {v["name"]: v for v in ENVELOPES["envelopes"]}
     receipt_env = decode_envelope(H(by_name["receipt_for_data_one_recipient"]["encoded"]))
-    receipt = Receipt.decode(receipt_env.open(identity("alice")))
+    receipt = Receipt.decode(receipt_env.open(identity("alice")).plaintext)
     assert receipt.msg_id == H(by_name["data_one_recipient"]["fields"]["msg_id"])
+
+
+def test_expiry_notice_envelope_names_the_message_and_its_recipient() -> None:
+    by_name = {v["name"]: v for v in ENVELOPES["envelopes"]}
+    notice_env = decode_envelope(H(by_name["expiry_notice_for_data_one_recipient"]["encoded"]))
+    assert notice_env.sender.raw.hex() == KEYS["relay"]["public_key"]
+    contents = notice_env.open(identity("alice"))
+    [(msg_id, recipient)] = ExpiryNotice.decode(contents.plaintext).entries
+    assert msg_id == H(by_name["data_one_recipient"]["fields"]["msg_id"])
+    assert recipient.raw.hex() == KEYS["bob"]["public_key"]
 
 
 ACCESS = load("access")
@@ -347,6 +376,9 @@ def _run_invalid(vector: dict) -> None:
     if check == "public_key_text":
         PublicKey.from_text(vector["text"])
         return
+    if check == "secret_key_text":
+        Identity.from_text(vector["text"])
+        return
     oracle = PublicKey(H(KEYS["oracle"]["public_key"]))
     if check == "relay_token":
         AccessRequest.verify(vector["text"], oracle, vector["now_ms"])
@@ -360,6 +392,10 @@ def _run_invalid(vector: dict) -> None:
             env.verify()
         if check == "envelope_open":
             env.open(identity(vector["open_as"]))
+    elif check == "send":
+        check_sent_by_device(decode_envelope(data))
+    elif check == "signature":
+        PublicKey(H(vector["public_key"])).verify(data, H(vector["signature"]))
     elif check == "frame":
         decode_frame(data, max_bytes or DEFAULT_LIMITS.max_frame_bytes)
     elif check == "access_list":

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proto import Envelope, Kind, PublicKey
+from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
 
 
@@ -32,12 +32,13 @@ class StoredMessage:
 
 @dataclass(frozen=True)
 class ExpiredMessage:
-    """What a sender needs to be told when its message expired unread."""
+    """What a sender needs to be told when its message expired unread (`origin`: unless it
+    was a relay's own notice)."""
 
     recipient: PublicKey
     sender: PublicKey
     msg_id: bytes
-    kind: Kind
+    origin: Origin
 
 
 # No budget: more bytes than any store holds, and exact in Lua's doubles.

@@ -68,7 +68,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proto import Envelope, Kind, PublicKey
+from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 
@@ -184,7 +184,7 @@ class RedisStore(MailboxStore):
         for mailbox in recipients:
             keys += mailbox.slot_keys
         args: list[Any] = [nonce, replay_until_ms, envelope.raw, envelope.sender.raw,
-                           envelope.msg_id, int(envelope.kind), envelope.expires_at_ms, field,
+                           envelope.msg_id, int(envelope.origin), envelope.expires_at_ms, field,
                            limits.max_messages, limits.max_bytes, limits.sender_max_bytes,
                            limits.store_max_bytes, body_member(field, size)]
         for mailbox in recipients:
@@ -269,7 +269,7 @@ class RedisStore(MailboxStore):
         for appended, mailbox in enumerate(recipients):
             tag = await self._append_one(keys=mailbox.slot_keys, args=[
                 field, len(envelope.raw), envelope.sender.raw, envelope.msg_id,
-                int(envelope.kind), limits.max_messages, limits.max_bytes, *inline])
+                int(envelope.origin), limits.max_messages, limits.max_bytes, *inline])
             if tag is None:
                 for done in recipients[:appended]:
                     await self._remove_by_field(keys=done.slot_keys, args=[field])
@@ -352,9 +352,9 @@ class RedisStore(MailboxStore):
         for (recipient_hex, field), entry in zip(located, removed):
             if entry is None:  # gone already (acked), or another replica removed it
                 continue
-            sender, msg_id, kind, size = entry
+            sender, msg_id, origin, size = entry
             expired.append(ExpiredMessage(PublicKey(bytes.fromhex(recipient_hex)),
-                                          PublicKey(sender), msg_id, Kind(int(kind))))
+                                          PublicKey(sender), msg_id, Origin(int(origin))))
             if size is not None:
                 referenced.append((recipient_hex, field, int(size)))
         dropped = await self._guard(self._each(self._unref, [
