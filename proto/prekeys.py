@@ -50,7 +50,8 @@ MAX_RELAY_TTL_MS = 7 * 24 * 3600 * 1000
 RELAY_CLOCK_SKEW_MS = 300_000
 PREKEY_RETENTION_MS = MAX_RELAY_TTL_MS + RELAY_CLOCK_SKEW_MS
 _X25519_P = 2**255 - 19
-_MAX_PREKEY_BYTES = 128
+# At most 115 bytes; room for a wrong shape to be refused for its shape, not its size.
+_MAX_PREKEY_BYTES = 256
 
 
 def check_x25519_public(public: object, what: str = "prekey") -> bytes:
