@@ -18,11 +18,16 @@ and whoever reads its store cannot tell receipts from data from peer changes.
 The relay sees only the `Origin`: whether a relay wrote the envelope as its
 own notice, which it must know so as never to send a notice about a notice.
 `open()` refuses contents whose kind disagrees with the origin.
+
+A recipient entry may carry a third element, the id of the recipient's
+signed prekey its wrap is sealed to (`prekeys`, SPEC §5); without it the
+wrap is sealed to the recipient's identity key, byte for byte as before.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -31,11 +36,13 @@ import nacl.hash
 
 from . import canonical
 from .errors import (DecodeError, DecryptError, InvalidFieldError, OversizeError,
-                     UnsupportedVersionError)
+                     PrekeyExpiredError, UnknownPrekeyError, UnsupportedVersionError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
 from .limits import DEFAULT_LIMITS, MAX_TTL_SECONDS, PROTOCOL_VERSION, Limits
+from .prekeys import PrekeySecret, SignedPrekey, check_prekey_id
 from .sealing import (EPHEMERAL_KEY_BYTES, EPHEMERAL_SEED_BYTES, PAYLOAD_OVERHEAD_BYTES,
-                      WRAPPED_KEY_BYTES, RandomBytes, padded_size, seal, unseal)
+                      WRAPPED_KEY_BYTES, RandomBytes, identity_x25519_public,
+                      identity_x25519_secret, padded_size, seal, unseal)
 
 SIGNING_DOMAIN = b"continuum/v2/envelope\x00"
 PAYLOAD_AAD_DOMAIN = b"continuum/v2/payload\x00"
@@ -93,8 +100,12 @@ class Contents:
 
 @dataclass(frozen=True)
 class Recipient:
+    """One wrap: `prekey_id` names the recipient's signed prekey it is sealed to, None its
+    identity key (then the entry is the two-element pair of every envelope before prekeys)."""
+
     key: PublicKey
     wrapped_key: bytes
+    prekey_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,25 +147,45 @@ class Envelope:
             self.sender.verify(self.signed_bytes(), self.signature)
             object.__setattr__(self, "_verified", True)
 
-    def open(self, identity: Identity) -> Contents:
+    def open(self, identity: Identity,
+             prekeys: Mapping[int, PrekeySecret] | None = None) -> Contents:
         """Verify, then decrypt the payload for `identity` and read its kind.
 
-        SignatureError if the sender did not sign it; DecryptError if `identity` is
-        not a recipient or it was altered; InvalidFieldError if the sealed kind is
-        unknown or disagrees with the origin (an expiry notice from a device, data
-        from a relay): then its signer broke the rule, nobody altered it.
+        `prekeys` are the secrets of `identity`'s own prekeys it still holds, by id;
+        a wrap that names a prekey opens with that secret only, never with the
+        identity key.  SignatureError if the sender did not sign it; DecryptError if
+        `identity` is not a recipient or it was altered; UnknownPrekeyError if the
+        wrap names a prekey not held (deleted, or never made); PrekeyExpiredError if
+        it was sealed to a prekey at or after its valid_until_ms; InvalidFieldError if
+        the sealed kind is unknown or disagrees with the origin (an expiry notice from
+        a device, data from a relay): then its signer broke the rule, nobody altered it.
         """
         self.verify()
         for recipient in self.recipients:
             if recipient.key == identity.public:
                 contents = Contents.decode(unseal(
-                    self.payload, recipient.wrapped_key, self.ephemeral, identity,
+                    self.payload, recipient.wrapped_key, self.ephemeral,
+                    self._opening_secret(recipient, identity, prekeys or {}),
                     _associated_data(self._header_fields(), self.recipient_keys)))
                 if contents.kind.origin is not self.origin:
                     raise InvalidFieldError(f"sealed kind {contents.kind.name} cannot have"
                                             f" origin {self.origin.name}")
                 return contents
         raise DecryptError(f"{identity.public.text} is not a recipient of this envelope")
+
+    def _opening_secret(self, recipient: Recipient, identity: Identity,
+                        prekeys: Mapping[int, PrekeySecret]) -> bytes:
+        """The X25519 secret this recipient's wrap opens with: its prekey's, or its identity's."""
+        if recipient.prekey_id is None:
+            return identity_x25519_secret(identity)
+        held = prekeys.get(recipient.prekey_id)
+        if held is None:
+            raise UnknownPrekeyError(f"the wrap names prekey {recipient.prekey_id}, which"
+                                     f" {identity.public.text} does not hold")
+        if self.created_at_ms >= held.valid_until_ms:
+            raise PrekeyExpiredError(f"sealed at {self.created_at_ms} to prekey"
+                                     f" {held.prekey_id}, expired at {held.valid_until_ms}")
+        return held.secret
 
     def content_hash(self) -> bytes:
         """BLAKE2b-256 of the signed bytes: what a receipt names, so it is bound to exactly
@@ -164,7 +195,8 @@ class Envelope:
 
 
 def _recipient_array(recipients: tuple[Recipient, ...]) -> list:
-    return [[r.key.raw, r.wrapped_key] for r in recipients]
+    return [[r.key.raw, r.wrapped_key] if r.prekey_id is None
+            else [r.key.raw, r.wrapped_key, r.prekey_id] for r in recipients]
 
 
 def _signed_bytes(header: list, recipients: list, payload: bytes) -> bytes:
@@ -185,14 +217,28 @@ def seal_envelope(
     now_ms: int,
     limits: Limits = DEFAULT_LIMITS,
     random_bytes: RandomBytes = os.urandom,
+    prekeys: Mapping[PublicKey, SignedPrekey] | None = None,
 ) -> Envelope:
     """Encrypt `kind` and `plaintext` to every recipient, sign, and return the envelope.
 
-    Raises InvalidFieldError / OversizeError for inputs the relay would refuse,
-    so a device learns about a bad send before it touches the network.
+    `prekeys` maps recipients to their signed prekeys (from the peer change in
+    force): those recipients' wraps are sealed to the prekey, the others' to their
+    identity key.  Raises InvalidFieldError / OversizeError for inputs the relay
+    would refuse, so a device learns about a bad send before it touches the
+    network, and PrekeyExpiredError for a prekey past its validity: the caller
+    decides (wait for a newer peer change, or seal to the identity key knowingly);
+    nothing here falls back to the identity key on its own.
     """
+    for recipient in recipients:
+        prekey = (prekeys or {}).get(recipient)
+        if prekey is not None:
+            if prekey.owner != recipient:
+                raise InvalidFieldError(f"the prekey given for {recipient.text} is"
+                                        f" {prekey.owner.text}'s")
+            prekey.check_usable(now_ms)
     return seal_contents(sender, kind.origin, Contents(kind, plaintext).encode(), recipients,
-                         ttl_s=ttl_s, now_ms=now_ms, limits=limits, random_bytes=random_bytes)
+                         ttl_s=ttl_s, now_ms=now_ms, limits=limits, random_bytes=random_bytes,
+                         prekeys=prekeys)
 
 
 def seal_contents(
@@ -205,10 +251,12 @@ def seal_contents(
     now_ms: int,
     limits: Limits = DEFAULT_LIMITS,
     random_bytes: RandomBytes = os.urandom,
+    prekeys: Mapping[PublicKey, SignedPrekey] | None = None,
 ) -> Envelope:
     """`seal_envelope` for any origin and any sealed bytes, even a kind that disagrees with
-    the origin or none at all: how the vectors and tests build envelopes a recipient must
-    refuse.  Everything else seals with `seal_envelope`."""
+    the origin or none at all, and to prekeys whatever their validity: how the vectors and
+    tests build envelopes a recipient must refuse.  Everything else seals with
+    `seal_envelope`."""
     unique = sorted(set(recipients))
     if not unique:
         raise InvalidFieldError("an envelope needs at least one recipient")
@@ -217,14 +265,18 @@ def seal_contents(
             f"{len(unique)} recipients exceeds the limit of {limits.max_recipients}")
     if not 1 <= ttl_s <= MAX_TTL_SECONDS:
         raise InvalidFieldError(f"ttl must be between 1 and {MAX_TTL_SECONDS} seconds")
+    chosen = [(prekeys or {}).get(key) for key in unique]
+    targets = [identity_x25519_public(key) if prekey is None else prekey.public
+               for key, prekey in zip(unique, chosen)]
+    prekey_ids = [None if prekey is None else prekey.prekey_id for prekey in chosen]
     msg_id = random_bytes(MSG_ID_BYTES)
     base = [PROTOCOL_VERSION, int(origin), msg_id, sender.public.raw, now_ms, ttl_s]
-    padded = _padded_length(base, len(unique), len(contents), limits)
+    padded = _padded_length(base, prekey_ids, len(contents), limits)
     ephemeral, payload, wraps = seal(
-        contents, unique, random_bytes(EPHEMERAL_SEED_BYTES),
+        contents, targets, random_bytes(EPHEMERAL_SEED_BYTES),
         lambda eph: _associated_data([*base, eph], tuple(unique)), padded, random_bytes)
     header = [*base, ephemeral]
-    recipient_entries = tuple(Recipient(k, w) for k, w in zip(unique, wraps))
+    recipient_entries = tuple(Recipient(k, w, i) for k, w, i in zip(unique, wraps, prekey_ids))
     recipient_array = _recipient_array(recipient_entries)
     signature = sender.sign(_signed_bytes(header, recipient_array, payload))
     raw = canonical.encode([*header, recipient_array, payload, signature])
@@ -253,12 +305,14 @@ def check_sent_by_device(envelope: Envelope) -> None:
             f"origin {envelope.origin.name} is a relay's own notice: a device may not send one")
 
 
-def _padded_length(base: list, recipients: int, contents_length: int, limits: Limits) -> int:
+def _padded_length(base: list, prekey_ids: list[int | None], contents_length: int,
+                   limits: Limits) -> int:
     """The contents' size bucket, or less if the bucket would push the envelope past
     the limit (never below one byte of padding: then the envelope is simply too big)."""
     bucket = padded_size(contents_length)
     shape = [*base, bytes(EPHEMERAL_KEY_BYTES),
-             [[bytes(32), bytes(WRAPPED_KEY_BYTES)]] * recipients,
+             _recipient_array(tuple(Recipient(PublicKey(bytes(32)), bytes(WRAPPED_KEY_BYTES), i)
+                                    for i in prekey_ids)),
              bytes(PAYLOAD_OVERHEAD_BYTES + bucket), bytes(64)]
     excess = len(canonical.encode(shape)) - limits.max_envelope_bytes
     return max(contents_length + 1, bucket - max(0, excess))
@@ -312,13 +366,15 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
             f"envelope must have 1..{limits.max_recipients} recipients, got {len(recipients)}")
     entries: list[Recipient] = []
     for entry in recipients:
-        if type(entry) is not list or len(entry) != 2:
-            raise InvalidFieldError("each recipient must be a [key, wrapped_key] pair")
+        if type(entry) is not list or len(entry) not in (2, 3):
+            raise InvalidFieldError(
+                "each recipient must be a [key, wrapped_key] or [key, wrapped_key, prekey_id]")
         key = PublicKey(_expect_bytes(entry[0], KEY_BYTES, "recipient key"))
         wrapped = _expect_bytes(entry[1], WRAPPED_KEY_BYTES, "wrapped key")
+        prekey_id = check_prekey_id(entry[2]) if len(entry) == 3 else None
         if entries and key <= entries[-1].key:
             raise InvalidFieldError("recipients must be sorted by key and unique")
-        entries.append(Recipient(key, wrapped))
+        entries.append(Recipient(key, wrapped, prekey_id))
     _expect(payload, bytes, "payload")
     if len(payload) < PAYLOAD_OVERHEAD_BYTES:
         raise InvalidFieldError("envelope payload is shorter than its nonce and tag")

@@ -35,6 +35,8 @@ class ErrorCode(IntEnum):
     QUOTA_EXCEEDED = 19
     SUPERSEDED = 20
     ACCESS_LIST_UNAVAILABLE = 21
+    PREKEY_EXPIRED = 22
+    UNKNOWN_PREKEY = 23
 
 
 class ProtocolError(Exception):
@@ -147,6 +149,20 @@ class AccessListUnavailableError(ProtocolError):
     code = ErrorCode.ACCESS_LIST_UNAVAILABLE
 
 
+class PrekeyExpiredError(ProtocolError):
+    """A signed prekey past its valid_until_ms: a sender must not seal to it, an oracle not
+    take it, and a recipient refuses a wrap sealed to it after that instant (SPEC §5)."""
+
+    code = ErrorCode.PREKEY_EXPIRED
+
+
+class UnknownPrekeyError(ProtocolError):
+    """A wrap names a prekey whose secret this device does not hold (never made, or deleted
+    after its retention): local only, and never answered by trying the identity key."""
+
+    code = ErrorCode.UNKNOWN_PREKEY
+
+
 _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -171,6 +187,8 @@ _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
         QuotaExceededError,
         SupersededError,
         AccessListUnavailableError,
+        PrekeyExpiredError,
+        UnknownPrekeyError,
     )
 }
 

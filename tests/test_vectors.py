@@ -28,6 +28,7 @@ from proto.handshake import HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake, Relay
 from proto.keys import Identity, PublicKey
 from proto.limits import DEFAULT_LIMITS, Limits
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
+from proto.prekeys import PREKEY_DOMAIN, PrekeySecret, SignedPrekey
 from proto.rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
                             OracleKeyChain)
 from proto.vectors import VECTOR_DIR, load
@@ -88,8 +89,16 @@ def _padded(plaintext: bytes, size: int) -> bytes:
 def test_envelope(vector: dict) -> None:
     assert H(ENVELOPES["signing_domain"]) == SIGNING_DOMAIN
     assert H(ENVELOPES["payload_aad_domain"]) == PAYLOAD_AAD_DOMAIN
+    assert all("prekey_id" not in r for r in vector["fields"]["recipients"])
+    _check_envelope(vector, {})
+
+
+def _check_envelope(vector: dict, prekey_secrets: dict[int, bytes]) -> None:
+    """Every step of an envelope vector, with cbor2 and libsodium; a wrap whose entry names
+    a prekey opens with `prekey_secrets[id]` and with nothing else."""
     f = vector["fields"]
-    recipients = [[H(r["key"]), H(r["wrapped_key"])] for r in f["recipients"]]
+    recipients = [[H(r["key"]), H(r["wrapped_key"])] + (
+        [r["prekey_id"]] if r.get("prekey_id") is not None else []) for r in f["recipients"]]
     header = [f["version"], f["origin"], H(f["msg_id"]), H(f["sender"]), f["created_at_ms"],
               f["ttl_s"], H(f["ephemeral"])]
     # The kind is sealed; the clear origin says only whether a relay wrote it (EXPIRY).
@@ -125,10 +134,15 @@ def test_envelope(vector: dict) -> None:
     assert H(sealing["commitment"]) == commitment
     assert H(f["payload"]) == payload_nonce + commitment + ciphertext
     assert H(f["msg_id"]) == H(random["msg_id"])
-    for wrap, nonce, (_, wrapped) in zip(sealing["wraps"], random["wrap_nonces"], recipients):
+    for wrap, nonce, entry in zip(sealing["wraps"], random["wrap_nonces"], recipients):
         assert H(wrap["nonce"]) == H(nonce)
-        assert wrapped == H(wrap["nonce"]) + H(wrap["box"])
-        recipient_secret = H(KEYS[wrap["recipient"]]["x25519_secret"])
+        assert entry[1] == H(wrap["nonce"]) + H(wrap["box"])
+        identity_secret = H(KEYS[wrap["recipient"]]["x25519_secret"])
+        recipient_secret = prekey_secrets[entry[2]] if len(entry) == 3 else identity_secret
+        if len(entry) == 3:  # sealed to the prekey only: the identity key does not open it
+            with pytest.raises(nacl.exceptions.CryptoError):
+                nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), ephemeral_pk,
+                                              identity_secret)
         opened = nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), ephemeral_pk,
                                                recipient_secret)
         assert opened == content_key
@@ -143,8 +157,9 @@ def test_envelope(vector: dict) -> None:
     env.verify()
     assert env.signed_bytes() == H(vector["signed_bytes"])
     assert env.content_hash() == H(vector["content_hash"])
+    held = {i: PrekeySecret(i, secret, 2**63 - 1) for i, secret in prekey_secrets.items()}
     for name in vector["recipients"]:
-        opened = env.open(identity(name))
+        opened = env.open(identity(name), held)
         assert (opened.kind, opened.plaintext) == (vector["kind"], H(vector["plaintext"]))
 
 
@@ -413,4 +428,80 @@ def _run_invalid(vector: dict) -> None:
 def test_invalid_input_produces_its_error_code(vector: dict) -> None:
     with pytest.raises(ProtocolError) as caught:
         _run_invalid(vector)
+    assert caught.value.code is ErrorCode[vector["error"]], caught.value.message
+
+
+PREKEYS = load("prekeys")
+
+
+def test_signed_prekey() -> None:
+    vector = PREKEYS["signed_prekey"]
+    f, owner = vector["fields"], H(KEYS[vector["owner"]]["public_key"])
+    assert H(PREKEYS["prekey_domain"]) == PREKEY_DOMAIN == b"continuum/v2/prekey\x00"
+    public, secret = nacl.bindings.crypto_box_seed_keypair(H(vector["seed"]))
+    assert (public, secret) == (H(f["public"]), H(vector["secret"]))
+    assert nacl.bindings.crypto_scalarmult_base(secret) == public
+    body = [f["prekey_id"], public, f["valid_until_ms"]]
+    assert H(vector["signed_bytes"]) == PREKEY_DOMAIN + cbor([owner, *body])
+    nacl.signing.VerifyKey(owner).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
+    # Deleted after the longest relay TTL (7 days) and the relay's clock window (300 s).
+    assert PREKEYS["retention_ms"] == 7 * 86_400_000 + 300_000
+    assert vector["deletable_at_ms"] == f["valid_until_ms"] + PREKEYS["retention_ms"]
+
+    prekey = SignedPrekey.decode(H(vector["encoded"]), PublicKey(owner))
+    assert (prekey.prekey_id, prekey.public, prekey.valid_until_ms) == tuple(body)
+    assert prekey.encode() == H(vector["encoded"])
+
+
+def test_envelope_sealed_to_a_prekey() -> None:
+    prekey, vector = PREKEYS["signed_prekey"], PREKEYS["envelope"]
+    ids = [r["prekey_id"] for r in vector["fields"]["recipients"]]
+    by_key = {r["key"]: r["prekey_id"] for r in vector["fields"]["recipients"]}
+    assert by_key == {KEYS["bob"]["public_key"]: prekey["fields"]["prekey_id"],
+                      KEYS["carol"]["public_key"]: None}
+    assert sorted(ids, key=lambda i: i is None) == [prekey["fields"]["prekey_id"], None]
+    _check_envelope(vector, {prekey["fields"]["prekey_id"]: H(prekey["secret"])})
+
+
+def test_peer_change_with_prekeys() -> None:
+    vector, prekey = PREKEYS["peer_change"], PREKEYS["signed_prekey"]
+    f = vector["fields"]
+    peers = [H(p) for p in f["peers"]]
+    assert peers == sorted(peers)
+    slots = [None if p is None else cbor2.loads(H(p)) for p in f["prekeys"]]
+    assert cbor([f["epoch"], f["version"], peers, slots]) == H(vector["encoded"])
+    assert f["prekeys"][peers.index(H(KEYS["bob"]["public_key"]))] == prekey["encoded"]
+    change = PeerChange.decode(H(vector["encoded"]))
+    assert [p.raw for p in change.peers] == peers
+    [only] = change.prekeys
+    assert only.owner.raw.hex() == KEYS["bob"]["public_key"]
+    assert only.encode() == H(prekey["encoded"])
+    # Without prekeys the same list has the three-element form of every peer change.
+    assert PeerChange(change.version, change.peers, change.epoch).encode() == cbor(
+        [f["epoch"], f["version"], peers])
+
+
+def _run_invalid_prekey(vector: dict) -> None:
+    """Perform a prekeys.json `invalid` entry's check; it must raise."""
+    data, check = H(vector["hex"]), vector["check"]
+    if check in ("signed_prekey", "signed_prekey_usable"):
+        prekey = SignedPrekey.decode(data, PublicKey(H(KEYS[vector["owner"]]["public_key"])))
+        if check == "signed_prekey_usable":
+            prekey.check_usable(vector["now_ms"])
+    elif check == "envelope":
+        decode_envelope(data)
+    elif check == "envelope_open":
+        held = {h["prekey_id"]: PrekeySecret(h["prekey_id"], H(h["secret"]), h["valid_until_ms"])
+                for h in vector["held"]}
+        decode_envelope(data).open(identity(vector["open_as"]), held)
+    else:
+        assert check == "peer_change"
+        PeerChange.decode(data)
+
+
+@pytest.mark.parametrize("vector", PREKEYS["invalid"], ids=lambda v: v["name"])
+def test_invalid_prekey_input_produces_its_error_code(vector: dict) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        _run_invalid_prekey(vector)
     assert caught.value.code is ErrorCode[vector["error"]], caught.value.message

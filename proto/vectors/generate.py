@@ -31,6 +31,7 @@ from ..handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN
 from ..keys import PUBLIC_PREFIX, SECRET_PREFIX, Identity
 from ..limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from ..payloads import ExpiryNotice, PeerChange, Receipt
+from ..prekeys import SignedPrekey
 from ..rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
                         OracleKeyChain, OracleKeyChange)
 from ..sealing import COMMIT_DOMAIN, COMMITMENT_BYTES, PAYLOAD_NONCE_BYTES, padded_size
@@ -102,7 +103,10 @@ def _checksum(covered: bytes, raw: bytes) -> bytes:
 
 
 def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
-                     plaintext: bytes, fill_base: int) -> tuple[dict, Envelope]:
+                     plaintext: bytes, fill_base: int,
+                     prekeys: dict[str, SignedPrekey] | None = None) -> tuple[dict, Envelope]:
+    """One envelope, every step written out; with `prekeys` (recipient name → its signed
+    prekey) those wraps are sealed to the prekey and each entry says which (or null)."""
     ordered = sorted(recipients, key=lambda r: IDS[r].public)
     msg_id = fill(fill_base, 16)
     ephemeral_seed = fill(fill_base + 9, 32)
@@ -111,7 +115,8 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
     wrap_nonces = [fill(fill_base + 3 + i, 24) for i in range(len(ordered))]
     script = Script(msg_id, ephemeral_seed, content_key, payload_nonce, *wrap_nonces)
     env = seal_envelope(IDS[sender], kind, [IDS[r].public for r in recipients], plaintext,
-                        ttl_s=TTL_S, now_ms=CREATED_AT_MS, random_bytes=script)
+                        ttl_s=TTL_S, now_ms=CREATED_AT_MS, random_bytes=script,
+                        prekeys={IDS[r].public: p for r, p in (prekeys or {}).items()})
     script.done()
     aad = PAYLOAD_AAD_DOMAIN + canonical.encode(
         [PROTOCOL_VERSION, int(kind.origin), msg_id, env.sender.raw, CREATED_AT_MS, TTL_S,
@@ -138,7 +143,8 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
             "created_at_ms": env.created_at_ms,
             "ttl_s": env.ttl_s,
             "ephemeral": env.ephemeral.hex(),
-            "recipients": [{"key": r.key.raw.hex(), "wrapped_key": r.wrapped_key.hex()}
+            "recipients": [{"key": r.key.raw.hex(), "wrapped_key": r.wrapped_key.hex(),
+                            **({"prekey_id": r.prekey_id} if prekeys is not None else {})}
                            for r in env.recipients],
             "payload": env.payload.hex(),
             "signature": env.signature.hex(),
@@ -721,6 +727,12 @@ def invalid_vectors() -> dict:
     }
 
 
+def prekey_vectors() -> dict:
+    """prekeys.json, built in its own module from this one's keys and helpers."""
+    from .prekey_vectors import prekey_vectors as build_prekeys
+    return build_prekeys()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "keys": key_vectors,
     "envelopes": envelope_vectors,
@@ -729,6 +741,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "access": access_vectors,
     "rotation": rotation_vectors,
     "invalid": invalid_vectors,
+    "prekeys": prekey_vectors,
 }
 
 def render(document: dict) -> str:
