@@ -70,24 +70,28 @@ async def _fill(database: str, devices: int) -> list[str]:
     return keys
 
 
-def _poll_stamp(body: bytes, etag: str | None) -> tuple[int, int]:
+def _poll_stamp(body: bytes, etag: str | None) -> tuple[int, int, int]:
+    """(epoch, version, valid_until_ms) of a list, as a relay names the one it holds."""
+    fields = cbor2.loads(body)
+    valid_until = fields[3] if len(fields) in (8, 10) else 0  # 0: a baseline without it
     if etag:
         epoch, version = etag.strip('"').split(".")
-        return int(epoch), int(version)
-    return 0, int(cbor2.loads(body)[0])  # a baseline without epochs
+        return int(epoch), int(version), valid_until
+    return 0, int(fields[0]), 0  # a baseline without epochs
 
 
 async def _poller(url: str, oracle_key: str, relay: Identity, answered: list[int],
                   ready: asyncio.Event, stop: multiprocessing.synchronize.Event) -> None:
     from proto import PublicKey
     oracle = PublicKey.from_text(oracle_key)
-    stamp = (0, 0)
+    stamp = (0, 0, 0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         while not stop.is_set():
             request = AccessRequest(relay.public, oracle, now_ms(), os.urandom(16))
             headers = {"Authorization": request.authorization(relay)}
-            params = {"epoch": str(stamp[0]), "after": str(stamp[1])}
+            params = {"epoch": str(stamp[0]), "after": str(stamp[1]),
+                      "valid_until": str(stamp[2])}
             async with http.get(url, params=params, headers=headers) as response:
                 body = await response.read()
                 if response.status == 200:

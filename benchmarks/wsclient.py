@@ -79,7 +79,8 @@ def frame_type(data: bytes) -> int:
 
 
 def deliver_parts(data: bytes) -> tuple[str, bytes]:
-    """(tag, msg_id) of a DELIVER frame; the msg_id sits at a fixed offset of the envelope."""
+    """(tag, msg_id) of a DELIVER frame; the msg_id sits at a fixed offset of the envelope,
+    after the array header, the version and the origin (one byte each)."""
     _type, tag, envelope = cbor2.loads(data)
     if envelope[0] != _ARRAY_OF_10 or envelope[3] != _BSTR_16:
         raise ValueError("unexpected envelope layout")

@@ -31,6 +31,8 @@ Public API::
     device = Device(identity, relays=[url, backup_url], peers=PeerList.load(path),
                     oracle_key=None, home=None, keepalive_s=20.0,
                     relay_keys=None, tls=None)   # pin relay keys; CA for wss://
+    # peers=None with a home: the list kept there (peers.json), stamp and all, so a peer
+    # change older than the one held stays refused after a restart; without either, in memory.
     async with device:                       # starts the connection manager
         await device.wait_connected(timeout=10)   # TimeoutError; `device.connected`, `relay_url`
         outgoing = await device.send([bob], b"hello", ttl_s=3600, timeout=30)

@@ -256,7 +256,8 @@ class _Session:
     """One command's device, with what the user is told while it runs.
 
     Each failed connection attempt is one line on stderr; a handshake refusal
-    no retry can change (REVOKED, NOT_ENROLLED) ends the command (`until_fatal`).
+    no retry can change (REVOKED, NOT_ENROLLED) ends the command (`until_fatal`), except
+    NOT_ENROLLED for the new key of a rotation, which lasts until the relays apply the list.
     """
 
     def __init__(self, settings: ClientSettings, *, announce_drops: bool = False) -> None:
@@ -286,7 +287,8 @@ class _Session:
         write_atomically(self._settings.oracle_path, (chain.current.text + "\n").encode("ascii"))
 
     def _connect_failed(self, url: str, error: BaseException) -> None:
-        if isinstance(error, _PERMANENT_AT_CONNECT):
+        awaiting_list = isinstance(error, NotEnrolledError) and self.device.rotating
+        if isinstance(error, _PERMANENT_AT_CONNECT) and not awaiting_list:
             if not self._fatal.done():
                 self._fatal.set_result(error)
             return
@@ -493,8 +495,7 @@ def _outbox(settings: ClientSettings, as_json: bool) -> int:
 def _format_sent(message: SentMessage, as_json: bool) -> str:
     recipients = {key.text: status.value for key, status in message.recipients.items()}
     if as_json:
-        return json.dumps({"msg_id": message.msg_id.hex(), "kind": message.kind.name.lower(),
-                           "created_at_ms": message.created_at_ms,
+        return json.dumps({"msg_id": message.msg_id.hex(), "created_at_ms": message.created_at_ms,
                            "expires_at_ms": message.expires_at_ms, "state": message.state.value,
                            "error": message.error, "recipients": recipients})
     when = datetime.fromtimestamp(message.created_at_ms / 1000, UTC).isoformat(timespec="seconds")

@@ -90,7 +90,10 @@ class Device:
     """A device identity talking to its peers through relays; use as `async with device:`.
 
     `home`: the directory of the state file (outbox, sent messages, seen
-    messages); None keeps them in memory, for this run only.  A device is
+    messages) and, unless `peers` is given, of the peer list (`peers.json`,
+    with the stamp of the oracle's list); None keeps them in memory, for this
+    run only: then a PEER_CHANGE replayed after a restart is refused only once
+    it is stale (created_at + ttl + skew, the oracle's push TTL).  A device is
     entered once: leaving it closes the state file.
     `on_connect_error(url, error)` hears of each failed connection attempt,
     `on_drop(drop)` of each delivery dropped (a CLI tells its user at once).
@@ -118,7 +121,10 @@ class Device:
         self.relays = list(relays)
         if not self.relays:
             raise ValueError("a device needs at least one relay URL")
-        self.peers = peers if peers is not None else PeerList()
+        # With a home and no list given, the one kept there: its stamp must outlive this run,
+        # or a replayed older PEER_CHANGE would be taken after a restart.
+        self.peers = peers if peers is not None else (
+            PeerList.in_home(Path(home)) if home is not None else PeerList())
         self.oracle_key = oracle_key
         self.stats = DeviceStats()
         # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
@@ -443,6 +449,12 @@ class Device:
             self._rotation = None
         log.info("key_rotated", old=old.public.text, new=new.public.text)
         return new
+
+    @property
+    def rotating(self) -> bool:
+        """A key rotation is under way: until the relays apply the oracle's list, the new key
+        is refused NOT_ENROLLED, which reconnecting outlasts (SPEC §15)."""
+        return self._rotation is not None
 
     def drain(self, identity: Identity, *, quiet_s: float = DEFAULT_QUIET_S) -> None:
         """Fetch what still waits for `identity`, a key this device rotated away from

@@ -19,23 +19,28 @@ Rules, cheapest first so hostile input costs as little as possible:
    it is a replay, whatever a restart forgot;
 3. a signature that does not verify → drop (invalid);
 4. a (sender, msg_id) already handled → drop (duplicate);
-5. who may send what, checked before decrypting:
-   DATA from peers only; EXPIRY from relay keys proven in a WELCOME only;
+5. a relay's notice (the one thing the clear header says of what an envelope
+   means, its origin) only from relay keys proven in a WELCOME, checked
+   before decrypting;
+6. a payload that does not decrypt, whose sealed kind disagrees with its
+   origin, or that does not parse for its kind → drop (invalid);
+7. who may send what, now that the kind is known: DATA from peers only;
    PEER_CHANGE from the oracle key followed only (configured, or where its
-   key chain led: rule 9);
-6. a payload that does not decrypt or parse → drop (invalid);
-7. RECEIPT only from a peer, or from a recipient of a message this device
+   key chain led: rule 10).  The kind is sealed so that relays cannot tell
+   receipts from data from peer changes; the price is that these refusals
+   cost one decryption (of an envelope whose signature verified);
+8. RECEIPT only from a peer, or from a recipient of a message this device
    sent and still tracks (the oracle has no peers but needs its receipts);
-8. a PEER_CHANGE is ranked against the held list by (epoch, version) and
+9. a PEER_CHANGE is ranked against the held list by (epoch, version) and
    oracle (`PeerList.standing`): the device applies NEWER, receipts NEWER and
    HELD, and neither applies nor receipts OLDER;
-9. with an oracle configured, DATA from a non-peer is the one exception to
-   rule 5: it may be the oracle's new key announcing itself (SPEC §15), so it is
-   opened, and taken only as the oracle's key chain sent by the key that chain
-   ends at, which leads from the configured oracle key (follow it) or already
-   is it (a re-delivery: receipt again); anything else is dropped as a non-peer's.
-   Only the oracle can write to a device at relays that enforce peer groups, so
-   this costs one decryption per message a stranger gets through elsewhere.
+10. with an oracle configured, DATA from a non-peer is the one exception to
+   rule 7: it may be the oracle's new key announcing itself (SPEC §15), so it
+   is taken only as the oracle's key chain sent by the key that chain ends at,
+   which leads from the configured oracle key (follow it) or already is it (a
+   re-delivery: receipt again); anything else is dropped as a non-peer's.
+   Only the oracle can write to a device at relays that enforce peer groups,
+   so elsewhere a stranger's message costs one decryption.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from proto import DEFAULT_LIMITS, Envelope, Identity, Kind, Limits, PublicKey, decode_envelope
+from proto import (DEFAULT_LIMITS, Contents, Envelope, Identity, Kind, Limits, Origin, PublicKey,
+                   decode_envelope)
 from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
@@ -179,63 +185,55 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
         return Drop(DropReason.INVALID, exc.message, envelope)
     if (envelope.sender, envelope.msg_id) in view.seen:
         return Drop(DropReason.DUPLICATE, "already handled", envelope)
-    refusal = _sender_refusal(envelope, view)
-    if refusal is not None:
-        return refusal
+    if envelope.origin is Origin.RELAY and envelope.sender not in view.relay_keys:
+        return Drop(DropReason.UNTRUSTED_EXPIRY, f"{envelope.sender.text} is not a relay key",
+                    envelope)
     try:
-        plaintext = envelope.open(view.identity)
-        return _interpret(envelope, plaintext, view)
+        return _interpret(envelope, envelope.open(view.identity), view)
     except ProtocolError as exc:
         return Drop(DropReason.INVALID, exc.message, envelope)
 
 
-def _sender_refusal(envelope: Envelope, view: InboxView) -> Drop | None:
-    sender, kind = envelope.sender, envelope.kind
-    if kind is Kind.DATA and sender not in view.peers and view.oracle_key is None:
-        return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
-    if kind is Kind.EXPIRY and sender not in view.relay_keys:
-        return Drop(DropReason.UNTRUSTED_EXPIRY, f"{sender.text} is not a relay key", envelope)
-    if kind is Kind.PEER_CHANGE and (view.oracle_key is None or sender != view.oracle_key):
-        return Drop(DropReason.UNAUTHORIZED_PEER_CHANGE,
-                    f"{sender.text} is not the oracle key", envelope)
-    return None
-
-
-def _interpret(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
-    """Parse the decrypted payload by kind; DecodeError propagates to `decide`."""
-    if envelope.kind is Kind.DATA:
-        if envelope.sender not in view.peers:
-            return _oracle_key_change(envelope, plaintext, view)
-        return Surface(envelope, InboundMessage(envelope.sender, envelope.msg_id, plaintext,
-                                                envelope.kind, envelope.created_at_ms))
-    if envelope.kind is Kind.RECEIPT:
+def _interpret(envelope: Envelope, contents: Contents, view: InboxView) -> Decision:
+    """Rules 7 to 10 for the decrypted contents; DecodeError propagates to `decide`."""
+    sender, kind, plaintext = envelope.sender, contents.kind, contents.plaintext
+    if kind is Kind.DATA:
+        if sender in view.peers:
+            return Surface(envelope, InboundMessage(sender, envelope.msg_id, plaintext, kind,
+                                                    envelope.created_at_ms))
+        if view.oracle_key is None:
+            return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+        return _oracle_key_change(envelope, plaintext, view)
+    if kind is Kind.PEER_CHANGE:
+        if view.oracle_key is None or sender != view.oracle_key:
+            return Drop(DropReason.UNAUTHORIZED_PEER_CHANGE,
+                        f"{sender.text} is not the oracle key", envelope)
+        change = PeerChange.decode(plaintext)
+        return PeerChangeArrived(envelope, change, view.peers.standing(change.stamp, sender))
+    if kind is Kind.RECEIPT:
         receipt = Receipt.decode(plaintext)
         ours = view.awaiting_receipt.sealed_as(receipt.msg_id)
         if ours is not None and receipt.content_hash not in ours:
             return Drop(DropReason.INVALID, "receipt names other content than we sent",
                         envelope)
-        if (envelope.sender not in view.peers
-                and (receipt.msg_id, envelope.sender) not in view.awaiting_receipt):
+        if (sender not in view.peers
+                and (receipt.msg_id, sender) not in view.awaiting_receipt):
             return Drop(DropReason.UNEXPECTED_RECEIPT,
-                        f"receipt from non-peer {envelope.sender.text} for no message of ours",
+                        f"receipt from non-peer {sender.text} for no message of ours",
                         envelope)
         return ReceiptArrived(envelope, receipt)
-    if envelope.kind is Kind.EXPIRY:
-        return ExpiryArrived(envelope, ExpiryNotice.decode(plaintext))
-    change = PeerChange.decode(plaintext)
-    return PeerChangeArrived(envelope, change,
-                             view.peers.standing(change.stamp, envelope.sender))
+    return ExpiryArrived(envelope, ExpiryNotice.decode(plaintext))  # from a relay key (rule 5)
 
 
 def _oracle_key_change(envelope: Envelope, plaintext: bytes, view: InboxView) -> Decision:
-    """Rule 9: DATA from a non-peer counts only as the oracle's key chain from its end."""
+    """Rule 10: DATA from a non-peer counts only as the oracle's key chain from its end."""
     sender, oracle = envelope.sender, view.oracle_key
     not_peer = Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
     try:
         chain = OracleKeyChain.decode(plaintext)
     except ProtocolError:
         return not_peer
-    assert oracle is not None  # rule 5 dropped non-peer DATA without an oracle
+    assert oracle is not None  # rule 7 dropped non-peer DATA without an oracle
     if chain.introduces(oracle, sender):
         return OracleKeyChanged(envelope, chain, moved=True)
     if sender == oracle and chain.current == oracle:

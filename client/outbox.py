@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proto import Envelope, ErrorCode, Identity, Limits, decode_envelope, seal_envelope
+from proto import Envelope, ErrorCode, Identity, Kind, Limits, decode_envelope, seal_envelope
 from proto.errors import ProtocolError, ReplayError
 
 from .backoff import Backoff
@@ -40,7 +40,8 @@ from .state import DeviceState, StoredSend
 # Refusals that mean "retry later" (SPEC §9/§10): nothing was stored, the same envelope may
 # be sent again.  Every other refusal is final for that envelope.
 TRANSIENT = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.MAILBOX_FULL,
-                       ErrorCode.STORE_UNAVAILABLE, ErrorCode.QUOTA_EXCEEDED})
+                       ErrorCode.STORE_UNAVAILABLE, ErrorCode.QUOTA_EXCEEDED,
+                       ErrorCode.ACCESS_LIST_UNAVAILABLE})
 # Seal again this long after created_at: a minute inside the relay's clock window.
 RENEW_AFTER_MS = CLOCK_SKEW_MS - 60_000
 
@@ -54,7 +55,9 @@ class PendingSend:
     envelope: Envelope
     # What was sealed, to seal it again later; None for an envelope sealed elsewhere.
     plaintext: bytes | None = None
-    # A protocol reply (a receipt): nobody awaits it, nobody tracks it.
+    # A protocol reply (a receipt): nobody awaits it, nobody tracks it.  With the
+    # plaintext it is also the kind the device sealed (`sealed_kind`): the envelope
+    # cannot say, its kind is inside the ciphertext.
     reply: bool = False
     accepted: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -68,6 +71,12 @@ class PendingSend:
     @property
     def msg_id(self) -> bytes:
         return self.envelope.msg_id
+
+    @property
+    def sealed_kind(self) -> Kind:
+        """What the device sealed `plaintext` as: it seals its replies (receipts) and the
+        application's DATA; whatever else it sends was sealed elsewhere."""
+        return Kind.RECEIPT if self.reply else Kind.DATA
 
 
 class Outbox:
@@ -177,8 +186,8 @@ def renewed(entry: PendingSend, identity: Identity, now_ms: int,
     ttl_s = (old.expires_at_ms - now_ms) // 1000
     if ttl_s < 1:
         return None
-    envelope = seal_envelope(identity, old.kind, list(old.recipient_keys), entry.plaintext,
-                             ttl_s=ttl_s, now_ms=now_ms, limits=limits,
+    envelope = seal_envelope(identity, entry.sealed_kind, list(old.recipient_keys),
+                             entry.plaintext, ttl_s=ttl_s, now_ms=now_ms, limits=limits,
                              random_bytes=_first_draw(old.msg_id))
     if envelope.msg_id != old.msg_id:  # proto drew something else first: never send that
         raise RuntimeError("seal_envelope no longer draws the msg_id first")

@@ -29,6 +29,8 @@ from proto.access import Stamp
 from proto.errors import ProtocolError
 from runtime.files import write_atomically
 
+# The file in a device's home (the CLI's and the library's alike).
+PEERS_FILE = "peers.json"
 
 
 class Standing(Enum):
@@ -50,6 +52,11 @@ class PeerList:
         self.epoch = epoch
         self.oracle = oracle
         self.path = path
+
+    @classmethod
+    def in_home(cls, home: Path) -> PeerList:
+        """The list kept in a device's home (`peers.json`), empty if there is none yet."""
+        return cls.load(home / PEERS_FILE)
 
     @classmethod
     def load(cls, path: Path) -> PeerList:

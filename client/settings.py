@@ -16,7 +16,6 @@ The home directory holds everything a device keeps between runs:
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import ssl
@@ -27,11 +26,12 @@ from urllib.parse import urlsplit
 
 from proto import PublicKey
 from proto.rotation import OracleKeyChain
+from runtime.tls import is_loopback_host, verifying_context
 
 from .connection import DEFAULT_KEEPALIVE_S
+from .peers import PEERS_FILE
 
 IDENTITY_FILE = "identity.key"
-PEERS_FILE = "peers.json"
 ORACLE_FILE = "oracle.pub"
 ORACLE_CHAIN_FILE = "oracle.chain"
 
@@ -51,12 +51,7 @@ class ClientSettings:
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The context for `wss://` relays: None keeps the system's trust store."""
-        if self.ca_file is None:
-            return None
-        try:
-            return ssl.create_default_context(cafile=str(self.ca_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"CA file {self.ca_file}: {exc}") from None
+        return None if self.ca_file is None else verifying_context(str(self.ca_file))
 
     @property
     def identity_path(self) -> Path:
@@ -78,7 +73,7 @@ class ClientSettings:
     def unencrypted_remote_relays(self) -> list[str]:
         """`ws://` URLs to hosts other than this machine: readable and changeable on the path."""
         return [url for url in self.relays
-                if url.startswith("ws://") and not _is_loopback(urlsplit(url).hostname or "")]
+                if url.startswith("ws://") and not is_loopback_host(urlsplit(url).hostname or "")]
 
     @classmethod
     def resolve(cls, *, home: str | None, relays: list[str] | None, oracle_key: str | None,
@@ -131,15 +126,6 @@ def _seconds(text: str | None, default: float) -> float:
     except ValueError:
         raise ValueError(f"CONTINUUM_KEEPALIVE_S must be a number of seconds, not {text!r}")\
             from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read_text(path: Path) -> str:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_FILE = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE outbox (
@@ -51,7 +51,6 @@ CREATE TABLE outbox (
 CREATE TABLE sent (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     msg_id BLOB NOT NULL UNIQUE,
-    kind INTEGER NOT NULL,
     created_at_ms INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL,
     keep_until_ms INTEGER NOT NULL,
@@ -78,6 +77,9 @@ CREATE TABLE seen (
 ) WITHOUT ROWID;
 CREATE INDEX seen_forget_at ON seen (forget_at_ms);
 """
+# How each older version becomes this one.  Version 1 kept each sent message's kind,
+# which the device cannot know for an envelope sealed elsewhere now that it is sealed.
+_UPGRADES = {0: _SCHEMA, 1: "ALTER TABLE sent DROP COLUMN kind;"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,6 @@ class StoredSend:
 @dataclass(frozen=True)
 class SentRow:
     msg_id: bytes
-    kind: int
     created_at_ms: int
     expires_at_ms: int
     state: str
@@ -126,10 +127,11 @@ class DeviceState:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         if version == SCHEMA_VERSION:
             return
-        if version != 0:
+        if version not in _UPGRADES:
             raise ValueError(f"{self.path}: schema version {version} is not {SCHEMA_VERSION}"
                              " (written by another version of continuum-client)")
-        self._db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        self._db.executescript(
+            f"BEGIN; {_UPGRADES[version]} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
 
     def close(self) -> None:
         self._db.close()
@@ -189,15 +191,15 @@ class DeviceState:
 
     # -- sent messages --------------------------------------------------------------------
 
-    def track_sent(self, msg_id: bytes, kind: int, created_at_ms: int, expires_at_ms: int,
+    def track_sent(self, msg_id: bytes, created_at_ms: int, expires_at_ms: int,
                    keep_until_ms: int, state: str, recipients: dict[bytes, str],
                    content_hash: bytes) -> None:
         """Start following a message (once per msg_id)."""
         with self.transaction():
             added = self._write(
-                "INSERT OR IGNORE INTO sent (msg_id, kind, created_at_ms, expires_at_ms,"
-                " keep_until_ms, state) VALUES (?, ?, ?, ?, ?, ?)",
-                (msg_id, kind, created_at_ms, expires_at_ms, keep_until_ms, state))
+                "INSERT OR IGNORE INTO sent (msg_id, created_at_ms, expires_at_ms,"
+                " keep_until_ms, state) VALUES (?, ?, ?, ?, ?)",
+                (msg_id, created_at_ms, expires_at_ms, keep_until_ms, state))
             if added:
                 self._db.executemany("INSERT INTO sent_to (msg_id, recipient, status)"
                                      " VALUES (?, ?, ?)",
@@ -233,10 +235,10 @@ class DeviceState:
         recipients: dict[bytes, dict[bytes, str]] = {}
         for msg_id, key, status in self._db.execute("SELECT msg_id, recipient, status FROM sent_to"):
             recipients.setdefault(msg_id, {})[key] = status
-        rows = self._db.execute("SELECT msg_id, kind, created_at_ms, expires_at_ms, state, error"
+        rows = self._db.execute("SELECT msg_id, created_at_ms, expires_at_ms, state, error"
                                 " FROM sent ORDER BY seq")
-        return [SentRow(msg_id, kind, created, expires, state, error, recipients.get(msg_id, {}))
-                for msg_id, kind, created, expires, state, error in rows]
+        return [SentRow(msg_id, created, expires, state, error, recipients.get(msg_id, {}))
+                for msg_id, created, expires, state, error in rows]
 
     # -- seen -----------------------------------------------------------------------------
 

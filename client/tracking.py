@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
-from proto import Envelope, Kind, ProtocolError, PublicKey
+from proto import Envelope, ProtocolError, PublicKey
 
 from .freshness import CLOCK_SKEW_MS
 from .state import DeviceState
@@ -98,7 +98,6 @@ class SentMessage:
     """A row of the sent-message listing."""
 
     msg_id: bytes
-    kind: Kind
     created_at_ms: int
     expires_at_ms: int
     state: SendState
@@ -122,8 +121,7 @@ class SentLog:
                 self._sent.popitem(last=False)
         if self._state is not None:
             self._state.track_sent(
-                envelope.msg_id, int(envelope.kind), envelope.created_at_ms,
-                envelope.expires_at_ms,
+                envelope.msg_id, envelope.created_at_ms, envelope.expires_at_ms,
                 envelope.expires_at_ms + envelope.ttl_s * 1000 + CLOCK_SKEW_MS,
                 SendState.QUEUED.value,
                 {key.raw: DeliveryStatus.PENDING.value for key in envelope.recipient_keys},
@@ -194,10 +192,10 @@ class SentLog:
     def history(self) -> list[SentMessage]:
         """Every message still remembered, oldest first."""
         if self._state is None:
-            return [SentMessage(o.msg_id, o.envelope.kind, o.envelope.created_at_ms,
-                                o.envelope.expires_at_ms, o.state, o.error, o.statuses)
+            return [SentMessage(o.msg_id, o.envelope.created_at_ms, o.envelope.expires_at_ms,
+                                o.state, o.error, o.statuses)
                     for o in self._sent.values()]
-        return [SentMessage(row.msg_id, Kind(row.kind), row.created_at_ms, row.expires_at_ms,
+        return [SentMessage(row.msg_id, row.created_at_ms, row.expires_at_ms,
                             SendState(row.state), row.error,
                             {PublicKey(key): DeliveryStatus(status)
                              for key, status in sorted(row.recipients.items())})

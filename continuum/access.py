@@ -1,83 +1,101 @@
-"""Access control at the relay: the oracle's signed access list, fetched and enforced.
+"""Access control at the relay: the oracle's signed access list, checked and enforced.
 
 The oracle publishes which keys are enrolled, which are revoked and which
 peer groups each enrolled key is in, as one document signed with its Ed25519
-key.  A relay long-polls the oracle for it (`GET /v1/access-list?epoch=E&after=V`,
-each request signed with the relay's own key), verifies it with the oracle's
-public key and keeps it as a cache: the relay holds no private key of the
-oracle and no state another replica could not fetch itself.
+key.  `access_fetch` long-polls the oracle for it; this module decides whether
+each list may be applied and what the one in force allows.  The relay holds
+no private key of the oracle and no state another replica could not fetch
+itself, but the highest stamp applied (the floor), which the store keeps.
 
 The document's wire form is `proto.access.AccessList`; the rules are SPEC §12.
-The oracle key the relay trusts moves along the oracle's key chain (SPEC §15):
-the list carries the chain, and a relay whose requests the oracle refuses
-fetches the chain alone (public, self-authenticating), because an oracle that
-restarted with a new key cannot vouch for this relay until it has connected
-to it, which it cannot do while the relay does not know its new key.
+A list is applied only while valid (issued no later than the clock allows, not
+yet lapsed) and only if its stamp is not below the floor and the list in
+force; a refresh (same stamp, valid for longer) replaces the one in force.
+While the relay holds no valid list (none yet, or the one in force lapsed
+because the oracle is not heard from), `access_list_expired` decides:
+fail-closed refuses every key but the oracle's and disconnects the rest,
+alarm keeps enforcing the lapsed list.  Both log, count and report it.
+The oracle key the relay trusts moves along the oracle's key chain (SPEC §15).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import math
 from collections.abc import Callable
+from enum import StrEnum
 
-import aiohttp
 import structlog
 
-from proto import Identity, PublicKey
-from proto.access import (ACCESS_LIST_PATH, ORACLE_KEY_CHAIN_PATH, REQUEST_NONCE_BYTES,
-                          AccessList, AccessRequest, Stamp)
-from proto.errors import NotEnrolledError, NotPeerError, ProtocolError, RevokedError
+from proto import PublicKey
+from proto.access import AccessList, Stamp
+from proto.errors import (AccessListUnavailableError, NotEnrolledError, NotPeerError,
+                          ProtocolError, RevokedError)
 from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
 
 from .metrics import RelayMetrics
+from .settings import FAIL_CLOSED, Settings
 
-_RETRY_MIN_S, _RETRY_MAX_S = 0.2, 5.0
+# While the list in force stays lapsed, the warning is logged again this often.
+_REMIND_S = 60.0
+
+
+class ListState(StrEnum):
+    """What the relay holds, as /healthz reports it."""
+
+    OFF = "off"  # no oracle configured: every key is admitted
+    MISSING = "missing"  # no list verified since this relay started
+    VALID = "valid"
+    EXPIRED = "expired"  # the list in force lapsed: the oracle is not heard from
 
 
 class AccessControl:
-    """The relay's view of the access list, and the hook that closes revoked sessions.
+    """The relay's view of the access list, and the hook that closes refused sessions.
 
     With no oracle configured every key is admitted and may write to every
     key.  With one, a revoked key is refused; with `require_enrollment` so is
-    every key not enrolled, and until a verified list arrives that means every
-    key but the oracle's (fail closed).  Sessions register a callback so a
-    revocation closes them the moment the list that says so is verified.
+    every key not enrolled.  Without a valid list, see the module docstring.
+    Sessions register a callback so a revocation (or, under fail-closed, the
+    lapse of the list) closes them the moment it takes effect.
     """
 
-    def __init__(self, oracle_url: str, oracle_key: str, require_enrollment: bool,
-                 identity: Identity, metrics: RelayMetrics,
+    def __init__(self, settings: Settings, metrics: RelayMetrics,
                  log: structlog.typing.FilteringBoundLogger) -> None:
-        self.enabled = bool(oracle_url)
-        self._url = oracle_url.rstrip("/") + ACCESS_LIST_PATH
-        self._chain_url = oracle_url.rstrip("/") + ORACLE_KEY_CHAIN_PATH
+        self.enabled = bool(settings.oracle_url)
         # The configured key at start; from then on wherever the oracle's key chain leads.
-        self._oracle = PublicKey.from_text(oracle_key) if oracle_key else None
-        self._require_enrollment = require_enrollment
-        self._identity = identity
+        self._oracle = PublicKey.from_text(settings.oracle_key) if settings.oracle_key else None
+        self._require_enrollment = settings.require_enrollment
+        self._fail_closed = settings.access_list_expired == FAIL_CLOSED
         self._metrics = metrics
         self._log = log
         self.current: AccessList | None = None
+        # The highest stamp any relay on this store applied (`access_fetch` reads and raises it).
+        self.floor = Stamp(0, 0)
         self._watchers: dict[PublicKey, set[Callable[[ProtocolError], None]]] = {}
-        self._poller: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
+        self._applied = asyncio.Event()
+        self._alarm: asyncio.Task[None] | None = None
+        metrics.access_list_age.set_function(self._age_s)
+        metrics.access_list_expired.set_function(
+            lambda: float(self.state in (ListState.MISSING, ListState.EXPIRED)))
 
     async def start(self) -> None:
-        if self.enabled:
-            if self._require_enrollment:
-                self._log.warning("access_list_missing_fail_closed",
-                                  detail="refusing every key but the oracle's until the"
-                                         " oracle's signed access list is verified")
-            self._poller = asyncio.create_task(self._poll_forever(), name="access-list")
+        if not self.enabled:
+            return
+        if self._fail_closed or self._require_enrollment:
+            self._log.warning("access_list_missing_fail_closed",
+                              detail="refusing every key but the oracle's until the"
+                                     " oracle's signed access list is verified")
+        self._alarm = asyncio.create_task(self._alarm_forever(), name="access-list-expiry")
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
+        if self._alarm is not None:
+            self._alarm.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+                await self._alarm
+            self._alarm = None
 
     async def wait_loaded(self, timeout: float) -> bool:
         """True once a verified list is in force (tests and readiness checks)."""
@@ -91,6 +109,30 @@ class AccessControl:
         """The oracle key in force: the configured one, or where its key chain led."""
         return self._oracle
 
+    @property
+    def state(self) -> ListState:
+        if not self.enabled:
+            return ListState.OFF
+        current = self.current
+        if current is None:
+            return ListState.MISSING
+        return ListState.EXPIRED if current.expired(now_ms()) else ListState.VALID
+
+    def health(self) -> dict[str, object]:
+        """The access list's part of /healthz."""
+        report: dict[str, object] = {"state": self.state.value}
+        if self.enabled:
+            report["on_expiry"] = "fail-closed" if self._fail_closed else "alarm"
+        current = self.current
+        if current is not None:
+            report.update(stamp=str(current.stamp), age_s=round(self._age_s(), 1),
+                          valid_until_ms=current.valid_until_ms)
+        return report
+
+    def _age_s(self) -> float:
+        current = self.current
+        return (now_ms() - current.issued_at_ms) / 1000 if current is not None else math.nan
+
     def refusal(self, key: PublicKey) -> ProtocolError | None:
         """Why `key` may not connect now; None if it may.
 
@@ -100,6 +142,10 @@ class AccessControl:
         if not self.enabled or key == self._oracle:
             return None
         current = self.current
+        if current is None or now_ms() >= current.valid_until_ms:  # on every SEND: inlined
+            refusal = self._without_valid_list(current)
+            if refusal is not None:
+                return refusal
         if current is not None:
             if key in current.revoked:
                 return RevokedError(f"{key.text} has been revoked by the oracle")
@@ -109,11 +155,25 @@ class AccessControl:
             if until_ms is not None:
                 return None if now_ms() < until_ms else RevokedError(
                     f"{key.text} was rotated to a new key and its drain time is over")
-        if self._require_enrollment:
-            if current is None:
-                return NotEnrolledError("this relay has no verified access list yet (fail closed)")
-            if key not in current.groups:
+            if self._require_enrollment and key not in current.groups:
                 return NotEnrolledError(f"{key.text} is not enrolled with the oracle")
+        return None
+
+    def _without_valid_list(self, current: AccessList | None) -> ProtocolError | None:
+        """The refusal of every key but the oracle's while no valid list is held, if any.
+
+        Fail-closed refuses; alarm goes on with the lapsed list, or before a first
+        list admits what enrollment allows (nothing, when it is required).
+        """
+        if current is None:
+            if self._fail_closed or self._require_enrollment:
+                return AccessListUnavailableError(
+                    "this relay has not verified an access list from the oracle yet (fail"
+                    " closed): retry later")
+        elif self._fail_closed:
+            return AccessListUnavailableError(
+                f"this relay's access list {current.stamp} lapsed and the oracle has not been"
+                " heard from since (fail closed): retry later")
         return None
 
     def check_send(self, sender: PublicKey, recipients: tuple[PublicKey, ...]) -> None:
@@ -131,8 +191,9 @@ class AccessControl:
         - enrolled → only the oracle, or a sender sharing a peer group with it
           (NOT_PEER), so a stranger cannot fill a device's mailbox.
 
-        The rule ignores the envelope kind: a RECEIPT from a peer passes because
-        it comes from a peer, and relay-originated EXPIRY notices never come here.
+        The rule cannot see what an envelope means (its kind is sealed), nor
+        need it: a RECEIPT from a peer passes because it comes from a peer, and
+        relays' own EXPIRY notices never come here.
         A rotated device's old key (draining) sends nothing and is sent nothing:
         REVOKED, so whoever still writes to it is told.
         """
@@ -174,37 +235,100 @@ class AccessControl:
         return unwatch
 
     def apply(self, document: bytes) -> bool:
-        """Verify and install a list if its stamp is newer; True if it was installed.
+        """Verify a list and install it if it may be; True if it was installed.
 
-        A list older than the one in force is refused and alarmed on (log and
-        `continuum_access_list_backwards`): it is a replay, or an oracle whose
-        database and clock both went back (SPEC §12, README "Restoring the oracle").
+        Refused, counted and logged as errors: a list that is not valid now
+        (`continuum_access_list_untimely`: lapsed, or issued ahead of this
+        clock), and a list whose stamp is below the one in force or the floor
+        (`continuum_access_list_backwards`: a replay, or an oracle whose database
+        and clock both went back; SPEC §12, README "Restoring the oracle").  An
+        equal stamp is installed only as a refresh: valid for longer.
         """
         assert self._oracle is not None
         access = AccessList.verify(document, self._oracle)
-        current = self.current
-        if current is not None and access.stamp <= current.stamp:
-            if access.stamp < current.stamp:
-                self._metrics.access_list_backwards.inc()
-                self._log.error("access_list_went_backwards", held=str(current.stamp),
-                                offered=str(access.stamp),
-                                detail="refused: a replayed list, or an oracle restored with"
-                                       " its clock behind the epoch of the list in force")
+        now = now_ms()
+        untimely = access.timeliness(now)
+        if untimely is not None:
+            reason = "future" if access.issued_at_ms > now else "expired"
+            self._metrics.access_list_untimely.labels(reason).inc()
+            self._log.error("access_list_untimely", offered=str(access.stamp), reason=reason,
+                            detail=untimely.message)
             return False
-        if current is not None and access.epoch != current.epoch:
-            self._log.info("access_list_new_epoch", held=str(current.stamp),
-                           applied=str(access.stamp))
-        self._follow(access.oracle)
+        current = self.current
+        highest = max(self.floor, current.stamp) if current is not None else self.floor
+        if access.stamp < highest:
+            self._metrics.access_list_backwards.inc()
+            self._log.error("access_list_went_backwards", offered=str(access.stamp),
+                            held=str(current.stamp) if current is not None else None,
+                            floor=str(self.floor),
+                            detail="refused: a replayed list, or an oracle restored with"
+                                   " its clock behind the epoch of a list applied before")
+            return False
+        lapsed = current is not None and current.expired(now)
+        if current is not None and access.stamp == current.stamp:
+            if access.valid_until_ms <= current.valid_until_ms:
+                return False  # the one in force, or an older signing of it
+            if not access.same_content(current):
+                self._metrics.access_list_backwards.inc()
+                self._log.error("access_list_stamp_reused", stamp=str(access.stamp),
+                                detail="refused: another list under the stamp in force (an"
+                                       " oracle restored with its clock behind?)")
+                return False
+            self._install(access)
+            self._log.debug("access_list_refreshed", stamp=str(access.stamp),
+                            valid_until_ms=access.valid_until_ms)
+        else:
+            if current is not None and access.epoch != current.epoch:
+                self._log.info("access_list_new_epoch", held=str(current.stamp),
+                               applied=str(access.stamp))
+            self._follow(access.oracle)
+            self._install(access)
+            self._log.info("access_list_applied", epoch=access.epoch, version=access.version,
+                           enrolled=len(access.groups), revoked=len(access.revoked),
+                           valid_until_ms=access.valid_until_ms)
+        if lapsed:
+            self._log.warning("access_list_valid_again", stamp=str(access.stamp),
+                              detail="the oracle is heard from again")
+        self._refuse_watched()
+        return True
+
+    def _install(self, access: AccessList) -> None:
         self.current = access
         self._loaded.set()
-        self._log.info("access_list_applied", epoch=access.epoch, version=access.version,
-                       enrolled=len(access.groups), revoked=len(access.revoked))
+        self._applied.set()
+
+    def _refuse_watched(self) -> None:
+        """Close every watched session whose key the relay refuses now."""
         for key in list(self._watchers):
             error = self.refusal(key)
             if error is not None:
                 for callback in list(self._watchers.get(key, ())):
                     callback(error)
-        return True
+
+    async def _alarm_forever(self) -> None:
+        """When the list in force lapses: warn (again every _REMIND_S while it stays lapsed)
+        and, under fail-closed, disconnect every session but the oracle's."""
+        while True:
+            self._applied.clear()
+            current = self.current
+            wait_s: float | None = None  # until a list is applied
+            if current is not None:
+                wait_s = (current.valid_until_ms - now_ms()) / 1000
+                if wait_s <= 0:
+                    self._log.warning(
+                        "access_list_expired", stamp=str(current.stamp),
+                        lapsed_s=round(-wait_s, 1), valid_until_ms=current.valid_until_ms,
+                        on_expiry="fail-closed" if self._fail_closed else "alarm",
+                        detail="the oracle has not been heard from: "
+                               + ("refusing every key but the oracle's" if self._fail_closed
+                                  else "still enforcing the lapsed list, which misses any"
+                                       " revocation since"))
+                    if self._fail_closed:
+                        self._refuse_watched()
+                    wait_s = _REMIND_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._applied.wait()
 
     def follow_chain(self, document: bytes) -> bool:
         """Take the oracle's key chain alone (`GET /v1/oracle-key-chain`); True if it led
@@ -221,62 +345,3 @@ class AccessControl:
                           " new one (--oracle-key) when convenient: the old still works")
         self._oracle = key
         return True
-
-    def _authorization(self) -> str:
-        assert self._oracle is not None
-        request = AccessRequest(self._identity.public, self._oracle, now_ms(),
-                                os.urandom(REQUEST_NONCE_BYTES))
-        return request.authorization(self._identity)
-
-    async def _poll_forever(self) -> None:
-        """Long-poll the oracle; each answer is a list to try, or "nothing new yet"."""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
-        retry_s = _RETRY_MIN_S
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            while True:
-                try:
-                    at_once = await self._poll_once(http)
-                except (aiohttp.ClientError, TimeoutError, ProtocolError) as exc:
-                    self._log.warning("access_list_fetch_failed", url=self._url,
-                                      error=f"{type(exc).__name__}: {exc}", retry_s=retry_s)
-                    at_once = False
-                if at_once:
-                    retry_s = _RETRY_MIN_S
-                    continue
-                await asyncio.sleep(retry_s)
-                retry_s = min(retry_s * 2, _RETRY_MAX_S)
-
-    async def _poll_once(self, http: aiohttp.ClientSession) -> bool:
-        """One long-poll; True if the next may start at once (a list applied, or none newer).
-
-        The oracle answers at once whenever its stamp differs from ours, so a list
-        we refuse (older) would come straight back: the caller backs off instead.
-        """
-        stamp = self.current.stamp if self.current is not None else Stamp(0, 0)
-        async with http.get(self._url, params={"epoch": str(stamp.epoch),
-                                               "after": str(stamp.version)},
-                            headers={"Authorization": self._authorization()}) as response:
-            if response.status == 200:
-                return self.apply(await response.read())
-            if response.status == 204:
-                return True
-            if response.status == 401:  # also for a moment at start, until the oracle has
-                # connected to this relay and so learned its key
-                self._log.warning("access_list_unauthorized", relay_key=self._identity.public.text,
-                                  reason=(await response.text())[:200],
-                                  detail="the oracle does not accept this relay's key: add it to"
-                                         " the oracle's --relay-key list")
-            else:
-                raise aiohttp.ClientResponseError(response.request_info, (),
-                                                  status=response.status,
-                                                  message=response.reason or "")
-        # Refused: or the oracle restarted with a new key that this relay refuses until it
-        # knows the chain, and so cannot connect here to learn this relay's key.
-        return await self._fetch_chain(http)
-
-    async def _fetch_chain(self, http: aiohttp.ClientSession) -> bool:
-        """Follow the oracle's published key chain; True (poll again at once) if it moved."""
-        async with http.get(self._chain_url) as response:
-            if response.status != 200:
-                return False
-            return self.follow_chain(await response.read())

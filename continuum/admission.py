@@ -1,7 +1,7 @@
 """Pure decision: may this envelope, from this authenticated connection, be stored?
 
 No I/O here: the session calls it with the connection's key and the current
-time, so every rule (sender binding, TTL bound, clock skew, signature) is
+time, so every rule (origin, sender binding, TTL bound, clock skew, signature) is
 tested without a socket.  Cheap checks run before the signature verify, so
 garbage costs a decode and nothing more; the recipient point check (a scalar
 multiplication per key unless remembered) runs after it, so only a sender
@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from proto import Envelope, PublicKey
+from proto.envelope import check_sent_by_device
 from proto.errors import InvalidFieldError, StaleError, WrongSenderError
 
 from .settings import Settings
@@ -22,6 +23,7 @@ from .settings import Settings
 def admit(envelope: Envelope, connection_key: PublicKey, now_ms: int, settings: Settings,
           observe_verify: Callable[[float], None] | None = None) -> None:
     """Return if the decoded envelope may be stored; else raise the ProtocolError saying why."""
+    check_sent_by_device(envelope)
     if envelope.sender != connection_key:
         raise WrongSenderError(
             f"envelope sender {envelope.sender.text} is not this connection's key")

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proto.errors import ProtocolError
 from runtime.client_address import client_address
 
+from .access import ListState
 from .connection_gate import ConnectionRefused
 from .context import RelayContext
 from .session import DeviceSession
@@ -41,13 +42,23 @@ async def connect(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """503 while the store cannot take a message; 200 otherwise, with the access list's state.
+
+    A relay without a valid access list answers 200 ("access_list_missing" or
+    "_expired"): every replica shares the oracle, so taking replicas out of
+    service or restarting them (what probes do on a 503) would not bring the
+    oracle back, and a restart would only forget what the relay knows.
+    """
     relay = request.app[RELAY_KEY]
     try:
         await relay.store.ping()
     except ProtocolError as exc:
         return web.json_response({"status": "store_unavailable", "detail": exc.message},
                                  status=503)
-    return web.json_response({"status": "ok", "relay_key": relay.identity.public.text})
+    state = relay.access.state
+    status = "ok" if state in (ListState.OFF, ListState.VALID) else f"access_list_{state}"
+    return web.json_response({"status": status, "relay_key": relay.identity.public.text,
+                              "access_list": relay.access.health()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from proto import Kind, PublicKey, seal_envelope
+from proto import Kind, Origin, PublicKey, seal_envelope
 from proto.errors import ProtocolError
 from proto.payloads import EXPIRY_ENTRY_BYTES, MAX_EXPIRY_ENTRIES, ExpiryNotice
 from runtime.clock import now_ms
@@ -51,7 +51,7 @@ async def expire_due(relay: RelayContext) -> int:
         by_sender: defaultdict[PublicKey, list[tuple[bytes, PublicKey]]] = defaultdict(list)
         for message in expired:
             relay.metrics.expired.inc()
-            if message.kind is not Kind.EXPIRY:  # a notice about a notice helps no one
+            if message.origin is Origin.DEVICE:  # a notice about a notice helps no one
                 by_sender[message.sender].append((message.msg_id, message.recipient))
         for sender, entries in by_sender.items():
             per_notice = entries_per_notice(relay.settings.max_envelope_bytes)

@@ -34,8 +34,22 @@ class RelayMetrics:
         self.access_list_backwards = Counter(
             "continuum_access_list_backwards",
             "Signed access lists refused because their (epoch, version) is older than the one"
-            " in force: a replay, or an oracle restored with its clock behind",
+            " in force or the store's floor, or is the one in force with other content: a"
+            " replay, or an oracle restored with its clock behind",
             registry=self.registry)
+        self.access_list_untimely = Counter(
+            "continuum_access_list_untimely",
+            "Signed access lists refused because they had lapsed (valid_until_ms passed) or were"
+            " issued ahead of this relay's clock", ["reason"], registry=self.registry)
+        self.access_list_age = Gauge(
+            "continuum_access_list_age_seconds",
+            "Seconds since the oracle signed the access list in force (NaN: none yet); the"
+            " oracle signs it again every half validity, so more means it is not heard from",
+            registry=self.registry)
+        self.access_list_expired = Gauge(
+            "continuum_access_list_expired",
+            "1 while the relay holds no valid access list (none yet, or the one held lapsed):"
+            " under fail-closed it then admits only the oracle", registry=self.registry)
         self.connected = Gauge("continuum_connected_devices",
                                "Authenticated device connections", registry=self.registry)
         self.open_sockets = Gauge("continuum_open_sockets",

@@ -18,6 +18,7 @@ from proto import Identity
 from runtime.listener import SocketCap, listen
 
 from .access import AccessControl
+from .access_fetch import AccessListFetcher
 from .app import CONNECT_PATH, create_app
 from .connection_gate import ConnectionGate
 from .context import RelayContext
@@ -49,6 +50,7 @@ class RelayServer:
         self._listener: asyncio.Server | None = None
         self.sockets: SocketCap | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._fetcher: AccessListFetcher | None = None
         self.port = settings.port
 
     @property
@@ -68,8 +70,8 @@ class RelayServer:
         identity = load_relay_identity(settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
         metrics = RelayMetrics()
-        access = AccessControl(settings.oracle_url, settings.oracle_key,
-                               settings.require_enrollment, identity, metrics, log)
+        access = AccessControl(settings, metrics, log)
+        self._fetcher = AccessListFetcher(access, settings, identity, store, log)
         gate = ConnectionGate(
             max_pending_per_address=settings.max_pending_handshakes_per_address,
             max_per_address=settings.max_connections_per_address,
@@ -94,15 +96,19 @@ class RelayServer:
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()
+        await self._fetcher.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
                  settings=settings.describe())
 
     async def stop(self) -> None:
         """Stop serving and close the store; safe to call twice."""
         sweeper, runner, relay, listener = self._sweeper, self._runner, self.relay, self._listener
+        fetcher, self._fetcher = self._fetcher, None
         self._sweeper = self._runner = self.relay = self._listener = None
         if listener is not None:
             listener.close()  # accept nothing more; open sockets are shut down by the runner
+        if fetcher is not None:
+            await fetcher.stop()
         if relay is not None:
             await relay.access.stop()
         if sweeper is not None:

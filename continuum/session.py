@@ -244,7 +244,11 @@ class DeviceSession:
 
     async def _close(self, code: int, reason: str) -> None:
         """The WebSocket close handshake, bounded: a peer that does not answer (or does not
-        read our CLOSE) is aborted, so its socket and unsent data are freed now."""
+        read our CLOSE) is aborted, so its socket and unsent data are freed now.  A peer
+        that never authenticated gets no handshake at all: refusals cost no lingering."""
+        if self._protocol.device_key is None:
+            self._ws.close_at_once(code, reason.encode())
+            return
         try:
             async with asyncio.timeout(self._relay.settings.close_timeout_s):
                 await self._ws.close(code=code, message=reason.encode())

@@ -18,8 +18,14 @@ from proto import Identity, PublicKey
 from proto.errors import InvalidFieldError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
 from runtime.settings import describe, load_settings, repeatable
+from runtime.tls import server_context, verifying_context
 
 from runtime.client_address import Network, are_networks, parse_networks
+
+
+# What a relay does while it holds no valid access list (`access_list_expired`).
+FAIL_CLOSED, ALARM = "fail-closed", "alarm"
+ON_EXPIRY = (FAIL_CLOSED, ALARM)
 
 
 @dataclass(frozen=True)
@@ -78,11 +84,20 @@ class Settings:
     max_invalid_frames: int = 100
     heartbeat_s: float = 30.0
     log_level: str = "info"
-    # Access control: the oracle's base URL (empty: off) and public key (cpk_…).
+    # Access control: the oracle's base URL (empty: off; https:// outside one host) and
+    # public key (cpk_…).
     oracle_url: str = ""
     oracle_key: str = ""
+    # A CA bundle (PEM) an https:// oracle's certificate is verified against (a private CA);
+    # empty: the system's trust store.
+    oracle_ca_file: str = ""
     # Accept only keys the oracle enrolled, so anonymous keys cannot spam devices.
     require_enrollment: bool = False
+    # What the relay does while it holds no valid access list (none yet, or the one it has
+    # lapsed: the oracle is unreachable): `fail-closed` refuses every key but the oracle's
+    # and disconnects the rest; `alarm` keeps enforcing the lapsed list.  Both alarm (log,
+    # metrics, /healthz).  README "When the oracle goes silent".
+    access_list_expired: str = FAIL_CLOSED
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -95,12 +110,12 @@ class Settings:
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server TLS context, built from the PEM files; None for plain ws://."""
-        if not self.tls_cert:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(self.tls_cert, self.tls_key)
-        return context
+        return server_context(self.tls_cert, self.tls_key) if self.tls_cert else None
+
+    def oracle_tls_context(self) -> ssl.SSLContext | bool:
+        """How an `https://` oracle is verified: against `oracle_ca_file` (a private CA), else
+        the system's store (True, aiohttp's default)."""
+        return verifying_context(self.oracle_ca_file) if self.oracle_ca_file else True
 
     @functools.cached_property
     def trusted_networks(self) -> tuple[Network, ...]:
@@ -148,6 +163,10 @@ class Settings:
                 ("oracle_url needs oracle_key", not self.oracle_url or bool(self.oracle_key)),
                 ("require_enrollment needs oracle_url", not self.require_enrollment
                  or bool(self.oracle_url)),
+                (f"access_list_expired must be one of {', '.join(ON_EXPIRY)}",
+                 self.access_list_expired in ON_EXPIRY),
+                ("oracle_url must be http:// or https://", not self.oracle_url
+                 or self.oracle_url.startswith(("http://", "https://"))),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

@@ -23,6 +23,8 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
 _FIN_BINARY = 0x82
+_FIN_CLOSE = 0x88
+_CLOSE_CODE = struct.Struct("!H")
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
@@ -117,6 +119,25 @@ class DeviceWebSocket(web.WebSocketResponse):
         transport = self._stream.transport if self._stream is not None else None
         if queued and not self.closed and transport is not None and not transport.is_closing():
             transport.write(b"".join(queued))
+
+    def close_at_once(self, code: int, reason: bytes) -> None:
+        """Send what is queued and a CLOSE frame, then end the TCP connection without waiting
+        for the peer's CLOSE (RFC 6455 §7.1.1 lets the server close TCP first).
+
+        For peers that never authenticated: a flood that ignores our CLOSE would
+        otherwise keep each refused socket, and the objects behind it, alive for
+        the whole close timeout.  What the kernel does not take at once (only a
+        peer that reads nothing leaves any) is dropped rather than kept.
+        """
+        self.flush()
+        transport = self._stream.transport if self._stream is not None else None
+        if transport is None or transport.is_closing():
+            return
+        payload = _CLOSE_CODE.pack(code) + reason[:123]  # control frames carry <= 125 bytes
+        transport.write(_SHORT.pack(_FIN_CLOSE, len(payload)) + payload)
+        transport.close()
+        if transport.get_write_buffer_size():
+            transport.abort()
 
     async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
         """Frames queued before the close go out before the CLOSE frame, as if sent at once.

@@ -217,6 +217,7 @@ async def access_list(request: web.Request) -> web.Response:
     """Long-poll for the signed access list, for relays that sign the request (SPEC §12).
 
     Answered from the publisher's cached list: a poll never touches the database.
+    `valid_until` is when the relay's list lapses, so it gets each refresh of it.
     """
     oracle = _oracle(request)
     try:
@@ -226,9 +227,11 @@ async def access_list(request: web.Request) -> web.Response:
                                  headers={"WWW-Authenticate": "Continuum-Relay"})
     try:
         held = Stamp(int(request.query.get("epoch", "0")), int(request.query.get("after", "0")))
+        held_until_ms = int(request.query.get("valid_until", "0"))
     except ValueError:
-        raise InvalidInput("epoch and after must be integers") from None
-    published = await oracle.publisher.wait_changed(held, oracle.settings.longpoll_s)
+        raise InvalidInput("epoch, after and valid_until must be integers") from None
+    published = await oracle.publisher.wait_changed(held, held_until_ms,
+                                                    oracle.settings.longpoll_s)
     if published is None:
         return web.Response(status=204)
     return web.Response(body=published.document, content_type=ACCESS_LIST_CONTENT_TYPE,

@@ -1,10 +1,19 @@
 """The signed access list, built once per change and served to relays from memory.
 
-A relay asks `GET /v1/access-list?epoch=E&after=V`; if the oracle's list has
-another stamp it answers at once, else it holds the request until a change
-(revocation, enrolment, group membership) or `longpoll_s`, then answers 204.
+A relay asks `GET /v1/access-list?epoch=E&after=V&valid_until=T`; if the
+oracle's list has another stamp, or the same one valid for longer than T, it
+answers at once, else it holds the request until a change (revocation,
+enrolment, group membership), a refresh or `longpoll_s`, then answers 204.
 The relay drives the loop, so a relay that was down simply asks again;
 nothing is pushed into the void.
+
+Refresh: every list is valid for `validity_ms` (SPEC §12).  Once half of that
+has passed the list is signed again, same stamp and content, valid from then
+on, and every waiting long-poll is answered with it: so a relay in touch with
+the oracle always holds a list with at least half its validity left, and one
+that is cut off finds out by its own clock.  The stamp stays because it names
+the content, and counting refreshes in the database would mean a write every
+few minutes and versions that grow with time instead of with changes.
 
 Reading the database per request made every poll a full-table read inside
 the writers' lock (20 pollers took the admin API median from 1 ms to 437 ms).
@@ -50,11 +59,12 @@ class Published:
 class AccessListPublisher:
     def __init__(self, registry: Registry, identity: Identity,
                  log: structlog.typing.FilteringBoundLogger,
-                 chain: OracleKeyChain = OracleKeyChain()) -> None:
+                 chain: OracleKeyChain = OracleKeyChain(), *, validity_ms: int) -> None:
         self._registry = registry
         self._identity = identity
         self._chain = chain
         self._log = log
+        self._validity_ms = validity_ms
         self._published: Published | None = None
         self._stale = True
         self._rebuild: asyncio.Task[None] | None = None
@@ -68,15 +78,21 @@ class AccessListPublisher:
         self._start_rebuild()
 
     async def current(self) -> Published:
-        """The list as of the last committed change (waits for a rebuild in progress)."""
+        """The list as of the last committed change (waits for a rebuild in progress),
+        signed again first if half its validity has passed."""
         while self._stale or self._published is None:
             await asyncio.shield(self._start_rebuild())
+        if now_ms() >= self._refresh_due_ms(self._published):
+            self._refresh(self._published)
         return self._published
 
-    async def wait_changed(self, held: Stamp, timeout_s: float) -> Published | None:
-        """The list once its stamp differs from `held`; None if it did not within `timeout_s`.
+    async def wait_changed(self, held: Stamp, held_until_ms: int,
+                           timeout_s: float) -> Published | None:
+        """The list once it differs from the relay's: another stamp than `held`, or the
+        same one valid for longer than `held_until_ms` (a refresh the relay lacks); None
+        if neither happened within `timeout_s`.
 
-        "Differs", not "is newer": a relay that holds a newer stamp than this
+        "Another", not "newer": a relay that holds a newer stamp than this
         oracle (one restored with its clock behind) gets this list at once, so
         it refuses it and raises its alarm instead of waiting in silence.
         """
@@ -90,12 +106,27 @@ class AccessListPublisher:
                     self._log.warning("relay_holds_newer_access_list", relay_stamp=str(held),
                                       oracle_stamp=str(published.stamp))
                 return published
+            if published.access.valid_until_ms > held_until_ms:
+                return published
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
+            # Wake for a change, or when the list is due to be signed again.
+            refresh_in = (self._refresh_due_ms(published) - now_ms()) / 1000
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(max(0.0, min(remaining, refresh_in))):
                     await changed.wait()
+
+    def _refresh_due_ms(self, published: Published) -> int:
+        return published.access.issued_at_ms + self._validity_ms // 2
+
+    def _refresh(self, published: Published) -> None:
+        """Sign the same list again, valid from now; waiting long-polls are answered with it."""
+        issued_at = now_ms()
+        access = published.access.refreshed(issued_at, issued_at + self._validity_ms)
+        self._install(Published(access, access.sign(self._identity)))
+        self._log.debug("access_list_refreshed", stamp=str(access.stamp),
+                        valid_until_ms=access.valid_until_ms)
 
     def _start_rebuild(self) -> asyncio.Task[None]:
         if self._rebuild is None or self._rebuild.done():
@@ -119,13 +150,19 @@ class AccessListPublisher:
     def _publish(self, snapshot: AccessSnapshot) -> None:
         numbers = {group: number for number, group in
                    enumerate(sorted({g for ids in snapshot.groups.values() for g in ids}))}
+        issued_at = now_ms()
         access = AccessList(
-            snapshot.epoch, snapshot.version, now_ms(), self._identity.public,
+            snapshot.epoch, snapshot.version, issued_at, issued_at + self._validity_ms,
+            self._identity.public,
             {self._key(text): frozenset(numbers[g] for g in snapshot.groups.get(text, ()))
              for text in snapshot.enrolled},
             frozenset(self._key(text) for text in snapshot.revoked),
             {self._key(text): until for text, until in snapshot.draining.items()}, self._chain)
-        self._published = Published(access, access.sign(self._identity))
+        self._install(Published(access, access.sign(self._identity)))
+
+    def _install(self, published: Published) -> None:
+        """Serve `published` from now on, and wake every waiting long-poll."""
+        self._published = published
         self._changed.set()
         self._changed = asyncio.Event()
 

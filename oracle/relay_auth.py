@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from proto import PublicKey
-from proto.access import MAX_REQUEST_SKEW_MS, AccessRequest
+from proto.access import ORACLE_CLOCK_SKEW_MS, AccessRequest
 from proto.errors import UnauthenticatedError
 
 # Nonces of accepted requests, kept while a replay could still pass the clock check.
@@ -51,7 +51,7 @@ class RelayAuth:
             raise UnauthenticatedError("relay token already used (replay)")
         if len(self._nonces) >= _MAX_NONCES:
             raise UnauthenticatedError("too many relay requests in the last minutes; retry")
-        self._nonces[request.nonce] = now_ms + 2 * MAX_REQUEST_SKEW_MS
+        self._nonces[request.nonce] = now_ms + 2 * ORACLE_CLOCK_SKEW_MS
         return request.relay
 
     def _forget_expired(self, now_ms: int) -> None:

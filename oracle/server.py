@@ -48,7 +48,8 @@ class OracleServer:
     def url(self) -> str:
         host = self.settings.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.settings.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     async def create_admin(self, username: str, password: str | None = None) -> str:
         """Create an administrator; returns the (generated unless given) password."""
@@ -76,7 +77,9 @@ class OracleServer:
             registry = Registry(db, changed)
             epoch = await registry.begin_epoch()
             log = log.bind(epoch=epoch)
-            publisher = AccessListPublisher(registry, self.identity, log, self.chain)
+            publisher = AccessListPublisher(registry, self.identity, log, self.chain,
+                                            validity_ms=int(self.settings.access_list_validity_s
+                                                            * 1000))
             await publisher.current()  # the first list is signed before anyone may ask for it
             pusher = Pusher(registry, publisher, self.identity, self.settings, log, self.chain)
             relay_auth = RelayAuth(self.identity.public,
@@ -102,7 +105,7 @@ class OracleServer:
 
             self.connections = SocketCap(self._runner.server, limit, refused)
             self._listener = await listen(self.connections, self.settings.host,
-                                          self.settings.port)
+                                          self.settings.port, self.settings.tls_context())
         except BaseException:
             if self.oracle is None:
                 await db.close()

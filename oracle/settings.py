@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,8 +17,11 @@ from proto import PublicKey
 from proto.errors import ProtocolError
 from runtime.client_address import Network, are_networks, parse_networks
 from runtime.settings import describe, load_settings, repeatable
+from runtime.tls import server_context
 
 ENV_PREFIX = "CONTINUUM_ORACLE_"
+# A week: a list signed for longer would outlive any revocation a relay could miss.
+MAX_VALIDITY_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,11 @@ class OracleSettings:
     relay_keys: tuple[str, ...] = repeatable("relay-key", "relay public key (cpk_…)")
     # How long a relay's long-poll for a newer access list is held open.
     longpoll_s: float = 25.0
+    # How long a signed access list is valid (SPEC §12): the oracle signs it again when half
+    # of that is left, and a relay that stops hearing from the oracle acts on its
+    # --access-list-expired setting once it lapses.  So this bounds how long a revoked key
+    # can still use a relay that the oracle cannot reach (README).
+    access_list_validity_s: float = 600.0
     # Lifetime of a peer-change envelope in an offline device's mailbox.
     push_ttl_s: int = 7 * 24 * 3600
     # How long one peer-change send may wait for a relay before it is retried later.
@@ -59,7 +68,15 @@ class OracleSettings:
     trusted_proxies: tuple[str, ...] = repeatable("trusted-proxy", "network (CIDR)")
     # Set when the dashboard is served over HTTPS, so the session cookie is Secure.
     secure_cookies: bool = False
+    # Serve https:// with this certificate chain and key (PEM files): relays fetch the access
+    # list over it.  Both empty: plain http://, e.g. on one host or behind a TLS proxy.
+    tls_cert: str = ""
+    tls_key: str = ""
     log_level: str = "info"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The server TLS context, built from the PEM files; None for plain http://."""
+        return server_context(self.tls_cert, self.tls_key) if self.tls_cert else None
 
     @functools.cached_property
     def trusted_networks(self) -> tuple[Network, ...]:
@@ -73,6 +90,9 @@ class OracleSettings:
         problems = [message for message, ok in [
             ("port must be 0..65535", 0 <= self.port <= 65535),
             ("longpoll_s must be in (0, 120]", 0 < self.longpoll_s <= 120),
+            (f"access_list_validity_s must be in [1, {MAX_VALIDITY_S}]",
+             1 <= self.access_list_validity_s <= MAX_VALIDITY_S),
+            ("tls_cert and tls_key go together", bool(self.tls_cert) == bool(self.tls_key)),
             ("push_ttl_s must be >= 60", self.push_ttl_s >= 60),
             ("reseal_after_s must be >= 1", self.reseal_after_s >= 1),
             ("rotation_drain_s must be >= 0", self.rotation_drain_s >= 0),

@@ -6,7 +6,7 @@ the oracle's public key, holding no private key of the oracle).
 
 Access list (canonical CBOR, decoded as strictly as an envelope):
 
-    [epoch, version, issued_at_ms, oracle_key(32),
+    [epoch, version, issued_at_ms, valid_until_ms, oracle_key(32),
      enrolled[[key(32), groups[uint…]]…], revoked[key(32)…], signature(64)]
 
 or, once keys have been rotated, with two more elements before the signature:
@@ -20,6 +20,13 @@ the signature.  Group numbers name groups within one list only: a relay needs to
 know whether two keys share a group, not which group it is, and a number of
 one or two bytes per membership keeps a 10,000-device list near 40 bytes per
 device (a list of peers per key would grow with the square of a group's size).
+
+`valid_until_ms` bounds how long a relay may act on the list: the oracle signs
+the same content again (a refresh: same stamp, later expiry) long before it
+lapses, so a relay that stops hearing from the oracle finds out by its own
+clock within one validity window, and a captured list is worthless once it
+has lapsed (SPEC §12).  Lists from before the field (7 or 9 elements) are
+refused: any of them could be a year-old list re-admitting a revoked key.
 
 `draining` holds the old keys of rotated devices, each until when it may still
 fetch its mailbox (and nothing else); `oracle_chain` is the oracle's
@@ -43,7 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Collection, KeysView, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from itertools import pairwise
 from typing import NamedTuple
@@ -63,14 +70,16 @@ ORACLE_KEY_CHAIN_PATH = "/v1/oracle-key-chain"
 ACCESS_LIST_CONTENT_TYPE = "application/cbor"
 RELAY_AUTH_SCHEME = "Continuum-Relay"
 REQUEST_NONCE_BYTES = 16
-# How far a request's clock may be from the oracle's; also how long the oracle keeps nonces.
-MAX_REQUEST_SKEW_MS = 60_000
+# How far a relay's clock may be from the oracle's: a request's issued_at either way (the
+# oracle keeps nonces twice this long), a list's issued_at ahead of the relay's clock.
+ORACLE_CLOCK_SKEW_MS = 60_000
 # About 40 bytes per enrolled key: room for about 200,000 devices.
 MAX_ACCESS_LIST_BYTES = 8 * 1024 * 1024
 MAX_GROUP_NUMBER = 2**32 - 1
 _MAX_REQUEST_BYTES = 256
-_LIST_FIELDS = 7
-_ROTATED_LIST_FIELDS = 9
+_LIST_FIELDS = 8
+_ROTATED_LIST_FIELDS = 10
+_FIELDS_BEFORE_EXPIRY = (7, 9)
 _REQUEST_FIELDS = 5
 
 
@@ -158,7 +167,8 @@ class AccessList:
     """Which keys may use the relays and who may write to whom; stamps only ever grow.
 
     `groups` maps every enrolled key to the numbers of its peer groups (empty:
-    in no group).  The rule it carries (SPEC §12): a managed key may be written
+    in no group).  `valid_until_ms` (after `issued_at_ms`) is when the list lapses:
+    `timeliness` says whether a relay may act on it now.  The rule it carries (SPEC §12): a managed key may be written
     to by the oracle, and by an enrolled key sharing at least one group with it.
     `draining` maps the old key of each rotated device to the time (Unix ms) until
     which it may still fetch its mailbox and nothing else; `oracle_chain` is how
@@ -168,6 +178,7 @@ class AccessList:
     epoch: int
     version: int
     issued_at_ms: int
+    valid_until_ms: int
     oracle: PublicKey
     groups: Mapping[PublicKey, frozenset[int]]
     revoked: frozenset[PublicKey]
@@ -183,6 +194,37 @@ class AccessList:
         """Every enrolled key (a view: membership is O(1))."""
         return self.groups.keys()
 
+    def expired(self, now_ms: int) -> bool:
+        """Whether the list has lapsed by the clock `now_ms` (no allowance: see `timeliness`)."""
+        return now_ms >= self.valid_until_ms
+
+    def timeliness(self, now_ms: int) -> StaleError | None:
+        """Why a relay must not act on this list at `now_ms`; None if it may.
+
+        Issued more than ORACLE_CLOCK_SKEW_MS ahead of the relay's clock: one of the
+        two clocks is wrong, and a relay whose clock runs behind would keep the list
+        longer than the oracle meant.  Lapsed: no allowance, because the oracle
+        refreshes a list when half its validity is left, so a relay whose clock runs
+        ahead by less than that never sees a list it polls for lapse, and an allowance
+        would only lengthen the life of a list that revokes too little.
+        """
+        if self.issued_at_ms > now_ms + ORACLE_CLOCK_SKEW_MS:
+            return StaleError(f"access list {self.stamp} issued"
+                              f" {(self.issued_at_ms - now_ms) / 1000:.0f}s ahead of this"
+                              f" clock (limit {ORACLE_CLOCK_SKEW_MS // 1000}s)")
+        if self.expired(now_ms):
+            return StaleError(f"access list {self.stamp} lapsed"
+                              f" {(now_ms - self.valid_until_ms) / 1000:.0f}s ago")
+        return None
+
+    def refreshed(self, issued_at_ms: int, valid_until_ms: int) -> AccessList:
+        """The same list (same stamp and content) with a new validity, to sign again."""
+        return replace(self, issued_at_ms=issued_at_ms, valid_until_ms=valid_until_ms)
+
+    def same_content(self, other: AccessList) -> bool:
+        """Whether `other` says all this list says (it is a refresh of it, or this one)."""
+        return self.refreshed(other.issued_at_ms, other.valid_until_ms) == other
+
     def shares_group(self, sender: PublicKey, recipient: PublicKey) -> bool:
         """Whether both keys are enrolled in at least one common group; O(groups of one key)."""
         mine, theirs = self.groups.get(sender), self.groups.get(recipient)
@@ -191,7 +233,7 @@ class AccessList:
     def _body(self) -> list:
         # Sorted by raw bytes (the same order as PublicKey's, without 10,000s of __lt__ calls).
         enrolled = sorted((key.raw, sorted(groups)) for key, groups in self.groups.items())
-        body = [self.epoch, self.version, self.issued_at_ms, self.oracle.raw,
+        body = [self.epoch, self.version, self.issued_at_ms, self.valid_until_ms, self.oracle.raw,
                 [list(entry) for entry in enrolled], sorted(key.raw for key in self.revoked)]
         if self.draining or self.oracle_chain.links:
             body += [sorted([key.raw, until] for key, until in self.draining.items()),
@@ -202,6 +244,8 @@ class AccessList:
         """The signed wire form; `identity` must be the oracle named in the list."""
         if identity.public != self.oracle:
             raise InvalidFieldError("an access list is signed by the oracle it names")
+        if self.valid_until_ms <= self.issued_at_ms:
+            raise InvalidFieldError("an access list must be valid for some time after it is issued")
         chain_end = self.oracle_chain.current
         if chain_end is not None and chain_end != self.oracle:
             raise InvalidFieldError("the oracle key chain must end at the list's oracle")
@@ -213,13 +257,19 @@ class AccessList:
         """Decode and check the signature; SignatureError unless `oracle` signed it, or a
         key that the list's oracle chain leads to from `oracle` (the oracle rotated)."""
         value = canonical.decode(data, max_size=MAX_ACCESS_LIST_BYTES, what="access list")
+        if type(value) is list and len(value) in _FIELDS_BEFORE_EXPIRY:
+            raise DecodeError("access list without valid_until_ms (from an oracle older than"
+                              " this relay): refused, it could be any age")
         if type(value) is not list or len(value) not in (_LIST_FIELDS, _ROTATED_LIST_FIELDS):
             raise DecodeError(f"access list must be a CBOR array of {_LIST_FIELDS} or"
                               f" {_ROTATED_LIST_FIELDS} elements")
-        epoch, version, issued_at, key, enrolled, revoked = value[:6]
+        epoch, version, issued_at, valid_until, key, enrolled, revoked = value[:7]
         signature = value[-1]
-        for name, number in (("epoch", epoch), ("version", version), ("issued_at", issued_at)):
+        for name, number in (("epoch", epoch), ("version", version), ("issued_at", issued_at),
+                             ("valid_until", valid_until)):
             uint63(number, f"access list {name}")
+        if valid_until <= issued_at:
+            raise InvalidFieldError("access list valid_until_ms must be after issued_at_ms")
         if type(key) is not bytes or len(key) != KEY_BYTES:
             raise InvalidFieldError(f"access list oracle key must be {KEY_BYTES} bytes")
         if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
@@ -227,7 +277,7 @@ class AccessList:
         signer = PublicKey(key)
         chain = OracleKeyChain()
         if len(value) == _ROTATED_LIST_FIELDS:
-            chain = OracleKeyChain.from_value(value[7])
+            chain = OracleKeyChain.from_value(value[8])
             if chain.current is not None and chain.current != signer:
                 raise InvalidFieldError("the oracle key chain must end at the list's oracle")
         if signer != oracle and not chain.introduces(oracle, signer):
@@ -236,11 +286,12 @@ class AccessList:
         groups, revoked_keys = _enrolled(enrolled), _revoked(revoked)
         draining = _NOTHING_DRAINING
         if len(value) == _ROTATED_LIST_FIELDS:
-            draining = _draining(value[6], groups, revoked_keys)
+            draining = _draining(value[7], groups, revoked_keys)
             if not draining and not chain.links:
                 raise InvalidFieldError("an access list without draining keys or oracle key"
                                         f" changes has {_LIST_FIELDS} elements")
-        return cls(epoch, version, issued_at, signer, groups, revoked_keys, draining, chain)
+        return cls(epoch, version, issued_at, valid_until, signer, groups, revoked_keys, draining,
+                   chain)
 
 
 @dataclass(frozen=True)
@@ -275,7 +326,7 @@ class AccessRequest:
         with a key the oracle has since rotated away from still asks this oracle
         (and learns the chain from the list it gets).  UnauthenticatedError for a
         missing or malformed header, SignatureError, StaleError beyond
-        MAX_REQUEST_SKEW_MS.  Whether the relay key is allowed and the nonce
+        ORACLE_CLOCK_SKEW_MS.  Whether the relay key is allowed and the nonce
         unused is the oracle's to check.
         """
         scheme, _, token = header.strip().partition(" ")
@@ -299,8 +350,8 @@ class AccessRequest:
             raise InvalidFieldError(f"relay token nonce must be {REQUEST_NONCE_BYTES} bytes")
         if type(signature) is not bytes or len(signature) != SIGNATURE_BYTES:
             raise InvalidFieldError("relay token signature must be 64 bytes")
-        if abs(now_ms - issued_at) > MAX_REQUEST_SKEW_MS:
+        if abs(now_ms - issued_at) > ORACLE_CLOCK_SKEW_MS:
             raise StaleError(f"relay token issued {(now_ms - issued_at) / 1000:.0f}s from the"
-                             f" oracle's clock (limit {MAX_REQUEST_SKEW_MS // 1000}s)")
+                             f" oracle's clock (limit {ORACLE_CLOCK_SKEW_MS // 1000}s)")
         relay_key.verify(ACCESS_REQUEST_DOMAIN + canonical.encode(value[:-1]), signature)
         return cls(relay_key, named, issued_at, nonce)

@@ -34,6 +34,9 @@ class ErrorCode(IntEnum):
     NOT_PEER = 18
     QUOTA_EXCEEDED = 19
     SUPERSEDED = 20
+    ACCESS_LIST_UNAVAILABLE = 21
+    PREKEY_EXPIRED = 22
+    UNKNOWN_PREKEY = 23
 
 
 class ProtocolError(Exception):
@@ -138,6 +141,28 @@ class SupersededError(ProtocolError):
     code = ErrorCode.SUPERSEDED
 
 
+class AccessListUnavailableError(ProtocolError):
+    """The relay holds no valid access list (none yet, or the one it has lapsed): it admits
+    only the oracle until it has one again.  The relay's state, not the device's: retry,
+    here later or at another relay."""
+
+    code = ErrorCode.ACCESS_LIST_UNAVAILABLE
+
+
+class PrekeyExpiredError(ProtocolError):
+    """A signed prekey past its valid_until_ms: a sender must not seal to it, an oracle not
+    take it, and a recipient refuses a wrap sealed to it after that instant (SPEC §5)."""
+
+    code = ErrorCode.PREKEY_EXPIRED
+
+
+class UnknownPrekeyError(ProtocolError):
+    """A wrap names a prekey whose secret this device does not hold (never made, or deleted
+    after its retention): local only, and never answered by trying the identity key."""
+
+    code = ErrorCode.UNKNOWN_PREKEY
+
+
 _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -161,6 +186,9 @@ _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
         NotPeerError,
         QuotaExceededError,
         SupersededError,
+        AccessListUnavailableError,
+        PrekeyExpiredError,
+        UnknownPrekeyError,
     )
 }
 

@@ -36,8 +36,9 @@ import nacl.bindings
 
 from . import canonical
 from .channel import ChannelKeys
-from .errors import (ErrorCode, NotEnrolledError, ProtocolError, RateLimitedError, RevokedError,
-                     UnauthenticatedError, UnexpectedFrameError, error_for_code)
+from .errors import (AccessListUnavailableError, ErrorCode, NotEnrolledError, ProtocolError,
+                     RateLimitedError, RevokedError, UnauthenticatedError, UnexpectedFrameError,
+                     error_for_code)
 from .frames import NONCE_BYTES, Challenge, Error, Frame, Hello, Welcome, decode_frame, encode_frame
 from .keys import Identity, PublicKey
 from .limits import PROTOCOL_VERSION, Limits
@@ -51,7 +52,7 @@ EPHEMERAL_SEED_BYTES = nacl.bindings.crypto_kx_SEED_BYTES
 HANDSHAKE_FRAME_MAX_BYTES = 4096
 # Refusals a device can act on (stop retrying this key, or retry later); every
 # other failure is UNAUTHENTICATED with the reason in the message (SPEC §8).
-_REFUSALS_KEPT = (RevokedError, NotEnrolledError, RateLimitedError)
+_REFUSALS_KEPT = (RevokedError, NotEnrolledError, RateLimitedError, AccessListUnavailableError)
 F = TypeVar("F", bound=Frame)
 
 
@@ -213,8 +214,8 @@ class RelayHandshake:
     def refuse(self, error: ProtocolError) -> bytes:
         """The ERROR frame that ends a failed handshake (the caller then closes, 1008).
 
-        REVOKED, NOT_ENROLLED and RATE_LIMITED keep their codes; every other
-        failure is UNAUTHENTICATED, with the reason in the message.
+        REVOKED, NOT_ENROLLED, RATE_LIMITED and ACCESS_LIST_UNAVAILABLE keep their codes;
+        every other failure is UNAUTHENTICATED, with the reason in the message.
         """
         self.state = HandshakeState.FAILED
         code = error.code if isinstance(error, _REFUSALS_KEPT) else ErrorCode.UNAUTHENTICATED

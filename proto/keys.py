@@ -4,8 +4,16 @@ A device is its Ed25519 public key.  The text form is used everywhere a
 person sees a key (CLI, logs, config, dashboard), so it carries a short
 checksum: a mistyped key is refused instead of silently addressing nobody.
 
-    public key:  "cpk_" + base32(pk ‖ BLAKE2b-32(pk))      lower case, no padding
-    secret key:  "csk_" + base32(seed ‖ BLAKE2b-32(seed))
+    public key:  "cpk_" + base32(pk ‖ BLAKE2b-32(pk))                lower case, no padding
+    secret key:  "csk_" + base32(seed ‖ BLAKE2b-32("csk_" ‖ seed))
+
+The two checksums differ, so the forms are domain-separated: a secret's body
+pasted after "cpk_" fails its checksum instead of passing for a public key
+(which would show a secret wherever public keys are shown), and a public
+key's body after "csk_" fails instead of becoming a seed everyone knows.
+Only the secret's checksum covers its prefix: a public key is spelled as in
+protocol 1, so every key text in peer lists, databases and configuration
+stays valid; secret texts live in key files, which `Identity.load` rewrites.
 """
 
 from __future__ import annotations
@@ -36,16 +44,21 @@ _CHECKSUM_BYTES = 4
 _POINT_CACHE_SIZE = 16_384
 
 
-def _checksum(raw: bytes) -> bytes:
-    return hashlib.blake2b(raw, digest_size=_CHECKSUM_BYTES).digest()
+# What each form's checksum covers before the key bytes (see the module docstring).
+_CHECKSUM_DOMAIN = {PUBLIC_PREFIX: b"", SECRET_PREFIX: SECRET_PREFIX.encode("ascii")}
+
+
+def _checksum(prefix: str, raw: bytes, domain: bytes | None = None) -> bytes:
+    covered = _CHECKSUM_DOMAIN[prefix] if domain is None else domain
+    return hashlib.blake2b(covered + raw, digest_size=_CHECKSUM_BYTES).digest()
 
 
 def _to_text(prefix: str, raw: bytes) -> str:
-    body = base64.b32encode(raw + _checksum(raw)).decode("ascii").rstrip("=").lower()
+    body = base64.b32encode(raw + _checksum(prefix, raw)).decode("ascii").rstrip("=").lower()
     return prefix + body
 
 
-def _from_text(prefix: str, text: str, what: str) -> bytes:
+def _from_text(prefix: str, text: str, what: str, domain: bytes | None = None) -> bytes:
     if not isinstance(text, str) or not text.startswith(prefix):
         raise InvalidFieldError(f"{what} must start with {prefix!r}")
     body = text[len(prefix):].strip().upper()
@@ -56,11 +69,11 @@ def _from_text(prefix: str, text: str, what: str) -> bytes:
     if len(decoded) != KEY_BYTES + _CHECKSUM_BYTES:
         raise InvalidFieldError(f"{what} has the wrong length")
     raw, check = decoded[:KEY_BYTES], decoded[KEY_BYTES:]
-    if _checksum(raw) != check:
+    if _checksum(prefix, raw, domain) != check:
         raise InvalidFieldError(f"{what} checksum mismatch (typo?)")
     # The last base32 character carries 2 unused bits that b32decode ignores;
     # without this check a typo there would still name the same key.
-    if _to_text(prefix, raw) != prefix + body.lower():
+    if base64.b32encode(decoded).decode("ascii").rstrip("=") != body:
         raise InvalidFieldError(f"{what} is not in canonical form (typo at the end?)")
     return raw
 
@@ -142,7 +155,17 @@ class Identity:
 
     @classmethod
     def from_text(cls, text: str) -> Identity:
-        return cls(_from_text(SECRET_PREFIX, text, "secret key"))
+        try:
+            return cls(_from_text(SECRET_PREFIX, text, "secret key"))
+        except InvalidFieldError as error:
+            try:
+                _from_text(SECRET_PREFIX, text, "secret key", domain=b"")
+            except InvalidFieldError:
+                raise error from None
+            raise InvalidFieldError(
+                "secret key in the spelling of protocol 1 (its checksum does not cover the"
+                " prefix): write it to a key file (0600), which is rewritten in today's form"
+                " when read") from None
 
     def secret_text(self) -> str:
         """The secret's text form, for writing the key file only."""
@@ -164,6 +187,8 @@ class Identity:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as handle:
             handle.write(self.secret_text() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # a key is for good: never an empty file after a power cut
 
     @classmethod
     def load_or_create(cls, path: Path) -> Identity:
@@ -174,9 +199,27 @@ class Identity:
 
     @classmethod
     def load(cls, path: Path) -> Identity:
-        """Read a key file, refusing one that others can read."""
+        """Read a key file, refusing one that others can read.  A file written before
+        protocol 2 (its checksum did not cover the prefix) is rewritten in today's form."""
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise PermissionError(
                 f"{path} is readable by others (mode {mode:o}); run: chmod 600 {path}")
-        return cls.from_text(path.read_text(encoding="ascii").strip())
+        text = path.read_text(encoding="ascii").strip()
+        try:
+            return cls.from_text(text)
+        except InvalidFieldError as error:
+            try:
+                identity = cls(_from_text(SECRET_PREFIX, text, "secret key", domain=b""))
+            except InvalidFieldError:
+                raise error from None
+        replacement = path.with_name(path.name + ".upgrade")
+        replacement.unlink(missing_ok=True)
+        identity.save(replacement)
+        os.replace(replacement, path)
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return identity

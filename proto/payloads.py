@@ -14,15 +14,18 @@ from .canonical import uint63
 from .envelope import CONTENT_HASH_BYTES, MSG_ID_BYTES, Envelope
 from .errors import DecodeError, InvalidFieldError
 from .keys import KEY_BYTES, PublicKey
+from .prekeys import SignedPrekey
 
 _MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_PEERS = 1024
 
 
-def _array(data: bytes, length: int, what: str) -> list:
+def _array(data: bytes, length: int, what: str, optional: int = 0) -> list:
+    """A CBOR array of `length` elements, or up to `optional` more."""
     value = canonical.decode(data, max_size=_MAX_PAYLOAD_BYTES, what=what)
-    if type(value) is not list or len(value) != length:
-        raise DecodeError(f"{what} must be a CBOR array of {length} elements")
+    if type(value) is not list or not length <= len(value) <= length + optional:
+        raise DecodeError(f"{what} must be a CBOR array of {length} elements"
+                          + (f" (or {length + optional})" if optional else ""))
     return value
 
 
@@ -116,23 +119,42 @@ class PeerChange:
     `version` counts this device's lists; `epoch` is the oracle's epoch when
     the list was issued (see `Stamp`), so a restored oracle's lists outrank the
     ones it issued before the backup was taken.  Wire order: epoch, version, peers.
+
+    `prekeys` are the current signed prekeys of some of the peers (SPEC §6).  On
+    the wire they are an optional fourth element, parallel to `peers`: null, or
+    that peer's signed prekey (its owner is the peer beside it, so it is not
+    repeated).  A list without prekeys keeps the three-element form, the only
+    encoding of "no prekeys" (an all-null array is refused), byte for byte as
+    before prekeys existed.  Decoding verifies every prekey under its peer's key.
     """
 
     version: int
     peers: tuple[PublicKey, ...]
     epoch: int = 0
+    prekeys: tuple[SignedPrekey, ...] = ()
 
     @property
     def stamp(self) -> Stamp:
         return Stamp(self.epoch, self.version)
 
+    def prekeys_by_peer(self) -> dict[PublicKey, SignedPrekey]:
+        """Peer → its signed prekey, as `seal_envelope` takes them."""
+        return {prekey.owner: prekey for prekey in self.prekeys}
+
     def encode(self) -> bytes:
-        return canonical.encode([self.epoch, self.version,
-                                 [p.raw for p in sorted(set(self.peers))]])
+        peers = sorted(set(self.peers))
+        fields = [self.epoch, self.version, [p.raw for p in peers]]
+        if self.prekeys:
+            by_owner = self.prekeys_by_peer()
+            if len(by_owner) != len(self.prekeys) or not by_owner.keys() <= set(peers):
+                raise InvalidFieldError("a peer change holds at most one prekey per peer,"
+                                        " and only for its peers")
+            fields.append([by_owner[p].to_value() if p in by_owner else None for p in peers])
+        return canonical.encode(fields)
 
     @classmethod
     def decode(cls, data: bytes) -> PeerChange:
-        epoch, version, peers = _array(data, 3, "peer change")
+        epoch, version, peers, *prekey_field = _array(data, 3, "peer change", optional=1)
         uint63(epoch, "peer change epoch")
         uint63(version, "peer change version")
         if type(peers) is not list or len(peers) > MAX_PEERS:
@@ -141,4 +163,17 @@ class PeerChange:
         # One encoding per peer set, as for envelope recipients.
         if any(a >= b for a, b in zip(keys, keys[1:])):
             raise InvalidFieldError("peer change peers must be sorted by key and unique")
-        return cls(version, keys, epoch)
+        prekeys = _peer_prekeys(prekey_field[0], keys) if prekey_field else ()
+        return cls(version, keys, epoch, prekeys)
+
+
+def _peer_prekeys(value: object, peers: tuple[PublicKey, ...]) -> tuple[SignedPrekey, ...]:
+    """The fourth element of a peer change: one null or signed prekey per peer, not all null."""
+    if type(value) is not list or len(value) != len(peers):
+        raise InvalidFieldError("peer change prekeys must be an array parallel to its peers")
+    prekeys = tuple(SignedPrekey.from_value(item, peer)
+                    for item, peer in zip(value, peers) if item is not None)
+    if not prekeys:
+        raise InvalidFieldError("a peer change without prekeys has three elements, not a"
+                                " fourth of nulls")
+    return prekeys

@@ -2,13 +2,14 @@
 
 Construction (all primitives from libsodium via PyNaCl):
 
-1. The plaintext is padded to a size bucket (`padded_size`: ISO/IEC 7816-4,
-   a 0x80 byte then zeros), so a relay learns a size class, not the size;
+1. The plaintext (for an envelope its `Contents`: the kind byte, then the
+   application's bytes) is padded to a size bucket (`padded_size`: ISO/IEC
+   7816-4, a 0x80 byte then zeros), so a relay learns a size class, not the size;
    near the envelope limit, to what still fits (the recipient only checks
    the padding's form).
 2. A fresh 32-byte content key K and 24-byte nonce N encrypt it once with
    XChaCha20-Poly1305-IETF; the associated data binds the envelope header
-   (sender, ephemeral key, recipients, message id, times, kind), so the
+   (sender, ephemeral key, recipients, message id, times, origin), so the
    ciphertext cannot be lifted into another envelope.
 3. A commitment C = BLAKE2b-256 keyed with K over COMMIT_DOMAIN ‖ AAD travels
    beside the ciphertext and is checked (in constant time) before decrypting.
@@ -22,6 +23,10 @@ Construction (all primitives from libsodium via PyNaCl):
    forgotten at once, so a sender's stolen identity key opens nothing it sent
    (forward secrecy for the sender); the envelope's signature authenticates
    the sender.  A wrapped key is nonce(24) ‖ box(K) = 72 bytes.
+   The wrap is sealed to whatever X25519 key the caller names: by default the
+   one derived from the recipient's identity, or the recipient's signed prekey
+   (`prekeys`), whose secret is deleted later, for forward secrecy on the
+   receiving side too.  The wrap is the same construction either way.
 
 payload = N(24) ‖ C(32) ‖ ciphertext; the wraps and the ephemeral key are
 envelope fields.  The payload is carried once however many recipients there
@@ -92,13 +97,15 @@ def _commitment(content_key: bytes, associated_data: bytes) -> bytes:
                              key=content_key, encoder=nacl.encoding.RawEncoder)
 
 
-def _curve_private(identity: Identity) -> nacl.public.PrivateKey:
-    return identity.signing_key.to_curve25519_private_key()
+def identity_x25519_secret(identity: Identity) -> bytes:
+    """The X25519 secret a wrap to `identity`'s own key opens with (libsodium's conversion)."""
+    return bytes(identity.signing_key.to_curve25519_private_key())
 
 
-def _curve_public(key: PublicKey) -> nacl.public.PublicKey:
+def identity_x25519_public(key: PublicKey) -> bytes:
+    """The X25519 key a wrap to `key` is sealed to when no prekey is used."""
     try:
-        return nacl.signing.VerifyKey(key.raw).to_curve25519_public_key()
+        return bytes(nacl.signing.VerifyKey(key.raw).to_curve25519_public_key())
     except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError):
         raise DecryptError(f"{key.text} is not a usable Ed25519 point") from None
 
@@ -108,12 +115,13 @@ def ephemeral_public(seed: bytes) -> bytes:
     return nacl.bindings.crypto_box_seed_keypair(seed)[0]
 
 
-def seal(plaintext: bytes, recipients: list[PublicKey], ephemeral_seed: bytes,
+def seal(plaintext: bytes, recipients: list[bytes], ephemeral_seed: bytes,
          associated_data: Callable[[bytes], bytes], padded_length: int,
          random_bytes: RandomBytes = os.urandom) -> tuple[bytes, bytes, list[bytes]]:
     """(ephemeral public key, payload, wraps in the order of `recipients`).
 
-    `associated_data(ephemeral_public)` builds the AAD, which binds the ephemeral key;
+    `recipients` are the X25519 keys the wraps are sealed to (`identity_x25519_public`,
+    or a signed prekey's); `associated_data(ephemeral_public)` builds the AAD, which binds the ephemeral key;
     the plaintext is padded to `padded_length` (more than its length).
     """
     if len(ephemeral_seed) != EPHEMERAL_SEED_BYTES:
@@ -126,18 +134,20 @@ def seal(plaintext: bytes, recipients: list[PublicKey], ephemeral_seed: bytes,
         _pad(plaintext, padded_length), aad, nonce, content_key)
     sender_curve = nacl.public.PrivateKey(ephemeral_sk)
     wraps = [
-        bytes(nacl.public.Box(sender_curve, _curve_public(recipient)).encrypt(
+        bytes(nacl.public.Box(sender_curve, nacl.public.PublicKey(recipient)).encrypt(
             content_key, random_bytes(BOX_NONCE_BYTES)))
         for recipient in recipients
     ]
     return ephemeral_pk, nonce + _commitment(content_key, aad) + ciphertext, wraps
 
 
-def unseal(payload: bytes, wrapped_key: bytes, ephemeral_key: bytes, recipient: Identity,
+def unseal(payload: bytes, wrapped_key: bytes, ephemeral_key: bytes, recipient_secret: bytes,
            associated_data: bytes) -> bytes:
-    """Decrypt a payload addressed to `recipient`; DecryptError on any tampering."""
+    """Decrypt a payload whose wrap was sealed to the X25519 key of `recipient_secret`
+    (`identity_x25519_secret`, or a prekey's secret); DecryptError on any tampering."""
     try:
-        box = nacl.public.Box(_curve_private(recipient), nacl.public.PublicKey(ephemeral_key))
+        box = nacl.public.Box(nacl.public.PrivateKey(recipient_secret),
+                              nacl.public.PublicKey(ephemeral_key))
         content_key = box.decrypt(wrapped_key)
         nonce = payload[:PAYLOAD_NONCE_BYTES]
         commitment = payload[PAYLOAD_NONCE_BYTES:PAYLOAD_NONCE_BYTES + COMMITMENT_BYTES]

@@ -53,7 +53,7 @@ def make_envelope(plaintext: bytes = b"hello, device", *, sender: Identity = ALI
 
 def envelope_fields(env: Envelope) -> list:
     """The ten wire elements, rebuilt from the decoded object (not from `raw`)."""
-    return [env.version, int(env.kind), env.msg_id, env.sender.raw, env.created_at_ms,
+    return [env.version, int(env.origin), env.msg_id, env.sender.raw, env.created_at_ms,
             env.ttl_s, env.ephemeral, [[r.key.raw, r.wrapped_key] for r in env.recipients],
             env.payload, env.signature]
 

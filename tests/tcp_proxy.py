@@ -3,7 +3,12 @@
 Real sockets both ways: the relay talks to Redis through it exactly as it
 would through a slow link, so races that only show under latency (a store
 call that takes 400 ms while an access list changes) are reproduced rather
-than imagined.  `delay_s` may be changed while connections are open.
+than imagined.  `delay_s` may be changed while connections are open, and so
+may `blocked`: while it is True nothing is forwarded either way (the bytes are
+dropped, as by a firewall that drops packets; open connections stay open and
+silent), which is how a relay loses its oracle without being told.
+`counted` is how many client chunks contained `count` (e.g. b"GET /v1/…": one
+HTTP request each), to show a client is not busy-looping.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import contextlib
 class DelayProxy:
     """Forward 127.0.0.1:<port> to `target_port`, each chunk `delay_s` late in each direction."""
 
-    def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
+    def __init__(self, target_port: int, delay_s: float = 0.0, count: bytes = b"") -> None:
         self.target_port = target_port
         self.delay_s = delay_s
+        self.blocked = False
+        self.count = count
+        self.counted = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -48,14 +56,15 @@ class DelayProxy:
             self._tasks.discard(task)
             return
         try:
-            await asyncio.gather(self._pipe(client_reader, upstream_writer),
+            await asyncio.gather(self._pipe(client_reader, upstream_writer, counts=True),
                                  self._pipe(upstream_reader, client_writer))
         finally:
             for writer in (client_writer, upstream_writer):
                 writer.close()
             self._tasks.discard(task)
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    counts: bool = False) -> None:
         """Copy chunks in order; each leaves `delay_s` after it arrived (a queue, so the delay
         is latency, not a throughput cap)."""
         loop = asyncio.get_running_loop()
@@ -76,6 +85,10 @@ class DelayProxy:
         try:
             while True:
                 chunk = await reader.read(65536)
+                if chunk and self.blocked:
+                    continue  # dropped
+                if counts and self.count and self.count in chunk:
+                    self.counted += 1
                 await queue.put((loop.time() + self.delay_s, chunk))
                 if not chunk:
                     break

@@ -36,8 +36,8 @@ async def admin(oracle: OracleServer) -> AsyncIterator[Admin]:
 
 
 def _list(oracle: Identity, version: int = 3, enrolled=(), revoked=()) -> AccessList:
-    return AccessList(1, version, now_ms(), oracle.public, {k: frozenset() for k in enrolled},
-                      frozenset(revoked))
+    return AccessList(1, version, now_ms(), now_ms() + 600_000, oracle.public,
+                      {k: frozenset() for k in enrolled}, frozenset(revoked))
 
 
 def test_access_list_round_trip_and_refusals() -> None:
@@ -92,14 +92,25 @@ async def _enrolled(relay, identity: Identity) -> bool:
     return relay.relay.access.refusal(identity.public) is None
 
 
-async def test_without_a_verified_list_enrollment_fails_closed(start_relay) -> None:
+@pytest.mark.parametrize("require_enrollment, on_expiry, refused", [
+    (True, "fail-closed", True), (False, "fail-closed", True), (True, "alarm", True),
+    (False, "alarm", False)])
+async def test_without_a_verified_list_the_relay_fails_closed(
+        start_relay, require_enrollment: bool, on_expiry: str, refused: bool) -> None:
+    """Before its first list a relay knows no revocation: it admits only the oracle, unless
+    it was told to alarm rather than refuse and requires no enrollment."""
     with socket.socket() as probe:  # a port nobody listens on: the oracle is unreachable
         probe.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
     oracle_identity, device = Identity.generate(), Identity.generate()
     relay = await start_relay(oracle_url=dead_url, oracle_key=oracle_identity.public.text,
-                              require_enrollment=True)
-    assert await handshake_refusal(relay.url, device) == "NOT_ENROLLED"
+                              require_enrollment=require_enrollment,
+                              access_list_expired=on_expiry)
+    if refused:
+        assert await handshake_refusal(relay.url, device) == "ACCESS_LIST_UNAVAILABLE"
+    else:
+        async with await RawDevice.connect(relay.url, device):
+            pass
     async with await RawDevice.connect(relay.url, oracle_identity):
         pass
 
@@ -137,13 +148,15 @@ async def test_revocation_closes_live_session_and_refuses_key_and_sends(
 
 def _control(require_enrollment: bool = False) -> tuple[AccessControl, Identity]:
     oracle = Identity.generate()
-    control = AccessControl("http://oracle.invalid", oracle.public.text, require_enrollment,
-                            Identity.generate(), RelayMetrics(), structlog.get_logger("test"))
+    control = AccessControl(Settings(oracle_url="http://oracle.invalid",
+                                     oracle_key=oracle.public.text,
+                                     require_enrollment=require_enrollment),
+                            RelayMetrics(), structlog.get_logger("test"))
     return control, oracle
 
 
 def _groups_list(oracle: Identity, epoch: int, version: int, groups: dict, revoked=()) -> bytes:
-    return AccessList(epoch, version, now_ms(), oracle.public,
+    return AccessList(epoch, version, now_ms(), now_ms() + 600_000, oracle.public,
                       {key.public: frozenset(g) for key, g in groups.items()},
                       frozenset(k.public for k in revoked)).sign(oracle)
 
@@ -186,27 +199,32 @@ def test_send_rules_of_the_access_list(required: bool) -> None:
 
 
 def test_without_an_oracle_every_key_writes_to_every_key() -> None:
-    control = AccessControl("", "", False, Identity.generate(), RelayMetrics(),
-                            structlog.get_logger("test"))
+    control = AccessControl(Settings(), RelayMetrics(), structlog.get_logger("test"))
     assert _refusal(control, Identity.generate(), Identity.generate()) is None
 
 
 def test_stamps_order_by_epoch_then_version_and_an_older_list_is_alarmed() -> None:
     oracle, alice = Identity.generate(), Identity.generate()
     metrics = RelayMetrics()
-    control = AccessControl("http://oracle.invalid", oracle.public.text, False,
-                            Identity.generate(), metrics, structlog.get_logger("test"))
+    control = AccessControl(Settings(oracle_url="http://oracle.invalid",
+                                     oracle_key=oracle.public.text),
+                            metrics, structlog.get_logger("test"))
 
     def count() -> float:
         return metrics.registry.get_sample_value("continuum_access_list_backwards_total") or 0.0
 
-    assert control.apply(_groups_list(oracle, 100, 7, {alice: set()}))
-    assert not control.apply(_groups_list(oracle, 100, 7, {}))  # the same stamp: no change
-    assert count() == 0
+    first = _groups_list(oracle, 100, 7, {alice: set()})
+    assert control.apply(first)
+    assert not control.apply(first) and count() == 0  # the same list again: no change
+    # Other content under the stamp in force, even valid for longer: refused, counted.
+    other = AccessList(100, 7, now_ms(), now_ms() + 900_000, oracle.public, {},
+                       frozenset()).sign(oracle)
+    assert not control.apply(other) and count() == 1
+    assert alice.public in control.current.enrolled
     # A restored oracle: the version went back (7 → 3) but a new epoch began: applied.
     assert control.apply(_groups_list(oracle, 200, 3, {}))
     assert control.current.stamp == Stamp(200, 3) and alice.public not in control.current.enrolled
     # Replays of lists from before the restore, whatever their version: refused, counted.
     for epoch, version in ((100, 7), (100, 9), (199, 10**6), (200, 2)):
         assert not control.apply(_groups_list(oracle, epoch, version, {alice: set()}))
-    assert control.current.stamp == Stamp(200, 3) and count() == 4
+    assert control.current.stamp == Stamp(200, 3) and count() == 5

@@ -27,6 +27,14 @@ def test_valid_envelope_from_its_sender_is_admitted() -> None:
     assert len(verified) == 1 and verified[0] > 0
 
 
+def test_a_relay_notice_is_refused_before_anything_else() -> None:
+    alice = Identity.generate()
+    notice = seal_envelope(alice, Kind.EXPIRY, [Identity.generate().public], b"x", ttl_s=60,
+                           now_ms=NOW)
+    with pytest.raises(InvalidFieldError, match="relay's own notice"):
+        admit(notice, Identity.generate().public, NOW, SETTINGS)  # not even its sender's
+
+
 def test_other_connection_key_is_wrong_sender() -> None:
     with pytest.raises(WrongSenderError):
         admit(envelope(Identity.generate()), Identity.generate().public, NOW, SETTINGS)

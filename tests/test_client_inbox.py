@@ -10,7 +10,8 @@ from client.inbox import (Drop, DropReason, ExpiryArrived, InboxView, PeerChange
                           ReceiptArrived, Surface, decide)
 from client.peers import PeerList, Standing
 from client.tracking import SentLog
-from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
+from proto import Contents, Envelope, Identity, Kind, Origin, PublicKey, seal_envelope
+from proto.envelope import seal_contents
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 
 NOW_MS = 1_700_000_000_000
@@ -103,6 +104,38 @@ def test_expiry_from_any_other_key_is_dropped(sender: Identity) -> None:
     decision = decide(sealed(sender, [alice], notice.encode(), Kind.EXPIRY).raw, view(),
                       now_ms=NOW_MS)
     assert isinstance(decision, Drop) and decision.reason is DropReason.UNTRUSTED_EXPIRY
+
+
+@pytest.mark.parametrize("sender,origin,kind", [
+    (relay, Origin.DEVICE, Kind.EXPIRY),  # a relay's notice passed off as a device's message
+    (relay, Origin.RELAY, Kind.DATA),  # a relay key's "notice" that is really data
+    (relay, Origin.RELAY, Kind.PEER_CHANGE),  # or a peer list
+])
+def test_a_sealed_kind_that_disagrees_with_the_origin_is_dropped_as_invalid(
+        sender: Identity, origin: Origin, kind: Kind) -> None:
+    payload = (ExpiryNotice.single(b"\x01" * 16, bob.public).encode() if kind is Kind.EXPIRY
+               else PeerChange(9, (mallory.public,)).encode())
+    envelope = seal_contents(sender, origin, Contents(kind, payload).encode(), [alice.public],
+                             ttl_s=60, now_ms=NOW_MS)
+    decision = decide(envelope.raw, view(peers=[bob, relay]), now_ms=NOW_MS)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+    assert "origin" in decision.detail
+
+
+def test_only_the_origin_is_judged_before_decrypting() -> None:
+    """A relay's notice from a key that is no relay's is dropped unopened; the kind of a
+    device's message is read only after decrypting (it is sealed)."""
+    notice = sealed(mallory, [alice], ExpiryNotice.single(b"\x01" * 16, bob.public).encode(),
+                    Kind.EXPIRY)
+    garbled = seal_contents(mallory, Origin.RELAY, b"", [alice.public], ttl_s=60,
+                            now_ms=NOW_MS)  # would not even open
+    for envelope in (notice, garbled):
+        decision = decide(envelope.raw, view(), now_ms=NOW_MS)
+        assert isinstance(decision, Drop) and decision.reason is DropReason.UNTRUSTED_EXPIRY
+    unopenable = seal_contents(mallory, Origin.DEVICE, b"", [alice.public], ttl_s=60,
+                               now_ms=NOW_MS)
+    decision = decide(unopenable.raw, view(), now_ms=NOW_MS)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
 
 
 def test_newer_peer_change_from_the_oracle_replaces() -> None:

@@ -14,7 +14,7 @@ from client.outbox import Outbox, needs_renewal, renewed
 from client.peers import PeerList
 from client.state import SCHEMA_VERSION, DeviceState, StoredSend
 from client.tracking import DeliveryStatus, SendState, SentLog
-from proto import Identity, Kind, Limits, seal_envelope
+from proto import Contents, Identity, Kind, Limits, seal_envelope
 from proto.errors import NotPeerError, ReplayError
 from proto.payloads import Receipt
 
@@ -111,12 +111,42 @@ async def test_renewal_keeps_msg_id_and_never_extends_the_expiry(tmp_path: Path)
     assert again.msg_id == envelope.msg_id and again.created_at_ms == later
     assert again.expires_at_ms <= envelope.expires_at_ms
     again.verify()
-    assert again.open(bob) == b"later"
+    assert again.open(bob) == Contents(Kind.DATA, b"later")
     outbox.renew(entry, again)
     assert [e.envelope.raw for e in Outbox(reopened(state)).load()] == [again.raw]
     assert renewed(entry, alice, envelope.expires_at_ms - 999, Limits()) is None  # < 1 s left
     foreign = Outbox().add(sealed(b"sealed elsewhere"))
     assert not needs_renewal(foreign, NOW_MS + 10**9)
+
+
+async def test_a_receipt_is_sealed_again_as_a_receipt_after_a_restart(tmp_path: Path) -> None:
+    """The envelope cannot say what it carries (its kind is sealed): the outbox knows."""
+    state = DeviceState(tmp_path / "state.db")
+    receipt = Receipt(b"r" * 16, bytes(32)).encode()
+    envelope = seal_envelope(alice, Kind.RECEIPT, [bob.public], receipt, ttl_s=3600,
+                             now_ms=NOW_MS)
+    Outbox(state).add(envelope, plaintext=receipt, reply=True)
+    [entry] = Outbox(reopened(state)).load()
+    again = renewed(entry, alice, NOW_MS + 1_000_500, Limits())
+    assert again is not None and again.open(bob) == Contents(Kind.RECEIPT, receipt)
+
+
+def test_a_file_of_the_previous_version_is_upgraded_keeping_its_rows(tmp_path: Path) -> None:
+    """Version 1 kept each sent message's kind, which the device no longer knows for an
+    envelope sealed elsewhere: the column goes, the rows stay."""
+    path = tmp_path / "state.db"
+    state = DeviceState(path)
+    envelope = sealed(b"from version 1")
+    SentLog(state=state).track(envelope)
+    state.close()
+    with sqlite3.connect(path) as db:  # what version 1 wrote
+        db.execute("ALTER TABLE sent ADD COLUMN kind INTEGER NOT NULL DEFAULT 1")
+        db.execute("PRAGMA user_version = 1")
+    [message] = SentLog(state=DeviceState(path)).history()
+    assert message.msg_id == envelope.msg_id and bob.public in message.recipients
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert "kind" not in {row[1] for row in db.execute("PRAGMA table_info(sent)")}
 
 
 async def test_news_that_arrives_after_a_restart_finds_its_message(tmp_path: Path) -> None:

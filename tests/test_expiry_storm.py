@@ -61,7 +61,7 @@ async def test_healthz_answers_throughout_an_expiry_storm_and_every_expiry_is_re
         while len(reported) < expected:
             delivery = await s.next_delivery(timeout=10)
             notice = ExpiryNotice.decode(
-                decode_envelope(delivery.envelope).open(sender))
+                decode_envelope(delivery.envelope).open(sender).plaintext)
             notices += 1
             reported.update((m, r.raw) for m, r in notice.entries)
     assert reported == {(m, r.raw) for m in sent for r in recipients}

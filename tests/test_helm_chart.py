@@ -279,7 +279,7 @@ def test_relays_learn_the_oracle_when_its_key_is_set(require: bool) -> None:
     docs = render("values.yaml", deep_merge(ORACLE_KEYS, {"relay": {"requireEnrollment": require}}))
     config = relay_config(docs)
     port = find(docs, "Service", "test-continuum-oracle")["spec"]["ports"][0]["port"]
-    assert config["CONTINUUM_ORACLE_URL"] == f"http://test-continuum-oracle:{port}"
+    assert config["CONTINUUM_ORACLE_URL"] == f"https://test-continuum-oracle:{port}"
     assert config["CONTINUUM_ORACLE_KEY"] == ORACLE.public.text
     assert config["CONTINUUM_REQUIRE_ENROLLMENT"] == str(require).lower()
 
@@ -361,6 +361,11 @@ def schema_errors(values: dict[str, Any]) -> list[str]:
     {"relay": {"settings": {"CONTINUUM_ORACLE_URL": "http://elsewhere"}}},
     {"oracle": {"relayKeys": ["cpk_tooshort"]}},
     {"oracle": {"settings": {"CONTINUUM_ORACLE_RELAY_KEYS": "cpk_x"}}},  # chart-managed
+    {"oracle": {"enabled": False, "publicKey": ORACLE.public.text,  # relays poll over https
+                "externalUrl": "http://oracle.eu.example.com"}},
+    {"relay": {"accessListExpired": "ignore"}},
+    {"relay": {"settings": {"CONTINUUM_ACCESS_LIST_EXPIRED": "alarm"}}},  # chart-managed
+    {"oracle": {"settings": {"CONTINUUM_ORACLE_TLS_CERT": "/x.crt"}}},  # chart-managed
 ])
 def test_schema_refuses(override: dict[str, Any]) -> None:
     assert schema_errors(deep_merge(merged_values("values.yaml"), override))
@@ -376,3 +381,100 @@ def test_relays_and_the_oracle_trust_only_the_ingress_for_forwarded_addresses() 
     assert env["CONTINUUM_ORACLE_TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::/8"
     without = render("values.yaml", {"ingress": {"enabled": False}})
     assert "CONTINUUM_TRUSTED_PROXIES" not in relay_config(without)  # no proxy: trust none
+
+
+
+# --- https to the oracle, wss:// to the relays ----------------------------------------
+
+def pod_of(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    deployment = find(docs, "Deployment", name)
+    assert deployment is not None
+    return deployment["spec"]["template"]["spec"]
+
+
+def mounted_secret(pod: dict[str, Any], container: dict[str, Any], path: str
+                   ) -> tuple[str, list[str]]:
+    """The Secret and the keys of it mounted where `path` lives in `container`."""
+    mount = next(m for m in container["volumeMounts"]
+                 if Path(path).parent == Path(m["mountPath"]))
+    assert mount.get("readOnly") is True
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]
+    assert Path(path).name in [item["path"] for item in volume["items"]]
+    return volume["secretName"], [item["key"] for item in volume["items"]]
+
+
+def test_relays_reach_the_in_cluster_oracle_over_https_verified_by_its_ca() -> None:
+    from continuum.settings import Settings
+    from oracle.settings import OracleSettings
+    docs = render("values.yaml", ORACLE_KEYS)
+    config = relay_config(docs)
+    port = find(docs, "Service", "test-continuum-oracle")["spec"]["ports"][0]["port"]
+    assert config["CONTINUUM_ORACLE_URL"] == f"https://test-continuum-oracle:{port}"
+    assert config["CONTINUUM_ACCESS_LIST_EXPIRED"] == "fail-closed"
+    relay_pod = pod_of(docs, "test-continuum-relay")
+    secret, keys = mounted_secret(relay_pod, relay_pod["containers"][0],
+                                  config["CONTINUUM_ORACLE_CA_FILE"])
+    assert (secret, keys) == ("test-continuum-oracle-tls", ["ca.crt"])  # never the oracle's key
+
+    oracle_pod_spec = pod_of(docs, "test-continuum-oracle")
+    oracle = oracle_pod_spec["containers"][0]
+    env = {name: e["value"] for name, e in env_of(oracle).items() if "value" in e}
+    for variable, key in (("CONTINUUM_ORACLE_TLS_CERT", "tls.crt"),
+                          ("CONTINUUM_ORACLE_TLS_KEY", "tls.key")):
+        secret, keys = mounted_secret(oracle_pod_spec, oracle, env[variable])
+        assert secret == "test-continuum-oracle-tls" and key in keys
+    assert oracle["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert oracle["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    # The services accept what the chart gives them.
+    Settings.from_sources([], config).validate()
+    OracleSettings.from_sources([], {**env, "CONTINUUM_ORACLE_RELAYS": env[
+        "CONTINUUM_ORACLE_RELAYS"]})[0].validate()
+
+
+def test_plain_http_to_the_oracle_only_when_turned_off() -> None:
+    docs = render("values.yaml", deep_merge(ORACLE_KEYS, {"oracle": {"tls": {"enabled": False}}}))
+    config = relay_config(docs)
+    assert config["CONTINUUM_ORACLE_URL"].startswith("http://")
+    assert "CONTINUUM_ORACLE_CA_FILE" not in config
+    assert "volumes" not in pod_of(docs, "test-continuum-relay")
+    oracle = pod_of(docs, "test-continuum-oracle")["containers"][0]
+    assert "CONTINUUM_ORACLE_TLS_CERT" not in env_of(oracle)
+    assert oracle["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
+
+
+def test_another_regions_oracle_is_verified_by_the_system_store_or_a_given_ca() -> None:
+    config = relay_config(render("values-us.yaml"))
+    assert config["CONTINUUM_ORACLE_URL"].startswith("https://")
+    assert "CONTINUUM_ORACLE_CA_FILE" not in config  # a public certificate
+    docs = render("values-us.yaml", {"relay": {"oracleCaSecret": "fleet-ca"}})
+    relay_pod = pod_of(docs, "test-continuum-relay")
+    assert mounted_secret(relay_pod, relay_pod["containers"][0], relay_config(docs)[
+        "CONTINUUM_ORACLE_CA_FILE"]) == ("fleet-ca", ["ca.crt"])
+    with pytest.raises(Exception, match="https"):  # the schema refuses it (and the template)
+        render("values-us.yaml", {"oracle": {"externalUrl": "http://oracle.eu.example.com"}})
+
+
+def test_the_relay_ingress_serves_wss_unless_plaintext_is_asked_for() -> None:
+    ingress = find(render("values.yaml"), "Ingress", "test-continuum-relay")
+    assert ingress["spec"]["tls"] == [{"hosts": ["relay.example.com"],
+                                       "secretName": "test-continuum-relay-tls"}]
+    eu = find(render("values-eu.yaml"), "Ingress", "test-continuum-relay")
+    assert eu["spec"]["tls"][0]["secretName"] == "eu-relay-tls"
+    plain = find(render("values.yaml", {"ingress": {"plaintext": True}}), "Ingress",
+                 "test-continuum-relay")
+    assert "tls" not in plain["spec"]
+
+
+def test_notes_name_the_tls_secrets_to_create() -> None:
+    pytest.importorskip("helm_python")
+    if shutil.which("helm"):
+        pytest.skip("`helm template` does not render NOTES.txt")
+    _, notes = render_with_notes("values.yaml", ORACLE_KEYS)
+    assert "wss://relay.example.com/v1/connect" in notes
+    assert "Oracle: https://test-continuum-oracle:" in notes
+    assert "create secret generic test-continuum-oracle-tls" in notes
+    assert "subjectAltName=DNS:test-continuum-oracle,DNS:test-continuum-oracle.default.svc" in notes
+    assert "fail-closed" in notes
+    _, plain = render_with_notes("values.yaml", {"ingress": {"plaintext": True},
+                                                 "oracle": {"tls": {"enabled": False}}})
+    assert "WARNING: ingress.plaintext" in plain and "test-continuum-oracle-tls" not in plain

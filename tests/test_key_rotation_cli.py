@@ -15,6 +15,7 @@ from pathlib import Path
 
 from oracle_support import TRUSTED_RELAY, Admin, eventually, oracle_settings
 from relay_process import free_port
+from tcp_proxy import DelayProxy
 from test_client_cli import CLIENT, new_home, run_cli, run_cli_async
 
 from client import Device
@@ -114,3 +115,38 @@ async def _has(device: Device, key: PublicKey) -> bool:
 
 async def _mailbox_holds(relay, key: PublicKey) -> bool:
     return await relay.relay.store.depth(key) >= 1
+
+
+async def test_rotate_key_waits_until_the_relays_apply_the_new_list(
+        tmp_path: Path, start_relay) -> None:
+    """Before: the CLI took its new key's NOT_ENROLLED for a refusal no retry can change and
+    exited 1 whenever the relay applied the oracle's list after the device reconnected as
+    the new key (SPEC §15 step 4: it reconnects with backoff).  A relay that hears from the
+    oracle a second late makes that the usual order."""
+    port = free_port()
+    oracle_identity = Identity.load_or_create(tmp_path / "oracle.key")
+    async with DelayProxy(port, delay_s=1.0) as slow_oracle:
+        relay = await start_relay(oracle_url=f"http://127.0.0.1:{slow_oracle.port}",
+                                  require_enrollment=True,
+                                  oracle_key=oracle_identity.public.text,
+                                  relay_key=TRUSTED_RELAY.secret_text())
+        settings = oracle_settings(tmp_path, port=port, relays=(relay.url,))
+        home = tmp_path / "alice"
+        alice = PublicKey.from_text(new_home(home))
+        assert run_cli(home, "enroll", "--oracle", oracle_identity.public.text).returncode == 0
+        async with OracleServer(settings) as oracle:
+            admin = await Admin.login(oracle, "first")
+            await admin.call("POST", "/v1/devices", {"key": alice.text, "name": "alice"},
+                             expect=201)
+            await admin.close()
+            await eventually(lambda: _admitted(relay, alice), timeout=15)
+            code, out, err = await run_cli_async("--home", str(home), "--relay", relay.url,
+                                                 "rotate-key", "--timeout", "30")
+            assert code == 0, err
+            new = Identity.load(home / "identity.key").public
+            assert out.strip() == new.text and new != alice
+            assert "NOT_ENROLLED" in err  # it was refused meanwhile, and waited it out
+
+
+async def _admitted(relay, key: PublicKey) -> bool:
+    return relay.relay.access.refusal(key) is None

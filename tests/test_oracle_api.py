@@ -172,11 +172,13 @@ async def test_openapi_documents_every_api_route(server: OracleServer) -> None:
 
 
 async def test_access_list_long_poll_answers_on_change(admin: Admin, server: OracleServer) -> None:
-    status = await admin.call("GET", "/v1/status")
-    epoch, version = status["access_list_epoch"], status["access_list_version"]
+    assert server.oracle is not None
+    held = (await server.oracle.publisher.current()).access  # what a relay polling holds
+    version = held.version
 
     async def poll() -> tuple[int, bytes]:
-        async with admin.session.get(f"{server.url}/v1/access-list?epoch={epoch}&after={version}",
+        query = f"epoch={held.epoch}&after={version}&valid_until={held.valid_until_ms}"
+        async with admin.session.get(f"{server.url}/v1/access-list?{query}",
                                      headers=relay_headers(server)) as response:
             return response.status, await response.read()
 
@@ -192,9 +194,10 @@ async def test_access_list_long_poll_answers_on_change(admin: Admin, server: Ora
 async def test_access_list_long_poll_times_out_with_204(tmp_path) -> None:
     async with OracleServer(replace(oracle_settings(tmp_path), longpoll_s=0.3)) as server:
         assert server.oracle is not None
-        epoch = (await server.oracle.publisher.current()).stamp.epoch
+        held = (await server.oracle.publisher.current()).access
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{server.url}/v1/access-list?epoch={epoch}&after=1",
+            async with session.get(f"{server.url}/v1/access-list?epoch={held.epoch}&after=1"
+                                   f"&valid_until={held.valid_until_ms}",
                                    headers=relay_headers(server)) as response:
                 assert response.status == 204
             async with session.get(f"{server.url}/v1/access-list?after=x",

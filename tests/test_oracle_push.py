@@ -123,6 +123,8 @@ async def test_revoked_device_is_refused_closed_and_dropped_by_peers(start_relay
             victim, peer = Identity.generate(), Identity.generate()
             await enroll(admin, victim, peer)
             group = await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201)
+            # Until its first list the relay admits only the oracle (fail closed).
+            assert await relay.relay.access.wait_loaded(10)
             async with device(peer, relay, oracle) as p, await RawDevice.connect(relay.url, victim) as v:
                 await p.wait_connected()
                 for who in (victim, peer):

@@ -69,3 +69,12 @@ def test_connection_bounds_must_be_positive(field: str, value: float) -> None:
     settings, _ = OracleSettings.from_sources(
         ["--request-timeout-s", "2.5", "--max-connections", "64"], {})
     assert settings.request_timeout_s == 2.5 and settings.max_connections == 64
+
+
+@pytest.mark.parametrize("overrides", [{"access_list_validity_s": 0.5},
+                                       {"access_list_validity_s": 8 * 24 * 3600.0},
+                                       {"tls_cert": "oracle.crt"}])
+def test_list_validity_is_bounded_and_tls_files_go_together(overrides: dict) -> None:
+    with pytest.raises(ValueError, match="access_list_validity_s|tls_cert"):
+        replace(OracleSettings(), **overrides).validate()
+    assert OracleSettings().access_list_validity_s == 600.0

@@ -7,8 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto import canonical
-from proto.envelope import (MSG_ID_BYTES, PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Kind,
-                            decode_envelope, seal_envelope)
+from proto.envelope import (MSG_ID_BYTES, PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Contents, Kind,
+                            Origin, check_sent_by_device, decode_envelope, seal_contents,
+                            seal_envelope)
 from proto.errors import (DecodeError, DecryptError, ErrorCode, InvalidFieldError,
                           OversizeError,
                           SignatureError, UnsupportedVersionError)
@@ -37,8 +38,8 @@ class TestRoundTrip:
         decoded = decode_envelope(env.raw)
         decoded.verify()
         assert decoded == env
-        assert decoded.open(BOB) == plaintext
-        assert decoded.kind is kind
+        assert decoded.open(BOB) == Contents(kind, plaintext)
+        assert decoded.origin is kind.origin
         assert decoded.sender == ALICE.public
         assert decoded.created_at_ms == NOW_MS and decoded.ttl_s == TTL_S
         assert decoded.expires_at_ms == NOW_MS + TTL_S * 1000
@@ -48,13 +49,13 @@ class TestRoundTrip:
         one = make_envelope(plaintext, recipients=(BOB,))
         three = make_envelope(plaintext, recipients=(BOB, CAROL, MALLORY))
         assert len(three.payload) == len(one.payload) == (
-            padded_size(len(plaintext)) + PAYLOAD_OVERHEAD_BYTES)
+            padded_size(1 + len(plaintext)) + PAYLOAD_OVERHEAD_BYTES)
         # Each extra recipient costs one [key, wrap] pair: 1 + (2+32) + (2+72) bytes.
         assert len(three.raw) - len(one.raw) == 2 * (1 + 2 + 32 + 2 + WRAPPED_KEY_BYTES)
         decoded = decode_envelope(three.raw)
         decoded.verify()
         for reader in (BOB, CAROL, MALLORY):
-            assert decoded.open(reader) == plaintext
+            assert decoded.open(reader).plaintext == plaintext
 
     def test_recipients_sorted_and_deduplicated(self) -> None:
         env = make_envelope(recipients=(CAROL, BOB, CAROL, BOB))
@@ -76,7 +77,7 @@ class TestRoundTrip:
 
     def test_sender_can_address_itself(self) -> None:
         env = make_envelope(recipients=(ALICE, BOB))
-        assert decode_envelope(env.raw).open(ALICE) == b"hello, device"
+        assert decode_envelope(env.raw).open(ALICE).plaintext == b"hello, device"
 
 
 class TestForgery:
@@ -103,7 +104,7 @@ class TestForgery:
     def test_changed_field_breaks_signature(self, index: int) -> None:
         env = make_envelope(recipients=(BOB, CAROL))
         fields = envelope_fields(env)
-        other = envelope_fields(make_envelope(b"other", sender=MALLORY, kind=Kind.RECEIPT,
+        other = envelope_fields(make_envelope(b"other", sender=MALLORY, kind=Kind.EXPIRY,
                                               recipients=(CAROL, MALLORY), label="other"))
         fields[index] = other[index]
         if index in (4, 5):
@@ -183,7 +184,7 @@ class TestDecrypt:
         content_key = nacl.bindings.crypto_box_open_afternm(wrap[24:], wrap[:24], box_key)
         padded = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(
             env.payload[24 + 32:], aad, env.payload[:24], content_key)
-        assert padded.rstrip(b"\x00") == b"hello, device\x80"
+        assert padded.rstrip(b"\x00") == bytes([Kind.DATA]) + b"hello, device\x80"
 
     def test_a_second_content_key_cannot_open_a_payload_committed_to_the_first(self) -> None:
         """Invisible salamanders: before, one signed 457-byte envelope decrypted to two
@@ -220,20 +221,84 @@ class TestDecrypt:
         with pytest.raises(nacl.exceptions.CryptoError):
             nacl.bindings.crypto_box_open(wrap[24:], wrap[:24], bob_x, alice_x)
 
-    @pytest.mark.parametrize("length,bucket", [(0, 64), (63, 64), (64, 128), (1000, 1024),
-                                               (16_383, 16_384), (16_384, 32_768),
+    @pytest.mark.parametrize("length,bucket", [(0, 64), (62, 64), (63, 128), (1000, 1024),
+                                               (16_382, 16_384), (16_383, 32_768),
                                                (40_000, 49_152)])
-    def test_payloads_are_padded_to_size_buckets(self, length: int, bucket: int) -> None:
-        assert padded_size(length) == bucket
+    def test_payloads_and_their_kind_are_padded_to_size_buckets(self, length: int,
+                                                                bucket: int) -> None:
+        assert padded_size(1 + length) == bucket
         env = make_envelope(b"x" * length)
         assert len(env.payload) == bucket + PAYLOAD_OVERHEAD_BYTES
-        assert env.open(BOB) == b"x" * length
+        assert env.open(BOB).plaintext == b"x" * length
 
     def test_the_content_hash_is_of_the_signed_bytes(self) -> None:
         import hashlib
         env = make_envelope()
         assert env.content_hash() == hashlib.blake2b(env.signed_bytes(), digest_size=32).digest()
         assert make_envelope(label="other").content_hash() != env.content_hash()
+
+
+class TestSealedKind:
+    """The kind travels sealed; the clear origin says only whether a relay wrote it."""
+
+    def test_data_receipts_and_peer_changes_look_alike_in_the_clear(self) -> None:
+        """Before, field 1 was the kind: a relay (or its store's reader) told them apart."""
+        headers = {kind: envelope_fields(make_envelope(b"same length", kind=kind,
+                                                       label="same"))[:RECIPIENTS + 1]
+                   for kind in (Kind.DATA, Kind.RECEIPT, Kind.PEER_CHANGE)}
+        assert len(set(map(repr, headers.values()))) == 1
+        assert headers[Kind.RECEIPT][1] == Origin.DEVICE
+        assert envelope_fields(make_envelope(kind=Kind.EXPIRY))[1] == Origin.RELAY
+
+    @pytest.mark.parametrize("origin,kind", [(o, k) for o in Origin for k in Kind
+                                             if k.origin is not o])
+    def test_a_sealed_kind_that_disagrees_with_the_origin_is_refused(self, origin: Origin,
+                                                                     kind: Kind) -> None:
+        env = seal_contents(ALICE, origin, Contents(kind, b"x").encode(), [BOB.public],
+                            ttl_s=TTL_S, now_ms=NOW_MS, random_bytes=counter_random("mix"))
+        decoded = decode_envelope(env.raw)
+        decoded.verify()  # properly signed: only the recipient can tell
+        with pytest.raises(InvalidFieldError, match="cannot have origin") as caught:
+            decoded.open(BOB)
+        assert caught.value.code is ErrorCode.INVALID_FIELD
+
+    @pytest.mark.parametrize("contents", [b"", b"\x00", b"\x05", b"\x05hello", b"\xff" * 3])
+    def test_an_unknown_or_missing_sealed_kind_is_refused(self, contents: bytes) -> None:
+        env = seal_contents(ALICE, Origin.DEVICE, contents, [BOB.public], ttl_s=TTL_S,
+                            now_ms=NOW_MS, random_bytes=counter_random("unknown"))
+        with pytest.raises(InvalidFieldError) as caught:
+            decode_envelope(env.raw).open(BOB)
+        assert caught.value.code is ErrorCode.INVALID_FIELD
+
+    @settings(max_examples=200, deadline=None)
+    @given(contents=st.binary(max_size=300), origin=st.sampled_from(list(Origin)))
+    def test_any_sealed_bytes_open_to_a_kind_of_their_origin_or_are_refused(
+            self, contents: bytes, origin: Origin) -> None:
+        env = seal_contents(ALICE, origin, contents, [BOB.public], ttl_s=TTL_S, now_ms=NOW_MS,
+                            random_bytes=counter_random("any"))
+        try:
+            opened = decode_envelope(env.raw).open(BOB)
+        except InvalidFieldError:
+            assert not contents or contents[0] not in set(Kind) or (
+                Kind(contents[0]).origin is not origin)
+            return
+        assert opened.encode() == contents and opened.kind.origin is origin
+
+    @settings(max_examples=300, deadline=None)
+    @given(data=st.binary(max_size=64))
+    def test_contents_decode_any_bytes_or_refuse_them(self, data: bytes) -> None:
+        try:
+            contents = Contents.decode(data)
+        except InvalidFieldError:
+            assert not data or data[0] not in set(Kind)
+            return
+        assert contents.encode() == data
+
+    def test_a_relay_notice_is_not_for_sending(self) -> None:
+        check_sent_by_device(make_envelope(kind=Kind.RECEIPT))
+        with pytest.raises(InvalidFieldError) as caught:
+            check_sent_by_device(make_envelope(kind=Kind.EXPIRY))
+        assert caught.value.code is ErrorCode.INVALID_FIELD
 
 
 class TestStrictDecoding:
@@ -273,7 +338,7 @@ class TestStrictDecoding:
 
     @pytest.mark.parametrize("index,value", [
         (0, True), (0, "1"),
-        (1, 0), (1, 5), (1, True), (1, 1.0),
+        (1, 0), (1, 3), (1, 5), (1, True), (1, 1.0),
         (2, b"\x00" * 15), (2, b"\x00" * 17), (2, "x" * 16),
         (3, b"\x00" * 31), (3, b"\x00" * 33), (3, None),
         (4, -1), (4, "now"),

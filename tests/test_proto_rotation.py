@@ -106,7 +106,7 @@ def test_chain_refuses_gaps_disorder_and_cycles() -> None:
 def test_access_list_of_a_rotated_oracle_is_followed_from_the_old_key() -> None:
     o1, o2, device, rotated = (Identity.generate() for _ in range(4))
     chain = _chain(o1, o2)
-    access = AccessList(5, 9, T, o2.public, {device.public: frozenset({0})}, frozenset(),
+    access = AccessList(5, 9, T, T + 600_000, o2.public, {device.public: frozenset({0})}, frozenset(),
                         {rotated.public: T + 60_000}, chain)
     signed = access.sign(o2)
     for trusted in (o1, o2):  # configured with the old key, or already following
@@ -117,17 +117,17 @@ def test_access_list_of_a_rotated_oracle_is_followed_from_the_old_key() -> None:
         AccessList.verify(signed, device.public)
     # Signed by the old key after the change: the chain does not end at its signer.
     with pytest.raises(InvalidFieldError):
-        AccessList(5, 9, T, o1.public, {}, frozenset(), oracle_chain=chain).sign(o1)
+        AccessList(5, 9, T, T + 600_000, o1.public, {}, frozenset(), oracle_chain=chain).sign(o1)
     body = canonical.decode(signed, max_size=1 << 20, what="t")[:-1]
     with pytest.raises(InvalidFieldError):  # o1 signing a list that claims the chain ends at o1
-        AccessList.verify(canonical.encode([*body[:3], o1.public.raw, *body[4:],
+        AccessList.verify(canonical.encode([*body[:4], o1.public.raw, *body[5:],
                                             o1.sign(b"x")]), o1.public)
 
 
 def test_access_list_layouts_have_one_encoding_each() -> None:
     oracle, device = Identity.generate(), Identity.generate()
-    plain = AccessList(1, 1, T, oracle.public, {device.public: frozenset()}, frozenset())
-    assert len(canonical.decode(plain.sign(oracle), max_size=1 << 20, what="t")) == 7
+    plain = AccessList(1, 1, T, T + 600_000, oracle.public, {device.public: frozenset()}, frozenset())
+    assert len(canonical.decode(plain.sign(oracle), max_size=1 << 20, what="t")) == 8
     body = canonical.decode(plain.sign(oracle), max_size=1 << 20, what="t")[:-1]
     long_empty = [*body, [], []]
     signed = canonical.encode([*long_empty, oracle.sign(ACCESS_LIST_DOMAIN

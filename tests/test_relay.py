@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from continuum.server import RelayServer
-from proto import Identity, Kind, decode_envelope, seal_envelope
+from proto import Identity, Kind, Origin, decode_envelope, seal_envelope
 from proto.frames import Accepted, Ack, Challenge, Deliver, Send, decode_frame, encode_frame
 from proto.handshake import ephemeral_keypair, sign_hello
 from proto.errors import StoreUnavailableError
@@ -31,7 +31,7 @@ async def test_online_round_trip_is_delivered_and_removed_on_ack(relay: RelaySer
         envelope = sealed(alice, [bob.public], b"ping")
         assert await a.send(envelope) == Accepted(envelope.msg_id)
         delivery = await b.next_delivery()
-        assert decode_envelope(delivery.envelope).open(bob) == b"ping"
+        assert decode_envelope(delivery.envelope).open(bob).plaintext == b"ping"
         for _ in range(50):  # the ACK is processed asynchronously by the relay
             if await depth(relay, bob) == 0:
                 break
@@ -48,7 +48,7 @@ async def test_multi_recipient_envelope_reaches_each_mailbox(relay: RelayServer)
         async with await RawDevice.connect(relay.url, reader) as r:
             delivery = await r.next_delivery()
             assert delivery.envelope == envelope.raw
-            assert decode_envelope(delivery.envelope).open(reader) == b"to both"
+            assert decode_envelope(delivery.envelope).open(reader).plaintext == b"to both"
 
 
 async def test_offline_recipient_gets_backlog_in_order_on_connect(relay: RelayServer) -> None:
@@ -96,10 +96,12 @@ async def test_expired_message_notifies_sender_through_its_mailbox(relay: RelayS
         assert isinstance(await a.send(envelope), Accepted)
         delivery = await a.next_delivery(timeout=5)
     notice = decode_envelope(delivery.envelope)
-    assert notice.kind is Kind.EXPIRY
+    assert notice.origin is Origin.RELAY
     assert notice.sender == relay.relay.identity.public  # type: ignore[union-attr]
-    notice.verify()
-    assert ExpiryNotice.decode(notice.open(alice)) == ExpiryNotice.single(envelope.msg_id, bob.public)
+    contents = notice.open(alice)
+    assert contents.kind is Kind.EXPIRY
+    assert ExpiryNotice.decode(contents.plaintext) == ExpiryNotice.single(envelope.msg_id,
+                                                                          bob.public)
     assert await depth(relay, bob) == 0
     assert relay.relay.metrics.expired._value.get() == 1  # type: ignore[union-attr]
 
@@ -162,6 +164,23 @@ async def test_replay_stale_and_future_timestamps_are_refused(relay: RelayServer
         assert error_code(await a.send(future)) == "STALE"
         too_long = sealed(alice, [bob.public], ttl_s=relay.settings.max_ttl_s + 1)
         assert error_code(await a.send(too_long)) == "INVALID_FIELD"
+    assert await depth(relay, bob) == 1
+
+
+async def test_a_relay_notice_sent_by_a_device_is_refused_and_not_stored(
+        relay: RelayServer) -> None:
+    """Before, a device could SEND an envelope of kind EXPIRY and the relay stored it: a
+    would-be relay notice that, expiring in turn, escaped the expiry notice its sender is due."""
+    alice, bob = Identity.generate(), Identity.generate()
+    notice = sealed(alice, [bob.public], ExpiryNotice.single(b"\x01" * 16, bob.public).encode(),
+                    kind=Kind.EXPIRY)
+    assert notice.origin is Origin.RELAY
+    async with await RawDevice.connect(relay.url, alice) as a:
+        answer = await a.send(notice)
+        assert error_code(answer) == "INVALID_FIELD"
+        assert "notice" in answer.message  # type: ignore[union-attr]
+        assert isinstance(await a.send(sealed(alice, [bob.public], kind=Kind.RECEIPT)),
+                          Accepted)
     assert await depth(relay, bob) == 1
 
 

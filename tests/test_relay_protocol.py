@@ -10,6 +10,7 @@ the same rules is covered by tests/test_relay.py.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import structlog
@@ -44,9 +45,11 @@ MAX = 1 << 20
 def access(revoked: frozenset = frozenset()) -> AccessControl:
     """A relay's access control with the oracle's signed list applied (no polling):
     alice and bob enrolled in one peer group."""
-    control = AccessControl("http://oracle.invalid", ORACLE.public.text, False, RELAY,
+    control = AccessControl(Settings(oracle_url="http://oracle.invalid",
+                                     oracle_key=ORACLE.public.text),
                             RelayMetrics(), structlog.get_logger("test"))
-    control.apply(AccessList(1, 1, NOW, ORACLE.public,
+    # Valid by the real clock, which the relay's access control reads.
+    control.apply(AccessList(1, 1, NOW, time.time_ns() // 1_000_000 + 3_600_000, ORACLE.public,
                              {ALICE.public: frozenset({0}), BOB.public: frozenset({0})},
                              revoked).sign(ORACLE))
     return control

@@ -10,6 +10,8 @@ import pytest
 from continuum.settings import Settings
 from proto import Identity
 
+ORACLE_KEY = Identity.generate().public.text
+
 
 def test_flags_override_environment_which_overrides_defaults() -> None:
     env = {"CONTINUUM_PORT": "9000", "CONTINUUM_RATE_PER_S": "7.5", "CONTINUUM_STORE": "memory"}
@@ -30,6 +32,12 @@ def test_booleans_are_spelled_out(text: str, expected: bool) -> None:
     assert Settings.from_sources([], env).require_enrollment is expected
 
 
+def test_a_relay_fails_closed_without_a_valid_access_list_unless_told_to_alarm() -> None:
+    assert Settings.from_sources([], {}).access_list_expired == "fail-closed"
+    assert Settings.from_sources([], {"CONTINUUM_ACCESS_LIST_EXPIRED": "alarm"}
+                                 ).access_list_expired == "alarm"
+
+
 def test_enrollment_without_an_oracle_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         Settings.from_sources(["--require-enrollment", "true"], {})
@@ -37,7 +45,9 @@ def test_enrollment_without_an_oracle_is_refused(capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.parametrize("argv", [["--port", "70000"], ["--rate-per-s", "0"],
-                                  ["--require-enrollment", "maybe"], ["--port", "abc"]])
+                                  ["--require-enrollment", "maybe"], ["--port", "abc"],
+                                  ["--access-list-expired", "ignore"],
+                                  ["--oracle-url", "ftp://o", "--oracle-key", ORACLE_KEY]])
 def test_bad_values_exit_with_a_usage_error(argv: list[str],
                                            capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -69,6 +79,8 @@ def test_a_store_password_is_masked_when_described(store: str, shown: str) -> No
     (["--store", "redis://127.0.0.1:1/0?no_such_option=1"], "store URL option not understood"),
     (["--relay-key", "csk_not-a-key"], "relay_key must be a csk_"),
     (["--oracle-url", "http://o", "--oracle-key", "cpk_typo"], "oracle_key must be a cpk_"),
+    (["--oracle-url", "https://o", "--oracle-key", ORACLE_KEY, "--oracle-ca-file",
+      "/nonexistent/ca.pem"], "CA file /nonexistent/ca.pem"),
 ])
 def test_bad_start_up_values_are_one_line_and_exit_2(args: list[str], says: str) -> None:
     result = subprocess.run([sys.executable, "-m", "continuum", "--port", "0", *args],

@@ -9,6 +9,7 @@ from wire import now_ms
 
 from continuum.access import AccessControl
 from continuum.metrics import RelayMetrics
+from continuum.settings import Settings
 from proto import Identity, PublicKey
 from proto.access import AccessList
 from proto.errors import ProtocolError, SignatureError
@@ -16,14 +17,15 @@ from proto.rotation import OracleKeyChain, OracleKeyChange
 
 
 def _control(oracle: Identity, required: bool = True) -> AccessControl:
-    return AccessControl("http://oracle.invalid", oracle.public.text, required,
-                         Identity.generate(), RelayMetrics(), structlog.get_logger("test"))
+    return AccessControl(Settings(oracle_url="http://oracle.invalid",
+                                  oracle_key=oracle.public.text, require_enrollment=required),
+                         RelayMetrics(), structlog.get_logger("test"))
 
 
 def _list(signer: Identity, version: int, groups: dict[Identity, set[int]], *,
           draining: dict[Identity, int] | None = None, chain: OracleKeyChain = OracleKeyChain(),
           epoch: int = 1) -> bytes:
-    return AccessList(epoch, version, now_ms(), signer.public,
+    return AccessList(epoch, version, now_ms(), now_ms() + 600_000, signer.public,
                       {key.public: frozenset(g) for key, g in groups.items()}, frozenset(),
                       {key.public: until for key, until in (draining or {}).items()},
                       chain).sign(signer)
@@ -90,7 +92,7 @@ def test_a_relay_started_with_the_first_key_follows_the_whole_chain() -> None:
     chain = OracleKeyChain().extended(OracleKeyChange.sign(o1, o2, 1)).extended(
         OracleKeyChange.sign(o2, o3, 2))
     control = _control(o1)  # a restart with the configuration of before both rotations
-    assert _connect(control, o3) == "NOT_ENROLLED"
+    assert _connect(control, o3) == "ACCESS_LIST_UNAVAILABLE"  # no list yet: fail closed
     assert control.apply(_list(o3, 4, {device: set()}, chain=chain))
     assert control.oracle == o3.public and _connect(control, o3) is None
     stranger = Identity.generate()

@@ -17,7 +17,8 @@ import pytest
 
 from continuum.store import MailboxLimits
 from continuum.store.sqlite import SCHEMA_VERSION, SqliteStore
-from proto import Envelope, Identity, Kind, seal_envelope
+from proto import Envelope, Identity, Kind, Origin, seal_envelope
+from proto.access import Stamp
 from proto.errors import ReplayError, StoreUnavailableError
 
 ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
@@ -72,6 +73,36 @@ async def test_a_file_from_before_shared_bodies_still_serves_its_mail(tmp_path: 
         await store.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_file_that_kept_kinds_keeps_only_their_origin(tmp_path: Path) -> None:
+    """Version 1 stored each envelope's kind, since sealed; what remains is whether a relay
+    wrote it (an EXPIRY notice), so no notice is ever sent about a notice."""
+    alice, bob = Identity.generate(), Identity.generate()
+    path = tmp_path / "mail.db"
+    store = SqliteStore(path)
+    by_kind = {kind: envelope(alice, [bob], kind.name.encode()) for kind in Kind}
+    for env in by_kind.values():
+        await store.accept(env, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+    await store.close()
+    with sqlite3.connect(path) as db:  # what version 1 wrote
+        db.execute("ALTER TABLE body RENAME COLUMN origin TO kind")
+        db.execute("DROP TABLE access_floor")
+        db.executemany("UPDATE body SET kind = ? WHERE msg_id = ?",
+                       [(int(kind), env.msg_id) for kind, env in by_kind.items()])
+        db.execute("PRAGMA user_version = 1")
+    store = SqliteStore(path)
+    try:
+        expired = await store.take_expired(now_ms() + 10**9, 100)
+        assert {m.msg_id: m.origin for m in expired} == {
+            env.msg_id: Origin.RELAY if kind is Kind.EXPIRY else Origin.DEVICE
+            for kind, env in by_kind.items()}
+        assert await store.access_list_floor() == Stamp(0, 0)  # version 1 had no floor
+        assert await store.raise_access_list_floor(Stamp(9, 1)) == Stamp(9, 1)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 async def test_a_full_database_is_a_store_fault_and_recovers(tmp_path: Path) -> None:

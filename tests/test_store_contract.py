@@ -20,7 +20,8 @@ import pytest
 
 from continuum.store import MailboxLimits, MailboxStore, open_store
 from continuum.store.redis_scripts import BODY_GRACE_MS
-from proto import Envelope, Identity, Kind, seal_envelope
+from proto import Envelope, Identity, Kind, Origin, seal_envelope
+from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from redis_server import RedisServer
 from relay_process import free_port
@@ -262,8 +263,8 @@ async def test_take_expired_returns_due_entries_once_and_removes_them(store: Mai
     assert await store.ack(bob.public, entries[1].tag)
     assert await store.take_expired(short.expires_at_ms - 1, 100) == []
     expired = await store.take_expired(short.expires_at_ms + 1, 100)
-    assert sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.kind) for m in expired) == sorted(
-        (r.public.raw, alice.public.raw, short.msg_id, Kind.DATA) for r in (bob, carol))
+    assert sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.origin) for m in expired) == sorted(
+        (r.public.raw, alice.public.raw, short.msg_id, Origin.DEVICE) for r in (bob, carol))
     assert await store.take_expired(short.expires_at_ms + 1, 100) == []
     assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [long.raw]
     assert await store.depth(carol.public) == 0
@@ -461,6 +462,26 @@ async def test_fetch_skips_an_entry_whose_body_is_gone_and_fills_the_batch(
     assert [e.raw for e in await store.fetch(bob.public, None, 2)] == [sent[0].raw, sent[2].raw]
 
 
+@backends(REDIS_BACKENDS)
+async def test_redis_entries_that_kept_kinds_expire_with_their_origin(store: MailboxStore) -> None:
+    """Entries written while envelopes showed their kind carry it ('k'), not the origin:
+    only an EXPIRY (3) was a relay's notice, about which no notice is sent."""
+    alice, bob = Identity.generate(), Identity.generate()
+    client, mailbox = store._client, store._keys.mailbox(bob.public)  # type: ignore[attr-defined]
+    by_kind = {kind: envelope(alice, [bob], kind.name.encode(), ttl_s=1) for kind in Kind}
+    for kind, env in by_kind.items():
+        await put(store, env)
+        [(tag, fields)] = await client.xrevrange(mailbox.log, count=1)  # the entry just added
+        legacy = {name: value for name, value in fields.items() if name != b"o"}
+        legacy[b"k"] = str(int(kind)).encode()
+        await client.xdel(mailbox.log, tag)  # replaced by the entry the old layout wrote
+        await client.hset(mailbox.ids, fields[b"f"], await client.xadd(mailbox.log, legacy))
+    expired = await store.take_expired(max(e.expires_at_ms for e in by_kind.values()) + 1, 100)
+    assert {m.msg_id: m.origin for m in expired} == {
+        env.msg_id: Origin.RELAY if kind is Kind.EXPIRY else Origin.DEVICE
+        for kind, env in by_kind.items()}
+
+
 @pytest.mark.redis
 async def test_a_sweep_reloads_scripts_a_restarted_or_promoted_redis_forgot() -> None:
     """A standalone sweep runs its scripts in pipelines, where redis-py does not reload
@@ -479,3 +500,24 @@ async def test_a_sweep_reloads_scripts_a_restarted_or_promoted_redis_forgot() ->
     finally:
         await store.close()
         server.remove()
+
+
+@backends(BACKENDS)
+async def test_the_access_list_floor_only_rises(store: MailboxStore) -> None:
+    assert await store.access_list_floor() == Stamp(0, 0)
+    assert await store.raise_access_list_floor(Stamp(5, 7)) == Stamp(5, 7)
+    assert await store.raise_access_list_floor(Stamp(5, 6)) == Stamp(5, 7)  # lower: kept
+    assert await store.raise_access_list_floor(Stamp(4, 10**9)) == Stamp(5, 7)  # epoch first
+    # An epoch is the oracle's clock in ms, a version any count: beyond Lua's exact doubles.
+    big = Stamp(2**63 - 1, 2**63 - 2)
+    assert await store.raise_access_list_floor(big) == big
+    assert await store.access_list_floor() == big
+
+
+@backends(SHARED_BACKENDS)
+async def test_the_access_list_floor_is_shared_by_replicas(open_backend: OpenStore) -> None:
+    first, second = await open_backend(), await open_backend()
+    await first.raise_access_list_floor(Stamp(1_700_000_000_000, 3))
+    assert await second.access_list_floor() == Stamp(1_700_000_000_000, 3)
+    assert await second.raise_access_list_floor(Stamp(1_700_000_000_000, 2)) == Stamp(
+        1_700_000_000_000, 3)

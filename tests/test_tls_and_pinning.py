@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import ssl
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,17 +19,7 @@ from continuum.server import RelayServer
 from proto import Identity
 from proto.errors import InvalidFieldError
 from tally import ATTACKS_REJECTED, TALLY
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 (and its key), made with the machine's openssl."""
-    cert, key = directory / "relay.crt", directory / "relay.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True,
-                   timeout=30)
-    return cert, key
+from tls_support import self_signed
 
 
 @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ and the decoder cannot hide behind a matching regeneration.
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import cbor2
 import nacl.bindings
@@ -17,15 +18,17 @@ import nacl.hash
 import nacl.signing
 import pytest
 
-from proto.access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, MAX_REQUEST_SKEW_MS,
+from proto.access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, ORACLE_CLOCK_SKEW_MS,
                           AccessList, AccessRequest)
-from proto.envelope import PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, decode_envelope
+from proto.envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Kind, check_sent_by_device,
+                            decode_envelope)
 from proto.errors import ErrorCode, ProtocolError
 from proto.frames import decode_frame, encode_frame
 from proto.handshake import HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake, RelayHandshake
 from proto.keys import Identity, PublicKey
 from proto.limits import DEFAULT_LIMITS, Limits
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
+from proto.prekeys import PREKEY_DOMAIN, PrekeySecret, SignedPrekey
 from proto.rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
                             OracleKeyChain)
 from proto.vectors import VECTOR_DIR, load
@@ -49,9 +52,21 @@ def test_generator_reproduces_committed_file(filename: str, text: str) -> None:
         f"{filename} is stale: run .venv/bin/python -m proto.vectors.generate")
 
 
+def _text(prefix: str, raw: bytes, covered: bytes) -> str:
+    """The text form written out independently: the checksum covers `covered` ‖ key."""
+    checksum = hashlib.blake2b(covered + raw, digest_size=4).digest()
+    return prefix + base64.b32encode(raw + checksum).decode().rstrip("=").lower()
+
+
 @pytest.mark.parametrize("name", sorted(KEYS))
 def test_keys(name: str) -> None:
     vector = KEYS[name]
+    assert vector["public_text"] == _text("cpk_", H(vector["public_key"]), b"")
+    assert vector["secret_text"] == _text("csk_", H(vector["seed"]), b"csk_")
+    assert H(vector["public_checksum"]) == hashlib.blake2b(
+        H(vector["public_key"]), digest_size=4).digest()
+    assert H(vector["secret_checksum"]) == hashlib.blake2b(
+        b"csk_" + H(vector["seed"]), digest_size=4).digest()
     signing = nacl.signing.SigningKey(H(vector["seed"]))
     assert bytes(signing.verify_key).hex() == vector["public_key"]
     assert PublicKey.from_text(vector["public_text"]).raw.hex() == vector["public_key"]
@@ -74,10 +89,20 @@ def _padded(plaintext: bytes, size: int) -> bytes:
 def test_envelope(vector: dict) -> None:
     assert H(ENVELOPES["signing_domain"]) == SIGNING_DOMAIN
     assert H(ENVELOPES["payload_aad_domain"]) == PAYLOAD_AAD_DOMAIN
+    assert all("prekey_id" not in r for r in vector["fields"]["recipients"])
+    _check_envelope(vector, {})
+
+
+def _check_envelope(vector: dict, prekey_secrets: dict[int, bytes]) -> None:
+    """Every step of an envelope vector, with cbor2 and libsodium; a wrap whose entry names
+    a prekey opens with `prekey_secrets[id]` and with nothing else."""
     f = vector["fields"]
-    recipients = [[H(r["key"]), H(r["wrapped_key"])] for r in f["recipients"]]
-    header = [f["version"], f["kind"], H(f["msg_id"]), H(f["sender"]), f["created_at_ms"],
+    recipients = [[H(r["key"]), H(r["wrapped_key"])] + (
+        [r["prekey_id"]] if r.get("prekey_id") is not None else []) for r in f["recipients"]]
+    header = [f["version"], f["origin"], H(f["msg_id"]), H(f["sender"]), f["created_at_ms"],
               f["ttl_s"], H(f["ephemeral"])]
+    # The kind is sealed; the clear origin says only whether a relay wrote it (EXPIRY).
+    assert f["origin"] == (2 if vector["kind"] == Kind.EXPIRY else 1)
     first_nine = [*header, recipients, H(f["payload"])]
     encoded = H(vector["encoded"])
 
@@ -98,7 +123,9 @@ def test_envelope(vector: dict) -> None:
     aad = PAYLOAD_AAD_DOMAIN + cbor([*header, [r[0] for r in recipients]])
     assert H(sealing["aad"]) == aad
     content_key, payload_nonce = H(random["content_key"]), H(random["payload_nonce"])
-    padded = _padded(H(vector["plaintext"]), sealing["padded_plaintext_bytes"])
+    contents = bytes([vector["kind"]]) + H(vector["plaintext"])
+    assert H(sealing["contents"]) == contents
+    padded = _padded(contents, sealing["padded_contents_bytes"])
     ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(
         padded, aad, payload_nonce, content_key)
     commitment = nacl.hash.blake2b(H(ENVELOPES["commit_domain"]) + aad, digest_size=32,
@@ -107,10 +134,15 @@ def test_envelope(vector: dict) -> None:
     assert H(sealing["commitment"]) == commitment
     assert H(f["payload"]) == payload_nonce + commitment + ciphertext
     assert H(f["msg_id"]) == H(random["msg_id"])
-    for wrap, nonce, (_, wrapped) in zip(sealing["wraps"], random["wrap_nonces"], recipients):
+    for wrap, nonce, entry in zip(sealing["wraps"], random["wrap_nonces"], recipients):
         assert H(wrap["nonce"]) == H(nonce)
-        assert wrapped == H(wrap["nonce"]) + H(wrap["box"])
-        recipient_secret = H(KEYS[wrap["recipient"]]["x25519_secret"])
+        assert entry[1] == H(wrap["nonce"]) + H(wrap["box"])
+        identity_secret = H(KEYS[wrap["recipient"]]["x25519_secret"])
+        recipient_secret = prekey_secrets[entry[2]] if len(entry) == 3 else identity_secret
+        if len(entry) == 3:  # sealed to the prekey only: the identity key does not open it
+            with pytest.raises(nacl.exceptions.CryptoError):
+                nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), ephemeral_pk,
+                                              identity_secret)
         opened = nacl.bindings.crypto_box_open(H(wrap["box"]), H(wrap["nonce"]), ephemeral_pk,
                                                recipient_secret)
         assert opened == content_key
@@ -125,8 +157,10 @@ def test_envelope(vector: dict) -> None:
     env.verify()
     assert env.signed_bytes() == H(vector["signed_bytes"])
     assert env.content_hash() == H(vector["content_hash"])
+    held = {i: PrekeySecret(i, secret, 2**63 - 1) for i, secret in prekey_secrets.items()}
     for name in vector["recipients"]:
-        assert env.open(identity(name)) == H(vector["plaintext"])
+        opened = env.open(identity(name), held)
+        assert (opened.kind, opened.plaintext) == (vector["kind"], H(vector["plaintext"]))
 
 
 def test_payloads() -> None:
@@ -158,8 +192,18 @@ def test_payloads() -> None:
 def test_receipt_envelope_carries_the_receipt_payload() -> None:
     by_name = {v["name"]: v for v in ENVELOPES["envelopes"]}
     receipt_env = decode_envelope(H(by_name["receipt_for_data_one_recipient"]["encoded"]))
-    receipt = Receipt.decode(receipt_env.open(identity("alice")))
+    receipt = Receipt.decode(receipt_env.open(identity("alice")).plaintext)
     assert receipt.msg_id == H(by_name["data_one_recipient"]["fields"]["msg_id"])
+
+
+def test_expiry_notice_envelope_names_the_message_and_its_recipient() -> None:
+    by_name = {v["name"]: v for v in ENVELOPES["envelopes"]}
+    notice_env = decode_envelope(H(by_name["expiry_notice_for_data_one_recipient"]["encoded"]))
+    assert notice_env.sender.raw.hex() == KEYS["relay"]["public_key"]
+    contents = notice_env.open(identity("alice"))
+    [(msg_id, recipient)] = ExpiryNotice.decode(contents.plaintext).entries
+    assert msg_id == H(by_name["data_one_recipient"]["fields"]["msg_id"])
+    assert recipient.raw.hex() == KEYS["bob"]["public_key"]
 
 
 ACCESS = load("access")
@@ -172,8 +216,9 @@ def test_access_list() -> None:
     assert H(f["oracle_key"]) == oracle_key
     enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
     assert [e[0] for e in enrolled] == sorted(e[0] for e in enrolled)
-    body = [f["epoch"], f["version"], f["issued_at_ms"], oracle_key, enrolled,
-            [H(k) for k in f["revoked"]]]
+    body = [f["epoch"], f["version"], f["issued_at_ms"], f["valid_until_ms"], oracle_key,
+            enrolled, [H(k) for k in f["revoked"]]]
+    assert f["valid_until_ms"] > f["issued_at_ms"]
     assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
     nacl.signing.VerifyKey(oracle_key).verify(H(vector["signed_bytes"]), H(vector["signature"]))
     assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
@@ -192,7 +237,7 @@ def test_relay_request() -> None:
     f = vector["fields"]
     relay_key, oracle_key = (H(KEYS[vector[k]]["public_key"]) for k in ("relay", "oracle"))
     assert H(ACCESS["access_request_domain"]) == ACCESS_REQUEST_DOMAIN
-    assert vector["max_skew_ms"] == MAX_REQUEST_SKEW_MS
+    assert vector["max_skew_ms"] == ORACLE_CLOCK_SKEW_MS
     body = [relay_key, oracle_key, f["issued_at_ms"], H(f["nonce"])]
     assert (H(f["relay_key"]), H(f["oracle_key"])) == (relay_key, oracle_key)
     assert H(vector["signed_bytes"]) == ACCESS_REQUEST_DOMAIN + cbor(body)
@@ -203,7 +248,7 @@ def test_relay_request() -> None:
     assert base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)) == H(vector["token"])
 
     request = AccessRequest.verify(vector["authorization"], PublicKey(oracle_key),
-                                   f["issued_at_ms"] + MAX_REQUEST_SKEW_MS)
+                                   f["issued_at_ms"] + ORACLE_CLOCK_SKEW_MS)
     assert (request.relay.raw, request.nonce) == (relay_key, H(f["nonce"]))
     assert request.authorization(identity(vector["relay"])) == vector["authorization"]
 
@@ -264,8 +309,8 @@ def test_rotated_access_list() -> None:
     enrolled = [[H(e["key"]), e["groups"]] for e in f["enrolled"]]
     draining = [[H(d["key"]), d["until_ms"]] for d in f["draining"]]
     chain = cbor2.loads(H(ROTATION["oracle_key_chain"]["encoded"]))
-    body = [f["epoch"], f["version"], f["issued_at_ms"], signer, enrolled,
-            [H(k) for k in f["revoked"]], draining, chain]
+    body = [f["epoch"], f["version"], f["issued_at_ms"], f["valid_until_ms"], signer,
+            enrolled, [H(k) for k in f["revoked"]], draining, chain]
     assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
     nacl.signing.VerifyKey(signer).verify(H(vector["signed_bytes"]), H(vector["signature"]))
     assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
@@ -346,6 +391,9 @@ def _run_invalid(vector: dict) -> None:
     if check == "public_key_text":
         PublicKey.from_text(vector["text"])
         return
+    if check == "secret_key_text":
+        Identity.from_text(vector["text"])
+        return
     oracle = PublicKey(H(KEYS["oracle"]["public_key"]))
     if check == "relay_token":
         AccessRequest.verify(vector["text"], oracle, vector["now_ms"])
@@ -359,6 +407,10 @@ def _run_invalid(vector: dict) -> None:
             env.verify()
         if check == "envelope_open":
             env.open(identity(vector["open_as"]))
+    elif check == "send":
+        check_sent_by_device(decode_envelope(data))
+    elif check == "signature":
+        PublicKey(H(vector["public_key"])).verify(data, H(vector["signature"]))
     elif check == "frame":
         decode_frame(data, max_bytes or DEFAULT_LIMITS.max_frame_bytes)
     elif check == "access_list":
@@ -376,4 +428,80 @@ def _run_invalid(vector: dict) -> None:
 def test_invalid_input_produces_its_error_code(vector: dict) -> None:
     with pytest.raises(ProtocolError) as caught:
         _run_invalid(vector)
+    assert caught.value.code is ErrorCode[vector["error"]], caught.value.message
+
+
+PREKEYS = load("prekeys")
+
+
+def test_signed_prekey() -> None:
+    vector = PREKEYS["signed_prekey"]
+    f, owner = vector["fields"], H(KEYS[vector["owner"]]["public_key"])
+    assert H(PREKEYS["prekey_domain"]) == PREKEY_DOMAIN == b"continuum/v2/prekey\x00"
+    public, secret = nacl.bindings.crypto_box_seed_keypair(H(vector["seed"]))
+    assert (public, secret) == (H(f["public"]), H(vector["secret"]))
+    assert nacl.bindings.crypto_scalarmult_base(secret) == public
+    body = [f["prekey_id"], public, f["valid_until_ms"]]
+    assert H(vector["signed_bytes"]) == PREKEY_DOMAIN + cbor([owner, *body])
+    nacl.signing.VerifyKey(owner).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
+    # Deleted after the longest relay TTL (7 days) and the relay's clock window (300 s).
+    assert PREKEYS["retention_ms"] == 7 * 86_400_000 + 300_000
+    assert vector["deletable_at_ms"] == f["valid_until_ms"] + PREKEYS["retention_ms"]
+
+    prekey = SignedPrekey.decode(H(vector["encoded"]), PublicKey(owner))
+    assert (prekey.prekey_id, prekey.public, prekey.valid_until_ms) == tuple(body)
+    assert prekey.encode() == H(vector["encoded"])
+
+
+def test_envelope_sealed_to_a_prekey() -> None:
+    prekey, vector = PREKEYS["signed_prekey"], PREKEYS["envelope"]
+    ids = [r["prekey_id"] for r in vector["fields"]["recipients"]]
+    by_key = {r["key"]: r["prekey_id"] for r in vector["fields"]["recipients"]}
+    assert by_key == {KEYS["bob"]["public_key"]: prekey["fields"]["prekey_id"],
+                      KEYS["carol"]["public_key"]: None}
+    assert sorted(ids, key=lambda i: i is None) == [prekey["fields"]["prekey_id"], None]
+    _check_envelope(vector, {prekey["fields"]["prekey_id"]: H(prekey["secret"])})
+
+
+def test_peer_change_with_prekeys() -> None:
+    vector, prekey = PREKEYS["peer_change"], PREKEYS["signed_prekey"]
+    f = vector["fields"]
+    peers = [H(p) for p in f["peers"]]
+    assert peers == sorted(peers)
+    slots = [None if p is None else cbor2.loads(H(p)) for p in f["prekeys"]]
+    assert cbor([f["epoch"], f["version"], peers, slots]) == H(vector["encoded"])
+    assert f["prekeys"][peers.index(H(KEYS["bob"]["public_key"]))] == prekey["encoded"]
+    change = PeerChange.decode(H(vector["encoded"]))
+    assert [p.raw for p in change.peers] == peers
+    [only] = change.prekeys
+    assert only.owner.raw.hex() == KEYS["bob"]["public_key"]
+    assert only.encode() == H(prekey["encoded"])
+    # Without prekeys the same list has the three-element form of every peer change.
+    assert PeerChange(change.version, change.peers, change.epoch).encode() == cbor(
+        [f["epoch"], f["version"], peers])
+
+
+def _run_invalid_prekey(vector: dict) -> None:
+    """Perform a prekeys.json `invalid` entry's check; it must raise."""
+    data, check = H(vector["hex"]), vector["check"]
+    if check in ("signed_prekey", "signed_prekey_usable"):
+        prekey = SignedPrekey.decode(data, PublicKey(H(KEYS[vector["owner"]]["public_key"])))
+        if check == "signed_prekey_usable":
+            prekey.check_usable(vector["now_ms"])
+    elif check == "envelope":
+        decode_envelope(data)
+    elif check == "envelope_open":
+        held = {h["prekey_id"]: PrekeySecret(h["prekey_id"], H(h["secret"]), h["valid_until_ms"])
+                for h in vector["held"]}
+        decode_envelope(data).open(identity(vector["open_as"]), held)
+    else:
+        assert check == "peer_change"
+        PeerChange.decode(data)
+
+
+@pytest.mark.parametrize("vector", PREKEYS["invalid"], ids=lambda v: v["name"])
+def test_invalid_prekey_input_produces_its_error_code(vector: dict) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        _run_invalid_prekey(vector)
     assert caught.value.code is ErrorCode[vector["error"]], caught.value.message

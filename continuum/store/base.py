@@ -1,7 +1,8 @@
 """The one interface between a relay and wherever mailboxes live.
 
 Relays are stateless: everything another replica would need (mailboxes, the
-replay window, rate-limit buckets, byte budgets) lives behind this interface,
+replay window, rate-limit buckets, byte budgets, the highest access-list stamp
+applied) lives behind this interface,
 so the embedded SQLite store and the Redis store are interchangeable.  Each
 method is one atomic step, because several replicas may call it at once.
 
@@ -17,7 +18,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proto import Envelope, Kind, PublicKey
+from proto import Envelope, Origin, PublicKey
+from proto.access import Stamp
 
 
 @dataclass(frozen=True)
@@ -30,12 +32,13 @@ class StoredMessage:
 
 @dataclass(frozen=True)
 class ExpiredMessage:
-    """What a sender needs to be told when its message expired unread."""
+    """What a sender needs to be told when its message expired unread (`origin`: unless it
+    was a relay's own notice)."""
 
     recipient: PublicKey
     sender: PublicKey
     msg_id: bytes
-    kind: Kind
+    origin: Origin
 
 
 # No budget: more bytes than any store holds, and exact in Lua's doubles.
@@ -123,6 +126,18 @@ class MailboxStore(ABC):
 
         Wake-ups may be spurious; a relay re-fetches after each one.
         """
+
+    @abstractmethod
+    async def access_list_floor(self) -> Stamp:
+        """The highest access-list stamp a relay on this store applied; (0, 0) if none.
+
+        Kept here so that a restarted relay, or a new replica, refuses a replayed
+        list older than one any of them already obeyed (SPEC §12).
+        """
+
+    @abstractmethod
+    async def raise_access_list_floor(self, stamp: Stamp) -> Stamp:
+        """Atomically make the floor `stamp` if that is higher; returns the floor after."""
 
     @abstractmethod
     async def ping(self) -> None:

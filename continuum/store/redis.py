@@ -68,13 +68,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proto import Envelope, Kind, PublicKey
+from proto import Envelope, Origin, PublicKey
+from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 
 from . import redis_scripts as lua
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
 from .redis_durability import Durability
-from .redis_keys import KeySpace, MailboxKeys, body_member, entry_field, parse_body_member
+from .redis_keys import (KeySpace, MailboxKeys, body_member, entry_field, floor_text,
+                         parse_body_member, parse_floor_text)
 from .redis_wakeups import PubSubWakeups
 
 T = TypeVar("T")
@@ -125,6 +127,7 @@ class RedisStore(MailboxStore):
         self._drop_body, self._forget = script(lua.DROP_BODY), script(lua.FORGET)
         self._claim_due = script(lua.CLAIM_DUE)
         self._take_token = script(lua.TAKE_TOKEN)
+        self._raise_floor = script(lua.RAISE_FLOOR)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -181,7 +184,7 @@ class RedisStore(MailboxStore):
         for mailbox in recipients:
             keys += mailbox.slot_keys
         args: list[Any] = [nonce, replay_until_ms, envelope.raw, envelope.sender.raw,
-                           envelope.msg_id, int(envelope.kind), envelope.expires_at_ms, field,
+                           envelope.msg_id, int(envelope.origin), envelope.expires_at_ms, field,
                            limits.max_messages, limits.max_bytes, limits.sender_max_bytes,
                            limits.store_max_bytes, body_member(field, size)]
         for mailbox in recipients:
@@ -266,7 +269,7 @@ class RedisStore(MailboxStore):
         for appended, mailbox in enumerate(recipients):
             tag = await self._append_one(keys=mailbox.slot_keys, args=[
                 field, len(envelope.raw), envelope.sender.raw, envelope.msg_id,
-                int(envelope.kind), limits.max_messages, limits.max_bytes, *inline])
+                int(envelope.origin), limits.max_messages, limits.max_bytes, *inline])
             if tag is None:
                 for done in recipients[:appended]:
                     await self._remove_by_field(keys=done.slot_keys, args=[field])
@@ -349,9 +352,9 @@ class RedisStore(MailboxStore):
         for (recipient_hex, field), entry in zip(located, removed):
             if entry is None:  # gone already (acked), or another replica removed it
                 continue
-            sender, msg_id, kind, size = entry
+            sender, msg_id, origin, size = entry
             expired.append(ExpiredMessage(PublicKey(bytes.fromhex(recipient_hex)),
-                                          PublicKey(sender), msg_id, Kind(int(kind))))
+                                          PublicKey(sender), msg_id, Origin(int(origin))))
             if size is not None:
                 referenced.append((recipient_hex, field, int(size)))
         dropped = await self._guard(self._each(self._unref, [
@@ -400,6 +403,13 @@ class RedisStore(MailboxStore):
                         wake: Callable[[], None]) -> Subscription:
         await self._wakeups.add(recipient.raw, wake)
         return _RedisSubscription(self._wakeups, recipient.raw, wake)
+
+    async def access_list_floor(self) -> Stamp:
+        return parse_floor_text(await self._guard(self._client.get(self._keys.access_floor)))
+
+    async def raise_access_list_floor(self, stamp: Stamp) -> Stamp:
+        return parse_floor_text(await self._guard(self._raise_floor(
+            keys=[self._keys.access_floor], args=[floor_text(stamp)])))
 
     async def ping(self) -> None:
         """A probe write (a read-only replica or an out-of-memory primary refuses it),

@@ -7,6 +7,8 @@ Three kinds of slot, by hash tag:
   envelopes it sent, and the bytes those bodies take (its budget);
 - the store-wide `{expiry}`: the expiry index and the bytes all bodies take.
 
+(And one key of its own: the highest access-list stamp a relay applied.)
+
 A body record lives in its sender's slot, once, whatever the number of recipients:
 one message touches one sender slot, one store-wide slot and a slot per
 recipient, and no script ever needs keys from two of them.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proto import PublicKey
+from proto.access import Stamp
 
 _BODY_MEMBER = "body:"
 
@@ -63,6 +66,19 @@ class MailboxKeys:
         return f"{self.recipient_hex}:{field}"
 
 
+def floor_text(stamp: Stamp) -> str:
+    """A stamp as the floor key holds it: both numbers zero-padded to 20 digits, so Lua
+    compares stamps as strings, exactly (its numbers are doubles; an epoch need not fit)."""
+    return f"{stamp.epoch:020d}.{stamp.version:020d}"
+
+
+def parse_floor_text(text: bytes | None) -> Stamp:
+    if not text:
+        return Stamp(0, 0)
+    epoch, version = text.split(b".")
+    return Stamp(int(epoch), int(version))
+
+
 class KeySpace:
     """Key names under one prefix, so several deployments or tests can share a Redis."""
 
@@ -71,6 +87,7 @@ class KeySpace:
         self.expiry_index = f"{prefix}{{expiry}}"
         self.stored_total = f"{prefix}{{expiry}}:stored"  # bytes of all bodies
         self.probe = f"{prefix}probe"
+        self.access_floor = f"{prefix}access-floor"  # the highest access-list stamp applied
 
     @property
     def store_keys(self) -> list[str]:

@@ -13,6 +13,8 @@ by recipient, and the store budget by the body's member in the index.
 
 from __future__ import annotations
 
+from proto import Origin
+
 # An emptied stream is kept this long so its last id survives: a new entry in
 # the same millisecond must still sort after tags a connected device has seen.
 EMPTY_LOG_TTL_MS = 3_600_000
@@ -31,10 +33,10 @@ end
 
 -- `raw` (the envelope) only for a message with one recipient, whose entry carries
 -- it inline; otherwise nil, and the entry refers to the body.
-local function append(log, size, ids, field, bytes, sender, msg_id, kind, raw)
+local function append(log, size, ids, field, bytes, sender, msg_id, origin, raw)
   local existing = redis.call('HGET', ids, field)
   if existing then return existing end  -- a retried call after a lost reply
-  local entry = {{'s', sender, 'm', msg_id, 'k', kind, 'f', field, 'n', bytes}}
+  local entry = {{'s', sender, 'm', msg_id, 'o', origin, 'f', field, 'n', bytes}}
   if raw then
     entry[11], entry[12] = 'r', raw
   end
@@ -55,6 +57,14 @@ end
 -- and have no body record.
 local function entry_size(entry)
   return tonumber(entry['n']) or string.len(entry['r'])
+end
+
+-- Entries written while envelopes showed their kind carry it ('k': 1 DATA, 2 RECEIPT,
+-- 3 EXPIRY, 4 PEER_CHANGE) instead of the origin ('o'); only EXPIRY was a relay's notice.
+local function origin_of(entry)
+  if entry['o'] then return entry['o'] end
+  if entry['k'] == '3' then return '{int(Origin.RELAY)}' end
+  return '{int(Origin.DEVICE)}'
 end
 
 -- Remove stream entry `id`; returns its fields, or nil when it is already gone.
@@ -139,7 +149,7 @@ end
 # Standalone Redis only: every key of the message in one script.
 # KEYS: seen, body, sender's stored bytes, expiry index, total bytes, then
 #       (log, size, ids) per recipient.
-# ARGV: [1] nonce, [2] replay_until_ms, [3] raw, [4] sender, [5] msg_id, [6] kind,
+# ARGV: [1] nonce, [2] replay_until_ms, [3] raw, [4] sender, [5] msg_id, [6] origin,
 #       [7] expires_at_ms, [8] field, [9] max_messages, [10] max_bytes,
 #       [11] sender_max_bytes, [12] store_max_bytes, [13] body member, then per
 #       recipient its hex and its index member.
@@ -213,7 +223,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
-# KEYS: log, size, ids.  ARGV: field, bytes, sender, msg_id, kind, max_messages,
+# KEYS: log, size, ids.  ARGV: field, bytes, sender, msg_id, origin, max_messages,
 # max_bytes, and the envelope for a message with one recipient (inline).
 # Returns the stream id, or false when full.
 APPEND_ONE = _HELPERS + """
@@ -225,7 +235,7 @@ end
 return append(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[8])
 """
 
-# KEYS: log, size, ids.  ARGV: field.  Returns {sender, msg_id, kind, size} or
+# KEYS: log, size, ids.  ARGV: field.  Returns {sender, msg_id, origin, size} or
 # false; size is false for an entry without a shared body.  Whoever's call
 # removes the entry is the one caller that gets it back.
 REMOVE_BY_FIELD = _HELPERS + """
@@ -236,7 +246,7 @@ if not entry then
   redis.call('HDEL', KEYS[3], ARGV[1])
   return false
 end
-return {entry['s'], entry['m'], entry['k'], entry['n'] or false}
+return {entry['s'], entry['m'], origin_of(entry), entry['n'] or false}
 """
 
 # KEYS: log, size, ids.  ARGV: tag.  Returns {field, size} (size false for an
@@ -304,4 +314,13 @@ redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens),
            'l', string.format('%d', math.max(now, last)))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return allowed
+"""
+
+# KEYS: the access-list floor.  ARGV: a stamp as `floor_text` spells it (fixed width, so
+# a greater string is a greater stamp).  Keeps the greater of the two; returns it.
+RAISE_FLOOR = """
+local held = redis.call('GET', KEYS[1])
+if held and held >= ARGV[1] then return held end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 """

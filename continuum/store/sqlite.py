@@ -31,7 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from proto import Envelope, Kind, PublicKey
+from proto import Envelope, Origin, PublicKey
+from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
@@ -40,10 +41,10 @@ from .token_bucket import TokenBuckets
 from .wakeups import WakeupHub
 
 T = TypeVar("T")
-# seq, recipient, sender, msg_id, kind, size, body of an entry that expired
+# seq, recipient, sender, msg_id, origin, size, body of an entry that expired
 _Due = tuple[int, bytes, bytes, bytes, int, int, int]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # ping() commits and removes a body this large: if that cannot be written,
 # neither can the largest envelope a default relay admits.
 _PROBE_BYTES = DEFAULT_MAX_ENVELOPE_BYTES
@@ -53,7 +54,7 @@ CREATE TABLE body (
     id INTEGER PRIMARY KEY,
     sender BLOB NOT NULL,
     msg_id BLOB NOT NULL,
-    kind INTEGER NOT NULL,
+    origin INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL,
     raw BLOB NOT NULL
 );
@@ -75,6 +76,15 @@ END;
 CREATE TABLE probe (id INTEGER PRIMARY KEY, filler BLOB NOT NULL);
 """
 
+# The highest access-list stamp applied (one row, once a list was): new in version 2.
+_FLOOR = """
+CREATE TABLE access_floor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch INTEGER NOT NULL,
+    version INTEGER NOT NULL
+);
+"""
+
 _SEEN = """
 CREATE TABLE IF NOT EXISTS seen (
     sender BLOB NOT NULL,
@@ -85,18 +95,31 @@ CREATE TABLE IF NOT EXISTS seen (
 CREATE INDEX IF NOT EXISTS seen_by_until ON seen (until_ms);
 """
 
+
+def _origin_of_kind(column: str) -> str:
+    """Files from before the kind was sealed kept an envelope's kind (1 DATA, 2 RECEIPT,
+    3 EXPIRY, 4 PEER_CHANGE) where its origin now goes; only EXPIRY was a relay's notice."""
+    return f"CASE {column} WHEN 3 THEN {int(Origin.RELAY)} ELSE {int(Origin.DEVICE)} END"
+
+
 # Files written before bodies were shared held one row per copy, bytes inline:
 # each old row becomes a body of its own and the one entry referring to it.
 _FROM_VERSION_0 = """
 DROP INDEX mailbox_by_recipient;
 DROP INDEX mailbox_by_expiry;
 ALTER TABLE mailbox RENAME TO mailbox_v0;
-""" + _SCHEMA + """
-INSERT INTO body (id, sender, msg_id, kind, expires_at_ms, raw)
-    SELECT seq, sender, msg_id, kind, expires_at_ms, raw FROM mailbox_v0;
+""" + _SCHEMA + f"""
+INSERT INTO body (id, sender, msg_id, origin, expires_at_ms, raw)
+    SELECT seq, sender, msg_id, {_origin_of_kind("kind")}, expires_at_ms, raw FROM mailbox_v0;
 INSERT INTO mailbox (seq, recipient, body, sender, size)
     SELECT seq, recipient, seq, sender, length(raw) FROM mailbox_v0;
 DROP TABLE mailbox_v0;
+"""
+
+# Files written while envelopes showed their kind.
+_FROM_VERSION_1 = f"""
+ALTER TABLE body RENAME COLUMN kind TO origin;
+UPDATE body SET origin = {_origin_of_kind("origin")};
 """
 
 
@@ -137,13 +160,17 @@ class SqliteStore(MailboxStore):
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
-        if version != 0:
+        if version == 1:
+            upgrade = _FROM_VERSION_1 + _FLOOR
+        elif version == 0:
+            old_mailbox = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mailbox'").fetchone()
+            upgrade = (_FROM_VERSION_0 if old_mailbox else _SCHEMA) + _FLOOR
+        else:
             raise sqlite3.DatabaseError(
                 f"schema version {version} is newer than this relay's {SCHEMA_VERSION}")
-        old_mailbox = self._db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mailbox'").fetchone()
-        self._db.executescript("BEGIN IMMEDIATE;" + (_FROM_VERSION_0 if old_mailbox else _SCHEMA)
-                               + _SEEN + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        self._db.executescript("BEGIN IMMEDIATE;" + upgrade + _SEEN
+                               + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -183,9 +210,9 @@ class SqliteStore(MailboxStore):
                                            f"({messages} messages, {total} bytes)")
             self._check_budgets(sender, size, limits)
             body = db.execute(
-                "INSERT INTO body (sender, msg_id, kind, expires_at_ms, raw)"
+                "INSERT INTO body (sender, msg_id, origin, expires_at_ms, raw)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (sender, envelope.msg_id, int(envelope.kind), envelope.expires_at_ms,
+                (sender, envelope.msg_id, int(envelope.origin), envelope.expires_at_ms,
                  envelope.raw)).lastrowid
             db.executemany(
                 "INSERT INTO mailbox (recipient, body, sender, size) VALUES (?, ?, ?, ?)",
@@ -254,7 +281,7 @@ class SqliteStore(MailboxStore):
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
         def work(db: sqlite3.Connection) -> tuple[list[_Due], set[int]]:
             rows = db.execute(
-                "SELECT mailbox.seq, mailbox.recipient, body.sender, body.msg_id, body.kind,"
+                "SELECT mailbox.seq, mailbox.recipient, body.sender, body.msg_id, body.origin,"
                 " mailbox.size, mailbox.body FROM body JOIN mailbox ON mailbox.body = body.id"
                 " WHERE body.expires_at_ms <= ? ORDER BY body.expires_at_ms LIMIT ?",
                 (now_ms, limit)).fetchall()
@@ -267,13 +294,13 @@ class SqliteStore(MailboxStore):
             return rows, bodies - kept
 
         rows, removed = self._transaction(work)
-        for _seq, recipient, sender, _msg_id, _kind, size, body in rows:
+        for _seq, recipient, sender, _msg_id, _origin, size, body in rows:
             self._grow(recipient, -1, -size)
             if body in removed:
                 removed.discard(body)
                 self._count_body(sender, -size)
-        return [ExpiredMessage(PublicKey(r), PublicKey(s), m, Kind(k))
-                for _seq, r, s, m, k, _size, _body in rows]
+        return [ExpiredMessage(PublicKey(r), PublicKey(s), m, Origin(o))
+                for _seq, r, s, m, o, _size, _body in rows]
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
                     burst: int) -> bool:
@@ -293,6 +320,23 @@ class SqliteStore(MailboxStore):
                         wake: Callable[[], None]) -> Subscription:
         self._wakeups.add(recipient.raw, wake)
         return _SqliteSubscription(self._wakeups, recipient.raw, wake)
+
+    async def access_list_floor(self) -> Stamp:
+        try:
+            row = self._db.execute("SELECT epoch, version FROM access_floor").fetchone()
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from None
+        return Stamp(*row) if row else Stamp(0, 0)
+
+    async def raise_access_list_floor(self, stamp: Stamp) -> Stamp:
+        def work(db: sqlite3.Connection) -> Stamp:
+            row = db.execute("SELECT epoch, version FROM access_floor").fetchone()
+            floor = max(Stamp(*row) if row else Stamp(0, 0), stamp)
+            db.execute("INSERT OR REPLACE INTO access_floor (id, epoch, version) VALUES (1, ?, ?)",
+                       floor)
+            return floor
+
+        return self._transaction(work)
 
     async def ping(self) -> None:
         """Commit and remove a probe body as large as an envelope may be."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -18,22 +19,23 @@ from typing import TypeVar
 import nacl.bindings
 
 from .. import canonical
-from ..access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, MAX_REQUEST_SKEW_MS, AccessList,
+from ..access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, ORACLE_CLOCK_SKEW_MS, AccessList,
                       AccessRequest)
-from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Envelope, Kind, decode_envelope,
-                        seal_envelope)
+from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Contents, Envelope, Kind, Origin,
+                        decode_envelope, seal_contents, seal_envelope)
 from ..errors import ErrorCode
 from ..frames import (Accepted, Ack, Challenge, Deliver, Error, Frame, Hello, Send, Welcome,
                       decode_frame, encode_frame)
 from ..handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake,
                          RelayHandshake, hello_signed_bytes, welcome_signed_bytes)
-from ..keys import Identity
+from ..keys import PUBLIC_PREFIX, SECRET_PREFIX, Identity
 from ..limits import DEFAULT_LIMITS, PROTOCOL_VERSION
 from ..payloads import ExpiryNotice, PeerChange, Receipt
+from ..prekeys import SignedPrekey
 from ..rotation import (KEY_ROTATION_DOMAIN, ORACLE_KEY_CHANGE_DOMAIN, KeyRotation,
                         OracleKeyChain, OracleKeyChange)
 from ..sealing import COMMIT_DOMAIN, COMMITMENT_BYTES, PAYLOAD_NONCE_BYTES, padded_size
-from . import VECTOR_DIR
+from . import VECTOR_DIR, weak_signatures
 
 FrameT = TypeVar("FrameT", bound=Frame)
 
@@ -47,6 +49,8 @@ SEEDS = {
     "oracle": bytes(range(0x80, 0xA0)),
 }
 EPOCH = 1_700_000_000_123
+# The oracle's default access-list validity (oracle/settings.py): ten minutes.
+VALIDITY_MS = 600_000
 IDS = {name: Identity(seed) for name, seed in SEEDS.items()}
 
 
@@ -81,17 +85,28 @@ def key_vectors() -> dict:
             "seed": SEEDS[name].hex(),
             "public_key": identity.public.raw.hex(),
             "public_text": identity.public.text,
+            "public_checksum": _checksum(b"", identity.public.raw).hex(),
             "secret_text": identity.secret_text(),
+            "secret_checksum": _checksum(SECRET_PREFIX.encode("ascii"), SEEDS[name]).hex(),
             "x25519_public": nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(
                 identity.public.raw).hex(),
             "x25519_secret": nacl.bindings.crypto_sign_ed25519_sk_to_curve25519(secret64).hex(),
         })
-    return {"description": "Ed25519 key pairs from fixed seeds, their text forms and the "
-                           "X25519 keys derived for sealing.", "keys": keys}
+    return {"description": "Ed25519 key pairs from fixed seeds, their text forms (checksums:"
+                           " BLAKE2b-32 of the public key; of \"csk_\" ‖ seed) and the X25519"
+                           " keys derived for sealing.", "keys": keys}
+
+
+def _checksum(covered: bytes, raw: bytes) -> bytes:
+    """The text form's checksum (over `covered` ‖ key), written out so the vector states it."""
+    return hashlib.blake2b(covered + raw, digest_size=4).digest()
 
 
 def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
-                     plaintext: bytes, fill_base: int) -> tuple[dict, Envelope]:
+                     plaintext: bytes, fill_base: int,
+                     prekeys: dict[str, SignedPrekey] | None = None) -> tuple[dict, Envelope]:
+    """One envelope, every step written out; with `prekeys` (recipient name → its signed
+    prekey) those wraps are sealed to the prekey and each entry says which (or null)."""
     ordered = sorted(recipients, key=lambda r: IDS[r].public)
     msg_id = fill(fill_base, 16)
     ephemeral_seed = fill(fill_base + 9, 32)
@@ -100,15 +115,18 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
     wrap_nonces = [fill(fill_base + 3 + i, 24) for i in range(len(ordered))]
     script = Script(msg_id, ephemeral_seed, content_key, payload_nonce, *wrap_nonces)
     env = seal_envelope(IDS[sender], kind, [IDS[r].public for r in recipients], plaintext,
-                        ttl_s=TTL_S, now_ms=CREATED_AT_MS, random_bytes=script)
+                        ttl_s=TTL_S, now_ms=CREATED_AT_MS, random_bytes=script,
+                        prekeys={IDS[r].public: p for r, p in (prekeys or {}).items()})
     script.done()
     aad = PAYLOAD_AAD_DOMAIN + canonical.encode(
-        [PROTOCOL_VERSION, int(kind), msg_id, env.sender.raw, CREATED_AT_MS, TTL_S,
+        [PROTOCOL_VERSION, int(kind.origin), msg_id, env.sender.raw, CREATED_AT_MS, TTL_S,
          env.ephemeral, [IDS[r].public.raw for r in ordered]])
+    contents = Contents(kind, plaintext).encode()
     vector = {
         "name": name,
         "sender": sender,
         "recipients": ordered,
+        "kind": int(kind),
         "plaintext": plaintext.hex(),
         "random": {
             "msg_id": msg_id.hex(),
@@ -119,20 +137,22 @@ def _envelope_vector(name: str, sender: str, recipients: list[str], kind: Kind,
         },
         "fields": {
             "version": env.version,
-            "kind": int(env.kind),
+            "origin": int(env.origin),
             "msg_id": env.msg_id.hex(),
             "sender": env.sender.raw.hex(),
             "created_at_ms": env.created_at_ms,
             "ttl_s": env.ttl_s,
             "ephemeral": env.ephemeral.hex(),
-            "recipients": [{"key": r.key.raw.hex(), "wrapped_key": r.wrapped_key.hex()}
+            "recipients": [{"key": r.key.raw.hex(), "wrapped_key": r.wrapped_key.hex(),
+                            **({"prekey_id": r.prekey_id} if prekeys is not None else {})}
                            for r in env.recipients],
             "payload": env.payload.hex(),
             "signature": env.signature.hex(),
         },
         "sealing": {
             "aad": aad.hex(),
-            "padded_plaintext_bytes": padded_size(len(plaintext)),
+            "contents": contents.hex(),
+            "padded_contents_bytes": padded_size(len(contents)),
             "commitment": env.payload[PAYLOAD_NONCE_BYTES:PAYLOAD_NONCE_BYTES
                                       + COMMITMENT_BYTES].hex(),
             "ciphertext": env.payload[PAYLOAD_NONCE_BYTES + COMMITMENT_BYTES:].hex(),
@@ -153,14 +173,20 @@ def envelope_vectors() -> dict:
                               b"hello, bob and carol", 0x20)
     receipt, _ = _envelope_vector("receipt_for_data_one_recipient", "bob", ["alice"],
                                   Kind.RECEIPT, Receipt.of(first).encode(), 0x30)
+    notice, _ = _envelope_vector("expiry_notice_for_data_one_recipient", "relay", ["alice"],
+                                 Kind.EXPIRY, ExpiryNotice.single(first.msg_id,
+                                                                  IDS["bob"].public).encode(),
+                                 0x40)
     return {
         "description": "Sealed and signed envelopes; randomness is given in `random` and is "
                        "consumed in the order msg_id, ephemeral_seed, content_key, "
-                       "payload_nonce, wrap_nonces (one per recipient, recipients sorted by key).",
+                       "payload_nonce, wrap_nonces (one per recipient, recipients sorted by key). "
+                       "`kind` is sealed: `contents` is its byte then the plaintext; the clear "
+                       "`origin` is 2 (a relay's notice) for EXPIRY, else 1.",
         "signing_domain": SIGNING_DOMAIN.hex(),
         "payload_aad_domain": PAYLOAD_AAD_DOMAIN.hex(),
         "commit_domain": COMMIT_DOMAIN.hex(),
-        "envelopes": [one, two, receipt],
+        "envelopes": [one, two, receipt, notice],
     }
 
 
@@ -188,7 +214,7 @@ def payload_vectors() -> dict:
 
 def _access_list() -> AccessList:
     """alice in group 0, bob in groups 0 and 1, carol revoked; signed by `oracle`."""
-    return AccessList(EPOCH, 42, CREATED_AT_MS, IDS["oracle"].public,
+    return AccessList(EPOCH, 42, CREATED_AT_MS, CREATED_AT_MS + VALIDITY_MS, IDS["oracle"].public,
                       {IDS["alice"].public: frozenset({0}), IDS["bob"].public: frozenset({0, 1})},
                       frozenset({IDS["carol"].public}))
 
@@ -215,6 +241,7 @@ def access_vectors() -> dict:
             "oracle": "oracle",
             "fields": {"epoch": access.epoch, "version": access.version,
                        "issued_at_ms": access.issued_at_ms,
+                       "valid_until_ms": access.valid_until_ms,
                        "oracle_key": access.oracle.raw.hex(),
                        "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
                                     for k in sorted(access.groups)],
@@ -237,7 +264,7 @@ def access_vectors() -> dict:
             "signature": token_fields[-1].hex(),
             "token": token.hex(),
             "authorization": header,
-            "max_skew_ms": MAX_REQUEST_SKEW_MS},
+            "max_skew_ms": ORACLE_CLOCK_SKEW_MS},
     }
 
 
@@ -265,7 +292,8 @@ def _oracle_chain() -> OracleKeyChain:
 
 def _rotated_access_list() -> AccessList:
     """After both rotations: alice_next in alice's groups, alice draining, signed by oracle_next."""
-    return AccessList(EPOCH + 1, 43, ROTATED_AT_MS, NEXT_IDS["oracle_next"].public,
+    return AccessList(EPOCH + 1, 43, ROTATED_AT_MS, ROTATED_AT_MS + VALIDITY_MS,
+                      NEXT_IDS["oracle_next"].public,
                       {NEXT_IDS["alice_next"].public: frozenset({0}),
                        IDS["bob"].public: frozenset({0, 1})},
                       frozenset({IDS["carol"].public}), {IDS["alice"].public: DRAIN_UNTIL_MS},
@@ -297,6 +325,7 @@ def rotation_vectors() -> dict:
             "oracle": "oracle_next",
             "fields": {"epoch": access.epoch, "version": access.version,
                        "issued_at_ms": access.issued_at_ms,
+                       "valid_until_ms": access.valid_until_ms,
                        "oracle_key": access.oracle.raw.hex(),
                        "enrolled": [{"key": k.raw.hex(), "groups": sorted(access.groups[k])}
                                     for k in sorted(access.groups)],
@@ -322,9 +351,9 @@ def _invalid_rotation() -> list[dict]:
     gap = OracleKeyChange.sign(carol, IDS["bob"], ROTATED_AT_MS + 1)
     access = _rotated_access_list()
     body = canonical.decode(access.sign(oracle_next), max_size=1 << 20, what="vector")[:-1]
-    plain = [*body[:3], oracle.public.raw, *body[4:6], [], []]
-    enrolled_draining = [*body[:6], [[alice_next.public.raw, DRAIN_UNTIL_MS]], body[7]]
-    forged_chain = [*body[:7], [OracleKeyChange.sign(carol, oracle_next, 1).to_value()]]
+    plain = [*body[:4], oracle.public.raw, *body[5:7], [], []]
+    enrolled_draining = [*body[:7], [[alice_next.public.raw, DRAIN_UNTIL_MS]], body[8]]
+    forged_chain = [*body[:8], [OracleKeyChange.sign(carol, oracle_next, 1).to_value()]]
     return [
         _invalid("key rotation whose old-key signature is carol's", "key_rotation",
                  canonical.encode(by_carol), ErrorCode.BAD_SIGNATURE),
@@ -429,7 +458,7 @@ def _invalid(name: str, check: str, data: bytes | str, error: ErrorCode, **extra
 
 
 def _reencoded(fields: list, **changes: object) -> bytes:
-    index = {"version": 0, "kind": 1, "msg_id": 2, "created_at_ms": 4, "ttl_s": 5,
+    index = {"version": 0, "origin": 1, "msg_id": 2, "created_at_ms": 4, "ttl_s": 5,
              "ephemeral": 6, "recipients": 7}
     changed = list(fields)
     for name, value in changes.items():
@@ -438,7 +467,7 @@ def _reencoded(fields: list, **changes: object) -> bytes:
 
 
 def _wire_fields(env: Envelope) -> list:
-    return [env.version, int(env.kind), env.msg_id, env.sender.raw, env.created_at_ms,
+    return [env.version, int(env.origin), env.msg_id, env.sender.raw, env.created_at_ms,
             env.ttl_s, env.ephemeral, [[r.key.raw, r.wrapped_key] for r in env.recipients],
             env.payload, env.signature]
 
@@ -474,9 +503,11 @@ def _invalid_access() -> list[dict]:
     oracle, relay = IDS["oracle"], IDS["relay"]
     encoded = _access_list().sign(oracle)
     body = canonical.decode(encoded, max_size=1 << 20, what="vector")[:-1]
-    enrolled = [list(entry) for entry in body[4]]
+    enrolled = [list(entry) for entry in body[5]]
     enrolled[-1][1] = [1, 0]
-    unsorted_groups = [*body[:4], enrolled, body[5]]
+    unsorted_groups = [*body[:5], enrolled, body[6]]
+    before_expiry = [*body[:3], *body[4:]]  # the layout before valid_until_ms
+    no_validity = [*body[:3], body[2], *body[4:]]  # valid_until_ms == issued_at_ms
     request = _relay_request()
     token_body = [request.relay.raw, request.oracle.raw, request.issued_at_ms, request.nonce]
     now = request.issued_at_ms
@@ -486,7 +517,11 @@ def _invalid_access() -> list[dict]:
         _invalid("access list with a key's groups out of order", "access_list",
                  _signed_list(unsorted_groups, oracle), ErrorCode.INVALID_FIELD),
         _invalid("access list in the layout before epochs", "access_list",
-                 _signed_list(body[1:], oracle), ErrorCode.MALFORMED),
+                 _signed_list(before_expiry[1:], oracle), ErrorCode.MALFORMED),
+        _invalid("access list in the layout before valid_until_ms", "access_list",
+                 _signed_list(before_expiry, oracle), ErrorCode.MALFORMED),
+        _invalid("access list valid until the instant it was issued", "access_list",
+                 _signed_list(no_validity, oracle), ErrorCode.INVALID_FIELD),
         _invalid("relay token signed by another key", "relay_token",
                  _signed_token(token_body, IDS["carol"]), ErrorCode.BAD_SIGNATURE, now_ms=now),
         _invalid("relay token for another oracle", "relay_token",
@@ -494,9 +529,81 @@ def _invalid_access() -> list[dict]:
                  ErrorCode.UNAUTHENTICATED, now_ms=now),
         _invalid("relay token a minute and a millisecond old", "relay_token",
                  _signed_token(token_body, relay), ErrorCode.STALE,
-                 now_ms=now + MAX_REQUEST_SKEW_MS + 1),
+                 now_ms=now + ORACLE_CLOCK_SKEW_MS + 1),
         _invalid("bearer token instead of a relay token", "relay_token",
                  "Bearer " + "a" * 40, ErrorCode.UNAUTHENTICATED, now_ms=now),
+    ]
+
+
+def _sealed(sender: str, origin: Origin, contents: bytes, recipient: str,
+            fill_base: int) -> bytes:
+    """An envelope with any origin and sealed contents, from fixed "random" bytes."""
+    script = Script(fill(fill_base, 16), fill(fill_base + 9, 32), fill(fill_base + 1, 32),
+                    fill(fill_base + 2, 24), fill(fill_base + 3, 24))
+    env = seal_contents(IDS[sender], origin, contents, [IDS[recipient].public], ttl_s=TTL_S,
+                        now_ms=CREATED_AT_MS, random_bytes=script)
+    script.done()
+    return env.raw
+
+
+def _invalid_contents() -> list[dict]:
+    """Envelopes whose sealed kind is unknown or disagrees with their clear origin: each is
+    signed and sealed properly, so only the recipient, after opening, can refuse it; and
+    a relay's notice a device sends."""
+    notice = ExpiryNotice.single(fill(0x10, 16), IDS["bob"].public).encode()
+    return [
+        _invalid("relay origin with DATA sealed inside", "envelope_open",
+                 _sealed("relay", Origin.RELAY, Contents(Kind.DATA, b"hi").encode(), "alice",
+                         0x50), ErrorCode.INVALID_FIELD, open_as="alice"),
+        _invalid("device origin with an EXPIRY notice sealed inside", "envelope_open",
+                 _sealed("alice", Origin.DEVICE, Contents(Kind.EXPIRY, notice).encode(), "bob",
+                         0x60), ErrorCode.INVALID_FIELD, open_as="bob"),
+        _invalid("unknown sealed kind 5", "envelope_open",
+                 _sealed("alice", Origin.DEVICE, b"\x05hi", "bob", 0x70),
+                 ErrorCode.INVALID_FIELD, open_as="bob"),
+        _invalid("no sealed kind (empty contents)", "envelope_open",
+                 _sealed("alice", Origin.DEVICE, b"", "bob", 0x80),
+                 ErrorCode.INVALID_FIELD, open_as="bob"),
+        _invalid("a relay's notice sent by a device", "send",
+                 _sealed("alice", Origin.RELAY, Contents(Kind.EXPIRY, notice).encode(), "bob",
+                         0x90), ErrorCode.INVALID_FIELD),
+    ]
+
+
+def _invalid_signatures() -> list[dict]:
+    """Signatures for which Ed25519's equation holds but the key validity rule (SPEC §3)
+    refuses them (`signature`: verify `hex` under `public_key`), built by `weak_signatures`
+    from fixed inputs."""
+    alice_seed, alice = SEEDS["alice"], IDS["alice"].public.raw
+
+    def numbered(text: bytes) -> Callable[[bytes, int], bytes]:
+        return lambda _key, attempt: b"%s %d" % (text, attempt)
+
+    mixed, mixed_message, mixed_signature = weak_signatures.mixed_order_signature(
+        alice_seed, numbered(b"open valve"))
+    r = fill(0x07, 32)
+    order_8_message, order_8_signature = weak_signatures.vanishing_key_signature(
+        weak_signatures.ORDER_8, 8, r, numbered(b"small-order key"))
+    neutral_message, neutral_signature = weak_signatures.vanishing_key_signature(
+        weak_signatures.NEUTRAL_NON_CANONICAL, 1, r, numbered(b"non-canonical key"))
+    small_r_message, large_s_message = b"small-order R", b"non-canonical S"
+    e = ErrorCode.BAD_SIGNATURE
+    return [
+        _invalid("public key with a small-order component (A + T8); libsodium alone accepts",
+                 "signature", mixed_message, e, public_key=mixed.hex(),
+                 signature=mixed_signature.hex()),
+        _invalid("public key of order 8", "signature", order_8_message, e,
+                 public_key=weak_signatures.ORDER_8.hex(), signature=order_8_signature.hex()),
+        _invalid("non-canonical public key (the neutral element as y = p + 1)", "signature",
+                 neutral_message, e, public_key=weak_signatures.NEUTRAL_NON_CANONICAL.hex(),
+                 signature=neutral_signature.hex()),
+        _invalid("signature with a small-order R (the neutral element)", "signature",
+                 small_r_message, e, public_key=alice.hex(),
+                 signature=weak_signatures.small_order_r_signature(alice_seed,
+                                                                   small_r_message).hex()),
+        _invalid("signature with a non-canonical S (S + L)", "signature", large_s_message, e,
+                 public_key=alice.hex(), signature=weak_signatures.non_canonical_s(
+                     IDS["alice"].sign(large_s_message)).hex()),
     ]
 
 
@@ -535,15 +642,16 @@ def invalid_vectors() -> dict:
                  max_bytes=len(one) - 1),
         _invalid("version as a float", "envelope", _reencoded(fields, version=1.0),
                  ErrorCode.INVALID_FIELD),
-        _invalid("unknown kind 5", "envelope", _reencoded(fields, kind=5),
+        _invalid("unknown origin 3", "envelope", _reencoded(fields, origin=3),
                  ErrorCode.INVALID_FIELD),
+        _invalid("origin 0", "envelope", _reencoded(fields, origin=0), ErrorCode.INVALID_FIELD),
         _invalid("msg_id of 15 bytes", "envelope", _reencoded(fields, msg_id=msg_id[:15]),
                  ErrorCode.INVALID_FIELD),
         _invalid("ttl_s of 0", "envelope", _reencoded(fields, ttl_s=0), ErrorCode.INVALID_FIELD),
         _invalid("no recipients", "envelope", _reencoded(fields, recipients=[]),
                  ErrorCode.INVALID_FIELD),
         _invalid("recipients not sorted by key", "envelope",
-                 _reencoded(fields_two, recipients=list(reversed(fields_two[6]))),
+                 _reencoded(fields_two, recipients=list(reversed(fields_two[7]))),
                  ErrorCode.INVALID_FIELD),
         _invalid("payload bit flipped", "envelope_verify", bytes(flipped),
                  ErrorCode.BAD_SIGNATURE),
@@ -559,6 +667,7 @@ def invalid_vectors() -> dict:
                  ErrorCode.DECRYPT_FAILED, open_as="carol"),
         _invalid("alice's ciphertext re-signed by carol as sender", "envelope_open",
                  _resign_as(fields, IDS["carol"]), ErrorCode.DECRYPT_FAILED, open_as="bob"),
+        *_invalid_contents(),
         _invalid("unknown frame type 9", "frame", canonical.encode([9, b""]), m),
         _invalid("SEND frame with a second field", "frame", canonical.encode([4, b"", b""]), m),
         _invalid("CHALLENGE of a protocol 1 relay (three fields)", "frame",
@@ -595,19 +704,33 @@ def invalid_vectors() -> dict:
                  "public_key_text", last_char_typo, ErrorCode.INVALID_FIELD),
         _invalid("secret key text where a public key belongs", "public_key_text",
                  IDS["alice"].secret_text(), ErrorCode.INVALID_FIELD),
+        _invalid("a secret key's body after the public prefix", "public_key_text",
+                 PUBLIC_PREFIX + IDS["alice"].secret_text()[len(SECRET_PREFIX):],
+                 ErrorCode.INVALID_FIELD),
+        _invalid("a public key's body after the secret prefix", "secret_key_text",
+                 SECRET_PREFIX + alice_text[len(PUBLIC_PREFIX):], ErrorCode.INVALID_FIELD),
+        *_invalid_signatures(),
     ]
     return {
         "description": "Inputs that must be refused. `check` names the operation: envelope "
                        "(decode), envelope_verify (decode then verify), envelope_open "
                        "(decode, verify, open as `open_as`), frame, hello_verify (decode a "
                        "HELLO and verify it against handshake.json's challenge), receipt, "
-                       "expiry_notice, peer_change, public_key_text, access_list (verify for "
+                       "expiry_notice, peer_change, public_key_text, secret_key_text, send "
+                       "(decode as a relay decodes a SEND's envelope), signature (verify the "
+                       "message `hex` under `public_key`), access_list (verify for "
                        "key `oracle`), relay_token (an Authorization value, verified for key "
                        "`oracle` at `now_ms`), key_rotation and oracle_key_chain (decode, "
                        "signatures included; keys in rotation.json). `max_bytes` overrides "
                        "the size limit. `error` is the ErrorCode name that must result.",
         "invalid": entries,
     }
+
+
+def prekey_vectors() -> dict:
+    """prekeys.json, built in its own module from this one's keys and helpers."""
+    from .prekey_vectors import prekey_vectors as build_prekeys
+    return build_prekeys()
 
 
 BUILDERS: dict[str, Callable[[], dict]] = {
@@ -618,6 +741,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "access": access_vectors,
     "rotation": rotation_vectors,
     "invalid": invalid_vectors,
+    "prekeys": prekey_vectors,
 }
 
 def render(document: dict) -> str:

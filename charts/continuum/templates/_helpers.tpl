@@ -32,13 +32,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.oracle.existingSecret | default (printf "%s-oracle-identity" (include "continuum.fullname" .)) -}}
 {{- end -}}
 
-{{/* The oracle URL relays long-poll: this release's oracle Service, else another region's. */}}
+{{/* The oracle URL relays long-poll: this release's oracle Service, else another region's;
+https unless oracle.tls.enabled is false. */}}
 {{- define "continuum.oracleUrl" -}}
 {{- if .Values.oracle.enabled -}}
-{{- printf "http://%s-oracle:%v" (include "continuum.fullname" .) .Values.oracle.port -}}
+{{- printf "%s://%s-oracle:%v" (ternary "https" "http" .Values.oracle.tls.enabled) (include "continuum.fullname" .) .Values.oracle.port -}}
 {{- else -}}
-{{- required "oracle.externalUrl is required when oracle.publicKey is set and oracle.enabled is false" .Values.oracle.externalUrl -}}
+{{- $url := required "oracle.externalUrl is required when oracle.publicKey is set and oracle.enabled is false" .Values.oracle.externalUrl -}}
+{{- if and .Values.oracle.tls.enabled (not (hasPrefix "https://" $url)) -}}
+{{- fail "oracle.externalUrl must be https:// (the relays fetch the access list from it), or set oracle.tls.enabled=false" -}}
 {{- end -}}
+{{- $url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The in-cluster oracle's TLS Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "continuum.oracleTlsSecret" -}}
+{{- .Values.oracle.tls.secretName | default (printf "%s-oracle-tls" (include "continuum.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Secret whose ca.crt relays verify the oracle with; empty: the system's trust store. */}}
+{{- define "continuum.oracleCaSecret" -}}
+{{- if .Values.relay.oracleCaSecret -}}
+{{- .Values.relay.oracleCaSecret -}}
+{{- else if and .Values.oracle.enabled .Values.oracle.tls.enabled -}}
+{{- include "continuum.oracleTlsSecret" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where relays find that CA bundle. */}}
+{{- define "continuum.oracleCaDir" -}}/run/continuum-oracle-ca{{- end -}}
+
+{{/* The Secret the relay Ingress serves wss:// with. */}}
+{{- define "continuum.relayTlsSecret" -}}
+{{- .Values.ingress.tlsSecret | default (printf "%s-relay-tls" (include "continuum.fullname" .)) -}}
 {{- end -}}
 
 {{/* The session cookie must be Secure exactly when browsers reach the dashboard over HTTPS. */}}
