@@ -310,8 +310,11 @@ async def test_metrics_count_requests_devices_and_access_list_pollers(
 
 
 async def _long_poll(admin: Admin, server: OracleServer) -> None:
-    status = await admin.call("GET", "/v1/status")
-    stamp = f"epoch={status['access_list_epoch']}&after={status['access_list_version']}"
+    """Hold the current list as a relay does, then wait for the next one."""
+    async with admin.session.get(f"{server.url}/v1/access-list",
+                                 headers=relay_headers(server)) as response:
+        held = AccessList.verify(await response.read(), server.identity.public)
+    stamp = f"epoch={held.epoch}&after={held.version}&valid_until={held.valid_until_ms}"
     async with admin.session.get(f"{server.url}/v1/access-list?{stamp}",
                                  headers=relay_headers(server)) as response:
         await response.read()
