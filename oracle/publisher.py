@@ -78,9 +78,10 @@ class AccessListPublisher:
         self._start_rebuild()
 
     async def current(self) -> Published:
-        """The list as of the last committed change (waits for a rebuild in progress),
-        signed again first if half its validity has passed."""
-        while self._stale or self._published is None:
+        """The list as of the last committed change (waits for a rebuild in progress: one
+        that is still reading may already have cleared `_stale`), signed again first if
+        half its validity has passed."""
+        while self._stale or self._published is None or not self._rebuild_done():
             await asyncio.shield(self._start_rebuild())
         if now_ms() >= self._refresh_due_ms(self._published):
             self._refresh(self._published)
@@ -128,8 +129,11 @@ class AccessListPublisher:
         self._log.debug("access_list_refreshed", stamp=str(access.stamp),
                         valid_until_ms=access.valid_until_ms)
 
+    def _rebuild_done(self) -> bool:
+        return self._rebuild is None or self._rebuild.done()
+
     def _start_rebuild(self) -> asyncio.Task[None]:
-        if self._rebuild is None or self._rebuild.done():
+        if self._rebuild_done():
             self._rebuild = asyncio.create_task(self._rebuild_while_stale(),
                                                 name="access-list-rebuild")
             self._rebuild.add_done_callback(self._log_failure)
