@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -219,6 +219,18 @@ class CpuSampler:
         inside = [s for s in self.samples if start_ns <= s[0] <= end_ns] or self.samples[-2:]
         (t0, c0, m0), (t1, c1, m1) = inside[0], inside[-1]
         return c1 - c0, m1 - m0, max((t1 - t0) / 1e9, 1e-9)
+
+
+def best_us(work: Callable[[], object], seconds: float = 0.4) -> float:
+    """Best-of-5 µs per call of `work` (micro-benchmarks of pure code)."""
+    results = []
+    for _ in range(5):
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds / 5:
+            work()
+            count += 1
+        results.append((time.perf_counter() - started) / count * 1e6)
+    return min(results)
 
 
 def percentiles(values: list[int], points: Sequence[float] = (50, 90, 99)) -> dict[str, float]:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
-from common import table
+from common import best_us, table
 
 from proto import Identity, Kind, decode_envelope, seal_envelope
 from proto.payloads import PeerChange
@@ -25,18 +24,6 @@ from proto.prekeys import SignedPrekey, create_prekey
 
 PAYLOAD = b"\x00" * 64
 WEEK_MS = 7 * 86_400_000
-
-
-def best_us(work: Callable[[], object], seconds: float = 0.4) -> float:
-    """Best-of-5 µs per call of `work`."""
-    results = []
-    for _ in range(5):
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds / 5:
-            work()
-            count += 1
-        results.append((time.perf_counter() - started) / count * 1e6)
-    return min(results)
 
 
 def main() -> None:

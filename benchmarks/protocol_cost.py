@@ -20,24 +20,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from common import table
+from common import best_us, table
 
 PAYLOAD = b"\x00" * 64
-
-
-def best_us(work: Callable[[], object], seconds: float = 0.4) -> float:
-    """Best-of-5 µs per call of `work`."""
-    results = []
-    for _ in range(5):
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds / 5:
-            work()
-            count += 1
-        results.append((time.perf_counter() - started) / count * 1e6)
-    return min(results)
 
 
 def measure() -> dict[str, float]:
