@@ -56,10 +56,15 @@ def cli(home: Path, *args: str) -> str:
 
 
 def durable_ids(home: Path) -> set[bytes]:
-    """msg_ids the device wrote to its state file: in the outbox or tracked as sent."""
-    with sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True) as db:
+    """msg_ids the device wrote to its state file: in the outbox or tracked as sent.  Read
+    with a connection that may write: after a SIGKILL mid-commit the first reader rebuilds
+    the WAL index, which a read-only one cannot do."""
+    db = sqlite3.connect(home / "state.db")
+    try:
         queued = {decode_envelope(raw).msg_id for (raw,) in db.execute("SELECT envelope FROM outbox")}
         tracked = {msg_id for (msg_id,) in db.execute("SELECT msg_id FROM sent")}
+    finally:
+        db.close()
     return queued | tracked
 
 

@@ -83,15 +83,23 @@ class CliProcess(ChildProcess):
 
 
 def outbox_rows(home: Path) -> list[bytes]:
-    """Envelope bytes in the home's outbox, read as another process would (the file is WAL)."""
+    """Envelope bytes in the home's outbox, read as another process would (the file is WAL).
+
+    Not read-only: after a SIGKILL mid-write the first reader must rebuild the WAL index,
+    which a read-only connection cannot (it fails, and an empty answer here once hid
+    durable messages from the test that counts them)."""
     path = home / "state.db"
     if not path.exists():
         return []
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
-        try:
-            return [raw for (raw,) in db.execute("SELECT envelope FROM outbox ORDER BY seq")]
-        except sqlite3.OperationalError:  # the schema is not written yet
-            return []
+    db = sqlite3.connect(path)
+    try:
+        return [raw for (raw,) in db.execute("SELECT envelope FROM outbox ORDER BY seq")]
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return []  # the schema is not written yet
+    finally:
+        db.close()
 
 
 def sent_listing(home: Path) -> dict[str, dict[str, object]]:
