@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 
@@ -19,6 +20,11 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with RelayServer(settings) as server:
+        # What exists now (modules, the app, the store) lives as long as the process: out of
+        # the collector's sight, each full collection scans only the connections' objects.
+        # Under a flood of refused handshakes a known device's p99 fell from 34-47 ms to
+        # 13-20 ms (benchmarks/hostile.py --only verify, A/B on a quiet machine).
+        gc.freeze()
         print(f"continuum relay listening on {server.url}", file=sys.stderr, flush=True)
         await stop.wait()
 
