@@ -41,34 +41,9 @@ import oracle_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from oracle.db import open_database  # noqa: E402
 from proto import Identity  # noqa: E402
 from proto.access import AccessRequest  # noqa: E402
 from runtime.clock import now_ms  # noqa: E402
-
-GROUP_SIZE = 10
-
-
-async def _fill(database: str, devices: int) -> list[str]:
-    """Devices in groups of GROUP_SIZE, inserted directly (the API would take minutes)."""
-    db = await open_database(database)
-    keys = [Identity.generate().public.text for _ in range(devices)]
-    now = now_ms()
-    try:
-        async with db.transaction() as conn:
-            for number, key in enumerate(keys):
-                await conn.execute("INSERT INTO devices (key, name, tags, enrolled_at_ms)"
-                                   " VALUES ($1, $2, '', $3)", key, f"device-{number}", now)
-                if number % GROUP_SIZE == 0:
-                    group = f"g{number // GROUP_SIZE:06d}"
-                    await conn.execute("INSERT INTO peer_groups (id, name, created_at_ms)"
-                                       " VALUES ($1, $1, $2)", group, now)
-                await conn.execute("INSERT INTO memberships (group_id, device_key) VALUES ($1, $2)",
-                                   f"g{number // GROUP_SIZE:06d}", key)
-    finally:
-        await db.close()
-    return keys
-
 
 def _poll_stamp(body: bytes, etag: str | None) -> tuple[int, int, int]:
     """(epoch, version, valid_until_ms) of a list, as a relay names the one it holds."""
@@ -199,7 +174,7 @@ def run(devices: int, pollers: int, calls: int, interval_ms: float, rounds: int,
     relay = Identity.generate()
     with tempfile.TemporaryDirectory(prefix="continuum-bench-oracle-") as tmp, \
             oracle_process.database(tmp, postgres) as database:
-        keys = asyncio.run(_fill(database, devices))
+        keys = asyncio.run(oracle_process.fill_fleet(database, devices))
         port = free_port()
         command, env = oracle_process.oracle_command(baseline)
         env.update({"CONTINUUM_ORACLE_DATABASE": database,

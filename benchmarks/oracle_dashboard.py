@@ -37,40 +37,9 @@ from common import free_port, stop_process_group, table, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from oracle.db import open_database  # noqa: E402
 from oracle.pagination import encode_cursor  # noqa: E402
-from proto import Identity  # noqa: E402
-from runtime.clock import now_ms  # noqa: E402
 
-GROUP_SIZE = 10
 WARM_UP = 3
-
-
-async def _fill(database: str, devices: int) -> list[str]:
-    """`devices` devices with tags, in groups of GROUP_SIZE; returns their keys in name order."""
-    db = await open_database(database)
-    keys = [Identity.generate().public.text for _ in range(devices)]
-    now = now_ms()
-    try:
-        async with db.transaction() as conn:
-            for number, key in enumerate(keys):
-                tags = f"site-{number % 10}" + (" camera" if number % 100 == 0 else "")
-                await conn.execute("INSERT INTO devices (key, name, tags, enrolled_at_ms)"
-                                   " VALUES ($1, $2, $3, $4)", key, f"device-{number:06d}",
-                                   " ".join(sorted(tags.split())), now + number)
-                group = f"g{number // GROUP_SIZE:06d}"
-                if number % GROUP_SIZE == 0:
-                    await conn.execute("INSERT INTO peer_groups (id, name, created_at_ms)"
-                                       " VALUES ($1, $2, $3)", group, f"group-{group}", now)
-                await conn.execute("INSERT INTO memberships (group_id, device_key)"
-                                   " VALUES ($1, $2)", group, key)
-        if database.startswith("postgresql"):
-            # Autovacuum would gather statistics after this bulk insert within a minute;
-            # without them the planner guesses, and the first minute is not the steady state.
-            await db.execute("ANALYZE")
-    finally:
-        await db.close()
-    return keys
 
 
 def _kinds(devices: int, keys: list[str]) -> dict[str, object]:
@@ -86,7 +55,8 @@ def _kinds(devices: int, keys: list[str]) -> dict[str, object]:
         "dashboard search (name substring)": lambda n: f"/?q=device-{term(n)}",
         "dashboard filter (tag + state)": lambda n: f"/?tag=site-{n % 10}&state=active",
         "dashboard group page + member search": lambda n: (
-            f"/groups/g{(n * 7919) % (devices // GROUP_SIZE):06d}?find=device-{term(n)}"),
+            f"/groups/g{(n * 7919) % (devices // oracle_process.GROUP_SIZE):06d}"
+            f"?find=device-{term(n)}"),
         "device page": lambda n: f"/devices/{keys[(n * 7919) % devices]}",
         "API first page (limit=50)": lambda n: "/v1/devices?limit=50",
         "API search (limit=50)": lambda n: f"/v1/devices?limit=50&q=device-{term(n)}",
@@ -137,7 +107,7 @@ def run(devices: int, requests: int, postgres: bool, baseline: str | None) -> di
     with tempfile.TemporaryDirectory(prefix="continuum-bench-dashboard-") as tmp, \
             oracle_process.database(tmp, postgres) as database:
         started = time.monotonic()
-        keys = asyncio.run(_fill(database, devices))
+        keys = asyncio.run(oracle_process.fill_fleet(database, devices))
         fill_s = time.monotonic() - started
         port = free_port()
         command, env = oracle_process.oracle_command(baseline)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CHECKOUT = Path(__file__).resolve().parent.parent
+GROUP_SIZE = 10  # devices per peer group in a filled fleet
 
 
 @contextlib.contextmanager
@@ -64,3 +65,35 @@ def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 
         except (urllib.error.URLError, OSError):
             time.sleep(0.05)
     raise TimeoutError(f"oracle not healthy within {timeout_s}s")
+
+
+async def fill_fleet(database: str, devices: int) -> list[str]:
+    """`devices` devices with tags, in groups of GROUP_SIZE, inserted directly (the API would
+    take minutes); returns their keys in name order."""
+    from oracle.db import open_database  # this checkout's, once the caller put it on the path
+    from proto import Identity
+    from runtime.clock import now_ms
+
+    db = await open_database(database)
+    keys = [Identity.generate().public.text for _ in range(devices)]
+    now = now_ms()
+    try:
+        async with db.transaction() as conn:
+            for number, key in enumerate(keys):
+                tags = f"site-{number % 10}" + (" camera" if number % 100 == 0 else "")
+                await conn.execute("INSERT INTO devices (key, name, tags, enrolled_at_ms)"
+                                   " VALUES ($1, $2, $3, $4)", key, f"device-{number:06d}",
+                                   " ".join(sorted(tags.split())), now + number)
+                group = f"g{number // GROUP_SIZE:06d}"
+                if number % GROUP_SIZE == 0:
+                    await conn.execute("INSERT INTO peer_groups (id, name, created_at_ms)"
+                                       " VALUES ($1, $2, $3)", group, f"group-{group}", now)
+                await conn.execute("INSERT INTO memberships (group_id, device_key)"
+                                   " VALUES ($1, $2)", group, key)
+        if database.startswith("postgresql"):
+            # Autovacuum would gather statistics after this bulk insert within a minute;
+            # without them the planner guesses, and the first minute is not the steady state.
+            await db.execute("ANALYZE")
+    finally:
+        await db.close()
+    return keys
