@@ -14,6 +14,8 @@ from .connection_gate import ConnectionGate
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import MailboxLimits, MailboxStore
+from .streams.router import StreamRouter
+from .streams.table import StreamBudget
 
 
 @dataclass
@@ -25,6 +27,8 @@ class RelayContext:
     log: structlog.typing.FilteringBoundLogger
     gate: ConnectionGate
     access: AccessControl
+    streams: StreamRouter
+    stream_budget: StreamBudget
 
     @functools.cached_property
     def mailbox_limits(self) -> MailboxLimits:

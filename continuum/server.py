@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +27,9 @@ from .expiry import expire_forever
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import open_store
+from .streams import stream_bus
+from .streams.router import StreamRouter
+from .streams.table import StreamBudget
 
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
@@ -79,7 +83,14 @@ class RelayServer:
             unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
             unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys,
             enrolled=lambda key: access.current is not None and key in access.current.enrolled)
-        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access)
+        budget = StreamBudget(settings.max_streams)
+        metrics.streams_open.set_function(lambda: budget.open)
+        streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
+                               tick_s=min(0.5, settings.stream_open_timeout_s / 4),
+                               remote=stream_bus(store))
+        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access,
+                                  streams, budget)
+        await streams.start()
         # keepalive_timeout also bounds the time from accept() to a complete request:
         # aiohttp arms it when the socket is accepted (slowloris).
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
@@ -121,6 +132,7 @@ class RelayServer:
         if listener is not None:
             await listener.wait_closed()
         if relay is not None:
+            await relay.streams.stop()  # after the sessions: their last aborts go out first
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_STOP_STEP_S):
                     await relay.store.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from proto import Identity, PublicKey
 from proto.errors import InvalidFieldError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
+from proto.streams import CHUNK_OVERHEAD_BYTES
 from runtime.settings import describe, load_settings, repeatable
 from runtime.tls import server_context, verifying_context
 
@@ -98,6 +99,20 @@ class Settings:
     # and disconnects the rest; `alarm` keeps enforcing the lapsed list.  Both alarm (log,
     # metrics, /healthz).  README "When the oracle goes silent".
     access_list_expired: str = FAIL_CLOSED
+    # Streams (SPEC §16), relayed live, never stored.  Halves open or opening per device
+    # connection and per relay process; opens waiting for an answer per connection, and how
+    # long they wait; how much credit a receiver may hold out per stream (what may wait on
+    # the path); opens per second and chunk bytes per second per connection (a connection
+    # over its byte rate is read more slowly, so its sender slows down).
+    max_streams_per_device: int = 64
+    max_streams: int = 10_000
+    max_pending_streams_per_device: int = 16
+    stream_open_timeout_s: float = 10.0
+    max_stream_window_bytes: int = 1024 * 1024
+    stream_opens_per_s: float = 20.0
+    stream_open_burst: int = 40
+    stream_bytes_per_s: float = 256 * 1024 * 1024
+    stream_burst_bytes: int = 8 * 1024 * 1024
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -167,6 +182,16 @@ class Settings:
                  self.access_list_expired in ON_EXPIRY),
                 ("oracle_url must be http:// or https://", not self.oracle_url
                  or self.oracle_url.startswith(("http://", "https://"))),
+                ("stream limits must be >= 1", min(
+                    self.max_streams_per_device, self.max_streams,
+                    self.max_pending_streams_per_device, self.stream_open_burst) >= 1),
+                ("stream_open_timeout_s, stream_opens_per_s and stream_bytes_per_s must be > 0",
+                 min(self.stream_open_timeout_s, self.stream_opens_per_s,
+                     self.stream_bytes_per_s) > 0),
+                ("max_stream_window_bytes and stream_burst_bytes must hold one chunk"
+                 " (max_envelope_bytes + 17)", min(self.max_stream_window_bytes,
+                                                   self.stream_burst_bytes)
+                 >= self.max_envelope_bytes + CHUNK_OVERHEAD_BYTES),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

@@ -425,6 +425,12 @@ class RedisStore(MailboxStore):
             raise StoreUnavailableError(f"mailbox store refuses writes: {written}")
         self._durability.check(waited)
 
+    def stream_clients(self) -> tuple[Redis | RedisCluster, Redis, str]:
+        """What the replicas' stream path (`continuum.streams.redis_bus`) shares with this
+        store: the data client (it publishes), the plain client its subscriber connection
+        comes from, and the key prefix."""
+        return self._client, self._pubsub_client, self._keys.prefix
+
     async def close(self) -> None:
         await self._wakeups.close()
         await self._client.aclose()
