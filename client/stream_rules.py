@@ -37,7 +37,7 @@ from proto.streams import (CHUNK_OVERHEAD_BYTES, OPEN_TTL_S, Opening, OpenReques
 from .freshness import is_fresh, valid_until_ms
 
 # What a device grants each stream unless told otherwise: four full chunks in flight.
-DEFAULT_WINDOW = 256 * 1024
+DEFAULT_WINDOW = 1024 * 1024
 # Offers waiting for the application's answer; opens remembered against replays.
 MAX_WAITING_OFFERS = 16
 MAX_REMEMBERED_OPENS = 16_384

@@ -21,7 +21,9 @@ What crosses maps both ways:
 
 A port the device does not expose, a peer it does not allow, or a service
 that refuses the connection refuse the stream (`StreamRefusedError` at the
-user's side, whose TCP connection is then reset).
+user's side, whose TCP connection is then reset).  A burst of connections
+beyond the bounds on opens in flight (`StreamLimitError`, `RateLimitedError`)
+waits and retries, as a slow connect would, for up to 30 s.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import struct
 from collections.abc import Callable, Collection
 
 from proto import PublicKey
-from proto.errors import ProtocolError
+from proto.errors import ProtocolError, RateLimitedError, StreamLimitError
 from runtime.logs import library_logger
 
 from .device import Device
+from .stream_rules import DEFAULT_WINDOW
 from .streams import Stream, StreamRequest
 
 log = library_logger("continuum.client")
@@ -116,10 +119,11 @@ async def pump(stream: Stream, reader: asyncio.StreamReader,
 
 
 def expose(device: Device, ports: Collection[int], *, host: str = "127.0.0.1",
-           allowed: Collection[PublicKey] | None = None,
+           allowed: Collection[PublicKey] | None = None, window: int = DEFAULT_WINDOW,
            on_refused: Callable[[PublicKey, str], None] | None = None) -> None:
     """Serve `ports` on `host` to the device's peers (and only `allowed`, if given), from
-    now on; `on_refused(peer, why)` hears of each refusal."""
+    now on; `on_refused(peer, why)` hears of each refusal.  `window`: bytes each stream's
+    peer may send before this side reads (`Device.open_stream`)."""
     chosen = frozenset(ports)
     allow = None if allowed is None else frozenset(allowed)
 
@@ -140,7 +144,7 @@ def expose(device: Device, ports: Collection[int], *, host: str = "127.0.0.1",
             return
         _no_delay(writer)
         try:
-            stream = await request.accept()
+            stream = await request.accept(window=window)
         except ProtocolError:  # the opener gave up meanwhile
             reset(writer)
             return
@@ -150,7 +154,7 @@ def expose(device: Device, ports: Collection[int], *, host: str = "127.0.0.1",
 
 
 async def forward(device: Device, peer: PublicKey, port: int, *, host: str = "127.0.0.1",
-                  local_port: int = 0,
+                  local_port: int = 0, window: int = DEFAULT_WINDOW,
                   on_failed: Callable[[BaseException], None] | None = None) -> asyncio.Server:
     """Listen on `host:local_port`; each connection there becomes a stream to `peer`'s
     `port`.  Returns the listening server (its socket tells the port chosen for 0)."""
@@ -159,7 +163,7 @@ async def forward(device: Device, peer: PublicKey, port: int, *, host: str = "12
     async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _no_delay(writer)
         try:
-            stream = await device.open_stream(peer, service, timeout=OPEN_TIMEOUT_S)
+            stream = await _open(device, peer, service, window)
         except (ProtocolError, TimeoutError) as exc:
             if on_failed is not None:
                 on_failed(exc)
@@ -168,6 +172,20 @@ async def forward(device: Device, peer: PublicKey, port: int, *, host: str = "12
         await pump(stream, reader, writer)
 
     return await asyncio.start_server(connected, host, local_port)
+
+
+async def _open(device: Device, peer: PublicKey, service: str, window: int) -> Stream:
+    """Open the stream for one TCP connection; a bound that says "retry later" (a burst of
+    connections beyond the relay's or the peer's opens in flight) is retried with backoff
+    until OPEN_TIMEOUT_S, like a slow connect, rather than failing the connection."""
+    async with asyncio.timeout(OPEN_TIMEOUT_S):
+        delay = 0.05
+        while True:
+            try:
+                return await device.open_stream(peer, service, window=window)
+            except (StreamLimitError, RateLimitedError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

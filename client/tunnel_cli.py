@@ -16,9 +16,11 @@ import asyncio
 import ipaddress
 
 from proto import PublicKey
+from proto.frames import MAX_CREDIT
 
 from .cli import EXIT_OK, CliError, _message, _say, _Session
 from .settings import ClientSettings
+from .stream_rules import DEFAULT_WINDOW
 from .tunnel import expose, forward, service_for
 
 
@@ -36,6 +38,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     tunnel.add_argument("target", metavar="PEER:PORT", help="cpk_… key and port of the peer")
     tunnel.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT",
                         help="local address to listen on (default 127.0.0.1, a free port)")
+    for command in (exposing, tunnel):
+        command.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="BYTES",
+                             help="bytes the other end may send per connection before this"
+                                  f" side reads (default {DEFAULT_WINDOW}; relays bound it,"
+                                  " 1 MiB by default)")
 
 
 async def run(args: argparse.Namespace, settings: ClientSettings) -> int:
@@ -54,7 +61,7 @@ async def _expose(args: argparse.Namespace, settings: ClientSettings) -> int:
         if key not in device.peers:
             _say(f"warning: {key.text} is allowed but is not a peer: its streams are refused"
                  f" until: continuum-client peers add {key.text}")
-    expose(device, args.ports, host=args.host, allowed=allowed,
+    expose(device, args.ports, host=args.host, allowed=allowed, window=_window(args.window),
            on_refused=lambda peer, why: _say(f"refused a stream from {peer.text}: {why}"))
     services = " ".join(service_for(port) for port in args.ports)
     async with device:
@@ -82,6 +89,7 @@ async def _tunnel(args: argparse.Namespace, settings: ClientSettings) -> int:
     async with device:
         try:
             server = await forward(device, peer, port, host=host, local_port=int(local),
+                                   window=_window(args.window),
                                    on_failed=lambda exc: _say(
                                        f"a connection to {peer.text}:{port} failed:"
                                        f" {_message(exc) or type(exc).__name__}"))
@@ -97,6 +105,12 @@ async def _tunnel(args: argparse.Namespace, settings: ClientSettings) -> int:
         finally:
             server.close()
     return EXIT_OK
+
+
+def _window(window: int) -> int:
+    if not 1024 <= window <= MAX_CREDIT:
+        raise CliError(f"--window {window} must be between 1024 and {MAX_CREDIT} bytes")
+    return window
 
 
 def _port(port: int) -> int:

@@ -172,7 +172,8 @@ class RelayProtocol:
         self._wanted = False  # the mailbox may hold more than was fetched
         # Streams: the relay-wide count, and this connection's table, made at its first stream
         # (most connections never carry one, and each byte of an idle connection counts).
-        self._stream_budget = stream_budget or StreamBudget(settings.max_streams)
+        self._stream_budget = stream_budget or StreamBudget(settings.max_streams,
+                                                            settings.stream_relay_window_bytes)
         self._streams: StreamTable | None = None
 
     @property
@@ -400,7 +401,8 @@ class RelayProtocol:
         return self._kept(self._streams.unreachable(stream_id))
 
     def expire_streams(self, now_ms: int) -> tuple[Output, ...]:
-        """End the opens that waited past their deadline (the router ticks pending ones)."""
+        """End the opens that waited past their deadline, pass on held credit (the router
+        ticks connections whose streams need it)."""
         if self._streams is None or self.phase is not Phase.OPEN:
             return ()
         return self._kept(self._streams.expire(now_ms))
@@ -413,8 +415,8 @@ class RelayProtocol:
         return self._kept(self._streams.abort_via(here, replica, reason))
 
     @property
-    def pending_streams(self) -> int:
-        return self._streams.pending if self._streams is not None else 0
+    def streams_need_tick(self) -> bool:
+        return self._streams is not None and self._streams.needs_tick
 
     def close_streams(self) -> tuple[Output, ...]:
         """The socket is gone: the other end of each stream must hear so."""

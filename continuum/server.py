@@ -83,7 +83,7 @@ class RelayServer:
             unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
             unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys,
             enrolled=lambda key: access.current is not None and key in access.current.enrolled)
-        budget = StreamBudget(settings.max_streams)
+        budget = StreamBudget(settings.max_streams, settings.stream_relay_window_bytes)
         metrics.streams_open.set_function(lambda: budget.open)
         streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
                                tick_s=min(0.5, settings.stream_open_timeout_s / 4),

@@ -206,8 +206,8 @@ class DeviceSession:
         return self._written(self._protocol.abort_streams_via(here, replica, reason))
 
     @property
-    def pending_streams(self) -> int:
-        return self._protocol.pending_streams
+    def streams_need_tick(self) -> bool:
+        return self._protocol.streams_need_tick
 
     def _written(self, outputs: tuple[Output, ...]) -> tuple[Output, ...]:
         """Write what the protocol queued for this device, and watch that it is read."""

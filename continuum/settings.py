@@ -109,6 +109,10 @@ class Settings:
     max_pending_streams_per_device: int = 16
     stream_open_timeout_s: float = 10.0
     max_stream_window_bytes: int = 1024 * 1024
+    # Credit passed on toward one connection, all its streams (what can be on its way to it),
+    # and toward all connections of the process; what a device grants beyond waits.
+    stream_connection_window_bytes: int = 16 * 1024 * 1024
+    stream_relay_window_bytes: int = 256 * 1024 * 1024
     stream_opens_per_s: float = 20.0
     stream_open_burst: int = 40
     stream_bytes_per_s: float = 256 * 1024 * 1024
@@ -188,9 +192,9 @@ class Settings:
                 ("stream_open_timeout_s, stream_opens_per_s and stream_bytes_per_s must be > 0",
                  min(self.stream_open_timeout_s, self.stream_opens_per_s,
                      self.stream_bytes_per_s) > 0),
-                ("max_stream_window_bytes and stream_burst_bytes must hold one chunk"
-                 " (max_envelope_bytes + 17)", min(self.max_stream_window_bytes,
-                                                   self.stream_burst_bytes)
+                ("stream windows, pools and burst must hold one chunk (max_envelope_bytes + 17)",
+                 min(self.max_stream_window_bytes, self.stream_burst_bytes,
+                     self.stream_connection_window_bytes, self.stream_relay_window_bytes)
                  >= self.max_envelope_bytes + CHUNK_OVERHEAD_BYTES),
             ] if not ok]
         if problems:

@@ -99,8 +99,8 @@ class Endpoint:
         return self._keep(self.table.abort_via(here, replica, reason))
 
     @property
-    def pending_streams(self) -> int:
-        return self.table.pending
+    def streams_need_tick(self) -> bool:
+        return self.table.needs_tick
 
 
 class World:
@@ -109,7 +109,8 @@ class World:
     def __init__(self, settings: Settings = SETTINGS, **overrides: object) -> None:
         self.settings = replace(settings, **overrides)
         self.access = access()
-        self.budget = StreamBudget(self.settings.max_streams)
+        self.budget = StreamBudget(self.settings.max_streams,
+                                   self.settings.stream_relay_window_bytes)
         self.router = StreamRouter("r1", self.settings.limits, structlog.get_logger("test"),
                                    tick_s=1.0)
         self.now = NOW

@@ -86,7 +86,6 @@ def _resigned(offer: StreamOpen, flip: int) -> StreamOpen:
     ("to a non-peer", "NOT_PEER"),
     ("from a non-peer to a group member", "NOT_PEER"),
     ("stale", "STALE"),
-    ("window above the bound", "INVALID_FIELD"),
 ])
 async def test_opens_are_verified_like_sends(case: str, code: str) -> None:
     world = World()
@@ -109,14 +108,26 @@ async def test_opens_are_verified_like_sends(case: str, code: str) -> None:
         offer, _ = open_frame(ALICE, CAROL)
     elif case == "stale":
         offer, _ = open_frame(ALICE, BOB, now_ms=NOW - 400_000)
-    elif case == "window above the bound":
-        offer = StreamOpen(world.settings.max_stream_window_bytes + 1, offer.envelope)
     conn.send(offer)
     TALLY[INPUTS_TRIED] += 1
     assert conn.codes() == [code] and conn.refused[0].abuse
     assert [f for f in conn.take() if not isinstance(f, StreamAbort)] == []
     assert world.budget.open == 0
     TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_windows_above_the_relays_bound_are_lowered_to_it() -> None:
+    world = World()
+    bound = world.settings.max_stream_window_bytes
+    alice, bob = await world.connect(ALICE), await world.connect(BOB)
+    offer, opening = open_frame(ALICE, BOB, window=bound * 4)
+    alice.send(offer)
+    [offered] = bob.take()
+    assert offered.window == bound and offered.envelope == offer.envelope
+    bob.send(StreamAccept(opening.stream_id, bound * 2, answer(BOB, offer)[0]))
+    [accepted] = alice.take()
+    assert accepted.window == bound and alice.refused == bob.refused == []
+    assert bob.table.half(opening.stream_id).may_send == bound
 
 
 async def test_an_undecodable_open_is_refused_without_a_stream_id() -> None:
@@ -402,3 +413,84 @@ def test_any_sequence_of_device_frames_keeps_the_books_straight(moves, ) -> None
         assert world.budget.open == 0
 
     asyncio.run(run())
+
+
+# -- the credit pools: what can be on its way to one connection, and to the relay ---------
+
+async def accepted_streams(world: World, alice, bob, count: int, window: int,
+                           open_window: int | None = None) -> list:
+    """`count` streams from alice to bob: (id, the window alice got, alice's keys)."""
+    streams = []
+    for _ in range(count):
+        offer, opening = open_frame(ALICE, BOB, window if open_window is None else open_window)
+        alice.send(offer)
+        bob.take()
+        raw, _ = answer(BOB, offer)
+        bob.send(StreamAccept(opening.stream_id, window, raw))
+        [accepted] = alice.take()
+        streams.append((opening.stream_id, accepted.window,
+                        opening.complete(accepted.envelope, ALICE)))
+    return streams
+
+
+async def test_a_connection_s_streams_share_one_pool_of_credit() -> None:
+    """Bob grants 64 KiB to each of 5 streams, but only 192 KiB may be on its way to his
+    connection: the last two start with nothing, and get their credit as data reaches him."""
+    window = 64 * 1024
+    world = World(stream_connection_window_bytes=3 * window, max_streams_per_device=10,
+                  max_pending_streams_per_device=10)
+    alice, bob = await world.connect(ALICE), await world.connect(BOB)
+    streams = await accepted_streams(world, alice, bob, 5, window)
+    assert [w for _, w, _ in streams] == [window] * 3 + [0, 0]
+    sid, _, keys = streams[0]
+    alice.send(StreamData(sid, keys.sealer.seal(b"x" * (window - 17))))  # uses stream 0's credit
+    assert len([f for f in bob.take() if isinstance(f, StreamData)]) == 1
+    # The 64 KiB that reached bob made room: the oldest held stream gets it, at once.
+    assert alice.take() == [StreamCredit(streams[3][0], window)]
+    # What bob grants back for stream 0 waits behind stream 4 (no overtaking).
+    bob.send(StreamCredit(sid, window))
+    assert alice.take() == []
+    # Both connections' pools are full (alice's opens granted bob credit toward her too).
+    assert world.budget.credit == 2 * 3 * window
+
+
+async def test_the_relay_wide_pool_is_shared_and_refilled_at_the_tick() -> None:
+    """Connections share the relay's pool: what one frees is passed on at once by the tables
+    the freeing frames reach, and by any other at the router's next tick."""
+    window = 64 * 1024
+    world = World(stream_relay_window_bytes=window, max_streams_per_device=10)
+    alice, bob1 = await world.connect(ALICE), await world.connect(BOB)
+    [(first, granted, _)] = await accepted_streams(world, alice, bob1, 1, window,
+                                                   open_window=0)
+    assert granted == window and world.budget.credit == window  # bob1's grant fills it
+    bob2 = await world.connect(BOB)  # the same device's second connection
+    offer, opening = open_frame(ALICE, BOB, 0)
+    alice.send(offer)
+    bob1.take()  # offered to both; bob1 lets it wait
+    bob2.take()
+    bob2.send(StreamAccept(opening.stream_id, window, answer(BOB, offer)[0]))
+    [accepted] = alice.take()
+    assert accepted.window == 0  # nothing left in the relay's pool: held at bob2's half
+    alice.send(StreamAbort(first, 27, "done"))  # bob1's stream ends: the pool is free...
+    assert aborts(bob1.take()) == ["STREAM_BROKEN"]
+    assert world.budget.credit == 0 and alice.take() == []
+    world.router.expire(world.now)  # ...and bob2's held credit gets it at the next tick
+    assert alice.take() == [StreamCredit(opening.stream_id, window)]
+    assert world.budget.credit == window
+
+
+async def test_a_receiver_with_many_stalled_streams_gets_at_most_its_pool() -> None:
+    """100 streams with 256 KiB windows whose receiver reads nothing: the relay passes at
+    most its connection's pool (4 MiB here), whatever the senders try."""
+    window, pool = 256 * 1024, 4 * 1024 * 1024
+    world = World(stream_connection_window_bytes=pool, max_streams_per_device=200,
+                  max_pending_streams_per_device=200)
+    alice, bob = await world.connect(ALICE), await world.connect(BOB)
+    streams = await accepted_streams(world, alice, bob, 100, window)
+    for sid, granted, keys in streams:
+        while granted > 17:
+            size = min(granted, 65_536) - 17
+            alice.send(StreamData(sid, keys.sealer.seal(b"x" * size)))
+            granted -= size + 17
+    passed = sum(len(f.chunk) for f in bob.take() if isinstance(f, StreamData))
+    assert passed == pool and alice.refused == []

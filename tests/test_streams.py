@@ -24,12 +24,12 @@ from conftest import TEST_SETTINGS
 from continuum.server import RelayServer
 from fake_oracle import FakeOracle
 from oracle_support import eventually
-from proto import Identity
+from proto import Identity, decode_envelope
 from proto.access import AccessList
 from proto.errors import (ErrorCode, NotPeerError, PeerUnreachableError, StreamBrokenError,
                           StreamRefusedError)
 from proto.frames import StreamAbort, StreamAccept, StreamData, StreamFin, StreamOpen
-from proto.streams import begin_open
+from proto.streams import accept_open, begin_open, read_open
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, INPUTS_TRIED, TALLY
 from wire import RawDevice
@@ -361,3 +361,37 @@ async def _garbage(frames: list) -> None:
 
 
 
+
+
+async def test_a_device_that_reads_nothing_is_closed_and_its_streams_end(start_relay) -> None:
+    """Bob accepts 8 streams with 1 MiB windows and then reads nothing at all: the relay
+    holds what alice may send him (the credit it passed on) only until its write timeout,
+    then closes bob's connection, and alice's writes fail with the reason."""
+    relay = await start_relay(write_timeout_s=1.0)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with Device(alice, [relay.url], PeerList([bob.public])) as a, \
+            await RawDevice.connect(relay.url, bob) as raw:
+        await connected(a)
+        openings = [asyncio.create_task(a.open_stream(bob.public, "x", timeout=10))
+                    for _ in range(8)]
+        for _ in range(8):
+            offer = await stream_frame(raw)
+            envelope = decode_envelope(offer.envelope)
+            sealed, _ = accept_open(bob, envelope, read_open(envelope, bob), now_ms=now_ms())
+            await raw.send_frame(StreamAccept(envelope.msg_id, 1 << 20, sealed.raw))
+        streams = [await opening for opening in openings]
+
+        async def flood(stream) -> BaseException | None:
+            try:
+                while True:
+                    await stream.write(b"z" * 65536)
+            except StreamBrokenError as exc:
+                return exc
+
+        started = time.monotonic()
+        errors = await asyncio.wait_for(asyncio.gather(*(flood(s) for s in streams)), 30)
+        assert all("connection to its relay closed" in str(e) for e in errors), errors
+        assert time.monotonic() - started < 15
+        with pytest.raises((ConnectionError, asyncio.TimeoutError)):
+            while True:
+                await raw.recv(timeout=5)

@@ -47,7 +47,7 @@ class StreamEndpoint(Protocol):
                           reason: str) -> tuple[Output, ...]: ...
 
     @property
-    def pending_streams(self) -> int: ...
+    def streams_need_tick(self) -> bool: ...
 
 
 class RemoteStreams(Protocol):
@@ -81,7 +81,8 @@ class StreamRouter:
         self._numbers = 0
         self._queue: deque[tuple[Address, PublicKey, Iterable[Output]]] = deque()
         self._dispatching = False
-        self._pending: set[int] = set()  # connections with opens waiting for an answer
+        # Connections whose tables have deadlines to watch or credit held for the relay's pool.
+        self._ticking: set[int] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -115,7 +116,7 @@ class StreamRouter:
         """The connection is gone: nothing more reaches it; `outputs` (its tables' aborts)
         go to the other ends."""
         entry = self._endpoints.pop(address.connection, None)
-        self._pending.discard(address.connection)
+        self._ticking.discard(address.connection)
         if entry is None:
             return
         key = entry[0]
@@ -145,6 +146,7 @@ class StreamRouter:
                         self._to_peer(output, sender, sender_key)
                     elif isinstance(output, Offer):
                         self._offer(output, sender, sender_key)
+                self._watch(sender)
         finally:
             self._dispatching = False
 
@@ -157,9 +159,14 @@ class StreamRouter:
         else:
             self._log.error("stream_route_unknown", replica=route.replica)
 
+    def _watch(self, address: Address) -> None:
+        """Tick the connection at `address` from now on if its table needs it."""
+        if address.replica == self.replica and address.connection not in self._ticking:
+            entry = self._endpoints.get(address.connection)
+            if entry is not None and entry[1].streams_need_tick:
+                self._ticking.add(address.connection)
+
     def _offer(self, offer: Offer, origin: Address, origin_key: PublicKey) -> None:
-        if origin.replica == self.replica:
-            self._pending.add(origin.connection)
         delivered = self.offer_here(offer.peer, offer.frame, origin, origin_key)
         if self._remote is not None:
             self._remote.offer(offer.peer, origin, origin_key, offer.frame, offer.stream_id,
@@ -172,7 +179,6 @@ class StreamRouter:
         """Offer an open to every connection of `peer` in this process; how many there were."""
         endpoints = list(self._by_key.get(peer, {}).items())
         for number, endpoint in endpoints:
-            self._pending.add(number)
             self.dispatch(Address(self.replica, number), peer,
                           endpoint.stream_from_peer(frame, origin, origin_key))
         return len(endpoints)
@@ -211,10 +217,11 @@ class StreamRouter:
     # -- deadlines ---------------------------------------------------------------------------
 
     def expire(self, now: int) -> None:
-        for number in list(self._pending):
+        """End opens past their deadline and pass on credit held for the relay's pool."""
+        for number in list(self._ticking):
             entry = self._endpoints.get(number)
-            if entry is None or not entry[1].pending_streams:
-                self._pending.discard(number)
+            if entry is None or not entry[1].streams_need_tick:
+                self._ticking.discard(number)
                 continue
             self.dispatch(Address(self.replica, number), entry[0], entry[1].expire_streams(now))
 

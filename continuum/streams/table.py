@@ -12,9 +12,15 @@ connection and decides everything about them:
   cannot read either envelope; the frame type tells it what they are.
 - **credits.**  A device may send only the chunk bytes the other end granted
   (the window in OPEN or ACCEPT, then STREAM_CREDIT); this half checks what
-  its device sends against that, and what its device grants against the
-  relay's window bound, so what waits anywhere on the path (this relay's
-  buffers, Redis, the other replica) is at most one window per stream.
+  its device sends against that.  What a device grants is passed on only
+  within two pools: the credit outstanding toward one connection
+  (`stream_connection_window_bytes`) and toward all connections of the relay
+  process (`stream_relay_window_bytes`); the rest waits here, as a number,
+  and is passed on as data reaches the device (or, for the relay-wide pool,
+  at the next tick).  So the data that can be on its way to a device (in this
+  relay's buffers, in Redis, on another replica) is bounded per connection
+  and per relay, however many streams it has and however little it reads;
+  a receiver with many streams shares the pool between them.
 - **bounds.**  Open streams per device and per relay process (`StreamBudget`),
   pending opens per device and their deadline, the rate of opens, and a byte
   rate per connection, enforced by pausing the connection's reads (`Pause`)
@@ -31,6 +37,7 @@ on in order (`ToDevice`, `ToPeer`, `Offer`, `Refused`, `Dropped`, `Pause`).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
@@ -61,12 +68,14 @@ class SendCheck(Protocol):
 
 
 class StreamBudget:
-    """Halves open in one relay process, all connections together (`max_streams`)."""
+    """What one relay process's streams hold, all connections together: halves open
+    (`max_streams`) and credit passed on toward devices (`stream_relay_window_bytes`)."""
 
-    __slots__ = ("limit", "open")
+    __slots__ = ("limit", "open", "credit_limit", "credit")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, credit_limit: int) -> None:
         self.limit, self.open = limit, 0
+        self.credit_limit, self.credit = credit_limit, 0
 
 
 class Bucket:
@@ -109,13 +118,14 @@ class Half:
     """One end of a stream as this connection's relay sees it."""
 
     __slots__ = ("peer", "phase", "route", "deadline_ms", "may_send", "may_receive",
-                 "sent_fin", "received_fin")
+                 "held", "sent_fin", "received_fin")
 
     def __init__(self, peer: PublicKey, phase: Phase, route: Address | None, deadline_ms: int,
-                 *, may_send: int = 0, may_receive: int = 0) -> None:
+                 *, may_send: int = 0) -> None:
         self.peer, self.phase, self.route, self.deadline_ms = peer, phase, route, deadline_ms
         self.may_send = may_send  # chunk bytes this device may still send (granted to it)
-        self.may_receive = may_receive  # chunk bytes this device granted and has not received
+        self.may_receive = 0  # credit passed on to the other end and not yet used
+        self.held = 0  # credit this device granted that waits here for room in the pools
         self.sent_fin = self.received_fin = False
 
 
@@ -187,7 +197,8 @@ def refuse_offer(frame: StreamOpen, origin: Address, opener: PublicKey, error: P
 class StreamTable:
     """The halves of one authenticated connection; see the module docstring."""
 
-    __slots__ = ("_device", "_settings", "_access", "_budget", "_halves", "_opens", "_bytes")
+    __slots__ = ("_device", "_settings", "_access", "_budget", "_halves", "_opens", "_bytes",
+                 "_passed", "_holding", "_waiting")
 
     def __init__(self, device: PublicKey, settings: Settings, access: SendCheck,
                  budget: StreamBudget) -> None:
@@ -196,6 +207,9 @@ class StreamTable:
         self._halves: dict[bytes, Half] = {}
         self._opens = Bucket(settings.stream_opens_per_s, settings.stream_open_burst)
         self._bytes = Bucket(settings.stream_bytes_per_s, settings.stream_burst_bytes)
+        self._passed = 0  # credit passed on toward this device, all its streams
+        self._holding: deque[bytes] = deque()  # streams with credit held back, oldest first
+        self._waiting = 0  # halves waiting for an answer
 
     def __len__(self) -> int:
         return len(self._halves)
@@ -203,7 +217,13 @@ class StreamTable:
     @property
     def pending(self) -> int:
         """Halves waiting for an answer (each has a deadline: `expire`)."""
-        return sum(1 for half in self._halves.values() if half.phase is not Phase.OPEN)
+        return self._waiting
+
+    @property
+    def needs_tick(self) -> bool:
+        """Opens wait for an answer, or credit waits for room in the relay-wide pool: the
+        caller calls `expire` now and then (the router's ticker)."""
+        return bool(self._waiting or self._holding)
 
     def half(self, stream_id: bytes) -> Half | None:
         return self._halves.get(stream_id)
@@ -211,6 +231,15 @@ class StreamTable:
     # -- frames from this connection's device ----------------------------------------------
 
     def from_device(self, frame: StreamFrame, now_ms: int) -> list[Output]:
+        return self._released(self._from_device(frame, now_ms))
+
+    def _released(self, out: list[Output]) -> list[Output]:
+        """After anything that may have freed room in the pools: pass on held credit."""
+        if self._holding:
+            out += self.release()
+        return out
+
+    def _from_device(self, frame: StreamFrame, now_ms: int) -> list[Output]:
         if isinstance(frame, StreamOpen):
             return self._open(frame, now_ms)
         half = self._halves.get(frame.stream_id)
@@ -237,16 +266,17 @@ class StreamTable:
                 "a stream with this id is open on this connection: a stream's id is its open"
                 " envelope's msg_id, drawn at random"), abuse=True)]
         try:
-            peer = self._check_open(envelope, frame.window, now_ms)
+            peer = self._check_open(envelope, now_ms)
         except ProtocolError as exc:
             limit = isinstance(exc, (StreamLimitError, RateLimitedError))
             return [Refused(stream_id, exc, abuse=not limit)]
-        self._add(stream_id, Half(peer, Phase.OPENING, None,
-                                  now_ms + int(settings.stream_open_timeout_s * 1000),
-                                  may_receive=frame.window))
-        return [Offer(peer, frame, stream_id)]
+        half = Half(peer, Phase.OPENING, None,
+                    now_ms + int(settings.stream_open_timeout_s * 1000))
+        self._add(stream_id, half)
+        window = self._pass(stream_id, half, self._bounded(frame.window))
+        return [Offer(peer, StreamOpen(window, frame.envelope), stream_id)]
 
-    def _check_open(self, envelope: Envelope, window: int, now_ms: int) -> PublicKey:
+    def _check_open(self, envelope: Envelope, now_ms: int) -> PublicKey:
         """Raise why this open may not go out; the peer it goes to if it may.  Cheap checks
         and bounds first, so a flood costs no signature checks beyond the open rate."""
         settings = self._settings
@@ -255,7 +285,6 @@ class StreamTable:
         peer = envelope.recipients[0].key
         if peer == self._device:
             raise InvalidFieldError("a stream needs another device at its other end")
-        self._check_window(window)
         if len(self._halves) >= settings.max_streams_per_device:
             raise StreamLimitError(f"this device has {len(self._halves)} streams open or"
                                    f" opening, the most a relay allows")
@@ -271,10 +300,11 @@ class StreamTable:
         self._access.check_send(self._device, (peer,))
         return peer
 
-    def _check_window(self, window: int) -> None:
-        if window > self._settings.max_stream_window_bytes:
-            raise InvalidFieldError(f"a window of {window} bytes exceeds this relay's bound of"
-                                    f" {self._settings.max_stream_window_bytes}")
+    def _bounded(self, window: int) -> int:
+        """A window above this relay's bound is lowered to it: the other end gets less credit
+        to start with, which the granting end never notices (it only checks that it does not
+        receive more than it granted)."""
+        return min(window, self._settings.max_stream_window_bytes)
 
     def _accept(self, frame: StreamAccept, half: Half, now_ms: int) -> list[Output]:
         if half.phase is not Phase.OFFERED:
@@ -284,14 +314,15 @@ class StreamTable:
             envelope = decode_envelope(frame.envelope, self._settings.limits)
             if envelope.recipient_keys != (half.peer,):
                 raise InvalidFieldError("a stream answer is sealed to the opener alone")
-            self._check_window(frame.window)
             admit(envelope, self._device, now_ms, self._settings)
             self._access.check_send(self._device, (half.peer,))
         except ProtocolError as exc:
             return self._break(frame.stream_id, half, exc)
-        half.phase, half.may_receive = Phase.OPEN, frame.window
+        self._opened(half)
+        window = self._pass(frame.stream_id, half, self._bounded(frame.window))
         assert half.route is not None
-        return [ToPeer(half.route, half.peer, frame)]
+        return [ToPeer(half.route, half.peer, StreamAccept(frame.stream_id, window,
+                                                           frame.envelope))]
 
     def _grant(self, frame: StreamCredit, half: Half) -> list[Output]:
         if half.phase is not Phase.OPEN:
@@ -299,13 +330,17 @@ class StreamTable:
                 "STREAM_CREDIT before the stream is open (the window goes in OPEN or ACCEPT)"))
         if half.received_fin:
             return [Dropped("credit_after_fin")]  # nothing more will come that needs it
-        half.may_receive += frame.credit
-        if half.may_receive > self._settings.max_stream_window_bytes:
+        outstanding = half.may_receive + half.held + frame.credit
+        if outstanding > self._settings.max_stream_window_bytes:
             return self._break(frame.stream_id, half, InvalidFieldError(
-                f"credit outstanding would be {half.may_receive} bytes, above this relay's"
+                f"credit outstanding would be {outstanding} bytes, above this relay's"
                 f" window bound of {self._settings.max_stream_window_bytes}"))
+        passed = self._pass(frame.stream_id, half, frame.credit)
         assert half.route is not None
-        return [ToPeer(half.route, half.peer, frame)]
+        out: list[Output] = []
+        if passed:
+            out.append(ToPeer(half.route, half.peer, StreamCredit(frame.stream_id, passed)))
+        return out
 
     def _send(self, frame: StreamData | StreamFin, half: Half, now_ms: int) -> list[Output]:
         if half.phase is not Phase.OPEN or half.sent_fin:
@@ -333,6 +368,10 @@ class StreamTable:
     def from_peer(self, frame: StreamFrame, origin: Address, peer: PublicKey,
                   now_ms: int) -> list[Output]:
         """A frame the other half (at `origin`, for device `peer`) passed on."""
+        return self._released(self._from_peer(frame, origin, peer, now_ms))
+
+    def _from_peer(self, frame: StreamFrame, origin: Address, peer: PublicKey,
+                   now_ms: int) -> list[Output]:
         if isinstance(frame, StreamOpen):
             return self._offered(frame, origin, peer, now_ms)
         half = self._halves.get(frame.stream_id)
@@ -342,7 +381,8 @@ class StreamTable:
                 return [ToPeer(origin, peer, StreamAbort(
                     frame.stream_id, int(ErrorCode.STREAM_BROKEN),
                     "the opener no longer waits for this answer"))]
-            half.phase, half.route, half.may_send = Phase.OPEN, origin, frame.window
+            self._opened(half)
+            half.route, half.may_send = origin, frame.window
             return [ToDevice(frame)]
         if half is None or half.peer != peer or (half.route is not None and half.route != origin):
             return [Dropped("stream_ended")]
@@ -387,7 +427,7 @@ class StreamTable:
             # Only a relay that broke the rules lets this through: end it at both ends.
             return self._break(frame.stream_id, half, StreamBrokenError(
                 "the other end sent beyond the credit it was given"), abuse=False)
-        half.may_receive -= size
+        self._use(half, size)
         if isinstance(frame, StreamFin):
             half.received_fin = True
             if half.sent_fin:
@@ -401,12 +441,14 @@ class StreamTable:
             return []
         self._remove(stream_id)
         error = PeerUnreachableError(f"{half.peer.text} is not connected to any relay here")
-        return [ToDevice(StreamAbort(stream_id, int(error.code), error.message))]
+        return self._released([ToDevice(StreamAbort(stream_id, int(error.code),
+                                                    error.message))])
 
     # -- time and endings -------------------------------------------------------------------
 
     def expire(self, now_ms: int) -> list[Output]:
-        """End every open still unanswered at its deadline, telling both ends."""
+        """End every open still unanswered at its deadline, telling both ends; pass on held
+        credit the relay-wide pool has room for again (another connection freed it)."""
         out: list[Output] = []
         timeout_s = self._settings.stream_open_timeout_s
         for stream_id, half in list(self._halves.items()):
@@ -425,7 +467,7 @@ class StreamTable:
                 out.append(ToPeer(half.route, half.peer, StreamAbort(
                     stream_id, int(ErrorCode.PEER_UNREACHABLE),
                     f"the peer did not answer within {timeout_s:g}s")))
-        return out
+        return self._released(out)
 
     def closed(self) -> list[Output]:
         """The connection is gone: every other end hears so, and this table is emptied."""
@@ -448,7 +490,7 @@ class StreamTable:
                 continue
             self._remove(stream_id)
             out.append(ToDevice(StreamAbort(stream_id, int(ErrorCode.STREAM_BROKEN), reason)))
-        return out
+        return self._released(out)
 
     def _end(self, stream_id: bytes, half: Half, *, to_peer: StreamAbort) -> list[Output]:
         self._remove(stream_id)
@@ -463,10 +505,71 @@ class StreamTable:
             f"the other end broke the stream's rules: {error.message}"))
         return out
 
+    # -- the credit pools ------------------------------------------------------------------------
+
+    def _pass(self, stream_id: bytes, half: Half, credit: int) -> int:
+        """Credit this device grants: how much goes to the other end now; the rest is held
+        until the pools have room (`release`)."""
+        if half.held:  # others wait already: no overtaking
+            passed = 0
+        else:
+            passed = max(0, min(credit, self._room()))
+        half.may_receive += passed
+        self._passed += passed
+        self._budget.credit += passed
+        if credit > passed:
+            if not half.held:
+                self._holding.append(stream_id)
+            half.held += credit - passed
+        return passed
+
+    def _room(self) -> int:
+        settings = self._settings
+        return min(settings.stream_connection_window_bytes - self._passed,
+                   self._budget.credit_limit - self._budget.credit)
+
+    def _use(self, half: Half, size: int) -> None:
+        """`size` bytes of passed credit were used (data reached this device) or voided."""
+        half.may_receive -= size
+        self._passed -= size
+        self._budget.credit -= size
+
+    def release(self) -> list[Output]:
+        """Pass on held credit, oldest first, as far as the pools have room (a stream whose
+        other end is not known yet keeps its place)."""
+        out: list[Output] = []
+        still: deque[bytes] = deque()
+        for stream_id in self._holding:
+            half = self._halves.get(stream_id)
+            if half is None or not half.held:
+                continue
+            room = self._room()
+            if half.phase is Phase.OPEN and room > 0:
+                passed = min(half.held, room)
+                half.held -= passed
+                half.may_receive += passed
+                self._passed += passed
+                self._budget.credit += passed
+                assert half.route is not None
+                out.append(ToPeer(half.route, half.peer, StreamCredit(stream_id, passed)))
+            if half.held:
+                still.append(stream_id)
+        self._holding = still
+        return out
+
     def _add(self, stream_id: bytes, half: Half) -> None:
         self._halves[stream_id] = half
         self._budget.open += 1
+        self._waiting += 1  # every half starts waiting for the answer
+
+    def _opened(self, half: Half) -> None:
+        half.phase = Phase.OPEN
+        self._waiting -= 1
 
     def _remove(self, stream_id: bytes) -> None:
-        if self._halves.pop(stream_id, None) is not None:
+        half = self._halves.pop(stream_id, None)
+        if half is not None:
             self._budget.open -= 1
+            if half.phase is not Phase.OPEN:
+                self._waiting -= 1
+            self._use(half, half.may_receive)  # credit that will never be used
