@@ -175,6 +175,15 @@ class DeviceStreams:
         """Up to `max_bytes` received bytes; b"" if none yet, None at the end of the data.
         Raises the stream's error if it ended otherwise.  Grants credit for what was read."""
         if end.unread:
+            view, wire = end.unread[0]
+            if len(view) <= max_bytes and isinstance(view.obj, bytes) \
+                    and len(view) == len(view.obj):
+                # The usual case: a whole chunk, handed over as it was opened (no copy).
+                end.unread.popleft()
+                end.read_wire_bytes += wire
+                end.unread_bytes -= len(view)
+                self._grant(end)
+                return view.obj
             out = bytearray()
             while end.unread and len(out) < max_bytes:
                 view, wire = end.unread[0]

@@ -47,7 +47,7 @@ from .stream_rules import DEFAULT_WINDOW, Changed, DeviceStreams, Offered, State
 log = library_logger("continuum.client")
 
 # Largest chunk this device seals (the relay's envelope limit may make it smaller).
-MAX_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = 256 * 1024
 DEFAULT_READ_BYTES = 64 * 1024
 
 StreamHandler = Callable[["StreamRequest"], Awaitable[None]]

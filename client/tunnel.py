@@ -48,7 +48,7 @@ log = library_logger("continuum.client")
 _SERVICE = re.compile(r"^tcp/([1-9][0-9]{0,4})$")
 CONNECT_TIMEOUT_S = 10.0
 OPEN_TIMEOUT_S = 30.0
-_READ_BYTES = 64 * 1024
+_READ_BYTES = 256 * 1024
 
 
 def service_for(port: int) -> str:

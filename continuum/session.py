@@ -34,6 +34,9 @@ from .store import Subscription
 from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
 
+# How often a connection with stream frames still unread is looked at (`_watch_writes`).
+_WATCH_INTERVAL_S = 0.2
+
 
 class DeviceSession:
     """Most devices sit idle, so an idle session holds no task of its own: a wake-up
@@ -212,18 +215,36 @@ class DeviceSession:
     def _written(self, outputs: tuple[Output, ...]) -> tuple[Output, ...]:
         """Write what the protocol queued for this device, and watch that it is read."""
         self._write()
-        if self._watchdog is None and self._ws.buffered_bytes() and self._protocol.close is None:
+        if self._watchdog is None and self._protocol.close is None:
             self._watchdog = asyncio.create_task(self._watch_writes(), name="stream-writes")
         return outputs
 
     async def _watch_writes(self) -> None:
         """Stream frames from other connections are written here without this session's
-        reader waiting for them; a device that stops reading them is cut off as `_drain`
-        would (what waits is bounded anyway: its streams' windows)."""
+        reader waiting for them: a device that stops reading them is cut off, as `_drain`
+        cuts off one that stops reading its deliveries (what can wait is bounded anyway:
+        the credit passed on toward it).
+
+        Stopped reading means: bytes wait, and their amount has not changed for the write
+        timeout.  A device that reads gets more only as it grants credit, so while it
+        reads the amount keeps changing; one that does not is sent nothing more, and the
+        amount stays put, however far below the transport's high-water mark it is.
+        """
+        timeout_s = self._relay.settings.write_timeout_s
+        loop = asyncio.get_running_loop()
+        last, since = -1, loop.time()
         try:
-            await self._drain()
-        except ConnectionError:
-            pass
+            while self._protocol.close is None:
+                await asyncio.sleep(_WATCH_INTERVAL_S)
+                waiting = self._ws.buffered_bytes()
+                if not waiting:
+                    return
+                if waiting != last:
+                    last, since = waiting, loop.time()
+                elif loop.time() - since >= timeout_s:
+                    self._protocol.write_stalled(timeout_s)
+                    self._ws.abort()
+                    return
         finally:
             self._watchdog = None
 
