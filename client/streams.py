@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from types import TracebackType
 
 from proto import Envelope, Identity, PublicKey
@@ -196,8 +196,10 @@ class StreamHub:
     """The device's streams: the pure rules, the `Stream` objects waiting on them, the
     connection they live on, and the application's handler of incoming streams."""
 
-    def __init__(self, peers: object, identity: Callable[[], Identity]) -> None:
-        self.rules = DeviceStreams(is_peer=peers)  # type: ignore[arg-type]
+    def __init__(self, peers: Container[PublicKey], identity: Callable[[], Identity]) -> None:
+        """`peers`: who may open streams here (the device's live peer list); `identity`: the
+        device's key now (it changes with a rotation)."""
+        self.rules = DeviceStreams(is_peer=peers)
         self._identity = identity
         self._streams: dict[bytes, Stream] = {}
         self._waiting_open: dict[bytes, asyncio.Future[None]] = {}

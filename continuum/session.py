@@ -82,11 +82,18 @@ class DeviceSession:
             protocol.handshake_timed_out(timeout_s)
         else:
             self._feed(message)
+        if protocol.device_key is not None and protocol.close is None:
+            # Reachable for streams before the device hears WELCOME: an open sent to it as
+            # soon as it is connected must find it (on Redis: its channel subscribed).
+            self._address = await self._relay.streams.attach(protocol.device_key, self)
         self._write()
         if protocol.device_key is None:
             await self._finish_closing()
             return False
         slot.authenticated(protocol.device_key)  # may supersede this key's older connection
+        if protocol.close is not None and self._address is not None:
+            await self._relay.streams.detach(self._address, protocol.close_streams())
+            self._address = None
         return protocol.close is None
 
     async def serve(self) -> None:
@@ -107,7 +114,6 @@ class DeviceSession:
                 self._protocol.store_failed(exc)
             else:
                 self._start_delivery(self._protocol.wake(), device, observe_depth=True)
-            self._address = await relay.streams.attach(device, self)
             self._write()
             await self._read_until_closed()
         except ConnectionError:

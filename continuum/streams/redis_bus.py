@@ -25,9 +25,13 @@ or a publish fails, frames may have been lost, and a lost credit would stall
 a stream for good: every stream with a half on another replica is aborted
 (STREAM_BROKEN) at the ends this replica serves; an offer that could not be
 published fails as PEER_UNREACHABLE.  Other replicas abort their halves when
-the aborts, or their own failures, reach them.  A replica that dies without a
-word leaves its peers' halves open until their devices give up or reconnect
-(a device that reconnects gets fresh streams; see SPEC §16).
+the aborts, or their own failures, reach them.
+
+A replica that dies without a word (SIGKILL, a lost host) cannot send those
+aborts, so every replica publishes its id on `streams:alive` every second;
+one that has not been heard for `SILENT_S` is taken for gone, and the streams
+with a half there are aborted at the ends here.  (A restarted replica has a
+new id: streams never resume.)
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from .table import Address
 
 _log = structlog.get_logger("continuum.streams")
 _RECONNECT_DELAY_S = 0.5
+HEARTBEAT_S = 1.0
+SILENT_S = 5.0  # a replica not heard for this long is taken for gone
 _BATCH = 256  # messages per pipeline
 _MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
@@ -72,6 +78,8 @@ class RedisStreamBus:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._limits = Limits(max_envelope_bytes=_MAX_MESSAGE_BYTES)
+        self._alive_channel = f"{prefix}streams:alive"
+        self._heard: dict[str, float] = {}  # other replicas, when last heard
 
     @classmethod
     def for_store(cls, store: RedisStore) -> RedisStreamBus:
@@ -89,11 +97,13 @@ class RedisStreamBus:
         self._pubsub = self._subscriber.pubsub()
         try:
             async with self._commands:
-                await self._pubsub.subscribe(self._relay_channel(router.replica))
+                await self._pubsub.subscribe(self._relay_channel(router.replica),
+                                             self._alive_channel)
         except Exception as exc:  # noqa: BLE001 - the listener retries; streams wait for it
             _log.warning("stream_bus_subscribe_failed", error=repr(exc))
         self._tasks = [asyncio.create_task(self._listen(), name="stream-bus-listen"),
-                       asyncio.create_task(self._publish_forever(), name="stream-bus-publish")]
+                       asyncio.create_task(self._publish_forever(), name="stream-bus-publish"),
+                       asyncio.create_task(self._heartbeat(), name="stream-bus-heartbeat")]
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -219,6 +229,9 @@ class RedisStreamBus:
                 await self._resubscribe(pubsub)
                 continue
             if message is not None and message["type"] == "message":
+                if message["channel"] == self._alive_channel.encode():
+                    self._heard_from(message["data"])
+                    continue
                 try:
                     self._deliver(message["data"])
                 except (ProtocolError, ValueError, TypeError) as exc:
@@ -242,13 +255,35 @@ class RedisStreamBus:
             return
         router.deliver(connection, PublicKey(peer), frame, origin, PublicKey(origin_key))
 
+    # -- who else is alive ---------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        router = self._router
+        assert router is not None
+        while True:
+            self._queue(self._alive_channel, router.replica.encode(), lambda receivers: None)
+            now = asyncio.get_running_loop().time()
+            for replica, heard in list(self._heard.items()):
+                if now - heard > SILENT_S:
+                    del self._heard[replica]  # reported once; heard again, it is back
+                    _log.warning("stream_relay_silent", replica=replica, silent_s=SILENT_S)
+                    router.lost_replica(replica, "the relay that carried the other end of this"
+                                                 f" stream has not been heard for {SILENT_S:g}s")
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _heard_from(self, data: bytes) -> None:
+        router = self._router
+        replica = data.decode(errors="replace")
+        if router is not None and replica != router.replica:
+            self._heard[replica] = asyncio.get_running_loop().time()
+
     async def _resubscribe(self, pubsub: PubSub) -> None:
         router = self._router
         assert router is not None
         try:
             async with self._commands:
                 await pubsub.aclose()
-                await pubsub.subscribe(self._relay_channel(router.replica),
+                await pubsub.subscribe(self._relay_channel(router.replica), self._alive_channel,
                                        *(self._device_channel(key) for key in self._watched))
         except Exception as exc:  # noqa: BLE001 - still down: the next read fails and retries
             _log.warning("stream_bus_resubscribe_failed", error=repr(exc))
