@@ -219,7 +219,14 @@ class DeviceSession:
         return self._protocol.streams_need_tick
 
     def _written(self, outputs: tuple[Output, ...]) -> tuple[Output, ...]:
-        """Write what the protocol queued for this device, and watch that it is read."""
+        """Write what the protocol queued for this device, and watch that it is read.
+
+        What can wait here for a device is bounded without this watch: the exposure pool
+        of its streams (`streams.table`: passed credit minus what it said it read), its
+        delivery window, and, for a device that says it read what it did not, one frame's
+        credit: `_read_until_closed` reads nothing more from a device whose frames wait
+        (`_drain`), so its next credit is not even read.  The watch frees it in time.
+        """
         self._write()
         if self._watchdog is None and self._protocol.close is None:
             self._watchdog = asyncio.create_task(self._watch_writes(), name="stream-writes")

@@ -435,23 +435,23 @@ async def accepted_streams(world: World, alice, bob, count: int, window: int,
 
 async def test_a_connection_s_streams_share_one_pool_of_credit() -> None:
     """Bob grants 64 KiB to each of 5 streams, but only 192 KiB may be on its way to his
-    connection: the last two start with nothing, and get their credit as data reaches him."""
+    connection (or wait there unread): the last two start with nothing, and get their
+    credit as bob reads."""
     window = 64 * 1024
     world = World(stream_connection_window_bytes=3 * window, max_streams_per_device=10,
                   max_pending_streams_per_device=10)
     alice, bob = await world.connect(ALICE), await world.connect(BOB)
-    streams = await accepted_streams(world, alice, bob, 5, window)
+    streams = await accepted_streams(world, alice, bob, 5, window, open_window=0)
     assert [w for _, w, _ in streams] == [window] * 3 + [0, 0]
     sid, _, keys = streams[0]
     alice.send(StreamData(sid, keys.sealer.seal(b"x" * (window - 17))))  # uses stream 0's credit
     assert len([f for f in bob.take() if isinstance(f, StreamData)]) == 1
-    # The 64 KiB that reached bob made room: the oldest held stream gets it, at once.
+    assert alice.take() == []  # on its way to bob, or waiting for him: still exposed
+    bob.send(StreamCredit(sid, window))  # bob read it, and grants it back
+    # That made room: the oldest held stream gets it; stream 0's new credit waits behind
+    # stream 4 (no overtaking).
     assert alice.take() == [StreamCredit(streams[3][0], window)]
-    # What bob grants back for stream 0 waits behind stream 4 (no overtaking).
-    bob.send(StreamCredit(sid, window))
-    assert alice.take() == []
-    # Both connections' pools are full (alice's opens granted bob credit toward her too).
-    assert world.budget.credit == 2 * 3 * window
+    assert world.budget.credit == 3 * window
 
 
 async def test_the_relay_wide_pool_is_shared_and_refilled_at_the_tick() -> None:

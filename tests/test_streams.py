@@ -9,6 +9,7 @@ sealed frames) and hypothesis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -28,7 +29,8 @@ from proto import Identity, decode_envelope
 from proto.access import AccessList
 from proto.errors import (ErrorCode, NotPeerError, PeerUnreachableError, StreamBrokenError,
                           StreamRefusedError)
-from proto.frames import StreamAbort, StreamAccept, StreamData, StreamFin, StreamOpen
+from proto.frames import (StreamAbort, StreamAccept, StreamCredit, StreamData, StreamFin,
+                          StreamOpen)
 from proto.streams import accept_open, begin_open, read_open
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, INPUTS_TRIED, TALLY
@@ -398,3 +400,45 @@ async def test_a_device_that_reads_nothing_is_closed_and_its_streams_end(start_r
         with pytest.raises((ConnectionError, asyncio.TimeoutError)):
             while True:
                 await raw.recv(timeout=5)
+
+
+async def test_a_device_that_grants_credit_without_reading_gains_nothing(start_relay) -> None:
+    """Credit says "I read this much"; a device that keeps granting it while reading
+    nothing does not make the relay hold more: the relay reads nothing more from a
+    device whose frames wait (not even its credit), and closes it at the write timeout."""
+    relay = await start_relay(stream_connection_window_bytes=1 << 20, write_timeout_s=2.0)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with Device(alice, [relay.url], PeerList([bob.public])) as a, \
+            await RawDevice.connect(relay.url, bob) as raw:
+        await connected(a)
+        opening = asyncio.create_task(a.open_stream(bob.public, "x", timeout=10))
+        offer = await stream_frame(raw)
+        envelope = decode_envelope(offer.envelope)
+        sealed, _ = accept_open(bob, envelope, read_open(envelope, bob), now_ms=now_ms())
+        await raw.send_frame(StreamAccept(envelope.msg_id, 65536, sealed.raw))
+        stream = await opening
+        [(_, session)] = [entry for entry in relay.relay.streams._endpoints.values()
+                          if entry[0] == bob.public]
+        most = 0
+
+        async def flood() -> BaseException:
+            nonlocal most
+            try:
+                while True:
+                    await stream.write(b"z" * 65536)
+                    most = max(most, session._ws.buffered_bytes())
+            except StreamBrokenError as exc:
+                return exc
+
+        async def lie() -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while True:  # never reads its socket, keeps saying it did
+                    await raw.send_frame(StreamCredit(envelope.msg_id, 65536))
+                    await asyncio.sleep(0.002)
+
+        liar = asyncio.create_task(lie())
+        error = await asyncio.wait_for(flood(), 60)
+        liar.cancel()
+        assert "connection to its relay closed" in str(error)
+        assert most <= (1 << 20) + (1 << 20)  # its pool and one credit frame's worth, at most
+        TALLY[ATTACKS_REJECTED] += 1

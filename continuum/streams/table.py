@@ -13,14 +13,16 @@ connection and decides everything about them:
 - **credits.**  A device may send only the chunk bytes the other end granted
   (the window in OPEN or ACCEPT, then STREAM_CREDIT); this half checks what
   its device sends against that.  What a device grants is passed on only
-  within two pools: the credit outstanding toward one connection
-  (`stream_connection_window_bytes`) and toward all connections of the relay
-  process (`stream_relay_window_bytes`); the rest waits here, as a number,
-  and is passed on as data reaches the device (or, for the relay-wide pool,
-  at the next tick).  So the data that can be on its way to a device (in this
-  relay's buffers, in Redis, on another replica) is bounded per connection
-  and per relay, however many streams it has and however little it reads;
-  a receiver with many streams shares the pool between them.
+  within two pools, of *exposure*: credit passed on toward a device minus
+  what the device has since read (which it tells by granting it back), i.e.
+  what may be on its way to it or waiting in a buffer, plus credit not yet
+  used; summed over one connection's streams (`stream_connection_window_bytes`)
+  and over all connections of the relay process (`stream_relay_window_bytes`).
+  The rest waits here, as a number, and is passed on as the device reads (or,
+  for the relay-wide pool, at the next tick).  So what this relay, Redis or
+  another replica may hold for a device is bounded per connection and per
+  relay, however many streams it has and however little it reads; a receiver
+  with many streams shares the pool between them.
 - **bounds.**  Open streams per device and per relay process (`StreamBudget`),
   pending opens per device and their deadline, the rate of opens, and a byte
   rate per connection, enforced by pausing the connection's reads (`Pause`)
@@ -118,13 +120,14 @@ class Half:
     """One end of a stream as this connection's relay sees it."""
 
     __slots__ = ("peer", "phase", "route", "deadline_ms", "may_send", "may_receive",
-                 "held", "sent_fin", "received_fin")
+                 "exposure", "held", "sent_fin", "received_fin")
 
     def __init__(self, peer: PublicKey, phase: Phase, route: Address | None, deadline_ms: int,
                  *, may_send: int = 0) -> None:
         self.peer, self.phase, self.route, self.deadline_ms = peer, phase, route, deadline_ms
         self.may_send = may_send  # chunk bytes this device may still send (granted to it)
         self.may_receive = 0  # credit passed on to the other end and not yet used
+        self.exposure = 0  # credit passed on minus what the device has read since
         self.held = 0  # credit this device granted that waits here for room in the pools
         self.sent_fin = self.received_fin = False
 
@@ -198,7 +201,7 @@ class StreamTable:
     """The halves of one authenticated connection; see the module docstring."""
 
     __slots__ = ("_device", "_settings", "_access", "_budget", "_halves", "_opens", "_bytes",
-                 "_passed", "_holding", "_waiting")
+                 "_exposure", "_holding", "_waiting")
 
     def __init__(self, device: PublicKey, settings: Settings, access: SendCheck,
                  budget: StreamBudget) -> None:
@@ -207,7 +210,7 @@ class StreamTable:
         self._halves: dict[bytes, Half] = {}
         self._opens = Bucket(settings.stream_opens_per_s, settings.stream_open_burst)
         self._bytes = Bucket(settings.stream_bytes_per_s, settings.stream_burst_bytes)
-        self._passed = 0  # credit passed on toward this device, all its streams
+        self._exposure = 0  # the exposure of this device's streams, together
         self._holding: deque[bytes] = deque()  # streams with credit held back, oldest first
         self._waiting = 0  # halves waiting for an answer
 
@@ -335,6 +338,7 @@ class StreamTable:
             return self._break(frame.stream_id, half, InvalidFieldError(
                 f"credit outstanding would be {outstanding} bytes, above this relay's"
                 f" window bound of {self._settings.max_stream_window_bytes}"))
+        self._unexpose(half, frame.credit)  # the device read this much: it is off the path
         passed = self._pass(frame.stream_id, half, frame.credit)
         assert half.route is not None
         out: list[Output] = []
@@ -427,7 +431,7 @@ class StreamTable:
             # Only a relay that broke the rules lets this through: end it at both ends.
             return self._break(frame.stream_id, half, StreamBrokenError(
                 "the other end sent beyond the credit it was given"), abuse=False)
-        self._use(half, size)
+        half.may_receive -= size  # on its way to the device: exposed until it reads it
         if isinstance(frame, StreamFin):
             half.received_fin = True
             if half.sent_fin:
@@ -510,13 +514,12 @@ class StreamTable:
     def _pass(self, stream_id: bytes, half: Half, credit: int) -> int:
         """Credit this device grants: how much goes to the other end now; the rest is held
         until the pools have room (`release`)."""
-        if half.held:  # others wait already: no overtaking
+        if self._holding:  # credit of other streams (or this one) waits: no overtaking
             passed = 0
         else:
             passed = max(0, min(credit, self._room()))
         half.may_receive += passed
-        self._passed += passed
-        self._budget.credit += passed
+        self._expose(half, passed)
         if credit > passed:
             if not half.held:
                 self._holding.append(stream_id)
@@ -525,14 +528,21 @@ class StreamTable:
 
     def _room(self) -> int:
         settings = self._settings
-        return min(settings.stream_connection_window_bytes - self._passed,
+        return min(settings.stream_connection_window_bytes - self._exposure,
                    self._budget.credit_limit - self._budget.credit)
 
-    def _use(self, half: Half, size: int) -> None:
-        """`size` bytes of passed credit were used (data reached this device) or voided."""
-        half.may_receive -= size
-        self._passed -= size
-        self._budget.credit -= size
+    def _expose(self, half: Half, amount: int) -> None:
+        half.exposure += amount
+        self._exposure += amount
+        self._budget.credit += amount
+
+    def _unexpose(self, half: Half, amount: int) -> None:
+        """The device read `amount` bytes (or the stream ended): they no longer count.  Never
+        below zero: a device that grants more than it read gains no room by it."""
+        amount = min(amount, half.exposure)
+        half.exposure -= amount
+        self._exposure -= amount
+        self._budget.credit -= amount
 
     def release(self) -> list[Output]:
         """Pass on held credit, oldest first, as far as the pools have room (a stream whose
@@ -548,8 +558,7 @@ class StreamTable:
                 passed = min(half.held, room)
                 half.held -= passed
                 half.may_receive += passed
-                self._passed += passed
-                self._budget.credit += passed
+                self._expose(half, passed)
                 assert half.route is not None
                 out.append(ToPeer(half.route, half.peer, StreamCredit(stream_id, passed)))
             if half.held:
@@ -572,4 +581,4 @@ class StreamTable:
             self._budget.open -= 1
             if half.phase is not Phase.OPEN:
                 self._waiting -= 1
-            self._use(half, half.may_receive)  # credit that will never be used
+            self._unexpose(half, half.exposure)
