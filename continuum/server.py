@@ -27,7 +27,6 @@ from .expiry import expire_forever
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import open_store
-from .streams import stream_bus
 from .streams.router import StreamRouter
 from .streams.table import StreamBudget
 
@@ -87,7 +86,7 @@ class RelayServer:
         metrics.streams_open.set_function(lambda: budget.open)
         streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
                                tick_s=min(0.5, settings.stream_open_timeout_s / 4),
-                               remote=stream_bus(store))
+                               remote=store.stream_bus())
         self.relay = RelayContext(settings, store, identity, metrics, log, gate, access,
                                   streams, budget)
         await streams.start()

@@ -57,7 +57,7 @@ import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -78,6 +78,9 @@ from .redis_durability import Durability
 from .redis_keys import (KeySpace, MailboxKeys, body_member, entry_field, floor_text,
                          parse_body_member, parse_floor_text)
 from .redis_wakeups import PubSubWakeups
+
+if TYPE_CHECKING:
+    from ..streams.redis_bus import RedisStreamBus
 
 T = TypeVar("T")
 
@@ -425,11 +428,11 @@ class RedisStore(MailboxStore):
             raise StoreUnavailableError(f"mailbox store refuses writes: {written}")
         self._durability.check(waited)
 
-    def stream_clients(self) -> tuple[Redis | RedisCluster, Redis, str]:
-        """What the replicas' stream path (`continuum.streams.redis_bus`) shares with this
-        store: the data client (it publishes), the plain client its subscriber connection
-        comes from, and the key prefix."""
-        return self._client, self._pubsub_client, self._keys.prefix
+    def stream_bus(self) -> RedisStreamBus:
+        """Replicas on this Redis carry streams to each other by pub/sub: it publishes with
+        the data client; its subscriber connection comes from the plain client."""
+        from ..streams.redis_bus import RedisStreamBus
+        return RedisStreamBus(self._client, self._pubsub_client, self._keys.prefix)
 
     async def close(self) -> None:
         await self._wakeups.close()

@@ -51,7 +51,6 @@ from proto.frames import (STREAM_FRAMES, StreamAbort, StreamFrame, StreamOpen, d
                           encode_frame)
 from proto.limits import Limits
 
-from ..store.redis import RedisStore
 from .router import StreamRouter
 from .table import Address
 
@@ -80,11 +79,6 @@ class RedisStreamBus:
         self._limits = Limits(max_envelope_bytes=_MAX_MESSAGE_BYTES)
         self._alive_channel = f"{prefix}streams:alive"
         self._heard: dict[str, float] = {}  # other replicas, when last heard
-
-    @classmethod
-    def for_store(cls, store: RedisStore) -> RedisStreamBus:
-        publisher, subscriber, prefix = store.stream_clients()
-        return cls(publisher, subscriber, prefix)
 
     def _relay_channel(self, replica: str) -> str:
         return f"{self._prefix}streams:relay:{replica}"

@@ -77,7 +77,9 @@ class StreamRouter:
         self._tick_s = tick_s
         self._remote = remote
         self._endpoints: dict[int, tuple[PublicKey, StreamEndpoint]] = {}
-        self._by_key: dict[PublicKey, dict[int, StreamEndpoint]] = {}
+        # Each device's connections here, by number (a list: most devices have one, and an
+        # idle connection's every byte counts).
+        self._by_key: dict[PublicKey, list[int]] = {}
         self._numbers = 0
         self._queue: deque[tuple[Address, PublicKey, Iterable[Output]]] = deque()
         self._dispatching = False
@@ -107,7 +109,7 @@ class StreamRouter:
         self._numbers += 1
         number = self._numbers
         self._endpoints[number] = (key, endpoint)
-        self._by_key.setdefault(key, {})[number] = endpoint
+        self._by_key.setdefault(key, []).append(number)
         if self._remote is not None:
             await self._remote.watch(key)
         return Address(self.replica, number)
@@ -122,7 +124,7 @@ class StreamRouter:
         key = entry[0]
         local = self._by_key.get(key)
         if local is not None:
-            local.pop(address.connection, None)
+            local.remove(address.connection)
             if not local:
                 del self._by_key[key]
         self.dispatch(address, key, outputs)
@@ -177,11 +179,12 @@ class StreamRouter:
     def offer_here(self, peer: PublicKey, frame: StreamOpen, origin: Address,
                    origin_key: PublicKey) -> int:
         """Offer an open to every connection of `peer` in this process; how many there were."""
-        endpoints = list(self._by_key.get(peer, {}).items())
-        for number, endpoint in endpoints:
+        numbers = list(self._by_key.get(peer, ()))
+        for number in numbers:
+            endpoint = self._endpoints[number][1]
             self.dispatch(Address(self.replica, number), peer,
                           endpoint.stream_from_peer(frame, origin, origin_key))
-        return len(endpoints)
+        return len(numbers)
 
     def deliver(self, connection: int, peer: PublicKey, frame: StreamFrame, origin: Address,
                 origin_key: PublicKey) -> None:

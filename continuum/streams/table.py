@@ -55,7 +55,7 @@ from ..admission import admit
 from ..settings import Settings
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Address:
     """Where one half lives: a relay process (`replica`) and a connection in it."""
 
