@@ -19,7 +19,9 @@ server counts them and answers the count: MB/s from connect to the answer.  Roun
 `--round-trips` 64-byte requests, each echoed, on one connection (opened beforehand).
 Each path runs `--rounds` times, interleaved; the table shows medians and the ratios the
 issue sets targets for (>= 50 % of ssh -L's throughput; < 2 ms added p50 round trip).
-CPU: user+sys seconds of each path's processes during the throughput run.
+CPU: user+sys seconds of each path's processes during the throughput run (the table), and by
+process with the server, the client and the rest of the machine (`others`: other work on a
+shared machine, which the paths compete with).
 
 Memory (`--streams N`): a relay, a device exposing a port whose service accepts and never
 reads, and a user's tunnel to it.  The relay's RSS is read with both devices connected,
@@ -48,8 +50,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from common import (RelayProcess, cpu_seconds, free_port, memory_kib, percentiles, table,
-                    write_results)
+from common import (RelayProcess, cpu_seconds, free_port, machine_busy_seconds, memory_kib,
+                    percentiles, table, write_results)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from sshd_server import PrivateSshd  # noqa: E402
@@ -168,9 +170,9 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: floa
 # -- paths -------------------------------------------------------------------------------------
 
 class Path_:
-    """One way from the client to the server: its local port and the processes it runs."""
+    """One way from the client to the server: its local port and its processes, by role."""
 
-    def __init__(self, name: str, port: int, pids: list[int]) -> None:
+    def __init__(self, name: str, port: int, pids: dict[str, int]) -> None:
         self.name, self.port, self.pids = name, port, pids
 
 
@@ -218,8 +220,9 @@ def continuum_path(stack: ExitStack, name: str, work: Path, target: int,
     stack.callback(_stop, tunnel)
     line = _wait_line(work / "tunnel.log", "listening on", tunnel)
     port = int(line.split()[2].rsplit(":", 1)[1])
-    relays = {device_relay.pid, user_relay.pid}
-    return Path_(name, port, [expose.pid, tunnel.pid, *relays]), {
+    relays = ({"relay": device_relay.pid} if device_relay is user_relay
+              else {"relay (user)": user_relay.pid, "relay (device)": device_relay.pid})
+    return Path_(name, port, {"tunnel": tunnel.pid, **relays, "expose": expose.pid}), {
         "expose": expose, "tunnel": tunnel}
 
 
@@ -233,8 +236,10 @@ def ssh_path(stack: ExitStack, target: int) -> Path_:
                                stderr=subprocess.DEVNULL, start_new_session=True)
     stack.callback(_stop, forward)
     _wait_listening(port, forward)
-    # sshd forks a session process per login: its pid is the listener's child.
-    return Path_("ssh -L", port, [forward.pid, *_children(sshd.process.pid)])
+    # sshd forks a session process per login (and privilege-separated children of it).
+    sessions = _children(sshd.process.pid)
+    return Path_("ssh -L", port, {"ssh": forward.pid,
+                                  **{f"sshd {i}": pid for i, pid in enumerate(sessions)}})
 
 
 def _children(pid: int) -> list[int]:
@@ -266,24 +271,31 @@ def _redis_answers(url: str) -> bool:
 
 # -- the measurements ------------------------------------------------------------------------
 
-def measure(paths: list[Path_], total: int, trips: int, rounds: int) -> dict[str, dict]:
-    results: dict[str, dict] = {p.name: {"mb_s": [], "p50": [], "p99": [], "cpu_s": []}
-                                for p in paths}
+def measure(paths: list[Path_], total: int, trips: int, rounds: int,
+            server_pid: int) -> dict[str, dict]:
+    """Medians over the rounds: MB/s, p50/p99 ms, CPU s of the path's processes (and of the
+    server, the client and everything else on the machine) during the throughput run."""
+    results: dict[str, dict[str, list[float]]] = {p.name: {} for p in paths}
+    me = os.getpid()
     for round_ in range(rounds):
         for path in paths:
-            pids = [pid for pid in path.pids if Path(f"/proc/{pid}").exists()]
-            before = sum(cpu_seconds(pid) for pid in pids)
+            pids = {role: pid for role, pid in path.pids.items()
+                    if Path(f"/proc/{pid}").exists()}
+            watched = {**pids, "server": server_pid, "client": me}
+            before = {role: cpu_seconds(pid) for role, pid in watched.items()}
+            busy_before = machine_busy_seconds()
             mb_s = throughput(path.port, total)
-            cpu = sum(cpu_seconds(pid) for pid in pids) - before
+            cpu = {role: cpu_seconds(pid) - before[role] for role, pid in watched.items()}
+            cpu["others"] = machine_busy_seconds() - busy_before - sum(cpu.values())
             latency = percentiles(round_trips(path.port, trips))
             entry = results[path.name]
-            entry["mb_s"].append(mb_s)
-            entry["cpu_s"].append(cpu)
-            entry["p50"].append(latency["p50"])
-            entry["p99"].append(latency["p99"])
+            for key, value in [("mb_s", mb_s), ("p50", latency["p50"]), ("p99", latency["p99"]),
+                               ("cpu_s", sum(cpu[role] for role in pids)),
+                               *((f"cpu {role}", v) for role, v in cpu.items())]:
+                entry.setdefault(key, []).append(value)
             print(f"  round {round_ + 1} {path.name:<22} {mb_s:8.1f} MB/s  p50"
-                  f" {latency['p50']:.3f} ms  p99 {latency['p99']:.3f} ms  cpu {cpu:.2f} s",
-                  flush=True)
+                  f" {latency['p50']:.3f} ms  p99 {latency['p99']:.3f} ms  cpu "
+                  + " ".join(f"{role} {v:.2f}" for role, v in cpu.items()), flush=True)
     return {name: {key: statistics.median(values) for key, values in entry.items()}
             for name, entry in results.items()}
 
@@ -374,7 +386,7 @@ def main() -> int:
                     break
                 except OSError:
                     time.sleep(0.05)
-            paths = [Path_("direct", target, [server.pid]), ssh_path(stack, target)]
+            paths = [Path_("direct", target, {}), ssh_path(stack, target)]
             relay = stack.enter_context(RelayProcess("--log-level", "warning"))
             paths.append(continuum_path(stack, "continuum", work / "one", target, relay,
                                         relay)[0])
@@ -384,12 +396,10 @@ def main() -> int:
                 second = stack.enter_context(RelayProcess("--log-level", "warning", store=store))
                 paths.append(continuum_path(stack, "continuum, 2 replicas", work / "two", target,
                                             first, second)[0])
-            for path in paths[2:]:
-                path.pids.append(server.pid)
-            paths[1].pids.append(server.pid)
             print(f"{args.megabytes} MB and {args.round_trips} round trips per path, "
                   f"{args.rounds} rounds, interleaved", flush=True)
-            results = measure(paths, total, args.round_trips, args.rounds)
+            assert server.pid is not None
+            results = measure(paths, total, args.round_trips, args.rounds, server.pid)
         memory = memory_figure(work, hole, args.streams) if args.streams else {}
     finally:
         server.terminate()
@@ -403,6 +413,11 @@ def main() -> int:
     print()
     print(table(["path", "MB/s", "x ssh -L", "p50 ms", "+p50 ms", "p99 ms",
                  f"CPU s / {args.megabytes} MB"], rows))
+    print(f"\nCPU seconds per {args.megabytes} MB, by process (medians; 'others' is the rest"
+          " of the machine: other sessions' work):")
+    for name, entry in results.items():
+        print(f"  {name:<22} " + "  ".join(f"{key[4:]} {value:.2f}" for key, value in
+                                          entry.items() if key.startswith("cpu ")))
     ours = results["continuum"]
     print(f"\ntargets: continuum {ours['mb_s'] / ssh['mb_s']:.0%} of ssh -L throughput"
           f" (>= 50 %), +{ours['p50'] - direct['p50']:.3f} ms p50 round trip (< 2 ms)")
