@@ -53,7 +53,22 @@ DEFAULT_READ_BYTES = 64 * 1024
 StreamHandler = Callable[["StreamRequest"], Awaitable[None]]
 
 
-class Stream:
+class _OneStream:
+    """What a stream and a request for one both say: who is at the other end, and what was
+    asked for."""
+
+    _end: StreamEnd
+
+    @property
+    def peer(self) -> PublicKey:
+        return self._end.peer
+
+    @property
+    def service(self) -> str:
+        return self._end.service
+
+
+class Stream(_OneStream):
     """One open stream; `peer` is the device at its other end, `service` what was asked for.
 
     `read` and `write` raise the stream's error once it has ended badly:
@@ -64,14 +79,6 @@ class Stream:
     def __init__(self, hub: StreamHub, end: StreamEnd) -> None:
         self._hub, self._end = hub, end
         self._changed = asyncio.Event()
-
-    @property
-    def peer(self) -> PublicKey:
-        return self._end.peer
-
-    @property
-    def service(self) -> str:
-        return self._end.service
 
     @property
     def stream_id(self) -> bytes:
@@ -145,7 +152,7 @@ class Stream:
             await self.close()
 
 
-class StreamRequest:
+class StreamRequest(_OneStream):
     """A peer asks to open a stream: `accept` it (giving a `Stream`) or `refuse` it.  One
     left unanswered when the handler returns is refused."""
 
@@ -153,14 +160,6 @@ class StreamRequest:
                  request: OpenRequest, identity: Identity, connection: RelayConnection) -> None:
         self._hub, self._end, self._envelope, self._request = hub, end, envelope, request
         self._identity, self._connection = identity, connection
-
-    @property
-    def peer(self) -> PublicKey:
-        return self._end.peer
-
-    @property
-    def service(self) -> str:
-        return self._end.service
 
     @property
     def answered(self) -> bool:

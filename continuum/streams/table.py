@@ -239,7 +239,7 @@ class StreamTable:
     def _released(self, out: list[Output]) -> list[Output]:
         """After anything that may have freed room in the pools: pass on held credit."""
         if self._holding:
-            out += self.release()
+            out += self._release()
         return out
 
     def _from_device(self, frame: StreamFrame, now_ms: int) -> list[Output]:
@@ -544,7 +544,7 @@ class StreamTable:
         self._exposure -= amount
         self._budget.credit -= amount
 
-    def release(self) -> list[Output]:
+    def _release(self) -> list[Output]:
         """Pass on held credit, oldest first, as far as the pools have room (a stream whose
         other end is not known yet keeps its place)."""
         out: list[Output] = []
