@@ -70,11 +70,12 @@ class OracleServer:
             pusher: Pusher | None = None
 
             def changed() -> None:
-                assert publisher is not None and pusher is not None
-                publisher.notify()
-                pusher.notify()
+                if publisher is not None and pusher is not None:  # else: read when built
+                    publisher.notify()
+                    pusher.notify()
 
-            registry = Registry(db, changed)
+            registry = Registry(db, changed, self.settings.regions())
+            await registry.assign_homes()
             epoch = await registry.begin_epoch()
             log = log.bind(epoch=epoch)
             publisher = AccessListPublisher(registry, self.identity, log, self.chain,

@@ -70,12 +70,12 @@ class World:
 
     async def relay(self, region: str, **overrides: object) -> RelayServer:
         """A relay of `region`, started, holding the list served now."""
-        settings = replace(
-            TEST_SETTINGS, store=self.store_url(region, region), region=region,
-            region_stores=tuple(f"{other}={self.store_url(region, other)}"
-                                for other in REGIONS if other != region),
-            relay_key=self.relay_identity.secret_text(), oracle_url=self.oracle.url,
-            oracle_key=self.oracle.identity.public.text, **overrides)
+        settings = replace(TEST_SETTINGS, **{
+            "store": self.store_url(region, region), "region": region,
+            "region_stores": tuple(f"{other}={self.store_url(region, other)}"
+                                   for other in REGIONS if other != region),
+            "relay_key": self.relay_identity.secret_text(), "oracle_url": self.oracle.url,
+            "oracle_key": self.oracle.identity.public.text, **overrides})
         server = RelayServer(settings)
         await server.start()
         self.relays.append(server)

@@ -10,14 +10,16 @@ a roaming device from its home store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiohttp
 import pytest
 
 from client import DeliveryStatus, Device, PeerList
-from proto import ErrorCode, Identity
+from proto import ErrorCode, Identity, decode_envelope
 from proto.frames import Accepted, Error
 from region_support import World, three_regions
+from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from wire import RawDevice, error_code, sealed
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(90)]
@@ -206,3 +208,39 @@ async def test_a_connected_device_whose_home_moves_reconnects_to_its_new_home(wo
         assert (await _next_message(roaming)).payload == b"after"
         stores = us.relay.store.stores  # type: ignore[union-attr]
         assert await _emptied(stores["eu"], alice) and await _emptied(stores["ap"], alice)
+
+
+async def test_a_home_redis_killed_mid_stream_loses_no_accepted_message(world) -> None:
+    """carol (ap) streams to alice (eu, roaming on the US relay) through the AP relay; eu's
+    Redis is SIGKILLed mid-stream and started again on its AOF.  Every message carol was
+    told is stored (ACCEPTED, or REPLAY for a re-send) reaches alice; none twice."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "eu", carol.public: "ap"})
+    ap, us = await world.relay("ap"), await world.relay("us")
+    stored: set[bytes] = set()
+    refused = 0
+    async with await RawDevice.connect(ap.url, carol) as sender:
+        for number in range(60):
+            if number == 20:
+                world.redis["eu"].kill()
+            if number == 30:
+                world.redis["eu"].start()
+            envelope = sealed(carol, [alice.public], f"m{number}".encode(), ttl_s=600)
+            answer = await sender.send(envelope)
+            if isinstance(answer, Accepted):
+                stored.add(envelope.msg_id)
+            else:
+                assert error_code(answer) == "STORE_UNAVAILABLE"  # never ACCEPTED-then-lost
+                refused += 1
+    assert refused > 0 and len(stored) >= 30
+    received: list[bytes] = []
+    async with await RawDevice.connect(us.url, alice) as roaming:
+        with contextlib.suppress(TimeoutError):
+            while True:
+                delivery = await roaming.next_delivery(timeout=3)
+                received.append(decode_envelope(delivery.envelope).msg_id)
+    lost = stored - set(received)
+    TALLY[MESSAGES_LOST] += len(lost)
+    TALLY[FAULTS_SURVIVED] += 1
+    assert not lost
+    assert len(received) == len(set(received))  # none twice
