@@ -17,7 +17,7 @@ import pytest
 
 from client import DeliveryStatus, Device, PeerList
 from proto import ErrorCode, Identity, decode_envelope
-from proto.frames import Accepted, Error
+from proto.frames import Accepted, Ack, Error
 from region_support import World, three_regions
 from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from wire import RawDevice, error_code, sealed
@@ -244,3 +244,29 @@ async def test_a_home_redis_killed_mid_stream_loses_no_accepted_message(world) -
     TALLY[FAULTS_SURVIVED] += 1
     assert not lost
     assert len(received) == len(set(received))  # none twice
+
+
+async def test_hostile_ack_tags_touch_no_region_and_break_nothing(world) -> None:
+    """ACKs naming no region, an unknown one, another region's entry or garbage remove
+    nothing anywhere; the connection goes on delivering."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "eu", carol.public: "eu"})
+    eu = await world.relay("eu")
+    async with await RawDevice.connect(eu.url, carol) as sender, \
+            await RawDevice.connect(eu.url, alice) as device:
+        first = sealed(carol, [alice.public], b"first", ttl_s=600)
+        assert isinstance(await sender.send(first), Accepted)
+        delivery = await device.next_delivery(ack=False)
+        region, _, local_tag = delivery.tag.partition("/")
+        assert region == "eu"
+        for tag in ("", "eu", "eu/", "/" + local_tag, "mars/" + local_tag, "us/" + local_tag,
+                    "ap/" + local_tag, "eu/not-a-stream-id", f"eu/{local_tag}/x", "a" * 64,
+                    "eu/0-0", "eu/" + "9" * 20 + "-" + "9" * 20):
+            await device.send_frame(Ack(tag))
+        store = eu.relay.store  # type: ignore[union-attr]
+        assert await store.stores["eu"].depth(alice.public) == 1
+        await device.send_frame(Ack(delivery.tag))
+        assert await _emptied(store.stores["eu"], alice)
+        second = sealed(carol, [alice.public], b"second", ttl_s=600)
+        assert isinstance(await sender.send(second), Accepted)
+        assert (await device.next_delivery()).envelope == second.raw

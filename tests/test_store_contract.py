@@ -124,6 +124,9 @@ async def test_ack_removes_exactly_one_entry_once(store: MailboxStore) -> None:
     assert await store.ack(bob.public, second.tag) is False
     assert await store.ack(alice.public, first.tag) is False  # another device's tag
     assert await store.ack(bob.public, "not-a-tag") is False
+    # Shaped like a Redis stream id but beyond 64 bits: refused as no entry, not as a store
+    # outage (a device names any tag it likes in an ACK).
+    assert await store.ack(bob.public, "9" * 20 + "-" + "9" * 20) is False
     assert [e.tag for e in await store.fetch(bob.public, None, 10)] == [first.tag, third.tag]
     assert await store.depth(bob.public) == 2
 

@@ -88,6 +88,7 @@ CLAIM_LEASE_MS = 30_000
 # ping() writes this key; it expires by itself.
 _PROBE_TTL_MS = 10_000
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_MAX_STREAM_ID_PART = 2**64 - 1
 _TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -315,7 +316,7 @@ class RedisStore(MailboxStore):
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
-        start = f"({after}" if after is not None and _STREAM_ID.match(after) else "-"
+        start = f"({after}" if after is not None and _is_stream_id(after) else "-"
         log = self._keys.mailbox(recipient).log
         found: list[StoredMessage] = []
         while len(found) < limit:
@@ -346,7 +347,7 @@ class RedisStore(MailboxStore):
         return raws
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
-        if not _STREAM_ID.match(tag):
+        if not _is_stream_id(tag):
             return False
         mailbox = self._keys.mailbox(recipient)
         removed = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
@@ -470,6 +471,13 @@ class RedisStore(MailboxStore):
             return await call
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailableError(f"mailbox store unreachable: {exc}") from None
+
+
+def _is_stream_id(tag: str) -> bool:
+    """A tag Redis can take as a stream id: two numbers below 2^64.  A device's ACK names
+    any tag it likes; one Redis refuses must not pass for a store outage."""
+    return (_STREAM_ID.match(tag) is not None
+            and all(int(part) <= _MAX_STREAM_ID_PART for part in tag.split("-")))
 
 
 def _full(mailbox: MailboxKeys) -> MailboxFullError:
