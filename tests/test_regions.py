@@ -270,3 +270,27 @@ async def test_hostile_ack_tags_touch_no_region_and_break_nothing(world) -> None
         second = sealed(carol, [alice.public], b"second", ttl_s=600)
         assert isinstance(await sender.send(second), Accepted)
         assert (await device.next_delivery()).envelope == second.raw
+
+
+async def test_a_move_cut_short_and_run_again_neither_loses_nor_duplicates(world) -> None:
+    """The mover died after adopting two messages into the new home and before removing
+    them from the former one, and the device already acknowledged one of them: the next
+    move removes both from the former home and adopts only the third."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "us", carol.public: "eu"}, former={alice.public: "eu"})
+    eu = await world.relay("eu")
+    store = eu.relay.store  # type: ignore[union-attr]
+    limits = eu.relay.mailbox_limits  # type: ignore[union-attr]
+    envelopes = [sealed(carol, [alice.public], bytes([n]), ttl_s=600) for n in range(3)]
+    for envelope in envelopes:
+        await store.stores["eu"].accept(envelope, replay_until_ms=envelope.expires_at_ms,
+                                        limits=limits)
+    for envelope in envelopes[:2]:  # what the mover did before it died
+        assert await store.stores["us"].adopt(alice.public, envelope, limits=limits)
+    first = (await store.stores["us"].fetch(alice.public, None, 1))[0]
+    assert await store.stores["us"].ack(alice.public, first.tag)  # the device took it
+    assert await store.move_mailbox(alice.public, "eu", "us") == 3  # all three left eu
+    assert await store.stores["eu"].depth(alice.public) == 0
+    remaining = await store.stores["us"].fetch(alice.public, None, 10)
+    assert sorted(entry.raw for entry in remaining) == sorted(e.raw for e in envelopes[1:])
+    assert not await store.stores["us"].adopt(alice.public, envelopes[0], limits=limits)

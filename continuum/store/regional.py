@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -116,6 +117,8 @@ class RegionalStore(MailboxStore):
         self._homes = homes
         self._health = health
         self._moves: dict[PublicKey, asyncio.Task[None]] = {}
+        # Devices served here whose former home is being watched: moves run only for them.
+        self._moving: Counter[PublicKey] = Counter()
 
     # -- where things live ---------------------------------------------------------------
 
@@ -212,15 +215,22 @@ class RegionalStore(MailboxStore):
         region, store = self.home_store(recipient)
         home = await store.subscribe(recipient, wake)
         former = self._homes.former_home_of(recipient)
-        if former is None or former == region or former not in self.stores:
+        if former is None or former == region:
+            return home
+        if former not in self.stores:
+            _log.warning("mailbox_move_impossible", device=recipient.text, former=former,
+                         detail="no store configured for the former home region: its mail"
+                                " there is not moved (--region-store)")
             return home
 
         def moved_mail_may_wait() -> None:
             self._start_move(recipient, former, region)
 
+        self._moving[recipient] += 1
         try:
             subscription = await self.stores[former].subscribe(recipient, moved_mail_may_wait)
         except BaseException:
+            self._stop_move(recipient)
             await home.close()
             raise
         self._start_move(recipient, former, region)
@@ -229,6 +239,10 @@ class RegionalStore(MailboxStore):
     # -- moving mail from a former home --------------------------------------------------
 
     def _start_move(self, recipient: PublicKey, former: str, home: str) -> None:
+        """Move `recipient`'s mail now, or right after the move under way: one at a time per
+        device, and only while a session here watches its former home."""
+        if not self._moving[recipient]:
+            return
         running = self._moves.get(recipient)
         if running is not None and not running.done():
             running.add_done_callback(lambda _task: self._start_move(recipient, former, home))
@@ -237,6 +251,11 @@ class RegionalStore(MailboxStore):
             self._move_safely(recipient, former, home), name="move-mailbox")
 
     def _stop_move(self, recipient: PublicKey) -> None:
+        """A session watching `recipient`'s former home ended; the last one stops the move."""
+        self._moving[recipient] -= 1
+        if self._moving[recipient] > 0:
+            return
+        del self._moving[recipient]
         task = self._moves.pop(recipient, None)
         if task is not None:
             task.cancel()
