@@ -294,3 +294,19 @@ async def test_a_move_cut_short_and_run_again_neither_loses_nor_duplicates(world
     remaining = await store.stores["us"].fetch(alice.public, None, 10)
     assert sorted(entry.raw for entry in remaining) == sorted(e.raw for e in envelopes[1:])
     assert not await store.stores["us"].adopt(alice.public, envelopes[0], limits=limits)
+
+
+async def test_one_rate_limit_across_the_regions_a_sender_uses(world) -> None:
+    """carol (homed in eu) sends through the US and the AP relays at once: both take from
+    her one bucket in her home store, so the burst is hers worldwide, not per region."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "ap", carol.public: "eu"})
+    slow = {"rate_per_s": 0.01, "rate_burst": 3}
+    us, ap = await world.relay("us", **slow), await world.relay("ap", **slow)
+    answers = []
+    async with await RawDevice.connect(us.url, carol) as via_us, \
+            await RawDevice.connect(ap.url, carol) as via_ap:
+        for device in (via_us, via_ap, via_us, via_ap):
+            answers.append(await device.send(sealed(carol, [alice.public], ttl_s=600)))
+    assert [isinstance(answer, Accepted) for answer in answers[:3]] == [True] * 3
+    assert error_code(answers[3]) == "RATE_LIMITED"

@@ -130,7 +130,7 @@ class RegionalStore(MailboxStore):
                                         " (--region-store)")
         return store
 
-    def home_store(self, key: PublicKey) -> tuple[str, RedisStore]:
+    def _home_store(self, key: PublicKey) -> tuple[str, RedisStore]:
         region = self._homes.home_of(key)
         return region, self._store_of(region)
 
@@ -212,7 +212,7 @@ class RegionalStore(MailboxStore):
 
     async def subscribe(self, recipient: PublicKey,
                         wake: Callable[[], None]) -> Subscription:
-        region, store = self.home_store(recipient)
+        region, store = self._home_store(recipient)
         home = await store.subscribe(recipient, wake)
         former = self._homes.former_home_of(recipient)
         if former is None or former == region:
