@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from oracle_support import TRUSTED_RELAY, Admin, eventually, oracle_settings
 
-from client import Device
+from client import Device, PeerList
 from oracle import OracleServer
 from proto import Identity, PublicKey
 from region_support import World, three_regions
@@ -58,25 +58,30 @@ async def test_the_oracle_homes_devices_and_moving_one_moves_its_mail(world, tmp
                            for server in (eu, us, ap))
 
             await eventually(lambda: applied_everywhere("us"), timeout=10)
+            stores = us.relay.store.stores  # type: ignore[union-attr]
             # bob roams on the AP relay: his peer list, pushed through the EU relay, waits in
             # his home (us) and reaches him there; then alice's message does too.
-            async with Device(bob, [ap.url], oracle_key=oracle.identity.public) as roaming, \
+            bobs_peers = PeerList()  # kept across bob's two runs, as a home would keep it
+            async with Device(bob, [ap.url], bobs_peers,
+                              oracle_key=oracle.identity.public) as roaming, \
                     Device(alice, [eu.url], oracle_key=oracle.identity.public) as sender:
                 await eventually(lambda: _knows(roaming, alice.public), timeout=15)
                 await eventually(lambda: _knows(sender, bob.public), timeout=15)
                 await sender.send([bob.public], b"to bob, wherever", ttl_s=600, timeout=15)
                 assert await _next_payload(roaming) == b"to bob, wherever"
-                # bob goes offline; two messages wait in us; the admin moves bob to ap.
+                # Acknowledged in his home store over the WAN before he goes.
+                await eventually(lambda: _empty(stores["us"], bob.public), timeout=10)
+            # bob is offline; two messages wait in us; the admin moves bob to ap.
             async with Device(alice, [eu.url], oracle_key=oracle.identity.public) as sender:
                 for text in (b"one", b"two"):
                     await sender.send([bob.public], text, ttl_s=600, timeout=15)
-            stores = us.relay.store.stores  # type: ignore[union-attr]
-            assert await stores["us"].depth(bob.public) >= 2
+            assert await stores["us"].depth(bob.public) == 2
             moved = await admin.call("PUT", f"/v1/devices/{bob.public.text}/region",
                                      {"region": "ap"})
             assert (moved["home_region"], moved["former_region"]) == ("ap", "us")
             await eventually(lambda: applied_everywhere("ap"), timeout=10)
-            async with Device(bob, [us.url], oracle_key=oracle.identity.public) as back:
+            async with Device(bob, [us.url], bobs_peers,
+                              oracle_key=oracle.identity.public) as back:
                 got = {await _next_payload(back), await _next_payload(back)}
                 assert got == {b"one", b"two"}
                 # Everything moved out of us, and was delivered and acknowledged from ap.
