@@ -80,7 +80,8 @@ class OracleServer:
             log = log.bind(epoch=epoch)
             publisher = AccessListPublisher(registry, self.identity, log, self.chain,
                                             validity_ms=int(self.settings.access_list_validity_s
-                                                            * 1000))
+                                                            * 1000),
+                                            regions=registry.regions)
             await publisher.current()  # the first list is signed before anyone may ask for it
             pusher = Pusher(registry, publisher, self.identity, self.settings, log, self.chain)
             relay_auth = RelayAuth(self.identity.public,
