@@ -524,3 +524,16 @@ async def test_the_access_list_floor_is_shared_by_replicas(open_backend: OpenSto
     assert await second.access_list_floor() == Stamp(1_700_000_000_000, 3)
     assert await second.raise_access_list_floor(Stamp(1_700_000_000_000, 2)) == Stamp(
         1_700_000_000_000, 3)
+
+
+async def test_more_calls_in_flight_than_connections_wait_their_turn(redis_url: str) -> None:
+    """redis-py's default pool raised "Too many connections" (a store outage for the device)
+    beyond 100 calls in flight at once; they now wait for a free connection."""
+    store = open_store(redis_url + "&max_connections=4")
+    try:
+        alice, bob = Identity.generate(), Identity.generate()
+        await put(store, envelope(alice, [bob], b"x"))
+        depths = await asyncio.gather(*(store.depth(bob.public) for _ in range(300)))
+        assert depths == [1] * 300
+    finally:
+        await store.close()

@@ -60,7 +60,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -90,6 +90,11 @@ _PROBE_TTL_MS = 10_000
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 _MAX_STREAM_ID_PART = 2**64 - 1
 _TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+# Connections to one Redis (`?max_connections=` in the URL to change it).  Calls beyond
+# them wait for one to be free (up to the socket timeout) rather than fail: redis-py's
+# default pool raised "Too many connections", a store outage to the device, as soon as
+# more than 100 calls were in flight at once (many devices, or a roaming device's ACKs).
+DEFAULT_MAX_CONNECTIONS = 100
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
@@ -157,7 +162,9 @@ class RedisStore(MailboxStore):
             # not know fails here, at start, not as a TypeError on every first use.
             pubsub_client.connection_pool.make_connection()
             client = (RedisCluster.from_url(plain_url, **options) if cluster
-                      else Redis.from_url(plain_url, **options))
+                      else Redis.from_pool(BlockingConnectionPool.from_url(
+                          plain_url, **{"max_connections": DEFAULT_MAX_CONNECTIONS,
+                                        "timeout": _TIMEOUTS["socket_timeout"], **options})))
         except TypeError as exc:
             raise ValueError(f"store URL option not understood: {exc}") from None
         return cls(client, pubsub_client, prefix=prefix, cluster=cluster, durability=durability)
