@@ -33,6 +33,10 @@ from .store import Subscription
 from .websocket import DeviceWebSocket
 
 
+# ACKs of one connection being applied at once (see `_start_removal`).
+ACKS_IN_FLIGHT = 8
+
+
 class DeviceSession:
     """Most devices sit idle, so an idle session holds no task of its own: a wake-up
     starts a delivery task, which ends when the protocol asks for no further fetch."""
@@ -160,10 +164,11 @@ class DeviceSession:
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
         """ACKs run side by side (their order does not matter), so a device served from a
-        store a WAN round trip away (SPEC §19) has a window's worth acknowledged per round
-        trip, not one.  At most a window of them at once: a device that sends more waits."""
+        store a WAN round trip away (SPEC §19) has several acknowledged per round trip, not
+        one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits, and many busy
+        devices do not queue thousands of calls for the store's connections."""
         removals = self._removals
-        while len(removals) >= self._relay.settings.delivery_window:
+        while len(removals) >= ACKS_IN_FLIGHT:
             await asyncio.wait(removals, return_when=asyncio.FIRST_COMPLETED)
         task = asyncio.create_task(self._remove(request), name="ack")
         removals.add(task)
