@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from oracle_support import (Admin, fresh_postgres_database, oracle_settings, postgres_available,
                             relay_headers)
+from test_oracle_api import admin, new_key  # noqa: F401  (`admin` logs in to `server` below)
 
 from oracle import OracleServer
 from proto import Identity, PublicKey
@@ -41,22 +42,11 @@ async def server(database, tmp_path) -> AsyncIterator[OracleServer]:
         yield started
 
 
-@pytest.fixture
-async def admin(server: OracleServer) -> AsyncIterator[Admin]:
-    client = await Admin.login(server)
-    yield client
-    await client.close()
-
-
 async def access_list(server: OracleServer) -> AccessList:
     async with aiohttp.ClientSession() as http, http.get(
             server.url + ACCESS_LIST_PATH, headers=relay_headers(server)) as response:
         assert response.status == 200
         return AccessList.verify(await response.read(), server.identity.public)
-
-
-def new_key() -> str:
-    return Identity.generate().public.text
 
 
 async def test_devices_are_homed_in_the_oracles_region_unless_told(admin, server) -> None:

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from oracle_support import oracle_settings
-from test_oracle_browser import CHROMIUM, CHROMIUM_ARGS, _require_browser
+from test_oracle_browser import CHROMIUM, CHROMIUM_ARGS, _require_browser, logged_in_page
 
 from oracle import OracleServer
 from proto import Identity
@@ -28,14 +28,7 @@ async def test_enrol_into_a_region_and_move_a_device_and_a_group(tmp_path: Path)
             await registry.add_member(group.id, key)
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(10_000)
-            page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-            await page.goto(oracle.url + "/login")
-            await page.fill("input[name=username]", "alice")
-            await page.fill("input[name=password]", password)
-            await page.click("button:has-text('Log in')")
-            await page.wait_for_selector("h2:has-text('Devices')")
+            page = await logged_in_page(browser, oracle, "alice", password)
 
             # Enrol straight into us.
             key = Identity.generate().public.text
