@@ -80,7 +80,8 @@ class World:
         await server.start()
         self.relays.append(server)
         assert server.relay is not None
-        assert await server.relay.access.wait_loaded(10), "the relay got no access list"
+        if settings.oracle_url:
+            assert await server.relay.access.wait_loaded(10), "the relay got no access list"
         return server
 
     async def wait_applied(self, timeout_s: float = 10.0) -> None:

@@ -310,3 +310,14 @@ async def test_one_rate_limit_across_the_regions_a_sender_uses(world) -> None:
             answers.append(await device.send(sealed(carol, [alice.public], ttl_s=600)))
     assert [isinstance(answer, Accepted) for answer in answers[:3]] == [True] * 3
     assert error_code(answers[3]) == "RATE_LIMITED"
+
+
+async def test_without_an_oracle_every_key_is_local(world) -> None:
+    """A relay with a region but no oracle has no list to place keys: every mailbox is in
+    its own region's store, as before regions."""
+    alice, carol = Identity.generate(), Identity.generate()
+    us = await world.relay("us", oracle_url="", oracle_key="")
+    async with await RawDevice.connect(us.url, carol) as sender:
+        assert isinstance(await sender.send(sealed(carol, [alice.public], ttl_s=600)), Accepted)
+    stores = us.relay.store.stores  # type: ignore[union-attr]
+    assert [await stores[region].depth(alice.public) for region in ("ap", "eu", "us")] == [0, 0, 1]
