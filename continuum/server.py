@@ -26,6 +26,7 @@ from .expiry import expire_forever
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import open_store
+from .store.regional import RegionalStore, open_regional_store
 
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
@@ -50,6 +51,7 @@ class RelayServer:
         self._listener: Listener | None = None
         self.sockets: SocketCap | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
         self._fetcher: AccessListFetcher | None = None
         self.port = settings.port
 
@@ -66,11 +68,11 @@ class RelayServer:
 
     async def start(self) -> None:
         settings = self.settings
-        store = open_store(settings.store)
         identity = load_relay_identity(settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
         metrics = RelayMetrics()
         access = AccessControl(settings, metrics, log)
+        store = open_regional_store(settings, access, metrics) or open_store(settings.store)
         self._fetcher = AccessListFetcher(access, settings, identity, store, log)
         gate = ConnectionGate(
             max_pending_per_address=settings.max_pending_handshakes_per_address,
@@ -97,6 +99,8 @@ class RelayServer:
                                       settings.tls_context(), settings.request_timeout_s)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
+        if isinstance(store, RegionalStore):
+            self._prober = asyncio.create_task(store.probe_forever(), name="region-probe")
         await access.start()
         await self._fetcher.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
@@ -106,6 +110,10 @@ class RelayServer:
         """Stop serving and close the store; safe to call twice."""
         sweeper, runner, relay, listener = self._sweeper, self._runner, self.relay, self._listener
         fetcher, self._fetcher = self._fetcher, None
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
         self._sweeper = self._runner = self.relay = self._listener = None
         if listener is not None:
             listener.close()  # accept nothing more; open sockets are shut down by the runner

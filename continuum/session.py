@@ -33,11 +33,16 @@ from .store import Subscription
 from .websocket import DeviceWebSocket
 
 
+# ACKs of one connection being applied at once (see `_start_removal`).
+ACKS_IN_FLIGHT = 8
+
+
 class DeviceSession:
     """Most devices sit idle, so an idle session holds no task of its own: a wake-up
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
-    __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing")
+    __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
+                 "_removals")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
         self._ws = ws
@@ -49,6 +54,7 @@ class DeviceSession:
         self._delivery: asyncio.Task[None] | None = None
         self._next_fetch: Fetch | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._removals: set[asyncio.Task[None]] = set()
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -111,6 +117,7 @@ class DeviceSession:
             if self._delivery is not None:
                 self._delivery.cancel()
                 await asyncio.gather(self._delivery, return_exceptions=True)
+            await asyncio.gather(*self._removals, return_exceptions=True)
             await self._finish_closing()
             log.info("device_disconnected")
 
@@ -125,7 +132,7 @@ class DeviceSession:
             if isinstance(request, CheckRate):
                 await self._admit(request)
             elif isinstance(request, RemoveDelivered):
-                await self._remove(request)
+                await self._start_removal(request)
             self._write()
             await self._drain()  # a device that sends without reading is not outrun
 
@@ -155,6 +162,18 @@ class DeviceSession:
         else:
             protocol.stored(envelope.msg_id)
 
+    async def _start_removal(self, request: RemoveDelivered) -> None:
+        """ACKs run side by side (their order does not matter), so a device served from a
+        store a WAN round trip away (SPEC §19) has several acknowledged per round trip, not
+        one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits, and many busy
+        devices do not queue thousands of calls for the store's connections."""
+        removals = self._removals
+        while len(removals) >= ACKS_IN_FLIGHT:
+            await asyncio.wait(removals, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._remove(request), name="ack")
+        removals.add(task)
+        task.add_done_callback(removals.discard)
+
     async def _remove(self, request: RemoveDelivered) -> None:
         device = self._protocol.device_key
         assert device is not None
@@ -162,8 +181,9 @@ class DeviceSession:
             existed = await self._relay.store.ack(device, request.tag)
         except ProtocolError as exc:
             self._protocol.store_failed(exc)
-            return
-        self._start_delivery(self._protocol.removed(request.tag, existed), device)
+        else:
+            self._start_delivery(self._protocol.removed(request.tag, existed), device)
+        self._write()
 
     # -- delivery: one task while fetches are wanted ---------------------------------------
 

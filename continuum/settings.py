@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from proto import Identity, PublicKey
 from proto.errors import InvalidFieldError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
-from runtime.settings import describe, load_settings, repeatable
+from proto.regions import is_region_name
+from runtime.settings import describe, load_settings, mask_url, repeatable
 from runtime.tls import server_context, verifying_context
 
 from runtime.client_address import Network, are_networks, parse_networks
@@ -104,6 +105,12 @@ class Settings:
     # and disconnects the rest; `alarm` keeps enforcing the lapsed list.  Both alarm (log,
     # metrics, /healthz).  README "When the oracle goes silent".
     access_list_expired: str = FAIL_CLOSED
+    # One worldwide network (README "Several regions", SPEC §19): this relay's region (its
+    # `store` is that region's store), and the store of every other region, `REGION=URL`;
+    # each device's mailbox lives in its home region's store, named by the oracle's list.
+    region: str = ""
+    region_stores: tuple[str, ...] = repeatable("region-store", "REGION=STORE_URL of another"
+                                                " region")
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -127,9 +134,19 @@ class Settings:
     def trusted_networks(self) -> tuple[Network, ...]:
         return parse_networks(self.trusted_proxies)
 
+    def region_store_urls(self) -> dict[str, str]:
+        """Every region's store URL, this relay's own (`store`) included; empty without regions."""
+        if not self.region:
+            return {}
+        return {self.region: self.store, **dict(
+            entry.split("=", 1) for entry in self.region_stores)}  # type: ignore[misc]
+
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log: the relay key and any URL password masked."""
-        return describe(self, secrets={"relay_key"})
+        shown = describe(self, secrets={"relay_key"})
+        shown["region_stores"] = [f"{name}={mask_url(url)}" for name, url
+                                  in (entry.partition("=")[::2] for entry in self.region_stores)]
+        return shown
 
     @classmethod
     def from_sources(cls, argv: list[str] | None = None,
@@ -176,9 +193,30 @@ class Settings:
                  self.access_list_expired in ON_EXPIRY),
                 ("oracle_url must be http:// or https://", not self.oracle_url
                  or self.oracle_url.startswith(("http://", "https://"))),
+                *_region_problems(self.region, self.store, self.region_stores),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _region_problems(region: str, store: str,
+                     region_stores: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """What must hold of the region settings: every region's store is shared by the relays
+    of every region, so each is a Redis URL, and each region is named once."""
+    names = [entry.partition("=")[0] for entry in region_stores]
+    shared = ("redis://", "rediss://", "unix://")
+    return [
+        ("region must be a region name (a lower-case letter, then lower-case letters, digits"
+         " or '-', at most 32)", not region or is_region_name(region)),
+        ("region_stores need region (this relay's own)", bool(region) or not region_stores),
+        ("region_stores must be REGION=URL with a region name and a redis://, rediss:// or"
+         " unix:// URL", all(is_region_name(name) and url.startswith(shared) for name, url in
+                             (entry.partition("=")[::2] for entry in region_stores))),
+        ("region_stores must name each region once, not this relay's own",
+         len(set(names)) == len(names) and region not in names),
+        ("store must be redis://, rediss:// or unix:// when region is set: every region's"
+         " relays reach it", not region or store.startswith(shared)),
+    ]
 
 
 def _parses(parse: Callable[[str], object], text: str) -> bool:

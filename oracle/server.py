@@ -69,16 +69,18 @@ class OracleServer:
             pusher: Pusher | None = None
 
             def changed() -> None:
-                assert publisher is not None and pusher is not None
-                publisher.notify()
-                pusher.notify()
+                if publisher is not None and pusher is not None:  # else: read when built
+                    publisher.notify()
+                    pusher.notify()
 
-            registry = Registry(db, changed)
+            registry = Registry(db, changed, self.settings.regions())
+            await registry.assign_homes()
             epoch = await registry.begin_epoch()
             log = log.bind(epoch=epoch)
             publisher = AccessListPublisher(registry, self.identity, log, self.chain,
                                             validity_ms=int(self.settings.access_list_validity_s
-                                                            * 1000))
+                                                            * 1000),
+                                            regions=registry.regions)
             await publisher.current()  # the first list is signed before anyone may ask for it
             pusher = Pusher(registry, publisher, self.identity, self.settings, log, self.chain)
             relay_auth = RelayAuth(self.identity.public,

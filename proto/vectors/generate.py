@@ -733,6 +733,12 @@ def prekey_vectors() -> dict:
     return build_prekeys()
 
 
+def region_vectors() -> dict:
+    """regions.json (SPEC §19), built in its own module like prekeys.json."""
+    from .region_vectors import region_vectors as build_regions
+    return build_regions()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "keys": key_vectors,
     "envelopes": envelope_vectors,
@@ -742,6 +748,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "rotation": rotation_vectors,
     "invalid": invalid_vectors,
     "prekeys": prekey_vectors,
+    "regions": region_vectors,
 }
 
 def render(document: dict) -> str:
