@@ -161,10 +161,18 @@ class RelayProcess:
                     return float(line.split()[1])
         raise KeyError(name)
 
+    def metric_sum(self, name: str) -> float:
+        """The sum over every label set of one metric (e.g. all handshake failure reasons)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as answer:
+            lines = answer.read().decode().splitlines()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+                   if line.startswith((name + " ", name + "{")))
+
     def stop(self) -> None:
         """Signal the relay's process group (a wrapper and its child alike), SIGKILL after 20 s."""
         process, self.process = self.process, None
         stop_process_group(process, self.stop_signal, grace_s=20)
+        import sys; print(self.log_tail(60), file=sys.stderr)
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 

@@ -196,17 +196,23 @@ def _expect(pipe: Connection, timeout_s: float, what: str) -> object:
     return pipe.recv()
 
 
-def run_load(relay: RelayProcess, plan: LoadPlan) -> dict[str, object]:
-    """Drive one load level through `relay`; every worker is stopped before returning."""
+def run_load(relay: RelayProcess, plan: LoadPlan, *, receiver_url: str | None = None,
+             seeds: tuple[list[bytes], list[bytes]] | None = None) -> dict[str, object]:
+    """Drive one load level through `relay`; every worker is stopped before returning.
+
+    Receivers connect to `receiver_url` (another relay) when given; `seeds` are the
+    senders' and receivers' key seeds when the caller must know the keys beforehand
+    (benchmarks/regions.py homes them in regions)."""
     context = mp.get_context("fork")  # before any event loop or thread exists in this process
-    senders = [os.urandom(32) for _ in range(plan.pairs)]
-    receivers = [os.urandom(32) for _ in range(plan.pairs)]
+    senders, receivers = seeds or ([os.urandom(32) for _ in range(plan.pairs)],
+                                   [os.urandom(32) for _ in range(plan.pairs)])
     receiver_keys = [Identity(seed).public.raw for seed in receivers]
     workers: list[tuple[mp.process.BaseProcess, Connection]] = []
 
     def start(target: object, args: tuple) -> Connection:
         ours, theirs = context.Pipe()
-        process = context.Process(target=target, args=(theirs, relay.url, plan, *args), daemon=True)
+        url = receiver_url if receiver_url and target is _receiver_process else relay.url
+        process = context.Process(target=target, args=(theirs, url, plan, *args), daemon=True)
         process.start()
         workers.append((process, ours))
         return ours

@@ -31,7 +31,7 @@ import structlog
 from proto import PublicKey
 from proto.access import AccessList, Stamp
 from proto.errors import (AccessListUnavailableError, NotEnrolledError, NotPeerError,
-                          ProtocolError, RevokedError)
+                          ProtocolError, RevokedError, StoreUnavailableError)
 from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
 
@@ -68,6 +68,8 @@ class AccessControl:
         self._oracle = PublicKey.from_text(settings.oracle_key) if settings.oracle_key else None
         self._require_enrollment = settings.require_enrollment
         self._fail_closed = settings.access_list_expired == FAIL_CLOSED
+        # This relay's region (SPEC §19): the home of every key while no list places it.
+        self.region = settings.region
         self._metrics = metrics
         self._log = log
         self.current: AccessList | None = None
@@ -222,8 +224,25 @@ class AccessControl:
             elif sender != self._oracle and not current.shares_group(sender, key):
                 raise NotPeerError(f"{sender.text} shares no peer group with recipient {key.text}")
 
+    def home_of(self, key: PublicKey) -> str:
+        """The region whose store holds `key`'s mailbox (SPEC §19): where the list in force
+        places it, else this relay's own region (no oracle, or a list without regions)."""
+        current = self.current
+        if current is None or not current.regions:
+            return self.region
+        home = current.home_of(key)
+        assert home is not None
+        return home
+
+    def former_home_of(self, key: PublicKey) -> str | None:
+        """The region `key`'s mailbox moved away from, while mail may still wait there."""
+        current = self.current
+        return None if current is None else current.former_homes.get(key)
+
     def watch(self, key: PublicKey, on_refused: Callable[[ProtocolError], None]) -> Callable[[], None]:
-        """Call `on_refused` if a later list refuses `key`; returns the function that unregisters."""
+        """Call `on_refused` if a later list refuses `key`, or moves its mailbox to another
+        region (its session then reconnects, to be served from there); returns the function
+        that unregisters."""
         self._watchers.setdefault(key, set()).add(on_refused)
 
         def unwatch() -> None:
@@ -265,6 +284,7 @@ class AccessControl:
                                    " its clock behind the epoch of a list applied before")
             return False
         lapsed = current is not None and current.expired(now)
+        homes_before = {key: self.home_of(key) for key in self._watchers} if self.region else {}
         if current is not None and access.stamp == current.stamp:
             if access.valid_until_ms <= current.valid_until_ms:
                 return False  # the one in force, or an older signing of it
@@ -289,8 +309,32 @@ class AccessControl:
         if lapsed:
             self._log.warning("access_list_valid_again", stamp=str(access.stamp),
                               detail="the oracle is heard from again")
+        self._check_regions(access)
         self._refuse_watched()
+        self._move_watched(homes_before)
         return True
+
+    def _check_regions(self, access: AccessList) -> None:
+        """Say so when the list's regions and this relay's setting cannot both be right."""
+        if access.regions and not self.region:
+            self._log.warning("access_list_regions_ignored", regions=list(access.regions),
+                              detail="the oracle places mailboxes in regions, but this relay has"
+                                     " no --region: it treats every key as local")
+        elif self.region and access.regions and self.region not in access.regions:
+            self._log.error("relay_region_unknown_to_oracle", region=self.region,
+                            regions=list(access.regions),
+                            detail="no device is homed here; check --region")
+
+    def _move_watched(self, homes_before: dict[PublicKey, str]) -> None:
+        """Close every watched session whose mailbox now lives in another region: its
+        reconnection is served from the new home (and moves what waits in the old one)."""
+        for key, before in homes_before.items():
+            after = self.home_of(key)
+            if after != before:
+                error = StoreUnavailableError(f"the mailbox of {key.text} moved from region"
+                                              f" {before} to {after}: reconnect")
+                for callback in list(self._watchers.get(key, ())):
+                    callback(error)
 
     def _install(self, access: AccessList) -> None:
         self.current = access

@@ -74,3 +74,28 @@ class RelayMetrics:
             "continuum_stream_frames_dropped",
             "Stream frames dropped because their stream had ended (they crossed its end)",
             ["reason"], registry=self.registry)
+        self.region_store_up = Gauge(
+            "continuum_region_store_up",
+            "1 while the store of this region answered its last call or probe, 0 once it did"
+            " not: sends to devices homed there are refused STORE_UNAVAILABLE meanwhile",
+            ["region"], registry=self.registry)
+        self.region_store_errors = Counter(
+            "continuum_region_store_errors",
+            "Calls to a region's store that failed (unreachable, refused the write, or no"
+            " store configured for it)", ["region"], registry=self.registry)
+        self._region_up: dict[str, Gauge] = {}
+
+    # What `RegionalStore` reports (its `RegionHealth`): kept per region, read on every call.
+
+    def region_failed(self, region: str) -> None:
+        self._up(region).set(0)
+        self.region_store_errors.labels(region).inc()
+
+    def region_answered(self, region: str) -> None:
+        self._up(region).set(1)
+
+    def _up(self, region: str) -> Gauge:
+        gauge = self._region_up.get(region)
+        if gauge is None:
+            gauge = self._region_up[region] = self.region_store_up.labels(region)
+        return gauge

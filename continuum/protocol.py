@@ -492,11 +492,15 @@ class RelayProtocol:
             self._close(Close(CLOSE_POLICY_VIOLATION, "device stopped reading"))
 
     def revoked(self, error: ProtocolError) -> None:
-        """A newer access list refuses this key: end the connection now, not at reconnect."""
+        """A newer access list refuses this key, or moved its mailbox to another region
+        (STORE_UNAVAILABLE: the device reconnects, 1011, and is served from there): end the
+        connection now, not at reconnect."""
         if self.phase is Phase.OPEN:
             self._log.info("session_closed_by_access_list", reason=error.code.name.lower())
             self._emit(Error(None, int(error.code), error.message))
-            self._close(Close(CLOSE_POLICY_VIOLATION, error.code.name))
+            moved = isinstance(error, StoreUnavailableError)
+            self._close(Close(CLOSE_INTERNAL_ERROR if moved else CLOSE_POLICY_VIOLATION,
+                              error.code.name))
 
     def _reject(self, msg_id: bytes | None, error: ProtocolError, abuse: bool = True) -> None:
         """Answer one bad frame or refused envelope with ERROR; too many of them is abuse."""

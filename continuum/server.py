@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from proto import Identity
-from runtime.listener import SocketCap, listen
+from runtime.listener import Listener, SocketCap, TurnBudget, listen
 
 from .access import AccessControl
 from .access_fetch import AccessListFetcher
@@ -27,6 +27,7 @@ from .expiry import expire_forever
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import open_store
+from .store.regional import RegionalStore, open_regional_store
 from .streams.router import StreamRouter
 from .streams.table import StreamBudget
 
@@ -50,9 +51,10 @@ class RelayServer:
         self.settings = settings
         self.relay: RelayContext | None = None
         self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self.sockets: SocketCap | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
         self._fetcher: AccessListFetcher | None = None
         self.port = settings.port
 
@@ -69,11 +71,11 @@ class RelayServer:
 
     async def start(self) -> None:
         settings = self.settings
-        store = open_store(settings.store)
         identity = load_relay_identity(settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
         metrics = RelayMetrics()
         access = AccessControl(settings, metrics, log)
+        store = open_regional_store(settings, access, metrics) or open_store(settings.store)
         self._fetcher = AccessListFetcher(access, settings, identity, store, log)
         gate = ConnectionGate(
             max_pending_per_address=settings.max_pending_handshakes_per_address,
@@ -99,12 +101,16 @@ class RelayServer:
         refused = metrics.handshake_failures.labels("connection_limit")
         assert self._runner.server is not None
         self.sockets = SocketCap(self._runner.server, settings.max_connections,
-                                 on_refused=lambda first: refused.inc())
+                                 on_refused=lambda first: refused.inc(),
+                                 budget=TurnBudget(settings.unauthenticated_steps_per_turn,
+                                                   settings.unauthenticated_yield_ms / 1000))
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
         self._listener = await listen(self.sockets, settings.host, settings.port,
-                                      settings.tls_context())
+                                      settings.tls_context(), settings.request_timeout_s)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
+        if isinstance(store, RegionalStore):
+            self._prober = asyncio.create_task(store.probe_forever(), name="region-probe")
         await access.start()
         await self._fetcher.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
@@ -114,6 +120,10 @@ class RelayServer:
         """Stop serving and close the store; safe to call twice."""
         sweeper, runner, relay, listener = self._sweeper, self._runner, self.relay, self._listener
         fetcher, self._fetcher = self._fetcher, None
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
         self._sweeper = self._runner = self.relay = self._listener = None
         if listener is not None:
             listener.close()  # accept nothing more; open sockets are shut down by the runner

@@ -38,12 +38,16 @@ from .websocket import DeviceWebSocket
 _WATCH_INTERVAL_S = 0.2
 
 
+# ACKs of one connection being applied at once (see `_start_removal`).
+ACKS_IN_FLIGHT = 8
+
+
 class DeviceSession:
     """Most devices sit idle, so an idle session holds no task of its own: a wake-up
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
-                 "_address", "_watchdog")
+                 "_address", "_watchdog", "_removals")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
         self._ws = ws
@@ -58,6 +62,7 @@ class DeviceSession:
         self._closing: asyncio.Task[None] | None = None
         self._address: Address | None = None  # in the stream router, while authenticated
         self._watchdog: asyncio.Task[None] | None = None  # see `_watch_writes`
+        self._removals: set[asyncio.Task[None]] = set()
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -131,6 +136,7 @@ class DeviceSession:
             if self._delivery is not None:
                 self._delivery.cancel()
                 await asyncio.gather(self._delivery, return_exceptions=True)
+            await asyncio.gather(*self._removals, return_exceptions=True)
             await self._finish_closing()
             log.info("device_disconnected")
 
@@ -148,7 +154,7 @@ class DeviceSession:
             elif isinstance(request, CheckRate):
                 await self._admit(request)
             elif isinstance(request, RemoveDelivered):
-                await self._remove(request)
+                await self._start_removal(request)
             self._write()
             await self._drain()  # a device that sends without reading is not outrun
             if pause:
@@ -181,6 +187,18 @@ class DeviceSession:
         else:
             protocol.stored(envelope.msg_id)
 
+    async def _start_removal(self, request: RemoveDelivered) -> None:
+        """ACKs run side by side (their order does not matter), so a device served from a
+        store a WAN round trip away (SPEC §19) has several acknowledged per round trip, not
+        one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits, and many busy
+        devices do not queue thousands of calls for the store's connections."""
+        removals = self._removals
+        while len(removals) >= ACKS_IN_FLIGHT:
+            await asyncio.wait(removals, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._remove(request), name="ack")
+        removals.add(task)
+        task.add_done_callback(removals.discard)
+
     async def _remove(self, request: RemoveDelivered) -> None:
         device = self._protocol.device_key
         assert device is not None
@@ -188,8 +206,9 @@ class DeviceSession:
             existed = await self._relay.store.ack(device, request.tag)
         except ProtocolError as exc:
             self._protocol.store_failed(exc)
-            return
-        self._start_delivery(self._protocol.removed(request.tag, existed), device)
+        else:
+            self._start_delivery(self._protocol.removed(request.tag, existed), device)
+        self._write()
 
     # -- streams: this connection as the router's endpoint ---------------------------------
 

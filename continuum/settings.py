@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from proto import Identity, PublicKey
 from proto.errors import InvalidFieldError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
+from proto.regions import is_region_name
 from proto.streams import CHUNK_OVERHEAD_BYTES
-from runtime.settings import describe, load_settings, repeatable
+from runtime.settings import describe, load_settings, mask_url, repeatable
 from runtime.tls import server_context, verifying_context
 
 from runtime.client_address import Network, are_networks, parse_networks
@@ -68,6 +69,12 @@ class Settings:
     # Every TCP socket, from accept() until it is really gone.
     max_connections: int = 20_000
     max_pending_handshakes_per_address: int = 64
+    # Steps (an accept, or a read of a socket not yet authenticated) all unauthenticated
+    # peers together may take per event-loop turn, and how long they all wait after an
+    # authenticated device's read (at most): what a flood of handshakes can add to an
+    # established device's wait, however fast it comes (runtime/listener.TurnBudget).
+    unauthenticated_steps_per_turn: int = 1
+    unauthenticated_yield_ms: float = 2.0
     max_connections_per_address: int = 1_024
     max_connections_per_key: int = 1
     # Signature checks for keys this relay does not know yet, per client address.
@@ -117,6 +124,12 @@ class Settings:
     stream_open_burst: int = 40
     stream_bytes_per_s: float = 256 * 1024 * 1024
     stream_burst_bytes: int = 8 * 1024 * 1024
+    # One worldwide network (README "Several regions", SPEC §19): this relay's region (its
+    # `store` is that region's store), and the store of every other region, `REGION=URL`;
+    # each device's mailbox lives in its home region's store, named by the oracle's list.
+    region: str = ""
+    region_stores: tuple[str, ...] = repeatable("region-store", "REGION=STORE_URL of another"
+                                                " region")
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -140,9 +153,19 @@ class Settings:
     def trusted_networks(self) -> tuple[Network, ...]:
         return parse_networks(self.trusted_proxies)
 
+    def region_store_urls(self) -> dict[str, str]:
+        """Every region's store URL, this relay's own (`store`) included; empty without regions."""
+        if not self.region:
+            return {}
+        return {self.region: self.store, **dict(
+            entry.split("=", 1) for entry in self.region_stores)}  # type: ignore[misc]
+
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log: the relay key and any URL password masked."""
-        return describe(self, secrets={"relay_key"})
+        shown = describe(self, secrets={"relay_key"})
+        shown["region_stores"] = [f"{name}={mask_url(url)}" for name, url
+                                  in (entry.partition("=")[::2] for entry in self.region_stores)]
+        return shown
 
     @classmethod
     def from_sources(cls, argv: list[str] | None = None,
@@ -169,6 +192,9 @@ class Settings:
                 ("max_pending_handshakes_per_address must be >= 1",
                  self.max_pending_handshakes_per_address >= 1),
                 ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
+                ("unauthenticated_steps_per_turn must be >= 1",
+                 self.unauthenticated_steps_per_turn >= 1),
+                ("unauthenticated_yield_ms must be > 0", self.unauthenticated_yield_ms > 0),
                 ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
                 ("tls_cert and tls_key go together", bool(self.tls_cert) == bool(self.tls_key)),
                 ("relay_key must be a csk_… secret key text",
@@ -196,9 +222,30 @@ class Settings:
                  min(self.max_stream_window_bytes, self.stream_burst_bytes,
                      self.stream_connection_window_bytes, self.stream_relay_window_bytes)
                  >= self.max_envelope_bytes + CHUNK_OVERHEAD_BYTES),
+                *_region_problems(self.region, self.store, self.region_stores),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _region_problems(region: str, store: str,
+                     region_stores: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """What must hold of the region settings: every region's store is shared by the relays
+    of every region, so each is a Redis URL, and each region is named once."""
+    names = [entry.partition("=")[0] for entry in region_stores]
+    shared = ("redis://", "rediss://", "unix://")
+    return [
+        ("region must be a region name (a lower-case letter, then lower-case letters, digits"
+         " or '-', at most 32)", not region or is_region_name(region)),
+        ("region_stores need region (this relay's own)", bool(region) or not region_stores),
+        ("region_stores must be REGION=URL with a region name and a redis://, rediss:// or"
+         " unix:// URL", all(is_region_name(name) and url.startswith(shared) for name, url in
+                             (entry.partition("=")[::2] for entry in region_stores))),
+        ("region_stores must name each region once, not this relay's own",
+         len(set(names)) == len(names) and region not in names),
+        ("store must be redis://, rediss:// or unix:// when region is set: every region's"
+         " relays reach it", not region or store.startswith(shared)),
+    ]
 
 
 def _parses(parse: Callable[[str], object], text: str) -> bool:

@@ -58,8 +58,24 @@ async def list_devices(request: web.Request) -> web.Response:
 async def enroll_device(request: web.Request) -> web.Response:
     body = await _body(request)
     device = await _oracle(request).registry.enroll(body.get("key"), body.get("name"),
-                                                    body.get("tags", []), _actor(request))
+                                                    body.get("tags", []), _actor(request),
+                                                    body.get("region"))
     return web.json_response(device.to_json(), status=201)
+
+
+async def move_device(request: web.Request) -> web.Response:
+    """Make a region the device's home (SPEC §19): relays move its waiting mail there."""
+    device = await _oracle(request).registry.move_device(
+        parse_key(request.match_info["key"]), (await _body(request)).get("region"),
+        _actor(request))
+    return web.json_response(device.to_json())
+
+
+async def move_group(request: web.Request) -> web.Response:
+    """Make a region the home of every active member of a group."""
+    group, moved = await _oracle(request).registry.move_group(
+        request.match_info["group_id"], (await _body(request)).get("region"), _actor(request))
+    return web.json_response({**group.to_json(), "moved": moved})
 
 
 async def get_device(request: web.Request) -> web.Response:
@@ -201,6 +217,8 @@ async def status(request: web.Request) -> web.Response:
         "access_list_epoch": (await oracle.publisher.current()).stamp.epoch,
         "access_list_version": await oracle.registry.access_version(),
         "relays": list(oracle.settings.relays),
+        "region": oracle.settings.region or None,
+        "regions": list(oracle.registry.regions.names) if oracle.registry.regions else [],
         "devices": counts.total,
         "revoked": counts.revoked,
         "behind": await oracle.registry.behind_keys(),
@@ -275,6 +293,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/devices/{key}", delete_device)
     r.add_post("/v1/devices/{key}/revoke", revoke_device)
     r.add_post("/v1/devices/{key}/restore", restore_device)
+    r.add_put("/v1/devices/{key}/region", move_device)
     r.add_get("/v1/groups", list_groups)
     r.add_post("/v1/groups", create_group)
     r.add_get("/v1/groups/{group_id}", get_group)
@@ -282,6 +301,7 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/groups/{group_id}", delete_group)
     r.add_put("/v1/groups/{group_id}/members/{key}", add_member)
     r.add_delete("/v1/groups/{group_id}/members/{key}", remove_member)
+    r.add_put("/v1/groups/{group_id}/region", move_group)
     r.add_post("/v1/peer-lists/reissue", reissue_peer_lists)
     r.add_get("/v1/audit", audit_log)
     r.add_get("/v1/admins", list_admins)

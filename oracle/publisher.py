@@ -37,6 +37,7 @@ from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
 
 from .records import AccessSnapshot
+from .regions import Regions
 from .registry import Registry
 
 
@@ -59,8 +60,11 @@ class Published:
 class AccessListPublisher:
     def __init__(self, registry: Registry, identity: Identity,
                  log: structlog.typing.FilteringBoundLogger,
-                 chain: OracleKeyChain = OracleKeyChain(), *, validity_ms: int) -> None:
+                 chain: OracleKeyChain = OracleKeyChain(), *, validity_ms: int,
+                 regions: Regions | None = None) -> None:
         self._registry = registry
+        # The network's regions (SPEC §19): the list then places every key in its home.
+        self._regions = regions
         self._identity = identity
         self._chain = chain
         self._log = log
@@ -155,13 +159,19 @@ class AccessListPublisher:
         numbers = {group: number for number, group in
                    enumerate(sorted({g for ids in snapshot.groups.values() for g in ids}))}
         issued_at = now_ms()
+        regions = self._regions
         access = AccessList(
             snapshot.epoch, snapshot.version, issued_at, issued_at + self._validity_ms,
             self._identity.public,
             {self._key(text): frozenset(numbers[g] for g in snapshot.groups.get(text, ()))
              for text in snapshot.enrolled},
             frozenset(self._key(text) for text in snapshot.revoked),
-            {self._key(text): until for text, until in snapshot.draining.items()}, self._chain)
+            {self._key(text): until for text, until in snapshot.draining.items()}, self._chain,
+            # Where each mailbox lives (SPEC §19); without regions the list has none.
+            regions.names if regions else (),
+            {self._key(text): home for text, home in snapshot.homes.items()},
+            {self._key(text): former for text, former in snapshot.former.items()},
+            regions.default if regions else None)
         self._install(Published(access, access.sign(self._identity)))
 
     def _install(self, published: Published) -> None:

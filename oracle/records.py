@@ -29,6 +29,11 @@ class DeviceRecord:
     rotated_from: str | None = None
     # Until when a rotated device's old key may still drain its mailbox.
     drain_until_ms: int | None = None
+    # Where its mailbox lives (SPEC §19; None without regions), and the home it last moved
+    # from, and when (relays move mail still waiting there).
+    home_region: str | None = None
+    former_region: str | None = None
+    moved_at_ms: int | None = None
 
     @property
     def revoked(self) -> bool:
@@ -46,7 +51,8 @@ class DeviceRecord:
                 "peer_version": self.peer_version, "acked_version": self.acked_version,
                 "behind": self.behind, "groups": list(self.groups),
                 "rotated_to": self.rotated_to, "rotated_from": self.rotated_from,
-                "drain_until_ms": self.drain_until_ms}
+                "drain_until_ms": self.drain_until_ms, "home_region": self.home_region,
+                "former_region": self.former_region, "moved_at_ms": self.moved_at_ms}
 
 
 @dataclass(frozen=True)
@@ -122,3 +128,7 @@ class AccessSnapshot:
     revoked: frozenset[str]
     groups: Mapping[str, frozenset[str]]
     draining: Mapping[str, int] = field(default_factory=dict)
+    # With regions (SPEC §19): the home of every enrolled and draining key, and the former
+    # home of enrolled keys that moved within the drain window.
+    homes: Mapping[str, str] = field(default_factory=dict)
+    former: Mapping[str, str] = field(default_factory=dict)

@@ -25,16 +25,17 @@ from . import audit
 from .audit import SYSTEM, Actor
 from .db import Connection, Database
 from .device_search import DeviceQuery, like_pattern
-from .errors import Conflict, NotFound
+from .errors import Conflict, InvalidInput, NotFound
 from .pagination import Page, decode_cursor, encode_cursor
 from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_peer_text
+from .regions import Regions
 from .records import (AccessSnapshot, DeviceCounts, DeviceRecord, GroupRecord, GroupRef,
                       PendingPush, PushStatus)
 from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("d.key, d.name, d.tags, d.enrolled_at_ms, d.revoked_at_ms, d.last_seen_ms,"
                    " d.peer_version, d.acked_version, d.rotated_to, d.rotated_from,"
-                   " d.drain_until_ms")
+                   " d.drain_until_ms, d.home_region, d.former_region, d.moved_at_ms")
 # SQLite allows 32,766 parameters a statement; a page's keys stay far below it.
 _MAX_KEYS_PER_QUERY = 1000
 
@@ -42,9 +43,39 @@ _MAX_KEYS_PER_QUERY = 1000
 class Registry:
     """All reads and writes of the oracle's data; `on_change` wakes the pusher and long-polls."""
 
-    def __init__(self, db: Database, on_change: Callable[[], None]) -> None:
+    def __init__(self, db: Database, on_change: Callable[[], None],
+                 regions: Regions | None = None) -> None:
         self.db = db
         self._on_change = on_change
+        self.regions = regions
+
+    async def assign_homes(self) -> int:
+        """At start, with regions: home every device that has none (enrolled before regions
+        were configured) in the oracle's own region; Conflict if a device is homed in a
+        region this oracle does not have (move it, or configure that region).  Returns
+        how many were assigned."""
+        regions = self.regions
+        if regions is None:
+            return 0
+        rows = await self.db.fetch(
+            "SELECT DISTINCT home_region FROM devices WHERE home_region IS NOT NULL"
+            " UNION SELECT DISTINCT former_region FROM devices WHERE former_region IS NOT NULL")
+        unknown = sorted({row["home_region"] for row in rows} - set(regions.names))
+        if unknown:
+            raise Conflict(f"devices are homed in (or moving from) region(s)"
+                             f" {', '.join(unknown)}, which this oracle does not have: add them"
+                             " with --other-region (moving their devices elsewhere first)")
+        async with self.db.transaction() as conn:
+            assigned = await conn.fetch("UPDATE devices SET home_region = $1"
+                                        " WHERE home_region IS NULL RETURNING key",
+                                        regions.default)
+            if assigned:
+                await self._bump_access_list(conn)
+                await audit.record(conn, SYSTEM, "devices.home.assign", regions.default,
+                                   devices=len(assigned))
+        if assigned:
+            self._on_change()
+        return len(assigned)
 
     # -- devices ---------------------------------------------------------------
 
@@ -86,18 +117,21 @@ class Registry:
         return self._device(row, await self._group_names_by_device(conn, [key]))
 
     async def enroll(self, key: object, name: object, tags: object = (),
-                     actor: Actor = SYSTEM) -> DeviceRecord:
+                     actor: Actor = SYSTEM, region: object = None) -> DeviceRecord:
+        """Enroll a key; with regions its home is `region`, else the oracle's own region."""
         key_text, name_text = parse_key(key), parse_name(name, "device name")
         tag_list = parse_tags(list(tags) if isinstance(tags, tuple) else tags)
+        home = self._home(region)
         async with self.db.transaction() as conn:
             if await conn.fetchrow("SELECT key FROM devices WHERE key = $1", key_text):
                 raise Conflict(f"device {key_text} is already enrolled")
             await conn.execute(
-                "INSERT INTO devices (key, name, tags, enrolled_at_ms) VALUES ($1, $2, $3, $4)",
-                key_text, name_text, " ".join(tag_list), now_ms())
+                "INSERT INTO devices (key, name, tags, enrolled_at_ms, home_region)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                key_text, name_text, " ".join(tag_list), now_ms(), home)
             await self._bump_access_list(conn)
             await audit.record(conn, actor, "device.enroll", key_text, name=name_text,
-                               tags=list(tag_list))
+                               tags=list(tag_list), **({"region": home} if home else {}))
         self._on_change()
         return await self.get_device(key_text)
 
@@ -185,9 +219,11 @@ class Registry:
             now = now_ms()
             await conn.execute(
                 "INSERT INTO devices (key, name, tags, enrolled_at_ms, peer_version,"
-                " acked_version, rotated_from, oracle_key)"
-                " SELECT $1, name, tags, $2, peer_version, acked_version, key, oracle_key"
-                " FROM devices WHERE key = $3", new, now, old)
+                " acked_version, rotated_from, oracle_key, home_region, former_region,"
+                " moved_at_ms)"
+                " SELECT $1, name, tags, $2, peer_version, acked_version, key, oracle_key,"
+                " home_region, former_region, moved_at_ms FROM devices WHERE key = $3",
+                new, now, old)
             await conn.execute(
                 "INSERT INTO memberships (group_id, device_key)"
                 " SELECT group_id, $1 FROM memberships WHERE device_key = $2", new, old)
@@ -202,6 +238,68 @@ class Registry:
             record = await self._device_in(conn, new)
         self._on_change()
         return record
+
+    async def move_device(self, key: str, region: object, actor: Actor = SYSTEM) -> DeviceRecord:
+        """Make `region` the home of an active device: its mailbox lives there from the next
+        access list on, and relays move what waits in the one it leaves (SPEC §19)."""
+        home = self._home(region, required=True)
+        device = await self.get_device(key)
+        if device.revoked:
+            raise Conflict(f"device {key} is revoked: nothing is delivered to it any more")
+        if device.home_region == home:
+            return device
+        async with self.db.transaction() as conn:
+            await self._move(conn, [device], home, actor)
+            await self._bump_access_list(conn)
+        self._on_change()
+        return await self.get_device(key)
+
+    async def move_group(self, group_id: str, region: object,
+                         actor: Actor = SYSTEM) -> tuple[GroupRecord, int]:
+        """Move every active member of a group to `region`, in one change; the group and how
+        many devices moved (members already there stay as they are)."""
+        home = self._home(region, required=True)
+        group = await self.get_group(group_id)
+        async with self.db.transaction() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_DEVICE_COLUMNS} FROM devices d JOIN memberships m"
+                " ON m.device_key = d.key WHERE m.group_id = $1 AND d.revoked_at_ms IS NULL"
+                " AND (d.home_region IS NULL OR d.home_region <> $2) ORDER BY d.key",
+                group_id, home)
+            devices = [self._device(row, {}) for row in rows]
+            await self._move(conn, devices, home, actor)
+            if devices:
+                await self._bump_access_list(conn)
+            await audit.record(conn, actor, "group.move", group_id, group=group.name,
+                               region=home, moved=len(devices))
+        if devices:
+            self._on_change()
+        return await self.get_group(group_id), len(devices)
+
+    async def _move(self, conn: Connection, devices: list[DeviceRecord], home: str,
+                    actor: Actor) -> None:
+        """Re-home `devices`, each remembering where it came from (and when), audited.
+
+        A device moved again before mail in its former home was moved keeps only the
+        latest former home: what waits in an earlier one expires there, its senders told.
+        """
+        now = now_ms()
+        for device in devices:
+            await conn.execute(
+                "UPDATE devices SET former_region = home_region, home_region = $1,"
+                " moved_at_ms = $2 WHERE key = $3", home, now, device.key)
+            await audit.record(conn, actor, "device.move", device.key,
+                               **{"from": device.home_region, "to": home})
+
+    def _home(self, region: object, required: bool = False) -> str | None:
+        """The region named (checked), else the oracle's own; None without regions."""
+        if self.regions is None:
+            if region is not None or required:
+                raise InvalidInput("this oracle has no regions (start it with --region)")
+            return None
+        if region is None and required:
+            raise InvalidInput(f"region is required: one of {', '.join(self.regions.names)}")
+        return self.regions.default if region is None else self.regions.parse(region)
 
     async def unaware_of_oracle_key(self, oracle_key: str, limit: int = 100) -> list[str]:
         """Active devices that have not confirmed following the oracle to `oracle_key`."""
@@ -401,13 +499,24 @@ class Registry:
         """Everything the access list says, read once per change (the publisher caches it)."""
         async with self.db.transaction() as conn:  # one consistent view of stamp, keys and groups
             state = await conn.fetchrow("SELECT epoch, version FROM access_list_state WHERE id = 1")
-            rows = await conn.fetch("SELECT key, revoked_at_ms, drain_until_ms FROM devices")
+            rows = await conn.fetch("SELECT key, revoked_at_ms, drain_until_ms, home_region,"
+                                    " former_region, moved_at_ms FROM devices")
             memberships = await conn.fetch("SELECT group_id, device_key FROM memberships")
         assert state is not None
         now = now_ms()
         enrolled = frozenset(r["key"] for r in rows if r["revoked_at_ms"] is None)
         draining = {r["key"]: int(r["drain_until_ms"]) for r in rows
                     if r["revoked_at_ms"] is not None and (r["drain_until_ms"] or 0) > now}
+        homes: dict[str, str] = {}
+        former: dict[str, str] = {}
+        if self.regions is not None:
+            placed = enrolled | draining.keys()
+            homes = {r["key"]: r["home_region"] or self.regions.default for r in rows
+                     if r["key"] in placed}
+            former = {r["key"]: r["former_region"] for r in rows
+                      if r["key"] in enrolled and r["former_region"]
+                      and r["former_region"] != homes[r["key"]]
+                      and (r["moved_at_ms"] or 0) + self.regions.move_drain_ms > now}
         groups: dict[str, set[str]] = {}
         for row in memberships:
             if row["device_key"] in enrolled:
@@ -416,7 +525,7 @@ class Registry:
             int(state["epoch"]), int(state["version"]), enrolled,
             frozenset(r["key"] for r in rows
                       if r["revoked_at_ms"] is not None and r["key"] not in draining),
-            {key: frozenset(ids) for key, ids in groups.items()}, draining)
+            {key: frozenset(ids) for key, ids in groups.items()}, draining, homes, former)
 
     async def access_version(self) -> int:
         return int(await self.db.fetchval("SELECT version FROM access_list_state WHERE id = 1"))
@@ -520,7 +629,8 @@ class Registry:
                             row["enrolled_at_ms"], row["revoked_at_ms"], row["last_seen_ms"],
                             row["peer_version"], row["acked_version"],
                             tuple(groups.get(row["key"], ())), row["rotated_to"],
-                            row["rotated_from"], row["drain_until_ms"])
+                            row["rotated_from"], row["drain_until_ms"], row["home_region"],
+                            row["former_region"], row["moved_at_ms"])
 
 
 def _placeholders(count: int) -> str:

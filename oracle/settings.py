@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from proto import PublicKey
 from proto.errors import ProtocolError
 from runtime.client_address import Network, are_networks, parse_networks
+from proto.regions import MAX_REGIONS, is_region_name
 from runtime.settings import describe, load_settings, repeatable
+
+from .regions import Regions
 from runtime.tls import server_context
 
 ENV_PREFIX = "CONTINUUM_ORACLE_"
@@ -73,6 +76,21 @@ class OracleSettings:
     tls_cert: str = ""
     tls_key: str = ""
     log_level: str = "info"
+    # One worldwide network (SPEC §19): this oracle's region (where the relays it pushes
+    # through are: the home of new devices and of its own key) and every other region.
+    # Empty: no regions, and relays treat every key as local.
+    region: str = ""
+    other_regions: tuple[str, ...] = repeatable("other-region", "region name")
+    # After a device's home moves, how long the access list names its former home, so relays
+    # move the mail waiting there: the longest TTL relays accept plus their clock window.
+    home_move_drain_s: int = 7 * 24 * 3600 + 600
+
+    def regions(self) -> Regions | None:
+        """The network's regions, or None when this oracle has none configured."""
+        if not self.region:
+            return None
+        return Regions(self.region, tuple(sorted({self.region, *self.other_regions})),
+                       self.home_move_drain_s * 1000)
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server TLS context, built from the PEM files; None for plain http://."""
@@ -103,6 +121,17 @@ class OracleSettings:
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
             ("relay_keys must be public keys (cpk_…)", all(map(_is_public_key, self.relay_keys))),
+            ("region and other_regions must be region names (a lower-case letter, then"
+             " lower-case letters, digits or '-', at most 32)",
+             all(map(is_region_name, (self.region, *self.other_regions)))
+             if self.region else True),
+            ("other_regions need region (this oracle's own)",
+             bool(self.region) or not self.other_regions),
+            ("other_regions must name each region once, not this oracle's own",
+             len(set(self.other_regions)) == len(self.other_regions)
+             and self.region not in self.other_regions),
+            (f"at most {MAX_REGIONS} regions", len(self.other_regions) < MAX_REGIONS),
+            ("home_move_drain_s must be >= 0", self.home_move_drain_s >= 0),
         ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

@@ -59,4 +59,5 @@ def render(name: str, request: web.Request, title: str, context: dict[str, Any],
     return aiohttp_jinja2.render_template(name, request, {
         "title": title, "section": section, "main_class": main_class, "principal": principal,
         "csrf": (principal.csrf_token if principal else None) or "",
-        "oracle_key": request.app[ORACLE_KEY].identity.public.text, **context}, status=status)
+        "oracle_key": request.app[ORACLE_KEY].identity.public.text,
+        "regions": request.app[ORACLE_KEY].registry.regions, **context}, status=status)

@@ -35,6 +35,20 @@ oracle key follows it forward.  The short form is the one used while both are
 empty (a list has one encoding, and relays that predate rotation read it), so
 the long form with both empty is refused.
 
+In a network of several regions (SPEC §19) the list also says where each
+mailbox lives: twelve elements,
+
+    [..., revoked, draining, oracle_chain, regions[name…], default_home, signature]
+
+with `regions` the sorted region names, each enrolled entry
+`[key, groups, home]` or, for a while after its home moved,
+`[key, groups, home, former_home]`, each draining entry `[key, until_ms, home]`
+(homes are indexes into `regions`), and `default_home` the home of every key
+the list does not place (the oracle's own key, keys not enrolled).  A relay
+from before regions finds twelve elements and refuses the list (MALFORMED)
+rather than deliver from the wrong store; a list without regions keeps its
+eight- or ten-element form, byte for byte.
+
 Relay request (the `Authorization` header of `GET /v1/access-list`):
 
     "Continuum-Relay " ‖ base64url(canonical CBOR of
@@ -60,6 +74,7 @@ from .canonical import uint63
 from .errors import (DecodeError, InvalidFieldError, SignatureError, StaleError,
                      UnauthenticatedError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
+from .regions import MAX_REGIONS, region_name
 from .rotation import OracleKeyChain
 
 ACCESS_LIST_DOMAIN = b"continuum/v1/access-list\x00"
@@ -79,6 +94,7 @@ MAX_GROUP_NUMBER = 2**32 - 1
 _MAX_REQUEST_BYTES = 256
 _LIST_FIELDS = 8
 _ROTATED_LIST_FIELDS = 10
+_REGIONS_LIST_FIELDS = 12
 _FIELDS_BEFORE_EXPIRY = (7, 9)
 _REQUEST_FIELDS = 5
 
@@ -122,14 +138,20 @@ def _revoked(value: object) -> frozenset[PublicKey]:
     return frozenset(keys)
 
 
-def _enrolled(value: object) -> dict[PublicKey, frozenset[int]]:
+def _enrolled(value: object, regions: tuple[str, ...] = ()
+              ) -> tuple[dict[PublicKey, frozenset[int]], dict[PublicKey, str],
+                         dict[PublicKey, str]]:
+    """Groups of each enrolled key; with `regions`, also each key's home and former home."""
+    shape = "[key, groups, home] or [key, groups, home, former_home]" if regions else "[key, groups]"
     if type(value) is not list:
-        raise InvalidFieldError("access list enrolled must be a list of [key, groups]")
+        raise InvalidFieldError(f"access list enrolled must be a list of {shape}")
     entries: dict[PublicKey, frozenset[int]] = {}
+    homes: dict[PublicKey, str] = {}
+    former: dict[PublicKey, str] = {}
     keys = []
     for item in value:
-        if type(item) is not list or len(item) != 2:
-            raise InvalidFieldError("access list enrolled entries must be [key, groups]")
+        if type(item) is not list or len(item) not in ((3, 4) if regions else (2,)):
+            raise InvalidFieldError(f"access list enrolled entries must be {shape}")
         key, groups = _key(item[0], "access list enrolled"), item[1]
         if type(groups) is not list or any(
                 type(g) is not int or not 0 <= g <= MAX_GROUP_NUMBER for g in groups):
@@ -138,21 +160,48 @@ def _enrolled(value: object) -> dict[PublicKey, frozenset[int]]:
         _sorted_unique(groups, "access list groups of a key")
         keys.append(key)
         entries[key] = frozenset(groups)
+        if regions:
+            homes[key] = _region_at(item[2], regions, "home")
+            if len(item) == 4:
+                former[key] = _region_at(item[3], regions, "former home")
+                if former[key] == homes[key]:
+                    raise InvalidFieldError("a key's former home is not its home")
     _sorted_unique(keys, "access list enrolled keys")
-    return entries
+    return entries, homes, former
+
+
+def _region_at(value: object, regions: tuple[str, ...], what: str) -> str:
+    if type(value) is not int or not 0 <= value < len(regions):
+        raise InvalidFieldError(f"access list {what} must index the list's regions"
+                                f" (0..{len(regions) - 1})")
+    return regions[value]
+
+
+def _regions(value: object) -> tuple[str, ...]:
+    if type(value) is not list or not 1 <= len(value) <= MAX_REGIONS:
+        raise InvalidFieldError(f"access list regions must be a list of 1..{MAX_REGIONS} names")
+    names = [region_name(item, "access list region") for item in value]
+    _sorted_unique(names, "access list regions")
+    return tuple(names)
 
 
 def _draining(value: object, enrolled: Mapping[PublicKey, frozenset[int]],
-              revoked: frozenset[PublicKey]) -> Mapping[PublicKey, int]:
+              revoked: frozenset[PublicKey], regions: tuple[str, ...] = (),
+              homes: dict[PublicKey, str] | None = None) -> Mapping[PublicKey, int]:
+    """Drain deadline of each draining key; with `regions` each one's home goes into `homes`."""
+    shape = "[key, until_ms, home]" if regions else "[key, until_ms]"
     if type(value) is not list:
-        raise InvalidFieldError("access list draining must be a list of [key, until_ms]")
+        raise InvalidFieldError(f"access list draining must be a list of {shape}")
     keys, entries = [], {}
     for item in value:
-        if type(item) is not list or len(item) != 2:
-            raise InvalidFieldError("access list draining entries must be [key, until_ms]")
+        if type(item) is not list or len(item) != (3 if regions else 2):
+            raise InvalidFieldError(f"access list draining entries must be {shape}")
         key = _key(item[0], "access list draining")
         keys.append(key)
         entries[key] = uint63(item[1], "access list draining until_ms")
+        if regions:
+            assert homes is not None
+            homes[key] = _region_at(item[2], regions, "draining home")
     _sorted_unique(keys, "access list draining keys")
     if any(key in enrolled or key in revoked for key in entries):
         raise InvalidFieldError("a draining key is neither enrolled nor revoked")
@@ -160,6 +209,7 @@ def _draining(value: object, enrolled: Mapping[PublicKey, frozenset[int]],
 
 
 _NOTHING_DRAINING: Mapping[PublicKey, int] = MappingProxyType({})
+_NOWHERE: Mapping[PublicKey, str] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -173,6 +223,12 @@ class AccessList:
     `draining` maps the old key of each rotated device to the time (Unix ms) until
     which it may still fetch its mailbox and nothing else; `oracle_chain` is how
     the oracle's key got to `oracle` (SPEC §15).
+
+    With `regions` (SPEC §19) the list places every mailbox: `homes` names the
+    home region of each enrolled and draining key, `former_homes` the region an
+    enrolled key's mailbox moved away from (while its mail there is still to be
+    moved), and `default_home` the home of every other key.  Without regions
+    every key is local to whichever relay serves it.
     """
 
     epoch: int
@@ -184,6 +240,10 @@ class AccessList:
     revoked: frozenset[PublicKey]
     draining: Mapping[PublicKey, int] = field(default_factory=lambda: _NOTHING_DRAINING)
     oracle_chain: OracleKeyChain = field(default=OracleKeyChain())
+    regions: tuple[str, ...] = ()
+    homes: Mapping[PublicKey, str] = field(default_factory=lambda: _NOWHERE)
+    former_homes: Mapping[PublicKey, str] = field(default_factory=lambda: _NOWHERE)
+    default_home: str | None = None
 
     @property
     def stamp(self) -> Stamp:
@@ -230,15 +290,50 @@ class AccessList:
         mine, theirs = self.groups.get(sender), self.groups.get(recipient)
         return mine is not None and theirs is not None and not mine.isdisjoint(theirs)
 
+    def home_of(self, key: PublicKey) -> str | None:
+        """The region whose store holds `key`'s mailbox; None when the list has no regions."""
+        return self.homes.get(key, self.default_home)
+
     def _body(self) -> list:
         # Sorted by raw bytes (the same order as PublicKey's, without 10,000s of __lt__ calls).
-        enrolled = sorted((key.raw, sorted(groups)) for key, groups in self.groups.items())
+        if not self.regions:
+            enrolled = sorted([key.raw, sorted(groups)] for key, groups in self.groups.items())
+            draining = sorted([key.raw, until] for key, until in self.draining.items())
+        else:
+            index = {name: number for number, name in enumerate(self.regions)}
+            enrolled = sorted(
+                [key.raw, sorted(groups), index[self.homes[key]],
+                 *([index[self.former_homes[key]]] if key in self.former_homes else [])]
+                for key, groups in self.groups.items())
+            draining = sorted([key.raw, until, index[self.homes[key]]]
+                              for key, until in self.draining.items())
         body = [self.epoch, self.version, self.issued_at_ms, self.valid_until_ms, self.oracle.raw,
-                [list(entry) for entry in enrolled], sorted(key.raw for key in self.revoked)]
-        if self.draining or self.oracle_chain.links:
-            body += [sorted([key.raw, until] for key, until in self.draining.items()),
-                     self.oracle_chain.to_value()]
+                enrolled, sorted(key.raw for key in self.revoked)]
+        if self.regions:
+            assert self.default_home is not None
+            body += [draining, self.oracle_chain.to_value(), list(self.regions),
+                     self.regions.index(self.default_home)]
+        elif self.draining or self.oracle_chain.links:
+            body += [draining, self.oracle_chain.to_value()]
         return body
+
+    def _check_regions(self) -> None:
+        """Refuse to sign a list whose placement of mailboxes its own fields cannot say."""
+        if not self.regions:
+            if self.homes or self.former_homes or self.default_home is not None:
+                raise InvalidFieldError("homes need the list's regions")
+            return
+        _regions(list(self.regions))
+        if self.default_home not in self.regions:
+            raise InvalidFieldError("the default home must be one of the list's regions")
+        placed = set(self.groups) | set(self.draining)
+        if set(self.homes) != placed or any(r not in self.regions for r in self.homes.values()):
+            raise InvalidFieldError("every enrolled and draining key needs a home among the"
+                                    " list's regions, and only they")
+        for key, former in self.former_homes.items():
+            if key not in self.groups or former not in self.regions or former == self.homes[key]:
+                raise InvalidFieldError("a former home belongs to an enrolled key, is one of"
+                                        " the list's regions and is not its home")
 
     def sign(self, identity: Identity) -> bytes:
         """The signed wire form; `identity` must be the oracle named in the list."""
@@ -249,6 +344,7 @@ class AccessList:
         chain_end = self.oracle_chain.current
         if chain_end is not None and chain_end != self.oracle:
             raise InvalidFieldError("the oracle key chain must end at the list's oracle")
+        self._check_regions()
         body = self._body()
         return canonical.encode([*body, identity.sign(ACCESS_LIST_DOMAIN + canonical.encode(body))])
 
@@ -260,9 +356,10 @@ class AccessList:
         if type(value) is list and len(value) in _FIELDS_BEFORE_EXPIRY:
             raise DecodeError("access list without valid_until_ms (from an oracle older than"
                               " this relay): refused, it could be any age")
-        if type(value) is not list or len(value) not in (_LIST_FIELDS, _ROTATED_LIST_FIELDS):
-            raise DecodeError(f"access list must be a CBOR array of {_LIST_FIELDS} or"
-                              f" {_ROTATED_LIST_FIELDS} elements")
+        if type(value) is not list or len(value) not in (_LIST_FIELDS, _ROTATED_LIST_FIELDS,
+                                                         _REGIONS_LIST_FIELDS):
+            raise DecodeError(f"access list must be a CBOR array of {_LIST_FIELDS},"
+                              f" {_ROTATED_LIST_FIELDS} or {_REGIONS_LIST_FIELDS} elements")
         epoch, version, issued_at, valid_until, key, enrolled, revoked = value[:7]
         signature = value[-1]
         for name, number in (("epoch", epoch), ("version", version), ("issued_at", issued_at),
@@ -276,22 +373,29 @@ class AccessList:
             raise InvalidFieldError("access list signature must be 64 bytes")
         signer = PublicKey(key)
         chain = OracleKeyChain()
-        if len(value) == _ROTATED_LIST_FIELDS:
+        if len(value) > _LIST_FIELDS:
             chain = OracleKeyChain.from_value(value[8])
             if chain.current is not None and chain.current != signer:
                 raise InvalidFieldError("the oracle key chain must end at the list's oracle")
         if signer != oracle and not chain.introduces(oracle, signer):
             raise SignatureError("access list names another oracle")
         signer.verify(ACCESS_LIST_DOMAIN + canonical.encode(value[:-1]), signature)
-        groups, revoked_keys = _enrolled(enrolled), _revoked(revoked)
+        regions: tuple[str, ...] = ()
+        default_home = None
+        if len(value) == _REGIONS_LIST_FIELDS:
+            regions = _regions(value[9])
+            default_home = _region_at(value[10], regions, "default home")
+        groups, homes, former = _enrolled(enrolled, regions)
+        revoked_keys = _revoked(revoked)
         draining = _NOTHING_DRAINING
-        if len(value) == _ROTATED_LIST_FIELDS:
-            draining = _draining(value[7], groups, revoked_keys)
-            if not draining and not chain.links:
+        if len(value) > _LIST_FIELDS:
+            draining = _draining(value[7], groups, revoked_keys, regions, homes)
+            if len(value) == _ROTATED_LIST_FIELDS and not draining and not chain.links:
                 raise InvalidFieldError("an access list without draining keys or oracle key"
                                         f" changes has {_LIST_FIELDS} elements")
         return cls(epoch, version, issued_at, valid_until, signer, groups, revoked_keys, draining,
-                   chain)
+                   chain, regions, MappingProxyType(homes) if homes else _NOWHERE,
+                   MappingProxyType(former) if former else _NOWHERE, default_home)
 
 
 @dataclass(frozen=True)

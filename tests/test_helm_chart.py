@@ -127,6 +127,9 @@ def test_rendered_manifests_wire_relays_to_one_store(values_file: str) -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     expected_store = (values["redis"]["externalUrl"] if not values["redis"]["enabled"]
                       else "redis://test-continuum-redis:6379/0")
+    if values["regions"]["name"] and not values["redis"]["enabled"]:  # its URL has a password
+        assert "CONTINUUM_STORE" not in config
+        config = {**config, **find(docs, "Secret", "test-continuum-regions")["stringData"]}
     assert config["CONTINUUM_STORE"] == expected_store
     assert all(name.startswith("CONTINUUM_") for name in config)
 
@@ -366,6 +369,13 @@ def schema_errors(values: dict[str, Any]) -> list[str]:
     {"relay": {"accessListExpired": "ignore"}},
     {"relay": {"settings": {"CONTINUUM_ACCESS_LIST_EXPIRED": "alarm"}}},  # chart-managed
     {"oracle": {"settings": {"CONTINUUM_ORACLE_TLS_CERT": "/x.crt"}}},  # chart-managed
+    {"regions": {"others": ["us"]}},  # other regions need this one's name
+    {"regions": {"name": "EU"}},
+    {"regions": {"name": "eu", "others": ["us", "us"]}},
+    {"regions": {"name": "eu", "others": ["us"], "storeUrls": {"us": "memory"}}},
+    {"regions": {"name": "eu", "storeUrls": {"us": "redis://a,b"}}},  # one comma-separated list
+    {"relay": {"settings": {"CONTINUUM_REGION_STORES": "us=redis://x"}}},  # chart-managed
+    {"oracle": {"settings": {"CONTINUUM_ORACLE_REGION": "eu"}}},  # chart-managed
 ])
 def test_schema_refuses(override: dict[str, Any]) -> None:
     assert schema_errors(deep_merge(merged_values("values.yaml"), override))
@@ -478,3 +488,73 @@ def test_notes_name_the_tls_secrets_to_create() -> None:
     _, plain = render_with_notes("values.yaml", {"ingress": {"plaintext": True},
                                                  "oracle": {"tls": {"enabled": False}}})
     assert "WARNING: ingress.plaintext" in plain and "test-continuum-oracle-tls" not in plain
+
+
+# --- one worldwide network: the region map -------------------------------------------------
+
+
+def regions_secret(docs: list[dict[str, Any]]) -> dict[str, str]:
+    secret = find(docs, "Secret", "test-continuum-regions")
+    assert secret is not None
+    return secret["stringData"]
+
+
+@pytest.mark.parametrize("region, other", [("eu", "us"), ("us", "eu")])
+def test_each_region_reaches_every_regions_store_through_a_secret(region: str,
+                                                                  other: str) -> None:
+    """values-eu/us: the relays know their region, find every other region's Redis URL
+    (TLS, a password) in a Secret, never in the ConfigMap, and those settings are ones the
+    relay itself accepts (its own parser), with the passwords masked in its start-up log."""
+    from continuum.settings import Settings
+    docs = render(f"values-{region}.yaml")
+    values = merged_values(f"values-{region}.yaml")
+    config, secret = relay_config(docs), regions_secret(docs)
+    assert config["CONTINUUM_REGION"] == region
+    assert not any("PASSWORD" in value for value in config.values())
+    assert secret["CONTINUUM_REGION_STORES"] == f"{other}={values['regions']['storeUrls'][other]}"
+    assert secret["CONTINUUM_STORE"] == values["redis"]["externalUrl"]
+    assert all(url.startswith("rediss://") for url in (
+        secret["CONTINUUM_STORE"], secret["CONTINUUM_REGION_STORES"].split("=", 1)[1]))
+    relay = find(docs, "Deployment", "test-continuum-relay")
+    sources = relay["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"secretRef": {"name": "test-continuum-regions"}} in sources
+    # (The example's oracle key is a placeholder the relay refuses: a real one instead.)
+    settings = Settings.from_sources([], {**config, **secret,
+                                          "CONTINUUM_ORACLE_KEY": ORACLE.public.text})
+    assert settings.region_store_urls() == {region: values["redis"]["externalUrl"],
+                                            other: values["regions"]["storeUrls"][other]}
+    assert "PASSWORD" not in json.dumps(settings.describe())
+
+
+def test_both_regions_name_the_same_redis_for_each_region() -> None:
+    """The EU relays reach the US Redis at the URL the US relays use, and the other way."""
+    eu, us = merged_values("values-eu.yaml"), merged_values("values-us.yaml")
+    assert eu["regions"]["storeUrls"]["us"] == us["redis"]["externalUrl"]
+    assert us["regions"]["storeUrls"]["eu"] == eu["redis"]["externalUrl"]
+
+
+def test_the_oracle_homes_devices_in_its_region_and_knows_the_others() -> None:
+    env = env_of(oracle_pod(render("values-eu.yaml"))["containers"][0])
+    assert env["CONTINUUM_ORACLE_REGION"]["value"] == "eu"
+    assert env["CONTINUUM_ORACLE_OTHER_REGIONS"]["value"] == "us"
+    plain = env_of(oracle_pod(render("values.yaml", ORACLE_KEYS))["containers"][0])
+    assert "CONTINUUM_ORACLE_REGION" not in plain
+
+
+def test_without_regions_nothing_about_them_is_rendered() -> None:
+    docs = render("values.yaml")
+    assert "CONTINUUM_REGION" not in relay_config(docs)
+    assert find(docs, "Secret", "test-continuum-regions") is None
+
+
+def test_an_existing_regions_secret_is_used_and_none_is_made() -> None:
+    docs = render("values-eu.yaml", {"regions": {"existingSecret": "my-region-stores"}})
+    assert find(docs, "Secret", "test-continuum-regions") is None
+    relay = find(docs, "Deployment", "test-continuum-relay")
+    assert {"secretRef": {"name": "my-region-stores"}} in \
+        relay["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+
+
+def test_a_region_without_a_store_url_does_not_render() -> None:
+    with pytest.raises(Exception, match="storeUrls.ap"):
+        render("values-eu.yaml", {"regions": {"others": ["us", "ap"]}})

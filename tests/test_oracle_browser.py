@@ -8,6 +8,7 @@ A missing browser fails the test with that instruction instead of skipping it si
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +34,20 @@ def _require_browser() -> None:
         import playwright.async_api  # noqa: F401
     except ImportError:
         pytest.fail("the playwright package is missing: run scripts/install-browser")
+
+
+async def logged_in_page(browser, oracle: OracleServer, username: str, password: str):
+    """A 1280x900 page logged in to `oracle`'s dashboard as `username`, on the device list,
+    accepting every confirm() the dashboard asks."""
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(10_000)
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.goto(oracle.url + "/login")
+    await page.fill("input[name=username]", username)
+    await page.fill("input[name=password]", password)
+    await page.click("button:has-text('Log in')")
+    await page.wait_for_selector("h2:has-text('Devices')")
+    return page
 
 
 async def test_dashboard_membership_change_reaches_the_device(start_relay, tmp_path) -> None:

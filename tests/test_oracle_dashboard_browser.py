@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 from oracle_support import oracle_settings
-from test_oracle_browser import CHROMIUM, CHROMIUM_ARGS, _require_browser
+from test_oracle_browser import CHROMIUM, CHROMIUM_ARGS, _require_browser, logged_in_page
 
 from oracle import OracleServer
 from oracle.dashboard import PAGE_SIZE
@@ -57,14 +57,7 @@ async def test_dashboard_pages_filters_device_page_and_audit_log(tmp_path: Path)
         password = await oracle.create_admin("alice")
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(10_000)
-            page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
-            await page.goto(oracle.url + "/login")
-            await page.fill("input[name=username]", "alice")
-            await page.fill("input[name=password]", password)
-            await page.click("button:has-text('Log in')")
-            await page.wait_for_selector("h2:has-text('Devices')")
+            page = await logged_in_page(browser, oracle, "alice", password)
             assert f"{DEVICES} devices" in await page.inner_text("p.summary")
 
             # Pagination: pages of PAGE_SIZE, in name order, each device exactly once.

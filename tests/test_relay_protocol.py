@@ -342,6 +342,16 @@ def test_revocation_sends_the_reason_and_closes() -> None:
     assert protocol.wake() is None
 
 
+def test_a_home_moved_to_another_region_closes_for_a_reconnect() -> None:
+    """SPEC §19: not the device's fault, so STORE_UNAVAILABLE and 1011, as for a store that
+    cannot be read: the device reconnects and is served from its new home."""
+    protocol = authenticated()
+    protocol.revoked(StoreUnavailableError("the mailbox moved from region eu to us: reconnect"))
+    assert error_codes(protocol) == [ErrorCode.STORE_UNAVAILABLE]
+    assert protocol.close is not None and protocol.close.code == CLOSE_INTERNAL_ERROR
+    assert protocol.wake() is None
+
+
 # -- budgets, faults and endings (issue "The relay holds under hostile load") -----------------
 
 def test_an_unknown_key_over_the_address_budget_is_refused_before_its_signature_is_checked(

@@ -81,6 +81,19 @@ def test_a_store_password_is_masked_when_described(store: str, shown: str) -> No
     (["--oracle-url", "http://o", "--oracle-key", "cpk_typo"], "oracle_key must be a cpk_"),
     (["--oracle-url", "https://o", "--oracle-key", ORACLE_KEY, "--oracle-ca-file",
       "/nonexistent/ca.pem"], "CA file /nonexistent/ca.pem"),
+    (["--region", "EU"], "region must be a region name"),
+    (["--region-store", "us=redis://h:1/0"], "region_stores need region"),
+    (["--region", "eu", "--store", "memory"], "store must be redis://"),
+    (["--region", "eu", "--store", "redis://h:1/0", "--region-store", "us"],
+     "region_stores must be REGION=URL"),
+    (["--region", "eu", "--store", "redis://h:1/0", "--region-store", "us=sqlite:///x"],
+     "region_stores must be REGION=URL"),
+    (["--region", "eu", "--store", "redis://h:1/0", "--region-store", "eu=redis://h:2/0"],
+     "not this relay's own"),
+    (["--region", "eu", "--store", "redis://h:1/0", "--region-store", "us=redis://h:2/0",
+      "--region-store", "us=redis://h:3/0"], "name each region once"),
+    (["--region", "eu", "--store", "redis://h:1/0", "--region-store",
+      "us=redis://h:2/0?no_such_option=1"], "store of region us: store URL option not understood"),
 ])
 def test_bad_start_up_values_are_one_line_and_exit_2(args: list[str], says: str) -> None:
     result = subprocess.run([sys.executable, "-m", "continuum", "--port", "0", *args],
@@ -88,3 +101,19 @@ def test_bad_start_up_values_are_one_line_and_exit_2(args: list[str], says: str)
     assert result.returncode == 2
     assert says in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("continuum: error:")
+
+
+def test_region_stores_come_from_flags_or_one_variable_with_passwords_masked() -> None:
+    env = {"CONTINUUM_REGION": "eu", "CONTINUUM_STORE": "rediss://:local-pw@eu:6380/0",
+           "CONTINUUM_REGION_STORES": "us=rediss://:us-pw@us:6380/0,ap=rediss://u:ap-pw@ap:1/0"}
+    settings = Settings.from_sources([], env)
+    assert settings.region_store_urls() == {"eu": "rediss://:local-pw@eu:6380/0",
+                                            "us": "rediss://:us-pw@us:6380/0",
+                                            "ap": "rediss://u:ap-pw@ap:1/0"}
+    shown = str(settings.describe())
+    assert not any(word in shown for word in ("local-pw", "us-pw", "ap-pw"))
+    assert "us=rediss://:***@us:6380/0" in shown and "ap=rediss://u:***@ap:1/0" in shown
+    flagged = Settings.from_sources(["--region-store", "ap=redis://other:1/0"], env)
+    assert flagged.region_store_urls()["ap"] == "redis://other:1/0"
+    assert "us" not in flagged.region_store_urls()  # a flag replaces the variable's list
+    assert Settings.from_sources([], {}).region_store_urls() == {}

@@ -124,6 +124,9 @@ async def test_ack_removes_exactly_one_entry_once(store: MailboxStore) -> None:
     assert await store.ack(bob.public, second.tag) is False
     assert await store.ack(alice.public, first.tag) is False  # another device's tag
     assert await store.ack(bob.public, "not-a-tag") is False
+    # Shaped like a Redis stream id but beyond 64 bits: refused as no entry, not as a store
+    # outage (a device names any tag it likes in an ACK).
+    assert await store.ack(bob.public, "9" * 20 + "-" + "9" * 20) is False
     assert [e.tag for e in await store.fetch(bob.public, None, 10)] == [first.tag, third.tag]
     assert await store.depth(bob.public) == 2
 
@@ -521,3 +524,16 @@ async def test_the_access_list_floor_is_shared_by_replicas(open_backend: OpenSto
     assert await second.access_list_floor() == Stamp(1_700_000_000_000, 3)
     assert await second.raise_access_list_floor(Stamp(1_700_000_000_000, 2)) == Stamp(
         1_700_000_000_000, 3)
+
+
+async def test_more_calls_in_flight_than_connections_wait_their_turn(redis_url: str) -> None:
+    """redis-py's default pool raised "Too many connections" (a store outage for the device)
+    beyond 100 calls in flight at once; they now wait for a free connection."""
+    store = open_store(redis_url + "&max_connections=4")
+    try:
+        alice, bob = Identity.generate(), Identity.generate()
+        await put(store, envelope(alice, [bob], b"x"))
+        depths = await asyncio.gather(*(store.depth(bob.public) for _ in range(300)))
+        assert depths == [1] * 300
+    finally:
+        await store.close()

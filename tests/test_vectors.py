@@ -505,3 +505,40 @@ def test_invalid_prekey_input_produces_its_error_code(vector: dict) -> None:
     with pytest.raises(ProtocolError) as caught:
         _run_invalid_prekey(vector)
     assert caught.value.code is ErrorCode[vector["error"]], caught.value.message
+
+
+REGIONS = load("regions")
+
+
+def test_regional_access_list() -> None:
+    """regions.json rebuilt from its fields with cbor2 and verified with libsodium: homes as
+    indexes into the sorted regions, a former home as a fourth element, the default last."""
+    vector = REGIONS["access_list"]
+    f, oracle_key = vector["fields"], H(KEYS[vector["oracle"]]["public_key"])
+    regions = f["regions"]
+    assert regions == sorted(set(regions))
+    index = {name: number for number, name in enumerate(regions)}
+    enrolled = [[H(e["key"]), e["groups"], index[e["home"]],
+                 *([index[e["former_home"]]] if "former_home" in e else [])]
+                for e in f["enrolled"]]
+    draining = [[H(e["key"]), e["until_ms"], index[e["home"]]] for e in f["draining"]]
+    body = [f["epoch"], f["version"], f["issued_at_ms"], f["valid_until_ms"], oracle_key,
+            enrolled, [H(k) for k in f["revoked"]], draining, f["oracle_chain"], regions,
+            index[f["default_home"]]]
+    assert H(vector["signed_bytes"]) == ACCESS_LIST_DOMAIN + cbor(body)
+    nacl.signing.VerifyKey(oracle_key).verify(H(vector["signed_bytes"]), H(vector["signature"]))
+    assert cbor([*body, H(vector["signature"])]) == H(vector["encoded"])
+
+    access = AccessList.verify(H(vector["encoded"]), PublicKey(oracle_key))
+    assert access.sign(identity(vector["oracle"])) == H(vector["encoded"])
+    for name, home in vector["homes"].items():
+        assert access.home_of(PublicKey(H(KEYS[name]["public_key"]))) == home, name
+    bob = PublicKey(H(KEYS["bob"]["public_key"]))
+    assert dict(access.former_homes) == {bob: "eu"}
+
+
+@pytest.mark.parametrize("vector", REGIONS["invalid"], ids=lambda v: v["name"])
+def test_invalid_regional_list_produces_its_error_code(vector: dict) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        AccessList.verify(H(vector["hex"]), PublicKey(H(KEYS["oracle"]["public_key"])))
+    assert caught.value.code is ErrorCode[vector["error"]], caught.value.message

@@ -15,7 +15,7 @@ recipients, and the byte budgets count each body once.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -86,9 +86,15 @@ class MailboxStore(ABC):
 
     @abstractmethod
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
-                     limits: MailboxLimits) -> None:
+                     limits: MailboxLimits,
+                     recipients: Sequence[PublicKey] | None = None) -> None:
         """Atomically remember (sender, msg_id) and append the envelope to each
         recipient's mailbox, or do nothing and raise.
+
+        `recipients` (a subset of the envelope's, all of them when None) are those
+        whose mailboxes live in this store: an envelope to devices homed in
+        several regions is stored once per region, each store taking its own
+        (SPEC §19).
 
         Raises ReplayError if (sender, msg_id) is still remembered,
         MailboxFullError if any recipient's mailbox is at its limit,

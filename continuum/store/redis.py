@@ -56,11 +56,11 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from redis.asyncio import Redis, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
@@ -91,7 +91,13 @@ CLAIM_LEASE_MS = 30_000
 # ping() writes this key; it expires by itself.
 _PROBE_TTL_MS = 10_000
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_MAX_STREAM_ID_PART = 2**64 - 1
 _TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+# Connections to one Redis (`?max_connections=` in the URL to change it).  Calls beyond
+# them wait for one to be free (up to the socket timeout) rather than fail: redis-py's
+# default pool raised "Too many connections", a store outage to the device, as soon as
+# more than 100 calls were in flight at once (many devices, or a roaming device's ACKs).
+DEFAULT_MAX_CONNECTIONS = 100
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
@@ -159,31 +165,62 @@ class RedisStore(MailboxStore):
             # not know fails here, at start, not as a TypeError on every first use.
             pubsub_client.connection_pool.make_connection()
             client = (RedisCluster.from_url(plain_url, **options) if cluster
-                      else Redis.from_url(plain_url, **options))
+                      else Redis.from_pool(BlockingConnectionPool.from_url(
+                          plain_url, **{"max_connections": DEFAULT_MAX_CONNECTIONS,
+                                        "timeout": _TIMEOUTS["socket_timeout"], **options})))
         except TypeError as exc:
             raise ValueError(f"store URL option not understood: {exc}") from None
         return cls(client, pubsub_client, prefix=prefix, cluster=cluster, durability=durability)
 
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
-                     limits: MailboxLimits) -> None:
-        recipients = [self._keys.mailbox(key) for key in envelope.recipient_keys]
+                     limits: MailboxLimits,
+                     recipients: Sequence[PublicKey] | None = None) -> None:
+        await self._store(envelope, self._keys.seen(envelope.sender, envelope.msg_id),
+                          recipients or envelope.recipient_keys, replay_until_ms, limits)
+
+    async def adopt(self, recipient: PublicKey, envelope: Envelope, *,
+                    limits: MailboxLimits) -> bool:
+        """Append `envelope` to `recipient`'s mailbox here, unless this store adopted it for
+        `recipient` before; True if appended now.
+
+        How mail follows a device whose home region moved (SPEC §19): a copy read
+        from the former home's store is adopted here, then removed there.  The
+        marker (sender, msg_id, recipient) lives until the envelope expires, so a
+        mover that dies between the two steps and runs again appends nothing twice,
+        even after the device acknowledged the first copy.  It is counted in the
+        budgets like any message; `limits` are the caller's to choose.
+        """
+        try:
+            await self._store(envelope, self._keys.moved(envelope.sender, envelope.msg_id,
+                                                         recipient),
+                              (recipient,), envelope.expires_at_ms + CLAIM_LEASE_MS, limits)
+        except ReplayError:
+            return False
+        return True
+
+    async def _store(self, envelope: Envelope, seen: str, recipient_keys: Sequence[PublicKey],
+                     replay_until_ms: int, limits: MailboxLimits) -> None:
+        """Store `envelope` for `recipient_keys` unless `seen` is taken; wake their devices."""
+        recipients = [self._keys.mailbox(key) for key in recipient_keys]
         nonce = os.urandom(16).hex()
         field = entry_field(envelope.sender, envelope.msg_id, nonce)
         if self._cluster:
-            await self._guard(self._accept_per_slot(envelope, recipients, field, nonce,
+            await self._guard(self._accept_per_slot(envelope, seen, recipients, field, nonce,
                                                     replay_until_ms, limits))
+            for mailbox in recipients:
+                await self._guard(self._client.publish(mailbox.channel, b""))
         else:
-            await self._guard(self._accept_in_one_script(envelope, recipients, field, nonce,
-                                                         replay_until_ms, limits))
-        for mailbox in recipients:
-            await self._guard(self._client.publish(mailbox.channel, b""))
+            await self._guard(self._accept_in_one_script(envelope, seen, recipients, field,
+                                                         nonce, replay_until_ms, limits))
 
-    async def _accept_in_one_script(self, envelope: Envelope, recipients: list[MailboxKeys],
-                                    field: str, nonce: str, replay_until_ms: int,
-                                    limits: MailboxLimits) -> None:
+    async def _accept_in_one_script(self, envelope: Envelope, seen: str,
+                                    recipients: list[MailboxKeys], field: str, nonce: str,
+                                    replay_until_ms: int, limits: MailboxLimits) -> None:
+        """The accept script, then the durability wait if any and the wake-ups, in one
+        pipeline: one round trip, which across regions is one WAN round trip (a wake-up
+        that follows a refusal is spurious, and harmless)."""
         size = len(envelope.raw)
-        keys = [self._keys.seen(envelope.sender, envelope.msg_id),
-                *self._keys.sender_keys(field), *self._keys.store_keys]
+        keys = [seen, *self._keys.sender_keys(field), *self._keys.store_keys]
         for mailbox in recipients:
             keys += mailbox.slot_keys
         args: list[Any] = [nonce, replay_until_ms, envelope.raw, envelope.sender.raw,
@@ -192,12 +229,14 @@ class RedisStore(MailboxStore):
                            limits.store_max_bytes, body_member(field, size)]
         for mailbox in recipients:
             args += [mailbox.recipient_hex, mailbox.index_member(field)]
+        wakes = [("PUBLISH", mailbox.channel, b"") for mailbox in recipients]
         if self._durability.waits:
-            outcome, waited = await self._then_wait(self._accept_all, keys, args)
+            outcome, waited, *_ = await self._script_then(
+                self._accept_all, keys, args, [self._durability.command(), *wakes])
             if outcome[0] in (0, 1):  # stored, or stored before: either way, durable?
                 self._durability.check(waited)
         else:
-            outcome = await self._accept_all(keys=keys, args=args)
+            outcome, *_ = await self._script_then(self._accept_all, keys, args, wakes)
         if outcome[0] == 1:
             raise ReplayError("message id already used by this sender")
         if outcome[0] == 2:
@@ -207,33 +246,36 @@ class RedisStore(MailboxStore):
         if outcome[0] == 4:
             raise _over_store_budget(limits)
 
-    async def _then_wait(self, script: AsyncScript, keys: list[str],
-                         args: list[Any]) -> tuple[Any, Any]:
-        """Run `script`, then the durability wait, down one connection (a pipeline).
+    async def _script_then(self, script: AsyncScript, keys: list[str], args: list[Any],
+                           commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run `script`, then `commands` (a durability wait, wake-ups), down one connection
+        (a pipeline); the replies in order, the script's first.
 
         WAIT counts only the writes of the connection it is sent on.  If the
         connection breaks, redis-py re-sends the whole pipeline on a new one,
         where the script writes again (scripts are safe to repeat), so the
         wait never vouches for writes it did not follow.
         """
-        outcome, waited = await self._script_and_wait(script, keys, args)
-        if isinstance(outcome, NoScriptError):  # e.g. a freshly promoted replica
+        replies = await self._pipeline_script(script, keys, args, commands)
+        if isinstance(replies[0], NoScriptError):  # e.g. a freshly promoted replica
             await self._client.script_load(script.script)
-            outcome, waited = await self._script_and_wait(script, keys, args)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome, waited
+            replies = await self._pipeline_script(script, keys, args, commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
-    async def _script_and_wait(self, script: AsyncScript, keys: list[str],
-                               args: list[Any]) -> list[Any]:
+    async def _pipeline_script(self, script: AsyncScript, keys: list[str], args: list[Any],
+                               commands: list[tuple[Any, ...]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.execute_command(*self._durability.command())
+            for command in commands:
+                pipe.execute_command(*command)
             return cast(list[Any], await pipe.execute(raise_on_error=False))
 
-    async def _accept_per_slot(self, envelope: Envelope, recipients: list[MailboxKeys],
-                               field: str, nonce: str, replay_until_ms: int,
-                               limits: MailboxLimits) -> None:
+    async def _accept_per_slot(self, envelope: Envelope, seen: str,
+                               recipients: list[MailboxKeys], field: str, nonce: str,
+                               replay_until_ms: int, limits: MailboxLimits) -> None:
         """Cluster: room check, store budget and index, replay key and body, appends;
         each refusal undoes the steps before it."""
         size = len(envelope.raw)
@@ -245,8 +287,7 @@ class RedisStore(MailboxStore):
         if not await self._reserve(keys=self._keys.store_keys, args=[
                 own_member, size, limits.store_max_bytes, envelope.expires_at_ms, *members]):
             raise _over_store_budget(limits)
-        sender_keys = [self._keys.seen(envelope.sender, envelope.msg_id),
-                       *self._keys.sender_keys(field)]
+        sender_keys = [seen, *self._keys.sender_keys(field)]
         try:
             claimed = await self._claim(keys=sender_keys, args=[
                 nonce, replay_until_ms, envelope.raw, limits.sender_max_bytes,
@@ -285,7 +326,7 @@ class RedisStore(MailboxStore):
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
-        start = f"({after}" if after is not None and _STREAM_ID.match(after) else "-"
+        start = f"({after}" if after is not None and _is_stream_id(after) else "-"
         log = self._keys.mailbox(recipient).log
         found: list[StoredMessage] = []
         while len(found) < limit:
@@ -316,7 +357,7 @@ class RedisStore(MailboxStore):
         return raws
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
-        if not _STREAM_ID.match(tag):
+        if not _is_stream_id(tag):
             return False
         mailbox = self._keys.mailbox(recipient)
         removed = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
@@ -446,6 +487,13 @@ class RedisStore(MailboxStore):
             return await call
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailableError(f"mailbox store unreachable: {exc}") from None
+
+
+def _is_stream_id(tag: str) -> bool:
+    """A tag Redis can take as a stream id: two numbers below 2^64.  A device's ACK names
+    any tag it likes; one Redis refuses must not pass for a store outage."""
+    return (_STREAM_ID.match(tag) is not None
+            and all(int(part) <= _MAX_STREAM_ID_PART for part in tag.split("-")))
 
 
 def _full(mailbox: MailboxKeys) -> MailboxFullError:

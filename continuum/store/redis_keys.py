@@ -102,6 +102,11 @@ class KeySpace:
     def seen(self, sender: PublicKey, msg_id: bytes) -> str:
         return f"{self.prefix}seen:{{{sender.raw.hex()}}}:{msg_id.hex()}"
 
+    def moved(self, sender: PublicKey, msg_id: bytes, recipient: PublicKey) -> str:
+        """Marks a message adopted for `recipient` from its former home region (SPEC §19):
+        in the sender's slot, where an accept's replay key would be."""
+        return f"{self.prefix}moved:{{{sender.raw.hex()}}}:{msg_id.hex()}:{recipient.raw.hex()}"
+
     def rate(self, sender: PublicKey) -> str:
         return f"{self.prefix}rate:{{{sender.raw.hex()}}}"
 

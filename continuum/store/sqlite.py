@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -193,9 +193,10 @@ class SqliteStore(MailboxStore):
                 self._db.execute("ROLLBACK")
 
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
-                     limits: MailboxLimits) -> None:
+                     limits: MailboxLimits,
+                     recipients: Sequence[PublicKey] | None = None) -> None:
         sender, size = envelope.sender.raw, len(envelope.raw)
-        recipients = [key.raw for key in envelope.recipient_keys]
+        mailboxes = [key.raw for key in recipients or envelope.recipient_keys]
 
         def work(db: sqlite3.Connection) -> None:
             try:
@@ -203,7 +204,7 @@ class SqliteStore(MailboxStore):
                            (sender, envelope.msg_id, replay_until_ms))
             except sqlite3.IntegrityError:
                 raise ReplayError("message id already used by this sender") from None
-            for recipient in recipients:  # raising here rolls the `seen` row back too
+            for recipient in mailboxes:  # raising here rolls the `seen` row back too
                 messages, total = self._sizes.get(recipient, (0, 0))
                 if messages + 1 > limits.max_messages or total + size > limits.max_bytes:
                     raise MailboxFullError(f"mailbox of {PublicKey(recipient).text} is full "
@@ -216,11 +217,11 @@ class SqliteStore(MailboxStore):
                  envelope.raw)).lastrowid
             db.executemany(
                 "INSERT INTO mailbox (recipient, body, sender, size) VALUES (?, ?, ?, ?)",
-                [(recipient, body, sender, size) for recipient in recipients])
+                [(recipient, body, sender, size) for recipient in mailboxes])
 
         self._transaction(work)
         self._count_body(sender, size)
-        for recipient in recipients:
+        for recipient in mailboxes:
             self._grow(recipient, 1, size)
             self._wakeups.wake(recipient)
 

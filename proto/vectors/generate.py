@@ -737,6 +737,10 @@ def stream_vectors() -> dict:
     """streams.json, built in its own module (SPEC §16)."""
     from .stream_vectors import stream_vectors as build_streams
     return build_streams()
+def region_vectors() -> dict:
+    """regions.json (SPEC §19), built in its own module like prekeys.json."""
+    from .region_vectors import region_vectors as build_regions
+    return build_regions()
 
 
 BUILDERS: dict[str, Callable[[], dict]] = {
@@ -749,6 +753,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "invalid": invalid_vectors,
     "prekeys": prekey_vectors,
     "streams": stream_vectors,
+    "regions": region_vectors,
 }
 
 def render(document: dict) -> str:

@@ -85,3 +85,15 @@ seccompProfile: {type: RuntimeDefault}
 allowPrivilegeEscalation: false
 capabilities: {drop: [ALL]}
 {{- end -}}
+
+{{/* With regions, the Secret holding every store URL the relays use (each may carry a
+password): the other regions' (CONTINUUM_REGION_STORES) and, for an external Redis,
+this region's own (CONTINUUM_STORE). */}}
+{{- define "continuum.regionsSecret" -}}
+{{- .Values.regions.existingSecret | default (printf "%s-regions" (include "continuum.fullname" .)) -}}
+{{- end -}}
+
+{{/* Whether this region's own store URL lives in that Secret rather than the ConfigMap. */}}
+{{- define "continuum.storeInSecret" -}}
+{{- if and .Values.regions.name (not .Values.redis.enabled) -}}true{{- end -}}
+{{- end -}}
