@@ -442,3 +442,54 @@ async def test_a_device_that_grants_credit_without_reading_gains_nothing(start_r
         assert "connection to its relay closed" in str(error)
         assert most <= (1 << 20) + (1 << 20)  # its pool and one credit frame's worth, at most
         TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_what_waits_between_replicas_is_bounded_by_the_receivers_pool(
+        start_relay, redis_url: str) -> None:
+    """bob, on the second of two replicas sharing a Redis, accepts 32 streams with 1 MiB
+    windows and reads nothing: the credit his relay passes on is bounded by his connection's
+    pool (4 MiB here), so that is all that can wait for him anywhere, in his relay and in
+    Redis's buffers for the replicas' subscriptions; nothing is stored in Redis."""
+    import redis.asyncio as aioredis
+
+    pool = 4 << 20
+    first = await start_relay(store=redis_url)
+    second = await start_relay(store=redis_url, stream_connection_window_bytes=pool,
+                               stream_open_burst=100, write_timeout_s=60.0)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with Device(alice, [first.url], PeerList([bob.public])) as a, \
+            await RawDevice.connect(second.url, bob) as raw:
+        await connected(a)
+        streams = []
+        for _ in range(32):
+            opening = asyncio.create_task(a.open_stream(bob.public, "x", timeout=10))
+            offer = await stream_frame(raw)
+            envelope = decode_envelope(offer.envelope)
+            sealed, _ = accept_open(bob, envelope, read_open(envelope, bob), now_ms=now_ms())
+            await raw.send_frame(StreamAccept(envelope.msg_id, 1 << 20, sealed.raw))
+            streams.append(await opening)
+
+        written = 0
+
+        async def flood(stream) -> None:
+            nonlocal written
+            with contextlib.suppress(StreamBrokenError):
+                while True:
+                    await stream.write(b"z" * 16384)
+                    written += 16384
+
+        writers = [asyncio.create_task(flood(s)) for s in streams]
+        await asyncio.sleep(3.0)  # long enough to pass on every credit bob's pool allows
+        [(_, session)] = [entry for entry in second.relay.streams._endpoints.values()
+                          if entry[0] == bob.public]
+        base = redis_url.split("/0?")[0]
+        async with aioredis.Redis.from_url(base) as client:
+            buffers = [c for c in await client.client_list(_type="pubsub")]
+            waiting_in_redis = sum(int(c["omem"]) for c in buffers)
+            keys = [k async for k in client.scan_iter(match=redis_url.split("prefix=")[1] + "*")]
+        for writer in writers:
+            writer.cancel()
+        assert 0 < written <= pool  # all the credit alice ever got, and she used it
+        assert session._ws.buffered_bytes() <= pool
+        assert waiting_in_redis <= pool
+        assert not [k for k in keys if b"stream" in k]  # pub/sub only: nothing stored

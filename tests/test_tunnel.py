@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import re
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,3 +267,59 @@ async def test_ssh_through_a_tunnel_to_a_private_sshd(tmp_path: Path, relays: Se
             assert lines[1].split()[0] == hashlib.sha256(payload).hexdigest()
         finally:
             tunnel.stop()
+
+
+def test_usage_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Bad targets, ports and listen addresses are refused before anything runs; a local
+    port already taken is refused when the tunnel cannot listen."""
+    from relay_process import free_port
+    home = tmp_path / "me"
+    key = run_cli(home, "keygen").stdout.strip()
+    dead = f"ws://127.0.0.1:{free_port()}/v1/connect"  # nothing listens: no relay needed
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    try:
+        for args, words in [
+            (("tunnel", "nokey"), "is not PEER:PORT"),
+            (("tunnel", f"{key}:http"), "is not PEER:PORT"),
+            (("tunnel", f"{key}:70000"), "is not a TCP port"),
+            (("tunnel", "cpk_bad:22"), "INVALID_FIELD"),
+            (("tunnel", f"{key}:22", "--listen", "nowhere"), "is not HOST:PORT"),
+            (("tunnel", f"{key}:22", "--listen", f"127.0.0.1:{busy}"), "cannot listen"),
+            (("tunnel", f"{key}:22", "--window", "10"), "--window"),
+            (("expose", "0"), "is not a TCP port"),
+            (("expose", "22", "--allow", "cpk_bad"), "INVALID_FIELD"),
+        ]:
+            result = run_cli(home, "--relay", dead, *args, timeout=30)
+            assert result.returncode == 2, (args, result.stderr)
+            assert words in result.stderr and len(result.stderr.splitlines()) <= 2, \
+                (args, result.stderr)
+    finally:
+        taken.close()
+
+
+async def test_a_burst_of_connections_beyond_the_bounds_on_opens_all_get_through(
+        tmp_path: Path, echo_server: int) -> None:
+    """20 connections at once through a relay that lets a device wait for 2 answers at a
+    time: the opens it refuses (STREAM_LIMIT) are retried, so each connection is carried."""
+    relay = await RelayProcess("--max-pending-streams-per-device", "2",
+                               log_path=tmp_path / "relay.log").start()
+    try:
+        tunnel = await start_tunnel(tmp_path, Setting(relay.url, relay.url), echo_server)
+        try:
+            async def one(i: int) -> bytes:
+                reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+                writer.write(f"connection {i}".encode())
+                writer.write_eof()
+                data = await asyncio.wait_for(reader.read(), 60)
+                writer.close()
+                return data
+
+            answers = await asyncio.gather(*(one(i) for i in range(20)))
+            assert answers == [f"connection {i}".encode() for i in range(20)]
+        finally:
+            tunnel.stop()
+    finally:
+        relay.stop()
