@@ -5,10 +5,12 @@ talk through a hand-carried list of frames, and the relay's part is played by th
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from client.stream_rules import DeviceStreams, Offered, State
 from proto import Kind, Limits, seal_envelope
-from proto.errors import ErrorCode, StreamBrokenError
+from proto.errors import ErrorCode, ProtocolError, StreamBrokenError
 from proto.frames import StreamAbort, StreamAccept, StreamCredit, StreamData, StreamFin, StreamOpen
 from proto.streams import OpenRequest
 from proto_support import ALICE, BOB, MALLORY
@@ -194,3 +196,33 @@ def test_no_credit_is_granted_after_the_peer_finished() -> None:
     while bob.read(theirs, 10_000):
         pass
     assert [f for f in bob.frames_to_send() if isinstance(f, StreamCredit)] == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["open", "accept", "data", "fin", "credit", "abort"]),
+                          st.booleans(), st.binary(max_size=80), st.integers(0, 2**32 - 1)),
+                max_size=12))
+def test_whatever_a_relay_sends_a_device_never_surfaces_data_it_did_not_seal(moves) -> None:
+    """Arbitrary stream frames from a hostile relay, for the open stream's id or another:
+    the device never raises out of `receive`, never hands the application a byte alice did
+    not send, and a broken stream stays broken."""
+    alice, mine, bob, theirs = pair(window=4096)
+    alice.write(mine, memoryview(b"genuine"), max_chunk=100)
+    carry(alice, bob, BOB)
+    for kind, ours, blob, number in moves:
+        TALLY[INPUTS_TRIED] += 1
+        sid = theirs.stream_id if ours else bytes(16)
+        frame = {"open": lambda: StreamOpen(number, blob),
+                 "accept": lambda: StreamAccept(sid, number, blob),
+                 "data": lambda: StreamData(sid, blob),
+                 "fin": lambda: StreamFin(sid, blob),
+                 "credit": lambda: StreamCredit(sid, max(1, number)),
+                 "abort": lambda: StreamAbort(sid, number, "x")}[kind]()
+        bob.receive(frame, BOB, now_ms=NOW, limits=LIMITS)
+    received = b""
+    try:
+        while data := bob.read(theirs, 1000):
+            received += data
+    except ProtocolError:
+        pass
+    assert received == b"genuine"

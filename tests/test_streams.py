@@ -493,3 +493,24 @@ async def test_what_waits_between_replicas_is_bounded_by_the_receivers_pool(
         assert session._ws.buffered_bytes() <= pool
         assert waiting_in_redis <= pool
         assert not [k for k in keys if b"stream" in k]  # pub/sub only: nothing stored
+
+
+async def test_a_stream_across_replicas_on_a_redis_cluster(start_relay,
+                                                           redis_cluster_url: str) -> None:
+    """With `cluster=true` the replicas publish one frame at a time (no pipeline across
+    nodes); the stream is the same."""
+    first, second = (await start_relay(store=redis_cluster_url),
+                     await start_relay(store=redis_cluster_url))
+    alice, bob = Identity.generate(), Identity.generate()
+    payload = os.urandom(512 * 1024)
+    async with Device(alice, [first.url], PeerList([bob.public])) as a, \
+            Device(bob, [second.url], PeerList([alice.public])) as b:
+        b.on_stream(echo)
+        await connected(a, b)
+        stream = await a.open_stream(bob.public, "echo", timeout=10)
+        await stream.write(payload)
+        await stream.close()
+        received = b""
+        while data := await stream.read():
+            received += data
+        assert received == payload
