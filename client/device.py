@@ -262,9 +262,11 @@ class Device:
 
         Raises StreamRefusedError (the peer said no: not a peer of it, no such service),
         PeerUnreachableError (connected to no relay of the deployment, or no answer in
-        time), NotPeerError (the relay's peer groups), StreamLimitError or RateLimitedError
-        (bounds: retry later), or TimeoutError (no relay connection, or no answer, within
-        `timeout`).  `window` is how many bytes the peer may send before we read.
+        time: a relay answers every open within its own deadline, 10 s by default, and one
+        that says nothing for 30 s does not carry streams), NotPeerError (the relay's peer
+        groups), StreamLimitError or RateLimitedError (bounds: retry later), or
+        TimeoutError (no relay connection, or no answer, within `timeout`).  `window` is
+        how many bytes the peer may send before we read.
         """
         async with asyncio.timeout(timeout):
             while True:

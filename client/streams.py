@@ -34,7 +34,8 @@ from collections.abc import Awaitable, Callable, Container
 from types import TracebackType
 
 from proto import Envelope, Identity, PublicKey
-from proto.errors import ProtocolError, StreamBrokenError, StreamRefusedError
+from proto.errors import (PeerUnreachableError, ProtocolError, StreamBrokenError,
+                          StreamRefusedError)
 from proto.frames import StreamFrame
 from proto.streams import OpenRequest
 from runtime.clock import now_ms
@@ -49,6 +50,9 @@ log = library_logger("continuum.client")
 # Largest chunk this device seals (the relay's envelope limit may make it smaller).
 MAX_CHUNK_BYTES = 256 * 1024
 DEFAULT_READ_BYTES = 64 * 1024
+# A relay answers every open within its deadline (10 s by default); one that says nothing
+# for this long does not carry streams (it predates them, SPEC §13).
+ANSWER_TIMEOUT_S = 30.0
 
 StreamHandler = Callable[["StreamRequest"], Awaitable[None]]
 
@@ -224,7 +228,15 @@ class StreamHub:
         self._waiting_open[end.stream_id] = answered
         try:
             await self.flush()
-            await answered
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                await answered
+        except TimeoutError:
+            self._waiting_open.pop(end.stream_id, None)
+            self.abort(end, StreamBrokenError("the opener gave up waiting"))
+            raise PeerUnreachableError(
+                f"no answer to the open within {ANSWER_TIMEOUT_S:g}s: a relay that carries"
+                " streams answers every open within its own deadline, so this one may not"
+                " (SPEC §16, versioning)") from None
         except BaseException:
             self._waiting_open.pop(end.stream_id, None)
             self.abort(end, StreamBrokenError("the opener gave up waiting"))

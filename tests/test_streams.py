@@ -514,3 +514,21 @@ async def test_a_stream_across_replicas_on_a_redis_cluster(start_relay,
         while data := await stream.read():
             received += data
         assert received == payload
+
+
+async def test_an_open_through_a_relay_that_carries_no_streams_fails_in_bounded_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay that predates streams never answers a STREAM_OPEN (this fake one ignores it):
+    the open fails with a reason once the device's own deadline passes, even without a
+    timeout from the application, and the stream is aborted towards the relay."""
+    import client.streams
+    from fake_relay import FakeRelay
+    monkeypatch.setattr(client.streams, "ANSWER_TIMEOUT_S", 1.0)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with FakeRelay() as relay, \
+            Device(alice, [relay.url], PeerList([bob.public])) as a:
+        await connected(a)
+        started = time.monotonic()
+        with pytest.raises(PeerUnreachableError, match="may not"):
+            await a.open_stream(bob.public, "echo")
+        assert time.monotonic() - started < 5
