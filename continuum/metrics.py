@@ -62,3 +62,21 @@ class RelayMetrics:
         self.verify_seconds = Histogram(
             "continuum_verify_seconds", "Ed25519 envelope signature verify time",
             buckets=(2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3), registry=self.registry)
+        # Presence reports to the oracle (continuum/presence_report.py).
+        self.presence_reports = Counter(
+            "continuum_presence_reports", "Presence reports sent to the oracle, by outcome"
+            " (delivered, failed: the next report is a snapshot)", ["result"],
+            registry=self.registry)
+        self.presence_held = Gauge(
+            "continuum_presence_connections",
+            "Connections of enrolled devices this process reports as open",
+            registry=self.registry)
+        self.presence_waiting = Gauge(
+            "continuum_presence_waiting",
+            "Ended connections waiting to be reported (bounded by --presence-max-waiting)",
+            registry=self.registry)
+        self.presence_dropped = Counter(
+            "continuum_presence_dropped",
+            "Ended connections forgotten unreported because the queue was full (an oracle"
+            " outage); the oracle ends them when a snapshot no longer lists them",
+            registry=self.registry)

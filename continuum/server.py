@@ -24,6 +24,7 @@ from .connection_gate import ConnectionGate
 from .context import RelayContext
 from .expiry import expire_forever
 from .metrics import RelayMetrics
+from .presence_report import PresenceReporter
 from .settings import Settings
 from .store import open_store
 
@@ -79,7 +80,9 @@ class RelayServer:
             unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
             unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys,
             enrolled=lambda key: access.current is not None and key in access.current.enrolled)
-        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access)
+        presence = (PresenceReporter(settings, identity, access, metrics, log)
+                    if access.enabled and settings.presence_interval_s > 0 else None)
+        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access, presence)
         # keepalive_timeout also bounds the time from accept() to a complete request:
         # aiohttp arms it when the socket is accepted (slowloris).
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
@@ -97,6 +100,8 @@ class RelayServer:
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()
         await self._fetcher.start()
+        if presence is not None:
+            await presence.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
                  settings=settings.describe())
 
@@ -111,6 +116,8 @@ class RelayServer:
             await fetcher.stop()
         if relay is not None:
             await relay.access.stop()
+            if relay.presence is not None:
+                await relay.presence.stop()
         if sweeper is not None:
             # Bounded: a store client caught on a dead connection has been seen to sit on
             # a cancelled call (redis-py); a relay that is told to stop must stop.

@@ -98,6 +98,13 @@ class Settings:
     # and disconnects the rest; `alarm` keeps enforcing the lapsed list.  Both alarm (log,
     # metrics, /healthz).  README "When the oracle goes silent".
     access_list_expired: str = FAIL_CLOSED
+    # Presence (with an oracle): connections of enrolled devices and their message counts go
+    # to the oracle in one signed report per interval (0: never), an empty one at least
+    # every heartbeat; at most presence_max_waiting ended connections wait for an oracle
+    # that cannot be reached.  README "Presence".
+    presence_interval_s: float = 2.0
+    presence_heartbeat_s: float = 30.0
+    presence_max_waiting: int = 50_000
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -167,6 +174,10 @@ class Settings:
                  self.access_list_expired in ON_EXPIRY),
                 ("oracle_url must be http:// or https://", not self.oracle_url
                  or self.oracle_url.startswith(("http://", "https://"))),
+                ("presence_interval_s must be >= 0", self.presence_interval_s >= 0),
+                ("presence_heartbeat_s must be >= presence_interval_s and <= 200",
+                 self.presence_interval_s <= self.presence_heartbeat_s <= 200),
+                ("presence_max_waiting must be >= 1", self.presence_max_waiting >= 1),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

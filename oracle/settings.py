@@ -73,6 +73,13 @@ class OracleSettings:
     tls_cert: str = ""
     tls_key: str = ""
     log_level: str = "info"
+    # Presence (README "Presence"): how often silent devices are looked for (devices offline
+    # for longer than their expected check-in interval) and relay processes whose lease
+    # passed are taken for dead; an http(s) URL that is POSTed each change of the silent set
+    # (JSON), with at most silence_webhook_attempts tries per batch.
+    silence_check_s: float = 30.0
+    silence_webhook_url: str = ""
+    silence_webhook_attempts: int = 5
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server TLS context, built from the PEM files; None for plain http://."""
@@ -84,7 +91,7 @@ class OracleSettings:
 
     def describe(self) -> dict[str, object]:
         """Settings as printed at start: a password in the database DSN is masked."""
-        return describe(self)
+        return describe(self, secrets={"silence_webhook_url"})  # its path is often a token
 
     def validate(self) -> None:
         problems = [message for message, ok in [
@@ -103,6 +110,11 @@ class OracleSettings:
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
             ("relay_keys must be public keys (cpk_…)", all(map(_is_public_key, self.relay_keys))),
+            ("silence_check_s must be in [0.1, 3600]", 0.1 <= self.silence_check_s <= 3600),
+            ("silence_webhook_url must be an http:// or https:// URL",
+             not self.silence_webhook_url
+             or self.silence_webhook_url.startswith(("http://", "https://"))),
+            ("silence_webhook_attempts must be 1..20", 1 <= self.silence_webhook_attempts <= 20),
         ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

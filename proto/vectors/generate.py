@@ -733,6 +733,12 @@ def prekey_vectors() -> dict:
     return build_prekeys()
 
 
+def presence_vectors() -> dict:
+    """presence.json (SPEC §20), built in its own module."""
+    from .presence_vectors import presence_vectors as build_presence
+    return build_presence()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "keys": key_vectors,
     "envelopes": envelope_vectors,
@@ -742,6 +748,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "rotation": rotation_vectors,
     "invalid": invalid_vectors,
     "prekeys": prekey_vectors,
+    "presence": presence_vectors,
 }
 
 def render(document: dict) -> str:

@@ -1,0 +1,321 @@
+"""Presence at the oracle: relays' reports applied to each device's connections, and read back.
+
+A relay process reports connections (`proto.presence.PresenceReport`, SPEC
+§20); each becomes a row of `presence_history`, named by (device, relay
+instance, connected_at_ms) with the connection's cumulative counts, so a
+report applied twice changes nothing and the totals in `device_presence`
+grow by exactly what is new.  `device_presence` is derived from the
+history after every change: online while some connection is open (the one
+that began last names the relay), else offline since the last one ended.
+Relays may disagree on clocks and reports of different relays interleave,
+so nothing depends on the order reports arrive in beyond each instance's
+own sequence.
+
+Where the oracle's knowledge ends:
+
+- a relay process that misses its lease (`lease_ms` after its last report;
+  a process last heard before the oracle started gets its lease again and a
+  minute more from that start, since relays back off while the oracle is
+  down) is taken for dead: its open connections end at the time
+  it was last heard;
+- a snapshot lists every connection an instance holds: once its last part
+  arrives, with no part missed, the instance's open connections it did not
+  list end at the snapshot's time;
+- a report that does not follow the instance's previous one (a gap: a lost
+  report, an unknown instance, a restored database) is applied and answered
+  with a request for a snapshot.
+
+Writes go in chunks, each its own short transaction, so a 10,000-connection
+snapshot never holds the database (or, on SQLite, the event loop) for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proto.presence import ConnectionState, PresenceReport
+
+from .db import Connection, Database
+
+# Connections per write transaction, and keys per IN (…) list.
+CHUNK = 500
+# Connections kept per device in the history (open ones are never dropped).
+HISTORY_PER_DEVICE = 50
+# After the oracle starts, a relay process has its lease again plus this long to be heard
+# before its connections end: while the oracle was down it backed off (at most 60 s).
+START_GRACE_MS = 60_000
+# Relay processes taken for dead are forgotten after this long.
+FORGET_GONE_MS = 7 * 86_400_000
+
+
+@dataclass(frozen=True)
+class PresenceRecord:
+    """A device's presence as the relays last reported it."""
+
+    online: bool
+    relay_key: str | None
+    instance: str | None
+    connected_at_ms: int | None
+    last_seen_ms: int | None  # None: no relay ever reported it
+    sent: int
+    received: int
+    refused: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"online": self.online, "relay_key": self.relay_key,
+                "relay_instance": self.instance, "connected_at_ms": self.connected_at_ms,
+                "last_seen_ms": self.last_seen_ms,
+                "messages": {"sent": self.sent, "received": self.received,
+                             "refused": self.refused}}
+
+
+NEVER_SEEN = PresenceRecord(False, None, None, None, None, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class ConnectionRecord:
+    """One connection in a device's presence history."""
+
+    relay_key: str
+    instance: str
+    connected_at_ms: int
+    disconnected_at_ms: int | None
+    sent: int
+    received: int
+    refused: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"relay_key": self.relay_key, "relay_instance": self.instance,
+                "connected_at_ms": self.connected_at_ms,
+                "disconnected_at_ms": self.disconnected_at_ms,
+                "messages": {"sent": self.sent, "received": self.received,
+                             "refused": self.refused}}
+
+
+class Presence:
+    """Every read and write of presence; one per oracle process."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        # One report per relay process at a time, in its sequence (a retry could overlap).
+        self._instance_locks: dict[str, asyncio.Lock] = {}
+
+    # -- reports ----------------------------------------------------------------------------
+
+    async def apply(self, report: PresenceReport, now_ms: int) -> bool:
+        """Apply a verified report; True if the oracle wants a snapshot from this process next."""
+        instance = report.instance.hex()
+        lock = self._instance_locks.setdefault(instance, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._apply(report, instance, now_ms)
+        finally:
+            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+                self._instance_locks.pop(instance, None)
+
+    async def _apply(self, report: PresenceReport, instance: str, now_ms: int) -> bool:
+        row = await self.db.fetchrow(
+            "SELECT last_sequence, snapshot_from, gone FROM relay_instances WHERE instance = $1",
+            instance)
+        known = row is not None and not row["gone"]
+        if known and report.sequence <= row["last_sequence"]:  # type: ignore[index]
+            return False  # applied already (sequences only grow)
+        follows = known and report.sequence == row["last_sequence"] + 1  # type: ignore[index]
+        starts_snapshot = report.is_snapshot and report.snapshot_from == report.sequence
+        snapshot_from = row["snapshot_from"] if known else None  # type: ignore[index]
+        if starts_snapshot:
+            snapshot_from = report.sequence
+        elif not report.is_snapshot or not follows or snapshot_from != report.snapshot_from:
+            snapshot_from = None  # not a snapshot, or one with a part this oracle missed
+        wants_snapshot = not follows and not starts_snapshot
+        relay_key = report.relay.text
+        connections = report.connections
+        for start in range(0, len(connections), CHUNK):
+            async with self.db.transaction() as conn:
+                await self._apply_chunk(conn, connections[start:start + CHUNK], instance,
+                                        relay_key, report.sequence, now_ms)
+            await asyncio.sleep(0)  # let requests in between chunks
+        async with self.db.transaction() as conn:
+            if report.snapshot_last:
+                if snapshot_from == report.snapshot_from:
+                    await self._end_unlisted(conn, instance, snapshot_from, report.issued_at_ms)
+                else:
+                    wants_snapshot = True
+                snapshot_from = None
+            lease_until = now_ms + report.lease_ms
+            if row is None:
+                await conn.execute(
+                    "INSERT INTO relay_instances (instance, relay_key, first_heard_ms,"
+                    " last_heard_ms, lease_until_ms, lease_ms, last_sequence, snapshot_from,"
+                    " gone) VALUES ($1, $2, $3, $3, $4, $5, $6, $7, 0)",
+                    instance, relay_key, now_ms, lease_until, report.lease_ms, report.sequence,
+                    snapshot_from)
+            else:
+                await conn.execute(
+                    "UPDATE relay_instances SET relay_key = $2, last_heard_ms = $3,"
+                    " lease_until_ms = $4, lease_ms = $5, last_sequence = $6, snapshot_from = $7,"
+                    " gone = 0 WHERE instance = $1",
+                    instance, relay_key, now_ms, lease_until, report.lease_ms, report.sequence,
+                    snapshot_from)
+        return wants_snapshot
+
+    async def _apply_chunk(self, conn: Connection, chunk: Sequence[ConnectionState],
+                           instance: str, relay_key: str, sequence: int, now_ms: int) -> None:
+        texts = {c.device: c.device.text for c in chunk}
+        keys = list(set(texts.values()))
+        enrolled = {r["key"] for r in await conn.fetch(
+            f"SELECT key FROM devices WHERE key IN ({_placeholders(len(keys))})", *keys)}
+        chunk = [c for c in chunk if texts[c.device] in enrolled]  # deleted since: forgotten
+        if not chunk:
+            return
+        keys = sorted({texts[c.device] for c in chunk})
+        known = {(r["device_key"], r["connected_at_ms"]): r for r in await conn.fetch(
+            "SELECT device_key, connected_at_ms, sent, received, refused FROM presence_history"
+            f" WHERE instance = $1 AND device_key IN ({_placeholders(len(keys), 2)})",
+            instance, *keys)}
+        history, totals, fresh = [], [], set()
+        for c in chunk:
+            key = texts[c.device]
+            before = known.get((key, c.connected_at_ms))
+            if before is None:
+                fresh.add(key)
+                old = (0, 0, 0)
+            else:
+                old = (before["sent"], before["received"], before["refused"])
+            counts = (max(old[0], c.sent), max(old[1], c.received), max(old[2], c.refused))
+            history.append((key, instance, c.connected_at_ms, relay_key, c.disconnected_at_ms,
+                            *counts, sequence))
+            if counts != old:
+                totals.append((key, counts[0] - old[0], counts[1] - old[1], counts[2] - old[2]))
+        await conn.executemany(
+            "INSERT INTO presence_history (device_key, instance, connected_at_ms, relay_key,"
+            " disconnected_at_ms, sent, received, refused, confirmed_sequence)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " ON CONFLICT (device_key, instance, connected_at_ms) DO UPDATE SET"
+            " disconnected_at_ms = excluded.disconnected_at_ms, sent = excluded.sent,"
+            " received = excluded.received, refused = excluded.refused,"
+            " confirmed_sequence = excluded.confirmed_sequence", history)
+        await conn.executemany(
+            "INSERT INTO device_presence (device_key, last_seen_ms) VALUES ($1, $2)"
+            " ON CONFLICT (device_key) DO NOTHING", [(key, now_ms) for key in keys])
+        await conn.executemany(
+            "UPDATE device_presence SET sent = sent + $2, received = received + $3,"
+            " refused = refused + $4 WHERE device_key = $1", totals)
+        await conn.executemany(
+            "DELETE FROM presence_history WHERE device_key = $1"
+            " AND disconnected_at_ms IS NOT NULL AND connected_at_ms < (SELECT connected_at_ms"
+            " FROM presence_history WHERE device_key = $1 ORDER BY connected_at_ms DESC"
+            f" LIMIT 1 OFFSET {HISTORY_PER_DEVICE - 1})", [(key,) for key in sorted(fresh)])
+        await self._derive(conn, keys, now_ms)
+
+    async def _end_unlisted(self, conn: Connection, instance: str, snapshot_from: int,
+                            at_ms: int) -> None:
+        """A whole snapshot arrived: the instance's open connections it did not list are over."""
+        rows = await conn.fetch(
+            "SELECT DISTINCT device_key FROM presence_history WHERE instance = $1"
+            " AND disconnected_at_ms IS NULL AND confirmed_sequence < $2", instance, snapshot_from)
+        await conn.execute(
+            "UPDATE presence_history SET disconnected_at_ms = $3 WHERE instance = $1"
+            " AND disconnected_at_ms IS NULL AND confirmed_sequence < $2",
+            instance, snapshot_from, at_ms)
+        await self._derive_all(conn, [r["device_key"] for r in rows], at_ms)
+
+    async def _derive_all(self, conn: Connection, keys: list[str], now_ms: int) -> None:
+        for start in range(0, len(keys), CHUNK):
+            await self._derive(conn, keys[start:start + CHUNK], now_ms)
+
+    async def _derive(self, conn: Connection, keys: list[str], now_ms: int) -> None:
+        """Recompute `device_presence` of `keys` from their history."""
+        if not keys:
+            return
+        marks = _placeholders(len(keys))
+        open_rows = await conn.fetch(
+            "SELECT device_key, instance, relay_key, connected_at_ms FROM presence_history"
+            f" WHERE device_key IN ({marks}) AND disconnected_at_ms IS NULL", *keys)
+        ended = {r["device_key"]: r["last"] for r in await conn.fetch(
+            "SELECT device_key, MAX(disconnected_at_ms) AS last FROM presence_history"
+            f" WHERE device_key IN ({marks}) GROUP BY device_key", *keys)}
+        current: dict[str, Any] = {}
+        for r in open_rows:
+            held = current.get(r["device_key"])
+            if held is None or r["connected_at_ms"] > held["connected_at_ms"]:
+                current[r["device_key"]] = r
+        rows = []
+        for key in keys:
+            r = current.get(key)
+            if r is not None:
+                rows.append((key, 1, r["relay_key"], r["instance"], r["connected_at_ms"], now_ms))
+            elif ended.get(key) is not None:
+                rows.append((key, 0, None, None, None, ended[key]))
+        await conn.executemany(
+            "UPDATE device_presence SET online = $2, relay_key = $3, instance = $4,"
+            " connected_at_ms = $5, last_seen_ms = $6 WHERE device_key = $1", rows)
+
+    async def expire_leases(self, now_ms: int, started_ms: int) -> int:
+        """End the connections of relay processes whose lease passed unheard; how many processes.
+
+        A process last heard before the oracle started (`started_ms`) also has its
+        lease again and START_GRACE_MS more from that start: relays back off while
+        the oracle is down and may not have had their turn yet.
+        """
+        gone = await self.db.fetch(
+            "SELECT instance, last_heard_ms FROM relay_instances WHERE gone = 0"
+            " AND lease_until_ms < $1 AND (last_heard_ms >= $2 OR $3 + lease_ms < $1)",
+            now_ms, started_ms, started_ms + START_GRACE_MS)
+        for row in gone:
+            async with self.db.transaction() as conn:
+                keys = [r["device_key"] for r in await conn.fetch(
+                    "SELECT DISTINCT device_key FROM presence_history WHERE instance = $1"
+                    " AND disconnected_at_ms IS NULL", row["instance"])]
+                await conn.execute(
+                    "UPDATE presence_history SET disconnected_at_ms = $2 WHERE instance = $1"
+                    " AND disconnected_at_ms IS NULL", row["instance"], row["last_heard_ms"])
+                await self._derive_all(conn, keys, now_ms)
+                await conn.execute("UPDATE relay_instances SET gone = 1 WHERE instance = $1",
+                                   row["instance"])
+        await self.db.execute("DELETE FROM relay_instances WHERE gone = 1 AND last_heard_ms < $1",
+                              now_ms - FORGET_GONE_MS)
+        return len(gone)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def of_devices(self, keys: Iterable[str]) -> dict[str, PresenceRecord]:
+        """Presence of each of `keys` that a relay ever reported (others: NEVER_SEEN)."""
+        keys = list(keys)
+        found: dict[str, PresenceRecord] = {}
+        for start in range(0, len(keys), CHUNK):
+            part = keys[start:start + CHUNK]
+            for r in await self.db.fetch(
+                    "SELECT device_key, online, relay_key, instance, connected_at_ms,"
+                    " last_seen_ms, sent, received, refused FROM device_presence"
+                    f" WHERE device_key IN ({_placeholders(len(part))})", *part):
+                found[r["device_key"]] = PresenceRecord(
+                    bool(r["online"]), r["relay_key"], r["instance"], r["connected_at_ms"],
+                    r["last_seen_ms"], r["sent"], r["received"], r["refused"])
+        return found
+
+    async def of_device(self, key: str) -> PresenceRecord:
+        return (await self.of_devices([key])).get(key, NEVER_SEEN)
+
+    async def history(self, key: str, limit: int = 20) -> list[ConnectionRecord]:
+        """A device's connections, the newest first."""
+        rows = await self.db.fetch(
+            "SELECT relay_key, instance, connected_at_ms, disconnected_at_ms, sent, received,"
+            " refused FROM presence_history WHERE device_key = $1"
+            " ORDER BY connected_at_ms DESC LIMIT $2", key, limit)
+        return [ConnectionRecord(**r) for r in rows]
+
+    async def online_count(self) -> int:
+        return int(await self.db.fetchval(
+            "SELECT COUNT(*) FROM device_presence p JOIN devices d ON d.key = p.device_key"
+            " WHERE p.online = 1 AND d.revoked_at_ms IS NULL"))
+
+    async def live_instances(self) -> int:
+        return int(await self.db.fetchval("SELECT COUNT(*) FROM relay_instances WHERE gone = 0"))
+
+
+def _placeholders(count: int, first: int = 1) -> str:
+    return ", ".join(f"${n}" for n in range(first, first + count))
