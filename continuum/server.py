@@ -27,6 +27,7 @@ from .metrics import RelayMetrics
 from .presence_report import PresenceReporter
 from .settings import Settings
 from .store import open_store
+from .store.timed import TimedStore
 
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
@@ -67,10 +68,10 @@ class RelayServer:
 
     async def start(self) -> None:
         settings = self.settings
-        store = open_store(settings.store)
+        metrics = RelayMetrics()
+        store = TimedStore(open_store(settings.store), metrics.store_seconds, metrics.store_errors)
         identity = load_relay_identity(settings)
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
-        metrics = RelayMetrics()
         access = AccessControl(settings, metrics, log)
         self._fetcher = AccessListFetcher(access, settings, identity, store, log)
         gate = ConnectionGate(
@@ -94,6 +95,7 @@ class RelayServer:
         self.sockets = SocketCap(self._runner.server, settings.max_connections,
                                  on_refused=lambda first: refused.inc())
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
+        self._count_connections(metrics, gate)
         self._listener = await listen(self.sockets, settings.host, settings.port,
                                       settings.tls_context())
         self.port = self._listener.sockets[0].getsockname()[1]
@@ -104,6 +106,19 @@ class RelayServer:
             await presence.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
                  settings=settings.describe())
+
+    def _count_connections(self, metrics: RelayMetrics, gate: ConnectionGate) -> None:
+        """`continuum_connections{state}`, read from the gate and the sockets when scraped."""
+        # Sessions being served: the gauge the sessions keep (prometheus_client has no
+        # public read of one value short of collecting the registry).
+        open_now = metrics.connected._value.get
+        states = metrics.connections
+        states.labels("handshake").set_function(lambda: gate.pending_handshakes)
+        states.labels("open").set_function(open_now)
+        states.labels("closing").set_function(lambda: max(0, gate.authenticated - open_now()))
+        states.labels("upgrading").set_function(lambda: max(0, (
+            self.sockets.open if self.sockets else 0)
+            - gate.pending_handshakes - gate.authenticated))
 
     async def stop(self) -> None:
         """Stop serving and close the store; safe to call twice."""
