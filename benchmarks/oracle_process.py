@@ -67,6 +67,43 @@ def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 
     raise TimeoutError(f"oracle not healthy within {timeout_s}s")
 
 
+async def fill_presence(database: str, keys: list[str]) -> float:
+    """Every other device online on one relay process with a few messages, the others
+    offline since enrolment; every group expected to check in hourly and enrolment moved two
+    hours back, so the offline half is silent.  Returns the seconds the silence watch's
+    first pass over this fleet took (it finds and records the silent devices)."""
+    from oracle.db import open_database
+    from oracle.silence import SilenceWatch
+    from runtime.clock import now_ms
+
+    db = await open_database(database)
+    now = now_ms()
+    instance, relay = "00" * 16, "cpk_bench_relay"
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("UPDATE devices SET enrolled_at_ms = enrolled_at_ms - 7200000")
+            await conn.executemany(
+                "INSERT INTO group_checkin (group_id, interval_s) VALUES ($1, 3600)",
+                [(f"g{n:06d}",) for n in range((len(keys) + GROUP_SIZE - 1) // GROUP_SIZE)])
+            online = [(key, n % 4) for n, key in enumerate(keys) if n % 2 == 0]
+            await conn.executemany(
+                "INSERT INTO presence_history (device_key, instance, connected_at_ms, relay_key,"
+                " sent, received, refused, confirmed_sequence) VALUES ($1, $2, $3, $4, $5, $5,"
+                " 0, 1)", [(key, instance, now - 60_000, relay, sent) for key, sent in online])
+            await conn.executemany(
+                "INSERT INTO device_presence (device_key, online, relay_key, instance,"
+                " connected_at_ms, last_seen_ms, sent, received, refused)"
+                " VALUES ($1, 1, $2, $3, $4, $4, $5, $5, 0)",
+                [(key, relay, instance, now - 60_000, sent) for key, sent in online])
+        if database.startswith("postgresql"):
+            await db.execute("ANALYZE")
+        started = time.perf_counter()
+        await SilenceWatch(db).check(now_ms())
+        return time.perf_counter() - started
+    finally:
+        await db.close()
+
+
 async def fill_fleet(database: str, devices: int) -> list[str]:
     """`devices` devices with tags, in groups of GROUP_SIZE, inserted directly (the API would
     take minutes); returns their keys in name order."""

@@ -122,11 +122,15 @@ class DeviceQuery:
             where.append(_STATE_SQL[self.state])
         if self.group:
             where.append(f"d.key IN (SELECT device_key FROM memberships WHERE group_id = {arg(self.group)})")
+        # EXISTS, not IN: a look-up per row of the sort's index walk, which stops at the
+        # page's end, where SQLite would read every online key first and sort them
+        # (181 ms instead of a few for half of 100,000 devices online).
         if self.online is not None:
-            where.append(("d.key IN" if self.online else "d.key NOT IN")
-                         + " (SELECT device_key FROM device_presence WHERE online = 1)")
+            where.append(("EXISTS" if self.online else "NOT EXISTS")
+                         + " (SELECT 1 FROM device_presence p WHERE p.device_key = d.key"
+                           " AND p.online = 1)")
         if self.silent:
-            where.append("d.key IN (SELECT device_key FROM silent_devices)")
+            where.append("EXISTS (SELECT 1 FROM silent_devices s WHERE s.device_key = d.key)")
         if self.tag:
             where.append(f"(' ' || d.tags || ' ') LIKE {arg(f'% {self.tag} %')}")
         if self.q:

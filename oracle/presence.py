@@ -32,10 +32,13 @@ snapshot never holds the database (or, on SQLite, the event loop) for long.
 from __future__ import annotations
 
 import asyncio
+import functools
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proto import PublicKey
 from proto.presence import ConnectionState, PresenceReport
 
 from .db import Connection, Database
@@ -95,26 +98,33 @@ class ConnectionRecord:
                              "refused": self.refused}}
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _text(key: PublicKey) -> str:
+    """A key's cpk_… text (base32 and a checksum: worth remembering for the devices that
+    report every few seconds)."""
+    return key.text
+
+
 class Presence:
     """Every read and write of presence; one per oracle process."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        # One report per relay process at a time, in its sequence (a retry could overlap).
-        self._instance_locks: dict[str, asyncio.Lock] = {}
+        # One report per relay process at a time, in its sequence (a retry could overlap);
+        # a lock lives while some report holds or awaits it.
+        self._instance_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     # -- reports ----------------------------------------------------------------------------
 
     async def apply(self, report: PresenceReport, now_ms: int) -> bool:
         """Apply a verified report; True if the oracle wants a snapshot from this process next."""
         instance = report.instance.hex()
-        lock = self._instance_locks.setdefault(instance, asyncio.Lock())
-        try:
-            async with lock:
-                return await self._apply(report, instance, now_ms)
-        finally:
-            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
-                self._instance_locks.pop(instance, None)
+        lock = self._instance_locks.get(instance)
+        if lock is None:
+            lock = self._instance_locks[instance] = asyncio.Lock()
+        async with lock:
+            return await self._apply(report, instance, now_ms)
 
     async def _apply(self, report: PresenceReport, instance: str, now_ms: int) -> bool:
         row = await self.db.fetchrow(
@@ -133,12 +143,17 @@ class Presence:
         wants_snapshot = not follows and not starts_snapshot
         relay_key = report.relay.text
         connections = report.connections
-        for start in range(0, len(connections), CHUNK):
+        # All but the last chunk in transactions of their own, with requests let in between;
+        # the last one commits with the instance's new sequence.
+        last = max(0, (len(connections) - 1) // CHUNK * CHUNK)
+        for start in range(0, last, CHUNK):
             async with self.db.transaction() as conn:
                 await self._apply_chunk(conn, connections[start:start + CHUNK], instance,
                                         relay_key, report.sequence, now_ms)
-            await asyncio.sleep(0)  # let requests in between chunks
+            await asyncio.sleep(0)
         async with self.db.transaction() as conn:
+            await self._apply_chunk(conn, connections[last:], instance, relay_key,
+                                    report.sequence, now_ms)
             if report.snapshot_last:
                 if snapshot_from == report.snapshot_from:
                     await self._end_unlisted(conn, instance, snapshot_from, report.issued_at_ms)
@@ -164,7 +179,9 @@ class Presence:
 
     async def _apply_chunk(self, conn: Connection, chunk: Sequence[ConnectionState],
                            instance: str, relay_key: str, sequence: int, now_ms: int) -> None:
-        texts = {c.device: c.device.text for c in chunk}
+        if not chunk:
+            return
+        texts = {c.device: _text(c.device) for c in chunk}
         keys = list(set(texts.values()))
         enrolled = {r["key"] for r in await conn.fetch(
             f"SELECT key FROM devices WHERE key IN ({_placeholders(len(keys))})", *keys)}
@@ -309,9 +326,10 @@ class Presence:
         return [ConnectionRecord(**r) for r in rows]
 
     async def online_count(self) -> int:
+        """Devices a relay holds now (an index count: relays close a revoked device's
+        connections, and report that, so revoked devices do not stay online)."""
         return int(await self.db.fetchval(
-            "SELECT COUNT(*) FROM device_presence p JOIN devices d ON d.key = p.device_key"
-            " WHERE p.online = 1 AND d.revoked_at_ms IS NULL"))
+            "SELECT COUNT(*) FROM device_presence WHERE online = 1"))
 
     async def live_instances(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM relay_instances WHERE gone = 0"))
