@@ -7,15 +7,17 @@ relay holds it now, and its last contact (the last time a relay held it, or
 a receipt reached the oracle; its enrolment if neither ever happened) is
 older than that interval.
 
-`SilenceWatch.check` looks for them every `silence_check_s`, in one query
-that only reads devices with an interval, and keeps the set in
-`silent_devices`, so the dashboard's list, the `silent` filter and the
+`SilenceWatch.check` looks for them every `silence_check_s`, a slice of
+SLICE devices (a range of keys) per query, with the event loop let in
+between (SQLite's queries run on it: one pass over 100,000 devices must not
+be one long pause), and keeps the set in `silent_devices`, so the dashboard's list, the `silent` filter and the
 metric are reads of one small table, and each device becomes silent (and
 recovers) once per episode: that change is what the webhook is told.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,8 @@ from .errors import InvalidInput, NotFound
 
 MIN_INTERVAL_S = 1
 MAX_INTERVAL_S = 366 * 86_400
+# Devices per query of a silence pass, and silent-set changes per write transaction.
+SLICE = 2000
 _CHUNK = 500
 
 
@@ -78,8 +82,10 @@ class SilenceChange:
     recovered: list[SilentDevice]
 
 
-# Every active device with an interval, offline, whose last contact is older than it:
-# $1 is now in ms.  A device's own interval wins over its groups' shortest.
+# Every active device with a key in ($2, $3] ($3: through the last key when the upper-bound
+# clauses are dropped), an interval, offline, and whose last contact is older than that
+# interval: $1 is now in ms.  A device's own interval wins over its groups'
+# shortest.  Each part reads the key range only (memberships_by_device, the primary keys).
 _SILENT_NOW = """
 SELECT * FROM (
 SELECT d.key, d.name, dc.interval_s AS own_s, g.groups_s,
@@ -91,9 +97,11 @@ FROM devices d
 LEFT JOIN device_checkin dc ON dc.device_key = d.key
 LEFT JOIN (SELECT m.device_key, MIN(gc.interval_s) AS groups_s
            FROM memberships m JOIN group_checkin gc ON gc.group_id = m.group_id
+           WHERE m.device_key > $2 AND m.device_key <= $3
            GROUP BY m.device_key) g ON g.device_key = d.key
 LEFT JOIN device_presence p ON p.device_key = d.key
-WHERE d.revoked_at_ms IS NULL AND (dc.interval_s IS NOT NULL OR g.groups_s IS NOT NULL)
+WHERE d.key > $2 AND d.key <= $3 AND d.revoked_at_ms IS NULL
+  AND (dc.interval_s IS NOT NULL OR g.groups_s IS NOT NULL)
   AND (p.online IS NULL OR p.online = 0)
 ) x WHERE COALESCE(x.last_seen_ms, x.enrolled_at_ms) + 1000 * COALESCE(x.own_s, x.groups_s) < $1
 """
@@ -151,10 +159,36 @@ class SilenceWatch:
         self.db = db
 
     async def check(self, now_ms: int) -> SilenceChange:
-        found = {r["key"]: r for r in await self.db.fetch(_SILENT_NOW, now_ms)}
-        held = {r["device_key"]: r for r in await self.db.fetch(
+        """One pass over the fleet, SLICE devices at a time; what changed since the last."""
+        change = SilenceChange([], [])
+        low = ""
+        while True:
+            high = await self.db.fetchval(
+                f"SELECT key FROM devices WHERE key > $1 ORDER BY key LIMIT 1 OFFSET {SLICE - 1}",
+                low)
+            part = await self._check_keys(now_ms, low, high)
+            change.silent.extend(part.silent)
+            change.recovered.extend(part.recovered)
+            if high is None:
+                return change
+            low = high
+            await asyncio.sleep(0)  # let requests in between slices
+
+    async def _check_keys(self, now_ms: int, low: str, high: str | None) -> SilenceChange:
+        """Keys in (low, high] (None: every key after low): find the silent, and write down
+        what changed.  Bounds are keys in the database's own order (no sentinel that a
+        PostgreSQL collation might sort elsewhere)."""
+        silent_now, held_sql = _SILENT_NOW, (
             "SELECT s.device_key, s.since_ms, s.last_seen_ms, s.interval_s, d.name,"
-            " d.revoked_at_ms FROM silent_devices s JOIN devices d ON d.key = s.device_key")}
+            " d.revoked_at_ms FROM silent_devices s JOIN devices d ON d.key = s.device_key"
+            " WHERE s.device_key > $1 AND s.device_key <= $2")
+        bounds: tuple[str, ...] = (low, high) if high is not None else (low,)
+        if high is None:
+            silent_now = silent_now.replace(" AND m.device_key <= $3", "").replace(
+                " AND d.key <= $3", "")
+            held_sql = held_sql.replace(" AND s.device_key <= $2", "")
+        found = {r["key"]: r for r in await self.db.fetch(silent_now, now_ms, *bounds)}
+        held = {r["device_key"]: r for r in await self.db.fetch(held_sql, *bounds)}
         fell = [SilentDevice(key, r["name"], now_ms, r["last_seen_ms"],
                              r["own_s"] if r["own_s"] is not None else r["groups_s"])
                 for key, r in sorted(found.items()) if key not in held]
