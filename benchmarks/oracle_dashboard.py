@@ -30,7 +30,6 @@ import asyncio
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import aiohttp
 import oracle_process
-from common import free_port, stop_process_group, table, write_results
+from common import table, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -122,27 +121,14 @@ def run(devices: int, requests: int, postgres: bool, baseline: str | None) -> di
         fill_s = time.monotonic() - started
         silence_s = asyncio.run(oracle_process.fill_presence(database, keys)) \
             if baseline is None else None
-        port = free_port()
-        command, env = oracle_process.oracle_command(baseline)
-        env.update({"CONTINUUM_ORACLE_DATABASE": database,
-                    "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
-                    "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
-                    "CONTINUUM_ORACLE_LOG_LEVEL": "error"})
-        created = subprocess.run([*command, "create-admin", "bench"], env=env, check=True,
-                                 capture_output=True, text=True, timeout=60)
-        password = created.stdout.strip().rsplit(": ", 1)[1]
-        with open(f"{tmp}/oracle.log", "wb") as log:
-            oracle = subprocess.Popen([*command, "serve"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            oracle_process.wait_healthy(base, oracle)
+        oracle = oracle_process.configure(tmp, database, baseline)
+        password = oracle.cli("create-admin", "bench").rsplit(": ", 1)[1]
+        with oracle_process.serving(oracle, f"{tmp}/oracle.log"):
             kinds = _kinds(devices, keys)
             only = {"dashboard first page", "dashboard search (name substring)"} if baseline \
                 else None
-            results = asyncio.run(_measure(base, "bench", password, kinds, requests, only))
-        finally:
-            stop_process_group(oracle, 15, grace_s=10)
+            results = asyncio.run(_measure(oracle.base, "bench", password, kinds, requests,
+                                           only))
     return {"devices": devices, "database": "postgresql" if postgres else "sqlite",
             "baseline": baseline, "fill_s": fill_s, "silence_check_s": silence_s,
             "requests": results}

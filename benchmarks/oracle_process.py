@@ -13,7 +13,10 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from common import free_port, stop_process_group
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -52,6 +55,47 @@ def oracle_command(baseline: str | None) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(baseline or CHECKOUT).resolve())
     return [sys.executable, "-P", "-m", "oracle"], env
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """How to run one benchmark oracle: its command line, environment and URL."""
+
+    command: list[str]
+    env: dict[str, str]
+    base: str
+
+    def cli(self, *args: str) -> str:
+        """Run a `continuum-oracle` subcommand (create-admin, show-key, …); its stdout."""
+        return subprocess.run([*self.command, *args], env=self.env, check=True,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def configure(tmp: str, database: str, baseline: str | None = None,
+              **settings: str) -> Oracle:
+    """An oracle on a free port of 127.0.0.1 over `database`, its key in `tmp`; `settings`
+    are more CONTINUUM_ORACLE_<NAME> variables (relay_keys=…)."""
+    port = free_port()
+    command, env = oracle_command(baseline)
+    env.update({"CONTINUUM_ORACLE_DATABASE": database,
+                "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
+                "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
+                "CONTINUUM_ORACLE_LOG_LEVEL": "error",
+                **{f"CONTINUUM_ORACLE_{name.upper()}": value for name, value in settings.items()}})
+    return Oracle(command, env, f"http://127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def serving(oracle: Oracle, log_path: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`serve` in a process group of its own, healthy before this yields, stopped after."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([*oracle.command, "serve"], env=oracle.env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(oracle.base, process)
+        yield process
+    finally:
+        stop_process_group(process, 15, grace_s=10)
 
 
 def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:

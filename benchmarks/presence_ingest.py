@@ -27,7 +27,6 @@ import asyncio
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 import aiohttp
 import oracle_process
 import protocol_cost
-from common import best_us, free_port, stop_process_group, table, write_results
+from common import best_us, table, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -143,25 +142,10 @@ def oracle_side(devices: int, postgres: bool) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="continuum-bench-presence-") as tmp, \
             oracle_process.database(tmp, postgres) as database:
         keys = asyncio.run(oracle_process.fill_fleet(database, devices))
-        port = free_port()
-        command, env = oracle_process.oracle_command(None)
-        env.update({"CONTINUUM_ORACLE_DATABASE": database,
-                    "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
-                    "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
-                    "CONTINUUM_ORACLE_RELAY_KEYS": identity.public.text,
-                    "CONTINUUM_ORACLE_LOG_LEVEL": "error"})
-        shown = subprocess.run([*command, "show-key"], env=env, check=True, capture_output=True,
-                               text=True, timeout=60)
-        oracle_key = PublicKey.from_text(shown.stdout.split()[-1])
-        with open(f"{tmp}/oracle.log", "wb") as log:
-            oracle = subprocess.Popen([*command, "serve"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            oracle_process.wait_healthy(base, oracle)
-            return asyncio.run(_oracle_side(base, keys, identity, oracle_key))
-        finally:
-            stop_process_group(oracle, 15, grace_s=10)
+        oracle = oracle_process.configure(tmp, database, relay_keys=identity.public.text)
+        oracle_key = PublicKey.from_text(oracle.cli("show-key").split()[-1])
+        with oracle_process.serving(oracle, f"{tmp}/oracle.log"):
+            return asyncio.run(_oracle_side(oracle.base, keys, identity, oracle_key))
 
 
 def relay_side() -> dict[str, float]:

@@ -18,7 +18,6 @@ process, spread over the backoff, not a replay of every event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -31,6 +30,7 @@ from proto.access import REQUEST_NONCE_BYTES
 from proto.presence import (INSTANCE_BYTES, MAX_LEASE_MS, PRESENCE_CONTENT_TYPE, PRESENCE_PATH,
                             PresenceReport)
 from runtime.clock import now_ms
+from runtime.tasks import cancel_and_wait
 
 from .access import AccessControl
 from .metrics import RelayMetrics
@@ -82,11 +82,8 @@ class PresenceReporter:
         self._task = asyncio.create_task(self._run(), name="presence")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     @property
     def _lease_ms(self) -> int:

@@ -45,8 +45,11 @@ from .db import Connection, Database
 
 # Connections per write transaction, and keys per IN (…) list.
 CHUNK = 500
-# Connections kept per device in the history (open ones are never dropped).
+# Connections kept per device in the history: the newest (a relay cannot hold more open).
 HISTORY_PER_DEVICE = 50
+# Relay processes heard from and not yet taken for dead, per relay key: replicas share a key,
+# but a key reporting this many processes at once is broken or hostile.
+MAX_INSTANCES_PER_RELAY_KEY = 1024
 # After the oracle starts, a relay process has its lease again plus this long to be heard
 # before its connections end: while the oracle was down it backed off (at most 60 s).
 START_GRACE_MS = 60_000
@@ -98,6 +101,10 @@ class ConnectionRecord:
                              "refused": self.refused}}
 
 
+class TooManyInstances(Exception):
+    """A relay key reports more live processes than MAX_INSTANCES_PER_RELAY_KEY."""
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def _text(key: PublicKey) -> str:
     """A key's cpk_… text (base32 and a checksum: worth remembering for the devices that
@@ -131,6 +138,13 @@ class Presence:
             "SELECT last_sequence, snapshot_from, gone FROM relay_instances WHERE instance = $1",
             instance)
         known = row is not None and not row["gone"]
+        if not known:
+            live = await self.db.fetchval(
+                "SELECT COUNT(*) FROM relay_instances WHERE relay_key = $1 AND gone = 0",
+                report.relay.text)
+            if live >= MAX_INSTANCES_PER_RELAY_KEY:
+                raise TooManyInstances(f"relay key {report.relay.text} already reports {live}"
+                                       " live processes")
         if known and report.sequence <= row["last_sequence"]:  # type: ignore[index]
             return False  # applied already (sequences only grow)
         follows = known and report.sequence == row["last_sequence"] + 1  # type: ignore[index]
@@ -223,7 +237,7 @@ class Presence:
             " refused = refused + $4 WHERE device_key = $1", totals)
         await conn.executemany(
             "DELETE FROM presence_history WHERE device_key = $1"
-            " AND disconnected_at_ms IS NOT NULL AND connected_at_ms < (SELECT connected_at_ms"
+            " AND connected_at_ms < (SELECT connected_at_ms"
             " FROM presence_history WHERE device_key = $1 ORDER BY connected_at_ms DESC"
             f" LIMIT 1 OFFSET {HISTORY_PER_DEVICE - 1})", [(key,) for key in sorted(fresh)])
         await self._derive(conn, keys, now_ms)

@@ -15,7 +15,6 @@ silent or heard from again, and hands the change to the webhook.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,11 +23,13 @@ from aiohttp import web
 from proto.errors import DecodeError, OversizeError, ProtocolError
 from proto.presence import PRESENCE_PATH, PresenceReport
 from runtime.clock import now_ms
+from runtime.tasks import cancel_and_wait
 
 from .auth import ACTOR
 from .context import ORACLE_KEY, OracleContext
 from .errors import InvalidInput
 from .metrics import METRICS_KEY
+from .presence import TooManyInstances
 from .silence import parse_interval
 from .validation import parse_key
 from .webhook import SilenceWebhook
@@ -69,7 +70,12 @@ async def presence_report(request: web.Request) -> web.Response:
             counted.labels("refused").inc()
             oracle.log.warning("presence_report_refused", status=status, error=exc.message)
             return web.json_response({"error": exc.message}, status=status)
-        wants_snapshot = await oracle.presence.apply(report, now_ms())
+        try:
+            wants_snapshot = await oracle.presence.apply(report, now_ms())
+        except TooManyInstances as exc:
+            counted.labels("refused").inc()
+            oracle.log.warning("presence_report_refused", status=429, error=str(exc))
+            return web.json_response({"error": str(exc)}, status=429)
     counted.labels("applied").inc()
     return web.json_response({"snapshot": wants_snapshot})
 
@@ -137,9 +143,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         await webhook.start()
     task = asyncio.create_task(_watch_forever(app), name="presence-watch")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
     if webhook is not None:
         await webhook.stop()
 

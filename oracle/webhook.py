@@ -16,7 +16,6 @@ once is several POSTs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ import aiohttp
 import structlog
 
 from runtime.clock import now_ms
+from runtime.tasks import cancel_and_wait
 
 from .silence import SilenceChange, SilentDevice
 
@@ -68,11 +68,8 @@ class SilenceWebhook:
         self._task = asyncio.create_task(self._run(), name="silence-webhook")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=_TIMEOUT_S)

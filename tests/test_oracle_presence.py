@@ -375,3 +375,20 @@ async def _at_least(posts: list, count: int) -> bool:
 def test_a_bad_webhook_url_is_refused_at_start(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError, match="silence_webhook_url"):
         OracleServer(oracle_settings(tmp_path, silence_webhook_url=bad))
+
+
+async def test_a_relay_key_cannot_report_unbounded_processes(
+        server: OracleServer, admin: Admin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each relay process costs the oracle a row until it is taken for dead: a key that
+    claims more live processes than the bound is refused (429) and nothing is applied."""
+    import oracle.presence
+    monkeypatch.setattr(oracle.presence, "MAX_INSTANCES_PER_RELAY_KEY", 3)
+    (alice,) = await enrolled(admin, "alice")
+    for _ in range(3):
+        assert await applied(server, Relay(server).snapshot()) is False
+    status, answer = await post(server, Relay(server).snapshot(conn(alice, now_ms())))
+    assert status == 429 and "live processes" in answer["error"]
+    assert (await presence_of(admin, alice))["last_seen_ms"] is None
+    other = Relay(server, Identity.generate())  # another key has its own allowance: but
+    status, _ = await post(server, other.snapshot())  # the oracle does not know this one
+    assert status == 401
