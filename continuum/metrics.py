@@ -12,6 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
+from .store.timed import OPERATIONS, OperationTimings
+
 # Store calls take tens of microseconds embedded, a millisecond or so on Redis in the same
 # zone; WAIT for replicas and outages take longer.
 STORE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5)
@@ -23,10 +25,10 @@ class RelayMetrics:
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        self.store_seconds = Histogram(
+        self.store_seconds = OperationTimings(
             "continuum_store_operation_seconds",
-            "Time of each mailbox store call, whatever its answer", ["operation"],
-            buckets=STORE_BUCKETS, registry=self.registry)
+            "Time of each mailbox store call, whatever its answer", STORE_BUCKETS, OPERATIONS)
+        self.registry.register(self.store_seconds)
         self.store_errors = Counter(
             "continuum_store_errors",
             "Store calls that failed because the store could not be reached or could not"
