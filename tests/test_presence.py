@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from access_support import healthz, metric
 from oracle_support import Admin, eventually, oracle_settings
 from relay_process import RelayProcess, free_port
@@ -198,3 +200,46 @@ async def test_an_oracle_restart_costs_one_snapshot_per_relay_not_a_replay(
     finally:
         for device in connections.values():
             await device.close()
+
+
+@pytest.mark.redis
+async def test_replicas_on_one_redis_report_one_device_moving_between_them(
+        tmp_path: Path, start_relay: StartRelay, redis_url: str) -> None:
+    """Two replicas share a Redis and a relay key; the oracle pushes through one of them
+    and so accepts both.  A device that holds a connection to each is online on the one it
+    joined last; when that one ends it is still online (the other holds it), then offline."""
+    alice = Identity.generate()
+    relay_key = Identity.generate().secret_text()
+    oracle_port = free_port()
+    oracle_key = Identity.load_or_create(tmp_path / "oracle.key").public
+    common = {"oracle_url": f"http://127.0.0.1:{oracle_port}", "oracle_key": oracle_key.text,
+              "store": redis_url, "relay_key": relay_key, **FAST}
+    first, second = await start_relay(**common), await start_relay(**common)
+    async with OracleServer(oracle_settings(tmp_path, port=oracle_port,
+                                            relays=(first.url,))) as oracle:
+        admin = await Admin.login(oracle)
+        try:
+            await enroll(admin, alice)
+            await caught_up(first, admin)
+            await caught_up(second, admin)
+            assert first.relay is not None and second.relay is not None
+            instances = [r.relay.presence.tracker.instance.hex()  # type: ignore[union-attr]
+                         for r in (first, second)]
+            on_first = await RawDevice.connect(first.url, alice)
+
+            async def on(instance: str | None) -> bool:
+                p = await presence(admin, alice)
+                return p["relay_instance"] == instance and p["online"] == (instance is not None)
+            await eventually(lambda: on(instances[0]), timeout=10)
+            on_second = await RawDevice.connect(second.url, alice)
+            await eventually(lambda: on(instances[1]), timeout=10)
+            await on_second.close()
+            await eventually(lambda: on(instances[0]), timeout=10)
+            await on_first.close()
+            await eventually(lambda: on(None), timeout=10)
+            history = (await admin.call(
+                "GET", f"/v1/devices/{alice.public.text}"))["presence_history"]
+            assert sorted(h["relay_instance"] for h in history) == sorted(instances)
+            assert all(h["disconnected_at_ms"] is not None for h in history)
+        finally:
+            await admin.close()
