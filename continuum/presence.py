@@ -172,6 +172,11 @@ class PresenceTracker:
         self._snapshot_left = None
         self._snapshot_wanted = True
 
+    def abandon(self) -> None:
+        """Whatever report was in flight (its sender was cancelled) counts as failed."""
+        if self._in_flight is not None:
+            self.failed(self._in_flight)
+
     @property
     def has_more(self) -> bool:
         """Whether the next report should go now, not after the batching interval: a

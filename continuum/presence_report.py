@@ -39,6 +39,8 @@ from .settings import Settings
 
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 1.0, 60.0
 _REQUEST_TIMEOUT_S = 30.0
+# How long a stopping relay spends on its last report.
+FINAL_REPORT_S = 2.0
 # Heartbeats a relay process may miss before the oracle ends its connections.
 LEASE_HEARTBEATS = 3
 
@@ -82,8 +84,20 @@ class PresenceReporter:
         self._task = asyncio.create_task(self._run(), name="presence")
 
     async def stop(self) -> None:
+        """Stop the task, then tell the oracle once, within FINAL_REPORT_S, what ended with
+        this process (called once its sessions are closed), so that a relay stopped on
+        purpose (a rolling update) does not leave its devices online until its lease passes."""
         task, self._task = self._task, None
+        if task is None:
+            return
         await cancel_and_wait(task)
+        self.tracker.abandon()
+        draft = self.tracker.next_report(heartbeat_due=False)
+        if draft is None:
+            return
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FINAL_REPORT_S),
+                                         connector=aiohttp.TCPConnector(ssl=self._tls)) as http:
+            await self._send(http, draft)
 
     @property
     def _lease_ms(self) -> int:

@@ -131,8 +131,6 @@ class RelayServer:
             await fetcher.stop()
         if relay is not None:
             await relay.access.stop()
-            if relay.presence is not None:
-                await relay.presence.stop()
         if sweeper is not None:
             # Bounded: a store client caught on a dead connection has been seen to sit on
             # a cancelled call (redis-py); a relay that is told to stop must stop.
@@ -142,6 +140,8 @@ class RelayServer:
             await runner.cleanup()
         if listener is not None:
             await listener.wait_closed()
+        if relay is not None and relay.presence is not None:
+            await relay.presence.stop()  # after the sessions: their ends go in its last report
         if relay is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_STOP_STEP_S):

@@ -243,3 +243,23 @@ async def test_replicas_on_one_redis_report_one_device_moving_between_them(
             assert all(h["disconnected_at_ms"] is not None for h in history)
         finally:
             await admin.close()
+
+
+async def test_a_relay_stopped_on_purpose_reports_its_devices_gone_at_once(
+        tmp_path: Path, start_relay: StartRelay) -> None:
+    """A rolling update stops relays with SIGTERM: the last report ends their connections,
+    so the oracle does not wait for the lease (90 s with a 30 s heartbeat) to know."""
+    alice = Identity.generate()
+    async with deployment(tmp_path, start_relay, presence_interval_s=0.05) as (
+            relay, oracle, admin):
+        await enroll(admin, alice)
+        await caught_up(relay, admin)
+        device = await RawDevice.connect(relay.url, alice)
+
+        async def online() -> bool:
+            return (await presence(admin, alice))["online"]
+        await eventually(online, timeout=10)
+        await relay.stop()
+        p = await presence(admin, alice)
+        assert not p["online"] and p["last_seen_ms"] is not None
+        await device.session.close()
