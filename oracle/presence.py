@@ -101,8 +101,12 @@ class ConnectionRecord:
                              "refused": self.refused}}
 
 
-class TooManyInstances(Exception):
-    """A relay key reports more live processes than MAX_INSTANCES_PER_RELAY_KEY."""
+class ReportRefused(Exception):
+    """A well-signed report the oracle will not apply, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -135,16 +139,18 @@ class Presence:
 
     async def _apply(self, report: PresenceReport, instance: str, now_ms: int) -> bool:
         row = await self.db.fetchrow(
-            "SELECT last_sequence, snapshot_from, gone FROM relay_instances WHERE instance = $1",
-            instance)
+            "SELECT relay_key, last_sequence, snapshot_from, gone FROM relay_instances"
+            " WHERE instance = $1", instance)
+        if row is not None and row["relay_key"] != report.relay.text:
+            raise ReportRefused(409, f"relay process {instance} reports with another relay key")
         known = row is not None and not row["gone"]
         if not known:
             live = await self.db.fetchval(
                 "SELECT COUNT(*) FROM relay_instances WHERE relay_key = $1 AND gone = 0",
                 report.relay.text)
             if live >= MAX_INSTANCES_PER_RELAY_KEY:
-                raise TooManyInstances(f"relay key {report.relay.text} already reports {live}"
-                                       " live processes")
+                raise ReportRefused(429, f"relay key {report.relay.text} already reports {live}"
+                                         " live processes")
         if known and report.sequence <= row["last_sequence"]:  # type: ignore[index]
             return False  # applied already (sequences only grow)
         follows = known and report.sequence == row["last_sequence"] + 1  # type: ignore[index]
@@ -184,10 +190,10 @@ class Presence:
                     snapshot_from)
             else:
                 await conn.execute(
-                    "UPDATE relay_instances SET relay_key = $2, last_heard_ms = $3,"
-                    " lease_until_ms = $4, lease_ms = $5, last_sequence = $6, snapshot_from = $7,"
-                    " gone = 0 WHERE instance = $1",
-                    instance, relay_key, now_ms, lease_until, report.lease_ms, report.sequence,
+                    "UPDATE relay_instances SET last_heard_ms = $2, lease_until_ms = $3,"
+                    " lease_ms = $4, last_sequence = $5, snapshot_from = $6, gone = 0"
+                    " WHERE instance = $1",
+                    instance, now_ms, lease_until, report.lease_ms, report.sequence,
                     snapshot_from)
         return wants_snapshot
 

@@ -29,7 +29,7 @@ from .auth import ACTOR
 from .context import ORACLE_KEY, OracleContext
 from .errors import InvalidInput
 from .metrics import METRICS_KEY
-from .presence import TooManyInstances
+from .presence import ReportRefused
 from .silence import parse_interval
 from .validation import parse_key
 from .webhook import SilenceWebhook
@@ -72,10 +72,10 @@ async def presence_report(request: web.Request) -> web.Response:
             return web.json_response({"error": exc.message}, status=status)
         try:
             wants_snapshot = await oracle.presence.apply(report, now_ms())
-        except TooManyInstances as exc:
+        except ReportRefused as exc:
             counted.labels("refused").inc()
-            oracle.log.warning("presence_report_refused", status=429, error=str(exc))
-            return web.json_response({"error": str(exc)}, status=429)
+            oracle.log.warning("presence_report_refused", status=exc.status, error=str(exc))
+            return web.json_response({"error": str(exc)}, status=exc.status)
     counted.labels("applied").inc()
     return web.json_response({"snapshot": wants_snapshot})
 

@@ -392,3 +392,24 @@ async def test_a_relay_key_cannot_report_unbounded_processes(
     other = Relay(server, Identity.generate())  # another key has its own allowance: but
     status, _ = await post(server, other.snapshot())  # the oracle does not know this one
     assert status == 401
+
+
+async def test_a_relay_process_cannot_be_taken_over_by_another_relay_key(
+        tmp_path: Path) -> None:
+    """Two allowed relay keys: one cannot report as the other's process (409), so it cannot
+    end that process's connections by a snapshot that leaves them out."""
+    other = Identity.generate()
+    settings = oracle_settings(tmp_path, relay_keys=(TRUSTED_RELAY.public.text, other.public.text))
+    async with OracleServer(settings) as oracle:
+        admin = await Admin.login(oracle)
+        try:
+            (alice,) = await enrolled(admin, "alice")
+            owner = Relay(oracle)
+            await applied(oracle, owner.snapshot(conn(alice, now_ms())))
+            intruder = Relay(oracle, other)
+            intruder.instance, intruder.sequence = owner.instance, owner.sequence
+            status, answer = await post(oracle, intruder.snapshot())
+            assert status == 409 and "another relay key" in answer["error"]
+            assert (await presence_of(admin, alice))["online"] is True
+        finally:
+            await admin.close()
