@@ -30,7 +30,7 @@ from .errors import InvalidInput, NotFound
 MIN_INTERVAL_S = 1
 MAX_INTERVAL_S = 366 * 86_400
 # Devices per query of a silence pass, and silent-set changes per write transaction.
-SLICE = 2000
+SLICE = 500
 _CHUNK = 500
 
 
