@@ -82,28 +82,27 @@ class SilenceChange:
     recovered: list[SilentDevice]
 
 
-# Every active device with a key in ($2, $3] ($3: through the last key when the upper-bound
-# clauses are dropped), an interval, offline, and whose last contact is older than that
-# interval: $1 is now in ms.  A device's own interval wins over its groups'
-# shortest.  Each part reads the key range only (memberships_by_device, the primary keys).
-_SILENT_NOW = """
-SELECT * FROM (
-SELECT d.key, d.name, dc.interval_s AS own_s, g.groups_s,
+# Every active, offline device with a key in ($1, $2] ($2: through the last key when the
+# upper-bound clauses are dropped), with its own interval, the shortest of its groups', and
+# its last contact; the caller keeps those past their interval (at most a slice of rows).
+# The groups' interval is looked up per device (memberships_by_device, then the group's
+# row) and presence is joined within the range: both engines then read the key range only,
+# where joins on whole tables made PostgreSQL hash every group and every presence row for
+# each slice.
+_CANDIDATES = """
+SELECT d.key, d.name, dc.interval_s AS own_s,
+       (SELECT MIN(gc.interval_s) FROM memberships m
+        JOIN group_checkin gc ON gc.group_id = m.group_id WHERE m.device_key = d.key) AS groups_s,
        CASE WHEN p.last_seen_ms IS NULL THEN d.last_seen_ms
             WHEN d.last_seen_ms IS NULL OR p.last_seen_ms > d.last_seen_ms THEN p.last_seen_ms
             ELSE d.last_seen_ms END AS last_seen_ms,
        d.enrolled_at_ms
 FROM devices d
 LEFT JOIN device_checkin dc ON dc.device_key = d.key
-LEFT JOIN (SELECT m.device_key, MIN(gc.interval_s) AS groups_s
-           FROM memberships m JOIN group_checkin gc ON gc.group_id = m.group_id
-           WHERE m.device_key > $2 AND m.device_key <= $3
-           GROUP BY m.device_key) g ON g.device_key = d.key
 LEFT JOIN device_presence p ON p.device_key = d.key
-WHERE d.key > $2 AND d.key <= $3 AND d.revoked_at_ms IS NULL
-  AND (dc.interval_s IS NOT NULL OR g.groups_s IS NOT NULL)
+    AND p.device_key > $1 AND p.device_key <= $2
+WHERE d.key > $1 AND d.key <= $2 AND d.revoked_at_ms IS NULL
   AND (p.online IS NULL OR p.online = 0)
-) x WHERE COALESCE(x.last_seen_ms, x.enrolled_at_ms) + 1000 * COALESCE(x.own_s, x.groups_s) < $1
 """
 
 
@@ -178,16 +177,21 @@ class SilenceWatch:
         """Keys in (low, high] (None: every key after low): find the silent, and write down
         what changed.  Bounds are keys in the database's own order (no sentinel that a
         PostgreSQL collation might sort elsewhere)."""
-        silent_now, held_sql = _SILENT_NOW, (
+        candidates, held_sql = _CANDIDATES, (
             "SELECT s.device_key, s.since_ms, s.last_seen_ms, s.interval_s, d.name,"
             " d.revoked_at_ms FROM silent_devices s JOIN devices d ON d.key = s.device_key"
             " WHERE s.device_key > $1 AND s.device_key <= $2")
         bounds: tuple[str, ...] = (low, high) if high is not None else (low,)
         if high is None:
-            silent_now = silent_now.replace(" AND m.device_key <= $3", "").replace(
-                " AND d.key <= $3", "")
+            candidates = candidates.replace(" AND p.device_key <= $2", "").replace(
+                " AND d.key <= $2", "")
             held_sql = held_sql.replace(" AND s.device_key <= $2", "")
-        found = {r["key"]: r for r in await self.db.fetch(silent_now, now_ms, *bounds)}
+        found = {}
+        for r in await self.db.fetch(candidates, *bounds):
+            interval_s = r["own_s"] if r["own_s"] is not None else r["groups_s"]
+            contact = r["last_seen_ms"] if r["last_seen_ms"] is not None else r["enrolled_at_ms"]
+            if interval_s is not None and contact + 1000 * interval_s < now_ms:
+                found[r["key"]] = r
         held = {r["device_key"]: r for r in await self.db.fetch(held_sql, *bounds)}
         fell = [SilentDevice(key, r["name"], now_ms, r["last_seen_ms"],
                              r["own_s"] if r["own_s"] is not None else r["groups_s"])
