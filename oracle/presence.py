@@ -199,6 +199,13 @@ class Presence:
 
     async def _apply_chunk(self, conn: Connection, chunk: Sequence[ConnectionState],
                            instance: str, relay_key: str, sequence: int, now_ms: int) -> None:
+        """Record a chunk of connections, then derive their devices' presence.
+
+        The devices' whole histories (at most HISTORY_PER_DEVICE rows each) are read
+        once by primary key and updated in memory, which also gives the rows to prune
+        and the presence to derive: no query filters on the instance, which made
+        PostgreSQL scan every row of a relay process (its index) once per chunk.
+        """
         if not chunk:
             return
         texts = {c.device: _text(c.device) for c in chunk}
@@ -209,21 +216,20 @@ class Presence:
         if not chunk:
             return
         keys = sorted({texts[c.device] for c in chunk})
-        known = {(r["device_key"], r["connected_at_ms"]): r for r in await conn.fetch(
-            "SELECT device_key, connected_at_ms, sent, received, refused FROM presence_history"
-            f" WHERE instance = $1 AND device_key IN ({_placeholders(len(keys), 2)})",
-            instance, *keys)}
-        history, totals, fresh = [], [], set()
+        histories = await _histories(conn, keys)
+        written, totals = [], []
         for c in chunk:
             key = texts[c.device]
-            before = known.get((key, c.connected_at_ms))
-            if before is None:
-                fresh.add(key)
-                old = (0, 0, 0)
-            else:
-                old = (before["sent"], before["received"], before["refused"])
+            rows = histories.setdefault(key, {})
+            before = rows.get((instance, c.connected_at_ms))
+            old = (0, 0, 0) if before is None else (before["sent"], before["received"],
+                                                    before["refused"])
             counts = (max(old[0], c.sent), max(old[1], c.received), max(old[2], c.refused))
-            history.append((key, instance, c.connected_at_ms, relay_key, c.disconnected_at_ms,
+            rows[(instance, c.connected_at_ms)] = {
+                "instance": instance, "relay_key": relay_key,
+                "connected_at_ms": c.connected_at_ms, "disconnected_at_ms": c.disconnected_at_ms,
+                "sent": counts[0], "received": counts[1], "refused": counts[2]}
+            written.append((key, instance, c.connected_at_ms, relay_key, c.disconnected_at_ms,
                             *counts, sequence))
             if counts != old:
                 totals.append((key, counts[0] - old[0], counts[1] - old[1], counts[2] - old[2]))
@@ -234,19 +240,25 @@ class Presence:
             " ON CONFLICT (device_key, instance, connected_at_ms) DO UPDATE SET"
             " disconnected_at_ms = excluded.disconnected_at_ms, sent = excluded.sent,"
             " received = excluded.received, refused = excluded.refused,"
-            " confirmed_sequence = excluded.confirmed_sequence", history)
+            " confirmed_sequence = excluded.confirmed_sequence", written)
         await conn.executemany(
             "INSERT INTO device_presence (device_key, last_seen_ms) VALUES ($1, $2)"
             " ON CONFLICT (device_key) DO NOTHING", [(key, now_ms) for key in keys])
         await conn.executemany(
             "UPDATE device_presence SET sent = sent + $2, received = received + $3,"
             " refused = refused + $4 WHERE device_key = $1", totals)
+        pruned = []
+        for key in keys:
+            rows = histories[key]
+            newest_first = sorted(rows, key=lambda name: rows[name]["connected_at_ms"],
+                                  reverse=True)
+            for name in newest_first[HISTORY_PER_DEVICE:]:
+                pruned.append((key, *name))
+                del rows[name]
         await conn.executemany(
-            "DELETE FROM presence_history WHERE device_key = $1"
-            " AND connected_at_ms < (SELECT connected_at_ms"
-            " FROM presence_history WHERE device_key = $1 ORDER BY connected_at_ms DESC"
-            f" LIMIT 1 OFFSET {HISTORY_PER_DEVICE - 1})", [(key,) for key in sorted(fresh)])
-        await self._derive(conn, keys, now_ms)
+            "DELETE FROM presence_history WHERE device_key = $1 AND instance = $2"
+            " AND connected_at_ms = $3", pruned)
+        await self._write_presence(conn, histories, now_ms)
 
     async def _end_unlisted(self, conn: Connection, instance: str, snapshot_from: int,
                             at_ms: int) -> None:
@@ -258,38 +270,31 @@ class Presence:
             "UPDATE presence_history SET disconnected_at_ms = $3 WHERE instance = $1"
             " AND disconnected_at_ms IS NULL AND confirmed_sequence < $2",
             instance, snapshot_from, at_ms)
-        await self._derive_all(conn, [r["device_key"] for r in rows], at_ms)
-
-    async def _derive_all(self, conn: Connection, keys: list[str], now_ms: int) -> None:
-        for start in range(0, len(keys), CHUNK):
-            await self._derive(conn, keys[start:start + CHUNK], now_ms)
+        await self._derive(conn, [r["device_key"] for r in rows], at_ms)
 
     async def _derive(self, conn: Connection, keys: list[str], now_ms: int) -> None:
-        """Recompute `device_presence` of `keys` from their history."""
-        if not keys:
-            return
-        marks = _placeholders(len(keys))
-        open_rows = await conn.fetch(
-            "SELECT device_key, instance, relay_key, connected_at_ms FROM presence_history"
-            f" WHERE device_key IN ({marks}) AND disconnected_at_ms IS NULL", *keys)
-        ended = {r["device_key"]: r["last"] for r in await conn.fetch(
-            "SELECT device_key, MAX(disconnected_at_ms) AS last FROM presence_history"
-            f" WHERE device_key IN ({marks}) GROUP BY device_key", *keys)}
-        current: dict[str, Any] = {}
-        for r in open_rows:
-            held = current.get(r["device_key"])
-            if held is None or r["connected_at_ms"] > held["connected_at_ms"]:
-                current[r["device_key"]] = r
-        rows = []
-        for key in keys:
-            r = current.get(key)
-            if r is not None:
-                rows.append((key, 1, r["relay_key"], r["instance"], r["connected_at_ms"], now_ms))
-            elif ended.get(key) is not None:
-                rows.append((key, 0, None, None, None, ended[key]))
+        """Recompute `device_presence` of `keys` from their history, a chunk at a time."""
+        for start in range(0, len(keys), CHUNK):
+            part = keys[start:start + CHUNK]
+            await self._write_presence(conn, await _histories(conn, part), now_ms)
+
+    async def _write_presence(self, conn: Connection,
+                              histories: dict[str, dict[tuple[str, int], dict[str, Any]]],
+                              now_ms: int) -> None:
+        """Online on the open connection that began last, else offline since the last end."""
+        updates = []
+        for key, rows in histories.items():
+            open_rows = [r for r in rows.values() if r["disconnected_at_ms"] is None]
+            if open_rows:
+                r = max(open_rows, key=lambda row: row["connected_at_ms"])
+                updates.append((key, 1, r["relay_key"], r["instance"], r["connected_at_ms"],
+                                now_ms))
+            elif rows:
+                updates.append((key, 0, None, None, None,
+                                max(r["disconnected_at_ms"] for r in rows.values())))
         await conn.executemany(
             "UPDATE device_presence SET online = $2, relay_key = $3, instance = $4,"
-            " connected_at_ms = $5, last_seen_ms = $6 WHERE device_key = $1", rows)
+            " connected_at_ms = $5, last_seen_ms = $6 WHERE device_key = $1", updates)
 
     async def expire_leases(self, now_ms: int, started_ms: int) -> int:
         """End the connections of relay processes whose lease passed unheard; how many processes.
@@ -310,7 +315,7 @@ class Presence:
                 await conn.execute(
                     "UPDATE presence_history SET disconnected_at_ms = $2 WHERE instance = $1"
                     " AND disconnected_at_ms IS NULL", row["instance"], row["last_heard_ms"])
-                await self._derive_all(conn, keys, now_ms)
+                await self._derive(conn, keys, now_ms)
                 await conn.execute("UPDATE relay_instances SET gone = 1 WHERE instance = $1",
                                    row["instance"])
         await self.db.execute("DELETE FROM relay_instances WHERE gone = 1 AND last_heard_ms < $1",
@@ -353,6 +358,20 @@ class Presence:
 
     async def live_instances(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM relay_instances WHERE gone = 0"))
+
+
+async def _histories(conn: Connection, keys: list[str]
+                     ) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
+    """Every recorded connection of `keys` (a chunk), by device, then (instance, start)."""
+    found: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    if not keys:
+        return found
+    for r in await conn.fetch(
+            "SELECT device_key, instance, relay_key, connected_at_ms, disconnected_at_ms, sent,"
+            " received, refused FROM presence_history"
+            f" WHERE device_key IN ({_placeholders(len(keys))})", *keys):
+        found.setdefault(r["device_key"], {})[(r["instance"], r["connected_at_ms"])] = r
+    return found
 
 
 def _placeholders(count: int, first: int = 1) -> str:
