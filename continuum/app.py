@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.errors import ProtocolError
 from runtime.client_address import client_address
+from runtime.listener import trust
 
 from .access import ListState
 from .connection_gate import ConnectionRefused
@@ -35,6 +36,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
         if await session.handshake(slot):
+            trust(request.transport)  # its frames no longer wait behind newcomers' turns
             await session.serve()
     finally:
         slot.release()

@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from proto import Identity
-from runtime.listener import SocketCap, listen
+from runtime.listener import Listener, SocketCap, TurnBudget, listen
 
 from .access import AccessControl
 from .access_fetch import AccessListFetcher
@@ -49,7 +49,7 @@ class RelayServer:
         self.settings = settings
         self.relay: RelayContext | None = None
         self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self.sockets: SocketCap | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._fetcher: AccessListFetcher | None = None
@@ -93,11 +93,13 @@ class RelayServer:
         refused = metrics.handshake_failures.labels("connection_limit")
         assert self._runner.server is not None
         self.sockets = SocketCap(self._runner.server, settings.max_connections,
-                                 on_refused=lambda first: refused.inc())
+                                 on_refused=lambda first: refused.inc(),
+                                 budget=TurnBudget(settings.unauthenticated_steps_per_turn,
+                                                   settings.unauthenticated_yield_ms / 1000))
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
         self._count_connections(metrics, gate)
         self._listener = await listen(self.sockets, settings.host, settings.port,
-                                      settings.tls_context())
+                                      settings.tls_context(), settings.request_timeout_s)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         await access.start()

@@ -67,6 +67,12 @@ class Settings:
     # Every TCP socket, from accept() until it is really gone.
     max_connections: int = 20_000
     max_pending_handshakes_per_address: int = 64
+    # Steps (an accept, or a read of a socket not yet authenticated) all unauthenticated
+    # peers together may take per event-loop turn, and how long they all wait after an
+    # authenticated device's read (at most): what a flood of handshakes can add to an
+    # established device's wait, however fast it comes (runtime/listener.TurnBudget).
+    unauthenticated_steps_per_turn: int = 1
+    unauthenticated_yield_ms: float = 2.0
     max_connections_per_address: int = 1_024
     max_connections_per_key: int = 1
     # Signature checks for keys this relay does not know yet, per client address.
@@ -157,6 +163,9 @@ class Settings:
                 ("max_pending_handshakes_per_address must be >= 1",
                  self.max_pending_handshakes_per_address >= 1),
                 ("unknown_key_rate_per_s must be > 0", self.unknown_key_rate_per_s > 0),
+                ("unauthenticated_steps_per_turn must be >= 1",
+                 self.unauthenticated_steps_per_turn >= 1),
+                ("unauthenticated_yield_ms must be > 0", self.unauthenticated_yield_ms > 0),
                 ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
                 ("tls_cert and tls_key go together", bool(self.tls_cert) == bool(self.tls_key)),
                 ("relay_key must be a csk_… secret key text",

@@ -6,7 +6,6 @@ so they all exercise the same code path; port 0 picks a free port.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from pathlib import Path
@@ -16,7 +15,7 @@ import structlog
 from aiohttp import web
 
 from proto import PublicKey
-from runtime.listener import SocketCap, listen
+from runtime.listener import Listener, SocketCap, listen
 
 from .auth import Auth
 from .context import OracleContext
@@ -40,7 +39,7 @@ class OracleServer:
         self.oracle: OracleContext | None = None
         self._running: contextlib.ExitStack | None = None
         self._runner: web.AppRunner | None = None
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self.connections: SocketCap | None = None
         self.port = settings.port
 
@@ -105,7 +104,8 @@ class OracleServer:
 
             self.connections = SocketCap(self._runner.server, limit, refused)
             self._listener = await listen(self.connections, self.settings.host,
-                                          self.settings.port, self.settings.tls_context())
+                                          self.settings.port, self.settings.tls_context(),
+                                          self.settings.request_timeout_s)
         except BaseException:
             if self.oracle is None:
                 await db.close()

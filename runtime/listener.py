@@ -1,26 +1,157 @@
-"""A listening socket whose every accepted TCP socket is counted until it is really gone.
+"""The listening sockets: every accepted TCP socket counted until it is really gone, and
+work for peers not yet authenticated kept from delaying the connections already served.
 
 aiohttp's own sites accept without limit, and a socket that never completes a
 request (slowloris) reaches no handler, middleware or connection gate; a
 socket whose handler has ended can still hold unsent data in the kernel.  So
-both services count here, in the protocol factory, the first code that sees
-an accepted socket: from `connection_made` to `connection_lost`, whatever
-state the socket dies in.  One over the cap is aborted (RST) before aiohttp
-allocates anything for it.
+both services count here, the first code that sees an accepted socket: from
+accept() until the transport reports it lost, whatever state the socket dies
+in (in a TLS handshake too, which must finish within the request timeout).
+One over the cap is reset at once, before aiohttp allocates anything for it.
 
-Only public API: aiohttp's `runner.server` is the protocol factory its own
-sites hand to `loop.create_server`; `SocketCap` wraps each protocol it makes.
+Why our own accept loop rather than `loop.create_server`: asyncio accepts up to
+its backlog (100) sockets each time the listening socket is readable and
+starts them all in the same turn, so a flood of new connections arrives as
+bursts of a hundred upgrade requests and handshakes, and a frame from an
+established device waits behind all of them (a known device's p99 was 10-15x
+its idle figure under a flood of refused handshakes, benchmarks/hostile.py).
+With a `TurnBudget` (the relay), accepts and reads of sockets whose peer has
+not proved who it is yet (every socket until the application calls `trust`
+on its transport) are steps of one shared budget: a few per turn, none
+right after an authenticated device's read, in arrival order.  However many
+such sockets there are and however fast they send, each turn carries at most
+that many of their steps.  The rest waits in the kernel (the listen queue,
+unread socket buffers), where it costs the process nothing.  Without one
+(the oracle) the loop still takes one socket per turn.
+
+Only public API: `loop.sock_accept` and `loop.connect_accepted_socket`, with
+aiohttp's `runner.server` as the protocol factory that `SocketCap` wraps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import socket
 import ssl
+import struct
+import time
+from collections import deque
 from collections.abc import Callable
+
+import structlog
+
+# How many connections the kernel keeps waiting for accept(): a flood fills it and
+# honest SYNs are retried by their kernels, as with any server; beyond a few
+# thousand it would only hold more of a flood.
+LISTEN_BACKLOG = 1024
+# After accept() failed for want of descriptors or memory, wait this long (as asyncio does).
+_ACCEPT_RETRY_S = 1.0
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class TurnBudget:
+    """Unauthenticated work yields to authenticated work: a few steps per event-loop turn,
+    and none for up to `yield_s` after an authenticated peer's read; the rest wait, in order.
+
+    A step is one accept or one read of a socket whose peer is not yet trusted
+    (each read starts at most one more step of its handler, so bounding reads
+    bounds that work too).  The budget of `per_turn` steps is refilled by a
+    callback that runs at the start of the next turn, before its I/O, or, when
+    an authenticated socket was read less than `yield_s` ago, once `yield_s`
+    has passed since that read: a device's frame and the few turns its
+    delivery takes then run with no newcomer's step between them.
+
+    So newcomers get every idle turn, and under any authenticated load at least
+    `per_turn` steps per `yield_s` of time: a refill that comes later than that
+    (a long, busy turn) grants the steps of the time that passed, up to
+    `_MAX_BANKED` refills' worth.  Waiters are resumed in arrival order, none
+    starved.
+    """
+
+    __slots__ = ("per_turn", "yield_s", "_left", "_waiting", "_refill_due", "_last_trusted",
+                 "_last_refill")
+
+    # At most this many refills' steps in one turn, however long the turn before it was.
+    _MAX_BANKED = 16
+
+    def __init__(self, per_turn: int, yield_s: float) -> None:
+        if per_turn < 1 or yield_s <= 0:
+            raise ValueError("a turn budget needs a step per turn and a yield > 0")
+        self.per_turn = per_turn
+        self.yield_s = yield_s
+        self._left = per_turn
+        # Each waiter resumes its step and says whether it took it (False: it went away).
+        self._waiting: deque[Callable[[], bool]] = deque()
+        self._refill_due = False
+        self._last_trusted = float("-inf")
+        self._last_refill = time.monotonic()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def trusted_read(self) -> None:
+        """An authenticated socket was read: newcomers wait until its work is done."""
+        self._last_trusted = time.monotonic()
+        self._left = 0
+
+    def take(self) -> bool:
+        """Spend one step of this turn now if one is left; False: `wait` instead."""
+        if self._left <= 0:
+            return False
+        self._left -= 1
+        self._schedule_refill()
+        return True
+
+    def wait(self, resume: Callable[[], bool]) -> None:
+        """Run `resume` in a later turn, after the waiters before it."""
+        self._waiting.append(resume)
+        self._schedule_refill()
+
+    async def step(self) -> None:
+        """Return once a step of some turn is ours (the accept loop's way to take one)."""
+        if self.take():
+            return
+        ready = asyncio.get_running_loop().create_future()
+
+        def resume() -> bool:
+            if ready.done():  # cancelled meanwhile
+                return False
+            ready.set_result(None)
+            return True
+
+        self.wait(resume)
+        await ready
+
+    def _schedule_refill(self) -> None:
+        if self._refill_due:
+            return
+        self._refill_due = True
+        loop = asyncio.get_running_loop()
+        delay = self._last_trusted + self.yield_s - time.monotonic()
+        if delay > 0:
+            loop.call_later(delay, self._refill)
+        else:
+            loop.call_soon(self._refill)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        periods = min(max(1, int((now - self._last_refill) / self.yield_s)), self._MAX_BANKED)
+        self._refill_due = False
+        self._last_refill = now
+        self._left = self.per_turn * periods
+        while self._left > 0 and self._waiting:
+            if self._waiting.popleft()():
+                self._left -= 1
+        if self._waiting:
+            self._schedule_refill()
 
 
 class SocketCap:
-    """A protocol factory for `loop.create_server`: `inner`'s protocols, at most `limit` open.
+    """A protocol factory around `inner`'s: at most `limit` sockets open at once.
 
     `on_refused(first)` is called for every socket refused, `first` being True
     for the first of an episode (since the last socket admitted), so a caller
@@ -28,18 +159,18 @@ class SocketCap:
     """
 
     def __init__(self, inner: Callable[[], asyncio.Protocol], limit: int,
-                 on_refused: Callable[[bool], None] = lambda first: None) -> None:
+                 on_refused: Callable[[bool], None] = lambda first: None,
+                 budget: TurnBudget | None = None) -> None:
         self._inner = inner
         self.limit = limit
+        self.budget = budget  # None: every socket is served as soon as it has data
         self._on_refused = on_refused
         self.open = 0
         self.refused = 0
         self._refusing = False
 
-    def __call__(self) -> asyncio.Protocol:
-        return _Counted(self)
-
-    def _admit(self) -> bool:
+    def admit(self) -> bool:
+        """Count one accepted socket in, or say it must be refused (the cap is reached)."""
         if self.open >= self.limit:
             self.refused += 1
             self._on_refused(not self._refusing)
@@ -49,34 +180,91 @@ class SocketCap:
         self._refusing = False
         return True
 
+    def protocol(self) -> _Counted:
+        """The protocol of one admitted socket; it counts the socket out when it is lost."""
+        return _Counted(self)
+
 
 class _Counted(asyncio.Protocol):
-    """Forwards every protocol event to the inner protocol, created only once admitted."""
+    """Forwards every protocol event to the inner protocol, created once the socket is live.
 
-    __slots__ = ("_cap", "_inner")
+    `release` counts the socket out once: from `connection_lost`, or from the
+    listener when the socket died before the transport reported it made (a TLS
+    handshake that failed or timed out never reaches `connection_made`).
+    Until `trust`, each read spends a step of the cap's `TurnBudget`; a read
+    that finds none left is held, with the socket paused, until its turn comes.
+    """
+
+    __slots__ = ("_cap", "_inner", "_released", "_transport", "_trusted", "_held", "_held_eof")
 
     def __init__(self, cap: SocketCap) -> None:
         self._cap = cap
         self._inner: asyncio.Protocol | None = None
+        self._released = False
+        self._transport: asyncio.Transport | None = None
+        self._trusted = False
+        self._held: bytes | None = None
+        self._held_eof = False  # the peer's EOF came after held data: deliver it after them
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cap.open -= 1
+
+    def trust(self) -> None:
+        self._trusted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._cap._admit():
-            transport.abort()  # connection_lost follows; nothing else ever saw this socket
-            return
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
         self._inner = self._cap._inner()
         self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.release()
+        self._held = None
         inner, self._inner = self._inner, None
         if inner is not None:
-            self._cap.open -= 1
             inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
+        if self._inner is None:
+            return
+        if self._held is not None:  # read before the pause took effect: keep the order
+            self._held += data
+            return
+        budget = self._cap.budget
+        if budget is None:
             self._inner.data_received(data)
+            return
+        if self._trusted:
+            budget.trusted_read()
+            self._inner.data_received(data)
+            return
+        if budget.take():
+            self._inner.data_received(data)
+            return
+        self._held = data
+        assert self._transport is not None
+        self._transport.pause_reading()
+        budget.wait(self._resume)
+
+    def _resume(self) -> bool:
+        data, self._held = self._held, None
+        if data is None or self._inner is None or self._transport is None:
+            return False  # lost while it waited
+        self._transport.resume_reading()
+        self._inner.data_received(data)
+        if self._held_eof:
+            self._held_eof = False
+            if not self.eof_received():
+                self._transport.close()
+        return True
 
     def eof_received(self) -> bool | None:
+        if self._held is not None:
+            self._held_eof = True
+            return True  # half-open until the held data and this EOF are delivered
         return self._inner.eof_received() if self._inner is not None else None
 
     def pause_writing(self) -> None:
@@ -88,8 +276,121 @@ class _Counted(asyncio.Protocol):
             self._inner.resume_writing()
 
 
-async def listen(cap: SocketCap, host: str, port: int,
-                 tls: ssl.SSLContext | None = None) -> asyncio.Server:
-    """Serve `cap`'s protocols on host:port (port 0: a free one), over TLS with `tls`."""
-    return await asyncio.get_running_loop().create_server(cap, host, port, reuse_address=True,
-                                                          ssl=tls)
+def trust(transport: asyncio.BaseTransport | None) -> None:
+    """The peer on `transport` proved who it is: its reads no longer wait for a turn budget."""
+    protocol = transport.get_protocol() if transport is not None else None
+    if isinstance(protocol, _Counted):
+        protocol.trust()
+
+
+class Listener:
+    """The listening sockets of one service and their accept loops; `close` stops accepting
+    (connections already made are the application's to close)."""
+
+    def __init__(self, cap: SocketCap, sockets: list[socket.socket],
+                 tls: ssl.SSLContext | None, tls_handshake_timeout_s: float) -> None:
+        self._cap = cap
+        self.sockets = sockets
+        self._tls = tls
+        self._tls_handshake_timeout_s = tls_handshake_timeout_s
+        self._log = structlog.get_logger("continuum.listener")
+        self._connecting: set[asyncio.Task[None]] = set()  # sockets whose transport is not made
+        self._accepting = [asyncio.create_task(self._accept_forever(sock), name="accept")
+                           for sock in sockets]
+
+    async def _accept_forever(self, listening: socket.socket) -> None:
+        loop, budget = asyncio.get_running_loop(), self._cap.budget
+        while True:
+            if budget is None:
+                # Still one socket per turn: what established connections have ready goes
+                # first (see the module docstring).
+                await asyncio.sleep(0)
+            else:
+                await budget.step()
+            try:
+                conn, _ = await loop.sock_accept(listening)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._log.warning("accept_out_of_resources", error=exc.strerror)
+                await asyncio.sleep(_ACCEPT_RETRY_S)
+                continue
+            self._start(conn)
+
+    def _start(self, conn: socket.socket) -> None:
+        if not self._cap.admit():
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+            conn.close()
+            return
+        conn.setblocking(False)
+        # Making the transport takes a turn (a TLS handshake, round trips): beside the
+        # accept loop, so the loop may take the next socket in this same turn.
+        task = asyncio.create_task(self._connect(conn), name="connect")
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        made: list[_Counted] = []
+
+        def protocol() -> _Counted:
+            made.append(self._cap.protocol())
+            return made[0]
+
+        loop = asyncio.get_running_loop()
+        try:
+            if self._tls is None:
+                await loop.connect_accepted_socket(protocol, conn)
+            else:
+                await loop.connect_accepted_socket(
+                    protocol, conn, ssl=self._tls,
+                    ssl_handshake_timeout=self._tls_handshake_timeout_s)
+        except BaseException as exc:
+            # The socket died before the transport said it was made (a TLS handshake that
+            # failed or timed out, a stop): nothing will report it lost, so count it out
+            # here (a no-op if connection_lost already did).
+            if made:
+                made[0].release()
+            else:
+                self._cap.open -= 1
+            conn.close()
+            if not isinstance(exc, Exception):
+                raise
+
+    def close(self) -> None:
+        """Stop accepting: cancel the accept loops and unfinished connects, close the sockets."""
+        for task in (*self._accepting, *self._connecting):
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(*self._accepting, *self._connecting, return_exceptions=True)
+
+
+async def listen(cap: SocketCap, host: str, port: int, tls: ssl.SSLContext | None = None,
+                 tls_handshake_timeout_s: float = 10.0) -> Listener:
+    """Serve `cap`'s protocols on every address `host` names, on `port` (0: a free one),
+    over TLS with `tls`; a TLS handshake must finish within `tls_handshake_timeout_s`."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # One socket per family, as asyncio does: no dual-stack surprises.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        raise
+    return Listener(cap, sockets, tls, tls_handshake_timeout_s)
