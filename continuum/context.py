@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -15,6 +16,10 @@ from .metrics import RelayMetrics
 from .settings import Settings
 from .store import MailboxLimits, MailboxStore
 
+if TYPE_CHECKING:
+    from .presence_report import PresenceReporter
+    from .store.regional import RegionalStore
+
 
 @dataclass
 class RelayContext:
@@ -25,6 +30,10 @@ class RelayContext:
     log: structlog.typing.FilteringBoundLogger
     gate: ConnectionGate
     access: AccessControl
+    # Reports enrolled devices' connections to the oracle (None: no oracle, or turned off).
+    presence: PresenceReporter | None = None
+    # The region stores behind `store`, for their health (None: a relay without regions).
+    regions: RegionalStore | None = None
 
     @functools.cached_property
     def mailbox_limits(self) -> MailboxLimits:
