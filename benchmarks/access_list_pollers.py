@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import aiohttp
 import cbor2
-from common import CpuSampler, free_port, stop_process_group, table, write_results
+from common import CpuSampler, table, write_results
 import oracle_process
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -175,37 +174,23 @@ def run(devices: int, pollers: int, calls: int, interval_ms: float, rounds: int,
     with tempfile.TemporaryDirectory(prefix="continuum-bench-oracle-") as tmp, \
             oracle_process.database(tmp, postgres) as database:
         keys = asyncio.run(oracle_process.fill_fleet(database, devices))
-        port = free_port()
-        command, env = oracle_process.oracle_command(baseline)
-        env.update({"CONTINUUM_ORACLE_DATABASE": database,
-                    "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
-                    "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
-                    "CONTINUUM_ORACLE_RELAY_KEYS": relay.public.text,
-                    "CONTINUUM_ORACLE_LOG_LEVEL": "error"})
-        created = subprocess.run([*command, "create-token", "bench"], env=env, check=True,
-                                 capture_output=True, text=True, timeout=60)
-        token = re.search(r": (\S+)$", created.stdout.strip()).group(1)  # type: ignore[union-attr]
-        oracle_key = subprocess.run([*command, "show-key"], env=env, check=True,
-                                    capture_output=True, text=True, timeout=60).stdout.strip()
-        with open(f"{tmp}/oracle.log", "wb") as log:
-            oracle = subprocess.Popen([*command, "serve"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+        oracle = oracle_process.configure(tmp, database, baseline,
+                                          relay_keys=relay.public.text)
+        token = re.search(r": (\S+)$", oracle.cli("create-token", "bench")).group(1)  # type: ignore[union-attr]
+        oracle_key = oracle.cli("show-key")
         idle: list[dict] = []
         polled: list[dict] = []
         answered = 0
-        try:
-            base = f"http://127.0.0.1:{port}"
-            oracle_process.wait_healthy(base, oracle)
+        with oracle_process.serving(oracle, f"{tmp}/oracle.log") as process:
+            base = oracle.base
             interval_s = interval_ms / 1000
-            _phase(base, token, keys, max(4, calls // 4), interval_s, oracle.pid)  # warm-up
+            _phase(base, token, keys, max(4, calls // 4), interval_s, process.pid)  # warm-up
             # Rounds alternate, so drift in the machine's speed hits both phases alike.
             for _ in range(rounds):
-                idle.append(_phase(base, token, keys, calls, interval_s, oracle.pid))
+                idle.append(_phase(base, token, keys, calls, interval_s, process.pid))
                 with _Pollers(f"{base}/v1/access-list", oracle_key, relay, pollers) as running:
-                    polled.append(_phase(base, token, keys, calls, interval_s, oracle.pid))
+                    polled.append(_phase(base, token, keys, calls, interval_s, process.pid))
                 answered += running.answered
-        finally:
-            stop_process_group(oracle, 15, grace_s=10)
     idle_summary, polled_summary = _summary(idle), _summary(polled)
     return {"devices": devices, "pollers": pollers, "calls": calls, "rounds": rounds,
             "interval_ms": interval_ms, "baseline": baseline,

@@ -8,7 +8,12 @@ The oracle is a subprocess started with its CLI, its database pre-filled
 directly (the API would take minutes): devices `device-000000`… tagged
 `site-0`…`site-9` (one in a hundred also `camera`), in groups of 10.  An
 admin logs in, then each request kind is sent `--requests` times, one at a
-time, after 3 warm-ups.  The figure is the server's own time for each
+time, after 3 warm-ups.  Presence is filled too: every other device online
+(reported by one relay process, 0..3 messages each), every group of ten
+with an expected check-in of an hour, so the offline devices enrolled
+"two hours ago" are silent; the silence watch's first pass over the fleet
+(the query that finds them, and writing them down) is timed in-process.
+The figure is the server's own time for each
 request, from its `Server-Timing: app;dur=…` header (the metrics middleware
 measures from the request reaching the application to the response being
 ready, so loopback transfer and the client are left out), as p50/p99, and
@@ -25,7 +30,6 @@ import asyncio
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +37,7 @@ from pathlib import Path
 
 import aiohttp
 import oracle_process
-from common import free_port, stop_process_group, table, write_results
+from common import table, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,6 +66,12 @@ def _kinds(devices: int, keys: list[str]) -> dict[str, object]:
         "API search (limit=50)": lambda n: f"/v1/devices?limit=50&q=device-{term(n)}",
         "API filter (tag camera, -enrolled)": lambda n: (
             "/v1/devices?limit=50&tag=camera&sort=-enrolled"),
+        "dashboard filter (online)": lambda n: "/?online=true",
+        "dashboard filter (offline + tag)": lambda n: f"/?online=false&tag=site-{n % 10}",
+        "dashboard silent list": lambda n: "/?silent=true",
+        "dashboard search (name substring, online)": lambda n: (
+            f"/?q=device-{term(n)}&online=true"),
+        "API filter (online=true, limit=50)": lambda n: "/v1/devices?limit=50&online=true",
     }
 
 
@@ -109,35 +119,28 @@ def run(devices: int, requests: int, postgres: bool, baseline: str | None) -> di
         started = time.monotonic()
         keys = asyncio.run(oracle_process.fill_fleet(database, devices))
         fill_s = time.monotonic() - started
-        port = free_port()
-        command, env = oracle_process.oracle_command(baseline)
-        env.update({"CONTINUUM_ORACLE_DATABASE": database,
-                    "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
-                    "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
-                    "CONTINUUM_ORACLE_LOG_LEVEL": "error"})
-        created = subprocess.run([*command, "create-admin", "bench"], env=env, check=True,
-                                 capture_output=True, text=True, timeout=60)
-        password = created.stdout.strip().rsplit(": ", 1)[1]
-        with open(f"{tmp}/oracle.log", "wb") as log:
-            oracle = subprocess.Popen([*command, "serve"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            oracle_process.wait_healthy(base, oracle)
+        silence_s = asyncio.run(oracle_process.fill_presence(database, keys)) \
+            if baseline is None else None
+        oracle = oracle_process.configure(tmp, database, baseline)
+        password = oracle.cli("create-admin", "bench").rsplit(": ", 1)[1]
+        with oracle_process.serving(oracle, f"{tmp}/oracle.log"):
             kinds = _kinds(devices, keys)
             only = {"dashboard first page", "dashboard search (name substring)"} if baseline \
                 else None
-            results = asyncio.run(_measure(base, "bench", password, kinds, requests, only))
-        finally:
-            stop_process_group(oracle, 15, grace_s=10)
+            results = asyncio.run(_measure(oracle.base, "bench", password, kinds, requests,
+                                           only))
     return {"devices": devices, "database": "postgresql" if postgres else "sqlite",
-            "baseline": baseline, "fill_s": fill_s, "requests": results}
+            "baseline": baseline, "fill_s": fill_s, "silence_check_s": silence_s,
+            "requests": results}
 
 
 def render(runs: list[dict]) -> str:
     rows = [(f"{r['devices']:,}", r["database"], name, m["p50_ms"], m["p99_ms"], m["bytes"],
              m["timed_by"])
             for r in runs for name, m in r["requests"].items()]
+    rows += [(f"{r['devices']:,}", r["database"], "silence watch, first pass (in-process)",
+              r["silence_check_s"] * 1000, "", "", "wall") for r in runs
+             if r.get("silence_check_s") is not None]
     return table(["devices", "db", "request", "p50 ms", "p99 ms", "bytes", "timed by"], rows)
 
 

@@ -13,7 +13,10 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from common import free_port, stop_process_group
 
 POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -54,6 +57,47 @@ def oracle_command(baseline: str | None) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-P", "-m", "oracle"], env
 
 
+@dataclass(frozen=True)
+class Oracle:
+    """How to run one benchmark oracle: its command line, environment and URL."""
+
+    command: list[str]
+    env: dict[str, str]
+    base: str
+
+    def cli(self, *args: str) -> str:
+        """Run a `continuum-oracle` subcommand (create-admin, show-key, …); its stdout."""
+        return subprocess.run([*self.command, *args], env=self.env, check=True,
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+def configure(tmp: str, database: str, baseline: str | None = None,
+              **settings: str) -> Oracle:
+    """An oracle on a free port of 127.0.0.1 over `database`, its key in `tmp`; `settings`
+    are more CONTINUUM_ORACLE_<NAME> variables (relay_keys=…)."""
+    port = free_port()
+    command, env = oracle_command(baseline)
+    env.update({"CONTINUUM_ORACLE_DATABASE": database,
+                "CONTINUUM_ORACLE_IDENTITY_FILE": f"{tmp}/oracle.key",
+                "CONTINUUM_ORACLE_HOST": "127.0.0.1", "CONTINUUM_ORACLE_PORT": str(port),
+                "CONTINUUM_ORACLE_LOG_LEVEL": "error",
+                **{f"CONTINUUM_ORACLE_{name.upper()}": value for name, value in settings.items()}})
+    return Oracle(command, env, f"http://127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def serving(oracle: Oracle, log_path: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`serve` in a process group of its own, healthy before this yields, stopped after."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([*oracle.command, "serve"], env=oracle.env, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(oracle.base, process)
+        yield process
+    finally:
+        stop_process_group(process, 15, grace_s=10)
+
+
 def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -65,6 +109,43 @@ def wait_healthy(base: str, oracle: subprocess.Popen[bytes], timeout_s: float = 
         except (urllib.error.URLError, OSError):
             time.sleep(0.05)
     raise TimeoutError(f"oracle not healthy within {timeout_s}s")
+
+
+async def fill_presence(database: str, keys: list[str]) -> float:
+    """Every other device online on one relay process with a few messages, the others
+    offline since enrolment; every group expected to check in hourly and enrolment moved two
+    hours back, so the offline half is silent.  Returns the seconds the silence watch's
+    first pass over this fleet took (it finds and records the silent devices)."""
+    from oracle.db import open_database
+    from oracle.silence import SilenceWatch
+    from runtime.clock import now_ms
+
+    db = await open_database(database)
+    now = now_ms()
+    instance, relay = "00" * 16, "cpk_bench_relay"
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("UPDATE devices SET enrolled_at_ms = enrolled_at_ms - 7200000")
+            await conn.executemany(
+                "INSERT INTO group_checkin (group_id, interval_s) VALUES ($1, 3600)",
+                [(f"g{n:06d}",) for n in range((len(keys) + GROUP_SIZE - 1) // GROUP_SIZE)])
+            online = [(key, n % 4) for n, key in enumerate(keys) if n % 2 == 0]
+            await conn.executemany(
+                "INSERT INTO presence_history (device_key, instance, connected_at_ms, relay_key,"
+                " sent, received, refused, confirmed_sequence) VALUES ($1, $2, $3, $4, $5, $5,"
+                " 0, 1)", [(key, instance, now - 60_000, relay, sent) for key, sent in online])
+            await conn.executemany(
+                "INSERT INTO device_presence (device_key, online, relay_key, instance,"
+                " connected_at_ms, last_seen_ms, sent, received, refused)"
+                " VALUES ($1, 1, $2, $3, $4, $4, $5, $5, 0)",
+                [(key, relay, instance, now - 60_000, sent) for key, sent in online])
+        if database.startswith("postgresql"):
+            await db.execute("ANALYZE")
+        started = time.perf_counter()
+        await SilenceWatch(db).check(now_ms())
+        return time.perf_counter() - started
+    finally:
+        await db.close()
 
 
 async def fill_fleet(database: str, devices: int) -> list[str]:

@@ -34,6 +34,7 @@ from proto.errors import (AccessListUnavailableError, NotEnrolledError, NotPeerE
                           ProtocolError, RevokedError, StoreUnavailableError)
 from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
+from runtime.tasks import cancel_and_wait
 
 from .metrics import RelayMetrics
 from .settings import FAIL_CLOSED, Settings
@@ -93,11 +94,8 @@ class AccessControl:
         self._alarm = asyncio.create_task(self._alarm_forever(), name="access-list-expiry")
 
     async def stop(self) -> None:
-        if self._alarm is not None:
-            self._alarm.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._alarm
-            self._alarm = None
+        task, self._alarm = self._alarm, None
+        await cancel_and_wait(task)
 
     async def wait_loaded(self, timeout: float) -> bool:
         """True once a verified list is in force (tests and readiness checks)."""

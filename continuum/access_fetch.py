@@ -24,7 +24,6 @@ to it, which it cannot do while the relay does not know its new key.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from urllib.parse import urlsplit
 
@@ -36,6 +35,7 @@ from proto.access import (ACCESS_LIST_PATH, ORACLE_KEY_CHAIN_PATH, REQUEST_NONCE
                           AccessRequest)
 from proto.errors import ProtocolError
 from runtime.clock import now_ms
+from runtime.tasks import cancel_and_wait
 from runtime.tls import is_loopback_host
 
 from .access import AccessControl
@@ -74,11 +74,8 @@ class AccessListFetcher:
         self._task = asyncio.create_task(self._poll_forever(), name="access-list")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _poll_forever(self) -> None:
         """Long-poll the oracle; each answer is a list to try, or "nothing new yet"."""

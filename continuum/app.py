@@ -13,7 +13,7 @@ from .access import ListState
 from .connection_gate import ConnectionRefused
 from .context import RelayContext
 from .session import DeviceSession
-from .store.regional import PROBE_TIMEOUT_S, RegionalStore
+from .store.regional import PROBE_TIMEOUT_S
 from .websocket import DeviceWebSocket
 
 RELAY_KEY = web.AppKey("relay", RelayContext)
@@ -69,8 +69,8 @@ async def _regions(relay: RelayContext) -> dict[str, object]:
     """Each region store's state, for a relay with regions (SPEC §19): another region's
     outage is reported here and in metrics, and refuses only sends to devices homed there,
     so it never makes this relay's /healthz fail."""
-    store = relay.store
-    if not isinstance(store, RegionalStore):
+    store = relay.regions
+    if store is None:
         return {}
     states = await store.probe(PROBE_TIMEOUT_S)
     return {"region": store.local,

@@ -141,6 +141,11 @@ class ConnectionGate:
     def pending_handshakes(self) -> int:
         return sum(len(slots) for slots in self._pending.values())
 
+    @property
+    def authenticated(self) -> int:
+        """Connections that authenticated and are not released yet (serving or closing)."""
+        return sum(self._authenticated_per_address.values())
+
     def _authenticated(self, slot: Slot, key: PublicKey) -> None:
         self._drop_pending(slot)
         slot.key = key

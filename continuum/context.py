@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -17,6 +18,10 @@ from .store import MailboxLimits, MailboxStore
 from .streams.router import StreamRouter
 from .streams.table import StreamBudget
 
+if TYPE_CHECKING:
+    from .presence_report import PresenceReporter
+    from .store.regional import RegionalStore
+
 
 @dataclass
 class RelayContext:
@@ -29,6 +34,10 @@ class RelayContext:
     access: AccessControl
     streams: StreamRouter
     stream_budget: StreamBudget
+    # Reports enrolled devices' connections to the oracle (None: no oracle, or turned off).
+    presence: PresenceReporter | None = None
+    # The region stores behind `store`, for their health (None: a relay without regions).
+    regions: RegionalStore | None = None
 
     @functools.cached_property
     def mailbox_limits(self) -> MailboxLimits:

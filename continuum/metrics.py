@@ -1,17 +1,44 @@
 """Prometheus metrics of one relay, in a registry of its own.
 
 A registry per relay (not the global default) lets tests and benchmarks run
-several relays in one process without their counters mixing.
+several relays in one process without their counters mixing.  It also carries
+the process's own metrics (CPU, memory, open files; Python's collector), as
+prometheus_client's default registry would.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+
+from .store.timed import OPERATIONS, OperationTimings
+
+# Store calls take tens of microseconds embedded, a millisecond or so on Redis in the same
+# zone; WAIT for replicas and outages take longer.
+STORE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5)
 
 
 class RelayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.store_seconds = OperationTimings(
+            "continuum_store_operation_seconds",
+            "Time of each mailbox store call, whatever its answer", STORE_BUCKETS, OPERATIONS)
+        self.registry.register(self.store_seconds)
+        self.store_errors = Counter(
+            "continuum_store_errors",
+            "Store calls that failed because the store could not be reached or could not"
+            " write (STORE_UNAVAILABLE)", ["operation"], registry=self.registry)
+        self.connections = Gauge(
+            "continuum_connections",
+            "Sockets by state: upgrading (accepted, no complete WebSocket upgrade yet, or a"
+            " /healthz or /metrics request), handshake (upgraded, not authenticated), open"
+            " (authenticated and served), closing (served, socket not yet released)",
+            ["state"], registry=self.registry)
         self.accepted = Counter("continuum_messages_accepted", "Envelopes stored for delivery",
                                 registry=self.registry)
         self.rejected = Counter("continuum_messages_rejected", "Envelopes or frames refused",
@@ -74,6 +101,24 @@ class RelayMetrics:
             "continuum_stream_frames_dropped",
             "Stream frames dropped because their stream had ended (they crossed its end)",
             ["reason"], registry=self.registry)
+        # Presence reports to the oracle (continuum/presence_report.py).
+        self.presence_reports = Counter(
+            "continuum_presence_reports", "Presence reports sent to the oracle, by outcome"
+            " (delivered, failed: the next report is a snapshot)", ["result"],
+            registry=self.registry)
+        self.presence_held = Gauge(
+            "continuum_presence_connections",
+            "Connections of enrolled devices this process reports as open",
+            registry=self.registry)
+        self.presence_waiting = Gauge(
+            "continuum_presence_waiting",
+            "Ended connections waiting to be reported (bounded by --presence-max-waiting)",
+            registry=self.registry)
+        self.presence_dropped = Counter(
+            "continuum_presence_dropped",
+            "Ended connections forgotten unreported because the queue was full (an oracle"
+            " outage); the oracle ends them when a snapshot no longer lists them",
+            registry=self.registry)
         self.region_store_up = Gauge(
             "continuum_region_store_up",
             "1 while the store of this region answered its last call or probe, 0 once it did"

@@ -52,6 +52,7 @@ from proto.handshake import RelayHandshake
 from .access import AccessControl
 from .admission import admit, replay_until_ms
 from .metrics import RelayMetrics
+from .presence import ConnectionCounts
 from .settings import Settings
 from .store import StoredMessage
 from .streams.table import (Address, Dropped, Output, Refused, StreamBudget, StreamTable,
@@ -142,8 +143,8 @@ class RelayProtocol:
 
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
                  "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
-                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "_stream_budget",
-                 "_streams")
+                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "counts",
+                 "_stream_budget", "_streams")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
@@ -170,6 +171,8 @@ class RelayProtocol:
         self._cursor: str | None = None
         self._asked = 0  # the limit of the Fetch outstanding, 0 when none is
         self._wanted = False  # the mailbox may hold more than was fetched
+        # This connection's messages, for the oracle's presence reports (`presence`).
+        self.counts = ConnectionCounts()
         # Streams: the relay-wide count, and this connection's table, made at its first stream
         # (most connections never carry one, and each byte of an idle connection counts).
         self._stream_budget = stream_budget or StreamBudget(settings.max_streams,
@@ -321,6 +324,7 @@ class RelayProtocol:
         """The store holds every recipient's copy: only now may the device hear ACCEPTED."""
         if self.phase is Phase.OPEN:
             self._metrics.accepted.inc()
+            self.counts.sent += 1
             self._emit(Accepted(msg_id))
 
     def store_refused(self, msg_id: bytes, error: ProtocolError) -> None:
@@ -364,6 +368,7 @@ class RelayProtocol:
         """The store acted on an ACK; `existed` is False if it was already gone (acked, expired)."""
         if existed:
             self._metrics.acked.inc()
+            self.counts.received += 1
         if tag not in self._in_flight:
             return None
         # Only a full window can have stopped the last fetch short of the mailbox's end;
@@ -508,6 +513,7 @@ class RelayProtocol:
             self._invalid_frames += 1
         reason = error.code.name.lower()
         self._metrics.rejected.labels(reason).inc()
+        self.counts.refused += 1
         self._log.debug("rejected", reason=reason, detail=error.message)
         self._emit(Error(msg_id, int(error.code), error.message))
         if self._invalid_frames >= self._settings.max_invalid_frames:

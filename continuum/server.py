@@ -25,9 +25,11 @@ from .connection_gate import ConnectionGate
 from .context import RelayContext
 from .expiry import expire_forever
 from .metrics import RelayMetrics
+from .presence_report import PresenceReporter
 from .settings import Settings
 from .store import open_store
-from .store.regional import RegionalStore, open_regional_store
+from .store.regional import open_regional_store
+from .store.timed import TimedStore
 from .streams.router import StreamRouter
 from .streams.table import StreamBudget
 
@@ -75,7 +77,9 @@ class RelayServer:
         log = structlog.get_logger("continuum").bind(relay=identity.public.text[:16])
         metrics = RelayMetrics()
         access = AccessControl(settings, metrics, log)
-        store = open_regional_store(settings, access, metrics) or open_store(settings.store)
+        regions = open_regional_store(settings, access, metrics)
+        store = TimedStore(regions or open_store(settings.store), metrics.store_seconds,
+                           metrics.store_errors)
         self._fetcher = AccessListFetcher(access, settings, identity, store, log)
         gate = ConnectionGate(
             max_pending_per_address=settings.max_pending_handshakes_per_address,
@@ -89,8 +93,10 @@ class RelayServer:
         streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
                                tick_s=min(0.5, settings.stream_open_timeout_s / 4),
                                remote=store.stream_bus())
+        presence = (PresenceReporter(settings, identity, access, metrics, log)
+                    if access.enabled and settings.presence_interval_s > 0 else None)
         self.relay = RelayContext(settings, store, identity, metrics, log, gate, access,
-                                  streams, budget)
+                                  streams, budget, presence, regions)
         await streams.start()
         # keepalive_timeout also bounds the time from accept() to a complete request:
         # aiohttp arms it when the socket is accepted (slowloris).
@@ -105,16 +111,32 @@ class RelayServer:
                                  budget=TurnBudget(settings.unauthenticated_steps_per_turn,
                                                    settings.unauthenticated_yield_ms / 1000))
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
+        self._count_connections(metrics, gate)
         self._listener = await listen(self.sockets, settings.host, settings.port,
                                       settings.tls_context(), settings.request_timeout_s)
         self.port = self._listener.sockets[0].getsockname()[1]
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
-        if isinstance(store, RegionalStore):
-            self._prober = asyncio.create_task(store.probe_forever(), name="region-probe")
+        if regions is not None:
+            self._prober = asyncio.create_task(regions.probe_forever(), name="region-probe")
         await access.start()
         await self._fetcher.start()
+        if presence is not None:
+            await presence.start()
         log.info("relay_started", url=self.url, relay_key=identity.public.text,
                  settings=settings.describe())
+
+    def _count_connections(self, metrics: RelayMetrics, gate: ConnectionGate) -> None:
+        """`continuum_connections{state}`, read from the gate and the sockets when scraped."""
+        # Sessions being served: the gauge the sessions keep (prometheus_client has no
+        # public read of one value short of collecting the registry).
+        open_now = metrics.connected._value.get
+        states = metrics.connections
+        states.labels("handshake").set_function(lambda: gate.pending_handshakes)
+        states.labels("open").set_function(open_now)
+        states.labels("closing").set_function(lambda: max(0, gate.authenticated - open_now()))
+        states.labels("upgrading").set_function(lambda: max(0, (
+            self.sockets.open if self.sockets else 0)
+            - gate.pending_handshakes - gate.authenticated))
 
     async def stop(self) -> None:
         """Stop serving and close the store; safe to call twice."""
@@ -140,6 +162,8 @@ class RelayServer:
             await runner.cleanup()
         if listener is not None:
             await listener.wait_closed()
+        if relay is not None and relay.presence is not None:
+            await relay.presence.stop()  # after the sessions: their ends go in its last report
         if relay is not None:
             await relay.streams.stop()  # after the sessions: their last aborts go out first
             with contextlib.suppress(TimeoutError):

@@ -110,6 +110,8 @@ class DeviceSession:
         unwatch = relay.access.watch(device, self._revoked)
         subscription: Subscription | None = None
         relay.metrics.connected.inc()
+        presence = relay.presence
+        tracked = presence.connected(device, self._protocol.counts) if presence else None
         log = relay.log.bind(device=device.text)
         log.info("device_connected")
         try:
@@ -131,6 +133,8 @@ class DeviceSession:
                 self._watchdog.cancel()
             unwatch()
             relay.metrics.connected.dec()
+            if presence is not None:
+                presence.disconnected(tracked)
             if subscription is not None:
                 await subscription.close()
             if self._delivery is not None:

@@ -130,6 +130,13 @@ class Settings:
     region: str = ""
     region_stores: tuple[str, ...] = repeatable("region-store", "REGION=STORE_URL of another"
                                                 " region")
+    # Presence (with an oracle): connections of enrolled devices and their message counts go
+    # to the oracle in one signed report per interval (0: never), an empty one at least
+    # every heartbeat; at most presence_max_waiting ended connections wait for an oracle
+    # that cannot be reached.  README "Presence".
+    presence_interval_s: float = 2.0
+    presence_heartbeat_s: float = 30.0
+    presence_max_waiting: int = 50_000
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -223,6 +230,10 @@ class Settings:
                      self.stream_connection_window_bytes, self.stream_relay_window_bytes)
                  >= self.max_envelope_bytes + CHUNK_OVERHEAD_BYTES),
                 *_region_problems(self.region, self.store, self.region_stores),
+                ("presence_interval_s must be >= 0", self.presence_interval_s >= 0),
+                ("presence_heartbeat_s must be >= presence_interval_s and <= 200",
+                 self.presence_interval_s <= self.presence_heartbeat_s <= 200),
+                ("presence_max_waiting must be >= 1", self.presence_max_waiting >= 1),
             ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

@@ -25,6 +25,7 @@ from .context import ORACLE_KEY, OracleContext
 from .device_search import DeviceQuery
 from .errors import InvalidInput
 from .pagination import parse_limit
+from .presence import NEVER_SEEN
 from .validation import parse_key
 
 OPENAPI_FILE = Path(__file__).parent / "openapi.json"
@@ -49,10 +50,16 @@ def _actor(request: web.Request) -> Actor:
 
 
 async def list_devices(request: web.Request) -> web.Response:
+    oracle = _oracle(request)
     query = DeviceQuery.from_params(request.query, default_limit=None)
-    page = await _oracle(request).registry.search_devices(query)
-    return web.json_response({"devices": [d.to_json() for d in page.items],
-                              "next_cursor": page.next_cursor})
+    page = await oracle.registry.search_devices(query)
+    keys = [d.key for d in page.items]
+    presence = await oracle.presence.of_devices(keys)
+    silent = await oracle.silence.of_devices(keys)
+    return web.json_response({"devices": [
+        {**d.to_json(), "presence": presence.get(d.key, NEVER_SEEN).to_json(),
+         "silent_since_ms": silent[d.key].since_ms if d.key in silent else None}
+        for d in page.items], "next_cursor": page.next_cursor})
 
 
 async def enroll_device(request: web.Request) -> web.Response:
@@ -82,10 +89,16 @@ async def get_device(request: web.Request) -> web.Response:
     registry = _oracle(request).registry
     key = parse_key(request.match_info["key"])
     device = await registry.get_device(key)
+    oracle = _oracle(request)
+    silent = (await oracle.silence.of_devices([key])).get(key)
     return web.json_response({
         **device.to_json(),
         "peers": sorted(await registry.current_peers(key)),
         "pushes": [p.to_json() for p in await registry.push_history(key)],
+        "presence": (await oracle.presence.of_device(key)).to_json(),
+        "presence_history": [c.to_json() for c in await oracle.presence.history(key)],
+        "check_in": (await oracle.checkins.of_device(key)).to_json(),
+        "silent_since_ms": silent.since_ms if silent else None,
     })
 
 

@@ -14,10 +14,12 @@ from runtime.client_address import client_address
 
 from .auth import Auth
 from .login_throttle import LoginThrottle
+from .presence import Presence
 from .publisher import AccessListPublisher
 from .registry import Registry
 from .relay_auth import RelayAuth
 from .settings import OracleSettings
+from .silence import CheckIns, SilenceWatch
 
 if TYPE_CHECKING:
     from .pusher import Pusher
@@ -36,6 +38,14 @@ class OracleContext:
     # How this oracle's key got where it is (empty until its first rotation).
     chain: OracleKeyChain = field(default_factory=OracleKeyChain)
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    # Presence and silence (README "Presence"), over the registry's database.
+    presence: Presence = field(init=False)
+    checkins: CheckIns = field(init=False)
+    silence: SilenceWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        db = self.registry.db
+        self.presence, self.checkins, self.silence = Presence(db), CheckIns(db), SilenceWatch(db)
 
 
 # Where the aiohttp application keeps the context, for the API, the dashboard and the middlewares.

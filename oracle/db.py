@@ -40,6 +40,11 @@ class Connection(ABC):
     @abstractmethod
     async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
 
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run one statement once per row of arguments (a batch: one call, not one per row)."""
+        for row in rows:
+            await self.execute(sql, *row)
+
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         rows = await self.fetch(sql, *args)
         return rows[0] if rows else None
@@ -99,6 +104,9 @@ class _SqliteConnection(Connection):
 
     async def execute(self, sql: str, *args: Any) -> None:
         self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        self._conn.executemany(_PLACEHOLDER.sub(r"?\1", sql), rows)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         cursor = self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
@@ -166,6 +174,10 @@ class _PostgresConnection(Connection):
 
     async def execute(self, sql: str, *args: Any) -> None:
         await self._conn.execute(sql, *args)
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            await self._conn.executemany(sql, rows)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         return [dict(row) for row in await self._conn.fetch(sql, *args)]

@@ -4,14 +4,15 @@ The dashboard and the API list devices the same way, from the same query
 parameters (`DeviceQuery.from_params`): `q` (a case-insensitive substring of
 the name, key, a tag or a group's name), `state` (active, revoked, or behind:
 active but not acknowledging its newest peer list), `group` (a group id),
-`tag` (one exact tag), `sort` (name, -name, enrolled, -enrolled) and `limit`
+`tag` (one exact tag), `online` (true: a relay holds it now; false: none
+does), `silent` (true: offline past its expected check-in, `silence`), `sort` (name, -name, enrolled, -enrolled) and `limit`
 with `cursor`.  Every filter is a WHERE clause and every sort an index walk
 (migration 0004), so a page costs its own rows, not the fleet's; a substring
 search still reads every name, which is the price of matching inside names
 (about 70 ms per 100,000 devices on SQLite), so it skips what cannot match:
 keys and tags hold only a few characters, and group names are matched once
-each, not once per member.  Connection state (online) is not known to the
-oracle yet, so there is no filter for it.
+each, not once per member.  `online` and `silent` read the small presence
+tables the relays' reports and the silence watch keep (migration 0005).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class DeviceQuery:
     state: str = ""
     group: str = ""
     tag: str = ""
+    online: bool | None = None
+    silent: bool = False
     sort: str = "name"
     limit: int | None = None  # None: every match (the API's answer to clients without `limit`)
     cursor: str = ""
@@ -72,7 +75,14 @@ class DeviceQuery:
         group = params.get("group", "")
         if len(group) > 64:
             raise InvalidInput("group must be a group id")
-        query = cls(q, state, group, tag, sort, parse_limit(params, default_limit),
+        online = params.get("online", "")
+        if online not in ("", "true", "false"):
+            raise InvalidInput("online must be true or false")
+        silent = params.get("silent", "")
+        if silent not in ("", "true", "false"):
+            raise InvalidInput("silent must be true or false")
+        query = cls(q, state, group, tag, None if not online else online == "true",
+                    silent == "true", sort, parse_limit(params, default_limit),
                     params.get("cursor", ""))
         query.after()  # a bad cursor is refused here, not when the page is read
         return query
@@ -112,6 +122,15 @@ class DeviceQuery:
             where.append(_STATE_SQL[self.state])
         if self.group:
             where.append(f"d.key IN (SELECT device_key FROM memberships WHERE group_id = {arg(self.group)})")
+        # EXISTS, not IN: a look-up per row of the sort's index walk, which stops at the
+        # page's end, where SQLite would read every online key first and sort them
+        # (181 ms instead of a few for half of 100,000 devices online).
+        if self.online is not None:
+            where.append(("EXISTS" if self.online else "NOT EXISTS")
+                         + " (SELECT 1 FROM device_presence p WHERE p.device_key = d.key"
+                           " AND p.online = 1)")
+        if self.silent:
+            where.append("EXISTS (SELECT 1 FROM silent_devices s WHERE s.device_key = d.key)")
         if self.tag:
             where.append(f"(' ' || d.tags || ' ') LIKE {arg(f'% {self.tag} %')}")
         if self.q:

@@ -1,5 +1,6 @@
 """The oracle's Prometheus metrics at /metrics: requests by route and status, devices by
-state, and how many relays are long-polling the access list right now.
+state, online and silent, the push queue, presence reports and the silence webhook, and
+how many relays are long-polling the access list right now.
 
 Each application gets its own registry (tests run several oracles in one
 process).  Requests are labelled by route template (`/v1/devices/{key}`),
@@ -40,6 +41,24 @@ class OracleMetrics:
                              ["state"], registry=self.registry)
         self.pollers = Gauge("continuum_oracle_access_list_pollers",
                              "Relays long-polling the access list now", registry=self.registry)
+        self.push_queue = Gauge("continuum_oracle_push_queue",
+                                "Peer-list versions issued to active devices and not yet"
+                                " accepted by a relay", registry=self.registry)
+        self.online = Gauge("continuum_oracle_devices_online",
+                            "Active devices a relay reports connected now", registry=self.registry)
+        self.silent = Gauge("continuum_oracle_devices_silent",
+                            "Active devices offline for longer than their expected check-in"
+                            " interval", registry=self.registry)
+        self.relay_processes = Gauge("continuum_oracle_relay_processes",
+                                     "Relay processes whose presence lease is current",
+                                     registry=self.registry)
+        self.presence_reports = Counter("continuum_oracle_presence_reports",
+                                        "Presence reports from relays, by outcome (applied,"
+                                        " refused, busy)", ["result"], registry=self.registry)
+        self.webhook_posts = Counter("continuum_oracle_silence_webhook_posts",
+                                     "Silence webhook batches: delivered, failed (gave up after"
+                                     " its attempts) or dropped (queue full)", ["result"],
+                                     registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -91,6 +110,11 @@ async def metrics_page(request: web.Request) -> web.Response:
     metrics.devices.labels("active").set(counts.active)
     metrics.devices.labels("revoked").set(counts.revoked)
     metrics.devices.labels("behind").set(counts.behind)
+    oracle = request.app[ORACLE_KEY]
+    metrics.push_queue.set(await oracle.registry.push_queue_depth())
+    metrics.online.set(await oracle.presence.online_count())
+    metrics.silent.set(await oracle.silence.count())
+    metrics.relay_processes.set(await oracle.presence.live_instances())
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -81,6 +81,17 @@ class GroupRecord:
 
 
 @dataclass(frozen=True)
+class GroupSummary:
+    """A group as its page heads it: its member count, not its members (a page of them is
+    read like any device list)."""
+
+    id: str
+    name: str
+    created_at_ms: int
+    member_count: int
+
+
+@dataclass(frozen=True)
 class GroupRef:
     """A group as a device's page names it: no member list."""
 

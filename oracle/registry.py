@@ -30,7 +30,7 @@ from .pagination import Page, decode_cursor, encode_cursor
 from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_peer_text
 from .regions import Regions
 from .records import (AccessSnapshot, DeviceCounts, DeviceRecord, GroupRecord, GroupRef,
-                      PendingPush, PushStatus)
+                      GroupSummary, PendingPush, PushStatus)
 from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("d.key, d.name, d.tags, d.enrolled_at_ms, d.revoked_at_ms, d.last_seen_ms,"
@@ -228,6 +228,9 @@ class Registry:
                 "INSERT INTO memberships (group_id, device_key)"
                 " SELECT group_id, $1 FROM memberships WHERE device_key = $2", new, old)
             await conn.execute("DELETE FROM memberships WHERE device_key = $1", old)
+            await conn.execute("INSERT INTO device_checkin (device_key, interval_s)"
+                               " SELECT $1, interval_s FROM device_checkin WHERE device_key = $2",
+                               new, old)
             await conn.execute(
                 "UPDATE devices SET revoked_at_ms = $1, rotated_to = $2, drain_until_ms = $3"
                 " WHERE key = $4", now, new, drain_until_ms, old)
@@ -325,8 +328,9 @@ class Registry:
     # -- groups ----------------------------------------------------------------
 
     async def list_groups(self, q: str = "", limit: int | None = None,
-                          cursor: str = "") -> Page[GroupRecord]:
-        """Groups by name whose name contains `q` (case-insensitive), a page at a time."""
+                          cursor: str = "", with_members: bool = True) -> Page[GroupRecord]:
+        """Groups by name whose name contains `q` (case-insensitive), a page at a time;
+        without members when not `with_members` (the dashboard counts them instead)."""
         where, args = [], []
         if q.strip():
             needle = q.strip().lower()
@@ -346,7 +350,7 @@ class Registry:
         rows = await self.db.fetch(sql, *args)
         more = limit is not None and len(rows) > limit
         rows = rows[:limit] if more else rows
-        members = await self._members_by_group(
+        members = {} if not with_members else await self._members_by_group(
             self.db, [r["id"] for r in rows] if len(rows) <= _MAX_KEYS_PER_QUERY else None)
         return Page([GroupRecord(r["id"], r["name"], r["created_at_ms"],
                                  tuple(members.get(r["id"], ()))) for r in rows],
@@ -363,6 +367,34 @@ class Registry:
         members = await self._members_by_group(conn, [group_id])
         return GroupRecord(row["id"], row["name"], row["created_at_ms"],
                            tuple(members.get(group_id, ())))
+
+    async def group_summaries(self, group_ids: list[str]) -> dict[str, GroupSummary]:
+        """Each group's name and member count, one query for a page of groups (no members)."""
+        if not group_ids:
+            return {}
+        rows = await self.db.fetch(
+            "SELECT g.id, g.name, g.created_at_ms, COUNT(m.device_key) AS member_count"
+            " FROM peer_groups g LEFT JOIN memberships m ON m.group_id = g.id"
+            f" WHERE g.id IN ({_placeholders(len(group_ids))})"
+            " GROUP BY g.id, g.name, g.created_at_ms", *group_ids)
+        return {r["id"]: GroupSummary(r["id"], r["name"], r["created_at_ms"],
+                                      int(r["member_count"])) for r in rows}
+
+    async def group_summary(self, group_id: str) -> GroupSummary:
+        summary = (await self.group_summaries([group_id])).get(group_id)
+        if summary is None:
+            raise NotFound(f"no group {group_id}")
+        return summary
+
+    async def members_among(self, group_id: str, keys: list[str]) -> set[str]:
+        """Which of `keys` (a page's worth) are in the group."""
+        if not keys:
+            return set()
+        rows = await self.db.fetch(
+            "SELECT device_key FROM memberships WHERE group_id = $1"
+            f" AND device_key IN ({', '.join(f'${n}' for n in range(2, len(keys) + 2))})",
+            group_id, *keys)
+        return {r["device_key"] for r in rows}
 
     async def groups_of(self, key: str) -> list[GroupRef]:
         rows = await self.db.fetch(
@@ -444,6 +476,13 @@ class Registry:
         return [PendingPush(r["device_key"], r["epoch"], r["version"],
                             decode_peer_text(r["peers"]), r["envelope"], r["attempts"])
                 for r in rows]
+
+    async def push_queue_depth(self) -> int:
+        """How many active devices have a newest peer-list version no relay accepted yet."""
+        return int(await self.db.fetchval(
+            "SELECT COUNT(*) FROM peer_changes pc JOIN devices d"
+            "  ON d.key = pc.device_key AND d.peer_version = pc.version"
+            " WHERE pc.sent_at_ms IS NULL AND d.revoked_at_ms IS NULL"))
 
     async def record_sealed(self, push: PendingPush, envelope_b64: str, msg_id_hex: str) -> None:
         """Remember the exact envelope before sending it, so a retry resends the same bytes."""

@@ -8,6 +8,10 @@ keys, nothing worth stealing, and a header captured in transit is good for
 one request within a minute.  A shared bearer token would be one more secret
 in two places, replayable for as long as it lives.
 
+Presence reports (SPEC §20) are signed the same way, over the whole report,
+and pass the same two checks here (`admit`): an allowed relay key, a nonce
+not seen within the clock window.
+
 Keys allowed: those configured (`--relay-key`, e.g. another region's relays)
 and those of the relays this oracle pushes peer changes through, which proved
 their key to it in WELCOME: an operator who points the oracle at a relay
@@ -44,15 +48,20 @@ class RelayAuth:
             raise UnauthenticatedError("the access list is served to relays only:"
                                        " sign the request (Authorization: Continuum-Relay …)")
         request = AccessRequest.verify(header, self._oracle, now_ms, self._former)
-        if request.relay not in self._configured and request.relay not in self._learned():
-            raise UnauthenticatedError(f"relay key {request.relay.text} is not allowed here")
+        self.admit(request.relay, request.nonce, now_ms)
+        return request.relay
+
+    def admit(self, relay: PublicKey, nonce: bytes, now_ms: int) -> None:
+        """Whether a signed request (its signature and clock already checked) may be served:
+        UnauthenticatedError unless `relay` is allowed and `nonce` is new."""
+        if relay not in self._configured and relay not in self._learned():
+            raise UnauthenticatedError(f"relay key {relay.text} is not allowed here")
         self._forget_expired(now_ms)
-        if request.nonce in self._nonces:
+        if nonce in self._nonces:
             raise UnauthenticatedError("relay token already used (replay)")
         if len(self._nonces) >= _MAX_NONCES:
             raise UnauthenticatedError("too many relay requests in the last minutes; retry")
-        self._nonces[request.nonce] = now_ms + 2 * ORACLE_CLOCK_SKEW_MS
-        return request.relay
+        self._nonces[nonce] = now_ms + 2 * ORACLE_CLOCK_SKEW_MS
 
     def _forget_expired(self, now_ms: int) -> None:
         while self._nonces:

@@ -91,6 +91,13 @@ class OracleSettings:
             return None
         return Regions(self.region, tuple(sorted({self.region, *self.other_regions})),
                        self.home_move_drain_s * 1000)
+    # Presence (README "Presence"): how often silent devices are looked for (devices offline
+    # for longer than their expected check-in interval) and relay processes whose lease
+    # passed are taken for dead; an http(s) URL that is POSTed each change of the silent set
+    # (JSON), with at most silence_webhook_attempts tries per batch.
+    silence_check_s: float = 30.0
+    silence_webhook_url: str = ""
+    silence_webhook_attempts: int = 5
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The server TLS context, built from the PEM files; None for plain http://."""
@@ -102,7 +109,7 @@ class OracleSettings:
 
     def describe(self) -> dict[str, object]:
         """Settings as printed at start: a password in the database DSN is masked."""
-        return describe(self)
+        return describe(self, secrets={"silence_webhook_url"})  # its path is often a token
 
     def validate(self) -> None:
         problems = [message for message, ok in [
@@ -132,6 +139,11 @@ class OracleSettings:
              and self.region not in self.other_regions),
             (f"at most {MAX_REGIONS} regions", len(self.other_regions) < MAX_REGIONS),
             ("home_move_drain_s must be >= 0", self.home_move_drain_s >= 0),
+            ("silence_check_s must be in [0.1, 3600]", 0.1 <= self.silence_check_s <= 3600),
+            ("silence_webhook_url must be an http:// or https:// URL",
+             not self.silence_webhook_url
+             or self.silence_webhook_url.startswith(("http://", "https://"))),
+            ("silence_webhook_attempts must be 1..20", 1 <= self.silence_webhook_attempts <= 20),
         ] if not ok]
         if problems:
             raise ValueError("; ".join(problems))

@@ -36,6 +36,14 @@ def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def every(seconds: int) -> str:
+    """An interval in its largest whole unit: "90 s", "15 min", "2 h", "3 d"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size} {unit}"
+    return f"{seconds} s"
+
+
 def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
@@ -49,7 +57,7 @@ def setup(app: web.Application) -> None:
     env = aiohttp_jinja2.setup(
         app, loader=jinja2.PackageLoader("oracle", "templates"), autoescape=True,
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(ago=ago, iso=iso, count=count, path_part=path_part)
+    env.filters.update(ago=ago, iso=iso, count=count, every=every, path_part=path_part)
 
 
 def render(name: str, request: web.Request, title: str, context: dict[str, Any],

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from . import api, dashboard, login, metrics, templating
+from . import api, dashboard, login, metrics, presence_web, templating
 from .auth import ACTOR, CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal, csrf_ok
 from .context import ORACLE_KEY, OracleContext, address_of
 from .errors import OracleError
@@ -20,6 +20,7 @@ _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 def _is_public(request: web.Request) -> bool:
     path = request.path
     return (path in api.PUBLIC_PATHS or path in login.PUBLIC_PATHS
+            or path == presence_web.PRESENCE_PATH  # relays sign their reports
             or path.startswith(dashboard.STATIC_PREFIX))
 
 
@@ -111,6 +112,7 @@ def create_app(oracle: OracleContext) -> web.Application:
     app[ORACLE_KEY] = oracle
     api.add_routes(app)
     metrics.add_routes(app)
+    presence_web.add_routes(app)
     templating.setup(app)
     login.add_routes(app)
     dashboard.add_routes(app)

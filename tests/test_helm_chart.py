@@ -46,7 +46,7 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_with_notes(values_file: str, overrides: dict[str, Any] | None = None,
-                      ) -> tuple[list[dict[str, Any]], str | None]:
+                      release: str = "test") -> tuple[list[dict[str, Any]], str | None]:
     """Manifests rendered by Helm (binary or SDK), and NOTES.txt (SDK only; `helm template` omits it).
 
     Skips when neither is installed.
@@ -58,7 +58,7 @@ def render_with_notes(values_file: str, overrides: dict[str, Any] | None = None,
             yaml.safe_dump(overrides, extra)
             extra.flush()
             result = subprocess.run(
-                ["helm", "template", "test", str(CHART), "-f", str(CHART / values_file),
+                ["helm", "template", release, str(CHART), "-f", str(CHART / values_file),
                  "-f", extra.name],
                 capture_output=True, text=True, timeout=60, check=True)
         text = result.stdout
@@ -66,14 +66,15 @@ def render_with_notes(values_file: str, overrides: dict[str, Any] | None = None,
         helm_python = pytest.importorskip("helm_python")
         chart = helm_python.Chart.load(CHART)
         rendered = chart.render(deep_merge(merged_values(values_file), overrides),
-                                name="test", namespace="default")
+                                name=release, namespace="default")
         notes = rendered.pop("continuum/templates/NOTES.txt", None)
         text = "\n---\n".join(rendered.values())
     return [doc for doc in yaml.safe_load_all(text) if doc], notes
 
 
-def render(values_file: str, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    return render_with_notes(values_file, overrides)[0]
+def render(values_file: str, overrides: dict[str, Any] | None = None,
+           release: str = "test") -> list[dict[str, Any]]:
+    return render_with_notes(values_file, overrides, release)[0]
 
 
 def test_chart_metadata_is_valid() -> None:
@@ -125,19 +126,25 @@ def test_rendered_manifests_wire_relays_to_one_store(values_file: str) -> None:
         values["metrics"]["serviceMonitor"]["enabled"]
 
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
-    expected_store = (values["redis"]["externalUrl"] if not values["redis"]["enabled"]
-                      else "redis://test-continuum-redis:6379/0")
-    if values["regions"]["name"] and not values["redis"]["enabled"]:  # its URL has a password
-        assert "CONTINUUM_STORE" not in config
-        config = {**config, **find(docs, "Secret", "test-continuum-regions")["stringData"]}
-    assert config["CONTINUUM_STORE"] == expected_store
-    assert all(name.startswith("CONTINUUM_") for name in config)
-
     relay = next(d for d in docs if d["kind"] == "Deployment"
                  and d["metadata"]["name"] == "test-continuum-relay")
     container = relay["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    if values["redis"]["enabled"]:  # with a password (redis.auth), set in the pod, not here
+        assert "CONTINUUM_STORE" not in config
+        assert env["CONTINUUM_STORE"]["value"] == \
+            "redis://:$(REDIS_PASSWORD)@test-continuum-redis:6379/0"
+    elif values["regions"]["name"]:  # other regions use it too: its password in a Secret
+        assert "CONTINUUM_STORE" not in config
+        regions = find(docs, "Secret", "test-continuum-regions")
+        assert regions is not None
+        assert regions["stringData"]["CONTINUUM_STORE"] == values["redis"]["externalUrl"]
+        assert set(env) == {"CONTINUUM_RELAY_KEY"}
+    else:
+        assert config["CONTINUUM_STORE"] == values["redis"]["externalUrl"]
+        assert set(env) == {"CONTINUUM_RELAY_KEY"}
+    assert all(name.startswith("CONTINUUM_") for name in config)
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
-    assert {e["name"] for e in container["env"]} == {"CONTINUUM_RELAY_KEY"}
 
     ingress = next(d for d in docs if d["kind"] == "Ingress")
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/v1/connect"

@@ -64,7 +64,7 @@ async def test_an_eu_device_on_a_us_relay_gets_mail_sent_through_an_ap_relay(wor
             assert statuses == {alice.public: DeliveryStatus.DELIVERED}
     # Nothing of it was stored in the US or AP stores: alice's mailbox is in eu.
     for region in ("us", "ap"):
-        store = world.relays[0].relay.store.stores[region]  # type: ignore[union-attr]
+        store = world.relays[0].relay.regions.stores[region]  # type: ignore[union-attr]
         assert await store.depth(alice.public) == 0
 
 
@@ -91,7 +91,7 @@ async def test_one_envelope_to_three_regions_is_stored_in_each_or_the_sender_is_
     alice, bob, carol, dave = (Identity.generate() for _ in range(4))
     world.place({alice.public: "eu", bob.public: "us", carol.public: "ap", dave.public: "ap"})
     ap = await world.relay("ap")
-    store = ap.relay.store  # type: ignore[union-attr]
+    store = ap.relay.regions  # type: ignore[union-attr]
     async with await RawDevice.connect(ap.url, carol) as raw:
         everyone = [alice.public, bob.public, dave.public]
         assert isinstance(await raw.send(sealed(carol, everyone)), Accepted)
@@ -178,7 +178,7 @@ async def test_moving_a_home_moves_the_waiting_mail_once(world) -> None:
             assert isinstance(await sender.send(envelope), Accepted)
     world.place({alice.public: "us", carol.public: "ap"}, former={alice.public: "eu"})
     await world.wait_applied()
-    stores = eu.relay.store.stores  # type: ignore[union-attr]
+    stores = eu.relay.regions.stores  # type: ignore[union-attr]
     async with await RawDevice.connect(eu.url, alice) as device:
         got = [(await device.next_delivery()).envelope for _ in range(3)]
         assert sorted(got) == sorted(envelope.raw for envelope in waiting)
@@ -206,7 +206,7 @@ async def test_a_connected_device_whose_home_moves_reconnects_to_its_new_home(wo
         await world.wait_applied()
         await sender.send([alice.public], b"after", ttl_s=600, timeout=15)
         assert (await _next_message(roaming)).payload == b"after"
-        stores = us.relay.store.stores  # type: ignore[union-attr]
+        stores = us.relay.regions.stores  # type: ignore[union-attr]
         assert await _emptied(stores["eu"], alice) and await _emptied(stores["ap"], alice)
 
 
@@ -263,7 +263,7 @@ async def test_hostile_ack_tags_touch_no_region_and_break_nothing(world) -> None
                     "ap/" + local_tag, "eu/not-a-stream-id", f"eu/{local_tag}/x", "a" * 64,
                     "eu/0-0", "eu/" + "9" * 20 + "-" + "9" * 20):
             await device.send_frame(Ack(tag))
-        store = eu.relay.store  # type: ignore[union-attr]
+        store = eu.relay.regions  # type: ignore[union-attr]
         assert await store.stores["eu"].depth(alice.public) == 1
         await device.send_frame(Ack(delivery.tag))
         assert await _emptied(store.stores["eu"], alice)
@@ -279,7 +279,7 @@ async def test_a_move_cut_short_and_run_again_neither_loses_nor_duplicates(world
     alice, carol = Identity.generate(), Identity.generate()
     world.place({alice.public: "us", carol.public: "eu"}, former={alice.public: "eu"})
     eu = await world.relay("eu")
-    store = eu.relay.store  # type: ignore[union-attr]
+    store = eu.relay.regions  # type: ignore[union-attr]
     limits = eu.relay.mailbox_limits  # type: ignore[union-attr]
     envelopes = [sealed(carol, [alice.public], bytes([n]), ttl_s=600) for n in range(3)]
     for envelope in envelopes:
@@ -319,5 +319,5 @@ async def test_without_an_oracle_every_key_is_local(world) -> None:
     us = await world.relay("us", oracle_url="", oracle_key="")
     async with await RawDevice.connect(us.url, carol) as sender:
         assert isinstance(await sender.send(sealed(carol, [alice.public], ttl_s=600)), Accepted)
-    stores = us.relay.store.stores  # type: ignore[union-attr]
+    stores = us.relay.regions.stores  # type: ignore[union-attr]
     assert [await stores[region].depth(alice.public) for region in ("ap", "eu", "us")] == [0, 0, 1]

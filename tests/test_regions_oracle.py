@@ -58,7 +58,7 @@ async def test_the_oracle_homes_devices_and_moving_one_moves_its_mail(world, tmp
                            for server in (eu, us, ap))
 
             await eventually(lambda: applied_everywhere("us"), timeout=10)
-            stores = us.relay.store.stores  # type: ignore[union-attr]
+            stores = us.relay.regions.stores  # type: ignore[union-attr]
             # bob roams on the AP relay: his peer list, pushed through the EU relay, waits in
             # his home (us) and reaches him there; then alice's message does too.
             bobs_peers = PeerList()  # kept across bob's two runs, as a home would keep it

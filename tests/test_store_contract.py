@@ -135,11 +135,13 @@ async def test_ack_removes_exactly_one_entry_once(store: MailboxStore) -> None:
 async def test_replayed_message_id_is_refused_until_its_window_ends(store: MailboxStore) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     env = envelope(alice, [bob])
-    await store.accept(env, replay_until_ms=now_ms() + 300, limits=ROOMY)
+    # A window long enough that the replay lands inside it on a machine whose every core is
+    # busy (300 ms was not: the second accept came after the window and was taken).
+    await store.accept(env, replay_until_ms=now_ms() + 1500, limits=ROOMY)
     with pytest.raises(ReplayError):
-        await store.accept(env, replay_until_ms=now_ms() + 300, limits=ROOMY)
+        await store.accept(env, replay_until_ms=now_ms() + 1500, limits=ROOMY)
     assert await store.depth(bob.public) == 1
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(1.7)
     await store.take_expired(now_ms(), 100)  # the embedded store forgets ids while sweeping
     await store.accept(env, replay_until_ms=now_ms() + 300, limits=ROOMY)
     assert await store.depth(bob.public) == 2

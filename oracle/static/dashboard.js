@@ -40,6 +40,11 @@ async function submitApi(event) {
     delete fields[name];
     return encodeURIComponent(value);
   });
+  // Number fields go as numbers (times data-scale: minutes typed, seconds sent); empty is null.
+  for (const input of form.querySelectorAll('input[type="number"]')) {
+    const text = fields[input.name];
+    fields[input.name] = text ? Number(text) * Number(input.dataset.scale || 1) : null;
+  }
   if (typeof fields.tags === "string") {
     fields.tags = fields.tags.split(/[\s,]+/).filter(Boolean);
   }

@@ -743,6 +743,12 @@ def region_vectors() -> dict:
     return build_regions()
 
 
+def presence_vectors() -> dict:
+    """presence.json (SPEC §20), built in its own module."""
+    from .presence_vectors import presence_vectors as build_presence
+    return build_presence()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "keys": key_vectors,
     "envelopes": envelope_vectors,
@@ -754,6 +760,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "prekeys": prekey_vectors,
     "streams": stream_vectors,
     "regions": region_vectors,
+    "presence": presence_vectors,
 }
 
 def render(document: dict) -> str:

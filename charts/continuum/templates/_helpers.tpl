@@ -1,24 +1,78 @@
+{{/* The chart's name, or nameOverride. */}}
+{{- define "continuum.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Every object's name prefix: fullnameOverride, else the release name when it already
+contains the chart's name (release "continuum" gives "continuum-relay", not
+"continuum-continuum-relay"), else "<release>-<name>". */}}
 {{- define "continuum.fullname" -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "continuum.name" . -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "continuum.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "continuum.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: continuum
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
 {{- define "continuum.selector" -}}
-app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/name: {{ include "continuum.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Where a component's pods may run: nodeSelector, tolerations, affinity, and topology
+spread constraints, each from the component's values (`.values`); a spread constraint
+without a labelSelector spreads that component's own pods. */}}
+{{- define "continuum.scheduling" -}}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.topologySpreadConstraints }}
+topologySpreadConstraints:
+{{- range . }}
+  - {{- toYaml (merge (deepCopy .) (dict "labelSelector" (dict "matchLabels" (include "continuum.selector" (dict "root" $.root "component" $.component) | fromYaml)))) | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The in-chart Redis's password Secret: the operator's, else the chart's own. */}}
+{{- define "continuum.redisSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "continuum.fullname" .)) -}}
+{{- end -}}
+
+{{- define "continuum.redisAuth" -}}
+{{- if and .Values.redis.enabled .Values.redis.auth.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/* The mailbox store every replica shares. */}}
 {{- define "continuum.storeUrl" -}}
 {{- if .Values.redis.enabled -}}
-{{- printf "redis://%s-redis:6379/0" (include "continuum.fullname" .) -}}
+{{- /* With auth the password comes from the REDIS_PASSWORD variable the pod sets from the
+Secret first (Kubernetes expands $(NAME) in a later variable's value). */ -}}
+{{- printf "redis://%s%s-redis:6379/0" (ternary ":$(REDIS_PASSWORD)@" "" (eq (include "continuum.redisAuth" .) "true")) (include "continuum.fullname" .) -}}
 {{- else -}}
 {{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
 {{- end -}}
