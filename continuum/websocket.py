@@ -143,7 +143,16 @@ class DeviceWebSocket(web.WebSocketResponse):
         """Frames queued before the close go out before the CLOSE frame, as if sent at once.
 
         aiohttp itself calls close() when the device closes or breaks the
-        protocol, so a SEND answered in the same loop turn still gets its answer.
+        protocol, so a SEND answered in the same loop turn still gets its answer,
+        and once more when the handler returns.  A transport already closing
+        (closed at once, aborted, gone) takes no CLOSE frame: aiohttp would try
+        to write one anyway, fail, and keep the exception, whose traceback holds
+        this response and the whole connection behind it in a reference cycle
+        that only the garbage collector frees; under a flood of refused
+        handshakes those cycles made the collections that paused known devices.
         """
+        transport = self._stream.transport if self._stream is not None else None
+        if transport is None or transport.is_closing():
+            return False
         self.flush()
         return await super().close(code=code, message=message, drain=drain)
