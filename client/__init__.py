@@ -49,6 +49,29 @@ Public API::
     device.receipts()  # async iterator of (sender, Receipt), for senders like the oracle
     device.send_envelope(envelope)   # send an envelope sealed elsewhere, same bytes on retry
 
+    # Streams (SPEC §16): live, end-to-end encrypted byte streams to one peer, never stored.
+    stream = await device.open_stream(bob, "tcp/80", timeout=10)   # once bob accepted; raises
+    #   StreamRefusedError (bob said no), PeerUnreachableError (not connected anywhere, or no
+    #   answer), NotPeerError (the relay's peer groups), StreamLimitError, TimeoutError
+    await stream.write(b"GET / HTTP/1.0\r\n\r\n")   # waits while bob's window is full
+    await stream.close()                     # our FIN (half-close); bob may still send
+    data = await stream.read()               # b"" once bob closed its side; raises
+    #   StreamBrokenError if the stream was cut (bob or a relay went away, a chunk did not
+    #   open): a cut is never taken for the end of the data
+    stream.abort("why")                      # ends it both ways, now
+
+    async def serve(request: StreamRequest) -> None:     # request.peer, request.service
+        if request.service != "tcp/80":
+            await request.refuse("no such service")      # the opener gets StreamRefusedError
+            return
+        async with await request.accept() as stream:     # leaving sends our FIN
+            while chunk := await stream.read():
+                await stream.write(chunk)
+    device.on_stream(serve)   # each open from a peer runs serve() in a task of its own;
+                              # without a handler, and from non-peers, opens are refused
+    # client.tunnel: expose(device, [80]) and forward(device, bob, 80, local_port=8080),
+    # what `continuum-client expose` and `tunnel` run: one TCP connection per stream
+
     new = await device.rotate_key(on_confirmed=save)   # SPEC §15: the old key vouches for a
                                      # new one; `save(old, new)` runs once the oracle confirmed
     await device.wait_drained()      # the old key's mailbox is empty; `device.drain(old)`
@@ -81,6 +104,17 @@ logged at connect: a delivery larger than the cap cannot be read at all.  A
 delivery that is read but cannot be taken (undecodable, not for us) is
 dropped, counted and ACKed, so it never blocks the mailbox.
 
+Streams: each stream is accepted only from a peer, only while its open is
+fresh and never a second time (a replayed open is refused), and its data is
+sealed with keys only the two ends hold (ephemeral X25519, libsodium
+secretstream), so a relay can neither read, alter, drop, reorder nor cut it
+unnoticed.  Flow control is per stream: `write` waits while the other end's
+window is full, and the window is granted back as the application reads, so
+a reader that stops slows its writer and nothing piles up (`window=` on
+`open_stream` and `accept`, default 1 MiB; relays may lower it).  Streams
+live on the relay connection they were opened on: when it drops every stream
+ends with StreamBrokenError at both ends, and none is ever resumed.
+
 Modules, one job each: `protocol` (the pure conversation with one relay:
 handshake, frames in and out), `connection` (its socket shell), `manager`
 (relay list, backoff, failover), `inbox` (pure decision per delivery),
@@ -89,8 +123,10 @@ ACCEPTED and the rules for them), `tracking` (what became of each message
 sent), `sending` (both driven by the relays' answers), `dedup` (messages
 already handled), `state` (the SQLite file behind outbox, tracking and
 dedup), `peers`, `backoff`, `drain` (the old key's mailbox after a
-rotation), `key_files` (the home's key files across a rotation), `device`
-(the public API tying them together), `stats`, `settings` and `cli` (the
+rotation), `key_files` (the home's key files across a rotation),
+`stream_rules` (streams, pure) and `streams` (`Stream`, `StreamRequest`),
+`tunnel` (TCP ports over streams), `device` (the public API tying them
+together), `stats`, `settings`, `cli` and `tunnel_cli` (the
 `continuum-client` command).
 """
 
@@ -98,7 +134,8 @@ from .device import Device
 from .inbox import DropReason, InboundMessage
 from .peers import PeerList
 from .stats import DeviceStats
+from .streams import Stream, StreamRequest
 from .tracking import DeliveryStatus, Outgoing, SendState, SentMessage
 
 __all__ = ["DeliveryStatus", "Device", "DeviceStats", "DropReason", "InboundMessage", "Outgoing",
-           "PeerList", "SendState", "SentMessage"]
+           "PeerList", "SendState", "SentMessage", "Stream", "StreamRequest"]

@@ -14,6 +14,9 @@
       listen                       print messages from peers as they arrive (and drain the
                                    mailbox of a key rotated away from)
       rotate-key                   move to a new key the current one vouches for; print it
+      expose PORT… [--allow KEY]…  serve local TCP ports to peers through streams
+      tunnel KEY:PORT [--listen HOST:PORT]
+                                   reach a peer's exposed port at a local address
 
 Results go to stdout (one line each, easy to script), diagnostics to
 stderr, in words: one line per failed connection attempt, one per dropped
@@ -155,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
                                  " its place (name, groups, peers) with the oracle")
     rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up (resumable: run again) if the oracle has not confirmed")
+    from . import tunnel_cli  # here, not at the top: tunnel_cli imports this module
+    tunnel_cli.add_commands(commands)
     return parser
 
 
@@ -193,6 +198,9 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         return asyncio.run(_flush(settings, args.timeout))
     if args.command == "rotate-key":
         return asyncio.run(_rotate_key(settings, args.timeout))
+    if args.command in ("expose", "tunnel"):
+        from . import tunnel_cli
+        return asyncio.run(tunnel_cli.run(args, settings))
     return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
 
 

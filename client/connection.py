@@ -20,7 +20,7 @@ import aiohttp
 
 from proto import Identity, Limits, PublicKey
 from proto.channel import TAG_BYTES
-from proto.frames import NONCE_BYTES
+from proto.frames import NONCE_BYTES, StreamFrame
 from proto.handshake import EPHEMERAL_SEED_BYTES, HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
 from runtime.logs import library_logger
@@ -47,6 +47,10 @@ class RelayConnection:
         self.clock_offset_ms = connected.clock_offset_ms
         self._ws = ws
         self._protocol = protocol
+        # One writer at a time: aiohttp may wait for the socket to drain between two frames
+        # of one writer, and a frame of another writer written then would leave the channel
+        # out of order (each frame is sealed with its place in the sequence).
+        self._writing = asyncio.Lock()
 
     @property
     def closed(self) -> bool:
@@ -70,6 +74,14 @@ class RelayConnection:
         except ConnectionError:
             pass
 
+    async def send_stream(self, frames: list[StreamFrame]) -> None:
+        """Write stream frames, in order; ConnectionError if the socket is gone (the
+        streams then end with the connection)."""
+        if self._ws.closed:
+            raise ConnectionResetError(f"connection to {self.url} is closed")
+        self._protocol.send_stream(frames)
+        await self._flush()
+
     async def events(self) -> AsyncIterator[Event]:
         async for message in self._ws:
             if message.type is aiohttp.WSMsgType.ERROR:
@@ -87,8 +99,9 @@ class RelayConnection:
         await self._ws.close()
 
     async def _flush(self) -> None:
-        for frame in self._protocol.data_to_send():
-            await self._ws.send_bytes(frame)
+        async with self._writing:
+            for frame in self._protocol.data_to_send():
+                await self._ws.send_bytes(frame)
 
 
 async def _receive_handshake_message(ws: aiohttp.ClientWebSocketResponse) -> bytes:

@@ -59,10 +59,12 @@ from .inbox import (Drop, DropReason, ExpiryArrived, InboundMessage, InboxView,
 from .manager import ConnectionManager
 from .outbox import PendingSend
 from .peers import PeerList, Standing
-from .protocol import BadFrame, Delivered, Event, SendAccepted, SendRefused
+from .protocol import BadFrame, Delivered, Event, SendAccepted, SendRefused, StreamArrived
 from .sending import Sender
 from .state import DeviceState, transaction
 from .stats import DeviceStats
+from .stream_rules import DEFAULT_WINDOW
+from .streams import Stream, StreamHandler, StreamHub
 from .tracking import DeliveryStatus, Outgoing, SentMessage
 
 log = library_logger("continuum.client")
@@ -153,6 +155,7 @@ class Device:
             on_disconnected=self._on_disconnected, keepalive_s=keepalive_s,
             on_connect_error=on_connect_error)
         self._sender = Sender(self._identities, self._manager, self._state, self.stats, limits)
+        self._streams = StreamHub(self.peers, lambda: self.identity)
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -173,6 +176,7 @@ class Device:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._streams.stop()
         await self._sender.stop()
         self.close()
 
@@ -249,6 +253,33 @@ class Device:
         recipient's status."""
         return self._sender.sent.history()
 
+    # -- streams (SPEC §16) ----------------------------------------------------------------
+
+    async def open_stream(self, peer: PublicKey, service: str, *, window: int = DEFAULT_WINDOW,
+                          timeout: float | None = None) -> Stream:
+        """Open a live, end-to-end encrypted stream to `peer`, asking for `service` (its
+        meaning is the peer's: the tunnel uses "tcp/PORT"); returns once the peer accepted.
+
+        Raises StreamRefusedError (the peer said no: not a peer of it, no such service),
+        PeerUnreachableError (connected to no relay of the deployment, or no answer in
+        time: a relay answers every open within its own deadline, 10 s by default, and one
+        that says nothing for 30 s does not carry streams), NotPeerError (the relay's peer
+        groups), StreamLimitError or RateLimitedError (bounds: retry later), or
+        TimeoutError (no relay connection, or no answer, within `timeout`).  `window` is
+        how many bytes the peer may send before we read.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                await self._manager.connected.wait()
+                connection = self._manager.connection
+                if connection is not None:
+                    return await self._streams.open(connection, peer, service, window=window)
+
+    def on_stream(self, handler: StreamHandler | None) -> None:
+        """Call `handler(request)` (in a task of its own) for each stream a peer opens; it
+        accepts or refuses the `StreamRequest`.  Without a handler every open is refused."""
+        self._streams.on_stream(handler)
+
     # -- receiving -------------------------------------------------------------------------
 
     async def messages(self) -> AsyncGenerator[InboundMessage, None]:
@@ -300,6 +331,8 @@ class Device:
                 self._manager.last_error = f"{error.code.name}: {error.message}"
                 log.warning("relay_error", relay=connection.url, code=error.code.name,
                             detail=error.message)
+        elif isinstance(event, StreamArrived):
+            await self._streams.on_frame(event.frame, connection)
         elif isinstance(event, BadFrame):
             self.stats.bad_frames += 1
 
@@ -520,6 +553,7 @@ class Device:
             self._prune()
 
     def _on_disconnected(self, connection: RelayConnection) -> None:
+        self._streams.connection_lost(connection)
         # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
         self._inbound = deque(item for item in self._inbound if item[1] is not connection)
 

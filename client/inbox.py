@@ -40,7 +40,9 @@ Rules, cheapest first so hostile input costs as little as possible:
    which leads from the configured oracle key (follow it) or already is it (a
    re-delivery: receipt again); anything else is dropped as a non-peer's.
    Only the oracle can write to a device at relays that enforce peer groups,
-   so elsewhere a stranger's message costs one decryption.
+   so elsewhere a stranger's message costs one decryption;
+11. a stream's open or answer (SPEC §16) stored in a mailbox → drop (invalid):
+   they are live, in stream frames only, so a stored copy is a replay or a mistake.
 """
 
 from __future__ import annotations
@@ -210,6 +212,9 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView) -> Decis
                         f"{sender.text} is not the oracle key", envelope)
         change = PeerChange.decode(plaintext)
         return PeerChangeArrived(envelope, change, view.peers.standing(change.stamp, sender))
+    if kind in (Kind.STREAM_OPEN, Kind.STREAM_ACCEPT):
+        return Drop(DropReason.INVALID, f"a {kind.name} travels in stream frames (SPEC §16),"
+                    " never in a mailbox", envelope)
     if kind is Kind.RECEIPT:
         receipt = Receipt.decode(plaintext)
         ours = view.awaiting_receipt.sealed_as(receipt.msg_id)

@@ -26,7 +26,8 @@ from enum import Enum, auto
 from proto import Identity, PublicKey
 from proto.channel import CipherState
 from proto.errors import OversizeError, ProtocolError, error_for_code
-from proto.frames import Accepted, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
+from proto.frames import (STREAM_FRAMES, Accepted, Ack, Deliver, Error, Frame, Send, StreamFrame,
+                          decode_frame, encode_frame)
 from proto.handshake import DeviceHandshake, Established, HandshakeState
 
 
@@ -62,13 +63,20 @@ class SendRefused:
 
 
 @dataclass(frozen=True)
+class StreamArrived:
+    """A stream frame (SPEC §16), for the device's streams (`stream_rules`)."""
+
+    frame: StreamFrame
+
+
+@dataclass(frozen=True)
 class BadFrame:
     """The relay sent something that is not a frame a device can receive: counted, ignored."""
 
     detail: str
 
 
-Event = Connected | Delivered | SendAccepted | SendRefused | BadFrame
+Event = Connected | Delivered | SendAccepted | SendRefused | StreamArrived | BadFrame
 
 
 class Phase(Enum):
@@ -115,6 +123,8 @@ class DeviceProtocol:
             return SendAccepted(frame.msg_id)
         if isinstance(frame, Error):
             return SendRefused(frame.msg_id, error_for_code(frame.code, frame.message))
+        if isinstance(frame, STREAM_FRAMES):
+            return StreamArrived(frame)
         return BadFrame(f"a relay may not send {type(frame).__name__.upper()} here")
 
     def receive_non_binary(self) -> BadFrame:
@@ -142,6 +152,11 @@ class DeviceProtocol:
     def ack(self, tag: str) -> None:
         """Queue the ACK of one delivery: the relay removes it from the mailbox."""
         self._emit(Ack(tag))
+
+    def send_stream(self, frames: list[StreamFrame]) -> None:
+        """Queue stream frames, in order (`stream_rules` made them)."""
+        for frame in frames:
+            self._emit(frame)
 
     def _emit(self, frame: Frame) -> None:
         assert self._sealer is not None, "a frame before the handshake completed"

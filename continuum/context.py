@@ -15,6 +15,8 @@ from .connection_gate import ConnectionGate
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import MailboxLimits, MailboxStore
+from .streams.router import StreamRouter
+from .streams.table import StreamBudget
 
 if TYPE_CHECKING:
     from .presence_report import PresenceReporter
@@ -30,6 +32,8 @@ class RelayContext:
     log: structlog.typing.FilteringBoundLogger
     gate: ConnectionGate
     access: AccessControl
+    streams: StreamRouter
+    stream_budget: StreamBudget
     # Reports enrolled devices' connections to the oracle (None: no oracle, or turned off).
     presence: PresenceReporter | None = None
     # The region stores behind `store`, for their health (None: a relay without regions).

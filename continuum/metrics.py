@@ -89,6 +89,18 @@ class RelayMetrics:
         self.verify_seconds = Histogram(
             "continuum_verify_seconds", "Ed25519 envelope signature verify time",
             buckets=(2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3), registry=self.registry)
+        # Streams (SPEC §16): relayed live, never stored.
+        self.streams_open = Gauge(
+            "continuum_streams_open",
+            "Stream halves open or waiting for an answer on this relay process",
+            registry=self.registry)
+        self.stream_bytes = Counter(
+            "continuum_stream_bytes", "Stream chunk bytes relayed from the devices connected here",
+            registry=self.registry)
+        self.stream_frames_dropped = Counter(
+            "continuum_stream_frames_dropped",
+            "Stream frames dropped because their stream had ended (they crossed its end)",
+            ["reason"], registry=self.registry)
         # Presence reports to the oracle (continuum/presence_report.py).
         self.presence_reports = Counter(
             "continuum_presence_reports", "Presence reports sent to the oracle, by outcome"

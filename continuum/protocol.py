@@ -18,7 +18,13 @@ The shell (`session.py`) follows one contract:
   `fetched`); a store failure goes back through `store_failed` (or, for an
   accept, `store_refused`);
 - `Authenticated` asks it to subscribe to the mailbox and watch the key's
-  access, then call `wake()`.
+  access, then call `wake()`;
+- `RouteStreams` hands the stream router (`streams.router`) what the
+  connection's stream rules (`streams.table`) decided: frames for the other
+  end of a stream, offers of an open, a pause of this connection's reads.
+  The router passes frames from other ends back in through
+  `stream_from_peer` (and `stream_unreachable`, `expire_streams`), and the
+  shell calls `close_streams` once the socket is gone.
 
 At most one `Fetch` is outstanding at a time: a wake-up that arrives while
 one runs is remembered and served when `fetched` reports back.
@@ -33,11 +39,14 @@ from typing import Protocol
 import structlog
 
 from proto import Envelope, Identity, PublicKey, decode_envelope
-from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError,
+from proto.errors import (DecodeError, OversizeError, PeerUnreachableError, ProtocolError,
+                          RateLimitedError,
                           StoreUnavailableError, SupersededError, UnauthenticatedError,
                           UnexpectedFrameError)
 from proto.channel import ChannelError, CipherState
-from proto.frames import Accepted, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
+from proto.frames import (STREAM_FRAMES, Accepted, Ack, Deliver, Error, Frame, Send, StreamAbort,
+                          StreamData, StreamFin, StreamFrame, StreamOpen, decode_frame,
+                          encode_frame)
 from proto.handshake import RelayHandshake
 
 from .access import AccessControl
@@ -46,6 +55,8 @@ from .metrics import RelayMetrics
 from .presence import ConnectionCounts
 from .settings import Settings
 from .store import StoredMessage
+from .streams.table import (Address, Dropped, Output, Refused, StreamBudget, StreamTable,
+                            ToDevice, ToPeer, refuse_offer)
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008
@@ -99,6 +110,14 @@ class Fetch:
 
 
 @dataclass(frozen=True)
+class RouteStreams:
+    """Hand these stream decisions to the router (`streams.router.StreamRouter.dispatch`);
+    a `Pause` among them asks the shell to read nothing from the device for a while."""
+
+    outputs: tuple[Output, ...]
+
+
+@dataclass(frozen=True)
 class Close:
     """Close the WebSocket with this code once `data_to_send()` is written."""
 
@@ -112,7 +131,7 @@ class Phase(Enum):
     CLOSED = auto()
 
 
-Request = Authenticated | CheckRate | RemoveDelivered
+Request = Authenticated | CheckRate | RemoveDelivered | RouteStreams
 
 
 class RelayProtocol:
@@ -124,12 +143,13 @@ class RelayProtocol:
 
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
                  "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
-                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "counts")
+                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "counts",
+                 "_stream_budget", "_streams")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
                  log: structlog.typing.FilteringBoundLogger, *, relay_nonce: bytes,
-                 ephemeral_seed: bytes) -> None:
+                 ephemeral_seed: bytes, stream_budget: StreamBudget | None = None) -> None:
         self._settings = settings
         self._access = access
         self._budget = budget
@@ -153,6 +173,11 @@ class RelayProtocol:
         self._wanted = False  # the mailbox may hold more than was fetched
         # This connection's messages, for the oracle's presence reports (`presence`).
         self.counts = ConnectionCounts()
+        # Streams: the relay-wide count, and this connection's table, made at its first stream
+        # (most connections never carry one, and each byte of an idle connection counts).
+        self._stream_budget = stream_budget or StreamBudget(settings.max_streams,
+                                                            settings.stream_relay_window_bytes)
+        self._streams: StreamTable | None = None
 
     @property
     def _log(self) -> structlog.typing.FilteringBoundLogger:
@@ -209,6 +234,8 @@ class RelayProtocol:
             return CheckRate(envelope)
         if isinstance(frame, Ack):
             return RemoveDelivered(frame.tag)
+        if isinstance(frame, STREAM_FRAMES):
+            return self._routed(self._stream_table().from_device(frame, now_ms))
         self._reject(None, UnexpectedFrameError(
             f"a device may send SEND or ACK here, not {type(frame).__name__.upper()}"))
         return None
@@ -359,6 +386,91 @@ class RelayProtocol:
             return None  # the ACK that opens the window wakes us
         self._asked = room
         return Fetch(self._cursor, room)
+
+    # -- streams: the rules are the table's, this connection only seals and counts ---------
+
+    def stream_from_peer(self, frame: StreamFrame, origin: Address, peer: PublicKey,
+                         now_ms: int) -> tuple[Output, ...]:
+        """A frame from the other half of a stream; what the router must pass on."""
+        if self.phase is not Phase.OPEN:
+            if isinstance(frame, StreamOpen):  # offered as this connection went away
+                return tuple(refuse_offer(frame, origin, peer, PeerUnreachableError(
+                    "the peer's connection just closed"), self._settings.limits))
+            return ()
+        return self._kept(self._stream_table().from_peer(frame, origin, peer, now_ms))
+
+    def stream_unreachable(self, stream_id: bytes) -> tuple[Output, ...]:
+        """No connection of the peer took this connection's open."""
+        if self._streams is None or self.phase is not Phase.OPEN:
+            return ()
+        return self._kept(self._streams.unreachable(stream_id))
+
+    def expire_streams(self, now_ms: int) -> tuple[Output, ...]:
+        """End the opens that waited past their deadline, pass on held credit (the router
+        ticks connections whose streams need it)."""
+        if self._streams is None or self.phase is not Phase.OPEN:
+            return ()
+        return self._kept(self._streams.expire(now_ms))
+
+    def abort_streams_via(self, here: str, replica: str | None,
+                          reason: str) -> tuple[Output, ...]:
+        """End the streams whose other half is on another replica the path to which failed."""
+        if self._streams is None or self.phase is not Phase.OPEN:
+            return ()
+        return self._kept(self._streams.abort_via(here, replica, reason))
+
+    @property
+    def streams_need_tick(self) -> bool:
+        return self._streams is not None and self._streams.needs_tick
+
+    def close_streams(self) -> tuple[Output, ...]:
+        """The socket is gone: the other end of each stream must hear so."""
+        streams, self._streams = self._streams, None
+        return tuple(streams.closed()) if streams is not None else ()
+
+    def _stream_table(self) -> StreamTable:
+        if self._streams is None:
+            assert self.device_key is not None
+            self._streams = StreamTable(self.device_key, self._settings, self._access,
+                                        self._stream_budget)
+        return self._streams
+
+    def _routed(self, outputs: list[Output]) -> RouteStreams | None:
+        kept = self._kept(outputs)
+        for output in kept:
+            if isinstance(output, ToPeer) and isinstance(output.frame, (StreamData, StreamFin)):
+                self._metrics.stream_bytes.inc(len(output.frame.chunk))
+        return RouteStreams(kept) if kept else None
+
+    def _kept(self, outputs: list[Output]) -> tuple[Output, ...]:
+        """Act on what concerns this device (frames to write, refusals, counts); return the
+        rest, for the router."""
+        kept: list[Output] = []
+        for output in outputs:
+            if isinstance(output, ToDevice):
+                self._emit(output.frame)
+            elif isinstance(output, Refused):
+                self._refuse_stream(output)
+            elif isinstance(output, Dropped):
+                self._metrics.stream_frames_dropped.labels(output.reason).inc()
+            else:
+                kept.append(output)
+        return tuple(kept)
+
+    def _refuse_stream(self, refused: Refused) -> None:
+        """Like `_reject`, but a refusal about a stream is that stream's STREAM_ABORT."""
+        if refused.stream_id is None:
+            self._reject(None, refused.error, abuse=refused.abuse)
+            return
+        error = refused.error
+        if refused.abuse:
+            self._invalid_frames += 1
+        self._metrics.rejected.labels(error.code.name.lower()).inc()
+        self._log.debug("stream_refused", reason=error.code.name.lower(), detail=error.message)
+        self._emit(StreamAbort(refused.stream_id, int(error.code), error.message))
+        if self._invalid_frames >= self._settings.max_invalid_frames:
+            self._log.warning("closing_abusive_connection", invalid=self._invalid_frames)
+            self._close(Close(CLOSE_POLICY_VIOLATION, "too many invalid frames"))
 
     # -- endings ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +30,8 @@ from .settings import Settings
 from .store import open_store
 from .store.regional import open_regional_store
 from .store.timed import TimedStore
+from .streams.router import StreamRouter
+from .streams.table import StreamBudget
 
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
@@ -85,10 +88,16 @@ class RelayServer:
             unknown_key_rate_per_s=settings.unknown_key_rate_per_s,
             unknown_key_burst=settings.unknown_key_burst, known_keys=settings.known_keys,
             enrolled=lambda key: access.current is not None and key in access.current.enrolled)
+        budget = StreamBudget(settings.max_streams, settings.stream_relay_window_bytes)
+        metrics.streams_open.set_function(lambda: budget.open)
+        streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
+                               tick_s=min(0.5, settings.stream_open_timeout_s / 4),
+                               remote=store.stream_bus())
         presence = (PresenceReporter(settings, identity, access, metrics, log)
                     if access.enabled and settings.presence_interval_s > 0 else None)
-        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access, presence,
-                                  regions)
+        self.relay = RelayContext(settings, store, identity, metrics, log, gate, access,
+                                  streams, budget, presence, regions)
+        await streams.start()
         # keepalive_timeout also bounds the time from accept() to a complete request:
         # aiohttp arms it when the socket is accepted (slowloris).
         self._runner = web.AppRunner(create_app(self.relay), access_log=None,
@@ -156,6 +165,7 @@ class RelayServer:
         if relay is not None and relay.presence is not None:
             await relay.presence.stop()  # after the sessions: their ends go in its last report
         if relay is not None:
+            await relay.streams.stop()  # after the sessions: their last aborts go out first
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_STOP_STEP_S):
                     await relay.store.close()

@@ -5,8 +5,9 @@ protocol asks for and reports the result back, and writes what the protocol
 says to write, closing when it says so.  It also owns what a pure object
 cannot: the deadlines (HELLO, a device that stops reading, a close that never
 completes, after which the socket is aborted), and the callbacks from
-elsewhere in the process (the store's wake-ups, the access-list watch, and
-the connection gate's eviction and superseding).
+elsewhere in the process (the store's wake-ups, the access-list watch, the
+connection gate's eviction and superseding, and the stream router, for which
+a session is the `StreamEndpoint` of its connection).
 
 Anything another replica would need is in the store, so a device may
 reconnect anywhere.
@@ -21,16 +22,20 @@ from aiohttp import WSMessage, WSMsgType
 
 from proto import PublicKey
 from proto.errors import InternalError, ProtocolError
-from proto.frames import NONCE_BYTES
+from proto.frames import NONCE_BYTES, StreamFrame
 from proto.handshake import EPHEMERAL_SEED_BYTES
 from runtime.clock import now_ms
 
 from .connection_gate import AddressBudget, Slot
 from .context import RelayContext
 from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
-                       StoreEnvelope)
+                       RouteStreams, StoreEnvelope)
 from .store import Subscription
+from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
+
+# How often a connection with stream frames still unread is looked at (`_watch_writes`).
+_WATCH_INTERVAL_S = 0.2
 
 
 # ACKs of one connection being applied at once (see `_start_removal`).
@@ -42,7 +47,7 @@ class DeviceSession:
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
-                 "_removals")
+                 "_address", "_watchdog", "_removals")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
         self._ws = ws
@@ -50,10 +55,13 @@ class DeviceSession:
         self._protocol = RelayProtocol(relay.identity, relay.settings, relay.access,
                                        AddressBudget(relay.gate, address), relay.metrics,
                                        relay.log, relay_nonce=os.urandom(NONCE_BYTES),
-                                       ephemeral_seed=os.urandom(EPHEMERAL_SEED_BYTES))
+                                       ephemeral_seed=os.urandom(EPHEMERAL_SEED_BYTES),
+                                       stream_budget=relay.stream_budget)
         self._delivery: asyncio.Task[None] | None = None
         self._next_fetch: Fetch | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._address: Address | None = None  # in the stream router, while authenticated
+        self._watchdog: asyncio.Task[None] | None = None  # see `_watch_writes`
         self._removals: set[asyncio.Task[None]] = set()
 
     # -- what the gate asks of this connection ---------------------------------------------
@@ -79,11 +87,18 @@ class DeviceSession:
             protocol.handshake_timed_out(timeout_s)
         else:
             self._feed(message)
+        if protocol.device_key is not None and protocol.close is None:
+            # Reachable for streams before the device hears WELCOME: an open sent to it as
+            # soon as it is connected must find it (on Redis: its channel subscribed).
+            self._address = await self._relay.streams.attach(protocol.device_key, self)
         self._write()
         if protocol.device_key is None:
             await self._finish_closing()
             return False
         slot.authenticated(protocol.device_key)  # may supersede this key's older connection
+        if protocol.close is not None and self._address is not None:
+            await self._relay.streams.detach(self._address, protocol.close_streams())
+            self._address = None
         return protocol.close is None
 
     async def serve(self) -> None:
@@ -112,6 +127,10 @@ class DeviceSession:
             pass  # the device went away mid-write; its mailbox is intact
         finally:
             self._protocol.connection_lost()  # from here on no wake-up starts a fetch
+            if self._address is not None:
+                await relay.streams.detach(self._address, self._protocol.close_streams())
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             unwatch()
             relay.metrics.connected.dec()
             if presence is not None:
@@ -133,14 +152,20 @@ class DeviceSession:
                                 WSMsgType.ERROR):
                 return  # closed by the device, or a frame beyond the hard cap (1009)
             request = self._feed(message)
-            if isinstance(request, CheckRate):
+            pause = 0.0
+            if isinstance(request, RouteStreams):
+                pause = self._route(request.outputs)
+            elif isinstance(request, CheckRate):
                 await self._admit(request)
             elif isinstance(request, RemoveDelivered):
                 await self._start_removal(request)
             self._write()
             await self._drain()  # a device that sends without reading is not outrun
+            if pause:
+                await asyncio.sleep(pause)  # over its stream byte rate: read it more slowly
 
-    def _feed(self, message: WSMessage) -> Authenticated | CheckRate | RemoveDelivered | None:
+    def _feed(self, message: WSMessage
+              ) -> Authenticated | CheckRate | RemoveDelivered | RouteStreams | None:
         if message.type == WSMsgType.BINARY:
             return self._protocol.receive(message.data, now_ms())
         self._protocol.receive_non_binary()
@@ -188,6 +213,76 @@ class DeviceSession:
         else:
             self._start_delivery(self._protocol.removed(request.tag, existed), device)
         self._write()
+
+    # -- streams: this connection as the router's endpoint ---------------------------------
+
+    def _route(self, outputs: tuple[Output, ...]) -> float:
+        """Hand the table's decisions to the router; the pause it asked for, in seconds."""
+        device = self._protocol.device_key
+        assert device is not None and self._address is not None
+        self._relay.streams.dispatch(self._address, device, outputs)
+        return max((o.seconds for o in outputs if isinstance(o, Pause)), default=0.0)
+
+    def stream_from_peer(self, frame: StreamFrame, origin: Address,
+                         peer: PublicKey) -> tuple[Output, ...]:
+        return self._written(self._protocol.stream_from_peer(frame, origin, peer, now_ms()))
+
+    def stream_unreachable(self, stream_id: bytes) -> tuple[Output, ...]:
+        return self._written(self._protocol.stream_unreachable(stream_id))
+
+    def expire_streams(self, now: int) -> tuple[Output, ...]:
+        return self._written(self._protocol.expire_streams(now))
+
+    def abort_streams_via(self, here: str, replica: str | None,
+                          reason: str) -> tuple[Output, ...]:
+        return self._written(self._protocol.abort_streams_via(here, replica, reason))
+
+    @property
+    def streams_need_tick(self) -> bool:
+        return self._protocol.streams_need_tick
+
+    def _written(self, outputs: tuple[Output, ...]) -> tuple[Output, ...]:
+        """Write what the protocol queued for this device, and watch that it is read.
+
+        What can wait here for a device is bounded without this watch: the exposure pool
+        of its streams (`streams.table`: passed credit minus what it said it read), its
+        delivery window, and, for a device that says it read what it did not, one frame's
+        credit: `_read_until_closed` reads nothing more from a device whose frames wait
+        (`_drain`), so its next credit is not even read.  The watch frees it in time.
+        """
+        self._write()
+        if self._watchdog is None and self._protocol.close is None:
+            self._watchdog = asyncio.create_task(self._watch_writes(), name="stream-writes")
+        return outputs
+
+    async def _watch_writes(self) -> None:
+        """Stream frames from other connections are written here without this session's
+        reader waiting for them: a device that stops reading them is cut off, as `_drain`
+        cuts off one that stops reading its deliveries (what can wait is bounded anyway:
+        the credit passed on toward it).
+
+        Stopped reading means: bytes wait, and their amount has not changed for the write
+        timeout.  A device that reads gets more only as it grants credit, so while it
+        reads the amount keeps changing; one that does not is sent nothing more, and the
+        amount stays put, however far below the transport's high-water mark it is.
+        """
+        timeout_s = self._relay.settings.write_timeout_s
+        loop = asyncio.get_running_loop()
+        last, since = -1, loop.time()
+        try:
+            while self._protocol.close is None:
+                await asyncio.sleep(_WATCH_INTERVAL_S)
+                waiting = self._ws.buffered_bytes()
+                if not waiting:
+                    return
+                if waiting != last:
+                    last, since = waiting, loop.time()
+                elif loop.time() - since >= timeout_s:
+                    self._protocol.write_stalled(timeout_s)
+                    self._ws.abort()
+                    return
+        finally:
+            self._watchdog = None
 
     # -- delivery: one task while fetches are wanted ---------------------------------------
 

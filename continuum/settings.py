@@ -18,6 +18,7 @@ from proto import Identity, PublicKey
 from proto.errors import InvalidFieldError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES, Limits
 from proto.regions import is_region_name
+from proto.streams import CHUNK_OVERHEAD_BYTES
 from runtime.settings import describe, load_settings, mask_url, repeatable
 from runtime.tls import server_context, verifying_context
 
@@ -105,6 +106,24 @@ class Settings:
     # and disconnects the rest; `alarm` keeps enforcing the lapsed list.  Both alarm (log,
     # metrics, /healthz).  README "When the oracle goes silent".
     access_list_expired: str = FAIL_CLOSED
+    # Streams (SPEC §16), relayed live, never stored.  Halves open or opening per device
+    # connection and per relay process; opens waiting for an answer per connection, and how
+    # long they wait; how much credit a receiver may hold out per stream (what may wait on
+    # the path); opens per second and chunk bytes per second per connection (a connection
+    # over its byte rate is read more slowly, so its sender slows down).
+    max_streams_per_device: int = 64
+    max_streams: int = 10_000
+    max_pending_streams_per_device: int = 16
+    stream_open_timeout_s: float = 10.0
+    max_stream_window_bytes: int = 1024 * 1024
+    # Credit passed on toward one connection, all its streams (what can be on its way to it),
+    # and toward all connections of the process; what a device grants beyond waits.
+    stream_connection_window_bytes: int = 16 * 1024 * 1024
+    stream_relay_window_bytes: int = 256 * 1024 * 1024
+    stream_opens_per_s: float = 20.0
+    stream_open_burst: int = 40
+    stream_bytes_per_s: float = 256 * 1024 * 1024
+    stream_burst_bytes: int = 8 * 1024 * 1024
     # One worldwide network (README "Several regions", SPEC §19): this relay's region (its
     # `store` is that region's store), and the store of every other region, `REGION=URL`;
     # each device's mailbox lives in its home region's store, named by the oracle's list.
@@ -200,6 +219,16 @@ class Settings:
                  self.access_list_expired in ON_EXPIRY),
                 ("oracle_url must be http:// or https://", not self.oracle_url
                  or self.oracle_url.startswith(("http://", "https://"))),
+                ("stream limits must be >= 1", min(
+                    self.max_streams_per_device, self.max_streams,
+                    self.max_pending_streams_per_device, self.stream_open_burst) >= 1),
+                ("stream_open_timeout_s, stream_opens_per_s and stream_bytes_per_s must be > 0",
+                 min(self.stream_open_timeout_s, self.stream_opens_per_s,
+                     self.stream_bytes_per_s) > 0),
+                ("stream windows, pools and burst must hold one chunk (max_envelope_bytes + 17)",
+                 min(self.max_stream_window_bytes, self.stream_burst_bytes,
+                     self.stream_connection_window_bytes, self.stream_relay_window_bytes)
+                 >= self.max_envelope_bytes + CHUNK_OVERHEAD_BYTES),
                 *_region_problems(self.region, self.store, self.region_stores),
                 ("presence_interval_s must be >= 0", self.presence_interval_s >= 0),
                 ("presence_heartbeat_s must be >= presence_interval_s and <= 200",

@@ -66,6 +66,10 @@ class Kind(IntEnum):
     RECEIPT = 2
     EXPIRY = 3
     PEER_CHANGE = 4
+    # Stream handshakes (SPEC §16): carried in STREAM_OPEN / STREAM_ACCEPT frames, never
+    # stored in a mailbox.
+    STREAM_OPEN = 5
+    STREAM_ACCEPT = 6
 
     @property
     def origin(self) -> Origin:

@@ -37,6 +37,10 @@ class ErrorCode(IntEnum):
     ACCESS_LIST_UNAVAILABLE = 21
     PREKEY_EXPIRED = 22
     UNKNOWN_PREKEY = 23
+    STREAM_REFUSED = 24
+    PEER_UNREACHABLE = 25
+    STREAM_LIMIT = 26
+    STREAM_BROKEN = 27
 
 
 class ProtocolError(Exception):
@@ -163,6 +167,35 @@ class UnknownPrekeyError(ProtocolError):
     code = ErrorCode.UNKNOWN_PREKEY
 
 
+class StreamRefusedError(ProtocolError):
+    """The peer declined to open the stream (no such service, not allowed, a non-peer):
+    said by the peer's device, or by the relay for an answer that came too late (SPEC §16)."""
+
+    code = ErrorCode.STREAM_REFUSED
+
+
+class PeerUnreachableError(ProtocolError):
+    """The stream's other end is connected to no relay of this deployment, or did not answer
+    the open in time: nothing was stored, try again once it is online (SPEC §16)."""
+
+    code = ErrorCode.PEER_UNREACHABLE
+
+
+class StreamLimitError(ProtocolError):
+    """A bound on streams was reached (open streams per device or relay, pending opens, the
+    rate of opens): retry once a stream has ended (SPEC §16)."""
+
+    code = ErrorCode.STREAM_LIMIT
+
+
+class StreamBrokenError(ProtocolError):
+    """The stream ended without both ends' FIN: the other end aborted, disconnected or
+    reconnected, broke the flow-control rules, or a chunk did not open (altered, reordered,
+    replayed, truncated).  Never resumed: what was not read by then is lost (SPEC §16)."""
+
+    code = ErrorCode.STREAM_BROKEN
+
+
 _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -189,6 +222,10 @@ _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
         AccessListUnavailableError,
         PrekeyExpiredError,
         UnknownPrekeyError,
+        StreamRefusedError,
+        PeerUnreachableError,
+        StreamLimitError,
+        StreamBrokenError,
     )
 }
 

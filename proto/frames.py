@@ -11,6 +11,16 @@
     relay  → device   DELIVER   [7, tag(tstr), envelope(bstr)]
     device → relay    ACK       [8, tag(tstr)]
 
+and the stream frames of SPEC §16, the same shape in both directions (the relay
+forwards what one end sends to the other):
+
+    STREAM_OPEN    [9,  window, envelope(bstr)]        the stream's id is the envelope's msg_id
+    STREAM_ACCEPT  [10, stream_id(16), window, envelope(bstr)]
+    STREAM_DATA    [11, stream_id(16), chunk(bstr)]     a secretstream chunk, tag MESSAGE
+    STREAM_CREDIT  [12, stream_id(16), credit]          the sender may send `credit` more bytes
+    STREAM_FIN     [13, stream_id(16), chunk(bstr)]     the direction's last chunk, tag FINAL
+    STREAM_ABORT   [14, stream_id(16), code, message(tstr)]
+
 After WELCOME every frame travels sealed (`channel`).  This module only
 encodes and decodes; what the handshake frames sign and prove, and the order
 they come in, is `handshake`'s job.
@@ -32,6 +42,9 @@ NONCE_BYTES = 32
 EPHEMERAL_KEY_BYTES = 32
 MAX_TAG_CHARS = 64
 MAX_ERROR_MESSAGE_CHARS = 512
+STREAM_ID_BYTES = MSG_ID_BYTES
+# Windows and credits are byte counts below 2^32: far above any window a relay allows.
+MAX_CREDIT = 2**32 - 1
 
 
 class FrameType(IntEnum):
@@ -43,6 +56,12 @@ class FrameType(IntEnum):
     ERROR = 6
     DELIVER = 7
     ACK = 8
+    STREAM_OPEN = 9
+    STREAM_ACCEPT = 10
+    STREAM_DATA = 11
+    STREAM_CREDIT = 12
+    STREAM_FIN = 13
+    STREAM_ABORT = 14
 
 
 def _bytes(value: object, length: int | None, name: str) -> bytes:
@@ -202,7 +221,118 @@ class Ack:
         return cls(_text(f[0], MAX_TAG_CHARS, "ack tag"))
 
 
-Frame = Challenge | Hello | Welcome | Send | Accepted | Error | Deliver | Ack
+def _stream_id(value: object) -> bytes:
+    return _bytes(value, STREAM_ID_BYTES, "stream id")
+
+
+def _credit(value: object, name: str, low: int) -> int:
+    if type(value) is not int or not low <= value <= MAX_CREDIT:
+        raise InvalidFieldError(f"{name} must be an integer in [{low}, {MAX_CREDIT}]")
+    return value
+
+
+@dataclass(frozen=True)
+class StreamOpen:
+    """Open a stream to the envelope's one recipient; `window` is how many chunk bytes the
+    opener lets the other end send before granting more."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STREAM_OPEN
+    window: int
+    envelope: bytes
+
+    def fields(self) -> list:
+        return [self.window, self.envelope]
+
+    @classmethod
+    def from_fields(cls, f: list) -> StreamOpen:
+        return cls(_credit(f[0], "stream window", 0), _bytes(f[1], None, "envelope"))
+
+
+@dataclass(frozen=True)
+class StreamAccept:
+    """The answer that opens stream `stream_id`; `window` as in STREAM_OPEN, the other way."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STREAM_ACCEPT
+    stream_id: bytes
+    window: int
+    envelope: bytes
+
+    def fields(self) -> list:
+        return [self.stream_id, self.window, self.envelope]
+
+    @classmethod
+    def from_fields(cls, f: list) -> StreamAccept:
+        return cls(_stream_id(f[0]), _credit(f[1], "stream window", 0),
+                   _bytes(f[2], None, "envelope"))
+
+
+@dataclass(frozen=True)
+class StreamData:
+    TYPE: ClassVar[FrameType] = FrameType.STREAM_DATA
+    stream_id: bytes
+    chunk: bytes
+
+    def fields(self) -> list:
+        return [self.stream_id, self.chunk]
+
+    @classmethod
+    def from_fields(cls, f: list) -> StreamData:
+        return cls(_stream_id(f[0]), _bytes(f[1], None, "stream chunk"))
+
+
+@dataclass(frozen=True)
+class StreamCredit:
+    TYPE: ClassVar[FrameType] = FrameType.STREAM_CREDIT
+    stream_id: bytes
+    credit: int
+
+    def fields(self) -> list:
+        return [self.stream_id, self.credit]
+
+    @classmethod
+    def from_fields(cls, f: list) -> StreamCredit:
+        return cls(_stream_id(f[0]), _credit(f[1], "stream credit", 1))
+
+
+@dataclass(frozen=True)
+class StreamFin:
+    """The last chunk of one direction (possibly of no data): the sender's half-close."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STREAM_FIN
+    stream_id: bytes
+    chunk: bytes
+
+    def fields(self) -> list:
+        return [self.stream_id, self.chunk]
+
+    @classmethod
+    def from_fields(cls, f: list) -> StreamFin:
+        return cls(_stream_id(f[0]), _bytes(f[1], None, "stream chunk"))
+
+
+@dataclass(frozen=True)
+class StreamAbort:
+    """The stream ends now, both ways, for the reason given (SPEC §9 code and words)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STREAM_ABORT
+    stream_id: bytes
+    code: int
+    message: str
+
+    def fields(self) -> list:
+        return [self.stream_id, self.code, self.message[:MAX_ERROR_MESSAGE_CHARS]]
+
+    @classmethod
+    def from_fields(cls, f: list) -> StreamAbort:
+        return cls(_stream_id(f[0]), _uint(f[1], "abort code"),
+                   _text(f[2], MAX_ERROR_MESSAGE_CHARS, "abort message"))
+
+
+StreamFrame = StreamOpen | StreamAccept | StreamData | StreamCredit | StreamFin | StreamAbort
+STREAM_FRAMES = (StreamOpen, StreamAccept, StreamData, StreamCredit, StreamFin, StreamAbort)
+
+Frame = (Challenge | Hello | Welcome | Send | Accepted | Error | Deliver | Ack | StreamOpen
+         | StreamAccept | StreamData | StreamCredit | StreamFin | StreamAbort)
 
 _FRAME_CLASSES: dict[int, tuple[type, int]] = {
     FrameType.CHALLENGE: (Challenge, 4),
@@ -213,6 +343,12 @@ _FRAME_CLASSES: dict[int, tuple[type, int]] = {
     FrameType.ERROR: (Error, 3),
     FrameType.DELIVER: (Deliver, 2),
     FrameType.ACK: (Ack, 1),
+    FrameType.STREAM_OPEN: (StreamOpen, 2),
+    FrameType.STREAM_ACCEPT: (StreamAccept, 3),
+    FrameType.STREAM_DATA: (StreamData, 2),
+    FrameType.STREAM_CREDIT: (StreamCredit, 2),
+    FrameType.STREAM_FIN: (StreamFin, 2),
+    FrameType.STREAM_ABORT: (StreamAbort, 3),
 }
 
 

@@ -253,3 +253,11 @@ def test_now_is_the_devices_clock_unless_the_relays_is_later() -> None:
     assert device_now_ms(NOW_MS, -TEN_DAYS_MS) == NOW_MS
     # ...and a device whose clock restarted at 1970 still applies the rule with an honest relay.
     assert device_now_ms(5_000, NOW_MS - 5_000) == NOW_MS
+
+
+@pytest.mark.parametrize("kind", [Kind.STREAM_OPEN, Kind.STREAM_ACCEPT])
+def test_a_stream_handshake_stored_in_a_mailbox_is_dropped(kind: Kind) -> None:
+    """Opens and answers are live (SPEC §16): one that a relay stored is never acted on."""
+    decision = decide(sealed(bob, [alice], b"\x83" + bytes(3), kind).raw, view(), now_ms=NOW_MS)
+    assert isinstance(decision, Drop) and decision.reason is DropReason.INVALID
+    assert "never in a mailbox" in decision.detail

@@ -262,7 +262,7 @@ class TestSealedKind:
             decoded.open(BOB)
         assert caught.value.code is ErrorCode.INVALID_FIELD
 
-    @pytest.mark.parametrize("contents", [b"", b"\x00", b"\x05", b"\x05hello", b"\xff" * 3])
+    @pytest.mark.parametrize("contents", [b"", b"\x00", b"\x7f", b"\x7fhello", b"\xff" * 3])
     def test_an_unknown_or_missing_sealed_kind_is_refused(self, contents: bytes) -> None:
         env = seal_contents(ALICE, Origin.DEVICE, contents, [BOB.public], ttl_s=TTL_S,
                             now_ms=NOW_MS, random_bytes=counter_random("unknown"))

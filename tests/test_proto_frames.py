@@ -138,4 +138,6 @@ def test_send_deliver_carry_any_bytes(tag_seed: bytes, envelope: bytes) -> None:
 def test_frame_types_are_stable() -> None:
     assert {t.name: t.value for t in FrameType} == {
         "CHALLENGE": 1, "HELLO": 2, "WELCOME": 3, "SEND": 4,
-        "ACCEPTED": 5, "ERROR": 6, "DELIVER": 7, "ACK": 8}
+        "ACCEPTED": 5, "ERROR": 6, "DELIVER": 7, "ACK": 8,
+        "STREAM_OPEN": 9, "STREAM_ACCEPT": 10, "STREAM_DATA": 11, "STREAM_CREDIT": 12,
+        "STREAM_FIN": 13, "STREAM_ABORT": 14}

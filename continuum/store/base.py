@@ -18,8 +18,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
+
+if TYPE_CHECKING:
+    from ..streams.router import RemoteStreams
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,11 @@ class MailboxLimits:
 
 class Subscription(ABC):
     """A live interest in one mailbox; `close` stops wake-ups."""
+
+    def stream_bus(self) -> RemoteStreams | None:
+        """The path stream frames take to other relays sharing this store (SPEC §16); None:
+        this store has no other relays (the embedded one)."""
+        return None
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -152,6 +162,11 @@ class MailboxStore(ABC):
         A backend that answers reads but refuses writes (a full disk, a
         read-only replica) cannot honour ACCEPTED, so the probe writes.
         """
+
+    def stream_bus(self) -> RemoteStreams | None:
+        """The path stream frames take to other relays sharing this store (SPEC §16); None:
+        this store has no other relays (the embedded one)."""
+        return None
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -57,7 +57,7 @@ import asyncio
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
@@ -78,6 +78,9 @@ from .redis_durability import Durability
 from .redis_keys import (KeySpace, MailboxKeys, body_member, entry_field, floor_text,
                          parse_body_member, parse_floor_text)
 from .redis_wakeups import PubSubWakeups
+
+if TYPE_CHECKING:
+    from ..streams.redis_bus import RedisStreamBus
 
 T = TypeVar("T")
 
@@ -465,6 +468,12 @@ class RedisStore(MailboxStore):
         if isinstance(written, Exception):
             raise StoreUnavailableError(f"mailbox store refuses writes: {written}")
         self._durability.check(waited)
+
+    def stream_bus(self) -> RedisStreamBus:
+        """Replicas on this Redis carry streams to each other by pub/sub: it publishes with
+        the data client; its subscriber connection comes from the plain client."""
+        from ..streams.redis_bus import RedisStreamBus
+        return RedisStreamBus(self._client, self._pubsub_client, self._keys.prefix)
 
     async def close(self) -> None:
         await self._wakeups.close()

@@ -47,7 +47,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import structlog
 
@@ -60,6 +60,9 @@ from runtime.clock import now_ms as clock_ms
 from .base import (UNBOUNDED_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage,
                    Subscription)
 from .redis import RedisStore
+
+if TYPE_CHECKING:
+    from ..streams.router import RemoteStreams
 
 # Entries moved from a former home per round trip.
 MOVE_BATCH = 100
@@ -343,6 +346,12 @@ class RegionalStore(MailboxStore):
                     _log.warning("region_store_reachable_again", region=state.region)
                     down.discard(state.region)
             await asyncio.sleep(interval_s)
+
+    def stream_bus(self) -> RemoteStreams | None:
+        """Streams are live and cross the relays of this region only, through its own store's
+        pub/sub: an open to a device connected in another region finds nobody there
+        (PEER_UNREACHABLE, SPEC §16)."""
+        return self.stores[self.local].stream_bus()
 
     async def close(self) -> None:
         for task in list(self._moves.values()):

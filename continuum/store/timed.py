@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import Counter
 from prometheus_client.core import HistogramMetricFamily
@@ -31,6 +31,9 @@ from proto.access import Stamp
 from proto.errors import StoreUnavailableError
 
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+
+if TYPE_CHECKING:
+    from ..streams.router import RemoteStreams
 
 T = TypeVar("T")
 OPERATIONS = ("accept", "fetch", "ack", "take_expired", "allow", "depth", "subscribe",
@@ -115,6 +118,11 @@ class TimedStore(MailboxStore):
 
     async def ping(self) -> None:
         await self._call("ping", self.inner.ping)
+
+    def stream_bus(self) -> RemoteStreams | None:
+        """The wrapped store's path between relays, untimed: it carries stream frames (SPEC
+        §16), not store calls."""
+        return self.inner.stream_bus()
 
     async def close(self) -> None:
         await self.inner.close()

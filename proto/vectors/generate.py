@@ -558,8 +558,8 @@ def _invalid_contents() -> list[dict]:
         _invalid("device origin with an EXPIRY notice sealed inside", "envelope_open",
                  _sealed("alice", Origin.DEVICE, Contents(Kind.EXPIRY, notice).encode(), "bob",
                          0x60), ErrorCode.INVALID_FIELD, open_as="bob"),
-        _invalid("unknown sealed kind 5", "envelope_open",
-                 _sealed("alice", Origin.DEVICE, b"\x05hi", "bob", 0x70),
+        _invalid("unknown sealed kind 255", "envelope_open",
+                 _sealed("alice", Origin.DEVICE, b"\xffhi", "bob", 0x70),
                  ErrorCode.INVALID_FIELD, open_as="bob"),
         _invalid("no sealed kind (empty contents)", "envelope_open",
                  _sealed("alice", Origin.DEVICE, b"", "bob", 0x80),
@@ -733,6 +733,10 @@ def prekey_vectors() -> dict:
     return build_prekeys()
 
 
+def stream_vectors() -> dict:
+    """streams.json, built in its own module (SPEC §16)."""
+    from .stream_vectors import stream_vectors as build_streams
+    return build_streams()
 def region_vectors() -> dict:
     """regions.json (SPEC §19), built in its own module like prekeys.json."""
     from .region_vectors import region_vectors as build_regions
@@ -754,6 +758,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "rotation": rotation_vectors,
     "invalid": invalid_vectors,
     "prekeys": prekey_vectors,
+    "streams": stream_vectors,
     "regions": region_vectors,
     "presence": presence_vectors,
 }
