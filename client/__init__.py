@@ -115,6 +115,14 @@ a reader that stops slows its writer and nothing piles up (`window=` on
 live on the relay connection they were opened on: when it drops every stream
 ends with StreamBrokenError at both ends, and none is ever resumed.
 
+Calls (SPEC §18): `device.on_call("reboot", handler)` answers a method;
+`await device.call(peer, "reboot", body, timeout=5)` returns a `CallResult`
+(status, body).  A call is taken only from a peer (or the oracle), never
+after its deadline nor a second time for one correlation id, and runs at most
+once; it waits in an offline callee's mailbox until its deadline, and the
+caller gets CallTimeoutError then.  A response counts only from the callee
+for a call still awaited; others are discarded and counted (`DeviceStats`).
+
 Modules, one job each: `protocol` (the pure conversation with one relay:
 handshake, frames in and out), `connection` (its socket shell), `manager`
 (relay list, backoff, failover), `inbox` (pure decision per delivery),
@@ -125,11 +133,13 @@ already handled), `state` (the SQLite file behind outbox, tracking and
 dedup), `peers`, `backoff`, `drain` (the old key's mailbox after a
 rotation), `key_files` (the home's key files across a rotation),
 `stream_rules` (streams, pure) and `streams` (`Stream`, `StreamRequest`),
-`tunnel` (TCP ports over streams), `device` (the public API tying them
+`tunnel` (TCP ports over streams), `calls` (calls, pure) and `calling`
+(their shell), `device` (the public API tying them
 together), `stats`, `settings`, `cli` and `tunnel_cli` (the
 `continuum-client` command).
 """
 
+from .calls import CallResult, IncomingCall
 from .device import Device
 from .inbox import DropReason, InboundMessage
 from .peers import PeerList
@@ -137,5 +147,5 @@ from .stats import DeviceStats
 from .streams import Stream, StreamRequest
 from .tracking import DeliveryStatus, Outgoing, SendState, SentMessage
 
-__all__ = ["DeliveryStatus", "Device", "DeviceStats", "DropReason", "InboundMessage", "Outgoing",
-           "PeerList", "SendState", "SentMessage", "Stream", "StreamRequest"]
+__all__ = ["CallResult", "DeliveryStatus", "Device", "DeviceStats", "DropReason", "InboundMessage",
+           "IncomingCall", "Outgoing", "PeerList", "SendState", "SentMessage", "Stream", "StreamRequest"]

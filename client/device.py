@@ -50,12 +50,15 @@ from runtime.clock import now_ms
 from runtime.logs import library_logger
 
 from .backoff import Backoff
+from .calling import Calls
+from .calls import DEFAULT_MAX_RUNNING, CallHandler, CallResult
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import RecentlySeen
 from .drain import DEFAULT_QUIET_S, Drain
 from .freshness import device_now_ms, valid_until_ms
-from .inbox import (Drop, DropReason, ExpiryArrived, InboundMessage, InboxView,
-                    OracleKeyChanged, PeerChangeArrived, ReceiptArrived, Surface, decide)
+from .inbox import (CallArrived, Drop, DropReason, ExpiryArrived, InboundMessage, InboxView,
+                    OracleKeyChanged, PeerChangeArrived, ReceiptArrived, ResponseArrived,
+                    Surface, decide)
 from .manager import ConnectionManager
 from .outbox import PendingSend
 from .peers import PeerList, Standing
@@ -114,11 +117,14 @@ class Device:
                  tls: ssl.SSLContext | None = None,
                  on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None,
                  on_connect_error: Callable[[str, BaseException], None] | None = None,
-                 on_drop: Callable[[Drop], None] | None = None) -> None:
+                 on_drop: Callable[[Drop], None] | None = None,
+                 max_running_calls: int = DEFAULT_MAX_RUNNING) -> None:
         """`relay_keys`: pin the relays this device talks to; a relay holding any other key
         is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
         count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
-        verified (a private CA); None: the system's certificate store."""
+        verified (a private CA); None: the system's certificate store.
+        `max_running_calls`: call handlers running at once; beyond, calls are answered
+        REFUSED (SPEC §18)."""
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -156,6 +162,8 @@ class Device:
             on_connect_error=on_connect_error)
         self._sender = Sender(self._identities, self._manager, self._state, self.stats, limits)
         self._streams = StreamHub(self.peers, lambda: self.identity)
+        self._calls = Calls(self._sender, self.stats, lambda: self.identity,
+                            max_running=max_running_calls)
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -177,6 +185,7 @@ class Device:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._streams.stop()
+        await self._calls.stop()
         await self._sender.stop()
         self.close()
 
@@ -280,6 +289,28 @@ class Device:
         accepts or refuses the `StreamRequest`.  Without a handler every open is refused."""
         self._streams.on_stream(handler)
 
+    # -- calls (SPEC §18) ------------------------------------------------------------------
+
+    async def call(self, peer: PublicKey, method: str, body: bytes = b"", *,
+                   timeout: float) -> CallResult:
+        """Call `method` on `peer` with `body`; return its response (status and body).
+
+        The call waits in the peer's mailbox if it is offline, until `timeout`
+        seconds have passed: then CallTimeoutError (a TimeoutError), whether the
+        peer never connected or did not answer in time.  A relay's final refusal
+        is raised as its proto exception (NotPeerError at relays that enforce
+        peer groups, …).  A handler's failure is a response (ERROR), not an
+        exception.  Each call runs at most once at the peer.
+        """
+        return await self._calls.call(peer, method, body, timeout)
+
+    def on_call(self, method: str, handler: CallHandler | None) -> None:
+        """Answer calls of `method` from peers (and the oracle) with `handler(call)`, run in a
+        task of its own and cancelled at the call's deadline; it returns the body of an OK
+        response, or a `CallResult` for another status.  None removes it: then such calls
+        are answered NOT_FOUND."""
+        self._calls.on_call(method, handler)
+
     # -- receiving -------------------------------------------------------------------------
 
     async def messages(self) -> AsyncGenerator[InboundMessage, None]:
@@ -351,6 +382,17 @@ class Device:
             self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
             return  # ACKed when the application takes it
+        if isinstance(decision, (CallArrived, ResponseArrived)):
+            # Taken once: recorded as seen and ACKed before a handler runs (at most once).
+            with transaction(self._state):
+                self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
+                               valid_until_ms(decision.envelope))
+            await connection.ack(delivery.tag)
+            if isinstance(decision, CallArrived):
+                self._calls.on_call_arrived(decision)
+            else:
+                self._calls.on_response(decision)
+            return
         reply: PendingSend | None = None
         if isinstance(decision, Drop):
             self._on_dropped(decision)

@@ -42,7 +42,11 @@ Rules, cheapest first so hostile input costs as little as possible:
    Only the oracle can write to a device at relays that enforce peer groups,
    so elsewhere a stranger's message costs one decryption;
 11. a stream's open or answer (SPEC §16) stored in a mailbox → drop (invalid):
-   they are live, in stream frames only, so a stored copy is a replay or a mistake.
+   they are live, in stream frames only, so a stored copy is a replay or a mistake;
+12. a CALL (SPEC §18) only from a peer or the oracle key followed, else drop
+   (non-peer): a stranger's call never reaches a handler.  A RESPONSE is taken
+   from anyone here; the device matches it against its outstanding calls (the
+   callee and the correlation id), which `decide` does not hold.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from typing import Protocol
 
 from proto import (DEFAULT_LIMITS, Contents, Envelope, Identity, Kind, Limits, Origin, PublicKey,
                    decode_envelope)
+from proto.calls import Call, Response
 from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
@@ -137,8 +142,24 @@ class PeerChangeArrived:
     standing: Standing
 
 
+@dataclass(frozen=True)
+class CallArrived:
+    """A peer (or the oracle) calls this device; its deadline is not checked yet."""
+
+    envelope: Envelope
+    call: Call
+
+
+@dataclass(frozen=True)
+class ResponseArrived:
+    """A response to one of our calls, if it matches one outstanding (the device checks)."""
+
+    envelope: Envelope
+    response: Response
+
+
 Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
-            | OracleKeyChanged)
+            | OracleKeyChanged | CallArrived | ResponseArrived)
 
 
 class SentMessages(Protocol):
@@ -191,13 +212,14 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
         return Drop(DropReason.UNTRUSTED_EXPIRY, f"{envelope.sender.text} is not a relay key",
                     envelope)
     try:
-        return _interpret(envelope, envelope.open(view.identity), view)
+        return _interpret(envelope, envelope.open(view.identity), view, limits)
     except ProtocolError as exc:
         return Drop(DropReason.INVALID, exc.message, envelope)
 
 
-def _interpret(envelope: Envelope, contents: Contents, view: InboxView) -> Decision:
-    """Rules 7 to 10 for the decrypted contents; DecodeError propagates to `decide`."""
+def _interpret(envelope: Envelope, contents: Contents, view: InboxView,
+               limits: Limits) -> Decision:
+    """Rules 7 to 12 for the decrypted contents; DecodeError propagates to `decide`."""
     sender, kind, plaintext = envelope.sender, contents.kind, contents.plaintext
     if kind is Kind.DATA:
         if sender in view.peers:
@@ -212,6 +234,12 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView) -> Decis
                         f"{sender.text} is not the oracle key", envelope)
         change = PeerChange.decode(plaintext)
         return PeerChangeArrived(envelope, change, view.peers.standing(change.stamp, sender))
+    if kind is Kind.CALL:
+        if sender not in view.peers and sender != view.oracle_key:
+            return Drop(DropReason.NON_PEER, f"a call from {sender.text}, not a peer", envelope)
+        return CallArrived(envelope, Call.decode(plaintext, limits))
+    if kind is Kind.RESPONSE:
+        return ResponseArrived(envelope, Response.decode(plaintext, limits))
     if kind in (Kind.STREAM_OPEN, Kind.STREAM_ACCEPT):
         return Drop(DropReason.INVALID, f"a {kind.name} travels in stream frames (SPEC §16),"
                     " never in a mailbox", envelope)

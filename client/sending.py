@@ -148,6 +148,23 @@ class Sender:
         entry.accepted.add_done_callback(_log_unawaited_refusal(entry))
         return entry
 
+    def hold_untracked(self, envelope: Envelope, *, awaited: bool) -> PendingSend:
+        """Hold a call or a call's response (SPEC §18) like a reply: no receipt is awaited
+        for it, and it is never sealed again (no plaintext kept, so it cannot be renewed as
+        another kind): past the relay's clock window it is refused STALE, which its deadline
+        bounds anyway.  Durable on return; send it with `send_now`.  A refusal of one not
+        `awaited` (a response) is logged."""
+        with transaction(self._state):
+            entry = self.outbox.add(envelope, reply=True)
+        if not awaited:
+            entry.accepted.add_done_callback(_log_unawaited_refusal(entry))
+        return entry
+
+    def discard_untracked(self, entry: PendingSend) -> None:
+        """Take back a held call nobody waits for any more (it timed out, or was cancelled)."""
+        with transaction(self._state):
+            self.outbox.discard(entry.msg_id)
+
     async def flush(self, timeout: float | None) -> int:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):

@@ -38,6 +38,18 @@ class DeviceStats:
     dropped_unexpected_receipt: int = 0
     # Relay messages that were no frame a device may receive (nothing to ACK).
     bad_frames: int = 0
+    # Calls (SPEC §18), as caller: calls that got no response in time, responses that came
+    # after that (discarded), and responses for no call of ours or from another than the
+    # callee (discarded: anything but 0 deserves a look).
+    calls_timed_out: int = 0
+    responses_late: int = 0
+    responses_unmatched: int = 0
+    # As callee: calls from peers, those dropped (a replayed correlation id, a deadline
+    # outside its envelope), those answered with a status other than OK, responses sent.
+    calls_received: int = 0
+    calls_dropped: int = 0
+    calls_not_ok: int = 0
+    responses_sent: int = 0
 
     def count_drop(self, reason: DropReason) -> None:
         name = "duplicates" if reason is DropReason.DUPLICATE else f"dropped_{reason.value}"

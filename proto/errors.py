@@ -41,6 +41,8 @@ class ErrorCode(IntEnum):
     PEER_UNREACHABLE = 25
     STREAM_LIMIT = 26
     STREAM_BROKEN = 27
+    CALL_TIMEOUT = 30
+    CALL_REJECTED = 31
 
 
 class ProtocolError(Exception):
@@ -196,6 +198,19 @@ class StreamBrokenError(ProtocolError):
     code = ErrorCode.STREAM_BROKEN
 
 
+class CallTimeoutError(ProtocolError, TimeoutError):
+    """Local only: a call got no response before its deadline: the callee was offline past
+    it, did not answer in time, or its answer was lost (SPEC §18).  Also a TimeoutError."""
+
+    code = ErrorCode.CALL_TIMEOUT
+
+
+class CallRejectedError(ProtocolError):
+    """Local only: a callee refuses to run a call past its deadline (SPEC §18)."""
+
+    code = ErrorCode.CALL_REJECTED
+
+
 _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
     cls.code: cls
     for cls in (
@@ -226,6 +241,8 @@ _BY_CODE: dict[ErrorCode, type[ProtocolError]] = {
         PeerUnreachableError,
         StreamLimitError,
         StreamBrokenError,
+        CallTimeoutError,
+        CallRejectedError,
     )
 }
 
