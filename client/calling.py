@@ -81,7 +81,9 @@ class Calls:
             entry = self._sender.hold_untracked(envelope, awaited=True)
             async with asyncio.timeout(timeout):
                 await self._sender.send_now(entry)
-                await entry.accepted  # a relay stored it, or the refusal (NotPeerError, …)
+                # A relay stored it, or its refusal (NotPeerError, …); shielded, so that
+                # giving up leaves the entry's future to the outbox.
+                await asyncio.shield(entry.accepted)
                 return await answered
         except TimeoutError:
             self._stats.calls_timed_out += 1
