@@ -749,6 +749,12 @@ def presence_vectors() -> dict:
     return build_presence()
 
 
+def call_vectors() -> dict:
+    """calls.json (SPEC §18), built in its own module."""
+    from .call_vectors import call_vectors as build_calls
+    return build_calls()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "keys": key_vectors,
     "envelopes": envelope_vectors,
@@ -761,6 +767,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "streams": stream_vectors,
     "regions": region_vectors,
     "presence": presence_vectors,
+    "calls": call_vectors,
 }
 
 def render(document: dict) -> str:
