@@ -12,7 +12,10 @@
       flush                        send what the outbox holds; collect receipts and notices
       outbox [--json]              messages sent: the relays' answer, each recipient's status
       listen                       print messages from peers as they arrive (and drain the
-                                   mailbox of a key rotated away from)
+                                   mailbox of a key rotated away from); --handle
+                                   METHOD=COMMAND answers calls of METHOD with COMMAND
+      call KEY METHOD [JSON|@FILE|-]
+                                   call METHOD on a peer; print its answer (--timeout S)
       rotate-key                   move to a new key the current one vouches for; print it
       expose PORT… [--allow KEY]…  serve local TCP ports to peers through streams
       tunnel KEY:PORT [--listen HOST:PORT]
@@ -48,6 +51,7 @@ from proto.rotation import OracleKeyChain
 from runtime.files import write_atomically
 from runtime.logs import configure_logging, library_logger
 
+from .calls import CallHandler
 from .device import DEFAULT_TTL_S, Device
 from .inbox import Drop, DropReason, InboundMessage
 from .key_files import KeyFiles
@@ -72,6 +76,11 @@ exit codes:
        (send; the message stays in the outbox and a later send, flush or listen sends it);
        rotate-key: the oracle did not confirm within --timeout (run it again to resume)
   4    listen --count N: fewer than N messages within --timeout
+  5    call: no response within --timeout (the peer stayed offline, or did not answer)
+  11   call: the peer has no such method (NOT_FOUND)
+  12   call: the peer's handler failed (ERROR)
+  13   call: the peer refused it (REFUSED)
+  14   call: the deadline passed at the peer (TIMEOUT)
   130  interrupted (Ctrl-C)"""
 # Handshake refusals that no retry will change: the command ends at once with EXIT_REFUSED.
 _PERMANENT_AT_CONNECT = (RevokedError, NotEnrolledError)
@@ -90,6 +99,7 @@ class CliError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import calls_cli, tunnel_cli  # here, not at the top: they import this module
     parser = argparse.ArgumentParser(prog="continuum-client",
                                      description="Continuum device: keys, peers, send, listen.",
                                      epilog=EXIT_CODES,
@@ -154,11 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    calls_cli.add_listen_options(listen)
+    calls_cli.add_commands(commands)
     rotate = commands.add_parser("rotate-key", help="move this device to a new key, keeping"
                                  " its place (name, groups, peers) with the oracle")
     rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                         help="give up (resumable: run again) if the oracle has not confirmed")
-    from . import tunnel_cli  # here, not at the top: tunnel_cli imports this module
     tunnel_cli.add_commands(commands)
     return parser
 
@@ -201,7 +212,11 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.command in ("expose", "tunnel"):
         from . import tunnel_cli
         return asyncio.run(tunnel_cli.run(args, settings))
-    return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
+    from . import calls_cli
+    if args.command == "call":
+        return asyncio.run(calls_cli.run_call(args, settings))
+    handlers = calls_cli.parse_handles(args.handle, args.handle_timeout)
+    return asyncio.run(_listen(settings, args.count, args.timeout, args.json, handlers))
 
 
 def _say(line: str) -> None:
@@ -513,11 +528,13 @@ def _format_sent(message: SentMessage, as_json: bool) -> str:
 
 
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
-                  as_json: bool) -> int:
+                  as_json: bool, handlers: dict[str, CallHandler] | None = None) -> int:
     received = 0
     files = KeyFiles(settings.identity_path)
     session = _Session(settings, announce_drops=True)
     async with session.device as device:
+        for method, handler in (handlers or {}).items():
+            device.on_call(method, handler)
         old = files.draining()
         if old is not None:  # a rotation left the old key's mailbox to drain
             device.drain(old)
