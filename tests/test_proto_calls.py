@@ -243,3 +243,17 @@ def test_the_callees_memory_is_bounded() -> None:
     answering.admit(envelope, Call(bytes(16), "reboot", NOW_MS + 9_000, b""), NOW_MS + 6_000)
     assert len(answering._taken) == 1
 
+
+
+@quick(300)
+@given(kind=st.sampled_from([Kind.CALL, Kind.RESPONSE]),
+       plaintext=st.one_of(st.binary(max_size=200), mutations(CALL.encode()),
+                           mutations(RESPONSE.encode()), field_replacements(CALL_FIELDS),
+                           field_replacements(RESPONSE_FIELDS), cbor_values.map(encode_any)))
+def test_a_peers_garbage_call_or_response_is_dropped_never_raised(kind: Kind,
+                                                                  plaintext: bytes) -> None:
+    """Sealed and signed by a peer, so every rule before the plaintext's passes."""
+    decision = decide(sealed(alice, [bob], kind, plaintext).raw, view(), now_ms=NOW_MS)
+    assert isinstance(decision, (CallArrived, ResponseArrived, Drop))
+    if isinstance(decision, Drop):
+        assert decision.reason is DropReason.INVALID
