@@ -383,15 +383,16 @@ class Device:
             self._inbound_ready.set()
             return  # ACKed when the application takes it
         if isinstance(decision, (CallArrived, ResponseArrived)):
-            # Taken once: recorded as seen and ACKed before a handler runs (at most once).
+            # Taken once: recorded as seen before a handler runs, so a re-delivery (an ACK
+            # lost with its connection) is a duplicate: calls run at most once.
             with transaction(self._state):
                 self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
                                valid_until_ms(decision.envelope))
-            await connection.ack(delivery.tag)
             if isinstance(decision, CallArrived):
                 self._calls.on_call_arrived(decision)
             else:
                 self._calls.on_response(decision)
+            await connection.ack(delivery.tag)
             return
         reply: PendingSend | None = None
         if isinstance(decision, Drop):
