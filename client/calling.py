@@ -152,10 +152,11 @@ class Calls:
             log.warning("call_handler_failed", method=call.method, error=type(exc).__name__,
                         detail=str(exc))
             return CallResult(CallStatus.ERROR, HANDLER_FAILED)
-        if isinstance(outcome, CallResult):
-            return outcome
         if isinstance(outcome, bytes):
             return CallResult(CallStatus.OK, outcome)
+        if (isinstance(outcome, CallResult) and isinstance(outcome.body, bytes)
+                and outcome.status in set(CallStatus)):
+            return CallResult(CallStatus(outcome.status), outcome.body)
         log.warning("call_handler_returned", method=call.method, type=type(outcome).__name__)
         return CallResult(CallStatus.ERROR, HANDLER_FAILED)
 

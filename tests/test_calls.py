@@ -234,3 +234,23 @@ async def test_a_replayed_correlation_id_is_not_run_twice_and_a_strangers_respon
         answer.set()
         assert (await pending) == CallResult(CallStatus.OK, b"once")
         assert len(ran) == 1
+
+
+async def test_a_handler_returning_something_else_than_bytes_or_a_result_answers_error(
+        relay: RelayServer) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+
+    async def wrong(call: IncomingCall) -> bytes:
+        return "text, not bytes"  # type: ignore[return-value]
+
+    async def bad_status(call: IncomingCall) -> CallResult:
+        return CallResult(42, b"")  # type: ignore[arg-type]
+
+    async with device(alice, relay.url, [bob.public]) as a, \
+            device(bob, relay.url, [alice.public]) as b:
+        b.on_call("wrong", wrong)
+        b.on_call("bad_status", bad_status)
+        await b.wait_connected(10)
+        for method in ("wrong", "bad_status"):
+            result = await a.call(bob.public, method, timeout=10)
+            assert result == CallResult(CallStatus.ERROR, b"the handler failed")
