@@ -135,7 +135,7 @@ rotation), `key_files` (the home's key files across a rotation),
 `stream_rules` (streams, pure) and `streams` (`Stream`, `StreamRequest`),
 `tunnel` (TCP ports over streams), `calls` (calls, pure) and `calling`
 (their shell), `device` (the public API tying them
-together), `stats`, `settings`, `cli` and `tunnel_cli` (the
+together), `stats`, `settings`, `cli`, `tunnel_cli` and `calls_cli` (the
 `continuum-client` command).
 """
 
