@@ -42,7 +42,10 @@ Rules, cheapest first so hostile input costs as little as possible:
    Only the oracle can write to a device at relays that enforce peer groups,
    so elsewhere a stranger's message costs one decryption;
 11. a stream's open or answer (SPEC §16) stored in a mailbox → drop (invalid):
-   they are live, in stream frames only, so a stored copy is a replay or a mistake.
+   they are live, in stream frames only, so a stored copy is a replay or a mistake;
+12. CONFIG (SPEC §21) only from the oracle key followed, ranked against the applied
+   configuration by (epoch, version) and oracle like a PEER_CHANGE (rule 9);
+   CONFIG_REPORT only from a peer (the oracle's peers are its devices).
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ from typing import Protocol
 from proto import (DEFAULT_LIMITS, Contents, Envelope, Identity, Kind, Limits, Origin, PublicKey,
                    decode_envelope)
 from proto.errors import ProtocolError
+from proto.config import ConfigPush, ConfigReport
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
 
+from .config import AppliedConfig, ConfigUpdate
 from .dedup import MessageKey
 from .freshness import is_fresh
 from .peers import PeerList, Standing
@@ -73,6 +78,7 @@ class DropReason(StrEnum):
     UNTRUSTED_EXPIRY = "untrusted_expiry"
     UNAUTHORIZED_PEER_CHANGE = "unauthorized_peer_change"
     UNEXPECTED_RECEIPT = "unexpected_receipt"
+    UNAUTHORIZED_CONFIG = "unauthorized_config"
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,26 @@ class PeerChangeArrived:
     standing: Standing
 
 
+@dataclass(frozen=True)
+class ConfigArrived:
+    """The oracle's configuration; `standing` as for a peer change: apply NEWER, report
+    NEWER and HELD, neither apply nor report OLDER."""
+
+    envelope: Envelope
+    update: ConfigUpdate
+    standing: Standing
+
+
+@dataclass(frozen=True)
+class ConfigReportArrived:
+    """A device's report of the configuration it applied (the oracle reads these)."""
+
+    envelope: Envelope
+    report: ConfigReport
+
+
 Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
-            | OracleKeyChanged)
+            | OracleKeyChanged | ConfigArrived | ConfigReportArrived)
 
 
 class SentMessages(Protocol):
@@ -161,6 +185,7 @@ class InboxView:
     # content hash a receipt for each of our messages must name.
     awaiting_receipt: SentMessages
     oracle_key: PublicKey | None = None
+    config: AppliedConfig | None = None
 
 
 def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
@@ -212,6 +237,18 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView) -> Decis
                         f"{sender.text} is not the oracle key", envelope)
         change = PeerChange.decode(plaintext)
         return PeerChangeArrived(envelope, change, view.peers.standing(change.stamp, sender))
+    if kind is Kind.CONFIG:
+        if view.oracle_key is None or sender != view.oracle_key:
+            return Drop(DropReason.UNAUTHORIZED_CONFIG,
+                        f"{sender.text} is not the oracle key", envelope)
+        push = ConfigPush.decode(plaintext)
+        update = ConfigUpdate(push.epoch, push.version, push.document)
+        held = view.config if view.config is not None else AppliedConfig()
+        return ConfigArrived(envelope, update, held.standing(update.stamp, sender))
+    if kind is Kind.CONFIG_REPORT:
+        if sender not in view.peers:
+            return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+        return ConfigReportArrived(envelope, ConfigReport.decode(plaintext))
     if kind in (Kind.STREAM_OPEN, Kind.STREAM_ACCEPT):
         return Drop(DropReason.INVALID, f"a {kind.name} travels in stream frames (SPEC §16),"
                     " never in a mailbox", envelope)

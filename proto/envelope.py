@@ -70,6 +70,9 @@ class Kind(IntEnum):
     # stored in a mailbox.
     STREAM_OPEN = 5
     STREAM_ACCEPT = 6
+    # Configuration (SPEC §21): the oracle's desired document, and a device's report.
+    CONFIG = 12
+    CONFIG_REPORT = 13
 
     @property
     def origin(self) -> Origin:
