@@ -294,6 +294,7 @@ async def status(request: web.Request) -> web.Response:
         "revoked": counts.revoked,
         "behind": await oracle.registry.behind_keys(),
         "pending_pushes": len(await oracle.registry.pending_pushes(limit=10_000)),
+        "config_behind": len(await oracle.registry.configs.behind(limit=10_000)),
     })
 
 

@@ -1,0 +1,281 @@
+"""Configuration (SPEC §21) end to end: the oracle's API, a real relay, real devices."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from oracle_support import Admin, eventually, oracle_settings
+from wire import RawDevice, error_code, now_ms
+
+from client.config import ConfigUpdate
+from client.device import Device
+from continuum.server import RelayServer
+from oracle import OracleServer
+from proto import Identity, Kind, seal_envelope
+from proto.config import MAX_CONFIG_BYTES, ConfigPush
+from proto.frames import Accepted
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# The oracle sends each device its own envelope: a fleet's worth at once is above the
+# default per-sender rate (50/s, burst 100), which a deployment raises for its oracle's pushes.
+FLEET_RATE = {"rate_per_s": 10_000.0, "rate_burst": 10_000}
+
+
+@pytest.fixture
+async def relay_and_oracle(start_relay, tmp_path) -> AsyncIterator[tuple[RelayServer, OracleServer]]:
+    relay = await start_relay(**FLEET_RATE)
+    async with OracleServer(oracle_settings(tmp_path, relays=(relay.url,))) as oracle:
+        yield relay, oracle
+
+
+@pytest.fixture
+async def admin(relay_and_oracle) -> AsyncIterator[Admin]:
+    client = await Admin.login(relay_and_oracle[1])
+    yield client
+    await client.close()
+
+
+def device(identity: Identity, relay: RelayServer, oracle: OracleServer, **kwargs) -> Device:
+    return Device(identity, relays=[relay.url], oracle_key=oracle.identity.public, **kwargs)
+
+
+async def enroll(admin: Admin, identities: list[Identity]) -> None:
+    for number, identity in enumerate(identities):
+        await admin.call("POST", "/v1/devices", {"key": identity.public.text,
+                                                 "name": f"d{number:03}"}, expect=201)
+
+
+async def behind(admin: Admin) -> list[str]:
+    return (await admin.call("GET", "/v1/config/behind"))["devices"]
+
+
+async def test_a_group_change_reaches_100_devices_two_offline_each_reporting_it(
+        relay_and_oracle, admin, tmp_path) -> None:
+    relay, oracle = relay_and_oracle
+    identities = [Identity.generate() for _ in range(100)]
+    online, offline = identities[:98], identities[98:]
+    await enroll(admin, identities)
+    group = await admin.call("POST", "/v1/groups", {"name": "fleet"}, expect=201)
+    for identity in identities:
+        await admin.call("PUT", f"/v1/groups/{group['id']}/members/{identity.public.text}")
+    await eventually(lambda: _no_pending_pushes(admin), timeout=60)
+    applied: dict[str, list[ConfigUpdate]] = {}
+
+    def handler(identity: Identity):
+        def on_config(update: ConfigUpdate) -> dict:
+            applied.setdefault(identity.public.text, []).append(update)
+            return {"interval_s": update.document["interval_s"], "who": identity.public.text}
+        return on_config
+
+    devices = [device(i, relay, oracle) for i in online]
+    for dev, identity in zip(devices, online):
+        dev.on_config(handler(identity))
+        await dev.__aenter__()
+    try:
+        await asyncio.gather(*(dev.wait_connected(30) for dev in devices))
+        answer = await admin.call("PUT", f"/v1/groups/{group['id']}/config",
+                                  {"interval_s": 30, "log": {"level": "info"}})
+        assert answer["issued"] == 100
+        offline_keys = sorted(i.public.text for i in offline)
+        await eventually(lambda: _behind_is(admin, offline_keys), timeout=60)
+        for identity in online:
+            updates = applied[identity.public.text]
+            assert [u.document for u in updates] == [{"interval_s": 30, "log": {"level": "info"}}]
+        detail = await admin.call("GET", f"/v1/devices/{online[0].public.text}/config")
+        assert detail["reported"]["version"] == detail["version"] == updates[0].version
+        assert detail["reported"]["state"] == {"interval_s": 30, "who": online[0].public.text}
+        assert not detail["behind"]
+    finally:
+        for dev in devices:
+            await dev.__aexit__(None, None, None)
+    # The two offline devices find it in their mailboxes when they come back.
+    late = [device(i, relay, oracle, home=tmp_path / f"late{n}") for n, i in enumerate(offline)]
+    for dev, identity in zip(late, offline):
+        dev.on_config(handler(identity))
+        await dev.__aenter__()
+    try:
+        await eventually(lambda: _behind_is(admin, []), timeout=30)
+        for dev in late:
+            assert dev.config.document == {"interval_s": 30, "log": {"level": "info"}}
+    finally:
+        for dev in late:
+            await dev.__aexit__(None, None, None)
+    status = await admin.call("GET", "/v1/status")
+    assert status["config_behind"] == 0
+
+
+async def _no_pending_pushes(admin: Admin) -> bool:
+    return (await admin.call("GET", "/v1/status"))["pending_pushes"] == 0
+
+
+async def _behind_is(admin: Admin, keys: list[str]) -> bool:
+    return await behind(admin) == keys
+
+
+async def test_groups_merge_in_name_order_under_the_devices_own_document(admin) -> None:
+    one, two = Identity.generate(), Identity.generate()
+    await enroll(admin, [one, two])
+    b = await admin.call("POST", "/v1/groups", {"name": "b-later"}, expect=201)
+    a = await admin.call("POST", "/v1/groups", {"name": "a-first"}, expect=201)
+    for group in (a, b):
+        await admin.call("PUT", f"/v1/groups/{group['id']}/members/{one.public.text}")
+    await admin.call("PUT", f"/v1/groups/{a['id']}/config",
+                     {"log": {"level": "info", "file": "a"}, "mode": "a"})
+    await admin.call("PUT", f"/v1/groups/{b['id']}/config", {"log": {"level": "debug"}})
+    view = await admin.call("PUT", f"/v1/devices/{one.public.text}/config", {"mode": "own"})
+    assert view["desired"] == {"mode": "own"}
+    assert view["merged"] == {"log": {"level": "debug", "file": "a"}, "mode": "own"}
+    version = view["version"]
+    # Renaming reorders the merge: a-first is now after b-later.
+    await admin.call("PATCH", f"/v1/groups/{a['id']}", {"name": "c-last"})
+    view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
+    assert view["merged"] == {"log": {"level": "info", "file": "a"}, "mode": "own"}
+    assert view["version"] == version + 1 and view["behind"]
+    # A device in no group with no document holds {} and is issued nothing.
+    other = await admin.call("GET", f"/v1/devices/{two.public.text}/config")
+    assert other["merged"] == {} and other["version"] == 0 and not other["behind"]
+    # Leaving a group takes its keys away; clearing the device's document too.
+    await admin.call("DELETE", f"/v1/groups/{b['id']}/members/{one.public.text}")
+    await admin.call("DELETE", f"/v1/devices/{one.public.text}/config")
+    view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
+    assert view["merged"] == {"log": {"level": "info", "file": "a"}, "mode": "a"}
+    assert view["desired"] is None
+    assert (await admin.call("GET", f"/v1/groups/{a['id']}/config"))["config"]["mode"] == "a"
+    await admin.call("DELETE", f"/v1/groups/{a['id']}", expect=204)
+    assert (await admin.call("GET", f"/v1/devices/{one.public.text}/config"))["merged"] == {}
+
+
+@pytest.mark.parametrize("body,message", [
+    (b"not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"),
+    (b'{"a": 1, "a": 2}', "duplicate key"), (b'{"a": NaN}', "NaN"),
+    (b'{"a": "' + b"x" * MAX_CONFIG_BYTES + b'"}', "bytes, more than"),
+    (b"{" + b'"a":{' * 40 + b"}" * 41, "nests deeper"), (b"\xff{}", "UTF-8"),
+])
+async def test_bad_input_is_a_clear_400_and_changes_nothing(admin, body: bytes,
+                                                            message: str) -> None:
+    group = await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201)
+    for path in (f"/v1/groups/{group['id']}/config",):
+        async with admin.session.put(admin.base_url + path, data=body,
+                                     headers={**admin.headers,
+                                              "Content-Type": "application/json"}) as response:
+            assert response.status == 400
+            assert message in (await response.json())["error"]
+    assert (await admin.call("GET", f"/v1/groups/{group['id']}/config"))["config"] is None
+
+
+async def test_unknown_targets_and_merged_documents_over_the_bound_are_refused(admin) -> None:
+    one = Identity.generate()
+    await enroll(admin, [one])
+    await admin.call("PUT", "/v1/groups/nosuchgroup/config", {"a": 1}, expect=404)
+    await admin.call("PUT", f"/v1/devices/{Identity.generate().public.text}/config", {"a": 1},
+                     expect=404)
+    a = await admin.call("POST", "/v1/groups", {"name": "a"}, expect=201)
+    await admin.call("PUT", f"/v1/groups/{a['id']}/members/{one.public.text}")
+    half = "x" * (MAX_CONFIG_BYTES // 2)
+    await admin.call("PUT", f"/v1/groups/{a['id']}/config", {"a": half})
+    refused = await admin.call("PUT", f"/v1/devices/{one.public.text}/config", {"b": half},
+                               expect=400)
+    assert one.public.text in refused["error"] and "merged configuration" in refused["error"]
+    view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
+    assert view["desired"] is None and view["merged"] == {"a": half}
+
+
+def config_envelope(sender: Identity, to: Identity, epoch: int, version: int, document: dict):
+    return seal_envelope(sender, Kind.CONFIG, [to.public],
+                         ConfigPush(epoch, version, document).encode(), ttl_s=600,
+                         now_ms=now_ms())
+
+
+async def test_replays_forgeries_and_older_versions_never_apply_even_after_a_restart(
+        relay_and_oracle, start_relay, tmp_path) -> None:
+    relay, oracle = relay_and_oracle
+    # A second relay, sharing nothing with the first: it takes the replay the first refuses.
+    elsewhere = await start_relay()
+    target, forger = Identity.generate(), Identity.generate()
+    home = tmp_path / "target"
+    seen: list[int] = []
+    async with device(target, relay, oracle, home=home) as dev:
+        dev.on_config(lambda update: seen.append(update.version) or {"v": update.version})
+        await dev.wait_connected(10)
+        async with await RawDevice.connect(relay.url, oracle.identity) as as_oracle:
+            v2 = config_envelope(oracle.identity, target, 5, 2, {"v": 2})
+            assert isinstance(await as_oracle.send(v2), Accepted)
+            await eventually(lambda: _applied(dev, 2))
+        async with await RawDevice.connect(relay.url, forger) as f:
+            assert isinstance(await f.send(config_envelope(forger, target, 9, 9, {"v": 9})),
+                              Accepted)
+        await eventually(lambda: _counted(dev, "dropped_unauthorized_config", 1))
+    async with device(target, elsewhere, oracle, home=home) as dev:
+        dev.on_config(lambda update: seen.append(update.version) or {})
+        assert dev.config.stamp == (5, 2) and dev.config.document == {"v": 2}
+        await dev.wait_connected(10)
+        async with await RawDevice.connect(relay.url, oracle.identity) as as_oracle:
+            assert error_code(await as_oracle.send(v2)) == "REPLAY"  # the first relay knows it
+        async with await RawDevice.connect(elsewhere.url, oracle.identity) as as_oracle:
+            older = config_envelope(oracle.identity, target, 5, 1, {"v": 1})
+            assert isinstance(await as_oracle.send(older), Accepted)
+            await eventually(lambda: _counted(dev, "configs_older", 1))
+            # The very envelope again, after the restart: a duplicate.
+            assert isinstance(await as_oracle.send(v2), Accepted)
+            await eventually(lambda: _counted(dev, "duplicates", 1))
+    assert seen == [2] and dev.config.document == {"v": 2}
+
+
+async def test_a_handler_that_fails_applies_nothing_and_the_oracle_sees_it_behind(
+        relay_and_oracle, admin, tmp_path) -> None:
+    relay, oracle = relay_and_oracle
+    one = Identity.generate()
+    await enroll(admin, [one])
+    path = f"/v1/devices/{one.public.text}/config"
+
+    async def handler(update: ConfigUpdate) -> dict:
+        if update.document.get("fail"):
+            raise RuntimeError("cannot apply")
+        return {"ok": update.document["n"]}
+
+    async with device(one, relay, oracle, home=tmp_path / "one") as dev:
+        dev.on_config(handler)
+        await admin.call("PUT", path, {"n": 1})
+        await eventually(lambda: _reported(admin, path, 1))
+        await admin.call("PUT", path, {"n": 2, "fail": True})
+        view = await eventually(lambda: _reported_at(admin, path, 2))
+        assert view["reported"]["version"] == 1 and view["version"] == 2 and view["behind"]
+        assert view["reported"]["state"] == {"ok": 1} and dev.config.document == {"n": 1}
+        assert await behind(admin) == [one.public.text]
+        await admin.call("PUT", path, {"n": 3})
+        await eventually(lambda: _reported(admin, path, 3))
+    assert dev.config.document == {"n": 3}
+
+
+async def _applied(dev: Device, version: int) -> bool:
+    return dev.config.stamp.version == version
+
+
+async def _counted(dev: Device, name: str, count: int) -> bool:
+    return getattr(dev.stats, name) == count
+
+
+async def _reported(admin: Admin, path: str, version: int) -> bool:
+    view = await admin.call("GET", path)
+    return view["reported"]["version"] == version and not view["behind"]
+
+
+async def _reported_at(admin: Admin, path: str, after_version: int) -> dict | None:
+    """The view once a report came in after the device was issued `after_version`."""
+    view = await admin.call("GET", path)
+    return view if (view["version"] == after_version and view["reported"]["at_ms"]
+                    and view["sent_at_ms"] and view["reported"]["at_ms"] > view["sent_at_ms"]) \
+        else None
+
+
+async def test_config_routes_need_an_administrator(relay_and_oracle) -> None:
+    _, oracle = relay_and_oracle
+    async with aiohttp.ClientSession() as anonymous:
+        for method, path in (("GET", "/v1/config/behind"), ("PUT", "/v1/groups/x/config")):
+            async with anonymous.request(method, oracle.url + path, json={}) as response:
+                assert response.status in (401, 403)
