@@ -24,11 +24,12 @@ it is above the version it last reported.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proto.config import MAX_CONFIG_BYTES, ConfigReport, JsonObject, document_text, parse_document
+from proto.config import (MAX_CONFIG_BYTES, ConfigReport, JsonObject, document_text, merged,
+                          parse_document)
 from proto.errors import ProtocolError
 from runtime.clock import now_ms
 
@@ -45,25 +46,6 @@ def parse_config(text: str, what: str = "configuration") -> JsonObject:
         return parse_document(text, what)
     except ProtocolError as exc:
         raise InvalidInput(exc.message) from None
-
-
-def merge(base: JsonObject, over: JsonObject) -> JsonObject:
-    """`over` merged deep into `base` (neither is changed): objects merge key by key, any
-    other value of `over` replaces."""
-    result = dict(base)
-    for key, value in over.items():
-        held = result.get(key)
-        result[key] = (merge(held, value) if isinstance(held, dict) and isinstance(value, dict)
-                       else value)
-    return result
-
-
-def merged(documents: Iterable[JsonObject]) -> JsonObject:
-    """Documents merged in the order given: the merge rule's one home."""
-    result: JsonObject = {}
-    for document in documents:
-        result = merge(result, document)
-    return result
 
 
 @dataclass(frozen=True)

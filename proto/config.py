@@ -18,6 +18,7 @@ levels, so one fits a default 64 KiB envelope and parsing one is bounded.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,26 @@ def document_text(document: JsonObject) -> str:
     """The one spelling the oracle sends and stores: keys sorted, no spaces, UTF-8 as is."""
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False)
+
+
+def merge(base: JsonObject, over: JsonObject) -> JsonObject:
+    """`over` merged deep into `base` (neither is changed): where both hold an object at a
+    key they merge key by key; any other value of `over` (null included) replaces."""
+    result = dict(base)
+    for key, value in over.items():
+        held = result.get(key)
+        result[key] = (merge(held, value) if isinstance(held, dict) and isinstance(value, dict)
+                       else value)
+    return result
+
+
+def merged(documents: Iterable[JsonObject]) -> JsonObject:
+    """Documents merged in the order given (SPEC §21, "Merge": the oracle passes a device's
+    groups in name order, then its own document), so later ones win."""
+    result: JsonObject = {}
+    for document in documents:
+        result = merge(result, document)
+    return result
 
 
 def _fields(data: bytes, what: str) -> tuple[Stamp, str]:

@@ -16,10 +16,9 @@ from client.inbox import (ConfigArrived, ConfigReportArrived, Drop, DropReason, 
 from client.peers import PeerList, Standing
 from client.tracking import SentLog
 from fuzz_settings import quick
-from oracle.configuration import merged
 from proto import Identity, Kind, seal_envelope
 from proto import canonical
-from proto.config import (MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, ConfigPush, ConfigReport,
+from proto.config import (MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, ConfigPush, ConfigReport, merged,
                           parse_document)
 from proto.errors import DecodeError, InvalidFieldError, OversizeError, ProtocolError
 

@@ -749,6 +749,12 @@ def presence_vectors() -> dict:
     return build_presence()
 
 
+def config_vectors() -> dict:
+    """config.json (SPEC §21), built in its own module."""
+    from .config_vectors import config_vectors as build_config
+    return build_config()
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "keys": key_vectors,
     "envelopes": envelope_vectors,
@@ -761,6 +767,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "streams": stream_vectors,
     "regions": region_vectors,
     "presence": presence_vectors,
+    "config": config_vectors,
 }
 
 def render(document: dict) -> str:
