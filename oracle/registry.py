@@ -35,7 +35,8 @@ from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("d.key, d.name, d.tags, d.enrolled_at_ms, d.revoked_at_ms, d.last_seen_ms,"
                    " d.peer_version, d.acked_version, d.rotated_to, d.rotated_from,"
-                   " d.drain_until_ms, d.home_region, d.former_region, d.moved_at_ms")
+                   " d.drain_until_ms, d.home_region, d.former_region, d.moved_at_ms,"
+                   " d.config_version, d.reported_config_version")
 # SQLite allows 32,766 parameters a statement; a page's keys stay far below it.
 _MAX_KEYS_PER_QUERY = 1000
 
@@ -688,7 +689,8 @@ class Registry:
                             row["peer_version"], row["acked_version"],
                             tuple(groups.get(row["key"], ())), row["rotated_to"],
                             row["rotated_from"], row["drain_until_ms"], row["home_region"],
-                            row["former_region"], row["moved_at_ms"])
+                            row["former_region"], row["moved_at_ms"],
+                            int(row["config_version"]), int(row["reported_config_version"]))
 
 
 def _placeholders(count: int) -> str:
