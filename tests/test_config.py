@@ -14,8 +14,8 @@ from client.config import ConfigUpdate
 from client.device import Device
 from continuum.server import RelayServer
 from oracle import OracleServer
-from proto import Identity, Kind, seal_envelope
-from proto.config import MAX_CONFIG_BYTES, ConfigPush
+from proto import Identity, Kind, canonical, seal_envelope
+from proto.config import ConfigPush, ConfigReport
 from proto.frames import Accepted
 
 pytestmark = pytest.mark.timeout(120)
@@ -117,74 +117,6 @@ async def _behind_is(admin: Admin, keys: list[str]) -> bool:
     return await behind(admin) == keys
 
 
-async def test_groups_merge_in_name_order_under_the_devices_own_document(admin) -> None:
-    one, two = Identity.generate(), Identity.generate()
-    await enroll(admin, [one, two])
-    b = await admin.call("POST", "/v1/groups", {"name": "b-later"}, expect=201)
-    a = await admin.call("POST", "/v1/groups", {"name": "a-first"}, expect=201)
-    for group in (a, b):
-        await admin.call("PUT", f"/v1/groups/{group['id']}/members/{one.public.text}")
-    await admin.call("PUT", f"/v1/groups/{a['id']}/config",
-                     {"log": {"level": "info", "file": "a"}, "mode": "a"})
-    await admin.call("PUT", f"/v1/groups/{b['id']}/config", {"log": {"level": "debug"}})
-    view = await admin.call("PUT", f"/v1/devices/{one.public.text}/config", {"mode": "own"})
-    assert view["desired"] == {"mode": "own"}
-    assert view["merged"] == {"log": {"level": "debug", "file": "a"}, "mode": "own"}
-    version = view["version"]
-    # Renaming reorders the merge: a-first is now after b-later.
-    await admin.call("PATCH", f"/v1/groups/{a['id']}", {"name": "c-last"})
-    view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
-    assert view["merged"] == {"log": {"level": "info", "file": "a"}, "mode": "own"}
-    assert view["version"] == version + 1 and view["behind"]
-    # A device in no group with no document holds {} and is issued nothing.
-    other = await admin.call("GET", f"/v1/devices/{two.public.text}/config")
-    assert other["merged"] == {} and other["version"] == 0 and not other["behind"]
-    # Leaving a group takes its keys away; clearing the device's document too.
-    await admin.call("DELETE", f"/v1/groups/{b['id']}/members/{one.public.text}")
-    await admin.call("DELETE", f"/v1/devices/{one.public.text}/config")
-    view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
-    assert view["merged"] == {"log": {"level": "info", "file": "a"}, "mode": "a"}
-    assert view["desired"] is None
-    assert (await admin.call("GET", f"/v1/groups/{a['id']}/config"))["config"]["mode"] == "a"
-    await admin.call("DELETE", f"/v1/groups/{a['id']}", expect=204)
-    assert (await admin.call("GET", f"/v1/devices/{one.public.text}/config"))["merged"] == {}
-
-
-@pytest.mark.parametrize("body,message", [
-    (b"not json", "not valid JSON"), (b"[1, 2]", "must be a JSON object"),
-    (b'{"a": 1, "a": 2}', "duplicate key"), (b'{"a": NaN}', "NaN"),
-    (b'{"a": "' + b"x" * MAX_CONFIG_BYTES + b'"}', "bytes, more than"),
-    (b"{" + b'"a":{' * 40 + b"}" * 41, "nests deeper"), (b"\xff{}", "UTF-8"),
-])
-async def test_bad_input_is_a_clear_400_and_changes_nothing(admin, body: bytes,
-                                                            message: str) -> None:
-    group = await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201)
-    for path in (f"/v1/groups/{group['id']}/config",):
-        async with admin.session.put(admin.base_url + path, data=body,
-                                     headers={**admin.headers,
-                                              "Content-Type": "application/json"}) as response:
-            assert response.status == 400
-            assert message in (await response.json())["error"]
-    assert (await admin.call("GET", f"/v1/groups/{group['id']}/config"))["config"] is None
-
-
-async def test_unknown_targets_and_merged_documents_over_the_bound_are_refused(admin) -> None:
-    one = Identity.generate()
-    await enroll(admin, [one])
-    await admin.call("PUT", "/v1/groups/nosuchgroup/config", {"a": 1}, expect=404)
-    await admin.call("PUT", f"/v1/devices/{Identity.generate().public.text}/config", {"a": 1},
-                     expect=404)
-    a = await admin.call("POST", "/v1/groups", {"name": "a"}, expect=201)
-    await admin.call("PUT", f"/v1/groups/{a['id']}/members/{one.public.text}")
-    half = "x" * (MAX_CONFIG_BYTES // 2)
-    await admin.call("PUT", f"/v1/groups/{a['id']}/config", {"a": half})
-    refused = await admin.call("PUT", f"/v1/devices/{one.public.text}/config", {"b": half},
-                               expect=400)
-    assert one.public.text in refused["error"] and "merged configuration" in refused["error"]
-    view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
-    assert view["desired"] is None and view["merged"] == {"a": half}
-
-
 def config_envelope(sender: Identity, to: Identity, epoch: int, version: int, document: dict):
     return seal_envelope(sender, Kind.CONFIG, [to.public],
                          ConfigPush(epoch, version, document).encode(), ttl_s=600,
@@ -279,3 +211,39 @@ async def test_config_routes_need_an_administrator(relay_and_oracle) -> None:
         for method, path in (("GET", "/v1/config/behind"), ("PUT", "/v1/groups/x/config")):
             async with anonymous.request(method, oracle.url + path, json={}) as response:
                 assert response.status in (401, 403)
+
+
+async def test_reports_from_strangers_and_malformed_reports_are_not_recorded(
+        relay_and_oracle, admin) -> None:
+    relay, oracle = relay_and_oracle
+    assert oracle.oracle is not None
+    member, stranger = Identity.generate(), Identity.generate()
+    await enroll(admin, [member])
+    to_oracle = [oracle.identity.public]
+
+    def report(sender: Identity, plaintext: bytes):
+        return seal_envelope(sender, Kind.CONFIG_REPORT, to_oracle, plaintext, ttl_s=600,
+                             now_ms=now_ms())
+
+    async with await RawDevice.connect(relay.url, stranger) as raw:
+        claimed = report(stranger, ConfigReport(1, 99, {"x": 1}).encode())
+        assert isinstance(await raw.send(claimed), Accepted)
+    async with await RawDevice.connect(relay.url, member) as raw:
+        for bad in (canonical.encode([1, 5, "[not an object"]), canonical.encode([1, 5]),
+                    b"\xff" * 40):
+            assert isinstance(await raw.send(report(member, bad)), Accepted)
+        good = report(member, ConfigReport(3, 7, {"ok": True}).encode())
+        assert isinstance(await raw.send(good), Accepted)
+    path = f"/v1/devices/{member.public.text}/config"
+    view = await eventually(lambda: _reported_version(admin, path, 7))
+    assert view["reported"] == {"epoch": 3, "version": 7, "state": {"ok": True},
+                                "at_ms": view["reported"]["at_ms"]}
+    # The oracle's own device (private: what it dropped) took none of the others.
+    stats = oracle.oracle.pusher._device.stats  # type: ignore[union-attr]
+    assert stats.dropped_non_peer == 1 and stats.dropped_invalid == 3
+    await admin.call("GET", f"/v1/devices/{stranger.public.text}/config", expect=404)
+
+
+async def _reported_version(admin: Admin, path: str, version: int) -> dict | None:
+    view = await admin.call("GET", path)
+    return view if view["reported"]["version"] == version else None
