@@ -247,3 +247,23 @@ async def test_reports_from_strangers_and_malformed_reports_are_not_recorded(
 async def _reported_version(admin: Admin, path: str, version: int) -> dict | None:
     view = await admin.call("GET", path)
     return view if view["reported"]["version"] == version else None
+
+
+async def test_a_rotated_key_keeps_its_configuration_and_its_count(relay_and_oracle,
+                                                                   admin) -> None:
+    """The device's applied stamp was issued to its old key: the new key's first document
+    must outrank it (SPEC §15, §21), and its own document and groups come along."""
+    _, oracle = relay_and_oracle
+    assert oracle.oracle is not None
+    old, new = Identity.generate(), Identity.generate()
+    await enroll(admin, [old])
+    group = await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201)
+    await admin.call("PUT", f"/v1/groups/{group['id']}/members/{old.public.text}")
+    await admin.call("PUT", f"/v1/groups/{group['id']}/config", {"a": 1})
+    before = await admin.call("PUT", f"/v1/devices/{old.public.text}/config", {"b": 2})
+    assert before["version"] == 2
+    await oracle.oracle.registry.rotate_device(old.public.text, new.public.text,
+                                               now_ms() + 60_000)
+    after = await admin.call("GET", f"/v1/devices/{new.public.text}/config")
+    assert after["desired"] == {"b": 2} and after["merged"] == {"a": 1, "b": 2}
+    assert after["version"] == 3 and after["epoch"] == before["epoch"]

@@ -101,3 +101,14 @@ async def test_unknown_targets_and_merged_documents_over_the_bound_are_refused(a
     assert one.public.text in refused["error"] and "merged configuration" in refused["error"]
     view = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
     assert view["desired"] is None and view["merged"] == {"a": half}
+
+
+async def test_reissue_after_a_restore_issues_every_configured_device_again(admin) -> None:
+    one, two = Identity.generate(), Identity.generate()
+    await enroll(admin, [one, two])
+    assert (await admin.call("PUT", f"/v1/devices/{one.public.text}/config",
+                             {"x": 1}))["version"] == 1
+    await admin.call("POST", "/v1/peer-lists/reissue")
+    again = await admin.call("GET", f"/v1/devices/{one.public.text}/config")
+    assert again["version"] == 2 and again["merged"] == {"x": 1} and again["behind"]
+    assert (await admin.call("GET", f"/v1/devices/{two.public.text}/config"))["version"] == 0
