@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from oracle_support import Admin, eventually, oracle_settings
+from oracle_support import (Admin, eventually, fresh_postgres_database, oracle_settings,
+                            postgres_available)
 from wire import RawDevice, error_code, now_ms
 
 from client.config import ConfigUpdate
@@ -267,3 +268,39 @@ async def test_a_rotated_key_keeps_its_configuration_and_its_count(relay_and_ora
     after = await admin.call("GET", f"/v1/devices/{new.public.text}/config")
     assert after["desired"] == {"b": 2} and after["merged"] == {"a": 1, "b": 2}
     assert after["version"] == 3 and after["epoch"] == before["epoch"]
+
+
+async def test_delivery_and_reports_on_postgresql(start_relay, tmp_path) -> None:
+    """The outbox and report queries of migration 0006 on PostgreSQL (the API's are in
+    test_config_api.py on both databases)."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+    relay = await start_relay(**FLEET_RATE)
+    async with fresh_postgres_database() as dsn, \
+            OracleServer(oracle_settings(tmp_path, dsn, relays=(relay.url,))) as oracle:
+        admin = await Admin.login(oracle)
+        try:
+            identities = [Identity.generate() for _ in range(3)]
+            await enroll(admin, identities)
+            group = await admin.call("POST", "/v1/groups", {"name": "pg"}, expect=201)
+            for identity in identities:
+                await admin.call("PUT", f"/v1/groups/{group['id']}/members/{identity.public.text}")
+            devices = [device(i, relay, oracle) for i in identities[:2]]
+            for dev in devices:
+                dev.on_config(lambda update: {"seen": update.version})
+                await dev.__aenter__()
+            try:
+                await admin.call("PUT", f"/v1/groups/{group['id']}/config", {"k": "v"})
+                await eventually(lambda: _behind_is(admin, [identities[2].public.text]),
+                                 timeout=20)
+            finally:
+                for dev in devices:
+                    await dev.__aexit__(None, None, None)
+            late = device(identities[2], relay, oracle)
+            late.on_config(lambda update: {"seen": update.version})
+            async with late:
+                await eventually(lambda: _behind_is(admin, []), timeout=20)
+            view = await admin.call("GET", f"/v1/devices/{identities[2].public.text}/config")
+            assert view["reported"]["state"] == {"seen": view["version"]}
+        finally:
+            await admin.close()

@@ -197,3 +197,19 @@ def test_merge_is_deep_for_objects_and_later_documents_win() -> None:
     assert first == {"log": {"level": "info", "file": "/var/log/a"}, "ports": [1, 2], "x": 1}
     assert merged([{"a": {"b": 1}}, {"a": 2}, {"a": {"c": 3}}]) == {"a": {"c": 3}}
     assert merged([]) == {}
+
+
+@quick(150)
+@given(st.one_of(st.binary(max_size=200),
+                 st.lists(st.one_of(st.integers(-5, 2**64), st.text(max_size=30),
+                                    st.binary(max_size=10), st.none()), max_size=4)
+                 .map(canonical.encode)))
+def test_any_sealed_config_or_report_is_decided_without_raising(plaintext: bytes) -> None:
+    """Whatever the oracle's key seals as CONFIG, or a peer as CONFIG_REPORT, the device
+    decides: applied only if it parses, else dropped as invalid."""
+    for sender, kind in ((oracle, Kind.CONFIG), (peer, Kind.CONFIG_REPORT)):
+        envelope = seal_envelope(sender, kind, [device.public], plaintext, ttl_s=60,
+                                 now_ms=NOW_MS)
+        decision = decide(envelope.raw, view(peers=(peer,)), now_ms=NOW_MS)
+        assert isinstance(decision, (ConfigArrived, ConfigReportArrived)) or \
+            decision.reason is DropReason.INVALID
