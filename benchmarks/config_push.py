@@ -16,7 +16,11 @@ Setup shortcut: the devices join the group in one SQL statement and their peer
 lists are issued once (`reissue_peer_lists`) rather than one API call each,
 which would issue N² peer-list versions first.
 
+`--default-sender-rate` keeps the relay's default per-sender rate (50/s, burst 100), which
+applies to the oracle too: what a deployment that did not raise it gets.
+
 Run:  .venv/bin/python benchmarks/config_push.py [--devices 1000] [--rounds 3]
+                                                  [--default-sender-rate]
 """
 
 from __future__ import annotations
@@ -79,11 +83,21 @@ async def _until(check, timeout: float = 300.0, interval: float = 0.01) -> float
     return time.perf_counter()
 
 
-async def main(count: int, rounds: int) -> None:
+def _relay_flags(default_sender_rate: bool) -> tuple[str, ...]:
+    if not default_sender_rate:
+        return UNTHROTTLED
+    flags = list(UNTHROTTLED)
+    for name in ("--rate-per-s", "--rate-burst"):
+        del flags[flags.index(name):flags.index(name) + 2]
+    return tuple(flags)
+
+
+async def main(count: int, rounds: int, default_sender_rate: bool) -> None:
     configure_logging("error")
     raise_nofile()
     identities = [Identity.generate() for _ in range(count)]
-    with tempfile.TemporaryDirectory() as tmp, RelayProcess(*UNTHROTTLED) as relay:
+    with tempfile.TemporaryDirectory() as tmp, \
+            RelayProcess(*_relay_flags(default_sender_rate)) as relay:
         settings = replace(OracleSettings(), host="127.0.0.1", port=0,
                            database=f"sqlite:///{tmp}/oracle.db",
                            identity_file=f"{tmp}/oracle.key", relays=(relay.url,),
@@ -119,8 +133,10 @@ async def main(count: int, rounds: int) -> None:
                 await asyncio.get_running_loop().run_in_executor(None, fleet.join, 60)
                 if fleet.is_alive():
                     fleet.kill()
+    rate = "default sender rate" if default_sender_rate else "unthrottled"
     print(f"group configuration change to {count} connected devices, {rounds} rounds"
-          " (loopback, one relay process, SQLite oracle, devices in one other process):")
+          f" (loopback, one relay process ({rate}), SQLite oracle, devices in one other"
+          " process):")
     for name, index in (("answered", 0), ("sent", 1), ("reported", 2)):
         values = sorted(r[index] * 1000 for r in results)
         print(f"  {name:9s} median {statistics.median(values):8.1f} ms   min {values[0]:8.1f} ms"
@@ -156,5 +172,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--default-sender-rate", action="store_true",
+                        help="keep the relay's default per-sender rate (50/s, burst 100)")
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.devices, arguments.rounds))
+    asyncio.run(main(arguments.devices, arguments.rounds, arguments.default_sender_rate))
