@@ -107,5 +107,5 @@ class AppliedConfig:
                   **({"oracle": self.oracle.text} if self.oracle is not None else {}),
                   "config": self.document, "reported": self.reported}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, (json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True)
-                                     + "\n").encode("utf-8"))
+        text = json.dumps(record, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
+        write_atomically(self.path, text.encode("utf-8"))

@@ -339,8 +339,8 @@ class Device:
         reports {}).  Only once it returned is the configuration held as applied (in the
         home's `config.json`) and its report sent.  If it raises, nothing is applied and the
         oracle is sent a report of the configuration still applied, so it shows the device
-        as behind (a later version is offered again).  Without a handler every newer
-        configuration is applied as it comes, reporting {}."""
+        as behind until a later version (the next change) is applied.  Without a handler
+        every newer configuration is applied as it comes, reporting {}."""
         self._config_handler = handler
 
     def config_reports(self) -> AsyncGenerator[tuple[PublicKey, ConfigReport], None]:

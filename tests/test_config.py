@@ -28,7 +28,8 @@ FLEET_RATE = {"rate_per_s": 10_000.0, "rate_burst": 10_000}
 
 
 @pytest.fixture
-async def relay_and_oracle(start_relay, tmp_path) -> AsyncIterator[tuple[RelayServer, OracleServer]]:
+async def relay_and_oracle(start_relay,
+                           tmp_path) -> AsyncIterator[tuple[RelayServer, OracleServer]]:
     relay = await start_relay(**FLEET_RATE)
     async with OracleServer(oracle_settings(tmp_path, relays=(relay.url,))) as oracle:
         yield relay, oracle

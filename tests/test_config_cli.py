@@ -28,7 +28,8 @@ if document.get("fail"):
     sys.exit(3)
 with open(os.environ["HOOK_LOG"], "a") as log:
     log.write(json.dumps({"version": os.environ["CONTINUUM_CONFIG_VERSION"],
-                          "file": os.environ["CONTINUUM_CONFIG_FILE"], "document": document}) + "\\n")
+                          "file": os.environ["CONTINUUM_CONFIG_FILE"],
+                          "document": document}) + "\\n")
 print(json.dumps({"applied": document["n"]}))
 """
 
