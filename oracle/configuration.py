@@ -243,18 +243,17 @@ class Configurations:
             push.version)
 
     async def record_report(self, device: str, report: ConfigReport) -> bool:
-        """Keep a device's report (the newest received wins: one mailbox keeps order); False
-        if no such device."""
+        """Keep a device's report unless it names an older stamp than the one kept (a
+        replayed report, through a relay that never stored the original); an equal stamp
+        replaces it (a newer state of the same configuration).  False if not kept."""
         async with self.db.transaction() as conn:
-            if await conn.fetchrow("SELECT key FROM devices WHERE key = $1", device) is None:
-                return False
-            now = now_ms()
-            await conn.execute(
+            kept = await conn.fetch(
                 "UPDATE devices SET reported_config_epoch = $1, reported_config_version = $2,"
                 " reported_config = $3, reported_config_at_ms = $4, last_seen_ms = $4"
-                " WHERE key = $5", report.epoch, report.version,
-                document_text(report.reported), now, device)
-        return True
+                " WHERE key = $5 AND (reported_config_epoch < $1 OR (reported_config_epoch = $1"
+                " AND reported_config_version <= $2)) RETURNING key", report.epoch,
+                report.version, document_text(report.reported), now_ms(), device)
+        return bool(kept)
 
     @staticmethod
     async def _group_exists(conn: Connection, group_id: str) -> None:

@@ -252,6 +252,9 @@ class Pusher:
             if await self._registry.configs.record_report(sender.text, report):
                 self._log.info("config_reported", device=sender.text, epoch=report.epoch,
                                version=report.version)
+            else:
+                self._log.warning("config_report_ignored", device=sender.text,
+                                  stamp=str(report.stamp), reason="older than the one kept")
 
     async def _receipts_forever(self) -> None:
         """Devices send a RECEIPT for every peer change they decrypt: that acknowledges a version."""

@@ -215,12 +215,12 @@ async def test_config_routes_need_an_administrator(relay_and_oracle) -> None:
                 assert response.status in (401, 403)
 
 
-async def test_reports_from_strangers_and_malformed_reports_are_not_recorded(
+async def test_reports_from_strangers_malformed_and_replayed_reports_are_not_recorded(
         relay_and_oracle, admin) -> None:
     relay, oracle = relay_and_oracle
     assert oracle.oracle is not None
-    member, stranger = Identity.generate(), Identity.generate()
-    await enroll(admin, [member])
+    member, marker, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    await enroll(admin, [member, marker])
     to_oracle = [oracle.identity.public]
 
     def report(sender: Identity, plaintext: bytes):
@@ -234,11 +234,20 @@ async def test_reports_from_strangers_and_malformed_reports_are_not_recorded(
         for bad in (canonical.encode([1, 5, "[not an object"]), canonical.encode([1, 5]),
                     b"\xff" * 40):
             assert isinstance(await raw.send(report(member, bad)), Accepted)
-        good = report(member, ConfigReport(3, 7, {"ok": True}).encode())
-        assert isinstance(await raw.send(good), Accepted)
-    path = f"/v1/devices/{member.public.text}/config"
-    view = await eventually(lambda: _reported_version(admin, path, 7))
-    assert view["reported"] == {"epoch": 3, "version": 7, "state": {"ok": True},
+        # The same stamp again replaces the state; an older one after it (a replay through a
+        # relay that never stored the original) changes nothing.
+        for stamp, state in (((3, 7), {"ok": True}), ((3, 7), {"ok": "still"}),
+                             ((3, 5), {"ok": False}), ((2, 9), {"ok": False})):
+            sent = report(member, ConfigReport(*stamp, state).encode())
+            assert isinstance(await raw.send(sent), Accepted)
+    # The oracle's mailbox keeps order: once the marker's report is recorded, so are these.
+    async with await RawDevice.connect(relay.url, marker) as raw:
+        assert isinstance(await raw.send(report(marker, ConfigReport(1, 1, {}).encode())),
+                          Accepted)
+    await eventually(lambda: _reported_state(admin, f"/v1/devices/{marker.public.text}/config",
+                                             {}))
+    view = await admin.call("GET", f"/v1/devices/{member.public.text}/config")
+    assert view["reported"] == {"epoch": 3, "version": 7, "state": {"ok": "still"},
                                 "at_ms": view["reported"]["at_ms"]}
     # The oracle's own device (private: what it dropped) took none of the others.
     stats = oracle.oracle.pusher._device.stats  # type: ignore[union-attr]
@@ -246,9 +255,9 @@ async def test_reports_from_strangers_and_malformed_reports_are_not_recorded(
     await admin.call("GET", f"/v1/devices/{stranger.public.text}/config", expect=404)
 
 
-async def _reported_version(admin: Admin, path: str, version: int) -> dict | None:
+async def _reported_state(admin: Admin, path: str, state: dict) -> dict | None:
     view = await admin.call("GET", path)
-    return view if view["reported"]["version"] == version else None
+    return view if view["reported"]["state"] == state else None
 
 
 async def test_a_rotated_key_keeps_its_configuration_and_its_count(relay_and_oracle,
