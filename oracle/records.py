@@ -73,6 +73,8 @@ class DeviceCounts:
     total: int
     revoked: int
     behind: int
+    # Active devices issued a configuration they have not reported applying (SPEC §21).
+    config_behind: int = 0
 
     @property
     def active(self) -> int:

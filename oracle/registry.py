@@ -99,9 +99,12 @@ class Registry:
             "SELECT COUNT(*) AS total,"
             " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL THEN 0 ELSE 1 END), 0) AS revoked,"
             " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL AND acked_version < peer_version"
-            " THEN 1 ELSE 0 END), 0) AS behind FROM devices")
+            " THEN 1 ELSE 0 END), 0) AS behind,"
+            " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL AND reported_config_version"
+            " < config_version THEN 1 ELSE 0 END), 0) AS config_behind FROM devices")
         assert row is not None
-        return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]))
+        return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]),
+                            int(row["config_behind"]))
 
     async def behind_keys(self) -> list[str]:
         """Active devices that have not acknowledged their newest peer list."""

@@ -71,8 +71,11 @@ async def test_editing_a_group_configuration_reaches_a_device_that_reports_it(
                 assert "applied v1" in await page.inner_text("dd.config-sync")
                 assert '"target_c": 21' in await page.inner_text("pre.merged-config")
 
-                # The offline member is behind: the filter finds it, and only it.
-                await page.goto(f"{oracle.url}/?state=config_behind")
+                # The offline member is behind: the summary counts it, the filter finds it.
+                await page.goto(oracle.url + "/")
+                assert "1 configuration behind" in await page.inner_text("p.summary")
+                await page.click("a.config-behind")
+                await page.wait_for_load_state()
                 rows = await page.locator("table.devices tbody tr[data-key]").evaluate_all(
                     "rows => rows.map(r => r.dataset.key)")
                 assert rows == [offline.public.text]
