@@ -72,6 +72,12 @@ Public API::
     # client.tunnel: expose(device, [80]) and forward(device, bob, 80, local_port=8080),
     # what `continuum-client expose` and `tunnel` run: one TCP connection per stream
 
+    def apply(update: ConfigUpdate) -> dict:   # SPEC §21: the oracle's merged configuration
+        settings.update(update.document)       # update.epoch, update.version: its stamp
+        return {"applied": True}               # the state reported to the oracle (or None)
+    device.on_config(apply)   # sync or async; raising applies nothing (the oracle sees the
+                              # device behind); device.config: the one applied (config.json)
+
     new = await device.rotate_key(on_confirmed=save)   # SPEC §15: the old key vouches for a
                                      # new one; `save(old, new)` runs once the oracle confirmed
     await device.wait_drained()      # the old key's mailbox is empty; `device.drain(old)`
@@ -140,6 +146,7 @@ together), `stats`, `settings`, `cli`, `tunnel_cli` and `calls_cli` (the
 """
 
 from .calls import CallResult, IncomingCall
+from .config import ConfigUpdate
 from .device import Device
 from .inbox import DropReason, InboundMessage
 from .peers import PeerList
@@ -147,5 +154,6 @@ from .stats import DeviceStats
 from .streams import Stream, StreamRequest
 from .tracking import DeliveryStatus, Outgoing, SendState, SentMessage
 
-__all__ = ["CallResult", "DeliveryStatus", "Device", "DeviceStats", "DropReason", "InboundMessage",
-           "IncomingCall", "Outgoing", "PeerList", "SendState", "SentMessage", "Stream", "StreamRequest"]
+__all__ = ["CallResult", "ConfigUpdate", "DeliveryStatus", "Device", "DeviceStats", "DropReason",
+           "InboundMessage", "IncomingCall", "Outgoing", "PeerList", "SendState", "SentMessage",
+           "Stream", "StreamRequest"]

@@ -13,7 +13,9 @@
       outbox [--json]              messages sent: the relays' answer, each recipient's status
       listen                       print messages from peers as they arrive (and drain the
                                    mailbox of a key rotated away from); --handle
-                                   METHOD=COMMAND answers calls of METHOD with COMMAND
+                                   METHOD=COMMAND answers calls of METHOD with COMMAND;
+                                   keep the oracle's configuration in config.json,
+                                   --config-hook CMD applies it
       call KEY METHOD [JSON|@FILE|-]
                                    call METHOD on a peer; print its answer (--timeout S)
       rotate-key                   move to a new key the current one vouches for; print it
@@ -38,7 +40,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -46,12 +48,15 @@ from typing import TypeVar
 import aiohttp
 
 from proto import Identity, PublicKey
+from proto.config import JsonObject
 from proto.errors import NotEnrolledError, ProtocolError, RevokedError
 from proto.rotation import OracleKeyChain
 from runtime.files import write_atomically
 from runtime.logs import configure_logging, library_logger
 
 from .calls import CallHandler
+from .config import CONFIG_FILE, ConfigUpdate
+from .config_hook import DEFAULT_HOOK_TIMEOUT_S, ConfigHook, HookFailed
 from .device import DEFAULT_TTL_S, Device
 from .inbox import Drop, DropReason, InboundMessage
 from .key_files import KeyFiles
@@ -166,6 +171,12 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
     calls_cli.add_listen_options(listen)
     calls_cli.add_commands(commands)
+    listen.add_argument("--config-hook", metavar="CMD",
+                        help="run CMD (through the shell) for each new configuration from the"
+                             " oracle: the document on stdin, exit 0 to apply it, stdout (a"
+                             " JSON object, if any) is the state reported")
+    listen.add_argument("--config-hook-timeout", type=float, default=DEFAULT_HOOK_TIMEOUT_S,
+                        metavar="SECONDS", help="a hook still running after this has failed")
     rotate = commands.add_parser("rotate-key", help="move this device to a new key, keeping"
                                  " its place (name, groups, peers) with the oracle")
     rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
@@ -216,7 +227,9 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.command == "call":
         return asyncio.run(calls_cli.run_call(args, settings))
     handlers = calls_cli.parse_handles(args.handle, args.handle_timeout)
-    return asyncio.run(_listen(settings, args.count, args.timeout, args.json, handlers))
+    hook = (ConfigHook(args.config_hook, settings.home / CONFIG_FILE, args.config_hook_timeout)
+            if args.config_hook else None)
+    return asyncio.run(_listen(settings, args.count, args.timeout, args.json, handlers, hook))
 
 
 def _say(line: str) -> None:
@@ -528,10 +541,12 @@ def _format_sent(message: SentMessage, as_json: bool) -> str:
 
 
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
-                  as_json: bool, handlers: dict[str, CallHandler] | None = None) -> int:
+                  as_json: bool, handlers: dict[str, CallHandler] | None = None,
+                  hook: ConfigHook | None = None) -> int:
     received = 0
     files = KeyFiles(settings.identity_path)
     session = _Session(settings, announce_drops=True)
+    session.device.on_config(_announce_config(hook))
     async with session.device as device:
         for method, handler in (handlers or {}).items():
             device.on_call(method, handler)
@@ -561,6 +576,20 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
     if count is not None and received < count:
         return EXIT_TOO_FEW
     return EXIT_OK
+
+
+def _announce_config(hook: ConfigHook | None) -> Callable[[ConfigUpdate], Awaitable[JsonObject]]:
+    """`listen`'s configuration handler: the hook if any, and one line on stderr either way
+    (the device keeps the document in config.json once this returned)."""
+    async def apply(update: ConfigUpdate) -> JsonObject:
+        try:
+            reported = await hook(update) if hook is not None else {}
+        except HookFailed as exc:
+            _say(f"configuration {update.stamp} not applied: {exc}")
+            raise
+        _say(f"configuration {update.stamp} applied")
+        return reported
+    return apply
 
 
 def _format(message: InboundMessage, as_json: bool) -> str:

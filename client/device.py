@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ssl
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from proto import Envelope, Identity, Kind, Limits, PublicKey
+from proto.config import ConfigReport, JsonObject
 from proto.errors import RevokedError, WrongSenderError
 from proto.payloads import Receipt
 from proto.rotation import KeyRotation, OracleKeyChain
@@ -52,13 +54,14 @@ from runtime.logs import library_logger
 from .backoff import Backoff
 from .calling import Calls
 from .calls import DEFAULT_MAX_RUNNING, CallHandler, CallResult
+from .config import AppliedConfig, ConfigUpdate
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import RecentlySeen
 from .drain import DEFAULT_QUIET_S, Drain
 from .freshness import device_now_ms, valid_until_ms
-from .inbox import (CallArrived, Drop, DropReason, ExpiryArrived, InboundMessage, InboxView,
-                    OracleKeyChanged, PeerChangeArrived, ReceiptArrived, ResponseArrived,
-                    Surface, decide)
+from .inbox import (CallArrived, ConfigArrived, ConfigReportArrived, Drop, DropReason,
+                    ExpiryArrived, InboundMessage, InboxView, OracleKeyChanged, PeerChangeArrived,
+                    ReceiptArrived, ResponseArrived, Surface, decide)
 from .manager import ConnectionManager
 from .outbox import PendingSend
 from .peers import PeerList, Standing
@@ -79,6 +82,9 @@ DEVICE_LIMITS = Limits(max_envelope_bytes=16 * 1024 * 1024)
 _RECEIPT_QUEUE_SIZE = 10_000
 # The state file is pruned on every connection and after this many deliveries.
 _PRUNE_EVERY = 1024
+
+# What `on_config` takes: the update in, the reported state (a JSON object, or None for {}) out.
+ConfigHandler = Callable[[ConfigUpdate], "JsonObject | None | Awaitable[JsonObject | None]"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,10 @@ class Device:
         self._tls = tls
         self._on_oracle_key_change = on_oracle_key_change
         self._state = DeviceState.in_home(Path(home)) if home is not None else None
+        # The oracle's configuration in force (SPEC §21), kept in the home like the peer list.
+        self.config = AppliedConfig.in_home(Path(home)) if home is not None else AppliedConfig()
+        self._config_handler: ConfigHandler | None = None
+        self._report_listeners: list[asyncio.Queue[tuple[PublicKey, ConfigReport]]] = []
         self._seen = RecentlySeen(state=self._state)
         # Every key this device may be addressed as: the current one, and old ones draining.
         self._identities = {identity.public: identity}
@@ -351,6 +361,81 @@ class Device:
         finally:
             self._receipt_listeners.remove(queue)
 
+    # -- configuration (SPEC §21) ----------------------------------------------------------
+
+    def on_config(self, handler: ConfigHandler | None) -> None:
+        """Call `handler(update)` (sync or async) for each newer configuration from the oracle;
+        it applies `update.document` and returns the state to report (a JSON object; None
+        reports {}).  Only once it returned is the configuration held as applied (in the
+        home's `config.json`) and its report sent.  If it raises, nothing is applied and the
+        oracle is sent a report of the configuration still applied, so it shows the device
+        as behind until a later version (the next change) is applied.  Without a handler
+        every newer configuration is applied as it comes, reporting {}."""
+        self._config_handler = handler
+
+    def config_reports(self) -> AsyncGenerator[tuple[PublicKey, ConfigReport], None]:
+        """Every configuration report sent to this device (the oracle reads them) as
+        (device, report), from the moment of this call; like `receipts()`."""
+        queue: asyncio.Queue[tuple[PublicKey, ConfigReport]] = asyncio.Queue(_RECEIPT_QUEUE_SIZE)
+        self._report_listeners.append(queue)
+        return self._drain_reports(queue)
+
+    async def _drain_reports(self, queue: asyncio.Queue[tuple[PublicKey, ConfigReport]]
+                             ) -> AsyncGenerator[tuple[PublicKey, ConfigReport], None]:
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._report_listeners.remove(queue)
+
+    async def _on_config(self, decision: ConfigArrived) -> PendingSend | None:
+        """Apply a newer configuration through the handler; the report to send, if any."""
+        update, envelope = decision.update, decision.envelope
+        seen = (envelope.sender, envelope.msg_id)
+        if decision.standing is Standing.OLDER:
+            self.stats.configs_older += 1
+            log.warning("config_older_than_applied", offered=str(update.stamp),
+                        applied=str(self.config.stamp), oracle=envelope.sender.text)
+            with transaction(self._state):
+                self._seen.add(seen, valid_until_ms(envelope))
+            return None  # no report: a report says which configuration is in force
+        reported: JsonObject | None = self.config.reported
+        if decision.standing is Standing.NEWER:
+            try:
+                reported = await self._run_config_handler(update)
+            except Exception as exc:  # the application's refusal: report what is still in force
+                log.warning("config_not_applied", stamp=str(update.stamp), error=repr(exc))
+                reported = None
+        with transaction(self._state):
+            if reported is not None and decision.standing is Standing.NEWER:
+                self.config.apply(update, envelope.sender, reported)  # on disk before the report
+                self.stats.config_updates += 1
+                log.info("config_applied", stamp=str(update.stamp))
+            report = ConfigReport(self.config.stamp.epoch, self.config.stamp.version,
+                                  self.config.reported)
+            self._seen.add(seen, valid_until_ms(envelope))
+            return self._sender.queue_reply(self.identity, Kind.CONFIG_REPORT, envelope,
+                                            report.encode())
+
+    async def _run_config_handler(self, update: ConfigUpdate) -> JsonObject:
+        handler = self._config_handler
+        result = handler(update) if handler is not None else None
+        if inspect.isawaitable(result):
+            result = await result
+        reported = {} if result is None else result
+        if not isinstance(reported, dict):
+            raise TypeError("an on_config handler returns a JSON object or None")
+        ConfigReport(update.epoch, update.version, reported).encode()  # within the bounds
+        return reported
+
+    def _on_config_report(self, decision: ConfigReportArrived) -> None:
+        sender = decision.envelope.sender
+        for queue in self._report_listeners:
+            try:
+                queue.put_nowait((sender, decision.report))
+            except asyncio.QueueFull:
+                log.warning("config_report_listener_full", sender=sender.text)
+
     async def _on_event(self, event: Event, connection: RelayConnection) -> None:
         if isinstance(event, Delivered):
             await self._on_delivery(event, connection)
@@ -375,7 +460,7 @@ class Device:
         if self._state is not None and self.stats.deliveries % _PRUNE_EVERY == 0:
             self._prune()
         view = InboxView(identity, self.peers, self.relay_keys, self._seen, self._sender.sent,
-                         self.oracle_key)
+                         self.oracle_key, self.config)
         decision = decide(delivery.envelope, view, connection.limits,
                           now_ms=device_now_ms(now_ms(), connection.clock_offset_ms))
         if isinstance(decision, Surface):
@@ -397,6 +482,8 @@ class Device:
         reply: PendingSend | None = None
         if isinstance(decision, Drop):
             self._on_dropped(decision)
+        elif isinstance(decision, ConfigArrived):
+            reply = await self._on_config(decision)  # the handler may take its time
         else:
             # Handled and recorded as seen in one commit: if handling failed (disk full), the
             # re-delivery retries it; once committed, a re-delivery is a duplicate.
@@ -409,6 +496,8 @@ class Device:
                         self._sender.sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
                 elif isinstance(decision, OracleKeyChanged):
                     reply = self._on_oracle_key_changed(decision)
+                elif isinstance(decision, ConfigReportArrived):
+                    self._on_config_report(decision)
                 else:
                     reply = self._on_peer_change(decision, identity)
                 self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
@@ -469,6 +558,7 @@ class Device:
                 self._on_oracle_key_change(decision.chain)  # persisted before it is confirmed
             self.oracle_key = current
             self.peers.follow_oracle(former, current)
+            self.config.follow_oracle(former, current)
             self.stats.oracle_key_changes += 1
             log.warning("oracle_key_followed", former=former.text, oracle_key=current.text)
         return self._sender.queue_receipt(self.identity, decision.envelope)  # "I follow you"

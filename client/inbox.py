@@ -47,6 +47,9 @@ Rules, cheapest first so hostile input costs as little as possible:
    (non-peer): a stranger's call never reaches a handler.  A RESPONSE is taken
    from anyone here; the device matches it against its outstanding calls (the
    callee and the correlation id), which `decide` does not hold.
+13. CONFIG (SPEC §21) only from the oracle key followed, ranked against the applied
+   configuration by (epoch, version) and oracle like a PEER_CHANGE (rule 9);
+   CONFIG_REPORT only from a peer (the oracle's peers are its devices).
 """
 
 from __future__ import annotations
@@ -60,9 +63,11 @@ from proto import (DEFAULT_LIMITS, Contents, Envelope, Identity, Kind, Limits, O
                    decode_envelope)
 from proto.calls import Call, Response
 from proto.errors import ProtocolError
+from proto.config import ConfigPush, ConfigReport
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
 
+from .config import AppliedConfig, ConfigUpdate
 from .dedup import MessageKey
 from .freshness import is_fresh
 from .peers import PeerList, Standing
@@ -78,6 +83,7 @@ class DropReason(StrEnum):
     UNTRUSTED_EXPIRY = "untrusted_expiry"
     UNAUTHORIZED_PEER_CHANGE = "unauthorized_peer_change"
     UNEXPECTED_RECEIPT = "unexpected_receipt"
+    UNAUTHORIZED_CONFIG = "unauthorized_config"
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,26 @@ class ResponseArrived:
 
 Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
             | OracleKeyChanged | CallArrived | ResponseArrived)
+class ConfigArrived:
+    """The oracle's configuration; `standing` as for a peer change: apply NEWER, report
+    NEWER and HELD, neither apply nor report OLDER."""
+
+    envelope: Envelope
+    update: ConfigUpdate
+    standing: Standing
+
+
+@dataclass(frozen=True)
+class ConfigReportArrived:
+    """A device's report of the configuration it applied (the oracle reads these)."""
+
+    envelope: Envelope
+    report: ConfigReport
+
+
+Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
+            | OracleKeyChanged | CallArrived | ResponseArrived | ConfigArrived
+            | ConfigReportArrived)
 
 
 class SentMessages(Protocol):
@@ -182,6 +208,7 @@ class InboxView:
     # content hash a receipt for each of our messages must name.
     awaiting_receipt: SentMessages
     oracle_key: PublicKey | None = None
+    config: AppliedConfig | None = None
 
 
 def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
@@ -219,7 +246,7 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
 
 def _interpret(envelope: Envelope, contents: Contents, view: InboxView,
                limits: Limits) -> Decision:
-    """Rules 7 to 12 for the decrypted contents; DecodeError propagates to `decide`."""
+    """Rules 7 to 13 for the decrypted contents; DecodeError propagates to `decide`."""
     sender, kind, plaintext = envelope.sender, contents.kind, contents.plaintext
     if kind is Kind.DATA:
         if sender in view.peers:
@@ -240,6 +267,18 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView,
         return CallArrived(envelope, Call.decode(plaintext, limits))
     if kind is Kind.RESPONSE:
         return ResponseArrived(envelope, Response.decode(plaintext, limits))
+    if kind is Kind.CONFIG:
+        if view.oracle_key is None or sender != view.oracle_key:
+            return Drop(DropReason.UNAUTHORIZED_CONFIG,
+                        f"{sender.text} is not the oracle key", envelope)
+        push = ConfigPush.decode(plaintext)
+        update = ConfigUpdate(push.epoch, push.version, push.document)
+        held = view.config if view.config is not None else AppliedConfig()
+        return ConfigArrived(envelope, update, held.standing(update.stamp, sender))
+    if kind is Kind.CONFIG_REPORT:
+        if sender not in view.peers:
+            return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+        return ConfigReportArrived(envelope, ConfigReport.decode(plaintext))
     if kind in (Kind.STREAM_OPEN, Kind.STREAM_ACCEPT):
         return Drop(DropReason.INVALID, f"a {kind.name} travels in stream frames (SPEC §16),"
                     " never in a mailbox", envelope)

@@ -41,6 +41,21 @@ class Standing(Enum):
     OLDER = "older"  # behind the held list: a replay, or an oracle that went back
 
 
+def rank(held: Stamp, held_oracle: PublicKey | None, stamp: Stamp,
+         oracle: PublicKey | None) -> Standing:
+    """Where a document stamped `stamp` by `oracle` stands against one held from
+    `held_oracle`: the rule of every stamped word of the oracle (peer lists, configuration).
+
+    Another oracle's is NEWER (the device was enrolled with a new oracle, whose
+    count starts afresh); one held of unknown origin is compared by stamp alone.
+    """
+    if held_oracle is not None and oracle != held_oracle:
+        return Standing.NEWER
+    if stamp > held:
+        return Standing.NEWER
+    return Standing.HELD if stamp == held else Standing.OLDER
+
+
 class PeerList:
     """A set of public keys plus the stamp and oracle it came from; saved on every change."""
 
@@ -106,11 +121,7 @@ class PeerList:
         afresh.  A held list of unknown origin (a local list, or a file from
         before oracles were recorded) is compared by stamp alone.
         """
-        if self.oracle is not None and oracle != self.oracle:
-            return Standing.NEWER
-        if stamp > self.stamp:
-            return Standing.NEWER
-        return Standing.HELD if stamp == self.stamp else Standing.OLDER
+        return rank(self.stamp, self.oracle, stamp, oracle)
 
     def replace(self, version: int, peers: Iterable[PublicKey], *, epoch: int = 0,
                 oracle: PublicKey | None = None) -> bool:

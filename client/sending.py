@@ -142,9 +142,15 @@ class Sender:
     def queue_receipt(self, identity: Identity, envelope: Envelope) -> PendingSend:
         """The receipt for `envelope`, sealed by `identity` and held in the outbox like any
         message; committing is the caller's (it goes with recording `envelope` as handled)."""
-        receipt = Receipt.of(envelope).encode()
-        sealed = self.seal(identity, Kind.RECEIPT, [envelope.sender], receipt, envelope.ttl_s)
-        entry = self.outbox.add(sealed, plaintext=receipt, reply=True)
+        return self.queue_reply(identity, Kind.RECEIPT, envelope,
+                                 Receipt.of(envelope).encode())
+
+    def queue_reply(self, identity: Identity, kind: Kind, envelope: Envelope,
+                    plaintext: bytes) -> PendingSend:
+        """A reply of `kind` to `envelope`'s sender, with its TTL, held in the outbox like a
+        receipt (a configuration report, SPEC §21); committing is the caller's."""
+        sealed = self.seal(identity, kind, [envelope.sender], plaintext, envelope.ttl_s)
+        entry = self.outbox.add(sealed, plaintext=plaintext, reply=True)
         entry.accepted.add_done_callback(_log_unawaited_refusal(entry))
         return entry
 

@@ -36,6 +36,11 @@ class DeviceStats:
     dropped_untrusted_expiry: int = 0
     dropped_unauthorized_peer_change: int = 0
     dropped_unexpected_receipt: int = 0
+    # CONFIG from any key but the oracle's (SPEC §21).
+    dropped_unauthorized_config: int = 0
+    # Configurations applied, and CONFIGs behind the applied one (not applied, not reported).
+    config_updates: int = 0
+    configs_older: int = 0
     # Relay messages that were no frame a device may receive (nothing to ACK).
     bad_frames: int = 0
     # Calls (SPEC §18), as caller: calls that got no response in time, responses that came

@@ -21,6 +21,7 @@ from runtime.clock import now_ms
 from . import audit
 from .audit import Actor, AuditQuery
 from .auth import ACTOR, PRINCIPAL
+from .configuration import parse_config
 from .context import ORACLE_KEY, OracleContext
 from .device_search import DeviceQuery
 from .errors import InvalidInput
@@ -172,6 +173,63 @@ async def remove_member(request: web.Request) -> web.Response:
     return web.json_response(group.to_json())
 
 
+async def _config_body(request: web.Request) -> dict[str, Any]:
+    """The request body as a configuration document: a JSON object within the bounds."""
+    try:
+        text = await request.text()
+    except UnicodeDecodeError:
+        raise InvalidInput("request body must be UTF-8 JSON") from None
+    return parse_config(text)
+
+
+async def get_group_config(request: web.Request) -> web.Response:
+    group_id = request.match_info["group_id"]
+    document = await _oracle(request).registry.configs.group_config(group_id)
+    return web.json_response({"group_id": group_id, "config": document})
+
+
+async def put_group_config(request: web.Request) -> web.Response:
+    """Set a group's desired configuration; its members are issued their merged documents."""
+    group_id, document = request.match_info["group_id"], await _config_body(request)
+    issued = await _oracle(request).registry.configs.set_group_config(group_id, document,
+                                                                      _actor(request))
+    return web.json_response({"group_id": group_id, "config": document, "issued": issued})
+
+
+async def delete_group_config(request: web.Request) -> web.Response:
+    group_id = request.match_info["group_id"]
+    issued = await _oracle(request).registry.configs.set_group_config(group_id, None,
+                                                                      _actor(request))
+    return web.json_response({"group_id": group_id, "config": None, "issued": issued})
+
+
+async def get_device_config(request: web.Request) -> web.Response:
+    """Desired (own and merged), issued and reported configuration of one device."""
+    config = await _oracle(request).registry.configs.device_config(
+        parse_key(request.match_info["key"]))
+    return web.json_response(config.to_json())
+
+
+async def put_device_config(request: web.Request) -> web.Response:
+    key, document = parse_key(request.match_info["key"]), await _config_body(request)
+    configs = _oracle(request).registry.configs
+    await configs.set_device_config(key, document, _actor(request))
+    return web.json_response((await configs.device_config(key)).to_json())
+
+
+async def delete_device_config(request: web.Request) -> web.Response:
+    key = parse_key(request.match_info["key"])
+    configs = _oracle(request).registry.configs
+    await configs.set_device_config(key, None, _actor(request))
+    return web.json_response((await configs.device_config(key)).to_json())
+
+
+async def config_behind(request: web.Request) -> web.Response:
+    """Active devices that have not reported their newest configuration."""
+    limit = parse_limit(request.query, 1000)
+    return web.json_response({"devices": await _oracle(request).registry.configs.behind(limit)})
+
+
 async def reissue_peer_lists(request: web.Request) -> web.Response:
     """After a restore from backup: every active device gets its list again, in this epoch."""
     issued = await _oracle(request).registry.reissue_peer_lists(_actor(request))
@@ -236,6 +294,7 @@ async def status(request: web.Request) -> web.Response:
         "revoked": counts.revoked,
         "behind": await oracle.registry.behind_keys(),
         "pending_pushes": len(await oracle.registry.pending_pushes(limit=10_000)),
+        "config_behind": len(await oracle.registry.configs.behind(limit=10_000)),
     })
 
 
@@ -316,6 +375,13 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/v1/groups/{group_id}/members/{key}", remove_member)
     r.add_put("/v1/groups/{group_id}/region", move_group)
     r.add_post("/v1/peer-lists/reissue", reissue_peer_lists)
+    r.add_get("/v1/groups/{group_id}/config", get_group_config)
+    r.add_put("/v1/groups/{group_id}/config", put_group_config)
+    r.add_delete("/v1/groups/{group_id}/config", delete_group_config)
+    r.add_get("/v1/devices/{key}/config", get_device_config)
+    r.add_put("/v1/devices/{key}/config", put_device_config)
+    r.add_delete("/v1/devices/{key}/config", delete_device_config)
+    r.add_get("/v1/config/behind", config_behind)
     r.add_get("/v1/audit", audit_log)
     r.add_get("/v1/admins", list_admins)
     r.add_post("/v1/admins", create_admin)

@@ -13,6 +13,7 @@ token in a meta tag, which the script sends as X-CSRF-Token on each change.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,21 @@ async def device_page(request: web.Request) -> web.Response:
         "presence": await oracle.presence.of_device(key),
         "connections": await oracle.presence.history(key, HISTORY_SIZE),
         "check_in": await oracle.checkins.of_device(key),
-        "silent": (await oracle.silence.of_devices([key])).get(key)}, section="/")
+        "silent": (await oracle.silence.of_devices([key])).get(key),
+        **await _device_config(oracle, key)}, section="/")
+
+
+async def _device_config(oracle: OracleContext, key: str) -> dict[str, Any]:
+    config = await oracle.registry.configs.device_config(key)
+    return {"config": config, "config_text": _shown(config.desired),
+            "merged_text": _shown(config.merged), "reported_text": _shown(config.reported)}
+
+
+def _shown(document: dict[str, Any] | None) -> str:
+    """A document as the editor shows it: indented, keys sorted; "" for none."""
+    if document is None:
+        return ""
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False)
 
 
 async def groups_page(request: web.Request) -> web.Response:
@@ -123,6 +138,7 @@ async def group_page(request: web.Request) -> web.Response:
         "group": group, "devices": members.items, "find": find, "candidates": candidates,
         "more_candidates": more, "page_links": _page_links(request, members.next_cursor),
         "check_in_s": await oracle.checkins.of_group(group.id),
+        "config_text": _shown(await registry.configs.group_config(group.id)),
         **await _presence_of(oracle, members.items)}, section="/groups")
 
 

@@ -25,7 +25,7 @@ from .errors import InvalidInput
 from .pagination import decode_cursor, encode_cursor, parse_limit
 from .validation import parse_tags
 
-STATES = ("active", "revoked", "behind")
+STATES = ("active", "revoked", "behind", "config_behind")
 # sort name → (column, cursor value type); "-name" walks the same index backwards.
 SORTS: dict[str, tuple[str, type]] = {"name": ("d.name", str), "enrolled": ("d.enrolled_at_ms", int)}
 MAX_QUERY_CHARS = 200
@@ -35,6 +35,8 @@ _STATE_SQL = {
     "active": "d.revoked_at_ms IS NULL",
     "revoked": "d.revoked_at_ms IS NOT NULL",
     "behind": "d.revoked_at_ms IS NULL AND d.acked_version < d.peer_version",
+    # Issued a configuration it has not reported applying (SPEC §21).
+    "config_behind": "d.revoked_at_ms IS NULL AND d.reported_config_version < d.config_version",
 }
 
 

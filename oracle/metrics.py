@@ -110,6 +110,7 @@ async def metrics_page(request: web.Request) -> web.Response:
     metrics.devices.labels("active").set(counts.active)
     metrics.devices.labels("revoked").set(counts.revoked)
     metrics.devices.labels("behind").set(counts.behind)
+    metrics.devices.labels("config_behind").set(counts.config_behind)  # SPEC §21
     oracle = request.app[ORACLE_KEY]
     metrics.push_queue.set(await oracle.registry.push_queue_depth())
     metrics.online.set(await oracle.presence.online_count())

@@ -20,6 +20,12 @@ because the key it knows signed the chain), and only once a relay stored that
 notice its next peer change: mailboxes keep order, so the device knows the
 new key before it reads a list signed by it.  A device's own rotation arrives
 as a DATA message from its old key carrying a `KeyRotation`.
+
+Configuration (SPEC §21) goes the same way: each device's newest merged
+document (`configuration`, one outbox row per device) is sealed as a CONFIG
+envelope, stored before it is sent and resent byte for byte, held back like a
+peer change from a device not yet told of a new oracle key; the devices'
+CONFIG_REPORTs come back through the same connection and are recorded.
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ from client.device import Device
 from client.inbox import InboundMessage
 from client.peers import PeerList
 from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_envelope
+from proto.config import ConfigPush, parse_document
 from proto.errors import ProtocolError, ReplayError
 from proto.payloads import PeerChange
 from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 
+from .configuration import PendingConfig
 from .errors import OracleError
 from .publisher import AccessListPublisher
 from .records import PendingPush
@@ -97,7 +105,8 @@ class Pusher:
         await self._device.__aenter__()
         self._tasks = [asyncio.create_task(self._push_forever(), name="oracle-push"),
                        asyncio.create_task(self._receipts_forever(), name="oracle-receipts"),
-                       asyncio.create_task(self._take_data_forever(), name="oracle-data")]
+                       asyncio.create_task(self._take_data_forever(), name="oracle-data"),
+                       asyncio.create_task(self._reports_forever(), name="oracle-reports")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -122,12 +131,16 @@ class Pusher:
             self._wake.clear()
             await self._refresh_peers()
             pending = await self._registry.pending_pushes(_BATCH)
+            configs = await self._registry.configs.pending(_BATCH)
             untold = await self._announce()
             sent = await asyncio.gather(*(self._push_one(push) for push in pending
+                                          if push.device_key not in untold),
+                                        *(self._push_config(push) for push in configs
                                           if push.device_key not in untold))
             if all(sent) and not untold:
                 retry_s = _RETRY_MIN_S
-                if len(pending) < _BATCH:  # drained: sleep until the next change
+                if len(pending) < _BATCH and len(configs) < _BATCH:  # drained: sleep until
+                    # the next change
                     await self._wake.wait()
                 continue
             # Retry after a backoff, or at once when a new change supersedes old work.
@@ -197,6 +210,51 @@ class Pusher:
         self._log.info("peer_change_sent", device=push.device_key, epoch=push.epoch,
                        version=push.version, peers=len(push.peers))
         return True
+
+    def _config_envelope(self, push: PendingConfig) -> Envelope:
+        """The stored CONFIG envelope if still fresh and sealed by this key, else a new one."""
+        if push.envelope is not None:
+            envelope = decode_envelope(base64.b64decode(push.envelope))
+            if (envelope.sender == self._identity.public
+                    and now_ms() - envelope.created_at_ms < self._settings.reseal_after_s * 1000):
+                return envelope
+        config = ConfigPush(push.epoch, push.version, parse_document(push.document))
+        return seal_envelope(self._identity, Kind.CONFIG, [PublicKey.from_text(push.device_key)],
+                             config.encode(), ttl_s=self._settings.push_ttl_s, now_ms=now_ms())
+
+    async def _push_config(self, push: PendingConfig) -> bool:
+        """Send one device its newest configuration; True once a relay stored it."""
+        assert self._device is not None
+        envelope = self._config_envelope(push)
+        stored = base64.b64encode(envelope.raw).decode()
+        if stored != push.envelope:
+            await self._registry.configs.record_sealed(push, stored)
+        try:
+            async with asyncio.timeout(self._settings.send_timeout_s):
+                await self._device.send_envelope(envelope)
+        except ReplayError:
+            pass  # a relay stored these very bytes before (ACCEPTED lost)
+        except (ProtocolError, TimeoutError) as exc:
+            reason = "no relay accepted it in time" if isinstance(exc, TimeoutError) else str(exc)
+            await self._registry.configs.mark_failed(push, f"{type(exc).__name__}: {reason}")
+            self._log.info("config_retry", device=push.device_key, version=push.version,
+                           error=reason)
+            return False
+        await self._registry.configs.mark_sent(push)
+        self._log.info("config_sent", device=push.device_key, epoch=push.epoch,
+                       version=push.version)
+        return True
+
+    async def _reports_forever(self) -> None:
+        """Each device answers a CONFIG with the version it applied and its reported state."""
+        assert self._device is not None
+        async for sender, report in self._device.config_reports():
+            if await self._registry.configs.record_report(sender.text, report):
+                self._log.info("config_reported", device=sender.text, epoch=report.epoch,
+                               version=report.version)
+            else:
+                self._log.warning("config_report_ignored", device=sender.text,
+                                  stamp=str(report.stamp), reason="older than the one kept")
 
     async def _receipts_forever(self) -> None:
         """Devices send a RECEIPT for every peer change they decrypt: that acknowledges a version."""

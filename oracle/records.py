@@ -34,6 +34,9 @@ class DeviceRecord:
     home_region: str | None = None
     former_region: str | None = None
     moved_at_ms: int | None = None
+    # Configuration (SPEC §21): the newest version issued, and the one it last reported.
+    config_version: int = 0
+    reported_config_version: int = 0
 
     @property
     def revoked(self) -> bool:
@@ -44,6 +47,11 @@ class DeviceRecord:
         """Issued a peer list the device has not acknowledged yet."""
         return not self.revoked and self.acked_version < self.peer_version
 
+    @property
+    def config_behind(self) -> bool:
+        """Issued a configuration it has not reported applying."""
+        return not self.revoked and self.reported_config_version < self.config_version
+
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "tags": list(self.tags),
                 "enrolled_at_ms": self.enrolled_at_ms, "revoked_at_ms": self.revoked_at_ms,
@@ -52,7 +60,10 @@ class DeviceRecord:
                 "behind": self.behind, "groups": list(self.groups),
                 "rotated_to": self.rotated_to, "rotated_from": self.rotated_from,
                 "drain_until_ms": self.drain_until_ms, "home_region": self.home_region,
-                "former_region": self.former_region, "moved_at_ms": self.moved_at_ms}
+                "former_region": self.former_region, "moved_at_ms": self.moved_at_ms,
+                "config_version": self.config_version,
+                "reported_config_version": self.reported_config_version,
+                "config_behind": self.config_behind}
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ class DeviceCounts:
     total: int
     revoked: int
     behind: int
+    # Active devices issued a configuration they have not reported applying (SPEC §21).
+    config_behind: int = 0
 
     @property
     def active(self) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from runtime.clock import now_ms
 
-from . import audit
+from . import audit, configuration
 from .audit import SYSTEM, Actor
 from .db import Connection, Database
 from .device_search import DeviceQuery, like_pattern
@@ -35,7 +35,8 @@ from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("d.key, d.name, d.tags, d.enrolled_at_ms, d.revoked_at_ms, d.last_seen_ms,"
                    " d.peer_version, d.acked_version, d.rotated_to, d.rotated_from,"
-                   " d.drain_until_ms, d.home_region, d.former_region, d.moved_at_ms")
+                   " d.drain_until_ms, d.home_region, d.former_region, d.moved_at_ms,"
+                   " d.config_version, d.reported_config_version")
 # SQLite allows 32,766 parameters a statement; a page's keys stay far below it.
 _MAX_KEYS_PER_QUERY = 1000
 
@@ -48,6 +49,8 @@ class Registry:
         self.db = db
         self._on_change = on_change
         self.regions = regions
+        # Desired configuration (SPEC §21): re-derived in every change of groups below.
+        self.configs = configuration.Configurations(db, on_change)
 
     async def assign_homes(self) -> int:
         """At start, with regions: home every device that has none (enrolled before regions
@@ -96,9 +99,12 @@ class Registry:
             "SELECT COUNT(*) AS total,"
             " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL THEN 0 ELSE 1 END), 0) AS revoked,"
             " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL AND acked_version < peer_version"
-            " THEN 1 ELSE 0 END), 0) AS behind FROM devices")
+            " THEN 1 ELSE 0 END), 0) AS behind,"
+            " COALESCE(SUM(CASE WHEN revoked_at_ms IS NULL AND reported_config_version"
+            " < config_version THEN 1 ELSE 0 END), 0) AS config_behind FROM devices")
         assert row is not None
-        return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]))
+        return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]),
+                            int(row["config_behind"]))
 
     async def behind_keys(self) -> list[str]:
         """Active devices that have not acknowledged their newest peer list."""
@@ -190,6 +196,7 @@ class Registry:
                                now_ms() if revoked else None, key)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await configuration.reconcile(conn)
             await audit.record(conn, actor, "device.revoke" if revoked else "device.restore", key)
         self._on_change()
         return await self.get_device(key)
@@ -220,10 +227,17 @@ class Registry:
             await conn.execute(
                 "INSERT INTO devices (key, name, tags, enrolled_at_ms, peer_version,"
                 " acked_version, rotated_from, oracle_key, home_region, former_region,"
-                " moved_at_ms)"
+                " moved_at_ms, config_version, reported_config_epoch, reported_config_version,"
+                " reported_config, reported_config_at_ms)"
                 " SELECT $1, name, tags, $2, peer_version, acked_version, key, oracle_key,"
-                " home_region, former_region, moved_at_ms FROM devices WHERE key = $3",
+                " home_region, former_region, moved_at_ms, config_version,"
+                " reported_config_epoch, reported_config_version, reported_config,"
+                " reported_config_at_ms FROM devices WHERE key = $3",
                 new, now, old)
+            await conn.execute(
+                "INSERT INTO device_configs (device_key, document, updated_at_ms)"
+                " SELECT $1, document, updated_at_ms FROM device_configs WHERE device_key = $2",
+                new, old)
             await conn.execute(
                 "INSERT INTO memberships (group_id, device_key)"
                 " SELECT group_id, $1 FROM memberships WHERE device_key = $2", new, old)
@@ -236,6 +250,7 @@ class Registry:
                 " WHERE key = $4", now, new, drain_until_ms, old)
             await self._bump_access_list(conn)
             await self._reconcile(conn, include=(new,))
+            await configuration.reconcile(conn)
             await audit.record(conn, Actor(f"device:{old}", "device"), "device.rotate", old,
                                new_key=new, drain_until_ms=drain_until_ms)
             record = await self._device_in(conn, new)
@@ -419,8 +434,12 @@ class Registry:
         async with self.db.transaction() as conn:
             await self._refuse_duplicate_group(conn, name_text, group_id)
             await conn.execute("UPDATE peer_groups SET name = $1 WHERE id = $2", name_text, group_id)
+            # Groups merge in name order (SPEC §21): a new name may change a merged document.
+            config_issued = await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.rename", group_id, name=name_text,
                                previous=before.name)
+        if config_issued:
+            self._on_change()
         return await self.get_group(group_id)
 
     async def delete_group(self, group_id: str, actor: Actor = SYSTEM) -> None:
@@ -430,6 +449,7 @@ class Registry:
             await conn.execute("DELETE FROM peer_groups WHERE id = $1", group_id)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.delete", group_id, name=group.name,
                                members=len(group.members))
         self._on_change()
@@ -444,6 +464,7 @@ class Registry:
                 " ON CONFLICT DO NOTHING", group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.member.add", key_text, group_id=group_id,
                                group=group.name)
         self._on_change()
@@ -458,6 +479,7 @@ class Registry:
                                group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn)
+            await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.member.remove", key_text, group_id=group_id,
                                group=group.name)
         self._on_change()
@@ -592,6 +614,7 @@ class Registry:
         """
         async with self.db.transaction() as conn:
             issued = await self._reconcile(conn, everyone=True)
+            await configuration.reconcile(conn, everyone=True)
             await audit.record(conn, actor, "peer_lists.reissue", issued=issued)
         self._on_change()
         return issued
@@ -669,7 +692,8 @@ class Registry:
                             row["peer_version"], row["acked_version"],
                             tuple(groups.get(row["key"], ())), row["rotated_to"],
                             row["rotated_from"], row["drain_until_ms"], row["home_region"],
-                            row["former_region"], row["moved_at_ms"])
+                            row["former_region"], row["moved_at_ms"],
+                            int(row["config_version"]), int(row["reported_config_version"]))
 
 
 def _placeholders(count: int) -> str:

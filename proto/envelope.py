@@ -73,6 +73,9 @@ class Kind(IntEnum):
     # Calls between peers (SPEC §18): stored in mailboxes like DATA.
     CALL = 10
     RESPONSE = 11
+    # Configuration (SPEC §21): the oracle's desired document, and a device's report.
+    CONFIG = 12
+    CONFIG_REPORT = 13
 
     @property
     def origin(self) -> Origin:

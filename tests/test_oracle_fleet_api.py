@@ -325,7 +325,7 @@ async def test_the_dashboard_page_is_bounded_whatever_the_fleet(
         async with admin.session.get(server.url + "/") as response:
             html = await response.text()
         assert html.count("<tr data-key=") == min(50, fleets * COUNT)
-        assert html.count("<option") == 11  # state, presence, sort filters; none per device
+        assert html.count("<option") == 12  # state, presence, sort filters; none per device
     group = await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201)
     async with admin.session.get(f"{server.url}/groups/{group['id']}") as response:
         assert "<option" not in await response.text()

@@ -49,14 +49,16 @@ async function submitApi(event) {
     fields.tags = fields.tags.split(/[\s,]+/).filter(Boolean);
   }
   const method = form.dataset.method || "POST";
-  const hasBody = method !== "DELETE" && Object.keys(fields).length > 0;
+  // data-raw names a field sent as the whole body, as typed (a configuration document).
+  const raw = form.dataset.raw ? fields[form.dataset.raw] : undefined;
+  const hasBody = raw !== undefined || (method !== "DELETE" && Object.keys(fields).length > 0);
   for (const button of form.querySelectorAll("button")) button.disabled = true;
   try {
     const response = await fetch(url, {
       method,
       credentials: "same-origin",
       headers: { "X-CSRF-Token": csrf, ...(hasBody ? { "Content-Type": "application/json" } : {}) },
-      body: hasBody ? JSON.stringify(fields) : undefined,
+      body: raw !== undefined ? raw : hasBody ? JSON.stringify(fields) : undefined,
     });
     if (!response.ok) {
       const detail = await response.json().catch(() => ({ error: response.statusText }));

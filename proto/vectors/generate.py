@@ -753,6 +753,10 @@ def call_vectors() -> dict:
     """calls.json (SPEC §18), built in its own module."""
     from .call_vectors import call_vectors as build_calls
     return build_calls()
+def config_vectors() -> dict:
+    """config.json (SPEC §21), built in its own module."""
+    from .config_vectors import config_vectors as build_config
+    return build_config()
 
 
 BUILDERS: dict[str, Callable[[], dict]] = {
@@ -768,6 +772,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "regions": region_vectors,
     "presence": presence_vectors,
     "calls": call_vectors,
+    "config": config_vectors,
 }
 
 def render(document: dict) -> str:
