@@ -164,8 +164,7 @@ class ResponseArrived:
     response: Response
 
 
-Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
-            | OracleKeyChanged | CallArrived | ResponseArrived)
+@dataclass(frozen=True)
 class ConfigArrived:
     """The oracle's configuration; `standing` as for a peer change: apply NEWER, report
     NEWER and HELD, neither apply nor report OLDER."""
