@@ -81,9 +81,12 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class CheckRate:
-    """Take one token from the sender's bucket (`store.allow`), then `rate_checked`."""
+    """Take one token from the sender's bucket (`store.allow`), then `rate_checked`;
+    with `metered` False (the oracle's key) there is no bucket: call `rate_checked`
+    with allowed True."""
 
     envelope: Envelope
+    metered: bool = True
 
 
 @dataclass(frozen=True)
@@ -231,7 +234,9 @@ class RelayProtocol:
                     self._reject(envelope.msg_id, RateLimitedError(
                         "too many signature checks for new keys from this address; retry later"))
                     return None
-            return CheckRate(envelope)
+            # The oracle's pushes (peer lists, configuration) go to the whole fleet at
+            # once; a per-device rate would spread one change over minutes (SPEC §10).
+            return CheckRate(envelope, metered=self.device_key != self._access.oracle)
         if isinstance(frame, Ack):
             return RemoveDelivered(frame.tag)
         if isinstance(frame, STREAM_FRAMES):

@@ -180,8 +180,9 @@ class DeviceSession:
         protocol, store, settings = self._protocol, self._relay.store, self._relay.settings
         envelope = request.envelope
         try:
-            allowed = await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
-                                        settings.rate_burst)
+            allowed = (not request.metered
+                       or await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
+                                            settings.rate_burst))
         except ProtocolError as exc:
             protocol.store_refused(envelope.msg_id, exc)
             return

@@ -16,6 +16,8 @@ from proto.handshake import ephemeral_keypair, sign_hello
 from proto.errors import StoreUnavailableError
 from proto.limits import Limits
 from proto.payloads import ExpiryNotice
+from fake_oracle import FakeOracle
+from proto.access import AccessList
 from wire import MAX_FRAME, RawDevice, error_code, now_ms, sealed
 
 
@@ -212,6 +214,28 @@ async def test_rate_limit_refuses_the_flooder_only(start_relay) -> None:
         assert {error_code(x) for x in answers[5:]} == {"RATE_LIMITED"}
         assert isinstance(await q.send(sealed(quiet, [bob.public])), Accepted)
     assert await depth(server, bob) == 6
+
+
+async def test_the_oracle_is_not_held_to_the_senders_rate(start_relay) -> None:
+    """A change pushed to a whole fleet is one envelope per device from the oracle's key;
+    at a device's rate, 1,000 devices took 18.5 s and the relay closed the oracle as
+    abusive.  The oracle's sends go unmetered; every other key keeps its bucket."""
+    oracle, alice, bob = (Identity.generate() for _ in range(3))
+    async with FakeOracle(oracle) as endpoint:
+        endpoint.serve(AccessList(1, 1, now_ms(), now_ms() + 600_000, oracle.public,
+                                  {alice.public: frozenset({1}), bob.public: frozenset({1})},
+                                  frozenset()))
+        server = await start_relay(oracle_url=endpoint.url, oracle_key=oracle.public.text,
+                                   rate_per_s=1.0, rate_burst=3)
+        assert await server.relay.access.wait_loaded(10)
+        async with await RawDevice.connect(server.url, oracle) as o, \
+                await RawDevice.connect(server.url, alice) as a:
+            for _ in range(20):
+                assert isinstance(await o.send(sealed(oracle, [bob.public])), Accepted)
+            answers = [await a.send(sealed(alice, [bob.public])) for _ in range(5)]
+            assert [type(x) for x in answers[:3]] == [Accepted] * 3
+            assert {error_code(x) for x in answers[3:]} == {"RATE_LIMITED"}
+    assert await depth(server, bob) == 23
 
 
 async def test_full_mailbox_refuses_with_clear_error(start_relay) -> None:

@@ -176,6 +176,15 @@ def test_send_is_rate_checked_admitted_stored_then_accepted() -> None:
     assert frames(protocol) == [Accepted(msg_id)]
 
 
+def test_only_the_oracles_sends_skip_the_senders_bucket() -> None:
+    """The oracle pushes one change to the whole fleet at once; a device's rate (50/s)
+    would spread it over minutes and count its refusals as abuse."""
+    device = authenticated(ALICE).receive(send_frame(ALICE)[0], NOW)
+    assert isinstance(device, CheckRate) and device.metered
+    oracle = authenticated(ORACLE).receive(send_frame(ORACLE)[0], NOW)
+    assert isinstance(oracle, CheckRate) and not oracle.metered
+
+
 def refusal_of(protocol: RelayProtocol, data: bytes, allowed: bool = True) -> tuple[bytes | None,
                                                                                     ErrorCode]:
     request = protocol.receive(data, NOW)
