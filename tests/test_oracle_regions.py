@@ -19,7 +19,7 @@ from oracle_support import (Admin, fresh_postgres_database, oracle_settings, pos
 from test_oracle_api import admin, new_key  # noqa: F401  (`admin` logs in to `server` below)
 
 from oracle import OracleServer
-from proto import Identity, PublicKey
+from proto import PublicKey
 from proto.access import ACCESS_LIST_PATH, AccessList
 
 REGIONS = {"region": "eu", "other_regions": ("us", "ap")}

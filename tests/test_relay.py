@@ -18,7 +18,7 @@ from proto.limits import Limits
 from proto.payloads import ExpiryNotice
 from fake_oracle import FakeOracle
 from proto.access import AccessList
-from wire import MAX_FRAME, RawDevice, error_code, now_ms, sealed
+from wire import RawDevice, error_code, now_ms, sealed
 
 
 async def depth(server: RelayServer, identity: Identity) -> int:
