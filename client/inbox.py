@@ -42,7 +42,9 @@ Rules, cheapest first so hostile input costs as little as possible:
    Only the oracle can write to a device at relays that enforce peer groups,
    so elsewhere a stranger's message costs one decryption;
 11. a stream's open or answer (SPEC §16) stored in a mailbox → drop (invalid):
-   they are live, in stream frames only, so a stored copy is a replay or a mistake.
+   they are live, in stream frames only, so a stored copy is a replay or a mistake;
+12. a transfer's manifest or chunk (SPEC §17) from peers only, parsed strictly; whether it
+   fits a transfer under way is the receiver's to say (`transfer_in`), with its state.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from proto import (DEFAULT_LIMITS, Contents, Envelope, Identity, Kind, Limits, O
 from proto.errors import ProtocolError
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
+from proto.transfers import Chunk, Manifest
 
 from .dedup import MessageKey
 from .freshness import is_fresh
@@ -73,6 +76,7 @@ class DropReason(StrEnum):
     UNTRUSTED_EXPIRY = "untrusted_expiry"
     UNAUTHORIZED_PEER_CHANGE = "unauthorized_peer_change"
     UNEXPECTED_RECEIPT = "unexpected_receipt"
+    REFUSED_TRANSFER = "refused_transfer"  # a file over this device's bounds (SPEC §17)
 
 
 @dataclass(frozen=True)
@@ -137,8 +141,24 @@ class PeerChangeArrived:
     standing: Standing
 
 
+@dataclass(frozen=True)
+class ManifestArrived:
+    """A peer starts sending a file (SPEC §17)."""
+
+    envelope: Envelope
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class ChunkArrived:
+    """One slice of a file a peer sends (SPEC §17)."""
+
+    envelope: Envelope
+    chunk: Chunk
+
+
 Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
-            | OracleKeyChanged)
+            | OracleKeyChanged | ManifestArrived | ChunkArrived)
 
 
 class SentMessages(Protocol):
@@ -212,6 +232,12 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView) -> Decis
                         f"{sender.text} is not the oracle key", envelope)
         change = PeerChange.decode(plaintext)
         return PeerChangeArrived(envelope, change, view.peers.standing(change.stamp, sender))
+    if kind in (Kind.TRANSFER_MANIFEST, Kind.TRANSFER_CHUNK):
+        if sender not in view.peers:
+            return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+        if kind is Kind.TRANSFER_MANIFEST:
+            return ManifestArrived(envelope, Manifest.decode(plaintext))
+        return ChunkArrived(envelope, Chunk.decode(plaintext))
     if kind in (Kind.STREAM_OPEN, Kind.STREAM_ACCEPT):
         return Drop(DropReason.INVALID, f"a {kind.name} travels in stream frames (SPEC §16),"
                     " never in a mailbox", envelope)

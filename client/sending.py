@@ -107,12 +107,12 @@ class Sender:
 
     # -- entries --------------------------------------------------------------------------
 
-    def enqueue(self, envelope: Envelope,
-                plaintext: bytes | None) -> tuple[Outgoing, PendingSend]:
+    def enqueue(self, envelope: Envelope, plaintext: bytes | None,
+                kind: Kind | None = None) -> tuple[Outgoing, PendingSend]:
         """Track and hold `envelope`, in one commit: from here on it is durable."""
         with transaction(self._state):
             outgoing = self.sent.track(envelope)  # before sending: a receipt may beat ACCEPTED
-            entry = self.outbox.add(envelope, plaintext=plaintext)
+            entry = self.outbox.add(envelope, plaintext=plaintext, kind=kind)
         return outgoing, entry
 
     def enqueue_soon(self, envelope: Envelope, plaintext: bytes) -> Outgoing:

@@ -36,6 +36,9 @@ class DeviceStats:
     dropped_untrusted_expiry: int = 0
     dropped_unauthorized_peer_change: int = 0
     dropped_unexpected_receipt: int = 0
+    # Transfers refused for this device's bounds (too large, too many under way).
+    dropped_refused_transfer: int = 0
+    files_surfaced: int = 0
     # Relay messages that were no frame a device may receive (nothing to ACK).
     bad_frames: int = 0
 
