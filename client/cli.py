@@ -9,10 +9,14 @@
       send KEY… TEXT|@FILE|-       send one message to all KEYs (- reads stdin); --wait S for
                                    receipts, --queue to only put it in the outbox
       send KEY… --lines            one message per line of stdin, as the lines come
+      send KEY @FILE               a file over 48 KiB (or any, with --file) goes as a transfer
+                                   (SPEC §17): chunked, resumable, verified, one receipt;
+                                   progress on stderr (a terminal, or --progress)
       flush                        send what the outbox holds; collect receipts and notices
       outbox [--json]              messages sent: the relays' answer, each recipient's status
       listen                       print messages from peers as they arrive (and drain the
-                                   mailbox of a key rotated away from)
+                                   mailbox of a key rotated away from); files received are
+                                   printed, and moved into --save-dir DIR if given
       rotate-key                   move to a new key the current one vouches for; print it
       expose PORT… [--allow KEY]…  serve local TCP ports to peers through streams
       tunnel KEY:PORT [--listen HOST:PORT]
@@ -34,6 +38,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime
@@ -50,6 +55,8 @@ from runtime.logs import configure_logging, library_logger
 
 from .device import DEFAULT_TTL_S, Device
 from .inbox import Drop, DropReason, InboundMessage
+from .transfer_in import ReceivedFile
+from .transfer_out import SentFile, TransferError
 from .key_files import KeyFiles
 from .peers import PeerList
 from .settings import ClientSettings
@@ -77,6 +84,9 @@ exit codes:
 _PERMANENT_AT_CONNECT = (RevokedError, NotEnrolledError)
 # After the outbox is empty, `flush` keeps collecting receipts until this long passes quietly.
 _FLUSH_QUIET_S = 1.0
+# `send KEY @FILE`: a file larger than this goes as a transfer, a smaller one as one message
+# (it fits the default 64 KiB envelope limit with room for sealing).
+ONE_MESSAGE_FILE_BYTES = 48 * 1024
 
 T = TypeVar("T")
 
@@ -112,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keepalive", type=float, metavar="SECONDS", dest="keepalive_s",
                         help="ping an idle relay connection this often"
                         " (env CONTINUUM_KEEPALIVE_S; default 20)")
+    parser.add_argument("--max-file-bytes", type=int, metavar="BYTES",
+                        help="largest file sent or received as a transfer (default 1 GiB;"
+                             " env CONTINUUM_MAX_FILE_BYTES)")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                       help="give up (exit 3, the message stays queued) if no relay accepted it"
                       " within this time; transient refusals are retried until then")
+    send.add_argument("--file", action="store_true",
+                      help="send @FILE as a transfer whatever its size (one KEY)")
+    send.add_argument("--progress", action="store_true",
+                      help="show a transfer's progress on stderr even when it is no terminal")
     send.add_argument("--queue", action="store_true",
                       help="only put it in the outbox and exit; a later send, flush or listen"
                       " sends it")
@@ -154,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
     listen.add_argument("--json", action="store_true", help="one JSON object per message")
+    listen.add_argument("--save-dir", type=Path, metavar="DIR",
+                        help="move each file received into DIR (else it stays in the home's"
+                             " transfers/received/)")
     rotate = commands.add_parser("rotate-key", help="move this device to a new key, keeping"
                                  " its place (name, groups, peers) with the oracle")
     rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
@@ -170,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = ClientSettings.resolve(home=args.home, relays=args.relays,
                                           oracle_key=args.oracle_key, log_level=args.log_level,
                                           keepalive_s=args.keepalive_s,
-                                          relay_keys=args.relay_keys, ca_file=args.ca_file)
+                                          relay_keys=args.relay_keys, ca_file=args.ca_file,
+                                          max_file_bytes=args.max_file_bytes)
         sys.exit(_run(args, settings))
     except (CliError, ValueError, ProtocolError) as exc:
         code = exc.exit_code if isinstance(exc, CliError) else EXIT_USAGE
@@ -201,7 +222,9 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.command in ("expose", "tunnel"):
         from . import tunnel_cli
         return asyncio.run(tunnel_cli.run(args, settings))
-    return asyncio.run(_listen(settings, args.count, args.timeout, args.json))
+    if args.save_dir is not None and not args.save_dir.is_dir():
+        raise CliError(f"--save-dir {args.save_dir} is not a directory")
+    return asyncio.run(_listen(settings, args.count, args.timeout, args.json, args.save_dir))
 
 
 def _say(line: str) -> None:
@@ -286,7 +309,8 @@ class _Session:
                              relay_keys=settings.relay_keys, tls=settings.tls_context(),
                              on_oracle_key_change=self._follow_oracle,
                              on_connect_error=self._connect_failed,
-                             on_drop=_announce_drop if announce_drops else None)
+                             on_drop=_announce_drop if announce_drops else None,
+                             max_transfer_bytes=settings.max_file_bytes)
 
     def _follow_oracle(self, chain: OracleKeyChain) -> None:
         """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
@@ -343,6 +367,17 @@ def _announce_drop(drop: Drop) -> None:
 
 
 def _send_command(args: argparse.Namespace, settings: ClientSettings) -> int:
+    transfer = _transfer_path(args)
+    if transfer is not None:
+        if len(args.targets) != 2:
+            raise CliError("a file goes to one peer at a time: send KEY @FILE")
+        if args.queue:
+            raise CliError("--queue does not apply to files: a transfer needs a relay to start")
+        return asyncio.run(_send_file(settings, PublicKey.from_text(args.targets[0]), transfer,
+                                      args.ttl, args.wait, args.timeout,
+                                      args.progress or sys.stderr.isatty()))
+    if args.file:
+        raise CliError("--file needs KEY @FILE")
     if args.lines:
         keys, payloads = args.targets, _stdin_lines()
     elif len(args.targets) < 2:
@@ -353,6 +388,91 @@ def _send_command(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.queue:
         return asyncio.run(_queue(settings, recipients, payloads, args.ttl))
     return asyncio.run(_send(settings, recipients, payloads, args.ttl, args.wait, args.timeout))
+
+
+def _transfer_path(args: argparse.Namespace) -> Path | None:
+    """The file to send as a transfer: @FILE with --file, or over ONE_MESSAGE_FILE_BYTES."""
+    if args.lines or len(args.targets) < 2 or not args.targets[-1].startswith("@"):
+        return None
+    path = Path(args.targets[-1][1:])
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    return path if args.file or size > ONE_MESSAGE_FILE_BYTES else None
+
+
+async def _send_file(settings: ClientSettings, peer: PublicKey, path: Path, ttl_s: int,
+                     wait_s: float, timeout_s: float, show_progress: bool) -> int:
+    """Send one file as a transfer; fail (EXIT_NO_RELAY) only after `timeout_s` with no chunk
+    accepted, so a large file is not cut short by a timeout meant for one message."""
+    session = _Session(settings)
+    moved = asyncio.Event()
+    meter = _Progress(path.name) if show_progress else None
+
+    def progress(done: int, total: int) -> None:
+        moved.set()
+        if meter is not None:
+            meter.show(done, total)
+
+    async with session.device as device:
+        receipts = device.receipts()
+        work = asyncio.ensure_future(session.until_fatal(
+            device.send_file(peer, path, ttl_s=ttl_s, progress=progress)))
+        try:
+            while not work.done():
+                moved.clear()
+                done, _ = await asyncio.wait([work, asyncio.ensure_future(moved.wait())],
+                                             timeout=timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise CliError(f"no chunk accepted within {timeout_s:g}s (last error:"
+                                   f" {device.last_error or 'none'}); the transfer stays under"
+                                   " way: the next send of this file, flush or listen goes on"
+                                   " with it", EXIT_NO_RELAY)
+            sent: SentFile = work.result()
+        except TransferError as exc:
+            raise CliError(f"refused: {exc}", EXIT_REFUSED) from None
+        finally:
+            if meter is not None:
+                meter.end()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransferError, CliError):
+                    await work
+        print(f"accepted file {path.name} ({sent.size} bytes, {sent.chunks} chunks) transfer"
+              f" {sent.transfer_id.hex()} manifest {sent.msg_id.hex()} via {device.relay_url}",
+              flush=True)
+        if wait_s > 0:
+            status = "pending"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    async for who, receipt in receipts:
+                        if who == peer and receipt.msg_id == sent.msg_id:
+                            status = "delivered"
+                            break
+            print(f"{peer.text} {status}", flush=True)
+        await receipts.aclose()
+    return EXIT_OK
+
+
+class _Progress:
+    """One line on stderr, rewritten as chunks are accepted."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._shown = False
+
+    def show(self, done: int, total: int) -> None:
+        percent = 100 if total == 0 else done * 100 // total
+        sys.stderr.write(f"\r{self._name}: {done}/{total} bytes ({percent}%)")
+        sys.stderr.flush()
+        self._shown = True
+
+    def end(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 async def _one(payload: bytes) -> AsyncIterator[bytes]:
@@ -513,7 +633,7 @@ def _format_sent(message: SentMessage, as_json: bool) -> str:
 
 
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
-                  as_json: bool) -> int:
+                  as_json: bool, save_dir: Path | None = None) -> int:
     received = 0
     files = KeyFiles(settings.identity_path)
     session = _Session(settings, announce_drops=True)
@@ -525,12 +645,14 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
             async with asyncio.timeout(timeout_s):
                 await session.until_fatal(device.wait_connected())
                 _say(f"listening as {device.identity.public.text} on {device.relay_url}")
-                async with contextlib.aclosing(device.messages()) as messages:
-                    async for message in messages:
-                        print(_format(message, as_json), flush=True)
-                        received += 1
-                        if count is not None and received >= count:
-                            break
+                async for item in _arrivals(device):
+                    if isinstance(item, ReceivedFile):
+                        print(_format_file(item, _save(item, save_dir), as_json), flush=True)
+                    else:
+                        print(_format(item, as_json), flush=True)
+                    received += 1
+                    if count is not None and received >= count:
+                        break
         except TimeoutError:
             if device.stats.connects == 0:
                 raise CliError(f"never connected within {timeout_s:g}s (last error:"
@@ -544,6 +666,50 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
     if count is not None and received < count:
         return EXIT_TOO_FEW
     return EXIT_OK
+
+
+async def _arrivals(device: Device) -> AsyncIterator[InboundMessage | ReceivedFile]:
+    """Messages and files as they come, one taken at a time from each source."""
+    sources = (device.messages(), device.files())
+    pending = {asyncio.ensure_future(anext(source)): source for source in sources}
+    try:
+        while True:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                source = pending.pop(task)
+                yield task.result()
+                pending[asyncio.ensure_future(anext(source))] = source
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await task
+        for source in sources:
+            await source.aclose()
+
+
+def _save(received: ReceivedFile, save_dir: Path | None) -> Path:
+    """Move a received file into `save_dir` under its name, never over an existing file."""
+    if save_dir is None:
+        return received.path
+    target = save_dir / received.name
+    number = 0
+    while target.exists():
+        number += 1
+        target = save_dir / f"{received.name}.{number}"
+    shutil.move(received.path, target)  # a rename, or a copy across file systems
+    return target
+
+
+def _format_file(received: ReceivedFile, path: Path, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"from": received.sender.text, "msg_id": received.msg_id.hex(),
+                           "transfer_id": received.transfer_id.hex(), "file": received.name,
+                           "media_type": received.media_type, "size": received.size,
+                           "path": str(path)})
+    return (f"{received.sender.text} {received.msg_id.hex()} file {received.name}"
+            f" ({received.size} bytes) saved to {path}")
 
 
 def _format(message: InboundMessage, as_json: bool) -> str:
