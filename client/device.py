@@ -302,6 +302,7 @@ class Device:
         """
         if self._outgoing is None:
             raise ValueError("sending files needs a device home")
+        self._outgoing.check(Path(path))  # before waiting for a relay: a clear answer at once
         async with asyncio.timeout(timeout):
             await self._manager.connected.wait()
             connection = self._manager.connection

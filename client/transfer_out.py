@@ -91,12 +91,8 @@ class OutgoingTransfers:
             with contextlib.suppress(asyncio.CancelledError, TransferError):
                 await task
 
-    async def send(self, peer: PublicKey, path: Path, *, ttl_s: int, max_envelope_bytes: int,
-                   media_type: str | None = None, progress: Progress | None = None) -> SentFile:
-        """Send `path` to `peer`, or go on with the transfer of that same file (path, size and
-        modification time) to that peer already under way; return once every chunk is
-        accepted.  `max_envelope_bytes`: the connected relay's limit, which sizes the chunks."""
-        path = path.resolve()
+    def check(self, path: Path) -> os.stat_result:
+        """TransferError unless `path` is a readable file within this device's maximum."""
         try:
             info = path.stat()
         except OSError as exc:
@@ -106,6 +102,15 @@ class OutgoingTransfers:
         if info.st_size > self.max_bytes:
             raise TransferError(f"{path.name} is {info.st_size} bytes, over the maximum of"
                                 f" {self.max_bytes} for one transfer")
+        return info
+
+    async def send(self, peer: PublicKey, path: Path, *, ttl_s: int, max_envelope_bytes: int,
+                   media_type: str | None = None, progress: Progress | None = None) -> SentFile:
+        """Send `path` to `peer`, or go on with the transfer of that same file (path, size and
+        modification time) to that peer already under way; return once every chunk is
+        accepted.  `max_envelope_bytes`: the connected relay's limit, which sizes the chunks."""
+        path = path.resolve()
+        info = self.check(path)
         for row in self._state.transfers_out(OutState.SENDING):
             if (row.recipient, row.path, row.mtime_ns) == (peer.raw, str(path), info.st_mtime_ns):
                 return await self._follow(row.transfer_id, progress)
