@@ -304,10 +304,9 @@ class Device:
             raise ValueError("sending files needs a device home")
         self._outgoing.check(Path(path))  # before waiting for a relay: a clear answer at once
         async with asyncio.timeout(timeout):
-            await self._manager.connected.wait()
-            connection = self._manager.connection
-            limit = (connection.limits.max_envelope_bytes if connection is not None
-                     else self._limits.max_envelope_bytes)
+            while (connection := self._manager.connection) is None:
+                await self._manager.connected.wait()
+            limit = connection.limits.max_envelope_bytes  # sizes the chunks
             return await self._outgoing.send(peer, Path(path), ttl_s=ttl_s,
                                              max_envelope_bytes=limit, media_type=media_type,
                                              progress=progress)

@@ -32,11 +32,14 @@ from pathlib import Path
 from proto import Envelope, Limits, PublicKey, decode_envelope
 from proto.errors import ProtocolError
 from proto.transfers import Manifest, file_hasher
+from runtime.logs import library_logger
 
 from .dedup import RecentlySeen
 from .freshness import valid_until_ms
 from .inbox import ChunkArrived, Drop, DropReason, ManifestArrived
 from .state import DeviceState, TransferInRow, transaction
+
+log = library_logger("continuum.client")
 
 DEFAULT_MAX_TRANSFER_BYTES = 1024**3
 DEFAULT_MAX_INCOMING = 8
@@ -84,7 +87,10 @@ class IncomingTransfers:
         received in full but did not get to check."""
         for row in self._state.transfers_in(InState.RECEIVING):
             if row.received == Manifest.decode(row.manifest).chunk_count:
-                await self._verify(row)
+                mismatch = await self._verify(row)
+                if mismatch is not None:
+                    log.warning("transfer_mismatch", sender=PublicKey(row.sender).text,
+                                detail=mismatch)
         for row in self._state.transfers_in(InState.COMPLETE):
             self._offer(row)
 

@@ -212,8 +212,11 @@ class OutgoingTransfers:
         if ttl_s < 1:
             raise TransferError("its ttl passed before every chunk was accepted")
         plaintext = Chunk(manifest.transfer_id, index, data).encode()
-        envelope = seal_envelope(self._identity(), Kind.TRANSFER_CHUNK, [peer], plaintext,
-                                 ttl_s=ttl_s, now_ms=now, limits=limits)
+        try:
+            envelope = seal_envelope(self._identity(), Kind.TRANSFER_CHUNK, [peer], plaintext,
+                                     ttl_s=ttl_s, now_ms=now, limits=limits)
+        except ProtocolError as exc:
+            raise TransferError(f"chunk {index} cannot be sealed: {exc.message}") from None
         with transaction(self._state):
             entry = self._sender.outbox.add(envelope, plaintext=plaintext, reply=True,
                                             kind=Kind.TRANSFER_CHUNK)
