@@ -11,8 +11,8 @@ Acknowledgement rule: every delivery is ACKed once dealt with, and "dealt
 with" is committed before the ACK.  Receipts, expiry notices, peer changes
 and drops are dealt with on arrival.  A DATA message is dealt with when the
 application takes it from `messages()`: it is then recorded as seen, with
-its receipt queued in the outbox, in one commit, and only then handed over,
-receipted and ACKed.  So a crash before that commit leaves it in the
+its receipt queued in the outbox, in one commit, and handed over at once,
+while the receipt is sent and the delivery ACKed in the background.  So a crash before that commit leaves it in the
 mailbox for the next run, and after it a re-delivery is a duplicate: the
 application gets each message at most once, ever (with a home), and loses
 one only to a crash in the instant between that commit and the hand-over.
@@ -328,7 +328,7 @@ class Device:
             with transaction(self._state):
                 manifest_envelope = incoming.taken(received)
                 receipt = self._sender.queue_receipt(self.identity, manifest_envelope)
-            await self._sender.send_now(receipt)
+            self._sender.spawn(self._sender.send_now(receipt))  # nothing to interrupt (above)
             self.stats.files_surfaced += 1
             yield received
 
@@ -376,10 +376,18 @@ class Device:
             with transaction(self._state):
                 self._seen.add(key, valid_until_ms(surface.envelope))
                 receipt = self._sender.queue_receipt(self.identity, surface.envelope)
-            await self._sender.send_now(receipt)  # sealed by the current key: its connection
-            await connection.ack(tag)
+            # Sent and ACKed in the background, so that nothing between the commit and the
+            # hand-over can be interrupted: a caller that cancels a pending `anext()` (to
+            # stop listening) loses no message taken.  The receipt is sealed by the current
+            # key: its connection.
+            self._sender.spawn(self._reply_and_ack(receipt, connection, tag))
             self.stats.surfaced += 1
             yield surface.message
+
+    async def _reply_and_ack(self, receipt: PendingSend, connection: RelayConnection,
+                             tag: str) -> None:
+        await self._sender.send_now(receipt)
+        await connection.ack(tag)
 
     def receipts(self) -> AsyncGenerator[tuple[PublicKey, Receipt], None]:
         """Every accepted receipt as (who read it, receipt), from the moment of this call.
