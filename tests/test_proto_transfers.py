@@ -149,3 +149,8 @@ def test_well_formed_cbor_of_any_shape_decodes_or_is_refused(fields: list) -> No
         except ProtocolError:
             continue
         assert value.encode() == data  # what decodes has exactly this one encoding
+
+
+def test_an_oversize_chunk_is_refused_before_it_is_parsed() -> None:
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        Chunk.decode(bytes(MAX_CHUNK_BYTES + 100))

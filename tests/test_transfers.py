@@ -385,3 +385,23 @@ async def test_a_relay_quota_refusal_paces_the_sender_rather_than_failing_it(
             received = await first_file(b, timeout=60)
             sent = await sending
     assert received.path.read_bytes() == source.read_bytes() and sent.chunks == 16
+
+
+# -- the inbox rule, without a network -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [Kind.TRANSFER_MANIFEST, Kind.TRANSFER_CHUNK])
+def test_the_inbox_takes_transfer_envelopes_from_peers_only_and_parsed_strictly(
+        kind: Kind) -> None:
+    alice, bob, mallory = Identity.generate(), Identity.generate(), Identity.generate()
+    view = InboxView(bob, PeerList([alice.public]), set(), RecentlySeen(), SentLog())
+    manifest = Manifest.for_file(bytes(16), 10, bytes(32), 4, "a")
+    good = manifest.encode() if kind is Kind.TRANSFER_MANIFEST else Chunk(bytes(16), 0,
+                                                                           b"abcd").encode()
+    taken = decide(_sealed(alice, bob, kind, good).raw, view, now_ms=_now_ms())
+    assert not isinstance(taken, Drop)
+    stranger = decide(_sealed(mallory, bob, kind, good).raw, view, now_ms=_now_ms())
+    assert isinstance(stranger, Drop) and stranger.reason is DropReason.NON_PEER
+    for garbage in (good[:-1], b"", b"\xa0", good + b"\x00"):  # truncated, empty, wrong shape
+        dropped = decide(_sealed(alice, bob, kind, garbage).raw, view, now_ms=_now_ms())
+        assert isinstance(dropped, Drop) and dropped.reason is DropReason.INVALID
