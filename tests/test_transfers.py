@@ -347,8 +347,14 @@ async def test_the_cli_refuses_a_file_over_its_maximum_before_any_relay(tmp_path
         "--max-file-bytes", "1000", "send", bob, f"@{source}", "--file")
     assert (code, out) == (1, "")
     assert "refused: big.iso is 5000 bytes, over the maximum of 1000 for one transfer" in err
-    code, _, err = await run_cli_async("--home", str(alice_home), "send", bob, "x", "--file")
-    assert code == 2 and "--file needs KEY @FILE" in err
+    usage = {("send", bob, "x", "--file"): "--file needs KEY @FILE",
+             ("send", bob, bob, f"@{source}", "--file"): "a file goes to one peer at a time",
+             ("send", bob, f"@{source}", "--file", "--queue"): "--queue does not apply to files",
+             ("send", bob, f"@{tmp_path / 'missing'}"): "cannot read",
+             ("listen", "--save-dir", str(source)): "is not a directory"}
+    for args, message in usage.items():
+        code, _, err = await run_cli_async("--home", str(alice_home), *args)
+        assert code == 2 and message in err, (args, err)
 
 
 async def test_beyond_the_transfers_under_way_a_manifest_is_refused(
