@@ -179,9 +179,6 @@ class OutgoingTransfers:
         except OSError as exc:
             raise TransferError(f"cannot read {row.path}: {exc.strerror}") from None
         with file:
-            info = os.fstat(file.fileno())
-            if (info.st_size, info.st_mtime_ns) != (manifest.size, row.mtime_ns):
-                raise TransferError(f"{row.path} changed since its transfer began")
             while next_index < manifest.chunk_count or in_flight:
                 while next_index < manifest.chunk_count and len(in_flight) < self.window:
                     in_flight.append(self._queue_chunk(row, manifest, file.fileno(), next_index,
@@ -203,9 +200,11 @@ class OutgoingTransfers:
         length = manifest.chunk_length(index)
         try:
             data = os.pread(fd, length, index * manifest.chunk_size)
+            info = os.fstat(fd)  # after the read: a write before it shows in the mtime
         except OSError as exc:
             raise TransferError(f"cannot read {row.path}: {exc.strerror}") from None
-        if len(data) != length:
+        if len(data) != length or (info.st_size, info.st_mtime_ns) != (manifest.size,
+                                                                        row.mtime_ns):
             raise TransferError(f"{row.path} changed since its transfer began")
         now = self._sender.now_ms()
         ttl_s = (row.expires_at_ms - now) // 1000

@@ -411,3 +411,22 @@ def test_the_inbox_takes_transfer_envelopes_from_peers_only_and_parsed_strictly(
     for garbage in (good[:-1], b"", b"\xa0", good + b"\x00"):  # truncated, empty, wrong shape
         dropped = decide(_sealed(alice, bob, kind, garbage).raw, view, now_ms=_now_ms())
         assert isinstance(dropped, Drop) and dropped.reason is DropReason.INVALID
+
+
+async def test_a_file_changed_while_it_is_sent_fails_its_transfer_and_leaves_nothing_queued(
+        start_relay: StartRelay, tmp_path: Path) -> None:
+    relay = await start_relay(rate_per_s=20.0, rate_burst=4)  # slow: time to change the file
+    alice, bob = Identity.generate(), Identity.generate()
+    source = random_file(tmp_path / "growing.log", 2_000_000)  # 31 chunks
+    accepted: list[int] = []
+    async with make_device(alice, relay.url, [bob.public], tmp_path / "alice") as a:
+        sending = asyncio.create_task(a.send_file(
+            bob.public, source, timeout=60, progress=lambda done, _: accepted.append(done)))
+        await until(lambda: bool(accepted))
+        with source.open("ab") as log:
+            log.write(b"one more line\n")
+        with pytest.raises(TransferError, match="growing.log changed since its transfer began"):
+            await sending
+    assert state_value(tmp_path / "alice", "SELECT count(*) FROM outbox") == 0
+    assert state_value(tmp_path / "alice",
+                       "SELECT count(*) FROM transfer_out WHERE state = 'failed'") == 1
