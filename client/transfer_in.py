@@ -106,12 +106,13 @@ class IncomingTransfers:
         sender = envelope.sender
         if self._state.transfer_in(sender.raw, manifest.transfer_id) is not None:
             return Drop(DropReason.DUPLICATE, "a transfer of that id is already known", envelope)
+        refused = DropReason.REFUSED_TRANSFER
         if manifest.size > self.max_bytes:
-            return Drop(DropReason.REFUSED_TRANSFER, f"file {manifest.name!r} of {manifest.size} bytes"
-                        f" exceeds this device's maximum of {self.max_bytes}", envelope)
+            return Drop(refused, f"file {manifest.name!r} of {manifest.size} bytes exceeds this"
+                        f" device's maximum of {self.max_bytes}", envelope)
         if len(self._state.transfers_in(InState.RECEIVING)) >= self.max_incoming:
-            return Drop(DropReason.REFUSED_TRANSFER, f"file {manifest.name!r}: {self.max_incoming}"
-                        " transfers are already under way", envelope)
+            return Drop(refused, f"file {manifest.name!r}: {self.max_incoming} transfers are"
+                        " already under way", envelope)
         row = TransferInRow(sender.raw, manifest.transfer_id, manifest.encode(), envelope.raw, 0,
                             InState.RECEIVING, valid_until_ms(envelope))
         partial = self._partial_path(row)

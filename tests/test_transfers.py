@@ -40,8 +40,9 @@ StartRelay = Callable[..., Awaitable[RelayServer]]
 
 def make_device(identity: Identity, relay: str, peers: list[PublicKey], home: Path,
                 drops: list[Drop] | None = None, **options: object) -> Device:
-    return Device(identity, [relay], PeerList(peers), home=home, backoff=Backoff(0.05, 0.2),
-                  on_drop=drops.append if drops is not None else None, **options)  # type: ignore[arg-type]
+    return Device(identity, [relay], PeerList(peers), home=home,  # type: ignore[arg-type]
+                  backoff=Backoff(0.05, 0.2),
+                  on_drop=drops.append if drops is not None else None, **options)
 
 
 def random_file(path: Path, size: int) -> Path:
