@@ -13,9 +13,10 @@ and drops are dealt with on arrival.  A DATA message is dealt with when the
 application takes it from `messages()`: it is then recorded as seen, with
 its receipt queued in the outbox, in one commit, and handed over at once,
 while the receipt is sent and the delivery ACKed in the background.  So a
-crash before that commit leaves it in the mailbox for the next run, and after it a re-delivery is a duplicate: the
-application gets each message at most once, ever (with a home), and loses
-one only to a crash in the instant between that commit and the hand-over.
+crash before that commit leaves it in the mailbox for the next run, and
+after it a re-delivery is a duplicate: the application gets each message at
+most once, ever (with a home), and loses one only to a crash in the instant
+between that commit and the hand-over.
 DATA waiting for the application holds relay window slots, so an
 application that never reads `messages()` (a pure sender) stops getting
 receipts once a window's worth of DATA is waiting.
