@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -431,3 +432,25 @@ async def test_a_file_changed_while_it_is_sent_fails_its_transfer_and_leaves_not
     assert state_value(tmp_path / "alice", "SELECT count(*) FROM outbox") == 0
     assert state_value(tmp_path / "alice",
                        "SELECT count(*) FROM transfer_out WHERE state = 'failed'") == 1
+
+
+async def test_listen_prints_messages_and_files_as_they_come(start_relay: StartRelay,
+                                                             tmp_path: Path) -> None:
+    relay = await start_relay()
+    (alice_home, _), (bob_home, bob) = peer_homes(tmp_path, "alice", "bob")
+    source = random_file(tmp_path / "report.pdf", 200_000)
+    base = ("--relay", relay.url)
+    code, out, err = await run_cli_async("--home", str(alice_home), *base, "send", bob, "hello")
+    assert code == 0, err
+    code, out, err = await run_cli_async("--home", str(alice_home), *base, "send", bob,
+                                         f"@{source}")
+    assert code == 0 and out.startswith("accepted file report.pdf (200000 bytes, 4 chunks)"), err
+    code, out, err = await run_cli_async("--home", str(bob_home), *base, "listen", "--count",
+                                         "2", "--timeout", "30", "--json")
+    assert code == 0, err
+    message, received = (json.loads(line) for line in out.splitlines())
+    assert message["text"] == "hello"
+    assert (received["file"], received["size"], received["media_type"]) == (
+        "report.pdf", 200_000, "application/pdf")
+    assert Path(received["path"]).read_bytes() == source.read_bytes()  # left in the home
+    assert Path(received["path"]).is_relative_to(bob_home / "transfers" / "received")
