@@ -73,10 +73,12 @@ EXIT_CODES = """\
 exit codes:
   0    done
   1    refused for good: by a relay (REVOKED, NOT_PEER, OVERSIZE, INVALID_FIELD, …), or a
-       message that cannot be sent as given
+       message or file that cannot be sent as given (a file over --max-file-bytes, changed
+       while it was sent)
   2    usage or set-up problem (bad flag, key, file or setting)
   3    no relay: none connected (listen, flush) or accepted the message within --timeout
-       (send; the message stays in the outbox and a later send, flush or listen sends it);
+       (send; the message stays in the outbox and a later send, flush or listen sends it;
+       a file: no chunk accepted within --timeout, and sending it again goes on with it);
        rotate-key: the oracle did not confirm within --timeout (run it again to resume)
   4    listen --count N: fewer than N messages within --timeout
   130  interrupted (Ctrl-C)"""
