@@ -454,3 +454,17 @@ async def test_listen_prints_messages_and_files_as_they_come(start_relay: StartR
         "report.pdf", 200_000, "application/pdf")
     assert Path(received["path"]).read_bytes() == source.read_bytes()  # left in the home
     assert Path(received["path"]).is_relative_to(bob_home / "transfers" / "received")
+
+
+async def test_the_cli_gives_up_after_its_timeout_without_progress_and_keeps_the_transfer(
+        start_relay: StartRelay, tmp_path: Path) -> None:
+    relay = await start_relay(mailbox_max_bytes=300_000)  # bob is away: it fills at once
+    (alice_home, _), (_, bob) = peer_homes(tmp_path, "alice", "bob")
+    source = random_file(tmp_path / "dump.sql", 1_000_000)
+    code, out, err = await run_cli_async("--home", str(alice_home), "--relay", relay.url,
+                                         "send", bob, f"@{source}", "--timeout", "3")
+    assert (code, out) == (3, "")
+    assert "no chunk accepted within 3s (last error: MAILBOX_FULL" in err
+    assert "the transfer stays under way" in err
+    assert state_value(alice_home,
+                       "SELECT count(*) FROM transfer_out WHERE state = 'sending'") == 1
