@@ -181,7 +181,7 @@ class Device:
                                                max_bytes=max_transfer_bytes,
                                                max_incoming=max_incoming_transfers)
             self._outgoing = OutgoingTransfers(self._sender, self._state, lambda: self.identity,
-                                               max_bytes=max_transfer_bytes,
+                                               self._identities, max_bytes=max_transfer_bytes,
                                                window=transfer_window)
         self._runner: asyncio.Task[None] | None = None
 

@@ -86,6 +86,7 @@ CREATE INDEX seen_forget_at ON seen (forget_at_ms);
 _TRANSFERS = """
 CREATE TABLE transfer_out (
     transfer_id BLOB PRIMARY KEY,
+    sender BLOB NOT NULL,
     recipient BLOB NOT NULL,
     path TEXT NOT NULL,
     mtime_ns INTEGER NOT NULL,
@@ -133,9 +134,11 @@ class StoredSend:
 
 @dataclass(frozen=True)
 class TransferOutRow:
-    """A file being sent: chunks [0, next_index) are in the outbox or accepted."""
+    """A file being sent by `sender` (the key that signed its manifest, and signs its chunks):
+    chunks [0, next_index) are in the outbox or accepted."""
 
     transfer_id: bytes
+    sender: bytes
     recipient: bytes
     path: str
     mtime_ns: int
@@ -327,16 +330,16 @@ class DeviceState:
     # -- transfers (SPEC §17) -----------------------------------------------------------
 
     def add_transfer_out(self, row: TransferOutRow) -> None:
-        self._write("INSERT INTO transfer_out (transfer_id, recipient, path, mtime_ns, manifest,"
-                    " manifest_msg_id, expires_at_ms, next_index, state, error)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row.transfer_id, row.recipient, row.path, row.mtime_ns, row.manifest,
+        self._write("INSERT INTO transfer_out (transfer_id, sender, recipient, path, mtime_ns,"
+                    " manifest, manifest_msg_id, expires_at_ms, next_index, state, error)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.transfer_id, row.sender, row.recipient, row.path, row.mtime_ns, row.manifest,
                      row.manifest_msg_id, row.expires_at_ms, row.next_index, row.state,
                      row.error))
 
     def transfers_out(self, state: str) -> list[TransferOutRow]:
         rows = self._db.execute(
-            "SELECT transfer_id, recipient, path, mtime_ns, manifest, manifest_msg_id,"
+            "SELECT transfer_id, sender, recipient, path, mtime_ns, manifest, manifest_msg_id,"
             " expires_at_ms, next_index, state, error FROM transfer_out WHERE state = ?",
             (state,))
         return [TransferOutRow(*row) for row in rows]

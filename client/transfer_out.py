@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import mimetypes
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -65,14 +65,19 @@ class SentFile:
 class OutgoingTransfers:
     """The sending half: one driver task per transfer under way, kept in the state file."""
 
-    def __init__(self, sender: Sender, state: DeviceState, identity: Callable[[], Identity], *,
+    def __init__(self, sender: Sender, state: DeviceState, identity: Callable[[], Identity],
+                 identities: Mapping[PublicKey, Identity], *,
                  max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
                  window: int = DEFAULT_TRANSFER_WINDOW) -> None:
+        """`identity()`: the key a new transfer is signed with; `identities`: the keys the
+        device holds (live), since every chunk is signed by its manifest's key (a receiver
+        keys transfers by sender) and a key rotated away from ends its transfers."""
         if window < 1:
             raise ValueError("the transfer window must be at least one chunk")
         self._sender = sender
         self._state = state
         self._identity = identity
+        self._identities = identities
         self.max_bytes = max_bytes
         self.window = window
         self._drivers: dict[bytes, asyncio.Task[SentFile]] = {}
@@ -124,9 +129,10 @@ class OutgoingTransfers:
         manifest = Manifest.for_file(
             os.urandom(16), size, digest, chunk_size_for(max_envelope_bytes), name,
             media_type or mimetypes.guess_type(name)[0] or "application/octet-stream")
-        envelope = self._sender.seal(self._identity(), Kind.TRANSFER_MANIFEST, [peer],
-                                     manifest.encode(), ttl_s)
-        row = TransferOutRow(manifest.transfer_id, peer.raw, str(path), info.st_mtime_ns,
+        signer = self._identity()
+        envelope = self._sender.seal(signer, Kind.TRANSFER_MANIFEST, [peer], manifest.encode(),
+                                     ttl_s)
+        row = TransferOutRow(manifest.transfer_id, signer.public.raw, peer.raw, str(path), info.st_mtime_ns,
                              manifest.encode(), envelope.msg_id, envelope.expires_at_ms, 0,
                              OutState.SENDING)
         with transaction(self._state):
@@ -210,9 +216,13 @@ class OutgoingTransfers:
         ttl_s = (row.expires_at_ms - now) // 1000
         if ttl_s < 1:
             raise TransferError("its ttl passed before every chunk was accepted")
+        signer = self._identities.get(PublicKey(row.sender))
+        if signer is None:
+            raise TransferError("the key that began it was rotated away from: send the file"
+                                " again")
         plaintext = Chunk(manifest.transfer_id, index, data).encode()
         try:
-            envelope = seal_envelope(self._identity(), Kind.TRANSFER_CHUNK, [peer], plaintext,
+            envelope = seal_envelope(signer, Kind.TRANSFER_CHUNK, [peer], plaintext,
                                      ttl_s=ttl_s, now_ms=now, limits=limits)
         except ProtocolError as exc:
             raise TransferError(f"chunk {index} cannot be sealed: {exc.message}") from None

@@ -468,3 +468,25 @@ async def test_the_cli_gives_up_after_its_timeout_without_progress_and_keeps_the
     assert "the transfer stays under way" in err
     assert state_value(alice_home,
                        "SELECT count(*) FROM transfer_out WHERE state = 'sending'") == 1
+
+
+async def test_a_transfer_begun_by_a_key_rotated_away_from_fails_rather_than_mislead(
+        start_relay: StartRelay, tmp_path: Path) -> None:
+    """Chunks are signed by the manifest's key (a receiver keys transfers by sender): a home
+    whose device moved to a new key ends the old key's transfers, with the reason."""
+    relay = await start_relay(rate_per_s=20.0, rate_burst=4)
+    alice, alice_next, bob = Identity.generate(), Identity.generate(), Identity.generate()
+    source = random_file(tmp_path / "old.bin", 2_000_000)
+    home = tmp_path / "alice"
+    accepted: list[int] = []
+    async with make_device(alice, relay.url, [bob.public], home) as a:
+        sending = asyncio.create_task(a.send_file(
+            bob.public, source, timeout=60, progress=lambda done, _: accepted.append(done)))
+        await until(lambda: bool(accepted))
+    sending.cancel()
+    async with make_device(alice_next, relay.url, [bob.public], home):
+        await until(lambda: state_value(
+            home, "SELECT count(*) FROM transfer_out WHERE state = 'failed'") == 1)
+    with contextlib.closing(sqlite3.connect(home / "state.db")) as db:
+        [(error,)] = db.execute("SELECT error FROM transfer_out").fetchall()
+    assert "rotated away" in error
