@@ -52,6 +52,7 @@ class InState(StrEnum):
     COMPLETE = "complete"  # verified, waiting for the application
     SURFACED = "surfaced"  # taken by the application, receipt queued
     FAILED = "failed"  # did not match its manifest: deleted, never offered
+    REFUSED = "refused"  # over a bound: remembered so its chunks are dropped quietly
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,20 @@ class IncomingTransfers:
         sender = envelope.sender
         if self._state.transfer_in(sender.raw, manifest.transfer_id) is not None:
             return Drop(DropReason.DUPLICATE, "a transfer of that id is already known", envelope)
-        refused = DropReason.REFUSED_TRANSFER
+        refusal = None
         if manifest.size > self.max_bytes:
-            return Drop(refused, f"file {manifest.name!r} of {manifest.size} bytes exceeds this"
-                        f" device's maximum of {self.max_bytes}", envelope)
-        if len(self._state.transfers_in(InState.RECEIVING)) >= self.max_incoming:
-            return Drop(refused, f"file {manifest.name!r}: {self.max_incoming} transfers are"
-                        " already under way", envelope)
+            refusal = (f"file {manifest.name!r} of {manifest.size} bytes exceeds this device's"
+                       f" maximum of {self.max_bytes}")
+        elif len(self._state.transfers_in(InState.RECEIVING)) >= self.max_incoming:
+            refusal = (f"file {manifest.name!r}: {self.max_incoming} transfers are already"
+                       " under way")
+        if refusal is not None:  # told once; its chunks are then duplicates, counted only
+            with transaction(self._state):
+                self._state.add_transfer_in(TransferInRow(
+                    sender.raw, manifest.transfer_id, manifest.encode(), b"", 0,
+                    InState.REFUSED, valid_until_ms(envelope)))
+                self._seen.add((sender, envelope.msg_id), valid_until_ms(envelope))
+            return Drop(DropReason.REFUSED_TRANSFER, refusal, envelope)
         row = TransferInRow(sender.raw, manifest.transfer_id, manifest.encode(), envelope.raw, 0,
                             InState.RECEIVING, valid_until_ms(envelope))
         partial = self._partial_path(row)
