@@ -405,8 +405,13 @@ class DeviceState:
 
     # -- bounds ---------------------------------------------------------------------------
 
-    def prune(self, now_ms: int, *, max_seen: int, max_sent: int) -> None:
-        """Forget what can no longer matter, then cap each table, oldest first."""
+    def prune(self, now_ms: int, *, max_seen: int, max_sent: int,
+              max_finished_transfers: int = 4096) -> None:
+        """Forget what can no longer matter, then cap each table, oldest first.
+
+        Arriving transfers that are finished (taken, failed or refused: no file of theirs is
+        kept here) are only remembered so that their chunks are known; the oldest beyond
+        `max_finished_transfers` go (a chunk of one is then dropped as unknown)."""
         with self.transaction():
             self._db.execute("DELETE FROM seen WHERE forget_at_ms < ?", (now_ms,))
             self._db.execute(
@@ -420,6 +425,11 @@ class DeviceState:
                 "DELETE FROM sent WHERE seq IN (SELECT seq FROM sent WHERE msg_id NOT IN"
                 " (SELECT msg_id FROM outbox) ORDER BY seq"
                 " LIMIT max(0, (SELECT count(*) FROM sent) - ?))", (max_sent,))
+            self._db.execute(
+                "DELETE FROM transfer_in WHERE (sender, transfer_id) IN (SELECT sender,"
+                " transfer_id FROM transfer_in WHERE state IN ('surfaced', 'failed', 'refused')"
+                " ORDER BY forget_at_ms LIMIT max(0, (SELECT count(*) FROM transfer_in WHERE"
+                " state IN ('surfaced', 'failed', 'refused')) - ?))", (max_finished_transfers,))
             # A finished or failed outgoing transfer is only history once its chunks expired.
             self._db.execute("DELETE FROM transfer_out WHERE state != 'sending'"
                              " AND expires_at_ms < ?", (now_ms,))

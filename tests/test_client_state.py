@@ -272,3 +272,18 @@ def test_version_2_gains_the_transfer_tables_and_keeps_its_outbox(tmp_path: Path
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
         assert {"transfer_out", "transfer_in", "transfer_in_chunk"} <= tables
+
+
+def test_finished_incoming_transfers_are_capped_oldest_first(tmp_path: Path) -> None:
+    """Rows of transfers taken, failed or refused hold no file, only what makes their chunks
+    known; a peer sending manifest after manifest cannot grow them without bound."""
+    from client.state import TransferInRow
+    state = DeviceState(tmp_path / "state.db")
+    for n in range(6):
+        state.add_transfer_in(TransferInRow(b"s" * 32, bytes([n]) * 16, b"m", b"", 0,
+                                            "refused", 10_000 + n))
+    state.add_transfer_in(TransferInRow(b"s" * 32, b"r" * 16, b"m", b"", 0, "receiving", 1))
+    state.prune(0, max_seen=10, max_sent=10, max_finished_transfers=4)
+    kept = {row.transfer_id[0] for row in state.transfers_in("refused")}
+    assert kept == {2, 3, 4, 5}
+    assert [row.transfer_id for row in state.transfers_in("receiving")] == [b"r" * 16]

@@ -26,9 +26,11 @@ from wire import RawDevice, error_code
 
 from client import DeliveryStatus, Device, PeerList, ReceivedFile, TransferError
 from client.backoff import Backoff
-from client.inbox import Drop, DropReason, InboxView, decide
+from client.inbox import ChunkArrived, Drop, DropReason, InboxView, ManifestArrived, decide
 from client.dedup import RecentlySeen
+from client.state import DeviceState
 from client.tracking import SentLog
+from client.transfer_in import IncomingTransfers
 from continuum.server import RelayServer
 from proto import Identity, Kind, PublicKey, seal_envelope
 from proto.frames import Accepted, Send
@@ -491,3 +493,34 @@ async def test_a_transfer_begun_by_a_key_rotated_away_from_fails_rather_than_mis
     with contextlib.closing(sqlite3.connect(home / "state.db")) as db:
         [(error,)] = db.execute("SELECT error FROM transfer_out").fetchall()
     assert "rotated away" in error
+
+
+async def test_a_transfer_past_its_manifests_validity_is_forgotten_with_its_partial_file(
+        tmp_path: Path) -> None:
+    """Bounded disk: what was written of a transfer that never completed goes once its
+    manifest can no longer be valid; a verified file nobody took yet stays."""
+    alice, bob = Identity.generate(), Identity.generate()
+    state = DeviceState(tmp_path / "state.db")
+    incoming = IncomingTransfers(tmp_path, state, RecentlySeen(state=state))
+    partial = Manifest.for_file(os.urandom(16), 10, bytes(32), 4, "partial.bin")
+    whole_bytes = b"done"
+    hasher = file_hasher()
+    hasher.update(whole_bytes)
+    whole = Manifest.for_file(os.urandom(16), 4, hasher.digest(), 4, "whole.bin")
+    for manifest, chunk_data in ((partial, b"abcd"), (whole, whole_bytes)):
+        envelope = _sealed(alice, bob, Kind.TRANSFER_MANIFEST, manifest.encode())
+        assert await incoming.on_delivery(ManifestArrived(envelope, manifest)) is None
+        chunk = Chunk(manifest.transfer_id, 0, chunk_data)
+        sealed = _sealed(alice, bob, Kind.TRANSFER_CHUNK, chunk.encode())
+        assert await incoming.on_delivery(ChunkArrived(sealed, chunk)) is None
+    [ready] = incoming.ready
+    assert ready.name == "whole.bin"
+    [written] = (tmp_path / "transfers" / "partial").iterdir()
+    incoming.expire(_now_ms())  # still valid: nothing goes
+    assert written.exists()
+    incoming.expire(envelope.expires_at_ms + 300_001)
+    assert not written.exists()
+    assert state.transfers_in("receiving") == []
+    assert [row.transfer_id for row in state.transfers_in("complete")] == [whole.transfer_id]
+    assert ready.path.read_bytes() == whole_bytes
+    state.close()
