@@ -118,6 +118,7 @@ class OutgoingTransfers:
         info = self.check(path)
         for row in self._state.transfers_out(OutState.SENDING):
             if (row.recipient, row.path, row.mtime_ns) == (peer.raw, str(path), info.st_mtime_ns):
+                self._start(row)  # unless its driver runs already
                 return await self._follow(row.transfer_id, progress)
         try:
             name = check_name(path.name)
@@ -132,9 +133,9 @@ class OutgoingTransfers:
         signer = self._identity()
         envelope = self._sender.seal(signer, Kind.TRANSFER_MANIFEST, [peer], manifest.encode(),
                                      ttl_s)
-        row = TransferOutRow(manifest.transfer_id, signer.public.raw, peer.raw, str(path), info.st_mtime_ns,
-                             manifest.encode(), envelope.msg_id, envelope.expires_at_ms, 0,
-                             OutState.SENDING)
+        row = TransferOutRow(manifest.transfer_id, signer.public.raw, peer.raw, str(path),
+                             info.st_mtime_ns, manifest.encode(), envelope.msg_id,
+                             envelope.expires_at_ms, 0, OutState.SENDING)
         with transaction(self._state):
             self._state.add_transfer_out(row)
             _, entry = self._sender.enqueue(envelope, manifest.encode(),
