@@ -524,3 +524,30 @@ async def test_a_transfer_past_its_manifests_validity_is_forgotten_with_its_part
     assert [row.transfer_id for row in state.transfers_in("complete")] == [whole.transfer_id]
     assert ready.path.read_bytes() == whole_bytes
     state.close()
+
+
+async def test_a_relay_killed_mid_transfer_loses_nothing_and_the_transfer_completes(
+        tmp_path: Path) -> None:
+    """The relay (SQLite store) is killed with SIGKILL while chunks flow and started again on
+    the same port and file: both devices reconnect, and the file arrives whole, once."""
+    relay = RelayProcess("--store", f"sqlite:///{tmp_path / 'mail.db'}", "--rate-per-s", "40",
+                         "--rate-burst", "8", port=free_port(), log_path=tmp_path / "relay.log")
+    await relay.start()
+    alice, bob = Identity.generate(), Identity.generate()
+    source = random_file(tmp_path / "firmware.img", 3_000_000)
+    accepted: list[int] = []
+    try:
+        async with make_device(alice, relay.url, [bob.public], tmp_path / "alice") as a, \
+                make_device(bob, relay.url, [alice.public], tmp_path / "bob") as b:
+            sending = asyncio.create_task(a.send_file(
+                bob.public, source, timeout=90, progress=lambda done, _: accepted.append(done)))
+            await until(lambda: len(accepted) >= 10)
+            relay.kill()
+            await relay.start()
+            received = await first_file(b, timeout=60)
+            sent = await sending
+            assert received.path.read_bytes() == source.read_bytes()
+            assert received.msg_id == sent.msg_id
+            await no_file(b, 0.5)
+    finally:
+        relay.kill()
