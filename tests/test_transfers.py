@@ -445,13 +445,18 @@ async def test_listen_prints_messages_and_files_as_they_come(start_relay: StartR
     base = ("--relay", relay.url)
     code, out, err = await run_cli_async("--home", str(alice_home), *base, "send", bob, "hello")
     assert code == 0, err
-    code, out, err = await run_cli_async("--home", str(alice_home), *base, "send", bob,
-                                         f"@{source}")
-    assert code == 0 and out.startswith("accepted file report.pdf (200000 bytes, 4 chunks)"), err
-    code, out, err = await run_cli_async("--home", str(bob_home), *base, "listen", "--count",
-                                         "2", "--timeout", "30", "--json")
-    assert code == 0, err
-    message, received = (json.loads(line) for line in out.splitlines())
+    listener = CliProcess(bob_home, *base, "listen", "--count", "2", "--timeout", "30", "--json")
+    try:
+        code, out, err = await run_cli_async("--home", str(alice_home), *base, "send", bob,
+                                             f"@{source}", "--wait", "20")
+        assert code == 0, err
+        accepted, delivered = out.splitlines()
+        assert accepted.startswith("accepted file report.pdf (200000 bytes, 4 chunks)")
+        assert delivered == f"{bob} delivered"  # the transfer's one receipt
+        await listener.wait_output(lambda out, _: out.count("\n") == 2)
+    finally:
+        listener.kill()
+    message, received = (json.loads(line) for line in listener.stdout.splitlines())
     assert message["text"] == "hello"
     assert (received["file"], received["size"], received["media_type"]) == (
         "report.pdf", 200_000, "application/pdf")
