@@ -448,8 +448,9 @@ async def test_listen_prints_messages_and_files_as_they_come(start_relay: StartR
     listener = CliProcess(bob_home, *base, "listen", "--count", "2", "--timeout", "30", "--json")
     try:
         code, out, err = await run_cli_async("--home", str(alice_home), *base, "send", bob,
-                                             f"@{source}", "--wait", "20")
+                                             f"@{source}", "--wait", "20", "--progress")
         assert code == 0, err
+        assert "\rreport.pdf: 200000/200000 bytes (100%)\n" in err  # one line, rewritten
         accepted, delivered = out.splitlines()
         assert accepted.startswith("accepted file report.pdf (200000 bytes, 4 chunks)")
         assert delivered == f"{bob} delivered"  # the transfer's one receipt
