@@ -145,7 +145,9 @@ class DeviceSession:
             log.info("device_disconnected")
 
     async def _read_until_closed(self) -> None:
-        protocol = self._protocol
+        protocol, store = self._protocol, self._relay.store
+        device = protocol.device_key
+        assert device is not None
         while protocol.close is None:
             message = await self._ws.receive()
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
@@ -158,7 +160,10 @@ class DeviceSession:
             elif isinstance(request, CheckRate):
                 await self._admit(request)
             elif isinstance(request, RemoveDelivered):
-                await self._start_removal(request)
+                if store.across_wan(device):
+                    await self._start_removal(request)
+                else:
+                    await self._remove(request)
             self._write()
             await self._drain()  # a device that sends without reading is not outrun
             if pause:
@@ -192,10 +197,10 @@ class DeviceSession:
             protocol.stored(envelope.msg_id)
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
-        """ACKs run side by side (their order does not matter), so a device served from a
-        store a WAN round trip away (SPEC §19) has several acknowledged per round trip, not
-        one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits, and many busy
-        devices do not queue thousands of calls for the store's connections."""
+        """ACKs of a device served from a store a WAN round trip away (SPEC §19) run side
+        by side (their order does not matter), so it has several acknowledged per round
+        trip, not one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits,
+        and many busy devices do not queue thousands of calls for the store's connections."""
         removals = self._removals
         while len(removals) >= ACKS_IN_FLIGHT:
             await asyncio.wait(removals, return_when=asyncio.FIRST_COMPLETED)

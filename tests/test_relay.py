@@ -226,6 +226,28 @@ async def test_full_mailbox_refuses_with_clear_error(start_relay) -> None:
     assert await depth(server, bob) == 3
 
 
+async def test_an_ack_takes_effect_before_the_next_frame_of_its_connection(start_relay) -> None:
+    """Frames of one connection take effect in order on a store in this region: an ACK
+    frees the mailbox slot that a SEND right behind it needs.  (ACKs applied as side tasks
+    for every store let accepts outrun deliveries at saturation: p50 latency 0.3 s -> 3 s.)"""
+    server = await start_relay(mailbox_max_messages=1)
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, alice) as a, \
+            await RawDevice.connect(server.url, bob) as b:
+        for _ in range(20):
+            assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+            delivery = await b.next_delivery(ack=False)
+            note_to_self = sealed(bob, [bob.public])
+            await b.send_frame(Ack(delivery.tag))
+            await b.send_frame(Send(note_to_self.raw))
+            assert await b.recv_not_deliver() == Accepted(note_to_self.msg_id)
+            await b.send_frame(Ack((await b.next_delivery(ack=False)).tag))
+            for _ in range(100):
+                if await depth(server, bob) == 0:
+                    break
+                await asyncio.sleep(0.01)
+
+
 async def test_garbage_frames_get_errors_then_abuse_closes(start_relay) -> None:
     server = await start_relay(max_invalid_frames=5)
     alice, bob = Identity.generate(), Identity.generate()

@@ -70,11 +70,6 @@ class MailboxLimits:
 class Subscription(ABC):
     """A live interest in one mailbox; `close` stops wake-ups."""
 
-    def stream_bus(self) -> RemoteStreams | None:
-        """The path stream frames take to other relays sharing this store (SPEC §16); None:
-        this store has no other relays (the embedded one)."""
-        return None
-
     @abstractmethod
     async def close(self) -> None: ...
 
@@ -167,6 +162,13 @@ class MailboxStore(ABC):
         """The path stream frames take to other relays sharing this store (SPEC §16); None:
         this store has no other relays (the embedded one)."""
         return None
+
+    def across_wan(self, recipient: PublicKey) -> bool:
+        """Whether this recipient's mailbox is a WAN round trip away (homed in another
+        region, SPEC §19).  The session then applies its ACKs side by side; a nearby store
+        answers within the same loop turn, where side-by-side tasks would only let accepts
+        outrun deliveries at saturation."""
+        return False
 
     @abstractmethod
     async def close(self) -> None: ...

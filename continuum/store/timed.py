@@ -124,5 +124,8 @@ class TimedStore(MailboxStore):
         §16), not store calls."""
         return self.inner.stream_bus()
 
+    def across_wan(self, recipient: PublicKey) -> bool:
+        return self.inner.across_wan(recipient)
+
     async def close(self) -> None:
         await self.inner.close()
