@@ -14,6 +14,7 @@
                                    progress on stderr (a terminal, or --progress)
       flush                        send what the outbox holds; collect receipts and notices
       outbox [--json]              messages sent: the relays' answer, each recipient's status
+      transfers [--json]           files sent and arriving (SPEC §17): how far each got
       listen                       print messages from peers as they arrive (and drain the
                                    mailbox of a key rotated away from); files received are
                                    printed, and moved into --save-dir DIR if given
@@ -47,16 +48,17 @@ from typing import TypeVar
 
 import aiohttp
 
-from proto import Identity, PublicKey
+from proto import Identity, Kind, PublicKey
 from proto.errors import NotEnrolledError, ProtocolError, RevokedError
 from proto.rotation import OracleKeyChain
+from proto.transfers import Chunk, Manifest
 from runtime.files import write_atomically
 from runtime.logs import configure_logging, library_logger
 
 from .device import DEFAULT_TTL_S, Device
 from .inbox import Drop, DropReason, InboundMessage
-from .transfer_in import ReceivedFile
-from .transfer_out import SentFile, TransferError
+from .transfer_in import InState, ReceivedFile
+from .transfer_out import OutState, SentFile, TransferError
 from .key_files import KeyFiles
 from .peers import PeerList
 from .settings import ClientSettings
@@ -169,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="give up (exit 3) after this long")
     outbox = commands.add_parser("outbox", help="list sent messages and what became of them")
     outbox.add_argument("--json", action="store_true", help="one JSON object per message")
+    transfers = commands.add_parser("transfers", help="list files sent and arriving, and how"
+                                    " far each got")
+    transfers.add_argument("--json", action="store_true", help="one JSON object per transfer")
     listen = commands.add_parser("listen", help="print messages from peers")
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
@@ -215,6 +220,8 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         return _peers(args, settings)
     if args.command == "outbox":
         return _outbox(settings, args.json)
+    if args.command == "transfers":
+        return _transfers(settings, args.json)
     if args.command == "send":
         return _send_command(args, settings)
     if args.command == "flush":
@@ -620,6 +627,43 @@ def _outbox(settings: ClientSettings, as_json: bool) -> int:
     finally:
         state.close()
     return EXIT_OK
+
+
+def _transfers(settings: ClientSettings, as_json: bool) -> int:
+    """Every transfer the state file remembers, sent ones first; read without connecting."""
+    if not (settings.home / "state.db").exists():
+        return EXIT_OK
+    state = DeviceState.in_home(settings.home)
+    try:
+        queued = [Chunk.decode(row.plaintext).transfer_id for row in state.outgoing()
+                  if row.kind == Kind.TRANSFER_CHUNK and row.plaintext is not None]
+        for out in (row for name in OutState for row in state.transfers_out(name)):
+            manifest = Manifest.decode(out.manifest)
+            accepted = out.next_index - queued.count(out.transfer_id)
+            print(_format_transfer("out", manifest, PublicKey(out.recipient), out.state,
+                                   accepted, out.error, as_json))
+        for arriving in (row for name in InState for row in state.transfers_in(name)):
+            manifest = Manifest.decode(arriving.manifest)
+            done = (manifest.chunk_count if arriving.state in (InState.COMPLETE, InState.SURFACED)
+                    else arriving.received)
+            print(_format_transfer("in", manifest, PublicKey(arriving.sender), arriving.state,
+                                   done, None, as_json))
+    finally:
+        state.close()
+    return EXIT_OK
+
+
+def _format_transfer(direction: str, manifest: Manifest, peer: PublicKey, state: str,
+                     chunks: int, error: str | None, as_json: bool) -> str:
+    """`chunks`: accepted by a relay (out), or on disk (in)."""
+    if as_json:
+        return json.dumps({"direction": direction, "transfer_id": manifest.transfer_id.hex(),
+                           "peer": peer.text, "file": manifest.name, "size": manifest.size,
+                           "state": state, "chunks": chunks,
+                           "chunk_count": manifest.chunk_count, "error": error})
+    return (f"{direction} {manifest.transfer_id.hex()} {manifest.name} ({manifest.size} bytes)"
+            f" {'to' if direction == 'out' else 'from'} {peer.text} {state}"
+            f" {chunks}/{manifest.chunk_count} chunks" + (f" ({error})" if error else ""))
 
 
 def _format_sent(message: SentMessage, as_json: bool) -> str:

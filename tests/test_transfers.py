@@ -192,6 +192,11 @@ async def test_the_sender_killed_mid_transfer_resumes_without_sending_everything
         sender.kill()  # SIGKILL: no clean-up of any kind
         queued_at_kill = state_value(alice_home, "SELECT max(next_index) FROM transfer_out")
         assert queued_at_kill < 47
+        code, out, err = await run_cli_async("--home", str(alice_home), "transfers", "--json")
+        [listed] = [json.loads(line) for line in out.splitlines()]
+        assert (listed["direction"], listed["file"], listed["state"]) == (
+            "out", "video.bin", "sending")
+        assert listed["chunks"] <= queued_at_kill and listed["chunk_count"] == 47
         code, out, err = await run_cli_async("--home", str(alice_home), "--relay", relay.url,
                                              "send", bob, f"@{source}", "--timeout", "60")
         assert code == 0, err
@@ -215,6 +220,10 @@ async def test_the_sender_killed_mid_transfer_resumes_without_sending_everything
         assert code == 0, err
         code, out, err = await run_cli_async("--home", str(alice_home), "outbox")
         assert out.count("\n") == 1 and f"{bob}=delivered" in out, out  # the manifest only
+        code, out, err = await run_cli_async("--home", str(alice_home), "transfers")
+        assert out.endswith(f"video.bin (3000000 bytes) to {bob} sent 47/47 chunks\n"), out
+        code, out, err = await run_cli_async("--home", str(bob_home), "transfers")
+        assert out.startswith("in ") and out.endswith(" surfaced 47/47 chunks\n"), out
     finally:
         sender.kill()
         relay.stop()
