@@ -139,7 +139,8 @@ already handled), `state` (the SQLite file behind outbox, tracking and
 dedup), `peers`, `backoff`, `drain` (the old key's mailbox after a
 rotation), `key_files` (the home's key files across a rotation),
 `stream_rules` (streams, pure) and `streams` (`Stream`, `StreamRequest`),
-`tunnel` (TCP ports over streams), `calls` (calls, pure) and `calling`
+`tunnel` (TCP ports over streams), `transfer_out` and `transfer_in` (files
+as a manifest and chunks, SPEC §17), `calls` (calls, pure) and `calling`
 (their shell), `device` (the public API tying them
 together), `stats`, `settings`, `cli`, `tunnel_cli` and `calls_cli` (the
 `continuum-client` command).
@@ -153,7 +154,9 @@ from .peers import PeerList
 from .stats import DeviceStats
 from .streams import Stream, StreamRequest
 from .tracking import DeliveryStatus, Outgoing, SendState, SentMessage
+from .transfer_in import ReceivedFile
+from .transfer_out import SentFile, TransferError
 
 __all__ = ["CallResult", "ConfigUpdate", "DeliveryStatus", "Device", "DeviceStats", "DropReason",
-           "InboundMessage", "IncomingCall", "Outgoing", "PeerList", "SendState", "SentMessage",
-           "Stream", "StreamRequest"]
+           "InboundMessage", "IncomingCall", "Outgoing", "PeerList", "ReceivedFile", "SendState",
+           "SentFile", "SentMessage", "Stream", "StreamRequest", "TransferError"]

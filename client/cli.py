@@ -9,13 +9,18 @@
       send KEY… TEXT|@FILE|-       send one message to all KEYs (- reads stdin); --wait S for
                                    receipts, --queue to only put it in the outbox
       send KEY… --lines            one message per line of stdin, as the lines come
+      send KEY @FILE               a file over 48 KiB (or any, with --file) goes as a transfer
+                                   (SPEC §17): chunked, resumable, verified, one receipt;
+                                   progress on stderr (a terminal, or --progress)
       flush                        send what the outbox holds; collect receipts and notices
       outbox [--json]              messages sent: the relays' answer, each recipient's status
+      transfers [--json]           files sent and arriving (SPEC §17): how far each got
       listen                       print messages from peers as they arrive (and drain the
                                    mailbox of a key rotated away from); --handle
                                    METHOD=COMMAND answers calls of METHOD with COMMAND;
                                    keep the oracle's configuration in config.json,
-                                   --config-hook CMD applies it
+                                   --config-hook CMD applies it; files received are
+                                   printed, and moved into --save-dir DIR if given
       call KEY METHOD [JSON|@FILE|-]
                                    call METHOD on a peer; print its answer (--timeout S)
       rotate-key                   move to a new key the current one vouches for; print it
@@ -39,6 +44,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -47,10 +53,11 @@ from typing import TypeVar
 
 import aiohttp
 
-from proto import Identity, PublicKey
+from proto import Identity, Kind, PublicKey
 from proto.config import JsonObject
 from proto.errors import NotEnrolledError, ProtocolError, RevokedError
 from proto.rotation import OracleKeyChain
+from proto.transfers import Chunk, Manifest
 from runtime.files import write_atomically
 from runtime.logs import configure_logging, library_logger
 
@@ -59,6 +66,8 @@ from .config import CONFIG_FILE, ConfigUpdate
 from .config_hook import DEFAULT_HOOK_TIMEOUT_S, ConfigHook, HookFailed
 from .device import DEFAULT_TTL_S, Device
 from .inbox import Drop, DropReason, InboundMessage
+from .transfer_in import InState, ReceivedFile
+from .transfer_out import OutState, SentFile, TransferError
 from .key_files import KeyFiles
 from .peers import PeerList
 from .settings import ClientSettings
@@ -75,10 +84,12 @@ EXIT_CODES = """\
 exit codes:
   0    done
   1    refused for good: by a relay (REVOKED, NOT_PEER, OVERSIZE, INVALID_FIELD, …), or a
-       message that cannot be sent as given
+       message or file that cannot be sent as given (a file over --max-file-bytes, changed
+       while it was sent)
   2    usage or set-up problem (bad flag, key, file or setting)
   3    no relay: none connected (listen, flush) or accepted the message within --timeout
-       (send; the message stays in the outbox and a later send, flush or listen sends it);
+       (send; the message stays in the outbox and a later send, flush or listen sends it;
+       a file: no chunk accepted within --timeout, and sending it again goes on with it);
        rotate-key: the oracle did not confirm within --timeout (run it again to resume)
   4    listen --count N: fewer than N messages within --timeout
   5    call: no response within --timeout (the peer stayed offline, or did not answer)
@@ -91,6 +102,9 @@ exit codes:
 _PERMANENT_AT_CONNECT = (RevokedError, NotEnrolledError)
 # After the outbox is empty, `flush` keeps collecting receipts until this long passes quietly.
 _FLUSH_QUIET_S = 1.0
+# `send KEY @FILE`: a file larger than this goes as a transfer, a smaller one as one message
+# (it fits the default 64 KiB envelope limit with room for sealing).
+ONE_MESSAGE_FILE_BYTES = 48 * 1024
 
 T = TypeVar("T")
 
@@ -127,6 +141,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keepalive", type=float, metavar="SECONDS", dest="keepalive_s",
                         help="ping an idle relay connection this often"
                         " (env CONTINUUM_KEEPALIVE_S; default 20)")
+    parser.add_argument("--max-file-bytes", type=int, metavar="BYTES",
+                        help="largest file sent or received as a transfer (default 1 GiB;"
+                             " env CONTINUUM_MAX_FILE_BYTES)")
     parser.add_argument("--log-level", default="warning",
                         choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +174,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
                       help="give up (exit 3, the message stays queued) if no relay accepted it"
                       " within this time; transient refusals are retried until then")
+    send.add_argument("--file", action="store_true",
+                      help="send @FILE as a transfer whatever its size (one KEY)")
+    send.add_argument("--progress", action="store_true",
+                      help="show a transfer's progress on stderr even when it is no terminal")
     send.add_argument("--queue", action="store_true",
                       help="only put it in the outbox and exit; a later send, flush or listen"
                       " sends it")
@@ -165,6 +186,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="give up (exit 3) after this long")
     outbox = commands.add_parser("outbox", help="list sent messages and what became of them")
     outbox.add_argument("--json", action="store_true", help="one JSON object per message")
+    transfers = commands.add_parser("transfers", help="list files sent and arriving, and how"
+                                    " far each got")
+    transfers.add_argument("--json", action="store_true", help="one JSON object per transfer")
     listen = commands.add_parser("listen", help="print messages from peers")
     listen.add_argument("--count", type=int, help="exit after this many messages")
     listen.add_argument("--timeout", type=float, metavar="SECONDS", help="exit after this long")
@@ -177,6 +201,9 @@ def _parser() -> argparse.ArgumentParser:
                              " JSON object, if any) is the state reported")
     listen.add_argument("--config-hook-timeout", type=float, default=DEFAULT_HOOK_TIMEOUT_S,
                         metavar="SECONDS", help="a hook still running after this has failed")
+    listen.add_argument("--save-dir", type=Path, metavar="DIR",
+                        help="move each file received into DIR (else it stays in the home's"
+                             " transfers/received/)")
     rotate = commands.add_parser("rotate-key", help="move this device to a new key, keeping"
                                  " its place (name, groups, peers) with the oracle")
     rotate.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
@@ -192,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = ClientSettings.resolve(home=args.home, relays=args.relays,
                                           oracle_key=args.oracle_key, log_level=args.log_level,
                                           keepalive_s=args.keepalive_s,
-                                          relay_keys=args.relay_keys, ca_file=args.ca_file)
+                                          relay_keys=args.relay_keys, ca_file=args.ca_file,
+                                          max_file_bytes=args.max_file_bytes)
         sys.exit(_run(args, settings))
     except (CliError, ValueError, ProtocolError) as exc:
         code = exc.exit_code if isinstance(exc, CliError) else EXIT_USAGE
@@ -214,6 +242,8 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
         return _peers(args, settings)
     if args.command == "outbox":
         return _outbox(settings, args.json)
+    if args.command == "transfers":
+        return _transfers(settings, args.json)
     if args.command == "send":
         return _send_command(args, settings)
     if args.command == "flush":
@@ -229,7 +259,10 @@ def _run(args: argparse.Namespace, settings: ClientSettings) -> int:
     handlers = calls_cli.parse_handles(args.handle, args.handle_timeout)
     hook = (ConfigHook(args.config_hook, settings.home / CONFIG_FILE, args.config_hook_timeout)
             if args.config_hook else None)
-    return asyncio.run(_listen(settings, args.count, args.timeout, args.json, handlers, hook))
+    if args.save_dir is not None and not args.save_dir.is_dir():
+        raise CliError(f"--save-dir {args.save_dir} is not a directory")
+    return asyncio.run(_listen(settings, args.count, args.timeout, args.json, handlers, hook,
+                               args.save_dir))
 
 
 def _say(line: str) -> None:
@@ -314,7 +347,8 @@ class _Session:
                              relay_keys=settings.relay_keys, tls=settings.tls_context(),
                              on_oracle_key_change=self._follow_oracle,
                              on_connect_error=self._connect_failed,
-                             on_drop=_announce_drop if announce_drops else None)
+                             on_drop=_announce_drop if announce_drops else None,
+                             max_transfer_bytes=settings.max_file_bytes)
 
     def _follow_oracle(self, chain: OracleKeyChain) -> None:
         """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
@@ -371,6 +405,17 @@ def _announce_drop(drop: Drop) -> None:
 
 
 def _send_command(args: argparse.Namespace, settings: ClientSettings) -> int:
+    transfer = _transfer_path(args)
+    if transfer is not None:
+        if len(args.targets) != 2:
+            raise CliError("a file goes to one peer at a time: send KEY @FILE")
+        if args.queue:
+            raise CliError("--queue does not apply to files: a transfer needs a relay to start")
+        return asyncio.run(_send_file(settings, PublicKey.from_text(args.targets[0]), transfer,
+                                      args.ttl, args.wait, args.timeout,
+                                      args.progress or sys.stderr.isatty()))
+    if args.file:
+        raise CliError("--file needs KEY @FILE")
     if args.lines:
         keys, payloads = args.targets, _stdin_lines()
     elif len(args.targets) < 2:
@@ -381,6 +426,91 @@ def _send_command(args: argparse.Namespace, settings: ClientSettings) -> int:
     if args.queue:
         return asyncio.run(_queue(settings, recipients, payloads, args.ttl))
     return asyncio.run(_send(settings, recipients, payloads, args.ttl, args.wait, args.timeout))
+
+
+def _transfer_path(args: argparse.Namespace) -> Path | None:
+    """The file to send as a transfer: @FILE with --file, or over ONE_MESSAGE_FILE_BYTES."""
+    if args.lines or len(args.targets) < 2 or not args.targets[-1].startswith("@"):
+        return None
+    path = Path(args.targets[-1][1:])
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror}") from None
+    return path if args.file or size > ONE_MESSAGE_FILE_BYTES else None
+
+
+async def _send_file(settings: ClientSettings, peer: PublicKey, path: Path, ttl_s: int,
+                     wait_s: float, timeout_s: float, show_progress: bool) -> int:
+    """Send one file as a transfer; fail (EXIT_NO_RELAY) only after `timeout_s` with no chunk
+    accepted, so a large file is not cut short by a timeout meant for one message."""
+    session = _Session(settings)
+    moved = asyncio.Event()
+    meter = _Progress(path.name) if show_progress else None
+
+    def progress(done: int, total: int) -> None:
+        moved.set()
+        if meter is not None:
+            meter.show(done, total)
+
+    async with session.device as device:
+        receipts = device.receipts()
+        work = asyncio.ensure_future(session.until_fatal(
+            device.send_file(peer, path, ttl_s=ttl_s, progress=progress)))
+        try:
+            while not work.done():
+                moved.clear()
+                done, _ = await asyncio.wait([work, asyncio.ensure_future(moved.wait())],
+                                             timeout=timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise CliError(f"no chunk accepted within {timeout_s:g}s (last error:"
+                                   f" {device.last_error or 'none'}); the transfer stays under"
+                                   " way: the next send of this file, flush or listen goes on"
+                                   " with it", EXIT_NO_RELAY)
+            sent: SentFile = work.result()
+        except TransferError as exc:
+            raise CliError(f"refused: {exc}", EXIT_REFUSED) from None
+        finally:
+            if meter is not None:
+                meter.end()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransferError, CliError):
+                    await work
+        print(f"accepted file {path.name} ({sent.size} bytes, {sent.chunks} chunks) transfer"
+              f" {sent.transfer_id.hex()} manifest {sent.msg_id.hex()} via {device.relay_url}",
+              flush=True)
+        if wait_s > 0:
+            status = "pending"
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    async for who, receipt in receipts:
+                        if who == peer and receipt.msg_id == sent.msg_id:
+                            status = "delivered"
+                            break
+            print(f"{peer.text} {status}", flush=True)
+        await receipts.aclose()
+    return EXIT_OK
+
+
+class _Progress:
+    """One line on stderr, rewritten as chunks are accepted."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._shown = False
+
+    def show(self, done: int, total: int) -> None:
+        percent = 100 if total == 0 else done * 100 // total
+        sys.stderr.write(f"\r{self._name}: {done}/{total} bytes ({percent}%)")
+        sys.stderr.flush()
+        self._shown = True
+
+    def end(self) -> None:
+        if self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 async def _one(payload: bytes) -> AsyncIterator[bytes]:
@@ -528,6 +658,43 @@ def _outbox(settings: ClientSettings, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _transfers(settings: ClientSettings, as_json: bool) -> int:
+    """Every transfer the state file remembers, sent ones first; read without connecting."""
+    if not (settings.home / "state.db").exists():
+        return EXIT_OK
+    state = DeviceState.in_home(settings.home)
+    try:
+        queued = [Chunk.decode(row.plaintext).transfer_id for row in state.outgoing()
+                  if row.kind == Kind.TRANSFER_CHUNK and row.plaintext is not None]
+        for out in (row for name in OutState for row in state.transfers_out(name)):
+            manifest = Manifest.decode(out.manifest)
+            accepted = out.next_index - queued.count(out.transfer_id)
+            print(_format_transfer("out", manifest, PublicKey(out.recipient), out.state,
+                                   accepted, out.error, as_json))
+        for arriving in (row for name in InState for row in state.transfers_in(name)):
+            manifest = Manifest.decode(arriving.manifest)
+            done = (manifest.chunk_count if arriving.state in (InState.COMPLETE, InState.SURFACED)
+                    else arriving.received)
+            print(_format_transfer("in", manifest, PublicKey(arriving.sender), arriving.state,
+                                   done, None, as_json))
+    finally:
+        state.close()
+    return EXIT_OK
+
+
+def _format_transfer(direction: str, manifest: Manifest, peer: PublicKey, state: str,
+                     chunks: int, error: str | None, as_json: bool) -> str:
+    """`chunks`: accepted by a relay (out), or on disk (in)."""
+    if as_json:
+        return json.dumps({"direction": direction, "transfer_id": manifest.transfer_id.hex(),
+                           "peer": peer.text, "file": manifest.name, "size": manifest.size,
+                           "state": state, "chunks": chunks,
+                           "chunk_count": manifest.chunk_count, "error": error})
+    return (f"{direction} {manifest.transfer_id.hex()} {manifest.name} ({manifest.size} bytes)"
+            f" {'to' if direction == 'out' else 'from'} {peer.text} {state}"
+            f" {chunks}/{manifest.chunk_count} chunks" + (f" ({error})" if error else ""))
+
+
 def _format_sent(message: SentMessage, as_json: bool) -> str:
     recipients = {key.text: status.value for key, status in message.recipients.items()}
     if as_json:
@@ -542,7 +709,7 @@ def _format_sent(message: SentMessage, as_json: bool) -> str:
 
 async def _listen(settings: ClientSettings, count: int | None, timeout_s: float | None,
                   as_json: bool, handlers: dict[str, CallHandler] | None = None,
-                  hook: ConfigHook | None = None) -> int:
+                  hook: ConfigHook | None = None, save_dir: Path | None = None) -> int:
     received = 0
     files = KeyFiles(settings.identity_path)
     session = _Session(settings, announce_drops=True)
@@ -557,12 +724,14 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
             async with asyncio.timeout(timeout_s):
                 await session.until_fatal(device.wait_connected())
                 _say(f"listening as {device.identity.public.text} on {device.relay_url}")
-                async with contextlib.aclosing(device.messages()) as messages:
-                    async for message in messages:
-                        print(_format(message, as_json), flush=True)
-                        received += 1
-                        if count is not None and received >= count:
-                            break
+                async for item in _arrivals(device):
+                    if isinstance(item, ReceivedFile):
+                        print(_format_file(item, _save(item, save_dir), as_json), flush=True)
+                    else:
+                        print(_format(item, as_json), flush=True)
+                    received += 1
+                    if count is not None and received >= count:
+                        break
         except TimeoutError:
             if device.stats.connects == 0:
                 raise CliError(f"never connected within {timeout_s:g}s (last error:"
@@ -590,6 +759,50 @@ def _announce_config(hook: ConfigHook | None) -> Callable[[ConfigUpdate], Awaita
         _say(f"configuration {update.stamp} applied")
         return reported
     return apply
+
+
+async def _arrivals(device: Device) -> AsyncIterator[InboundMessage | ReceivedFile]:
+    """Messages and files as they come, one taken at a time from each source."""
+    sources = (device.messages(), device.files())
+    pending = {asyncio.ensure_future(anext(source)): source for source in sources}
+    try:
+        while True:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                source = pending.pop(task)
+                yield task.result()
+                pending[asyncio.ensure_future(anext(source))] = source
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await task
+        for source in sources:
+            await source.aclose()
+
+
+def _save(received: ReceivedFile, save_dir: Path | None) -> Path:
+    """Move a received file into `save_dir` under its name, never over an existing file."""
+    if save_dir is None:
+        return received.path
+    target = save_dir / received.name
+    number = 0
+    while target.exists():
+        number += 1
+        target = save_dir / f"{received.name}.{number}"
+    shutil.move(received.path, target)  # a rename, or a copy across file systems
+    return target
+
+
+def _format_file(received: ReceivedFile, path: Path, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"from": received.sender.text, "msg_id": received.msg_id.hex(),
+                           "transfer_id": received.transfer_id.hex(), "file": received.name,
+                           "media_type": received.media_type, "size": received.size,
+                           "path": str(path)})
+    return (f"{received.sender.text} {received.msg_id.hex()} file {received.name}"
+            f" ({received.size} bytes) saved to {path}")
 
 
 def _format(message: InboundMessage, as_json: bool) -> str:

@@ -11,11 +11,12 @@ Acknowledgement rule: every delivery is ACKed once dealt with, and "dealt
 with" is committed before the ACK.  Receipts, expiry notices, peer changes
 and drops are dealt with on arrival.  A DATA message is dealt with when the
 application takes it from `messages()`: it is then recorded as seen, with
-its receipt queued in the outbox, in one commit, and only then handed over,
-receipted and ACKed.  So a crash before that commit leaves it in the
-mailbox for the next run, and after it a re-delivery is a duplicate: the
-application gets each message at most once, ever (with a home), and loses
-one only to a crash in the instant between that commit and the hand-over.
+its receipt queued in the outbox, in one commit, and handed over at once,
+while the receipt is sent and the delivery ACKed in the background.  So a
+crash before that commit leaves it in the mailbox for the next run, and
+after it a re-delivery is a duplicate: the application gets each message at
+most once, ever (with a home), and loses one only to a crash in the instant
+between that commit and the hand-over.
 DATA waiting for the application holds relay window slots, so an
 application that never reads `messages()` (a pure sender) stops getting
 receipts once a window's worth of DATA is waiting.
@@ -23,6 +24,13 @@ receipts once a window's worth of DATA is waiting.
 Replies (receipts) go through the same outbox as the application's
 messages: durable with a home, re-sent on every connection, retried after
 transient refusals, so none is lost to a relay or store restart.
+
+Files (SPEC §17, `transfer_out`, `transfer_in`, both need a home): `send_file`
+sends one as a manifest and a window of chunks through the same outbox, and
+goes on after a restart; `files()` hands over each file a peer sent once it is
+complete and verified, once, with the transfer's one receipt queued in the same
+commit that marks it taken (as `messages()` does for DATA).  Manifests and
+chunks are dealt with (written, recorded) on arrival, then ACKed.
 
 Key rotation (SPEC §15): `rotate_key()` has the current key vouch for a new
 one to the oracle, then authenticates as the new key while a `Drain` keeps the
@@ -59,9 +67,10 @@ from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import RecentlySeen
 from .drain import DEFAULT_QUIET_S, Drain
 from .freshness import device_now_ms, valid_until_ms
-from .inbox import (CallArrived, ConfigArrived, ConfigReportArrived, Drop, DropReason,
-                    ExpiryArrived, InboundMessage, InboxView, OracleKeyChanged, PeerChangeArrived,
-                    ReceiptArrived, ResponseArrived, Surface, decide)
+from .inbox import (CallArrived, ChunkArrived, ConfigArrived, ConfigReportArrived, Drop,
+                    DropReason, ExpiryArrived, InboundMessage, InboxView, ManifestArrived,
+                    OracleKeyChanged, PeerChangeArrived, ReceiptArrived, ResponseArrived, Surface,
+                    decide)
 from .manager import ConnectionManager
 from .outbox import PendingSend
 from .peers import PeerList, Standing
@@ -72,6 +81,9 @@ from .stats import DeviceStats
 from .stream_rules import DEFAULT_WINDOW
 from .streams import Stream, StreamHandler, StreamHub
 from .tracking import DeliveryStatus, Outgoing, SentMessage
+from .transfer_in import (DEFAULT_MAX_INCOMING, DEFAULT_MAX_TRANSFER_BYTES, IncomingTransfers,
+                          ReceivedFile)
+from .transfer_out import DEFAULT_TRANSFER_WINDOW, OutgoingTransfers, Progress, SentFile
 
 log = library_logger("continuum.client")
 
@@ -124,13 +136,19 @@ class Device:
                  on_oracle_key_change: Callable[[OracleKeyChain], None] | None = None,
                  on_connect_error: Callable[[str, BaseException], None] | None = None,
                  on_drop: Callable[[Drop], None] | None = None,
-                 max_running_calls: int = DEFAULT_MAX_RUNNING) -> None:
+                 max_running_calls: int = DEFAULT_MAX_RUNNING,
+                 max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
+                 max_incoming_transfers: int = DEFAULT_MAX_INCOMING,
+                 transfer_window: int = DEFAULT_TRANSFER_WINDOW) -> None:
         """`relay_keys`: pin the relays this device talks to; a relay holding any other key
         is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
         count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
         verified (a private CA); None: the system's certificate store.
         `max_running_calls`: call handlers running at once; beyond, calls are answered
-        REFUSED (SPEC §18)."""
+        REFUSED (SPEC §18).
+        `max_transfer_bytes`: the largest file sent or received (SPEC §17);
+        `max_incoming_transfers`: files arriving at once; `transfer_window`: chunks of a
+        file in the outbox at once."""
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -174,12 +192,24 @@ class Device:
         self._streams = StreamHub(self.peers, lambda: self.identity)
         self._calls = Calls(self._sender, self.stats, lambda: self.identity,
                             max_running=max_running_calls)
+        self._incoming: IncomingTransfers | None = None
+        self._outgoing: OutgoingTransfers | None = None
+        if home is not None and self._state is not None:
+            self._incoming = IncomingTransfers(Path(home), self._state, self._seen,
+                                               max_bytes=max_transfer_bytes,
+                                               max_incoming=max_incoming_transfers)
+            self._outgoing = OutgoingTransfers(self._sender, self._state, lambda: self.identity,
+                                               self._identities, max_bytes=max_transfer_bytes,
+                                               window=transfer_window)
         self._runner: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Device:
         self._sender.load()
+        if self._incoming is not None and self._outgoing is not None:
+            await self._incoming.load()
+            self._outgoing.resume()
         self._runner = asyncio.create_task(self._manager.run_forever(), name="continuum-device")
         return self
 
@@ -196,6 +226,8 @@ class Device:
                 await task
         await self._streams.stop()
         await self._calls.stop()
+        if self._outgoing is not None:
+            await self._outgoing.stop()
         await self._sender.stop()
         self.close()
 
@@ -272,6 +304,54 @@ class Device:
         recipient's status."""
         return self._sender.sent.history()
 
+    # -- files (SPEC §17) -----------------------------------------------------------------
+
+    async def send_file(self, peer: PublicKey, path: Path | str, *, ttl_s: int = DEFAULT_TTL_S,
+                        media_type: str | None = None, progress: Progress | None = None,
+                        timeout: float | None = None) -> SentFile:
+        """Send the file at `path` to `peer` as a transfer; return once a relay accepted every
+        chunk (the receipt for `SentFile.msg_id` then says the peer has it, verified).
+
+        Needs a home.  Waits for a relay connection first (its envelope limit sizes the
+        chunks).  The same file (path, size, modification time) to the same peer goes on
+        with the transfer already under way, from this run or an earlier one, instead of
+        starting again.  `progress(accepted_bytes, total)` hears of each chunk accepted.
+        Raises TransferError (too large, unreadable, changed, a chunk refused for good) or
+        TimeoutError after `timeout` seconds: the transfer then goes on while the device
+        runs, and on its next start.
+        """
+        if self._outgoing is None:
+            raise ValueError("sending files needs a device home")
+        self._outgoing.check(Path(path))  # before waiting for a relay: a clear answer at once
+        async with asyncio.timeout(timeout):
+            while (connection := self._manager.connection) is None:
+                await self._manager.connected.wait()
+            limit = connection.limits.max_envelope_bytes  # sizes the chunks
+            return await self._outgoing.send(peer, Path(path), ttl_s=ttl_s,
+                                             max_envelope_bytes=limit, media_type=media_type,
+                                             progress=progress)
+
+    async def files(self) -> AsyncGenerator[ReceivedFile, None]:
+        """Files peers sent, complete and verified, each once, ever (see the module docstring).
+
+        Taking one commits it as surfaced with its receipt queued; the file at its `path` is
+        then the application's to move or delete.  Needs a home.
+        """
+        incoming = self._incoming
+        if incoming is None:
+            raise ValueError("receiving files needs a device home")
+        while True:
+            while not incoming.ready:
+                incoming.ready_event.clear()
+                await incoming.ready_event.wait()
+            received = incoming.ready.popleft()
+            with transaction(self._state):
+                manifest_envelope = incoming.taken(received)
+                receipt = self._sender.queue_receipt(self.identity, manifest_envelope)
+            self._sender.spawn(self._sender.send_now(receipt))  # nothing to interrupt (above)
+            self.stats.files_surfaced += 1
+            yield received
+
     # -- streams (SPEC §16) ----------------------------------------------------------------
 
     async def open_stream(self, peer: PublicKey, service: str, *, window: int = DEFAULT_WINDOW,
@@ -338,10 +418,18 @@ class Device:
             with transaction(self._state):
                 self._seen.add(key, valid_until_ms(surface.envelope))
                 receipt = self._sender.queue_receipt(self.identity, surface.envelope)
-            await self._sender.send_now(receipt)  # sealed by the current key: its connection
-            await connection.ack(tag)
+            # Sent and ACKed in the background, so that nothing between the commit and the
+            # hand-over can be interrupted: a caller that cancels a pending `anext()` (to
+            # stop listening) loses no message taken.  The receipt is sealed by the current
+            # key: its connection.
+            self._sender.spawn(self._reply_and_ack(receipt, connection, tag))
             self.stats.surfaced += 1
             yield surface.message
+
+    async def _reply_and_ack(self, receipt: PendingSend, connection: RelayConnection,
+                             tag: str) -> None:
+        await self._sender.send_now(receipt)
+        await connection.ack(tag)
 
     def receipts(self) -> AsyncGenerator[tuple[PublicKey, Receipt], None]:
         """Every accepted receipt as (who read it, receipt), from the moment of this call.
@@ -477,6 +565,17 @@ class Device:
                 self._calls.on_call_arrived(decision)
             else:
                 self._calls.on_response(decision)
+            await connection.ack(delivery.tag)
+            return
+        if isinstance(decision, (ManifestArrived, ChunkArrived)):
+            if self._incoming is None:
+                self._on_dropped(Drop(DropReason.REFUSED_TRANSFER,
+                                      "this device has no home to receive files in",
+                                      decision.envelope))
+            else:
+                dropped = await self._incoming.on_delivery(decision)  # committed if taken in
+                if dropped is not None:
+                    self._on_dropped(dropped)
             await connection.ack(delivery.tag)
             return
         reply: PendingSend | None = None
@@ -692,5 +791,7 @@ class Device:
 
     def _prune(self) -> None:
         assert self._state is not None
-        self._state.prune(device_now_ms(now_ms(), self._sender.clock_offset_ms),
-                          max_seen=self._seen.capacity, max_sent=self._sender.sent.capacity)
+        now = device_now_ms(now_ms(), self._sender.clock_offset_ms)
+        self._state.prune(now, max_seen=self._seen.capacity, max_sent=self._sender.sent.capacity)
+        if self._incoming is not None:
+            self._incoming.expire(now)

@@ -50,6 +50,8 @@ Rules, cheapest first so hostile input costs as little as possible:
 13. CONFIG (SPEC §21) only from the oracle key followed, ranked against the applied
    configuration by (epoch, version) and oracle like a PEER_CHANGE (rule 9);
    CONFIG_REPORT only from a peer (the oracle's peers are its devices).
+14. a transfer's manifest or chunk (SPEC §17) from peers only, parsed strictly; whether it
+   fits a transfer under way is the receiver's to say (`transfer_in`), with its state.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from proto.errors import ProtocolError
 from proto.config import ConfigPush, ConfigReport
 from proto.payloads import ExpiryNotice, PeerChange, Receipt
 from proto.rotation import OracleKeyChain
+from proto.transfers import Chunk, Manifest
 
 from .config import AppliedConfig, ConfigUpdate
 from .dedup import MessageKey
@@ -84,6 +87,7 @@ class DropReason(StrEnum):
     UNAUTHORIZED_PEER_CHANGE = "unauthorized_peer_change"
     UNEXPECTED_RECEIPT = "unexpected_receipt"
     UNAUTHORIZED_CONFIG = "unauthorized_config"
+    REFUSED_TRANSFER = "refused_transfer"  # a file over this device's bounds (SPEC §17)
 
 
 @dataclass(frozen=True)
@@ -182,9 +186,25 @@ class ConfigReportArrived:
     report: ConfigReport
 
 
+@dataclass(frozen=True)
+class ManifestArrived:
+    """A peer starts sending a file (SPEC §17)."""
+
+    envelope: Envelope
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class ChunkArrived:
+    """One slice of a file a peer sends (SPEC §17)."""
+
+    envelope: Envelope
+    chunk: Chunk
+
+
 Decision = (Drop | Surface | ReceiptArrived | ExpiryArrived | PeerChangeArrived
             | OracleKeyChanged | CallArrived | ResponseArrived | ConfigArrived
-            | ConfigReportArrived)
+            | ConfigReportArrived | ManifestArrived | ChunkArrived)
 
 
 class SentMessages(Protocol):
@@ -245,7 +265,7 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
 
 def _interpret(envelope: Envelope, contents: Contents, view: InboxView,
                limits: Limits) -> Decision:
-    """Rules 7 to 13 for the decrypted contents; DecodeError propagates to `decide`."""
+    """Rules 7 to 14 for the decrypted contents; DecodeError propagates to `decide`."""
     sender, kind, plaintext = envelope.sender, contents.kind, contents.plaintext
     if kind is Kind.DATA:
         if sender in view.peers:
@@ -278,6 +298,12 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView,
         if sender not in view.peers:
             return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
         return ConfigReportArrived(envelope, ConfigReport.decode(plaintext))
+    if kind in (Kind.TRANSFER_MANIFEST, Kind.TRANSFER_CHUNK):
+        if sender not in view.peers:
+            return Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
+        if kind is Kind.TRANSFER_MANIFEST:
+            return ManifestArrived(envelope, Manifest.decode(plaintext))
+        return ChunkArrived(envelope, Chunk.decode(plaintext))
     if kind in (Kind.STREAM_OPEN, Kind.STREAM_ACCEPT):
         return Drop(DropReason.INVALID, f"a {kind.name} travels in stream frames (SPEC §16),"
                     " never in a mailbox", envelope)

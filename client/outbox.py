@@ -67,6 +67,8 @@ class PendingSend:
     # Delays between retries after transient refusals, and the pending retry.
     retry_backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 30.0))
     retry_timer: asyncio.TimerHandle | None = None
+    # What the device sealed, when neither DATA nor RECEIPT (a transfer's manifest or chunk).
+    kind: Kind | None = None
 
     @property
     def msg_id(self) -> bytes:
@@ -74,8 +76,10 @@ class PendingSend:
 
     @property
     def sealed_kind(self) -> Kind:
-        """What the device sealed `plaintext` as: it seals its replies (receipts) and the
-        application's DATA; whatever else it sends was sealed elsewhere."""
+        """What the device sealed `plaintext` as: `kind` if given, else its reply (a receipt)
+        or the application's DATA; whatever else it sends was sealed elsewhere."""
+        if self.kind is not None:
+            return self.kind
         return Kind.RECEIPT if self.reply else Kind.DATA
 
 
@@ -99,14 +103,19 @@ class Outbox:
         return list(self._pending.values())
 
     def add(self, envelope: Envelope, *, plaintext: bytes | None = None,
-            reply: bool = False) -> PendingSend:
-        """Hold `envelope` until answered; durable in the state file (if any) on return."""
+            reply: bool = False, kind: Kind | None = None) -> PendingSend:
+        """Hold `envelope` until answered; durable in the state file (if any) on return.
+
+        `reply`: nobody tracks it in the sent log (a receipt, or a transfer's chunk, whose
+        one receipt is its manifest's); `kind`: what was sealed, if neither DATA nor RECEIPT.
+        """
         entry = self._pending.get(envelope.msg_id)
         if entry is None:
             if self._state is not None:
-                self._state.put_outgoing(envelope.msg_id,
-                                         StoredSend(envelope.raw, plaintext, reply))
-            entry = self._pending[envelope.msg_id] = PendingSend(envelope, plaintext, reply)
+                self._state.put_outgoing(envelope.msg_id, StoredSend(
+                    envelope.raw, plaintext, reply, None if kind is None else int(kind)))
+            entry = self._pending[envelope.msg_id] = PendingSend(envelope, plaintext, reply,
+                                                                 kind=kind)
             entry.accepted.add_done_callback(_retrieve)
         return entry
 
@@ -118,7 +127,8 @@ class Outbox:
                                        Limits(max_envelope_bytes=len(stored.envelope)))
             if envelope.msg_id in self._pending:
                 continue
-            entry = PendingSend(envelope, stored.plaintext, stored.reply, transmissions=1)
+            entry = PendingSend(envelope, stored.plaintext, stored.reply, transmissions=1,
+                                kind=None if stored.kind is None else Kind(stored.kind))
             entry.accepted.add_done_callback(_retrieve)
             self._pending[envelope.msg_id] = entry
             loaded.append(entry)

@@ -107,18 +107,18 @@ class Sender:
 
     # -- entries --------------------------------------------------------------------------
 
-    def enqueue(self, envelope: Envelope,
-                plaintext: bytes | None) -> tuple[Outgoing, PendingSend]:
+    def enqueue(self, envelope: Envelope, plaintext: bytes | None,
+                kind: Kind | None = None) -> tuple[Outgoing, PendingSend]:
         """Track and hold `envelope`, in one commit: from here on it is durable."""
         with transaction(self._state):
             outgoing = self.sent.track(envelope)  # before sending: a receipt may beat ACCEPTED
-            entry = self.outbox.add(envelope, plaintext=plaintext)
+            entry = self.outbox.add(envelope, plaintext=plaintext, kind=kind)
         return outgoing, entry
 
     def enqueue_soon(self, envelope: Envelope, plaintext: bytes) -> Outgoing:
         """Hold it and, if a relay is connected, send it in the background."""
         outgoing, entry = self.enqueue(envelope, plaintext)
-        self._spawn(self.send_now(entry))
+        self.spawn(self.send_now(entry))
         return outgoing
 
     async def submit(self, envelope: Envelope, plaintext: bytes | None,
@@ -245,7 +245,7 @@ class Sender:
 
     def _retry(self, entry: PendingSend) -> None:
         entry.retry_timer = None
-        self._spawn(self.send_now(entry))
+        self.spawn(self.send_now(entry))
 
     def _settle(self, entry: PendingSend, error: ProtocolError, *, lapsed: bool = False) -> None:
         """A final answer other than ACCEPTED (though REPLAY of a re-sent envelope is one)."""
@@ -274,7 +274,8 @@ class Sender:
             self.outbox.discard(entry.msg_id)
             self.sent.withdrawn(entry.msg_id)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background until it ends or the device stops."""
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

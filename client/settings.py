@@ -11,7 +11,10 @@ The home directory holds everything a device keeps between runs:
                    the oracle key in force is where it leads from the configured one,
                    so a flag or variable naming an older oracle key still works
     state.db       the outbox, the messages sent and their fate, the messages already
-                   handled (`state`; SQLite, with its -wal and -shm files), 0600
+                   handled, the files being sent and received (`state`; SQLite, with its
+                   -wal and -shm files), 0600
+    transfers/     files arriving (`partial/`) and verified, waiting to be taken
+                   (`received/`), SPEC §17
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from runtime.tls import is_loopback_host, verifying_context
 
 from .connection import DEFAULT_KEEPALIVE_S
 from .peers import PEERS_FILE
+from .transfer_in import DEFAULT_MAX_TRANSFER_BYTES
 
 IDENTITY_FILE = "identity.key"
 ORACLE_FILE = "oracle.pub"
@@ -48,6 +52,8 @@ class ClientSettings:
     relay_keys: frozenset[PublicKey] | None = None
     # A CA bundle wss:// relays are verified against instead of the system's (a private CA).
     ca_file: Path | None = None
+    # The largest file sent or received as a transfer (SPEC §17).
+    max_file_bytes: int = DEFAULT_MAX_TRANSFER_BYTES
 
     def tls_context(self) -> ssl.SSLContext | None:
         """The context for `wss://` relays: None keeps the system's trust store."""
@@ -79,6 +85,7 @@ class ClientSettings:
     def resolve(cls, *, home: str | None, relays: list[str] | None, oracle_key: str | None,
                 log_level: str, keepalive_s: float | None = None,
                 relay_keys: list[str] | None = None, ca_file: str | None = None,
+                max_file_bytes: int | None = None,
                 environ: Mapping[str, str] = os.environ) -> ClientSettings:
         """Combine flags (None: not given) with the environment; ValueError names a bad value."""
         home_text = home or environ.get("CONTINUUM_HOME") or "~/.continuum"
@@ -100,8 +107,12 @@ class ClientSettings:
         pinned_texts = relay_keys or _list(environ.get("CONTINUUM_RELAY_KEYS"))
         pinned = frozenset(PublicKey.from_text(text) for text in pinned_texts) or None
         ca_text = ca_file or environ.get("CONTINUUM_CA_FILE")
+        max_file = max_file_bytes if max_file_bytes is not None else _bytes(
+            environ.get("CONTINUUM_MAX_FILE_BYTES"), DEFAULT_MAX_TRANSFER_BYTES)
+        if max_file < 1:
+            raise ValueError(f"the maximum file size must be at least 1 byte, not {max_file}")
         return cls(home_path, tuple(relay_urls), key, log_level, keepalive, pinned,
-                   Path(ca_text).expanduser() if ca_text else None)
+                   Path(ca_text).expanduser() if ca_text else None, max_file)
 
     def describe(self) -> dict[str, object]:
         """What is in force, for the start-up log line (nothing here is secret)."""
@@ -110,7 +121,8 @@ class ClientSettings:
                 "log_level": self.log_level, "keepalive_s": self.keepalive_s,
                 "relay_keys": (None if self.relay_keys is None
                                else sorted(key.text for key in self.relay_keys)),
-                "ca_file": str(self.ca_file) if self.ca_file else None}
+                "ca_file": str(self.ca_file) if self.ca_file else None,
+                "max_file_bytes": self.max_file_bytes}
 
 
 def _list(text: str | None) -> list[str]:
@@ -126,6 +138,16 @@ def _seconds(text: str | None, default: float) -> float:
     except ValueError:
         raise ValueError(f"CONTINUUM_KEEPALIVE_S must be a number of seconds, not {text!r}")\
             from None
+
+
+def _bytes(text: str | None, default: int) -> int:
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"CONTINUUM_MAX_FILE_BYTES must be a whole number of bytes, not"
+                         f" {text!r}") from None
 
 
 def _read_text(path: Path) -> str:

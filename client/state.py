@@ -13,6 +13,11 @@ the process is written here, in the home next to the key:
               for it may name
     seen      (sender, msg_id) already handled, until the envelope can no longer be
               valid (created_at + ttl + skew), so a re-delivery after a restart is a duplicate
+    transfer_out        each file this device sends (SPEC §17): where it is, its manifest,
+                        how many chunks are in the outbox or past it, and the outcome
+    transfer_in         each file arriving: its manifest and envelope (for the one receipt),
+                        how many chunks are on disk, and whether it was surfaced
+    transfer_in_chunk   which chunks of it are on disk, so a re-sent chunk is a duplicate
 
 Why SQLite (stdlib `sqlite3`): a change that spans tables (a message marked
 seen *and* its receipt queued) commits atomically, a crash at any instant
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_FILE = "state.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE outbox (
@@ -46,7 +51,8 @@ CREATE TABLE outbox (
     msg_id BLOB NOT NULL UNIQUE,
     envelope BLOB NOT NULL,
     plaintext BLOB,
-    reply INTEGER NOT NULL
+    reply INTEGER NOT NULL,
+    kind INTEGER
 );
 CREATE TABLE sent (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -77,9 +83,43 @@ CREATE TABLE seen (
 ) WITHOUT ROWID;
 CREATE INDEX seen_forget_at ON seen (forget_at_ms);
 """
+_TRANSFERS = """
+CREATE TABLE transfer_out (
+    transfer_id BLOB PRIMARY KEY,
+    sender BLOB NOT NULL,
+    recipient BLOB NOT NULL,
+    path TEXT NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    manifest BLOB NOT NULL,
+    manifest_msg_id BLOB NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    next_index INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT
+) WITHOUT ROWID;
+CREATE TABLE transfer_in (
+    sender BLOB NOT NULL,
+    transfer_id BLOB NOT NULL,
+    manifest BLOB NOT NULL,
+    envelope BLOB NOT NULL,
+    received INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    forget_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, transfer_id)
+) WITHOUT ROWID;
+CREATE TABLE transfer_in_chunk (
+    sender BLOB NOT NULL,
+    transfer_id BLOB NOT NULL,
+    idx INTEGER NOT NULL,
+    PRIMARY KEY (sender, transfer_id, idx),
+    FOREIGN KEY (sender, transfer_id) REFERENCES transfer_in ON DELETE CASCADE
+) WITHOUT ROWID;
+"""
 # How each older version becomes this one.  Version 1 kept each sent message's kind,
 # which the device cannot know for an envelope sealed elsewhere now that it is sealed.
-_UPGRADES = {0: _SCHEMA, 1: "ALTER TABLE sent DROP COLUMN kind;"}
+# Version 3 keeps the kind of what the device sealed itself (transfers seal kinds 7 and 8).
+_TO_3 = "ALTER TABLE outbox ADD COLUMN kind INTEGER;" + _TRANSFERS
+_UPGRADES = {0: _SCHEMA + _TRANSFERS, 1: "ALTER TABLE sent DROP COLUMN kind;" + _TO_3, 2: _TO_3}
 
 
 @dataclass(frozen=True)
@@ -89,6 +129,38 @@ class StoredSend:
     envelope: bytes
     plaintext: bytes | None
     reply: bool
+    kind: int | None = None  # what the device sealed, when neither DATA nor RECEIPT
+
+
+@dataclass(frozen=True)
+class TransferOutRow:
+    """A file being sent by `sender` (the key that signed its manifest, and signs its chunks):
+    chunks [0, next_index) are in the outbox or accepted."""
+
+    transfer_id: bytes
+    sender: bytes
+    recipient: bytes
+    path: str
+    mtime_ns: int
+    manifest: bytes
+    manifest_msg_id: bytes
+    expires_at_ms: int
+    next_index: int
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferInRow:
+    """A file arriving from `sender`: `received` of its chunks are on disk."""
+
+    sender: bytes
+    transfer_id: bytes
+    manifest: bytes
+    envelope: bytes
+    received: int
+    state: str
+    forget_at_ms: int
 
 
 @dataclass(frozen=True)
@@ -174,8 +246,9 @@ class DeviceState:
 
     def put_outgoing(self, msg_id: bytes, send: StoredSend) -> None:
         """Add an envelope to the outbox (once: a second put of the same msg_id is ignored)."""
-        self._write("INSERT OR IGNORE INTO outbox (msg_id, envelope, plaintext, reply)"
-                    " VALUES (?, ?, ?, ?)", (msg_id, send.envelope, send.plaintext, send.reply))
+        self._write("INSERT OR IGNORE INTO outbox (msg_id, envelope, plaintext, reply, kind)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (msg_id, send.envelope, send.plaintext, send.reply, send.kind))
 
     def replace_outgoing(self, msg_id: bytes, envelope: bytes) -> None:
         """The envelope was sealed again (same msg_id): send these bytes from now on."""
@@ -186,8 +259,9 @@ class DeviceState:
 
     def outgoing(self) -> list[StoredSend]:
         """The outbox, oldest first."""
-        rows = self._db.execute("SELECT envelope, plaintext, reply FROM outbox ORDER BY seq")
-        return [StoredSend(envelope, plaintext, bool(reply)) for envelope, plaintext, reply in rows]
+        rows = self._db.execute("SELECT envelope, plaintext, reply, kind FROM outbox ORDER BY seq")
+        return [StoredSend(envelope, plaintext, bool(reply), kind)
+                for envelope, plaintext, reply, kind in rows]
 
     # -- sent messages --------------------------------------------------------------------
 
@@ -253,10 +327,91 @@ class DeviceState:
     def count_seen(self) -> int:
         return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
+    # -- transfers (SPEC §17) -----------------------------------------------------------
+
+    def add_transfer_out(self, row: TransferOutRow) -> None:
+        self._write("INSERT INTO transfer_out (transfer_id, sender, recipient, path, mtime_ns,"
+                    " manifest, manifest_msg_id, expires_at_ms, next_index, state, error)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (row.transfer_id, row.sender, row.recipient, row.path, row.mtime_ns, row.manifest,
+                     row.manifest_msg_id, row.expires_at_ms, row.next_index, row.state,
+                     row.error))
+
+    def transfers_out(self, state: str) -> list[TransferOutRow]:
+        rows = self._db.execute(
+            "SELECT transfer_id, sender, recipient, path, mtime_ns, manifest, manifest_msg_id,"
+            " expires_at_ms, next_index, state, error FROM transfer_out WHERE state = ?",
+            (state,))
+        return [TransferOutRow(*row) for row in rows]
+
+    def set_transfer_out(self, transfer_id: bytes, *, next_index: int | None = None,
+                         state: str | None = None, error: str | None = None) -> None:
+        if next_index is not None:
+            self._write("UPDATE transfer_out SET next_index = ? WHERE transfer_id = ?",
+                        (next_index, transfer_id))
+        if state is not None:
+            self._write("UPDATE transfer_out SET state = ?, error = ? WHERE transfer_id = ?",
+                        (state, error, transfer_id))
+
+    def add_transfer_in(self, row: TransferInRow) -> None:
+        self._write("INSERT INTO transfer_in (sender, transfer_id, manifest, envelope, received,"
+                    " state, forget_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (row.sender, row.transfer_id, row.manifest, row.envelope, row.received,
+                     row.state, row.forget_at_ms))
+
+    _IN_COLUMNS = "sender, transfer_id, manifest, envelope, received, state, forget_at_ms"
+
+    def transfer_in(self, sender: bytes, transfer_id: bytes) -> TransferInRow | None:
+        row = self._db.execute(f"SELECT {self._IN_COLUMNS} FROM transfer_in"
+                               " WHERE sender = ? AND transfer_id = ?",
+                               (sender, transfer_id)).fetchone()
+        return TransferInRow(*row) if row else None
+
+    def transfers_in(self, state: str) -> list[TransferInRow]:
+        rows = self._db.execute(f"SELECT {self._IN_COLUMNS} FROM transfer_in WHERE state = ?",
+                                (state,))
+        return [TransferInRow(*row) for row in rows]
+
+    def transfers_in_to_forget(self, now_ms: int) -> list[TransferInRow]:
+        rows = self._db.execute(f"SELECT {self._IN_COLUMNS} FROM transfer_in"
+                                " WHERE forget_at_ms < ?", (now_ms,))
+        return [TransferInRow(*row) for row in rows]
+
+    def has_chunk(self, sender: bytes, transfer_id: bytes, index: int) -> bool:
+        return self._db.execute("SELECT 1 FROM transfer_in_chunk WHERE sender = ? AND"
+                                " transfer_id = ? AND idx = ?",
+                                (sender, transfer_id, index)).fetchone() is not None
+
+    def add_chunk(self, sender: bytes, transfer_id: bytes, index: int) -> None:
+        with self.transaction():
+            self._write("INSERT INTO transfer_in_chunk (sender, transfer_id, idx)"
+                        " VALUES (?, ?, ?)", (sender, transfer_id, index))
+            self._write("UPDATE transfer_in SET received = received + 1"
+                        " WHERE sender = ? AND transfer_id = ?", (sender, transfer_id))
+
+    def set_transfer_in_state(self, sender: bytes, transfer_id: bytes, state: str) -> None:
+        """A finished transfer keeps its row (so a re-delivered chunk is known), not its
+        chunk list."""
+        with self.transaction():
+            self._write("UPDATE transfer_in SET state = ? WHERE sender = ? AND transfer_id = ?",
+                        (state, sender, transfer_id))
+            if state != "receiving":
+                self._write("DELETE FROM transfer_in_chunk WHERE sender = ? AND transfer_id = ?",
+                            (sender, transfer_id))
+
+    def remove_transfer_in(self, sender: bytes, transfer_id: bytes) -> None:
+        self._write("DELETE FROM transfer_in WHERE sender = ? AND transfer_id = ?",
+                    (sender, transfer_id))
+
     # -- bounds ---------------------------------------------------------------------------
 
-    def prune(self, now_ms: int, *, max_seen: int, max_sent: int) -> None:
-        """Forget what can no longer matter, then cap each table, oldest first."""
+    def prune(self, now_ms: int, *, max_seen: int, max_sent: int,
+              max_finished_transfers: int = 4096) -> None:
+        """Forget what can no longer matter, then cap each table, oldest first.
+
+        Arriving transfers that are finished (taken, failed or refused: no file of theirs is
+        kept here) are only remembered so that their chunks are known; the oldest beyond
+        `max_finished_transfers` go (a chunk of one is then dropped as unknown)."""
         with self.transaction():
             self._db.execute("DELETE FROM seen WHERE forget_at_ms < ?", (now_ms,))
             self._db.execute(
@@ -270,6 +425,14 @@ class DeviceState:
                 "DELETE FROM sent WHERE seq IN (SELECT seq FROM sent WHERE msg_id NOT IN"
                 " (SELECT msg_id FROM outbox) ORDER BY seq"
                 " LIMIT max(0, (SELECT count(*) FROM sent) - ?))", (max_sent,))
+            self._db.execute(
+                "DELETE FROM transfer_in WHERE (sender, transfer_id) IN (SELECT sender,"
+                " transfer_id FROM transfer_in WHERE state IN ('surfaced', 'failed', 'refused')"
+                " ORDER BY forget_at_ms LIMIT max(0, (SELECT count(*) FROM transfer_in WHERE"
+                " state IN ('surfaced', 'failed', 'refused')) - ?))", (max_finished_transfers,))
+            # A finished or failed outgoing transfer is only history once its chunks expired.
+            self._db.execute("DELETE FROM transfer_out WHERE state != 'sending'"
+                             " AND expires_at_ms < ?", (now_ms,))
 
 
 def transaction(state: DeviceState | None, *, durable: bool = True) -> AbstractContextManager[None]:

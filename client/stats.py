@@ -41,6 +41,9 @@ class DeviceStats:
     # Configurations applied, and CONFIGs behind the applied one (not applied, not reported).
     config_updates: int = 0
     configs_older: int = 0
+    # Transfers refused for this device's bounds (too large, too many under way).
+    dropped_refused_transfer: int = 0
+    files_surfaced: int = 0
     # Relay messages that were no frame a device may receive (nothing to ACK).
     bad_frames: int = 0
     # Calls (SPEC §18), as caller: calls that got no response in time, responses that came

@@ -70,6 +70,9 @@ class Kind(IntEnum):
     # stored in a mailbox.
     STREAM_OPEN = 5
     STREAM_ACCEPT = 6
+    # Large transfers (SPEC §17): ordinary mailbox envelopes, one manifest then its chunks.
+    TRANSFER_MANIFEST = 7
+    TRANSFER_CHUNK = 8
     # Calls between peers (SPEC §18): stored in mailboxes like DATA.
     CALL = 10
     RESPONSE = 11

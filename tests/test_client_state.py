@@ -140,12 +140,13 @@ def test_a_file_of_the_previous_version_is_upgraded_keeping_its_rows(tmp_path: P
     SentLog(state=state).track(envelope)
     state.close()
     with sqlite3.connect(path) as db:  # what version 1 wrote
+        _back_to_version_2(db)
         db.execute("ALTER TABLE sent ADD COLUMN kind INTEGER NOT NULL DEFAULT 1")
         db.execute("PRAGMA user_version = 1")
     [message] = SentLog(state=DeviceState(path)).history()
     assert message.msg_id == envelope.msg_id and bob.public in message.recipients
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert "kind" not in {row[1] for row in db.execute("PRAGMA table_info(sent)")}
 
 
@@ -244,3 +245,45 @@ def test_prune_forgets_what_can_no_longer_matter_and_caps_each_table(tmp_path: P
         log.track(sealed(bytes([n]), ttl_s=3600))
     state.prune(NOW_MS, max_seen=100, max_sent=3)
     assert len(log.history()) == 3 and unsent.msg_id in {m.msg_id for m in log.history()}
+
+
+def _back_to_version_2(db: sqlite3.Connection) -> None:
+    """Undo what version 3 added: the transfer tables and the outbox's kind column."""
+    for table in ("transfer_in_chunk", "transfer_in", "transfer_out"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("ALTER TABLE outbox DROP COLUMN kind")
+    db.execute("PRAGMA user_version = 2")
+
+
+def test_version_2_gains_the_transfer_tables_and_keeps_its_outbox(tmp_path: Path) -> None:
+    """Version 3 adds transfers (SPEC §17) and the outbox's sealed kind; a version 2 outbox
+    row stays, its kind unknown (NULL: DATA or RECEIPT, as `reply` says)."""
+    path = tmp_path / "state.db"
+    state = DeviceState(path)
+    state.close()
+    with sqlite3.connect(path) as db:
+        _back_to_version_2(db)
+        db.execute("INSERT INTO outbox (msg_id, envelope, plaintext, reply)"
+                   " VALUES (?, ?, ?, ?)", (b"m" * 16, b"bytes", b"plain", 0))
+    state = DeviceState(path)
+    assert state.outgoing() == [StoredSend(b"bytes", b"plain", False, None)]
+    state.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert {"transfer_out", "transfer_in", "transfer_in_chunk"} <= tables
+
+
+def test_finished_incoming_transfers_are_capped_oldest_first(tmp_path: Path) -> None:
+    """Rows of transfers taken, failed or refused hold no file, only what makes their chunks
+    known; a peer sending manifest after manifest cannot grow them without bound."""
+    from client.state import TransferInRow
+    state = DeviceState(tmp_path / "state.db")
+    for n in range(6):
+        state.add_transfer_in(TransferInRow(b"s" * 32, bytes([n]) * 16, b"m", b"", 0,
+                                            "refused", 10_000 + n))
+    state.add_transfer_in(TransferInRow(b"s" * 32, b"r" * 16, b"m", b"", 0, "receiving", 1))
+    state.prune(0, max_seen=10, max_sent=10, max_finished_transfers=4)
+    kept = {row.transfer_id[0] for row in state.transfers_in("refused")}
+    assert kept == {2, 3, 4, 5}
+    assert [row.transfer_id for row in state.transfers_in("receiving")] == [b"r" * 16]

@@ -737,6 +737,12 @@ def stream_vectors() -> dict:
     """streams.json, built in its own module (SPEC §16)."""
     from .stream_vectors import stream_vectors as build_streams
     return build_streams()
+def transfer_vectors() -> dict:
+    """transfers.json (SPEC §17), built in its own module."""
+    from .transfer_vectors import transfer_vectors as build_transfers
+    return build_transfers()
+
+
 def region_vectors() -> dict:
     """regions.json (SPEC §19), built in its own module like prekeys.json."""
     from .region_vectors import region_vectors as build_regions
@@ -769,6 +775,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "invalid": invalid_vectors,
     "prekeys": prekey_vectors,
     "streams": stream_vectors,
+    "transfers": transfer_vectors,
     "regions": region_vectors,
     "presence": presence_vectors,
     "calls": call_vectors,
