@@ -85,7 +85,15 @@ async def test_editing_a_group_configuration_reaches_a_device_that_reports_it(
 
 
 async def _reload_shows(page, text: str) -> bool:
-    await page.reload()
+    """Reload and look for `text`.  The dashboard reloads the page itself after a save; a
+    reload of ours that crosses it is aborted by the browser, which only means: look again."""
+    from playwright.async_api import Error as PlaywrightError
+    try:
+        await page.reload()
+    except PlaywrightError as exc:
+        if "ERR_ABORTED" not in exc.message:
+            raise
+        return False
     return text in await page.content()
 
 
