@@ -14,13 +14,14 @@ at start and recorded in `schema_migrations`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime.clock import now_ms
 
@@ -29,6 +30,7 @@ _WRITER_LOCK_ID = 0x636F6E74  # "cont": one advisory lock for every oracle write
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 class Connection(ABC):
@@ -44,6 +46,11 @@ class Connection(ABC):
         """Run one statement once per row of arguments (a batch: one call, not one per row)."""
         for row in rows:
             await self.execute(sql, *row)
+
+    async def fetch_bulk(self, sql: str, *args: Any) -> list[Row]:
+        """`fetch` for a result that may be large (many peer lists): off the event loop
+        where the engine would otherwise block it."""
+        return await self.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         rows = await self.fetch(sql, *args)
@@ -98,6 +105,10 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+# A batch of more rows than this is written from a worker thread (see `executemany`).
+_ROWS_ON_LOOP = 64
+
+
 class _SqliteConnection(Connection):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
@@ -106,11 +117,37 @@ class _SqliteConnection(Connection):
         self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
 
     async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        self._conn.executemany(_PLACEHOLDER.sub(r"?\1", sql), rows)
+        """A large batch (a group's worth of peer lists, 50 MB for 1,000 members) runs in a
+        worker thread: SQLite releases the GIL while it writes, so the event loop goes on
+        answering.  The caller holds the database lock, so no one else uses the connection."""
+        statement = _PLACEHOLDER.sub(r"?\1", sql)
+        if len(rows) <= _ROWS_ON_LOOP:
+            self._conn.executemany(statement, rows)
+        else:
+            await _in_thread(self._conn.executemany, statement, rows)
+
+    async def fetch_bulk(self, sql: str, *args: Any) -> list[Row]:
+        def run() -> list[Row]:
+            cursor = self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
+            return [dict(row) for row in cursor.fetchall()]
+        return await _in_thread(run)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         cursor = self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
         return [dict(row) for row in cursor.fetchall()]
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread, waited for to its end even if the caller is
+    cancelled meanwhile: the connection is the caller's (under the database lock) until
+    the call returns, so the lock must not be released while the thread still uses it."""
+    call = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await call
+        raise
 
 
 _UNICODE_LOWER = "unicode_lower"
@@ -153,7 +190,9 @@ class SqliteDatabase(Database):
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            # In a worker thread: the commit writes the transaction to the WAL (tens of MB
+            # for a large group's peer lists), and the loop must not wait for the disk.
+            await _in_thread(self._conn.execute, "COMMIT")
 
     async def run_script(self, conn: Connection, script: str) -> None:
         for statement in _statements(script):
