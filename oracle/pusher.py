@@ -42,8 +42,8 @@ from client.inbox import InboundMessage
 from client.peers import PeerList
 from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_envelope
 from proto.config import ConfigPush, parse_document
-from proto.errors import ProtocolError, ReplayError
-from proto.payloads import PeerChange
+from proto.errors import OversizeError, ProtocolError, ReplayError
+from proto.payloads import MAX_PEERS, PeerChange
 from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 
@@ -182,16 +182,32 @@ class Pusher:
             if (envelope.sender == self._identity.public
                     and now_ms() - envelope.created_at_ms < self._settings.reseal_after_s * 1000):
                 return envelope
-        change = PeerChange(push.version, tuple(PublicKey.from_text(k) for k in push.peers),
-                            push.epoch)
-        return seal_envelope(self._identity, Kind.PEER_CHANGE,
-                             [PublicKey.from_text(push.device_key)], change.encode(),
-                             ttl_s=self._settings.push_ttl_s, now_ms=now_ms())
+        if len(push.peers) > MAX_PEERS:
+            raise OversizeError(f"its list has {len(push.peers)} peers and a peer list carries"
+                                f" at most {MAX_PEERS} (SPEC §6): make its groups smaller")
+        keys = self._publisher.keys
+        change = PeerChange(push.version, tuple(keys(k) for k in push.peers), push.epoch)
+        return seal_envelope(self._identity, Kind.PEER_CHANGE, [keys(push.device_key)],
+                             change.encode(), ttl_s=self._settings.push_ttl_s, now_ms=now_ms())
 
     async def _push_one(self, push: PendingPush) -> bool:
-        """Send one version; True once a relay stored it (ACCEPTED, or REPLAY of these bytes)."""
+        """Send one version; True once a relay stored it (ACCEPTED, or REPLAY of these bytes).
+
+        Yields to the event loop before sealing: a batch is sealed one envelope per loop
+        turn (a few ms for 1,000 peers) instead of all at once (a group's change stalled
+        the oracle's API for seconds).  A list that cannot be sealed (more peers than a
+        PEER_CHANGE carries: only from an oracle that let a group grow past 1,025) is
+        marked failed with the reason and logged as an error, so the device shows it.
+        """
         assert self._device is not None
-        envelope = self._envelope(push)
+        await asyncio.sleep(0)
+        try:
+            envelope = self._envelope(push)
+        except ProtocolError as exc:
+            await self._registry.mark_failed(push, f"cannot be sent: {exc}")
+            self._log.error("peer_change_undeliverable", device=push.device_key,
+                            version=push.version, peers=len(push.peers), error=str(exc))
+            return False
         stored = base64.b64encode(envelope.raw).decode()
         if stored != push.envelope:
             await self._registry.record_sealed(push, stored, envelope.msg_id.hex())

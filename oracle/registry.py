@@ -497,7 +497,8 @@ class Registry:
             " FROM peer_changes pc JOIN devices d"
             "  ON d.key = pc.device_key AND d.peer_version = pc.version"
             " WHERE pc.sent_at_ms IS NULL AND d.revoked_at_ms IS NULL"
-            " ORDER BY pc.created_at_ms LIMIT $1", limit)
+            # Never tried first: rows that keep failing cannot hold a whole batch back.
+            " ORDER BY pc.attempts, pc.created_at_ms LIMIT $1", limit)
         return [PendingPush(r["device_key"], r["epoch"], r["version"],
                             decode_peer_text(r["peers"]), r["envelope"], r["attempts"])
                 for r in rows]
