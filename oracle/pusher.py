@@ -75,6 +75,9 @@ class Pusher:
         self._announced: set[str] = set()
         self._notices: dict[bytes, str] = {}
         self._wake = asyncio.Event()
+        # Taken to seal one envelope: waiters are woken one per loop turn, so the sealing of
+        # a batch is spread over turns and requests are answered in between.
+        self._sealing = asyncio.Lock()
         # The oracle's "peers" are the active devices: the client library then accepts
         # their receipts even for envelopes sent before an oracle restart.
         self._peers = PeerList()
@@ -193,16 +196,16 @@ class Pusher:
     async def _push_one(self, push: PendingPush) -> bool:
         """Send one version; True once a relay stored it (ACCEPTED, or REPLAY of these bytes).
 
-        Yields to the event loop before sealing: a batch is sealed one envelope per loop
-        turn (a few ms for 1,000 peers) instead of all at once (a group's change stalled
-        the oracle's API for seconds).  A list that cannot be sealed (more peers than a
+        Envelopes are sealed one per turn of the event loop (`_sealing`: a few ms each for
+        1,000 peers), not a whole batch at once: 100 in one turn stalled the oracle's API.  A list that cannot be sealed (more peers than a
         PEER_CHANGE carries: only from an oracle that let a group grow past 1,025) is
         marked failed with the reason and logged as an error, so the device shows it.
         """
         assert self._device is not None
-        await asyncio.sleep(0)
         try:
-            envelope = self._envelope(push)
+            async with self._sealing:
+                await asyncio.sleep(0)  # the rest of the batch queues on the lock meanwhile
+                envelope = self._envelope(push)
         except ProtocolError as exc:
             await self._registry.mark_failed(push, f"cannot be sent: {exc}")
             self._log.error("peer_change_undeliverable", device=push.device_key,
