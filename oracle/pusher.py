@@ -197,9 +197,10 @@ class Pusher:
         """Send one version; True once a relay stored it (ACCEPTED, or REPLAY of these bytes).
 
         Envelopes are sealed one per turn of the event loop (`_sealing`: a few ms each for
-        1,000 peers), not a whole batch at once: 100 in one turn stalled the oracle's API.  A list that cannot be sealed (more peers than a
-        PEER_CHANGE carries: only from an oracle that let a group grow past 1,025) is
-        marked failed with the reason and logged as an error, so the device shows it.
+        1,000 peers), not a whole batch at once: 100 in one turn stalled the oracle's API.
+        A list that cannot be sealed (more peers than a PEER_CHANGE carries: only from an
+        oracle that let a group grow past 1,025) is marked failed with the reason and
+        logged as an error, so the device's page shows it; the other lists still go out.
         """
         assert self._device is not None
         try:

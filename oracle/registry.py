@@ -1,6 +1,6 @@
 """The SQL behind devices, peer groups and the peer-change outbox: every change in one transaction.
 
-Each administrative change re-derives the peer lists and, in the same
+Each administrative change re-derives the peer lists it can alter and, in the same
 transaction, issues a new version to every device whose list changed (the
 outbox row) and bumps the access-list version when enrolment, revocation or
 group membership changed (relays enforce groups too).  Both carry the epoch

@@ -152,3 +152,49 @@ async def test_a_list_past_1024_peers_is_refused_naming_the_device(tmp_path) -> 
             assert len(await server.oracle.registry.current_peers(inside[1].public.text)) == 1023
         finally:
             await admin.close()
+
+
+async def test_a_stored_list_past_the_bound_is_marked_failed_and_the_others_still_go_out(
+        start_relay, tmp_path) -> None:
+    """An older oracle let groups grow past 1,025 and stored such lists: the pusher died on
+    the first one in silence.  Now it is marked failed, logged, and the rest is sent."""
+    settings = oracle_settings(tmp_path)
+    (small, peer), (legacy,) = await _fill(settings.database, 2, 1)
+    db = await open_database(settings.database)
+    try:
+        async with db.transaction() as conn:
+            await conn.execute("UPDATE peer_changes SET sent_at_ms = NULL, acked_at_ms = NULL"
+                               " WHERE device_key = $1", small.public.text)
+            await conn.execute("UPDATE devices SET peer_version = 2 WHERE key = $1",
+                               legacy.public.text)
+            too_many = " ".join(sorted(Identity.generate().public.text for _ in range(1025)))
+            await conn.execute("INSERT INTO peer_changes (device_key, epoch, version, peers,"
+                               " created_at_ms) VALUES ($1, 0, 2, $2, 0)",
+                               legacy.public.text, too_many)
+    finally:
+        await db.close()
+    relay = await start_relay()
+    async with OracleServer(oracle_settings(tmp_path, relays=(relay.url,))) as server:
+        assert server.oracle is not None
+        registry = server.oracle.registry
+
+        async def settled() -> bool:
+            (failed,) = await registry.push_history(legacy.public.text, limit=1)
+            (sent,) = await registry.push_history(small.public.text, limit=1)
+            return failed.attempts > 0 and sent.sent_at_ms is not None
+        await eventually(settled, timeout=20)
+        (failed,) = await registry.push_history(legacy.public.text, limit=1)
+        assert failed.sent_at_ms is None and failed.last_error is not None
+        assert "cannot be sent" in failed.last_error and "1025 peers" in failed.last_error
+        assert "at most 1024" in failed.last_error
+        assert server.oracle.pusher.connected  # the push loop is alive: a new change goes out
+        admin = await Admin.login(server)
+        try:
+            await admin.call("DELETE", f"/v1/groups/{GROUP}/members/{peer.public.text}")
+        finally:
+            await admin.close()
+
+        async def emptied() -> bool:
+            (latest,) = await registry.push_history(small.public.text, limit=1)
+            return latest.version == 2 and latest.sent_at_ms is not None
+        await eventually(emptied, timeout=20)
