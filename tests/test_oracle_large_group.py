@@ -21,6 +21,7 @@ import time
 import aiohttp
 import pytest
 from oracle_support import Admin, eventually, oracle_settings
+from test_oracle_browser import CHROMIUM, CHROMIUM_ARGS, logged_in_page
 
 from client.device import Device
 from oracle import OracleServer
@@ -138,6 +139,9 @@ async def test_a_list_past_1024_peers_is_refused_naming_the_device(tmp_path) -> 
         try:
             # 1,025 members: each has 1,024 peers, the most a PEER_CHANGE carries.
             await admin.call("PUT", f"/v1/groups/{GROUP}/members/{last_fitting.public.text}")
+            # The dashboard's Add button shows the refusal (headless Chromium, if installed).
+            if CHROMIUM.exists():
+                assert "would have 1025 peers" in await _add_in_browser(server, too_many)
             refused = await admin.call(
                 "PUT", f"/v1/groups/{GROUP}/members/{too_many.public.text}", expect=409)
             assert "would have 1025 peers" in refused["error"]
@@ -198,3 +202,21 @@ async def test_a_stored_list_past_the_bound_is_marked_failed_and_the_others_stil
             (latest,) = await registry.push_history(small.public.text, limit=1)
             return latest.version == 2 and latest.sent_at_ms is not None
         await eventually(emptied, timeout=20)
+
+
+async def _add_in_browser(server: OracleServer, device: Identity) -> str:
+    """Click "Add" for `device` on the group's page; the flashed message."""
+    from playwright.async_api import async_playwright
+    password = await server.create_admin("browser")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await logged_in_page(browser, server, "browser", password)
+            await page.goto(f"{server.url}/groups/{GROUP}?find=d01025")
+            await page.get_by_role("button", name=f"Add d01025 ({device.public.text[4:12]}) to"
+                                   f" {GROUP}").click()
+            flash = page.locator("#flash")
+            await flash.wait_for(state="visible", timeout=10_000)
+            return await flash.inner_text()
+        finally:
+            await browser.close()
