@@ -293,7 +293,8 @@ async def status(request: web.Request) -> web.Response:
         "devices": counts.total,
         "revoked": counts.revoked,
         "behind": await oracle.registry.behind_keys(),
-        "pending_pushes": len(await oracle.registry.pending_pushes(limit=10_000)),
+        # Counted, not loaded: each pending row holds a whole peer list (50 KB at 1,000 peers).
+        "pending_pushes": await oracle.registry.push_queue_depth(),
         "config_behind": len(await oracle.registry.configs.behind(limit=10_000)),
     })
 

@@ -14,13 +14,14 @@ at start and recorded in `schema_migrations`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runtime.clock import now_ms
 
@@ -29,6 +30,7 @@ _WRITER_LOCK_ID = 0x636F6E74  # "cont": one advisory lock for every oracle write
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
 Row = dict[str, Any]
+T = TypeVar("T")
 
 
 class Connection(ABC):
@@ -44,6 +46,11 @@ class Connection(ABC):
         """Run one statement once per row of arguments (a batch: one call, not one per row)."""
         for row in rows:
             await self.execute(sql, *row)
+
+    async def fetch_bulk(self, sql: str, *args: Any) -> list[Row]:
+        """`fetch` for a result that may be large (many peer lists): off the event loop
+        where the engine would otherwise block it."""
+        return await self.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         rows = await self.fetch(sql, *args)
@@ -98,19 +105,52 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
 
 
+# A batch of more rows than this is written from a worker thread (see `executemany`).
+_ROWS_ON_LOOP = 64
+
+
 class _SqliteConnection(Connection):
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._conn = conn
+        # Set when this transaction wrote a large batch: its commit then leaves the loop too.
+        self.wrote_bulk = False
 
     async def execute(self, sql: str, *args: Any) -> None:
         self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
 
     async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        self._conn.executemany(_PLACEHOLDER.sub(r"?\1", sql), rows)
+        """A large batch (a group's worth of peer lists, 50 MB for 1,000 members) runs in a
+        worker thread: SQLite releases the GIL while it writes, so the event loop goes on
+        answering.  The caller holds the database lock, so no one else uses the connection."""
+        statement = _PLACEHOLDER.sub(r"?\1", sql)
+        if len(rows) <= _ROWS_ON_LOOP:
+            self._conn.executemany(statement, rows)
+        else:
+            self.wrote_bulk = True
+            await _in_thread(self._conn.executemany, statement, rows)
+
+    async def fetch_bulk(self, sql: str, *args: Any) -> list[Row]:
+        def run() -> list[Row]:
+            cursor = self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
+            return [dict(row) for row in cursor.fetchall()]
+        return await _in_thread(run)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         cursor = self._conn.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
         return [dict(row) for row in cursor.fetchall()]
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` in a worker thread, waited for to its end even if the caller is
+    cancelled meanwhile: the connection is the caller's (under the database lock) until
+    the call returns, so the lock must not be released while the thread still uses it."""
+    call = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await call
+        raise
 
 
 _UNICODE_LOWER = "unicode_lower"
@@ -121,26 +161,42 @@ def _fold(text: str | None) -> str | None:
 
 
 class SqliteDatabase(Database):
-    """One connection on the event-loop thread: each query is a short indexed lookup,
-    cheaper than a hop to a worker thread, as in the relay's embedded store."""
+    """Connections on the event-loop thread: each query is a short indexed lookup,
+    cheaper than a hop to a worker thread, as in the relay's embedded store.
+
+    A file database has two: the writer, whose transactions are serialised by a lock
+    and may take a second (a group of 1,000's peer lists), and a reader for queries
+    outside a transaction, which in WAL mode sees the last commit without waiting for
+    the writer: so requests (and /healthz) are answered while a large change is written.
+    """
 
     def __init__(self, path: str) -> None:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
+        self._conn = self._connect(path)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._conn.create_function(_UNICODE_LOWER, 1, _fold, deterministic=True)
         self._plain = _SqliteConnection(self._conn)
+        # One in-memory database is one connection: there, reads wait for the writer's lock.
+        self._reader = None if path == ":memory:" else self._connect(path)
         self._lock = asyncio.Lock()
+
+    @staticmethod
+    def _connect(path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.create_function(_UNICODE_LOWER, 1, _fold, deterministic=True)
+        return conn
 
     async def execute(self, sql: str, *args: Any) -> None:
         async with self.transaction() as conn:
             await conn.execute(sql, *args)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        if self._reader is not None:
+            cursor = self._reader.execute(_PLACEHOLDER.sub(r"?\1", sql), args)
+            return [dict(row) for row in cursor.fetchall()]
         async with self._lock:
             return await self._plain.fetch(sql, *args)
 
@@ -148,12 +204,20 @@ class SqliteDatabase(Database):
     async def transaction(self) -> AsyncIterator[Connection]:
         async with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
+            self._plain.wrote_bulk = False
             try:
                 yield self._plain
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
+            if self._plain.wrote_bulk:
+                # The commit writes the batch to the WAL (50 MB for a group of 1,000's peer
+                # lists): in a worker thread, so the loop does not wait for the disk.  A small
+                # transaction commits here: a thread hop would cost more than its commit, and
+                # it holds the lock that every request's query waits for.
+                await _in_thread(self._conn.execute, "COMMIT")
+            else:
+                self._conn.execute("COMMIT")
 
     async def run_script(self, conn: Connection, script: str) -> None:
         for statement in _statements(script):
@@ -165,6 +229,8 @@ class SqliteDatabase(Database):
         return "lower" if needle.isascii() else _UNICODE_LOWER
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._conn.close()
 
 

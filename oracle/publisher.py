@@ -31,11 +31,12 @@ from dataclasses import dataclass
 
 import structlog
 
-from proto import Identity, PublicKey
+from proto import Identity
 from proto.access import AccessList, Stamp
 from proto.rotation import OracleKeyChain
 from runtime.clock import now_ms
 
+from .key_cache import KeyCache
 from .records import AccessSnapshot
 from .regions import Regions
 from .registry import Registry
@@ -74,7 +75,7 @@ class AccessListPublisher:
         self._rebuild: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         # Text form → key, kept across rebuilds: parsing 10,000 keys per change is most of one.
-        self._keys: dict[str, PublicKey] = {}
+        self.keys = KeyCache()
 
     def notify(self) -> None:
         """A change was committed: rebuild the list once, then wake every waiting long-poll."""
@@ -163,14 +164,14 @@ class AccessListPublisher:
         access = AccessList(
             snapshot.epoch, snapshot.version, issued_at, issued_at + self._validity_ms,
             self._identity.public,
-            {self._key(text): frozenset(numbers[g] for g in snapshot.groups.get(text, ()))
+            {self.keys(text): frozenset(numbers[g] for g in snapshot.groups.get(text, ()))
              for text in snapshot.enrolled},
-            frozenset(self._key(text) for text in snapshot.revoked),
-            {self._key(text): until for text, until in snapshot.draining.items()}, self._chain,
+            frozenset(self.keys(text) for text in snapshot.revoked),
+            {self.keys(text): until for text, until in snapshot.draining.items()}, self._chain,
             # Where each mailbox lives (SPEC §19); without regions the list has none.
             regions.names if regions else (),
-            {self._key(text): home for text, home in snapshot.homes.items()},
-            {self._key(text): former for text, former in snapshot.former.items()},
+            {self.keys(text): home for text, home in snapshot.homes.items()},
+            {self.keys(text): former for text, former in snapshot.former.items()},
             regions.default if regions else None)
         self._install(Published(access, access.sign(self._identity)))
 
@@ -179,12 +180,6 @@ class AccessListPublisher:
         self._published = published
         self._changed.set()
         self._changed = asyncio.Event()
-
-    def _key(self, text: str) -> PublicKey:
-        key = self._keys.get(text)
-        if key is None:
-            key = self._keys[text] = PublicKey.from_text(text)
-        return key
 
     def _log_failure(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -42,8 +42,8 @@ from client.inbox import InboundMessage
 from client.peers import PeerList
 from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_envelope
 from proto.config import ConfigPush, parse_document
-from proto.errors import ProtocolError, ReplayError
-from proto.payloads import PeerChange
+from proto.errors import OversizeError, ProtocolError, ReplayError
+from proto.payloads import MAX_PEERS, PeerChange
 from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 
@@ -75,6 +75,9 @@ class Pusher:
         self._announced: set[str] = set()
         self._notices: dict[bytes, str] = {}
         self._wake = asyncio.Event()
+        # Taken to seal one envelope: waiters are woken one per loop turn, so the sealing of
+        # a batch is spread over turns and requests are answered in between.
+        self._sealing = asyncio.Lock()
         # The oracle's "peers" are the active devices: the client library then accepts
         # their receipts even for envelopes sent before an oracle restart.
         self._peers = PeerList()
@@ -182,16 +185,33 @@ class Pusher:
             if (envelope.sender == self._identity.public
                     and now_ms() - envelope.created_at_ms < self._settings.reseal_after_s * 1000):
                 return envelope
-        change = PeerChange(push.version, tuple(PublicKey.from_text(k) for k in push.peers),
-                            push.epoch)
-        return seal_envelope(self._identity, Kind.PEER_CHANGE,
-                             [PublicKey.from_text(push.device_key)], change.encode(),
-                             ttl_s=self._settings.push_ttl_s, now_ms=now_ms())
+        if len(push.peers) > MAX_PEERS:
+            raise OversizeError(f"its list has {len(push.peers)} peers and a peer list carries"
+                                f" at most {MAX_PEERS} (SPEC §6): make its groups smaller")
+        keys = self._publisher.keys
+        change = PeerChange(push.version, tuple(keys(k) for k in push.peers), push.epoch)
+        return seal_envelope(self._identity, Kind.PEER_CHANGE, [keys(push.device_key)],
+                             change.encode(), ttl_s=self._settings.push_ttl_s, now_ms=now_ms())
 
     async def _push_one(self, push: PendingPush) -> bool:
-        """Send one version; True once a relay stored it (ACCEPTED, or REPLAY of these bytes)."""
+        """Send one version; True once a relay stored it (ACCEPTED, or REPLAY of these bytes).
+
+        Envelopes are sealed one per turn of the event loop (`_sealing`: a few ms each for
+        1,000 peers), not a whole batch at once: 100 in one turn stalled the oracle's API.
+        A list that cannot be sealed (more peers than a PEER_CHANGE carries: only from an
+        oracle that let a group grow past 1,025) is marked failed with the reason and
+        logged as an error, so the device's page shows it; the other lists still go out.
+        """
         assert self._device is not None
-        envelope = self._envelope(push)
+        try:
+            async with self._sealing:
+                await asyncio.sleep(0)  # the rest of the batch queues on the lock meanwhile
+                envelope = self._envelope(push)
+        except ProtocolError as exc:
+            await self._registry.mark_failed(push, f"cannot be sent: {exc}")
+            self._log.error("peer_change_undeliverable", device=push.device_key,
+                            version=push.version, peers=len(push.peers), error=str(exc))
+            return False
         stored = base64.b64encode(envelope.raw).decode()
         if stored != push.envelope:
             await self._registry.record_sealed(push, stored, envelope.msg_id.hex())

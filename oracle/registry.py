@@ -1,6 +1,6 @@
 """The SQL behind devices, peer groups and the peer-change outbox: every change in one transaction.
 
-Each administrative change re-derives the peer lists and, in the same
+Each administrative change re-derives the peer lists it can alter and, in the same
 transaction, issues a new version to every device whose list changed (the
 outbox row) and bumps the access-list version when enrolment, revocation or
 group membership changed (relays enforce groups too).  Both carry the epoch
@@ -27,7 +27,7 @@ from .db import Connection, Database
 from .device_search import DeviceQuery, like_pattern
 from .errors import Conflict, InvalidInput, NotFound
 from .pagination import Page, decode_cursor, encode_cursor
-from .peers import changed_lists, decode_peer_text, derive_peer_lists, encode_peer_text
+from .peers import MAX_PEERS, changed_lists, decode_peer_text, derive_peer_lists, peer_count
 from .regions import Regions
 from .records import (AccessSnapshot, DeviceCounts, DeviceRecord, GroupRecord, GroupRef,
                       GroupSummary, PendingPush, PushStatus)
@@ -195,7 +195,7 @@ class Registry:
             await conn.execute("UPDATE devices SET revoked_at_ms = $1 WHERE key = $2",
                                now_ms() if revoked else None, key)
             await self._bump_access_list(conn)
-            await self._reconcile(conn)
+            await self._reconcile(conn, await self._sharing_a_group(conn, [key]))
             await configuration.reconcile(conn)
             await audit.record(conn, actor, "device.revoke" if revoked else "device.restore", key)
         self._on_change()
@@ -249,7 +249,8 @@ class Registry:
                 "UPDATE devices SET revoked_at_ms = $1, rotated_to = $2, drain_until_ms = $3"
                 " WHERE key = $4", now, new, drain_until_ms, old)
             await self._bump_access_list(conn)
-            await self._reconcile(conn, include=(new,))
+            await self._reconcile(conn, await self._sharing_a_group(conn, [new]),
+                                  include=(new,))
             await configuration.reconcile(conn)
             await audit.record(conn, Actor(f"device:{old}", "device"), "device.rotate", old,
                                new_key=new, drain_until_ms=drain_until_ms)
@@ -445,10 +446,11 @@ class Registry:
     async def delete_group(self, group_id: str, actor: Actor = SYSTEM) -> None:
         group = await self.get_group(group_id)
         async with self.db.transaction() as conn:
+            members = (await self._members_by_group(conn, [group_id])).get(group_id, [])
             await conn.execute("DELETE FROM memberships WHERE group_id = $1", group_id)
             await conn.execute("DELETE FROM peer_groups WHERE id = $1", group_id)
             await self._bump_access_list(conn)
-            await self._reconcile(conn)
+            await self._reconcile(conn, set(members))
             await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.delete", group_id, name=group.name,
                                members=len(group.members))
@@ -463,7 +465,7 @@ class Registry:
                 "INSERT INTO memberships (group_id, device_key) VALUES ($1, $2)"
                 " ON CONFLICT DO NOTHING", group_id, key_text)
             await self._bump_access_list(conn)
-            await self._reconcile(conn)
+            await self._reconcile(conn, await self._sharing_a_group(conn, [key_text]))
             await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.member.add", key_text, group_id=group_id,
                                group=group.name)
@@ -475,10 +477,11 @@ class Registry:
         key_text = parse_key(key)
         group = await self.get_group(group_id)
         async with self.db.transaction() as conn:
+            touched = await self._sharing_a_group(conn, [key_text])  # before it leaves
             await conn.execute("DELETE FROM memberships WHERE group_id = $1 AND device_key = $2",
                                group_id, key_text)
             await self._bump_access_list(conn)
-            await self._reconcile(conn)
+            await self._reconcile(conn, touched)
             await configuration.reconcile(conn)
             await audit.record(conn, actor, "group.member.remove", key_text, group_id=group_id,
                                group=group.name)
@@ -494,7 +497,8 @@ class Registry:
             " FROM peer_changes pc JOIN devices d"
             "  ON d.key = pc.device_key AND d.peer_version = pc.version"
             " WHERE pc.sent_at_ms IS NULL AND d.revoked_at_ms IS NULL"
-            " ORDER BY pc.created_at_ms LIMIT $1", limit)
+            # Never tried first: rows that keep failing cannot hold a whole batch back.
+            " ORDER BY pc.attempts, pc.created_at_ms LIMIT $1", limit)
         return [PendingPush(r["device_key"], r["epoch"], r["version"],
                             decode_peer_text(r["peers"]), r["envelope"], r["attempts"])
                 for r in rows]
@@ -613,7 +617,7 @@ class Registry:
         Returns how many devices were issued a list.
         """
         async with self.db.transaction() as conn:
-            issued = await self._reconcile(conn, everyone=True)
+            issued = await self._reconcile(conn, None)
             await configuration.reconcile(conn, everyone=True)
             await audit.record(conn, actor, "peer_lists.reissue", issued=issued)
         self._on_change()
@@ -624,33 +628,66 @@ class Registry:
     async def _bump_access_list(self, conn: Connection) -> None:
         await conn.execute("UPDATE access_list_state SET version = version + 1 WHERE id = 1")
 
-    async def _reconcile(self, conn: Connection, everyone: bool = False,
+    async def _reconcile(self, conn: Connection, scope: set[str] | None,
                          include: tuple[str, ...] = ()) -> int:
-        """Issue a new version to every active device whose derived list changed (or to
-        every active device, and to those in `include` in any case); returns how many
-        were issued one."""
-        devices = await conn.fetch(
-            "SELECT d.key, d.revoked_at_ms, d.peer_version, pc.peers FROM devices d"
-            " LEFT JOIN peer_changes pc ON pc.device_key = d.key AND pc.version = d.peer_version")
-        revoked = {d["key"] for d in devices if d["revoked_at_ms"] is not None}
-        memberships = [(r["group_id"], r["device_key"])
-                       for r in await conn.fetch("SELECT group_id, device_key FROM memberships")]
-        last_sent = {d["key"]: decode_peer_text(d["peers"] or "") for d in devices}
-        active = [d["key"] for d in devices if d["revoked_at_ms"] is None]
-        desired = derive_peer_lists(memberships, revoked)
-        changes = ({key: desired.get(key, frozenset()) for key in active} if everyone
-                   else changed_lists(last_sent, desired, active))
-        changes.update({key: desired.get(key, frozenset()) for key in include if key in active})
+        """Issue a new version to every active device of `scope` whose derived list changed
+        (`scope` None: to every active device, changed or not), and to those in `include`
+        in any case; returns how many were issued one.
+
+        `scope` is every device the change can have given another list (those it touched
+        and the devices sharing a group with them, `_sharing_a_group`): the rest keep
+        theirs, so one member added to a group costs that group, not the fleet.  Conflict
+        (rolling the caller's transaction back) if a device's list would grow beyond the
+        `MAX_PEERS` keys a PEER_CHANGE carries (SPEC §6): it could never be delivered.
+        """
+        keys = None if scope is None else sorted(scope | set(include))
+        devices = {row["key"]: row for row in await _fetch_in(
+            conn, "SELECT d.key, d.revoked_at_ms, d.peer_version, pc.peers FROM devices d"
+            " LEFT JOIN peer_changes pc ON pc.device_key = d.key AND pc.version = d.peer_version",
+            "d.key", keys)}
+        active = sorted(key for key, row in devices.items() if row["revoked_at_ms"] is None)
+        groups_of: dict[str, list[str]] = {key: [] for key in active}
+        for row in await _fetch_in(conn, "SELECT group_id, device_key FROM memberships",
+                                   "device_key", active if keys is not None else None):
+            if row["device_key"] in groups_of:
+                groups_of[row["device_key"]].append(row["group_id"])
+        group_ids = sorted({g for ids in groups_of.values() for g in ids})
+        members: dict[str, list[str]] = {}
+        for row in await _fetch_in(
+                conn, "SELECT m.group_id, m.device_key FROM memberships m JOIN devices d"
+                " ON d.key = m.device_key AND d.revoked_at_ms IS NULL", "m.group_id",
+                group_ids if keys is not None else None):
+            members.setdefault(row["group_id"], []).append(row["device_key"])
+        desired = derive_peer_lists(groups_of, members)
+        last = {key: devices[key]["peers"] or "" for key in active}
+        changes = desired if scope is None else changed_lists(last, desired)
+        changes.update({key: desired[key] for key in include if key in desired})
+        for key in sorted(changes):
+            count = peer_count(changes[key])
+            if count > MAX_PEERS and count > peer_count(last[key]):
+                raise Conflict(
+                    f"device {key} would have {count} peers: a peer list carries at most"
+                    f" {MAX_PEERS} (SPEC §6), so it could not be delivered; make its groups"
+                    " smaller (a group of more than 1,025 members is too large)")
         epoch = await conn.fetchval("SELECT epoch FROM access_list_state WHERE id = 1")
         now = now_ms()
-        for key, peers in sorted(changes.items()):
-            version = await conn.fetchval(
-                "UPDATE devices SET peer_version = peer_version + 1 WHERE key = $1"
-                " RETURNING peer_version", key)
-            await conn.execute(
-                "INSERT INTO peer_changes (device_key, epoch, version, peers, created_at_ms)"
-                " VALUES ($1, $2, $3, $4, $5)", key, epoch, version, encode_peer_text(peers), now)
-        return len(changes)
+        issued = [(key, int(devices[key]["peer_version"]) + 1, changes[key])
+                  for key in sorted(changes)]
+        await conn.executemany("UPDATE devices SET peer_version = $1 WHERE key = $2",
+                               [(version, key) for key, version, _ in issued])
+        await conn.executemany(
+            "INSERT INTO peer_changes (device_key, epoch, version, peers, created_at_ms)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            [(key, epoch, version, text, now) for key, version, text in issued])
+        return len(issued)
+
+    async def _sharing_a_group(self, conn: Connection, keys: list[str]) -> set[str]:
+        """`keys` and every device in a group with one of them: whose lists a change of
+        `keys` (a revocation, a membership) can alter."""
+        rows = await _fetch_in(conn, "SELECT DISTINCT m2.device_key FROM memberships m1"
+                               " JOIN memberships m2 ON m2.group_id = m1.group_id",
+                               "m1.device_key", keys)
+        return set(keys) | {row["device_key"] for row in rows}
 
     async def _refuse_duplicate_group(self, conn: Connection, name: str,
                                       except_id: str | None = None) -> None:
@@ -698,3 +735,17 @@ class Registry:
 
 def _placeholders(count: int) -> str:
     return ", ".join(f"${n}" for n in range(1, count + 1))
+
+
+async def _fetch_in(conn: Connection, sql: str, column: str, values: list[str] | None
+                    ) -> list[dict[str, Any]]:
+    """Rows of `sql` whose `column` is one of `values` (None: every row), a bounded number
+    of parameters per query; read off the event loop (`fetch_bulk`: peer lists are large)."""
+    if values is None:
+        return await conn.fetch_bulk(sql)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(values), _MAX_KEYS_PER_QUERY):
+        chunk = values[start:start + _MAX_KEYS_PER_QUERY]
+        rows += await conn.fetch_bulk(
+            f"{sql} WHERE {column} IN ({_placeholders(len(chunk))})", *chunk)
+    return rows

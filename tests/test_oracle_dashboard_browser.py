@@ -112,6 +112,16 @@ async def test_dashboard_pages_filters_device_page_and_audit_log(tmp_path: Path)
             assert actions == ["device.delete", "device.revoke", "group.member.add",
                                "device.enroll"]
 
+            # 1280 px: the groups table is one table (a stale grid rule once put its header
+            # in a narrow box and its rows in a column beside it).
+            await page.set_viewport_size({"width": 1280, "height": 800})
+            await page.goto(oracle.url + "/groups")
+            header = await page.locator("table.groups thead tr").bounding_box()
+            row = await page.locator("table.groups tbody tr").first.bounding_box()
+            assert header and row and abs(header["x"] - row["x"]) < 1, (header, row)
+            assert abs(header["width"] - row["width"]) < 1 and row["y"] >= header["y"]
+            await page.screenshot(path=str(tmp_path / "groups-1280.png"), full_page=True)
+
             # 390 px: no page scrolls sideways, and per-row buttons have distinct names.
             phone = await browser.new_page(viewport={"width": 390, "height": 844})
             await phone.context.add_cookies(await page.context.cookies())

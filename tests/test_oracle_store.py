@@ -9,7 +9,7 @@ from oracle_support import fresh_postgres_database, postgres_available
 
 from oracle.db import MIGRATIONS_DIR, Database, open_database
 from oracle.errors import Conflict, InvalidInput, NotFound
-from oracle.peers import changed_lists, derive_peer_lists
+from oracle.peers import changed_lists, derive_peer_lists, encode_peer_text, peer_count
 from oracle.registry import Registry
 from proto import Identity
 from runtime.clock import now_ms
@@ -48,12 +48,23 @@ def key() -> str:
 
 
 def test_peer_lists_are_union_of_groups_minus_revoked() -> None:
-    memberships = [("g1", "a"), ("g1", "b"), ("g2", "a"), ("g2", "c"), ("g3", "d")]
-    lists = derive_peer_lists(memberships, revoked={"c"})
-    assert lists == {"a": {"b"}, "b": {"a"}, "d": frozenset()}
-    changes = changed_lists({"a": frozenset({"b", "c"}), "c": frozenset({"a"})}, lists,
-                            active=["a", "b", "d"])
-    assert changes == {"a": {"b"}, "b": {"a"}}  # d: never sent, still empty → nothing to say
+    # a in g1 and g2, b in g1, c (revoked) in g2, d alone in g3: members listed active only.
+    groups_of = {"a": ["g1", "g2"], "b": ["g1"], "d": ["g3"]}
+    lists = derive_peer_lists(groups_of, {"g1": ["a", "b"], "g2": ["a"], "g3": ["d"]})
+    assert lists == {"a": "b", "b": "a", "d": ""}
+    changes = changed_lists({"a": "b c", "c": "a"}, lists)
+    assert changes == {"a": "b", "b": "a"}  # d: never sent, still empty → nothing to say
+
+
+def test_each_list_is_its_groups_sorted_without_itself() -> None:
+    keys = [f"k{n:02d}" for n in range(12)]
+    groups_of = {k: ["big", "odd"] if n % 2 else ["big"] for n, k in enumerate(keys)}
+    members = {"big": keys[:10], "odd": keys[9:]}
+    lists = derive_peer_lists(groups_of, members)
+    for n, k in enumerate(keys):
+        expected = set(keys[:10]) | (set(keys[9:]) if n % 2 else set())
+        assert lists[k] == encode_peer_text(expected - {k})  # first, middle, last cut alike
+        assert peer_count(lists[k]) == len(expected - {k})
 
 
 async def test_migrations_are_numbered_recorded_and_applied_once(open_db: Opener) -> None:
