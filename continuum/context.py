@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -15,6 +15,7 @@ from .connection_gate import ConnectionGate
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import MailboxLimits, MailboxStore
+from .store.base import UNBOUNDED_BYTES
 from .streams.router import StreamRouter
 from .streams.table import StreamBudget
 
@@ -46,3 +47,9 @@ class RelayContext:
         return MailboxLimits(settings.mailbox_max_messages, settings.mailbox_max_bytes,
                              sender_max_bytes=settings.sender_max_stored_bytes,
                              store_max_bytes=settings.store_max_bytes)
+
+    @functools.cached_property
+    def oracle_mailbox_limits(self) -> MailboxLimits:
+        """The oracle's: no per-sender byte budget (one change to a large group is a list per
+        member, tens of MiB at once); the mailboxes' and the store's bounds still apply."""
+        return replace(self.mailbox_limits, sender_max_bytes=UNBOUNDED_BYTES)

@@ -81,9 +81,9 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class CheckRate:
-    """Take one token from the sender's bucket (`store.allow`), then `rate_checked`;
-    with `metered` False (the oracle's key) there is no bucket: call `rate_checked`
-    with allowed True."""
+    """Take one token from the sender's bucket (`store.allow`), then `rate_checked`.
+    With `metered` False (the oracle's key) neither the bucket nor the sender's byte
+    budget applies: call `rate_checked` with allowed True, store with the oracle's limits."""
 
     envelope: Envelope
     metered: bool = True

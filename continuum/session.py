@@ -190,8 +190,10 @@ class DeviceSession:
         if store_request is None:
             return
         try:
+            limits = (self._relay.mailbox_limits if request.metered
+                      else self._relay.oracle_mailbox_limits)
             await store.accept(envelope, replay_until_ms=store_request.replay_until_ms,
-                               limits=self._relay.mailbox_limits)
+                               limits=limits)
         except ProtocolError as exc:
             protocol.store_refused(envelope.msg_id, exc)
         else:

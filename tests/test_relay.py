@@ -238,6 +238,32 @@ async def test_the_oracle_is_not_held_to_the_senders_rate(start_relay) -> None:
     assert await depth(server, bob) == 23
 
 
+async def test_the_oracle_is_not_held_to_a_senders_byte_budget(start_relay) -> None:
+    """One change to a group of 1,000 is 1,000 lists of ~50 KB from the oracle's key: more
+    than a sender's budget of stored bytes.  The store's own budget still bounds it."""
+    oracle, alice, bob = (Identity.generate() for _ in range(3))
+    async with FakeOracle(oracle) as endpoint:
+        endpoint.serve(AccessList(1, 1, now_ms(), now_ms() + 600_000, oracle.public,
+                                  {alice.public: frozenset({1}), bob.public: frozenset({1})},
+                                  frozenset()))
+        server = await start_relay(oracle_url=endpoint.url, oracle_key=oracle.public.text,
+                                   max_envelope_bytes=4096, sender_max_stored_bytes=8192,
+                                   store_max_bytes=40_960)
+        assert await server.relay.access.wait_loaded(10)
+        big = lambda sender: sealed(sender, [bob.public], b"x" * 2_000)  # noqa: E731
+        async with await RawDevice.connect(server.url, oracle) as o, \
+                await RawDevice.connect(server.url, alice) as a:
+            answers = [await a.send(big(alice)) for _ in range(5)]
+            kept = sum(isinstance(x, Accepted) for x in answers)
+            assert 1 <= kept < 5
+            assert {error_code(x) for x in answers[kept:]} == {"QUOTA_EXCEEDED"}
+            oracle_answers = [await o.send(big(oracle)) for _ in range(20)]
+            accepted = sum(isinstance(x, Accepted) for x in oracle_answers)
+            assert accepted > kept  # past a sender's 8 KiB, ...
+            assert {error_code(x) for x in oracle_answers[accepted:]} == {"QUOTA_EXCEEDED"}
+            assert accepted < 20  # ... until the store's 40 KiB are full
+
+
 async def test_full_mailbox_refuses_with_clear_error(start_relay) -> None:
     server = await start_relay(mailbox_max_messages=3)
     alice, bob = Identity.generate(), Identity.generate()
