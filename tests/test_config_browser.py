@@ -62,7 +62,7 @@ async def test_editing_a_group_configuration_reaches_a_device_that_reports_it(
                 await editor.fill('{"target_c": 21, "schedule": {"night_c": 17}}')
                 await page.click("button:has-text('Save configuration')")
                 await page.wait_for_load_state()
-                await eventually(lambda: _reload_shows(page, '"night_c": 17'))
+                await eventually(lambda: _reload_shows(page, '"night_c": 17'), timeout=15)
                 await eventually(lambda: _applied(device, 21), timeout=15)
 
                 # The device's page: the report, what was sent, and no longer behind.

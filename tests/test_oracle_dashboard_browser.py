@@ -94,6 +94,11 @@ async def test_dashboard_pages_filters_device_page_and_audit_log(tmp_path: Path)
             assert await page.inner_text("code.full-key") == target
             assert "lab" in await page.inner_text("section[aria-labelledby=groups-heading]")
             assert "v1" in await page.inner_text("dd.sync")
+            # Its fields are labelled on screen, not only by placeholders or for screen readers.
+            assert await page.locator("form.row label:has(input[name=name])").inner_text() == \
+                "Name"
+            assert await page.locator("form.row label:has(input[name=tags])").inner_text() == \
+                "Tags"
             await page.get_by_role("button", name=f"Revoke dev-001 ({target[4:12]})").click()
             await page.wait_for_selector("h2 .badge.revoked")
             await page.get_by_role("button", name=f"Delete dev-001 ({target[4:12]})").click()
@@ -107,6 +112,8 @@ async def test_dashboard_pages_filters_device_page_and_audit_log(tmp_path: Path)
             first = page.locator("table.audit tbody tr").first
             assert "device.delete" in await first.inner_text()
             assert "alice" in await first.inner_text() and "127.0.0.1" in await first.inner_text()
+            assert await page.locator("form.filters label").all_inner_texts() == [
+                "Who", "What", "Target"]
             await page.goto(oracle.url + f"/audit?target={target}")
             actions = await page.locator("table.audit td[data-label=What]").all_inner_texts()
             assert actions == ["device.delete", "device.revoke", "group.member.add",
