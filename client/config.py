@@ -18,12 +18,11 @@ only once its envelope is stale (created_at + ttl + skew).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from proto import PublicKey
 from proto.access import Stamp
-from proto.config import JsonObject, parse_document
+from proto.config import ConfigPush, JsonObject, parse_document
 from proto.errors import ProtocolError
 from runtime.files import write_atomically
 
@@ -32,17 +31,9 @@ from .peers import Standing, rank
 CONFIG_FILE = "config.json"
 
 
-@dataclass(frozen=True)
-class ConfigUpdate:
-    """What an `on_config` callback is given: the merged document and its stamp."""
-
-    epoch: int
-    version: int
-    document: JsonObject
-
-    @property
-    def stamp(self) -> Stamp:
-        return Stamp(self.epoch, self.version)
+# What an `on_config` callback is given: the oracle's push as decoded, its merged
+# document and stamp (one type for both: the device adds nothing to what the oracle sent).
+ConfigUpdate = ConfigPush
 
 
 class AppliedConfig:

@@ -290,8 +290,7 @@ def _interpret(envelope: Envelope, contents: Contents, view: InboxView,
         if view.oracle_key is None or sender != view.oracle_key:
             return Drop(DropReason.UNAUTHORIZED_CONFIG,
                         f"{sender.text} is not the oracle key", envelope)
-        push = ConfigPush.decode(plaintext)
-        update = ConfigUpdate(push.epoch, push.version, push.document)
+        update = ConfigPush.decode(plaintext)
         held = view.config if view.config is not None else AppliedConfig()
         return ConfigArrived(envelope, update, held.standing(update.stamp, sender))
     if kind is Kind.CONFIG_REPORT:
