@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import aiohttp
@@ -216,18 +218,26 @@ async def test_rate_limit_refuses_the_flooder_only(start_relay) -> None:
     assert await depth(server, bob) == 6
 
 
+@contextlib.asynccontextmanager
+async def relay_knowing(oracle: Identity, enrolled: list[Identity], start_relay,
+                        **settings: object) -> AsyncIterator[RelayServer]:
+    """A relay that knows its oracle (its signed list, every key in one peer group)."""
+    async with FakeOracle(oracle) as endpoint:
+        endpoint.serve(AccessList(1, 1, now_ms(), now_ms() + 600_000, oracle.public,
+                                  {key.public: frozenset({1}) for key in enrolled}, frozenset()))
+        server = await start_relay(oracle_url=endpoint.url, oracle_key=oracle.public.text,
+                                   **settings)
+        assert await server.relay.access.wait_loaded(10)
+        yield server
+
+
 async def test_the_oracle_is_not_held_to_the_senders_rate(start_relay) -> None:
     """A change pushed to a whole fleet is one envelope per device from the oracle's key;
     at a device's rate, 1,000 devices took 18.5 s and the relay closed the oracle as
     abusive.  The oracle's sends go unmetered; every other key keeps its bucket."""
     oracle, alice, bob = (Identity.generate() for _ in range(3))
-    async with FakeOracle(oracle) as endpoint:
-        endpoint.serve(AccessList(1, 1, now_ms(), now_ms() + 600_000, oracle.public,
-                                  {alice.public: frozenset({1}), bob.public: frozenset({1})},
-                                  frozenset()))
-        server = await start_relay(oracle_url=endpoint.url, oracle_key=oracle.public.text,
-                                   rate_per_s=1.0, rate_burst=3)
-        assert await server.relay.access.wait_loaded(10)
+    async with relay_knowing(oracle, [alice, bob], start_relay, rate_per_s=1.0,
+                             rate_burst=3) as server:
         async with await RawDevice.connect(server.url, oracle) as o, \
                 await RawDevice.connect(server.url, alice) as a:
             for _ in range(20):
@@ -242,14 +252,8 @@ async def test_the_oracle_is_not_held_to_a_senders_byte_budget(start_relay) -> N
     """One change to a group of 1,000 is 1,000 lists of ~50 KB from the oracle's key: more
     than a sender's budget of stored bytes.  The store's own budget still bounds it."""
     oracle, alice, bob = (Identity.generate() for _ in range(3))
-    async with FakeOracle(oracle) as endpoint:
-        endpoint.serve(AccessList(1, 1, now_ms(), now_ms() + 600_000, oracle.public,
-                                  {alice.public: frozenset({1}), bob.public: frozenset({1})},
-                                  frozenset()))
-        server = await start_relay(oracle_url=endpoint.url, oracle_key=oracle.public.text,
-                                   max_envelope_bytes=4096, sender_max_stored_bytes=8192,
-                                   store_max_bytes=40_960)
-        assert await server.relay.access.wait_loaded(10)
+    async with relay_knowing(oracle, [alice, bob], start_relay, max_envelope_bytes=4096,
+                             sender_max_stored_bytes=8192, store_max_bytes=40_960) as server:
         big = lambda sender: sealed(sender, [bob.public], b"x" * 2_000)  # noqa: E731
         async with await RawDevice.connect(server.url, oracle) as o, \
                 await RawDevice.connect(server.url, alice) as a:
