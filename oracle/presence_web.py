@@ -136,7 +136,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     webhook = None
     if oracle.settings.silence_webhook_url:
         posts = app[METRICS_KEY].webhook_posts
-        webhook = SilenceWebhook(oracle.settings.silence_webhook_url, oracle.identity.public.text,
+        webhook = SilenceWebhook(oracle.settings.silence_webhook_url, oracle.identity,
                                  oracle.settings.silence_webhook_attempts, oracle.log,
                                  lambda result: posts.labels(result).inc())
         watch.webhook = webhook

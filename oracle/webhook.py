@@ -11,11 +11,21 @@ counting it.  The body is JSON:
 
 at most `MAX_DEVICES_PER_POST` devices per POST (a fleet falling silent at
 once is several POSTs).
+
+Each POST is signed by the oracle's key, so a receiver acts only on what the
+oracle said (not on anyone who learned the URL):
+
+    Continuum-Signature: ed25519=<base64url of Ed25519 over WEBHOOK_DOMAIN ‖ body>
+
+`verify_webhook` checks it; `at_ms` lets a receiver refuse a replayed POST.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -23,23 +33,47 @@ from typing import Any
 import aiohttp
 import structlog
 
+from proto import Identity, PublicKey
+from proto.errors import SignatureError
 from runtime.clock import now_ms
 from runtime.tasks import cancel_and_wait
 
 from .silence import SilenceChange, SilentDevice
 
 MAX_DEVICES_PER_POST = 1000
+SIGNATURE_HEADER = "Continuum-Signature"
+# What the oracle's key signs for a webhook, and nothing else it signs starts so.
+WEBHOOK_DOMAIN = b"continuum/v1/silence-webhook\x00"
+_SCHEME = "ed25519="
 _TIMEOUT_S = 10.0
 _FIRST_RETRY_S, _MAX_RETRY_S = 1.0, 60.0
 
 
+def sign_webhook(identity: Identity, body: bytes) -> str:
+    """The signature header's value for `body`, by the oracle's key."""
+    signature = identity.sign(WEBHOOK_DOMAIN + body)
+    return _SCHEME + base64.urlsafe_b64encode(signature).decode().rstrip("=")
+
+
+def verify_webhook(oracle_key: PublicKey, body: bytes, header: str | None) -> None:
+    """Raise SignatureError unless `header` is the oracle key's signature of `body`."""
+    if header is None or not header.startswith(_SCHEME):
+        raise SignatureError(f"no {SIGNATURE_HEADER}: {_SCHEME}… header")
+    text = header[len(_SCHEME):]
+    try:
+        signature = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"{SIGNATURE_HEADER} is not base64url") from None
+    oracle_key.verify(WEBHOOK_DOMAIN + body, signature)
+
+
 class SilenceWebhook:
-    def __init__(self, url: str, oracle_key: str, attempts: int,
+    def __init__(self, url: str, identity: Identity, attempts: int,
                  log: structlog.typing.FilteringBoundLogger,
                  counted: Callable[[str], None] = lambda result: None,
                  max_batches: int = 100, first_retry_s: float = _FIRST_RETRY_S) -> None:
         self._url = url
-        self._oracle_key = oracle_key
+        self._identity = identity
         self._attempts = attempts
         self._log = log
         self._counted = counted  # "delivered", "failed" (gave up) or "dropped" (queue full)
@@ -60,7 +94,8 @@ class SilenceWebhook:
             self._batches.popleft()
             self._counted("dropped")
             self._log.warning("silence_webhook_queue_full", dropped=1, limit=self._max_batches)
-        self._batches.append({"event": event, "at_ms": now_ms(), "oracle_key": self._oracle_key,
+        self._batches.append({"event": event, "at_ms": now_ms(),
+                              "oracle_key": self._identity.public.text,
                               "devices": [d.to_json() for d in devices]})
         self._ready.set()
 
@@ -87,9 +122,12 @@ class SilenceWebhook:
 
     async def _deliver(self, http: aiohttp.ClientSession, batch: dict[str, Any]) -> None:
         wait_s = self._first_retry_s
+        body = json.dumps(batch, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json",
+                   SIGNATURE_HEADER: sign_webhook(self._identity, body)}
         for attempt in range(1, self._attempts + 1):
             try:
-                async with http.post(self._url, json=batch) as response:
+                async with http.post(self._url, data=body, headers=headers) as response:
                     if 200 <= response.status < 300:
                         self._counted("delivered")
                         return

@@ -10,6 +10,7 @@ oversize and too many at once are refused and change nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,9 @@ from test_oracle_api import admin, server  # noqa: F401  (fixtures on both datab
 from oracle import OracleServer
 from oracle.presence import HISTORY_PER_DEVICE
 from oracle.presence_web import MAX_CONCURRENT_REPORTS, watch_once
+from oracle.webhook import SIGNATURE_HEADER, verify_webhook
 from proto import Identity, PublicKey
+from proto.errors import SignatureError
 from proto.presence import (MAX_PRESENCE_REPORT_BYTES, PRESENCE_CONTENT_TYPE, PRESENCE_PATH,
                             ConnectionState, PresenceReport)
 from runtime.clock import now_ms
@@ -302,12 +305,17 @@ async def metrics_text(admin: Admin) -> str:
 
 
 @asynccontextmanager
-async def receiver(failures: int) -> AsyncIterator[tuple[str, list[dict]]]:
-    """A real HTTP endpoint on 127.0.0.1 that answers 500 `failures` times, then 204."""
+async def receiver(failures: int, signed: list[tuple[bytes, str | None]] | None = None
+                   ) -> AsyncIterator[tuple[str, list[dict]]]:
+    """A real HTTP endpoint on 127.0.0.1 that answers 500 `failures` times, then 204; each
+    body and its signature header also go to `signed`."""
     posts: list[dict] = []
 
     async def hook(request: web.Request) -> web.Response:
-        posts.append(await request.json())
+        body = await request.read()
+        if signed is not None:
+            signed.append((body, request.headers.get(SIGNATURE_HEADER)))
+        posts.append(json.loads(body))
         return web.Response(status=500 if len(posts) <= failures else 204)
 
     app = web.Application()
@@ -325,7 +333,8 @@ async def receiver(failures: int) -> AsyncIterator[tuple[str, list[dict]]]:
 
 async def test_the_webhook_is_told_retried_and_given_up_without_holding_the_oracle(
         tmp_path: Path) -> None:
-    async with receiver(failures=2) as (url, posts):
+    signed: list[tuple[bytes, str | None]] = []
+    async with receiver(failures=2, signed=signed) as (url, posts):
         settings = oracle_settings(tmp_path, silence_check_s=0.1, silence_webhook_url=url,
                                    silence_webhook_attempts=3)
         async with OracleServer(settings) as oracle:
@@ -339,6 +348,17 @@ async def test_the_webhook_is_told_retried_and_given_up_without_holding_the_orac
                 assert posts[-1]["devices"][0]["key"] == alice.public.text
                 assert posts[-1]["devices"][0]["interval_s"] == 1
                 assert posts[-1]["oracle_key"] == oracle.identity.public.text
+                # Signed by the oracle's key: a receiver can tell it from anyone's POST.
+                for body, header in signed:
+                    verify_webhook(oracle.identity.public, body, header)
+                body, header = signed[-1]
+                for forged in (body.replace(b"silent", b"recovered"), body + b" "):
+                    with pytest.raises(SignatureError):
+                        verify_webhook(oracle.identity.public, forged, header)
+                with pytest.raises(SignatureError):
+                    verify_webhook(Identity.generate().public, body, header)
+                with pytest.raises(SignatureError):
+                    verify_webhook(oracle.identity.public, body, None)
                 text = await metrics_text(admin)
                 assert 'continuum_oracle_silence_webhook_posts_total{result="delivered"} 1.0' \
                     in text
