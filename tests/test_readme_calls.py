@@ -6,33 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from pathlib import Path
 
-from cli_support import CLIENT, run_cli
+from cli_support import CLIENT, peer_homes
+from readme_support import readme_block, without_comments
 from relay_process import RelayProcess
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def three_lines() -> list[str]:
-    """The indented block under "### Calls", without its comments."""
-    section = (ROOT / "README.md").read_text().split("### Calls\n", 1)[1]
-    match = re.search(r"\n\n((?: {4}.*\n)+)", section)
-    assert match, "no indented block under ### Calls"
-    return [line[4:].split("  #")[0].strip() for line in match.group(1).splitlines()]
 
 
 async def test_the_readme_calls_work_as_written(tmp_path: Path) -> None:
-    lines = three_lines()
+    lines = without_comments(readme_block("Calls"))
     assert len(lines) == 3 and "--handle" in lines[0] and " call " in lines[1]
     relay = await RelayProcess(log_path=tmp_path / "relay.log").start()
     env = {**os.environ, "HOME": str(tmp_path), "C": CLIENT, "CONTINUUM_RELAYS": relay.url}
-    device, me = tmp_path / ".device", tmp_path / ".me"
-    device_key = run_cli(device, "keygen", env=env).stdout.strip()
-    my_key = run_cli(me, "keygen", env=env).stdout.strip()
-    assert run_cli(device, "peers", "add", my_key, env=env).returncode == 0
-    assert run_cli(me, "peers", "add", device_key, env=env).returncode == 0
+    peer_homes(tmp_path, ".device", ".me")  # ~/.device and ~/.me, each the other's peer
     listener = await asyncio.create_subprocess_exec(
         "bash", "-c", f"exec {lines[0]}", env=env, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)

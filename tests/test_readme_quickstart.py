@@ -9,27 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from readme_support import readme_block
 from relay_process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def quickstart() -> str:
-    """The first indented block under "### A device", as the shell lines it shows."""
-    section = (ROOT / "README.md").read_text().split("### A device\n", 1)[1]
-    match = re.search(r"\n\n((?: {4}.*\n)+)", section)
-    assert match, "no indented block under ### A device"
-    return "".join(line[4:] + "\n" for line in match.group(1).splitlines())
-
-
 def test_the_readme_quickstart_works_as_written(tmp_path: Path) -> None:
-    lines = quickstart()
+    lines = "".join(line + "\n" for line in readme_block("A device"))
     assert "demo" not in lines  # two devices by hand, no demo script
     script = lines.replace(".venv/bin/", f"{Path(sys.executable).parent}/")
     script = script.replace("8470", str(free_port()))

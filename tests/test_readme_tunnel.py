@@ -9,27 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from pathlib import Path
 
 from aiohttp import web
 
-from cli_support import CLIENT, run_cli
+from cli_support import CLIENT, peer_homes
+from readme_support import readme_block, without_comments
 from relay_process import RelayProcess, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def three_lines() -> list[str]:
-    """The indented block under "### Streams and tunnels", without its comments."""
-    section = (ROOT / "README.md").read_text().split("### Streams and tunnels\n", 1)[1]
-    match = re.search(r"\n\n((?: {4}.*\n)+)", section)
-    assert match, "no indented block under ### Streams and tunnels"
-    return [line[4:].split("  #")[0].strip() for line in match.group(1).splitlines()]
 
 
 async def test_the_readme_tunnel_to_a_web_page_works_as_written(tmp_path: Path) -> None:
-    lines = three_lines()
+    lines = without_comments(readme_block("Streams and tunnels"))
     assert len(lines) == 3 and "expose 8080" in lines[0] and "curl" in lines[2]
     web_port, local_port = free_port(), free_port()
 
@@ -43,11 +33,7 @@ async def test_the_readme_tunnel_to_a_web_page_works_as_written(tmp_path: Path) 
     await web.TCPSite(runner, "127.0.0.1", web_port).start()
     relay = await RelayProcess().start()
     env = {**os.environ, "HOME": str(tmp_path), "C": CLIENT, "CONTINUUM_RELAYS": relay.url}
-    device, me = tmp_path / ".device", tmp_path / ".me"
-    device_key = run_cli(device, "keygen", env=env).stdout.strip()
-    my_key = run_cli(me, "keygen", env=env).stdout.strip()
-    assert run_cli(device, "peers", "add", my_key, env=env).returncode == 0
-    assert run_cli(me, "peers", "add", device_key, env=env).returncode == 0
+    peer_homes(tmp_path, ".device", ".me")  # ~/.device and ~/.me, each the other's peer
     shells: list[asyncio.subprocess.Process] = []
 
     async def shell(line: str) -> asyncio.subprocess.Process:
