@@ -19,7 +19,6 @@ admitted, or refused as late, busy or unknown, with exactly one response.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +27,7 @@ from proto import Envelope, Identity, Kind, PublicKey
 from proto.calls import Call, CallStatus, Response
 from proto.errors import CallTimeoutError, ProtocolError
 from runtime.logs import library_logger
+from runtime.tasks import cancel_all_and_wait
 
 from .calls import (Admission, Answering, CallHandler, CallResult, IncomingCall, PendingCalls,
                     ResponseFate)
@@ -58,11 +58,7 @@ class Calls:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all_and_wait(self._tasks)
 
     # -- caller ----------------------------------------------------------------------------
 

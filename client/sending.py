@@ -28,6 +28,7 @@ from proto.errors import ProtocolError, RevokedError, StaleError
 from proto.payloads import Receipt
 from runtime.clock import now_ms
 from runtime.logs import library_logger
+from runtime.tasks import cancel_all_and_wait
 
 from .connection import RelayConnection
 from .manager import ConnectionManager, describe
@@ -87,11 +88,7 @@ class Sender:
             log.info("outbox_loaded", pending=len(loaded))
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all_and_wait(self._tasks)
         for entry in self.outbox.entries():
             if entry.retry_timer is not None:
                 entry.retry_timer.cancel()
