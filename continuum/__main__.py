@@ -8,10 +8,16 @@ import signal
 import sys
 
 from proto.errors import ProtocolError
-from runtime.logs import configure_logging
+from runtime.logs import EventSampler, configure_logging
 
 from .server import RelayServer
 from .settings import Settings
+
+# A peer that never authenticates can have a handshake refused hundreds of times a second
+# (fresh keys, garbage): its lines are sampled, a few a second per reason, each carrying the
+# number dropped before it.  continuum_handshake_failures_total still counts every refusal.
+SAMPLED_EVENTS = {"handshake_refused": ("reason",)}
+SAMPLED_LINES_PER_S = 5
 
 
 async def _serve(settings: Settings) -> None:
@@ -31,7 +37,8 @@ async def _serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_sources(argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level,
+                      sampler=EventSampler(SAMPLED_EVENTS, per_s=SAMPLED_LINES_PER_S))
     try:
         asyncio.run(_serve(settings))
     except OSError as exc:

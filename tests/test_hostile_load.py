@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import socket
 import time
@@ -18,9 +19,11 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
+import continuum.__main__ as continuum_main
 from proto import Identity
 from proto.errors import ErrorCode, ProtocolError
 from proto.frames import Accepted, Error, decode_frame
+from relay_process import RelayProcess
 from runtime.listener import TurnBudget
 from tally import ATTACKS_REJECTED, TALLY
 from tls_support import self_signed
@@ -476,3 +479,36 @@ async def test_a_refused_handshake_leaves_no_garbage_cycles(start_relay) -> None
     # About 7 per refusal remain, the test's own client among them; before, about 58.
     assert in_cycles < 40 * 15, f"{in_cycles} objects in reference cycles after 40 refusals"
     TALLY[ATTACKS_REJECTED] += 40
+
+
+async def test_a_flood_of_refused_handshakes_writes_a_sample_of_lines_and_counts_every_one(
+        tmp_path) -> None:
+    """Before: one info line (~200 bytes) per refused handshake, so a flood of 700 refusals/s
+    wrote ~140 KB/s of log without bound.  Now a few lines a second per reason, the next one
+    saying how many were dropped; the metric still counts each refusal."""
+    log_path = tmp_path / "relay.log"
+    relay = await RelayProcess("--log-level", "info", log_path=log_path).start()
+    floods = 60
+    try:
+        async with aiohttp.ClientSession() as http:
+            started = time.monotonic()
+            for count in range(floods + 1):
+                if count == floods:  # after a second's pause: carries the count of the dropped
+                    seconds = time.monotonic() - started
+                    await asyncio.sleep(1.05)
+                async with http.ws_connect(relay.url, autoclose=False) as ws:
+                    assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
+                    await ws.send_bytes(b"\xff" * 40)
+                    assert await refusal_of(ws) is ErrorCode.UNAUTHENTICATED
+            async with http.get(f"http://127.0.0.1:{relay.port}/metrics") as response:
+                metrics = await response.text()
+    finally:
+        relay.stop()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()
+             if line.startswith("{")]
+    refused = [line for line in lines if line["event"] == "handshake_refused"]
+    per_s = continuum_main.SAMPLED_LINES_PER_S
+    assert len(refused) <= per_s * (int(seconds) + 2) + 1 < floods, len(refused)
+    assert len(refused) + sum(line.get("suppressed", 0) for line in refused) == floods + 1
+    assert f'continuum_handshake_failures_total{{reason="malformed"}} {floods + 1}.0' in metrics
+    TALLY[ATTACKS_REJECTED] += floods
