@@ -24,6 +24,8 @@ small shared machine does not show in the figures:
   verify     a flood of handshakes with fresh keys from one address (a second process):
              a known device's send round trip p99, idle and during the flood, medians of
              3 alternating rounds of 600 (the flood on core 1 at a lower priority)
+  logs       the same flood for 5 s against a relay logging at the default level (info):
+             bytes of log it writes per second and per refused handshake
   newcomers  what the handshake budgets cost honest devices: handshakes/s that 16 new
              devices at a time complete while 8 established pairs saturate the relay
 """
@@ -54,6 +56,7 @@ from wsclient import Link, connect
 
 MAX_FRAME = 1 << 20
 STORM_SENDS = 1_700
+LOG_SECONDS = 5.0
 RELAXED = ("--rate-per-s", "1e6", "--rate-burst", "1000000", "--mailbox-max-messages", "1000000",
            "--mailbox-max-bytes", str(1 << 31), "--log-level", "warning")
 
@@ -300,6 +303,28 @@ async def verify(url: str, relay: RelayProcess) -> str:
             f"{statistics.median(flood_rates):,.0f} refused handshakes/s (x{loaded / idle:.1f})")
 
 
+async def logs(url: str, relay: RelayProcess) -> str:
+    """What the relay writes to its log, at the default level (info), while a flood of fresh
+    keys has its handshakes refused: every refusal is something an attacker buys cheaply."""
+    refused = lambda: relay.metric_sum("continuum_handshake_failures_total")  # noqa: E731
+    stop = mp.get_context("spawn").Event()
+    flood = mp.get_context("spawn").Process(target=_flood_handshakes, args=(url, stop))
+    flood.start()
+    try:
+        await asyncio.sleep(2.0)  # past the address's burst of unknown keys, at full speed
+        size, count, started = relay.log_path.stat().st_size, refused(), time.monotonic()
+        await asyncio.sleep(LOG_SECONDS)
+        seconds = time.monotonic() - started
+        grown, count = relay.log_path.stat().st_size - size, refused() - count
+    finally:
+        stop.set()
+        flood.join(20)
+        if flood.is_alive():
+            flood.kill()
+    return (f"{grown / seconds / 1024:,.1f} KiB/s of log at {count / seconds:,.0f} "
+            f"refused handshakes/s ({grown / max(count, 1):,.1f} bytes per refusal)")
+
+
 def _newcomers(url: str, seconds: float, result: Connection) -> None:
     """A process of honest new devices (fresh keys, 16 at a time): handshakes completed."""
     _pin(0, 1, 60)  # never starved by the load generators beside it
@@ -350,6 +375,7 @@ ATTACKS: dict[str, tuple[tuple[str, ...], Callable[..., Awaitable[str]]]] = {
               stuck),
     "storm": (("--sweep-interval-s", "1"), storm),
     "verify": ((), verify),
+    "logs": (("--log-level", "info"), logs),
     "newcomers": (("--unknown-key-rate-per-s", "1e6", "--unknown-key-burst", "1000000"),
                   newcomers),
 }
