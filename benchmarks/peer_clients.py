@@ -18,6 +18,9 @@ to the plan's payload size and built before the clock starts.
   push consumer per receiver with explicit acks and the relay's delivery window
   as max_ack_pending.  The sender's PubAck (the message is in the stream) is the
   ACCEPTED, the receiver's +ACK (the message leaves the work queue) the ACK.
+
+paho and nats are imported where they are used, so this module (and run_all.py)
+imports without the `bench` extra; benchmarks/peers.py skips what is missing.
 """
 
 from __future__ import annotations
@@ -74,27 +77,32 @@ def _sleep_until_ns(due_ns: int) -> None:
 
 # --- MQTT (paho-mqtt) ----------------------------------------------------------------------
 
-def _mqtt_client(url: str, client_id: str, *, clean_session: bool):
-    """A connected paho client in manual-loop mode (CONNACK not yet read)."""
-    from paho.mqtt import client as mqtt
+class _Link:
+    """One paho connection in manual-loop mode (driven by `_pump`); `ready` once CONNACKed."""
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         clean_session=clean_session, protocol=mqtt.MQTTv311)
-    client.max_inflight_messages_set(DELIVERY_WINDOW)  # above any plan's window: ours limits
-    client.max_queued_messages_set(0)
-    client.ready = False
-    client.on_connect = lambda c, _u, _f, reason, _p: setattr(c, "ready", not reason.is_failure)
-    parts = urlsplit(url)
-    client.connect(parts.hostname, parts.port, keepalive=60)
-    # paho leaves Nagle on; aiohttp, asyncio (nats-py) and both brokers turn it off.
-    client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return client
+    def __init__(self, url: str, client_id: str, *, clean_session: bool) -> None:
+        from paho.mqtt import client as mqtt
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  clean_session=clean_session, protocol=mqtt.MQTTv311)
+        self.client.max_inflight_messages_set(DELIVERY_WINDOW)  # above any plan's window
+        self.client.max_queued_messages_set(0)
+        self.ready = False
+        self.client.on_connect = self._connected
+        parts = urlsplit(url)
+        self.client.connect(parts.hostname, parts.port, keepalive=60)
+        # paho leaves Nagle on; aiohttp, asyncio (nats-py) and both brokers turn it off.
+        self.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _connected(self, _client, _userdata, _flags, reason, _properties) -> None:
+        self.ready = not reason.is_failure
 
 
-def _pump(clients: list, done: Callable[[], bool], until_ns: int) -> bool:
-    """Read and write every client's socket from this one thread until `done()` or `until_ns`;
+def _pump(links: list[_Link], done: Callable[[], bool], until_ns: int) -> bool:
+    """Read and write every link's socket from this one thread until `done()` or `until_ns`;
     True when done.  Writes queued by callbacks (a PUBACK, the next PUBLISH) go out after
     each read."""
+    clients = [link.client for link in links]
     selector = selectors.DefaultSelector()
     for client in clients:
         selector.register(client.socket(), selectors.EVENT_READ, client)
@@ -117,22 +125,28 @@ def _pump(clients: list, done: Callable[[], bool], until_ns: int) -> bool:
         selector.close()
 
 
-def _setup(clients: list, done: Callable[[], bool], what: str) -> None:
-    if not _pump(clients, done, time.monotonic_ns() + int(_SETUP_TIMEOUT_S * 1e9)):
-        raise TimeoutError(f"MQTT {what} not answered within {_SETUP_TIMEOUT_S:.0f}s")
+def _connect_all(links: list[_Link]) -> None:
+    if not _pump(links, lambda: all(link.ready for link in links),
+                 time.monotonic_ns() + int(_SETUP_TIMEOUT_S * 1e9)):
+        raise TimeoutError(f"MQTT CONNECT not answered within {_SETUP_TIMEOUT_S:.0f}s")
 
 
-class _Publisher:
+def _disconnect_all(links: list[_Link]) -> None:
+    for link in links:
+        link.client.disconnect()
+
+
+class _Publisher(_Link):
     """One sender connection: keeps `window` QoS 1 PUBLISHes un-answered until all are sent."""
 
-    def __init__(self, client, topic: str, messages: list[tuple[bytes, bytes]], window: int,
+    def __init__(self, url: str, topic: str, messages: list[tuple[bytes, bytes]], window: int,
                  stats: dict) -> None:
-        self.client, self.topic, self.messages, self.window = client, topic, messages, window
-        self.stats = stats
+        super().__init__(url, f"tx-{os.urandom(8).hex()}", clean_session=True)
+        self.topic, self.messages, self.window, self.stats = topic, messages, window, stats
         self.next = self.in_flight = 0
         self.deadline_ns = 0
         self.stopped = False
-        client.on_publish = self._answered
+        self.client.on_publish = self._answered
 
     def top_up(self) -> None:
         """Send until the window is full, every message is out, or the deadline passed."""
@@ -171,12 +185,10 @@ class _Publisher:
 def mqtt_sender(pipe: Connection, url: str, plan: LoadPlan,
                 devices: list[tuple[int, bytes, bytes]]) -> None:
     stats = _sender_stats()
-    publishers = [_Publisher(_mqtt_client(url, f"tx-{os.urandom(8).hex()}", clean_session=True),
-                             f"{_TOPIC_PREFIX}/{mailbox_name(recipient)}", _messages(plan),
+    publishers = [_Publisher(url, f"{_TOPIC_PREFIX}/{mailbox_name(recipient)}", _messages(plan),
                              plan.window, stats)
                   for _index, _seed, recipient in devices]
-    clients = [p.client for p in publishers]
-    _setup(clients, lambda: all(c.ready for c in clients), "CONNECT")
+    _connect_all(publishers)
     pipe.send("ready")
     start_ns = pipe.recv()
     deadline_ns = start_ns + int(plan.deadline_s * 1e9)
@@ -185,25 +197,30 @@ def mqtt_sender(pipe: Connection, url: str, plan: LoadPlan,
     for publisher in publishers:
         publisher.deadline_ns = deadline_ns
         publisher.top_up()
-    _pump(clients, lambda: not any(p.sending for p in publishers), deadline_ns)
-    _pump(clients, lambda: all(p.done for p in publishers),
+    _pump(publishers, lambda: not any(p.sending for p in publishers), deadline_ns)
+    _pump(publishers, lambda: all(p.done for p in publishers),
           time.monotonic_ns() + int(_DRAIN_GRACE_S * 1e9))
     stats["unanswered_connections"] = sum(not p.done for p in publishers)
     cpu = _cpu_now() - cpu_start
-    for client in clients:
-        client.disconnect()
+    _disconnect_all(publishers)
     pipe.send(_sender_result(stats, cpu))
 
 
-class _Subscriber:
+class _Subscriber(_Link):
     """One receiver connection: notes each delivery; paho PUBACKs it when the callback returns."""
 
-    def __init__(self, client, topic: str, expected: int, received_ns: dict[bytes, int]) -> None:
-        self.client, self.topic, self.expected, self.received_ns = client, topic, expected, received_ns
+    def __init__(self, url: str, receiver_key: bytes, expected: int,
+                 received_ns: dict[bytes, int]) -> None:
+        name = mailbox_name(receiver_key)
+        super().__init__(url, f"rx-{name[:20]}", clean_session=False)
+        self.topic, self.expected, self.received_ns = f"{_TOPIC_PREFIX}/{name}", expected, received_ns
         self.got = self.duplicates = 0
         self.subscribed = False
-        client.on_message = self._delivered
-        client.on_subscribe = lambda *_: setattr(self, "subscribed", True)
+        self.client.on_message = self._delivered
+        self.client.on_subscribe = self._subscribed
+
+    def _subscribed(self, *_args: object) -> None:
+        self.subscribed = True
 
     def _delivered(self, _client, _userdata, message) -> None:
         now = time.monotonic_ns()
@@ -217,25 +234,21 @@ class _Subscriber:
 
 def mqtt_receiver(pipe: Connection, url: str, plan: LoadPlan, seeds: list[bytes]) -> None:
     received_ns: dict[bytes, int] = {}
-    subscribers = []
-    for seed in seeds:
-        name = mailbox_name(_receiver_key(seed))
-        client = _mqtt_client(url, f"rx-{name[:20]}", clean_session=False)
-        subscribers.append(_Subscriber(client, f"{_TOPIC_PREFIX}/{name}", plan.per_sender,
-                                       received_ns))
-    clients = [s.client for s in subscribers]
-    _setup(clients, lambda: all(c.ready for c in clients), "CONNECT")
+    subscribers = [_Subscriber(url, _receiver_key(seed), plan.per_sender, received_ns)
+                   for seed in seeds]
+    _connect_all(subscribers)
     for subscriber in subscribers:
         subscriber.client.subscribe(subscriber.topic, qos=1)
-    _setup(clients, lambda: all(s.subscribed for s in subscribers), "SUBSCRIBE")
+    if not _pump(subscribers, lambda: all(s.subscribed for s in subscribers),
+                 time.monotonic_ns() + int(_SETUP_TIMEOUT_S * 1e9)):
+        raise TimeoutError(f"MQTT SUBSCRIBE not answered within {_SETUP_TIMEOUT_S:.0f}s")
     pipe.send("ready")
     start_ns = pipe.recv()
     cpu_start = _cpu_now()
-    _pump(clients, lambda: all(s.got >= s.expected for s in subscribers),
+    _pump(subscribers, lambda: all(s.got >= s.expected for s in subscribers),
           start_ns + int((plan.deadline_s + _DRAIN_GRACE_S) * 1e9))
     cpu = _cpu_now() - cpu_start
-    for client in clients:
-        client.disconnect()
+    _disconnect_all(subscribers)
     pipe.send({"received_ns": received_ns, "duplicates": sum(s.duplicates for s in subscribers),
                "cpu_s": cpu})
 
