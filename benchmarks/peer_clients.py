@@ -107,15 +107,17 @@ def _pump(links: list[_Link], done: Callable[[], bool], until_ns: int) -> bool:
     for client in clients:
         selector.register(client.socket(), selectors.EVENT_READ, client)
     next_misc = time.monotonic()
+    unwritten = False
     try:
         while not done():
             if time.monotonic_ns() >= until_ns:
                 return False
-            for key, _ in selector.select(timeout=0.05):
+            for key, _ in selector.select(timeout=0.001 if unwritten else 0.05):
                 key.data.loop_read()
             for client in clients:
                 if client.want_write():
                     client.loop_write()
+            unwritten = any(client.want_write() for client in clients)  # a full send buffer
             if time.monotonic() >= next_misc:  # keepalive pings, as paho's own loop does
                 next_misc += 1.0
                 for client in clients:

@@ -68,9 +68,12 @@ def skipped() -> dict[str, str]:
 
 
 def _figures(system: str, round_: int, run: dict, version: str) -> dict[str, object]:
-    cpu_cores = run["relay_cpu_percent"] / 100
+    """One run's figures, its server named a server (loadgen says relay)."""
+    run = dict(run)
+    cpu_percent, rss_mib = run.pop("relay_cpu_percent"), run.pop("relay_peak_rss_mib")
     return {"system": system, "version": version, "round": round_,
-            "server_us_per_msg": cpu_cores / run["delivered_per_s"] * 1e6,
+            "server_cpu_percent": cpu_percent, "server_peak_rss_mib": rss_mib,
+            "server_us_per_msg": cpu_percent / 100 / run["delivered_per_s"] * 1e6,
             "client_bound": run["busiest_client_process_cores"] >= CLIENT_BOUND_CORES,
             **run}
 
@@ -117,17 +120,19 @@ def render(result: dict) -> str:
     rows = []
     for run in result["runs"]:
         lat = run["latency_ms"]
-        rows.append((run["system"], run["round"], run["delivered_per_s"], run["relay_cpu_percent"],
-                     run["server_us_per_msg"], lat["p50"], lat["p99"], run["client_cpu_cores"],
-                     run["busiest_client_process_cores"], run["other_cpu_cores"], run["lost"],
+        rows.append((run["system"], run["round"], run["delivered_per_s"], run["server_cpu_percent"],
+                     run["server_us_per_msg"], run["server_peak_rss_mib"], lat["p50"], lat["p99"],
+                     run["client_cpu_cores"], run["busiest_client_process_cores"],
+                     run["other_cpu_cores"], run["lost"],
                      "CLIENT-BOUND" if run["client_bound"] else "-"))
     lines = [f"{plan['pairs']} pairs, {plan['procs']} client processes per side,"
              f" {plan['payload_bytes']}-byte payloads, {plan['window']} un-answered per sender,"
              f" {plan['pairs'] * plan['per_sender']:,} messages per run;"
              f" verify floor {floor['us_per_op']:.1f} CPU µs/msg (decode + verify)",
              *([table(["system", "round", "delivered/s", "server CPU%", "server µs/msg",
-                       "p50 ms", "p99 ms", "client cores", "busiest client proc", "other cores",
-                       "lost", "pace set by"], rows)] if rows else [])]
+                       "server RSS MiB", "p50 ms", "p99 ms", "client cores",
+                       "busiest client proc", "other cores", "lost", "pace set by"], rows)]
+               if rows else [])]
     for name, reason in result["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     ratio = result["beyond_floor_vs_nats"]
