@@ -12,8 +12,8 @@ to the plan's payload size and built before the clock starts.
   receiver's PUBACK (sent by paho once `on_message` returns) its ACK.  Receivers
   keep a persistent session (clean_session False), the MQTT form of a mailbox.
   A process drives all its connections from one thread through `selectors` and
-  paho's loop_read/loop_write (paho's thread per connection costs more CPU
-  in wake-ups and GIL hand-offs than the broker it is meant to load).
+  paho's loop_read/loop_write, as a loadgen process drives its devices from one
+  event loop, rather than from paho's thread per connection (`loop_start`).
 - NATS JetStream (nats-py): one work-queue stream on file storage; a durable
   push consumer per receiver with explicit acks and the relay's delivery window
   as max_ack_pending.  The sender's PubAck (the message is in the stream) is the
