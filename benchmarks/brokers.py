@@ -10,8 +10,8 @@ window (64 messages in flight to a receiver) and TCP_NODELAY.
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -108,7 +108,8 @@ class Mosquitto(BrokerProcess):
         config.write_text("\n".join([
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
-            f"user {getpass.getuser()}",  # as root it would switch to `mosquitto` and lose workdir
+            # As root it would switch to the `mosquitto` user, who cannot write `workdir`.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             "persistence true",
             f"persistence_location {self.workdir}/",
             f"max_inflight_messages {DELIVERY_WINDOW}",
