@@ -352,12 +352,83 @@ _FRAME_CLASSES: dict[int, tuple[type, int]] = {
 }
 
 
+# The frames of every message's path, whose fields are all strings: how each field is encoded.
+# They are written and read here directly (`canonical.string_head`, `string_span`); every
+# other frame, and any of these not in canonical form, goes through the general codec.
+_STRING_FRAMES: dict[int, tuple[type, tuple[int, ...]]] = {
+    FrameType.SEND: (Send, (canonical.BYTES,)),
+    FrameType.ACCEPTED: (Accepted, (canonical.BYTES,)),
+    FrameType.DELIVER: (Deliver, (canonical.TEXT, canonical.BYTES)),
+    FrameType.ACK: (Ack, (canonical.TEXT,)),
+}
+_STRING_TYPES = {canonical.BYTES: bytes, canonical.TEXT: str}
+_ARRAY_OF = (0x82, 0x83)  # the heads of arrays of 2 and 3 items: the type and 1 or 2 strings
+
+
 def encode_frame(frame: Frame) -> bytes:
+    shape = _STRING_FRAMES.get(frame.TYPE)
+    if shape is not None:
+        encoded = _encode_strings(frame.TYPE, shape[1], frame.fields())
+        if encoded is not None:
+            return encoded
     return canonical.encode([int(frame.TYPE), *frame.fields()])
+
+
+def _encode_strings(frame_type: int, majors: tuple[int, ...], fields: list) -> bytes | None:
+    """What `canonical.encode` makes of [frame_type, *fields], or None if a field is not the
+    bytes or str its frame type holds (then the general encoder deals with it)."""
+    parts = [bytes((_ARRAY_OF[len(majors) - 1], frame_type))]
+    for major, value in zip(majors, fields):
+        if type(value) is not _STRING_TYPES[major]:
+            return None
+        try:
+            encoded = value if major == canonical.BYTES else value.encode()
+        except UnicodeEncodeError:  # a lone surrogate: not text CBOR can carry
+            return None
+        parts += (canonical.string_head(major, len(encoded)), encoded)
+    return b"".join(parts)
+
+
+def _decode_strings(data: bytes, max_size: int) -> Frame | None:
+    """The SEND, ACCEPTED, DELIVER or ACK frame `data` holds in canonical form, or None for
+    anything else, on which the general decoder then rules (and names what is wrong).
+
+    What it accepts the general decoder accepts too, as the same values: an array head for
+    the frame's field count, its type as one byte, each string's canonical head, valid
+    UTF-8 in text, and nothing after the last string."""
+    if type(data) is not bytes or not 2 <= len(data) <= max_size:
+        return None
+    shape = _STRING_FRAMES.get(data[1])
+    if shape is None or data[0] != _ARRAY_OF[len(shape[1]) - 1]:
+        return None
+    cls, majors = shape
+    fields: list[bytes | str] = []
+    pos = 2
+    for major in majors:
+        span = canonical.string_span(data, pos, major)
+        if span is None:
+            return None
+        start, pos = span
+        if major == canonical.BYTES:
+            fields.append(data[start:pos])
+        else:
+            try:
+                fields.append(data[start:pos].decode())
+            except UnicodeDecodeError:
+                return None
+    if pos != len(data):
+        return None
+    return cls.from_fields(fields)  # type: ignore[attr-defined, no-any-return]
 
 
 def decode_frame(data: bytes, max_size: int) -> Frame:
     """Parse one frame or raise a DecodeError subclass naming what is wrong."""
+    frame = _decode_strings(data, max_size)
+    return frame if frame is not None else _decode_any(data, max_size)
+
+
+def _decode_any(data: bytes, max_size: int) -> Frame:
+    """Any frame, through the general canonical decoder."""
     value = canonical.decode(data, max_size=max_size, what="frame")
     if type(value) is not list or not value or type(value[0]) is not int:
         raise DecodeError("frame must be a CBOR array starting with its type")
