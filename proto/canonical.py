@@ -84,28 +84,15 @@ def _refuse_tags(value: Any, what: str) -> None:
 
 
 # -- strings at known places, without the general decoder ------------------------------------
-# Most frames a relay reads and writes (SEND, ACK in; ACCEPTED, DELIVER out) are an array of a
-# small type number and strings.  Decoding those through cbor2 and re-encoding to prove the
-# form cost more than the rest of their handling; for strings, the canonical rules come down
-# to a head in its shortest form and an exact length, which `string_span` checks directly.
+# The frames of every message (SEND, ACK in; ACCEPTED, DELIVER out) are an array of a small
+# type number and strings.  Decoding those through cbor2 and re-encoding to prove the form cost
+# twice what reading them directly does; for strings, the canonical rules come down to a head
+# in its shortest form and an exact length, which `string_span` checks.
 
 BYTES = 2  # CBOR major type of a byte string
 TEXT = 3  # CBOR major type of a UTF-8 text string
 # The smallest length each head size may carry (below it, a shorter head was required).
 _HEAD_MINIMUM = {24: 24, 25: 0x100, 26: 0x1_0000, 27: 0x1_0000_0000}
-
-
-def string_head(major: int, length: int) -> bytes:
-    """The canonical (shortest) head of a definite-length string of `length` bytes."""
-    if length < 24:
-        return bytes((major << 5 | length,))
-    if length < 0x100:
-        return bytes((major << 5 | 24, length))
-    if length < 0x1_0000:
-        return bytes((major << 5 | 25,)) + length.to_bytes(2, "big")
-    if length < 0x1_0000_0000:
-        return bytes((major << 5 | 26,)) + length.to_bytes(4, "big")
-    return bytes((major << 5 | 27,)) + length.to_bytes(8, "big")
 
 
 def string_span(data: bytes, pos: int, major: int) -> tuple[int, int] | None:

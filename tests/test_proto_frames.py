@@ -175,10 +175,9 @@ def _outcome(decode, data: bytes) -> object:
 
 
 @pytest.mark.parametrize("frame", MESSAGE_FRAMES, ids=repr)
-def test_message_frames_are_read_and_written_without_the_general_codec(frame) -> None:
-    """The fast path is taken (so the properties below are not vacuous) and agrees."""
+def test_message_frames_are_read_without_the_general_decoder(frame) -> None:
+    """The direct path is taken (so the property below is not vacuous) and agrees."""
     data = encode_frame(frame)
-    assert data == canonical.encode([int(frame.TYPE), *frame.fields()])
     assert frames._decode_strings(data, BIG) == frame == frames._decode_any(data, BIG)
 
 
@@ -198,10 +197,3 @@ def test_message_frames_read_directly_decode_as_the_general_decoder_does(data: b
     """Whatever the input, the same frame or the same refusal as through cbor2 and its
     canonical re-encoding check."""
     assert _outcome(decode_frame, data) == _outcome(frames._decode_any, data)
-
-
-@settings(max_examples=500, deadline=None)
-@given(st.text(max_size=MAX_TAG_CHARS), st.binary(max_size=600))
-def test_message_frames_written_directly_are_canonical_cbor(tag: str, envelope: bytes) -> None:
-    for frame in (Send(envelope), Deliver(tag, envelope), Ack(tag), Accepted(envelope)):
-        assert encode_frame(frame) == canonical.encode([int(frame.TYPE), *frame.fields()])
