@@ -42,13 +42,14 @@ from loadgen import LoadPlan, per_sender_for, run_load
 SAMPLE_RATE_HZ = 250
 # Steps of one message's life in the relay: a stack counts toward a step if any frame contains it.
 STEPS = {
-    "session _accept: SEND → ACCEPTED, total": "DeviceSession._accept (",
+    "session _admit: SEND → ACCEPTED, total": "DeviceSession._admit (",
     "  decode_envelope (CBOR + canonical check)": "decode_envelope (proto/envelope.py)",
     "  Envelope.verify (Ed25519, libsodium)": "Envelope.verify (proto/envelope.py)",
-    "  store.accept (SQLite transaction)": "SqliteStore.accept (",
-    "session _ack: ACK → store.ack": "DeviceSession._ack (",
+    "  store.accept": "TimedStore.accept (",
+    "session _remove: ACK → store.ack": "DeviceSession._remove (",
     "session _deliver: fetch + DELIVER": "DeviceSession._deliver (",
     "all SQLite store calls": "(continuum/store/sqlite.py)",
+    "sealed channel: open (SEND, ACK) and seal (ACCEPTED, DELIVER)": "CipherState.",
     "decode_frame (every inbound frame)": "decode_frame (proto/frames.py)",
     "encode_frame (every outbound frame)": "encode_frame (proto/frames.py)",
     "canonical re-encode check (decode side)": "encode (proto/canonical.py)",
