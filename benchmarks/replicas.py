@@ -13,9 +13,9 @@ unanswered, so the figures are saturation figures.
     .venv/bin/python benchmarks/replicas.py --workers [--replicas 1,2]
 
 `--workers`: instead of N relays on N ports, one `continuum --workers N` (N processes
-on one port, SO_REUSEPORT); every client connects to that one URL and the kernel
-picks the worker, so about (N - 1) / N of the messages cross workers.  Relay CPU
-is the workers' and the supervisor's.
+accepting on one port); every client connects to that one URL and the worker that
+accepts first serves it, so about (N - 1) / N of the messages cross workers.  Relay
+CPU is the workers' and the supervisor's.
 
 The machine this was written on has 2 cores.  Relays, Redis and the load
 generator share them, so N relays on 2 cores cannot scale linearly: the table
@@ -46,6 +46,7 @@ from common import (
     CpuSampler,
     RelayProcess,
     free_port,
+    free_port_run,
     memory_kib,
     raise_nofile,
     stop_process_group,
@@ -189,7 +190,7 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
 
     with ExitStack() as stack:
         if as_workers:
-            metrics_port = free_port()
+            metrics_port = free_port_run(replicas)
             relays = [stack.enter_context(RelayProcess(
                 *UNTHROTTLED, "--relay-key", relay_key, "--workers", str(replicas),
                 "--worker-metrics-port", str(metrics_port), store=store))]
@@ -246,7 +247,7 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
         "replicas": replicas,
         "mode": "workers" if as_workers else "replicas",
         "client_processes_per_side": procs,
-        # Workers: the kernel picks each connection's worker, so (N - 1) / N on average.
+        # Workers: whichever accepts first serves a connection, so (N - 1) / N on average.
         "cross_replica_fraction": (replicas - 1) / replicas if as_workers else
         0.0 if replicas == 1 else 1.0,
         "relay_cpu_percent": sum(relay_percents),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
@@ -16,12 +17,13 @@ from .settings import Settings
 from .supervisor import supervise
 
 
-async def _serve(settings: Settings, worker: int, serving: Callable[[], None]) -> None:
+async def _serve(settings: Settings, worker: int, sockets: list[socket.socket] | None,
+                 serving: Callable[[], None]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with RelayServer(settings, worker) as server:
+    async with RelayServer(settings, worker, sockets) as server:
         # What exists now (modules, the app, the store) lives as long as the process: out of
         # the collector's sight, each full collection scans only the connections' objects.
         # Under a flood of refused handshakes a known device's p99 fell from 34-47 ms to
@@ -32,10 +34,12 @@ async def _serve(settings: Settings, worker: int, serving: Callable[[], None]) -
         await stop.wait()
 
 
-def _run(settings: Settings, worker: int = 0, serving: Callable[[], None] = lambda: None) -> None:
-    """One relay process (the only one, or worker `worker`) until SIGINT/SIGTERM."""
+def _run(settings: Settings, worker: int = 0, sockets: list[socket.socket] | None = None,
+         serving: Callable[[], None] = lambda: None) -> None:
+    """One relay process (the only one, or worker `worker` on the supervisor's `sockets`)
+    until SIGINT/SIGTERM."""
     try:
-        asyncio.run(_serve(settings, worker, serving))
+        asyncio.run(_serve(settings, worker, sockets, serving))
     except OSError as exc:
         sys.exit(f"continuum: cannot start: {exc}")
     except (ValueError, ProtocolError) as exc:  # a store URL or key the settings named

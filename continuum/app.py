@@ -87,8 +87,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_worker_app(relay: RelayContext) -> web.Application:
     """/healthz and /metrics of one worker, on its own port (`worker_metrics_port` + i): the
-    shared port answers for whichever worker the kernel picked, so a scrape there is not
-    one series."""
+    shared port answers for whichever worker accepted that connection, so a scrape there is
+    not one series."""
     app = web.Application()
     app[RELAY_KEY] = relay
     app.router.add_get("/healthz", healthz)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 from types import TracebackType
 
@@ -48,11 +49,14 @@ def load_relay_identity(settings: Settings) -> Identity:
 
 
 class RelayServer:
-    def __init__(self, settings: Settings, worker: int = 0) -> None:
-        """`worker`: this process's index among `settings.workers` (continuum/supervisor.py)."""
+    def __init__(self, settings: Settings, worker: int = 0,
+                 sockets: list[socket.socket] | None = None) -> None:
+        """`worker`: this process's index among `settings.workers`, and `sockets` the listening
+        sockets it shares with the others (continuum/supervisor.py); None: bind its own."""
         settings.validate()
         self.settings = settings
         self.worker = worker
+        self._shared_sockets = sockets
         self._worker_runner: web.AppRunner | None = None
         self.relay: RelayContext | None = None
         self._runner: web.AppRunner | None = None
@@ -115,11 +119,14 @@ class RelayServer:
                                                    settings.unauthenticated_yield_ms / 1000))
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
         self._count_connections(metrics, gate)
-        self._listener = await listen(self.sockets, settings.host, settings.port,
-                                      settings.tls_context(), settings.request_timeout_s,
-                                      reuse_port=settings.workers > 1)
+        if self._shared_sockets is None:
+            self._listener = await listen(self.sockets, settings.host, settings.port,
+                                          settings.tls_context(), settings.request_timeout_s)
+        else:
+            self._listener = Listener(self.sockets, self._shared_sockets, settings.tls_context(),
+                                      settings.request_timeout_s)
         self.port = self._listener.sockets[0].getsockname()[1]
-        if settings.workers > 1 and settings.worker_metrics_port:
+        if self._shared_sockets is not None and settings.worker_metrics_port:
             self._worker_runner = web.AppRunner(create_worker_app(self.relay), access_log=None,
                                                 handle_signals=False, shutdown_timeout=1.0)
             await self._worker_runner.setup()

@@ -44,13 +44,13 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8470
     store: str = "memory"
-    # Relay processes sharing `port` (SO_REUSEPORT, the kernel spreads connections), started,
-    # restarted and stopped by one supervisor (continuum/supervisor.py): one per core.  More
-    # than one needs a Redis store (the in-process stores cannot be shared) and a fixed port.
+    # Relay processes accepting from one listening socket on `port`, started, restarted and
+    # stopped by one supervisor (continuum/supervisor.py): one per core.  More than one needs
+    # a Redis store (the in-process stores cannot be shared).
     workers: int = 1
     # With workers: worker i (0-based) also serves /metrics and /healthz on this port + i, so
     # each worker can be scraped; 0: not served (the shared port's /metrics answers for the
-    # one worker the kernel handed that connection to).
+    # one worker that accepted that connection).
     worker_metrics_port: int = 0
     # Relay signing key (csk_… text) for expiry notices; replicas behind one
     # load balancer share it.  Empty: a key file, else a fresh key per process.
@@ -199,7 +199,7 @@ class Settings:
         problems = [
             name for name, ok in [
                 ("port must be 0..65535", 0 <= self.port <= 65535),
-                *_worker_problems(self.workers, self.port, self.store, self.worker_metrics_port),
+                *_worker_problems(self.workers, self.store, self.worker_metrics_port),
                 ("max_envelope_bytes must be >= 1024", self.max_envelope_bytes >= 1024),
                 ("max_ttl_s must be >= 1", self.max_ttl_s >= 1),
                 ("rate_per_s must be > 0", self.rate_per_s > 0),
@@ -253,24 +253,21 @@ class Settings:
 
 
 _WORKERS_HELP = (
-    "--workers N runs N relay processes on one port (SO_REUSEPORT: the kernel spreads the"
-    " connections) under a supervisor that restarts a crashed worker and stops them all on"
-    " SIGTERM.  N > 1 needs a redis:// store (the memory and SQLite stores live in one process"
-    " and wake only its own sessions) and a fixed --port.  Every budget (max connections, per"
-    " address, per key, handshakes) is per worker: the relay's bound is N times the flag."
-    "  --worker-metrics-port P: worker i serves /metrics and /healthz on P + i.")
+    "--workers N runs N relay processes accepting on one port under a supervisor that"
+    " restarts a crashed worker and stops them all on SIGTERM.  N > 1 needs a redis:// store"
+    " (the memory and SQLite stores live in one process and wake only its own sessions)."
+    "  Every budget (max connections, per address, per key, handshakes) is per worker: the"
+    " relay's bound is N times the flag.  --worker-metrics-port P: worker i serves /metrics"
+    " and /healthz on P + i.")
 
 
-def _worker_problems(workers: int, port: int, store: str,
-                     metrics_port: int) -> list[tuple[str, bool]]:
+def _worker_problems(workers: int, store: str, metrics_port: int) -> list[tuple[str, bool]]:
     """What must hold of the worker settings: workers share one port and one store."""
     return [
         ("workers must be >= 1", workers >= 1),
         ("workers > 1 needs a redis://, rediss:// or unix:// store: the memory and SQLite"
          " stores live inside one process (their wake-ups reach only its own sessions)",
          workers == 1 or store.startswith(_SHARED_STORES)),
-        ("workers > 1 needs a fixed port (not 0): every worker binds the same one",
-         workers == 1 or port != 0),
         ("worker_metrics_port must be 0 or 1..65535 - workers + 1",
          metrics_port == 0 or 1 <= metrics_port <= 65536 - workers),
     ]

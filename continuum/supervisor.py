@@ -4,13 +4,20 @@ Why processes: one Python process decodes, verifies and stores on one core (the 
 the relay already runs as stateless replicas sharing a Redis store, so N workers are N
 replicas on one port.  A thread pool for the signature check alone could not reach 2x: the
 verify is under half of a message's relay CPU (issue #18), so by Amdahl two threads would give
-at most ~1.3x.  Why SO_REUSEPORT rather than one listening socket inherited by every worker:
-the kernel spreads new connections over the workers' own sockets instead of waking them all
-for each one.
+at most ~1.3x.
 
-The supervisor runs no event loop and serves nothing: it resolves what the workers must share
-(the relay key, so every worker signs expiry notices alike), refuses a port another process
-holds (SO_REUSEPORT would otherwise let a second relay silently join this one), forks the
+Why one listening socket, made here and inherited by every worker, rather than a socket per
+worker with SO_REUSEPORT: the kernel hashes each connection to one SO_REUSEPORT socket
+whatever that worker's load, and a relay's connections live for hours, so a few dozen of them
+split 23 to 9 (measured, benchmarks/replicas.py --workers) and the busier worker bounded the
+whole relay (0.75x of one process at N = 2).  On one shared socket each worker's accept loop
+takes a connection when its turn comes round (runtime/listener.py), so a busier worker takes
+fewer.  It also keeps the port exclusive (no second relay can join it), lets port 0 work, and
+a worker's death drops no connection waiting in the listen queue: the queue is the socket's.
+Each new connection wakes every worker's loop once, nothing at N = cores.
+
+The supervisor runs no event loop and serves nothing: it binds the port, resolves what the
+workers must share (the relay key, so every worker signs expiry notices alike), forks the
 workers, restarts one that exits (after a back-off when it keeps failing), and on SIGTERM or
 SIGINT stops them all and waits for them.  A worker that fails before all have started once
 ends the supervisor with its exit code: a bad setting is reported, not retried forever.
@@ -30,13 +37,16 @@ from multiprocessing.connection import Connection, wait
 
 import structlog
 
+from runtime.listener import bind_listening
+
 from .server import load_relay_identity
 from .settings import Settings
 
 __all__ = ["RestartPolicy", "RunWorker", "supervise"]
 
-# How a worker runs: (its settings, its index, call once serving) -> returns when stopped.
-RunWorker = Callable[[Settings, int, Callable[[], None]], None]
+# How a worker runs: (its settings, its index, the shared listening sockets, call once
+# serving) -> returns when stopped.
+RunWorker = Callable[[Settings, int, list[socket.socket], Callable[[], None]], None]
 
 # What a worker may take to stop after SIGTERM (RelayServer.stop is bounded by a few 5 s
 # steps) before it is killed; under a Kubernetes terminationGracePeriodSeconds of 30.
@@ -75,23 +85,8 @@ class _Worker:
     started_at: float
 
 
-def refuse_taken_port(host: str, port: int) -> None:
-    """OSError (EADDRINUSE) if anything listens on `port` already, with SO_REUSEPORT or not.
-
-    The workers bind with SO_REUSEPORT, which would let them join another relay of the same
-    user on that port instead of failing as one process does; this plain bind fails then.
-    """
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
-    for family, kind, proto, _, address in dict.fromkeys(infos):
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            probe.bind(address)
-
-
-def _worker_main(run: RunWorker, settings: Settings, index: int, ready: Connection) -> None:
+def _worker_main(run: RunWorker, settings: Settings, index: int, sockets: list[socket.socket],
+                 ready: Connection) -> None:
     """The forked worker: default signal handling (its event loop installs its own), its index
     on every log line, then the relay."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -103,12 +98,13 @@ def _worker_main(run: RunWorker, settings: Settings, index: int, ready: Connecti
         with contextlib.suppress(OSError):
             ready.send(True)
             ready.close()
-    run(settings, index, serving)
+    run(settings, index, sockets, serving)
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, run: RunWorker, policy: RestartPolicy) -> None:
-        self._settings, self._run, self._policy = settings, run, policy
+    def __init__(self, settings: Settings, sockets: list[socket.socket], run: RunWorker,
+                 policy: RestartPolicy) -> None:
+        self._settings, self._sockets, self._run, self._policy = settings, sockets, run, policy
         self._context = mp.get_context("fork")  # the supervisor has no loop nor threads
         self._workers: dict[int, _Worker] = {}
         self._restart_at: dict[int, float] = {}
@@ -118,7 +114,8 @@ class _Supervisor:
     def _start(self, index: int) -> None:
         ours, theirs = self._context.Pipe(duplex=False)
         process = self._context.Process(target=_worker_main, name=f"continuum-worker-{index}",
-                                        args=(self._run, self._settings, index, theirs))
+                                        args=(self._run, self._settings, index,
+                                              self._sockets, theirs))
         process.start()
         theirs.close()
         self._workers[index] = _Worker(index, process, ours, time.monotonic())
@@ -202,7 +199,7 @@ class _Supervisor:
 
 def supervise(settings: Settings, run: RunWorker, policy: RestartPolicy | None = None) -> int:
     """Run `settings.workers` workers until SIGTERM/SIGINT; the exit code for the process."""
-    refuse_taken_port(settings.host, settings.port)
+    sockets = bind_listening(settings.host, settings.port)  # OSError: the port is taken
     # One key for all: a fresh key per worker would sign expiry notices with N keys.
     shared = dataclasses.replace(settings, relay_key=load_relay_identity(settings).secret_text())
     woken, wakeup = socket.socketpair()
@@ -210,7 +207,7 @@ def supervise(settings: Settings, run: RunWorker, policy: RestartPolicy | None =
     wakeup.setblocking(False)
     previous = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
     handlers = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
-    supervisor = _Supervisor(shared, run, policy or RestartPolicy())
+    supervisor = _Supervisor(shared, sockets, run, policy or RestartPolicy())
     try:
         return supervisor.run(woken)
     finally:
@@ -218,5 +215,5 @@ def supervise(settings: Settings, run: RunWorker, policy: RestartPolicy | None =
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         signal.set_wakeup_fd(previous)
-        woken.close()
-        wakeup.close()
+        for sock in (woken, wakeup, *sockets):
+            sock.close()

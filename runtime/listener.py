@@ -370,24 +370,29 @@ class Listener:
 
 
 async def listen(cap: SocketCap, host: str, port: int, tls: ssl.SSLContext | None = None,
-                 tls_handshake_timeout_s: float = 10.0, reuse_port: bool = False) -> Listener:
+                 tls_handshake_timeout_s: float = 10.0) -> Listener:
     """Serve `cap`'s protocols on every address `host` names, on `port` (0: a free one),
-    over TLS with `tls`; a TLS handshake must finish within `tls_handshake_timeout_s`.
+    over TLS with `tls`; a TLS handshake must finish within `tls_handshake_timeout_s`."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return Listener(cap, _bind(infos), tls, tls_handshake_timeout_s)
 
-    `reuse_port`: bind with SO_REUSEPORT, so the sibling processes of one service (relay
-    workers) each listen on the same port and the kernel spreads new connections over them.
-    """
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+
+def bind_listening(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets `listen` would make, made now (blocking name lookup), for
+    processes forked next to share: each accepts from the same kernel queue (`Listener`)."""
+    return _bind(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE))
+
+
+def _bind(infos: list[tuple]) -> list[socket.socket]:
+    """One non-blocking listening socket per distinct address in `infos`."""
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # One socket per family, as asyncio does: no dual-stack surprises.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -399,4 +404,4 @@ async def listen(cap: SocketCap, host: str, port: int, tls: ssl.SSLContext | Non
             with contextlib.suppress(OSError):
                 sock.close()
         raise
-    return Listener(cap, sockets, tls, tls_handshake_timeout_s)
+    return sockets

@@ -2,8 +2,9 @@
 
 A real `continuum` supervisor and its forked workers on a free loopback port,
 a private redis-server, devices as raw protocol speakers (tests/wire.py).
-Which worker serves a device is the kernel's choice (SO_REUSEPORT): the tests
-read it off each worker's own /metrics (`--worker-metrics-port`).
+Which worker serves a device is whichever accepted it first from the shared
+listening socket: the tests read it off each worker's own /metrics
+(`--worker-metrics-port`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from continuum.supervisor import RestartPolicy
 from proto import Identity, decode_envelope
 from proto.frames import Accepted
 from redis_server import RedisServer
-from relay_process import RELAY_COMMAND, RelayProcess, free_port
+from relay_process import RELAY_COMMAND, RelayProcess, free_port, free_port_run
 from wire import RawDevice, sealed
 
 
@@ -32,7 +33,7 @@ class Workers(RelayProcess):
     """`continuum --workers 2` and where its workers are: pids from its log, ports by index."""
 
     def __init__(self, store: str, log_path: Path) -> None:
-        self.metrics_port = free_port()
+        self.metrics_port = free_port_run(2)
         super().__init__("--store", store, "--workers", "2", "--log-level", "info",
                          "--worker-metrics-port", str(self.metrics_port), log_path=log_path)
 
@@ -46,6 +47,17 @@ class Workers(RelayProcess):
                 if event.get("event") == "worker_started":
                     started[event["worker"]] = event["pid"]
         return started
+
+    def serving(self) -> dict[str, int]:
+        """Device key text -> the worker that logged it connecting (the latest line)."""
+        assert self.log_path is not None
+        workers: dict[str, int] = {}
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("event") == "device_connected":
+                    workers[event["device"]] = event["worker"]
+        return workers
 
     async def connected(self, http: aiohttp.ClientSession, worker: int) -> float:
         """Devices worker `worker` serves now (its own /metrics)."""
@@ -91,20 +103,25 @@ async def workers(private_redis: RedisServer, tmp_path: Path) -> AsyncIterator[W
 
 async def one_device_per_worker(workers: Workers, stack: contextlib.AsyncExitStack,
                                 ) -> dict[int, tuple[Identity, RawDevice]]:
-    """Devices connected one at a time until each worker serves one (the kernel's spread)."""
+    """A device served by each worker, read off the `device_connected` lines (each carries its
+    worker).  Devices connect 16 at once: one at a time, an idle worker that always wakes
+    first could take them all."""
     found: dict[int, tuple[Identity, RawDevice]] = {}
-    async with aiohttp.ClientSession() as http:
-        for _ in range(64):
-            before = [await workers.connected(http, i) for i in (0, 1)]
-            identity = Identity.generate()
-            device = await stack.enter_async_context(await RawDevice.connect(workers.url,
-                                                                             identity))
-            after = [await workers.connected(http, i) for i in (0, 1)]
-            serving = next(i for i in (0, 1) if after[i] > before[i])
-            found.setdefault(serving, (identity, device))
-            if len(found) == 2:
-                return found
-    raise AssertionError("64 connections all went to one worker")
+    for _ in range(8):
+        identities = [Identity.generate() for _ in range(16)]
+        devices = await asyncio.gather(*(RawDevice.connect(workers.url, identity)
+                                         for identity in identities))
+        for device in devices:
+            await stack.enter_async_context(device)
+        deadline = time.monotonic() + 5
+        while not {i.public.text for i in identities} <= (serving := workers.serving()).keys():
+            assert time.monotonic() < deadline, "a connected device was never logged"
+            await asyncio.sleep(0.02)
+        for identity, device in zip(identities, devices, strict=True):
+            found.setdefault(serving[identity.public.text], (identity, device))
+        if len(found) == 2:
+            return found
+    raise AssertionError("8 batches of 16 connections all reached one worker")
 
 
 def alive(pid: int) -> bool:
@@ -120,13 +137,16 @@ async def test_devices_on_the_two_workers_talk_both_ways(workers: Workers) -> No
     async with contextlib.AsyncExitStack() as stack:
         on = await one_device_per_worker(workers, stack)
         (x, dx), (y, dy) = on[0], on[1]
+        async with aiohttp.ClientSession() as http:  # each worker's own /metrics counts its own
+            assert [await workers.connected(http, i) for i in (0, 1)] == [
+                sum(1 for w in workers.serving().values() if w == i) for i in (0, 1)]
         for i in range(5):
             to_y = sealed(x, [y.public], f"x{i}".encode())
             assert await dx.send(to_y) == Accepted(to_y.msg_id)
-            assert (await dy.next_delivery(timeout=3)).envelope == to_y.raw
+            assert (await dy.next_delivery(timeout=10)).envelope == to_y.raw
             to_x = sealed(y, [x.public], f"y{i}".encode())
             assert await dy.send(to_x) == Accepted(to_x.msg_id)
-            assert (await dx.next_delivery(timeout=3)).envelope == to_x.raw
+            assert (await dx.next_delivery(timeout=10)).envelope == to_x.raw
 
 
 @pytest.mark.redis
@@ -194,6 +214,15 @@ async def test_workers_refuse_a_port_another_relay_holds(workers: Workers) -> No
                           timeout=30)
     assert done.returncode == 1
     assert "Address already in use" in done.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_relay_with_its_exit_code() -> None:
+    done = subprocess.run([*RELAY_COMMAND, "--workers", "2", "--port", "0",
+                           "--store", "redis://127.0.0.1:1/0?no_such_option=1"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "store URL option not understood" in done.stderr
+    assert "worker_failed_to_start" in done.stdout
 
 
 def test_restart_policy_backs_off_only_while_a_worker_keeps_failing() -> None:
