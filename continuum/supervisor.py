@@ -8,11 +8,11 @@ at most ~1.3x.
 
 Why one listening socket, made here and inherited by every worker, rather than a socket per
 worker with SO_REUSEPORT: the kernel hashes each connection to one SO_REUSEPORT socket
-whatever that worker's load, and a relay's connections live for hours, so a few dozen of them
-split 23 to 9 (measured, benchmarks/replicas.py --workers) and the busier worker bounded the
-whole relay (0.75x of one process at N = 2).  On one shared socket each worker's accept loop
+whatever that worker's load, and a relay's connections live for hours: in one run of
+benchmarks/replicas.py --workers 32 connections split 23 to 9, one worker carrying more than
+twice the other's load for the whole run.  On one shared socket each worker's accept loop
 takes a connection when its turn comes round (runtime/listener.py), so a busier worker takes
-fewer.  It also keeps the port exclusive (no second relay can join it), lets port 0 work, and
+fewer: 17/15, 17/15 and 16/16 in three runs.  It also keeps the port exclusive (no second relay can join it), lets port 0 work, and
 a worker's death drops no connection waiting in the listen queue: the queue is the socket's.
 Each new connection wakes every worker's loop once, nothing at N = cores.
 
@@ -51,6 +51,7 @@ RunWorker = Callable[[Settings, int, list[socket.socket], Callable[[], None]], N
 # What a worker may take to stop after SIGTERM (RelayServer.stop is bounded by a few 5 s
 # steps) before it is killed; under a Kubernetes terminationGracePeriodSeconds of 30.
 STOP_GRACE_S = 25.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 class RestartPolicy:
@@ -89,9 +90,10 @@ def _worker_main(run: RunWorker, settings: Settings, index: int, sockets: list[s
                  ready: Connection) -> None:
     """The forked worker: default signal handling (its event loop installs its own), its index
     on every log line, then the relay."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     structlog.contextvars.bind_contextvars(worker=index)
 
     def serving() -> None:
@@ -116,7 +118,13 @@ class _Supervisor:
         process = self._context.Process(target=_worker_main, name=f"continuum-worker-{index}",
                                         args=(self._run, self._settings, index,
                                               self._sockets, theirs))
-        process.start()
+        # Blocked across the fork: until the worker has its own handlers, a signal to it must
+        # not run the supervisor's (which would stop the whole relay).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         theirs.close()
         self._workers[index] = _Worker(index, process, ours, time.monotonic())
         self._log.info("worker_started", worker=index, pid=process.pid)
@@ -137,11 +145,11 @@ class _Supervisor:
                 watched[worker.process.sentinel] = worker
                 if worker.ready is not None:
                     watched[worker.ready] = worker
-            for event in wait([woken, *watched], timeout):
-                if event is woken:
-                    with contextlib.suppress(BlockingIOError):
-                        woken.recv(64)
-                    return 0
+            events = wait([woken, *watched], timeout)
+            if woken in events:
+                # First: on a Ctrl-C the workers got SIGINT too, and their exits are no crash.
+                return 0
+            for event in events:
                 worker = watched[event]
                 if event is worker.ready:
                     self._on_ready(worker)
@@ -169,6 +177,7 @@ class _Supervisor:
         del self._workers[worker.index]
         if worker.ready is not None:
             worker.ready.close()
+            worker.ready = None
         code = worker.process.exitcode
         if not self._all_started:
             self._log.error("worker_failed_to_start", worker=worker.index, exit_code=code)
@@ -206,7 +215,7 @@ def supervise(settings: Settings, run: RunWorker, policy: RestartPolicy | None =
     woken.setblocking(False)
     wakeup.setblocking(False)
     previous = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
-    handlers = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers = {sig: signal.signal(sig, lambda *_: None) for sig in _STOP_SIGNALS}
     supervisor = _Supervisor(shared, sockets, run, policy or RestartPolicy())
     try:
         return supervisor.run(woken)
