@@ -190,7 +190,6 @@ class RelayProcess:
         """Signal the relay's process group (a wrapper and its child alike), SIGKILL after 20 s."""
         process, self.process = self.process, None
         stop_process_group(process, self.stop_signal, grace_s=20)
-        import sys; print(self.log_tail(60), file=sys.stderr)
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 

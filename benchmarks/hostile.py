@@ -23,7 +23,10 @@ small shared machine does not show in the figures:
              recipients): the worst gap between two answered /healthz probes
   verify     a flood of handshakes with fresh keys from one address (a second process):
              a known device's send round trip p99, idle and during the flood, medians of
-             3 alternating rounds of 600 (the flood on core 1 at a lower priority)
+             3 alternating rounds of 600 (the flood on core 1 at a lower priority), and
+             the slowest round trip during the flood
+  logs       the same flood for 5 s against a relay logging at the default level (info):
+             bytes of log it writes per second and per refused handshake
   newcomers  what the handshake budgets cost honest devices: handshakes/s that 16 new
              devices at a time complete while 8 established pairs saturate the relay
 """
@@ -54,6 +57,7 @@ from wsclient import Link, connect
 
 MAX_FRAME = 1 << 20
 STORM_SENDS = 1_700
+LOG_SECONDS = 5.0
 RELAXED = ("--rate-per-s", "1e6", "--rate-burst", "1000000", "--mailbox-max-messages", "1000000",
            "--mailbox-max-bytes", str(1 << 31), "--log-level", "warning")
 
@@ -255,12 +259,12 @@ async def verify(url: str, relay: RelayProcess) -> str:
     handshakes (on the measuring device's core, at a lower priority), in alternating rounds."""
     device, peer = Identity.generate(), Identity.generate()
     refused = lambda: relay.metric_sum("continuum_handshake_failures_total")  # noqa: E731
-    idle_p99s, flood_p99s, flood_rates = [], [], []
+    idle_p99s, flood_p99s, flood_rates, flood_worst = [], [], [], []
     async with aiohttp.ClientSession() as http:
         sender = await _handshake(http, url, device)
         receiver = await _handshake(http, url, peer)
 
-        async def round_trips(count: int) -> float:
+        async def round_trips(count: int) -> tuple[float, float]:
             times = []
             for _ in range(count):
                 envelope = seal_envelope(device, Kind.DATA, [peer.public], b"p", ttl_s=60,
@@ -275,17 +279,19 @@ async def verify(url: str, relay: RelayProcess) -> str:
                 times.append(time.perf_counter() - started)
                 await sender.receive(timeout=30)  # its ACCEPTED
                 await asyncio.sleep(0.005)
-            return statistics.quantiles(times, n=100)[98] * 1000
+            return statistics.quantiles(times, n=100)[98] * 1000, max(times) * 1000
 
         for _ in range(VERIFY_ROUNDS):
-            idle_p99s.append(await round_trips(VERIFY_SAMPLES))
+            idle_p99s.append((await round_trips(VERIFY_SAMPLES))[0])
             stop = mp.get_context("spawn").Event()
             flood = mp.get_context("spawn").Process(target=_flood_handshakes, args=(url, stop))
             flood.start()
             try:
                 await asyncio.sleep(2.0)  # the flood at full speed before measuring
                 before, started = refused(), time.monotonic()
-                flood_p99s.append(await round_trips(VERIFY_SAMPLES))
+                p99, worst = await round_trips(VERIFY_SAMPLES)
+                flood_p99s.append(p99)
+                flood_worst.append(worst)
                 flood_rates.append((refused() - before) / (time.monotonic() - started))
             finally:
                 stop.set()
@@ -297,7 +303,30 @@ async def verify(url: str, relay: RelayProcess) -> str:
         await receiver.close()
     idle, loaded = statistics.median(idle_p99s), statistics.median(flood_p99s)
     return (f"p99 {idle:.1f} ms idle, {loaded:.1f} ms under a flood of "
-            f"{statistics.median(flood_rates):,.0f} refused handshakes/s (x{loaded / idle:.1f})")
+            f"{statistics.median(flood_rates):,.0f} refused handshakes/s (x{loaded / idle:.1f}); "
+            f"slowest {max(flood_worst):.1f} ms")
+
+
+async def logs(url: str, relay: RelayProcess) -> str:
+    """What the relay writes to its log, at the default level (info), while a flood of fresh
+    keys has its handshakes refused: every refusal is something an attacker buys cheaply."""
+    refused = lambda: relay.metric_sum("continuum_handshake_failures_total")  # noqa: E731
+    stop = mp.get_context("spawn").Event()
+    flood = mp.get_context("spawn").Process(target=_flood_handshakes, args=(url, stop))
+    flood.start()
+    try:
+        await asyncio.sleep(2.0)  # past the address's burst of unknown keys, at full speed
+        size, count, started = relay.log_path.stat().st_size, refused(), time.monotonic()
+        await asyncio.sleep(LOG_SECONDS)
+        seconds = time.monotonic() - started
+        grown, count = relay.log_path.stat().st_size - size, refused() - count
+    finally:
+        stop.set()
+        flood.join(20)
+        if flood.is_alive():
+            flood.kill()
+    return (f"{grown / seconds / 1024:,.1f} KiB/s of log at {count / seconds:,.0f} "
+            f"refused handshakes/s ({grown / max(count, 1):,.1f} bytes per refusal)")
 
 
 def _newcomers(url: str, seconds: float, result: Connection) -> None:
@@ -350,6 +379,7 @@ ATTACKS: dict[str, tuple[tuple[str, ...], Callable[..., Awaitable[str]]]] = {
               stuck),
     "storm": (("--sweep-interval-s", "1"), storm),
     "verify": ((), verify),
+    "logs": (("--log-level", "info"), logs),
     "newcomers": (("--unknown-key-rate-per-s", "1e6", "--unknown-key-burst", "1000000"),
                   newcomers),
 }

@@ -18,15 +18,17 @@ import multiprocessing as mp
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import NamedTuple, Protocol
 
 import aiohttp
 
 from proto import Identity, PublicKey
 from proto.frames import Error, FrameType, decode_frame
 
-from common import CpuSampler, RelayProcess, memory_kib, percentiles
+from common import CpuSampler, memory_kib, percentiles
 from wsclient import MAX_FRAME, Link, ack_frame, connect, deliver_parts, frame_type, sealed_sends
 
 _READY_TIMEOUT_S = 300.0  # sealing tens of thousands of envelopes takes a while
@@ -190,19 +192,43 @@ def _receiver_process(pipe: Connection, url: str, plan: LoadPlan, seeds: list[by
 
 # --- the run -----------------------------------------------------------------
 
+class Server(Protocol):
+    """What a run needs of the server it loads: where clients connect, whose CPU to sample."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pid(self) -> int: ...
+
+
+class Clients(NamedTuple):
+    """The worker entry points of one protocol: `sender(pipe, url, plan, devices)` with
+    (global index, key seed, recipient's public key) per device, `receiver(pipe, url, plan,
+    seeds)`.  Each answers "ready", waits for the start time, then sends its result dict."""
+
+    sender: Callable[..., None]
+    receiver: Callable[..., None]
+
+
+DEVICES = Clients(_sender_process, _receiver_process)
+
+
 def _expect(pipe: Connection, timeout_s: float, what: str) -> object:
     if not pipe.poll(timeout_s):
         raise TimeoutError(f"no {what} from a load worker within {timeout_s:.0f}s")
     return pipe.recv()
 
 
-def run_load(relay: RelayProcess, plan: LoadPlan, *, receiver_url: str | None = None,
-             seeds: tuple[list[bytes], list[bytes]] | None = None) -> dict[str, object]:
+def run_load(relay: Server, plan: LoadPlan, *, receiver_url: str | None = None,
+             seeds: tuple[list[bytes], list[bytes]] | None = None,
+             clients: Clients = DEVICES) -> dict[str, object]:
     """Drive one load level through `relay`; every worker is stopped before returning.
 
     Receivers connect to `receiver_url` (another relay) when given; `seeds` are the
     senders' and receivers' key seeds when the caller must know the keys beforehand
-    (benchmarks/regions.py homes them in regions)."""
+    (benchmarks/regions.py homes them in regions).  `clients` are Continuum devices
+    unless another protocol's workers load another server (benchmarks/peers.py)."""
     context = mp.get_context("fork")  # before any event loop or thread exists in this process
     senders, receivers = seeds or ([os.urandom(32) for _ in range(plan.pairs)],
                                    [os.urandom(32) for _ in range(plan.pairs)])
@@ -211,18 +237,18 @@ def run_load(relay: RelayProcess, plan: LoadPlan, *, receiver_url: str | None = 
 
     def start(target: object, args: tuple) -> Connection:
         ours, theirs = context.Pipe()
-        url = receiver_url if receiver_url and target is _receiver_process else relay.url
+        url = receiver_url if receiver_url and target is clients.receiver else relay.url
         process = context.Process(target=target, args=(theirs, url, plan, *args), daemon=True)
         process.start()
         workers.append((process, ours))
         return ours
 
     try:
-        rx = [start(_receiver_process, (receivers[p::plan.procs],)) for p in range(plan.procs)]
+        rx = [start(clients.receiver, (receivers[p::plan.procs],)) for p in range(plan.procs)]
         for pipe in rx:
             _expect(pipe, _READY_TIMEOUT_S, "receiver ready")
         devices = list(zip(range(plan.pairs), senders, receiver_keys))
-        tx = [start(_sender_process, (devices[p::plan.procs],)) for p in range(plan.procs)]
+        tx = [start(clients.sender, (devices[p::plan.procs],)) for p in range(plan.procs)]
         for pipe in tx:
             _expect(pipe, _READY_TIMEOUT_S, "sender ready")
         with CpuSampler(relay.pid) as cpu:
@@ -260,8 +286,8 @@ def _summarise(plan: LoadPlan, senders: list[dict], receivers: list[dict], cpu: 
     last_receive = max(received_ns.values())
     latencies = [at - sent_ns[m] for m, at in received_ns.items() if m in sent_ns]
     relay_cpu_s, machine_cpu_s, wall_s = cpu.cpu_between(first_send, last_receive)
-    client_cores = sum(w["cpu_s"] for w in senders + receivers) / max(
-        (last_receive - first_send) / 1e9, 1e-9)
+    window_s = max((last_receive - first_send) / 1e9, 1e-9)
+    client_cores = sum(w["cpu_s"] for w in senders + receivers) / window_s
     errors: collections.Counter = collections.Counter()
     for s in senders:
         errors.update(s["errors"])
@@ -281,6 +307,8 @@ def _summarise(plan: LoadPlan, senders: list[dict], receivers: list[dict], cpu: 
         "relay_cpu_percent": 100 * relay_cpu_s / wall_s,
         "relay_peak_rss_mib": memory.get("VmHWM", 0) / 1024,
         "client_cpu_cores": client_cores,
+        # Near 1.0: one load process was CPU-bound, so the clients, not the server, set the pace.
+        "busiest_client_process_cores": max(w["cpu_s"] for w in senders + receivers) / window_s,
         # Busy cores not explained by the relay and the load generator: other work on the machine.
         "other_cpu_cores": max(0.0, (machine_cpu_s - relay_cpu_s) / wall_s - client_cores),
         "plan": plan.__dict__,

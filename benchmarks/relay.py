@@ -21,19 +21,26 @@ from loadgen import LoadPlan, per_sender_for, run_load
 LOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
+def saturation_plan(*, quick: bool, pairs: int | None = None, procs: int | None = None,
+                    payload_bytes: int = 64) -> LoadPlan:
+    """The open-throttle run: 32 SENDs un-answered per sender connection, 30k messages in
+    all (1.5k quick).  benchmarks/peers.py drives the brokers with this same plan."""
+    pairs = pairs or (4 if quick else 16)
+    open_total = 1_500 if quick else 30_000
+    return LoadPlan(pairs, procs or (1 if quick else 2), max(1, open_total // pairs), None,
+                    window=32, payload_bytes=payload_bytes, deadline_s=20.0 if quick else 60.0)
+
+
 def benchmark(*, quick: bool, store: str = "memory", pairs: int | None = None,
               procs: int | None = None, payload_bytes: int = 64) -> dict[str, object]:
     """Floor, saturation, then the paced levels; returns everything the JSON file holds."""
     raise_nofile()
-    pairs = pairs or (4 if quick else 16)
-    procs = procs or (1 if quick else 2)
-    open_total = 1_500 if quick else 30_000
+    open_plan = saturation_plan(quick=quick, pairs=pairs, procs=procs, payload_bytes=payload_bytes)
+    pairs, procs = open_plan.pairs, open_plan.procs
     paced_s = 1.5 if quick else 8.0
     floor = verify_floor.measure(0.6 if quick else 3.0, payload_bytes)
     floor_per_s = floor["envelope_decode_verify"]["ops_per_s"]
 
-    open_plan = LoadPlan(pairs, procs, max(1, open_total // pairs), None, window=32,
-                         payload_bytes=payload_bytes, deadline_s=20.0 if quick else 60.0)
     with RelayProcess(*UNTHROTTLED, store=store) as relay:
         saturation = run_load(relay, open_plan)
     saturated_per_s = float(saturation["delivered_per_s"])  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Run every relay benchmark and print one summary with the targets beside the figures.
 
-    .venv/bin/python benchmarks/run_all.py           # full: about 3 minutes
+    .venv/bin/python benchmarks/run_all.py           # full: about 3.5 minutes
     .venv/bin/python benchmarks/run_all.py --quick   # CI smoke: under a minute, checks the scripts run
 
 Writes benchmarks/results/all-<timestamp>.json with every figure of every part.
@@ -10,9 +10,11 @@ Writes benchmarks/results/all-<timestamp>.json with every figure of every part.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import drain
 import idle
+import peers
 import relay
 import replicas
 from common import table, write_results
@@ -32,7 +34,8 @@ def summary_rows(results: dict) -> list[tuple[object, ...]]:
     half = next(lvl for lvl in load["levels"] if lvl["load_fraction"] == 0.5)
     largest = idle_result["levels"][-1]
     kib = largest["bytes_per_connection"] / 1024
-    busiest_other = max(run["other_cpu_cores"] for run in [load["saturation"], *load["levels"]])
+    busiest_other = max(run["other_cpu_cores"]
+                        for run in [load["saturation"], *load["levels"], *results["peers"]["runs"]])
     rows: list[tuple[object, ...]] = [
         ("verify floor: decode + verify, 1 core", f"{floor['ops_per_s']:,.0f}/s"
          f" ({floor['us_per_op']:.1f} µs)", "-", "-"),
@@ -64,8 +67,29 @@ def summary_rows(results: dict) -> list[tuple[object, ...]]:
                      f" relays {run['relay_cpu_percent']:.0f}% Redis {run['redis_cpu_percent']:.0f}%"
                      f" CPU; p99 {run['latency_ms']['p99']:.0f} ms; stalled"
                      f" {run['left_in_mailboxes']})", "- (2 cores)", "-"))
+    rows += peer_rows(results["peers"])
     rows.append(("other load on the machine (max, cores)", f"{busiest_other:.2f}",
                  "~0 for clean figures", "-" if busiest_other < 0.2 else "CONTENDED"))
+    return rows
+
+
+def peer_rows(result: dict) -> list[tuple[object, ...]]:
+    """Each server's CPU per delivered message in the peer run, and the relay-vs-NATS ratio."""
+    rows: list[tuple[object, ...]] = [
+        (f"peer run: {name}", f"skipped: {reason}", "-", "-")
+        for name, reason in result["skipped"].items()]
+    for name, us in result["server_us_per_msg_median"].items():
+        runs = [r for r in result["runs"] if r["system"] == name]
+        bound = " CLIENT-BOUND" if any(r["client_bound"] for r in runs) else ""
+        rows.append((f"peer run: {name}, server CPU per delivered message",
+                     f"{us:.1f} µs ({statistics.median(r['delivered_per_s'] for r in runs):,.0f}/s"
+                     f"{bound})", "-", "-"))
+    ratio = result["beyond_floor_vs_nats"]
+    if ratio is not None:
+        rows.append(("relay CPU per message beyond the verify floor / NATS JetStream's",
+                     f"{ratio:.2f}x ({result['relay_us_beyond_floor']:.1f} µs)",
+                     f"<= {peers.TARGET_BEYOND_FLOOR_VS_NATS:g}x",
+                     _verdict(ratio <= peers.TARGET_BEYOND_FLOOR_VS_NATS)))
     return rows
 
 
@@ -78,11 +102,13 @@ def main() -> None:
                "relay": relay.benchmark(quick=args.quick, store=args.store),
                "idle": idle.benchmark(quick=args.quick),
                "drain": drain.benchmark(quick=args.quick),
-               "replicas": replicas.benchmark(quick=args.quick)}
+               "replicas": replicas.benchmark(quick=args.quick),
+               "peers": peers.benchmark(quick=args.quick)}
     print(relay.render(results["relay"]), end="\n\n")
     print(idle.render(results["idle"]), end="\n\n")
     print(drain.render(results["drain"]), end="\n\n")
     print(replicas.render(results["replicas"]), end="\n\n")
+    print(peers.render(results["peers"]), end="\n\n")
     print(table(["figure", "measured", "target", "verdict"], summary_rows(results)))
     print(f"results: {write_results('all', results)}")
 

@@ -10,11 +10,17 @@ import sys
 from collections.abc import Callable
 
 from proto.errors import ProtocolError
-from runtime.logs import configure_logging
+from runtime.logs import EventSampler, configure_logging
 
 from .server import RelayServer
 from .settings import Settings
 from .supervisor import supervise
+
+# A peer that never authenticates can have a handshake refused hundreds of times a second
+# (fresh keys, garbage): its lines are sampled, a few a second per reason, each carrying the
+# number dropped before it.  continuum_handshake_failures_total still counts every refusal.
+SAMPLED_EVENTS = {"handshake_refused": ("reason",)}
+SAMPLED_LINES_PER_S = 5
 
 
 async def _serve(settings: Settings, worker: int, sockets: list[socket.socket] | None,
@@ -49,7 +55,9 @@ def _run(settings: Settings, worker: int = 0, sockets: list[socket.socket] | Non
 
 def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_sources(argv)
-    configure_logging(settings.log_level)
+    # Before the fork: each worker samples its own lines (N times the rate with N workers).
+    configure_logging(settings.log_level,
+                      sampler=EventSampler(SAMPLED_EVENTS, per_s=SAMPLED_LINES_PER_S))
     if settings.workers == 1:
         _run(settings)
         return

@@ -8,15 +8,73 @@ prometheus_client's default registry would.
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from .store.timed import OPERATIONS, OperationTimings
 
 # Store calls take tens of microseconds embedded, a millisecond or so on Redis in the same
 # zone; WAIT for replicas and outages take longer.
 STORE_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 2.5)
+
+
+class LoopCounter(Collector):
+    """A counter the event loop's thread alone increments: a plain integer, exposed as a
+    Prometheus counter (`_total`, `_created`) when scraped.
+
+    prometheus_client's `Counter.inc` takes a lock and checks its labels on every call,
+    about 0.6 µs; the accepted, delivered and acked counts take three per message.  The
+    same reason, and the same answer, as `store.timed.OperationTimings`.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name, self._documentation = name, documentation
+        self._created = time.time()
+        self.value = 0
+        registry.register(self)
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, self.value,
+                                  created=self._created)
+
+
+class LoopHistogram(Collector):
+    """An unlabelled histogram observed from the event loop's thread alone, as `LoopCounter`:
+    a bisect and two additions per observation, cumulative buckets made when scraped."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self._name, self._documentation = name, documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one is +Inf's own
+        self._sum = 0.0
+        self._created = time.time()
+        registry.register(self)
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose bound is >= value: Prometheus buckets are "less or equal".
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, self._bounds), "+Inf"], self._counts, strict=True):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        family = HistogramMetricFamily(self._name, self._documentation, buckets, self._sum)
+        family.samples.append(Sample(f"{self._name}_created", {}, self._created))
+        yield family
 
 
 class RelayMetrics:
@@ -39,16 +97,15 @@ class RelayMetrics:
             " /healthz or /metrics request), handshake (upgraded, not authenticated), open"
             " (authenticated and served), closing (served, socket not yet released)",
             ["state"], registry=self.registry)
-        self.accepted = Counter("continuum_messages_accepted", "Envelopes stored for delivery",
-                                registry=self.registry)
+        self.accepted = LoopCounter("continuum_messages_accepted",
+                                    "Envelopes stored for delivery", self.registry)
         self.rejected = Counter("continuum_messages_rejected", "Envelopes or frames refused",
                                 ["reason"], registry=self.registry)
-        self.delivered = Counter("continuum_messages_delivered",
-                                 "Envelopes pushed to a connected device",
-                                 registry=self.registry)
-        self.acked = Counter("continuum_messages_acked",
-                             "Deliveries acknowledged by the device and removed",
-                             registry=self.registry)
+        self.delivered = LoopCounter("continuum_messages_delivered",
+                                     "Envelopes pushed to a connected device", self.registry)
+        self.acked = LoopCounter("continuum_messages_acked",
+                                 "Deliveries acknowledged by the device and removed",
+                                 self.registry)
         self.expired = Counter("continuum_messages_expired",
                                "Envelopes whose TTL passed in a mailbox", registry=self.registry)
         self.expiry_notices_dropped = Counter(
@@ -86,9 +143,9 @@ class RelayMetrics:
             "continuum_mailbox_depth_on_connect",
             "Messages waiting in a device's mailbox when it connects",
             buckets=(0, 1, 10, 100, 1000, 10_000, 100_000), registry=self.registry)
-        self.verify_seconds = Histogram(
+        self.verify_seconds = LoopHistogram(
             "continuum_verify_seconds", "Ed25519 envelope signature verify time",
-            buckets=(2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3), registry=self.registry)
+            (2.5e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3), self.registry)
         # Streams (SPEC §16): relayed live, never stored.
         self.streams_open = Gauge(
             "continuum_streams_open",

@@ -49,6 +49,8 @@ PAYLOAD_AAD_DOMAIN = b"continuum/v2/payload\x00"
 MSG_ID_BYTES = 16
 CONTENT_HASH_BYTES = 32
 _FIELD_COUNT = 10
+_ARRAY_OF_NINE = b"\x89"  # the canonical head of the signed array (the array of ten is 0x8a)
+_SIGNATURE_ITEM_BYTES = 2 + SIGNATURE_BYTES  # its canonical encoding: 0x58 0x40, 64 bytes
 _MAX_UINT64 = 2**64 - 1
 
 
@@ -138,6 +140,10 @@ class Envelope:
     raw: bytes = field(repr=False, compare=False)
     # Set by a successful `verify`, so `open` does not pay for the signature twice.
     _verified: bool = field(default=False, init=False, repr=False, compare=False)
+    # Set by `decode_envelope`: `raw` is the canonical encoding of exactly these fields, so
+    # the signed bytes are a slice of it (`signed_bytes`).  Not carried by
+    # `dataclasses.replace`, whose copy may hold other fields beside the same `raw`.
+    _raw_is_canonical: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def expires_at_ms(self) -> int:
@@ -148,6 +154,10 @@ class Envelope:
         return tuple(r.key for r in self.recipients)
 
     def signed_bytes(self) -> bytes:
+        if self._raw_is_canonical:
+            # The canonical array of ten, less its head and its last item, is the canonical
+            # encoding of the first nine items but for the array head, one byte either way.
+            return SIGNING_DOMAIN + _ARRAY_OF_NINE + self.raw[1:-_SIGNATURE_ITEM_BYTES]
         return _signed_bytes(self._header_fields(), _recipient_array(self.recipients), self.payload)
 
     def _header_fields(self) -> list:
@@ -392,5 +402,7 @@ def decode_envelope(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     if len(payload) < PAYLOAD_OVERHEAD_BYTES:
         raise InvalidFieldError("envelope payload is shorter than its nonce and tag")
     _expect_bytes(signature, SIGNATURE_BYTES, "signature")
-    return Envelope(version, origin_enum, msg_id, sender_key, created_at, ttl, ephemeral,
-                    tuple(entries), payload, signature, bytes(data))
+    envelope = Envelope(version, origin_enum, msg_id, sender_key, created_at, ttl, ephemeral,
+                        tuple(entries), payload, signature, bytes(data))
+    object.__setattr__(envelope, "_raw_is_canonical", True)  # `canonical.decode` proved it
+    return envelope

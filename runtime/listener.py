@@ -226,6 +226,8 @@ class _Counted(asyncio.Protocol):
         inner, self._inner = self._inner, None
         if inner is not None:
             inner.connection_lost(exc)
+        transport, self._transport = self._transport, None
+        _break_cycles(inner, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
@@ -274,6 +276,30 @@ class _Counted(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self._inner is not None:
             self._inner.resume_writing()
+
+
+def _break_cycles(protocol: asyncio.Protocol | None,
+                  transport: asyncio.Transport | None) -> None:
+    """Drop the two references that keep a lost connection's objects in reference cycles.
+
+    asyncio's socket transport keeps a bound method of itself (`_read_ready_cb`)
+    and aiohttp's request handler keeps one of the WebSocket it upgraded to
+    (`_data_received_cb`, the heartbeat's), so a closed connection (about 50
+    objects) is freed only by the garbage collector, not when its last
+    reference goes.  Under a flood of refused handshakes (~1,800/s) that was
+    a collection of thousands of objects every ~80 ms, each 1-3 ms long,
+    falling between a known device's frame and its delivery: its p99 was
+    2.3-3.0x idle, and 1.1-1.4x with the cycles broken (benchmarks/hostile.py
+    --only verify).  The freeing then happens within the step that closed the
+    connection, which the turn budget already bounds.  Both are private
+    attributes, touched only if present and only once the connection is gone
+    (no callback of either can run again); without them the collector frees
+    the cycles as before.
+    """
+    if protocol is not None and hasattr(protocol, "_data_received_cb"):
+        protocol._data_received_cb = None
+    if transport is not None and hasattr(transport, "_read_ready_cb"):
+        transport._read_ready_cb = None
 
 
 def trust(transport: asyncio.BaseTransport | None) -> None:

@@ -55,7 +55,7 @@ async def test_slow_reader_holds_only_its_window_and_others_flow(start_relay) ->
     async with await RawDevice.connect(server.url, slow):  # connects, then never reads
         await asyncio.sleep(0.5)
         assert await round_trip_seconds(server.url) < 1.0
-        delivered = server.relay.metrics.delivered._value.get()  # type: ignore[union-attr]
+        delivered = server.relay.metrics.delivered.value  # type: ignore[union-attr]
     assert delivered <= 8 + 1  # its window, plus the probe's one delivery
     assert await server.relay.store.depth(slow.public) == 200  # type: ignore[union-attr]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -74,6 +76,28 @@ class TestRoundTrip:
         assert env.signed_bytes() == SIGNING_DOMAIN + canonical.encode(
             envelope_fields(env)[:SIGNATURE])
         ALICE.public.verify(env.signed_bytes(), env.signature)
+
+    @settings(max_examples=100, deadline=None)
+    @given(plaintext=st.binary(max_size=600), count=st.integers(1, 4))
+    def test_decoded_signed_bytes_are_the_wire_bytes_cut(self, plaintext: bytes,
+                                                         count: int) -> None:
+        """A decoded envelope's signed bytes come from its raw bytes, not a re-encoding:
+        the same bytes, whatever the lengths (heads of 1, 2 or 3 bytes)."""
+        env = make_envelope(plaintext, recipients=tuple(identity(f"r{i}") for i in range(count)))
+        decoded = decode_envelope(env.raw)
+        assert decoded._raw_is_canonical and not env._raw_is_canonical
+        assert decoded.signed_bytes() == env.signed_bytes() == SIGNING_DOMAIN + canonical.encode(
+            envelope_fields(env)[:SIGNATURE])
+
+    def test_a_copy_with_other_fields_is_signed_over_them_not_over_raw(self) -> None:
+        """`dataclasses.replace` keeps `raw`; its signed bytes must still be its own fields'."""
+        decoded = decode_envelope(make_envelope(b"pay me 10").raw)
+        decoded.verify()
+        other_payload = bytes(len(decoded.payload))
+        altered = dataclasses.replace(decoded, payload=other_payload)
+        assert altered.raw == decoded.raw
+        with pytest.raises(SignatureError):
+            altered.verify()
 
     def test_sender_can_address_itself(self) -> None:
         env = make_envelope(recipients=(ALICE, BOB))

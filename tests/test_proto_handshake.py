@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import nacl.bindings
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +15,7 @@ from proto.errors import (DecodeError, ErrorCode, NotEnrolledError, OversizeErro
                           UnsupportedVersionError)
 from proto.frames import Challenge, Error, Hello, Send, Welcome, decode_frame, encode_frame
 from proto import canonical as cbor
-from proto.channel import ChannelError
+from proto.channel import ChannelError, CipherState
 from proto.handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN,
                              DeviceHandshake, HandshakeState, RelayHandshake, ephemeral_keypair,
                              hello_signed_bytes, sign_hello, welcome_signed_bytes)
@@ -107,6 +108,31 @@ def test_the_channel_seals_each_direction_and_any_tampering_ends_it() -> None:
     with pytest.raises(ChannelError):
         device_terms.channel.for_device()[1].open(bytes(flipped))
     assert "relay_to_device" not in repr(relay_terms)  # keys never reach a log line
+
+
+@pytest.mark.parametrize("size", [0, 1, 600, 70_000])
+def test_the_channel_is_libsodiums_chacha20_poly1305_ietf_counted_nonces(size: int) -> None:
+    """Sealed and opened by libsodium directly (`channel.CipherState`): the very bytes of
+    PyNaCl's binding of the same function, nonce = 4 zero bytes ‖ count, little-endian."""
+    key = bytes(range(32))
+    sender, receiver = CipherState(key), CipherState(key)
+    for count in range(3):
+        plaintext = bytes([count]) * size
+        nonce = bytes(4) + count.to_bytes(8, "little")
+        sealed = sender.seal(plaintext)
+        assert sealed == nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+            plaintext, None, nonce, key)
+        assert receiver.open(sealed) == plaintext
+
+
+@pytest.mark.parametrize("garbage", [b"", b"x" * 15, b"x" * 16, bytearray(32), "x" * 32],
+                         ids=["empty", "shorter than a tag", "a tag of zeros", "bytearray", "str"])
+def test_the_channel_refuses_what_is_not_a_sealed_message(garbage) -> None:
+    receiver = CipherState(bytes(32))
+    with pytest.raises(ChannelError):
+        receiver.open(garbage)
+    plaintext = b"still message 0"
+    assert receiver.open(CipherState(bytes(32)).seal(plaintext)) == plaintext
 
 
 @pytest.mark.parametrize("announced,cap,limit,above", [

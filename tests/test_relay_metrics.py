@@ -34,6 +34,31 @@ async def test_store_calls_are_timed_by_operation(start_relay: StartRelay) -> No
                         generation="0") is not None
 
 
+async def test_message_counts_and_verify_times_read_as_prometheus_counters_and_histogram(
+        start_relay: StartRelay) -> None:
+    """Kept in plain integers by the event loop (`metrics.LoopCounter`, `LoopHistogram`), they
+    are exposed as prometheus_client's own counters and histograms are."""
+    relay = await start_relay()
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relay.url, alice) as a:
+        for _ in range(3):
+            assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+    async with await RawDevice.connect(relay.url, bob) as b:
+        for _ in range(3):
+            await b.next_delivery()
+        await b.expect_silence(0.2)  # the ACKs are processed
+    for name in ("accepted", "delivered", "acked"):
+        assert await metric(relay.base_url, f"continuum_messages_{name}_total") == 3, name
+        assert (await metric(relay.base_url, f"continuum_messages_{name}_created") or 0) > 1e9
+    buckets = [await metric(relay.base_url, "continuum_verify_seconds_bucket", le=bound)
+               for bound in ("2.5e-05", "5e-05", "0.0001", "0.0002", "0.0005", "0.001", "0.005",
+                             "+Inf")]
+    assert buckets == sorted(buckets) and buckets[-1] == 3  # cumulative, as Prometheus reads them
+    assert await metric(relay.base_url, "continuum_verify_seconds_count") == 3
+    assert 0 < (await metric(relay.base_url, "continuum_verify_seconds_sum") or 0) < 3
+    assert (await metric(relay.base_url, "continuum_verify_seconds_created") or 0) > 1e9
+
+
 async def test_a_store_that_cannot_be_reached_is_counted_per_operation(
         start_relay: StartRelay) -> None:
     relay = await start_relay(store=f"redis://127.0.0.1:{free_port()}/0")  # nobody listens

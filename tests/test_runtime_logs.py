@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from runtime.logs import configure_logging
+from runtime.logs import EventSampler, configure_logging
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +39,22 @@ def test_without_a_stream_lines_go_to_stdout(capsys: pytest.CaptureFixture[str])
     structlog.get_logger("test").warning("to_stdout")
     captured = capsys.readouterr()
     assert json.loads(captured.out)["event"] == "to_stdout" and captured.err == ""
+
+
+def test_a_sampler_lets_through_a_few_lines_a_second_per_key_and_counts_the_rest() -> None:
+    """Before: every refused handshake wrote its line, so a flood bought an unbounded log."""
+    stream, now = io.StringIO(), [100.2]
+    configure_logging("info", stream, sampler=EventSampler({"refused": ("reason",)}, per_s=3,
+                                                           clock=lambda: now[0]))
+    log = structlog.get_logger("test")
+    for _ in range(10):
+        log.info("refused", reason="garbage")
+    log.info("refused", reason="timeout")  # another reason has its own budget
+    log.info("unsampled")  # events not named pass untouched
+    now[0] = 101.0
+    log.info("refused", reason="garbage")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["event"], line.get("reason")) for line in lines] == [
+        *[("refused", "garbage")] * 3, ("refused", "timeout"), ("unsampled", None),
+        ("refused", "garbage")]
+    assert [line.get("suppressed") for line in lines] == [None] * 5 + [7]
