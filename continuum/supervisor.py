@@ -12,9 +12,10 @@ whatever that worker's load, and a relay's connections live for hours: in one ru
 benchmarks/replicas.py --workers 32 connections split 23 to 9, one worker carrying more than
 twice the other's load for the whole run.  On one shared socket each worker's accept loop
 takes a connection when its turn comes round (runtime/listener.py), so a busier worker takes
-fewer: 17/15, 17/15 and 16/16 in three runs.  It also keeps the port exclusive (no second relay can join it), lets port 0 work, and
-a worker's death drops no connection waiting in the listen queue: the queue is the socket's.
-Each new connection wakes every worker's loop once, nothing at N = cores.
+fewer: 17/15, 17/15 and 16/16 in three runs.  It also keeps the port exclusive (no second
+relay can join it), lets port 0 work, and a worker's death drops no connection waiting in the
+listen queue: the queue is the socket's.  Each new connection wakes every worker's loop once,
+nothing at N = cores.
 
 The supervisor runs no event loop and serves nothing: it binds the port, resolves what the
 workers must share (the relay key, so every worker signs expiry notices alike), forks the
