@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -231,3 +232,31 @@ def test_restart_policy_backs_off_only_while_a_worker_keeps_failing() -> None:
     assert policy.delay_after_exit(1, uptime_s=1) == 0.5  # its own count
     assert policy.delay_after_exit(0, uptime_s=60) == 0  # it had served: at once
     assert policy.delay_after_exit(0, uptime_s=1) == 0.5
+
+
+@pytest.mark.redis
+def test_ctrl_c_stops_every_worker_without_restarting_one(private_redis: RedisServer,
+                                                          tmp_path: Path) -> None:
+    """A terminal's Ctrl-C sends SIGINT to the whole process group: the workers stop by
+    themselves while the supervisor stops them; their exits are no crash to restart."""
+    log_path = tmp_path / "relay.log"
+    with open(log_path, "wb") as log:
+        relay = subprocess.Popen([*RELAY_COMMAND, "--workers", "2", "--port", "0",
+                                  "--store", f"{private_redis.url}/0"],
+                                 stdout=log, stderr=log, start_new_session=True,
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 20
+        while b"workers_serving" not in log_path.read_bytes():
+            assert relay.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        os.killpg(relay.pid, signal.SIGINT)
+        assert relay.wait(20) == 0
+    finally:
+        if relay.poll() is None:
+            os.killpg(relay.pid, signal.SIGKILL)
+            relay.wait(10)
+    events = [json.loads(line).get("event") for line in log_path.read_text().splitlines()
+              if line.startswith("{")]
+    assert "workers_stopped" in events
+    assert "worker_exited" not in events and events.count("worker_started") == 2
