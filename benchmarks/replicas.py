@@ -10,6 +10,12 @@ WebSocket clients, open throttle: each sender connection keeps 32 SENDs
 unanswered, so the figures are saturation figures.
 
     .venv/bin/python benchmarks/replicas.py [--quick] [--replicas 1,2,4] [--pairs 16]
+    .venv/bin/python benchmarks/replicas.py --workers [--replicas 1,2]
+
+`--workers`: instead of N relays on N ports, one `continuum --workers N` (N processes
+accepting on one port); every client connects to that one URL and the worker that
+accepts first serves it, so about (N - 1) / N of the messages cross workers.  Relay
+CPU is the workers' and the supervisor's.
 
 The machine this was written on has 2 cores.  Relays, Redis and the load
 generator share them, so N relays on 2 cores cannot scale linearly: the table
@@ -27,6 +33,8 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from contextlib import ExitStack
 from multiprocessing.connection import Connection
@@ -38,6 +46,7 @@ from common import (
     CpuSampler,
     RelayProcess,
     free_port,
+    free_port_run,
     memory_kib,
     raise_nofile,
     stop_process_group,
@@ -132,9 +141,29 @@ def _assign(pairs: int, replicas: int, procs: int) -> tuple[list[list[int]], lis
     return tx, rx
 
 
+def _worker_pids(supervisor: int, workers: int, metrics_port: int, timeout_s: float = 20.0,
+                 ) -> list[int]:
+    """The pids of `continuum --workers` once every worker answers on its own /healthz."""
+    deadline = time.monotonic() + timeout_s
+    for worker in range(workers):
+        while True:
+            try:
+                with urllib.request.urlopen(
+                        f"http://127.0.0.1:{metrics_port + worker}/healthz", timeout=1):
+                    break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"worker {worker} not healthy within {timeout_s}s")
+                time.sleep(0.05)
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
 def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, per_sender: int,
-                 deadline_s: float) -> dict[str, object]:
-    """One open-throttle load through `replicas` relays on `redis_server`; everything stopped after."""
+                 deadline_s: float, as_workers: bool = False) -> dict[str, object]:
+    """One open-throttle load through `replicas` relays on `redis_server`; everything stopped after.
+
+    `as_workers`: one `continuum --workers replicas` instead of `replicas` relay processes."""
     procs = max(2, replicas)  # client processes per side; N divides it for N in 1, 2, 4
     if procs % replicas or pairs < procs:
         raise ValueError(f"need pairs >= {procs} and N dividing {procs}")
@@ -160,20 +189,31 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
         return ours
 
     with ExitStack() as stack:
-        relays = [stack.enter_context(RelayProcess(*UNTHROTTLED, "--relay-key", relay_key,
-                                                   store=store)) for _ in range(replicas)]
+        if as_workers:
+            metrics_port = free_port_run(replicas)
+            relays = [stack.enter_context(RelayProcess(
+                *UNTHROTTLED, "--relay-key", relay_key, "--workers", str(replicas),
+                "--worker-metrics-port", str(metrics_port), store=store))]
+            urls = [relays[0].url] * replicas
+            pids = [relays[0].pid] + (_worker_pids(relays[0].pid, replicas, metrics_port)
+                                      if replicas > 1 else [])
+        else:
+            relays = [stack.enter_context(RelayProcess(*UNTHROTTLED, "--relay-key", relay_key,
+                                                       store=store)) for _ in range(replicas)]
+            urls = [relay.url for relay in relays]
+            pids = [relay.pid for relay in relays]
         try:
-            rx = [start(_receiver_process, relays[k % replicas].url,
+            rx = [start(_receiver_process, urls[k % replicas],
                         ([receivers[j] for j in rx_pairs[k]],)) for k in range(procs)]
             for pipe in rx:
                 _expect(pipe, _READY_TIMEOUT_S, "receiver ready")
-            tx = [start(_sender_process, relays[k % replicas].url,
+            tx = [start(_sender_process, urls[k % replicas],
                         ([(j, senders[j], receiver_keys[j]) for j in tx_pairs[k]],))
                   for k in range(procs)]
             for pipe in tx:
                 _expect(pipe, _READY_TIMEOUT_S, "sender ready")
             with ExitStack() as sampling:
-                relay_cpu = [sampling.enter_context(CpuSampler(r.pid)) for r in relays]
+                relay_cpu = [sampling.enter_context(CpuSampler(pid)) for pid in pids]
                 redis_cpu = sampling.enter_context(CpuSampler(redis_server.pid))
                 start_ns = time.monotonic_ns() + _START_DELAY_NS
                 for pipe in rx + tx:
@@ -181,8 +221,9 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
                 limit = deadline_s + 3 * _DRAIN_GRACE_S
                 sent = [_expect(pipe, limit, "sender result") for pipe in tx]
                 got = [_expect(pipe, limit, "receiver result") for pipe in rx]
-            memories = [memory_kib(r.pid) for r in relays]
+            memories = [memory_kib(pid) for pid in pids]
             relay_logs = [r.log_tail(5) for r in relays]
+            # With workers the shared port answers for one of them: the counters of that one.
             relay_counters = [{name: r.metric(f"continuum_messages_{name}_total")
                                for name in ("accepted", "delivered", "acked")} for r in relays]
         finally:
@@ -204,8 +245,11 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
     relay_percents = [100 * cpu_s / wall for cpu_s, _machine, wall in per_relay]
     run.update({
         "replicas": replicas,
+        "mode": "workers" if as_workers else "replicas",
         "client_processes_per_side": procs,
-        "cross_replica_fraction": 0.0 if replicas == 1 else 1.0,
+        # Workers: whichever accepts first serves a connection, so (N - 1) / N on average.
+        "cross_replica_fraction": (replicas - 1) / replicas if as_workers else
+        0.0 if replicas == 1 else 1.0,
         "relay_cpu_percent": sum(relay_percents),
         "relay_cpu_percent_each": relay_percents,
         "relay_peak_rss_mib_each": [m.get("VmHWM", 0) / 1024 for m in memories],
@@ -224,7 +268,8 @@ def run_replicas(redis_server: RedisServerProcess, replicas: int, pairs: int, pe
 
 
 def benchmark(*, quick: bool, replica_counts: tuple[int, ...] = REPLICA_COUNTS,
-              pairs: int | None = None, messages: int | None = None) -> dict[str, object]:
+              pairs: int | None = None, messages: int | None = None,
+              workers: bool = False) -> dict[str, object]:
     """One open-throttle run per replica count on one private Redis; returns the JSON contents."""
     raise_nofile()
     pairs = pairs or (8 if quick else 16)
@@ -236,13 +281,15 @@ def benchmark(*, quick: bool, replica_counts: tuple[int, ...] = REPLICA_COUNTS,
     runs = []
     with RedisServerProcess() as redis_server:
         for replicas in replica_counts:
-            runs.append(run_replicas(redis_server, replicas, pairs, per_sender, deadline_s))
+            runs.append(run_replicas(redis_server, replicas, pairs, per_sender, deadline_s,
+                                     workers))
     base = float(runs[0]["delivered_per_s"]) if runs and runs[0]["replicas"] == 1 else None  # type: ignore[arg-type]
     for run in runs:
         run["speedup_vs_1"] = float(run["delivered_per_s"]) / base if base else None  # type: ignore[arg-type]
     return {
         "cores": os.cpu_count(),
         "store": "redis (private redis-server, no persistence)",
+        "mode": "workers" if workers else "replicas",
         "redis_version": redis_server.version,
         "pairs": pairs,
         "messages_per_run": per_sender * pairs,
@@ -262,19 +309,25 @@ def render(result: dict) -> str:
                      run["accepted_per_s"], run["delivered_per_s"],
                      f"{speedup:.2f}x" if speedup is not None else "-", lat["p50"], lat["p99"],
                      run["relay_cpu_percent"],
+                     run["delivered_per_s"] / max(run["relay_cpu_percent"] / 100, 1e-9),
                      " ".join(f"{p:.0f}" for p in run["relay_cpu_percent_each"]),
                      run["redis_cpu_percent"], run["client_cpu_cores"], run["other_cpu_cores"],
                      run["left_in_mailboxes"], run["duplicates"]))
-    head = (f"replicas on one Redis {result['redis_version']} (no persistence)"
+    what = ("continuum --workers N on one port" if result.get("mode") == "workers"
+            else "replicas")
+    head = (f"{what} on one Redis {result['redis_version']} (no persistence)"
             f"  pairs={result['pairs']}  {result['messages_per_run']:,} msgs per run"
             f"  open throttle, window {result['window']}/sender"
             f"\nmachine: {result['cores']} cores shared by relays, Redis and clients: N > cores"
             " cannot scale linearly; 100% = one core"
+            "\nper relay core = delivered/s / relay cores: what the relays deliver per core they"
+            " got, the figure to compare when other work took cores during the run"
             "\nstalled = accepted but never delivered by the relays before the receivers' deadline"
             " (still in the Redis mailbox): a lost wake-up, see README")
     return head + "\n" + table(
         ["N", "cross", "accepted/s", "delivered/s", "speed-up", "p50 ms", "p99 ms",
-         "relay CPU% sum", "relay CPU% each", "Redis CPU%", "client cores", "other cores",
+         "relay CPU% sum", "per relay core", "relay CPU% each", "Redis CPU%", "client cores",
+         "other cores",
          "stalled", "dup"], rows)
 
 
@@ -285,12 +338,14 @@ def main() -> None:
                         help="comma-separated replica counts; start with 1 for the speed-up (default 1,2,4)")
     parser.add_argument("--pairs", type=int, help="sender/receiver device pairs")
     parser.add_argument("--messages", type=int, help="messages per run (all pairs together)")
+    parser.add_argument("--workers", action="store_true",
+                        help="N workers of one `continuum --workers N` instead of N relays")
     args = parser.parse_args()
     counts = tuple(int(n) for n in args.replicas.split(","))
     result = benchmark(quick=args.quick, replica_counts=counts, pairs=args.pairs,
-                       messages=args.messages)
+                       messages=args.messages, workers=args.workers)
     print(render(result))
-    print(f"results: {write_results('replicas', result)}")
+    print(f"results: {write_results('workers' if args.workers else 'replicas', result)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from common import table, write_results
 TARGET_FLOOR_FRACTION = 0.70
 TARGET_P99_MS_AT_HALF_LOAD = 5.0
 TARGET_KIB_PER_IDLE_CONNECTION = 20.0
+# `continuum --workers 2` over one process on Redis (issue #18; needs 2 free cores for the relay).
+TARGET_WORKERS_SPEEDUP = 1.7
 
 
 def _verdict(ok: bool) -> str:
@@ -67,6 +69,14 @@ def summary_rows(results: dict) -> list[tuple[object, ...]]:
                      f" relays {run['relay_cpu_percent']:.0f}% Redis {run['redis_cpu_percent']:.0f}%"
                      f" CPU; p99 {run['latency_ms']['p99']:.0f} ms; stalled"
                      f" {run['left_in_mailboxes']})", "- (2 cores)", "-"))
+    for run in results.get("workers", {}).get("runs", []):
+        is_two = run["replicas"] == 2
+        speedup = run["speedup_vs_1"] or 0
+        per_core = run["delivered_per_s"] / max(run["relay_cpu_percent"] / 100, 1e-9)
+        rows.append((f"continuum --workers {run['replicas']} on one Redis, delivered",
+                     f"{run['delivered_per_s']:,.0f}/s ({speedup:.2f}x; relays"
+                     f" {run['relay_cpu_percent']:.0f}% CPU, {per_core:,.0f}/s per relay core)", f">= {TARGET_WORKERS_SPEEDUP:g}x" if is_two else "-",
+                     _verdict(speedup >= TARGET_WORKERS_SPEEDUP) if is_two else "-"))
     rows += peer_rows(results["peers"])
     rows.append(("other load on the machine (max, cores)", f"{busiest_other:.2f}",
                  "~0 for clean figures", "-" if busiest_other < 0.2 else "CONTENDED"))
@@ -103,11 +113,14 @@ def main() -> None:
                "idle": idle.benchmark(quick=args.quick),
                "drain": drain.benchmark(quick=args.quick),
                "replicas": replicas.benchmark(quick=args.quick),
+               "workers": replicas.benchmark(quick=args.quick, replica_counts=(1, 2),
+                                             workers=True),
                "peers": peers.benchmark(quick=args.quick)}
     print(relay.render(results["relay"]), end="\n\n")
     print(idle.render(results["idle"]), end="\n\n")
     print(drain.render(results["drain"]), end="\n\n")
     print(replicas.render(results["replicas"]), end="\n\n")
+    print(replicas.render(results["workers"]), end="\n\n")
     print(peers.render(results["peers"]), end="\n\n")
     print(table(["figure", "measured", "target", "verdict"], summary_rows(results)))
     print(f"results: {write_results('all', results)}")

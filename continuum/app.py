@@ -85,6 +85,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def create_worker_app(relay: RelayContext) -> web.Application:
+    """/healthz and /metrics of one worker, on its own port (`worker_metrics_port` + i): the
+    shared port answers for whichever worker accepted that connection, so a scrape there is
+    not one series."""
+    app = web.Application()
+    app[RELAY_KEY] = relay
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
 def create_app(relay: RelayContext) -> web.Application:
     app = web.Application()
     app[RELAY_KEY] = relay

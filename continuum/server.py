@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 from types import TracebackType
 
@@ -20,7 +21,7 @@ from runtime.listener import Listener, SocketCap, TurnBudget, listen
 
 from .access import AccessControl
 from .access_fetch import AccessListFetcher
-from .app import CONNECT_PATH, create_app
+from .app import CONNECT_PATH, create_app, create_worker_app
 from .connection_gate import ConnectionGate
 from .context import RelayContext
 from .expiry import expire_forever
@@ -48,9 +49,15 @@ def load_relay_identity(settings: Settings) -> Identity:
 
 
 class RelayServer:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: int = 0,
+                 sockets: list[socket.socket] | None = None) -> None:
+        """`worker`: this process's index among `settings.workers`, and `sockets` the listening
+        sockets it shares with the others (continuum/supervisor.py); None: bind its own."""
         settings.validate()
         self.settings = settings
+        self.worker = worker
+        self._shared_sockets = sockets
+        self._worker_runner: web.AppRunner | None = None
         self.relay: RelayContext | None = None
         self._runner: web.AppRunner | None = None
         self._listener: Listener | None = None
@@ -112,9 +119,20 @@ class RelayServer:
                                                    settings.unauthenticated_yield_ms / 1000))
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)
         self._count_connections(metrics, gate)
-        self._listener = await listen(self.sockets, settings.host, settings.port,
-                                      settings.tls_context(), settings.request_timeout_s)
+        if self._shared_sockets is None:
+            self._listener = await listen(self.sockets, settings.host, settings.port,
+                                          settings.tls_context(), settings.request_timeout_s)
+        else:
+            self._listener = Listener(self.sockets, self._shared_sockets, settings.tls_context(),
+                                      settings.request_timeout_s)
         self.port = self._listener.sockets[0].getsockname()[1]
+        if self._shared_sockets is not None and settings.worker_metrics_port:
+            self._worker_runner = web.AppRunner(create_worker_app(self.relay), access_log=None,
+                                                handle_signals=False, shutdown_timeout=1.0)
+            await self._worker_runner.setup()
+            await web.TCPSite(self._worker_runner, settings.host,
+                              settings.worker_metrics_port + self.worker,
+                              ssl_context=settings.tls_context()).start()
         self._sweeper = asyncio.create_task(expire_forever(self.relay), name="expiry")
         if regions is not None:
             self._prober = asyncio.create_task(regions.probe_forever(), name="region-probe")
@@ -143,6 +161,9 @@ class RelayServer:
         sweeper, runner, relay, listener = self._sweeper, self._runner, self.relay, self._listener
         fetcher, self._fetcher = self._fetcher, None
         prober, self._prober = self._prober, None
+        worker_runner, self._worker_runner = self._worker_runner, None
+        if worker_runner is not None:
+            await worker_runner.cleanup()
         if prober is not None:
             prober.cancel()
             await asyncio.gather(prober, return_exceptions=True)

@@ -25,6 +25,9 @@ from runtime.tls import server_context, verifying_context
 from runtime.client_address import Network, are_networks, parse_networks
 
 
+# Store URLs every process reaches: several relays (replicas, workers, regions) share them.
+_SHARED_STORES = ("redis://", "rediss://", "unix://")
+
 # What a relay does while it holds no valid access list (`access_list_expired`).
 FAIL_CLOSED, ALARM = "fail-closed", "alarm"
 ON_EXPIRY = (FAIL_CLOSED, ALARM)
@@ -41,6 +44,14 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8470
     store: str = "memory"
+    # Relay processes accepting from one listening socket on `port`, started, restarted and
+    # stopped by one supervisor (continuum/supervisor.py): one per core.  More than one needs
+    # a Redis store (the in-process stores cannot be shared).
+    workers: int = 1
+    # With workers: worker i (0-based) also serves /metrics and /healthz on this port + i, so
+    # each worker can be scraped; 0: not served (the shared port's /metrics answers for the
+    # one worker that accepted that connection).
+    worker_metrics_port: int = 0
     # Relay signing key (csk_… text) for expiry notices; replicas behind one
     # load balancer share it.  Empty: a key file, else a fresh key per process.
     relay_key: str = ""
@@ -178,7 +189,8 @@ class Settings:
     def from_sources(cls, argv: list[str] | None = None,
                      environ: Mapping[str, str] | None = None) -> Settings:
         parser = argparse.ArgumentParser(
-            prog="continuum", description="Continuum relay: store-and-forward for devices.")
+            prog="continuum", description="Continuum relay: store-and-forward for devices.",
+            epilog=_WORKERS_HELP)
         settings, _ = load_settings(cls, "CONTINUUM_", parser, argv,
                                     os.environ if environ is None else environ)
         return settings
@@ -187,6 +199,7 @@ class Settings:
         problems = [
             name for name, ok in [
                 ("port must be 0..65535", 0 <= self.port <= 65535),
+                *_worker_problems(self.workers, self.store, self.worker_metrics_port),
                 ("max_envelope_bytes must be >= 1024", self.max_envelope_bytes >= 1024),
                 ("max_ttl_s must be >= 1", self.max_ttl_s >= 1),
                 ("rate_per_s must be > 0", self.rate_per_s > 0),
@@ -239,12 +252,33 @@ class Settings:
             raise ValueError("; ".join(problems))
 
 
+_WORKERS_HELP = (
+    "--workers N runs N relay processes accepting on one port under a supervisor that"
+    " restarts a crashed worker and stops them all on SIGTERM.  N > 1 needs a redis:// store"
+    " (the memory and SQLite stores live in one process and wake only its own sessions)."
+    "  Every budget (max connections, per address, per key, handshakes) is per worker: the"
+    " relay's bound is N times the flag.  --worker-metrics-port P: worker i serves /metrics"
+    " and /healthz on P + i.")
+
+
+def _worker_problems(workers: int, store: str, metrics_port: int) -> list[tuple[str, bool]]:
+    """What must hold of the worker settings: workers share one port and one store."""
+    return [
+        ("workers must be >= 1", workers >= 1),
+        ("workers > 1 needs a redis://, rediss:// or unix:// store: the memory and SQLite"
+         " stores live inside one process (their wake-ups reach only its own sessions)",
+         workers == 1 or store.startswith(_SHARED_STORES)),
+        ("worker_metrics_port must be 0 or 1..65535 - workers + 1",
+         metrics_port == 0 or 1 <= metrics_port <= 65536 - workers),
+    ]
+
+
 def _region_problems(region: str, store: str,
                      region_stores: tuple[str, ...]) -> list[tuple[str, bool]]:
     """What must hold of the region settings: every region's store is shared by the relays
     of every region, so each is a Redis URL, and each region is named once."""
     names = [entry.partition("=")[0] for entry in region_stores]
-    shared = ("redis://", "rediss://", "unix://")
+    shared = _SHARED_STORES
     return [
         ("region must be a region name (a lower-case letter, then lower-case letters, digits"
          " or '-', at most 32)", not region or is_region_name(region)),

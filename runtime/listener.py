@@ -399,9 +399,20 @@ async def listen(cap: SocketCap, host: str, port: int, tls: ssl.SSLContext | Non
                  tls_handshake_timeout_s: float = 10.0) -> Listener:
     """Serve `cap`'s protocols on every address `host` names, on `port` (0: a free one),
     over TLS with `tls`; a TLS handshake must finish within `tls_handshake_timeout_s`."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return Listener(cap, _bind(infos), tls, tls_handshake_timeout_s)
+
+
+def bind_listening(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets `listen` would make, made now (blocking name lookup), for
+    processes forked next to share: each accepts from the same kernel queue (`Listener`)."""
+    return _bind(socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE))
+
+
+def _bind(infos: list[tuple]) -> list[socket.socket]:
+    """One non-blocking listening socket per distinct address in `infos`."""
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
@@ -419,4 +430,4 @@ async def listen(cap: SocketCap, host: str, port: int, tls: ssl.SSLContext | Non
             with contextlib.suppress(OSError):
                 sock.close()
         raise
-    return Listener(cap, sockets, tls, tls_handshake_timeout_s)
+    return sockets
