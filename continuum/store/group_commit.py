@@ -1,0 +1,119 @@
+"""Group commit: the SQLite writes issued during one event-loop turn share one transaction.
+
+On a file, each commit is a WAL append of every page the transaction touched
+(the body, both mailbox indexes, the replay window, ...): one transaction per
+accept wrote about 55 KB of WAL per message, while a turn's accepts and acks
+touch mostly the same pages.  So a write is queued, and the first one queued
+in a turn schedules a flush for the start of the next turn; by then every
+session that had a frame to act on has queued its write.  The flush runs the
+queued works in call order inside one BEGIN IMMEDIATE ... COMMIT, on the loop
+thread, with no await in between, so no read ever sees an uncommitted row
+(a fetch that saw one could deliver, and hand out the tag of, an entry that a
+failed commit then takes back) and no other transaction is ever open on the
+connection across an await.
+
+Only after COMMIT does a caller's await return: a returned accept is as
+durable as it was with a transaction of its own.  Each work keeps its own
+outcome: one that raises (a replay, a full mailbox, a budget) is undone to
+its SAVEPOINT and the others go on.  A failure of the batch itself (full disk,
+I/O error, a busy file) rolls everything back and raises StoreUnavailableError
+in every caller of the batch, so a batch is all stored or not at all.
+
+Works may also change the store's in-memory counts (the works after them in
+the batch check against those): the counts keep a `Journal`, and what a work
+or batch takes back in the database is taken back there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from proto.errors import StoreUnavailableError
+
+T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], Any]
+
+
+class Journal(Protocol):
+    """In-memory state the works change beside their rows."""
+
+    def mark(self) -> int:
+        """A point to undo back to."""
+
+    def undo_to(self, mark: int) -> None:
+        """Take back every change made since `mark`."""
+
+    def forget(self) -> None:
+        """Everything changed so far was committed: keep it."""
+
+
+class GroupCommit:
+    """Queue of writes for one connection, committed together once per loop turn."""
+
+    def __init__(self, db: sqlite3.Connection, journal: Journal) -> None:
+        self._db, self._journal = db, journal
+        self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work(db)`'s result once the batch it ran in is committed; its exception if it
+        raised one; StoreUnavailableError if the batch could not be committed."""
+        loop = asyncio.get_running_loop()
+        if not self._queue:
+            loop.call_soon(self.flush)
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append((work, future))
+        return await future
+
+    def flush(self) -> None:
+        """Run and commit everything queued so far (also called before the connection closes)."""
+        queue, self._queue = self._queue, []
+        if not queue:
+            return
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            self._run_all(queue, outcomes)
+        except sqlite3.Error as exc:
+            for _work, future in queue:
+                if not future.done():  # a caller that gave up (a closed connection) needs none
+                    future.set_exception(StoreUnavailableError(f"mailbox store failed: {exc}"))
+            return
+        self._journal.forget()
+        for (_work, future), (result, error) in zip(queue, outcomes):
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    def _run_all(self, queue: list[tuple[Work, asyncio.Future[Any]]],
+                 outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        db, journal = self._db, self._journal
+        start = journal.mark()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for work, _future in queue:
+                mark = journal.mark()
+                db.execute("SAVEPOINT work")
+                try:
+                    outcomes.append((work(db), None))
+                except sqlite3.Error:
+                    raise  # the database failed, not this work: the batch goes
+                except Exception as exc:  # this work's refusal: only its changes go
+                    db.execute("ROLLBACK TO work")
+                    journal.undo_to(mark)
+                    outcomes.append((None, exc))
+                db.execute("RELEASE work")
+            db.execute("COMMIT")
+        except BaseException:
+            # End whatever transaction is open, even one a failed COMMIT left behind:
+            # otherwise every later BEGIN would fail and the store never recover.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            journal.undo_to(start)
+            raise
