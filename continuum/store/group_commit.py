@@ -52,21 +52,51 @@ class Journal(Protocol):
 
 
 class GroupCommit:
-    """Queue of writes for one connection, committed together once per loop turn."""
+    """Queue of writes for one connection, committed together once per loop turn.
 
-    def __init__(self, db: sqlite3.Connection, journal: Journal) -> None:
-        self._db, self._journal = db, journal
+    `per_turn=False` commits each write on its own, at once: for a database in
+    memory, where a commit writes nothing, so waiting for the turn's other
+    writes would only cost the caller a suspension.
+    """
+
+    def __init__(self, db: sqlite3.Connection, journal: Journal, *, per_turn: bool) -> None:
+        self._db, self._journal, self._per_turn = db, journal, per_turn
         self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
 
-    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    async def run(self, work: Callable[[sqlite3.Connection], T], *,
+                  one_statement: bool = False) -> T:
         """`work(db)`'s result once the batch it ran in is committed; its exception if it
-        raised one; StoreUnavailableError if the batch could not be committed."""
+        raised one; StoreUnavailableError if the batch could not be committed.
+
+        `one_statement`: the work is a single statement, atomic on its own, so alone it
+        needs no BEGIN/COMMIT around it (autocommit)."""
+        if not self._per_turn:
+            return self._run_alone(work, one_statement)
         loop = asyncio.get_running_loop()
-        if not self._queue:
-            loop.call_soon(self.flush)
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append((work, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self.flush)
         return await future
+
+    def _run_alone(self, work: Callable[[sqlite3.Connection], T], one_statement: bool) -> T:
+        """One work in a transaction of its own, now (nothing is ever queued then)."""
+        db, journal = self._db, self._journal
+        try:
+            if not one_statement:
+                db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+                if db.in_transaction:
+                    db.execute("COMMIT")
+            except BaseException:
+                self._roll_back()
+                journal.undo_to(0)
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
+        journal.forget()
+        return result
 
     def flush(self) -> None:
         """Run and commit everything queued so far (also called before the connection closes)."""
@@ -93,27 +123,34 @@ class GroupCommit:
     def _run_all(self, queue: list[tuple[Work, asyncio.Future[Any]]],
                  outcomes: list[tuple[Any, BaseException | None]]) -> None:
         db, journal = self._db, self._journal
+        several = len(queue) > 1  # a lone work refused takes the whole transaction back
         start = journal.mark()
         db.execute("BEGIN IMMEDIATE")
         try:
             for work, _future in queue:
                 mark = journal.mark()
-                db.execute("SAVEPOINT work")
+                if several:
+                    db.execute("SAVEPOINT work")
                 try:
                     outcomes.append((work(db), None))
                 except sqlite3.Error:
                     raise  # the database failed, not this work: the batch goes
                 except Exception as exc:  # this work's refusal: only its changes go
-                    db.execute("ROLLBACK TO work")
+                    db.execute("ROLLBACK TO work" if several else "ROLLBACK")
                     journal.undo_to(mark)
                     outcomes.append((None, exc))
-                db.execute("RELEASE work")
-            db.execute("COMMIT")
-        except BaseException:
-            # End whatever transaction is open, even one a failed COMMIT left behind:
-            # otherwise every later BEGIN would fail and the store never recover.
+                if several:
+                    db.execute("RELEASE work")
             if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
+                db.execute("COMMIT")
+        except BaseException:
+            self._roll_back()
             journal.undo_to(start)
             raise
+
+    def _roll_back(self) -> None:
+        """End whatever transaction is open, even one a failed COMMIT left behind:
+        otherwise every later BEGIN would fail and the store never recover."""
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")

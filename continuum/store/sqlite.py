@@ -220,7 +220,7 @@ class SqliteStore(MailboxStore):
             self._counts = _Counts(self._db)
         except (sqlite3.Error, OSError) as exc:
             raise _unavailable(exc) from None
-        self._writes = GroupCommit(self._db, self._counts)
+        self._writes = GroupCommit(self._db, self._counts, per_turn=str(path) != ":memory:")
         self._wakeups = WakeupHub()
         self._buckets = TokenBuckets()
 
@@ -306,7 +306,7 @@ class SqliteStore(MailboxStore):
                 self._counts.body(sender, -size)
             return True
 
-        return await self._writes.run(work)
+        return await self._writes.run(work, one_statement=True)
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
         def work(db: sqlite3.Connection) -> list[_Due]:
