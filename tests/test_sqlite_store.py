@@ -264,3 +264,27 @@ async def test_a_batch_that_cannot_commit_refuses_all_of_it_and_stores_none(
             [env.raw for env in batch[:3]]
     finally:
         await store.close()
+
+
+async def test_an_accept_whose_caller_is_cancelled_while_queued_is_stored_and_wakes(
+        tmp_path: Path) -> None:
+    """A connection that closes while its accept waits for the batch: the message is
+    committed anyway (the device retries and hears REPLAY), so its recipient must hear of it."""
+    alice, bob = Identity.generate(), Identity.generate()
+    store = SqliteStore(tmp_path / "mail.db")
+    woken: list[str] = []
+    try:
+        await store.subscribe(bob.public, lambda: woken.append("bob"))
+        sent = envelope(alice, [bob])
+        task = asyncio.create_task(store.accept(sent, replay_until_ms=now_ms() + 60_000,
+                                                limits=ROOMY))
+        await asyncio.sleep(0)  # the accept is queued; its batch runs next turn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert woken == ["bob"]
+        assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [sent.raw]
+        with pytest.raises(ReplayError):
+            await store.accept(sent, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
+    finally:
+        await store.close()

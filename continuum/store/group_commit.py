@@ -1,9 +1,10 @@
 """Group commit: the SQLite writes issued during one event-loop turn share one transaction.
 
 On a file, each commit is a WAL append of every page the transaction touched
-(the body, both mailbox indexes, the replay window, ...): one transaction per
-accept wrote about 55 KB of WAL per message, while a turn's accepts and acks
-touch mostly the same pages.  So a write is queued, and the first one queued
+(the body, both mailbox indexes, the replay window, ...), copied into the
+file again at the next checkpoint: a transaction per accept and per ack wrote
+about 71 KB per message delivered, while a turn's accepts and acks touch
+mostly the same pages (22 KB per message batched: benchmarks/README.md).  So a write is queued, and the first one queued
 in a turn schedules a flush for the start of the next turn; by then every
 session that had a frame to act on has queued its write.  The flush runs the
 queued works in call order inside one BEGIN IMMEDIATE ... COMMIT, on the loop
@@ -36,6 +37,7 @@ from proto.errors import StoreUnavailableError
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], Any]
+Queued = tuple[Work, "asyncio.Future[Any]", Callable[[], None] | None]
 
 
 class Journal(Protocol):
@@ -61,27 +63,32 @@ class GroupCommit:
 
     def __init__(self, db: sqlite3.Connection, journal: Journal, *, per_turn: bool) -> None:
         self._db, self._journal, self._per_turn = db, journal, per_turn
-        self._queue: list[tuple[Work, asyncio.Future[Any]]] = []
+        self._queue: list[Queued] = []
 
     async def run(self, work: Callable[[sqlite3.Connection], T], *,
+                  committed: Callable[[], None] | None = None,
                   one_statement: bool = False) -> T:
         """`work(db)`'s result once the batch it ran in is committed; its exception if it
         raised one; StoreUnavailableError if the batch could not be committed.
 
+        `committed` runs as soon as the work is committed, even if the caller was
+        cancelled meanwhile (wake-ups for what it stored must not be lost with it).
         `one_statement`: the work is a single statement, atomic on its own, so alone it
         needs no BEGIN/COMMIT around it (autocommit)."""
         if not self._per_turn:
-            return self._run_alone(work, one_statement)
+            return self._run_alone(work, committed, one_statement)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((work, future))
+        self._queue.append((work, future, committed))
         if len(self._queue) == 1:
             loop.call_soon(self.flush)
         return await future
 
-    def _run_alone(self, work: Callable[[sqlite3.Connection], T], one_statement: bool) -> T:
+    def _run_alone(self, work: Callable[[sqlite3.Connection], T],
+                   committed: Callable[[], None] | None, one_statement: bool) -> T:
         """One work in a transaction of its own, now (nothing is ever queued then)."""
         db, journal = self._db, self._journal
+        start = journal.mark()
         try:
             if not one_statement:
                 db.execute("BEGIN IMMEDIATE")
@@ -91,11 +98,13 @@ class GroupCommit:
                     db.execute("COMMIT")
             except BaseException:
                 self._roll_back()
-                journal.undo_to(0)
+                journal.undo_to(start)
                 raise
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
         journal.forget()
+        if committed is not None:
+            committed()
         return result
 
     def flush(self) -> None:
@@ -106,28 +115,31 @@ class GroupCommit:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             self._run_all(queue, outcomes)
-        except sqlite3.Error as exc:
-            for _work, future in queue:
+        except Exception as exc:  # sqlite3.Error; anything else must not leave callers hanging
+            for _work, future, _committed in queue:
                 if not future.done():  # a caller that gave up (a closed connection) needs none
                     future.set_exception(StoreUnavailableError(f"mailbox store failed: {exc}"))
             return
         self._journal.forget()
-        for (_work, future), (result, error) in zip(queue, outcomes):
+        for (_work, future, _committed), (result, error) in zip(queue, outcomes):
             if future.done():
                 continue
             if error is None:
                 future.set_result(result)
             else:
                 future.set_exception(error)
+        for (_work, _future, committed), (_result, error) in zip(queue, outcomes):
+            if error is None and committed is not None:
+                committed()
 
-    def _run_all(self, queue: list[tuple[Work, asyncio.Future[Any]]],
+    def _run_all(self, queue: list[Queued],
                  outcomes: list[tuple[Any, BaseException | None]]) -> None:
         db, journal = self._db, self._journal
         several = len(queue) > 1  # a lone work refused takes the whole transaction back
         start = journal.mark()
         db.execute("BEGIN IMMEDIATE")
         try:
-            for work, _future in queue:
+            for work, _future, _committed in queue:
                 mark = journal.mark()
                 if several:
                     db.execute("SAVEPOINT work")

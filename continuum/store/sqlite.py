@@ -272,9 +272,11 @@ class SqliteStore(MailboxStore):
             for recipient in mailboxes:
                 counts.grow(recipient, 1, size)
 
-        await self._writes.run(work)
-        for recipient in mailboxes:
-            self._wakeups.wake(recipient)
+        def wake() -> None:
+            for recipient in mailboxes:
+                self._wakeups.wake(recipient)
+
+        await self._writes.run(work, committed=wake)
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
