@@ -64,6 +64,7 @@ class GroupCommit:
     def __init__(self, db: sqlite3.Connection, journal: Journal, *, per_turn: bool) -> None:
         self._db, self._journal, self._per_turn = db, journal, per_turn
         self._queue: list[Queued] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self, work: Callable[[sqlite3.Connection], T], *,
                   committed: Callable[[], None] | None = None,
@@ -77,7 +78,11 @@ class GroupCommit:
         needs no BEGIN/COMMIT around it (autocommit)."""
         if not self._per_turn:
             return self._run_alone(work, committed, one_statement)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            # asyncio.get_running_loop() makes a getpid() system call each time (an accept
+            # and an ACK a message): ask again only when the loop may have changed.
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append((work, future, committed))
         if len(self._queue) == 1:
