@@ -288,3 +288,19 @@ async def test_an_accept_whose_caller_is_cancelled_while_queued_is_stored_and_wa
             await store.accept(sent, replay_until_ms=now_ms() + 60_000, limits=ROOMY)
     finally:
         await store.close()
+
+
+async def test_closing_commits_the_writes_still_queued(tmp_path: Path) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    store = SqliteStore(tmp_path / "mail.db")
+    sent = envelope(alice, [bob])
+    task = asyncio.create_task(store.accept(sent, replay_until_ms=now_ms() + 60_000,
+                                            limits=ROOMY))
+    await asyncio.sleep(0)  # queued; its batch would run next turn, after the close
+    await store.close()
+    await task  # ACCEPTED: it was committed before the file was closed
+    reopened = SqliteStore(tmp_path / "mail.db")
+    try:
+        assert [e.raw for e in await reopened.fetch(bob.public, None, 10)] == [sent.raw]
+    finally:
+        await reopened.close()
