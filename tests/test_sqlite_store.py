@@ -304,3 +304,25 @@ async def test_closing_commits_the_writes_still_queued(tmp_path: Path) -> None:
         assert [e.raw for e in await reopened.fetch(bob.public, None, 10)] == [sent.raw]
     finally:
         await reopened.close()
+
+
+async def test_a_health_probe_that_cannot_write_refuses_no_accept_beside_it(
+        tmp_path: Path) -> None:
+    """The probe writes as much as the largest envelope: with less room than that left,
+    /healthz says unavailable, but the small messages of the same turn are still stored."""
+    alice, bob = Identity.generate(), Identity.generate()
+    store = SqliteStore(tmp_path / "mail.db")
+    try:
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count = {pages + 4}")  # 16 KiB of room
+        sent = [envelope(alice, [bob], bytes([i])) for i in range(2)]
+        outcomes = await asyncio.gather(
+            store.accept(sent[0], replay_until_ms=now_ms() + 60_000, limits=ROOMY),
+            store.ping(),
+            store.accept(sent[1], replay_until_ms=now_ms() + 60_000, limits=ROOMY),
+            return_exceptions=True)
+        assert outcomes[0] is None and outcomes[2] is None, outcomes
+        assert isinstance(outcomes[1], StoreUnavailableError)
+        assert [e.raw for e in await store.fetch(bob.public, None, 10)] == [e.raw for e in sent]
+    finally:
+        await store.close()

@@ -68,15 +68,19 @@ class GroupCommit:
 
     async def run(self, work: Callable[[sqlite3.Connection], T], *,
                   committed: Callable[[], None] | None = None,
-                  one_statement: bool = False) -> T:
+                  one_statement: bool = False, alone: bool = False) -> T:
         """`work(db)`'s result once the batch it ran in is committed; its exception if it
         raised one; StoreUnavailableError if the batch could not be committed.
 
         `committed` runs as soon as the work is committed, even if the caller was
         cancelled meanwhile (wake-ups for what it stored must not be lost with it).
         `one_statement`: the work is a single statement, atomic on its own, so alone it
-        needs no BEGIN/COMMIT around it (autocommit)."""
-        if not self._per_turn:
+        needs no BEGIN/COMMIT around it (autocommit).  `alone`: commit what is queued,
+        then run this work in a transaction of its own, now (the health probe: its
+        failure must not refuse the writes it would have shared a batch with)."""
+        if alone:
+            self.flush()
+        if alone or not self._per_turn:
             return self._run_alone(work, committed, one_statement)
         loop = self._loop
         if loop is None or not loop.is_running():

@@ -371,7 +371,7 @@ class SqliteStore(MailboxStore):
             db.execute("INSERT INTO probe (filler) VALUES (zeroblob(?))", (_PROBE_BYTES,))
             db.execute("DELETE FROM probe")
 
-        await self._writes.run(probe)
+        await self._writes.run(probe, alone=True)
 
     async def close(self) -> None:
         self._writes.flush()  # writes still queued are committed, not dropped
