@@ -14,7 +14,7 @@ orphan behind.
 
 Calls run on the event loop thread, cheaper than a hop to a worker thread.
 Reads are single statements; every write (accept, ack, expiry, the access
-floor, the health probe) goes through `GroupCommit`: on a file, those issued
+floor; the health probe alone) goes through `GroupCommit`: on a file, those issued
 during one loop turn share one transaction, committed before any of them
 returns (in memory, where a commit writes nothing, each commits at once).  This
 process is the file's only writer, so mailbox sizes and the bytes each
