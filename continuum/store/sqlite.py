@@ -12,11 +12,16 @@ settles the counts without reading the body).  A trigger removes a body with
 its last mailbox row, inside the same statement, so no crash can leave an
 orphan behind.
 
-Calls run on the event loop thread: each is one short indexed transaction,
-cheaper than a hop to a worker thread.  This process is the file's only
-writer, so mailbox sizes and the bytes each sender's bodies take (the byte
-budgets) are counted once at open and then kept in memory, sparing queries
-on every accept.  Scale-out uses the Redis store.
+Calls run on the event loop thread, cheaper than a hop to a worker thread.
+Reads are single statements; every write (accept, ack, expiry, the access
+floor; the health probe alone) goes through `GroupCommit`: on a file, those issued
+during one loop turn share one transaction, committed before any of them
+returns (in memory, where a commit writes nothing, each commits at once).  This
+process is the file's only writer, so mailbox sizes and the bytes each
+sender's bodies take (the byte budgets) are counted once at open and then
+kept in memory, sparing queries on every accept; a write changes them as it
+runs (the writes after it in its batch check against them), and a batch that
+is not committed undoes its changes.  Scale-out uses the Redis store.
 
 Every SQLite failure (a full disk, an I/O error, a locked or corrupt file)
 becomes StoreUnavailableError, and a transaction it interrupted is rolled
@@ -29,7 +34,6 @@ import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
@@ -37,10 +41,10 @@ from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, Stor
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+from .group_commit import GroupCommit
 from .token_bucket import TokenBuckets
 from .wakeups import WakeupHub
 
-T = TypeVar("T")
 # seq, recipient, sender, msg_id, origin, size, body of an entry that expired
 _Due = tuple[int, bytes, bytes, bytes, int, int, int]
 
@@ -131,6 +135,78 @@ class _SqliteSubscription(Subscription):
         self._hub.remove(self._recipient, self._wake)
 
 
+class _Counts:
+    """Mailbox sizes and the bytes the budgets count, kept in memory (this process is the
+    file's only writer), with a journal of changes so a batch not committed can undo its own.
+
+    Writes change them as they run, so the writes after them in their batch check
+    against them; `GroupCommit` marks, undoes and forgets the journal.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        # recipient -> [messages, bytes]
+        self._sizes: dict[bytes, list[int]] = {
+            recipient: [messages, size] for recipient, messages, size in db.execute(
+                "SELECT recipient, count(*), sum(size) FROM mailbox GROUP BY recipient")}
+        # sender -> bytes of its bodies, and their sum: what the budgets count.
+        self._stored: dict[bytes, int] = dict(db.execute(
+            "SELECT sender, sum(length(raw)) FROM body GROUP BY sender"))
+        self._stored_total = sum(self._stored.values())
+        # (recipient, messages, bytes) from grow, (sender, None, bytes) from body.
+        self._journal: list[tuple[bytes, int | None, int]] = []
+
+    def mailbox(self, recipient: bytes) -> tuple[int, int]:
+        """(messages, bytes) in one mailbox."""
+        messages, size = self._sizes.get(recipient, (0, 0))
+        return messages, size
+
+    def check_budgets(self, sender: bytes, size: int, limits: MailboxLimits) -> None:
+        """QuotaExceededError unless one more body of `size` fits both byte budgets."""
+        used = self._stored.get(sender, 0)
+        if used + size > limits.sender_max_bytes:
+            raise QuotaExceededError(f"sender {PublicKey(sender).text} has {used} bytes stored;"
+                                     f" its budget is {limits.sender_max_bytes}")
+        if self._stored_total + size > limits.store_max_bytes:
+            raise QuotaExceededError(f"the relay's store holds {self._stored_total} bytes;"
+                                     f" its budget is {limits.store_max_bytes}")
+
+    def grow(self, recipient: bytes, messages: int, size: int) -> None:
+        """A mailbox gained (or, negative, lost) entries and bytes."""
+        self._journal.append((recipient, messages, size))
+        entry = self._sizes.setdefault(recipient, [0, 0])
+        entry[0] += messages
+        entry[1] += size
+        if entry[0] <= 0:
+            del self._sizes[recipient]
+
+    def body(self, sender: bytes, size: int) -> None:
+        """A body of `size` was stored (size > 0) or removed (size < 0)."""
+        self._journal.append((sender, None, size))
+        self._stored_total += size
+        used = self._stored.get(sender, 0) + size
+        if used > 0:
+            self._stored[sender] = used
+        else:
+            self._stored.pop(sender, None)
+
+    def mark(self) -> int:
+        return len(self._journal)
+
+    def undo_to(self, mark: int) -> None:
+        """Take back every change since `mark`, latest first."""
+        undone = self._journal[mark:]
+        for key, messages, size in reversed(undone):
+            if messages is None:
+                self.body(key, -size)
+            else:
+                self.grow(key, -messages, -size)
+        del self._journal[mark:]  # the changes and their undoing
+
+    def forget(self) -> None:
+        """The batch was committed: its changes stay."""
+        self._journal.clear()
+
+
 class SqliteStore(MailboxStore):
     """`path` is a file path, or ":memory:" for a store that lives as long as the process."""
 
@@ -142,16 +218,10 @@ class SqliteStore(MailboxStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._create_or_upgrade()
-            # Changed only after a commit succeeded.  recipient -> [messages, bytes]:
-            self._sizes: dict[bytes, list[int]] = {
-                recipient: [messages, size] for recipient, messages, size in self._db.execute(
-                    "SELECT recipient, count(*), sum(size) FROM mailbox GROUP BY recipient")}
-            # sender -> bytes of its bodies, and their sum: what the budgets count.
-            self._stored: dict[bytes, int] = dict(self._db.execute(
-                "SELECT sender, sum(length(raw)) FROM body GROUP BY sender"))
-            self._stored_total = sum(self._stored.values())
+            self._counts = _Counts(self._db)
         except (sqlite3.Error, OSError) as exc:
             raise _unavailable(exc) from None
+        self._writes = GroupCommit(self._db, self._counts, per_turn=str(path) != ":memory:")
         self._wakeups = WakeupHub()
         self._buckets = TokenBuckets()
 
@@ -172,31 +242,12 @@ class SqliteStore(MailboxStore):
         self._db.executescript("BEGIN IMMEDIATE;" + upgrade + _SEEN
                                + f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(self._db)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._roll_back()
-                raise
-            return result
-        except sqlite3.Error as exc:
-            raise _unavailable(exc) from None
-
-    def _roll_back(self) -> None:
-        """End whatever transaction is open, even one a failed COMMIT left behind:
-        otherwise every later BEGIN would fail and the store never recover."""
-        if self._db.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                self._db.execute("ROLLBACK")
-
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
                      limits: MailboxLimits,
                      recipients: Sequence[PublicKey] | None = None) -> None:
         sender, size = envelope.sender.raw, len(envelope.raw)
         mailboxes = [key.raw for key in recipients or envelope.recipient_keys]
+        counts = self._counts
 
         def work(db: sqlite3.Connection) -> None:
             try:
@@ -205,11 +256,11 @@ class SqliteStore(MailboxStore):
             except sqlite3.IntegrityError:
                 raise ReplayError("message id already used by this sender") from None
             for recipient in mailboxes:  # raising here rolls the `seen` row back too
-                messages, total = self._sizes.get(recipient, (0, 0))
+                messages, total = counts.mailbox(recipient)
                 if messages + 1 > limits.max_messages or total + size > limits.max_bytes:
                     raise MailboxFullError(f"mailbox of {PublicKey(recipient).text} is full "
                                            f"({messages} messages, {total} bytes)")
-            self._check_budgets(sender, size, limits)
+            counts.check_budgets(sender, size, limits)
             body = db.execute(
                 "INSERT INTO body (sender, msg_id, origin, expires_at_ms, raw)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -218,31 +269,15 @@ class SqliteStore(MailboxStore):
             db.executemany(
                 "INSERT INTO mailbox (recipient, body, sender, size) VALUES (?, ?, ?, ?)",
                 [(recipient, body, sender, size) for recipient in mailboxes])
+            counts.body(sender, size)
+            for recipient in mailboxes:
+                counts.grow(recipient, 1, size)
 
-        self._transaction(work)
-        self._count_body(sender, size)
-        for recipient in mailboxes:
-            self._grow(recipient, 1, size)
-            self._wakeups.wake(recipient)
+        def wake() -> None:
+            for recipient in mailboxes:
+                self._wakeups.wake(recipient)
 
-    def _check_budgets(self, sender: bytes, size: int, limits: MailboxLimits) -> None:
-        """QuotaExceededError unless one more body of `size` fits both byte budgets."""
-        used = self._stored.get(sender, 0)
-        if used + size > limits.sender_max_bytes:
-            raise QuotaExceededError(f"sender {PublicKey(sender).text} has {used} bytes stored;"
-                                     f" its budget is {limits.sender_max_bytes}")
-        if self._stored_total + size > limits.store_max_bytes:
-            raise QuotaExceededError(f"the relay's store holds {self._stored_total} bytes;"
-                                     f" its budget is {limits.store_max_bytes}")
-
-    def _count_body(self, sender: bytes, size: int) -> None:
-        """A body of `size` was stored (size > 0) or removed (size < 0)."""
-        self._stored_total += size
-        used = self._stored.get(sender, 0) + size
-        if used > 0:
-            self._stored[sender] = used
-        else:
-            self._stored.pop(sender, None)
+        await self._writes.run(work, committed=wake)
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
@@ -261,26 +296,23 @@ class SqliteStore(MailboxStore):
         if seq is None:
             return False
 
-        try:
-            # One statement is atomic on its own (autocommit), triggers included,
-            # so no BEGIN/COMMIT round trips; fetchall steps it to completion.
-            changes = self._db.total_changes
-            rows = self._db.execute("DELETE FROM mailbox WHERE seq = ? AND recipient = ?"
-                                    " RETURNING sender, size", (seq, recipient.raw)).fetchall()
+        def work(db: sqlite3.Connection) -> bool:
+            changes = db.total_changes
+            rows = db.execute("DELETE FROM mailbox WHERE seq = ? AND recipient = ?"
+                              " RETURNING sender, size", (seq, recipient.raw)).fetchall()
+            if not rows:
+                return False
+            sender, size = rows[0]
+            self._counts.grow(recipient.raw, -1, -size)
             # total_changes counts the rows triggers changed too: 2 means the body went.
-            body_removed = self._db.total_changes - changes > 1
-        except sqlite3.Error as exc:
-            raise _unavailable(exc) from None
-        if not rows:
-            return False
-        sender, size = rows[0]
-        self._grow(recipient.raw, -1, -size)
-        if body_removed:
-            self._count_body(sender, -size)
-        return True
+            if db.total_changes - changes > 1:
+                self._counts.body(sender, -size)
+            return True
+
+        return await self._writes.run(work, one_statement=True)
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
-        def work(db: sqlite3.Connection) -> tuple[list[_Due], set[int]]:
+        def work(db: sqlite3.Connection) -> list[_Due]:
             rows = db.execute(
                 "SELECT mailbox.seq, mailbox.recipient, body.sender, body.msg_id, body.origin,"
                 " mailbox.size, mailbox.body FROM body JOIN mailbox ON mailbox.body = body.id"
@@ -292,14 +324,15 @@ class SqliteStore(MailboxStore):
             kept = {body for (body,) in db.execute(
                 f"SELECT id FROM body WHERE id IN ({','.join('?' * len(bodies))})",
                 tuple(bodies))} if bodies else set()
-            return rows, bodies - kept
+            removed = bodies - kept
+            for _seq, recipient, sender, _msg_id, _origin, size, body in rows:
+                self._counts.grow(recipient, -1, -size)
+                if body in removed:
+                    removed.discard(body)
+                    self._counts.body(sender, -size)
+            return rows
 
-        rows, removed = self._transaction(work)
-        for _seq, recipient, sender, _msg_id, _origin, size, body in rows:
-            self._grow(recipient, -1, -size)
-            if body in removed:
-                removed.discard(body)
-                self._count_body(sender, -size)
+        rows = await self._writes.run(work)
         return [ExpiredMessage(PublicKey(r), PublicKey(s), m, Origin(o))
                 for _seq, r, s, m, o, _size, _body in rows]
 
@@ -308,14 +341,7 @@ class SqliteStore(MailboxStore):
         return self._buckets.take(sender.raw, now_ms, rate_per_s, burst)
 
     async def depth(self, recipient: PublicKey) -> int:
-        return self._sizes.get(recipient.raw, (0, 0))[0]
-
-    def _grow(self, recipient: bytes, messages: int, size: int) -> None:
-        entry = self._sizes.setdefault(recipient, [0, 0])
-        entry[0] += messages
-        entry[1] += size
-        if entry[0] <= 0:
-            del self._sizes[recipient]
+        return self._counts.mailbox(recipient.raw)[0]
 
     async def subscribe(self, recipient: PublicKey,
                         wake: Callable[[], None]) -> Subscription:
@@ -337,7 +363,7 @@ class SqliteStore(MailboxStore):
                        floor)
             return floor
 
-        return self._transaction(work)
+        return await self._writes.run(work)
 
     async def ping(self) -> None:
         """Commit and remove a probe body as large as an envelope may be."""
@@ -345,9 +371,10 @@ class SqliteStore(MailboxStore):
             db.execute("INSERT INTO probe (filler) VALUES (zeroblob(?))", (_PROBE_BYTES,))
             db.execute("DELETE FROM probe")
 
-        self._transaction(probe)
+        await self._writes.run(probe, alone=True)
 
     async def close(self) -> None:
+        self._writes.flush()  # writes still queued are committed, not dropped
         with contextlib.suppress(sqlite3.Error):
             self._db.close()
 
