@@ -131,8 +131,8 @@ class RedisStore(MailboxStore):
             script(lua.RESERVE), script(lua.CLAIM), script(lua.UNCLAIM))
         self._append_one = script(lua.APPEND_ONE)
         self._remove_by_field = script(lua.REMOVE_BY_FIELD)
-        self._ack = script(lua.ACK)
-        self._unref, self._unref_and_forget = script(lua.UNREF), script(lua.UNREF_AND_FORGET)
+        self._ack, self._ack_all = script(lua.ACK), script(lua.ACK_ALL)
+        self._unref = script(lua.UNREF)
         self._drop_body, self._forget = script(lua.DROP_BODY), script(lua.FORGET)
         self._claim_due = script(lua.CLAIM_DUE)
         self._take_token = script(lua.TAKE_TOKEN)
@@ -216,9 +216,8 @@ class RedisStore(MailboxStore):
     async def _accept_in_one_script(self, envelope: Envelope, seen: str,
                                     recipients: list[MailboxKeys], field: str, nonce: str,
                                     replay_until_ms: int, limits: MailboxLimits) -> None:
-        """The accept script, then the durability wait if any and the wake-ups, in one
-        pipeline: one round trip, which across regions is one WAN round trip (a wake-up
-        that follows a refusal is spurious, and harmless)."""
+        """The accept script (which also publishes the wake-ups), then the durability wait
+        if any, in one pipeline: one round trip, which across regions is one WAN round trip."""
         size = len(envelope.raw)
         keys = [seen, *self._keys.sender_keys(field), *self._keys.store_keys]
         for mailbox in recipients:
@@ -228,15 +227,14 @@ class RedisStore(MailboxStore):
                            limits.max_messages, limits.max_bytes, limits.sender_max_bytes,
                            limits.store_max_bytes, body_member(field, size)]
         for mailbox in recipients:
-            args += [mailbox.recipient_hex, mailbox.index_member(field)]
-        wakes = [("PUBLISH", mailbox.channel, b"") for mailbox in recipients]
+            args += [mailbox.recipient_hex, mailbox.index_member(field), mailbox.channel]
         if self._durability.waits:
-            outcome, waited, *_ = await self._script_then(
-                self._accept_all, keys, args, [self._durability.command(), *wakes])
+            outcome, waited = await self._script_then(
+                self._accept_all, keys, args, [self._durability.command()])
             if outcome[0] in (0, 1):  # stored, or stored before: either way, durable?
                 self._durability.check(waited)
         else:
-            outcome, *_ = await self._script_then(self._accept_all, keys, args, wakes)
+            [outcome] = await self._script_then(self._accept_all, keys, args, [])
         if outcome[0] == 1:
             raise ReplayError("message id already used by this sender")
         if outcome[0] == 2:
@@ -248,7 +246,7 @@ class RedisStore(MailboxStore):
 
     async def _script_then(self, script: AsyncScript, keys: list[str], args: list[Any],
                            commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Run `script`, then `commands` (a durability wait, wake-ups), down one connection
+        """Run `script`, then `commands` (a durability wait), down one connection
         (a pipeline); the replies in order, the script's first.
 
         WAIT counts only the writes of the connection it is sent on.  If the
@@ -360,22 +358,20 @@ class RedisStore(MailboxStore):
         if not _is_stream_id(tag):
             return False
         mailbox = self._keys.mailbox(recipient)
+        if not self._cluster:
+            return await self._guard(self._ack_all(
+                keys=[*mailbox.slot_keys, *self._keys.store_keys],
+                args=[tag, mailbox.recipient_hex, self._keys.prefix])) == 1
+        # Cluster: the entry in its slot, the reference in the sender's, the index in its own.
         removed = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
         if removed is None:
             return False
         field, size = removed[0].decode(), removed[1]
         member = mailbox.index_member(field)
-        if size is None:  # an entry from before shared bodies
-            await self._guard(self._forget(keys=self._keys.store_keys, args=[1, member]))
-        elif self._cluster:
-            freed = await self._guard(self._unref(keys=self._keys.sender_keys(field),
-                                                  args=[mailbox.recipient_hex]))
-            await self._guard(self._forget(keys=self._keys.store_keys, args=[
-                1, member, *([body_member(field, int(size))] if freed else [])]))
-        else:
-            await self._guard(self._unref_and_forget(
-                keys=[*self._keys.sender_keys(field), *self._keys.store_keys],
-                args=[mailbox.recipient_hex, member, body_member(field, int(size))]))
+        freed = size is not None and await self._guard(self._unref(
+            keys=self._keys.sender_keys(field), args=[mailbox.recipient_hex]))
+        await self._guard(self._forget(keys=self._keys.store_keys, args=[
+            1, member, *([body_member(field, int(size))] if freed else [])]))
         return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
