@@ -77,7 +77,16 @@ class Subscription(ABC):
 class MailboxStore(ABC):
     """Every backend failure (unreachable, full disk, I/O error) raises
     StoreUnavailableError, never the driver's own exception: the relay tells
-    the device "retry later" and does not count it as the device's fault."""
+    the device "retry later" and does not count it as the device's fault.
+
+    Order: calls take effect in the order they were issued, a call being issued
+    when its coroutine first runs (tasks first run in the order they were
+    created), even while earlier calls are still awaited.  So a connection may
+    keep several SENDs in flight, starting each `accept` once the one before it
+    was started, and its messages still land in each mailbox in SEND order
+    (session.py).  A store that batches calls (redis_batch) sends them in issue
+    order, one batch at a time; one that does each call at once keeps it trivially.
+    """
 
     @abstractmethod
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
