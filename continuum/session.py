@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 
 from aiohttp import WSMessage, WSMsgType
 
@@ -29,7 +30,7 @@ from runtime.clock import now_ms
 from .connection_gate import AddressBudget, Slot
 from .context import RelayContext
 from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
-                       RouteStreams, StoreEnvelope)
+                       RouteStreams)
 from .store import Subscription
 from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
@@ -41,13 +42,19 @@ _WATCH_INTERVAL_S = 0.2
 # ACKs of one connection being applied at once (see `_start_removal`).
 ACKS_IN_FLIGHT = 8
 
+# SENDs of one connection in flight at once (see `_start_send`).  Across a WAN a SEND waits
+# one round trip for its store: 32 in flight carry 32 per round trip (400 msg/s at 80 ms),
+# as many as a device's usual window of unanswered SENDs (client and loadgen: 32), while
+# what one connection can queue in the relay and its store stays small.
+SENDS_IN_FLIGHT = 32
+
 
 class DeviceSession:
     """Most devices sit idle, so an idle session holds no task of its own: a wake-up
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
-                 "_address", "_watchdog", "_removals")
+                 "_address", "_watchdog", "_removals", "_sends")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
         self._ws = ws
@@ -63,6 +70,9 @@ class DeviceSession:
         self._address: Address | None = None  # in the stream router, while authenticated
         self._watchdog: asyncio.Task[None] | None = None  # see `_watch_writes`
         self._removals: set[asyncio.Task[None]] = set()
+        # SENDs in flight, oldest first: each task and the future it sets once its accept
+        # is issued (or it stored nothing), which the next SEND waits for (`_admit`).
+        self._sends: deque[tuple[asyncio.Task[None], asyncio.Future[None]]] = deque()
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -140,7 +150,8 @@ class DeviceSession:
             if self._delivery is not None:
                 self._delivery.cancel()
                 await asyncio.gather(self._delivery, return_exceptions=True)
-            await asyncio.gather(*self._removals, return_exceptions=True)
+            await asyncio.gather(*self._removals, *(task for task, _issued in self._sends),
+                                 return_exceptions=True)
             await self._finish_closing()
             log.info("device_disconnected")
 
@@ -152,13 +163,17 @@ class DeviceSession:
             message = await self._ws.receive()
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
                                 WSMsgType.ERROR):
-                return  # closed by the device, or a frame beyond the hard cap (1009)
+                # Closed by the device, or a frame beyond the hard cap (1009).  SENDs it made
+                # before are answered first: our CLOSE goes out only after (no autoclose).
+                if self._sends:
+                    await asyncio.wait([task for task, _issued in self._sends])
+                return
             request = self._feed(message)
             pause = 0.0
             if isinstance(request, RouteStreams):
                 pause = self._route(request.outputs)
             elif isinstance(request, CheckRate):
-                await self._admit(request)
+                await self._start_send(request)
             elif isinstance(request, RemoveDelivered):
                 if store.across_wan(device):
                     await self._start_removal(request)
@@ -176,28 +191,83 @@ class DeviceSession:
         self._protocol.receive_non_binary()
         return None
 
-    async def _admit(self, request: CheckRate) -> None:
+    async def _start_send(self, request: CheckRate) -> None:
+        """Admit one SEND without waiting for the ones before it: up to SENDS_IN_FLIGHT at
+        once, so a store a WAN round trip away (SPEC §19), or a Redis that answers a batch
+        per loop turn, takes several of this device's SENDs per round trip, not one.  A
+        device that sends more is read no further until its oldest SEND is answered."""
+        sends = self._sends
+        while len(sends) >= SENDS_IN_FLIGHT:
+            await asyncio.wait([sends[0][0]])
+        previous = sends[-1] if sends else None
+        issued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._admit(request, previous, issued), name="send")
+        sends.append((task, issued))
+        task.add_done_callback(lambda _done: _settle(issued))  # also if cancelled unstarted
+        task.add_done_callback(lambda _done: sends.popleft())  # they end in arrival order
+
+    async def _admit(self, request: CheckRate,
+                     previous: tuple[asyncio.Task[None], asyncio.Future[None]] | None,
+                     issued: asyncio.Future[None]) -> None:
+        """Rate token, verify (`rate_checked`), accept, answer: the token is taken before
+        the verify, as always.  Order with the SENDs in flight before this one:
+
+        - its accept is issued only after the previous SEND's was: the store applies calls
+          in the order they were issued (`MailboxStore`), so per-mailbox order is SEND
+          order.  Issued means started: the accept runs as a task created before `issued`
+          is set, and tasks start in the order they were created, so the next SEND's
+          accept, started after it wakes up from `issued`, starts after this one;
+        - its answer (ACCEPTED, or a store's refusal) is reported only once the previous
+          SEND's was, so ACCEPTED order is SEND order.  (A refusal of the relay's own,
+          such as a bad signature, is answered as soon as it is known.)  Each task ends
+          only after the one before it, so they end in arrival order.
+        """
         protocol, store, settings = self._protocol, self._relay.store, self._relay.settings
         envelope = request.envelope
+        outcome: ProtocolError | None = None
+        accepting: asyncio.Task[None] | None = None
+        answered = False
         try:
-            allowed = (not request.metered
-                       or await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
-                                            settings.rate_burst))
-        except ProtocolError as exc:
-            protocol.store_refused(envelope.msg_id, exc)
+            try:
+                allowed = (not request.metered
+                           or await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
+                                                settings.rate_burst))
+            except ProtocolError as exc:
+                outcome = exc
+            if previous is not None:
+                await previous[1]
+            if outcome is None:
+                store_request = protocol.rate_checked(envelope, allowed, now_ms())
+                answered = store_request is None  # refused by the relay's own checks
+                if answered:
+                    self._write()
+                else:
+                    limits = (self._relay.mailbox_limits if request.metered
+                              else self._relay.oracle_mailbox_limits)
+                    accepting = asyncio.create_task(store.accept(
+                        envelope, replay_until_ms=store_request.replay_until_ms,
+                        limits=limits), name="accept")
+        finally:
+            _settle(issued)
+        if accepting is not None:
+            try:
+                await accepting
+            except ProtocolError as exc:
+                outcome = exc
+            except Exception as exc:  # a bug must cost this connection (1011), not hang it
+                self._relay.log.exception("accept_crashed")
+                outcome = InternalError(repr(exc))
+        if previous is not None:
+            await asyncio.wait([previous[0]])
+        if answered:
             return
-        store_request: StoreEnvelope | None = protocol.rate_checked(envelope, allowed, now_ms())
-        if store_request is None:
-            return
-        try:
-            limits = (self._relay.mailbox_limits if request.metered
-                      else self._relay.oracle_mailbox_limits)
-            await store.accept(envelope, replay_until_ms=store_request.replay_until_ms,
-                               limits=limits)
-        except ProtocolError as exc:
-            protocol.store_refused(envelope.msg_id, exc)
-        else:
+        if isinstance(outcome, InternalError):
+            protocol.store_failed(outcome)
+        elif outcome is None:
             protocol.stored(envelope.msg_id)
+        else:
+            protocol.store_refused(envelope.msg_id, outcome)
+        self._write()
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
         """ACKs of a device served from a store a WAN round trip away (SPEC §19) run side
@@ -387,3 +457,8 @@ class DeviceSession:
             await asyncio.gather(self._closing, return_exceptions=True)
         if self._ws.buffered_bytes():
             self._ws.abort()  # closed, but the device will never read what is left
+
+
+def _settle(issued: asyncio.Future[None]) -> None:
+    if not issued.done():
+        issued.set_result(None)
