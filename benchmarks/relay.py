@@ -80,15 +80,16 @@ def compare(*, baseline: str, store: str, rounds: int, pairs: int, procs: int,
 
 def render_compare(result: dict) -> str:
     rows = [(run["round"], run["relay"], run["delivered_per_s"], run["latency_ms"]["p50"],
-             run["latency_ms"]["p99"], run["relay_cpu_percent"], run["other_cpu_cores"],
-             run["lost"]) for run in result["runs"]]
+             run["latency_ms"]["p99"], run["relay_cpu_percent"],
+             round(run["relay_cpu_percent"] * 1e4 / max(1e-9, run["delivered_per_s"])),
+             run["other_cpu_cores"], run["lost"]) for run in result["runs"]]
     mine = [run["delivered_per_s"] for run in result["runs"] if run["relay"] == "this"]
     base = [run["delivered_per_s"] for run in result["runs"] if run["relay"] == "baseline"]
     ratio = sum(mine) / max(1e-9, sum(base))
     return (f"store={result['store']}  baseline={result['baseline']}  this/baseline"
             f" delivered/s = {ratio:.2f}\n") + table(
-        ["round", "relay", "delivered/s", "p50 ms", "p99 ms", "relay CPU%", "other cores",
-         "lost"], rows)
+        ["round", "relay", "delivered/s", "p50 ms", "p99 ms", "relay CPU%",
+         "relay CPU µs/msg", "other cores", "lost"], rows)
 
 
 def render(result: dict) -> str:

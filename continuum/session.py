@@ -39,8 +39,9 @@ from .websocket import DeviceWebSocket
 _WATCH_INTERVAL_S = 0.2
 
 
-# ACKs of one connection being applied at once (see `_start_removal`).
-ACKS_IN_FLIGHT = 8
+# ACKs of one connection being applied at once (see `_start_removal`): as many as its SENDs
+# (below), so a busy receiver's ACKs keep pace with a busy sender's accepts.
+ACKS_IN_FLIGHT = 32
 
 # SENDs of one connection in flight at once (see `_start_send`).  Across a WAN a SEND waits
 # one round trip for its store: 32 in flight carry 32 per round trip (400 msg/s at 80 ms),
@@ -175,7 +176,7 @@ class DeviceSession:
             elif isinstance(request, CheckRate):
                 await self._start_send(request)
             elif isinstance(request, RemoveDelivered):
-                if store.across_wan(device):
+                if store.answers_later(device):
                     await self._start_removal(request)
                 else:
                     await self._remove(request)
@@ -270,10 +271,10 @@ class DeviceSession:
         self._write()
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
-        """ACKs of a device served from a store a WAN round trip away (SPEC §19) run side
-        by side (their order does not matter), so it has several acknowledged per round
-        trip, not one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits,
-        and many busy devices do not queue thousands of calls for the store's connections."""
+        """ACKs of a device served from a store a network round trip away (Redis; across a
+        WAN, SPEC §19) run side by side (their order does not matter), so it has several
+        acknowledged per round trip, not one.  At most ACKS_IN_FLIGHT at once: a device
+        that sends more waits, and many busy devices do not queue thousands of calls."""
         removals = self._removals
         while len(removals) >= ACKS_IN_FLIGHT:
             await asyncio.wait(removals, return_when=asyncio.FIRST_COMPLETED)

@@ -468,6 +468,9 @@ class RedisStore(MailboxStore):
             raise StoreUnavailableError(f"mailbox store refuses writes: {written}")
         self._durability.check(waited)
 
+    def answers_later(self, recipient: PublicKey) -> bool:
+        return True
+
     def stream_bus(self) -> RedisStreamBus:
         """Replicas on this Redis carry streams to each other by pub/sub: it publishes with
         the data client; its subscriber connection comes from the plain client."""
