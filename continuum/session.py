@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
+from collections.abc import Awaitable
 
 from aiohttp import WSMessage, WSMsgType
 
@@ -71,9 +72,7 @@ class DeviceSession:
         self._address: Address | None = None  # in the stream router, while authenticated
         self._watchdog: asyncio.Task[None] | None = None  # see `_watch_writes`
         self._removals: set[asyncio.Task[None]] = set()
-        # SENDs in flight, oldest first: each task and the future it sets once its accept
-        # is issued (or it stored nothing), which the next SEND waits for (`_admit`).
-        self._sends: deque[tuple[asyncio.Task[None], asyncio.Future[None]]] = deque()
+        self._sends: deque[_InFlight] = deque()  # SENDs in flight, oldest first
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -151,7 +150,7 @@ class DeviceSession:
             if self._delivery is not None:
                 self._delivery.cancel()
                 await asyncio.gather(self._delivery, return_exceptions=True)
-            await asyncio.gather(*self._removals, *(task for task, _issued in self._sends),
+            await asyncio.gather(*self._removals, *(send.task for send in self._sends),
                                  return_exceptions=True)
             await self._finish_closing()
             log.info("device_disconnected")
@@ -167,14 +166,17 @@ class DeviceSession:
                 # Closed by the device, or a frame beyond the hard cap (1009).  SENDs it made
                 # before are answered first: our CLOSE goes out only after (no autoclose).
                 if self._sends:
-                    await asyncio.wait([task for task, _issued in self._sends])
+                    await self._sends[-1].answered  # they are answered in arrival order
                 return
             request = self._feed(message)
             pause = 0.0
             if isinstance(request, RouteStreams):
                 pause = self._route(request.outputs)
             elif isinstance(request, CheckRate):
-                await self._start_send(request)
+                if store.answers_later(device):
+                    await self._start_send(request)
+                else:
+                    await self._admit(request)  # answered within this loop turn
             elif isinstance(request, RemoveDelivered):
                 if store.answers_later(device):
                     await self._start_removal(request)
@@ -194,39 +196,38 @@ class DeviceSession:
 
     async def _start_send(self, request: CheckRate) -> None:
         """Admit one SEND without waiting for the ones before it: up to SENDS_IN_FLIGHT at
-        once, so a store a WAN round trip away (SPEC §19), or a Redis that answers a batch
-        per loop turn, takes several of this device's SENDs per round trip, not one.  A
-        device that sends more is read no further until its oldest SEND is answered."""
+        once, so a store a network round trip away (a Redis that answers a batch per loop
+        turn; across a WAN, SPEC §19) takes several of this device's SENDs per round trip,
+        not one.  A device that sends more is read no further until its oldest SEND is
+        answered."""
         sends = self._sends
         while len(sends) >= SENDS_IN_FLIGHT:
-            await asyncio.wait([sends[0][0]])
+            await sends[0].answered
         previous = sends[-1] if sends else None
-        issued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._admit(request, previous, issued), name="send")
-        sends.append((task, issued))
-        task.add_done_callback(lambda _done: _settle(issued))  # also if cancelled unstarted
-        task.add_done_callback(lambda _done: sends.popleft())  # they end in arrival order
+        send = _InFlight()
+        sends.append(send)
+        send.task = asyncio.create_task(self._admit(request, previous, send), name="send")
+        send.task.add_done_callback(lambda _task: send.done(sends))
 
-    async def _admit(self, request: CheckRate,
-                     previous: tuple[asyncio.Task[None], asyncio.Future[None]] | None,
-                     issued: asyncio.Future[None]) -> None:
+    async def _admit(self, request: CheckRate, previous: _InFlight | None = None,
+                     this: _InFlight | None = None) -> None:
         """Rate token, verify (`rate_checked`), accept, answer: the token is taken before
-        the verify, as always.  Order with the SENDs in flight before this one:
+        the verify, as always.  Awaited by the reader (`this` None), or one of the SENDs
+        in flight (`this`), which keeps order with the SEND before it (`previous`):
 
         - its accept is issued only after the previous SEND's was: the store applies calls
           in the order they were issued (`MailboxStore`), so per-mailbox order is SEND
           order.  Issued means started: the accept runs as a task created before `issued`
           is set, and tasks start in the order they were created, so the next SEND's
-          accept, started after it wakes up from `issued`, starts after this one;
+          accept, started once it wakes up from `issued`, starts after this one;
         - its answer (ACCEPTED, or a store's refusal) is reported only once the previous
           SEND's was, so ACCEPTED order is SEND order.  (A refusal of the relay's own,
-          such as a bad signature, is answered as soon as it is known.)  Each task ends
-          only after the one before it, so they end in arrival order.
+          such as a bad signature, is answered as soon as it is known.)
         """
         protocol, store, settings = self._protocol, self._relay.store, self._relay.settings
         envelope = request.envelope
         outcome: ProtocolError | None = None
-        accepting: asyncio.Task[None] | None = None
+        accepting: Awaitable[None] | None = None
         answered = False
         try:
             try:
@@ -236,7 +237,7 @@ class DeviceSession:
             except ProtocolError as exc:
                 outcome = exc
             if previous is not None:
-                await previous[1]
+                await previous.issued
             if outcome is None:
                 store_request = protocol.rate_checked(envelope, allowed, now_ms())
                 answered = store_request is None  # refused by the relay's own checks
@@ -245,30 +246,29 @@ class DeviceSession:
                 else:
                     limits = (self._relay.mailbox_limits if request.metered
                               else self._relay.oracle_mailbox_limits)
-                    accepting = asyncio.create_task(store.accept(
-                        envelope, replay_until_ms=store_request.replay_until_ms,
-                        limits=limits), name="accept")
+                    accepting = store.accept(envelope, limits=limits,
+                                             replay_until_ms=store_request.replay_until_ms)
+                    if this is not None:
+                        accepting = asyncio.create_task(accepting, name="accept")
+            if this is not None:
+                _settle(this.issued)
+            if accepting is not None:
+                try:
+                    await accepting
+                except ProtocolError as exc:
+                    outcome = exc
+            if previous is not None:
+                await previous.answered
+            if answered:
+                return
+            if outcome is None:
+                protocol.stored(envelope.msg_id)
+            else:
+                protocol.store_refused(envelope.msg_id, outcome)
+            self._write()
         finally:
-            _settle(issued)
-        if accepting is not None:
-            try:
-                await accepting
-            except ProtocolError as exc:
-                outcome = exc
-            except Exception as exc:  # a bug must cost this connection (1011), not hang it
-                self._relay.log.exception("accept_crashed")
-                outcome = InternalError(repr(exc))
-        if previous is not None:
-            await asyncio.wait([previous[0]])
-        if answered:
-            return
-        if isinstance(outcome, InternalError):
-            protocol.store_failed(outcome)
-        elif outcome is None:
-            protocol.stored(envelope.msg_id)
-        else:
-            protocol.store_refused(envelope.msg_id, outcome)
-        self._write()
+            if this is not None:
+                this.done(self._sends)
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
         """ACKs of a device served from a store a network round trip away (Redis; across a
@@ -460,6 +460,25 @@ class DeviceSession:
             self._ws.abort()  # closed, but the device will never read what is left
 
 
-def _settle(issued: asyncio.Future[None]) -> None:
-    if not issued.done():
-        issued.set_result(None)
+class _InFlight:
+    """One SEND in flight: its task, and what the SEND after it waits for."""
+
+    __slots__ = ("task", "issued", "answered")
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[None] | None = None
+        self.issued: asyncio.Future[None] = loop.create_future()  # its accept started, or none will
+        self.answered: asyncio.Future[None] = loop.create_future()  # its answer reported, or none will
+
+    def done(self, sends: deque[_InFlight]) -> None:
+        """Ended (answered, failed or cancelled, even before it started): never waited on again."""
+        _settle(self.issued)
+        _settle(self.answered)
+        if self in sends:
+            sends.remove(self)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
