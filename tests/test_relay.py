@@ -444,3 +444,20 @@ async def test_send_just_before_the_device_closes_is_still_answered(relay: Relay
         assert await a.recv() == Accepted(envelope.msg_id)
         assert (await a.ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
                                                         aiohttp.WSMsgType.CLOSED)
+
+
+@pytest.mark.redis
+async def test_sends_in_flight_when_the_device_closes_are_answered_first(start_relay,
+                                                                         redis_url: str) -> None:
+    """On Redis a connection keeps several SENDs in flight: a CLOSE read meanwhile waits
+    for their answers, in SEND order, before the relay's CLOSE."""
+    server = await start_relay(store=redis_url)
+    alice, bob = Identity.generate(), Identity.generate()
+    envelopes = [sealed(alice, [bob.public], bytes([i])) for i in range(10)]
+    async with await RawDevice.connect(server.url, alice) as a:
+        for envelope in envelopes:
+            await a.send_frame(Send(envelope.raw))
+        await a.ws.send_frame(b"\x03\xe8", aiohttp.WSMsgType.CLOSE)
+        assert [await a.recv() for _ in envelopes] == [Accepted(e.msg_id) for e in envelopes]
+        assert (await a.ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
+                                                        aiohttp.WSMsgType.CLOSED)
