@@ -28,7 +28,10 @@ sender's slot, changed in the same script as the body) and the store's
 carries the size, so each release happens exactly once).
 
 Standalone Redis: `accept` is one Lua script over every key of the message,
-so it stores everything or nothing.  Redis Cluster (`?cluster=true`): no
+so it stores everything or nothing, and publishes the wake-ups; `ack` is one
+script too (entry, body reference, index).  The hot calls (allow, accept,
+fetch, ack, depth) go through `redis_batch`: every session's calls of one
+loop turn in one pipeline, in issue order.  Redis Cluster (`?cluster=true`): no
 script may touch two slots, so `accept` checks every mailbox's room, reserves
 the store budget and indexes the message (`{expiry}` slot), claims the replay
 key, the sender's budget and stores the body (sender slot), then appends per
