@@ -109,3 +109,21 @@ async def test_close_fails_what_was_not_sent(client: tuple[Redis, str]) -> None:
     await batcher.close()  # before the loop's next turn: never sent
     with pytest.raises(StoreUnavailableError):
         await pending
+
+
+async def test_calls_written_on_a_connection_that_broke_go_again_on_a_new_one() -> None:
+    """A Redis restarted under an idle batcher: the next calls are written on the dead
+    connection, then again, in order, on a new one; no caller sees the outage."""
+    server = RedisServer("--appendonly", "no").start()
+    redis = Redis.from_url(server.url)
+    batcher = CommandBatcher(redis, [])
+    try:
+        assert await batcher.call(("RPUSH", "order", "before")) == [1]
+        server.kill()
+        server.start()
+        calls = [batcher.call(("RPUSH", "order", number)) for number in range(10)]
+        assert [(await call)[0] for call in calls] == list(range(1, 11))
+    finally:
+        await batcher.close()
+        await redis.aclose()
+        server.remove()
