@@ -173,7 +173,9 @@ class DeviceSession:
             if isinstance(request, RouteStreams):
                 pause = self._route(request.outputs)
             elif isinstance(request, CheckRate):
-                if store.answers_later(device):
+                # Inline only with nothing in flight: it must not overtake those (their order).
+                if self._sends or any(map(store.answers_later,
+                                          request.envelope.recipient_keys)):
                     await self._start_send(request)
                 else:
                     await self._admit(request)  # answered within this loop turn
