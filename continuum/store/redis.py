@@ -229,10 +229,11 @@ class RedisStore(MailboxStore):
         if any, back to back in one batch: one round trip, which across regions is one WAN
         round trip.
 
-        WAIT counts only the writes of the connection it is sent on: the batch is one
-        pipeline down one connection.  If the connection breaks, redis-py re-sends the
-        whole pipeline on a new one, where the script writes again (scripts are safe to
-        repeat), so the wait never vouches for writes it did not follow.
+        WAIT counts only the writes of the connection it is sent on: the batcher writes a
+        call's commands back to back down its one connection.  If the connection breaks,
+        the batcher writes the call again, script and wait together, on a new one, where
+        the script writes again (scripts are safe to repeat), so the wait never vouches
+        for writes it did not follow.
         """
         size = len(envelope.raw)
         keys = [seen, *self._keys.sender_keys(field), *self._keys.store_keys]
