@@ -6,8 +6,14 @@ open-throttle run finds saturation (messages delivered end to end per
 second); then paced runs offer 25/50/75/100 % of it, each on a fresh relay.
 
     .venv/bin/python benchmarks/relay.py [--quick] [--store sqlite:///{tmp}/relay.sqlite3]
+    .venv/bin/python benchmarks/relay.py --store redis://127.0.0.1:PORT/0 --baseline /tmp/base \
+        [--rounds 2] [--messages 12000]
 
 `{tmp}` in --store is replaced by the relay's scratch directory (deleted after).
+`--baseline DIR` runs only the open-throttle run, alternating this checkout's relay and
+DIR's (another checkout, e.g. `git worktree add /tmp/base main`), `--rounds` times each,
+with the same load generator: on a shared, noisy machine a change is judged by the ratio
+of the two in one run, not by figures from different runs.
 """
 
 from __future__ import annotations
@@ -64,6 +70,35 @@ def benchmark(*, quick: bool, store: str = "memory", pairs: int | None = None,
     }
 
 
+def compare(*, baseline: str, store: str, rounds: int, pairs: int, procs: int,
+            messages: int, payload_bytes: int = 64) -> dict[str, object]:
+    """Saturation of this checkout's relay and `baseline`'s, alternated `rounds` times."""
+    raise_nofile()
+    plan = LoadPlan(pairs, procs, max(1, messages // pairs), None, window=32,
+                    payload_bytes=payload_bytes, deadline_s=60.0)
+    runs: list[dict[str, object]] = []
+    for round_no in range(rounds):
+        for name, code_dir in (("this", None), ("baseline", baseline)):
+            with RelayProcess(*UNTHROTTLED, store=store, code_dir=code_dir) as relay:
+                runs.append({"round": round_no, "relay": name, **run_load(relay, plan)})
+    return {"store": store, "baseline": baseline, "pairs": pairs, "messages": messages,
+            "runs": runs}
+
+
+def render_compare(result: dict) -> str:
+    rows = [(run["round"], run["relay"], run["delivered_per_s"], run["latency_ms"]["p50"],
+             run["latency_ms"]["p99"], run["relay_cpu_percent"],
+             round(run["relay_cpu_percent"] * 1e4 / max(1e-9, run["delivered_per_s"])),
+             run["other_cpu_cores"], run["lost"]) for run in result["runs"]]
+    mine = [run["delivered_per_s"] for run in result["runs"] if run["relay"] == "this"]
+    base = [run["delivered_per_s"] for run in result["runs"] if run["relay"] == "baseline"]
+    ratio = sum(mine) / max(1e-9, sum(base))
+    return (f"store={result['store']}  baseline={result['baseline']}  this/baseline"
+            f" delivered/s = {ratio:.2f}\n") + table(
+        ["round", "relay", "delivered/s", "p50 ms", "p99 ms", "relay CPU%",
+         "relay CPU µs/msg", "other cores", "lost"], rows)
+
+
 def render(result: dict) -> str:
     floor = result["verify_floor"]["envelope_decode_verify"]["ops_per_s"]
     rows = []
@@ -88,7 +123,18 @@ def main() -> None:
     parser.add_argument("--store", default="memory", help="relay --store (default memory)")
     parser.add_argument("--pairs", type=int, help="sender/receiver device pairs")
     parser.add_argument("--procs", type=int, help="client processes per side")
+    parser.add_argument("--baseline", help="another checkout: A/B of the open-throttle run only")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds (with --baseline)")
+    parser.add_argument("--messages", type=int, default=12_000,
+                        help="messages per A/B run (with --baseline)")
     args = parser.parse_args()
+    if args.baseline:
+        compared = compare(baseline=args.baseline, store=args.store, rounds=args.rounds,
+                           pairs=args.pairs or 16, procs=args.procs or 2,
+                           messages=args.messages)
+        print(render_compare(compared))
+        print(f"results: {write_results('relay_ab', compared)}")
+        return
     result = benchmark(quick=args.quick, store=args.store, pairs=args.pairs, procs=args.procs)
     print(render(result))
     print(f"results: {write_results('relay', result)}")

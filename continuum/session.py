@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
+from collections.abc import Awaitable
 
 from aiohttp import WSMessage, WSMsgType
 
@@ -29,7 +31,7 @@ from runtime.clock import now_ms
 from .connection_gate import AddressBudget, Slot
 from .context import RelayContext
 from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
-                       RouteStreams, StoreEnvelope)
+                       RouteStreams)
 from .store import Subscription
 from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
@@ -38,8 +40,15 @@ from .websocket import DeviceWebSocket
 _WATCH_INTERVAL_S = 0.2
 
 
-# ACKs of one connection being applied at once (see `_start_removal`).
-ACKS_IN_FLIGHT = 8
+# ACKs of one connection being applied at once (see `_start_removal`): as many as its SENDs
+# (below), so a busy receiver's ACKs keep pace with a busy sender's accepts.
+ACKS_IN_FLIGHT = 32
+
+# SENDs of one connection in flight at once (see `_start_send`).  Across a WAN a SEND waits
+# one round trip for its store: 32 in flight carry 32 per round trip (400 msg/s at 80 ms),
+# as many as a device's usual window of unanswered SENDs (client and loadgen: 32), while
+# what one connection can queue in the relay and its store stays small.
+SENDS_IN_FLIGHT = 32
 
 
 class DeviceSession:
@@ -47,7 +56,7 @@ class DeviceSession:
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
-                 "_address", "_watchdog", "_removals")
+                 "_address", "_watchdog", "_removals", "_sends")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
         self._ws = ws
@@ -63,6 +72,7 @@ class DeviceSession:
         self._address: Address | None = None  # in the stream router, while authenticated
         self._watchdog: asyncio.Task[None] | None = None  # see `_watch_writes`
         self._removals: set[asyncio.Task[None]] = set()
+        self._sends: deque[_InFlight] = deque()  # SENDs in flight, oldest first
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -140,7 +150,8 @@ class DeviceSession:
             if self._delivery is not None:
                 self._delivery.cancel()
                 await asyncio.gather(self._delivery, return_exceptions=True)
-            await asyncio.gather(*self._removals, return_exceptions=True)
+            await asyncio.gather(*self._removals, *(send.task for send in self._sends),
+                                 return_exceptions=True)
             await self._finish_closing()
             log.info("device_disconnected")
 
@@ -152,15 +163,24 @@ class DeviceSession:
             message = await self._ws.receive()
             if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
                                 WSMsgType.ERROR):
-                return  # closed by the device, or a frame beyond the hard cap (1009)
+                # Closed by the device, or a frame beyond the hard cap (1009).  SENDs it made
+                # before are answered first: our CLOSE goes out only after (no autoclose).
+                if self._sends:
+                    await self._sends[-1].answered  # they are answered in arrival order
+                return
             request = self._feed(message)
             pause = 0.0
             if isinstance(request, RouteStreams):
                 pause = self._route(request.outputs)
             elif isinstance(request, CheckRate):
-                await self._admit(request)
+                # Inline only with nothing in flight: it must not overtake those (their order).
+                if self._sends or any(map(store.answers_later,
+                                          request.envelope.recipient_keys)):
+                    await self._start_send(request)
+                else:
+                    await self._admit(request)  # answered within this loop turn
             elif isinstance(request, RemoveDelivered):
-                if store.across_wan(device):
+                if store.answers_later(device):
                     await self._start_removal(request)
                 else:
                     await self._remove(request)
@@ -176,34 +196,87 @@ class DeviceSession:
         self._protocol.receive_non_binary()
         return None
 
-    async def _admit(self, request: CheckRate) -> None:
+    async def _start_send(self, request: CheckRate) -> None:
+        """Admit one SEND without waiting for the ones before it: up to SENDS_IN_FLIGHT at
+        once, so a store a network round trip away (a Redis that answers a batch per loop
+        turn; across a WAN, SPEC §19) takes several of this device's SENDs per round trip,
+        not one.  A device that sends more is read no further until its oldest SEND is
+        answered."""
+        sends = self._sends
+        while len(sends) >= SENDS_IN_FLIGHT:
+            await sends[0].answered
+        previous = sends[-1] if sends else None
+        send = _InFlight()
+        sends.append(send)
+        send.task = asyncio.create_task(self._admit(request, previous, send), name="send")
+        send.task.add_done_callback(lambda _task: send.done(sends))
+
+    async def _admit(self, request: CheckRate, previous: _InFlight | None = None,
+                     this: _InFlight | None = None) -> None:
+        """Rate token, verify (`rate_checked`), accept, answer: the token is taken before
+        the verify, as always.  Awaited by the reader (`this` None), or one of the SENDs
+        in flight (`this`), which keeps order with the SEND before it (`previous`):
+
+        - its accept is issued only after the previous SEND's was: the store applies calls
+          in the order they were issued (`MailboxStore`), so per-mailbox order is SEND
+          order.  Issued means started: the accept runs as a task created before `issued`
+          is set, and tasks start in the order they were created, so the next SEND's
+          accept, started once it wakes up from `issued`, starts after this one;
+        - its answer (ACCEPTED, or a store's refusal) is reported only once the previous
+          SEND's was, so ACCEPTED order is SEND order.  (A refusal of the relay's own,
+          such as a bad signature, is answered as soon as it is known.)
+        """
         protocol, store, settings = self._protocol, self._relay.store, self._relay.settings
         envelope = request.envelope
+        outcome: ProtocolError | None = None
+        accepting: Awaitable[None] | None = None
+        answered = False
         try:
-            allowed = (not request.metered
-                       or await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
-                                            settings.rate_burst))
-        except ProtocolError as exc:
-            protocol.store_refused(envelope.msg_id, exc)
-            return
-        store_request: StoreEnvelope | None = protocol.rate_checked(envelope, allowed, now_ms())
-        if store_request is None:
-            return
-        try:
-            limits = (self._relay.mailbox_limits if request.metered
-                      else self._relay.oracle_mailbox_limits)
-            await store.accept(envelope, replay_until_ms=store_request.replay_until_ms,
-                               limits=limits)
-        except ProtocolError as exc:
-            protocol.store_refused(envelope.msg_id, exc)
-        else:
-            protocol.stored(envelope.msg_id)
+            try:
+                allowed = (not request.metered
+                           or await store.allow(envelope.sender, now_ms(), settings.rate_per_s,
+                                                settings.rate_burst))
+            except ProtocolError as exc:
+                outcome = exc
+            if previous is not None:
+                await previous.issued
+            if outcome is None:
+                store_request = protocol.rate_checked(envelope, allowed, now_ms())
+                answered = store_request is None  # refused by the relay's own checks
+                if answered:
+                    self._write()
+                else:
+                    limits = (self._relay.mailbox_limits if request.metered
+                              else self._relay.oracle_mailbox_limits)
+                    accepting = store.accept(envelope, limits=limits,
+                                             replay_until_ms=store_request.replay_until_ms)
+                    if this is not None:
+                        accepting = asyncio.create_task(accepting, name="accept")
+            if this is not None:
+                _settle(this.issued)
+            if accepting is not None:
+                try:
+                    await accepting
+                except ProtocolError as exc:
+                    outcome = exc
+            if previous is not None:
+                await previous.answered
+            if answered:
+                return
+            if outcome is None:
+                protocol.stored(envelope.msg_id)
+            else:
+                protocol.store_refused(envelope.msg_id, outcome)
+            self._write()
+        finally:
+            if this is not None:
+                this.done(self._sends)
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
-        """ACKs of a device served from a store a WAN round trip away (SPEC §19) run side
-        by side (their order does not matter), so it has several acknowledged per round
-        trip, not one.  At most ACKS_IN_FLIGHT at once: a device that sends more waits,
-        and many busy devices do not queue thousands of calls for the store's connections."""
+        """ACKs of a device served from a store a network round trip away (Redis; across a
+        WAN, SPEC §19) run side by side (their order does not matter), so it has several
+        acknowledged per round trip, not one.  At most ACKS_IN_FLIGHT at once: a device
+        that sends more waits, and many busy devices do not queue thousands of calls."""
         removals = self._removals
         while len(removals) >= ACKS_IN_FLIGHT:
             await asyncio.wait(removals, return_when=asyncio.FIRST_COMPLETED)
@@ -387,3 +460,27 @@ class DeviceSession:
             await asyncio.gather(self._closing, return_exceptions=True)
         if self._ws.buffered_bytes():
             self._ws.abort()  # closed, but the device will never read what is left
+
+
+class _InFlight:
+    """One SEND in flight: its task, and what the SEND after it waits for."""
+
+    __slots__ = ("task", "issued", "answered")
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.task: asyncio.Task[None] | None = None
+        self.issued: asyncio.Future[None] = loop.create_future()  # its accept started, or none will
+        self.answered: asyncio.Future[None] = loop.create_future()  # its answer reported, or none will
+
+    def done(self, sends: deque[_InFlight]) -> None:
+        """Ended (answered, failed or cancelled, even before it started): never waited on again."""
+        _settle(self.issued)
+        _settle(self.answered)
+        if self in sends:
+            sends.remove(self)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

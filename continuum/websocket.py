@@ -48,7 +48,9 @@ class DeviceWebSocket(web.WebSocketResponse):
     __slots__ = ("_stream", "_queued", "_drainer")
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        # No CLOSE answered from inside `receive`: the session first answers the SENDs still
+        # in flight when the device's CLOSE arrives, then closes (session.py).
+        super().__init__(autoclose=False, **kwargs)
         self._stream: AbstractStreamWriter | None = None
         self._queued: list[bytes] | None = None  # frames waiting for the end of this loop turn
         self._drainer: asyncio.Future[None] | None = None  # see `drain`

@@ -17,7 +17,7 @@ import pytest
 
 from client import DeliveryStatus, Device, PeerList
 from proto import ErrorCode, Identity, decode_envelope
-from proto.frames import Accepted, Ack, Error
+from proto.frames import Accepted, Ack, Error, Send
 from region_support import World, three_regions
 from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from wire import RawDevice, error_code, sealed
@@ -321,3 +321,25 @@ async def test_without_an_oracle_every_key_is_local(world) -> None:
         assert isinstance(await sender.send(sealed(carol, [alice.public], ttl_s=600)), Accepted)
     stores = us.relay.regions.stores  # type: ignore[union-attr]
     assert [await stores[region].depth(alice.public) for region in ("ap", "eu", "us")] == [0, 0, 1]
+
+
+async def test_sends_across_the_wan_are_pipelined_and_keep_their_order(world) -> None:
+    """carol (eu, on the EU relay) sends 64 envelopes to alice (homed in us, 40 ms each way)
+    without waiting for answers: they are answered ACCEPTED in SEND order and lie in alice's
+    mailbox in that order, and the relay keeps several in flight (one WAN round trip per
+    SEND would take 64 x 80 ms; the bound below is 4 times what that would need)."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "us", carol.public: "eu"})
+    eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
+    sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(64)]
+    loop = asyncio.get_running_loop()
+    async with await RawDevice.connect(eu.url, carol) as sender:
+        started = loop.time()
+        for envelope in sent:
+            await sender.send_frame(Send(envelope.raw))
+        answers = [await sender.recv(timeout=20) for _ in sent]
+        elapsed = loop.time() - started
+    assert answers == [Accepted(envelope.msg_id) for envelope in sent]
+    assert elapsed < 64 * 2 * 0.040 / 4
+    stored = await eu.relay.regions.stores["us"].fetch(alice.public, None, 100)  # type: ignore[union-attr]
+    assert [entry.raw for entry in stored] == [envelope.raw for envelope in sent]

@@ -77,7 +77,16 @@ class Subscription(ABC):
 class MailboxStore(ABC):
     """Every backend failure (unreachable, full disk, I/O error) raises
     StoreUnavailableError, never the driver's own exception: the relay tells
-    the device "retry later" and does not count it as the device's fault."""
+    the device "retry later" and does not count it as the device's fault.
+
+    Order: calls take effect in the order they were issued, a call being issued
+    when its coroutine first runs (tasks first run in the order they were
+    created), even while earlier calls are still awaited.  So a connection may
+    keep several SENDs in flight, starting each `accept` once the one before it
+    was started, and its messages still land in each mailbox in SEND order
+    (session.py).  A store that batches calls (redis_batch) sends them in issue
+    order, one batch at a time; one that does each call at once keeps it trivially.
+    """
 
     @abstractmethod
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
@@ -163,11 +172,14 @@ class MailboxStore(ABC):
         this store has no other relays (the embedded one)."""
         return None
 
-    def across_wan(self, recipient: PublicKey) -> bool:
-        """Whether this recipient's mailbox is a WAN round trip away (homed in another
-        region, SPEC §19).  The session then applies its ACKs side by side; a nearby store
-        answers within the same loop turn, where side-by-side tasks would only let accepts
-        outrun deliveries at saturation."""
+    def answers_later(self, recipient: PublicKey) -> bool:
+        """Whether calls on this recipient's mailbox are answered only after a network round
+        trip (Redis, in this region or homed in another, SPEC §19), not within the loop turn
+        that makes them (the embedded store).  The session then applies its ACKs side by
+        side, so a device has several acknowledged per round trip; they still take effect
+        before the SENDs read after them (calls take effect in the order issued).  For a
+        store that answers at once, side-by-side tasks would only let accepts outrun
+        deliveries at saturation."""
         return False
 
     @abstractmethod

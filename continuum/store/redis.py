@@ -28,7 +28,10 @@ sender's slot, changed in the same script as the body) and the store's
 carries the size, so each release happens exactly once).
 
 Standalone Redis: `accept` is one Lua script over every key of the message,
-so it stores everything or nothing.  Redis Cluster (`?cluster=true`): no
+so it stores everything or nothing, and publishes the wake-ups; `ack` is one
+script too (entry, body reference, index).  The hot calls (allow, accept,
+fetch, ack, depth) go through `redis_batch`: every session's calls of one
+loop turn in one pipeline, in issue order.  Redis Cluster (`?cluster=true`): no
 script may touch two slots, so `accept` checks every mailbox's room, reserves
 the store budget and indexes the message (`{expiry}` slot), claims the replay
 key, the sender's budget and stores the body (sender slot), then appends per
@@ -74,6 +77,7 @@ from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, Stor
 
 from . import redis_scripts as lua
 from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+from .redis_batch import Command, CommandBatcher
 from .redis_durability import Durability
 from .redis_keys import (KeySpace, MailboxKeys, body_member, entry_field, floor_text,
                          parse_body_member, parse_floor_text)
@@ -131,12 +135,17 @@ class RedisStore(MailboxStore):
             script(lua.RESERVE), script(lua.CLAIM), script(lua.UNCLAIM))
         self._append_one = script(lua.APPEND_ONE)
         self._remove_by_field = script(lua.REMOVE_BY_FIELD)
-        self._ack = script(lua.ACK)
-        self._unref, self._unref_and_forget = script(lua.UNREF), script(lua.UNREF_AND_FORGET)
+        self._ack, self._ack_all = script(lua.ACK), script(lua.ACK_ALL)
+        self._unref = script(lua.UNREF)
         self._drop_body, self._forget = script(lua.DROP_BODY), script(lua.FORGET)
         self._claim_due = script(lua.CLAIM_DUE)
         self._take_token = script(lua.TAKE_TOKEN)
         self._raise_floor = script(lua.RAISE_FLOOR)
+        # Standalone: the hot calls (allow, accept, fetch, ACK, depth) of every session go out
+        # together, one pipeline per loop turn (redis_batch).  A cluster spreads keys over
+        # nodes, so each call there goes to its slot's node on its own.
+        self._batch = None if cluster else CommandBatcher(
+            cast(Redis, client), [lua.ACCEPT_ALL, lua.ACK_ALL, lua.TAKE_TOKEN])
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -216,9 +225,16 @@ class RedisStore(MailboxStore):
     async def _accept_in_one_script(self, envelope: Envelope, seen: str,
                                     recipients: list[MailboxKeys], field: str, nonce: str,
                                     replay_until_ms: int, limits: MailboxLimits) -> None:
-        """The accept script, then the durability wait if any and the wake-ups, in one
-        pipeline: one round trip, which across regions is one WAN round trip (a wake-up
-        that follows a refusal is spurious, and harmless)."""
+        """The accept script (which also publishes the wake-ups), then the durability wait
+        if any, back to back in one batch: one round trip, which across regions is one WAN
+        round trip.
+
+        WAIT counts only the writes of the connection it is sent on: the batcher writes a
+        call's commands back to back down its one connection.  If the connection breaks,
+        the batcher writes the call again, script and wait together, on a new one, where
+        the script writes again (scripts are safe to repeat), so the wait never vouches
+        for writes it did not follow.
+        """
         size = len(envelope.raw)
         keys = [seen, *self._keys.sender_keys(field), *self._keys.store_keys]
         for mailbox in recipients:
@@ -228,15 +244,15 @@ class RedisStore(MailboxStore):
                            limits.max_messages, limits.max_bytes, limits.sender_max_bytes,
                            limits.store_max_bytes, body_member(field, size)]
         for mailbox in recipients:
-            args += [mailbox.recipient_hex, mailbox.index_member(field)]
-        wakes = [("PUBLISH", mailbox.channel, b"") for mailbox in recipients]
+            args += [mailbox.recipient_hex, mailbox.index_member(field), mailbox.channel]
+        accepting = _evalsha(self._accept_all, keys, args)
         if self._durability.waits:
-            outcome, waited, *_ = await self._script_then(
-                self._accept_all, keys, args, [self._durability.command(), *wakes])
+            replies = await self._batched(accepting, self._durability.command())
+            outcome = _answer(replies[0])
             if outcome[0] in (0, 1):  # stored, or stored before: either way, durable?
-                self._durability.check(waited)
+                self._durability.check(replies[1])
         else:
-            outcome, *_ = await self._script_then(self._accept_all, keys, args, wakes)
+            outcome = await self._one(accepting)
         if outcome[0] == 1:
             raise ReplayError("message id already used by this sender")
         if outcome[0] == 2:
@@ -245,33 +261,6 @@ class RedisStore(MailboxStore):
             raise _over_sender_budget(envelope.sender, limits)
         if outcome[0] == 4:
             raise _over_store_budget(limits)
-
-    async def _script_then(self, script: AsyncScript, keys: list[str], args: list[Any],
-                           commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Run `script`, then `commands` (a durability wait, wake-ups), down one connection
-        (a pipeline); the replies in order, the script's first.
-
-        WAIT counts only the writes of the connection it is sent on.  If the
-        connection breaks, redis-py re-sends the whole pipeline on a new one,
-        where the script writes again (scripts are safe to repeat), so the
-        wait never vouches for writes it did not follow.
-        """
-        replies = await self._pipeline_script(script, keys, args, commands)
-        if isinstance(replies[0], NoScriptError):  # e.g. a freshly promoted replica
-            await self._client.script_load(script.script)
-            replies = await self._pipeline_script(script, keys, args, commands)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    async def _pipeline_script(self, script: AsyncScript, keys: list[str], args: list[Any],
-                               commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            for command in commands:
-                pipe.execute_command(*command)
-            return cast(list[Any], await pipe.execute(raise_on_error=False))
 
     async def _accept_per_slot(self, envelope: Envelope, seen: str,
                                recipients: list[MailboxKeys], field: str, nonce: str,
@@ -331,9 +320,8 @@ class RedisStore(MailboxStore):
         found: list[StoredMessage] = []
         while len(found) < limit:
             wanted = limit - len(found)
-            entries = cast(_Entries, await self._guard(
-                self._client.xrange(log, min=start, max="+", count=wanted)))
-            bodies = await self._guard(self._bodies(entries))
+            entries = cast(_Entries, await self._xrange(log, start, wanted))
+            bodies = await self._bodies(entries)
             found += [StoredMessage(tag.decode(), raw)
                       for (tag, _fields), raw in zip(entries, bodies) if raw is not None]
             if len(entries) < wanted or None not in bodies:
@@ -342,40 +330,49 @@ class RedisStore(MailboxStore):
             start = f"({entries[-1][0].decode()}"
         return found
 
+    async def _xrange(self, log: str, start: str, count: int) -> _Entries:
+        if self._batch is None:
+            return cast(_Entries, await self._guard(
+                self._client.xrange(log, min=start, max="+", count=count)))
+        return cast(_Entries, await self._one(("XRANGE", log, start, "+", "COUNT", count)))
+
     async def _bodies(self, entries: _Entries) -> list[bytes | None]:
         """Each entry's envelope, in one pipelined round trip; None where the body is gone."""
         shared = [index for index, (_tag, fields) in enumerate(entries) if b"r" not in fields]
         raws: list[bytes | None] = [fields.get(b"r") for _tag, fields in entries]
-        if shared:
-            pipe = (self._client.pipeline() if self._cluster
-                    else self._client.pipeline(transaction=False))
-            async with pipe:
-                for index in shared:
-                    pipe.hget(self._keys.body(entries[index][1][b"f"].decode()), "r")
-                for index, raw in zip(shared, await pipe.execute()):
-                    raws[index] = raw
+        if not shared:
+            return raws
+        reads = [("HGET", self._keys.body(entries[index][1][b"f"].decode()), "r")
+                 for index in shared]
+        if self._batch is None:
+            async with self._client.pipeline() as pipe:
+                for read in reads:
+                    pipe.execute_command(*read)
+                found = await self._guard(pipe.execute())
+        else:
+            found = [_answer(reply) for reply in await self._batched(*reads)]
+        for index, raw in zip(shared, found):
+            raws[index] = raw
         return raws
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
         if not _is_stream_id(tag):
             return False
         mailbox = self._keys.mailbox(recipient)
+        if self._batch is not None:
+            return await self._one(_evalsha(
+                self._ack_all, [*mailbox.slot_keys, *self._keys.store_keys],
+                [tag, mailbox.recipient_hex, self._keys.prefix])) == 1
+        # Cluster: the entry in its slot, the reference in the sender's, the index in its own.
         removed = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
         if removed is None:
             return False
         field, size = removed[0].decode(), removed[1]
         member = mailbox.index_member(field)
-        if size is None:  # an entry from before shared bodies
-            await self._guard(self._forget(keys=self._keys.store_keys, args=[1, member]))
-        elif self._cluster:
-            freed = await self._guard(self._unref(keys=self._keys.sender_keys(field),
-                                                  args=[mailbox.recipient_hex]))
-            await self._guard(self._forget(keys=self._keys.store_keys, args=[
-                1, member, *([body_member(field, int(size))] if freed else [])]))
-        else:
-            await self._guard(self._unref_and_forget(
-                keys=[*self._keys.sender_keys(field), *self._keys.store_keys],
-                args=[mailbox.recipient_hex, member, body_member(field, int(size))]))
+        freed = size is not None and await self._guard(self._unref(
+            keys=self._keys.sender_keys(field), args=[mailbox.recipient_hex]))
+        await self._guard(self._forget(keys=self._keys.store_keys, args=[
+            1, member, *([body_member(field, int(size))] if freed else [])]))
         return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
@@ -436,12 +433,18 @@ class RedisStore(MailboxStore):
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
                     burst: int) -> bool:
-        allowed = await self._guard(self._take_token(keys=[self._keys.rate(sender)],
-                                                     args=[now_ms, rate_per_s, burst]))
+        keys, args = [self._keys.rate(sender)], [now_ms, rate_per_s, burst]
+        if self._batch is None:
+            allowed = await self._guard(self._take_token(keys=keys, args=args))
+        else:
+            allowed = await self._one(_evalsha(self._take_token, keys, args))
         return allowed == 1
 
     async def depth(self, recipient: PublicKey) -> int:
-        return int(await self._guard(self._client.xlen(self._keys.mailbox(recipient).log)))
+        log = self._keys.mailbox(recipient).log
+        if self._batch is None:
+            return int(await self._guard(self._client.xlen(log)))
+        return int(await self._one(("XLEN", log)))
 
     async def subscribe(self, recipient: PublicKey,
                         wake: Callable[[], None]) -> Subscription:
@@ -469,6 +472,9 @@ class RedisStore(MailboxStore):
             raise StoreUnavailableError(f"mailbox store refuses writes: {written}")
         self._durability.check(waited)
 
+    def answers_later(self, recipient: PublicKey) -> bool:
+        return True
+
     def stream_bus(self) -> RedisStreamBus:
         """Replicas on this Redis carry streams to each other by pub/sub: it publishes with
         the data client; its subscriber connection comes from the plain client."""
@@ -476,9 +482,22 @@ class RedisStore(MailboxStore):
         return RedisStreamBus(self._client, self._pubsub_client, self._keys.prefix)
 
     async def close(self) -> None:
+        if self._batch is not None:
+            await self._batch.close()
         await self._wakeups.close()
         await self._client.aclose()
         await self._pubsub_client.aclose()
+
+    async def _batched(self, *commands: Command) -> list[Any]:
+        """Standalone: one call through the batcher, its commands back to back; one reply
+        per command, an exception where Redis refused that one (see `_answer`)."""
+        assert self._batch is not None
+        return await self._batch.call(*commands)
+
+    async def _one(self, command: Command) -> Any:
+        """Standalone: one command through the batcher; its reply."""
+        [reply] = await self._batched(command)
+        return _answer(reply)
 
     @staticmethod
     async def _guard(call: Awaitable[T]) -> T:
@@ -487,6 +506,18 @@ class RedisStore(MailboxStore):
             return await call
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailableError(f"mailbox store unreachable: {exc}") from None
+
+
+def _evalsha(script: AsyncScript, keys: list[str], args: list[Any]) -> Command:
+    return ("EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _answer(reply: Any) -> Any:
+    """A reply of a batched command, or the StoreUnavailableError of this call alone when
+    Redis refused it (OOM, a read-only replica, a script error)."""
+    if isinstance(reply, Exception):
+        raise StoreUnavailableError(f"mailbox store refused a call: {reply}")
+    return reply
 
 
 def _is_stream_id(tag: str) -> bool:

@@ -152,9 +152,11 @@ end
 # ARGV: [1] nonce, [2] replay_until_ms, [3] raw, [4] sender, [5] msg_id, [6] origin,
 #       [7] expires_at_ms, [8] field, [9] max_messages, [10] max_bytes,
 #       [11] sender_max_bytes, [12] store_max_bytes, [13] body member, then per
-#       recipient its hex and its index member.
+#       recipient its hex, its index member and its wake channel.
 # Returns {0} stored, {1} replay, {2, i} recipient i (1-based) is full,
 #         {3} over the sender's budget, {4} over the store's budget.
+# The wake-ups are published from here, and only for a message stored now: no round trip
+# of their own, and none spurious after a refusal.
 ACCEPT_ALL = _HELPERS + """
 local again = remembered(KEYS[1], ARGV[1])
 if again ~= nil then
@@ -173,8 +175,8 @@ if not within(KEYS[3], bytes, ARGV[11]) then return {3} end
 if not within(KEYS[5], bytes, ARGV[12]) then return {4} end
 local refs, members = {}, {}
 for i = 1, count do
-  refs[2 * i - 1], refs[2 * i] = ARGV[12 + 2 * i], '1'
-  members[i] = ARGV[13 + 2 * i]
+  refs[2 * i - 1], refs[2 * i] = ARGV[11 + 3 * i], '1'
+  members[i] = ARGV[12 + 3 * i]
 end
 local inline = count == 1
 store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs, inline)
@@ -183,6 +185,9 @@ for i = 1, count do
   local b = 5 + (i - 1) * 3
   append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5], ARGV[6],
          inline and ARGV[3] or nil)
+end
+for i = 1, count do
+  redis.call('PUBLISH', ARGV[13 + 3 * i], '')
 end
 return {0}
 """
@@ -257,19 +262,32 @@ if not entry then return false end
 return {entry['f'], entry['n'] or false}
 """
 
+# Standalone Redis only: ACK, then UNREF and FORGET of the entry, in one step (one round
+# trip per ACK).  The body's keys follow from the entry's field (redis_keys.KeySpace.body
+# and .stored, rebuilt here from the prefix), so they are not declared: a cluster would
+# refuse that, and runs ACK, UNREF and FORGET each in its slot.
+# KEYS: log, size, ids, expiry index, total bytes.  ARGV: tag, recipient hex, key prefix.
+# Returns 1 if this removed the entry, 0 if it was gone already (acked or expired).
+ACK_ALL = _HELPERS + """
+local entry = remove(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+if not entry then return 0 end
+local field = entry['f']
+redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. field)
+if entry['n'] then
+  local sender_hex, rest = string.match(field, '^([^:]*):(.*)$')
+  local body = ARGV[3] .. 'body:{' .. sender_hex .. '}:' .. rest
+  local stored = ARGV[3] .. 'stored:{' .. sender_hex .. '}'
+  if unref(body, stored, ARGV[2]) then
+    release(KEYS[4], KEYS[5], 'body:' .. entry['n'] .. ':' .. field)
+  end
+end
+return 1
+"""
+
 # Sender slot.  KEYS: body, sender's stored bytes.  ARGV: recipient hex.
 # Returns the body's size if this dropped it, else false.
 UNREF = _HELPERS + """
 return unref(KEYS[1], KEYS[2], ARGV[1])
-"""
-
-# Standalone Redis only: UNREF and FORGET of one entry in one step.
-# KEYS: body, sender's stored bytes, expiry index, total bytes.
-# ARGV: recipient hex, entry member, body member.
-UNREF_AND_FORGET = _HELPERS + """
-redis.call('ZREM', KEYS[3], ARGV[2])
-if unref(KEYS[1], KEYS[2], ARGV[1]) then release(KEYS[3], KEYS[4], ARGV[3]) end
-return 0
 """
 
 # Sender slot.  KEYS: body, sender's stored bytes.  Drops what is left of a body

@@ -137,7 +137,13 @@ class RegionalStore(MailboxStore):
         region = self._homes.home_of(key)
         return region, self._store_of(region)
 
-    def across_wan(self, recipient: PublicKey) -> bool:
+    def answers_later(self, recipient: PublicKey) -> bool:
+        """Only for a mailbox homed in another region.  Every region's store is a Redis and
+        answers a round trip later, as a plain RedisStore (which says True); but with this
+        region's calls pipelined too, regions.py paced at 32 msg/s showed SEND -> DELIVER
+        tails of 150-500 ms at p90 in the one-region case in three runs (2.5 / 6.3 / 10.8
+        ms p50 / p90 / p99 without), which a single-region relay on Redis does not show
+        (benchmarks/README.md, "The Redis path").  Not understood yet: inline here."""
         return self._homes.home_of(recipient) != self.local
 
     async def _in(self, region: str, call: Callable[[RedisStore], Awaitable[T]]) -> T:

@@ -124,8 +124,8 @@ class TimedStore(MailboxStore):
         §16), not store calls."""
         return self.inner.stream_bus()
 
-    def across_wan(self, recipient: PublicKey) -> bool:
-        return self.inner.across_wan(recipient)
+    def answers_later(self, recipient: PublicKey) -> bool:
+        return self.inner.answers_later(recipient)
 
     async def close(self) -> None:
         await self.inner.close()
