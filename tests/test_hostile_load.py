@@ -22,10 +22,11 @@ import pytest
 from aiohttp import web_protocol
 
 import continuum.__main__ as continuum_main
+from continuum.server import RelayServer
+from continuum.websocket import DeviceWebSocket
 from proto import Identity
 from proto.errors import ErrorCode, ProtocolError
 from proto.frames import Accepted, Error, decode_frame
-from continuum.websocket import DeviceWebSocket
 from relay_process import RelayProcess
 from runtime.listener import TurnBudget
 from tally import ATTACKS_REJECTED, TALLY
@@ -455,37 +456,53 @@ async def test_a_tls_handshake_that_never_starts_is_counted_and_dropped(start_re
     TALLY[ATTACKS_REJECTED] += 1
 
 
-async def test_a_refused_handshake_leaves_no_exception_holding_its_connection(start_relay) -> None:
-    """Before: after a refusal aiohttp tried to write a CLOSE to the transport we had already
-    closed, failed, and kept the exception, whose traceback held the whole connection (and
-    its frames' locals) in a reference cycle.  A connection's own objects still form small
-    cycles (asyncio's transport keeps a bound method of itself), so what is checked is that
-    no exception or traceback is among what the collector frees."""
-    server = await start_relay()
+async def refuse_garbage_hellos(http: aiohttp.ClientSession, url: str, count: int) -> None:
+    """`count` connections, one after another: a CHALLENGE, then a HELLO that is garbage,
+    refused at once."""
+    for _ in range(count):
+        async with http.ws_connect(url, autoclose=False) as ws:
+            assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
+            await ws.send_bytes(b"\xff" * 40)
+            assert await refusal_of(ws) is ErrorCode.UNAUTHENTICATED
+    TALLY[ATTACKS_REJECTED] += count
+
+
+async def refused_and_gone(server: RelayServer, count: int) -> None:
+    """`refuse_garbage_hellos`, then wait until the relay has closed every socket and its
+    handlers have taken their last steps."""
     assert server.sockets is not None
+    async with aiohttp.ClientSession() as http:
+        await refuse_garbage_hellos(http, server.url, count)
+        async with asyncio.timeout(5):
+            while server.sockets.open:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+
+
+async def garbage_after_refusals(server: RelayServer, count: int) -> list[object]:
+    """What the garbage collector frees after `count` refused connections: it is off
+    meanwhile, so only what reference counting freed is not among it."""
     gc.collect()
     gc.disable()
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(40):  # a CHALLENGE, then a HELLO that is garbage: refused at once
-                async with http.ws_connect(server.url, autoclose=False) as ws:
-                    assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
-                    await ws.send_bytes(b"\xff" * 40)
-                    assert await refusal_of(ws) is ErrorCode.UNAUTHENTICATED
-            async with asyncio.timeout(5):
-                while server.sockets.open:
-                    await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # the handlers' last steps
+        await refused_and_gone(server, count)
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        held = [thing for thing in gc.garbage
-                if isinstance(thing, (BaseException, types.TracebackType, types.FrameType))]
+        return list(gc.garbage)
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+async def test_a_refused_handshake_leaves_no_exception_holding_its_connection(start_relay) -> None:
+    """Before: after a refusal aiohttp tried to write a CLOSE to the transport we had already
+    closed, failed, and kept the exception, whose traceback held the whole connection (and
+    its frames' locals) in a reference cycle."""
+    garbage = await garbage_after_refusals(await start_relay(), 40)
+    held = [thing for thing in garbage
+            if isinstance(thing, (BaseException, types.TracebackType, types.FrameType))]
     assert held == [], f"{len(held)} exceptions, tracebacks or frames in cycles: {held[:3]}"
-    TALLY[ATTACKS_REJECTED] += 40
 
 
 async def test_a_refused_handshake_keeps_nothing_alive_until_a_heartbeat(start_relay) -> None:
@@ -493,57 +510,24 @@ async def test_a_refused_handshake_keeps_nothing_alive_until_a_heartbeat(start_r
     connection and held its response, request handler and transport until it fired.  A flood
     of 2,000 refusals/s kept ~60,000 connections' objects alive, and every full collection
     over them stalled the relay for 0.3-0.5 s."""
-    server = await start_relay(heartbeat_s=30.0)
-    assert server.sockets is not None
-    async with aiohttp.ClientSession() as http:
-        for _ in range(20):
-            async with http.ws_connect(server.url, autoclose=False) as ws:
-                assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
-                await ws.send_bytes(b"\xff" * 40)
-                assert await refusal_of(ws) is ErrorCode.UNAUTHENTICATED
-        async with asyncio.timeout(5):
-            while server.sockets.open:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # the handlers' last steps
+    await refused_and_gone(await start_relay(heartbeat_s=30.0), 20)
     gc.collect()
     alive = sum(isinstance(thing, DeviceWebSocket) for thing in gc.get_objects())
     assert alive == 0, f"{alive} refused connections still alive"
-    TALLY[ATTACKS_REJECTED] += 20
 
 
 async def test_a_refused_connection_is_freed_without_the_garbage_collector(start_relay) -> None:
     """Before: asyncio's transport and aiohttp's request handler each kept a connection in a
     reference cycle, so every refused connection (~50 objects) waited for the collector; under
-    a flood its collections, 1-3 ms each every ~80 ms, put a known device's p99 at 2.3-3.0x
-    idle (1.1-1.4x without them)."""
+    a flood its collections, 1-3 ms each every ~80 ms, put a known device's p99 at 2.3-3.6x
+    idle (1.1-1.3x without them)."""
     server = await start_relay()
-    assert server.sockets is not None
-    relay_port = server.port
-    gc.collect()
-    gc.disable()
-    try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(20):
-                async with http.ws_connect(server.url, autoclose=False) as ws:
-                    assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
-                    await ws.send_bytes(b"\xff" * 40)
-                    assert await refusal_of(ws) is ErrorCode.UNAUTHENTICATED
-            async with asyncio.timeout(5):
-                while server.sockets.open:
-                    await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # the handlers' last steps
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        relay_side = [thing for thing in gc.garbage
-                      if isinstance(thing, (DeviceWebSocket, web_protocol.RequestHandler))
-                      or (isinstance(thing, asyncio.Transport)
-                          and (thing.get_extra_info("sockname") or ("", 0))[1] == relay_port)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    garbage = await garbage_after_refusals(server, 20)
+    relay_side = [thing for thing in garbage
+                  if isinstance(thing, (DeviceWebSocket, web_protocol.RequestHandler))
+                  or (isinstance(thing, asyncio.Transport)
+                      and (thing.get_extra_info("sockname") or ("", 0))[1] == server.port)]
     assert relay_side == [], f"{len(relay_side)} of the relay's connection objects in cycles"
-    TALLY[ATTACKS_REJECTED] += 20
 
 
 async def test_a_flood_of_refused_handshakes_writes_a_sample_of_lines_and_counts_every_one(
@@ -557,14 +541,10 @@ async def test_a_flood_of_refused_handshakes_writes_a_sample_of_lines_and_counts
     try:
         async with aiohttp.ClientSession() as http:
             started = time.monotonic()
-            for count in range(floods + 1):
-                if count == floods:  # after a second's pause: carries the count of the dropped
-                    seconds = time.monotonic() - started
-                    await asyncio.sleep(1.05)
-                async with http.ws_connect(relay.url, autoclose=False) as ws:
-                    assert (await ws.receive(timeout=5)).type == aiohttp.WSMsgType.BINARY
-                    await ws.send_bytes(b"\xff" * 40)
-                    assert await refusal_of(ws) is ErrorCode.UNAUTHENTICATED
+            await refuse_garbage_hellos(http, relay.url, floods)
+            seconds = time.monotonic() - started
+            await asyncio.sleep(1.05)  # the next line, a second later, counts the dropped
+            await refuse_garbage_hellos(http, relay.url, 1)
             async with http.get(f"http://127.0.0.1:{relay.port}/metrics") as response:
                 metrics = await response.text()
     finally:
@@ -576,4 +556,3 @@ async def test_a_flood_of_refused_handshakes_writes_a_sample_of_lines_and_counts
     assert len(refused) <= per_s * (int(seconds) + 2) + 1 < floods, len(refused)
     assert len(refused) + sum(line.get("suppressed", 0) for line in refused) == floods + 1
     assert f'continuum_handshake_failures_total{{reason="malformed"}} {floods + 1}.0' in metrics
-    TALLY[ATTACKS_REJECTED] += floods
