@@ -17,7 +17,7 @@ from proto import Identity, decode_envelope
 from proto.frames import Accepted
 from redis_server import RedisServer
 from relay_process import RelayProcess
-from wire import RawDevice, sealed
+from wire import RawDevice, sealed, send_until_gone
 
 pytestmark = pytest.mark.redis
 
@@ -71,14 +71,7 @@ async def test_every_accepted_message_survives_a_killed_replica(
     async def send_until_the_relay_dies() -> None:
         async with contextlib.AsyncExitStack() as stack:
             dx = await stack.enter_async_context(await RawDevice.connect(replicas[0].url, x))
-            for i in range(10_000):
-                envelope = sealed(x, [y.public], f"m{i}".encode())
-                try:
-                    answer = await dx.send(envelope)
-                except (ConnectionError, asyncio.TimeoutError, OSError):
-                    return
-                if isinstance(answer, Accepted):
-                    accepted.append(envelope.msg_id)
+            await send_until_gone(dx, x, y.public, accepted)
 
     sender = asyncio.create_task(send_until_the_relay_dies())
     while len(accepted) < 30:

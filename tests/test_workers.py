@@ -27,7 +27,7 @@ from proto import Identity, decode_envelope
 from proto.frames import Accepted
 from redis_server import RedisServer
 from relay_process import RELAY_COMMAND, RelayProcess, free_port, free_port_run
-from wire import RawDevice, sealed
+from wire import RawDevice, sealed, send_until_gone
 
 
 class Workers(RelayProcess):
@@ -159,17 +159,7 @@ async def test_a_killed_worker_is_restarted_and_loses_no_accepted_message(
         (x, dx), (y, dy) = on[0], on[1]
         killed = workers.pids()[0]
 
-        async def send_until_the_worker_dies() -> None:
-            for i in range(10_000):
-                envelope = sealed(x, [y.public], f"m{i}".encode())
-                try:
-                    answer = await dx.send(envelope)
-                except (ConnectionError, asyncio.TimeoutError, OSError):
-                    return
-                if isinstance(answer, Accepted):
-                    accepted.append(envelope.msg_id)
-
-        sender = asyncio.create_task(send_until_the_worker_dies())
+        sender = asyncio.create_task(send_until_gone(dx, x, y.public, accepted))
         while len(accepted) < 30:
             await asyncio.sleep(0.01)
         os.kill(killed, 9)

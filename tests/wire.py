@@ -12,7 +12,8 @@ import os
 import aiohttp
 
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
-from proto.frames import NONCE_BYTES, Ack, Deliver, Error, Frame, Send, decode_frame, encode_frame
+from proto.frames import (NONCE_BYTES, Accepted, Ack, Deliver, Error, Frame, Send, decode_frame,
+                          encode_frame)
 from proto.handshake import EPHEMERAL_SEED_BYTES, DeviceHandshake, Established
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, TALLY
@@ -110,3 +111,17 @@ def error_code(frame: Frame) -> str:
     assert frame.error_code is not None
     TALLY[ATTACKS_REJECTED] += 1
     return frame.error_code.name
+
+
+async def send_until_gone(device: RawDevice, sender: Identity, recipient: PublicKey,
+                          accepted: list[bytes]) -> None:
+    """SEND one message after another until the connection breaks (a relay killed under it);
+    the msg_ids answered ACCEPTED are appended to `accepted` as they come."""
+    for i in range(10_000):
+        envelope = sealed(sender, [recipient], f"m{i}".encode())
+        try:
+            answer = await device.send(envelope)
+        except (ConnectionError, asyncio.TimeoutError, OSError):
+            return
+        if isinstance(answer, Accepted):
+            accepted.append(envelope.msg_id)
