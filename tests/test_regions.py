@@ -327,7 +327,8 @@ async def test_sends_across_the_wan_are_pipelined_and_keep_their_order(world) ->
     """carol (eu, on the EU relay) sends 64 envelopes to alice (homed in us, 40 ms each way)
     without waiting for answers: they are answered ACCEPTED in SEND order and lie in alice's
     mailbox in that order, and the relay keeps several in flight (one WAN round trip per
-    SEND would take 64 x 80 ms; the bound below is 4 times what that would need)."""
+    SEND would take 64 x 80 ms; the bound below is half of that, some 16 times what 32 in
+    flight need, so a busy machine does not fail it)."""
     alice, carol = Identity.generate(), Identity.generate()
     world.place({alice.public: "us", carol.public: "eu"})
     eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
@@ -340,6 +341,6 @@ async def test_sends_across_the_wan_are_pipelined_and_keep_their_order(world) ->
         answers = [await sender.recv(timeout=20) for _ in sent]
         elapsed = loop.time() - started
     assert answers == [Accepted(envelope.msg_id) for envelope in sent]
-    assert elapsed < 64 * 2 * 0.040 / 4
+    assert elapsed < 64 * 2 * 0.040 / 2
     stored = await eu.relay.regions.stores["us"].fetch(alice.public, None, 100)  # type: ignore[union-attr]
     assert [entry.raw for entry in stored] == [envelope.raw for envelope in sent]
