@@ -7,14 +7,11 @@ measured is what an operator runs; its CPU and memory are read from /proc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +22,10 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# The tests' helpers for processes and ports serve the benchmarks too (one home for each).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from relay_process import free_port, free_port_run  # noqa: E402,F401  (the scripts' imports)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -51,28 +52,6 @@ def relay_flags(code_dir: str | None = None) -> str:
     env = None if code_dir is None else {**os.environ, "PYTHONPATH": code_dir}
     return subprocess.run([*relay_command(), "--help"], capture_output=True, text=True, env=env,
                           check=True).stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def free_port_run(count: int) -> int:
-    """The first of `count` consecutive free loopback ports, below the ephemeral range
-    (32768 and up on Linux), where the local ports of outgoing connections do not land."""
-    for _ in range(100):
-        first = random.randrange(20_000, 32_768 - count)
-        with contextlib.ExitStack() as probes:
-            try:
-                for port in range(first, first + count):
-                    probe = probes.enter_context(socket.socket())
-                    probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def raise_nofile() -> int:
