@@ -18,6 +18,7 @@ import pytest
 from client import DeliveryStatus, Device, PeerList
 from proto import ErrorCode, Identity, decode_envelope
 from proto.frames import Accepted, Ack, Error, Send
+from continuum.session import SENDS_IN_FLIGHT
 from region_support import World, three_regions
 from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from wire import RawDevice, error_code, sealed
@@ -344,3 +345,33 @@ async def test_sends_across_the_wan_are_pipelined_and_keep_their_order(world) ->
     assert elapsed < 64 * 2 * 0.040 / 2
     stored = await eu.relay.regions.stores["us"].fetch(alice.public, None, 100)  # type: ignore[union-attr]
     assert [entry.raw for entry in stored] == [envelope.raw for envelope in sent]
+
+
+async def test_a_connection_has_at_most_sends_in_flight_of_its_sends_in_the_relay(world) -> None:
+    """The bound on what one connection can queue in the relay and its store: 3 x
+    SENDS_IN_FLIGHT SENDs written at once across an 80 ms round trip are all answered, but
+    the relay (in this process) never holds more than SENDS_IN_FLIGHT of them in flight:
+    it reads the next ones only as earlier ones are answered."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "us", carol.public: "eu"})
+    eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
+    sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600)
+            for i in range(3 * SENDS_IN_FLIGHT)]
+    most = 0
+
+    async def watch() -> None:  # the session's SENDs in flight are its tasks named "send"
+        nonlocal most
+        while True:
+            most = max(most, sum(task.get_name() == "send" for task in asyncio.all_tasks()))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async with await RawDevice.connect(eu.url, carol) as sender:
+            for envelope in sent:
+                await sender.send_frame(Send(envelope.raw))
+            answers = [await sender.recv(timeout=20) for _ in sent]
+    finally:
+        watcher.cancel()
+    assert answers == [Accepted(envelope.msg_id) for envelope in sent]
+    assert SENDS_IN_FLIGHT // 2 <= most <= SENDS_IN_FLIGHT, most
