@@ -85,7 +85,10 @@ def configure_logging(level: str, stream: TextIO | None = None,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write() per line, newline included: print() writes the newline apart, and
+        # with unbuffered output (PYTHONUNBUFFERED, as in containers) the lines of processes
+        # sharing one stdout (`continuum --workers`) then interleave into broken JSON.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +61,20 @@ def test_a_sampler_lets_through_a_few_lines_a_second_per_key_and_counts_the_rest
         *[("refused", "garbage")] * 3, ("refused", "timeout"), ("unsampled", None),
         ("refused", "garbage")]
     assert [line.get("suppressed") for line in lines] == [None] * 5 + [7]
+
+
+def test_processes_sharing_one_stdout_never_split_each_others_lines(tmp_path) -> None:
+    """Before: print() wrote each line's newline apart, so with unbuffered output two
+    processes (the workers of `continuum --workers`) interleaved into broken lines."""
+    script = ("from runtime.logs import configure_logging; import structlog\n"
+              "configure_logging('info'); log = structlog.get_logger('w')\n"
+              "for i in range(3000): log.info('device_connected', device='x' * 60, i=i)\n")
+    path = tmp_path / "shared.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(path, "ab") as shared:
+        writers = [subprocess.Popen([sys.executable, "-c", script], stdout=shared, env=env)
+                   for _ in range(2)]
+        assert [writer.wait(60) for writer in writers] == [0, 0]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6000
+    assert all(json.loads(line)["event"] == "device_connected" for line in lines)
