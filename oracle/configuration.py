@@ -237,11 +237,13 @@ class Configurations:
         await self.db.execute("UPDATE config_pushes SET envelope = $1 WHERE device_key = $2"
                               " AND version = $3", envelope_b64, push.device_key, push.version)
 
-    async def mark_sent(self, push: PendingConfig) -> None:
+    async def mark_sent(self, push: PendingConfig, sent_at_ms: int) -> None:
+        """`sent_at_ms`: when the send began, so the device's report (which can arrive before
+        the relay's ACCEPTED does) is never older than the push it answers."""
         await self.db.execute(
             "UPDATE config_pushes SET sent_at_ms = $1, attempts = attempts + 1,"
             " last_error = NULL WHERE device_key = $2 AND version = $3",
-            now_ms(), push.device_key, push.version)
+            sent_at_ms, push.device_key, push.version)
 
     async def mark_failed(self, push: PendingConfig, error: str) -> None:
         await self.db.execute(

@@ -215,6 +215,7 @@ class Pusher:
         stored = base64.b64encode(envelope.raw).decode()
         if stored != push.envelope:
             await self._registry.record_sealed(push, stored, envelope.msg_id.hex())
+        sent_at_ms = now_ms()
         try:
             async with asyncio.timeout(self._settings.send_timeout_s):
                 await self._device.send_envelope(envelope)
@@ -226,7 +227,7 @@ class Pusher:
             self._log.info("peer_change_retry", device=push.device_key, epoch=push.epoch,
                            version=push.version, error=reason)
             return False
-        await self._registry.mark_sent(push)
+        await self._registry.mark_sent(push, sent_at_ms)
         self._log.info("peer_change_sent", device=push.device_key, epoch=push.epoch,
                        version=push.version, peers=len(push.peers))
         return True
@@ -249,6 +250,7 @@ class Pusher:
         stored = base64.b64encode(envelope.raw).decode()
         if stored != push.envelope:
             await self._registry.configs.record_sealed(push, stored)
+        sent_at_ms = now_ms()
         try:
             async with asyncio.timeout(self._settings.send_timeout_s):
                 await self._device.send_envelope(envelope)
@@ -260,7 +262,7 @@ class Pusher:
             self._log.info("config_retry", device=push.device_key, version=push.version,
                            error=reason)
             return False
-        await self._registry.configs.mark_sent(push)
+        await self._registry.configs.mark_sent(push, sent_at_ms)
         self._log.info("config_sent", device=push.device_key, epoch=push.epoch,
                        version=push.version)
         return True

@@ -516,10 +516,12 @@ class Registry:
             "UPDATE peer_changes SET envelope = $1, msg_id = $2 WHERE device_key = $3 AND version = $4",
             envelope_b64, msg_id_hex, push.device_key, push.version)
 
-    async def mark_sent(self, push: PendingPush) -> None:
+    async def mark_sent(self, push: PendingPush, sent_at_ms: int) -> None:
+        """`sent_at_ms`: when the send began, so it never follows the device's answer (which
+        can arrive before the relay's ACCEPTED does)."""
         await self.db.execute(
             "UPDATE peer_changes SET sent_at_ms = $1, attempts = attempts + 1, last_error = NULL"
-            " WHERE device_key = $2 AND version = $3", now_ms(), push.device_key, push.version)
+            " WHERE device_key = $2 AND version = $3", sent_at_ms, push.device_key, push.version)
 
     async def mark_failed(self, push: PendingPush, error: str) -> None:
         await self.db.execute(

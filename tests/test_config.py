@@ -200,10 +200,11 @@ async def _reported(admin: Admin, path: str, version: int) -> bool:
 
 
 async def _reported_at(admin: Admin, path: str, after_version: int) -> dict | None:
-    """The view once a report came in after the device was issued `after_version`."""
+    """The view once a report came in after the device was issued `after_version` (a push's
+    `sent_at_ms` is when its send began, so its answer is never older)."""
     view = await admin.call("GET", path)
     return view if (view["version"] == after_version and view["reported"]["at_ms"]
-                    and view["sent_at_ms"] and view["reported"]["at_ms"] > view["sent_at_ms"]) \
+                    and view["sent_at_ms"] and view["reported"]["at_ms"] >= view["sent_at_ms"]) \
         else None
 
 

@@ -145,7 +145,7 @@ async def test_outbox_receipts_and_versions_survive_reopening(open_db: Opener) -
     reopened = Registry(await open_db(), lambda: None)  # an oracle restart
     (again,) = [p for p in await reopened.pending_pushes() if p.device_key == a]
     assert again.version == 3 and again.envelope == "ZW52ZWxvcGU=" and again.attempts == 1
-    await reopened.mark_sent(again)
+    await reopened.mark_sent(again, 1)
     assert await reopened.record_receipt(a, "00" * 16) == 3
     assert await reopened.record_receipt(a, "ff" * 16) is None  # not a peer change of ours
     device = await reopened.get_device(a)
