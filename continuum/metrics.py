@@ -103,6 +103,10 @@ class RelayMetrics:
                                 ["reason"], registry=self.registry)
         self.delivered = LoopCounter("continuum_messages_delivered",
                                      "Envelopes pushed to a connected device", self.registry)
+        self.delivered_from_wakeups = LoopCounter(
+            "continuum_messages_delivered_from_wakeups",
+            "Of the envelopes delivered, those taken from the store's wake-up itself, without"
+            " a fetch (one round trip to the store fewer)", self.registry)
         self.acked = LoopCounter("continuum_messages_acked",
                                  "Deliveries acknowledged by the device and removed",
                                  self.registry)

@@ -18,7 +18,8 @@ The shell (`session.py`) follows one contract:
   `fetched`); a store failure goes back through `store_failed` (or, for an
   accept, `store_refused`);
 - `Authenticated` asks it to subscribe to the mailbox and watch the key's
-  access, then call `wake()`;
+  access, then call `wake()`; each wake-up of the store goes in through `wake()`, or
+  `pushed()` when it carries the entry appended, which may deliver it at once;
 - `RouteStreams` hands the stream router (`streams.router`) what the
   connection's stream rules (`streams.table`) decided: frames for the other
   end of a stream, offers of an open, a pause of this connection's reads.
@@ -54,7 +55,7 @@ from .admission import admit, replay_until_ms
 from .metrics import RelayMetrics
 from .presence import ConnectionCounts
 from .settings import Settings
-from .store import StoredMessage
+from .store import NewEntry, StoredMessage
 from .streams.table import (Address, Dropped, Output, Refused, StreamBudget, StreamTable,
                             ToDevice, ToPeer, refuse_offer)
 
@@ -146,8 +147,8 @@ class RelayProtocol:
 
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
                  "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
-                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "counts",
-                 "_stream_budget", "_streams")
+                 "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "_found_empty",
+                 "counts", "_stream_budget", "_streams")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
@@ -174,6 +175,7 @@ class RelayProtocol:
         self._cursor: str | None = None
         self._asked = 0  # the limit of the Fetch outstanding, 0 when none is
         self._wanted = False  # the mailbox may hold more than was fetched
+        self._found_empty = False  # a fetch from the start found nothing (see `pushed`)
         # This connection's messages, for the oracle's presence reports (`presence`).
         self.counts = ConnectionCounts()
         # Streams: the relay-wide count, and this connection's table, made at its first stream
@@ -349,6 +351,31 @@ class RelayProtocol:
             return None
         return self._next_fetch()
 
+    def pushed(self, entry: NewEntry) -> Fetch | None:
+        """A wake-up that carries the entry just appended: DELIVER it now if it is the one
+        the next fetch would return first, else the fetch to run, as for `wake`.
+
+        It is when no fetch is outstanding (its batch could hold this entry too, or
+        entries before it), the window has room, and no entry this connection has not
+        delivered can lie before it: the entry before it in the mailbox (`previous`) is
+        the last this connection delivered (`_cursor`), or this connection delivered
+        nothing yet and found the mailbox empty.  (An entry appended since that fetch woke
+        it before this one did, in append order; one whose wake-up was lost, or came
+        before the store registered the subscription, is fetched by the wake-up the store
+        gives then.)  A fetch already past the entry has moved the cursor beyond
+        `previous` too, so nothing is delivered twice.
+        """
+        follows = entry.previous == self._cursor or (self._cursor is None and self._found_empty)
+        if (self.phase is not Phase.OPEN or self._asked or self._wanted or not follows
+                or len(self._in_flight) >= self._settings.delivery_window):
+            return self.wake()
+        self._in_flight.add(entry.tag)
+        self._cursor = entry.tag
+        self._emit(Deliver(entry.tag, entry.raw))
+        self._metrics.delivered.inc()
+        self._metrics.delivered_from_wakeups.inc()
+        return None
+
     def fetched(self, batch: list[StoredMessage]) -> Fetch | None:
         """Entries the last `Fetch` returned, oldest first: DELIVER them; the next fetch, if any.
 
@@ -359,6 +386,8 @@ class RelayProtocol:
         asked, self._asked = self._asked, 0
         if self.phase is not Phase.OPEN:
             return None
+        if not batch and self._cursor is None:
+            self._found_empty = True
         if batch:
             self._in_flight.update(entry.tag for entry in batch)
             self._cursor = batch[-1].tag

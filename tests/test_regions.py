@@ -69,6 +69,29 @@ async def test_an_eu_device_on_a_us_relay_gets_mail_sent_through_an_ap_relay(wor
         assert await store.depth(alice.public) == 0
 
 
+async def test_a_roaming_device_gets_live_mail_from_the_wake_up_without_a_fetch(world) -> None:
+    """alice (eu) on the US relay; carol sends through the AP relay.  Each message reaches
+    the US relay with its wake-up from eu's Redis and is delivered from it: one WAN leg,
+    not a wake-up and then a fetch across the WAN (SPEC §19).  Also the first one after a
+    reconnect, whose mailbox held (acked) mail before."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "eu", carol.public: "ap"})
+    us, ap = await world.relay("us"), await world.relay("ap")
+    metrics = us.relay.metrics  # type: ignore[union-attr]
+    sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(6)]
+    async with await RawDevice.connect(ap.url, carol) as sender:
+        for batch in (sent[:3], sent[3:]):  # two connections of alice, one after the other
+            async with await RawDevice.connect(us.url, alice) as roaming:
+                await asyncio.sleep(0.3)  # subscribed, its first fetch done: live mail now
+                before = metrics.delivered_from_wakeups.value
+                for envelope in batch:
+                    assert await sender.send(envelope) == Accepted(envelope.msg_id)
+                    assert (await roaming.next_delivery()).envelope == envelope.raw
+                    await asyncio.sleep(0.2)  # its ACK reaches eu: the mailbox empties
+                assert metrics.delivered_from_wakeups.value - before == len(batch)
+                await roaming.expect_silence(0.3)  # nothing twice
+
+
 async def test_expiry_notices_go_to_the_senders_home(world) -> None:
     """carol (ap) writes to alice (eu), who never connects: the eu relays' sweep expires it
     and stores the notice in carol's home, ap, where carol hears it on the AP relay."""

@@ -23,7 +23,7 @@ from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY
                                 CheckRate, Fetch, Phase, RelayProtocol, RemoveDelivered,
                                 StoreEnvelope)
 from continuum.settings import Settings
-from continuum.store import StoredMessage
+from continuum.store import NewEntry, StoredMessage
 from proto import Identity, Kind, seal_envelope
 from proto.access import AccessList
 from proto.errors import ErrorCode, MailboxFullError, RevokedError, StoreUnavailableError
@@ -322,6 +322,104 @@ def test_the_cursor_moves_past_what_was_delivered() -> None:
     assert protocol.wake() == Fetch("a1", WINDOW - 1)
     assert protocol.fetched(stored(["a2"])) is None
     assert protocol.wake() == Fetch("a2", WINDOW - 2)
+
+
+# -- wake-ups that carry their entry (`pushed`) ------------------------------------------------
+
+def entry(tag: str, previous: str | None) -> NewEntry:
+    return NewEntry(tag, previous, b"envelope " + tag.encode())
+
+
+def test_an_entry_that_follows_the_cursor_is_delivered_without_a_fetch() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    assert protocol.fetched(stored(["1"])) is None
+    assert protocol.pushed(entry("2", "1")) is None  # no fetch
+    assert protocol.pushed(entry("3", "2")) is None
+    assert [(f.tag, f.envelope) for f in frames(protocol)] == [  # type: ignore[union-attr]
+        ("1", b"envelope 1"), ("2", b"envelope 2"), ("3", b"envelope 3")]
+    assert protocol._metrics.delivered_from_wakeups.value == 2
+    assert protocol.removed("2", existed=True) is None  # acked like any delivery
+    assert protocol.wake() == Fetch("3", WINDOW - 2)  # the cursor is past them
+
+
+def test_the_first_entry_of_a_mailbox_that_held_none_is_delivered() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    assert protocol.fetched([]) is None
+    assert protocol.pushed(entry("1", None)) is None
+    assert [f.tag for f in frames(protocol)] == ["1"]  # type: ignore[union-attr]
+
+
+def test_the_first_entry_after_a_fetch_found_the_mailbox_empty_is_delivered() -> None:
+    """The mailbox held entries before this connection (delivered and acked on an earlier
+    one): the entry before the new one is none this connection saw, yet none can be
+    missing, since its fetch found the mailbox empty and nothing was delivered since."""
+    protocol = authenticated()
+    protocol.wake()
+    assert protocol.fetched([]) is None
+    assert protocol.pushed(entry("9", "8")) is None
+    assert protocol.pushed(entry("10", "9")) is None
+    assert [f.tag for f in frames(protocol)] == ["9", "10"]  # type: ignore[union-attr]
+
+
+def test_an_entry_after_history_before_the_first_fetch_is_fetched() -> None:
+    protocol = authenticated()
+    assert protocol.pushed(entry("9", "8")) == Fetch(None, WINDOW)  # "8" may still wait
+    assert protocol.fetched(stored(["8", "9"])) is None
+    assert [f.tag for f in frames(protocol)] == ["8", "9"]  # type: ignore[union-attr]
+
+
+def test_an_entry_after_one_not_delivered_here_is_fetched_from_the_cursor() -> None:
+    """Between the cursor and the entry may lie others: a wake-up lost, or one too large to
+    carry its entry.  Fetched, they come in order; nothing is skipped."""
+    protocol = authenticated()
+    protocol.wake()
+    protocol.fetched(stored(["1"]))
+    assert protocol.pushed(entry("3", "2")) == Fetch("1", WINDOW - 1)
+    assert protocol.fetched(stored(["2", "3"])) is None
+    assert [f.tag for f in frames(protocol)] == ["1", "2", "3"]  # type: ignore[union-attr]
+
+
+def test_an_entry_that_comes_during_a_fetch_waits_for_it() -> None:
+    """The fetch may return the entry itself (or ones before it): delivering it now
+    would send it twice, or out of order."""
+    protocol = authenticated()
+    assert protocol.wake() == Fetch(None, WINDOW)
+    assert protocol.pushed(entry("1", None)) is None  # nothing now, nothing lost
+    assert frames(protocol) == []
+    assert protocol.fetched(stored(["1"])) == Fetch("1", WINDOW - 1)  # the wake-up is kept
+    assert protocol.fetched([]) is None
+    assert [f.tag for f in frames(protocol)] == ["1"]  # type: ignore[union-attr]
+
+
+def test_an_entry_a_fetch_already_delivered_is_not_delivered_again() -> None:
+    """Pub/sub and the fetch's reply travel on different connections: the entry's wake-up
+    may come after a fetch that returned it."""
+    protocol = authenticated()
+    protocol.wake()
+    protocol.fetched(stored(["1", "2"]))
+    assert protocol.pushed(entry("2", "1")) == Fetch("2", WINDOW - 2)  # a fetch, not a DELIVER
+    assert [f.tag for f in frames(protocol)] == ["1", "2"]  # type: ignore[union-attr]
+
+
+def test_an_entry_waits_for_room_in_the_window() -> None:
+    protocol = authenticated()
+    protocol.wake()
+    assert protocol.fetched(stored(["1", "2", "3", "4"])) is None  # window full
+    frames(protocol)
+    assert protocol.pushed(entry("5", "4")) is None
+    assert frames(protocol) == []
+    assert protocol.removed("1", existed=True) == Fetch("4", 1)  # the ACK fetches it
+
+
+def test_an_entry_before_the_first_fetch_moves_where_that_fetch_starts() -> None:
+    """A mailbox that held nothing before it: nothing can be skipped, and the first fetch
+    (the session asks for it right after subscribing) starts after it."""
+    protocol = authenticated()
+    assert protocol.pushed(entry("1", None)) is None
+    assert protocol.pushed(entry("3", "2")) == Fetch("1", WINDOW - 1)
+    assert [f.tag for f in frames(protocol)] == ["1"]  # type: ignore[union-attr]
 
 
 def test_acks_of_unknown_tags_change_no_window() -> None:

@@ -274,7 +274,7 @@ async def test_an_accept_whose_caller_is_cancelled_while_queued_is_stored_and_wa
     store = SqliteStore(tmp_path / "mail.db")
     woken: list[str] = []
     try:
-        await store.subscribe(bob.public, lambda: woken.append("bob"))
+        await store.subscribe(bob.public, lambda _entry: woken.append("bob"))
         sent = envelope(alice, [bob])
         task = asyncio.create_task(store.accept(sent, replay_until_ms=now_ms() + 60_000,
                                                 limits=ROOMY))

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from continuum.store import MailboxLimits, MailboxStore, open_store
+from continuum.store import MailboxLimits, MailboxStore, NewEntry, open_store
+from continuum.store.base import WAKE_ENTRY_MAX_BYTES
+from continuum.store.sqlite import SqliteStore
 from continuum.store.redis_scripts import BODY_GRACE_MS
 from proto import Envelope, Identity, Kind, Origin, seal_envelope
 from proto.access import Stamp
@@ -337,7 +339,7 @@ async def test_rate_limit_is_shared_by_replicas(open_backend: OpenStore) -> None
 async def test_subscribe_wakes_on_accept_until_closed(store: MailboxStore) -> None:
     alice, bob = Identity.generate(), Identity.generate()
     woken = asyncio.Event()
-    subscription = await store.subscribe(bob.public, woken.set)
+    subscription = await store.subscribe(bob.public, lambda _entry: woken.set())
     await asyncio.sleep(0.1)
     woken.clear()  # a store may wake once on subscribing
     await put(store, envelope(alice, [bob]))
@@ -355,8 +357,8 @@ async def test_subscribe_wakes_when_another_replica_appends(open_backend: OpenSt
     listening, accepting = await open_backend(), await open_backend()
     alice, bob, carol = (Identity.generate() for _ in range(3))
     bob_woken, carol_woken = asyncio.Event(), asyncio.Event()
-    bob_sub = await listening.subscribe(bob.public, bob_woken.set)
-    carol_sub = await listening.subscribe(carol.public, carol_woken.set)
+    bob_sub = await listening.subscribe(bob.public, lambda _entry: bob_woken.set())
+    carol_sub = await listening.subscribe(carol.public, lambda _entry: carol_woken.set())
     await asyncio.sleep(0.1)
     bob_woken.clear()
     carol_woken.clear()
@@ -379,7 +381,7 @@ async def test_concurrent_first_subscriptions_all_wake(store: MailboxStore) -> N
     sender = Identity.generate()
     readers = [Identity.generate() for _ in range(16)]
     woken = [asyncio.Event() for _ in readers]
-    subscriptions = await asyncio.gather(*(store.subscribe(r.public, w.set)
+    subscriptions = await asyncio.gather(*(store.subscribe(r.public, _setter(w))
                                            for r, w in zip(readers, woken)))
     await asyncio.sleep(0.1)
     for event in woken:
@@ -389,6 +391,80 @@ async def test_concurrent_first_subscriptions_all_wake(store: MailboxStore) -> N
     await asyncio.wait_for(asyncio.gather(*(w.wait() for w in woken)), 5)
     for subscription in subscriptions:
         await subscription.close()
+
+
+def _setter(event: asyncio.Event) -> Callable[[NewEntry | None], None]:
+    return lambda _entry: event.set()
+
+
+# Stores whose wake-ups carry the entry appended (a Redis Cluster's accept spans slots and
+# publishes plain wake-ups, which the contract allows).
+ENTRY_BACKENDS = ["sqlite-memory", "sqlite-file", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+async def _wakes(store: MailboxStore, recipient: Identity, count: int,
+                 entries: list[NewEntry | None], act: Callable[[], Awaitable[None]]) -> None:
+    """Run `act`; wait until `count` wake-ups with entries came (ignoring plain ones)."""
+    await act()
+    deadline = asyncio.get_running_loop().time() + 5
+    while sum(entry is not None for entry in entries) < count:
+        assert asyncio.get_running_loop().time() < deadline, entries
+        await asyncio.sleep(0.01)
+
+
+@backends(ENTRY_BACKENDS)
+async def test_wake_ups_carry_each_entry_and_the_one_before_it(open_backend: OpenStore) -> None:
+    """What lets a relay deliver without a fetch (`RelayProtocol.pushed`): each wake-up names
+    the entry just appended, as `fetch` returns it, and the mailbox's newest entry before
+    it, also once the mailbox was emptied by acks; another replica's accepts too."""
+    listening = await open_backend()
+    # SQLite's wake-ups are its process's own: another replica shares Redis only.
+    accepting = listening if isinstance(listening, SqliteStore) else await open_backend()
+    alice, bob = Identity.generate(), Identity.generate()
+    await put(accepting, envelope(alice, [bob], b"before"))
+    entries: list[NewEntry | None] = []
+    subscription = await listening.subscribe(bob.public, entries.append)
+    await asyncio.sleep(0.1)
+    entries.clear()  # a store may wake once on subscribing
+    (waiting,) = await listening.fetch(bob.public, None, 10)
+    sent = [envelope(alice, [bob], f"m{n}".encode()) for n in range(3)]
+
+    async def put_all() -> None:
+        for env in sent:
+            await put(accepting, env)
+    await _wakes(listening, bob, 3, entries, put_all)
+    stored = await listening.fetch(bob.public, waiting.tag, 10)
+    got = [entry for entry in entries if entry is not None]
+    assert [e.raw for e in got] == [e.raw for e in stored] == [e.raw for e in sent]
+    assert [e.tag for e in got] == [e.tag for e in stored]
+    assert [e.previous for e in got] == [waiting.tag, stored[0].tag, stored[1].tag]
+    for entry in [waiting, *stored]:
+        assert await listening.ack(bob.public, entry.tag)
+    entries.clear()
+    again = envelope(alice, [bob], b"after the mailbox emptied")
+    await _wakes(listening, bob, 1, entries, lambda: put(accepting, again))
+    (entry,) = [entry for entry in entries if entry is not None]
+    (fetched,) = await listening.fetch(bob.public, stored[-1].tag, 10)
+    assert (entry.tag, entry.previous, entry.raw) == (fetched.tag, stored[-1].tag, again.raw)
+    await subscription.close()
+
+
+@backends(ENTRY_BACKENDS)
+async def test_a_large_envelope_wakes_without_its_entry(store: MailboxStore) -> None:
+    alice, bob = Identity.generate(), Identity.generate()
+    entries: list[NewEntry | None] = []
+    subscription = await store.subscribe(bob.public, entries.append)
+    await asyncio.sleep(0.1)
+    entries.clear()
+    await put(store, envelope(alice, [bob], b"x" * WAKE_ENTRY_MAX_BYTES))
+    await asyncio.wait_for(_until(lambda: bool(entries)), 5)
+    assert entries == [None]
+    await subscription.close()
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    while not check():
+        await asyncio.sleep(0.01)
 
 
 @backends(BACKENDS)

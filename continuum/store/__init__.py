@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+from .base import (ExpiredMessage, MailboxLimits, MailboxStore, NewEntry, StoredMessage,
+                   Subscription, Wake)
 
 
 def open_store(url: str) -> MailboxStore:
@@ -19,5 +20,5 @@ def open_store(url: str) -> MailboxStore:
     raise ValueError(f"unknown store {url!r}: use 'memory', 'sqlite:///path' or 'redis://host:port'")
 
 
-__all__ = ["ExpiredMessage", "MailboxLimits", "MailboxStore", "StoredMessage", "Subscription",
-           "open_store"]
+__all__ = ["ExpiredMessage", "MailboxLimits", "MailboxStore", "NewEntry", "StoredMessage",
+           "Subscription", "Wake", "open_store"]

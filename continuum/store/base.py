@@ -46,6 +46,33 @@ class ExpiredMessage:
     origin: Origin
 
 
+@dataclass(frozen=True)
+class NewEntry:
+    """What a wake-up may carry: the entry just appended to a mailbox (`tag`, `raw`) and
+    `previous`, the tag of the newest entry the mailbox held before it (None: it held none).
+
+    A connection whose cursor is `previous`, with no fetch outstanding, can deliver the
+    entry at once: no entry it has not delivered can lie between (`RelayProtocol.pushed`).
+    That spares a fetch, and for a device served across a WAN a whole round trip
+    (SPEC §19).  `previous` may name an entry removed since, or, after an entry newer
+    than the others was removed, the newest still held; either way a cursor that does
+    not match only means a fetch, as for a wake-up without an entry.
+    """
+
+    tag: str
+    previous: str | None
+    raw: bytes
+
+
+# A wake-up carries its entry only up to this size: it goes to every relay watching the
+# mailbox (on Redis through pub/sub, whose buffers Redis bounds), and larger envelopes are
+# rare and worth a fetch.
+WAKE_ENTRY_MAX_BYTES = 16 * 1024
+
+# Called from the event loop: an entry (`NewEntry`), or None for "the mailbox may have grown".
+Wake = Callable[[NewEntry | None], None]
+
+
 # No budget: more bytes than any store holds, and exact in Lua's doubles.
 UNBOUNDED_BYTES = 2**53
 
@@ -140,11 +167,13 @@ class MailboxStore(ABC):
         """Number of entries waiting in one mailbox."""
 
     @abstractmethod
-    async def subscribe(self, recipient: PublicKey,
-                        wake: Callable[[], None]) -> Subscription:
+    async def subscribe(self, recipient: PublicKey, wake: Wake) -> Subscription:
         """Call `wake` (from the event loop) whenever the mailbox may have grown.
 
-        Wake-ups may be spurious; a relay re-fetches after each one.
+        Wake-ups may be spurious; a relay re-fetches after each one, unless it carries
+        the entry appended (`NewEntry`) and the relay can deliver that in place of a fetch.
+        A store that passes entries passes every append's, in append order, or a plain
+        wake-up (None) in its place.
         """
 
     @abstractmethod

@@ -59,7 +59,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -76,7 +76,8 @@ from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 
 from . import redis_scripts as lua
-from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
+                   Wake)
 from .redis_batch import Command, CommandBatcher
 from .redis_durability import Durability
 from .redis_keys import (KeySpace, MailboxKeys, body_member, entry_field, floor_text,
@@ -107,7 +108,7 @@ _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 class _RedisSubscription(Subscription):
     def __init__(self, wakeups: PubSubWakeups, recipient: bytes,
-                 wake: Callable[[], None]) -> None:
+                 wake: Wake) -> None:
         self._wakeups, self._recipient, self._wake = wakeups, recipient, wake
 
     async def close(self) -> None:
@@ -447,7 +448,7 @@ class RedisStore(MailboxStore):
         return int(await self._one(("XLEN", log)))
 
     async def subscribe(self, recipient: PublicKey,
-                        wake: Callable[[], None]) -> Subscription:
+                        wake: Wake) -> Subscription:
         await self._wakeups.add(recipient.raw, wake)
         return _RedisSubscription(self._wakeups, recipient.raw, wake)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from proto import Origin
 
+from .base import WAKE_ENTRY_MAX_BYTES
+
 # An emptied stream is kept this long so its last id survives: a new entry in
 # the same millisecond must still sort after tags a connected device has seen.
 EMPTY_LOG_TTL_MS = 3_600_000
@@ -45,6 +47,22 @@ local function append(log, size, ids, field, bytes, sender, msg_id, origin, raw)
   redis.call('INCRBY', size, bytes)
   redis.call('HSET', ids, field, id)
   return id
+end
+
+local WAKE_ENTRY_MAX_BYTES = {WAKE_ENTRY_MAX_BYTES}
+
+-- The id of the newest entry of `log`; of an emptied log (kept EMPTY_LOG_TTL_MS for
+-- this), the id of the last entry it held; '' for a log never written (or long gone).
+-- What a wake-up's entry follows (base.NewEntry).
+local function newest_id(log)
+  local newest = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if #newest > 0 then return newest[1][1] end
+  if redis.call('EXISTS', log) == 0 then return '' end
+  local info = redis.call('XINFO', 'STREAM', log)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return info[i + 1] end
+  end
+  return ''
 end
 
 local function fields_of(entry)
@@ -156,7 +174,8 @@ end
 # Returns {0} stored, {1} replay, {2, i} recipient i (1-based) is full,
 #         {3} over the sender's budget, {4} over the store's budget.
 # The wake-ups are published from here, and only for a message stored now: no round trip
-# of their own, and none spurious after a refusal.
+# of their own, and none spurious after a refusal.  Each carries the recipient's new entry
+# when the envelope is small: `<id> <previous id> <envelope>` (redis_wakeups.wake_entry).
 ACCEPT_ALL = _HELPERS + """
 local again = remembered(KEYS[1], ARGV[1])
 if again ~= nil then
@@ -181,13 +200,17 @@ end
 local inline = count == 1
 store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs, inline)
 index_body(KEYS[4], KEYS[5], ARGV[13], bytes, tonumber(ARGV[7]), members)
+local wakes = {}
 for i = 1, count do
   local b = 5 + (i - 1) * 3
-  append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5], ARGV[6],
-         inline and ARGV[3] or nil)
+  local previous = newest_id(KEYS[b + 1])
+  local id = append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5],
+                    ARGV[6], inline and ARGV[3] or nil)
+  wakes[i] = ''
+  if bytes <= WAKE_ENTRY_MAX_BYTES then wakes[i] = id .. ' ' .. previous .. ' ' .. ARGV[3] end
 end
 for i = 1, count do
-  redis.call('PUBLISH', ARGV[13 + 3 * i], '')
+  redis.call('PUBLISH', ARGV[13 + 3 * i], wakes[i])
 end
 return {0}
 """

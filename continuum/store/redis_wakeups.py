@@ -3,7 +3,9 @@
 A replica subscribes to a mailbox's channel while at least one of its
 devices waits on it, and every `accept` publishes to each recipient's
 channel, so a device connected anywhere hears of new mail at once.  The
-listener blocks on the socket (no polling).  Each subscribe confirmation also
+listener blocks on the socket (no polling).  A publication carries the entry
+appended when it is small (`wake_entry`), so a relay can deliver it without a
+fetch.  Each subscribe confirmation also
 wakes its mailbox: a message appended between the session's first fetch and
 the moment Redis registered the subscription is then fetched, not missed.
 After a lost connection every local waiter is woken, since publications sent
@@ -19,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from .redis_keys import KeySpace
+from .base import NewEntry, Wake
 from .wakeups import WakeupHub
 
 _RECONNECT_DELAY_S = 0.5
@@ -43,7 +44,7 @@ class PubSubWakeups:
         self._listener: asyncio.Task[None] | None = None
         self._commands = asyncio.Lock()
 
-    async def add(self, recipient: bytes, wake: Callable[[], None]) -> None:
+    async def add(self, recipient: bytes, wake: Wake) -> None:
         """Start waking `wake`; a failed SUBSCRIBE is redone by the listener's recovery."""
         first = not self._hub.has(recipient)
         self._hub.add(recipient, wake)
@@ -57,7 +58,7 @@ class PubSubWakeups:
             if self._listener is None:
                 self._listener = asyncio.create_task(self._listen(), name="redis-wakeups")
 
-    async def remove(self, recipient: bytes, wake: Callable[[], None]) -> None:
+    async def remove(self, recipient: bytes, wake: Wake) -> None:
         self._hub.remove(recipient, wake)
         if not self._hub.has(recipient) and self._pubsub is not None:
             with contextlib.suppress(RedisError, OSError, AttributeError):
@@ -97,7 +98,8 @@ class PubSubWakeups:
                 continue
             recipient = self._keys.recipient_of_channel(message["channel"])
             if recipient is not None:
-                self._hub.wake(recipient)
+                self._hub.wake(recipient, wake_entry(message["data"])
+                               if message["type"] == "message" else None)
 
     async def _resubscribe_all(self, pubsub: PubSub) -> None:
         """After a lost connection: a fresh socket, every local channel again, everyone woken."""
@@ -114,3 +116,14 @@ class PubSubWakeups:
     def _wake_all(self) -> None:
         for recipient in self._hub.keys():
             self._hub.wake(recipient)
+
+
+def wake_entry(data: bytes) -> NewEntry | None:
+    """What a wake-up carries: nothing (b''), or `<tag> <previous> <envelope>` with an empty
+    previous for none (`redis_scripts.ACCEPT_ALL`).  Anything else is a plain wake-up."""
+    parts = data.split(b" ", 2) if data else ()
+    if len(parts) != 3 or not parts[0]:
+        return None
+    tag, previous, raw = parts
+    return NewEntry(tag.decode("ascii", "replace"), previous.decode("ascii", "replace") or None,
+                    raw)

@@ -57,8 +57,8 @@ from proto.errors import ProtocolError, ReplayError, StoreUnavailableError
 from proto.limits import Limits
 from runtime.clock import now_ms as clock_ms
 
-from .base import (UNBOUNDED_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage,
-                   Subscription)
+from .base import (UNBOUNDED_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, NewEntry,
+                   StoredMessage, Subscription, Wake)
 from .redis import RedisStore
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class RegionalStore(MailboxStore):
         tag_region, local_tag = _split_tag(after)
         entries = await self._in(region, lambda store: store.fetch(
             recipient, local_tag if tag_region == region else None, limit))
-        return [StoredMessage(f"{region}{_TAG_SEPARATOR}{entry.tag}", entry.raw)
+        return [StoredMessage(_tag(region, entry.tag), entry.raw)
                 for entry in entries]
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
@@ -223,9 +223,9 @@ class RegionalStore(MailboxStore):
         return await self._in(region, lambda store: store.depth(recipient))
 
     async def subscribe(self, recipient: PublicKey,
-                        wake: Callable[[], None]) -> Subscription:
+                        wake: Wake) -> Subscription:
         region, store = self._home_store(recipient)
-        home = await store.subscribe(recipient, wake)
+        home = await store.subscribe(recipient, _tagging(region, wake))
         former = self._homes.former_home_of(recipient)
         if former is None or former == region:
             return home
@@ -235,7 +235,7 @@ class RegionalStore(MailboxStore):
                                 " there is not moved (--region-store)")
             return home
 
-        def moved_mail_may_wait() -> None:
+        def moved_mail_may_wait(_entry: NewEntry | None) -> None:
             self._start_move(recipient, former, region)
 
         self._moving[recipient] += 1
@@ -383,6 +383,22 @@ class _Both(Subscription):
         self._on_close()
         await self._former.close()
         await self._home.close()
+
+
+def _tag(region: str, local_tag: str) -> str:
+    """The tag this layer hands out for a region store's own."""
+    return f"{region}{_TAG_SEPARATOR}{local_tag}"
+
+
+def _tagging(region: str, wake: Wake) -> Wake:
+    """`wake`, with the tags of a wake-up's entry as `fetch` hands them out: a connection
+    compares them with its cursor (`RelayProtocol.pushed`)."""
+    def tagged(entry: NewEntry | None) -> None:
+        if entry is not None:
+            previous = None if entry.previous is None else _tag(region, entry.previous)
+            entry = NewEntry(_tag(region, entry.tag), previous, entry.raw)
+        wake(entry)
+    return tagged
 
 
 def _split_tag(tag: str | None) -> tuple[str | None, str | None]:

@@ -30,7 +30,8 @@ from proto import Envelope, PublicKey
 from proto.access import Stamp
 from proto.errors import StoreUnavailableError
 
-from .base import ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription
+from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
+                   Wake)
 
 if TYPE_CHECKING:
     from ..streams.router import RemoteStreams
@@ -106,7 +107,7 @@ class TimedStore(MailboxStore):
     async def depth(self, recipient: PublicKey) -> int:
         return await self._call("depth", lambda: self.inner.depth(recipient))
 
-    async def subscribe(self, recipient: PublicKey, wake: Callable[[], None]) -> Subscription:
+    async def subscribe(self, recipient: PublicKey, wake: Wake) -> Subscription:
         return await self._call("subscribe", lambda: self.inner.subscribe(recipient, wake))
 
     async def access_list_floor(self) -> Stamp:

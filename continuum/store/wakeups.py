@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from .base import NewEntry, Wake
 
 
 class WakeupHub:
     """Callbacks by mailbox key; a device may hold several connections at once."""
 
     def __init__(self) -> None:
-        self._waiters: dict[bytes, set[Callable[[], None]]] = {}
+        self._waiters: dict[bytes, set[Wake]] = {}
 
-    def add(self, key: bytes, wake: Callable[[], None]) -> None:
+    def add(self, key: bytes, wake: Wake) -> None:
         self._waiters.setdefault(key, set()).add(wake)
 
-    def remove(self, key: bytes, wake: Callable[[], None]) -> None:
+    def remove(self, key: bytes, wake: Wake) -> None:
         waiters = self._waiters.get(key)
         if waiters is not None:
             waiters.discard(wake)
@@ -24,9 +24,9 @@ class WakeupHub:
     def has(self, key: bytes) -> bool:
         return key in self._waiters
 
-    def wake(self, key: bytes) -> None:
+    def wake(self, key: bytes, entry: NewEntry | None = None) -> None:
         for wake in tuple(self._waiters.get(key, ())):
-            wake()
+            wake(entry)
 
     def keys(self) -> list[bytes]:
         return list(self._waiters)
