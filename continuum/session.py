@@ -374,46 +374,39 @@ class DeviceSession:
         device = protocol.device_key
         if device is None:
             return
-        if entry is None:
-            self._start_delivery(protocol.wake(), device)
-            return
-        fetch = protocol.pushed(entry)
+        fetch = protocol.wake() if entry is None else protocol.pushed(entry)
+        # A DELIVER of an entry that came with its wake-up is written without a drain: what
+        # waits is bounded all the same (at most a window of entries of at most
+        # WAKE_ENTRY_MAX_BYTES), and the next fetched batch drains.
         self._write()
-        # A DELIVER written here is drained like a fetched batch: a device that reads
-        # nothing is closed, not written to until its window is full and then left.
-        self._start_delivery(fetch, device, drain=self._ws.buffered_bytes() > 0)
+        self._start_delivery(fetch, device)
 
     def _start_delivery(self, fetch: Fetch | None, device: PublicKey,
-                        observe_depth: bool = False, drain: bool = False) -> None:
-        if fetch is None and not drain:
+                        observe_depth: bool = False) -> None:
+        if fetch is None:
             return
         if self._delivery is not None:
-            # The running task drains before it ends, and then runs this fetch (the protocol
-            # hands out one Fetch at a time, so there is no other).
-            if fetch is not None:
-                self._next_fetch = fetch
+            # The running task is still waiting for its last batch to drain: it runs this
+            # fetch next (the protocol hands out one Fetch at a time, so there is no other).
+            self._next_fetch = fetch
             return
         self._delivery = asyncio.create_task(self._deliver(fetch, device, observe_depth),
                                              name="deliver")
 
     async def _deliver(self, fetch: Fetch | None, device: PublicKey, observe_depth: bool) -> None:
-        """Run the fetches the protocol asks for, each once what was written before has left
-        (a fetched batch, or DELIVERs of entries that came with wake-ups): at most one
-        window of frames waits in memory, and a device that reads nothing is closed."""
+        """Run the fetches the protocol asks for, each once the last batch has left: at most
+        one window of frames waits in memory, and a device that reads nothing is closed."""
         store, protocol = self._relay.store, self._protocol
         try:
             if observe_depth:
                 self._relay.metrics.mailbox_depth.observe(await store.depth(device))
-            while True:
-                if fetch is not None:
-                    batch = await store.fetch(device, fetch.after, fetch.limit)
-                    fetch = protocol.fetched(batch)
-                    self._write()
+            while fetch is not None:
+                batch = await store.fetch(device, fetch.after, fetch.limit)
+                fetch = protocol.fetched(batch)
+                self._write()
                 await self._drain()
                 if fetch is None:
                     fetch, self._next_fetch = self._next_fetch, None
-                    if fetch is None:
-                        break
         except ProtocolError as exc:
             protocol.store_failed(exc)
             self._write()

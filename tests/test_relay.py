@@ -12,7 +12,6 @@ import aiohttp
 import pytest
 
 from continuum.server import RelayServer
-from continuum.store.base import WAKE_ENTRY_MAX_BYTES
 from proto import Identity, Kind, Origin, decode_envelope, seal_envelope
 from proto.frames import Accepted, Ack, Challenge, Deliver, Send, decode_frame, encode_frame
 from proto.handshake import ephemeral_keypair, sign_hello
@@ -410,9 +409,7 @@ async def test_failed_delivery_drops_the_device_instead_of_retrying_silently(
             raise StoreUnavailableError("mailbox store failed: test")
 
         monkeypatch.setattr(relay.relay.store, "fetch", broken_fetch)
-        # Too large to ride on its wake-up (WAKE_ENTRY_MAX_BYTES): bob's session fetches it.
-        large = sealed(alice, [bob.public], b"x" * WAKE_ENTRY_MAX_BYTES)
-        assert isinstance(await a.send(large), Accepted)  # wakes bob
+        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)  # wakes bob
         closing = await b.ws.receive(timeout=5)  # bob idle: the relay closes on its own
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert b.ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR
