@@ -1,6 +1,7 @@
 """The Redis call batcher (continuum/store/redis_batch.py) against a real Redis: calls take
-effect in the order they were issued, each caller gets its own reply or its own error, and
-a batch that cannot be sent fails every caller in it as an outage."""
+effect in the order they were issued, each caller gets its own reply or its own error, a
+batch that cannot be sent fails every caller in it as an outage, and what it asks of Redis
+ahead of the answers is bounded (MAX_CALLS_PER_BATCH, MAX_BATCHES_IN_FLIGHT)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,23 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from continuum.store.redis_batch import CommandBatcher
+from continuum.store.redis_batch import MAX_BATCHES_IN_FLIGHT, MAX_CALLS_PER_BATCH, CommandBatcher
 from proto.errors import StoreUnavailableError
 from redis_server import RedisServer
 from relay_process import free_port
+from tcp_proxy import DelayProxy
 
 pytestmark = pytest.mark.redis
 
 # A script Redis must load before EVALSHA can name it.
 APPEND = "return redis.call('RPUSH', KEYS[1], ARGV[1])"
+
+# More calls than the bounds let out at once: twice what MAX_BATCHES_IN_FLIGHT batches of
+# MAX_CALLS_PER_BATCH hold, and a part batch.
+FLOOD = 2 * MAX_BATCHES_IN_FLIGHT * MAX_CALLS_PER_BATCH + 100
+# One way, between the batcher and Redis: batches stay unanswered long enough for the
+# writer to reach its bound, and for a watcher to see every batch.
+ONE_WAY_DELAY_S = 0.1
 
 
 @pytest.fixture
@@ -30,6 +39,65 @@ async def client(redis_url: str) -> AsyncIterator[tuple[Redis, str]]:
     redis = Redis.from_url(redis_url.split("?")[0])
     yield redis, prefix
     await redis.aclose()
+
+
+@pytest.fixture
+async def slow_client(redis_url: str) -> AsyncIterator[tuple[Redis, str]]:
+    """A client of the shared Redis through a delay proxy (a WAN's round trip), and the
+    test's own key prefix."""
+    prefix = dict(parse_qsl(urlsplit(redis_url).query))["prefix"]
+    port = urlsplit(redis_url).port
+    assert port is not None
+    async with DelayProxy(port, ONE_WAY_DELAY_S) as proxy:
+        redis = Redis(host="127.0.0.1", port=proxy.port)
+        yield redis, prefix
+        await redis.aclose()
+
+
+async def _flood(redis: Redis, key: str) -> set[tuple[int, ...]]:
+    """FLOOD calls issued in one turn, each an INCR of `key`: every one is answered with
+    its own reply, in the order issued.  Returns each `in_flight` the batcher showed
+    meanwhile (looked at every loop turn)."""
+    batcher = CommandBatcher(redis, [])
+    seen: set[tuple[int, ...]] = set()
+
+    async def watch() -> None:
+        while True:
+            seen.add(batcher.in_flight)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        calls = [batcher.call(("INCR", key)) for _ in range(FLOOD)]
+        replies = [(await call)[0] for call in calls]
+    finally:
+        watcher.cancel()
+        await batcher.close()
+    assert replies == list(range(1, FLOOD + 1))
+    assert int(await redis.get(key)) == FLOOD  # each ran once
+    return seen
+
+
+async def test_no_batch_holds_more_than_max_calls_per_batch(
+        slow_client: tuple[Redis, str]) -> None:
+    """The calls of one turn beyond MAX_CALLS_PER_BATCH wait for the next batch: one
+    pipeline stays a write and a read of a few hundred KB, well under the socket timeout."""
+    redis, prefix = slow_client
+    seen = await _flood(redis, f"{prefix}n")
+    assert max(size for batches in seen for size in batches) == MAX_CALLS_PER_BATCH
+
+
+async def test_no_more_than_max_batches_in_flight_are_unanswered_at_once(
+        slow_client: tuple[Redis, str]) -> None:
+    """Across a round trip the writer goes on writing batches without waiting for their
+    replies, but once MAX_BATCHES_IN_FLIGHT are unanswered it waits: what a relay asks of
+    its Redis ahead of the answers stays bounded."""
+    redis, prefix = slow_client
+    seen = await _flood(redis, f"{prefix}n")
+    most = max(len(batches) for batches in seen)
+    # At least half: it does pipeline (a busy machine may answer the first batch before the
+    # writer has written all it may).
+    assert MAX_BATCHES_IN_FLIGHT // 2 <= most <= MAX_BATCHES_IN_FLIGHT, most
 
 
 async def test_calls_take_effect_in_the_order_they_were_issued(

@@ -18,7 +18,7 @@ import pytest
 from client import DeliveryStatus, Device, PeerList
 from proto import ErrorCode, Identity, decode_envelope
 from proto.frames import Accepted, Ack, Error, Send
-from continuum.session import SENDS_IN_FLIGHT
+from continuum.session import ACKS_IN_FLIGHT, SENDS_IN_FLIGHT
 from region_support import World, three_regions
 from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from wire import RawDevice, error_code, sealed
@@ -398,3 +398,45 @@ async def test_a_connection_has_at_most_sends_in_flight_of_its_sends_in_the_rela
         watcher.cancel()
     assert answers == [Accepted(envelope.msg_id) for envelope in sent]
     assert SENDS_IN_FLIGHT // 2 <= most <= SENDS_IN_FLIGHT, most
+
+
+async def test_a_connection_has_at_most_acks_in_flight_of_its_acks_in_the_relay(world) -> None:
+    """The bound on the removals one connection has running against its store: alice
+    (homed in us, on the EU relay: 80 ms per round trip) holds 3 x ACKS_IN_FLIGHT DELIVERs
+    and ACKs them all at once.  The relay (in this process) never runs more than
+    ACKS_IN_FLIGHT removals at a time, reading the next ACKs only as earlier ones finish,
+    and every one of them is applied: her mailbox empties, and she is served on after."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "us", carol.public: "eu"})
+    count = 3 * ACKS_IN_FLIGHT
+    eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000, delivery_window=count)
+    sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(count)]
+    most = 0
+
+    async def watch() -> None:  # the session's removals in flight are its tasks named "ack"
+        nonlocal most
+        while True:
+            most = max(most, sum(task.get_name() == "ack" for task in asyncio.all_tasks()))
+            await asyncio.sleep(0)
+
+    async with await RawDevice.connect(eu.url, carol) as sender, \
+            await RawDevice.connect(eu.url, alice) as device:
+        for envelope in sent:
+            await sender.send_frame(Send(envelope.raw))
+        assert [await sender.recv(timeout=20) for _ in sent] == [
+            Accepted(envelope.msg_id) for envelope in sent]
+        deliveries = [await device.next_delivery(timeout=10, ack=False) for _ in sent]
+        assert sorted(decode_envelope(d.envelope).msg_id for d in deliveries) == sorted(
+            envelope.msg_id for envelope in sent)
+        watcher = asyncio.create_task(watch())
+        try:
+            for delivery in deliveries:
+                await device.send_frame(Ack(delivery.tag))
+            store = eu.relay.regions.stores["us"]  # type: ignore[union-attr]
+            assert await _emptied(store, alice, timeout_s=20)
+        finally:
+            watcher.cancel()
+        after = sealed(carol, [alice.public], b"after", ttl_s=600)
+        assert isinstance(await sender.send(after), Accepted)
+        assert (await device.next_delivery(timeout=10)).envelope == after.raw
+    assert ACKS_IN_FLIGHT // 2 <= most <= ACKS_IN_FLIGHT, most

@@ -90,6 +90,14 @@ class CommandBatcher:
         self._sent: deque[tuple[AbstractConnection, list[_Call]]] = deque()
         self._room = asyncio.Event()  # set whenever fewer than MAX_BATCHES_IN_FLIGHT are sent
 
+    @property
+    def in_flight(self) -> tuple[int, ...]:
+        """The calls of each batch written and not yet answered, oldest first: what this
+        relay has asked of its Redis ahead of the answers, at most MAX_BATCHES_IN_FLIGHT
+        batches of at most MAX_CALLS_PER_BATCH calls (a read-only view, for tests and
+        anyone watching the batcher)."""
+        return tuple(len(batch) for _connection, batch in self._sent)
+
     def call(self, *commands: Command) -> asyncio.Future[list[Any]]:
         """Queue one call: its commands go out back to back in one batch (a script and the
         durability wait that must follow it on the same connection).  The future gets one
