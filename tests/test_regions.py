@@ -46,6 +46,29 @@ async def _emptied(store, device: Identity, timeout_s: float = 5.0) -> bool:
     return True
 
 
+class _Peak:
+    """The most tasks named `name` running at once in this process, looked at every loop
+    turn while the block runs: how a bound on a relay's side tasks is observed."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.most = name, 0
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> _Peak:
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._watcher is not None
+        self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            running = sum(task.get_name() == self.name for task in asyncio.all_tasks())
+            self.most = max(self.most, running)
+            await asyncio.sleep(0)
+
+
 async def test_an_eu_device_on_a_us_relay_gets_mail_sent_through_an_ap_relay(world) -> None:
     alice, carol = Identity.generate(), Identity.generate()  # alice homed in eu, carol in ap
     world.place({alice.public: "eu", carol.public: "ap"})
@@ -380,24 +403,13 @@ async def test_a_connection_has_at_most_sends_in_flight_of_its_sends_in_the_rela
     eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
     sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600)
             for i in range(3 * SENDS_IN_FLIGHT)]
-    most = 0
-
-    async def watch() -> None:  # the session's SENDs in flight are its tasks named "send"
-        nonlocal most
-        while True:
-            most = max(most, sum(task.get_name() == "send" for task in asyncio.all_tasks()))
-            await asyncio.sleep(0)
-
-    watcher = asyncio.create_task(watch())
-    try:
+    async with _Peak("send") as sends:  # the session's SENDs in flight are its "send" tasks
         async with await RawDevice.connect(eu.url, carol) as sender:
             for envelope in sent:
                 await sender.send_frame(Send(envelope.raw))
             answers = [await sender.recv(timeout=20) for _ in sent]
-    finally:
-        watcher.cancel()
     assert answers == [Accepted(envelope.msg_id) for envelope in sent]
-    assert SENDS_IN_FLIGHT // 2 <= most <= SENDS_IN_FLIGHT, most
+    assert SENDS_IN_FLIGHT // 2 <= sends.most <= SENDS_IN_FLIGHT, sends.most
 
 
 async def test_a_connection_has_at_most_acks_in_flight_of_its_acks_in_the_relay(world) -> None:
@@ -411,14 +423,6 @@ async def test_a_connection_has_at_most_acks_in_flight_of_its_acks_in_the_relay(
     count = 3 * ACKS_IN_FLIGHT
     eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000, delivery_window=count)
     sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(count)]
-    most = 0
-
-    async def watch() -> None:  # the session's removals in flight are its tasks named "ack"
-        nonlocal most
-        while True:
-            most = max(most, sum(task.get_name() == "ack" for task in asyncio.all_tasks()))
-            await asyncio.sleep(0)
-
     async with await RawDevice.connect(eu.url, carol) as sender, \
             await RawDevice.connect(eu.url, alice) as device:
         for envelope in sent:
@@ -428,15 +432,12 @@ async def test_a_connection_has_at_most_acks_in_flight_of_its_acks_in_the_relay(
         deliveries = [await device.next_delivery(timeout=10, ack=False) for _ in sent]
         assert sorted(decode_envelope(d.envelope).msg_id for d in deliveries) == sorted(
             envelope.msg_id for envelope in sent)
-        watcher = asyncio.create_task(watch())
-        try:
+        async with _Peak("ack") as removals:  # the session's removals are its "ack" tasks
             for delivery in deliveries:
                 await device.send_frame(Ack(delivery.tag))
             store = eu.relay.regions.stores["us"]  # type: ignore[union-attr]
             assert await _emptied(store, alice, timeout_s=20)
-        finally:
-            watcher.cancel()
         after = sealed(carol, [alice.public], b"after", ttl_s=600)
         assert isinstance(await sender.send(after), Accepted)
         assert (await device.next_delivery(timeout=10)).envelope == after.raw
-    assert ACKS_IN_FLIGHT // 2 <= most <= ACKS_IN_FLIGHT, most
+    assert ACKS_IN_FLIGHT // 2 <= removals.most <= ACKS_IN_FLIGHT, removals.most
