@@ -144,11 +144,11 @@ class RegionalStore(MailboxStore):
 
         This region's mailboxes were served inline for a while: paced regions.py runs had
         shown SEND -> DELIVER tails of 150-500 ms at p90 in the one-region case with them
-        pipelined.  Measured again, the tails did not come back (the code they were seen
-        on, this code in 3 runs alternated with 3 inline, and under three CPU burners):
-        p90 5.4-6.2 ms pipelined, 3.8-9.1 inline, and 1.4-1.8x the msg/s at saturation
-        pipelined (benchmarks/README.md, "The own region pipelined too").  Inline also cost
-        a relay whose own Redis is a round trip away two round trips per SEND."""
+        pipelined.  Measured again (the code they were seen on, and this one alternated
+        with inline, 3 runs each) they did not come back: p90 3.5-9.0 ms pipelined, 3.8-9.1
+        inline, and pipelined takes 1.4-1.8x the msg/s at saturation (benchmarks/README.md,
+        "The own region pipelined too").  Inline also cost a relay whose own Redis is a
+        round trip away two round trips per SEND."""
         return True
 
     async def _in(self, region: str, call: Callable[[RedisStore], Awaitable[T]]) -> T:
