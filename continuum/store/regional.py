@@ -138,13 +138,18 @@ class RegionalStore(MailboxStore):
         return region, self._store_of(region)
 
     def answers_later(self, recipient: PublicKey) -> bool:
-        """Only for a mailbox homed in another region.  Every region's store is a Redis and
-        answers a round trip later, as a plain RedisStore (which says True); but with this
-        region's calls pipelined too, regions.py paced at 32 msg/s showed SEND -> DELIVER
-        tails of 150-500 ms at p90 in the one-region case in three runs (2.5 / 6.3 / 10.8
-        ms p50 / p90 / p99 without), which a single-region relay on Redis does not show
-        (benchmarks/README.md, "The Redis path").  Not understood yet: inline here."""
-        return self._homes.home_of(recipient) != self.local
+        """Every region's store is a Redis, which answers a round trip later (this region's
+        a LAN one, another's a WAN one), so a connection keeps SENDs in flight and ACKs
+        side by side whatever the recipient's home, as on a plain RedisStore.
+
+        This region's mailboxes were served inline for a while: paced regions.py runs had
+        shown SEND -> DELIVER tails of 150-500 ms at p90 in the one-region case with them
+        pipelined.  Measured again (the code they were seen on, and this one alternated
+        with inline, 3 runs each) they did not come back: p90 3.5-9.0 ms pipelined, 3.8-9.1
+        inline, and pipelined takes 1.4-1.8x the msg/s at saturation (benchmarks/README.md,
+        "The own region pipelined too").  Inline also cost a relay whose own Redis is a
+        round trip away two round trips per SEND."""
+        return True
 
     async def _in(self, region: str, call: Callable[[RedisStore], Awaitable[T]]) -> T:
         """Await `call` on the region's store, reporting the region's state to `health`."""
