@@ -60,8 +60,11 @@ async def test_editing_a_group_configuration_reaches_a_device_that_reports_it(
                 assert await registry.configs.group_config(group.id) is None
 
                 await editor.fill('{"target_c": 21, "schedule": {"night_c": 17}}')
-                await page.click("button:has-text('Save configuration')")
-                await page.wait_for_load_state()
+                # The dashboard reloads the page itself once the save is answered: wait for
+                # that navigation, or a reload of ours can cross it (CI: "Not attached to
+                # an active page").
+                async with page.expect_navigation():
+                    await page.click("button:has-text('Save configuration')")
                 await eventually(lambda: _reload_shows(page, '"night_c": 17'), timeout=15)
                 await eventually(lambda: _applied(device, 21), timeout=15)
 
