@@ -34,9 +34,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import redis
 from common import UNTHROTTLED, RelayProcess, raise_nofile, table, write_results
 from loadgen import LoadPlan, per_sender_for, run_load
 from replicas import RedisServerProcess
@@ -122,6 +124,7 @@ def run(delay_ms: float, pairs: int, rate: float, seconds: float, per_sender: in
         eu, us = (stack.enter_context(RedisServerProcess()) for _ in range(2))
         wan = Wan(eu, us, delay_ms / 1000, oracle, placement(oracle, homes))
         stack.callback(wan.close)
+        wan_ms = _round_trips_ms(wan.ports["eu_to_us"])
         common = [*UNTHROTTLED, "--relay-key", relay_key.secret_text(),
                   "--oracle-url", wan.ports["oracle"], "--oracle-key", oracle.public.text]
         relays = {
@@ -143,7 +146,23 @@ def run(delay_ms: float, pairs: int, rate: float, seconds: float, per_sender: in
                 after = _delivered(receiver_relay)
                 results[name][way]["delivered_from_wakeups"] = (
                     (after[1] - before[1]) / max(1.0, after[0] - before[0]))
-    return {"delay_ms": delay_ms, "pairs": pairs, "rate": rate, "results": results}
+    return {"delay_ms": delay_ms, "pairs": pairs, "rate": rate, "wan_round_trip_ms": wan_ms,
+            "results": results}
+
+
+def _round_trips_ms(port: int, count: int = 50) -> dict[str, float]:
+    """p50/p99 of a Redis PING through the delay proxy: the round trip this harness's WAN
+    really takes (the injected delay both ways, plus the proxy's own forwarding)."""
+    client = redis.Redis(port=port)
+    client.ping()  # connected
+    took = []
+    for _ in range(count):
+        started = time.perf_counter()
+        client.ping()
+        took.append((time.perf_counter() - started) * 1000)
+    client.close()
+    took.sort()
+    return {"p50": took[len(took) // 2], "p99": took[int(0.99 * (len(took) - 1))]}
 
 
 def _delivered(relay: RelayProcess) -> tuple[float, float]:
@@ -160,6 +179,9 @@ def report(data: dict) -> None:
     print(f"injected one-way latency {data['delay_ms']:g} ms (round trip {rtt_ms:g} ms);"
           f" target SEND->DELIVER <= {target_ms:g} ms; paced at {data['rate']:g} msg/s,"
           f" {data['pairs']} pairs")
+    wan = data["wan_round_trip_ms"]
+    print(f"a Redis PING through the proxy (the harness's WAN round trip): p50 {wan['p50']:.1f}"
+          f" ms, p99 {wan['p99']:.1f} ms")
     print(table(["way", "p50 ms", "p90 ms", "p99 ms", "p50 - local", "p99 <= target",
                  "from wake-ups", "lost", "dups"], [
         [way, f"{r['latency_ms']['p50']:.1f}", f"{r['latency_ms']['p90']:.1f}",

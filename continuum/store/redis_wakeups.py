@@ -5,9 +5,9 @@ devices waits on it, and every `accept` publishes to each recipient's
 channel, so a device connected anywhere hears of new mail at once.  The
 listener blocks on the socket (no polling).  A publication carries the entry
 appended when it is small (`wake_entry`), so a relay can deliver it without a
-fetch.  Each subscribe confirmation also
-wakes its mailbox: a message appended between the session's first fetch and
-the moment Redis registered the subscription is then fetched, not missed.
+fetch.  Each subscribe confirmation also wakes its mailbox: a message
+appended between the session's first fetch and the moment Redis registered
+the subscription is then fetched, not missed.
 After a lost connection every local waiter is woken, since publications sent
 meanwhile are gone.
 
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+
 import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from .redis_keys import KeySpace
 from .base import NewEntry, Wake
+from .redis_keys import KeySpace
 from .wakeups import WakeupHub
 
 _RECONNECT_DELAY_S = 0.5
