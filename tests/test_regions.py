@@ -102,18 +102,30 @@ async def test_a_roaming_device_gets_live_mail_from_the_wake_up_without_a_fetch(
     world.place({alice.public: "eu", carol.public: "ap"})
     us, ap = await world.relay("us"), await world.relay("ap")
     metrics = us.relay.metrics  # type: ignore[union-attr]
+    home = us.relay.regions.stores["eu"]  # type: ignore[union-attr]
     sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(6)]
     async with await RawDevice.connect(ap.url, carol) as sender:
         for batch in (sent[:3], sent[3:]):  # two connections of alice, one after the other
+            fetched = _fetches(us)
             async with await RawDevice.connect(us.url, alice) as roaming:
-                await asyncio.sleep(0.3)  # subscribed, its first fetch done: live mail now
+                # Its fetches done (the session's first, and the one its subscription's
+                # confirmation asks for): the mail that follows is live.
+                async with asyncio.timeout(10):
+                    while _fetches(us) < fetched + 2:
+                        await asyncio.sleep(0.02)
                 before = metrics.delivered_from_wakeups.value
                 for envelope in batch:
                     assert await sender.send(envelope) == Accepted(envelope.msg_id)
                     assert (await roaming.next_delivery()).envelope == envelope.raw
-                    await asyncio.sleep(0.2)  # its ACK reaches eu: the mailbox empties
+                    assert await _emptied(home, alice)  # its ACK reached eu
                 assert metrics.delivered_from_wakeups.value - before == len(batch)
                 await roaming.expect_silence(0.3)  # nothing twice
+
+
+def _fetches(relay) -> float:
+    """How many mailbox fetches `relay` has made."""
+    return relay.relay.metrics.registry.get_sample_value(
+        "continuum_store_operation_seconds_count", {"operation": "fetch"}) or 0.0
 
 
 async def test_expiry_notices_go_to_the_senders_home(world) -> None:
