@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
+import redis.asyncio
 
 from continuum.server import RelayServer
 from proto import Identity, Kind, Origin, decode_envelope, seal_envelope
@@ -19,6 +20,7 @@ from proto.errors import StoreUnavailableError
 from proto.limits import Limits
 from proto.payloads import ExpiryNotice
 from fake_oracle import FakeOracle
+from redis_server import RedisServer
 from proto.access import AccessList
 from wire import RawDevice, error_code, now_ms, sealed
 
@@ -461,3 +463,33 @@ async def test_sends_in_flight_when_the_device_closes_are_answered_first(start_r
         assert [await a.recv() for _ in envelopes] == [Accepted(e.msg_id) for e in envelopes]
         assert (await a.ws.receive(timeout=5)).type in (aiohttp.WSMsgType.CLOSE,
                                                         aiohttp.WSMsgType.CLOSED)
+
+
+@pytest.mark.redis
+async def test_mail_sent_while_the_relays_pub_sub_is_down_is_delivered_after(start_relay) -> None:
+    """Wake-ups published while a relay's pub/sub connection is down are lost, entries and
+    all: once it is back, the relay wakes every device it serves, and each fetches what it
+    missed.  Redis drops the connection here as it does a subscriber over its output
+    buffer limit (CLIENT KILL TYPE pubsub)."""
+    redis_server = RedisServer("--appendonly", "no").start()
+    try:
+        server = await start_relay(store=f"{redis_server.url}/0")
+        alice, bob = Identity.generate(), Identity.generate()
+        sent = [sealed(alice, [bob.public], bytes([i])) for i in range(4)]
+        async with await RawDevice.connect(server.url, alice) as a, \
+                await RawDevice.connect(server.url, bob) as b:
+            assert await a.send(sent[0]) == Accepted(sent[0].msg_id)
+            assert (await b.next_delivery()).envelope == sent[0].raw
+            admin = redis.asyncio.Redis.from_url(redis_server.url)
+            try:
+                # The wake-ups' connection, and the stream bus's (SPEC §16).
+                assert await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+            finally:
+                await admin.aclose()
+            for envelope in sent[1:]:
+                assert await a.send(envelope) == Accepted(envelope.msg_id)
+            assert [(await b.next_delivery(timeout=10)).envelope for _ in sent[1:]] == [
+                envelope.raw for envelope in sent[1:]]
+            await b.expect_silence(0.3)  # nothing twice
+    finally:
+        redis_server.remove()
