@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 from proto.errors import StoreUnavailableError
@@ -96,22 +96,12 @@ class GroupCommit:
     def _run_alone(self, work: Callable[[sqlite3.Connection], T],
                    committed: Callable[[], None] | None, one_statement: bool) -> T:
         """One work in a transaction of its own, now (nothing is ever queued then)."""
-        db, journal = self._db, self._journal
-        start = journal.mark()
         try:
-            if not one_statement:
-                db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-                if db.in_transaction:
-                    db.execute("COMMIT")
-            except BaseException:
-                self._roll_back()
-                journal.undo_to(start)
-                raise
+            with self._transaction(begin=not one_statement):
+                result = work(self._db)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"mailbox store failed: {exc}") from None
-        journal.forget()
+        self._journal.forget()
         if committed is not None:
             committed()
         return result
@@ -145,9 +135,7 @@ class GroupCommit:
                  outcomes: list[tuple[Any, BaseException | None]]) -> None:
         db, journal = self._db, self._journal
         several = len(queue) > 1  # a lone work refused takes the whole transaction back
-        start = journal.mark()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction(begin=True):
             for work, _future, _committed in queue:
                 mark = journal.mark()
                 if several:
@@ -162,6 +150,18 @@ class GroupCommit:
                     outcomes.append((None, exc))
                 if several:
                     db.execute("RELEASE work")
+
+    @contextlib.contextmanager
+    def _transaction(self, *, begin: bool) -> Iterator[None]:
+        """BEGIN IMMEDIATE (unless `begin` is False: one statement commits itself), the
+        block, COMMIT if a transaction is open; if anything raises, the database and the
+        journal go back to where they were before, and it propagates."""
+        db, journal = self._db, self._journal
+        start = journal.mark()
+        if begin:
+            db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
             if db.in_transaction:
                 db.execute("COMMIT")
         except BaseException:
