@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from client import DeliveryStatus, Device, PeerList
-from proto import ErrorCode, Identity, decode_envelope
-from proto.frames import Accepted, Ack, Error, Send
+from proto import Envelope, ErrorCode, Identity, decode_envelope
+from proto.frames import Accepted, Ack, Error, Frame, Send
 from continuum.session import ACKS_IN_FLIGHT, SENDS_IN_FLIGHT
 from region_support import World, three_regions
 from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
@@ -383,6 +383,18 @@ async def test_without_an_oracle_every_key_is_local(world) -> None:
     assert [await stores[region].depth(alice.public) for region in ("ap", "eu", "us")] == [0, 0, 1]
 
 
+async def _send_at_once(url: str, sender: Identity,
+                        envelopes: list[Envelope]) -> tuple[list[Frame], float]:
+    """Write every SEND without waiting, then read the answers: (answers, seconds it took)."""
+    loop = asyncio.get_running_loop()
+    async with await RawDevice.connect(url, sender) as device:
+        started = loop.time()
+        for envelope in envelopes:
+            await device.send_frame(Send(envelope.raw))
+        answers = [await device.recv(timeout=20) for _ in envelopes]
+        return answers, loop.time() - started
+
+
 async def test_sends_across_the_wan_are_pipelined_and_keep_their_order(world) -> None:
     """carol (eu, on the EU relay) sends 64 envelopes to alice (homed in us, 40 ms each way)
     without waiting for answers: they are answered ACCEPTED in SEND order and lie in alice's
@@ -393,13 +405,7 @@ async def test_sends_across_the_wan_are_pipelined_and_keep_their_order(world) ->
     world.place({alice.public: "us", carol.public: "eu"})
     eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
     sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(64)]
-    loop = asyncio.get_running_loop()
-    async with await RawDevice.connect(eu.url, carol) as sender:
-        started = loop.time()
-        for envelope in sent:
-            await sender.send_frame(Send(envelope.raw))
-        answers = [await sender.recv(timeout=20) for _ in sent]
-        elapsed = loop.time() - started
+    answers, elapsed = await _send_at_once(eu.url, carol, sent)
     assert answers == [Accepted(envelope.msg_id) for envelope in sent]
     assert elapsed < 64 * 2 * 0.040 / 2
     stored = await eu.relay.regions.stores["us"].fetch(alice.public, None, 100)  # type: ignore[union-attr]
@@ -416,17 +422,11 @@ async def test_sends_to_the_relays_own_region_are_pipelined_too(world) -> None:
     bob, carol = Identity.generate(), Identity.generate()
     world.place({bob.public: "eu", carol.public: "eu"})
     sent = [sealed(carol, [bob.public], bytes([i]), ttl_s=600) for i in range(64)]
-    loop = asyncio.get_running_loop()
     async with DelayProxy(world.redis["eu"].port, 0.040) as zone:
         eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000,
                                store=f"redis://127.0.0.1:{zone.port}/0?prefix={world.prefix}")
         try:
-            async with await RawDevice.connect(eu.url, carol) as sender:
-                started = loop.time()
-                for envelope in sent:
-                    await sender.send_frame(Send(envelope.raw))
-                answers = [await sender.recv(timeout=20) for _ in sent]
-                elapsed = loop.time() - started
+            answers, elapsed = await _send_at_once(eu.url, carol, sent)
             stored = await eu.relay.regions.stores["eu"].fetch(bob.public, None, 100)  # type: ignore[union-attr]
         finally:
             await eu.stop()  # before the proxy it reaches its store through
