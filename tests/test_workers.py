@@ -40,25 +40,22 @@ class Workers(RelayProcess):
 
     def pids(self) -> dict[int, int]:
         """Worker index -> pid of the latest start of each, from the supervisor's log."""
-        assert self.log_path is not None
-        started: dict[int, int] = {}
-        for line in self.log_path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if event.get("event") == "worker_started":
-                    started[event["worker"]] = event["pid"]
-        return started
+        return {event["worker"]: event["pid"] for event in self._events("worker_started")}
 
     def serving(self) -> dict[str, int]:
         """Device key text -> the worker that logged it connecting (the latest line)."""
+        return {event["device"]: event["worker"] for event in self._events("device_connected")}
+
+    def _events(self, name: str) -> list[dict]:
+        """The log's JSON lines for event `name`, oldest first (other lines skipped)."""
         assert self.log_path is not None
-        workers: dict[str, int] = {}
+        events = []
         for line in self.log_path.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if event.get("event") == "device_connected":
-                    workers[event["device"]] = event["worker"]
-        return workers
+                if event.get("event") == name:
+                    events.append(event)
+        return events
 
     async def connected(self, http: aiohttp.ClientSession, worker: int) -> float:
         """Devices worker `worker` serves now (its own /metrics)."""
