@@ -55,6 +55,12 @@ class BrokerProcess:
     def version(self) -> str:
         raise NotImplementedError
 
+    def _with_config(self, name: str, lines: list[str]) -> list[str]:
+        """Write `lines` as the config file `name` in `workdir`; the command that reads it."""
+        config = self.workdir / name
+        config.write_text("\n".join(lines) + "\n")
+        return [self.binary, "-c", str(config)]
+
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
@@ -104,8 +110,7 @@ class Mosquitto(BrokerProcess):
     scheme = "mqtt"
 
     def command(self) -> list[str]:
-        config = self.workdir / "mosquitto.conf"
-        config.write_text("\n".join([
+        return self._with_config("mosquitto.conf", [
             f"listener {self.port} 127.0.0.1",
             "allow_anonymous true",
             # As root it would switch to the `mosquitto` user, who cannot write `workdir`.
@@ -118,8 +123,7 @@ class Mosquitto(BrokerProcess):
             "log_dest stderr",
             "log_type error",
             "log_type warning",
-        ]) + "\n")
-        return [self.binary, "-c", str(config)]
+        ])
 
     def version(self) -> str:
         run = subprocess.run([self.binary, "-h"], capture_output=True, text=True, timeout=10)
@@ -134,13 +138,11 @@ class NatsServer(BrokerProcess):
     scheme = "nats"
 
     def command(self) -> list[str]:
-        config = self.workdir / "nats.conf"
-        config.write_text("\n".join([
+        return self._with_config("nats.conf", [
             f"listen: 127.0.0.1:{self.port}",
             "server_name: continuum-peer",
             f'jetstream {{ store_dir: "{self.workdir / "jetstream"}" }}',
-        ]) + "\n")
-        return [self.binary, "-c", str(config)]
+        ])
 
     def version(self) -> str:
         return subprocess.run([self.binary, "--version"], capture_output=True, text=True,
