@@ -203,11 +203,11 @@ index_body(KEYS[4], KEYS[5], ARGV[13], bytes, tonumber(ARGV[7]), members)
 local wakes = {}
 for i = 1, count do
   local b = 5 + (i - 1) * 3
-  local previous = newest_id(KEYS[b + 1])
+  -- The newest id only for an entry that rides on its wake-up ('' is true in Lua).
+  local previous = bytes <= WAKE_ENTRY_MAX_BYTES and newest_id(KEYS[b + 1])
   local id = append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5],
                     ARGV[6], inline and ARGV[3] or nil)
-  wakes[i] = ''
-  if bytes <= WAKE_ENTRY_MAX_BYTES then wakes[i] = id .. ' ' .. previous .. ' ' .. ARGV[3] end
+  wakes[i] = previous and (id .. ' ' .. previous .. ' ' .. ARGV[3]) or ''
 end
 for i = 1, count do
   redis.call('PUBLISH', ARGV[13 + 3 * i], wakes[i])
