@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import aiohttp
 
 from proto import Identity, Limits, PublicKey
-from proto.channel import TAG_BYTES
+from proto.channel import DETACHED_SUBPROTOCOL, OVERHEAD_BYTES, Layout
 from proto.frames import NONCE_BYTES, StreamFrame
 from proto.handshake import EPHEMERAL_SEED_BYTES, HANDSHAKE_FRAME_MAX_BYTES
 from runtime.clock import now_ms
@@ -45,6 +45,7 @@ class RelayConnection:
         self.relay_key: PublicKey = connected.terms.relay_key
         self.limits: Limits = connected.terms.limits
         self.clock_offset_ms = connected.clock_offset_ms
+        self.layout: Layout = protocol.layout
         self._ws = ws
         self._protocol = protocol
         # One writer at a time: aiohttp may wait for the socket to drain between two frames
@@ -127,17 +128,19 @@ async def connect(url: str, identity: Identity, *, max_envelope_bytes: int,
     `wss://` URL is verified against `tls` (for a private CA), else the system's
     certificate store.
     """
-    protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
-                              os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
-                              pinned_relay_keys)
-    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes + TAG_BYTES,
-                   HANDSHAKE_FRAME_MAX_BYTES)
+    read_cap = max(Limits(max_envelope_bytes=max_envelope_bytes).max_frame_bytes
+                   + OVERHEAD_BYTES, HANDSHAKE_FRAME_MAX_BYTES)
     async with aiohttp.ClientSession() as http:
         async with asyncio.timeout(handshake_timeout_s):
+            # Offering the detached layout: a relay that predates it selects nothing, and
+            # the channel then seals whole frames (SPEC §8).
             ws = await http.ws_connect(url, heartbeat=keepalive_s, autoping=True,
-                                       max_msg_size=read_cap,
+                                       max_msg_size=read_cap, protocols=(DETACHED_SUBPROTOCOL,),
                                        ssl=tls if tls is not None else True)
         try:
+            protocol = DeviceProtocol(identity, os.urandom(NONCE_BYTES),
+                                      os.urandom(EPHEMERAL_SEED_BYTES), max_envelope_bytes,
+                                      pinned_relay_keys, Layout.negotiated(ws.protocol))
             async with asyncio.timeout(handshake_timeout_s):
                 connected: Event | None = None
                 while connected is None:

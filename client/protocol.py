@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from proto import Identity, PublicKey
-from proto.channel import CipherState
+from proto.channel import FrameOpener, FrameSealer, Layout
 from proto.errors import OversizeError, ProtocolError, error_for_code
 from proto.frames import (STREAM_FRAMES, Accepted, Ack, Deliver, Error, Frame, Send, StreamFrame,
-                          decode_frame, encode_frame)
+                          decode_frame)
 from proto.handshake import DeviceHandshake, Established, HandshakeState
 
 
@@ -89,12 +89,14 @@ class DeviceProtocol:
 
     def __init__(self, identity: Identity, client_nonce: bytes, ephemeral_seed: bytes,
                  max_envelope_bytes: int,
-                 pinned_relay_keys: Collection[PublicKey] | None = None) -> None:
+                 pinned_relay_keys: Collection[PublicKey] | None = None,
+                 layout: Layout = Layout.SEALED) -> None:
+        self.layout = layout  # the channel's, as the WebSocket handshake negotiated it
         self._handshake = DeviceHandshake(identity, client_nonce, ephemeral_seed,
                                           max_envelope_bytes, pinned_relay_keys)
         self._out: list[bytes] = []
-        self._sealer: CipherState | None = None
-        self._opener: CipherState | None = None
+        self._sealer: FrameSealer | None = None
+        self._opener: FrameOpener | None = None
         self.phase = Phase.HANDSHAKE
         self.terms: Established | None = None
 
@@ -112,9 +114,9 @@ class DeviceProtocol:
         if self.phase is Phase.HANDSHAKE:
             return self._receive_handshake(data, now_ms)
         assert self.terms is not None and self._opener is not None
-        data = self._opener.open(data)  # ChannelError: the connection must end
+        data, detached = self._opener.open(data)  # ChannelError: the connection must end
         try:
-            frame = decode_frame(data, self.terms.limits.max_frame_bytes)
+            frame = decode_frame(data, self.terms.limits.max_frame_bytes, detached)
         except ProtocolError as exc:
             return BadFrame(f"undecodable frame: {exc.message}")
         if isinstance(frame, Deliver):
@@ -136,7 +138,9 @@ class DeviceProtocol:
             return None
         terms = self._handshake.receive_welcome(data)
         self.terms = terms
-        self._sealer, self._opener = terms.channel.for_device()
+        sealer, opener = terms.channel.for_device()
+        self._sealer = FrameSealer(sealer, self.layout)
+        self._opener = FrameOpener(opener, self.layout)
         self.phase = Phase.OPEN
         return Connected(terms, terms.server_time_ms - now_ms)
 
@@ -160,4 +164,4 @@ class DeviceProtocol:
 
     def _emit(self, frame: Frame) -> None:
         assert self._sealer is not None, "a frame before the handshake completed"
-        self._out.append(self._sealer.seal(encode_frame(frame)))
+        self._out.append(self._sealer.seal(frame))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proto.channel import DETACHED_SUBPROTOCOL, Layout
 from proto.errors import ProtocolError
 from runtime.client_address import client_address
 from runtime.listener import trust
@@ -27,8 +28,9 @@ async def connect(request: web.Request) -> web.StreamResponse:
     # Frames up to twice the limit are read and refused with an OVERSIZE error
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
     ws = DeviceWebSocket(max_msg_size=2 * relay.settings.limits.max_frame_bytes,
-                         heartbeat=relay.settings.heartbeat_s)
-    session = DeviceSession(ws, relay, address)
+                         heartbeat=relay.settings.heartbeat_s, protocols=(DETACHED_SUBPROTOCOL,))
+    # The channel's layout is what the device offered and `prepare` will select (SPEC §8).
+    session = DeviceSession(ws, relay, address, Layout.negotiated(ws.can_prepare(request).protocol))
     try:
         slot = relay.gate.admit(address, session)
     except ConnectionRefused as refused:

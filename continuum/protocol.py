@@ -44,10 +44,9 @@ from proto.errors import (DecodeError, OversizeError, PeerUnreachableError, Prot
                           RateLimitedError,
                           StoreUnavailableError, SupersededError, UnauthenticatedError,
                           UnexpectedFrameError)
-from proto.channel import ChannelError, CipherState
+from proto.channel import ChannelError, FrameOpener, FrameSealer, Layout
 from proto.frames import (STREAM_FRAMES, Accepted, Ack, Deliver, Error, Frame, Send, StreamAbort,
-                          StreamData, StreamFin, StreamFrame, StreamOpen, decode_frame,
-                          encode_frame)
+                          StreamData, StreamFin, StreamFrame, StreamOpen, decode_frame)
 from proto.handshake import RelayHandshake
 
 from .access import AccessControl
@@ -146,15 +145,17 @@ class RelayProtocol:
     """
 
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
-                 "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
+                 "_layout", "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
                  "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "_found_empty",
                  "counts", "_stream_budget", "_streams")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
                  log: structlog.typing.FilteringBoundLogger, *, relay_nonce: bytes,
-                 ephemeral_seed: bytes, stream_budget: StreamBudget | None = None) -> None:
+                 ephemeral_seed: bytes, stream_budget: StreamBudget | None = None,
+                 layout: Layout = Layout.SEALED) -> None:
         self._settings = settings
+        self._layout = layout  # the channel's, as the WebSocket handshake negotiated it
         self._access = access
         self._budget = budget
         self._metrics = metrics
@@ -162,8 +163,8 @@ class RelayProtocol:
         self._handshake: RelayHandshake | None = RelayHandshake(
             identity, relay_nonce, ephemeral_seed, settings.limits)
         # The sealed channel's two directions, from WELCOME on.
-        self._sealer: CipherState | None = None
-        self._opener: CipherState | None = None
+        self._sealer: FrameSealer | None = None
+        self._opener: FrameOpener | None = None
         self._out: list[bytes] = [self._handshake.challenge()]
         self.phase = Phase.HANDSHAKE
         self.device_key: PublicKey | None = None
@@ -207,7 +208,7 @@ class RelayProtocol:
         try:
             # Opened before anything else, an oversize one too: each message counts in the
             # channel, so one refused unopened would break every later one.
-            data = self._opener.open(data)
+            data, detached = self._opener.open(data)
         except ChannelError as exc:
             self._metrics.rejected.labels("channel").inc()
             self._log.warning("channel_broken", detail=exc.message)
@@ -215,12 +216,12 @@ class RelayProtocol:
             self._close(Close(CLOSE_POLICY_VIOLATION, "channel integrity"))
             return None
         max_frame = self._settings.limits.max_frame_bytes
-        if len(data) > max_frame:
+        if len(data) + len(detached) > max_frame:
             self._reject(None, OversizeError(
-                f"frame of {len(data)} bytes exceeds the limit of {max_frame}"))
+                f"frame of {len(data) + len(detached)} bytes exceeds the limit of {max_frame}"))
             return None
         try:
-            frame = decode_frame(data, max_frame)
+            frame = decode_frame(data, max_frame, detached)
         except ProtocolError as exc:
             self._reject(None, exc)
             return None
@@ -287,7 +288,9 @@ class RelayProtocol:
             return None
         welcome, terms = handshake.welcome(now_ms)
         self._out.append(welcome)
-        self._sealer, self._opener = terms.channel.for_relay()
+        sealer, opener = terms.channel.for_relay()
+        self._sealer = FrameSealer(sealer, self._layout)
+        self._opener = FrameOpener(opener, self._layout)
         self._handshake = None
         self.device_key = key
         self.phase = Phase.OPEN
@@ -557,7 +560,7 @@ class RelayProtocol:
     def _emit(self, frame: Frame) -> None:
         """Queue one frame in the sealed channel (only ever called once it is open)."""
         assert self._sealer is not None
-        self._out.append(self._sealer.seal(encode_frame(frame)))
+        self._out.append(self._sealer.seal(frame))
 
     def _close(self, close: Close) -> None:
         if self.close is None:

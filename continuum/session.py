@@ -22,6 +22,7 @@ from collections.abc import Awaitable
 from aiohttp import WSMessage, WSMsgType
 
 from proto import PublicKey
+from proto.channel import Layout
 from proto.errors import InternalError, ProtocolError
 from proto.frames import NONCE_BYTES, StreamFrame
 from proto.handshake import EPHEMERAL_SEED_BYTES
@@ -57,14 +58,15 @@ class DeviceSession:
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
                  "_address", "_watchdog", "_removals", "_sends")
 
-    def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str) -> None:
+    def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str,
+                 layout: Layout = Layout.SEALED) -> None:
         self._ws = ws
         self._relay = relay
         self._protocol = RelayProtocol(relay.identity, relay.settings, relay.access,
                                        AddressBudget(relay.gate, address), relay.metrics,
                                        relay.log, relay_nonce=os.urandom(NONCE_BYTES),
                                        ephemeral_seed=os.urandom(EPHEMERAL_SEED_BYTES),
-                                       stream_budget=relay.stream_budget)
+                                       stream_budget=relay.stream_budget, layout=layout)
         self._delivery: asyncio.Task[None] | None = None
         self._next_fetch: Fetch | None = None
         self._closing: asyncio.Task[None] | None = None

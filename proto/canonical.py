@@ -99,23 +99,42 @@ def string_span(data: bytes, pos: int, major: int) -> tuple[int, int] | None:
     """(start, end) of the string of `major` whose head is at `pos`, if that head is
     canonical (definite, shortest form) and the whole string lies within `data`; None for
     anything else, which the caller hands to `decode` to be refused with its reason."""
+    head = string_head(data, pos, major)
+    if head is None:
+        return None
+    start, length = head
+    end = start + length
+    return (start, end) if end <= len(data) else None
+
+
+def string_head(data: bytes, pos: int, major: int) -> tuple[int, int] | None:
+    """(start, length) of the string of `major` whose head is at `pos`, if that head is
+    canonical and lies within `data`; the string itself may lie elsewhere (a channel's
+    detached chunk, SPEC §8)."""
     if pos >= len(data) or data[pos] >> 5 != major:
         return None
     info = data[pos] & 0x1F
     if info < 24:
-        start, length = pos + 1, info
-    else:
-        minimum = _HEAD_MINIMUM.get(info)
-        if minimum is None:
-            return None  # reserved (28-30) or indefinite (31)
-        start = pos + 1 + (1 << (info - 24))  # 1, 2, 4 or 8 length bytes
-        if start > len(data):
-            return None
-        length = int.from_bytes(data[pos + 1:start], "big")
-        if length < minimum:
-            return None
-    end = start + length
-    return (start, end) if end <= len(data) else None
+        return pos + 1, info
+    minimum = _HEAD_MINIMUM.get(info)
+    if minimum is None:
+        return None  # reserved (28-30) or indefinite (31)
+    start = pos + 1 + (1 << (info - 24))  # 1, 2, 4 or 8 length bytes
+    if start > len(data):
+        return None
+    length = int.from_bytes(data[pos + 1:start], "big")
+    return (start, length) if length >= minimum else None
+
+
+def encode_string_head(major: int, length: int) -> bytes:
+    """The canonical head of a string of `major` and `length`: what `encode` writes before
+    the string's bytes, without the bytes (so a chunk can travel apart from its head)."""
+    if length < 24:
+        return bytes((major << 5 | length,))
+    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
+        if length < 1 << (8 * size):
+            return bytes((major << 5 | info,)) + length.to_bytes(size, "big")
+    raise ValueError("a CBOR string is shorter than 2^64 bytes")
 
 
 def uint63(value: object, what: str) -> int:

@@ -34,7 +34,8 @@ from typing import ClassVar
 
 from . import canonical
 from .envelope import MSG_ID_BYTES
-from .errors import DecodeError, ErrorCode, InvalidFieldError, UnsupportedVersionError
+from .errors import (DecodeError, ErrorCode, InvalidFieldError, OversizeError,
+                     UnsupportedVersionError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, PublicKey
 from .limits import PROTOCOL_VERSION
 
@@ -402,10 +403,52 @@ def _decode_strings(data: bytes, max_size: int) -> Frame | None:
     return cls.from_fields(fields)  # type: ignore[attr-defined, no-any-return]
 
 
-def decode_frame(data: bytes, max_size: int) -> Frame:
-    """Parse one frame or raise a DecodeError subclass naming what is wrong."""
+def decode_frame(data: bytes, max_size: int, detached: bytes = b"") -> Frame:
+    """Parse one frame or raise a DecodeError subclass naming what is wrong.
+
+    `detached` is the chunk a channel carried apart from the frame's head (SPEC §8,
+    detached layout): `data` is then the head of a STREAM_DATA or STREAM_FIN that ends
+    where its chunk's bytes begin, and the chunk is exactly `detached`."""
+    if detached:
+        return _decode_detached(data, detached, max_size)
     frame = _decode_strings(data, max_size)
     return frame if frame is not None else _decode_any(data, max_size)
+
+
+# Frames whose last field, a stream chunk, a channel may carry apart from the rest (SPEC §8):
+# it is already sealed end to end, so the channel authenticates it without sealing it again.
+_DETACHABLE: dict[int, type[StreamData] | type[StreamFin]] = {
+    FrameType.STREAM_DATA: StreamData, FrameType.STREAM_FIN: StreamFin}
+_STREAM_ID_HEAD = canonical.encode_string_head(canonical.BYTES, STREAM_ID_BYTES)
+
+
+def split_frame(frame: Frame) -> tuple[bytes, bytes]:
+    """(head, detached): a stream chunk apart from the rest of its frame, whose encoding is
+    `head + detached`; every other frame whole, with nothing detached."""
+    if isinstance(frame, (StreamData, StreamFin)) and len(frame.stream_id) == STREAM_ID_BYTES:
+        head = (bytes((0x83, frame.TYPE)) + _STREAM_ID_HEAD + frame.stream_id
+                + canonical.encode_string_head(canonical.BYTES, len(frame.chunk)))
+        return head, frame.chunk
+    return encode_frame(frame), b""
+
+
+def _decode_detached(head: bytes, detached: bytes, max_size: int) -> StreamData | StreamFin:
+    """The frame a detached chunk belongs to: only a STREAM_DATA or STREAM_FIN whose head, in
+    canonical form, ends with the chunk's length, so exactly one encoding is accepted."""
+    if len(head) + len(detached) > max_size:
+        raise OversizeError(f"frame of {len(head) + len(detached)} bytes exceeds the limit"
+                            f" of {max_size}")
+    cls = _DETACHABLE.get(head[1]) if len(head) > 1 and head[0] == 0x83 else None
+    if cls is None:
+        raise DecodeError("only a STREAM_DATA or STREAM_FIN frame may carry a detached chunk")
+    id_span = canonical.string_span(head, 2, canonical.BYTES)
+    chunk_head = None if id_span is None else canonical.string_head(head, id_span[1],
+                                                                   canonical.BYTES)
+    if chunk_head != (len(head), len(detached)):
+        raise DecodeError("a detached chunk's frame must end with the chunk's canonical"
+                          " length")
+    assert id_span is not None
+    return cls(_stream_id(head[id_span[0]:id_span[1]]), detached)
 
 
 def _decode_any(data: bytes, max_size: int) -> Frame:

@@ -89,6 +89,9 @@ async def test_a_listen_killed_after_surfacing_but_before_the_ack_does_not_surfa
         listener = CliProcess(bob_home, "--relay", replaying.url, "listen")
         try:
             await listener.wait_output(lambda out, err: message.msg_id.hex() in out)
+            # Its receipt is stored before the message surfaces but sent just after: wait
+            # for it, so the run below is compared with what this one sent.
+            await replaying.wait_for(lambda: bool(replaying.sends))
         finally:
             listener.kill()
         receipts = list(replaying.sends)

@@ -19,10 +19,12 @@ from fake_relay import FakeRelay, accept, refuse
 import client
 from client import DeliveryStatus, Device, InboundMessage, PeerList
 from client.backoff import Backoff
+from client.connection import connect
 from client.state import DeviceState, StoredSend
 from client.tracking import SentLog
 from continuum.server import RelayServer, Settings
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
+from proto.channel import Layout
 from proto.errors import ErrorCode
 from redis_server import RedisServer
 from relay_process import RelayProcess, free_port
@@ -266,3 +268,12 @@ async def test_the_docstring_example_runs_as_written(relay: RelayServer, tmp_pat
     first, second = out.decode().splitlines()
     assert first.endswith(" b'hello bob'") and "DELIVERED" in second
     assert (tmp_path / "alice.key").exists() and (tmp_path / "alice-state" / "state.db").exists()
+
+
+async def test_a_relay_that_predates_the_detached_layout_gets_whole_sealed_frames() -> None:
+    """FakeRelay selects no WebSocket subprotocol, as a relay from before SPEC §8's detached
+    layout: the library, which offers it, keeps sealing whole frames there (every other test
+    on FakeRelay carries mail that way)."""
+    async with FakeRelay(answer=accept) as relay:
+        async with connect(relay.url, Identity.generate(), max_envelope_bytes=65_536) as conn:
+            assert conn.layout is Layout.SEALED

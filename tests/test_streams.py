@@ -15,11 +15,13 @@ import os
 import time
 from dataclasses import dataclass
 
+import aiohttp
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from client import Device, PeerList
+from client.connection import connect
 from client.streams import StreamRequest
 from conftest import TEST_SETTINGS
 from continuum.server import RelayServer
@@ -29,12 +31,13 @@ from proto import Identity, decode_envelope
 from proto.access import AccessList
 from proto.errors import (ErrorCode, NotPeerError, PeerUnreachableError, StreamBrokenError,
                           StreamRefusedError)
-from proto.frames import (StreamAbort, StreamAccept, StreamCredit, StreamData, StreamFin,
-                          StreamOpen)
+from proto.channel import LENGTH_BYTES, Layout
+from proto.frames import (Accepted, Send, StreamAbort, StreamAccept, StreamCredit, StreamData,
+                          StreamFin, StreamOpen, encode_frame)
 from proto.streams import accept_open, begin_open, read_open
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, INPUTS_TRIED, TALLY
-from wire import RawDevice
+from wire import RawDevice, error_code, sealed
 
 
 @dataclass
@@ -247,6 +250,91 @@ async def stream_frame(raw: RawDevice, timeout: float = 10.0):
         frame = await raw.recv(timeout)
         if isinstance(frame, (StreamAccept, StreamData, StreamFin, StreamAbort, StreamOpen)):
             return frame
+
+
+async def _echoed(raw: RawDevice, opening, alice: Identity, payload: bytes) -> bytes:
+    """Open a stream to bob's echo from `raw`, send `payload` and FIN, read the echo."""
+    accepted = await stream_frame(raw)
+    assert isinstance(accepted, StreamAccept), accepted
+    keys = opening.complete(accepted.envelope, alice)
+    await raw.send_frame(StreamData(opening.stream_id, keys.sealer.seal(payload)))
+    await raw.send_frame(StreamFin(opening.stream_id, keys.sealer.seal(b"", final=True)))
+    echoed = b""
+    while not isinstance(frame := await stream_frame(raw), StreamFin):
+        assert isinstance(frame, StreamData), frame
+        echoed += keys.opener.open(frame.chunk, final=False)
+    return echoed + keys.opener.open(frame.chunk, final=True)
+
+
+async def test_the_library_offers_the_detached_layout_and_the_relay_selects_it(
+        relays: Relays) -> None:
+    async with connect(relays.alice, Identity.generate(), max_envelope_bytes=65_536) as relay:
+        assert relay.layout is Layout.DETACHED
+
+
+@pytest.mark.parametrize("layout", [Layout.SEALED, Layout.DETACHED], ids=["sealed", "detached"])
+async def test_chunks_cross_between_connections_of_either_channel_layout(
+        relays: Relays, layout: Layout) -> None:
+    """The library offers the detached layout (SPEC §8) and the relay selects it; a device
+    that offers nothing (one that predates it) keeps whole sealed frames.  The relay passes
+    chunks between the two, each connection in its own layout."""
+    alice, bob = Identity.generate(), Identity.generate()
+    payload = os.urandom(50_000)
+    async with devices(relays, alice, bob)[1] as b, \
+            await RawDevice.connect(relays.alice, alice, layout=layout) as raw:
+        b.on_stream(echo)
+        await connected(b)
+        assert Layout.negotiated(raw.ws.protocol) is layout
+        assert await _echoed(raw, await raw_offer(raw, bob), alice, payload) == payload
+
+
+async def test_a_chunk_altered_on_the_path_ends_the_connection_at_the_relay(
+        relays: Relays) -> None:
+    """In the detached layout a chunk is not sealed again on the hop, but it is still
+    authenticated by it: a path that flips one of its bits is caught by the relay, which
+    passes nothing of it on and closes the connection, as for any altered message."""
+    alice, bob = Identity.generate(), Identity.generate()
+    got: list = []
+
+    async def read_all(request: StreamRequest) -> None:
+        stream = await request.accept()
+        try:
+            while data := await stream.read():
+                got.append(data)
+        except StreamBrokenError as exc:
+            got.append(exc)
+
+    async with devices(relays, alice, bob)[1] as b, \
+            await RawDevice.connect(relays.alice, alice, layout=Layout.DETACHED) as raw:
+        b.on_stream(read_all)
+        await connected(b)
+        opening = await raw_offer(raw, bob)
+        accepted = await stream_frame(raw)
+        keys = opening.complete(accepted.envelope, alice)
+        message = bytearray(raw.sealer.seal(StreamData(opening.stream_id,
+                                                       keys.sealer.seal(b"x" * 4000))))
+        message[-100] ^= 0x10  # a byte of the chunk, which travels unencrypted
+        TALLY[INPUTS_TRIED] += 1
+        await raw.ws.send_bytes(bytes(message))
+        assert error_code(await raw.recv()) == "UNAUTHENTICATED"
+        closing = await raw.ws.receive(timeout=5)
+        assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), closing
+        await eventually(lambda: _settled(got), timeout=10)
+        assert len(got) == 1 and isinstance(got[0], StreamBrokenError), got
+
+
+async def test_a_detached_part_on_any_frame_but_a_chunk_is_refused(relays: Relays) -> None:
+    """A keyed device that seals part of a SEND apart is answered MALFORMED, as for any
+    bad frame, and its connection goes on."""
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relays.alice, alice, layout=Layout.DETACHED) as raw:
+        frame = encode_frame(Send(sealed(alice, [bob.public]).raw))
+        head, detached = frame[:40], frame[40:]
+        TALLY[INPUTS_TRIED] += 1
+        await raw.ws.send_bytes(len(detached).to_bytes(LENGTH_BYTES, "big")
+                                + raw.cipher.seal(head, detached) + detached)
+        assert error_code(await raw.recv()) == "MALFORMED"
+        assert isinstance(await raw.send(sealed(alice, [bob.public])), Accepted)
 
 
 async def test_a_forged_open_is_refused_by_the_relay(relays: Relays) -> None:

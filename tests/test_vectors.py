@@ -364,6 +364,18 @@ def test_handshake_transcript() -> None:
             frame = nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
                 H(sealed), None, nonce, key)
             assert frame.hex() in hs["frames"].values()
+    # The detached layout: length ‖ sealed head (the chunk as AAD) ‖ chunk, whole frames with
+    # length 0; each direction counts from 0 on a connection that negotiated it.
+    assert ch["detached_frames"]["subprotocol"] == "continuum.v2.detached"
+    for direction, key in (("device_to_relay", tx), ("relay_to_device", rx)):
+        for count, message in enumerate(map(H, ch["detached_frames"][direction])):
+            size = int.from_bytes(message[:4], "big")
+            end = len(message) - size
+            nonce = bytes(4) + count.to_bytes(8, "little")
+            head = nacl.bindings.crypto_aead_chacha20poly1305_ietf_decrypt(
+                message[4:end], message[end:] or None, nonce, key)
+            assert (head + message[end:]).hex() in hs["frames"].values()
+            assert size == 0 or head[1] in (11, 13)  # only STREAM_DATA and STREAM_FIN detach
 
     # Both state machines, given the vector's keys, nonces, seeds and clock, say these bytes.
     relay = RelayHandshake(identity(hs["relay"]), relay_nonce, H(c["relay_ephemeral_seed"]),

@@ -12,8 +12,8 @@ import os
 import aiohttp
 
 from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
-from proto.frames import (NONCE_BYTES, Accepted, Ack, Deliver, Error, Frame, Send, decode_frame,
-                          encode_frame)
+from proto.channel import DETACHED_SUBPROTOCOL, LENGTH_BYTES, FrameOpener, FrameSealer, Layout
+from proto.frames import NONCE_BYTES, Accepted, Ack, Deliver, Error, Frame, Send, decode_frame
 from proto.handshake import EPHEMERAL_SEED_BYTES, DeviceHandshake, Established
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, TALLY
@@ -38,14 +38,21 @@ class RawDevice:
     def __init__(self, session: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse,
                  identity: Identity, terms: Established) -> None:
         self.session, self.ws, self.identity, self.terms = session, ws, identity, terms
-        self.sealer, self.opener = terms.channel.for_device()
+        self.layout = Layout.negotiated(ws.protocol)
+        self.cipher, receiving = terms.channel.for_device()
+        self.sealer = FrameSealer(self.cipher, self.layout)
+        self.opener = FrameOpener(receiving, self.layout)
 
     @classmethod
-    async def connect(cls, url: str, identity: Identity, compress: int = 0) -> RawDevice:
-        """`compress` 15 offers permessage-deflate, as browsers do."""
+    async def connect(cls, url: str, identity: Identity, compress: int = 0,
+                      layout: Layout = Layout.SEALED) -> RawDevice:
+        """`compress` 15 offers permessage-deflate, as browsers do; `layout` DETACHED offers
+        the detached channel layout, as the device library does (SPEC §8)."""
         session = aiohttp.ClientSession()
+        offered = (DETACHED_SUBPROTOCOL,) if layout is Layout.DETACHED else ()
         try:
-            ws = await session.ws_connect(url, max_msg_size=MAX_FRAME, compress=compress)
+            ws = await session.ws_connect(url, max_msg_size=MAX_FRAME, compress=compress,
+                                          protocols=offered)
             handshake = device_handshake(identity)
             await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
             terms = handshake.receive_welcome(await ws.receive_bytes(timeout=5))
@@ -56,10 +63,11 @@ class RawDevice:
 
     async def send_raw(self, data: bytes) -> None:
         """Any bytes as one frame inside the sealed channel (what a hostile device can send)."""
-        await self.ws.send_bytes(self.sealer.seal(data))
+        prefix = bytes(LENGTH_BYTES) if self.layout is Layout.DETACHED else b""
+        await self.ws.send_bytes(prefix + self.cipher.seal(data))
 
     async def send_frame(self, frame: Frame) -> None:
-        await self.send_raw(encode_frame(frame))
+        await self.ws.send_bytes(self.sealer.seal(frame))
 
     async def send(self, envelope: Envelope) -> Frame:
         """Send an envelope and return the relay's answer (ACCEPTED or ERROR)."""
@@ -70,7 +78,8 @@ class RawDevice:
         message = await self.ws.receive(timeout=timeout)
         if message.type != aiohttp.WSMsgType.BINARY:
             raise ConnectionError(f"relay sent {message.type.name}: {message.data!r}")
-        return decode_frame(self.opener.open(message.data), MAX_FRAME)
+        head, detached = self.opener.open(message.data)
+        return decode_frame(head, MAX_FRAME, detached)
 
     async def recv_not_deliver(self, timeout: float = 5.0) -> Frame:
         """Next ACCEPTED/ERROR answer, skipping interleaved deliveries."""

@@ -24,8 +24,9 @@ from ..access import (ACCESS_LIST_DOMAIN, ACCESS_REQUEST_DOMAIN, ORACLE_CLOCK_SK
 from ..envelope import (PAYLOAD_AAD_DOMAIN, SIGNING_DOMAIN, Contents, Envelope, Kind, Origin,
                         decode_envelope, seal_contents, seal_envelope)
 from ..errors import ErrorCode
-from ..frames import (Accepted, Ack, Challenge, Deliver, Error, Frame, Hello, Send, Welcome,
-                      decode_frame, encode_frame)
+from ..channel import DETACHED_SUBPROTOCOL, FrameSealer, Layout
+from ..frames import (Accepted, Ack, Challenge, Deliver, Error, Frame, Hello, Send, StreamData,
+                      StreamFin, Welcome, decode_frame, encode_frame)
 from ..handshake import (HANDSHAKE_FRAME_MAX_BYTES, HELLO_DOMAIN, WELCOME_DOMAIN, DeviceHandshake,
                          RelayHandshake, hello_signed_bytes, welcome_signed_bytes)
 from ..keys import PUBLIC_PREFIX, SECRET_PREFIX, Identity
@@ -402,6 +403,9 @@ def handshake_vectors() -> dict:
         "error_no_msg_id": Error(None, int(ErrorCode.UNAUTHENTICATED), "hello timed out"),
         "deliver": Deliver("7", envelope),
         "ack": Ack("7"),
+        # Chunks as a stream carries them (the channel neither knows nor checks their keys).
+        "stream_data": StreamData(fill(0xC5, 16), fill(0xC6, 300)),
+        "stream_fin": StreamFin(fill(0xC5, 16), fill(0xC7, 17)),
     }
     # The channel after WELCOME: the device's first two frames and the relay's first two.
     device_send, _ = terms.channel.for_device()
@@ -410,9 +414,17 @@ def handshake_vectors() -> dict:
                                   for f in (frames["send"], frames["ack"])],
               "relay_to_device": [relay_send.seal(encode_frame(f)).hex()
                                   for f in (frames["accepted"], frames["deliver"])]}
+    # The same channel on a connection that negotiated the detached layout (SPEC §8).
+    device_send, _ = terms.channel.for_device()
+    relay_send, _ = terms.channel.for_relay()
+    detached = {"subprotocol": DETACHED_SUBPROTOCOL,
+                "device_to_relay": [FrameSealer(device_send, Layout.DETACHED).seal(f).hex()
+                                    for f in (frames["send"], frames["stream_data"])],
+                "relay_to_device": [FrameSealer(relay_send, Layout.DETACHED).seal(f).hex()
+                                    for f in (frames["stream_data"], frames["stream_fin"])]}
     return {
         "description": "A handshake between device `alice` and relay `relay`, the sealed "
-                       "channel it opens, and one frame of every other type.",
+                       "channel it opens (in both layouts), and one frame of every other type.",
         "device": "alice",
         "relay": "relay",
         "hello_domain": HELLO_DOMAIN.hex(),
@@ -437,7 +449,7 @@ def handshake_vectors() -> dict:
                     "encoded": welcome_bytes.hex()},
         "channel": {"device_to_relay_key": terms.channel.device_to_relay.hex(),
                     "relay_to_device_key": terms.channel.relay_to_device.hex(),
-                    "sealed_frames": sealed},
+                    "sealed_frames": sealed, "detached_frames": detached},
         "frames": {name: encode_frame(frame).hex() for name, frame in frames.items()},
     }
 
