@@ -117,7 +117,7 @@ secretstream), so a relay can neither read, alter, drop, reorder nor cut it
 unnoticed.  Flow control is per stream: `write` waits while the other end's
 window is full, and the window is granted back as the application reads, so
 a reader that stops slows its writer and nothing piles up (`window=` on
-`open_stream` and `accept`, default 1 MiB; relays may lower it).  Streams
+`open_stream` and `accept`, default 4 MiB; relays may lower it).  Streams
 live on the relay connection they were opened on: when it drops every stream
 ends with StreamBrokenError at both ends, and none is ever resumed.
 

@@ -42,7 +42,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         command.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="BYTES",
                              help="bytes the other end may send per connection before this"
                                   f" side reads (default {DEFAULT_WINDOW}; relays bound it,"
-                                  " 1 MiB by default)")
+                                  " 4 MiB by default)")
 
 
 async def run(args: argparse.Namespace, settings: ClientSettings) -> int:

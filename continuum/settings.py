@@ -126,7 +126,7 @@ class Settings:
     max_streams: int = 10_000
     max_pending_streams_per_device: int = 16
     stream_open_timeout_s: float = 10.0
-    max_stream_window_bytes: int = 1024 * 1024
+    max_stream_window_bytes: int = 4 * 1024 * 1024
     # Credit passed on toward one connection, all its streams (what can be on its way to it),
     # and toward all connections of the process; what a device grants beyond waits.
     stream_connection_window_bytes: int = 16 * 1024 * 1024
