@@ -30,14 +30,15 @@ _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 
 
-def ws_frame(payload: bytes) -> bytes:
-    """One complete server-to-client binary WebSocket frame (RFC 6455 §5.2)."""
-    size = len(payload)
+def ws_header(size: int) -> bytes:
+    """The header of a server-to-client binary WebSocket frame of `size` bytes (RFC 6455
+    §5.2).  It is queued apart from its payload, which is then copied once, into the turn's
+    single write, rather than twice (a stream chunk is 64 KiB)."""
     if size < 126:
-        return _SHORT.pack(_FIN_BINARY, size) + payload
+        return _SHORT.pack(_FIN_BINARY, size)
     if size < 65536:
-        return _MEDIUM.pack(_FIN_BINARY, 126, size) + payload
-    return _LONG.pack(_FIN_BINARY, 127, size) + payload
+        return _MEDIUM.pack(_FIN_BINARY, 126, size)
+    return _LONG.pack(_FIN_BINARY, 127, size)
 
 
 class DeviceWebSocket(web.WebSocketResponse):
@@ -73,7 +74,8 @@ class DeviceWebSocket(web.WebSocketResponse):
         if self._queued is None:
             self._queued = []
             asyncio.get_running_loop().call_soon(self.flush)
-        self._queued.extend([ws_frame(payload) for payload in payloads])
+        for payload in payloads:
+            self._queued += (ws_header(len(payload)), payload)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait while the device reads too slowly; False if what is queued did not drain within
