@@ -31,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import socket
-import struct
 from collections.abc import Callable, Collection
 
 from proto import PublicKey
@@ -42,13 +40,13 @@ from runtime.logs import library_logger
 from .device import Device
 from .stream_rules import DEFAULT_WINDOW
 from .streams import Stream, StreamRequest
+from .tcp_side import TcpSide
 
 log = library_logger("continuum.client")
 
 _SERVICE = re.compile(r"^tcp/([1-9][0-9]{0,4})$")
 CONNECT_TIMEOUT_S = 10.0
 OPEN_TIMEOUT_S = 30.0
-_READ_BYTES = 256 * 1024
 
 
 def service_for(port: int) -> str:
@@ -78,13 +76,12 @@ def refusal(service: str, peer: PublicKey, ports: Collection[int],
     return None
 
 
-async def pump(stream: Stream, reader: asyncio.StreamReader,
-               writer: asyncio.StreamWriter) -> None:
+async def pump(stream: Stream, side: TcpSide) -> None:
     """Carry one TCP connection over one stream until both directions ended or one broke."""
 
     async def up() -> None:  # TCP → stream
         try:
-            while data := await reader.read(_READ_BYTES):
+            while data := await side.read():
                 await stream.write(data)
         except (ConnectionError, OSError) as exc:
             stream.abort(f"the TCP connection was reset: {exc}")
@@ -93,10 +90,9 @@ async def pump(stream: Stream, reader: asyncio.StreamReader,
 
     async def down() -> None:  # stream → TCP
         while data := await stream.read():
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+            side.write(data)
+            await side.drain()
+        side.write_eof()
 
     tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
     try:
@@ -105,7 +101,7 @@ async def pump(stream: Stream, reader: asyncio.StreamReader,
         if failed is not None:
             if isinstance(failed, ProtocolError):
                 log.info("tunnel_stream_broken", peer=stream.peer.text, error=failed.message)
-            reset(writer)  # never a clean end of truncated data
+            side.reset()  # never a clean end of truncated data
             stream.abort(f"the tunnel's TCP side failed: {failed}")
     finally:
         for task in tasks:
@@ -113,9 +109,7 @@ async def pump(stream: Stream, reader: asyncio.StreamReader,
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.wait_closed()
+        await side.close()
 
 
 def expose(device: Device, ports: Collection[int], *, host: str = "127.0.0.1",
@@ -133,7 +127,8 @@ def expose(device: Device, ports: Collection[int], *, host: str = "127.0.0.1",
             port = port_of(request.service)
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                    reader, writer = await asyncio.open_connection(host, port)
+                    _, side = await asyncio.get_running_loop().create_connection(
+                        TcpSide, host, port)
             except (OSError, TimeoutError) as exc:
                 why = f"{host}:{port} refused the connection: {exc.strerror or 'timed out'}" \
                     if isinstance(exc, OSError) else f"{host}:{port} did not answer"
@@ -142,13 +137,12 @@ def expose(device: Device, ports: Collection[int], *, host: str = "127.0.0.1",
                 on_refused(request.peer, why)
             await request.refuse(why)
             return
-        _no_delay(writer)
         try:
             stream = await request.accept(window=window)
         except ProtocolError:  # the opener gave up meanwhile
-            reset(writer)
+            side.reset()
             return
-        await pump(stream, reader, writer)
+        await pump(stream, side)
 
     device.on_stream(serve)
 
@@ -160,18 +154,25 @@ async def forward(device: Device, peer: PublicKey, port: int, *, host: str = "12
     `port`.  Returns the listening server (its socket tells the port chosen for 0)."""
     service = service_for(port)
 
-    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _no_delay(writer)
+    async def connected(side: TcpSide) -> None:
         try:
             stream = await _open(device, peer, service, window)
         except (ProtocolError, TimeoutError) as exc:
             if on_failed is not None:
                 on_failed(exc)
-            reset(writer)
+            side.reset()
             return
-        await pump(stream, reader, writer)
+        await pump(stream, side)
 
-    return await asyncio.start_server(connected, host, local_port)
+    handlers: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak ones
+
+    def start(side: TcpSide) -> None:
+        handler = asyncio.create_task(connected(side))
+        handlers.add(handler)
+        handler.add_done_callback(handlers.discard)
+
+    return await asyncio.get_running_loop().create_server(
+        lambda: TcpSide(on_connected=start), host, local_port)
 
 
 async def _open(device: Device, peer: PublicKey, service: str, window: int) -> Stream:
@@ -186,21 +187,3 @@ async def _open(device: Device, peer: PublicKey, service: str, window: int) -> S
             except (StreamLimitError, RateLimitedError):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-
-
-def reset(writer: asyncio.StreamWriter) -> None:
-    """End a TCP connection with a reset (RST), not a FIN: its application must see an
-    error, not the clean end of data that was cut short."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
-def _no_delay(writer: asyncio.StreamWriter) -> None:
-    """Interactive traffic (a shell, request/response) must not wait for Nagle."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
