@@ -65,8 +65,9 @@ def test_every_other_frame_is_sealed_whole_with_nothing_detached() -> None:
     for count, frame in enumerate(frames):
         nonce = bytes(4) + count.to_bytes(8, "little")
         message = sealer.seal(frame)
-        assert message == bytes(LENGTH_BYTES) + nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
+        sealed = nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(
             encode_frame(frame), None, nonce, KEY)
+        assert message == bytes(LENGTH_BYTES) + sealed
         assert _received(opener, message) == frame
 
 

@@ -9,6 +9,8 @@ import os
 import socket
 import struct
 
+import pytest
+
 from client.tcp_side import TcpSide
 
 LIMIT = 256 * 1024
@@ -55,32 +57,20 @@ async def test_a_reset_is_an_error_never_the_end_of_the_data() -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()  # RST
-    try:
+    with pytest.raises(ConnectionResetError):  # never read as a clean end of data
         while await asyncio.wait_for(side.read(), 5):
             pass
-    except ConnectionResetError:
-        pass
-    else:
-        raise AssertionError("a reset read as a clean end of data")
     server.close()
 
 
 async def test_reset_sends_the_peer_a_reset_and_drain_fails_once_the_socket_is_gone() -> None:
     side, reader, _writer, server = await _pair()
     side.reset()
-    try:
+    with pytest.raises(ConnectionResetError):  # not a clean close
         await asyncio.wait_for(reader.read(), 5)
-    except ConnectionResetError:
-        pass
-    else:
-        raise AssertionError("the peer saw a clean close, not a reset")
     await asyncio.wait_for(side.closed, 5)
-    try:
+    with pytest.raises(ConnectionResetError):
         await side.drain()
-    except ConnectionResetError:
-        pass
-    else:
-        raise AssertionError("drain after the socket is gone returned")
     server.close()
 
 
