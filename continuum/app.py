@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -99,6 +101,10 @@ def create_worker_app(relay: RelayContext) -> web.Application:
 
 
 def create_app(relay: RelayContext) -> web.Application:
+    # aiohttp logs a warning, unsampled and outside the JSON log, for every upgrade that
+    # offers subprotocols none of which the relay speaks: one cheap request, one line, from
+    # anyone.  Such a device is simply served in the sealed layout (SPEC §8).
+    logging.getLogger("aiohttp.websocket").setLevel(logging.ERROR)
     app = web.Application()
     app[RELAY_KEY] = relay
     app.router.add_get(CONNECT_PATH, connect)

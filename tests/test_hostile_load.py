@@ -556,3 +556,23 @@ async def test_a_flood_of_refused_handshakes_writes_a_sample_of_lines_and_counts
     assert len(refused) <= per_s * (int(seconds) + 2) + 1 < floods, len(refused)
     assert len(refused) + sum(line.get("suppressed", 0) for line in refused) == floods + 1
     assert f'continuum_handshake_failures_total{{reason="malformed"}} {floods + 1}.0' in metrics
+
+
+async def test_upgrades_offering_unknown_subprotocols_are_served_and_write_no_line(
+        tmp_path) -> None:
+    """aiohttp logged a warning, outside the relay's sampled JSON log, for every upgrade that
+    offered only subprotocols the relay does not speak (two once the relay offered the
+    detached layout): a line per cheap request, from anyone.  Now nothing is written, and
+    such a device is served in the sealed layout."""
+    log_path = tmp_path / "relay.log"
+    relay = await RelayProcess("--log-level", "info", log_path=log_path).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(20):
+                async with http.ws_connect(relay.url, protocols=("bogus",)) as ws:
+                    assert ws.protocol is None
+                    await ws.receive_bytes(timeout=5)  # its CHALLENGE: it is served
+    finally:
+        relay.stop()
+    TALLY[ATTACKS_REJECTED] += 1
+    assert [line for line in log_path.read_text().splitlines() if "bogus" in line] == []
