@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fuzz_settings import long_run, quick
@@ -18,10 +18,11 @@ from fuzz_settings import long_run, quick
 from conftest import TEST_SETTINGS, LoopThread
 from continuum.server import RelayServer
 from proto import Identity
-from proto.errors import ErrorCode
-from proto.frames import Accepted, Error, Send, encode_frame
+from proto.channel import LENGTH_BYTES, Layout
+from proto.errors import DecodeError, ErrorCode
+from proto.frames import Accepted, Error, Send, decode_frame, encode_frame
 from tally import ATTACKS_REJECTED, INPUTS_TRIED, TALLY
-from wire import RawDevice, sealed
+from wire import MAX_FRAME, RawDevice, sealed
 
 
 @dataclass
@@ -123,6 +124,55 @@ def test_random_bytes_long(target: FuzzTarget, data: bytes) -> None:
 @given(data=st.data())
 def test_mutated_valid_frames_long(target: FuzzTarget, data: st.DataObject) -> None:
     check_mutated_frame(target, data)
+
+
+@pytest.fixture(scope="module")
+def detached_target(target: FuzzTarget) -> Iterator[FuzzTarget]:
+    """The same relay through a connection that negotiated the detached layout (SPEC §8),
+    where a keyed device chooses how a message splits into a sealed head and a chunk."""
+    identity = Identity.generate()
+    device = target.loop.run(RawDevice.connect(target.server.url, identity,
+                                               layout=Layout.DETACHED))
+    yield replace(target, sender=device, sender_identity=identity)
+    target.loop.run(device.close())
+
+
+def check_detached(target: FuzzTarget, head: bytes, detached: bytes) -> None:
+    try:
+        decode_frame(head, MAX_FRAME, detached)
+    except DecodeError:
+        pass
+    else:
+        assume(False)  # the one head that encodes a chunk's frame: not garbage
+    before = target.depth()
+    TALLY[INPUTS_TRIED] += 1
+    device = target.sender
+
+    async def exchange() -> object:
+        await device.ws.send_bytes(len(detached).to_bytes(LENGTH_BYTES, "big")
+                                   + device.cipher.seal(head, detached) + detached)
+        return await device.recv_not_deliver()
+    answer = target.loop.run(exchange())
+    assert isinstance(answer, Error)
+    assert answer.error_code is not None and answer.error_code is not ErrorCode.INTERNAL
+    assert target.depth() == before
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+detached_parts = {"head": st.binary(max_size=64), "detached": st.binary(min_size=1, max_size=2048)}
+
+
+@quick(150)
+@given(**detached_parts)
+def test_any_head_with_a_detached_part_is_refused_and_not_stored(
+        detached_target: FuzzTarget, head: bytes, detached: bytes) -> None:
+    check_detached(detached_target, head, detached)
+
+
+@long_run
+@given(**detached_parts)
+def test_detached_parts_long(detached_target: FuzzTarget, head: bytes, detached: bytes) -> None:
+    check_detached(detached_target, head, detached)
 
 
 def test_relay_still_serves_after_fuzzing(target: FuzzTarget) -> None:
