@@ -40,7 +40,6 @@ class TcpSide(asyncio.Protocol):
         self._reading_paused = False
         self._at_eof = False
         self._error: Exception | None = None  # the reset that ended the connection, if one did
-        self._closed = False
         self._writing_paused = False
         self._readable: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
@@ -73,7 +72,7 @@ class TcpSide(asyncio.Protocol):
         return True  # keep the socket: the other direction may still write (a half-close)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closed, self._at_eof, self._error = True, True, exc
+        self._at_eof, self._error = True, exc
         self._readable = _woken(self._readable)
         self._writable = _woken(self._writable)
         if not self.closed.done():
@@ -119,7 +118,7 @@ class TcpSide(asyncio.Protocol):
     async def drain(self) -> None:
         """Return once the kernel takes more; ConnectionResetError once the socket is gone."""
         while True:
-            if self._closed:
+            if self.closed.done():
                 raise ConnectionResetError("the connection closed")
             if not self._writing_paused:
                 return
