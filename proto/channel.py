@@ -120,13 +120,13 @@ class Layout(Enum):
 class FrameSealer:
     """The sending side of one direction: a frame in, its channel message out."""
 
-    __slots__ = ("_cipher", "_detach")
+    __slots__ = ("_cipher", "_detached")
 
     def __init__(self, cipher: CipherState, layout: Layout) -> None:
-        self._cipher, self._detach = cipher, layout is Layout.DETACHED
+        self._cipher, self._detached = cipher, layout is Layout.DETACHED
 
     def seal(self, frame: Frame) -> bytes:
-        if not self._detach:
+        if not self._detached:
             return self._cipher.seal(encode_frame(frame))
         head, detached = split_frame(frame)
         return (len(detached).to_bytes(LENGTH_BYTES, "big") + self._cipher.seal(head, detached)
