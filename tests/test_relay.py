@@ -45,6 +45,38 @@ async def test_online_round_trip_is_delivered_and_removed_on_ack(relay: RelaySer
         assert await depth(relay, bob) == 0
 
 
+async def test_a_device_that_keeps_up_is_served_from_wake_ups_and_a_queue_by_fetches(
+        relay: RelayServer) -> None:
+    """On the embedded store, mail into an empty mailbox comes with its wake-up and is
+    delivered without a fetch; mail that queues behind unacked entries is fetched.  Either
+    way every message arrives once, in order."""
+    assert relay.relay is not None
+    metrics = relay.relay.metrics
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relay.url, alice) as a, \
+            await RawDevice.connect(relay.url, bob) as b:
+        await b.expect_silence(0.2)  # its first fetch, which found the mailbox empty, is done
+        before = metrics.delivered_from_wakeups.value
+        for n in range(3):  # kept up: each acked before the next is sent
+            envelope = sealed(alice, [bob.public], bytes([n]))
+            assert await a.send(envelope) == Accepted(envelope.msg_id)
+            assert (await b.next_delivery()).envelope == envelope.raw
+            async with asyncio.timeout(5):
+                while await depth(relay, bob):
+                    await asyncio.sleep(0.01)
+        assert metrics.delivered_from_wakeups.value - before == 3
+        queued = [sealed(alice, [bob.public], bytes([n])) for n in range(5)]
+        for envelope in queued:
+            assert await a.send(envelope) == Accepted(envelope.msg_id)
+        deliveries = [await b.next_delivery(ack=False) for _ in queued]
+        assert [d.envelope for d in deliveries] == [e.raw for e in queued]
+        assert metrics.delivered_from_wakeups.value - before <= 3 + 1  # the first, at most
+        for delivery in deliveries:
+            await b.send_frame(Ack(delivery.tag))
+        await b.expect_silence(0.3)  # nothing twice
+        assert await depth(relay, bob) == 0
+
+
 async def test_multi_recipient_envelope_reaches_each_mailbox(relay: RelayServer) -> None:
     alice, bob, carol = (Identity.generate() for _ in range(3))
     envelope = sealed(alice, [bob.public, carol.public], b"to both")
@@ -411,7 +443,12 @@ async def test_failed_delivery_drops_the_device_instead_of_retrying_silently(
             raise StoreUnavailableError("mailbox store failed: test")
 
         monkeypatch.setattr(relay.relay.store, "fetch", broken_fetch)
-        assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)  # wakes bob
+        # The first comes with its wake-up (bob's mailbox was empty); the second, queued
+        # behind it unacked, wakes bob plainly, and that fetch fails.
+        for _ in range(2):
+            assert isinstance(await a.send(sealed(alice, [bob.public])), Accepted)
+        first = await b.ws.receive(timeout=5)
+        assert first.type == aiohttp.WSMsgType.BINARY
         closing = await b.ws.receive(timeout=5)  # bob idle: the relay closes on its own
         assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert b.ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR

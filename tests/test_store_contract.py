@@ -459,6 +459,81 @@ async def test_a_large_envelope_wakes_without_its_entry(store: MailboxStore) -> 
     await subscription.close()
 
 
+EMBEDDED_BACKENDS = ["sqlite-memory", "sqlite-file"]
+
+
+@backends(EMBEDDED_BACKENDS)
+async def test_an_embedded_wake_up_carries_its_entry_only_into_a_mailbox_that_held_none(
+        store: MailboxStore) -> None:
+    """A device that keeps up (its mailbox empty when mail comes) is served without a fetch;
+    mail that queues behind unacked entries wakes plainly, and one fetch takes it all.
+    Each entry names the newest the mailbox held before it, acked ones included."""
+    alice, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
+    entries: list[NewEntry | None] = []
+    subscription = await store.subscribe(bob.public, entries.append)
+    first, second, third = (envelope(alice, [bob], f"m{n}".encode()) for n in range(3))
+    await put(store, first)
+    await put(store, second)  # behind `first`, not acked yet
+    stored = await store.fetch(bob.public, None, 10)
+    assert entries == [NewEntry(stored[0].tag, None, first.raw), None]
+    for entry in stored:
+        assert await store.ack(bob.public, entry.tag)
+    entries.clear()
+    await put(store, third)
+    (fetched,) = await store.fetch(bob.public, stored[-1].tag, 10)
+    assert entries == [NewEntry(fetched.tag, stored[-1].tag, third.raw)]
+    assert await store.ack(bob.public, fetched.tag)
+    entries.clear()
+    await put(store, envelope(alice, [bob], b"x" * WAKE_ENTRY_MAX_BYTES))
+    await put(store, envelope(alice, [carol]))  # nobody watches carol's mailbox
+    assert entries == [None]
+    await subscription.close()
+
+
+@backends(EMBEDDED_BACKENDS)
+async def test_an_embedded_wake_up_names_the_newest_entry_held_when_the_device_subscribed(
+        store: MailboxStore) -> None:
+    """A connection that subscribes to a mailbox holding mail starts from its newest entry;
+    the last subscription closed, the mailbox is not tracked any more, and a new one starts
+    again from what the mailbox holds."""
+    alice, bob = Identity.generate(), Identity.generate()
+    await put(store, envelope(alice, [bob], b"waiting"))
+    (waiting,) = await store.fetch(bob.public, None, 10)
+    entries: list[NewEntry | None] = []
+    subscription = await store.subscribe(bob.public, entries.append)
+    assert await store.ack(bob.public, waiting.tag)
+    later = envelope(alice, [bob], b"later")
+    await put(store, later)
+    (fetched,) = await store.fetch(bob.public, waiting.tag, 10)
+    assert entries == [NewEntry(fetched.tag, waiting.tag, later.raw)]
+    await subscription.close()
+    assert await store.ack(bob.public, fetched.tag)
+    entries.clear()
+    subscription = await store.subscribe(bob.public, entries.append)
+    last = envelope(alice, [bob], b"after a new subscription")
+    await put(store, last)
+    (fetched,) = await store.fetch(bob.public, fetched.tag, 10)
+    assert entries == [NewEntry(fetched.tag, None, last.raw)]
+    await subscription.close()
+
+
+async def test_a_file_batch_carries_the_entry_of_its_first_append_into_an_empty_mailbox(
+        tmp_path: Path) -> None:
+    """On a file, the accepts of one loop turn share a transaction: of two into one empty
+    mailbox, the first carries its entry and the second wakes plainly."""
+    store = open_store(f"sqlite:///{tmp_path / 'mailboxes.db'}")
+    alice, bob = Identity.generate(), Identity.generate()
+    entries: list[NewEntry | None] = []
+    subscription = await store.subscribe(bob.public, entries.append)
+    sent = [envelope(alice, [bob], f"m{n}".encode()) for n in range(2)]
+    await asyncio.gather(*(put(store, env) for env in sent))
+    stored = await store.fetch(bob.public, None, 10)
+    assert [e.raw for e in stored] == [e.raw for e in sent]
+    assert entries == [NewEntry(stored[0].tag, None, sent[0].raw), None]
+    await subscription.close()
+    await store.close()
+
+
 async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.01)

@@ -40,8 +40,8 @@ from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
-from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
-                   Wake)
+from .base import (WAKE_ENTRY_MAX_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, NewEntry,
+                   StoredMessage, Subscription, Wake)
 from .group_commit import GroupCommit
 from .token_bucket import TokenBuckets
 from .wakeups import WakeupHub
@@ -129,11 +129,11 @@ UPDATE body SET origin = {_origin_of_kind("origin")};
 
 
 class _SqliteSubscription(Subscription):
-    def __init__(self, hub: WakeupHub, recipient: bytes, wake: Wake) -> None:
-        self._hub, self._recipient, self._wake = hub, recipient, wake
+    def __init__(self, store: SqliteStore, recipient: bytes, wake: Wake) -> None:
+        self._store, self._recipient, self._wake = store, recipient, wake
 
     async def close(self) -> None:
-        self._hub.remove(self._recipient, self._wake)
+        self._store._unwatch(self._recipient, self._wake)
 
 
 class _Counts:
@@ -224,6 +224,9 @@ class SqliteStore(MailboxStore):
             raise _unavailable(exc) from None
         self._writes = GroupCommit(self._db, self._counts, per_turn=str(path) != ":memory:")
         self._wakeups = WakeupHub()
+        # The newest seq each watched mailbox has held (acked or not), or None: what a
+        # wake-up's entry names as the one before it (`NewEntry.previous`).
+        self._newest: dict[bytes, int | None] = {}
         self._buckets = TokenBuckets()
 
     def _create_or_upgrade(self) -> None:
@@ -249,6 +252,7 @@ class SqliteStore(MailboxStore):
         sender, size = envelope.sender.raw, len(envelope.raw)
         mailboxes = [key.raw for key in recipients or envelope.recipient_keys]
         counts = self._counts
+        appended: list[tuple[bytes, int, bool]] = []  # (mailbox, seq, it held nothing before)
 
         def work(db: sqlite3.Connection) -> None:
             try:
@@ -267,16 +271,18 @@ class SqliteStore(MailboxStore):
                 " VALUES (?, ?, ?, ?, ?)",
                 (sender, envelope.msg_id, int(envelope.origin), envelope.expires_at_ms,
                  envelope.raw)).lastrowid
-            db.executemany(
-                "INSERT INTO mailbox (recipient, body, sender, size) VALUES (?, ?, ?, ?)",
-                [(recipient, body, sender, size) for recipient in mailboxes])
             counts.body(sender, size)
             for recipient in mailboxes:
+                was_empty = counts.mailbox(recipient)[0] == 0
+                seq = db.execute(
+                    "INSERT INTO mailbox (recipient, body, sender, size) VALUES (?, ?, ?, ?)",
+                    (recipient, body, sender, size)).lastrowid
+                appended.append((recipient, seq, was_empty))
                 counts.grow(recipient, 1, size)
 
         def wake() -> None:
-            for recipient in mailboxes:
-                self._wakeups.wake(recipient)
+            for recipient, seq, was_empty in appended:
+                self._wake(recipient, seq, envelope.raw if was_empty else None)
 
         await self._writes.run(work, committed=wake)
 
@@ -345,11 +351,38 @@ class SqliteStore(MailboxStore):
         return self._counts.mailbox(recipient.raw)[0]
 
     async def subscribe(self, recipient: PublicKey, wake: Wake) -> Subscription:
-        """Plain wake-ups (no entry): a fetch here is a call in this process, and batches
-        what several accepts appended, which at saturation cost less than an entry per
-        wake-up (benchmarks/README.md, "Wake-ups that carry the entry")."""
-        self._wakeups.add(recipient.raw, wake)
-        return _SqliteSubscription(self._wakeups, recipient.raw, wake)
+        """A wake-up carries its entry only when the mailbox held nothing before it: then
+        a device that keeps up gets it without a fetch.  Otherwise the wake-up is plain,
+        since a fetch here is a call in this process and takes every entry a loop turn
+        appended at once, which costs less than an entry per wake-up when messages queue
+        (benchmarks/README.md, "Wake-ups that carry the entry")."""
+        key = recipient.raw
+        if not self._wakeups.has(key):
+            try:
+                (newest,) = self._db.execute("SELECT max(seq) FROM mailbox WHERE recipient = ?",
+                                             (key,)).fetchone()
+            except sqlite3.Error as exc:
+                raise _unavailable(exc) from None
+            self._newest[key] = newest
+        self._wakeups.add(key, wake)
+        return _SqliteSubscription(self, key, wake)
+
+    def _wake(self, recipient: bytes, seq: int, raw: bytes | None) -> None:
+        """Wake the mailbox's connections: with the entry `seq` if `raw` is given and small
+        enough, else plainly.  Only watched mailboxes have their newest seq tracked."""
+        if recipient not in self._newest:
+            return
+        previous, self._newest[recipient] = self._newest[recipient], seq
+        if raw is None or len(raw) > WAKE_ENTRY_MAX_BYTES:
+            self._wakeups.wake(recipient)
+        else:
+            self._wakeups.wake(recipient, NewEntry(
+                str(seq), None if previous is None else str(previous), raw))
+
+    def _unwatch(self, recipient: bytes, wake: Wake) -> None:
+        self._wakeups.remove(recipient, wake)
+        if not self._wakeups.has(recipient):
+            self._newest.pop(recipient, None)
 
     async def access_list_floor(self) -> Stamp:
         try:
