@@ -1,5 +1,5 @@
 """What tests of the relay's access list ask of a relay from outside: its state, metrics,
-log lines, and whether a key gets in."""
+log lines, and whether a key gets in; and of a relay in this process, its store's fetches."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from wire import RawDevice
 
+from continuum.server import RelayServer
 from proto import Identity
 from proto.errors import ProtocolError
 
@@ -39,6 +40,13 @@ async def metric(base_url: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
+
+
+def store_fetches(server: RelayServer) -> float:
+    """How many mailbox fetches an in-process relay has made (its store's own timing count)."""
+    assert server.relay is not None
+    return server.relay.metrics.registry.get_sample_value(
+        "continuum_store_operation_seconds_count", {"operation": "fetch"}) or 0.0
 
 
 def log_events(path: Path, event: str) -> list[dict[str, Any]]:

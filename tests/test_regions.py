@@ -15,6 +15,7 @@ import contextlib
 import aiohttp
 import pytest
 
+from access_support import store_fetches
 from client import DeliveryStatus, Device, PeerList
 from proto import Envelope, ErrorCode, Identity, decode_envelope
 from proto.frames import Accepted, Ack, Error, Frame, Send
@@ -106,12 +107,12 @@ async def test_a_roaming_device_gets_live_mail_from_the_wake_up_without_a_fetch(
     sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600) for i in range(6)]
     async with await RawDevice.connect(ap.url, carol) as sender:
         for batch in (sent[:3], sent[3:]):  # two connections of alice, one after the other
-            fetched = _fetches(us)
+            fetched = store_fetches(us)
             async with await RawDevice.connect(us.url, alice) as roaming:
                 # Its fetches done (the session's first, and the one its subscription's
                 # confirmation asks for): the mail that follows is live.
                 async with asyncio.timeout(10):
-                    while _fetches(us) < fetched + 2:
+                    while store_fetches(us) < fetched + 2:
                         await asyncio.sleep(0.02)
                 before = metrics.delivered_from_wakeups.value
                 for envelope in batch:
@@ -120,12 +121,6 @@ async def test_a_roaming_device_gets_live_mail_from_the_wake_up_without_a_fetch(
                     assert await _emptied(home, alice)  # its ACK reached eu
                 assert metrics.delivered_from_wakeups.value - before == len(batch)
                 await roaming.expect_silence(0.3)  # nothing twice
-
-
-def _fetches(relay) -> float:
-    """How many mailbox fetches `relay` has made."""
-    return relay.relay.metrics.registry.get_sample_value(
-        "continuum_store_operation_seconds_count", {"operation": "fetch"}) or 0.0
 
 
 async def test_expiry_notices_go_to_the_senders_home(world) -> None:

@@ -19,6 +19,7 @@ from proto.handshake import ephemeral_keypair, sign_hello
 from proto.errors import StoreUnavailableError
 from proto.limits import Limits
 from proto.payloads import ExpiryNotice
+from access_support import store_fetches
 from fake_oracle import FakeOracle
 from redis_server import RedisServer
 from proto.access import AccessList
@@ -56,8 +57,7 @@ async def test_a_device_that_keeps_up_is_served_from_wake_ups_and_a_queue_by_fet
     async with await RawDevice.connect(relay.url, alice) as a, \
             await RawDevice.connect(relay.url, bob) as b:
         async with asyncio.timeout(5):  # both first fetches done: bob's found his mailbox empty
-            while (metrics.registry.get_sample_value(
-                    "continuum_store_operation_seconds_count", {"operation": "fetch"}) or 0) < 2:
+            while store_fetches(relay) < 2:
                 await asyncio.sleep(0.01)
         before = metrics.delivered_from_wakeups.value
         for n in range(3):  # kept up: each acked before the next is sent

@@ -355,7 +355,8 @@ class SqliteStore(MailboxStore):
         a device that keeps up gets it without a fetch.  Otherwise the wake-up is plain,
         since a fetch here is a call in this process and takes every entry a loop turn
         appended at once, which costs less than an entry per wake-up when messages queue
-        (benchmarks/README.md, "Wake-ups that carry the entry")."""
+        (benchmarks/README.md, "The embedded store carries the entry into an empty
+        mailbox")."""
         key = recipient.raw
         if not self._wakeups.has(key):
             try:
