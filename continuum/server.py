@@ -7,9 +7,9 @@ start, so they exercise the same code path; port 0 picks a free port.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
+from collections.abc import Awaitable
 from pathlib import Path
 from types import TracebackType
 
@@ -18,6 +18,7 @@ from aiohttp import web
 
 from proto import Identity
 from runtime.listener import Listener, SocketCap, TurnBudget, listen
+from runtime.tasks import cancel_and_wait
 
 from .access import AccessControl
 from .access_fetch import AccessListFetcher
@@ -37,6 +38,7 @@ from .streams.table import StreamBudget
 __all__ = ["RelayServer", "Settings", "load_relay_identity"]
 
 _STOP_STEP_S = 5.0
+_log = structlog.get_logger("continuum")
 
 
 def load_relay_identity(settings: Settings) -> Identity:
@@ -157,39 +159,37 @@ class RelayServer:
             - gate.pending_handshakes - gate.authenticated))
 
     async def stop(self) -> None:
-        """Stop serving and close the store; safe to call twice."""
+        """Stop serving and close the store; safe to call twice.
+
+        Every step is bounded by `_STOP_STEP_S`: a relay told to stop must stop, even when
+        a store client sits on a dead connection or a library absorbed a cancellation.  A
+        step that overruns or fails is logged by name; the next one runs."""
         sweeper, runner, relay, listener = self._sweeper, self._runner, self.relay, self._listener
         fetcher, self._fetcher = self._fetcher, None
         prober, self._prober = self._prober, None
         worker_runner, self._worker_runner = self._worker_runner, None
         if worker_runner is not None:
-            await worker_runner.cleanup()
-        if prober is not None:
-            prober.cancel()
-            await asyncio.gather(prober, return_exceptions=True)
+            await _bounded("worker_metrics", worker_runner.cleanup())
+        await _bounded("region_probe", cancel_and_wait(prober))
         self._sweeper = self._runner = self.relay = self._listener = None
         if listener is not None:
             listener.close()  # accept nothing more; open sockets are shut down by the runner
         if fetcher is not None:
-            await fetcher.stop()
+            await _bounded("access_list_fetch", fetcher.stop())
         if relay is not None:
-            await relay.access.stop()
-        if sweeper is not None:
-            # Bounded: a store client caught on a dead connection has been seen to sit on
-            # a cancelled call (redis-py); a relay that is told to stop must stop.
-            sweeper.cancel()
-            await asyncio.wait((sweeper,), timeout=_STOP_STEP_S)
+            await _bounded("access", relay.access.stop())
+        await _bounded("expiry", cancel_and_wait(sweeper))
         if runner is not None:
-            await runner.cleanup()
+            await _bounded("sessions", runner.cleanup())
         if listener is not None:
-            await listener.wait_closed()
+            await _bounded("listener", listener.wait_closed())
         if relay is not None and relay.presence is not None:
-            await relay.presence.stop()  # after the sessions: their ends go in its last report
+            # After the sessions: their ends go in its last report.
+            await _bounded("presence", relay.presence.stop())
         if relay is not None:
-            await relay.streams.stop()  # after the sessions: their last aborts go out first
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_STOP_STEP_S):
-                    await relay.store.close()
+            # After the sessions: their last aborts go out first.
+            await _bounded("streams", relay.streams.stop())
+            await _bounded("store", relay.store.close())
 
     async def __aenter__(self) -> RelayServer:
         await self.start()
@@ -198,3 +198,15 @@ class RelayServer:
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         await self.stop()
+
+
+async def _bounded(step: str, work: Awaitable[None]) -> None:
+    """One step of `RelayServer.stop`, given at most `_STOP_STEP_S`; one that overruns or
+    fails is logged, and the stop goes on (a task that crashed earlier raises here)."""
+    try:
+        async with asyncio.timeout(_STOP_STEP_S):
+            await work
+    except TimeoutError:
+        _log.warning("relay_stop_step_overran", step=step, after_s=_STOP_STEP_S)
+    except Exception as exc:  # noqa: BLE001 - the steps after it still run
+        _log.error("relay_stop_step_failed", step=step, error=repr(exc))

@@ -46,6 +46,7 @@ from proto.errors import OversizeError, ProtocolError, ReplayError
 from proto.payloads import MAX_PEERS, PeerChange
 from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
+from runtime.tasks import cancel_all_and_wait
 
 from .configuration import PendingConfig
 from .errors import OracleError
@@ -112,12 +113,8 @@ class Pusher:
                        asyncio.create_task(self._reports_forever(), name="oracle-reports")]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        tasks, self._tasks = self._tasks, []
+        await cancel_all_and_wait(tasks)
         device, self._device = self._device, None
         if device is not None:
             await device.__aexit__(None, None, None)

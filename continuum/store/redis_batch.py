@@ -38,7 +38,6 @@ next turn: whatever the current turn issues, the one after it sends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -50,6 +49,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from proto.errors import StoreUnavailableError
+from runtime.tasks import cancel_all_and_wait
 
 # Calls per pipeline.  Beyond it the rest waits for the next batch (a batch is a single
 # write and read of a few hundred KB at most, well under the socket timeout).
@@ -112,11 +112,8 @@ class CommandBatcher:
 
     async def close(self) -> None:
         """Stop; calls not yet answered fail as an outage."""
-        for task in (self._writer, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_all_and_wait(task for task in (self._writer, self._reader)
+                                  if task is not None)
         self._writer = self._reader = None
         closed = StoreUnavailableError("mailbox store closed")
         for _connection, batch in self._sent:

@@ -27,6 +27,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from runtime.tasks import cancel_and_wait
+
 from .base import NewEntry, Wake
 from .redis_keys import KeySpace
 from .wakeups import WakeupHub
@@ -69,10 +71,7 @@ class PubSubWakeups:
     async def close(self) -> None:
         listener, pubsub = self._listener, self._pubsub
         self._listener = self._pubsub = None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        await cancel_and_wait(listener)
         if pubsub is not None:
             with contextlib.suppress(RedisError, OSError, AttributeError):
                 await pubsub.aclose()

@@ -56,6 +56,7 @@ from proto.access import Stamp
 from proto.errors import ProtocolError, ReplayError, StoreUnavailableError
 from proto.limits import Limits
 from runtime.clock import now_ms as clock_ms
+from runtime.tasks import cancel_all_and_wait
 
 from .base import (UNBOUNDED_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, NewEntry,
                    StoredMessage, Subscription, Wake)
@@ -368,9 +369,7 @@ class RegionalStore(MailboxStore):
         return self.stores[self.local].stream_bus()
 
     async def close(self) -> None:
-        for task in list(self._moves.values()):
-            task.cancel()
-        await asyncio.gather(*self._moves.values(), return_exceptions=True)
+        await cancel_all_and_wait(self._moves.values())
         self._moves.clear()
         for store in self.stores.values():
             with contextlib.suppress(Exception):

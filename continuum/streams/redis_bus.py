@@ -50,6 +50,7 @@ from proto.errors import ErrorCode, ProtocolError
 from proto.frames import (STREAM_FRAMES, StreamAbort, StreamFrame, StreamOpen, decode_frame,
                           encode_frame)
 from proto.limits import Limits
+from runtime.tasks import cancel_all_and_wait
 
 from .router import StreamRouter
 from .table import Address
@@ -101,11 +102,7 @@ class RedisStreamBus:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all_and_wait(tasks)
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):

@@ -17,7 +17,6 @@ the remote path.  A ticker ends opens that wait past their deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
@@ -28,6 +27,7 @@ from proto import Limits, PublicKey
 from proto.errors import ErrorCode, PeerUnreachableError
 from proto.frames import StreamAbort, StreamFrame, StreamOpen
 from runtime.clock import now_ms
+from runtime.tasks import cancel_and_wait
 
 from .table import Address, Offer, Output, ToPeer, refuse_offer
 
@@ -93,11 +93,8 @@ class StreamRouter:
         self._ticker = asyncio.create_task(self._tick_forever(), name="stream-deadlines")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        ticker, self._ticker = self._ticker, None
+        await cancel_and_wait(ticker)
         if self._remote is not None:
             await self._remote.stop()
 
