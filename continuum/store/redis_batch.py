@@ -44,6 +44,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -149,9 +150,7 @@ class CommandBatcher:
         for call in batch:
             call.attempts += 1
         try:
-            packed = connection.pack_commands([command for call in batch
-                                               for command in call.commands])
-            await connection.send_packed_command(packed, check_health=False)
+            await connection.send_packed_command(_packed(batch), check_health=False)
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             if connection is self._connection:
                 self._sent.append((connection, batch))  # behind those written before it
@@ -241,6 +240,14 @@ class CommandBatcher:
             if self._writer is None:
                 self._writer = asyncio.get_running_loop().create_task(
                     self._write_all(), name="redis-batch-writer")
+
+
+def _packed(batch: list[_Call]) -> bytes:
+    """The batch's commands in the Redis protocol, packed by hiredis: redis-py's own packer
+    encodes each argument in Python first, which cost a tenth of the relay's CPU on Redis.
+    Arguments are bytes, str or int, as every command the store issues has them."""
+    return b"".join([hiredis.pack_command(command) for call in batch
+                     for command in call.commands])
 
 
 def _fail(calls: list[_Call], error: StoreUnavailableError) -> None:
