@@ -6,6 +6,10 @@ into whatever the task awaits, and a library can absorb it: redis-py's pipeline 
 was seen returning its replies to a task cancelled during the call (with the hiredis parser,
 a relay stopped under load, about 1 stop in 20).  That task then waited on its next event for
 good, and so did the relay's stop.  A second cancel finds it at that next await.
+
+The stopper's own cancellation (a bounded shutdown step that overran) is never taken for
+the task's: it is waited for with `asyncio.wait`, which a cancel leaves untouched, and only
+awaited once done.
 """
 
 from __future__ import annotations
