@@ -369,7 +369,10 @@ class RegionalStore(MailboxStore):
         return self.stores[self.local].stream_bus()
 
     async def close(self) -> None:
-        await cancel_all_and_wait(self._moves.values())
+        # As before the helper: a move that failed (its task kept in `_moves`) must not keep
+        # the stores below open; every move has ended when this raises.
+        with contextlib.suppress(Exception):
+            await cancel_all_and_wait(self._moves.values())
         self._moves.clear()
         for store in self.stores.values():
             with contextlib.suppress(Exception):
