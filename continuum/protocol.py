@@ -81,9 +81,11 @@ class Authenticated:
 
 @dataclass(frozen=True)
 class CheckRate:
-    """Take one token from the sender's bucket (`store.allow`), then `rate_checked`.
-    With `metered` False (the oracle's key) neither the bucket nor the sender's byte
-    budget applies: call `rate_checked` with allowed True, store with the oracle's limits."""
+    """Take one token from the bucket of this connection's device (`store.allow`; not
+    of the sender the envelope names, which is checked only after the token), then
+    `rate_checked`.  With `metered` False (the oracle's key) neither the bucket nor the
+    sender's byte budget applies: call `rate_checked` with allowed True, store with the
+    oracle's limits."""
 
     envelope: Envelope
     metered: bool = True

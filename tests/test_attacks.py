@@ -6,9 +6,11 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
 from proto import Identity, Kind, seal_envelope
-from proto.frames import Accepted, Send, encode_frame
+from proto.errors import ErrorCode
+from proto.frames import Accepted, Error, Send, encode_frame
 from wire import RawDevice, now_ms, sealed
 
 
@@ -92,3 +94,23 @@ async def test_idle_sockets_are_closed_after_the_handshake_timeout(start_relay) 
         fresh = await http.ws_connect(server.url)
         await fresh.close()
 
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_envelopes_naming_another_sender_spend_the_connections_tokens_not_its(
+        start_relay, redis_url: str, store: str) -> None:
+    """A device that resends a victim's envelopes (it received them, they are validly
+    signed) is refused WRONG_SENDER; the rate tokens those SENDs spent are its own, so the
+    victim can still send its whole burst."""
+    server = await start_relay(store=redis_url if store == "redis" else "memory",
+                               rate_per_s=0.01, rate_burst=3, max_invalid_frames=200)
+    thief, victim, bob = Identity.generate(), Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(server.url, thief) as t:
+        codes = [(await t.send(sealed(victim, [bob.public]))) for _ in range(10)]
+    assert all(isinstance(answer, Error) for answer in codes)
+    assert [answer.code for answer in codes[:3]] == [ErrorCode.WRONG_SENDER] * 3
+    assert {answer.code for answer in codes[3:]} == {ErrorCode.RATE_LIMITED}  # its own bucket
+    async with await RawDevice.connect(server.url, victim) as v:
+        for _ in range(3):
+            assert isinstance(await v.send(sealed(victim, [bob.public])), Accepted)
+        assert (await v.send(sealed(victim, [bob.public]))).code == ErrorCode.RATE_LIMITED
