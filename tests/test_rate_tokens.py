@@ -16,7 +16,7 @@ from wire import RawDevice, sealed
 
 from proto import Identity
 from proto.errors import ErrorCode
-from proto.frames import Accepted, Error
+from proto.frames import Accepted, Error, Send
 
 ONE_WAY_S = 0.1
 
@@ -62,3 +62,19 @@ async def test_tokens_taken_ahead_never_let_a_device_past_its_burst(
     assert 2 <= len(accepted) <= 4
     assert {answer.code for answer in refused} == {ErrorCode.RATE_LIMITED}
     assert len(accepted) + len(refused) == len(answers)
+
+
+async def test_sends_written_at_once_get_no_more_than_the_burst(start_relay, redis_url: str) -> None:
+    """Twelve SENDs written without waiting (several in flight, some finding a token taken
+    ahead, some taking their own), burst 4: exactly four are accepted, the first four (a
+    refusal is answered as soon as it is known, so answers are matched by msg_id)."""
+    relay = await start_relay(store=redis_url, rate_per_s=0.01, rate_burst=4)
+    alice, bob = Identity.generate(), Identity.generate()
+    sent = [sealed(alice, [bob.public], bytes([i])) for i in range(12)]
+    async with await RawDevice.connect(relay.url, alice) as device:
+        assert isinstance(await device.send(sent[0]), Accepted)  # a token ahead is now held
+        for envelope in sent[1:]:
+            await device.send_frame(Send(envelope.raw))
+        answers = {answer.msg_id: answer for answer in [await device.recv() for _ in sent[1:]]}
+    assert [type(answers[envelope.msg_id]) for envelope in sent[1:]] == [Accepted] * 3 + [Error] * 8
+    assert {answers[envelope.msg_id].code for envelope in sent[4:]} == {ErrorCode.RATE_LIMITED}
