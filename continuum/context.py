@@ -49,7 +49,10 @@ class RelayContext:
                              store_max_bytes=settings.store_max_bytes)
 
     @functools.cached_property
-    def oracle_mailbox_limits(self) -> MailboxLimits:
-        """The oracle's: no per-sender byte budget (one change to a large group is a list per
-        member, tens of MiB at once); the mailboxes' and the store's bounds still apply."""
+    def unmetered_mailbox_limits(self) -> MailboxLimits:
+        """No per-sender byte budget; the mailboxes' and the store's bounds still apply.  For
+        the oracle (one change to a large group is a list per member, tens of MiB at once)
+        and for the relay's own expiry notices: their sender is the relay key, shared by
+        every device's notices (on Redis, by every replica's), so one device that leaves
+        its notices unread must not fill a budget that drops everyone else's."""
         return replace(self.mailbox_limits, sender_max_bytes=UNBOUNDED_BYTES)

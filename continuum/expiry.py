@@ -77,7 +77,7 @@ async def _notify_sender(relay: RelayContext, sender: PublicKey,
         ttl_s=relay.settings.max_ttl_s, now_ms=now_ms(), limits=relay.settings.limits)
     try:
         await relay.store.accept(notice, replay_until_ms=replay_until_ms(notice, relay.settings),
-                                 limits=relay.mailbox_limits)
+                                 limits=relay.unmetered_mailbox_limits)
     except ProtocolError as exc:
         relay.metrics.expiry_notices_dropped.inc(len(entries))
         relay.log.warning("expiry_notice_dropped", sender=sender.text, entries=len(entries),

@@ -252,7 +252,7 @@ class DeviceSession:
                     self._write()
                 else:
                     limits = (self._relay.mailbox_limits if request.metered
-                              else self._relay.oracle_mailbox_limits)
+                              else self._relay.unmetered_mailbox_limits)
                     accepting = store.accept(envelope, limits=limits,
                                              replay_until_ms=store_request.replay_until_ms)
                     if this is not None:

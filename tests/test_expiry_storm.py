@@ -12,13 +12,14 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 
-from proto import Identity, Kind, decode_envelope, seal_envelope
+from proto import Identity, Kind, Origin, decode_envelope, seal_envelope
 from proto.frames import Accepted, Send
 from proto.payloads import ExpiryNotice
 from runtime.clock import now_ms
 from tally import ATTACKS_REJECTED, TALLY
-from wire import RawDevice
+from wire import RawDevice, sealed
 
 # Sending takes seconds on a loaded machine (up to 10 s seen, with every core busy); the storm
 # must come after that, so envelopes are stamped ahead of the clock (the relay allows 300 s).
@@ -72,3 +73,28 @@ async def test_healthz_answers_throughout_an_expiry_storm_and_every_expiry_is_re
     assert reported == {(m, r.raw) for m in sent for r in recipients}
     assert notices * 50 <= expected  # batches of a sweep step each, not one notice per entry
     TALLY[ATTACKS_REJECTED] += 1
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_one_senders_unread_expiry_notices_do_not_starve_other_senders_notices(
+        start_relay, redis_url: str, store: str) -> None:
+    """Every notice's sender is the relay key.  Charged to its byte budget, notices that
+    sixteen devices never read filled it (4 KiB here, 64 MiB by default, shared by every
+    replica on Redis), and every other device's notice was dropped.  A notice is bounded
+    by its recipient's mailbox and the store, as any message, not by a shared budget."""
+    server = await start_relay(store=redis_url if store == "redis" else "memory",
+                               max_envelope_bytes=1024, sender_max_stored_bytes=4096,
+                               sweep_interval_s=0.1, rate_per_s=1000.0, rate_burst=1000)
+    nobody = Identity.generate().public
+    hoarders = [Identity.generate() for _ in range(16)]
+    for hoarder in hoarders:  # each leaves one message to expire, and never reads its notice
+        async with await RawDevice.connect(server.url, hoarder) as device:
+            assert isinstance(await device.send(sealed(hoarder, [nobody], ttl_s=1)), Accepted)
+    await asyncio.sleep(2.0)  # expired and swept: sixteen notices wait, unread
+    victim = Identity.generate()
+    async with await RawDevice.connect(server.url, victim) as device:
+        assert isinstance(await device.send(sealed(victim, [nobody], ttl_s=1)), Accepted)
+        notice = await device.next_delivery(timeout=5)
+    envelope = decode_envelope(notice.envelope)
+    assert envelope.origin is Origin.RELAY and envelope.sender == server.relay.identity.public  # type: ignore[union-attr]
+    assert server.relay.metrics.expiry_notices_dropped._value.get() == 0  # type: ignore[union-attr]
