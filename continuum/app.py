@@ -26,7 +26,7 @@ CONNECT_PATH = "/v1/connect"
 async def connect(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY_KEY]
     address = client_address(request.remote or "unknown", request.headers,
-                             relay.settings.trusted_networks)
+                             relay.settings.proxy_trust)
     # Frames up to twice the limit are read and refused with an OVERSIZE error
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
     ws = DeviceWebSocket(max_msg_size=2 * relay.settings.limits.max_frame_bytes,

@@ -22,7 +22,8 @@ from proto.streams import CHUNK_OVERHEAD_BYTES
 from runtime.settings import describe, load_settings, mask_url, repeatable
 from runtime.tls import server_context, verifying_context
 
-from runtime.client_address import Network, are_networks, parse_networks
+from runtime.client_address import (FORWARDED_HEADERS, X_FORWARDED_FOR, ProxyTrust, are_networks,
+                                     parse_networks)
 
 
 # Store URLs every process reaches: several relays (replicas, workers, regions) share them.
@@ -97,8 +98,11 @@ class Settings:
     # key (PEM files); both empty: plain ws://, e.g. behind a TLS-terminating ingress.
     tls_cert: str = ""
     tls_key: str = ""
-    # Proxies whose X-Forwarded-For / Forwarded headers name the real client (CIDRs).
+    # Proxies whose forwarded header names the real client (CIDRs), and which header they
+    # write it in: x-forwarded-for (ingress-nginx, most load balancers) or forwarded (RFC
+    # 7239).  Only that one is read; the other is whatever the client sent.
     trusted_proxies: tuple[str, ...] = repeatable("trusted-proxy", "network (CIDR)")
+    forwarded_header: str = X_FORWARDED_FOR
     sweep_interval_s: float = 1.0
     max_invalid_frames: int = 100
     heartbeat_s: float = 30.0
@@ -168,8 +172,8 @@ class Settings:
         return verifying_context(self.oracle_ca_file) if self.oracle_ca_file else True
 
     @functools.cached_property
-    def trusted_networks(self) -> tuple[Network, ...]:
-        return parse_networks(self.trusted_proxies)
+    def proxy_trust(self) -> ProxyTrust:
+        return ProxyTrust(parse_networks(self.trusted_proxies), self.forwarded_header)
 
     def region_store_urls(self) -> dict[str, str]:
         """Every region's store URL, this relay's own (`store`) included; empty without regions."""
@@ -216,6 +220,8 @@ class Settings:
                  self.unauthenticated_steps_per_turn >= 1),
                 ("unauthenticated_yield_ms must be > 0", self.unauthenticated_yield_ms > 0),
                 ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
+                (f"forwarded_header must be one of {', '.join(FORWARDED_HEADERS)}",
+                 self.forwarded_header in FORWARDED_HEADERS),
                 ("tls_cert and tls_key go together", bool(self.tls_cert) == bool(self.tls_key)),
                 ("relay_key must be a csk_… secret key text",
                  not self.relay_key or _parses(Identity.from_text, self.relay_key)),

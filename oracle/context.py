@@ -56,4 +56,4 @@ def address_of(request: web.Request) -> str:
     """The client's address behind the trusted proxies: the audit log's "from where" and
     the login throttle's budget key."""
     return client_address(request.remote or "unknown", request.headers,
-                          request.app[ORACLE_KEY].settings.trusted_networks)
+                          request.app[ORACLE_KEY].settings.proxy_trust)

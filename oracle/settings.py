@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from proto import PublicKey
 from proto.errors import ProtocolError
-from runtime.client_address import Network, are_networks, parse_networks
+from runtime.client_address import (FORWARDED_HEADERS, X_FORWARDED_FOR, ProxyTrust, are_networks,
+                                     parse_networks)
 from proto.regions import MAX_REGIONS, is_region_name
 from runtime.settings import describe, load_settings, repeatable
 
@@ -66,9 +67,11 @@ class OracleSettings:
     # Open sockets, counted from accept(); one more is aborted at once.  Below the usual
     # 1024 file descriptors a process may open, so the database and relays still get theirs.
     max_connections: int = 512
-    # Proxies (the dashboard's ingress) whose X-Forwarded-For / Forwarded headers name the
-    # real client, so the login throttle counts each client's failures, not the proxy's.
+    # Proxies (the dashboard's ingress) whose forwarded header names the real client, so the
+    # login throttle counts each client's failures, not the proxy's; and which header they
+    # write it in (x-forwarded-for or forwarded): only that one is read.
     trusted_proxies: tuple[str, ...] = repeatable("trusted-proxy", "network (CIDR)")
+    forwarded_header: str = X_FORWARDED_FOR
     # Set when the dashboard is served over HTTPS, so the session cookie is Secure.
     secure_cookies: bool = False
     # Serve https:// with this certificate chain and key (PEM files): relays fetch the access
@@ -104,8 +107,8 @@ class OracleSettings:
         return server_context(self.tls_cert, self.tls_key) if self.tls_cert else None
 
     @functools.cached_property
-    def trusted_networks(self) -> tuple[Network, ...]:
-        return parse_networks(self.trusted_proxies)
+    def proxy_trust(self) -> ProxyTrust:
+        return ProxyTrust(parse_networks(self.trusted_proxies), self.forwarded_header)
 
     def describe(self) -> dict[str, object]:
         """Settings as printed at start: a password in the database DSN is masked."""
@@ -125,6 +128,8 @@ class OracleSettings:
             ("request_timeout_s must be > 0", self.request_timeout_s > 0),
             ("max_connections must be >= 1", self.max_connections >= 1),
             ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
+            (f"forwarded_header must be one of {', '.join(FORWARDED_HEADERS)}",
+             self.forwarded_header in FORWARDED_HEADERS),
             ("relays must be ws:// or wss:// URLs",
              all(r.startswith(("ws://", "wss://")) for r in self.relays)),
             ("relay_keys must be public keys (cpk_…)", all(map(_is_public_key, self.relay_keys))),

@@ -2,21 +2,40 @@
 
 Behind a load balancer or ingress every socket comes from the proxy, so
 budgets keyed on the socket's peer would put the whole fleet in one bucket.
-The proxy says who connected in `Forwarded` (RFC 7239) or `X-Forwarded-For`,
+The proxy says who connected in `X-Forwarded-For` or `Forwarded` (RFC 7239),
 but anyone can send those headers, so they are believed only from peers in
 `trusted` networks, and only as far as the chain stays inside them: reading
 the chain right to left (nearest hop first), the first address that is not a
 trusted proxy is the client.  A client cannot push itself further right than
 its own hop, so it cannot pose as someone else behind the proxy.
+
+Only the one header the deployment's proxies write is read.  A proxy passes
+the other through as the client sent it (ingress-nginx, the chart's, appends
+to `X-Forwarded-For` and forwards a client's `Forwarded` untouched), so
+reading both, or preferring `Forwarded`, let a client name any address: it
+then escaped its own address's budgets and spent a victim's.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# The headers a proxy may write the client's address in (`--forwarded-header`).
+X_FORWARDED_FOR, FORWARDED = "x-forwarded-for", "forwarded"
+FORWARDED_HEADERS = (X_FORWARDED_FOR, FORWARDED)
+
+
+@dataclass(frozen=True)
+class ProxyTrust:
+    """Which peers are our proxies, and which header they write the client's address in."""
+
+    networks: tuple[Network, ...] = ()
+    header: str = X_FORWARDED_FOR
 
 
 def parse_networks(texts: Iterable[str]) -> tuple[Network, ...]:
@@ -39,11 +58,13 @@ def are_networks(texts: Iterable[str]) -> bool:
     return True
 
 
-def client_address(peer: str, headers: Mapping[str, str], trusted: tuple[Network, ...]) -> str:
+def client_address(peer: str, headers: Mapping[str, str], trust: ProxyTrust) -> str:
     """The client's address: `peer` itself unless `peer` is a trusted proxy that forwarded it."""
+    trusted = trust.networks
     if not trusted or not _is_trusted(peer, trusted):
         return peer
-    hops = _forwarded_for(headers)
+    hops = (_forwarded_for(headers.get("Forwarded", "")) if trust.header == FORWARDED
+            else _x_forwarded_for(headers.get("X-Forwarded-For", "")))
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted):
             return hop
@@ -63,20 +84,20 @@ def _address(text: str) -> Address | None:
         return None
 
 
-def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
-    """The `for=` chain of `Forwarded`, else of `X-Forwarded-For`; unparseable hops kept as
-    text (they are never trusted, so they end the walk as the client)."""
-    forwarded = headers.get("Forwarded")
-    if forwarded:
-        hops = []
-        for element in forwarded.split(","):
-            for pair in element.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if name.lower() == "for" and value:
-                    hops.append(_strip_node(value.strip().strip('"')))
-        if hops:
-            return hops
-    chain = headers.get("X-Forwarded-For", "")
+def _forwarded_for(forwarded: str) -> list[str]:
+    """The `for=` chain of a `Forwarded` header; unparseable hops kept as text (they are
+    never trusted, so they end the walk as the client)."""
+    hops = []
+    for element in forwarded.split(","):
+        for pair in element.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.lower() == "for" and value:
+                hops.append(_strip_node(value.strip().strip('"')))
+    return hops
+
+
+def _x_forwarded_for(chain: str) -> list[str]:
+    """The hops of an `X-Forwarded-For` header, as `_forwarded_for`."""
     return [hop.strip() for hop in chain.split(",") if hop.strip()]
 
 

@@ -114,3 +114,26 @@ async def test_envelopes_naming_another_sender_spend_the_connections_tokens_not_
         for _ in range(3):
             assert isinstance(await v.send(sealed(victim, [bob.public])), Accepted)
         assert (await v.send(sealed(victim, [bob.public]))).code == ErrorCode.RATE_LIMITED
+
+
+async def test_a_clients_own_forwarded_header_is_not_believed_over_the_proxys(
+        start_relay) -> None:
+    """Behind ingress-nginx (which appends X-Forwarded-For and passes a client's `Forwarded`
+    on untouched) an attacker at 203.0.113.66 names the victim's address in `Forwarded` and
+    opens the address's two connections: the victim, at 198.51.100.7, still gets in.  Before,
+    `Forwarded` was read first and the victim was refused 429."""
+    relay = await start_relay(trusted_proxies=("127.0.0.0/8",), max_connections_per_address=2)
+    attacker = {"X-Forwarded-For": "203.0.113.66", "Forwarded": "for=198.51.100.7"}
+    held = [await RawDevice.connect(relay.url, Identity.generate(), headers=attacker)
+            for _ in range(2)]
+    try:
+        async with await RawDevice.connect(relay.url, Identity.generate(),
+                                           headers={"X-Forwarded-For": "198.51.100.7"}):
+            pass
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await RawDevice.connect(relay.url, Identity.generate(), headers=attacker)
+        assert refused.value.status == 429  # the attacker's own address is full
+    finally:
+        for device in held:
+            await device.close()
+

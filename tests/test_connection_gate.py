@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.client_address import client_address, parse_networks
+from runtime.client_address import FORWARDED, ProxyTrust, client_address, parse_networks
 from continuum.connection_gate import ConnectionGate, ConnectionRefused
 from gate_support import Recorder
 from proto_support import ALICE, BOB, CAROL
@@ -81,24 +81,35 @@ def test_the_unknown_key_budget_is_per_address() -> None:
 
 
 TRUSTED = parse_networks(["10.0.0.0/8", "::1"])
+X_FORWARDED_FOR_TRUST, FORWARDED_TRUST = ProxyTrust(TRUSTED), ProxyTrust(TRUSTED, FORWARDED)
 
 
-@pytest.mark.parametrize("peer,headers,expected", [
-    ("203.0.113.5", {"X-Forwarded-For": "198.51.100.1"}, "203.0.113.5"),  # untrusted peer
-    ("10.0.0.2", {"X-Forwarded-For": "198.51.100.1"}, "198.51.100.1"),
-    ("10.0.0.2", {"X-Forwarded-For": "6.6.6.6, 198.51.100.1, 10.0.0.9"}, "198.51.100.1"),
+@pytest.mark.parametrize("peer,headers,trust,expected", [
+    ("203.0.113.5", {"X-Forwarded-For": "198.51.100.1"}, X_FORWARDED_FOR_TRUST,
+     "203.0.113.5"),                                                        # untrusted peer
+    ("10.0.0.2", {"X-Forwarded-For": "198.51.100.1"}, X_FORWARDED_FOR_TRUST, "198.51.100.1"),
+    ("10.0.0.2", {"X-Forwarded-For": "6.6.6.6, 198.51.100.1, 10.0.0.9"}, X_FORWARDED_FOR_TRUST,
+     "198.51.100.1"),
     ("10.0.0.2", {"Forwarded": 'for=192.0.2.60;proto=http, for="[2001:db8::7]:443"'},
-     "2001:db8::7"),
-    ("10.0.0.2", {"Forwarded": "for=192.0.2.60:4711"}, "192.0.2.60"),
-    ("10.0.0.2", {}, "10.0.0.2"),                                           # nothing forwarded
-    ("::1", {"X-Forwarded-For": "10.1.1.1, 10.2.2.2"}, "10.1.1.1"),        # all proxies
-    ("10.0.0.2", {"X-Forwarded-For": "not-an-address"}, "not-an-address"),
+     FORWARDED_TRUST, "2001:db8::7"),
+    ("10.0.0.2", {"Forwarded": "for=192.0.2.60:4711"}, FORWARDED_TRUST, "192.0.2.60"),
+    ("10.0.0.2", {}, X_FORWARDED_FOR_TRUST, "10.0.0.2"),                   # nothing forwarded
+    ("::1", {"X-Forwarded-For": "10.1.1.1, 10.2.2.2"}, X_FORWARDED_FOR_TRUST,
+     "10.1.1.1"),                                                           # all proxies
+    ("10.0.0.2", {"X-Forwarded-For": "not-an-address"}, X_FORWARDED_FOR_TRUST, "not-an-address"),
+    # Only the header the proxies write is read; the other is the client's own.
+    ("10.0.0.2", {"Forwarded": "for=198.51.100.7", "X-Forwarded-For": "203.0.113.66"},
+     X_FORWARDED_FOR_TRUST, "203.0.113.66"),
+    ("10.0.0.2", {"Forwarded": "for=203.0.113.66", "X-Forwarded-For": "198.51.100.7"},
+     FORWARDED_TRUST, "203.0.113.66"),
+    ("10.0.0.2", {"Forwarded": "for=198.51.100.7"}, X_FORWARDED_FOR_TRUST, "10.0.0.2"),
 ])
 def test_the_client_address_is_the_first_untrusted_hop(peer: str, headers: dict,
-                                                        expected: str) -> None:
-    assert client_address(peer, headers, TRUSTED) == expected
+                                                        trust: ProxyTrust, expected: str) -> None:
+    assert client_address(peer, headers, trust) == expected
 
 
 def test_bad_networks_are_named() -> None:
     with pytest.raises(ValueError, match="'10.0.0.0/33'"):
         parse_networks(["10.0.0.0/33"])
+

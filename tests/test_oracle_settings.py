@@ -78,3 +78,12 @@ def test_list_validity_is_bounded_and_tls_files_go_together(overrides: dict) -> 
     with pytest.raises(ValueError, match="access_list_validity_s|tls_cert"):
         replace(OracleSettings(), **overrides).validate()
     assert OracleSettings().access_list_validity_s == 600.0
+
+
+def test_the_forwarded_header_is_one_a_proxy_writes() -> None:
+    with pytest.raises(ValueError, match="forwarded_header"):
+        replace(OracleSettings(), forwarded_header="via").validate()
+    settings, _ = OracleSettings.from_sources(
+        ["--trusted-proxy", "10.0.0.0/8", "--forwarded-header", "forwarded"], {})
+    assert settings.proxy_trust.header == "forwarded"
+    assert OracleSettings().proxy_trust.header == "x-forwarded-for"

@@ -47,6 +47,7 @@ def test_enrollment_without_an_oracle_is_refused(capsys: pytest.CaptureFixture[s
 @pytest.mark.parametrize("argv", [["--port", "70000"], ["--rate-per-s", "0"],
                                   ["--require-enrollment", "maybe"], ["--port", "abc"],
                                   ["--access-list-expired", "ignore"],
+                                  ["--forwarded-header", "via"],
                                   ["--oracle-url", "ftp://o", "--oracle-key", ORACLE_KEY]])
 def test_bad_values_exit_with_a_usage_error(argv: list[str],
                                            capsys: pytest.CaptureFixture[str]) -> None:

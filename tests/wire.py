@@ -45,14 +45,16 @@ class RawDevice:
 
     @classmethod
     async def connect(cls, url: str, identity: Identity, compress: int = 0,
-                      layout: Layout = Layout.SEALED) -> RawDevice:
+                      layout: Layout = Layout.SEALED,
+                      headers: dict[str, str] | None = None) -> RawDevice:
         """`compress` 15 offers permessage-deflate, as browsers do; `layout` DETACHED offers
-        the detached channel layout, as the device library does (SPEC §8)."""
+        the detached channel layout, as the device library does (SPEC §8); `headers` go
+        with the upgrade request (what a proxy in front of the relay would add)."""
         session = aiohttp.ClientSession()
         offered = (DETACHED_SUBPROTOCOL,) if layout is Layout.DETACHED else ()
         try:
             ws = await session.ws_connect(url, max_msg_size=MAX_FRAME, compress=compress,
-                                          protocols=offered)
+                                          protocols=offered, headers=headers)
             handshake = device_handshake(identity)
             await ws.send_bytes(handshake.receive_challenge(await ws.receive_bytes(timeout=5)))
             terms = handshake.receive_welcome(await ws.receive_bytes(timeout=5))
