@@ -90,13 +90,14 @@ class Calls:
             if entry is not None and not entry.accepted.done():
                 self._sender.discard_untracked(entry)
 
-    def on_response(self, decision: ResponseArrived) -> None:
+    def on_response(self, decision: ResponseArrived) -> ResponseFate:
         fate = self.pending.resolve(decision.envelope.sender, decision.response)
         if fate is ResponseFate.LATE:
             self._stats.responses_late += 1
         elif fate is ResponseFate.UNMATCHED:
             self._stats.responses_unmatched += 1
             log.info("response_unmatched", sender=decision.envelope.sender.text)
+        return fate
 
     # -- callee ----------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from runtime.logs import library_logger
 
 from .backoff import Backoff
 from .calling import Calls
-from .calls import DEFAULT_MAX_RUNNING, CallHandler, CallResult
+from .calls import DEFAULT_MAX_RUNNING, CallHandler, CallResult, ResponseFate
 from .config import AppliedConfig, ConfigUpdate
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import RecentlySeen
@@ -555,16 +555,19 @@ class Device:
             self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
             return  # ACKed when the application takes it
-        if isinstance(decision, (CallArrived, ResponseArrived)):
-            # Taken once: recorded as seen before a handler runs, so a re-delivery (an ACK
+        if isinstance(decision, CallArrived):
+            # Taken once: recorded as seen before its handler runs, so a re-delivery (an ACK
             # lost with its connection) is a duplicate: calls run at most once.
-            with transaction(self._state):
-                self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
-                               valid_until_ms(decision.envelope))
-            if isinstance(decision, CallArrived):
-                self._calls.on_call_arrived(decision)
-            else:
-                self._calls.on_response(decision)
+            self._remember(decision.envelope)
+            self._calls.on_call_arrived(decision)
+            await connection.ack(delivery.tag)
+            return
+        if isinstance(decision, ResponseArrived):
+            # Remembered only if it answered a call of ours: anyone may send a RESPONSE, and
+            # unmatched ones kept for their TTL would push peers' messages out of the bounded
+            # seen set (a message redelivered after a lost ACK would then surface twice).
+            if self._calls.on_response(decision) is ResponseFate.MATCHED:
+                self._remember(decision.envelope)
             await connection.ack(delivery.tag)
             return
         if isinstance(decision, (ManifestArrived, ChunkArrived)):
@@ -788,6 +791,12 @@ class Device:
         self._streams.connection_lost(connection)
         # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
         self._inbound = deque(item for item in self._inbound if item[1] is not connection)
+
+    def _remember(self, envelope: Envelope) -> None:
+        """Record a taken call or response as seen, durably at once (a re-delivery after a
+        restart is then a duplicate)."""
+        with transaction(self._state):
+            self._seen.add((envelope.sender, envelope.msg_id), valid_until_ms(envelope))
 
     def _prune(self) -> None:
         assert self._state is not None

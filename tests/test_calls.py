@@ -232,11 +232,14 @@ async def test_a_replayed_correlation_id_is_not_run_twice_and_a_strangers_respon
         await a.send_envelope(seal_envelope(alice, Kind.CALL, [bob.public], again, ttl_s=10,
                                             now_ms=now_ms()), timeout=10)
         await until(lambda: b.stats.calls_dropped == 1, timeout=10)
-        # carol (alice's peer, but not the callee) answers bob's call first: discarded.
-        forged = Response(call.correlation_id, CallStatus.OK, b"from carol").encode()
-        await c.send_envelope(seal_envelope(carol, Kind.RESPONSE, [alice.public], forged,
-                                            ttl_s=10, now_ms=now_ms()), timeout=10)
+        # carol (alice's peer, but not the callee) answers bob's call first: discarded, and
+        # not remembered among the messages alice has seen (a flood of such responses, kept
+        # for their TTL, would push out what peers sent: a re-delivery would surface twice).
+        forged = seal_envelope(carol, Kind.RESPONSE, [alice.public], Response(
+            call.correlation_id, CallStatus.OK, b"from carol").encode(), ttl_s=10, now_ms=now_ms())
+        await c.send_envelope(forged, timeout=10)
         await until(lambda: a.stats.responses_unmatched == 1, timeout=10)
+        assert (carol.public, forged.msg_id) not in a._seen
         assert not pending.done()
         answer.set()
         assert (await pending) == CallResult(CallStatus.OK, b"once")
