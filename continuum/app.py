@@ -8,7 +8,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.channel import DETACHED_SUBPROTOCOL, Layout
-from proto.errors import ProtocolError
 from runtime.client_address import client_address
 from runtime.listener import trust
 
@@ -16,7 +15,6 @@ from .access import ListState
 from .connection_gate import ConnectionRefused
 from .context import RelayContext
 from .session import DeviceSession
-from .store.regional import PROBE_TIMEOUT_S
 from .websocket import DeviceWebSocket
 
 RELAY_KEY = web.AppKey("relay", RelayContext)
@@ -57,31 +55,14 @@ async def healthz(request: web.Request) -> web.Response:
     oracle back, and a restart would only forget what the relay knows.
     """
     relay = request.app[RELAY_KEY]
-    regions = await _regions(relay)
-    try:
-        await relay.store.ping()
-    except ProtocolError as exc:
-        return web.json_response({"status": "store_unavailable", "detail": exc.message,
-                                  **regions}, status=503)
+    health = await relay.health.check()  # at most one probe a second (continuum/health.py)
+    if health.store_error is not None:
+        return web.json_response({"status": "store_unavailable", "detail": health.store_error,
+                                  **health.regions}, status=503)
     state = relay.access.state
     status = "ok" if state in (ListState.OFF, ListState.VALID) else f"access_list_{state}"
     return web.json_response({"status": status, "relay_key": relay.identity.public.text,
-                              "access_list": relay.access.health(), **regions})
-
-
-async def _regions(relay: RelayContext) -> dict[str, object]:
-    """Each region store's state, for a relay with regions (SPEC §19): another region's
-    outage is reported here and in metrics, and refuses only sends to devices homed there,
-    so it never makes this relay's /healthz fail."""
-    store = relay.regions
-    if store is None:
-        return {}
-    states = await store.probe(PROBE_TIMEOUT_S)
-    return {"region": store.local,
-            "regions": {state.region: "ok" if state.reachable else "unreachable"
-                        for state in states},
-            "unreachable_regions": {state.region: state.detail for state in states
-                                    if not state.reachable}}
+                              "access_list": relay.access.health(), **health.regions})
 
 
 async def metrics(request: web.Request) -> web.Response:

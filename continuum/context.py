@@ -12,6 +12,7 @@ from proto import Identity
 
 from .access import AccessControl
 from .connection_gate import ConnectionGate
+from .health import HealthProbe
 from .metrics import RelayMetrics
 from .settings import Settings
 from .store import MailboxLimits, MailboxStore
@@ -39,6 +40,11 @@ class RelayContext:
     presence: PresenceReporter | None = None
     # The region stores behind `store`, for their health (None: a relay without regions).
     regions: RegionalStore | None = None
+
+    @functools.cached_property
+    def health(self) -> HealthProbe:
+        """What /healthz reports, one probe a second at most (shared by every request)."""
+        return HealthProbe(self.store, self.regions)
 
     @functools.cached_property
     def mailbox_limits(self) -> MailboxLimits:

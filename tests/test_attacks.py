@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
 import pytest
+import redis
+from redis_server import RedisServer
+from wire import RawDevice, now_ms, sealed
 
+from continuum.health import PROBE_EVERY_S
 from proto import Identity, Kind, seal_envelope
 from proto.errors import ErrorCode
 from proto.frames import Accepted, Error, Send, encode_frame
-from wire import RawDevice, now_ms, sealed
 
 
 async def round_trip_seconds(url: str) -> float:
@@ -137,3 +141,38 @@ async def test_a_clients_own_forwarded_header_is_not_believed_over_the_proxys(
         for device in held:
             await device.close()
 
+
+
+async def test_a_flood_of_healthz_requests_probes_the_store_at_most_once_a_second(
+        start_relay) -> None:
+    """/healthz answers anyone, and its probe commits a write: 300 requests in a loop made
+    300 writes to the store.  Now one probe a second answers them all (continuum/health.py),
+    and a request after that second probes again."""
+    redis_server = RedisServer("--appendonly", "no").start()
+    try:
+        relay = await start_relay(store=f"{redis_server.url}/0")
+        probe_writes = _counter(redis_server, "cmdstat_set")
+        before = probe_writes()
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                async with http.get(relay.base_url + "/healthz") as response:
+                    assert response.status == 200
+            elapsed = time.monotonic() - started
+            assert probe_writes() - before <= elapsed / PROBE_EVERY_S + 1
+            await asyncio.sleep(PROBE_EVERY_S)
+            written = probe_writes()
+            async with http.get(relay.base_url + "/healthz") as response:
+                assert response.status == 200
+            assert probe_writes() == written + 1
+    finally:
+        redis_server.remove()
+
+
+def _counter(server: RedisServer, command: str) -> Callable[[], int]:
+    """How many times `command` ran on `server` so far (INFO commandstats)."""
+    def calls() -> int:
+        with redis.Redis.from_url(server.url) as client:
+            stats = client.info("commandstats").get(command)
+        return 0 if stats is None else int(stats["calls"])
+    return calls

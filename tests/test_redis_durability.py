@@ -22,6 +22,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from continuum.health import PROBE_EVERY_S
 from continuum.store import MailboxLimits, open_store
 from proto import Envelope, Identity, decode_envelope
 from proto.errors import ErrorCode, StoreUnavailableError
@@ -256,6 +257,7 @@ async def test_healthz_fails_while_the_replica_does_not_acknowledge(
         async with http.get(f"{relay.base_url}/healthz") as response:
             assert response.status == 200, await response.text()
         redis_pair.link.pause()
+        await asyncio.sleep(PROBE_EVERY_S)  # the probe before answers for a second
         async with http.get(f"{relay.base_url}/healthz") as response:
             assert response.status == 503
             assert "0 of 1 replicas" in (await response.json())["detail"]

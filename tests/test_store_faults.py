@@ -11,6 +11,7 @@ it still answers PING, which is all /healthz used to ask.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import subprocess
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 import redis
 
+from continuum.health import PROBE_EVERY_S
 from proto import Identity
 from proto.errors import ErrorCode
 from proto.frames import Accepted, Ack, Error
@@ -63,6 +65,9 @@ def fill(disk: Path) -> Path:
 
 
 async def health(url: str) -> tuple[int, dict]:
+    """/healthz once the store's state changed: after PROBE_EVERY_S, since the probe before
+    the change answers for that long (continuum/health.py)."""
+    await asyncio.sleep(PROBE_EVERY_S)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/healthz") as response:
         return response.status, await response.json()
 
