@@ -383,6 +383,7 @@ def schema_errors(values: dict[str, Any]) -> list[str]:
     {"regions": {"name": "eu", "storeUrls": {"us": "redis://a,b"}}},  # one comma-separated list
     {"relay": {"settings": {"CONTINUUM_REGION_STORES": "us=redis://x"}}},  # chart-managed
     {"oracle": {"settings": {"CONTINUUM_ORACLE_REGION": "eu"}}},  # chart-managed
+    {"ingress": {"forwardedHeader": "x-real-ip"}},  # a header the relays cannot read
 ])
 def test_schema_refuses(override: dict[str, Any]) -> None:
     assert schema_errors(deep_merge(merged_values("values.yaml"), override))
@@ -393,9 +394,11 @@ def test_relays_and_the_oracle_trust_only_the_ingress_for_forwarded_addresses() 
         "ingress": {"trustedProxies": ["10.42.0.0/16", "fd00::/8"]},
         "oracle": {"ingress": {"enabled": True}}}))
     assert relay_config(docs)["CONTINUUM_TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::/8"
+    assert relay_config(docs)["CONTINUUM_FORWARDED_HEADER"] == "x-forwarded-for"  # ingress-nginx's
     oracle = find(docs, "Deployment", "test-continuum-oracle")
     env = {e["name"]: e.get("value") for e in oracle["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["CONTINUUM_ORACLE_TRUSTED_PROXIES"] == "10.42.0.0/16,fd00::/8"
+    assert env["CONTINUUM_ORACLE_FORWARDED_HEADER"] == "x-forwarded-for"
     without = render("values.yaml", {"ingress": {"enabled": False}})
     assert "CONTINUUM_TRUSTED_PROXIES" not in relay_config(without)  # no proxy: trust none
 
