@@ -32,7 +32,6 @@ from .connection_gate import AddressBudget, Slot
 from .context import RelayContext
 from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
                        RouteStreams)
-from .rate_tokens import RateTokens
 from .store import NewEntry, Subscription
 from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
@@ -57,7 +56,7 @@ class DeviceSession:
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
-                 "_address", "_watchdog", "_removals", "_sends", "_tokens")
+                 "_address", "_watchdog", "_removals", "_sends")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str,
                  layout: Layout = Layout.SEALED) -> None:
@@ -77,7 +76,6 @@ class DeviceSession:
         # SENDs in flight, oldest first: at most SENDS_IN_FLIGHT, so a list (an empty deque
         # costs ~0.7 KiB, on every idle connection).
         self._sends: list[_InFlight] = []
-        self._tokens: RateTokens | None = None  # from the first SEND on (see `_spend_token`)
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -157,8 +155,6 @@ class DeviceSession:
                 await asyncio.gather(self._delivery, return_exceptions=True)
             await asyncio.gather(*self._removals, *(send.task for send in self._sends),
                                  return_exceptions=True)
-            if self._tokens is not None:
-                self._tokens.close()
             await self._finish_closing()
             log.info("device_disconnected")
 
@@ -278,22 +274,13 @@ class DeviceSession:
                 this.done(self._sends)
 
     def _spend_token(self) -> Awaitable[bool]:
-        """One token of this connection's device's bucket: the device's, whatever sender
-        an envelope names, so a device resending another's envelopes (refused WRONG_SENDER
-        after the token) spends its own rate, not the other's.  On a store that answers a round
-        trip later, a connection sending one SEND at a time has the next one's token taken
-        ahead (`RateTokens`)."""
-        device, store, settings = self._protocol.device_key, self._relay.store, self._relay.settings
+        """One token of this connection's device's bucket: the device's, whatever sender an
+        envelope names, so a device resending another's envelopes (refused WRONG_SENDER
+        after the token) spends its own rate, not the other's."""
+        device, settings = self._protocol.device_key, self._relay.settings
         assert device is not None
-
-        def take() -> Awaitable[bool]:
-            return store.allow(device, now_ms(), settings.rate_per_s, settings.rate_burst)
-
-        if not store.answers_later(device):
-            return take()
-        if self._tokens is None:
-            self._tokens = RateTokens(take)
-        return self._tokens.spend(take_ahead=len(self._sends) <= 1)  # this SEND alone
+        return self._relay.store.allow(device, now_ms(), settings.rate_per_s,
+                                       settings.rate_burst)
 
     async def _start_removal(self, request: RemoveDelivered) -> None:
         """ACKs of a device served from a store a network round trip away (Redis; across a
