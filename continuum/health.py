@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,18 +41,17 @@ class Health:
 class HealthProbe:
     """The last probe's result, probed again once it is PROBE_EVERY_S old."""
 
-    def __init__(self, store: MailboxStore, regions: RegionalStore | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._store, self._regions, self._clock = store, regions, clock
+    def __init__(self, store: MailboxStore, regions: RegionalStore | None) -> None:
+        self._store, self._regions = store, regions
         self._lock = asyncio.Lock()
         self._last: Health | None = None
         self._last_at = 0.0
 
     async def check(self) -> Health:
         async with self._lock:  # one probe at a time: those who wait take its result
-            if self._last is None or self._clock() - self._last_at >= PROBE_EVERY_S:
+            if self._last is None or time.monotonic() - self._last_at >= PROBE_EVERY_S:
                 self._last = await self._probe()
-                self._last_at = self._clock()
+                self._last_at = time.monotonic()
             return self._last
 
     async def _probe(self) -> Health:
