@@ -62,6 +62,8 @@ async def presence_report(request: web.Request) -> web.Response:
         body = await request.read()
         now = now_ms()
         try:
+            # The key first: a stranger's report costs no decoding and no signature check.
+            oracle.relay_auth.check_allowed(PresenceReport.claimed_relay(body))
             report = PresenceReport.verify(body, oracle.identity.public, now, oracle.chain.former)
             oracle.relay_auth.admit(report.relay, report.nonce, now)
         except ProtocolError as exc:

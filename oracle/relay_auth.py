@@ -51,11 +51,16 @@ class RelayAuth:
         self.admit(request.relay, request.nonce, now_ms)
         return request.relay
 
+    def check_allowed(self, relay: PublicKey) -> None:
+        """UnauthenticatedError unless `relay` may be served: before its signature is checked
+        where checking costs more than this (a presence report), and again in `admit`."""
+        if relay not in self._configured and relay not in self._learned():
+            raise UnauthenticatedError(f"relay key {relay.text} is not allowed here")
+
     def admit(self, relay: PublicKey, nonce: bytes, now_ms: int) -> None:
         """Whether a signed request (its signature and clock already checked) may be served:
         UnauthenticatedError unless `relay` is allowed and `nonce` is new."""
-        if relay not in self._configured and relay not in self._learned():
-            raise UnauthenticatedError(f"relay key {relay.text} is not allowed here")
+        self.check_allowed(relay)
         self._forget_expired(now_ms)
         if nonce in self._nonces:
             raise UnauthenticatedError("relay token already used (replay)")

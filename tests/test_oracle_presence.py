@@ -221,6 +221,9 @@ async def test_forged_foreign_stale_replayed_garbage_and_oversize_reports_change
     refusals = {
         "forged": (bytes(flipped), 401),
         "unknown relay": (stranger.snapshot(conn(alice, t)), 401),
+        # Refused by its key alone, before the rest is decoded (nothing else here decodes).
+        "unknown relay, then garbage": (bytes([0x8B, 0x58, 0x20]) + stranger.identity.public.raw
+                                        + b"\xff" * 100, 401),
         "other oracle": (relay.report(conn(alice, t), snapshot=1, last=True, sequence=1,
                                       oracle=Identity.generate().public), 401),
         "stale": (relay.report(conn(alice, t), snapshot=1, last=True, sequence=1,

@@ -152,3 +152,17 @@ def test_any_well_formed_report_round_trips(entries: list, sequence: int, last: 
     decoded = PresenceReport.verify(signed, identity("oracle").public, VECTORS["now_ms"])
     assert decoded.sign(identity("relay")) == signed
     assert set(decoded.connections) == set(connections)
+    assert PresenceReport.claimed_relay(signed) == identity("relay").public  # read up front
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_the_claimed_relay_is_read_only_from_a_reports_canonical_head(data: bytes) -> None:
+    """What `claimed_relay` accepts is a report's own head: anything else is refused before
+    a decode, and a key read from it is the one `verify` would find there."""
+    try:
+        claimed = PresenceReport.claimed_relay(data)
+    except ProtocolError as exc:
+        assert exc.code is ErrorCode.MALFORMED
+    else:
+        assert data[:3] == bytes([0x8B, 0x58, 0x20]) and claimed.raw == data[3:35]
