@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proto.channel import DETACHED_SUBPROTOCOL, Layout
-from runtime.client_address import client_address
+from runtime.client_address import client_address, client_unit
 from runtime.listener import trust
 
 from .access import ListState
@@ -23,8 +23,9 @@ CONNECT_PATH = "/v1/connect"
 
 async def connect(request: web.Request) -> web.StreamResponse:
     relay = request.app[RELAY_KEY]
-    address = client_address(request.remote or "unknown", request.headers,
-                             relay.settings.proxy_trust)
+    # Budgets per address are per client: an IPv6 host holds a whole /64.
+    address = client_unit(client_address(request.remote or "unknown", request.headers,
+                                         relay.settings.proxy_trust))
     # Frames up to twice the limit are read and refused with an OVERSIZE error
     # frame; beyond that aiohttp closes the socket (1009) without buffering more.
     ws = DeviceWebSocket(max_msg_size=2 * relay.settings.limits.max_frame_bytes,

@@ -40,10 +40,11 @@ exactly one process, and a restart forgives (and forgets trusted addresses).
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from runtime.client_address import client_unit
 
 FREE_PER_PAIR = 5
 FREE_PER_ADDRESS = 20
@@ -90,7 +91,7 @@ class LoginThrottle:
 
     def retry_after(self, username: str, address: str) -> float:
         """Seconds until a login for this username from this address may be tried; 0: now."""
-        now, user, addr = self._clock(), _user(username), _address(address)
+        now, user, addr = self._clock(), _user(username), client_unit(address)
         keys = [("pair", user, addr), ("address", addr)]
         if not self._is_trusted(user, addr):
             keys.append(("username", user))
@@ -102,7 +103,7 @@ class LoginThrottle:
         wait = self.retry_after(username, address)
         if wait > 0:
             return wait
-        user, addr = _user(username), _address(address)
+        user, addr = _user(username), client_unit(address)
         if addr in self._in_flight or (len(self._in_flight) >= MAX_IN_FLIGHT
                                        and not self._is_trusted(user, addr)):
             return BUSY_RETRY_S
@@ -110,7 +111,7 @@ class LoginThrottle:
         return 0.0
 
     def failed(self, username: str, address: str) -> None:
-        now, user, addr = self._clock(), _user(username), _address(address)
+        now, user, addr = self._clock(), _user(username), client_unit(address)
         self._in_flight.discard(addr)
         self._forget_stale(now)
         for key, free in ((("pair", user, addr), FREE_PER_PAIR),
@@ -119,7 +120,7 @@ class LoginThrottle:
             self._failures.setdefault(key, _Failures(free)).fail(now)
 
     def succeeded(self, username: str, address: str) -> None:
-        user, addr = _user(username), _address(address)
+        user, addr = _user(username), client_unit(address)
         self._in_flight.discard(addr)
         self._failures.pop(("pair", user, addr), None)
         self._failures.pop(("address", addr), None)
@@ -131,7 +132,7 @@ class LoginThrottle:
 
     def abandoned(self, username: str, address: str) -> None:
         """The check did not finish (an error, not a guess): release it without counting."""
-        self._in_flight.discard(_address(address))
+        self._in_flight.discard(client_unit(address))
 
     def _is_trusted(self, user: str, addr: str) -> bool:
         return addr in self._trusted.get(user, ())
@@ -148,16 +149,3 @@ class LoginThrottle:
 
 def _user(username: str) -> str:
     return username[:64]
-
-
-def _address(address: str) -> str:
-    """The unit one client controls: an IPv4 address, an IPv6 /64 (IPv4-mapped → IPv4)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address[:64]
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)

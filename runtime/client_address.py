@@ -72,6 +72,22 @@ def client_address(peer: str, headers: Mapping[str, str], trust: ProxyTrust) -> 
     return hops[0] if hops else peer
 
 
+def client_unit(address: str) -> str:
+    """What one client controls, the key of per-address budgets: an IPv4 address, an IPv6
+    /64 (one subscriber's allocation: a host picks any address in it, and each would
+    otherwise be a fresh budget), an IPv4-mapped IPv6 address as its IPv4 one; anything
+    that is no address, as given (at most 64 characters)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def _is_trusted(text: str, trusted: tuple[Network, ...]) -> bool:
     address = _address(text)
     return address is not None and any(address in network for network in trusted)

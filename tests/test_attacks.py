@@ -14,7 +14,7 @@ from wire import RawDevice, now_ms, sealed
 
 from continuum.health import PROBE_EVERY_S
 from proto import Identity, Kind, seal_envelope
-from proto.errors import ErrorCode
+from proto.errors import ErrorCode, RateLimitedError
 from proto.frames import Accepted, Error, Send, encode_frame
 
 
@@ -176,3 +176,23 @@ def _counter(server: RedisServer, command: str) -> Callable[[], int]:
             stats = client.info("commandstats").get(command)
         return 0 if stats is None else int(stats["calls"])
     return calls
+
+
+async def test_handshakes_from_addresses_of_one_ipv6_64_share_one_unknown_key_budget(
+        start_relay) -> None:
+    """A host holds a whole IPv6 /64 and may pick a new source address for every connection:
+    each one a budget of its own, it had as many signature checks for fresh keys as it
+    liked.  Fresh keys from four addresses of one /64, burst 3: the fourth is refused; a
+    fresh key from the next /64 is not."""
+    relay = await start_relay(trusted_proxies=("127.0.0.0/8",), unknown_key_rate_per_s=0.01,
+                              unknown_key_burst=3, probation_sends=0)
+    for host in range(1, 4):
+        async with await RawDevice.connect(relay.url, Identity.generate(),
+                                           headers={"X-Forwarded-For": f"2001:db8:0:1::{host}"}):
+            pass
+    with pytest.raises(RateLimitedError):
+        await RawDevice.connect(relay.url, Identity.generate(),
+                                headers={"X-Forwarded-For": "2001:db8:0:1::4"})
+    async with await RawDevice.connect(relay.url, Identity.generate(),
+                                       headers={"X-Forwarded-For": "2001:db8:0:2::1"}):
+        pass

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.client_address import FORWARDED, ProxyTrust, client_address, parse_networks
+from runtime.client_address import (FORWARDED, ProxyTrust, client_address, client_unit,
+                                     parse_networks)
 from continuum.connection_gate import ConnectionGate, ConnectionRefused
 from gate_support import Recorder
 from proto_support import ALICE, BOB, CAROL
@@ -113,3 +114,16 @@ def test_bad_networks_are_named() -> None:
     with pytest.raises(ValueError, match="'10.0.0.0/33'"):
         parse_networks(["10.0.0.0/33"])
 
+
+
+@pytest.mark.parametrize("address,unit", [
+    ("198.51.100.7", "198.51.100.7"),
+    ("2001:db8:1:2::5", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:1:2:3", "2001:db8:1:2::/64"),   # the same host's other address
+    ("2001:db8:1:3::5", "2001:db8:1:3::/64"),           # the next subscriber
+    ("::ffff:198.51.100.7", "198.51.100.7"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("unknown", "unknown"),
+])
+def test_a_clients_budget_unit_is_its_ipv4_address_or_its_ipv6_64(address: str, unit: str) -> None:
+    assert client_unit(address) == unit
