@@ -19,7 +19,10 @@ from .supervisor import supervise
 # A peer that never authenticates can have a handshake refused hundreds of times a second
 # (fresh keys, garbage): its lines are sampled, a few a second per reason, each carrying the
 # number dropped before it.  continuum_handshake_failures_total still counts every refusal.
-SAMPLED_EVENTS = {"handshake_refused": ("reason",)}
+# A key that reconnects in a loop (a verify and a signed WELCOME each) wrote two lines a
+# time: its connects and disconnects are sampled per key, so other devices' are all kept.
+SAMPLED_EVENTS = {"handshake_refused": ("reason",), "device_connected": ("device",),
+                  "device_disconnected": ("device",)}
 SAMPLED_LINES_PER_S = 5
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from runtime.clock import now_ms
-from runtime.logs import configure_logging
+from runtime.logs import EventSampler, configure_logging
 
 from .audit import Actor
 from .auth import Auth
@@ -20,6 +20,16 @@ from .errors import OracleError
 from .identity import load_identity, rotate
 from .server import OracleServer
 from .settings import OracleSettings
+
+
+# Lines anyone can make the oracle write without cost to themselves: a login form posted
+# from another site or while its address is locked out (no password check either way),
+# a presence report refused.  A few a second of each are kept, the next one carrying how
+# many were dropped (`suppressed`); continuum_oracle_presence_reports_total still counts
+# every report.  Refused logins (a password check each, throttled) are all kept.
+SAMPLED_EVENTS = {"login_cross_site": (), "login_throttled": (),
+                  "presence_report_refused": ("status",)}
+SAMPLED_LINES_PER_S = 5
 
 
 async def _serve(settings: OracleSettings) -> None:
@@ -73,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if positional:
         parser.add_argument(positional)
     settings, args = OracleSettings.from_sources(rest, parser=parser)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level,
+                      sampler=EventSampler(SAMPLED_EVENTS, per_s=SAMPLED_LINES_PER_S))
     try:
         if command == "serve":
             asyncio.run(_serve(settings))

@@ -558,6 +558,40 @@ async def test_a_flood_of_refused_handshakes_writes_a_sample_of_lines_and_counts
     assert f'continuum_handshake_failures_total{{reason="malformed"}} {floods + 1}.0' in metrics
 
 
+async def test_a_reconnect_loop_of_one_key_writes_a_sample_of_its_lines_and_others_all_theirs(
+        tmp_path) -> None:
+    """A key the relay knows may reconnect in a loop (a verify and a signed WELCOME each):
+    before, every connection wrote its two lines.  Now a few a second per key, the next one
+    saying how many were dropped; another device's lines are all kept."""
+    log_path = tmp_path / "relay.log"
+    relay = await RelayProcess("--log-level", "info", log_path=log_path).start()
+    looping, other = Identity.generate(), Identity.generate()
+    loops = 40
+    try:
+        started = time.monotonic()
+        for _ in range(loops):
+            async with await RawDevice.connect(relay.url, looping):
+                pass
+        seconds = time.monotonic() - started
+        async with await RawDevice.connect(relay.url, other):
+            pass
+        await asyncio.sleep(1.05)  # the next line, a second later, counts the dropped
+        async with await RawDevice.connect(relay.url, looping):
+            pass
+        await asyncio.sleep(0.5)  # its disconnect line written
+    finally:
+        relay.stop()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()
+             if line.startswith("{")]
+    per_s = continuum_main.SAMPLED_LINES_PER_S
+    for event in ("device_connected", "device_disconnected"):
+        kept = [line for line in lines if line["event"] == event
+                and line.get("device") == looping.public.text]
+        assert len(kept) <= per_s * (int(seconds) + 2) + 1 < loops, (event, len(kept))
+        assert len(kept) + sum(line.get("suppressed", 0) for line in kept) == loops + 1, event
+        assert [line["event"] for line in lines
+                if line.get("device") == other.public.text].count(event) == 1
+
 async def test_upgrades_offering_unknown_subprotocols_are_served_and_write_no_line(
         tmp_path) -> None:
     """aiohttp logged a warning, outside the relay's sampled JSON log, for every upgrade that

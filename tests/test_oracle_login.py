@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import json
 import threading
 import time
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
+import structlog
 from oracle_support import oracle_settings
 from tally import ATTACKS_REJECTED, TALLY
 
+import oracle.__main__ as oracle_main
 from oracle import OracleServer
+from runtime.logs import EventSampler, configure_logging
 
 # How long each password check is made to take in the responsiveness test: long enough that a
 # check on the event loop would visibly hold a concurrent request.
@@ -114,3 +119,34 @@ async def test_logins_from_the_oracles_own_pages_and_from_scripts_work(tmp_path)
                         {}):  # a script: no browser headers at all
             response = await _login(server.url, "admin", password, headers=headers)
             assert response.status == 303, headers
+
+
+@pytest.fixture
+def _oracle_log() -> Iterator[io.StringIO]:
+    """The oracle process's log set-up (its sampler) on a stream; the set-up conftest made
+    is put back afterwards."""
+    config, stream = structlog.get_config(), io.StringIO()
+    configure_logging("info", stream, sampler=EventSampler(
+        oracle_main.SAMPLED_EVENTS, per_s=oracle_main.SAMPLED_LINES_PER_S))
+    yield stream
+    structlog.configure(**config)
+
+
+async def test_a_flood_of_cross_site_logins_writes_a_sample_of_lines(tmp_path, _oracle_log) -> None:
+    """A login form posted from another site costs no password check, and each wrote a
+    warning (~380 bytes, 240 of them the poster's): a loop of them an unbounded log.  Now a
+    few lines a second, the next one saying how many were dropped."""
+    floods = 60
+    async with OracleServer(oracle_settings(tmp_path)) as server:
+        started = time.monotonic()
+        for _ in range(floods):
+            refused = await _login(server.url, "admin", "guess",
+                                   headers={"Origin": "http://evil.example"})
+            assert refused.status == 403
+        seconds = time.monotonic() - started
+        await asyncio.sleep(1.05)  # the next line, a second later, counts the dropped
+        await _login(server.url, "admin", "guess", headers={"Origin": "http://evil.example"})
+    lines = [json.loads(line) for line in _oracle_log.getvalue().splitlines()]
+    kept = [line for line in lines if line["event"] == "login_cross_site"]
+    assert len(kept) <= oracle_main.SAMPLED_LINES_PER_S * (int(seconds) + 2) + 1 < floods
+    assert len(kept) + sum(line.get("suppressed", 0) for line in kept) == floods + 1
