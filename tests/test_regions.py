@@ -71,6 +71,32 @@ class _Peak:
             await asyncio.sleep(0)
 
 
+class _Started:
+    """How many tasks named `name` started while the block ran (looked at every loop turn)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._seen: set[asyncio.Task[object]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self._seen)
+
+    async def __aenter__(self) -> _Started:
+        self._watcher = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._watcher is not None
+        self._watcher.cancel()
+
+    async def _watch(self) -> None:
+        while True:
+            self._seen.update(task for task in asyncio.all_tasks() if task.get_name() == self.name)
+            await asyncio.sleep(0)
+
+
 async def test_an_eu_device_on_a_us_relay_gets_mail_sent_through_an_ap_relay(world) -> None:
     alice, carol = Identity.generate(), Identity.generate()  # alice homed in eu, carol in ap
     world.place({alice.public: "eu", carol.public: "ap"})
@@ -325,6 +351,33 @@ async def test_hostile_ack_tags_touch_no_region_and_break_nothing(world) -> None
         second = sealed(carol, [alice.public], b"second", ttl_s=600)
         assert isinstance(await sender.send(second), Accepted)
         assert (await device.next_delivery()).envelope == second.raw
+
+
+async def test_wakeups_during_a_mailbox_move_queue_one_more_move_not_one_each(world) -> None:
+    """40 messages land in alice's former home at once while a relay watches it: their 40
+    wake-ups come during one move, and one more move takes them all.  Before, each queued a
+    move of its own, one after another (41 here; without end while the former home is
+    written faster than a move's round trips)."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "us", carol.public: "eu"}, former={alice.public: "eu"})
+    eu = await world.relay("eu")
+    store = eu.relay.regions  # type: ignore[union-attr]
+    limits = eu.relay.mailbox_limits  # type: ignore[union-attr]
+    envelopes = [sealed(carol, [alice.public], bytes([n]), ttl_s=600) for n in range(40)]
+    async with _Started("move-mailbox") as moves:
+        subscription = await store.subscribe(alice.public, lambda _entry: None)
+        try:
+            await asyncio.gather(*(store.stores["eu"].accept(
+                envelope, replay_until_ms=envelope.expires_at_ms, limits=limits)
+                for envelope in envelopes))
+            async with asyncio.timeout(10):
+                while await store.stores["us"].depth(alice.public) < len(envelopes):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # any move still queued starts meanwhile
+        finally:
+            await subscription.close()
+    assert await store.stores["eu"].depth(alice.public) == 0
+    assert moves.count <= 4, moves.count
 
 
 async def test_a_move_cut_short_and_run_again_neither_loses_nor_duplicates(world) -> None:

@@ -123,6 +123,8 @@ class RegionalStore(MailboxStore):
         self._moves: dict[PublicKey, asyncio.Task[None]] = {}
         # Devices served here whose former home is being watched: moves run only for them.
         self._moving: Counter[PublicKey] = Counter()
+        # Devices whose move under way is to be followed by one more (`_start_move`).
+        self._move_again: set[PublicKey] = set()
 
     # -- where things live ---------------------------------------------------------------
 
@@ -257,16 +259,25 @@ class RegionalStore(MailboxStore):
     # -- moving mail from a former home --------------------------------------------------
 
     def _start_move(self, recipient: PublicKey, former: str, home: str) -> None:
-        """Move `recipient`'s mail now, or right after the move under way: one at a time per
-        device, and only while a session here watches its former home."""
+        """Move `recipient`'s mail now, or once right after the move under way: one at a time
+        per device, and only while a session here watches its former home.  However many
+        wake-ups come during a move, one more move takes what they announced (before, each
+        queued a move of its own: a former home written fast queued them without end)."""
         if not self._moving[recipient]:
             return
         running = self._moves.get(recipient)
         if running is not None and not running.done():
-            running.add_done_callback(lambda _task: self._start_move(recipient, former, home))
+            if recipient not in self._move_again:
+                self._move_again.add(recipient)
+                running.add_done_callback(lambda _task: self._move_once_more(recipient, former,
+                                                                             home))
             return
         self._moves[recipient] = asyncio.create_task(
             self._move_safely(recipient, former, home), name="move-mailbox")
+
+    def _move_once_more(self, recipient: PublicKey, former: str, home: str) -> None:
+        self._move_again.discard(recipient)
+        self._start_move(recipient, former, home)
 
     def _stop_move(self, recipient: PublicKey) -> None:
         """A session watching `recipient`'s former home ended; the last one stops the move."""
@@ -274,6 +285,7 @@ class RegionalStore(MailboxStore):
         if self._moving[recipient] > 0:
             return
         del self._moving[recipient]
+        self._move_again.discard(recipient)
         task = self._moves.pop(recipient, None)
         if task is not None:
             task.cancel()
