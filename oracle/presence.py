@@ -48,7 +48,10 @@ CHUNK = 500
 # Connections kept per device in the history: the newest (a relay cannot hold more open).
 HISTORY_PER_DEVICE = 50
 # Relay processes heard from and not yet taken for dead, per relay key: replicas share a key,
-# but a key reporting this many processes at once is broken or hostile.
+# but a key reporting this many processes at once is broken or hostile.  As many taken for
+# dead are remembered per key, the most recently heard: a key that reported fresh processes
+# with a lease of a millisecond (each taken for dead at the next check, making room for
+# more) grew that memory by ~34 rows a second, each kept a week.
 MAX_INSTANCES_PER_RELAY_KEY = 1024
 # After the oracle starts, a relay process has its lease again plus this long to be heard
 # before its connections end: while the oracle was down it backed off (at most 60 s).
@@ -304,7 +307,7 @@ class Presence:
         the oracle is down and may not have had their turn yet.
         """
         gone = await self.db.fetch(
-            "SELECT instance, last_heard_ms FROM relay_instances WHERE gone = 0"
+            "SELECT instance, relay_key, last_heard_ms FROM relay_instances WHERE gone = 0"
             " AND lease_until_ms < $1 AND (last_heard_ms >= $2 OR $3 + lease_ms < $1)",
             now_ms, started_ms, started_ms + START_GRACE_MS)
         for row in gone:
@@ -318,6 +321,11 @@ class Presence:
                 await self._derive(conn, keys, now_ms)
                 await conn.execute("UPDATE relay_instances SET gone = 1 WHERE instance = $1",
                                    row["instance"])
+                await conn.execute(
+                    "DELETE FROM relay_instances WHERE relay_key = $1 AND gone = 1 AND instance"
+                    " NOT IN (SELECT instance FROM relay_instances WHERE relay_key = $1 AND"
+                    " gone = 1 ORDER BY last_heard_ms DESC, instance LIMIT $2)",
+                    row["relay_key"], MAX_INSTANCES_PER_RELAY_KEY)
         await self.db.execute("DELETE FROM relay_instances WHERE gone = 1 AND last_heard_ms < $1",
                               now_ms - FORGET_GONE_MS)
         return len(gone)

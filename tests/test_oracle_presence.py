@@ -417,6 +417,26 @@ async def test_a_relay_key_cannot_report_unbounded_processes(
     assert status == 401
 
 
+async def test_a_relay_key_keeps_at_most_as_many_processes_taken_for_dead_as_live_ones(
+        server: OracleServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key that reports fresh processes with a 1 ms lease has each taken for dead at the
+    next check, which makes room for more live ones: those taken for dead were kept a week,
+    whatever their number.  Now the key's most recently heard ones are kept, as many as it
+    may have live."""
+    import oracle.presence
+    monkeypatch.setattr(oracle.presence, "MAX_INSTANCES_PER_RELAY_KEY", 3)
+    assert server.oracle is not None
+    presence = server.oracle.presence
+    for _ in range(4):
+        for _ in range(3):
+            assert await applied(server, Relay(server).report(snapshot=1, last=True,
+                                                              lease_ms=1)) is False
+        assert await presence.expire_leases(now_ms() + 10, started_ms=0) == 3
+    remembered = await presence.db.fetchval(
+        "SELECT COUNT(*) FROM relay_instances WHERE relay_key = $1", TRUSTED_RELAY.public.text)
+    assert remembered == 3
+
+
 async def test_a_relay_process_cannot_be_taken_over_by_another_relay_key(
         tmp_path: Path) -> None:
     """Two allowed relay keys: one cannot report as the other's process (409), so it cannot
