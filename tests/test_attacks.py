@@ -142,7 +142,6 @@ async def test_a_clients_own_forwarded_header_is_not_believed_over_the_proxys(
             await device.close()
 
 
-
 async def test_a_flood_of_healthz_requests_probes_the_store_at_most_once_a_second(
         start_relay) -> None:
     """/healthz answers anyone, and its probe commits a write: 300 requests in a loop made
@@ -154,17 +153,20 @@ async def test_a_flood_of_healthz_requests_probes_the_store_at_most_once_a_secon
         probe_writes = _counter(redis_server, "cmdstat_set")
         before = probe_writes()
         started = time.monotonic()
-        async with aiohttp.ClientSession() as http:
-            for _ in range(300):
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(300):
+                    async with http.get(relay.base_url + "/healthz") as response:
+                        assert response.status == 200
+                elapsed = time.monotonic() - started
+                assert probe_writes() - before <= elapsed / PROBE_EVERY_S + 1
+                await asyncio.sleep(PROBE_EVERY_S)
+                written = probe_writes()
                 async with http.get(relay.base_url + "/healthz") as response:
                     assert response.status == 200
-            elapsed = time.monotonic() - started
-            assert probe_writes() - before <= elapsed / PROBE_EVERY_S + 1
-            await asyncio.sleep(PROBE_EVERY_S)
-            written = probe_writes()
-            async with http.get(relay.base_url + "/healthz") as response:
-                assert response.status == 200
-            assert probe_writes() == written + 1
+                assert probe_writes() == written + 1
+        finally:
+            await relay.stop()  # before the Redis it writes to
     finally:
         redis_server.remove()
 
