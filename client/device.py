@@ -593,6 +593,10 @@ class Device:
                 if isinstance(decision, ReceiptArrived):
                     self._on_receipt(decision)
                 elif isinstance(decision, ExpiryArrived):
+                    # Not remembered as seen: marking its messages EXPIRED again changes
+                    # nothing, and a relay signs its own notices with any ttl, whose entries
+                    # would push peers' messages out of the bounded seen set (to be replayed
+                    # as new).
                     self.stats.expiry_notices += 1
                     for msg_id, recipient in decision.notice.entries:
                         self._sender.sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
@@ -602,8 +606,9 @@ class Device:
                     self._on_config_report(decision)
                 else:
                     reply = self._on_peer_change(decision, identity)
-                self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
-                               valid_until_ms(decision.envelope))
+                if not isinstance(decision, ExpiryArrived):
+                    self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
+                                   valid_until_ms(decision.envelope))
         if reply is not None:
             await self._sender.send_now(reply)
         await connection.ack(delivery.tag)
@@ -799,8 +804,9 @@ class Device:
             self._seen.add((envelope.sender, envelope.msg_id), valid_until_ms(envelope))
 
     def _prune(self) -> None:
+        """Forget by the device's own clock, never the relay's (client/freshness.py)."""
         assert self._state is not None
-        now = device_now_ms(now_ms(), self._sender.clock_offset_ms)
+        now = now_ms()
         self._state.prune(now, max_seen=self._seen.capacity, max_sent=self._sender.sent.capacity)
         if self._incoming is not None:
             self._incoming.expire(now)

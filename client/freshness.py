@@ -11,7 +11,13 @@ after it, the freshness rule refuses the copy anyway.
 `now` is the later of the device's own clock and the relay's (as announced
 in WELCOME): a device without a real-time clock (1970 after a reboot) still
 applies the rule against an honest relay, and no relay can make an envelope
-look younger than the device's own clock says it is.
+look younger than the device's own clock says it is.  An envelope created more
+than the skew after that `now` is no honest relay's either: none stores one
+created beyond its own clock plus the skew.
+
+What the device forgets, it forgets by its own clock alone (`Device._prune`):
+a relay announcing a clock years ahead would otherwise have it forget every
+(sender, msg_id) it holds, and a later connection replay them as new.
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ def valid_until_ms(envelope: Envelope) -> int:
 
 
 def is_fresh(envelope: Envelope, now_ms: int) -> bool:
-    return now_ms <= valid_until_ms(envelope)
+    return now_ms <= valid_until_ms(envelope) and not is_from_the_future(envelope, now_ms)
+
+
+def is_from_the_future(envelope: Envelope, now_ms: int) -> bool:
+    """Created later than any honest relay would have stored it (`now_ms` plus the skew)."""
+    return envelope.created_at_ms > now_ms + CLOCK_SKEW_MS
 
 
 def device_now_ms(local_ms: int, relay_offset_ms: int) -> int:

@@ -72,7 +72,7 @@ from proto.transfers import Chunk, Manifest
 
 from .config import AppliedConfig, ConfigUpdate
 from .dedup import MessageKey
-from .freshness import is_fresh
+from .freshness import is_fresh, is_from_the_future
 from .peers import PeerList, Standing
 
 
@@ -244,6 +244,10 @@ def decide(raw: bytes, view: InboxView, limits: Limits = DEFAULT_LIMITS, *,
         return Drop(DropReason.INVALID, f"undecodable envelope: {exc.message}")
     if view.identity.public not in envelope.recipient_keys:
         return Drop(DropReason.INVALID, "this device is not a recipient", envelope)
+    if is_from_the_future(envelope, now_ms):
+        ahead_s = (envelope.created_at_ms - now_ms) // 1000
+        return Drop(DropReason.STALE, f"created {ahead_s} s ahead of this device's clock:"
+                    " no relay may have stored it", envelope)
     if not is_fresh(envelope, now_ms):
         age_s = (now_ms - envelope.created_at_ms) // 1000
         return Drop(DropReason.STALE, f"created {age_s} s ago with a ttl of {envelope.ttl_s} s:"

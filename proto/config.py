@@ -18,6 +18,7 @@ levels, so one fits a default 64 KiB envelope and parsing one is bounded.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,17 @@ JsonObject = dict[str, Any]
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number beyond a double's range (`1e400`) parses as infinity, which no JSON
+    spelling has: refused here, as NaN and Infinity are, not found later by the encoder
+    (whose ValueError escaped every caller that expects a ProtocolError: a device re-fetched
+    such a report without end)."""
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is out of range")
+    return number
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> JsonObject:
@@ -67,7 +79,7 @@ def parse_document(text: str, what: str = "configuration") -> JsonObject:
     if size > MAX_CONFIG_BYTES:
         raise OversizeError(f"{what} is {size} bytes, more than {MAX_CONFIG_BYTES}")
     try:
-        value = json.loads(text, parse_constant=_refuse_constant,
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float,
                            object_pairs_hook=_no_duplicates)
     except RecursionError:
         raise InvalidFieldError(f"{what} nests deeper than {MAX_CONFIG_DEPTH} levels") from None

@@ -52,6 +52,7 @@ def test_config_and_report_round_trip_in_one_spelling() -> None:
     ("[]", "must be a JSON object"), ('"x"', "must be a JSON object"),
     ("{", "not valid JSON"), ('{"a":1,"a":2}', "duplicate key"), ('{"a":NaN}', "NaN"),
     ('{"a":Infinity}', "Infinity"), ('{"a":"\\ud800"}', "lone surrogate"),
+    ('{"a":1e400}', "out of range"), ('{"a":[-1.5e309]}', "out of range"),
     ("{" + '"a":{' * MAX_CONFIG_DEPTH + "}" * (MAX_CONFIG_DEPTH + 1), "nests deeper"),
     ("[" * 100_000, "bytes, more than"), ("[" * 20_000, "nests deeper"),
 ])

@@ -1,0 +1,131 @@
+"""A device against a relay (or peer) that lies: its clock, its own notices, a peer's payload.
+
+A scripted relay (tests/fake_relay.py, real WebSocket on 127.0.0.1) plays the hostile side;
+the device is the library's own `Device` with a home, as deployed.  Each case once made a
+device surface a message twice or stop taking its mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fake_relay import FakeRelay
+from tally import ATTACKS_REJECTED, TALLY
+
+from client import Device, PeerList
+from client.backoff import Backoff
+from proto import Identity, Kind, canonical, seal_envelope
+from proto.payloads import ExpiryNotice
+from runtime.clock import now_ms
+
+TEN_YEARS_MS = 10 * 365 * 86_400_000
+
+
+@contextlib.asynccontextmanager
+async def reading(device: Device) -> AsyncIterator[list[bytes]]:
+    """The payloads the application takes, as they come."""
+    got: list[bytes] = []
+
+    async def read() -> None:
+        async with contextlib.aclosing(device.messages()) as messages:
+            async for message in messages:
+                got.append(message.payload)
+
+    task = asyncio.create_task(read())
+    try:
+        yield got
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def reconnect(device: Device, relay: FakeRelay) -> None:
+    """Have the device connect again (the relay dropped it), and wait until it has."""
+    before = relay.connections
+    await device._manager.connection.close()  # type: ignore[union-attr]
+    await relay.wait_for(lambda: relay.connections > before and device.connected, 10)
+
+
+async def test_a_relay_clock_years_ahead_does_not_make_the_device_forget_what_it_took(
+        tmp_path: Path) -> None:
+    """A relay announced a clock ten years ahead: the device pruned its memory of taken
+    messages by that clock (all of it), and the next connection, with an honest clock,
+    replayed one that surfaced again.  The device now forgets by its own clock only."""
+    alice, bob = Identity.generate(), Identity.generate()
+    once = seal_envelope(alice, Kind.DATA, [bob.public], b"pay me once", ttl_s=3600,
+                         now_ms=now_ms())
+    async with FakeRelay(deliver=[once.raw]) as relay:
+        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1))
+        async with device, reading(device) as got:
+            await relay.wait_for(lambda: got == [b"pay me once"] and bool(relay.acks), 10)
+            relay.deliver, relay.clock_offset_ms = [], TEN_YEARS_MS
+            await reconnect(device, relay)
+            relay.deliver, relay.clock_offset_ms = [once.raw], 0
+            await reconnect(device, relay)
+            await relay.wait_for(lambda: len(relay.acks) >= 2, 10)  # the replay, ACKed
+            await asyncio.sleep(0.2)
+        assert got == [b"pay me once"]
+        assert device.stats.duplicates == 1
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_a_relays_own_notice_from_the_future_is_dropped_not_a_crash(
+        tmp_path: Path) -> None:
+    """A notice the relay signed with created_at_ms 2^63 - 1 passed the freshness rule and
+    overflowed the state database when remembered: the connection failed before its ACK,
+    on every connection.  An envelope created beyond any honest relay's clock is dropped."""
+    alice, bob = Identity.generate(), Identity.generate()
+    async with FakeRelay() as relay:
+        notice = seal_envelope(relay.identity, Kind.EXPIRY, [bob.public],
+                               ExpiryNotice.single(os.urandom(16), alice.public).encode(),
+                               ttl_s=60, now_ms=2**63 - 1)
+        relay.deliver = [notice.raw]
+        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1))
+        async with device:
+            await relay.wait_for(lambda: bool(relay.acks), 10)
+            assert relay.connections == 1 and device.last_error is None
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_a_relays_notices_are_not_remembered_among_taken_messages(tmp_path: Path) -> None:
+    """A relay signs its own notices with any ttl; remembered as seen, each stayed longer
+    than any peer's message, and enough of them pushed those out of the bounded set (to be
+    replayed as new).  A notice is handled again harmlessly instead: it changes nothing."""
+    alice, bob = Identity.generate(), Identity.generate()
+    async with FakeRelay() as relay:
+        notice = seal_envelope(relay.identity, Kind.EXPIRY, [bob.public],
+                               ExpiryNotice.single(os.urandom(16), alice.public).encode(),
+                               ttl_s=2**32 - 1, now_ms=now_ms())
+        relay.deliver = [notice.raw]
+        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1))
+        async with device:
+            await relay.wait_for(lambda: bool(relay.acks), 10)
+            assert (relay.identity.public, notice.msg_id) not in device._seen
+            assert device._state is not None and device._state.count_seen() == 0
+
+
+async def test_a_peers_report_with_a_number_beyond_a_double_is_dropped_and_the_mail_flows(
+        tmp_path: Path) -> None:
+    """A peer's CONFIG_REPORT holding 1e400 raised a ValueError where a refusal was expected:
+    never ACKed, re-delivered on every connection, it held up everything behind it (the
+    oracle, whose peers are every enrolled device, could be stopped by any one of them)."""
+    alice, bob = Identity.generate(), Identity.generate()
+    poison = seal_envelope(alice, Kind.CONFIG_REPORT, [bob.public],
+                           canonical.encode([0, 1, '{"a":1e400}']), ttl_s=3600, now_ms=now_ms())
+    behind = seal_envelope(alice, Kind.DATA, [bob.public], b"behind it", ttl_s=3600,
+                           now_ms=now_ms())
+    async with FakeRelay(deliver=[poison.raw, behind.raw]) as relay:
+        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1))
+        async with device, reading(device) as got:
+            await relay.wait_for(lambda: got == [b"behind it"] and len(relay.acks) >= 2, 10)
+        assert relay.connections == 1
+    TALLY[ATTACKS_REJECTED] += 1
