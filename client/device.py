@@ -45,7 +45,7 @@ import asyncio
 import contextlib
 import inspect
 import ssl
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +64,7 @@ from .calling import Calls
 from .calls import DEFAULT_MAX_RUNNING, CallHandler, CallResult, ResponseFate
 from .config import AppliedConfig, ConfigUpdate
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
-from .dedup import RecentlySeen
+from .dedup import MessageKey, RecentlySeen
 from .drain import DEFAULT_QUIET_S, Drain
 from .freshness import device_now_ms, valid_until_ms
 from .inbox import (CallArrived, ChunkArrived, ConfigArrived, ConfigReportArrived, Drop,
@@ -178,6 +178,7 @@ class Device:
         self._rotation: _Rotation | None = None
         self._drains: dict[PublicKey, tuple[Drain, asyncio.Task[None]]] = {}
         self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
+        self._waiting: Counter[MessageKey] = Counter()  # the (sender, msg_id) of each inbound
         self._inbound_ready = asyncio.Event()
         self._receipt_listeners: list[asyncio.Queue[tuple[PublicKey, Receipt]]] = []
         self._manager = ConnectionManager(
@@ -411,6 +412,7 @@ class Device:
                 await self._inbound_ready.wait()
             surface, connection, tag = self._inbound.popleft()
             key = (surface.envelope.sender, surface.envelope.msg_id)
+            self._waiting -= Counter((key,))
             if key in self._seen:  # a re-delivery queued before the first copy was taken
                 self.stats.duplicates += 1
                 await connection.ack(tag)
@@ -552,6 +554,16 @@ class Device:
         decision = decide(delivery.envelope, view, connection.limits,
                           now_ms=device_now_ms(now_ms(), connection.clock_offset_ms))
         if isinstance(decision, Surface):
+            key = (decision.envelope.sender, decision.envelope.msg_id)
+            if self._waiting[key]:
+                # A copy of a message already waiting to be taken, which no honest relay
+                # sends: each copy held (up to the envelope limit, a signature check and a
+                # decryption each) let a relay re-delivering one message grow this queue
+                # without end.  The copy is ACKed; the first is taken as usual.
+                self.stats.duplicates += 1
+                await connection.ack(delivery.tag)
+                return
+            self._waiting[key] += 1
             self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
             return  # ACKed when the application takes it
@@ -796,6 +808,8 @@ class Device:
         self._streams.connection_lost(connection)
         # Deliveries not yet taken can no longer be ACKed here; the relay re-delivers them.
         self._inbound = deque(item for item in self._inbound if item[1] is not connection)
+        self._waiting = Counter((item[0].envelope.sender, item[0].envelope.msg_id)
+                                for item in self._inbound)
 
     def _remember(self, envelope: Envelope) -> None:
         """Record a taken call or response as seen, durably at once (a re-delivery after a

@@ -129,3 +129,24 @@ async def test_a_peers_report_with_a_number_beyond_a_double_is_dropped_and_the_m
             await relay.wait_for(lambda: got == [b"behind it"] and len(relay.acks) >= 2, 10)
         assert relay.connections == 1
     TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_a_relay_redelivering_one_message_does_not_grow_what_waits_to_be_taken(
+        tmp_path: Path) -> None:
+    """The relay delivers one genuine message 50 times on one connection, under 50 tags,
+    while the application takes nothing: each copy was held until taken (50 x the envelope,
+    up to 16 MiB each, without end).  Copies of a message already waiting are ACKed at once;
+    the application gets it once."""
+    alice, bob = Identity.generate(), Identity.generate()
+    once = seal_envelope(alice, Kind.DATA, [bob.public], b"only once", ttl_s=3600,
+                         now_ms=now_ms())
+    async with FakeRelay(deliver=[once.raw] * 50) as relay:
+        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1))
+        async with device:
+            await relay.wait_for(lambda: len(relay.acks) == 49, 10)
+            assert device.stats.duplicates == 49
+            async with reading(device) as got:
+                await relay.wait_for(lambda: len(relay.acks) == 50, 10)
+            assert got == [b"only once"]
+    TALLY[ATTACKS_REJECTED] += 1
