@@ -196,6 +196,24 @@ class OracleKeyChain:
         return cls.from_value(canonical.decode(data, max_size=_MAX_CHAIN_BYTES,
                                                what="oracle key chain"))
 
+    @staticmethod
+    def claimed_keys(data: bytes) -> tuple[frozenset[PublicKey], PublicKey | None]:
+        """(`former`, `current`) as the chain in `data` claims them, no signature checked:
+        whether a chain is about a given oracle at all is known before paying for up to
+        2 x MAX_ORACLE_KEY_CHANGES signature checks (anyone can send a device a chain of
+        their own keys).  DecodeError/InvalidFieldError for what is not a chain's shape."""
+        value = canonical.decode(data, max_size=_MAX_CHAIN_BYTES, what="oracle key chain")
+        if type(value) is not list or len(value) > MAX_ORACLE_KEY_CHANGES:
+            raise InvalidFieldError("an oracle key chain must be an array of at most"
+                                    f" {MAX_ORACLE_KEY_CHANGES} key changes")
+        keys = []
+        for link in value:
+            if (type(link) is not list or len(link) != _FIELDS
+                    or any(type(key) is not bytes or len(key) != KEY_BYTES for key in link[:2])):
+                raise InvalidFieldError("an oracle key change names two 32-byte keys first")
+            keys.append((PublicKey(link[0]), PublicKey(link[1])))
+        return frozenset(old for old, _new in keys), (keys[-1][1] if keys else None)
+
     @classmethod
     def from_value(cls, value: object) -> OracleKeyChain:
         if type(value) is not list:
