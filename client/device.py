@@ -147,7 +147,8 @@ class Device:
         `max_running_calls`: call handlers running at once; beyond, calls are answered
         REFUSED (SPEC §18).
         `max_transfer_bytes`: the largest file sent or received (SPEC §17);
-        `max_incoming_transfers`: files arriving at once; `transfer_window`: chunks of a
+        `max_incoming_transfers`: files arriving or waiting to be taken at once (beyond,
+        the next manifest is refused); `transfer_window`: chunks of a
         file in the outbox at once."""
         self.identity = identity
         self.relays = list(relays)

@@ -12,8 +12,8 @@ which takes each file once: the transfer's one receipt (for the manifest's
 envelope) is queued in the same commit that marks it taken.  A file that does
 not match is deleted and never offered.
 
-Bounds: a manifest over `max_bytes`, or beyond `max_incoming` transfers under
-way, is refused; a transfer not finished when its manifest expires
+Bounds: a manifest over `max_bytes`, or beyond `max_incoming` files arriving or
+waiting to be taken, is refused (so at most max_incoming x max_bytes on disk); a transfer not finished when its manifest expires
 (created_at + ttl + skew) is forgotten with its partial file (`expire`).
 Refusals are drops with a reason the CLI prints; the sender hears nothing
 (no receipt comes), which the README states.
@@ -111,9 +111,9 @@ class IncomingTransfers:
         if manifest.size > self.max_bytes:
             refusal = (f"file {manifest.name!r} of {manifest.size} bytes exceeds this device's"
                        f" maximum of {self.max_bytes}")
-        elif len(self._state.transfers_in(InState.RECEIVING)) >= self.max_incoming:
-            refusal = (f"file {manifest.name!r}: {self.max_incoming} transfers are already"
-                       " under way")
+        elif self._held() >= self.max_incoming:
+            refusal = (f"file {manifest.name!r}: {self.max_incoming} files are already under"
+                       " way or waiting to be taken")
         if refusal is not None:  # told once; its chunks are then duplicates, counted only
             with transaction(self._state):
                 self._state.add_transfer_in(TransferInRow(
@@ -132,6 +132,14 @@ class IncomingTransfers:
         if manifest.chunk_count == 0:  # an empty file is complete on its manifest
             self._complete(row)
         return None
+
+    def _held(self) -> int:
+        """Files arriving or complete and not taken yet: each holds disk (up to `max_bytes`),
+        a row and, once complete, memory until the application takes it.  Counting only
+        those arriving let a peer leave any number complete (empty files complete on their
+        manifest)."""
+        return (len(self._state.transfers_in(InState.RECEIVING))
+                + len(self._state.transfers_in(InState.COMPLETE)))
 
     async def _on_chunk(self, decision: ChunkArrived) -> Drop | None:
         envelope, chunk = decision.envelope, decision.chunk

@@ -20,6 +20,7 @@ from client import Device, PeerList
 from client.backoff import Backoff
 from proto import Identity, Kind, canonical, seal_envelope
 from proto.payloads import ExpiryNotice
+from proto.transfers import Manifest, file_hasher
 from runtime.clock import now_ms
 
 TEN_YEARS_MS = 10 * 365 * 86_400_000
@@ -149,4 +150,25 @@ async def test_a_relay_redelivering_one_message_does_not_grow_what_waits_to_be_t
             async with reading(device) as got:
                 await relay.wait_for(lambda: len(relay.acks) == 50, 10)
             assert got == [b"only once"]
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_files_a_peer_sends_and_nobody_takes_count_against_the_incoming_bound(
+        tmp_path: Path) -> None:
+    """Only files still arriving counted against `max_incoming_transfers`: a peer's empty
+    files complete on their manifest, so 20 of them left 20 rows, directories and files in
+    memory (any number, and real files the same way, 8 at a time).  Now a file waiting to be
+    taken counts too: the fourth manifest is refused while three wait."""
+    alice, bob = Identity.generate(), Identity.generate()
+    empty = file_hasher().digest()
+    manifests = [seal_envelope(alice, Kind.TRANSFER_MANIFEST, [bob.public],
+                               Manifest.for_file(os.urandom(16), 0, empty, 1, f"f{n}").encode(),
+                               ttl_s=60, now_ms=now_ms()).raw for n in range(20)]
+    async with FakeRelay(deliver=manifests) as relay:
+        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1), max_incoming_transfers=3)
+        async with device:
+            await relay.wait_for(lambda: len(relay.acks) == 20, 10)
+            assert device.stats.dropped_refused_transfer == 17
+    assert len(list((tmp_path / "transfers" / "received").iterdir())) == 3
     TALLY[ATTACKS_REJECTED] += 1

@@ -386,7 +386,7 @@ async def test_beyond_the_transfers_under_way_a_manifest_is_refused(
         await until(lambda: len(drops) >= 1)
         await no_file(b, 0.3)
     assert drops[0].reason is DropReason.REFUSED_TRANSFER
-    assert "'three': 2 transfers are already under way" in drops[0].detail
+    assert "'three': 2 files are already under way or waiting to be taken" in drops[0].detail
 
 
 async def test_a_relay_quota_refusal_paces_the_sender_rather_than_failing_it(
