@@ -48,42 +48,21 @@ async def _emptied(store, device: Identity, timeout_s: float = 5.0) -> bool:
     return True
 
 
-class _Peak:
-    """The most tasks named `name` running at once in this process, looked at every loop
-    turn while the block runs: how a bound on a relay's side tasks is observed."""
+class _Tasks:
+    """The tasks named `name` in this process while the block runs, looked at every loop
+    turn: the most running at once (how a bound on a relay's side tasks is observed) and
+    how many started."""
 
     def __init__(self, name: str) -> None:
         self.name, self.most = name, 0
-        self._watcher: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> _Peak:
-        self._watcher = asyncio.create_task(self._watch())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._watcher is not None
-        self._watcher.cancel()
-
-    async def _watch(self) -> None:
-        while True:
-            running = sum(task.get_name() == self.name for task in asyncio.all_tasks())
-            self.most = max(self.most, running)
-            await asyncio.sleep(0)
-
-
-class _Started:
-    """How many tasks named `name` started while the block ran (looked at every loop turn)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
         self._seen: set[asyncio.Task[object]] = set()
         self._watcher: asyncio.Task[None] | None = None
 
     @property
-    def count(self) -> int:
+    def started(self) -> int:
         return len(self._seen)
 
-    async def __aenter__(self) -> _Started:
+    async def __aenter__(self) -> _Tasks:
         self._watcher = asyncio.create_task(self._watch())
         return self
 
@@ -93,7 +72,9 @@ class _Started:
 
     async def _watch(self) -> None:
         while True:
-            self._seen.update(task for task in asyncio.all_tasks() if task.get_name() == self.name)
+            running = [task for task in asyncio.all_tasks() if task.get_name() == self.name]
+            self.most = max(self.most, len(running))
+            self._seen.update(running)
             await asyncio.sleep(0)
 
 
@@ -364,7 +345,7 @@ async def test_wakeups_during_a_mailbox_move_queue_one_more_move_not_one_each(wo
     store = eu.relay.regions  # type: ignore[union-attr]
     limits = eu.relay.mailbox_limits  # type: ignore[union-attr]
     envelopes = [sealed(carol, [alice.public], bytes([n]), ttl_s=600) for n in range(40)]
-    async with _Started("move-mailbox") as moves:
+    async with _Tasks("move-mailbox") as moves:
         subscription = await store.subscribe(alice.public, lambda _entry: None)
         try:
             await asyncio.gather(*(store.stores["eu"].accept(
@@ -377,7 +358,7 @@ async def test_wakeups_during_a_mailbox_move_queue_one_more_move_not_one_each(wo
         finally:
             await subscription.close()
     assert await store.stores["eu"].depth(alice.public) == 0
-    assert moves.count <= 4, moves.count
+    assert moves.started <= 4, moves.started
 
 
 async def test_a_move_cut_short_and_run_again_neither_loses_nor_duplicates(world) -> None:
@@ -493,7 +474,7 @@ async def test_a_connection_has_at_most_sends_in_flight_of_its_sends_in_the_rela
     eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
     sent = [sealed(carol, [alice.public], bytes([i]), ttl_s=600)
             for i in range(3 * SENDS_IN_FLIGHT)]
-    async with _Peak("send") as sends:  # the session's SENDs in flight are its "send" tasks
+    async with _Tasks("send") as sends:  # the session's SENDs in flight are its "send" tasks
         async with await RawDevice.connect(eu.url, carol) as sender:
             for envelope in sent:
                 await sender.send_frame(Send(envelope.raw))
@@ -522,7 +503,7 @@ async def test_a_connection_has_at_most_acks_in_flight_of_its_acks_in_the_relay(
         deliveries = [await device.next_delivery(timeout=10, ack=False) for _ in sent]
         assert sorted(decode_envelope(d.envelope).msg_id for d in deliveries) == sorted(
             envelope.msg_id for envelope in sent)
-        async with _Peak("ack") as removals:  # the session's removals are its "ack" tasks
+        async with _Tasks("ack") as removals:  # the session's removals are its "ack" tasks
             for delivery in deliveries:
                 await device.send_frame(Ack(delivery.tag))
             store = eu.relay.regions.stores["us"]  # type: ignore[union-attr]
