@@ -54,7 +54,7 @@ from types import TracebackType
 from proto import Envelope, Identity, Kind, Limits, PublicKey
 from proto.config import ConfigReport, JsonObject
 from proto.errors import RevokedError, WrongSenderError
-from proto.payloads import Receipt
+from proto.payloads import ExpiryNotice, Receipt
 from proto.rotation import KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 from runtime.logs import library_logger
@@ -66,7 +66,7 @@ from .config import AppliedConfig, ConfigUpdate
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import MessageKey, RecentlySeen
 from .drain import DEFAULT_QUIET_S, Drain
-from .freshness import device_now_ms, valid_until_ms
+from .freshness import CLOCK_SKEW_MS, device_now_ms, valid_until_ms
 from .inbox import (CallArrived, ChunkArrived, ConfigArrived, ConfigReportArrived, Drop,
                     DropReason, ExpiryArrived, InboundMessage, InboxView, ManifestArrived,
                     OracleKeyChanged, PeerChangeArrived, ReceiptArrived, ResponseArrived, Surface,
@@ -611,8 +611,7 @@ class Device:
                     # would push peers' messages out of the bounded seen set (to be replayed
                     # as new).
                     self.stats.expiry_notices += 1
-                    for msg_id, recipient in decision.notice.entries:
-                        self._sender.sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
+                    self._on_expiry(decision.notice)
                 elif isinstance(decision, OracleKeyChanged):
                     reply = self._on_oracle_key_changed(decision)
                 elif isinstance(decision, ConfigReportArrived):
@@ -625,6 +624,19 @@ class Device:
         if reply is not None:
             await self._sender.send_now(reply)
         await connection.ack(delivery.tag)
+
+    def _on_expiry(self, notice: ExpiryNotice) -> None:
+        """Mark what a relay says expired unread, unless the device's own clock says it
+        cannot have expired yet (a relay's clock does not count here: it could announce any).
+        Before, any relay key ever proven could settle a message as expired at once."""
+        sent, now = self._sender.sent, now_ms()
+        for msg_id, recipient in notice.entries:
+            expires_at = sent.expires_at(msg_id)
+            if expires_at is not None and expires_at - CLOCK_SKEW_MS > now:
+                log.warning("expiry_notice_too_early", msg_id=msg_id.hex(),
+                            expires_in_s=(expires_at - now) // 1000)
+                continue
+            sent.record(msg_id, recipient, DeliveryStatus.EXPIRED)
 
     def _on_dropped(self, drop: Drop) -> None:
         self.stats.count_drop(drop.reason)

@@ -296,6 +296,11 @@ class DeviceState:
                                (msg_id, recipient)).fetchone()
         return row[0] if row else None
 
+    def sent_expires_at(self, msg_id: bytes) -> int | None:
+        row = self._db.execute("SELECT expires_at_ms FROM sent WHERE msg_id = ?",
+                               (msg_id,)).fetchone()
+        return row[0] if row else None
+
     def recipients(self, msg_id: bytes) -> list[bytes]:
         return [key for (key,) in self._db.execute(
             "SELECT recipient FROM sent_to WHERE msg_id = ? ORDER BY recipient", (msg_id,))]

@@ -138,6 +138,13 @@ class SentLog:
             return key in outgoing.envelope.recipient_keys
         return self._state is not None and self._state.recipient_status(msg_id, key.raw) is not None
 
+    def expires_at(self, msg_id: bytes) -> int | None:
+        """When the message `msg_id` expires (None: not one we remember sending)."""
+        outgoing = self._sent.get(msg_id)
+        if outgoing is not None:
+            return outgoing.envelope.expires_at_ms
+        return self._state.sent_expires_at(msg_id) if self._state is not None else None
+
     def accepted(self, msg_id: bytes) -> None:
         self._settle(msg_id, SendState.ACCEPTED, None)
 

@@ -13,11 +13,12 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from fake_relay import FakeRelay
+from fake_relay import FakeRelay, accept
 from tally import ATTACKS_REJECTED, TALLY
 
 from client import Device, PeerList
 from client.backoff import Backoff
+from client.tracking import DeliveryStatus
 from proto import Identity, Kind, canonical, seal_envelope
 from proto.payloads import ExpiryNotice
 from proto.transfers import Manifest, file_hasher
@@ -171,4 +172,29 @@ async def test_files_a_peer_sends_and_nobody_takes_count_against_the_incoming_bo
             await relay.wait_for(lambda: len(relay.acks) == 20, 10)
             assert device.stats.dropped_refused_transfer == 17
     assert len(list((tmp_path / "transfers" / "received").iterdir())) == 3
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_a_relays_notice_that_a_message_expired_before_it_could_is_not_believed(
+        tmp_path: Path) -> None:
+    """A relay (any relay key the device ever saw) said a message sent a moment ago with a
+    day's ttl had expired unread, and the device believed it: `wait_receipts` settled at
+    once with EXPIRED.  A notice is believed once the device's own clock says the message
+    could have expired; a real one (ttl 1 s, after it) still is."""
+    alice, bob = Identity.generate(), Identity.generate()
+    async with FakeRelay(answer=accept) as relay:
+        device = Device(alice, [relay.url], PeerList([bob.public]), home=tmp_path,
+                        backoff=Backoff(0.05, 0.1))
+        async with device:
+            fresh = await device.send([bob.public], b"a day to live", ttl_s=86_400, timeout=10)
+            short = await device.send([bob.public], b"a second to live", ttl_s=1, timeout=10)
+            await asyncio.sleep(1.2)  # the short one's ttl has passed (and the skew allowed)
+            relay.deliver = [seal_envelope(relay.identity, Kind.EXPIRY, [alice.public],
+                                           ExpiryNotice.single(outgoing.msg_id, bob.public)
+                                           .encode(), ttl_s=60, now_ms=now_ms()).raw
+                             for outgoing in (fresh, short)]
+            await reconnect(device, relay)
+            await relay.wait_for(lambda: len(relay.acks) >= 2, 10)
+            assert fresh.statuses == {bob.public: DeliveryStatus.PENDING}
+            assert (await short.wait_receipts(timeout=5)) == {bob.public: DeliveryStatus.EXPIRED}
     TALLY[ATTACKS_REJECTED] += 1
