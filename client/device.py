@@ -413,7 +413,9 @@ class Device:
                 await self._inbound_ready.wait()
             surface, connection, tag = self._inbound.popleft()
             key = (surface.envelope.sender, surface.envelope.msg_id)
-            self._waiting -= Counter((key,))
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
             if key in self._seen:  # a re-delivery queued before the first copy was taken
                 self.stats.duplicates += 1
                 await connection.ack(tag)
@@ -599,28 +601,26 @@ class Device:
             self._on_dropped(decision)
         elif isinstance(decision, ConfigArrived):
             reply = await self._on_config(decision)  # the handler may take its time
+        elif isinstance(decision, ExpiryArrived):
+            # Not remembered as seen: marking its messages EXPIRED again changes nothing, and
+            # a relay signs its own notices with any ttl, whose entries would push peers'
+            # messages out of the bounded seen set (to be replayed as new).
+            self.stats.expiry_notices += 1
+            with transaction(self._state):
+                self._on_expiry(decision.notice)
         else:
             # Handled and recorded as seen in one commit: if handling failed (disk full), the
             # re-delivery retries it; once committed, a re-delivery is a duplicate.
             with transaction(self._state):
                 if isinstance(decision, ReceiptArrived):
                     self._on_receipt(decision)
-                elif isinstance(decision, ExpiryArrived):
-                    # Not remembered as seen: marking its messages EXPIRED again changes
-                    # nothing, and a relay signs its own notices with any ttl, whose entries
-                    # would push peers' messages out of the bounded seen set (to be replayed
-                    # as new).
-                    self.stats.expiry_notices += 1
-                    self._on_expiry(decision.notice)
                 elif isinstance(decision, OracleKeyChanged):
                     reply = self._on_oracle_key_changed(decision)
                 elif isinstance(decision, ConfigReportArrived):
                     self._on_config_report(decision)
                 else:
                     reply = self._on_peer_change(decision, identity)
-                if not isinstance(decision, ExpiryArrived):
-                    self._seen.add((decision.envelope.sender, decision.envelope.msg_id),
-                                   valid_until_ms(decision.envelope))
+                self._remember(decision.envelope)
         if reply is not None:
             await self._sender.send_now(reply)
         await connection.ack(delivery.tag)
@@ -825,8 +825,8 @@ class Device:
                                 for item in self._inbound)
 
     def _remember(self, envelope: Envelope) -> None:
-        """Record a taken call or response as seen, durably at once (a re-delivery after a
-        restart is then a duplicate)."""
+        """Record a taken envelope as seen, durably (a re-delivery, even after a restart, is
+        then a duplicate); within an outer transaction, with what handling it changed."""
         with transaction(self._state):
             self._seen.add((envelope.sender, envelope.msg_id), valid_until_ms(envelope))
 

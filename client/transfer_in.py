@@ -13,8 +13,9 @@ envelope) is queued in the same commit that marks it taken.  A file that does
 not match is deleted and never offered.
 
 Bounds: a manifest over `max_bytes`, or beyond `max_incoming` files arriving or
-waiting to be taken, is refused (so at most max_incoming x max_bytes on disk); a transfer not finished when its manifest expires
-(created_at + ttl + skew) is forgotten with its partial file (`expire`).
+waiting to be taken, is refused (so at most max_incoming x max_bytes on disk); a
+transfer not finished when its manifest expires (created_at + ttl + skew) is
+forgotten with its partial file (`expire`).
 Refusals are drops with a reason the CLI prints; the sender hears nothing
 (no receipt comes), which the README states.
 """

@@ -34,8 +34,9 @@ What this guarantees (tests/test_oracle_login_throttle.py checks each):
 Not guaranteed: behind a reverse proxy every client has the proxy's
 address, so the per-address counters are shared, unless the oracle's
 `--trusted-proxy` names that proxy (then its forwarded header names the
-client: runtime/client_address.py).  Counters live in this process: the oracle runs as
-exactly one process, and a restart forgives (and forgets trusted addresses).
+client: runtime/client_address.py).  Counters live in this process: the
+oracle runs as exactly one process, and a restart forgives (and forgets
+trusted addresses).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from proto.frames import Accepted, Error, Send
 async def test_a_devices_connections_to_two_relays_never_get_past_its_burst(
         start_relay, redis_url: str) -> None:
     """Burst 4, no refill to speak of: one connection sends two, then a second connection
-    to the same relay and a third to another relay on the same store send three each.  The first four are
-    accepted, every later SEND is refused RATE_LIMITED."""
+    to the same relay and a third to another relay on the same store send three each.  The
+    first four are accepted, every later SEND is refused RATE_LIMITED."""
     first = await start_relay(store=redis_url, rate_per_s=0.01, rate_burst=4)
     second = await start_relay(store=redis_url, rate_per_s=0.01, rate_burst=4)
     alice, bob = Identity.generate(), Identity.generate()
@@ -31,7 +31,8 @@ async def test_a_devices_connections_to_two_relays_never_get_past_its_burst(
     assert {answer.code for answer in answers[4:]} == {ErrorCode.RATE_LIMITED}  # type: ignore[union-attr]
 
 
-async def test_sends_written_at_once_get_no_more_than_the_burst(start_relay, redis_url: str) -> None:
+async def test_sends_written_at_once_get_no_more_than_the_burst(
+        start_relay, redis_url: str) -> None:
     """Twelve SENDs, the last eleven written without waiting (several in flight), burst 4:
     exactly four are accepted, the first four (a refusal is answered as soon as it is
     known, so answers are matched by msg_id)."""
