@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/calls.py [--calls 1000] [--stores memory,sqlite] [--body 64]
 
-For each store (`memory`: the embedded SQLite store in memory; `sqlite`: the same in a
-file), one relay process (the CLI, unthrottled) and two devices of the library in this
-process, alice and bob, each other's peers:
+For each store (`memory`: mailboxes in the relay's Python structures; `sqlite`: the
+embedded SQLite store in a file), one relay process (the CLI, unthrottled) and two
+devices of the library in this process, alice and bob, each other's peers:
 
 - `call`: alice calls bob's "echo" method (the handler returns the body) `--calls` times,
   one after the other; a round trip is `await alice.call(...)`, from sealing the CALL to

@@ -44,7 +44,10 @@ class Settings:
 
     host: str = "127.0.0.1"
     port: int = 8470
-    store: str = "memory"
+    # The embedded SQLite store, in memory (`sqlite:///path`: in a file).  `memory` keeps the
+    # mailboxes in plain Python structures instead: the same contract at a fraction of the
+    # CPU per message, for a relay whose mail need not outlive it (continuum/store/memory.py).
+    store: str = "sqlite://:memory:"
     # Relay processes accepting from one listening socket on `port`, started, restarted and
     # stopped by one supervisor (continuum/supervisor.py): one per core.  More than one needs
     # a Redis store (the in-process stores cannot be shared).

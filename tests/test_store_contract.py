@@ -1,6 +1,6 @@
 """The MailboxStore contract, proved against every implementation with the same tests.
 
-SQLite (in memory and in a file) and Redis (standalone and a one-node
+The memory store, SQLite (in memory and in a file) and Redis (standalone and a one-node
 cluster, where a script touching two slots fails) must agree on ordering,
 cursors, acks, replay, limits, atomic refusal, exactly-once expiry, rate
 limits, wake-ups, and bodies stored once: counted once against the byte
@@ -28,7 +28,7 @@ from redis_server import RedisServer
 from relay_process import free_port
 
 ROOMY = MailboxLimits(max_messages=1000, max_bytes=10_000_000)
-BACKENDS = ["sqlite-memory", "sqlite-file",
+BACKENDS = ["memory", "sqlite-memory", "sqlite-file",
             pytest.param("redis", marks=pytest.mark.redis),
             pytest.param("redis-cluster", marks=pytest.mark.redis)]
 SHARED_BACKENDS = ["sqlite-file",
@@ -60,7 +60,7 @@ async def open_backend(request: pytest.FixtureRequest,
                        tmp_path: Path) -> AsyncIterator[OpenStore]:
     """Opens store instances on one backend (several = several replicas); closes them all."""
     backend = request.param
-    url = {"sqlite-memory": "memory",
+    url = {"memory": "memory", "sqlite-memory": "sqlite://:memory:",
            "sqlite-file": f"sqlite:///{tmp_path / 'mailboxes.db'}"}.get(backend)
     if url is None:
         fixture = "redis_url" if backend == "redis" else "redis_cluster_url"
@@ -459,7 +459,7 @@ async def test_a_large_envelope_wakes_without_its_entry(store: MailboxStore) -> 
     await subscription.close()
 
 
-EMBEDDED_BACKENDS = ["sqlite-memory", "sqlite-file"]
+EMBEDDED_BACKENDS = ["memory", "sqlite-memory", "sqlite-file"]
 
 
 @backends(EMBEDDED_BACKENDS)

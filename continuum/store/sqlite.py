@@ -40,11 +40,11 @@ from proto.access import Stamp
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
-from .base import (WAKE_ENTRY_MAX_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, NewEntry,
-                   StoredMessage, Subscription, Wake)
+from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
+                   Wake)
+from .embedded import EmbeddedWakeups, parse_tag
 from .group_commit import GroupCommit
 from .token_bucket import TokenBuckets
-from .wakeups import WakeupHub
 
 # seq, recipient, sender, msg_id, origin, size, body of an entry that expired
 _Due = tuple[int, bytes, bytes, bytes, int, int, int]
@@ -126,14 +126,6 @@ _FROM_VERSION_1 = f"""
 ALTER TABLE body RENAME COLUMN kind TO origin;
 UPDATE body SET origin = {_origin_of_kind("origin")};
 """
-
-
-class _SqliteSubscription(Subscription):
-    def __init__(self, store: SqliteStore, recipient: bytes, wake: Wake) -> None:
-        self._store, self._recipient, self._wake = store, recipient, wake
-
-    async def close(self) -> None:
-        self._store._unwatch(self._recipient, self._wake)
 
 
 class _Counts:
@@ -223,10 +215,7 @@ class SqliteStore(MailboxStore):
         except (sqlite3.Error, OSError) as exc:
             raise _unavailable(exc) from None
         self._writes = GroupCommit(self._db, self._counts, per_turn=str(path) != ":memory:")
-        self._wakeups = WakeupHub()
-        # The newest seq each watched mailbox has held (acked or not), or None: what a
-        # wake-up's entry names as the one before it (`NewEntry.previous`).
-        self._newest: dict[bytes, int | None] = {}
+        self._wakeups = EmbeddedWakeups()
         self._buckets = TokenBuckets()
 
     def _create_or_upgrade(self) -> None:
@@ -282,13 +271,13 @@ class SqliteStore(MailboxStore):
 
         def wake() -> None:
             for recipient, seq, was_empty in appended:
-                self._wake(recipient, seq, envelope.raw if was_empty else None)
+                self._wakeups.appended(recipient, seq, envelope.raw if was_empty else None)
 
         await self._writes.run(work, committed=wake)
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
-        after_seq = _parse_tag(after) if after is not None else 0
+        after_seq = parse_tag(after) if after is not None else 0
         try:
             rows = self._db.execute(
                 "SELECT mailbox.seq, body.raw FROM mailbox JOIN body ON body.id = mailbox.body"
@@ -299,7 +288,7 @@ class SqliteStore(MailboxStore):
         return [StoredMessage(str(seq), raw) for seq, raw in rows]
 
     async def ack(self, recipient: PublicKey, tag: str) -> bool:
-        seq = _parse_tag(tag)
+        seq = parse_tag(tag)
         if seq is None:
             return False
 
@@ -351,39 +340,15 @@ class SqliteStore(MailboxStore):
         return self._counts.mailbox(recipient.raw)[0]
 
     async def subscribe(self, recipient: PublicKey, wake: Wake) -> Subscription:
-        """A wake-up carries its entry only when the mailbox held nothing before it: then
-        a device that keeps up gets it without a fetch.  Otherwise the wake-up is plain,
-        since a fetch here is a call in this process and takes every entry a loop turn
-        appended at once, which costs less than an entry per wake-up when messages queue
-        (benchmarks/README.md, "The embedded store carries the entry into an empty
-        mailbox")."""
-        key = recipient.raw
-        if not self._wakeups.has(key):
+        def newest_held() -> int | None:
             try:
                 (newest,) = self._db.execute("SELECT max(seq) FROM mailbox WHERE recipient = ?",
-                                             (key,)).fetchone()
+                                             (recipient.raw,)).fetchone()
             except sqlite3.Error as exc:
                 raise _unavailable(exc) from None
-            self._newest[key] = newest
-        self._wakeups.add(key, wake)
-        return _SqliteSubscription(self, key, wake)
+            return newest
 
-    def _wake(self, recipient: bytes, seq: int, raw: bytes | None) -> None:
-        """Wake the mailbox's connections: with the entry `seq` if `raw` is given and small
-        enough, else plainly.  Only watched mailboxes have their newest seq tracked."""
-        if recipient not in self._newest:
-            return
-        previous, self._newest[recipient] = self._newest[recipient], seq
-        if raw is None or len(raw) > WAKE_ENTRY_MAX_BYTES:
-            self._wakeups.wake(recipient)
-        else:
-            self._wakeups.wake(recipient, NewEntry(
-                str(seq), None if previous is None else str(previous), raw))
-
-    def _unwatch(self, recipient: bytes, wake: Wake) -> None:
-        self._wakeups.remove(recipient, wake)
-        if not self._wakeups.has(recipient):
-            self._newest.pop(recipient, None)
+        return self._wakeups.watch(recipient.raw, wake, newest_held)
 
     async def access_list_floor(self) -> Stamp:
         try:
@@ -418,10 +383,3 @@ class SqliteStore(MailboxStore):
 
 def _unavailable(exc: BaseException) -> StoreUnavailableError:
     return StoreUnavailableError(f"mailbox store failed: {exc}")
-
-
-def _parse_tag(tag: str) -> int | None:
-    """Tags are decimal sequence numbers; anything else a device sends matches nothing."""
-    if not tag.isascii() or not tag.isdigit() or len(tag) > 19:
-        return None
-    return int(tag)
