@@ -1,4 +1,4 @@
-"""The memory store against the SQLite store it replaces for speed: the same calls, the same answers.
+"""The memory store against the SQLite store: the same calls, the same answers.
 
 `test_store_contract.py` proves each rule on its own; here hypothesis drives both
 stores through the same random sequences of accepts (replays, full mailboxes, budgets
@@ -10,10 +10,12 @@ memory store's cursor index rebuilds happen often.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import tracemalloc
+from dataclasses import replace
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from continuum.store import MailboxLimits, MailboxStore, NewEntry, Subscription
@@ -118,6 +120,10 @@ class Twins:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(operations)
+# Subscribing after the newest entry was acked: a wake-up names the newest entry still held.
+@example([("accept", 0, {0}, 30, 10, False), ("accept", 0, {0}, 30, 10, False),
+          ("fetch", 0, -1, 5), ("ack", 0, 1), ("watch", 0), ("ack", 0, 0),
+          ("accept", 0, {0}, 30, 10, False)])
 def test_the_memory_store_answers_every_call_as_the_sqlite_store_does(
         sequence: list[tuple]) -> None:  # type: ignore[type-arg]
     async def play() -> None:
@@ -188,3 +194,28 @@ async def test_a_mailbox_acked_out_of_order_is_fetched_from_every_cursor_as_sqli
                 assert memory == sqlite, (acked, cursor)
     for store in twins.stores:
         await store.close()
+
+
+async def test_messages_held_and_remembered_add_nothing_the_garbage_collector_visits() -> None:
+    """Every message held (a body, its entries, its expiry) and every id remembered for the
+    replay window is bytes and ints in untracked containers: a full collection does not
+    grow with them (an object per body took 144 ms per 200,000 held)."""
+    store = MemoryStore()
+    readers = [r.public for r in READERS]
+    roomy = MailboxLimits(max_messages=100_000, max_bytes=10**9)
+    sent = seal_envelope(SENDERS[0], Kind.DATA, readers[:2], b"x" * 64, ttl_s=3_600,
+                         now_ms=START_MS)
+    gc.collect()
+    before = len(gc.get_objects())
+    for number in range(20_000):
+        envelope = replace(sent, msg_id=number.to_bytes(16, "big"))  # same body, new id
+        await store.accept(envelope, replay_until_ms=START_MS + 300_000 + number,
+                           limits=roomy)
+        if number % 2:  # half of them acked by both recipients: only remembered
+            for reader in readers[:2]:
+                (entry,) = await store.fetch(reader, None, 1)
+                assert await store.ack(reader, entry.tag)
+    del envelope
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    assert await store.depth(readers[0]) == 10_000

@@ -1,11 +1,11 @@
 """Mailboxes in the relay's own memory: the store for one relay whose mail need not outlive it.
 
-The same contract as the SQLite store, kept in dicts and lists: SQLite's in-memory database
-cost a message about 45 µs of the relay's CPU for its accept, fetch and ack (three INSERTs,
-a SELECT with a JOIN, a DELETE and its trigger), a third of what the relay spent on it;
-here they cost a few (benchmarks/README.md, "A store in the relay's memory").  Nothing is
-written anywhere: what was accepted is lost when the process stops, as with SQLite's
-in-memory database (`sqlite://:memory:`), which stays the default.
+The SQLite store's contract, kept in dicts, arrays and bytes.  SQLite's in-memory database
+cost a message 30-40 µs of the relay's CPU for its accept, fetch and ack (three INSERTs, a
+SELECT with a JOIN, a DELETE and its trigger); here they cost about 7
+(benchmarks/README.md, "A store in the relay's memory").  Nothing is written anywhere: what
+was accepted is lost when the process stops, as with SQLite's in-memory database
+(`sqlite://:memory:`), which stays the default.
 
 No call awaits before it is done, so each one is atomic and calls take effect in the order
 issued; an accept checks everything it may refuse for before it changes anything.
@@ -13,50 +13,47 @@ issued; an accept checks everything it may refuse for before it changes anything
 
 from __future__ import annotations
 
-import heapq
 import itertools
+import struct
+from array import array
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Sequence
 
-from proto import Envelope, PublicKey
+from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
+from proto.envelope import MSG_ID_BYTES
 from proto.errors import MailboxFullError, QuotaExceededError, ReplayError
+from proto.keys import KEY_BYTES
 
 from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
                    Wake)
+from .due_index import DueIndex
 from .embedded import EmbeddedWakeups, parse_tag
 from .token_bucket import TokenBuckets
 
-# Index entries of bodies already gone (acked) that the expiry index may hold before it is
-# rebuilt without them; beyond this, rebuilt once they are half of it (amortised O(1)).
-_STALE_BEFORE_REBUILD = 1024
-
-
-class _Body:
-    """An envelope stored once for all its recipients (`places`: the (mailbox, seq) of each
-    entry made for it), with how many of those entries are still held."""
-
-    __slots__ = ("sender", "msg_id", "origin", "expires_at_ms", "raw", "size", "places", "held")
-
-    def __init__(self, envelope: Envelope) -> None:
-        self.sender, self.msg_id = envelope.sender.raw, envelope.msg_id
-        self.origin, self.expires_at_ms = envelope.origin, envelope.expires_at_ms
-        self.raw, self.size = envelope.raw, len(envelope.raw)
-        self.places: list[tuple[bytes, int]] = []
-        self.held = 0
+# What the store holds per message is bytes and ints only, in dicts, bytearrays and arrays,
+# never a Python object of its own: the garbage collector stops looking into a dict that
+# holds nothing else, and never looks into the others, so a store holding millions of
+# messages adds nothing to a collection.  (As a class per body, a list of its places and a
+# heap entry naming it, a full collection over 200,000 messages held took 144 ms of the
+# event loop; the message ids remembered, as tuples in a heap, 82 ms a million.)
+_SEQ = struct.Struct(">Q")
+_PLACE_BYTES = KEY_BYTES + _SEQ.size  # a recipient's key and the seq of its entry
+_SEEN_KEY_BYTES = KEY_BYTES + MSG_ID_BYTES  # sender, msg_id
 
 
 class _Mailbox:
-    """One recipient's entries by seq, and every seq appended in order: a fetch finds its
-    cursor by bisection, and skips the seqs removed since (`seqs` is rebuilt from `entries`
-    once those are more than half of it, so a fetch never skips more than it returns
-    plus the mailbox's size)."""
+    """One recipient's entries (seq -> body number), and every seq appended in order: a
+    fetch finds its cursor by bisection, and skips the seqs removed since (`seqs` is
+    rebuilt from `entries` once those are more than half of it, so a fetch never skips
+    more than it returns plus the mailbox's size)."""
 
     __slots__ = ("entries", "seqs", "bytes")
 
     def __init__(self) -> None:
-        self.entries: dict[int, _Body] = {}
-        self.seqs: list[int] = []
+        self.entries: dict[int, int] = {}
+        self.seqs = array("Q")
         self.bytes = 0
 
 
@@ -64,14 +61,20 @@ class MemoryStore(MailboxStore):
     def __init__(self) -> None:
         self._mailboxes: dict[bytes, _Mailbox] = {}
         self._next_seq = itertools.count(1)
-        # (sender, msg_id) -> until when it is refused as a replay, and the same by time.
-        self._seen: dict[tuple[bytes, bytes], int] = {}
-        self._seen_until: list[tuple[int, tuple[bytes, bytes]]] = []
-        # Bodies by expiry (the middle number only keeps two bodies from being compared);
-        # a body acked by everyone stays until it is popped or the index is rebuilt.
-        self._by_expiry: list[tuple[int, int, _Body]] = []
+        # sender + msg_id -> until when it is refused as a replay, and the same by time.
+        self._seen: dict[bytes, int] = {}
+        self._seen_until = DueIndex(_SEEN_KEY_BYTES)
+        # A body (an envelope stored once for all its recipients), by number: its bytes;
+        # its sender + msg_id + origin; the places of its entries (recipient key + seq,
+        # each); how many of those entries are still held; and the numbers by expiry.
+        self._raws: dict[int, bytes] = {}
+        self._heads: dict[int, bytes] = {}
+        self._places: dict[int, bytes] = {}
+        self._held: dict[int, int] = {}
+        self._by_expiry = DueIndex(_SEQ.size)
+        # Bodies taken from `_by_expiry` whose entries a sweep has not all taken yet.
+        self._expiring: deque[int] = deque()
         self._body_numbers = itertools.count()
-        self._stale = 0
         # sender -> bytes of its bodies held, and their sum: what the budgets count.
         self._stored: dict[bytes, int] = {}
         self._stored_total = 0
@@ -83,7 +86,7 @@ class MemoryStore(MailboxStore):
                      limits: MailboxLimits,
                      recipients: Sequence[PublicKey] | None = None) -> None:
         sender, size = envelope.sender.raw, len(envelope.raw)
-        remembered = (sender, envelope.msg_id)
+        remembered = sender + envelope.msg_id
         if remembered in self._seen:
             raise ReplayError("message id already used by this sender")
         keys = [key.raw for key in recipients or envelope.recipient_keys]
@@ -102,38 +105,42 @@ class MemoryStore(MailboxStore):
                                      f" its budget is {limits.store_max_bytes}")
 
         self._seen[remembered] = replay_until_ms
-        heapq.heappush(self._seen_until, (replay_until_ms, remembered))
-        body = _Body(envelope)
-        heapq.heappush(self._by_expiry, (body.expires_at_ms, next(self._body_numbers), body))
+        self._seen_until.add(replay_until_ms, remembered)
         self._stored[sender] = used + size
         self._stored_total += size
-        appended: list[tuple[bytes, int, bool]] = []  # (mailbox, seq, it held nothing before)
+        number = next(self._body_numbers)
+        places: list[bytes] = []
+        woken: list[tuple[bytes, int, bytes | None]] = []  # raw: if the mailbox held none
         for key in keys:
             mailbox = self._mailboxes.get(key)
             if mailbox is None:
                 mailbox = self._mailboxes[key] = _Mailbox()
             seq = next(self._next_seq)
-            appended.append((key, seq, not mailbox.entries))
-            mailbox.entries[seq] = body
+            woken.append((key, seq, None if mailbox.entries else envelope.raw))
+            mailbox.entries[seq] = number
             mailbox.seqs.append(seq)
             mailbox.bytes += size
-            body.places.append((key, seq))
-        body.held = len(keys)
-        for key, seq, was_empty in appended:
-            self._wakeups.appended(key, seq, envelope.raw if was_empty else None)
+            places.append(key + _SEQ.pack(seq))
+        self._raws[number] = envelope.raw
+        self._heads[number] = remembered + bytes((envelope.origin,))
+        self._places[number] = b"".join(places)
+        self._held[number] = len(places)
+        self._by_expiry.add(envelope.expires_at_ms, _SEQ.pack(number))
+        for key, seq, raw in woken:
+            self._wakeups.appended(key, seq, raw)
 
     async def fetch(self, recipient: PublicKey, after: str | None,
                     limit: int) -> list[StoredMessage]:
         mailbox = self._mailboxes.get(recipient.raw)
         if mailbox is None or limit <= 0:
             return []
-        seqs, entries = mailbox.seqs, mailbox.entries
+        seqs, entries, raws = mailbox.seqs, mailbox.entries, self._raws
         after_seq = (parse_tag(after) or 0) if after is not None else 0
         found: list[StoredMessage] = []
         for index in range(bisect_right(seqs, after_seq), len(seqs)):
-            body = entries.get(seqs[index])
-            if body is not None:
-                found.append(StoredMessage(str(seqs[index]), body.raw))
+            number = entries.get(seqs[index])
+            if number is not None:
+                found.append(StoredMessage(str(seqs[index]), raws[number]))
                 if len(found) == limit:
                     break
         return found
@@ -146,52 +153,57 @@ class MemoryStore(MailboxStore):
         self._remove(recipient.raw, mailbox, seq)
         return True
 
-    def _remove(self, key: bytes, mailbox: _Mailbox, seq: int) -> _Body:
-        """Take one entry out of its mailbox, and its body out of the budgets with its last."""
-        body = mailbox.entries.pop(seq)
-        mailbox.bytes -= body.size
+    def _remove(self, key: bytes, mailbox: _Mailbox, seq: int) -> None:
+        """Take one entry out of its mailbox, and its body out of the store with its last."""
+        number = mailbox.entries.pop(seq)
+        size = len(self._raws[number])
+        mailbox.bytes -= size
         if not mailbox.entries:
             del self._mailboxes[key]  # its tags keep growing: seqs are the store's
         elif len(mailbox.seqs) > 2 * len(mailbox.entries):
-            mailbox.seqs = list(mailbox.entries)  # in append order, so ascending
-        body.held -= 1
-        if body.held == 0:
-            used = self._stored[body.sender] - body.size
-            if used:
-                self._stored[body.sender] = used
-            else:
-                del self._stored[body.sender]
-            self._stored_total -= body.size
-            body.raw = b""  # its index entry may outlive it until expiry; the bytes must not
-            self._stale += 1
-            if self._stale > _STALE_BEFORE_REBUILD and 2 * self._stale > len(self._by_expiry):
-                self._by_expiry = [item for item in self._by_expiry if item[2].held]
-                heapq.heapify(self._by_expiry)
-                self._stale = 0
-        return body
+            mailbox.seqs = array("Q", mailbox.entries)  # in append order, so ascending
+        held = self._held[number] - 1
+        if held:
+            self._held[number] = held
+            return
+        sender = self._heads[number][:KEY_BYTES]
+        del self._held[number], self._raws[number], self._heads[number], self._places[number]
+        used = self._stored[sender] - size
+        if used:
+            self._stored[sender] = used
+        else:
+            del self._stored[sender]
+        self._stored_total -= size
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
         """Also forgets every message id whose replay window ended: a relay sweeps each
-        second, so that is about one second of accepts (~3 ms at 10,000 a second)."""
-        seen, seen_until = self._seen, self._seen_until
-        while seen_until and seen_until[0][0] <= now_ms:
-            del seen[heapq.heappop(seen_until)[1]]
+        second, so that is about one second of accepts (~3 ms at 10,000 a second).  A body
+        acked by everyone left its number in the expiry index, skipped here."""
+        seen = self._seen
+        for remembered in self._seen_until.take(now_ms, len(seen)):
+            del seen[remembered]
         expired: list[ExpiredMessage] = []
-        by_expiry = self._by_expiry
-        while by_expiry and by_expiry[0][0] <= now_ms and len(expired) < limit:
-            body = by_expiry[0][2]
-            for key, seq in body.places:
-                if not body.held or len(expired) == limit:
+        while len(expired) < limit:
+            if not self._expiring:
+                self._expiring.extend(_SEQ.unpack(number)[0] for number in
+                                      self._by_expiry.take(now_ms, limit - len(expired)))
+                if not self._expiring:
                     break
+            number = self._expiring[0]
+            places = self._places.get(number, b"")
+            head = self._heads.get(number, b"")
+            for at in range(0, len(places), _PLACE_BYTES):
+                if len(expired) == limit:
+                    break
+                key, (seq,) = places[at:at + KEY_BYTES], _SEQ.unpack_from(places, at + KEY_BYTES)
                 mailbox = self._mailboxes.get(key)
-                if mailbox is not None and mailbox.entries.get(seq) is body:
+                if mailbox is not None and mailbox.entries.get(seq) == number:
                     self._remove(key, mailbox, seq)
-                    expired.append(ExpiredMessage(PublicKey(key), PublicKey(body.sender),
-                                                  body.msg_id, body.origin))
-            if not body.held and by_expiry is self._by_expiry and by_expiry[0][2] is body:
-                heapq.heappop(by_expiry)
-                self._stale -= 1
-            by_expiry = self._by_expiry  # _remove may have rebuilt it
+                    expired.append(ExpiredMessage(
+                        PublicKey(key), PublicKey(head[:KEY_BYTES]),
+                        head[KEY_BYTES:_SEEN_KEY_BYTES], Origin(head[_SEEN_KEY_BYTES])))
+            if number not in self._held:
+                self._expiring.popleft()
         return expired
 
     async def allow(self, sender: PublicKey, now_ms: int, rate_per_s: float,
