@@ -47,13 +47,14 @@ class RelayAuth:
         if not header:
             raise UnauthenticatedError("the access list is served to relays only:"
                                        " sign the request (Authorization: Continuum-Relay …)")
-        request = AccessRequest.verify(header, self._oracle, now_ms, self._former)
+        request = AccessRequest.verify(header, self._oracle, now_ms, self._former,
+                                       allowed=self.check_allowed)
         self.admit(request.relay, request.nonce, now_ms)
         return request.relay
 
     def check_allowed(self, relay: PublicKey) -> None:
         """UnauthenticatedError unless `relay` may be served: before its signature is checked
-        where checking costs more than this (a presence report), and again in `admit`."""
+        (a verify costs more than this), and again in `admit`."""
         if relay not in self._configured and relay not in self._learned():
             raise UnauthenticatedError(f"relay key {relay.text} is not allowed here")
 

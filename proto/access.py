@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Collection, KeysView, Mapping
+from collections.abc import Callable, Collection, KeysView, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from itertools import pairwise
@@ -423,7 +423,8 @@ class AccessRequest:
 
     @classmethod
     def verify(cls, header: str, oracle: PublicKey, now_ms: int,
-               former: Collection[PublicKey] = ()) -> AccessRequest:
+               former: Collection[PublicKey] = (),
+               allowed: Callable[[PublicKey], None] | None = None) -> AccessRequest:
         """Decode an `Authorization` value for `oracle` and check its signature and clock.
 
         A token may also name one of the oracle's `former` keys: a relay started
@@ -431,7 +432,8 @@ class AccessRequest:
         (and learns the chain from the list it gets).  UnauthenticatedError for a
         missing or malformed header, SignatureError, StaleError beyond
         ORACLE_CLOCK_SKEW_MS.  Whether the relay key is allowed and the nonce
-        unused is the oracle's to check.
+        unused is the oracle's to check; `allowed` (raising for a key that is not) is
+        called before the signature is checked, so a stranger's token costs no verify.
         """
         scheme, _, token = header.strip().partition(" ")
         token = token.strip()
@@ -457,5 +459,7 @@ class AccessRequest:
         if abs(now_ms - issued_at) > ORACLE_CLOCK_SKEW_MS:
             raise StaleError(f"relay token issued {(now_ms - issued_at) / 1000:.0f}s from the"
                              f" oracle's clock (limit {ORACLE_CLOCK_SKEW_MS // 1000}s)")
+        if allowed is not None:
+            allowed(relay_key)
         relay_key.verify(ACCESS_REQUEST_DOMAIN + canonical.encode(value[:-1]), signature)
         return cls(relay_key, named, issued_at, nonce)

@@ -8,6 +8,7 @@ table inside the writers' lock (20 pollers: admin API median 1 ms → 437 ms;
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -67,6 +68,27 @@ async def test_only_fresh_requests_signed_by_an_allowed_relay_key_are_served(
     assert response_headers["ETag"] == f'"{access.epoch}.{access.version}"'
     status, _, _ = await get(server, "?after=0", headers)  # the same header again
     assert status == 401, "a captured request must not be replayable"
+
+
+def with_a_forged_signature(headers: dict[str, str]) -> dict[str, str]:
+    """The same token, its signature's last byte flipped."""
+    scheme, token = headers["Authorization"].split(" ")
+    data = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    data[-1] ^= 1
+    return {"Authorization": f"{scheme} {base64.urlsafe_b64encode(data).rstrip(b'=').decode()}"}
+
+
+async def test_a_strangers_token_is_refused_for_its_key_before_its_signature_is_checked(
+        server: OracleServer) -> None:
+    """Anyone can reach the endpoint: a token naming a key the oracle does not know costs it
+    no signature check (its forged signature is not what it is refused for); a known relay's
+    forged token is refused for its signature."""
+    status, body, _ = await get(server, "?after=0",
+                                with_a_forged_signature(signed_by(Identity.generate(), server)))
+    assert status == 401 and b"is not allowed here" in body
+    status, body, _ = await get(server, "?after=0",
+                                with_a_forged_signature(signed_by(TRUSTED_RELAY, server)))
+    assert status == 401 and b"is not allowed here" not in body and b"signature" in body
 
 
 async def test_polls_never_touch_the_database_and_a_change_is_read_once(
