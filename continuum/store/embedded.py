@@ -1,11 +1,15 @@
 """What the two stores in the relay's own process (SQLite, memory) share: tags that are
-decimal sequence numbers, and wake-ups that carry an entry into an empty mailbox."""
+decimal sequence numbers, the limits an accept is checked against (counted by each in
+memory), and wake-ups that carry an entry into an empty mailbox."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import WAKE_ENTRY_MAX_BYTES, NewEntry, Subscription, Wake
+from proto import PublicKey
+from proto.errors import MailboxFullError, QuotaExceededError
+
+from .base import WAKE_ENTRY_MAX_BYTES, MailboxLimits, NewEntry, Subscription, Wake
 from .wakeups import WakeupHub
 
 
@@ -14,6 +18,27 @@ def parse_tag(tag: str) -> int | None:
     if not tag.isascii() or not tag.isdigit() or len(tag) > 19:
         return None
     return int(tag)
+
+
+def check_mailbox(recipient: bytes, messages: int, held: int, size: int,
+                  limits: MailboxLimits) -> None:
+    """MailboxFullError unless a mailbox of `messages` entries and `held` bytes takes one
+    more of `size`."""
+    if messages + 1 > limits.max_messages or held + size > limits.max_bytes:
+        raise MailboxFullError(f"mailbox of {PublicKey(recipient).text} is full "
+                               f"({messages} messages, {held} bytes)")
+
+
+def check_budgets(sender: bytes, sender_held: int, store_held: int, size: int,
+                  limits: MailboxLimits) -> None:
+    """QuotaExceededError unless one more body of `size` fits both byte budgets: the sender's
+    bodies take `sender_held` bytes, all bodies `store_held`."""
+    if sender_held + size > limits.sender_max_bytes:
+        raise QuotaExceededError(f"sender {PublicKey(sender).text} has {sender_held} bytes"
+                                 f" stored; its budget is {limits.sender_max_bytes}")
+    if store_held + size > limits.store_max_bytes:
+        raise QuotaExceededError(f"the relay's store holds {store_held} bytes;"
+                                 f" its budget is {limits.store_max_bytes}")
 
 
 class EmbeddedWakeups:

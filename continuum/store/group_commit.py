@@ -4,11 +4,11 @@ On a file, each commit is a WAL append of every page the transaction touched
 (the body, both mailbox indexes, the replay window, ...), copied into the
 file again at the next checkpoint: a transaction per accept and per ack wrote
 about 71 KB per message delivered, while a turn's accepts and acks touch
-mostly the same pages (22 KB per message batched: benchmarks/README.md).  So a write is queued, and the first one queued
-in a turn schedules a flush for the start of the next turn; by then every
-session that had a frame to act on has queued its write.  The flush runs the
-queued works in call order inside one BEGIN IMMEDIATE ... COMMIT, on the loop
-thread, with no await in between, so no read ever sees an uncommitted row
+mostly the same pages (22 KB per message batched: benchmarks/README.md).  So a
+write is queued, and the first one queued in a turn schedules a flush for the
+start of the next turn; by then every session that had a frame to act on has
+queued its write.  The flush runs the queued works in call order inside one
+BEGIN IMMEDIATE ... COMMIT, on the loop thread, with no await in between, so no read ever sees an uncommitted row
 (a fetch that saw one could deliver, and hand out the tag of, an entry that a
 failed commit then takes back) and no other transaction is ever open on the
 connection across an await.

@@ -23,13 +23,13 @@ from collections.abc import Sequence
 from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
 from proto.envelope import MSG_ID_BYTES
-from proto.errors import MailboxFullError, QuotaExceededError, ReplayError
+from proto.errors import ReplayError
 from proto.keys import KEY_BYTES
 
 from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
                    Wake)
 from .due_index import DueIndex
-from .embedded import EmbeddedWakeups, parse_tag
+from .embedded import EmbeddedWakeups, check_budgets, check_mailbox, parse_tag
 from .token_bucket import TokenBuckets
 
 # What the store holds per message is bytes and ints only, in dicts, bytearrays and arrays,
@@ -93,16 +93,9 @@ class MemoryStore(MailboxStore):
         for key in keys:
             mailbox = self._mailboxes.get(key)
             messages, held = (len(mailbox.entries), mailbox.bytes) if mailbox else (0, 0)
-            if messages + 1 > limits.max_messages or held + size > limits.max_bytes:
-                raise MailboxFullError(f"mailbox of {PublicKey(key).text} is full "
-                                       f"({messages} messages, {held} bytes)")
+            check_mailbox(key, messages, held, size, limits)
         used = self._stored.get(sender, 0)
-        if used + size > limits.sender_max_bytes:
-            raise QuotaExceededError(f"sender {envelope.sender.text} has {used} bytes stored;"
-                                     f" its budget is {limits.sender_max_bytes}")
-        if self._stored_total + size > limits.store_max_bytes:
-            raise QuotaExceededError(f"the relay's store holds {self._stored_total} bytes;"
-                                     f" its budget is {limits.store_max_bytes}")
+        check_budgets(sender, used, self._stored_total, size, limits)
 
         self._seen[remembered] = replay_until_ms
         self._seen_until.add(replay_until_ms, remembered)

@@ -37,12 +37,12 @@ from pathlib import Path
 
 from proto import Envelope, Origin, PublicKey
 from proto.access import Stamp
-from proto.errors import MailboxFullError, QuotaExceededError, ReplayError, StoreUnavailableError
+from proto.errors import ReplayError, StoreUnavailableError
 from proto.limits import DEFAULT_MAX_ENVELOPE_BYTES
 
 from .base import (ExpiredMessage, MailboxLimits, MailboxStore, StoredMessage, Subscription,
                    Wake)
-from .embedded import EmbeddedWakeups, parse_tag
+from .embedded import EmbeddedWakeups, check_budgets, check_mailbox, parse_tag
 from .group_commit import GroupCommit
 from .token_bucket import TokenBuckets
 
@@ -155,13 +155,7 @@ class _Counts:
 
     def check_budgets(self, sender: bytes, size: int, limits: MailboxLimits) -> None:
         """QuotaExceededError unless one more body of `size` fits both byte budgets."""
-        used = self._stored.get(sender, 0)
-        if used + size > limits.sender_max_bytes:
-            raise QuotaExceededError(f"sender {PublicKey(sender).text} has {used} bytes stored;"
-                                     f" its budget is {limits.sender_max_bytes}")
-        if self._stored_total + size > limits.store_max_bytes:
-            raise QuotaExceededError(f"the relay's store holds {self._stored_total} bytes;"
-                                     f" its budget is {limits.store_max_bytes}")
+        check_budgets(sender, self._stored.get(sender, 0), self._stored_total, size, limits)
 
     def grow(self, recipient: bytes, messages: int, size: int) -> None:
         """A mailbox gained (or, negative, lost) entries and bytes."""
@@ -219,7 +213,7 @@ class SqliteStore(MailboxStore):
         self._buckets = TokenBuckets()
 
     def _create_or_upgrade(self) -> None:
-        """Bring the file to SCHEMA_VERSION in one transaction: a crash leaves the old or the new."""
+        """Bring the file to SCHEMA_VERSION in one transaction: a crash leaves either."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version == SCHEMA_VERSION:
             return
@@ -250,10 +244,7 @@ class SqliteStore(MailboxStore):
             except sqlite3.IntegrityError:
                 raise ReplayError("message id already used by this sender") from None
             for recipient in mailboxes:  # raising here rolls the `seen` row back too
-                messages, total = counts.mailbox(recipient)
-                if messages + 1 > limits.max_messages or total + size > limits.max_bytes:
-                    raise MailboxFullError(f"mailbox of {PublicKey(recipient).text} is full "
-                                           f"({messages} messages, {total} bytes)")
+                check_mailbox(recipient, *counts.mailbox(recipient), size, limits)
             counts.check_budgets(sender, size, limits)
             body = db.execute(
                 "INSERT INTO body (sender, msg_id, origin, expires_at_ms, raw)"
