@@ -8,10 +8,10 @@ mostly the same pages (22 KB per message batched: benchmarks/README.md).  So a
 write is queued, and the first one queued in a turn schedules a flush for the
 start of the next turn; by then every session that had a frame to act on has
 queued its write.  The flush runs the queued works in call order inside one
-BEGIN IMMEDIATE ... COMMIT, on the loop thread, with no await in between, so no read ever sees an uncommitted row
-(a fetch that saw one could deliver, and hand out the tag of, an entry that a
-failed commit then takes back) and no other transaction is ever open on the
-connection across an await.
+BEGIN IMMEDIATE ... COMMIT, on the loop thread, with no await in between, so
+no read ever sees an uncommitted row (a fetch that saw one could deliver, and
+hand out the tag of, an entry that a failed commit then takes back) and no
+other transaction is ever open on the connection across an await.
 
 Only after COMMIT does a caller's await return: a returned accept is as
 durable as it was with a transaction of its own.  Each work keeps its own
