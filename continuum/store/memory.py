@@ -46,7 +46,7 @@ _SEEN_KEY_BYTES = KEY_BYTES + MSG_ID_BYTES  # sender, msg_id
 class _Mailbox:
     """One recipient's entries (seq -> body number), and every seq appended in order: a
     fetch finds its cursor by bisection, and skips the seqs removed since (`seqs` is
-    rebuilt from `entries` once those are more than half of it, so a fetch never skips
+    rebuilt from `entries` once more than half of it was removed, so a fetch never skips
     more than it returns plus the mailbox's size)."""
 
     __slots__ = ("entries", "seqs", "bytes")
@@ -170,7 +170,7 @@ class MemoryStore(MailboxStore):
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
         """Also forgets every message id whose replay window ended: a relay sweeps each
-        second, so that is about one second of accepts (~3 ms at 10,000 a second).  A body
+        second, so that is about one second of accepts (5,500 took 3 ms here).  A body
         acked by everyone left its number in the expiry index, skipped here."""
         seen = self._seen
         for remembered in self._seen_until.take(now_ms, len(seen)):
