@@ -15,9 +15,10 @@ look younger than the device's own clock says it is.  An envelope created more
 than the skew after that `now` is no honest relay's either: none stores one
 created beyond its own clock plus the skew.
 
-What the device forgets, it forgets by its own clock alone (`Device._prune`):
-a relay announcing a clock years ahead would otherwise have it forget every
-(sender, msg_id) it holds, and a later connection replay them as new.
+What the device forgets, it forgets by its own clock alone (`Device._prune`,
+and the stream opens it took, `DeviceStreams.receive`): a relay announcing a
+clock years ahead would otherwise have it forget every (sender, msg_id) it
+holds, and a later connection replay them as new.
 """
 
 from __future__ import annotations

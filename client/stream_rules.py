@@ -236,9 +236,13 @@ class DeviceStreams:
     # -- frames from the relay -------------------------------------------------------------------
 
     def receive(self, frame: StreamFrame, identity: Identity, *, now_ms: int,
-                limits: Limits) -> Event | None:
+                limits: Limits, local_ms: int | None = None) -> Event | None:
+        """`now_ms`: the freshness rule's now (client/freshness.py), which a relay's clock
+        may move ahead; `local_ms`: the device's own clock (`now_ms` when None), by which
+        alone it forgets the opens it took, as it forgets the messages (`Device._prune`)."""
         if isinstance(frame, StreamOpen):
-            return self._offered(frame, identity, now_ms, limits)
+            return self._offered(frame, identity, now_ms,
+                                 now_ms if local_ms is None else local_ms, limits)
         end = self._ends.get(frame.stream_id)
         if end is None:
             return None  # it ended here already; the relay will drop or has dropped it
@@ -254,7 +258,7 @@ class DeviceStreams:
             return Changed(end)
         return self._chunk(end, frame)
 
-    def _offered(self, frame: StreamOpen, identity: Identity, now_ms: int,
+    def _offered(self, frame: StreamOpen, identity: Identity, now_ms: int, local_ms: int,
                  limits: Limits) -> Event | None:
         try:
             envelope = decode_envelope(frame.envelope, limits)
@@ -278,7 +282,7 @@ class DeviceStreams:
             code = exc.code if isinstance(exc, StreamLimitError) else StreamRefusedError.code
             self._out.append(StreamAbort(stream_id, int(code), exc.message))
             return None
-        self._remember(opener, stream_id, valid_until_ms(envelope), now_ms)
+        self._remember(opener, stream_id, valid_until_ms(envelope), local_ms)
         end = StreamEnd(stream_id, opener, request.service, State.OFFERED, window=0,
                         may_send=frame.window)
         self._ends[stream_id] = end
@@ -343,10 +347,11 @@ class DeviceStreams:
             end.state = State.ENDED
             self._ends.pop(end.stream_id, None)
 
-    def _remember(self, opener: PublicKey, stream_id: bytes, until_ms: int, now_ms: int) -> None:
+    def _remember(self, opener: PublicKey, stream_id: bytes, until_ms: int,
+                  local_ms: int) -> None:
         while self._remembered:
             _, oldest = next(iter(self._remembered.items()))
-            if oldest >= now_ms and len(self._remembered) < MAX_REMEMBERED_OPENS:
+            if oldest >= local_ms and len(self._remembered) < MAX_REMEMBERED_OPENS:
                 break
             self._remembered.popitem(last=False)
         self._remembered[(opener, stream_id)] = until_ms

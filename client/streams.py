@@ -257,8 +257,10 @@ class StreamHub:
         if connection.device_key != identity.public:
             return  # an old key's connection, draining its mailbox: no streams there
         self._use(connection)
-        event = self.rules.receive(frame, identity, now_ms=self.now_ms(connection),
-                                   limits=connection.limits)
+        local_ms = now_ms()
+        event = self.rules.receive(
+            frame, identity, now_ms=device_now_ms(local_ms, connection.clock_offset_ms),
+            limits=connection.limits, local_ms=local_ms)
         if isinstance(event, Offered):
             self._offered(event, identity, connection)
         elif isinstance(event, Changed):

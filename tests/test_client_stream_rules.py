@@ -145,6 +145,27 @@ def test_offers_refused_before_the_application_sees_them(case: str, words: str) 
     TALLY[ATTACKS_REJECTED] += 1
 
 
+def test_a_relay_clock_years_ahead_does_not_make_the_device_forget_the_opens_it_took() -> None:
+    """A relay announcing a clock ten years ahead, delivering a peer's open stamped then, must
+    not make the device forget the opens it took by its own clock: a later relay replaying
+    one of them is refused (as `Device._prune` does for messages)."""
+    bob = DeviceStreams(is_peer={ALICE.public})
+    first = offer_from(ALICE)
+    assert isinstance(bob.receive(first, BOB, now_ms=NOW, local_ms=NOW, limits=LIMITS), Offered)
+    [end] = list(bob._ends.values())
+    bob.abort(end, StreamBrokenError("done"))
+    bob.frames_to_send()
+    ahead = NOW + 10 * 365 * 86_400_000
+    offered = bob.receive(offer_from(ALICE, now_ms=ahead), BOB, now_ms=ahead, local_ms=NOW,
+                          limits=LIMITS)
+    assert isinstance(offered, Offered)
+    TALLY[INPUTS_TRIED] += 1
+    assert bob.receive(first, BOB, now_ms=NOW, local_ms=NOW, limits=LIMITS) is None
+    [refusal] = bob.frames_to_send()
+    assert refusal.code == ErrorCode.STREAM_REFUSED and "taken already" in refusal.message
+    TALLY[ATTACKS_REJECTED] += 1
+
+
 def test_an_answer_that_does_not_prove_the_peer_breaks_the_open() -> None:
     alice = DeviceStreams(is_peer={BOB.public})
     mine = alice.open(ALICE, BOB.public, "tcp/22", now_ms=NOW, limits=LIMITS)
