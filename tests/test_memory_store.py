@@ -4,7 +4,8 @@
 stores through the same random sequences of accepts (replays, full mailboxes, budgets
 included), fetches from any cursor, acks, expiry sweeps and subscriptions, and every
 answer, tag and wake-up must be the same.  Small mailboxes make the refusals and the
-memory store's cursor index rebuilds happen often.
+memory store's cursor index rebuilds happen often.  Then what the memory store keeps of
+a message: not an acked body's bytes, and nothing the garbage collector visits.
 """
 
 from __future__ import annotations
