@@ -479,6 +479,36 @@ async def test_the_relay_wide_pool_is_shared_and_refilled_at_the_tick() -> None:
     assert world.budget.credit == window
 
 
+async def test_a_receiver_granting_back_credit_nothing_used_gains_no_room() -> None:
+    """Bob grants each stream's window again and again before any data came: it was never
+    his to read, so it frees nothing, and what may be on its way to him stays within his
+    pool however much alice then sends (64 streams so granted let 256 MiB through a 16 MiB
+    pool, and several such pairs past the relay-wide one)."""
+    window, pool = 128 * 1024, 1024 * 1024
+    world = World(stream_connection_window_bytes=pool, max_stream_window_bytes=32 * window,
+                  max_streams_per_device=16, max_pending_streams_per_device=16)
+    alice, bob = await world.connect(ALICE), await world.connect(BOB)
+    streams = await accepted_streams(world, alice, bob, 8, window)  # the pool, granted
+    for sid, _, _ in streams:
+        for _ in range(31):  # up to the stream's bound of credit outstanding, not beyond
+            TALLY[INPUTS_TRIED] += 1
+            bob.send(StreamCredit(sid, window))
+    assert bob.refused == []
+    credit = {sid: granted for sid, granted, _ in streams}
+    for frame in alice.take():
+        if isinstance(frame, StreamCredit):
+            credit[frame.stream_id] += frame.credit
+    assert sum(credit.values()) <= pool
+    for sid, _, keys in streams:
+        while credit[sid] > 17:
+            size = min(credit[sid], 65_536) - 17
+            alice.send(StreamData(sid, keys.sealer.seal(b"x" * size)))
+            credit[sid] -= size + 17
+    passed = sum(len(f.chunk) for f in bob.take() if isinstance(f, StreamData))
+    assert passed <= pool and alice.refused == []
+    TALLY[ATTACKS_REJECTED] += 1
+
+
 async def test_a_receiver_with_many_stalled_streams_gets_at_most_its_pool() -> None:
     """100 streams with 256 KiB windows whose receiver reads nothing: the relay passes at
     most its connection's pool (4 MiB here), whatever the senders try."""

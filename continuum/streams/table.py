@@ -338,7 +338,10 @@ class StreamTable:
             return self._break(frame.stream_id, half, InvalidFieldError(
                 f"credit outstanding would be {outstanding} bytes, above this relay's"
                 f" window bound of {self._settings.max_stream_window_bytes}"))
-        self._unexpose(half, frame.credit)  # the device read this much: it is off the path
+        # What the device read is off the path; it can have read only what reached it, the
+        # exposure less the credit the other end has not used yet.  (Counting the whole grant
+        # let a device that granted unused credit back free its pool for ever more credit.)
+        self._unexpose(half, min(frame.credit, half.exposure - half.may_receive))
         passed = self._pass(frame.stream_id, half, frame.credit)
         assert half.route is not None
         out: list[Output] = []
