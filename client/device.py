@@ -139,6 +139,7 @@ class Device:
                  max_running_calls: int = DEFAULT_MAX_RUNNING,
                  max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
                  max_incoming_transfers: int = DEFAULT_MAX_INCOMING,
+                 max_incoming_transfers_per_peer: int | None = None,
                  transfer_window: int = DEFAULT_TRANSFER_WINDOW) -> None:
         """`relay_keys`: pin the relays this device talks to; a relay holding any other key
         is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
@@ -148,7 +149,8 @@ class Device:
         REFUSED (SPEC §18).
         `max_transfer_bytes`: the largest file sent or received (SPEC §17);
         `max_incoming_transfers`: files arriving or waiting to be taken at once (beyond,
-        the next manifest is refused); `transfer_window`: chunks of a
+        the next manifest is refused), and `max_incoming_transfers_per_peer` of them from
+        one peer (None: half, at least one); `transfer_window`: chunks of a
         file in the outbox at once."""
         self.identity = identity
         self.relays = list(relays)
@@ -199,7 +201,9 @@ class Device:
         if home is not None and self._state is not None:
             self._incoming = IncomingTransfers(Path(home), self._state, self._seen,
                                                max_bytes=max_transfer_bytes,
-                                               max_incoming=max_incoming_transfers)
+                                               max_incoming=max_incoming_transfers,
+                                               max_incoming_per_peer=(
+                                                   max_incoming_transfers_per_peer))
             self._outgoing = OutgoingTransfers(self._sender, self._state, lambda: self.identity,
                                                self._identities, max_bytes=max_transfer_bytes,
                                                window=transfer_window)

@@ -13,9 +13,11 @@ envelope) is queued in the same commit that marks it taken.  A file that does
 not match is deleted and never offered.
 
 Bounds: a manifest over `max_bytes`, or beyond `max_incoming` files arriving or
-waiting to be taken, is refused (so at most max_incoming x max_bytes on disk); a
-transfer not finished when its manifest expires (created_at + ttl + skew) is
-forgotten with its partial file (`expire`).
+waiting to be taken, or beyond `max_incoming_per_peer` of them from its sender, is
+refused (so at most max_incoming x max_bytes on disk, and no one peer holds every
+place: its files that never finish would otherwise refuse every other peer's until
+they expire); a transfer not finished when its manifest expires (created_at + ttl +
+skew) is forgotten with its partial file (`expire`).
 Refusals are drops with a reason the CLI prints; the sender hears nothing
 (no receipt comes), which the README states.
 """
@@ -75,12 +77,16 @@ class IncomingTransfers:
 
     def __init__(self, home: Path, state: DeviceState, seen: RecentlySeen, *,
                  max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
-                 max_incoming: int = DEFAULT_MAX_INCOMING) -> None:
+                 max_incoming: int = DEFAULT_MAX_INCOMING,
+                 max_incoming_per_peer: int | None = None) -> None:
+        """`max_incoming_per_peer`: None for half of `max_incoming` (at least one)."""
         self._root = home / TRANSFERS_DIR
         self._state = state
         self._seen = seen
         self.max_bytes = max_bytes
         self.max_incoming = max_incoming
+        self.max_incoming_per_peer = (max(1, max_incoming // 2) if max_incoming_per_peer is None
+                                      else max_incoming_per_peer)
         self.ready: deque[ReceivedFile] = deque()
         self.ready_event = asyncio.Event()
 
@@ -112,9 +118,12 @@ class IncomingTransfers:
         if manifest.size > self.max_bytes:
             refusal = (f"file {manifest.name!r} of {manifest.size} bytes exceeds this device's"
                        f" maximum of {self.max_bytes}")
-        elif self._held() >= self.max_incoming:
+        elif len(held := self._held()) >= self.max_incoming:
             refusal = (f"file {manifest.name!r}: {self.max_incoming} files are already under"
                        " way or waiting to be taken")
+        elif sum(row.sender == sender.raw for row in held) >= self.max_incoming_per_peer:
+            refusal = (f"file {manifest.name!r}: {self.max_incoming_per_peer} files of"
+                       f" {sender.text} are already under way or waiting to be taken")
         if refusal is not None:  # told once; its chunks are then duplicates, counted only
             with transaction(self._state):
                 self._state.add_transfer_in(TransferInRow(
@@ -134,13 +143,13 @@ class IncomingTransfers:
             self._complete(row)
         return None
 
-    def _held(self) -> int:
+    def _held(self) -> list[TransferInRow]:
         """Files arriving or complete and not taken yet: each holds disk (up to `max_bytes`),
         a row and, once complete, memory until the application takes it.  Counting only
         those arriving let a peer leave any number complete (empty files complete on their
         manifest)."""
-        return (len(self._state.transfers_in(InState.RECEIVING))
-                + len(self._state.transfers_in(InState.COMPLETE)))
+        return (self._state.transfers_in(InState.RECEIVING)
+                + self._state.transfers_in(InState.COMPLETE))
 
     async def _on_chunk(self, decision: ChunkArrived) -> Drop | None:
         envelope, chunk = decision.envelope, decision.chunk

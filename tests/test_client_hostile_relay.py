@@ -167,11 +167,38 @@ async def test_files_a_peer_sends_and_nobody_takes_count_against_the_incoming_bo
                                ttl_s=60, now_ms=now_ms()).raw for n in range(20)]
     async with FakeRelay(deliver=manifests) as relay:
         device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1), max_incoming_transfers=3)
+                        backoff=Backoff(0.05, 0.1), max_incoming_transfers=3,
+                        max_incoming_transfers_per_peer=3)
         async with device:
             await relay.wait_for(lambda: len(relay.acks) == 20, 10)
             assert device.stats.dropped_refused_transfer == 17
     assert len(list((tmp_path / "transfers" / "received").iterdir())) == 3
+    TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_one_peers_files_that_never_finish_do_not_refuse_another_peers(
+        tmp_path: Path) -> None:
+    """The places for files arriving were shared by all peers: one peer's 8 manifests whose
+    chunks never come (held until they expire, whatever TTL it signs) refused every other
+    peer's file.  Now a peer holds at most half of them, and another peer's file arrives."""
+    alice, bob, carol = Identity.generate(), Identity.generate(), Identity.generate()
+    stalled = [seal_envelope(alice, Kind.TRANSFER_MANIFEST, [bob.public],
+                             Manifest.for_file(os.urandom(16), 1024**3, bytes(32), 65_536,
+                                               f"never{n}").encode(),
+                             ttl_s=2**32 - 1, now_ms=now_ms()).raw for n in range(8)]
+    wanted = seal_envelope(carol, Kind.TRANSFER_MANIFEST, [bob.public],
+                           Manifest.for_file(os.urandom(16), 0, file_hasher().digest(), 1,
+                                             "report.pdf").encode(),
+                           ttl_s=60, now_ms=now_ms()).raw
+    async with FakeRelay(deliver=[*stalled, wanted]) as relay:
+        device = Device(bob, [relay.url], PeerList([alice.public, carol.public]),
+                        home=tmp_path, backoff=Backoff(0.05, 0.1))
+        async with device:
+            await relay.wait_for(lambda: len(relay.acks) == 9, 10)
+            assert device.stats.dropped_refused_transfer == 4  # alice's beyond her half
+            async with asyncio.timeout(5):
+                received = await anext(device.files())
+    assert (received.sender, received.name) == (carol.public, "report.pdf")
     TALLY[ATTACKS_REJECTED] += 1
 
 

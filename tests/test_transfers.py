@@ -377,7 +377,7 @@ async def test_beyond_the_transfers_under_way_a_manifest_is_refused(
     alice, bob = Identity.generate(), Identity.generate()
     drops: list[Drop] = []
     async with make_device(bob, relay.url, [alice.public], tmp_path / "bob", drops,
-                           max_incoming_transfers=2) as b, \
+                           max_incoming_transfers=2, max_incoming_transfers_per_peer=2) as b, \
             await RawDevice.connect(relay.url, alice) as raw:
         for name in ("one", "two", "three"):
             manifest = Manifest.for_file(os.urandom(16), 10, bytes(32), 4, name)
