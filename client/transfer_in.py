@@ -92,15 +92,16 @@ class IncomingTransfers:
 
     async def load(self) -> None:
         """Offer again what a previous run verified and nobody took; finish verifying what it
-        received in full but did not get to check."""
+        received in full but did not get to check (which offers it, so after the others:
+        the other way round offered each of those twice)."""
+        for row in self._state.transfers_in(InState.COMPLETE):
+            self._offer(row)
         for row in self._state.transfers_in(InState.RECEIVING):
             if row.received == Manifest.decode(row.manifest).chunk_count:
                 mismatch = await self._verify(row)
                 if mismatch is not None:
                     log.warning("transfer_mismatch", sender=PublicKey(row.sender).text,
                                 detail=mismatch)
-        for row in self._state.transfers_in(InState.COMPLETE):
-            self._offer(row)
 
     # -- deliveries ---------------------------------------------------------------------
 
@@ -181,23 +182,32 @@ class IncomingTransfers:
     # -- completion -----------------------------------------------------------------------
 
     async def _verify(self, row: TransferInRow) -> str | None:
-        """Check the whole file; offer it, or delete it and say why."""
+        """Check the whole file; offer it, or delete it and say why.
+
+        The file is where the last run left it: in `partial/`, or already moved to its
+        target by a run whose commit of COMPLETE did not happen (killed, or the commit
+        failed).  Gone from both, the transfer fails rather than stop the device's start."""
         manifest = Manifest.decode(row.manifest)
-        partial = self._partial_path(row)
-        size, digest = await asyncio.to_thread(size_and_hash, partial)
+        held = next((path for path in (self._partial_path(row), self.received_path(row))
+                     if path.exists()), None)
+        if held is None:
+            self._state.set_transfer_in_state(row.sender, row.transfer_id, InState.FAILED)
+            return f"file {manifest.name!r}: its data is gone from the home, never offered"
+        size, digest = await asyncio.to_thread(size_and_hash, held)
         if size != manifest.size or digest != manifest.file_hash:
             self._state.set_transfer_in_state(row.sender, row.transfer_id, InState.FAILED)
             with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+                held.unlink()
             return (f"file {manifest.name!r} does not match its manifest"
                     f" ({size} bytes, hash {digest.hex()[:16]}…): deleted, never offered")
         self._complete(row)
         return None
 
     def _complete(self, row: TransferInRow) -> None:
-        target = self.received_path(row)
+        target, partial = self.received_path(row), self._partial_path(row)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self._partial_path(row), target)  # before the commit: a crash re-verifies
+        if partial.exists():  # else a run moved it and stopped before its commit (`_verify`)
+            os.replace(partial, target)  # before the commit: a crash re-verifies at `load`
         self._state.set_transfer_in_state(row.sender, row.transfer_id, InState.COMPLETE)
         self._offer(row)
 

@@ -541,6 +541,39 @@ async def test_a_transfer_past_its_manifests_validity_is_forgotten_with_its_part
     state.close()
 
 
+async def test_a_file_moved_before_its_commit_is_offered_at_the_next_start_not_a_crash(
+        tmp_path: Path) -> None:
+    """A file is moved to `received/` before COMPLETE is committed; a run killed (or whose
+    commit failed) between the two left the row receiving and the partial file gone, and
+    every later start raised FileNotFoundError: the home could not be used again.  Now the
+    next start verifies the file where it is and offers it; a file gone from both places
+    fails its transfer."""
+    alice, bob = Identity.generate(), Identity.generate()
+    state = DeviceState(tmp_path / "state.db")
+    incoming = IncomingTransfers(tmp_path, state, RecentlySeen(state=state))
+    manifests = []
+    for name in ("moved.bin", "lost.bin"):
+        data = name.encode()
+        hasher = file_hasher()
+        hasher.update(data)
+        manifest = Manifest.for_file(os.urandom(16), len(data), hasher.digest(), 64, name)
+        envelope = _sealed(alice, bob, Kind.TRANSFER_MANIFEST, manifest.encode())
+        assert await incoming.on_delivery(ManifestArrived(envelope, manifest)) is None
+        chunk = Chunk(manifest.transfer_id, 0, data)
+        sealed = _sealed(alice, bob, Kind.TRANSFER_CHUNK, chunk.encode())
+        assert await incoming.on_delivery(ChunkArrived(sealed, chunk)) is None
+        manifests.append(manifest)
+    moved, lost = incoming.ready
+    for manifest in manifests:  # as if the process had stopped before each commit
+        state.set_transfer_in_state(alice.public.raw, manifest.transfer_id, "receiving")
+    lost.path.unlink()
+    again = IncomingTransfers(tmp_path, state, RecentlySeen(state=state))
+    await again.load()
+    assert [(f.name, f.path.read_bytes()) for f in again.ready] == [("moved.bin", b"moved.bin")]
+    assert [row.transfer_id for row in state.transfers_in("failed")] == [lost.transfer_id]
+    state.close()
+
+
 async def test_a_relay_killed_mid_transfer_loses_nothing_and_the_transfer_completes(
         tmp_path: Path) -> None:
     """The relay (SQLite store) is killed with SIGKILL while chunks flow and started again on
