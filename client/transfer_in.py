@@ -125,6 +125,11 @@ class IncomingTransfers:
         elif sum(row.sender == sender.raw for row in held) >= self.max_incoming_per_peer:
             refusal = (f"file {manifest.name!r}: {self.max_incoming_per_peer} files of"
                        f" {sender.text} are already under way or waiting to be taken")
+        elif self._received_path(sender.raw, manifest).exists():
+            # The same peer's transfer id again, once the row of its first use was forgotten:
+            # completing it would replace a file the application was already given.
+            refusal = (f"file {manifest.name!r}: a file of that transfer id is already in"
+                       f" {self._root / 'received'}")
         if refusal is not None:  # told once; its chunks are then duplicates, counted only
             with transaction(self._state):
                 self._state.add_transfer_in(TransferInRow(
@@ -243,8 +248,11 @@ class IncomingTransfers:
         return self._root / "partial" / f"{row.sender.hex()}-{row.transfer_id.hex()}"
 
     def received_path(self, row: TransferInRow) -> Path:
-        name = Manifest.decode(row.manifest).name
-        return self._root / "received" / f"{row.sender.hex()}-{row.transfer_id.hex()}" / name
+        return self._received_path(row.sender, Manifest.decode(row.manifest))
+
+    def _received_path(self, sender: bytes, manifest: Manifest) -> Path:
+        return (self._root / "received" / f"{sender.hex()}-{manifest.transfer_id.hex()}"
+                / manifest.name)
 
 
 def _envelope(row: TransferInRow) -> Envelope:

@@ -574,6 +574,41 @@ async def test_a_file_moved_before_its_commit_is_offered_at_the_next_start_not_a
     state.close()
 
 
+async def test_a_peer_reusing_a_transfer_id_cannot_replace_a_file_already_given(
+        tmp_path: Path) -> None:
+    """A received file's path is its sender, transfer id and name.  Once the row of a taken
+    transfer was forgotten, its peer could send the same id and name again and the new file
+    replaced the one the application was given, at the path it was told.  Now that manifest
+    is refused and the first file stays as it was."""
+    alice, bob = Identity.generate(), Identity.generate()
+    state = DeviceState(tmp_path / "state.db")
+    incoming = IncomingTransfers(tmp_path, state, RecentlySeen(state=state))
+    transfer_id = os.urandom(16)
+
+    async def send(content: bytes) -> Drop | None:
+        hasher = file_hasher()
+        hasher.update(content)
+        manifest = Manifest.for_file(transfer_id, len(content), hasher.digest(), 64,
+                                     "invoice.pdf")
+        envelope = _sealed(alice, bob, Kind.TRANSFER_MANIFEST, manifest.encode())
+        refused = await incoming.on_delivery(ManifestArrived(envelope, manifest))
+        chunk = Chunk(transfer_id, 0, content)
+        await incoming.on_delivery(ChunkArrived(_sealed(alice, bob, Kind.TRANSFER_CHUNK,
+                                                        chunk.encode()), chunk))
+        return refused
+
+    assert await send(b"PAY TO ACCOUNT 111") is None
+    first = incoming.ready.popleft()
+    incoming.taken(first)
+    incoming.expire(_now_ms() + 10**9)  # the taken transfer's row is forgotten
+    assert state.transfer_in(alice.public.raw, transfer_id) is None
+    refused = await send(b"PAY TO ACCOUNT 999")
+    assert refused is not None and refused.reason is DropReason.REFUSED_TRANSFER
+    assert "already in" in refused.detail and not incoming.ready
+    assert first.path.read_bytes() == b"PAY TO ACCOUNT 111"
+    state.close()
+
+
 async def test_a_relay_killed_mid_transfer_loses_nothing_and_the_transfer_completes(
         tmp_path: Path) -> None:
     """The relay (SQLite store) is killed with SIGKILL while chunks flow and started again on
