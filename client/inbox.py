@@ -331,17 +331,16 @@ def _oracle_key_change(envelope: Envelope, plaintext: bytes, view: InboxView) ->
     not_peer = Drop(DropReason.NON_PEER, f"{sender.text} is not a peer", envelope)
     assert oracle is not None  # rule 7 dropped non-peer DATA without an oracle
     try:
-        # A chain that does not lead from our oracle to its sender is a stranger's message:
-        # refused before its signatures are checked (up to 256, 42x a plain message's cost).
-        former, current = OracleKeyChain.claimed_keys(plaintext)
-        if not ((sender == current and oracle in former)
-                or (sender == oracle and current == oracle)):
+        # A chain that does not lead from our oracle to its sender (a move), or that our
+        # oracle sends about its own key, is a stranger's message: refused before its
+        # signatures are checked (up to 256, 42x a plain message's cost).  Once checked, the
+        # chain's keys are those it claimed.
+        value = OracleKeyChain.decode_value(plaintext)
+        former, current = OracleKeyChain.claimed_keys(value)
+        moved = sender == current and oracle in former
+        if not moved and not (sender == oracle and current == oracle):
             return not_peer
-        chain = OracleKeyChain.decode(plaintext)
+        chain = OracleKeyChain.from_value(value)
     except ProtocolError:
         return not_peer
-    if chain.introduces(oracle, sender):
-        return OracleKeyChanged(envelope, chain, moved=True)
-    if sender == oracle and chain.current == oracle:
-        return OracleKeyChanged(envelope, chain, moved=False)
-    return not_peer
+    return OracleKeyChanged(envelope, chain, moved=moved)

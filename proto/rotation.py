@@ -193,21 +193,23 @@ class OracleKeyChain:
     @classmethod
     def decode(cls, data: bytes) -> OracleKeyChain:
         """Decode and verify every link's signatures and the chain's order."""
-        return cls.from_value(canonical.decode(data, max_size=_MAX_CHAIN_BYTES,
-                                               what="oracle key chain"))
+        return cls.from_value(cls.decode_value(data))
 
     @staticmethod
-    def claimed_keys(data: bytes) -> tuple[frozenset[PublicKey], PublicKey | None]:
-        """(`former`, `current`) as the chain in `data` claims them, no signature checked:
-        whether a chain is about a given oracle at all is known before paying for up to
-        2 x MAX_ORACLE_KEY_CHANGES signature checks (anyone can send a device a chain of
-        their own keys).  DecodeError/InvalidFieldError for what is not a chain's shape."""
-        value = canonical.decode(data, max_size=_MAX_CHAIN_BYTES, what="oracle key chain")
-        if type(value) is not list or len(value) > MAX_ORACLE_KEY_CHANGES:
-            raise InvalidFieldError("an oracle key chain must be an array of at most"
-                                    f" {MAX_ORACLE_KEY_CHANGES} key changes")
+    def decode_value(data: bytes) -> object:
+        """The CBOR value of a chain, bounded in size, nothing about it checked yet: for
+        `claimed_keys`, then `from_value`, without decoding it twice."""
+        return canonical.decode(data, max_size=_MAX_CHAIN_BYTES, what="oracle key chain")
+
+    @staticmethod
+    def claimed_keys(value: object) -> tuple[frozenset[PublicKey], PublicKey | None]:
+        """(`former`, `current`) as the chain `value` (`decode_value`) claims them, no
+        signature checked: whether a chain is about a given oracle at all is known before
+        paying for up to 2 x MAX_ORACLE_KEY_CHANGES signature checks (anyone can send a
+        device a chain of their own keys).  InvalidFieldError for what is not a chain's
+        shape."""
         keys = []
-        for link in value:
+        for link in _changes(value):
             if (type(link) is not list or len(link) != _FIELDS
                     or any(type(key) is not bytes or len(key) != KEY_BYTES for key in link[:2])):
                 raise InvalidFieldError("an oracle key change names two 32-byte keys first")
@@ -216,11 +218,14 @@ class OracleKeyChain:
 
     @classmethod
     def from_value(cls, value: object) -> OracleKeyChain:
-        if type(value) is not list:
-            raise InvalidFieldError("an oracle key chain must be an array of key changes")
-        if len(value) > MAX_ORACLE_KEY_CHANGES:
-            raise InvalidFieldError(
-                f"an oracle key chain holds at most {MAX_ORACLE_KEY_CHANGES} changes")
-        return cls(tuple(OracleKeyChange.from_value(link) for link in value))
+        return cls(tuple(OracleKeyChange.from_value(link) for link in _changes(value)))
 
 
+def _changes(value: object) -> list:
+    """A chain's CBOR array of key changes, checked for type and length only."""
+    if type(value) is not list:
+        raise InvalidFieldError("an oracle key chain must be an array of key changes")
+    if len(value) > MAX_ORACLE_KEY_CHANGES:
+        raise InvalidFieldError(
+            f"an oracle key chain holds at most {MAX_ORACLE_KEY_CHANGES} changes")
+    return value
