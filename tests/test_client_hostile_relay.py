@@ -27,6 +27,13 @@ from runtime.clock import now_ms
 TEN_YEARS_MS = 10 * 365 * 86_400_000
 
 
+def device_on(relay: FakeRelay, identity: Identity, peers: list[Identity], home: Path,
+              **options: int) -> Device:
+    """The library's device with a home, reconnecting quickly, its relay the scripted one."""
+    return Device(identity, [relay.url], PeerList([peer.public for peer in peers]), home=home,
+                  backoff=Backoff(0.05, 0.1), **options)  # type: ignore[arg-type]
+
+
 @contextlib.asynccontextmanager
 async def reading(device: Device) -> AsyncIterator[list[bytes]]:
     """The payloads the application takes, as they come."""
@@ -62,8 +69,7 @@ async def test_a_relay_clock_years_ahead_does_not_make_the_device_forget_what_it
     once = seal_envelope(alice, Kind.DATA, [bob.public], b"pay me once", ttl_s=3600,
                          now_ms=now_ms())
     async with FakeRelay(deliver=[once.raw]) as relay:
-        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, bob, [alice], tmp_path)
         async with device, reading(device) as got:
             await relay.wait_for(lambda: got == [b"pay me once"] and bool(relay.acks), 10)
             relay.deliver, relay.clock_offset_ms = [], TEN_YEARS_MS
@@ -88,8 +94,7 @@ async def test_a_relays_own_notice_from_the_future_is_dropped_not_a_crash(
                                ExpiryNotice.single(os.urandom(16), alice.public).encode(),
                                ttl_s=60, now_ms=2**63 - 1)
         relay.deliver = [notice.raw]
-        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, bob, [alice], tmp_path)
         async with device:
             await relay.wait_for(lambda: bool(relay.acks), 10)
             assert relay.connections == 1 and device.last_error is None
@@ -106,8 +111,7 @@ async def test_a_relays_notices_are_not_remembered_among_taken_messages(tmp_path
                                ExpiryNotice.single(os.urandom(16), alice.public).encode(),
                                ttl_s=2**32 - 1, now_ms=now_ms())
         relay.deliver = [notice.raw]
-        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, bob, [alice], tmp_path)
         async with device:
             await relay.wait_for(lambda: bool(relay.acks), 10)
             assert (relay.identity.public, notice.msg_id) not in device._seen
@@ -125,8 +129,7 @@ async def test_a_peers_report_with_a_number_beyond_a_double_is_dropped_and_the_m
     behind = seal_envelope(alice, Kind.DATA, [bob.public], b"behind it", ttl_s=3600,
                            now_ms=now_ms())
     async with FakeRelay(deliver=[poison.raw, behind.raw]) as relay:
-        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, bob, [alice], tmp_path)
         async with device, reading(device) as got:
             await relay.wait_for(lambda: got == [b"behind it"] and len(relay.acks) >= 2, 10)
         assert relay.connections == 1
@@ -143,8 +146,7 @@ async def test_a_relay_redelivering_one_message_does_not_grow_what_waits_to_be_t
     once = seal_envelope(alice, Kind.DATA, [bob.public], b"only once", ttl_s=3600,
                          now_ms=now_ms())
     async with FakeRelay(deliver=[once.raw] * 50) as relay:
-        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, bob, [alice], tmp_path)
         async with device:
             await relay.wait_for(lambda: len(relay.acks) == 49, 10)
             assert device.stats.duplicates == 49
@@ -166,9 +168,8 @@ async def test_files_a_peer_sends_and_nobody_takes_count_against_the_incoming_bo
                                Manifest.for_file(os.urandom(16), 0, empty, 1, f"f{n}").encode(),
                                ttl_s=60, now_ms=now_ms()).raw for n in range(20)]
     async with FakeRelay(deliver=manifests) as relay:
-        device = Device(bob, [relay.url], PeerList([alice.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1), max_incoming_transfers=3,
-                        max_incoming_transfers_per_peer=3)
+        device = device_on(relay, bob, [alice], tmp_path, max_incoming_transfers=3,
+                           max_incoming_transfers_per_peer=3)
         async with device:
             await relay.wait_for(lambda: len(relay.acks) == 20, 10)
             assert device.stats.dropped_refused_transfer == 17
@@ -191,8 +192,7 @@ async def test_one_peers_files_that_never_finish_do_not_refuse_another_peers(
                                              "report.pdf").encode(),
                            ttl_s=60, now_ms=now_ms()).raw
     async with FakeRelay(deliver=[*stalled, wanted]) as relay:
-        device = Device(bob, [relay.url], PeerList([alice.public, carol.public]),
-                        home=tmp_path, backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, bob, [alice, carol], tmp_path)
         async with device:
             await relay.wait_for(lambda: len(relay.acks) == 9, 10)
             assert device.stats.dropped_refused_transfer == 4  # alice's beyond her half
@@ -210,8 +210,7 @@ async def test_a_relays_notice_that_a_message_expired_before_it_could_is_not_bel
     could have expired; a real one (ttl 1 s, after it) still is."""
     alice, bob = Identity.generate(), Identity.generate()
     async with FakeRelay(answer=accept) as relay:
-        device = Device(alice, [relay.url], PeerList([bob.public]), home=tmp_path,
-                        backoff=Backoff(0.05, 0.1))
+        device = device_on(relay, alice, [bob], tmp_path)
         async with device:
             fresh = await device.send([bob.public], b"a day to live", ttl_s=86_400, timeout=10)
             short = await device.send([bob.public], b"a second to live", ttl_s=1, timeout=10)
