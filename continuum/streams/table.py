@@ -540,8 +540,8 @@ class StreamTable:
         self._budget.credit += amount
 
     def _unexpose(self, half: Half, amount: int) -> None:
-        """The device read `amount` bytes (or the stream ended): they no longer count.  Never
-        below zero: a device that grants more than it read gains no room by it."""
+        """The device read `amount` bytes (or the stream ended): they no longer count, and
+        never below zero.  What a grant may count as read is `_grant`'s to bound."""
         amount = min(amount, half.exposure)
         half.exposure -= amount
         self._exposure -= amount
