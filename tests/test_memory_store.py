@@ -36,8 +36,11 @@ accepts = st.tuples(st.just("accept"), st.integers(0, len(SENDERS) - 1),
 fetches = st.tuples(st.just("fetch"), st.integers(0, len(READERS) - 1),
                     st.integers(-2, 40), st.integers(0, 5))
 acks = st.tuples(st.just("ack"), st.integers(0, len(READERS) - 1), st.integers(-2, 40))
+# A sweep takes everything due: which of several due entries a smaller limit takes is not
+# fixed by the contract (SQLite's and the memory store's differ), and the stores would then
+# hold different mail.  Each store honouring its limit: test_store_contract.py.
 sweeps = st.tuples(st.just("sweep"), st.sampled_from([0, 500, 1_000, 2_500, 31_000]),
-                   st.sampled_from([1, 2, 1_000]))
+                   st.just(1_000))
 watches = st.tuples(st.just("watch"), st.integers(0, len(READERS) - 1))
 operations = st.lists(st.one_of(accepts, accepts, fetches, acks, acks, sweeps, watches),
                       max_size=60)
@@ -99,10 +102,8 @@ class Twins:
             _, advance_ms, limit = operation
             self.now_ms += advance_ms
             answers = await self.both(lambda s: s.take_expired(self.now_ms, limit))
-            if limit > 100:  # which of several due entries a small limit takes is not fixed
-                return [sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.origin)
-                               for m in taken) for taken in answers]  # type: ignore[attr-defined]
-            return [len(taken) for taken in answers]  # type: ignore[arg-type]
+            return [sorted((m.recipient.raw, m.sender.raw, m.msg_id, m.origin)
+                           for m in taken) for taken in answers]  # type: ignore[attr-defined]
         _, reader = operation  # watch: subscribe, or close the subscriptions if there are
         if reader in self.watching:
             for subscription in self.watching.pop(reader):
