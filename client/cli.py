@@ -46,6 +46,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -786,13 +787,28 @@ def _save(received: ReceivedFile, save_dir: Path | None) -> Path:
     """Move a received file into `save_dir` under its name, never over an existing file."""
     if save_dir is None:
         return received.path
-    target = save_dir / received.name
-    number = 0
-    while target.exists():
-        number += 1
-        target = save_dir / f"{received.name}.{number}"
-    shutil.move(received.path, target)  # a rename, or a copy across file systems
+    target = _claim_name(save_dir, received.name)
+    try:
+        shutil.move(received.path, target)  # a rename over the claimed empty file, or a copy
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
     return target
+
+
+def _claim_name(directory: Path, name: str) -> Path:
+    """`directory/name`, or `name.` and a random suffix beside an existing file, claimed by
+    creating it empty and exclusively.  Exclusive, so that two listeners sharing a directory
+    never both take one name; random, so that a peer's thousandth file of one name costs one
+    try, not a thousand (numbering NAME.1, NAME.2, … tried every number in turn)."""
+    target = directory / name
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return target
+    except FileExistsError:
+        descriptor, path = tempfile.mkstemp(prefix=f"{name}.", dir=directory)
+        os.close(descriptor)
+        return Path(path)
 
 
 def _format_file(received: ReceivedFile, path: Path, as_json: bool) -> str:
