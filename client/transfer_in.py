@@ -17,7 +17,9 @@ waiting to be taken, or beyond `max_incoming_per_peer` of them from its sender, 
 refused (so at most max_incoming x max_bytes on disk, and no one peer holds every
 place: its files that never finish would otherwise refuse every other peer's until
 they expire); a transfer not finished when its manifest expires (created_at + ttl +
-skew) is forgotten with its partial file (`expire`).
+skew), or `max_hold_ms` after it began by the device's own clock if that comes first, is
+forgotten with its partial file (`expire`): a TTL is the sender's to sign, and a relay
+that does not cap TTLs would let a peer's stalled files hold their places for decades.
 Refusals are drops with a reason the CLI prints; the sender hears nothing
 (no receipt comes), which the README states.
 """
@@ -29,12 +31,14 @@ import contextlib
 import os
 from collections import deque
 from dataclasses import dataclass
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 
 from proto import Envelope, Limits, PublicKey, decode_envelope
 from proto.errors import ProtocolError
 from proto.transfers import Manifest, file_hasher
+from runtime.clock import now_ms
 from runtime.logs import library_logger
 
 from .dedup import RecentlySeen
@@ -46,6 +50,9 @@ log = library_logger("continuum.client")
 
 DEFAULT_MAX_TRANSFER_BYTES = 1024**3
 DEFAULT_MAX_INCOMING = 8
+# The relay's default longest TTL (`--max-ttl-s`): through a default relay no honest
+# transfer's manifest stays valid longer, so the cap only bites what others let through.
+DEFAULT_MAX_HOLD_MS = 7 * 24 * 3600 * 1000
 TRANSFERS_DIR = "transfers"
 _READ_BYTES = 1024 * 1024
 
@@ -78,8 +85,11 @@ class IncomingTransfers:
     def __init__(self, home: Path, state: DeviceState, seen: RecentlySeen, *,
                  max_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
                  max_incoming: int = DEFAULT_MAX_INCOMING,
-                 max_incoming_per_peer: int | None = None) -> None:
-        """`max_incoming_per_peer`: None for half of `max_incoming` (at least one)."""
+                 max_incoming_per_peer: int | None = None,
+                 max_hold_ms: int = DEFAULT_MAX_HOLD_MS,
+                 clock: Callable[[], int] = now_ms) -> None:
+        """`max_incoming_per_peer`: None for half of `max_incoming` (at least one);
+        `clock`: the device's own, in ms (never the relay's or the sender's)."""
         self._root = home / TRANSFERS_DIR
         self._state = state
         self._seen = seen
@@ -87,6 +97,8 @@ class IncomingTransfers:
         self.max_incoming = max_incoming
         self.max_incoming_per_peer = (max(1, max_incoming // 2) if max_incoming_per_peer is None
                                       else max_incoming_per_peer)
+        self.max_hold_ms = max_hold_ms
+        self._clock = clock
         self.ready: deque[ReceivedFile] = deque()
         self.ready_event = asyncio.Event()
 
@@ -137,8 +149,9 @@ class IncomingTransfers:
                     InState.REFUSED, valid_until_ms(envelope)))
                 self._seen.add((sender, envelope.msg_id), valid_until_ms(envelope))
             return Drop(DropReason.REFUSED_TRANSFER, refusal, envelope)
+        forget_at_ms = min(valid_until_ms(envelope), self._clock() + self.max_hold_ms)
         row = TransferInRow(sender.raw, manifest.transfer_id, manifest.encode(), envelope.raw, 0,
-                            InState.RECEIVING, valid_until_ms(envelope))
+                            InState.RECEIVING, forget_at_ms)
         partial = self._partial_path(row)
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.touch(mode=0o600)

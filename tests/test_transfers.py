@@ -34,7 +34,7 @@ from client.state import DeviceState
 from client.tracking import SentLog
 from client.transfer_in import IncomingTransfers
 from continuum.server import RelayServer
-from proto import Identity, Kind, PublicKey, seal_envelope
+from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
 from proto.frames import Accepted, Send
 from proto.transfers import Chunk, Manifest, file_hasher
 
@@ -240,7 +240,6 @@ def _sealed(sender: Identity, recipient: Identity, kind: Kind, plaintext: bytes)
 
 
 def _now_ms() -> int:
-    import time
     return time.time_ns() // 1_000_000
 
 
@@ -677,3 +676,36 @@ def test_listen_saves_beside_existing_files_of_the_name_without_trying_each_one(
     assert all((save / f"log.txt.{n}").read_bytes() == b"older" for n in range(1, existing))
     assert len(list(save.iterdir())) == existing + 10
     assert not any(incoming.iterdir())
+
+
+async def test_a_stalled_transfer_holds_its_place_no_longer_than_the_devices_cap(
+        tmp_path: Path) -> None:
+    """A TTL is the sender's to sign: a peer's manifests valid for a year whose chunks never
+    come held their places (and refused that peer's next files) for the year, through any
+    relay that does not cap TTLs.  The device forgets them `max_hold_ms` after they began,
+    by its own clock; the envelope stays remembered as seen for its whole validity."""
+    alice, bob = Identity.generate(), Identity.generate()
+    state = DeviceState(tmp_path / "state.db")
+    clock = [_now_ms()]
+    incoming = IncomingTransfers(tmp_path, state, RecentlySeen(state=state), max_incoming=2,
+                                 max_incoming_per_peer=1, max_hold_ms=3_600_000,
+                                 clock=lambda: clock[0])
+    year_s = 365 * 24 * 3600
+
+    def manifest_from_alice(name: str) -> tuple[Envelope, Manifest]:
+        manifest = Manifest.for_file(os.urandom(16), 10, bytes(32), 4, name)
+        envelope = seal_envelope(alice, Kind.TRANSFER_MANIFEST, [bob.public],
+                                 manifest.encode(), ttl_s=year_s, now_ms=clock[0])
+        return envelope, manifest
+
+    stalled = manifest_from_alice("stalled.bin")
+    assert await incoming.on_delivery(ManifestArrived(*stalled)) is None
+    refused = await incoming.on_delivery(ManifestArrived(*manifest_from_alice("next.bin")))
+    assert refused is not None and refused.reason == DropReason.REFUSED_TRANSFER
+    clock[0] += 3_600_000 + 1
+    incoming.expire(clock[0])
+    assert state.transfers_in("receiving") == []
+    assert not any((tmp_path / "transfers" / "partial").iterdir())
+    assert await incoming.on_delivery(ManifestArrived(*manifest_from_alice("later.bin"))) is None
+    assert state.seen(alice.public.raw, stalled[0].msg_id)
+    state.close()
