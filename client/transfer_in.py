@@ -101,6 +101,7 @@ class IncomingTransfers:
         self._clock = clock
         self.ready: deque[ReceivedFile] = deque()
         self.ready_event = asyncio.Event()
+        self._handling = asyncio.Lock()
 
     async def load(self) -> None:
         """Offer again what a previous run verified and nobody took; finish verifying what it
@@ -118,10 +119,15 @@ class IncomingTransfers:
     # -- deliveries ---------------------------------------------------------------------
 
     async def on_delivery(self, decision: ManifestArrived | ChunkArrived) -> Drop | None:
-        """Take a manifest or chunk in (committed with its envelope as seen), or say why not."""
-        if isinstance(decision, ManifestArrived):
-            return self._on_manifest(decision.envelope, decision.manifest)
-        return await self._on_chunk(decision)
+        """Take a manifest or chunk in (committed with its envelope as seen), or say why not.
+
+        One at a time: a key's mailbox draining beside its successor's hands a sender's
+        chunks in on two connections at once, and a chunk decides from its transfer's row
+        (held? the last one?) across the awaits that write it."""
+        async with self._handling:
+            if isinstance(decision, ManifestArrived):
+                return self._on_manifest(decision.envelope, decision.manifest)
+            return await self._on_chunk(decision)
 
     def _on_manifest(self, envelope: Envelope, manifest: Manifest) -> Drop | None:
         sender = envelope.sender

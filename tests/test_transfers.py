@@ -709,3 +709,36 @@ async def test_a_stalled_transfer_holds_its_place_no_longer_than_the_devices_cap
     assert await incoming.on_delivery(ManifestArrived(*manifest_from_alice("later.bin"))) is None
     assert state.seen(alice.public.raw, stalled[0].msg_id)
     state.close()
+
+
+async def test_chunks_of_one_transfer_arriving_on_two_connections_at_once_complete_it(
+        tmp_path: Path) -> None:
+    """While a rotated-away key's mailbox drains beside the new key's, one sender's chunks
+    reach the device on two connections at once.  Each chunk read its transfer's row before
+    writing, so the last two handled together each counted one chunk short and the file,
+    whole on disk, was never verified nor offered; the same chunk twice at once failed its
+    commit."""
+    alice, bob = Identity.generate(), Identity.generate()
+    state = DeviceState(tmp_path / "state.db")
+    incoming = IncomingTransfers(tmp_path, state, RecentlySeen(state=state))
+    data = os.urandom(12)
+    hasher = file_hasher()
+    hasher.update(data)
+    manifest = Manifest.for_file(os.urandom(16), len(data), hasher.digest(), 4, "pair.bin")
+    envelope = _sealed(alice, bob, Kind.TRANSFER_MANIFEST, manifest.encode())
+    assert await incoming.on_delivery(ManifestArrived(envelope, manifest)) is None
+
+    def arrival(index: int) -> ChunkArrived:
+        chunk = Chunk(manifest.transfer_id, index, data[index * 4:(index + 1) * 4])
+        return ChunkArrived(_sealed(alice, bob, Kind.TRANSFER_CHUNK, chunk.encode()), chunk)
+
+    assert await incoming.on_delivery(arrival(0)) is None
+    twice = arrival(1)
+    outcomes = await asyncio.gather(incoming.on_delivery(twice), incoming.on_delivery(twice),
+                                    incoming.on_delivery(arrival(2)))
+    assert outcomes[0] is None and outcomes[2] is None
+    assert outcomes[1] is not None and outcomes[1].reason == DropReason.DUPLICATE
+    [ready] = incoming.ready
+    assert ready.path.read_bytes() == data
+    assert [row.transfer_id for row in state.transfers_in("complete")] == [manifest.transfer_id]
+    state.close()
