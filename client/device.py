@@ -174,6 +174,7 @@ class Device:
         # The oracle's configuration in force (SPEC §21), kept in the home like the peer list.
         self.config = AppliedConfig.in_home(Path(home)) if home is not None else AppliedConfig()
         self._config_handler: ConfigHandler | None = None
+        self._config_turn = asyncio.Lock()  # configurations are handled one at a time
         self._report_listeners: list[asyncio.Queue[tuple[PublicKey, ConfigReport]]] = []
         self._seen = RecentlySeen(state=self._state)
         # Every key this device may be addressed as: the current one, and old ones draining.
@@ -486,10 +487,21 @@ class Device:
             self._report_listeners.remove(queue)
 
     async def _on_config(self, decision: ConfigArrived) -> PendingSend | None:
-        """Apply a newer configuration through the handler; the report to send, if any."""
-        update, envelope = decision.update, decision.envelope
+        """Apply a newer configuration through the handler; the report to send, if any.
+
+        One at a time, and ranked again once its turn comes: a rotated key's mailbox draining
+        beside its successor's hands in two configurations at once, and the older one,
+        ranked NEWER against what was held when it arrived, was given to the application
+        after the newer one and kept (a rollback a relay can order)."""
+        async with self._config_turn:
+            return await self._apply_config(decision.update, decision.envelope,
+                                            self.config.standing(decision.update.stamp,
+                                                                 decision.envelope.sender))
+
+    async def _apply_config(self, update: ConfigUpdate, envelope: Envelope,
+                            standing: Standing) -> PendingSend | None:
         seen = (envelope.sender, envelope.msg_id)
-        if decision.standing is Standing.OLDER:
+        if standing is Standing.OLDER:
             self.stats.configs_older += 1
             log.warning("config_older_than_applied", offered=str(update.stamp),
                         applied=str(self.config.stamp), oracle=envelope.sender.text)
@@ -497,14 +509,14 @@ class Device:
                 self._seen.add(seen, valid_until_ms(envelope))
             return None  # no report: a report says which configuration is in force
         reported: JsonObject | None = self.config.reported
-        if decision.standing is Standing.NEWER:
+        if standing is Standing.NEWER:
             try:
                 reported = await self._run_config_handler(update)
             except Exception as exc:  # the application's refusal: report what is still in force
                 log.warning("config_not_applied", stamp=str(update.stamp), error=repr(exc))
                 reported = None
         with transaction(self._state):
-            if reported is not None and decision.standing is Standing.NEWER:
+            if reported is not None and standing is Standing.NEWER:
                 self.config.apply(update, envelope.sender, reported)  # on disk before the report
                 self.stats.config_updates += 1
                 log.info("config_applied", stamp=str(update.stamp))

@@ -49,9 +49,11 @@ class FakeRelay:
 
     def __init__(self, *, deliver: Sequence[bytes] = (), answer: Answer = silent,
                  refuse_handshake: ProtocolError | None = None,
-                 clock_offset_ms: int = 0) -> None:
+                 clock_offset_ms: int = 0, pace_s: float = 0.0) -> None:
+        """`pace_s`: a pause before each delivery (a relay choosing when to deliver)."""
         self.identity = Identity.generate()
         self.deliver = list(deliver)
+        self.pace_s = pace_s
         self.answer = answer
         self.refuse_handshake = refuse_handshake
         self.clock_offset_ms = clock_offset_ms
@@ -101,8 +103,27 @@ class FakeRelay:
         welcome, terms = handshake.welcome(now_ms() + self.clock_offset_ms)
         await ws.send_bytes(welcome)
         sealer, opener = terms.channel.for_relay()
+        if not self.pace_s:  # all at once, before anything is read
+            await self._deliver(ws, sealer)
+            await self._read(ws, opener, sealer)
+            return ws
+        delivering = asyncio.create_task(self._deliver(ws, sealer))
+        try:
+            await self._read(ws, opener, sealer)
+        finally:
+            delivering.cancel()
+        return ws
+
+    async def _deliver(self, ws: web.WebSocketResponse, sealer: CipherState) -> None:
+        # Each frame is sealed and written with no await between (aiohttp writes a small
+        # frame at once): the channel's nonces stay in order beside the answers.
         for number, raw in enumerate(self.deliver):
+            if self.pace_s:
+                await asyncio.sleep(self.pace_s)
             await ws.send_bytes(sealer.seal(encode_frame(Deliver(f"t{number}", raw))))
+
+    async def _read(self, ws: web.WebSocketResponse, opener: CipherState,
+                    sealer: CipherState) -> None:
         async for message in ws:
             if message.type is WSMsgType.PING:
                 self.pings += 1
@@ -110,7 +131,6 @@ class FakeRelay:
             elif message.type is WSMsgType.BINARY:
                 frame = decode_frame(opener.open(message.data), 1 << 20)
                 await self._receive(ws, sealer, frame)
-        return ws
 
     async def _receive(self, ws: web.WebSocketResponse, sealer: CipherState,
                        frame: Frame) -> None:

@@ -18,8 +18,10 @@ from tally import ATTACKS_REJECTED, TALLY
 
 from client import Device, PeerList
 from client.backoff import Backoff
+from client.config import AppliedConfig, ConfigUpdate
 from client.tracking import DeliveryStatus
-from proto import Identity, Kind, canonical, seal_envelope
+from proto import Identity, Kind, canonical, decode_envelope, seal_envelope
+from proto.config import ConfigPush, ConfigReport
 from proto.payloads import ExpiryNotice
 from proto.transfers import Manifest, file_hasher
 from runtime.clock import now_ms
@@ -224,3 +226,43 @@ async def test_a_relays_notice_that_a_message_expired_before_it_could_is_not_bel
             assert fresh.statuses == {bob.public: DeliveryStatus.PENDING}
             assert (await short.wait_receipts(timeout=5)) == {bob.public: DeliveryStatus.EXPIRED}
     TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_an_older_configuration_handled_beside_a_newer_one_does_not_roll_it_back(
+        tmp_path: Path) -> None:
+    """A rotated key's mailbox drains beside its successor's, so two configurations can be in
+    hand at once: v3 in the old key's mailbox, v4 in the new one's, v2 held.  Each was ranked
+    NEWER than v2 when it arrived; the relay delivered v3 while v4's handler ran, and the
+    application was given v3 after v4, which was then kept and reported."""
+    oracle, old_key, new_key = Identity.generate(), Identity.generate(), Identity.generate()
+
+    def config(version: int, key: Identity) -> bytes:
+        push = ConfigPush(1, version, {"version": version})
+        return seal_envelope(oracle, Kind.CONFIG, [key.public], push.encode(), ttl_s=3600,
+                             now_ms=now_ms()).raw
+
+    given: list[int] = []
+
+    async def slow_handler(update: ConfigUpdate) -> dict[str, int]:
+        given.append(update.version)
+        await asyncio.sleep(0.6)  # an application restarting a service
+        return {"running": update.version}
+
+    home = tmp_path / "device"
+    async with FakeRelay(deliver=[config(4, new_key), config(3, old_key)], answer=accept,
+                         pace_s=0.3) as relay:
+        device = Device(new_key, [relay.url], PeerList(), oracle.public, home=home,
+                        backoff=Backoff(0.05, 0.2))
+        device.config.apply(ConfigUpdate(1, 2, {"version": 2}), oracle.public, {})
+        async with device:
+            device.on_config(slow_handler)
+            device.drain(old_key)
+            # Each connection is handed both (and decides only what is sealed to its key).
+            await relay.wait_for(lambda: len(relay.acks) >= 4, 10)
+            await asyncio.sleep(0.7)  # any handler still running ends
+        assert given == [4]
+        assert device.config.stamp.version == 4
+    reports = [ConfigReport.decode(decode_envelope(raw).open(oracle).plaintext)
+               for raw in relay.sends]
+    assert {report.version for report in reports} == {4}
+    assert AppliedConfig.in_home(home).stamp.version == 4
