@@ -26,11 +26,13 @@ from typing import Any
 from proto import Envelope, Identity, Kind, PublicKey
 from proto.calls import Call, CallStatus, Response
 from proto.errors import CallTimeoutError, ProtocolError
+from runtime.clock import now_ms
 from runtime.logs import library_logger
 from runtime.tasks import cancel_all_and_wait
 
 from .calls import (Admission, Answering, CallHandler, CallResult, IncomingCall, PendingCalls,
                     ResponseFate)
+from .freshness import device_now_ms
 from .inbox import CallArrived, ResponseArrived
 from .sending import Sender
 from .stats import DeviceStats
@@ -107,7 +109,7 @@ class Calls:
     def on_call_arrived(self, decision: CallArrived) -> None:
         """Rule on the call and answer it in a task of its own (the delivery is ACKed)."""
         envelope, call = decision.envelope, decision.call
-        admission = self.answering.admit(envelope, call, self._sender.now_ms())
+        admission = self.answering.admit(envelope, call, self._deadline_now_ms())
         self._stats.calls_received += 1
         if admission in (Admission.REPLAY, Admission.INVALID):
             self._stats.calls_dropped += 1
@@ -116,6 +118,13 @@ class Calls:
         if admission is Admission.RUN:
             self.answering.running += 1
         self._spawn(self._answer(envelope, call, admission))
+
+    def _deadline_now_ms(self) -> int:
+        """What a call's deadline is held against: the device's clock, or the relay's when
+        that is later (`freshness.device_now_ms`).  The relay's alone let a relay announcing
+        a clock an hour behind have a call held past its deadline run, and its handler run
+        an hour past it; the caller had given up and may have called again."""
+        return device_now_ms(now_ms(), self._sender.clock_offset_ms)
 
     async def _answer(self, envelope: Envelope, call: Call, admission: Admission) -> None:
         try:
@@ -139,7 +148,7 @@ class Calls:
             return CallResult(CallStatus.NOT_FOUND, f"no method {call.method}".encode())
         incoming = IncomingCall(envelope.sender, call.method, call.body, call.deadline_ms,
                                 call.correlation_id)
-        remaining_s = (call.deadline_ms - self._sender.now_ms()) / 1000
+        remaining_s = (call.deadline_ms - self._deadline_now_ms()) / 1000
         try:
             async with asyncio.timeout(max(0.0, remaining_s)):
                 outcome = await handler(incoming)
@@ -158,7 +167,7 @@ class Calls:
         return CallResult(CallStatus.ERROR, HANDLER_FAILED)
 
     async def _respond(self, envelope: Envelope, call: Call, result: CallResult) -> None:
-        remaining_s = math.ceil((call.deadline_ms - self._sender.now_ms()) / 1000)
+        remaining_s = math.ceil((call.deadline_ms - self._deadline_now_ms()) / 1000)
         ttl_s = max(RESPONSE_MIN_TTL_S, remaining_s)
         try:
             sealed = self._seal_response(envelope.sender, call, result, ttl_s)

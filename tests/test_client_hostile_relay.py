@@ -16,11 +16,12 @@ from pathlib import Path
 from fake_relay import FakeRelay, accept
 from tally import ATTACKS_REJECTED, TALLY
 
-from client import Device, PeerList
+from client import Device, IncomingCall, PeerList
 from client.backoff import Backoff
 from client.config import AppliedConfig, ConfigUpdate
 from client.tracking import DeliveryStatus
 from proto import Identity, Kind, canonical, decode_envelope, seal_envelope
+from proto.calls import Call, CallStatus, Response
 from proto.config import ConfigPush, ConfigReport
 from proto.payloads import ExpiryNotice
 from proto.transfers import Manifest, file_hasher
@@ -266,3 +267,30 @@ async def test_an_older_configuration_handled_beside_a_newer_one_does_not_roll_i
                for raw in relay.sends]
     assert {report.version for report in reports} == {4}
     assert AppliedConfig.in_home(home).stamp.version == 4
+
+
+async def test_a_relay_clock_behind_does_not_make_a_late_call_run(tmp_path: Path) -> None:
+    """A relay holds a caller's call past its deadline (still within the freshness
+    allowance), then announces a clock an hour behind: the callee held the deadline against
+    the relay's clock alone, ran the handler, and the caller, which had given up, may have
+    called again.  Against the device's own clock the call is late: answered TIMEOUT."""
+    caller, callee = Identity.generate(), Identity.generate()
+    created = now_ms() - 60_000  # sealed a minute ago, with a 10 s deadline
+    call = Call(os.urandom(16), "open.valve", created + 10_000, b"")
+    envelope = seal_envelope(caller, Kind.CALL, [callee.public], call.encode(), ttl_s=10,
+                             now_ms=created)
+    ran: list[str] = []
+
+    async def handler(incoming: IncomingCall) -> bytes:
+        ran.append(incoming.method)
+        return b"opened"
+
+    async with FakeRelay(deliver=[envelope.raw], answer=accept,
+                         clock_offset_ms=-3_600_000) as relay:
+        async with device_on(relay, callee, [caller], tmp_path / "callee") as device:
+            device.on_call("open.valve", handler)
+            await relay.wait_for(lambda: len(relay.sends) == 1, 10)
+    [answer] = [decode_envelope(raw).open(caller) for raw in relay.sends]
+    assert answer.kind is Kind.RESPONSE
+    assert Response.decode(answer.plaintext).status == CallStatus.TIMEOUT
+    assert ran == []
