@@ -42,6 +42,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .fair_trim import fair_trim
+
 STATE_FILE = "state.db"
 SCHEMA_VERSION = 3
 
@@ -419,10 +421,7 @@ class DeviceState:
         `max_finished_transfers` go (a chunk of one is then dropped as unknown)."""
         with self.transaction():
             self._db.execute("DELETE FROM seen WHERE forget_at_ms < ?", (now_ms,))
-            self._db.execute(
-                "DELETE FROM seen WHERE (sender, msg_id) IN (SELECT sender, msg_id FROM seen"
-                " ORDER BY forget_at_ms LIMIT max(0, (SELECT count(*) FROM seen) - ?))",
-                (max_seen,))
+            self._cap_seen(max_seen)
             # A message still in the outbox is kept whatever its age: it is still being sent.
             self._db.execute("DELETE FROM sent WHERE keep_until_ms < ? AND msg_id NOT IN"
                              " (SELECT msg_id FROM outbox)", (now_ms,))
@@ -438,6 +437,18 @@ class DeviceState:
             # A finished or failed outgoing transfer is only history once its chunks expired.
             self._db.execute("DELETE FROM transfer_out WHERE state != 'sending'"
                              " AND expires_at_ms < ?", (now_ms,))
+
+    def _cap_seen(self, max_seen: int) -> None:
+        """At most `max_seen` pairs, taken from the senders holding the most, each losing
+        its soonest to expire (`fair_trim`: one peer's flood pushes out only its own)."""
+        excess = self.count_seen() - max_seen
+        if excess <= 0:
+            return
+        counts = dict(self._db.execute("SELECT sender, count(*) FROM seen GROUP BY sender"))
+        for sender, drop in fair_trim(counts, excess).items():
+            self._db.execute("DELETE FROM seen WHERE sender = ? AND msg_id IN (SELECT msg_id"
+                             " FROM seen WHERE sender = ? ORDER BY forget_at_ms LIMIT ?)",
+                             (sender, sender, drop))
 
 
 def transaction(state: DeviceState | None, *, durable: bool = True) -> AbstractContextManager[None]:

@@ -7,8 +7,11 @@ import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from client.dedup import RecentlySeen
+from client.fair_trim import fair_trim
 from client.inbox import InboxView, ReceiptArrived, Surface, decide
 from client.outbox import Outbox, needs_renewal, renewed
 from client.peers import PeerList
@@ -287,3 +290,45 @@ def test_finished_incoming_transfers_are_capped_oldest_first(tmp_path: Path) -> 
     kept = {row.transfer_id[0] for row in state.transfers_in("refused")}
     assert kept == {2, 3, 4, 5}
     assert [row.transfer_id for row in state.transfers_in("receiving")] == [b"r" * 16]
+
+
+def test_a_peers_flood_of_long_lived_messages_pushes_out_only_its_own_seen_pairs(
+        tmp_path: Path) -> None:
+    """The cap on seen pairs took the soonest to expire of all: a peer sending many messages
+    signed with long TTLs pushed out another's short-lived call, which a relay could then
+    deliver again, after a restart, as new (run twice).  Now the senders holding the most
+    give up theirs first, whether in the state file or in memory."""
+    carol, mallory = Identity.generate(), Identity.generate()
+    week_ms = 7 * 86_400_000
+    state = DeviceState(tmp_path / "state.db")
+    state.add_seen(carol.public.raw, b"c" * 16, NOW_MS + 900_000)
+    for n in range(150):
+        state.add_seen(mallory.public.raw, n.to_bytes(16, "big"), NOW_MS + week_ms + n)
+    state = reopened(state)  # a restart: only what the file kept counts
+    state.prune(NOW_MS, max_seen=100, max_sent=100)
+    assert state.seen(carol.public.raw, b"c" * 16)
+    assert state.count_seen() == 100
+    kept = [n for n in range(150) if state.seen(mallory.public.raw, n.to_bytes(16, "big"))]
+    assert kept == list(range(51, 150))  # its soonest to expire went
+    state.close()
+    seen = RecentlySeen(capacity=100)
+    seen.add((carol.public, b"c" * 16), NOW_MS + 900_000)
+    for n in range(150):
+        seen.add((mallory.public, n.to_bytes(16, "big")), NOW_MS + week_ms)
+    assert (carol.public, b"c" * 16) in seen and len(seen) == 100
+    assert (mallory.public, (149).to_bytes(16, "big")) in seen
+    assert (mallory.public, (50).to_bytes(16, "big")) not in seen
+
+
+@given(st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=12),
+       st.integers(min_value=0, max_value=500))
+def test_fair_trim_takes_exactly_the_excess_from_the_largest_holders(
+        counts: list[int], excess: int) -> None:
+    held = dict(enumerate(counts))
+    excess = min(excess, sum(counts))
+    trim = fair_trim(held, excess)
+    assert sum(trim.values()) == excess
+    kept = {holder: count - trim.get(holder, 0) for holder, count in held.items()}
+    assert all(0 <= kept[h] <= held[h] for h in held)
+    for loser in trim:  # nobody gave up an entry while another keeps more than it does
+        assert all(kept[other] <= kept[loser] + 1 for other in held)
