@@ -328,9 +328,11 @@ class _Session:
     Each failed connection attempt is one line on stderr; a handshake refusal
     no retry can change (REVOKED, NOT_ENROLLED) ends the command (`until_fatal`), except
     NOT_ENROLLED for the new key of a rotation, which lasts until the relays apply the list.
+    Calls and configuration are `listen`'s (its handlers and hook): any other command leaves
+    them in the mailbox (`takes_commands`).
     """
 
-    def __init__(self, settings: ClientSettings, *, announce_drops: bool = False) -> None:
+    def __init__(self, settings: ClientSettings, *, listening: bool = False) -> None:
         if not settings.relays:
             raise CliError("no relay configured: pass --relay URL or set CONTINUUM_RELAYS")
         for url in settings.unencrypted_remote_relays:
@@ -348,8 +350,9 @@ class _Session:
                              relay_keys=settings.relay_keys, tls=settings.tls_context(),
                              on_oracle_key_change=self._follow_oracle,
                              on_connect_error=self._connect_failed,
-                             on_drop=_announce_drop if announce_drops else None,
-                             max_transfer_bytes=settings.max_file_bytes)
+                             on_drop=_announce_drop if listening else None,
+                             max_transfer_bytes=settings.max_file_bytes,
+                             takes_commands=listening)
 
     def _follow_oracle(self, chain: OracleKeyChain) -> None:
         """The oracle moved to a new key: keep the chain and the key, as `enroll` keeps it."""
@@ -713,7 +716,7 @@ async def _listen(settings: ClientSettings, count: int | None, timeout_s: float 
                   hook: ConfigHook | None = None, save_dir: Path | None = None) -> int:
     received = 0
     files = KeyFiles(settings.identity_path)
-    session = _Session(settings, announce_drops=True)
+    session = _Session(settings, listening=True)
     session.device.on_config(_announce_config(hook))
     async with session.device as device:
         for method, handler in (handlers or {}).items():

@@ -140,7 +140,8 @@ class Device:
                  max_transfer_bytes: int = DEFAULT_MAX_TRANSFER_BYTES,
                  max_incoming_transfers: int = DEFAULT_MAX_INCOMING,
                  max_incoming_transfers_per_peer: int | None = None,
-                 transfer_window: int = DEFAULT_TRANSFER_WINDOW) -> None:
+                 transfer_window: int = DEFAULT_TRANSFER_WINDOW,
+                 takes_commands: bool = True) -> None:
         """`relay_keys`: pin the relays this device talks to; a relay holding any other key
         is refused in the handshake (before HELLO), and only these keys' EXPIRY notices
         count.  None: any relay that proves its key.  `tls`: how `wss://` relays are
@@ -151,7 +152,12 @@ class Device:
         `max_incoming_transfers`: files arriving or waiting to be taken at once (beyond,
         the next manifest is refused), and `max_incoming_transfers_per_peer` of them from
         one peer (None: half, at least one); `transfer_window`: chunks of a
-        file in the outbox at once."""
+        file in the outbox at once.
+        `takes_commands`: False for a run that shares its home with the one answering
+        calls and applying configuration (the CLI's one-shot commands beside `listen`):
+        CALL and CONFIG deliveries are then left unacknowledged, for the relay to deliver
+        again on a later connection.  Taken here, a configuration was applied and reported
+        with no handler to run it, and a call answered NOT_FOUND."""
         self.identity = identity
         self.relays = list(relays)
         if not self.relays:
@@ -165,6 +171,7 @@ class Device:
         # Keys of relays that proved them in a WELCOME: only these may send EXPIRY notices.
         self.relay_keys: set[PublicKey] = set()
         self._on_drop = on_drop
+        self._takes_commands = takes_commands
         self._limits = limits
         self._handshake_timeout_s = handshake_timeout_s
         self._pinned_relay_keys = None if relay_keys is None else frozenset(relay_keys)
@@ -586,6 +593,9 @@ class Device:
             self._inbound.append((decision, connection, delivery.tag))
             self._inbound_ready.set()
             return  # ACKed when the application takes it
+        if isinstance(decision, (CallArrived, ConfigArrived)) and not self._takes_commands:
+            self.stats.commands_left += 1
+            return  # not ACKed: the relay delivers it again on a later connection
         if isinstance(decision, CallArrived):
             # Taken once: recorded as seen before its handler runs, so a re-delivery (an ACK
             # lost with its connection) is a duplicate: calls run at most once.

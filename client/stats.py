@@ -58,6 +58,8 @@ class DeviceStats:
     calls_dropped: int = 0
     calls_not_ok: int = 0
     responses_sent: int = 0
+    # Calls and configurations left for another run of the home (`takes_commands=False`).
+    commands_left: int = 0
 
     def count_drop(self, reason: DropReason) -> None:
         name = "duplicates" if reason is DropReason.DUPLICATE else f"dropped_{reason.value}"

@@ -23,8 +23,10 @@ from client.connection import connect
 from client.state import DeviceState, StoredSend
 from client.tracking import SentLog
 from continuum.server import RelayServer, Settings
-from proto import Envelope, Identity, Kind, PublicKey, seal_envelope
+from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_envelope
+from proto.calls import Call
 from proto.channel import Layout
+from proto.config import ConfigPush
 from proto.errors import ErrorCode
 from redis_server import RedisServer
 from relay_process import RelayProcess, free_port
@@ -277,3 +279,39 @@ async def test_a_relay_that_predates_the_detached_layout_gets_whole_sealed_frame
     async with FakeRelay(answer=accept) as relay:
         async with connect(relay.url, Identity.generate(), max_envelope_bytes=65_536) as conn:
             assert conn.layout is Layout.SEALED
+
+
+async def test_a_device_not_taking_commands_leaves_calls_and_configuration_unacked(
+        tmp_path: Path) -> None:
+    """`takes_commands=False` (the CLI's one-shot commands beside `listen`): a peer's CALL
+    and the oracle's CONFIG stay in the mailbox, neither run, applied nor answered, while
+    the rest of the mail is taken as usual."""
+    oracle, caller, device_key = Identity.generate(), Identity.generate(), Identity.generate()
+    now = now_ms()
+    call = seal_envelope(caller, Kind.CALL, [device_key.public],
+                         Call(os.urandom(16), "ping", now + 60_000, b"").encode(), ttl_s=60,
+                         now_ms=now)
+    config = seal_envelope(oracle, Kind.CONFIG, [device_key.public],
+                           ConfigPush(1, 1, {"n": 1}).encode(), ttl_s=60, now_ms=now)
+    message = seal_envelope(caller, Kind.DATA, [device_key.public], b"hello", ttl_s=60,
+                            now_ms=now)
+    handled: list[str] = []
+
+    async def ping(incoming: object) -> bytes:
+        handled.append("call")
+        return b"pong"
+
+    async with FakeRelay(deliver=[call.raw, config.raw, message.raw], answer=accept) as relay:
+        async with Device(device_key, [relay.url], PeerList([caller.public]), oracle.public,
+                          home=tmp_path / "home", takes_commands=False) as device:
+            device.on_call("ping", ping)
+            device.on_config(lambda update: handled.append("config"))
+            got = await anext(device.messages())
+            assert got.payload == b"hello"
+            await relay.wait_for(lambda: len(relay.acks) == 1)
+            await asyncio.sleep(0.3)  # time for anything else to be handled, had it been
+            assert device.stats.commands_left == 2
+            assert device.config.stamp.version == 0
+    assert relay.acks == ["t2"] and handled == []
+    # What it sent: the message's receipt, no RESPONSE and no CONFIG_REPORT.
+    assert [decode_envelope(raw).open(caller).kind for raw in relay.sends] == [Kind.RECEIPT]

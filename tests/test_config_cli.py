@@ -86,3 +86,39 @@ async def test_listen_stores_the_config_runs_the_hook_and_reports_its_output(
         listener.stop()
     # What listen left in the home: the newest configuration applied.
     assert json.loads((home / "config.json").read_text())["config"] == {"n": 3}
+
+
+async def test_other_commands_leave_configuration_and_calls_for_listen_and_its_hook(
+        tmp_path: Path, relay_process: RelayProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other command that connects (here `call`, from cron say) took the waiting CONFIG:
+    config.json written and the oracle told it was in force, with no hook run; `listen
+    --config-hook` then held that stamp and never ran its hook.  Now it waits in the mailbox
+    for `listen` (calls likewise: `test_client_library.py`, `takes_commands`)."""
+    home = tmp_path / "home"
+    device_key = PublicKey.from_text(new_home(home))
+    oracle, caller = Identity.generate(), Identity.generate()
+    assert run_cli(home, "enroll", "--oracle", oracle.public.text).returncode == 0
+    (tmp_path / "hook.py").write_text(HOOK)
+    monkeypatch.setenv("HOOK_LOG", str(tmp_path / "hook.log"))
+    async with Device(oracle, [relay_process.url], PeerList([device_key])) as as_oracle:
+        reports = as_oracle.config_reports()
+        await as_oracle.wait_connected(10)
+        envelope = seal_envelope(oracle, Kind.CONFIG, [device_key],
+                                 ConfigPush(7, 1, {"n": 1}).encode(), ttl_s=600,
+                                 now_ms=time.time_ns() // 1_000_000)
+        await as_oracle.send_envelope(envelope, timeout=10)
+        done = run_cli(home, "--relay", relay_process.url, "call", caller.public.text, "ping",
+                       "--timeout", "3")
+        assert done.returncode != 0  # the caller is away: a timeout, not the point here
+        assert not (home / "config.json").exists()
+        hook = f"{sys.executable} {tmp_path / 'hook.py'}"
+        listener = CliProcess(home, "--relay", relay_process.url, "listen", "--config-hook",
+                              hook)
+        try:
+            async with asyncio.timeout(20):
+                sender, report = await anext(reports)
+            assert (sender, report) == (device_key, ConfigReport(7, 1, {"applied": 1}))
+        finally:
+            listener.stop()
+    logged = [json.loads(line) for line in (tmp_path / "hook.log").read_text().splitlines()]
+    assert [entry["document"] for entry in logged] == [{"n": 1}]
