@@ -40,13 +40,12 @@ from typing import Protocol
 import structlog
 
 from proto import Envelope, Identity, PublicKey, decode_envelope
-from proto.errors import (DecodeError, OversizeError, PeerUnreachableError, ProtocolError,
-                          RateLimitedError,
+from proto.errors import (DecodeError, OversizeError, ProtocolError, RateLimitedError,
                           StoreUnavailableError, SupersededError, UnauthenticatedError,
                           UnexpectedFrameError)
 from proto.channel import ChannelError, FrameOpener, FrameSealer, Layout
 from proto.frames import (STREAM_FRAMES, Accepted, Ack, Deliver, Error, Frame, Send, StreamAbort,
-                          StreamData, StreamFin, StreamFrame, StreamOpen, decode_frame)
+                          StreamData, StreamFin, StreamFrame, decode_frame)
 from proto.handshake import RelayHandshake
 
 from .access import AccessControl
@@ -56,7 +55,7 @@ from .presence import ConnectionCounts
 from .settings import Settings
 from .store import NewEntry, StoredMessage
 from .streams.table import (Address, Dropped, Output, Refused, StreamBudget, StreamTable,
-                            ToDevice, ToPeer, refuse_offer)
+                            ToDevice, ToPeer, answer_gone)
 
 CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008
@@ -431,11 +430,9 @@ class RelayProtocol:
     def stream_from_peer(self, frame: StreamFrame, origin: Address, peer: PublicKey,
                          now_ms: int) -> tuple[Output, ...]:
         """A frame from the other half of a stream; what the router must pass on."""
-        if self.phase is not Phase.OPEN:
-            if isinstance(frame, StreamOpen):  # offered as this connection went away
-                return tuple(refuse_offer(frame, origin, peer, PeerUnreachableError(
-                    "the peer's connection just closed"), self._settings.limits))
-            return ()
+        if self.phase is not Phase.OPEN:  # it came as this connection went away
+            return tuple(answer_gone(frame, origin, peer, "the peer's connection just closed",
+                                     self._settings.limits))
         return self._kept(self._stream_table().from_peer(frame, origin, peer, now_ms))
 
     def stream_unreachable(self, stream_id: bytes) -> tuple[Output, ...]:

@@ -23,11 +23,13 @@ from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY
                                 CheckRate, Fetch, Phase, RelayProtocol, RemoveDelivered,
                                 StoreEnvelope)
 from continuum.settings import Settings
+from continuum.streams.table import Address, ToPeer
 from continuum.store import NewEntry, StoredMessage
 from proto import Identity, Kind, seal_envelope
 from proto.access import AccessList
 from proto.errors import ErrorCode, MailboxFullError, RevokedError, StoreUnavailableError
-from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Hello, Send, decode_frame,
+from proto.frames import (Accepted, Ack, Deliver, Error, Frame, Hello, Send, StreamAbort,
+                          StreamAccept, StreamCredit, StreamData, StreamFrame, decode_frame,
                           encode_frame)
 from proto.channel import ChannelKeys
 from proto.handshake import ephemeral_keypair
@@ -523,3 +525,21 @@ def test_an_evicted_handshake_is_told_why() -> None:
     protocol.evicted()
     assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
     assert protocol._metrics.handshake_failures.labels("evicted")._value.get() == 1
+
+
+@pytest.mark.parametrize("frame", [StreamAccept(b"s" * 16, 65_536, b""),
+                                   StreamData(b"s" * 16, b"data"), StreamCredit(b"s" * 16, 1)])
+def test_a_stream_frame_reaching_a_closing_connection_ends_the_other_half(
+        frame: StreamFrame) -> None:
+    """A connection superseded (or otherwise closing) stays attached while it closes.  An
+    ACCEPT that reached it then was swallowed, and nothing ever ended the acceptor's half:
+    it held a stream slot on its relay and, behind a tunnel, a TCP connection to the
+    service, for as long as the service stayed silent (a peer could repeat it at will)."""
+    protocol = authenticated()
+    protocol.superseded()
+    origin = Address("replica", 7)
+    [answer] = protocol.stream_from_peer(frame, origin, BOB.public, NOW)
+    assert answer == ToPeer(origin, BOB.public, StreamAbort(
+        b"s" * 16, int(ErrorCode.STREAM_BROKEN), "the peer's connection just closed"))
+    assert protocol.stream_from_peer(StreamAbort(b"s" * 16, 1, "x"), origin, BOB.public,
+                                     NOW) == ()

@@ -24,12 +24,11 @@ from typing import Protocol
 import structlog
 
 from proto import Limits, PublicKey
-from proto.errors import ErrorCode, PeerUnreachableError
-from proto.frames import StreamAbort, StreamFrame, StreamOpen
+from proto.frames import StreamFrame, StreamOpen
 from runtime.clock import now_ms
 from runtime.tasks import cancel_and_wait
 
-from .table import Address, Offer, Output, ToPeer, refuse_offer
+from .table import Address, Offer, Output, ToPeer, answer_gone
 
 
 class StreamEndpoint(Protocol):
@@ -190,14 +189,9 @@ class StreamRouter:
         entry = self._endpoints.get(connection)
         here = Address(self.replica, connection)
         if entry is None or entry[0] != peer:
-            if isinstance(frame, StreamOpen):
-                self.dispatch(here, peer, refuse_offer(frame, origin, origin_key,
-                                                        PeerUnreachableError("gone"),
-                                                        self._limits))
-            elif not isinstance(frame, StreamAbort):
-                self.dispatch(here, peer, (ToPeer(origin, origin_key, StreamAbort(
-                    frame.stream_id, int(ErrorCode.STREAM_BROKEN),
-                    f"{peer.text}'s connection to its relay closed")),))
+            self.dispatch(here, peer, answer_gone(
+                frame, origin, origin_key, f"{peer.text}'s connection to its relay closed",
+                self._limits))
             return
         self.dispatch(here, peer, entry[1].stream_from_peer(frame, origin, origin_key))
 

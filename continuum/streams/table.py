@@ -197,6 +197,20 @@ def refuse_offer(frame: StreamOpen, origin: Address, opener: PublicKey, error: P
     return [ToPeer(origin, opener, StreamAbort(stream_id, int(error.code), error.message))]
 
 
+def answer_gone(frame: StreamFrame, origin: Address, sender: PublicKey, reason: str,
+                limits: Limits) -> list[Output]:
+    """What the half at `origin` hears when its frame finds this end gone: an offer is
+    refused (PEER_UNREACHABLE), any other frame but an abort ends its stream
+    (STREAM_BROKEN).  Silence would leave that half open for good: an ACCEPT swallowed by a
+    connection closing held the acceptor's stream slot and its tunnel's TCP connection."""
+    if isinstance(frame, StreamOpen):
+        return refuse_offer(frame, origin, sender, PeerUnreachableError(reason), limits)
+    if isinstance(frame, StreamAbort):
+        return []
+    return [ToPeer(origin, sender, StreamAbort(frame.stream_id, int(ErrorCode.STREAM_BROKEN),
+                                               reason))]
+
+
 class StreamTable:
     """The halves of one authenticated connection; see the module docstring."""
 
