@@ -148,7 +148,8 @@ def redis_cluster_url(redis_cluster_base_url: str) -> Iterator[str]:
 def subscribers_of(port: int, pid: int) -> list[dict[str, str]]:
     """The pub/sub connections of process `pid` to the Redis on `port` (CLIENT LIST fields,
     e.g. `id`, `sub`: channels subscribed), matched by the local ports `ss` shows for pid."""
-    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, timeout=10).stdout
+    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, timeout=10,
+                             check=True).stdout
     mine = {line.split()[3].rsplit(":", 1)[1] for line in sockets.splitlines()
             if f"pid={pid}," in line}
     clients = subprocess.run(["redis-cli", "-p", str(port), "CLIENT", "LIST", "TYPE", "pubsub"],
