@@ -158,6 +158,11 @@ class RelayMetrics:
         self.stream_bytes = Counter(
             "continuum_stream_bytes", "Stream chunk bytes relayed from the devices connected here",
             registry=self.registry)
+        self.stream_bus_lost = LoopCounter(
+            "continuum_stream_bus_lost",
+            "Times this relay's subscription to the stream bus (Redis pub/sub) was lost or"
+            " silently re-made; each ended every stream with a half on another replica",
+            self.registry)
         self.stream_frames_dropped = Counter(
             "continuum_stream_frames_dropped",
             "Stream frames dropped because their stream had ended (they crossed its end)",

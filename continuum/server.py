@@ -101,7 +101,7 @@ class RelayServer:
         metrics.streams_open.set_function(lambda: budget.open)
         streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
                                tick_s=min(0.5, settings.stream_open_timeout_s / 4),
-                               remote=store.stream_bus())
+                               remote=store.stream_bus(), bus_lost=metrics.stream_bus_lost.inc)
         presence = (PresenceReporter(settings, identity, access, metrics, log)
                     if access.enabled and settings.presence_interval_s > 0 else None)
         self.relay = RelayContext(settings, store, identity, metrics, log, gate, access,

@@ -143,3 +143,24 @@ def redis_cluster_url(redis_cluster_base_url: str) -> Iterator[str]:
     prefix = unique_prefix()
     yield f"{redis_cluster_base_url}?cluster=true&prefix={prefix}"
     delete_prefix(redis_cluster_base_url, prefix)
+
+
+def subscribers_of(port: int, pid: int) -> list[dict[str, str]]:
+    """The pub/sub connections of process `pid` to the Redis on `port` (CLIENT LIST fields,
+    e.g. `id`, `sub`: channels subscribed), matched by the local ports `ss` shows for pid."""
+    sockets = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, timeout=10,
+                             check=True).stdout
+    mine = {line.split()[3].rsplit(":", 1)[1] for line in sockets.splitlines()
+            if f"pid={pid}," in line}
+    clients = subprocess.run(["redis-cli", "-p", str(port), "CLIENT", "LIST", "TYPE", "pubsub"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    fields = [dict(item.split("=", 1) for item in line.split() if "=" in item)
+              for line in clients.splitlines()]
+    return [client for client in fields if client["addr"].rsplit(":", 1)[1] in mine]
+
+
+def kill_client(port: int, client_id: str) -> None:
+    """CLIENT KILL one connection: what Redis itself does to a subscriber over its
+    `client-output-buffer-limit pubsub`."""
+    subprocess.run(["redis-cli", "-p", str(port), "CLIENT", "KILL", "ID", client_id],
+                   capture_output=True, timeout=10, check=True)

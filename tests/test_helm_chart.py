@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from continuum.settings import Settings
 from proto import Identity, PublicKey
 from proto.errors import InvalidFieldError
 
@@ -568,3 +569,17 @@ def test_an_existing_regions_secret_is_used_and_none_is_made() -> None:
 def test_a_region_without_a_store_url_does_not_render() -> None:
     with pytest.raises(Exception, match="storeUrls.ap"):
         render("values-eu.yaml", {"regions": {"others": ["us", "ap"]}})
+
+
+def test_redis_keeps_a_relays_stream_frames_up_to_its_credit_pool() -> None:
+    """Redis's default `client-output-buffer-limit pubsub 32mb 8mb 60` dropped a relay's stream
+    bus subscriber far below the credit it may pass on (256 MiB), ending every stream across
+    relays there: the chart's Redis buffers at least the pool for a subscriber."""
+    redis = next(d for d in render("values.yaml") if d["kind"] == "StatefulSet"
+                 and d["metadata"]["name"] == "test-continuum-redis")
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    limit = args[args.index("--client-output-buffer-limit") + 1].split()
+    assert limit[0] == "pubsub"
+    hard, soft = limit[1], limit[2]
+    assert hard.endswith("gb") and int(hard[:-2]) * 1024**3 >= Settings().stream_relay_window_bytes
+    assert soft == "0"  # no soft limit: a relay busy for a minute is not dropped either

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from continuum.store import open_store
 from proto import Identity, decode_envelope
 from proto.frames import Accepted
-from redis_server import RedisServer
+from redis_server import RedisServer, kill_client, subscribers_of
 from relay_process import RelayProcess
 from wire import RawDevice, sealed, send_until_gone
 
@@ -113,3 +114,35 @@ async def test_accepted_messages_survive_a_redis_crash_with_aof(tmp_path) -> Non
     finally:
         relay.stop()
         server.remove()
+
+
+async def test_a_dropped_wakeup_subscription_still_wakes_the_device(tmp_path) -> None:
+    """Redis drops a relay's wake-up subscriber while that relay is stopped (SIGSTOP), and
+    a message for its device is published meanwhile, to nobody.  redis-py reconnects and
+    resubscribes without raising; the resubscribe's confirmation wakes the mailbox, so the
+    device still gets the message at once, not at some later event."""
+    redis = RedisServer("--appendonly", "no").start()
+    x, y = Identity.generate(), Identity.generate()
+    first = RelayProcess("--store", redis.url, log_path=tmp_path / "r1.log")
+    second = RelayProcess("--store", redis.url, log_path=tmp_path / "r2.log")
+    try:
+        await asyncio.gather(first.start(), second.start())
+        assert second.process is not None
+        async with await RawDevice.connect(first.url, x) as dx, \
+                await RawDevice.connect(second.url, y) as dy:
+            # The wake-up subscriber holds y's mailbox alone; the stream bus, two or more.
+            wakeups = [client for client in subscribers_of(redis.port, second.process.pid)
+                       if client["sub"] == "1"]
+            assert len(wakeups) == 1, wakeups
+            second.process.send_signal(signal.SIGSTOP)
+            try:
+                kill_client(redis.port, wakeups[0]["id"])
+                to_y = sealed(x, [y.public], b"while the subscriber was gone")
+                assert await dx.send(to_y) == Accepted(to_y.msg_id)
+            finally:
+                second.process.send_signal(signal.SIGCONT)
+            assert (await dy.next_delivery(timeout=3)).envelope == to_y.raw
+    finally:
+        first.stop()
+        second.stop()
+        redis.remove()

@@ -9,7 +9,10 @@ fetch.  Each subscribe confirmation also wakes its mailbox: a message
 appended between the session's first fetch and the moment Redis registered
 the subscription is then fetched, not missed.
 After a lost connection every local waiter is woken, since publications sent
-meanwhile are gone.
+meanwhile are gone.  redis-py also re-makes the connection without raising
+(its retries, or a read that finds the socket closed) and subscribes the
+channels again: those confirmations wake every mailbox just the same, so a
+silent reconnect needs no hook here (unlike the stream bus, `redis_pubsub`).
 
 SUBSCRIBE and UNSUBSCRIBE are serialised by a lock: redis-py's PubSub opens
 its connection lazily inside the first command, so concurrent first calls

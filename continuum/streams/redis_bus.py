@@ -23,9 +23,14 @@ What is published goes out in order, from one task, pipelined: frames of a
 stream keep their order end to end.  When the subscriber connection is lost,
 or a publish fails, frames may have been lost, and a lost credit would stall
 a stream for good: every stream with a half on another replica is aborted
-(STREAM_BROKEN) at the ends this replica serves; an offer that could not be
-published fails as PEER_UNREACHABLE.  Other replicas abort their halves when
-the aborts, or their own failures, reach them.
+(STREAM_BROKEN) at the ends this replica serves, and the other ends are sent
+the abort; an offer that could not be published fails as PEER_UNREACHABLE.
+Other replicas abort their halves when the aborts, or their own failures,
+reach them.  "Lost" includes the reconnects redis-py makes without raising
+(`ReportingPubSub`): Redis drops a subscriber that reads too slowly
+(`client-output-buffer-limit pubsub`), and a silent resubscribe would lose
+frames just the same.  Each loss is logged (`stream_bus_lost`) and counted by
+the router (`continuum_stream_bus_lost`).
 
 A replica that dies without a word (SIGKILL, a lost host) cannot send those
 aborts, so every replica publishes its id on `streams:alive` every second;
@@ -52,6 +57,7 @@ from proto.frames import (STREAM_FRAMES, StreamAbort, StreamFrame, StreamOpen, d
 from proto.limits import Limits
 from runtime.tasks import cancel_all_and_wait
 
+from ..store.redis_pubsub import ReportingPubSub
 from .router import StreamRouter
 from .table import Address
 
@@ -89,7 +95,7 @@ class RedisStreamBus:
 
     async def start(self, router: StreamRouter) -> None:
         self._router = router
-        self._pubsub = self._subscriber.pubsub()
+        self._pubsub = ReportingPubSub(self._subscriber, self._reconnected)
         try:
             async with self._commands:
                 await self._pubsub.subscribe(self._relay_channel(router.replica),
@@ -212,10 +218,7 @@ class RedisStreamBus:
             try:
                 message = await pubsub.get_message(timeout=None)
             except Exception as exc:  # noqa: BLE001 - redis-py raises more than RedisError
-                _log.warning("stream_bus_lost", error=repr(exc))
-                if self._router is not None:
-                    self._router.lost_replica(None, "this relay lost its connection to the store"
-                                                    " that carries streams between relays")
+                self._lost(repr(exc))
                 await asyncio.sleep(_RECONNECT_DELAY_S)
                 await self._resubscribe(pubsub)
                 continue
@@ -227,6 +230,18 @@ class RedisStreamBus:
                     self._deliver(message["data"])
                 except (ProtocolError, ValueError, TypeError) as exc:
                     _log.warning("stream_bus_bad_message", error=repr(exc))
+
+    def _reconnected(self) -> None:
+        """redis-py re-made the subscriber connection without raising: the same loss."""
+        self._lost("the subscriber connection was dropped and re-made")
+
+    def _lost(self, error: str) -> None:
+        """Frames published to this replica may be gone: end every stream with a half on
+        another replica, since a lost credit would stall it at both ends for good."""
+        _log.warning("stream_bus_lost", error=error)
+        if self._router is not None:
+            self._router.lost_replica(None, "the relay of one end lost its connection to the"
+                                            " store that carries streams between relays")
 
     def _deliver(self, data: bytes) -> None:
         value = canonical.decode(data, max_size=_MAX_MESSAGE_BYTES, what="stream bus message")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import structlog
@@ -69,8 +69,10 @@ class RemoteStreams(Protocol):
 
 class StreamRouter:
     def __init__(self, replica: str, limits: Limits, log: structlog.typing.FilteringBoundLogger,
-                 *, tick_s: float, remote: RemoteStreams | None = None) -> None:
+                 *, tick_s: float, remote: RemoteStreams | None = None,
+                 bus_lost: Callable[[], None] = lambda: None) -> None:
         self.replica = replica
+        self._bus_lost = bus_lost  # counts `lost_replica(None)`: the metric of those losses
         self._limits = limits
         self._log = log
         self._tick_s = tick_s
@@ -204,6 +206,8 @@ class StreamRouter:
     def lost_replica(self, replica: str | None, reason: str) -> None:
         """Frames to or from `replica` (None: every other replica) may have been lost: end
         every stream whose other half is there, at both ends that can still hear it."""
+        if replica is None:
+            self._bus_lost()
         for number, (key, endpoint) in list(self._endpoints.items()):
             self.dispatch(Address(self.replica, number), key,
                           endpoint.abort_streams_via(self.replica, replica, reason))

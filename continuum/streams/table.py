@@ -503,7 +503,9 @@ class StreamTable:
 
     def abort_via(self, here: str, replica: str | None, reason: str) -> list[Output]:
         """End every stream whose other half is on `replica` (None: on any other replica than
-        `here`): frames between them may have been lost, and a lost credit would stall it."""
+        `here`): frames between them may have been lost, and a lost credit would stall it.
+        The other half is sent the abort too: a replica that lost only its subscription
+        still publishes, and a gone one hears nothing, harmlessly."""
         out: list[Output] = []
         for stream_id, half in list(self._halves.items()):
             route = half.route
@@ -511,6 +513,8 @@ class StreamTable:
                 continue
             self._remove(stream_id)
             out.append(ToDevice(StreamAbort(stream_id, int(ErrorCode.STREAM_BROKEN), reason)))
+            out.append(ToPeer(route, half.peer, StreamAbort(
+                stream_id, int(ErrorCode.STREAM_BROKEN), reason)))
         return self._released(out)
 
     def _end(self, stream_id: bytes, half: Half, *, to_peer: StreamAbort) -> list[Output]:
