@@ -237,6 +237,12 @@ class AccessControl:
         current = self.current
         return None if current is None else current.former_homes.get(key)
 
+    def list_stamp(self) -> Stamp:
+        """The stamp of the list in force, Stamp(0, 0) without one: what orders moves of a
+        mailbox between regions made by relays on different lists (SPEC §19)."""
+        current = self.current
+        return Stamp(0, 0) if current is None else current.stamp
+
     def watch(self, key: PublicKey, on_refused: Callable[[ProtocolError], None]) -> Callable[[], None]:
         """Call `on_refused` if a later list refuses `key`, or moves its mailbox to another
         region (its session then reconnects, to be served from there); returns the function

@@ -20,6 +20,7 @@ from client import DeliveryStatus, Device, PeerList
 from proto import Envelope, ErrorCode, Identity, decode_envelope
 from proto.frames import Accepted, Ack, Error, Frame, Send
 from continuum.session import ACKS_IN_FLIGHT, SENDS_IN_FLIGHT
+from continuum.store.redis import MoveStep
 from region_support import World, three_regions
 from tally import FAULTS_SURVIVED, MESSAGES_LOST, TALLY
 from tcp_proxy import DelayProxy
@@ -374,15 +375,18 @@ async def test_a_move_cut_short_and_run_again_neither_loses_nor_duplicates(world
     for envelope in envelopes:
         await store.stores["eu"].accept(envelope, replay_until_ms=envelope.expires_at_ms,
                                         limits=limits)
+    stamp = eu.relay.access.list_stamp()  # type: ignore[union-attr]
     for envelope in envelopes[:2]:  # what the mover did before it died
-        assert await store.stores["us"].adopt(alice.public, envelope, limits=limits)
+        assert await store.stores["us"].adopt(alice.public, envelope, stamp,
+                                              limits=limits) is MoveStep.DONE
     first = (await store.stores["us"].fetch(alice.public, None, 1))[0]
     assert await store.stores["us"].ack(alice.public, first.tag)  # the device took it
-    assert await store.move_mailbox(alice.public, "eu", "us") == 3  # all three left eu
+    assert await store.move_mailbox(alice.public, "eu", "us", stamp) == 3  # all left eu
     assert await store.stores["eu"].depth(alice.public) == 0
     remaining = await store.stores["us"].fetch(alice.public, None, 10)
     assert sorted(entry.raw for entry in remaining) == sorted(e.raw for e in envelopes[1:])
-    assert not await store.stores["us"].adopt(alice.public, envelopes[0], limits=limits)
+    assert await store.stores["us"].adopt(alice.public, envelopes[0], stamp,
+                                          limits=limits) is MoveStep.ALREADY
 
 
 async def test_one_rate_limit_across_the_regions_a_sender_uses(world) -> None:

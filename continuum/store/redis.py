@@ -4,7 +4,8 @@ Layout (see redis_keys): per recipient a stream of entries (ids are the
 delivery tags), a byte counter and a field->id hash, under the recipient's
 `{hex}` hash tag.  Each message has a body record in the sender's `{hex}`
 slot (its size, one reference per recipient whose entry still points at it),
-next to the sender's replay keys, rate bucket and stored-bytes counter.  The
+next to the sender's replay keys (one per recipient of each message), rate
+bucket and stored-bytes counter.  The
 envelope itself is stored once: in the body record when it has several
 recipients, inline in the entry when it has one (the common case, which
 then fetches in one round trip).  The store-wide `{expiry}` slot holds the
@@ -32,9 +33,9 @@ so it stores everything or nothing, and publishes the wake-ups; `ack` is one
 script too (entry, body reference, index).  The hot calls (allow, accept,
 fetch, ack, depth) go through `redis_batch`: every session's calls of one
 loop turn in one pipeline, in issue order.  Redis Cluster (`?cluster=true`): no
-script may touch two slots, so `accept` checks every mailbox's room, reserves
-the store budget and indexes the message (`{expiry}` slot), claims the replay
-key, the sender's budget and stores the body (sender slot), then appends per
+script may touch two slots, so `accept` checks every mailbox's room, claims the
+replay keys, the sender's budget and stores the body (sender slot), reserves
+the store budget and indexes the message (`{expiry}` slot), then appends per
 recipient; a refusal at any step undoes the steps before it, so refusal
 still leaves nothing stored.
 
@@ -60,6 +61,7 @@ import asyncio
 import os
 import re
 from collections.abc import Awaitable, Sequence
+from enum import Enum
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -106,6 +108,14 @@ DEFAULT_MAX_CONNECTIONS = 100
 _Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
+class MoveStep(Enum):
+    """What one step of moving a copy between region stores did (`adopt`, `move_out`)."""
+
+    DONE = "done"                # adopted here now / removed from here now
+    ALREADY = "already"          # held or consumed here already / gone from here already
+    SUPERSEDED = "superseded"    # a move under a newer access list touched this mailbox
+
+
 class _RedisSubscription(Subscription):
     def __init__(self, wakeups: PubSubWakeups, recipient: bytes,
                  wake: Wake) -> None:
@@ -137,6 +147,8 @@ class RedisStore(MailboxStore):
         self._append_one = script(lua.APPEND_ONE)
         self._remove_by_field = script(lua.REMOVE_BY_FIELD)
         self._ack, self._ack_all = script(lua.ACK), script(lua.ACK_ALL)
+        self._move_stamp = script(lua.MOVE_STAMP)
+        self._move_out, self._move_out_all = script(lua.MOVE_OUT), script(lua.MOVE_OUT_ALL)
         self._unref = script(lua.UNREF)
         self._drop_body, self._forget = script(lua.DROP_BODY), script(lua.FORGET)
         self._claim_due = script(lua.CLAIM_DUE)
@@ -146,7 +158,7 @@ class RedisStore(MailboxStore):
         # together, one pipeline per loop turn (redis_batch).  A cluster spreads keys over
         # nodes, so each call there goes to its slot's node on its own.
         self._batch = None if cluster else CommandBatcher(
-            cast(Redis, client), [lua.ACCEPT_ALL, lua.ACK_ALL, lua.TAKE_TOKEN])
+            cast(Redis, client), [lua.ACCEPT_ALL, lua.ACK_ALL, lua.MOVE_OUT_ALL, lua.TAKE_TOKEN])
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -185,45 +197,94 @@ class RedisStore(MailboxStore):
     async def accept(self, envelope: Envelope, *, replay_until_ms: int,
                      limits: MailboxLimits,
                      recipients: Sequence[PublicKey] | None = None) -> None:
-        await self._store(envelope, self._keys.seen(envelope.sender, envelope.msg_id),
-                          recipients or envelope.recipient_keys, replay_until_ms, limits)
+        await self._store(envelope, recipients or envelope.recipient_keys, replay_until_ms,
+                          limits)
 
-    async def adopt(self, recipient: PublicKey, envelope: Envelope, *,
-                    limits: MailboxLimits) -> bool:
-        """Append `envelope` to `recipient`'s mailbox here, unless this store adopted it for
-        `recipient` before; True if appended now.
+    async def adopt(self, recipient: PublicKey, envelope: Envelope, stamp: Stamp, *,
+                    limits: MailboxLimits) -> MoveStep:
+        """Append `envelope` to `recipient`'s mailbox here, a copy moving in from its former
+        home region (SPEC §19), unless this store holds or consumed that recipient's copy.
 
-        How mail follows a device whose home region moved (SPEC §19): a copy read
-        from the former home's store is adopted here, then removed there.  The
-        marker (sender, msg_id, recipient) lives until the envelope expires, so a
-        mover that dies between the two steps and runs again appends nothing twice,
-        even after the device acknowledged the first copy.  It is counted in the
-        budgets like any message; `limits` are the caller's to choose.
+        The copy's replay key (redis_keys.KeySpace.seen) comes with it, written and
+        checked exactly as `accept` does, so a copy is stored at most once per mailbox
+        across moves and a sender's retries alike: a mover that dies between adopting
+        and `move_out` and runs again appends nothing twice, even after the device
+        acknowledged the first copy, and a sender's retry finds the copy's key here.
+        It lives until the envelope expires (plus a lease): a retry is refused as
+        expired after that, and the former copy is no longer moved.  `stamp` is the
+        access list the mover acts on: SUPERSEDED, and nothing stored, when a move under
+        a newer one touched this mailbox (see `move_out`).  Counted in the budgets like
+        any message; `limits` are the caller's to choose.
         """
+        until_ms = envelope.expires_at_ms + CLAIM_LEASE_MS
+        moves = self._keys.mailbox(recipient).moves
+        if not await self._guard(self._move_stamp(keys=[moves],
+                                                  args=[floor_text(stamp), until_ms])):
+            return MoveStep.SUPERSEDED
         try:
-            await self._store(envelope, self._keys.moved(envelope.sender, envelope.msg_id,
-                                                         recipient),
-                              (recipient,), envelope.expires_at_ms + CLAIM_LEASE_MS, limits)
+            await self._store(envelope, (recipient,), until_ms, limits)
         except ReplayError:
-            return False
-        return True
+            return MoveStep.ALREADY
+        return MoveStep.DONE
 
-    async def _store(self, envelope: Envelope, seen: str, recipient_keys: Sequence[PublicKey],
+    async def move_out(self, recipient: PublicKey, tag: str, envelope: Envelope,
+                       stamp: Stamp) -> MoveStep:
+        """Remove entry `tag` (`envelope`) from `recipient`'s mailbox here, its former home,
+        once its new home's `adopt` took it or showed it held it; its replay key goes with
+        it, so no key here claims a copy this store no longer holds (a later move back
+        here then appends it, rather than finding the key and losing it).
+
+        `stamp` orders movers on different access lists: each step of a move raises the
+        mailbox's move stamp in the store it touches, and a step under an older stamp
+        than the store's does nothing (SUPERSEDED).  A mover under a newer list raises
+        its new home's stamp (adopt) before it removes anything from its former home, so
+        a mover still on the older list, moving the other way, cannot also remove its
+        copy from there: of two opposite moves at most one removes, and the copy the
+        other would have taken stays.  A standalone Redis does it in one script; a
+        cluster drops the replay key first, then the entry: a failure between the two
+        may later cost a duplicate, never a loss.
+        """
+        if not _is_stream_id(tag):
+            return MoveStep.ALREADY
+        mailbox = self._keys.mailbox(recipient)
+        seen = self._keys.seen(envelope.sender, envelope.msg_id, mailbox.recipient_hex)
+        stamp_args = [floor_text(stamp), envelope.expires_at_ms + CLAIM_LEASE_MS]
+        if self._batch is not None:
+            outcome = await self._one(_evalsha(
+                self._move_out_all,
+                [*mailbox.slot_keys, mailbox.moves, *self._keys.store_keys, seen],
+                [tag, mailbox.recipient_hex, self._keys.prefix, *stamp_args]))
+            return _MOVE_OUTCOMES[int(outcome)]
+        await self._guard(self._client.delete(seen))
+        outcome, *removed = await self._guard(self._move_out(
+            keys=[*mailbox.slot_keys, mailbox.moves], args=[tag, *stamp_args]))
+        if outcome == 1:
+            await self._release(mailbox, removed[0].decode(), removed[1])
+        return _MOVE_OUTCOMES[int(outcome)]
+
+    async def _store(self, envelope: Envelope, recipient_keys: Sequence[PublicKey],
                      replay_until_ms: int, limits: MailboxLimits) -> None:
-        """Store `envelope` for `recipient_keys` unless `seen` is taken; wake their devices."""
+        """Store `envelope` for those of `recipient_keys` whose replay key is not taken;
+        wake their devices.  ReplayError if any was taken (the others are stored)."""
         recipients = [self._keys.mailbox(key) for key in recipient_keys]
         nonce = os.urandom(16).hex()
         field = entry_field(envelope.sender, envelope.msg_id, nonce)
         if self._cluster:
-            await self._guard(self._accept_per_slot(envelope, seen, recipients, field, nonce,
-                                                    replay_until_ms, limits))
-            for mailbox in recipients:
+            stored, replayed = await self._guard(self._accept_per_slot(
+                envelope, recipients, field, nonce, replay_until_ms, limits))
+            for mailbox in stored:
                 await self._guard(self._client.publish(mailbox.channel, b""))
+            if replayed:
+                raise ReplayError("message id already used by this sender")
         else:
-            await self._guard(self._accept_in_one_script(envelope, seen, recipients, field,
+            await self._guard(self._accept_in_one_script(envelope, recipients, field,
                                                          nonce, replay_until_ms, limits))
 
-    async def _accept_in_one_script(self, envelope: Envelope, seen: str,
+    def _seen_keys(self, envelope: Envelope, recipients: list[MailboxKeys]) -> list[str]:
+        return [self._keys.seen(envelope.sender, envelope.msg_id, mailbox.recipient_hex)
+                for mailbox in recipients]
+
+    async def _accept_in_one_script(self, envelope: Envelope,
                                     recipients: list[MailboxKeys], field: str, nonce: str,
                                     replay_until_ms: int, limits: MailboxLimits) -> None:
         """The accept script (which also publishes the wake-ups), then the durability wait
@@ -237,9 +298,9 @@ class RedisStore(MailboxStore):
         for writes it did not follow.
         """
         size = len(envelope.raw)
-        keys = [seen, *self._keys.sender_keys(field), *self._keys.store_keys]
-        for mailbox in recipients:
-            keys += mailbox.slot_keys
+        keys = [*self._keys.sender_keys(field), *self._keys.store_keys]
+        for mailbox, seen in zip(recipients, self._seen_keys(envelope, recipients)):
+            keys += [seen, *mailbox.slot_keys]
         args: list[Any] = [nonce, replay_until_ms, envelope.raw, envelope.sender.raw,
                            envelope.msg_id, int(envelope.origin), envelope.expires_at_ms, field,
                            limits.max_messages, limits.max_bytes, limits.sender_max_bytes,
@@ -263,38 +324,44 @@ class RedisStore(MailboxStore):
         if outcome[0] == 4:
             raise _over_store_budget(limits)
 
-    async def _accept_per_slot(self, envelope: Envelope, seen: str,
-                               recipients: list[MailboxKeys], field: str, nonce: str,
-                               replay_until_ms: int, limits: MailboxLimits) -> None:
-        """Cluster: room check, store budget and index, replay key and body, appends;
-        each refusal undoes the steps before it."""
+    async def _accept_per_slot(self, envelope: Envelope, recipients: list[MailboxKeys],
+                               field: str, nonce: str, replay_until_ms: int,
+                               limits: MailboxLimits) -> tuple[list[MailboxKeys], bool]:
+        """Cluster: room check, replay keys and body, store budget and index, appends;
+        each refusal undoes the steps before it.  The mailboxes stored to, and whether
+        some recipient's copy was remembered already (a replay)."""
         size = len(envelope.raw)
         for mailbox in recipients:
             if not await self._has_room(mailbox, size, limits):
                 raise _full(mailbox)
-        members = [mailbox.index_member(field) for mailbox in recipients]
+        seen = self._seen_keys(envelope, recipients)
+        sender_keys = self._keys.sender_keys(field)
+        status, *claimed = await self._claim(keys=[*sender_keys, *seen], args=[
+            nonce, replay_until_ms, envelope.raw, limits.sender_max_bytes,
+            *(mailbox.recipient_hex for mailbox in recipients)])
+        if status == 3:
+            raise _over_sender_budget(envelope.sender, limits)
+        fresh = [recipients[index - 1] for index in claimed]
+        if not fresh:
+            return [], status == 1
+        members = [mailbox.index_member(field) for mailbox in fresh]
         own_member = body_member(field, size)
-        if not await self._reserve(keys=self._keys.store_keys, args=[
-                own_member, size, limits.store_max_bytes, envelope.expires_at_ms, *members]):
-            raise _over_store_budget(limits)
-        sender_keys = [seen, *self._keys.sender_keys(field)]
         try:
-            claimed = await self._claim(keys=sender_keys, args=[
-                nonce, replay_until_ms, envelope.raw, limits.sender_max_bytes,
-                *(mailbox.recipient_hex for mailbox in recipients)])
-            if claimed == 1:
-                raise ReplayError("message id already used by this sender")
-            if claimed == 3:
-                raise _over_sender_budget(envelope.sender, limits)
+            if not await self._reserve(keys=self._keys.store_keys, args=[
+                    own_member, size, limits.store_max_bytes, envelope.expires_at_ms,
+                    *members]):
+                raise _over_store_budget(limits)
             try:
-                await self._append_each(envelope, recipients, field, limits)
+                await self._append_each(envelope, fresh, field, limits)
             except MailboxFullError:
-                await self._unclaim(keys=sender_keys, args=[nonce])
+                await self._forget(keys=self._keys.store_keys,
+                                   args=[len(members), *members, own_member])
                 raise
-        except (ReplayError, QuotaExceededError, MailboxFullError):
-            await self._forget(keys=self._keys.store_keys,
-                               args=[len(members), *members, own_member])
+        except (QuotaExceededError, MailboxFullError):
+            await self._unclaim(keys=[*sender_keys, *(seen[index - 1] for index in claimed)],
+                                args=[nonce])
             raise
+        return fresh, status == 1
 
     async def _append_each(self, envelope: Envelope, recipients: list[MailboxKeys], field: str,
                            limits: MailboxLimits) -> None:
@@ -364,17 +431,20 @@ class RedisStore(MailboxStore):
             return await self._one(_evalsha(
                 self._ack_all, [*mailbox.slot_keys, *self._keys.store_keys],
                 [tag, mailbox.recipient_hex, self._keys.prefix])) == 1
-        # Cluster: the entry in its slot, the reference in the sender's, the index in its own.
         removed = await self._guard(self._ack(keys=mailbox.slot_keys, args=[tag]))
         if removed is None:
             return False
-        field, size = removed[0].decode(), removed[1]
+        await self._release(mailbox, removed[0].decode(), removed[1])
+        return True
+
+    async def _release(self, mailbox: MailboxKeys, field: str, size: bytes | None) -> None:
+        """Cluster, after an entry left its mailbox: its reference in the sender's slot,
+        its member in the index (and the body's, with its last reference)."""
         member = mailbox.index_member(field)
         freed = size is not None and await self._guard(self._unref(
             keys=self._keys.sender_keys(field), args=[mailbox.recipient_hex]))
         await self._guard(self._forget(keys=self._keys.store_keys, args=[
             1, member, *([body_member(field, int(size))] if freed else [])]))
-        return True
 
     async def take_expired(self, now_ms: int, limit: int) -> list[ExpiredMessage]:
         due = [raw.decode() for raw in await self._guard(self._claim_due(
@@ -507,6 +577,10 @@ class RedisStore(MailboxStore):
             return await call
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailableError(f"mailbox store unreachable: {exc}") from None
+
+
+# MOVE_OUT_ALL's and MOVE_OUT's answers.
+_MOVE_OUTCOMES = {1: MoveStep.DONE, 0: MoveStep.ALREADY, 2: MoveStep.SUPERSEDED}
 
 
 def _evalsha(script: AsyncScript, keys: list[str], args: list[Any]) -> Command:

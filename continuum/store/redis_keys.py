@@ -2,8 +2,9 @@
 
 Three kinds of slot, by hash tag:
 
-- a recipient's `{recipient hex}`: its mailbox (stream, byte count, ids, wake channel);
-- a sender's `{sender hex}`: its replay keys, rate bucket, the bodies of the
+- a recipient's `{recipient hex}`: its mailbox (stream, byte count, ids, wake channel,
+  and the stamp of the newest access list its mail was moved under);
+- a sender's `{sender hex}`: its replay keys (one per recipient), rate bucket, the bodies of the
   envelopes it sent, and the bytes those bodies take (its budget);
 - the store-wide `{expiry}`: the expiry index and the bytes all bodies take.
 
@@ -56,6 +57,7 @@ class MailboxKeys:
     size: str       # total bytes of the entries (the stream length counts messages)
     ids: str        # entry_field -> stream id, to remove an entry by name
     channel: str    # pub/sub channel woken on every append
+    moves: str      # the newest access-list stamp a move of this mailbox ran under (SPEC §19)
 
     @property
     def slot_keys(self) -> list[str]:
@@ -97,15 +99,19 @@ class KeySpace:
     def mailbox(self, recipient: PublicKey | str) -> MailboxKeys:
         hexkey = recipient if isinstance(recipient, str) else recipient.raw.hex()
         base = f"{self.prefix}{{{hexkey}}}"
-        return MailboxKeys(hexkey, f"{base}:log", f"{base}:size", f"{base}:ids", f"{base}:wake")
+        return MailboxKeys(hexkey, f"{base}:log", f"{base}:size", f"{base}:ids", f"{base}:wake",
+                           f"{base}:moves")
 
-    def seen(self, sender: PublicKey, msg_id: bytes) -> str:
-        return f"{self.prefix}seen:{{{sender.raw.hex()}}}:{msg_id.hex()}"
+    def seen(self, sender: PublicKey, msg_id: bytes, recipient_hex: str) -> str:
+        """The replay key of (sender, msg_id) for one recipient: while it lives, this store
+        holds that recipient's copy or has consumed it (acked or expired it here).
 
-    def moved(self, sender: PublicKey, msg_id: bytes, recipient: PublicKey) -> str:
-        """Marks a message adopted for `recipient` from its former home region (SPEC §19):
-        in the sender's slot, where an accept's replay key would be."""
-        return f"{self.prefix}moved:{{{sender.raw.hex()}}}:{msg_id.hex()}:{recipient.raw.hex()}"
+        Per recipient, not per message, because a copy can leave this store on its
+        own: when its recipient's home region moves, the copy and this key go to the
+        new home together (`RedisStore.adopt`, `RedisStore.move_out`), so a sender's
+        retry finds the key wherever the copy is.  In the sender's slot, next to the
+        body, so one script claims every recipient's key of a message."""
+        return f"{self.prefix}seen:{{{sender.raw.hex()}}}:{msg_id.hex()}:{recipient_hex}"
 
     def rate(self, sender: PublicKey) -> str:
         return f"{self.prefix}rate:{{{sender.raw.hex()}}}"

@@ -100,8 +100,8 @@ local function remove(log, size, ids, id)
   return entry
 end
 
--- nil if (sender, msg_id) is not remembered, else whether this very call (same
--- nonce) stored it.  Either way the key is rewritten unchanged: a write on this
+-- nil if this replay key (sender, msg_id, recipient) is not remembered, else whether
+-- this very call (same nonce) stored it.  Either way the key is rewritten unchanged: a write on this
 -- connection, so a WAIT after the script also covers the original write.
 local function remembered(seen, nonce)
   local owner = redis.call('GET', seen)
@@ -117,8 +117,7 @@ end
 -- The body record: 'n' its size, 'r' the envelope unless its one entry carries it
 -- (inline), and one field per recipient whose entry refers to it; refs is
 -- recipient hex, '1', recipient hex, '1', ...
-local function store_body(seen, body, stored, nonce, until_ms, raw, refs, inline)
-  redis.call('SET', seen, nonce, 'PXAT', until_ms)
+local function store_body(body, stored, raw, refs, inline)
   local bytes = string.len(raw)
   if inline then
     redis.call('HSET', body, 'n', bytes, unpack(refs))
@@ -162,57 +161,106 @@ local function release(index, total, member)
     redis.call('DECRBY', total, tonumber(string.match(member, '^body:(%d+):')))
   end
 end
+
+-- Standalone Redis only: remove entry `tag` and unindex it, drop its body reference and
+-- release the body with its last one.  The body's keys follow from the entry's field
+-- (redis_keys.KeySpace.body and .stored, rebuilt here from the prefix), so they are not
+-- declared: a cluster would refuse that, and runs ACK, UNREF and FORGET each in its slot.
+-- 1 if this removed the entry, 0 if it was gone already.
+local function remove_all(log, size, ids, index, total, tag, recipient_hex, prefix)
+  local entry = remove(log, size, ids, tag)
+  if not entry then return 0 end
+  local field = entry['f']
+  redis.call('ZREM', index, recipient_hex .. ':' .. field)
+  if entry['n'] then
+    local sender_hex, rest = string.match(field, '^([^:]*):(.*)$')
+    local body = prefix .. 'body:{{' .. sender_hex .. '}}:' .. rest
+    local stored = prefix .. 'stored:{{' .. sender_hex .. '}}'
+    if unref(body, stored, recipient_hex) then
+      release(index, total, 'body:' .. entry['n'] .. ':' .. field)
+    end
+  end
+  return 1
+end
+
+-- Whether a move of a mailbox's mail under the access list of `stamp` (floor_text) may
+-- touch this store: not if a move under a newer list did.  Every step of a move (adopt
+-- here, remove from here) raises the mailbox's move stamp to its own, so of two relays
+-- on different lists, moving one device's mail in opposite directions, the older one
+-- stops as soon as the newer one has begun (SPEC §19).  Kept until `until_ms`, the
+-- latest expiry of the mail moved under it (plus a lease): after that nothing it
+-- guarded is left to move.
+local function may_move(moves, stamp, until_ms)
+  local held = redis.call('HGET', moves, 's')
+  if held and held > stamp then return false end
+  local keep = math.max(tonumber(redis.call('HGET', moves, 'u') or '0'), tonumber(until_ms))
+  local text = string.format('%d', keep)
+  redis.call('HSET', moves, 's', stamp, 'u', text)
+  redis.call('PEXPIREAT', moves, text)
+  return true
+end
 """
 
 # Standalone Redis only: every key of the message in one script.
-# KEYS: seen, body, sender's stored bytes, expiry index, total bytes, then
-#       (log, size, ids) per recipient.
+# KEYS: body, sender's stored bytes, expiry index, total bytes, then per recipient its
+#       replay key (sender slot) and its mailbox (log, size, ids).
 # ARGV: [1] nonce, [2] replay_until_ms, [3] raw, [4] sender, [5] msg_id, [6] origin,
 #       [7] expires_at_ms, [8] field, [9] max_messages, [10] max_bytes,
 #       [11] sender_max_bytes, [12] store_max_bytes, [13] body member, then per
 #       recipient its hex, its index member and its wake channel.
 # Returns {0} stored, {1} replay, {2, i} recipient i (1-based) is full,
 #         {3} over the sender's budget, {4} over the store's budget.
+# The replay check is per recipient: a recipient whose key is remembered here (its copy
+# is held or was consumed here, perhaps moved in from its former home) is skipped, the
+# others are stored, and the answer is REPLAY if any was skipped (the sender's retry:
+# "stored").  A key holding this call's own nonce is an earlier attempt of this call.
 # The wake-ups are published from here, and only for a message stored now: no round trip
 # of their own, and none spurious after a refusal.  Each carries the recipient's new entry
 # when the envelope is small: `<id> <previous id> <envelope>` (redis_wakeups.wake_entry).
 ACCEPT_ALL = _HELPERS + """
-local again = remembered(KEYS[1], ARGV[1])
-if again ~= nil then
-  if again then return {0} end  -- our own earlier attempt: already stored
-  return {1}
-end
-local count = (#KEYS - 5) / 3
-local bytes = string.len(ARGV[3])
+local count = (#KEYS - 4) / 4
+local fresh, replayed = {}, false
 for i = 1, count do
-  local b = 5 + (i - 1) * 3
+  local again = remembered(KEYS[4 * i + 1], ARGV[1])
+  if again == nil then
+    fresh[#fresh + 1] = i
+  elseif not again then
+    replayed = true
+  end
+end
+local answer = {replayed and 1 or 0}
+if #fresh == 0 then return answer end
+local bytes = string.len(ARGV[3])
+for _, i in ipairs(fresh) do
+  local b = 4 * i + 1
   if not room(KEYS[b + 1], KEYS[b + 2], bytes, tonumber(ARGV[9]), tonumber(ARGV[10])) then
     return {2, i}
   end
 end
-if not within(KEYS[3], bytes, ARGV[11]) then return {3} end
-if not within(KEYS[5], bytes, ARGV[12]) then return {4} end
+if not within(KEYS[2], bytes, ARGV[11]) then return {3} end
+if not within(KEYS[4], bytes, ARGV[12]) then return {4} end
 local refs, members = {}, {}
-for i = 1, count do
-  refs[2 * i - 1], refs[2 * i] = ARGV[11 + 3 * i], '1'
-  members[i] = ARGV[12 + 3 * i]
+for n, i in ipairs(fresh) do
+  redis.call('SET', KEYS[4 * i + 1], ARGV[1], 'PXAT', ARGV[2])
+  refs[2 * n - 1], refs[2 * n] = ARGV[11 + 3 * i], '1'
+  members[n] = ARGV[12 + 3 * i]
 end
-local inline = count == 1
-store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs, inline)
-index_body(KEYS[4], KEYS[5], ARGV[13], bytes, tonumber(ARGV[7]), members)
+local inline = #fresh == 1
+store_body(KEYS[1], KEYS[2], ARGV[3], refs, inline)
+index_body(KEYS[3], KEYS[4], ARGV[13], bytes, tonumber(ARGV[7]), members)
 local wakes = {}
-for i = 1, count do
-  local b = 5 + (i - 1) * 3
+for n, i in ipairs(fresh) do
+  local b = 4 * i + 1
   -- The newest id only for an entry that rides on its wake-up ('' is true in Lua).
   local previous = bytes <= WAKE_ENTRY_MAX_BYTES and newest_id(KEYS[b + 1])
   local id = append(KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], ARGV[8], bytes, ARGV[4], ARGV[5],
                     ARGV[6], inline and ARGV[3] or nil)
-  wakes[i] = previous and (id .. ' ' .. previous .. ' ' .. ARGV[3]) or ''
+  wakes[n] = previous and (id .. ' ' .. previous .. ' ' .. ARGV[3]) or ''
 end
-for i = 1, count do
-  redis.call('PUBLISH', ARGV[13 + 3 * i], wakes[i])
+for n, i in ipairs(fresh) do
+  redis.call('PUBLISH', ARGV[13 + 3 * i], wakes[n])
 end
-return {0}
+return answer
 """
 
 # Cluster, store-wide slot, first step of accept.  KEYS: expiry index, total bytes.
@@ -225,29 +273,45 @@ index_body(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), {unp
 return 1
 """
 
-# Cluster, sender slot.  KEYS: seen, body, sender's stored bytes.
-# ARGV: nonce, replay_until_ms, raw, sender_max_bytes, recipient hexes...
-# Returns 0 stored (or stored by this call before), 1 replay, 3 over the sender's budget.
+# Cluster, sender slot, first step of accept.  KEYS: body, sender's stored bytes, then
+# each recipient's replay key.  ARGV: nonce, replay_until_ms, raw, sender_max_bytes,
+# recipient hexes (in the order of the replay keys).
+# Returns {status, i...}: the recipients (1-based) to append to, as in ACCEPT_ALL (those
+# not remembered; or, when this call ran before, those it claimed then), status 0, or 1
+# when some recipient was remembered already (a replay); {3} over the sender's budget.
 CLAIM = _HELPERS + """
-local again = remembered(KEYS[1], ARGV[1])
-if again ~= nil then
-  if again then return 0 end
-  return 1
+local ours, fresh, replayed = {}, {}, false
+for i = 3, #KEYS do
+  local again = remembered(KEYS[i], ARGV[1])
+  if again == nil then
+    fresh[#fresh + 1] = i - 2
+  elseif again then
+    ours[#ours + 1] = i - 2
+  else
+    replayed = true
+  end
 end
-if not within(KEYS[3], string.len(ARGV[3]), ARGV[4]) then return 3 end
+local status = replayed and 1 or 0
+if #ours > 0 then return {status, unpack(ours)} end  -- this call's body is stored already
+if #fresh == 0 then return {status} end
+if not within(KEYS[2], string.len(ARGV[3]), ARGV[4]) then return {3} end
 local refs = {}
-for i = 5, #ARGV do
-  refs[#refs + 1] = ARGV[i]
+for _, i in ipairs(fresh) do
+  redis.call('SET', KEYS[i + 2], ARGV[1], 'PXAT', ARGV[2])
+  refs[#refs + 1] = ARGV[4 + i]
   refs[#refs + 1] = '1'
 end
-store_body(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], refs, #ARGV == 5)
-return 0
+store_body(KEYS[1], KEYS[2], ARGV[3], refs, #fresh == 1)
+return {status, unpack(fresh)}
 """
 
-# Cluster, sender slot: undo CLAIM.  KEYS: seen, body, sender's stored bytes.  ARGV: nonce.
+# Cluster, sender slot: undo CLAIM.  KEYS: body, sender's stored bytes, replay keys.
+# ARGV: nonce.
 UNCLAIM = _HELPERS + """
-drop_body(KEYS[2], KEYS[3])
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+drop_body(KEYS[1], KEYS[2])
+for i = 3, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
 return 0
 """
 
@@ -286,25 +350,44 @@ return {entry['f'], entry['n'] or false}
 """
 
 # Standalone Redis only: ACK, then UNREF and FORGET of the entry, in one step (one round
-# trip per ACK).  The body's keys follow from the entry's field (redis_keys.KeySpace.body
-# and .stored, rebuilt here from the prefix), so they are not declared: a cluster would
-# refuse that, and runs ACK, UNREF and FORGET each in its slot.
+# trip per ACK); see remove_all.
 # KEYS: log, size, ids, expiry index, total bytes.  ARGV: tag, recipient hex, key prefix.
 # Returns 1 if this removed the entry, 0 if it was gone already (acked or expired).
 ACK_ALL = _HELPERS + """
+return remove_all(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3])
+"""
+
+# Recipient slot, the first step of adopting a moved copy (see may_move).
+# KEYS: the mailbox's move stamp.  ARGV: stamp, until_ms.  Returns 1 go on, 0 superseded.
+MOVE_STAMP = _HELPERS + """
+return may_move(KEYS[1], ARGV[1], ARGV[2]) and 1 or 0
+"""
+
+# Standalone Redis only: a moved copy leaves its former home.  Unless a newer move
+# touched the mailbox, entry `tag` is removed as by ACK_ALL and, if this removed it, its
+# recipient's replay key goes with it: that key now means "held or consumed here", and
+# this store does neither any more (the new home's adopt wrote its own).  An entry acked
+# meanwhile keeps its key (consumed here).
+# KEYS: log, size, ids, move stamp, expiry index, total bytes, replay key.
+# ARGV: tag, recipient hex, key prefix, stamp, until_ms.
+# Returns 1 removed now, 0 gone already, 2 superseded (nothing done).
+MOVE_OUT_ALL = _HELPERS + """
+if not may_move(KEYS[4], ARGV[4], ARGV[5]) then return 2 end
+local removed = remove_all(KEYS[1], KEYS[2], KEYS[3], KEYS[5], KEYS[6], ARGV[1], ARGV[2],
+                           ARGV[3])
+if removed == 1 then redis.call('DEL', KEYS[7]) end
+return removed
+"""
+
+# Cluster, recipient slot: MOVE_OUT_ALL's mailbox step (the replay key was dropped before,
+# in the sender's slot).  KEYS: log, size, ids, move stamp.  ARGV: tag, stamp, until_ms.
+# Returns {1, field, size} (size false for an entry without a shared body) if removed
+# now, {0} if gone already, {2} superseded.
+MOVE_OUT = _HELPERS + """
+if not may_move(KEYS[4], ARGV[2], ARGV[3]) then return {2} end
 local entry = remove(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
-if not entry then return 0 end
-local field = entry['f']
-redis.call('ZREM', KEYS[4], ARGV[2] .. ':' .. field)
-if entry['n'] then
-  local sender_hex, rest = string.match(field, '^([^:]*):(.*)$')
-  local body = ARGV[3] .. 'body:{' .. sender_hex .. '}:' .. rest
-  local stored = ARGV[3] .. 'stored:{' .. sender_hex .. '}'
-  if unref(body, stored, ARGV[2]) then
-    release(KEYS[4], KEYS[5], 'body:' .. entry['n'] .. ':' .. field)
-  end
-end
-return 1
+if not entry then return {0} end
+return {1, entry['f'], entry['n'] or false}
 """
 
 # Sender slot.  KEYS: body, sender's stored bytes.  ARGV: recipient hex.

@@ -19,9 +19,11 @@ here replicates anything:
   again, those regions answer REPLAY (which counts as stored), the others
   store it.  So every recipient gets one copy, or the sender is told who
   did not.
-- the replay window of a recipient lives in its home store: the same
-  (sender, msg_id) is stored at most once per region, hence at most once
-  per mailbox, through whichever relay it is sent.
+- the replay window lives with each recipient's copy: one replay key per
+  (sender, msg_id, recipient) in the store that holds the copy (or consumed
+  it), moved with the copy when the home moves, so the same (sender, msg_id)
+  is stored at most once per mailbox, through whichever relay it is sent,
+  across moves and retries.
 - `fetch`, `ack`, `depth` and `subscribe` (pub/sub on that store) use the
   device's home store; tags carry the region (`eu/1733…-0`), so an ACK goes
   to the store that delivered the entry even if the home moved meanwhile.
@@ -33,11 +35,16 @@ here replicates anything:
   an `accept`, so it goes to the sender's home.
 - a device whose home moved has mail waiting in its former home: while the
   list names that former home, a relay serving the device moves it (`adopt`
-  into the home store, then remove from the former), on connect and on every
+  into the home store, then `move_out` of the former), on connect and on every
   wake-up from the former store (a relay that still held the older list may
-  write there for a moment).  Adoption is marked per (sender, msg_id,
-  recipient) until the message expires, so a mover that dies halfway and
-  runs again neither loses nor duplicates anything.
+  write there for a moment).  A copy leaves its former home only once the new
+  home took it or holds (or consumed) it already, and its replay key leaves
+  with it, so a key always means "held or consumed here": a mover that dies
+  halfway and runs again neither loses nor duplicates anything, and a device
+  moved back and forth gets its mail however often it moves.  Every step
+  carries the stamp of the list the mover acts on, and a store that saw a
+  move under a newer list refuses it: two relays on different lists cannot
+  move one device's mail against each other (the older one stops).
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from runtime.tasks import cancel_all_and_wait
 
 from .base import (UNBOUNDED_BYTES, ExpiredMessage, MailboxLimits, MailboxStore, NewEntry,
                    StoredMessage, Subscription, Wake)
-from .redis import RedisStore
+from .redis import MoveStep, RedisStore
 
 if TYPE_CHECKING:
     from ..streams.router import RemoteStreams
@@ -90,6 +97,10 @@ class Homes(Protocol):
     def home_of(self, key: PublicKey) -> str: ...
 
     def former_home_of(self, key: PublicKey) -> str | None: ...
+
+    def list_stamp(self) -> Stamp:
+        """The stamp of the list in force (Stamp(0, 0) without one)."""
+        ...
 
 
 class RegionHealth(Protocol):
@@ -233,8 +244,8 @@ class RegionalStore(MailboxStore):
     async def subscribe(self, recipient: PublicKey,
                         wake: Wake) -> Subscription:
         region, store = self._home_store(recipient)
+        former = self._homes.former_home_of(recipient)  # read with the home, by one list
         home = await store.subscribe(recipient, _tagging(region, wake))
-        former = self._homes.former_home_of(recipient)
         if former is None or former == region:
             return home
         if former not in self.stores:
@@ -291,8 +302,13 @@ class RegionalStore(MailboxStore):
             task.cancel()
 
     async def _move_safely(self, recipient: PublicKey, former: str, home: str) -> None:
+        """Move under the list in force, if it still places the device as the session
+        found it (a newer one that moved the home also ends the session)."""
+        if (self._homes.home_of(recipient), self._homes.former_home_of(recipient)) != (
+                home, former):
+            return
         try:
-            moved = await self.move_mailbox(recipient, former, home)
+            moved = await self.move_mailbox(recipient, former, home, self._homes.list_stamp())
         except ProtocolError as exc:  # retried at the next wake-up or connection
             _log.warning("mailbox_move_failed", device=recipient.text, former=former, home=home,
                          error=exc.message)
@@ -301,14 +317,17 @@ class RegionalStore(MailboxStore):
                 _log.info("mailbox_moved", device=recipient.text, former=former, home=home,
                           messages=moved)
 
-    async def move_mailbox(self, recipient: PublicKey, former: str, home: str,
+    async def move_mailbox(self, recipient: PublicKey, former: str, home: str, stamp: Stamp,
                            now_ms: Callable[[], int] = clock_ms) -> int:
-        """Move what waits for `recipient` in `former`'s store into `home`'s; how many moved.
+        """Move what waits for `recipient` in `former`'s store into `home`'s, as the list of
+        `stamp` says; how many left `former`.
 
-        Each entry is adopted by the home store (once: the marker holds until it
-        expires), then removed from the former one; an entry about to expire stays
-        to be expired where it is.  Safe to run anywhere, at any time, any number of
-        times at once.
+        Each entry is adopted by the home store, then moved out of the former one
+        only if the home took it or holds (or consumed) it already: never removed
+        on the strength of anything else.  An entry about to expire stays to be
+        expired where it is.  Once a store answers that a move under a newer list
+        touched this mailbox, the move stops: that list's movers take over.  Safe
+        to run anywhere, at any time, any number of times at once.
         """
         self._store_of(home)  # an unknown region fails before anything is read
         moved, after = 0, None
@@ -317,11 +336,19 @@ class RegionalStore(MailboxStore):
             movable = [(entry, envelope) for entry in batch
                        if (envelope := decode_envelope(entry.raw, _MOVED_LIMITS)).expires_at_ms
                        - now_ms() > MOVE_MARGIN_MS]
-            await asyncio.gather(*(self._in(home, lambda store, e=envelope: store.adopt(
-                recipient, e, limits=_MOVE_LIMITS)) for _entry, envelope in movable))
-            removed = await asyncio.gather(*(self._in(former, lambda store, t=entry.tag: store.ack(
-                recipient, t)) for entry, _envelope in movable))
-            moved += sum(1 for gone in removed if gone)
+            adopted = await asyncio.gather(*(self._in(home, lambda store, e=envelope: store.adopt(
+                recipient, e, stamp, limits=_MOVE_LIMITS)) for _entry, envelope in movable))
+            held = [(entry, envelope) for (entry, envelope), step in zip(movable, adopted)
+                    if step is not MoveStep.SUPERSEDED]
+            removed = await asyncio.gather(*(self._in(
+                former, lambda store, t=entry.tag, e=envelope: store.move_out(
+                    recipient, t, e, stamp)) for entry, envelope in held))
+            moved += removed.count(MoveStep.DONE)
+            if MoveStep.SUPERSEDED in (*adopted, *removed):
+                _log.info("mailbox_move_superseded", device=recipient.text, former=former,
+                          home=home, stamp=str(stamp),
+                          detail="a move under a newer access list touched this mailbox")
+                return moved
             if len(batch) < MOVE_BATCH:
                 return moved
             after = batch[-1].tag
