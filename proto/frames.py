@@ -38,6 +38,7 @@ from .errors import (DecodeError, ErrorCode, InvalidFieldError, OversizeError,
                      UnsupportedVersionError)
 from .keys import KEY_BYTES, SIGNATURE_BYTES, PublicKey
 from .limits import PROTOCOL_VERSION
+from .streams import CHUNK_OVERHEAD_BYTES
 
 NONCE_BYTES = 32
 EPHEMERAL_KEY_BYTES = 32
@@ -71,6 +72,16 @@ def _bytes(value: object, length: int | None, name: str) -> bytes:
     if length is not None and len(value) != length:
         raise InvalidFieldError(f"{name} must be {length} bytes")
     return value
+
+
+def _chunk(value: object) -> bytes:
+    """A stream chunk: a secretstream message, so at least its tag and MAC (SPEC §16).
+    A shorter one can never open, and costing no credit it was a frame a device could
+    send without end, each passed on to its peer's relay."""
+    chunk = _bytes(value, None, "stream chunk")
+    if len(chunk) < CHUNK_OVERHEAD_BYTES:
+        raise InvalidFieldError(f"a stream chunk is at least {CHUNK_OVERHEAD_BYTES} bytes")
+    return chunk
 
 
 def _uint(value: object, name: str) -> int:
@@ -278,7 +289,7 @@ class StreamData:
 
     @classmethod
     def from_fields(cls, f: list) -> StreamData:
-        return cls(_stream_id(f[0]), _bytes(f[1], None, "stream chunk"))
+        return cls(_stream_id(f[0]), _chunk(f[1]))
 
 
 @dataclass(frozen=True)
@@ -308,7 +319,7 @@ class StreamFin:
 
     @classmethod
     def from_fields(cls, f: list) -> StreamFin:
-        return cls(_stream_id(f[0]), _bytes(f[1], None, "stream chunk"))
+        return cls(_stream_id(f[0]), _chunk(f[1]))
 
 
 @dataclass(frozen=True)
@@ -448,7 +459,7 @@ def _decode_detached(head: bytes, detached: bytes, max_size: int) -> StreamData 
         raise DecodeError("a detached chunk's frame must end with the chunk's canonical"
                           " length")
     assert id_span is not None
-    return cls(_stream_id(head[id_span[0]:id_span[1]]), detached)
+    return cls(_stream_id(head[id_span[0]:id_span[1]]), _chunk(detached))
 
 
 def _decode_any(data: bytes, max_size: int) -> Frame:

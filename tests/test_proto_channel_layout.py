@@ -161,3 +161,16 @@ def test_garbage_heads_with_a_detached_part_are_refused_as_bad_frames(head: byte
         return
     assert isinstance(frame, (StreamData, StreamFin))
     assert split_frame(frame) == (head, detached)
+
+
+def test_a_detached_chunk_shorter_than_a_tag_and_mac_is_refused() -> None:
+    """A chunk is a secretstream message (SPEC §16): under 17 bytes it can never open, and
+    costing no credit it was a frame a device could send without end."""
+    for cls in (StreamData, StreamFin):
+        head, detached = split_frame(cls(STREAM_ID, b"x" * 16))
+        TALLY[INPUTS_TRIED] += 1
+        with pytest.raises(DecodeError, match="at least 17 bytes"):
+            decode_frame(head, MAX_FRAME, detached)
+        TALLY[ATTACKS_REJECTED] += 1
+        head, detached = split_frame(cls(STREAM_ID, b"x" * 17))
+        assert decode_frame(head, MAX_FRAME, detached) == cls(STREAM_ID, b"x" * 17)

@@ -158,11 +158,13 @@ def test_service_names_are_bounded() -> None:
 def test_stream_frames_round_trip_and_refuse_bad_fields() -> None:
     sid = bytes(range(16))
     for frame in (StreamOpen(0, b"env"), StreamAccept(sid, 65536, b"env"),
-                  StreamData(sid, b"chunk"), StreamCredit(sid, 1), StreamFin(sid, b""),
+                  StreamData(sid, b"c" * 17), StreamCredit(sid, 1), StreamFin(sid, b"f" * 17),
                   StreamAbort(sid, 27, "why")):
         assert decode_frame(encode_frame(frame), 1 << 20) == frame
     for bad in ([12, sid, 0], [12, sid, MAX_CREDIT + 1], [11, sid[:15], b""],
-                [9, -1, b"e"], [14, sid, 27, 5], [10, sid, 1]):
+                [9, -1, b"e"], [14, sid, 27, 5], [10, sid, 1],
+                # A chunk shorter than a secretstream tag and MAC (17 bytes) can never open.
+                [11, sid, b""], [11, sid, b"c" * 16], [13, sid, b"f" * 16]):
         TALLY[INPUTS_TRIED] += 1
         with pytest.raises(ProtocolError):
             decode_frame(canonical.encode(bad), 1 << 20)
