@@ -98,6 +98,17 @@ def start_cluster_node() -> RedisServer:
     return node
 
 
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own (no persistence): for tests that kill its clients,
+    or its relays' workers, without touching the shared one."""
+    server = RedisServer("--appendonly", "no").start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
 @pytest.fixture(scope="session")
 def redis_base_url() -> Iterator[str]:
     """redis://127.0.0.1:PORT of a running Redis: the shared one, else one started for the session."""

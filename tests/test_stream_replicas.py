@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,15 @@ from relay_process import RelayProcess
 from tally import FAULTS_SURVIVED, TALLY
 
 
+def accepting_into(theirs: list) -> Callable[[StreamRequest], Awaitable[None]]:
+    """bob's stream handler: accept, keep the stream in `theirs`, say hello."""
+    async def keep(request: StreamRequest) -> None:
+        stream = await request.accept()
+        theirs.append(stream)
+        await stream.write(b"hello")
+    return keep
+
+
 async def test_a_stream_through_a_relay_that_is_killed_fails_at_the_other_end(
         redis_url: str, tmp_path: Path) -> None:
     """bob's relay is SIGKILLed mid-stream: it tells nobody, but alice's relay stops hearing
@@ -29,12 +38,7 @@ async def test_a_stream_through_a_relay_that_is_killed_fails_at_the_other_end(
     second = await RelayProcess("--store", redis_url, log_path=tmp_path / "r2.log").start()
     alice, bob = Identity.generate(), Identity.generate()
     theirs: list = []
-
-    async def keep(request: StreamRequest) -> None:
-        stream = await request.accept()
-        theirs.append(stream)
-        await stream.write(b"hello")
-
+    keep = accepting_into(theirs)
     try:
         async with Device(alice, [first.url], PeerList([bob.public])) as a, \
                 Device(bob, [second.url, first.url], PeerList([alice.public])) as b:
@@ -59,16 +63,6 @@ async def test_a_stream_through_a_relay_that_is_killed_fails_at_the_other_end(
         second.stop()
 
 
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test's own: it CLIENT KILLs connections."""
-    server = RedisServer("--appendonly", "no").start()
-    try:
-        yield server
-    finally:
-        server.remove()
-
-
 async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replicas(
         private_redis: RedisServer, tmp_path: Path) -> None:
     """Redis drops bob's relay's stream bus subscriber (CLIENT KILL, what it does to one over
@@ -82,12 +76,7 @@ async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replica
                                 log_path=tmp_path / "r2.log").start()
     alice, bob = Identity.generate(), Identity.generate()
     theirs: list = []
-
-    async def keep(request: StreamRequest) -> None:
-        stream = await request.accept()
-        theirs.append(stream)
-        await stream.write(b"hello")
-
+    keep = accepting_into(theirs)
     try:
         async with Device(alice, [first.url], PeerList([bob.public])) as a, \
                 Device(bob, [second.url], PeerList([alice.public])) as b:

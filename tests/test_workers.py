@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -76,15 +76,6 @@ class Workers(RelayProcess):
                             return
                 assert time.monotonic() < deadline, f"worker {worker} not healthy"
                 await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer("--appendonly", "no").start()
-    try:
-        yield server
-    finally:
-        server.remove()
 
 
 @pytest.fixture
