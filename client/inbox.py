@@ -340,7 +340,7 @@ def _oracle_key_change(envelope: Envelope, plaintext: bytes, view: InboxView) ->
         moved = sender == current and oracle in former
         if not moved and not (sender == oracle and current == oracle):
             return not_peer
-        chain = OracleKeyChain.from_value(value)
+        chain = OracleKeyChain.from_value(value, trusted=oracle)
     except ProtocolError:
         return not_peer
     return OracleKeyChanged(envelope, chain, moved=moved)

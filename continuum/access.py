@@ -382,7 +382,7 @@ class AccessControl:
         """Take the oracle's key chain alone (`GET /v1/oracle-key-chain`); True if it led
         to a new key.  Only forward from the key in force: an old chain changes nothing."""
         assert self._oracle is not None
-        chain = OracleKeyChain.decode(document)
+        chain = OracleKeyChain.decode(document, trusted=self._oracle)
         return self._follow(chain.follow(self._oracle))
 
     def _follow(self, key: PublicKey) -> bool:

@@ -3,6 +3,8 @@ and an oracle key followed along the chain, only forward."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import structlog
 from wire import now_ms
@@ -100,3 +102,38 @@ def test_a_relay_started_with_the_first_key_follows_the_whole_chain() -> None:
     assert not control.follow_chain(forged.encode())  # about another key: not followed
     with pytest.raises(SignatureError):  # a chain o1 never signed
         _control(o1).apply(_list(o3, 4, {}, chain=forged))
+
+
+def test_a_list_with_a_forged_chain_from_the_oracle_costs_a_few_signature_checks() -> None:
+    """A list signed by a stranger whose chain claims to lead from the relay's oracle to it
+    (its own valid links, then forged ones through the oracle's key) was refused only
+    after every link's signatures were checked in order: 250 checks.  Now the chain's
+    claims and the list's own signature come first, and the link leaving the oracle's key
+    is the first of the chain checked."""
+    oracle, stranger = Identity.generate(), Identity.generate()
+    keys = [Identity.generate() for _ in range(126)]
+    now = now_ms()
+    links = [OracleKeyChange.sign(old, new, now + n) for n, (old, new)
+             in enumerate(zip(keys, keys[1:]))]
+    forger = Identity.generate()
+
+    def forged(old: PublicKey, new: PublicKey, at: int) -> OracleKeyChange:
+        genuine = OracleKeyChange.sign(forger, keys[0], at)  # signatures of other bytes
+        return OracleKeyChange(old, new, at, genuine.old_signature, genuine.new_signature)
+
+    chain = OracleKeyChain((*links, forged(keys[-1].public, oracle.public, now + 200),
+                            forged(oracle.public, stranger.public, now + 201)))
+    document = AccessList(1, 1, now, now + 60_000, stranger.public, {}, frozenset(),
+                          oracle_chain=chain).sign(stranger)
+    plain = AccessList(1, 1, now, now + 60_000, stranger.public, {},
+                       frozenset()).sign(stranger)
+
+    def cost(data: bytes, error: type[ProtocolError]) -> float:
+        started = time.perf_counter()
+        for _ in range(5):
+            with pytest.raises(error):
+                AccessList.verify(data, oracle.public)
+        return time.perf_counter() - started
+
+    cost(plain, SignatureError)  # warm
+    assert cost(document, SignatureError) < 10 * cost(plain, SignatureError) + 0.01
