@@ -19,8 +19,10 @@ then escaped its own address's budgets and spent a victim's.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from multidict import MultiMapping
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -58,13 +60,18 @@ def are_networks(texts: Iterable[str]) -> bool:
     return True
 
 
-def client_address(peer: str, headers: Mapping[str, str], trust: ProxyTrust) -> str:
-    """The client's address: `peer` itself unless `peer` is a trusted proxy that forwarded it."""
+def client_address(peer: str, headers: MultiMapping[str], trust: ProxyTrust) -> str:
+    """The client's address: `peer` itself unless `peer` is a trusted proxy that forwarded it.
+
+    Every line of the header is read, in order, as one list (RFC 9110 §5.3): a proxy may
+    add its own line after the client's instead of extending it (HAProxy's `option
+    forwardfor`), and reading the first line alone believed the client's."""
     trusted = trust.networks
     if not trusted or not _is_trusted(peer, trusted):
         return peer
-    hops = (_forwarded_for(headers.get("Forwarded", "")) if trust.header == FORWARDED
-            else _x_forwarded_for(headers.get("X-Forwarded-For", "")))
+    name = "Forwarded" if trust.header == FORWARDED else "X-Forwarded-For"
+    lines = ", ".join(headers.getall(name, ()))
+    hops = _forwarded_for(lines) if trust.header == FORWARDED else _x_forwarded_for(lines)
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted):
             return hop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from multidict import CIMultiDict
 
 from runtime.client_address import (FORWARDED, ProxyTrust, client_address, client_unit,
                                      parse_networks)
@@ -104,10 +105,15 @@ X_FORWARDED_FOR_TRUST, FORWARDED_TRUST = ProxyTrust(TRUSTED), ProxyTrust(TRUSTED
     ("10.0.0.2", {"Forwarded": "for=203.0.113.66", "X-Forwarded-For": "198.51.100.7"},
      FORWARDED_TRUST, "203.0.113.66"),
     ("10.0.0.2", {"Forwarded": "for=198.51.100.7"}, X_FORWARDED_FOR_TRUST, "10.0.0.2"),
+    # A proxy that adds its own line after the client's (HAProxy): every line is read.
+    ("10.0.0.2", [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "198.51.100.1")],
+     X_FORWARDED_FOR_TRUST, "198.51.100.1"),
+    ("10.0.0.2", [("Forwarded", "for=6.6.6.6"), ("Forwarded", "for=198.51.100.1")],
+     FORWARDED_TRUST, "198.51.100.1"),
 ])
-def test_the_client_address_is_the_first_untrusted_hop(peer: str, headers: dict,
+def test_the_client_address_is_the_first_untrusted_hop(peer: str, headers: dict | list,
                                                         trust: ProxyTrust, expected: str) -> None:
-    assert client_address(peer, headers, trust) == expected
+    assert client_address(peer, CIMultiDict(headers), trust) == expected
 
 
 def test_bad_networks_are_named() -> None:
