@@ -65,7 +65,7 @@ from .calls import DEFAULT_MAX_RUNNING, CallHandler, CallResult, ResponseFate
 from .config import AppliedConfig, ConfigUpdate
 from .connection import DEFAULT_KEEPALIVE_S, RelayConnection
 from .dedup import MessageKey, RecentlySeen
-from .drain import DEFAULT_QUIET_S, Drain
+from .drain import DEFAULT_DEADLINE_S, DEFAULT_QUIET_S, Drain
 from .freshness import CLOCK_SKEW_MS, device_now_ms, valid_until_ms
 from .inbox import (CallArrived, ChunkArrived, ConfigArrived, ConfigReportArrived, Drop,
                     DropReason, ExpiryArrived, InboundMessage, InboxView, ManifestArrived,
@@ -780,10 +780,12 @@ class Device:
         is refused NOT_ENROLLED, which reconnecting outlasts (SPEC §15)."""
         return self._rotation is not None
 
-    def drain(self, identity: Identity, *, quiet_s: float = DEFAULT_QUIET_S) -> None:
+    def drain(self, identity: Identity, *, quiet_s: float = DEFAULT_QUIET_S,
+              deadline_s: float = DEFAULT_DEADLINE_S) -> None:
         """Fetch what still waits for `identity`, a key this device rotated away from
-        (after a restart cut a drain short); `wait_drained()` returns once it is empty."""
-        self._start_drain(identity, quiet_s, ready=True)
+        (after a restart cut a drain short); `wait_drained()` returns once it is empty, or
+        `deadline_s` from now whatever the relays do (`drain.Drain`)."""
+        self._start_drain(identity, quiet_s, ready=True, deadline_s=deadline_s)
 
     @property
     def draining(self) -> tuple[PublicKey, ...]:
@@ -800,7 +802,8 @@ class Device:
         self.identity = identity
         await self._manager.use_identity(identity)
 
-    def _start_drain(self, identity: Identity, quiet_s: float, *, ready: bool) -> None:
+    def _start_drain(self, identity: Identity, quiet_s: float, *, ready: bool,
+                     deadline_s: float = DEFAULT_DEADLINE_S) -> None:
         if identity.public in self._drains:
             return
         self._identities[identity.public] = identity
@@ -809,7 +812,7 @@ class Device:
                       pinned_relay_keys=self._pinned_relay_keys, tls=self._tls, backoff=Backoff(),
                       on_connected=self._on_connected, on_event=self._on_event,
                       on_disconnected=self._on_disconnected, waiting=self._waiting_on,
-                      quiet_s=quiet_s)
+                      quiet_s=quiet_s, deadline_s=deadline_s)
         if ready:
             drain.ready.set()
         task = asyncio.create_task(drain.run(), name="continuum-drain")

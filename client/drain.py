@@ -12,6 +12,12 @@ in force (`ready`), nothing taken from it waits for the application, and no
 delivery came for `quiet_s`.  A relay that refuses the old key outright
 (REVOKED, NOT_ENROLLED: its deadline passed) leaves nothing to fetch either;
 whatever it held expires there and its senders get expiry notices.
+
+Those ends depend on the relay; a drain also ends `deadline_s` after it began by
+the device's own clock (by default the relays' drain time and the clock skew),
+since a hostile relay could otherwise keep it going without end (a delivery of
+junk every half second, or a handshake never finished), and with it the old
+secret on disk, which stops the next rotation.  A restart begins it anew.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ from .protocol import Event, SendRefused
 log = library_logger("continuum.client")
 
 DEFAULT_QUIET_S = 1.0
+# The relays' default drain time (7 days: the longest TTL they accept) and the clock skew:
+# past it an honest relay refuses the old key, so nothing is left to fetch.
+DEFAULT_DEADLINE_S = 7 * 24 * 3600 + 300
 _REFUSED = (RevokedError, NotEnrolledError)
 
 
@@ -45,7 +54,8 @@ class Drain:
                  on_event: Callable[[Event, RelayConnection], Awaitable[None]],
                  on_disconnected: Callable[[RelayConnection], None],
                  waiting: Callable[[RelayConnection], int],
-                 quiet_s: float = DEFAULT_QUIET_S) -> None:
+                 quiet_s: float = DEFAULT_QUIET_S,
+                 deadline_s: float = DEFAULT_DEADLINE_S) -> None:
         self.identity = identity
         self._relays = relays
         self._max_envelope_bytes = max_envelope_bytes
@@ -58,36 +68,44 @@ class Drain:
         self._on_disconnected = on_disconnected
         self._waiting = waiting  # deliveries of this connection the application has not taken
         self._quiet_s = quiet_s
+        self._deadline_s = deadline_s
         # Set once the rotation is in force: only then can nothing more arrive for the old key.
         self.ready = asyncio.Event()
         self.done = asyncio.Event()
         self._activity = asyncio.Event()
 
     async def run(self) -> None:
-        attempt = 0
         try:
-            while True:
-                url = self._relays[attempt % len(self._relays)]
-                attempt += 1
-                try:
-                    async with connect(url, self.identity,
-                                       max_envelope_bytes=self._max_envelope_bytes,
-                                       handshake_timeout_s=self._handshake_timeout_s,
-                                       pinned_relay_keys=self._pinned_relay_keys,
-                                       tls=self._tls) as connection:
-                        self._backoff.reset()
-                        if await self._serve(connection):
-                            return
-                except _REFUSED as exc:
-                    log.info("drain_refused", key=self.identity.public.text, relay=url,
-                             detail=describe(exc))
-                    return
-                except CONNECT_ERRORS as exc:
-                    log.warning("drain_connection_failed", relay=url, error=describe(exc))
-                await asyncio.sleep(self._backoff.next_delay())
+            async with asyncio.timeout(self._deadline_s):
+                await self._drain()
+        except TimeoutError:
+            log.warning("drain_deadline", key=self.identity.public.text,
+                        deadline_s=self._deadline_s, detail="given up: relays kept it going")
         finally:
             self.done.set()
             log.info("drain_finished", key=self.identity.public.text)
+
+    async def _drain(self) -> None:
+        attempt = 0
+        while True:
+            url = self._relays[attempt % len(self._relays)]
+            attempt += 1
+            try:
+                async with connect(url, self.identity,
+                                   max_envelope_bytes=self._max_envelope_bytes,
+                                   handshake_timeout_s=self._handshake_timeout_s,
+                                   pinned_relay_keys=self._pinned_relay_keys,
+                                   tls=self._tls) as connection:
+                    self._backoff.reset()
+                    if await self._serve(connection):
+                        return
+            except _REFUSED as exc:
+                log.info("drain_refused", key=self.identity.public.text, relay=url,
+                         detail=describe(exc))
+                return
+            except CONNECT_ERRORS as exc:
+                log.warning("drain_connection_failed", relay=url, error=describe(exc))
+            await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, connection: RelayConnection) -> bool:
         """True once drained (or refused from now on); False if the connection dropped."""

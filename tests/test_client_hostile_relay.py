@@ -294,3 +294,22 @@ async def test_a_relay_clock_behind_does_not_make_a_late_call_run(tmp_path: Path
     assert answer.kind is Kind.RESPONSE
     assert Response.decode(answer.plaintext).status == CallStatus.TIMEOUT
     assert ran == []
+
+
+async def test_a_relay_cannot_keep_an_old_keys_drain_going_past_its_deadline(
+        tmp_path: Path) -> None:
+    """A drain ended when the old key's mailbox went quiet, or when a relay refused the key:
+    a relay delivering junk every fraction of a second kept it going without end (and the
+    old secret on disk, which stops the next rotation).  It ends at its deadline, by the
+    device's own clock, whatever the relay does."""
+    old, new, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+    junk = [seal_envelope(stranger, Kind.DATA, [old.public], b"junk", ttl_s=600,
+                          now_ms=now_ms()).raw for _ in range(200)]
+    async with FakeRelay(deliver=junk, answer=accept, pace_s=0.2) as relay:
+        async with device_on(relay, new, [], tmp_path / "device") as device:
+            device.drain(old, quiet_s=0.5, deadline_s=2.0)
+            await asyncio.sleep(1.5)
+            assert device.draining == (old.public,)  # the junk keeps it from going quiet
+            async with asyncio.timeout(3):
+                await device.wait_drained()
+            assert device.draining == ()
