@@ -116,7 +116,7 @@ class RelayServer:
         refused = metrics.handshake_failures.labels("connection_limit")
         assert self._runner.server is not None
         self.sockets = SocketCap(self._runner.server, settings.max_connections,
-                                 on_refused=lambda first: refused.inc(),
+                                 on_refused=lambda first, address: refused.inc(),
                                  budget=TurnBudget(settings.unauthenticated_steps_per_turn,
                                                    settings.unauthenticated_yield_ms / 1000))
         metrics.open_sockets.set_function(lambda: self.sockets.open if self.sockets else 0)

@@ -195,6 +195,12 @@ class Auth:
             "SELECT name, created_at_ms, last_used_ms FROM api_tokens ORDER BY name")
         return [ApiToken(**row) for row in rows]
 
+    async def is_admin(self, username: str) -> bool:
+        """Whether an administrator has this username (the login throttle keeps their logins
+        from waiting behind guesses at names that are not: oracle/login_throttle.py)."""
+        return await self._db.fetchrow("SELECT username FROM admins WHERE username = $1",
+                                       username) is not None
+
     async def login(self, username: str, password: str, address: str = "") -> str | None:
         """A new session token if the password is right, else None (one scrypt either way)."""
         row = await self._db.fetchrow("SELECT password_hash FROM admins WHERE username = $1",

@@ -38,7 +38,11 @@ async def login(request: web.Request) -> web.Response:
     username = str(form.get("username", ""))
     address = address_of(request)
     throttle = oracle.login_throttle
-    wait_s = throttle.begin(username, address)
+    # A locked-out attempt is refused before it costs a database read; one that may go on
+    # waits for a check among its kind, known usernames or not (oracle/login_throttle.py).
+    wait_s = throttle.retry_after(username, address)
+    if wait_s <= 0:
+        wait_s = await throttle.begin(username, address, await oracle.auth.is_admin(username))
     if wait_s > 0:
         oracle.log.warning("login_throttled", username=username[:64], address=address)
         return _login_page(request, f"Too many login attempts; try again in"

@@ -98,13 +98,19 @@ class OracleServer:
                                          keepalive_timeout=timeout, lingering_time=timeout)
             await self._runner.setup()
             assert self._runner.server is not None
-            limit = self.settings.max_connections
+            limit, share = self.settings.max_connections, self.settings.max_connections_per_address
 
-            def refused(first: bool) -> None:  # once per episode, not once per socket
-                if first:
+            def refused(first: bool, address: str | None) -> None:  # once per episode
+                if first and address is None:
                     log.warning("connections_over_cap", limit=limit)
+                elif first:
+                    log.warning("connections_over_address_share", address=address, limit=share)
 
-            self.connections = SocketCap(self._runner.server, limit, refused)
+            # Relays' access-list polls, the dashboard and the API share this one port, so no
+            # client address may hold more than its share of it (runtime/listener.SocketCap);
+            # the trusted proxies have none: they hold slow clients themselves.
+            self.connections = SocketCap(self._runner.server, limit, refused, per_address=share,
+                                         unbounded=self.settings.proxy_trust.networks)
             self._listener = await listen(self.connections, self.settings.host,
                                           self.settings.port, self.settings.tls_context(),
                                           self.settings.request_timeout_s)

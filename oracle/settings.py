@@ -67,6 +67,12 @@ class OracleSettings:
     # Open sockets, counted from accept(); one more is aborted at once.  Below the usual
     # 1024 file descriptors a process may open, so the database and relays still get theirs.
     max_connections: int = 512
+    # Of those, open at once from one client address (an IPv4 address, an IPv6 /64), so one
+    # client holding half-sent requests cannot take every socket and keep relays from
+    # fetching the access list: it takes max_connections / this many addresses to fill the
+    # cap.  The --trusted-proxy networks have no share (every client behind them comes from
+    # them).  A value above max_connections is max_connections.
+    max_connections_per_address: int = 64
     # Proxies (the dashboard's ingress) whose forwarded header names the real client, so the
     # login throttle counts each client's failures, not the proxy's; and which header they
     # write it in (x-forwarded-for or forwarded): only that one is read.
@@ -127,6 +133,7 @@ class OracleSettings:
             ("send_timeout_s must be > 0", self.send_timeout_s > 0),
             ("request_timeout_s must be > 0", self.request_timeout_s > 0),
             ("max_connections must be >= 1", self.max_connections >= 1),
+            ("max_connections_per_address must be >= 1", self.max_connections_per_address >= 1),
             ("trusted_proxies must be IP networks", are_networks(self.trusted_proxies)),
             (f"forwarded_header must be one of {', '.join(FORWARDED_HEADERS)}",
              self.forwarded_header in FORWARDED_HEADERS),

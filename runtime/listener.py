@@ -7,7 +7,8 @@ socket whose handler has ended can still hold unsent data in the kernel.  So
 both services count here, the first code that sees an accepted socket: from
 accept() until the transport reports it lost, whatever state the socket dies
 in (in a TLS handshake too, which must finish within the request timeout).
-One over the cap is reset at once, before aiohttp allocates anything for it.
+One over the cap, or over its client address's share of it, is reset at once,
+before aiohttp allocates anything for it.
 
 Why our own accept loop rather than `loop.create_server`: asyncio accepts up to
 its backlog (100) sockets each time the listening socket is readable and
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import socket
 import ssl
 import struct
@@ -41,6 +43,8 @@ from collections import deque
 from collections.abc import Callable
 
 import structlog
+
+from .client_address import Network, client_unit
 
 # How many connections the kernel keeps waiting for accept(): a flood fills it and
 # honest SYNs are retried by their kernels, as with any server; beyond a few
@@ -151,38 +155,96 @@ class TurnBudget:
 
 
 class SocketCap:
-    """A protocol factory around `inner`'s: at most `limit` sockets open at once.
+    """A protocol factory around `inner`'s: at most `limit` sockets open at once, and at most
+    `per_address` of them from one client address.
 
-    `on_refused(first)` is called for every socket refused, `first` being True
-    for the first of an episode (since the last socket admitted), so a caller
-    can log once and count always.
+    A client address is what `client_unit` makes of the peer's address (an IPv4
+    address, an IPv6 /64).  Without a share per address, one client holding
+    half-sent requests (each reopened as soon as the request timeout closes
+    it) kept every socket, and every other client, relays polling for the
+    access list included, was refused at accept.  With it, one address holds
+    at most `per_address`; it takes `limit / per_address` addresses to fill the cap.
+
+    Peers in `unbounded` (the trusted proxies) have no share: behind a proxy
+    every socket comes from it, each carrying a different client, and a proxy
+    (ingress-nginx, the chart's) reads a client's whole request headers before
+    it opens an upstream connection, so slow clients are held, and bounded, at
+    the proxy, not here.  Capping the proxy's address would cap the whole
+    fleet at one client's share.  Their sockets still count toward `limit`.
+
+    `on_refused(first, address)` is called for every socket refused, with
+    `address` None when `limit` was reached and the client address when its
+    share was; `first` is True for the first refusal of an episode (since the
+    last socket admitted, for that address when it is given), so a caller can
+    log once and count always.
     """
 
     def __init__(self, inner: Callable[[], asyncio.Protocol], limit: int,
-                 on_refused: Callable[[bool], None] = lambda first: None,
-                 budget: TurnBudget | None = None) -> None:
+                 on_refused: Callable[[bool, str | None], None] = lambda first, address: None,
+                 budget: TurnBudget | None = None, per_address: int | None = None,
+                 unbounded: tuple[Network, ...] = ()) -> None:
         self._inner = inner
         self.limit = limit
+        self.per_address = limit if per_address is None else min(per_address, limit)
         self.budget = budget  # None: every socket is served as soon as it has data
         self._on_refused = on_refused
+        self._unbounded = unbounded
         self.open = 0
         self.refused = 0
         self._refusing = False
+        self._by_address: dict[str, int] = {}  # client address -> its open sockets
+        self._refusing_addresses: set[str] = set()  # each also in _by_address
 
-    def admit(self) -> bool:
-        """Count one accepted socket in, or say it must be refused (the cap is reached)."""
+    def admit(self, peer: str = "") -> str | None:
+        """Count one socket accepted from `peer` in, returning the client address it is counted
+        under (`release` it with that), or None: it must be refused (a cap is reached)."""
+        address = client_unit(peer)
+        held = self._by_address.get(address, 0)
         if self.open >= self.limit:
-            self.refused += 1
-            self._on_refused(not self._refusing)
+            self._refuse(None, not self._refusing)
             self._refusing = True
-            return False
+            return None
+        if held >= self.per_address and not self._is_unbounded(peer):
+            self._refuse(address, address not in self._refusing_addresses)
+            self._refusing_addresses.add(address)
+            return None
         self.open += 1
+        self._by_address[address] = held + 1
         self._refusing = False
-        return True
+        self._refusing_addresses.discard(address)
+        return address
 
-    def protocol(self) -> _Counted:
-        """The protocol of one admitted socket; it counts the socket out when it is lost."""
-        return _Counted(self)
+    def release(self, address: str) -> None:
+        """One socket counted under `address` is gone (call once per `admit`)."""
+        self.open -= 1
+        held = self._by_address.get(address, 0) - 1
+        if held > 0:
+            self._by_address[address] = held
+        else:
+            self._by_address.pop(address, None)
+            self._refusing_addresses.discard(address)
+
+    def held_by(self, peer: str) -> int:
+        """The sockets open from `peer`'s client address."""
+        return self._by_address.get(client_unit(peer), 0)
+
+    def protocol(self, address: str = "") -> _Counted:
+        """The protocol of one socket admitted under `address`; it counts the socket out when
+        it is lost."""
+        return _Counted(self, address)
+
+    def _refuse(self, address: str | None, first: bool) -> None:
+        self.refused += 1
+        self._on_refused(first, address)
+
+    def _is_unbounded(self, peer: str) -> bool:
+        if not self._unbounded:
+            return False
+        try:
+            ip = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        return any(ip in network for network in self._unbounded)
 
 
 class _Counted(asyncio.Protocol):
@@ -195,10 +257,12 @@ class _Counted(asyncio.Protocol):
     that finds none left is held, with the socket paused, until its turn comes.
     """
 
-    __slots__ = ("_cap", "_inner", "_released", "_transport", "_trusted", "_held", "_held_eof")
+    __slots__ = ("_cap", "_address", "_inner", "_released", "_transport", "_trusted", "_held",
+                 "_held_eof")
 
-    def __init__(self, cap: SocketCap) -> None:
+    def __init__(self, cap: SocketCap, address: str) -> None:
         self._cap = cap
+        self._address = address
         self._inner: asyncio.Protocol | None = None
         self._released = False
         self._transport: asyncio.Transport | None = None
@@ -209,7 +273,7 @@ class _Counted(asyncio.Protocol):
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._cap.open -= 1
+            self._cap.release(self._address)
 
     def trust(self) -> None:
         self._trusted = True
@@ -334,7 +398,7 @@ class Listener:
             else:
                 await budget.step()
             try:
-                conn, _ = await loop.sock_accept(listening)
+                conn, peer = await loop.sock_accept(listening)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
             except OSError as exc:
@@ -343,25 +407,26 @@ class Listener:
                 self._log.warning("accept_out_of_resources", error=exc.strerror)
                 await asyncio.sleep(_ACCEPT_RETRY_S)
                 continue
-            self._start(conn)
+            self._start(conn, peer[0] if isinstance(peer, tuple) else "")
 
-    def _start(self, conn: socket.socket) -> None:
-        if not self._cap.admit():
+    def _start(self, conn: socket.socket, peer: str) -> None:
+        address = self._cap.admit(peer)
+        if address is None:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             conn.close()
             return
         conn.setblocking(False)
         # Making the transport takes a turn (a TLS handshake, round trips): beside the
         # accept loop, so the loop may take the next socket in this same turn.
-        task = asyncio.create_task(self._connect(conn), name="connect")
+        task = asyncio.create_task(self._connect(conn, address), name="connect")
         self._connecting.add(task)
         task.add_done_callback(self._connecting.discard)
 
-    async def _connect(self, conn: socket.socket) -> None:
+    async def _connect(self, conn: socket.socket, address: str) -> None:
         made: list[_Counted] = []
 
         def protocol() -> _Counted:
-            made.append(self._cap.protocol())
+            made.append(self._cap.protocol(address))
             return made[0]
 
         loop = asyncio.get_running_loop()
@@ -379,7 +444,7 @@ class Listener:
             if made:
                 made[0].release()
             else:
-                self._cap.open -= 1
+                self._cap.release(address)
             conn.close()
             if not isinstance(exc, Exception):
                 raise

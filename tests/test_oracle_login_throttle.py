@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import secrets
 
 import aiohttp
 import pytest
@@ -19,8 +20,10 @@ from oracle.login_throttle import (
     FREE_PER_ADDRESS,
     FREE_PER_PAIR,
     FREE_PER_USERNAME,
-    MAX_IN_FLIGHT,
+    MAX_IN_FLIGHT_KNOWN,
+    MAX_IN_FLIGHT_UNKNOWN,
     MAX_LOCKOUT_S,
+    MAX_WAITING,
     LoginThrottle,
 )
 from oracle.server import OracleServer
@@ -92,13 +95,13 @@ def test_odd_usernames_are_counted_without_growing_keys(username: str) -> None:
     assert throttle.retry_after(username, "a") > 0
 
 
-def test_failures_from_one_address_never_lock_the_username_out_elsewhere() -> None:
+async def test_failures_from_one_address_never_lock_the_username_out_elsewhere() -> None:
     throttle = LoginThrottle(Clock())
     for _ in range(FREE_PER_USERNAME - 1):
         throttle.failed("admin", "10.0.0.1")
     assert throttle.retry_after("admin", "10.0.0.1") == MAX_LOCKOUT_S
     assert throttle.retry_after("admin", "10.0.0.2") == 0
-    assert throttle.begin("admin", "10.0.0.2") == 0
+    assert await throttle.begin("admin", "10.0.0.2", known=True) == 0
 
 
 def test_one_address_trying_many_usernames_is_locked_for_every_username() -> None:
@@ -132,18 +135,99 @@ def test_an_ipv6_64_is_one_address_and_ipv4_mapped_is_ipv4() -> None:
     assert throttle.retry_after("admin", "10.0.0.1") == FIRST_LOCKOUT_S
 
 
-def test_one_check_in_flight_per_address_and_at_most_a_few_at_once() -> None:
+async def test_one_check_in_flight_per_address_and_at_most_a_few_at_once() -> None:
     throttle = LoginThrottle(Clock())
     throttle.succeeded("admin", "192.0.2.7")
-    assert throttle.begin("admin", "10.0.0.1") == 0
-    assert throttle.begin("other", "10.0.0.1") == BUSY_RETRY_S  # the same address, in parallel
+    assert await throttle.begin("admin", "10.0.0.1", known=True) == 0
+    # The same address, in parallel: refused at once, not queued.
+    assert await throttle.begin("other", "10.0.0.1", known=False) == BUSY_RETRY_S
     throttle.failed("admin", "10.0.0.1")
-    assert throttle.begin("admin", "10.0.0.1") == 0
+    assert await throttle.begin("admin", "10.0.0.1", known=True) == 0
     throttle.abandoned("admin", "10.0.0.1")
-    for n in range(MAX_IN_FLIGHT):
-        assert throttle.begin("admin", f"10.0.1.{n}") == 0
-    assert throttle.begin("admin", "10.0.2.1") == BUSY_RETRY_S
-    assert throttle.begin("admin", "192.0.2.7") == 0  # a trusted address is never refused as busy
+    for n in range(MAX_IN_FLIGHT_UNKNOWN):
+        assert await throttle.begin(f"nobody{n}", f"10.0.1.{n}", known=False) == 0
+    assert throttle.checks_in_flight == MAX_IN_FLIGHT_UNKNOWN
+    assert await throttle.begin("nobody", "10.0.2.1", known=False, wait_s=0.05) == BUSY_RETRY_S
+    # A trusted address is never kept waiting for a check.
+    assert await throttle.begin("admin", "192.0.2.7", known=True, wait_s=0.05) == 0
+    assert throttle.checks_in_flight == MAX_IN_FLIGHT_UNKNOWN
+
+
+async def test_guesses_at_unknown_usernames_never_keep_an_existing_one_waiting() -> None:
+    """The audit's F2, in the decision object: with every check for unknown usernames taken
+    and more of them waiting, the admin's login from a new address starts at once."""
+    throttle = LoginThrottle(Clock())
+    for n in range(MAX_IN_FLIGHT_UNKNOWN):
+        assert await throttle.begin(f"random{n}", f"10.1.0.{n}", known=False) == 0
+    waiting = [asyncio.create_task(throttle.begin(f"random-{n}", f"10.2.0.{n}", known=False))
+               for n in range(10)]
+    await asyncio.sleep(0)
+    assert await throttle.begin("admin", "198.51.100.9", known=True, wait_s=0.05) == 0
+    for n in range(MAX_IN_FLIGHT_UNKNOWN):
+        throttle.failed(f"random{n}", f"10.1.0.{n}")
+    assert await asyncio.gather(*waiting[:MAX_IN_FLIGHT_UNKNOWN]) == [0] * MAX_IN_FLIGHT_UNKNOWN
+    for task in waiting[MAX_IN_FLIGHT_UNKNOWN:]:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_login_that_finds_its_checks_taken_waits_its_turn_in_arrival_order() -> None:
+    throttle = LoginThrottle(Clock())
+    for n in range(MAX_IN_FLIGHT_KNOWN):
+        assert await throttle.begin("admin", f"10.0.0.{n}", known=True) == 0
+    admitted: list[str] = []
+
+    async def login(address: str) -> float:
+        wait = await throttle.begin("admin", address, known=True)
+        admitted.append(address)
+        return wait
+
+    queue = [asyncio.create_task(login(f"10.9.0.{n}")) for n in range(3)]
+    await asyncio.sleep(0.01)
+    assert admitted == []  # none refused: they wait
+    throttle.failed("admin", "10.0.0.0")
+    throttle.abandoned("admin", "10.0.0.1")
+    await asyncio.sleep(0.01)
+    assert admitted == ["10.9.0.0", "10.9.0.1"]
+    throttle.succeeded("admin", "10.0.0.2")
+    assert await asyncio.gather(*queue) == [0, 0, 0]
+    assert admitted == ["10.9.0.0", "10.9.0.1", "10.9.0.2"]
+    assert throttle.checks_in_flight == MAX_IN_FLIGHT_KNOWN
+
+
+async def test_waiting_is_bounded_in_time_and_length_and_rechecks_the_counters() -> None:
+    throttle = LoginThrottle(Clock())
+    for n in range(MAX_IN_FLIGHT_KNOWN):
+        assert await throttle.begin("admin", f"10.0.0.{n}", known=True) == 0
+    assert await throttle.begin("admin", "10.9.0.1", known=True, wait_s=0.05) == BUSY_RETRY_S
+    assert await throttle.begin("admin", "10.9.0.1", known=True, wait_s=0.05) == BUSY_RETRY_S
+    queue = [asyncio.create_task(throttle.begin("admin", f"10.8.{n // 256}.{n % 256}",
+                                                known=True)) for n in range(MAX_WAITING)]
+    await asyncio.sleep(0.01)
+    assert await throttle.begin("admin", "10.9.0.2", known=True) == BUSY_RETRY_S  # queue full
+    # While they waited the username was locked out: their turns come, and they are refused.
+    for n in range(FREE_PER_USERNAME + 1):
+        throttle.failed("admin", f"10.7.{n // 256}.{n % 256}")
+    for n in range(MAX_IN_FLIGHT_KNOWN):
+        throttle.abandoned("admin", f"10.0.0.{n}")
+    assert all(wait > 0 for wait in await asyncio.gather(*queue))
+    assert throttle.checks_in_flight == 0
+
+
+async def test_a_waiting_login_whose_client_went_away_gives_its_place_up() -> None:
+    throttle = LoginThrottle(Clock())
+    for n in range(MAX_IN_FLIGHT_KNOWN):
+        assert await throttle.begin("admin", f"10.0.0.{n}", known=True) == 0
+    gone = asyncio.create_task(throttle.begin("admin", "10.9.0.1", known=True))
+    after = asyncio.create_task(throttle.begin("admin", "10.9.0.2", known=True))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    throttle.abandoned("admin", "10.0.0.0")
+    assert await after == 0
+    assert await throttle.begin("admin", "10.9.0.1", known=True, wait_s=0.01) == BUSY_RETRY_S
+    throttle.abandoned("admin", "10.0.0.1")
+    assert await throttle.begin("admin", "10.9.0.1", known=True) == 0
 
 
 async def _post_login(http: aiohttp.ClientSession, url: str, username: str,
@@ -169,6 +253,38 @@ async def test_guesses_from_another_address_do_not_lock_the_admin_out(tmp_path) 
             assert await _post_login(admin, server.url, "admin", password) == 303
             assert await _post_login(attacker, server.url, "admin", password) == 429
             TALLY[ATTACKS_REJECTED] += 1
+
+
+async def test_the_admin_logs_in_from_a_new_address_while_many_guess_random_names(
+        tmp_path) -> None:
+    """The audit's F2 over HTTP: 60 addresses each keep one wrong login for a random
+    username in flight; before, every untrusted login got 429 once 8 checks were in flight,
+    the right password from a new address included."""
+    async with OracleServer(oracle_settings(tmp_path)) as server:
+        password = await server.create_admin("newadmin")
+        stop = asyncio.Event()
+        statuses: dict[int, int] = {}
+
+        async def guess(address: str) -> None:
+            async with _from(address) as attacker:
+                while not stop.is_set():
+                    status = await _post_login(attacker, server.url, secrets.token_hex(6), "x")
+                    statuses[status] = statuses.get(status, 0) + 1
+                    if status == 429:
+                        await asyncio.sleep(0.02)
+
+        attackers = [asyncio.create_task(guess(f"127.0.1.{n}")) for n in range(1, 61)]
+        try:
+            await asyncio.sleep(1.0)
+            async with _from("127.0.0.250") as admin:
+                logins = [await _post_login(admin, server.url, "newadmin", password)
+                          for _ in range(3)]
+        finally:
+            stop.set()
+            await asyncio.gather(*attackers)
+        assert logins == [303, 303, 303], (logins, statuses)
+        assert statuses.get(401, 0) > 0  # the guesses were checked meanwhile
+        TALLY[ATTACKS_REJECTED] += 1
 
 
 async def test_parallel_guesses_cannot_outrun_the_throttle(tmp_path, monkeypatch) -> None:

@@ -62,13 +62,29 @@ def test_relay_keys_repeat_and_a_bad_key_is_one_clear_error(capsys) -> None:
     assert "relay_keys must be public keys" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("field, value", [("request_timeout_s", 0.0), ("max_connections", 0)])
+@pytest.mark.parametrize("field, value", [("request_timeout_s", 0.0), ("max_connections", 0),
+                                          ("max_connections_per_address", 0)])
 def test_connection_bounds_must_be_positive(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         replace(OracleSettings(), **{field: value}).validate()
     settings, _ = OracleSettings.from_sources(
         ["--request-timeout-s", "2.5", "--max-connections", "64"], {})
     assert settings.request_timeout_s == 2.5 and settings.max_connections == 64
+
+
+def test_the_share_of_sockets_per_address_is_a_flag_a_variable_and_printed(capsys) -> None:
+    assert OracleSettings().max_connections_per_address == 512 // 8
+    settings, _ = OracleSettings.from_sources(["--max-connections-per-address", "16"], {})
+    assert settings.max_connections_per_address == 16
+    assert settings.describe()["max_connections_per_address"] == 16
+    settings, _ = OracleSettings.from_sources(
+        [], {"CONTINUUM_ORACLE_MAX_CONNECTIONS_PER_ADDRESS": "32"})
+    assert settings.max_connections_per_address == 32
+    with pytest.raises(SystemExit) as exited:
+        OracleSettings.from_sources(["--max-connections-per-address", "0"], {})
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "max_connections_per_address must be >= 1" in errors[-1]
 
 
 @pytest.mark.parametrize("overrides", [{"access_list_validity_s": 0.5},
