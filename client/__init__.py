@@ -78,8 +78,14 @@ Public API::
     device.on_config(apply)   # sync or async; raising applies nothing (the oracle sees the
                               # device behind); device.config: the one applied (config.json)
 
-    new = await device.rotate_key(on_confirmed=save)   # SPEC §15: the old key vouches for a
-                                     # new one; `save(old, new)` runs once the oracle confirmed
+    keys = KeyFiles(Path("alice.key"))   # SPEC §15: the old key vouches for a new one
+    new = await device.rotate_key(keys.begin(), on_confirmed=keys.confirm)
+                                     # begin(): the new key, on disk (alice.key.next) before the
+                                     # statement is sent, since the oracle may apply it even if
+                                     # this call is cut short (or the key still pending);
+                                     # confirm(): it becomes alice.key once the oracle confirmed.
+                                     # Cut short: device.pending_rotation is that key, and
+                                     # calling again with it (keys.begin()) finishes the rotation
     await device.wait_drained()      # the old key's mailbox is empty; `device.drain(old)`
                                      # resumes a drain a restart cut short
 
@@ -150,6 +156,7 @@ from .calls import CallResult, IncomingCall
 from .config import ConfigUpdate
 from .device import Device
 from .inbox import DropReason, InboundMessage
+from .key_files import KeyFiles
 from .peers import PeerList
 from .stats import DeviceStats
 from .streams import Stream, StreamRequest
@@ -158,5 +165,5 @@ from .transfer_in import ReceivedFile
 from .transfer_out import SentFile, TransferError
 
 __all__ = ["CallResult", "ConfigUpdate", "DeliveryStatus", "Device", "DeviceStats", "DropReason",
-           "InboundMessage", "IncomingCall", "Outgoing", "PeerList", "ReceivedFile", "SendState",
-           "SentFile", "SentMessage", "Stream", "StreamRequest", "TransferError"]
+           "InboundMessage", "IncomingCall", "KeyFiles", "Outgoing", "PeerList", "ReceivedFile",
+           "SendState", "SentFile", "SentMessage", "Stream", "StreamRequest", "TransferError"]

@@ -32,11 +32,14 @@ complete and verified, once, with the transfer's one receipt queued in the same
 commit that marks it taken (as `messages()` does for DATA).  Manifests and
 chunks are dealt with (written, recorded) on arrival, then ACKed.
 
-Key rotation (SPEC §15): `rotate_key()` has the current key vouch for a new
+Key rotation (SPEC §15): `rotate_key(new)` has the current key vouch for a new
 one to the oracle, then authenticates as the new key while a `Drain` keeps the
 old key connected until its mailbox is empty.  Each connection knows the key it
 authenticated as, and its deliveries are decided and its sends made with that
-identity; replies (receipts) are always sealed by the current one.
+identity; replies (receipts) are always sealed by the current one.  The new key
+is the caller's, kept (persisted) before the call: once the statement naming it
+may have left, the oracle may apply it at any time, so the key is never drawn
+here, and an interrupted rotation stays `pending_rotation` until it is finished.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from proto import Envelope, Identity, Kind, Limits, PublicKey
 from proto.config import ConfigReport, JsonObject
 from proto.errors import RevokedError, WrongSenderError
 from proto.payloads import ExpiryNotice, Receipt
-from proto.rotation import KeyRotation, OracleKeyChain
+from proto.rotation import KEY_ROTATION_TTL_S, KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 from runtime.logs import library_logger
 
@@ -187,6 +190,8 @@ class Device:
         # Every key this device may be addressed as: the current one, and old ones draining.
         self._identities = {identity.public: identity}
         self._rotation: _Rotation | None = None
+        # The new key of a rotation started and not confirmed: its statement may be applied.
+        self._pending_rotation: Identity | None = None
         self._drains: dict[PublicKey, tuple[Drain, asyncio.Task[None]]] = {}
         self._inbound: deque[tuple[Surface, RelayConnection, str]] = deque()
         self._waiting: Counter[MessageKey] = Counter()  # the (sender, msg_id) of each inbound
@@ -692,6 +697,7 @@ class Device:
             # the caller before this list is applied and acknowledged (a crash redelivers it).
             rotation.on_confirmed(rotation.old, rotation.new)
             rotation.confirmed.set()
+            self._pending_rotation = None
             drain = self._drains.get(rotation.old.public)
             if drain is not None:
                 drain[0].ready.set()  # from now on nothing more is stored for the old key
@@ -723,38 +729,62 @@ class Device:
 
     # -- key rotation ----------------------------------------------------------------------
 
-    async def rotate_key(self, new_identity: Identity | None = None, *,
+    async def rotate_key(self, new_identity: Identity, *,
                          on_confirmed: Callable[[Identity, Identity], None] | None = None,
                          quiet_s: float = DEFAULT_QUIET_S) -> Identity:
-        """Move this device to a new key that its current key vouches for; returns it.
+        """Move this device to `new_identity`, a key its current key vouches for; returns it.
 
-        `new_identity` must be a key nobody has used (the default: a fresh one),
-        or the one an interrupted call was given: any peer list the oracle seals
-        to it counts as the confirmation.
+        `new_identity` is required, and the caller keeps it (on disk) BEFORE
+        calling: the statement naming it may reach the oracle whatever becomes
+        of this call (it waits in the oracle's mailbox, possibly in this
+        device's outbox too), and once the oracle applies it the old key may
+        only drain, so a new key drawn here and lost with an interrupted call
+        would lock the device out for good.  `KeyFiles.begin()` keeps one as
+        the CLI does (`identity.key.next`), or returns the one still pending.
 
         The current key sends the oracle a `KeyRotation` signed by both keys;
         then the device authenticates as the new key (refused until the relays
         hear of the rotation: sends wait meanwhile) and keeps the old key
         connected to drain its mailbox.  It returns once the oracle confirmed, by
         sealing a peer list to the new key; `on_confirmed(old, new)` runs before
-        that list is acknowledged, so a caller that persists the new key there
-        loses nothing to a crash.  The drain goes on (`draining`, `wait_drained`).
+        that list is acknowledged (`KeyFiles.confirm` makes the new key the one
+        on disk), so a crash loses nothing.  The drain goes on (`draining`,
+        `wait_drained`).
 
-        Bound it with `asyncio.timeout`: interrupted before the confirmation, the
-        device is the old key again, and calling again with the same
-        `new_identity` resumes (the oracle applies a rotation once, and may still
-        apply this one later: keep the new key before calling, as the CLI does).
+        Bound it with `asyncio.timeout`.  Interrupted before the confirmation,
+        the device is the old key again and `pending_rotation` is
+        `new_identity` until a call with that same key is confirmed; a call
+        with any other key is refused (ValueError): the oracle applies the
+        first statement it reads, and a second one would then wait for ever.
+        Whether or not the oracle applied the pending statement meanwhile,
+        calling again with the same key finishes the rotation: the statement
+        is sent again (refused REVOKED if the oracle already applied it, which
+        is fine), and the confirming list waits in the new key's mailbox.
+        What it does not do is switch on its own: until it is called again,
+        the oracle may apply the statement and the old key's sends are then
+        refused REVOKED.  After a restart, pass the kept key (CLI: `listen`
+        says "run rotate-key to finish it" while `identity.key.next` exists).
         """
+        if not isinstance(new_identity, Identity):
+            raise TypeError("rotate_key needs the new key, kept by the caller before the call"
+                            " (KeyFiles.begin()): the oracle may apply the rotation even if"
+                            " this call is interrupted")
         oracle = self.oracle_key
         if oracle is None:
             raise ValueError("a key rotation needs an oracle (oracle_key)")
         if self._rotation is not None:
             raise RuntimeError("a key rotation is already under way")
-        old, new = self.identity, new_identity or Identity.generate()
+        pending = self._pending_rotation
+        if pending is not None and pending.public != new_identity.public:
+            raise ValueError(f"a rotation to {pending.public.text} is pending (the oracle may"
+                             " still apply it): finish it with that key (pending_rotation)")
+        old, new = self.identity, new_identity
         statement = KeyRotation.sign(old, new, self._sender.now_ms())
-        envelope = self._sender.seal(old, Kind.DATA, [oracle], statement.encode(), DEFAULT_TTL_S)
+        envelope = self._sender.seal(old, Kind.DATA, [oracle], statement.encode(),
+                                     KEY_ROTATION_TTL_S)
         rotation = _Rotation(old, new, on_confirmed or (lambda old, new: None), asyncio.Event())
         self._rotation = rotation
+        self._pending_rotation = new  # before anything is sent
         try:
             try:
                 await self.send_envelope(envelope)
@@ -773,6 +803,14 @@ class Device:
             self._rotation = None
         log.info("key_rotated", old=old.public.text, new=new.public.text)
         return new
+
+    @property
+    def pending_rotation(self) -> Identity | None:
+        """The new key of a rotation this device started and the oracle has not confirmed
+        (an interrupted `rotate_key`): the oracle may still apply it, so finish it with
+        `rotate_key(device.pending_rotation)`.  Kept in memory only: the caller persists the
+        key before `rotate_key` (KeyFiles), which is what survives a restart."""
+        return self._pending_rotation
 
     @property
     def rotating(self) -> bool:

@@ -44,7 +44,7 @@ from proto import Envelope, Identity, Kind, PublicKey, decode_envelope, seal_env
 from proto.config import ConfigPush, parse_document
 from proto.errors import OversizeError, ProtocolError, ReplayError
 from proto.payloads import MAX_PEERS, PeerChange
-from proto.rotation import KeyRotation, OracleKeyChain
+from proto.rotation import KEY_ROTATION_TTL_S, KeyRotation, OracleKeyChain
 from runtime.clock import now_ms
 from runtime.tasks import cancel_all_and_wait
 
@@ -292,7 +292,9 @@ class Pusher:
 
     async def _take_data_forever(self) -> None:
         """Data messages to the oracle are key rotations; anything else is logged and dropped
-        (taking them keeps the relay window free for receipts)."""
+        (taking them keeps the relay window free for receipts).  A rotation counts within
+        KEY_ROTATION_TTL_S of its `issued_at_ms` (SPEC §15): an abandoned one cannot take
+        effect days later, when nobody may hold its new key any more."""
         assert self._device is not None
         async for message in self._device.messages():
             await self._on_data(message)
@@ -311,6 +313,9 @@ class Pusher:
                         reason="a device rotates its own key only")
         elif rotation.issued_at_ms > now + _MAX_ROTATION_SKEW_MS:
             log.warning("key_rotation_refused", reason="issued in the future")
+        elif rotation.issued_at_ms < now - KEY_ROTATION_TTL_S * 1000 - _MAX_ROTATION_SKEW_MS:
+            # Left behind by a rotation its device gave up on (or resumed, with a fresh one).
+            log.warning("key_rotation_refused", reason="issued too long ago")
         else:
             try:
                 await self._registry.rotate_device(rotation.old.text, rotation.new.text,

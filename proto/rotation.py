@@ -39,6 +39,11 @@ from .keys import KEY_BYTES, SIGNATURE_BYTES, Identity, PublicKey
 
 KEY_ROTATION_DOMAIN = b"continuum/v1/key-rotation\x00"
 ORACLE_KEY_CHANGE_DOMAIN = b"continuum/v1/oracle-key-change\x00"
+# How long a device's KeyRotation counts after its issued_at_ms: the ttl of the envelope that
+# carries it, and the oracle refuses one issued longer ago (plus the relays' 300 s clock skew).
+# So a statement left behind by an interrupted rotation is dead within a day, not applied days
+# later; resuming signs a fresh one.
+KEY_ROTATION_TTL_S = 24 * 3600
 # A link is about 210 bytes: a whole chain fits in one 64 KiB envelope with room to spare.
 MAX_ORACLE_KEY_CHANGES = 128
 _FIELDS = 5

@@ -73,10 +73,13 @@ async def test_device_rotates_peers_follow_old_mail_is_drained_and_old_key_refus
         # Waiting for alice's old key when she rotates (her application has not read it yet).
         waiting = await b.send([alice.public], b"sent to the old key")
         persisted: list[tuple[PublicKey, PublicKey]] = []
+        new = Identity.generate()  # the caller's, kept before the call (KeyFiles.begin())
         async with asyncio.timeout(20):
-            new = await a.rotate_key(
-                on_confirmed=lambda old, new: persisted.append((old.public, new.public)))
+            assert await a.rotate_key(
+                new, on_confirmed=lambda old, new: persisted.append((old.public, new.public))
+            ) is new
         assert persisted == [(alice.public, new.public)] and a.identity is new
+        assert a.pending_rotation is None
         detail = await deployment.admin.call("GET", f"/v1/devices/{new.public.text}")
         assert detail["rotated_from"] == alice.public.text and detail["groups"] == ["g"]
         old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
@@ -169,7 +172,7 @@ async def test_an_unconfirmed_rotation_times_out_back_to_the_old_key(
         await deployment.oracle.oracle.pusher.stop()  # the oracle reads nothing any more
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(3):
-                await a.rotate_key()
+                await a.rotate_key(Identity.generate())
         assert a.identity is alice and a.draining == ()
         sent = await asyncio.wait_for(a.send([bob.public], b"still alice"), 10)
         messages = b.messages()
@@ -178,3 +181,111 @@ async def test_an_unconfirmed_rotation_times_out_back_to_the_old_key(
         assert (await sent.wait_receipts(10))[bob.public].value == "delivered"
         old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
         assert not old["revoked"] and old["rotated_to"] is None
+
+
+async def test_a_rotation_needs_a_key_the_caller_kept_and_sends_nothing_without_one(
+        deployment: Deployment) -> None:
+    """A key drawn inside `rotate_key` would be lost with an interrupted call while the oracle
+    may still apply the statement naming it: no key, no statement."""
+    alice = Identity.generate()
+    await deployment.enroll(alice)
+    async with deployment.device(alice) as a:
+        await a.wait_connected(timeout=10)
+        with pytest.raises(TypeError, match="new_identity"):
+            async with asyncio.timeout(10):
+                await a.rotate_key()  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="kept by the caller"):
+            async with asyncio.timeout(10):
+                await a.rotate_key(None)  # type: ignore[arg-type]
+        assert a.identity is alice and a.pending_rotation is None and not a.rotating
+        # Nothing went out: a rotation sent now is the only one the oracle ever sees.
+        marker = Identity.generate()
+        await a.send([deployment.oracle.identity.public],
+                     KeyRotation.sign(alice, marker, now_ms()).encode())
+
+        async def rotated() -> str | None:
+            detail = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
+            return detail["rotated_to"]
+        assert await eventually(rotated, timeout=15) == marker.public.text
+
+
+async def test_a_rotation_statement_issued_over_a_day_ago_is_refused(
+        deployment: Deployment) -> None:
+    """An abandoned statement is dead once its envelope's life (a day) passed: the oracle does
+    not apply it later, when the key it names may be gone."""
+    mallory = Identity.generate()
+    await deployment.enroll(mallory)
+    stale_key, marker = Identity.generate(), Identity.generate()
+    issued = now_ms() - 24 * 3600 * 1000 - 600_000  # KEY_ROTATION_TTL_S and the skew, past
+    async with deployment.device(mallory) as m:
+        await m.wait_connected(timeout=10)
+        for payload in (KeyRotation.sign(mallory, stale_key, issued).encode(),
+                        KeyRotation.sign(mallory, marker, now_ms()).encode()):
+            await m.send([deployment.oracle.identity.public], payload)
+
+        async def rotated() -> str | None:  # processed in order: the stale one came first
+            detail = await deployment.admin.call("GET", f"/v1/devices/{mallory.public.text}")
+            return detail["rotated_to"]
+        assert await eventually(rotated, timeout=15) == marker.public.text
+    devices = (await deployment.admin.call("GET", "/v1/devices"))["devices"]
+    assert stale_key.public.text not in {d["key"] for d in devices}
+
+
+async def test_an_interrupted_rotation_the_oracle_applies_later_is_finished_with_the_pending_key(
+        start_relay, tmp_path: Path) -> None:
+    """The audit's F2: the oracle is down while the device rotates, the call times out, the
+    oracle comes back on the same database and applies the statement from its mailbox.  The
+    device still holds the new key (`pending_rotation`) and finishes the rotation with it:
+    it sends as the new key, never locked out on a draining old one."""
+    port = free_port()
+    oracle_key = Identity.load_or_create(tmp_path / "oracle.key")
+    relay = await start_relay(oracle_url=f"http://127.0.0.1:{port}", require_enrollment=True,
+                              oracle_key=oracle_key.public.text,
+                              relay_key=TRUSTED_RELAY.secret_text())
+    settings = oracle_settings(tmp_path, port=port, relays=(relay.url,), rotation_drain_s=60)
+    alice, bob = Identity.generate(), Identity.generate()
+    deployment = Deployment(relay, OracleServer(settings), None, "")  # type: ignore[arg-type]
+    await deployment.oracle.start()
+    try:
+        deployment.admin = await Admin.login(deployment.oracle, "first")
+        deployment.group = (await deployment.admin.call("POST", "/v1/groups", {"name": "g"},
+                                                        expect=201))["id"]
+        await deployment.enroll(alice, bob)
+        await deployment.admin.close()
+        async with deployment.device(alice) as a, deployment.device(bob) as b:
+            await eventually(lambda: _has(a, bob.public), timeout=10)
+            await eventually(lambda: _has(b, alice.public), timeout=10)
+            await deployment.oracle.stop()  # an outage, or a restart
+            new = Identity.generate()  # kept by the caller before the call (KeyFiles.begin())
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(3):
+                    await a.rotate_key(new)
+            assert a.identity is alice and a.pending_rotation is new
+            with pytest.raises(ValueError, match="pending"):  # the oracle may still apply it
+                await a.rotate_key(Identity.generate())
+
+            deployment.oracle = OracleServer(settings)  # back, on the same database
+            await deployment.oracle.start()
+            deployment.admin = await Admin.login(deployment.oracle, "second")
+
+            async def applied() -> bool:
+                old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
+                return old["rotated_to"] == new.public.text and old["revoked"]
+            await eventually(applied, timeout=15)  # from the statement waiting in its mailbox
+
+            pending = a.pending_rotation
+            assert pending is not None
+            async with asyncio.timeout(20):
+                assert await a.rotate_key(pending) is new
+            assert a.identity is new and a.pending_rotation is None
+            await eventually(lambda: _has(b, new.public), timeout=10)
+            sent = await asyncio.wait_for(a.send([bob.public], b"from the new key"), 10)
+            received = await asyncio.wait_for(anext(b.messages()), 10)
+            assert (received.sender, received.payload) == (new.public, b"from the new key")
+            assert (await sent.wait_receipts(10))[bob.public].value == "delivered"
+        async with await RawDevice.connect(relay.url, alice) as raw_alice:
+            assert error_code(await raw_alice.send(sealed(alice, [bob.public]))) == "REVOKED"
+    finally:
+        if deployment.admin is not None:
+            await deployment.admin.close()
+        await deployment.oracle.stop()
