@@ -17,10 +17,16 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
-from oracle_support import Admin, fresh_postgres_database, oracle_settings, postgres_available
+from oracle_support import (
+    Admin,
+    fresh_postgres_database,
+    oracle_settings,
+    postgres_available,
+)
 
 import oracle.__main__ as oracle_main
 from oracle import OracleServer
+from oracle.auth import _token_hash  # what the table holds of a token
 from oracle.db import MIGRATIONS_DIR, Database, PostgresDatabase, SqliteDatabase
 from proto import Identity
 
@@ -274,7 +280,6 @@ async def test_a_token_made_before_scopes_still_manages_devices_but_not_admins(
     db = await _database_before_scopes(database)
     old_token = "cot_made-before-scopes"
     try:
-        from oracle.auth import _token_hash
         await db.execute("INSERT INTO api_tokens (token_hash, name, created_at_ms)"
                          " VALUES ($1, 'ci', 0)", _token_hash(old_token))
     finally:
