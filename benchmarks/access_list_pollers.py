@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -176,7 +175,7 @@ def run(devices: int, pollers: int, calls: int, interval_ms: float, rounds: int,
         keys = asyncio.run(oracle_process.fill_fleet(database, devices))
         oracle = oracle_process.configure(tmp, database, baseline,
                                           relay_keys=relay.public.text)
-        token = re.search(r": (\S+)$", oracle.cli("create-token", "bench")).group(1)  # type: ignore[union-attr]
+        token = oracle.write_token("bench")
         oracle_key = oracle.cli("show-key")
         idle: list[dict] = []
         polled: list[dict] = []

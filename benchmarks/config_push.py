@@ -113,7 +113,7 @@ async def main(count: int, rounds: int, default_sender_rate: bool) -> None:
                     "INSERT INTO memberships (group_id, device_key) VALUES ($1, $2)",
                     [(group.id, identity.public.text) for identity in identities])
             await registry.reissue_peer_lists()
-            headers = {"Authorization": f"Bearer {await oracle.create_api_token('bench')}"}
+            headers = {"Authorization": f"Bearer {await oracle.create_api_token('bench', 'write')}"}
 
             parent, child = multiprocessing.Pipe()
             fleet = multiprocessing.get_context("spawn").Process(

@@ -115,7 +115,7 @@ def main() -> None:
         database = f"sqlite:///{tmp}/oracle.db"
         outsider = asyncio.run(_fill(database, args.devices, not args.fresh_lists))
         oracle = oracle_process.configure(tmp, database, args.baseline, relays=relay.url)
-        token = oracle.cli("create-token", "bench").split()[-1]
+        token = oracle.write_token("bench")
         with oracle_process.serving(oracle, f"{tmp}/oracle.log") as process:
             result = asyncio.run(_measure(oracle.base, token, outsider))
             started = time.monotonic()

@@ -70,6 +70,18 @@ class Oracle:
         return subprocess.run([*self.command, *args], env=self.env, check=True,
                               capture_output=True, text=True, timeout=60).stdout.strip()
 
+    def write_token(self, name: str) -> str:
+        """A `write` API token (devices and groups), printed once by `create-token`.
+
+        A baseline from before token scopes refuses `--scope` (its tokens were all
+        admins): it is asked without one.
+        """
+        try:
+            printed = self.cli("create-token", name, "--scope", "write")
+        except subprocess.CalledProcessError:
+            printed = self.cli("create-token", name)
+        return printed.rsplit(" ", 1)[-1]
+
 
 def configure(tmp: str, database: str, baseline: str | None = None,
               **settings: str) -> Oracle:

@@ -105,7 +105,7 @@ async def main(rounds: int) -> None:
                                database=f"sqlite:///{tmp}/oracle.db", identity_file=str(key_file),
                                relays=(relay.url,), log_level="error")
             async with OracleServer(settings) as oracle, aiohttp.ClientSession() as http:
-                headers = {"Authorization": f"Bearer {await oracle.create_api_token('bench')}"}
+                headers = {"Authorization": f"Bearer {await oracle.create_api_token('bench', 'write')}"}
                 refused, dropped = [], []
                 for _ in range(rounds):
                     r, d = await _round(http, oracle.url, headers, relay, oracle_key)

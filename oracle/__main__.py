@@ -14,7 +14,7 @@ from runtime.clock import now_ms
 from runtime.logs import EventSampler, configure_logging
 
 from .audit import Actor
-from .auth import Auth
+from .auth import TOKEN_SCOPES, Auth
 from .db import open_database
 from .errors import OracleError
 from .identity import load_identity, rotate
@@ -43,14 +43,16 @@ async def _serve(settings: OracleSettings) -> None:
         await stop.wait()
 
 
-async def _with_auth(settings: OracleSettings, action: str, name: str) -> str:
+async def _with_auth(settings: OracleSettings, action: str, name: str,
+                     scope: str | None = None) -> str:
     db = await open_database(settings.database)
     try:
         auth = Auth(db, settings.session_ttl_s)
         actor = Actor(f"cli:{getpass.getuser()}", "cli")  # the audit log's "who"
         if action == "create-admin":
             return await auth.create_admin(name, actor=actor)
-        return await auth.create_api_token(name, actor)
+        # No admin made it, so no admin's deletion revokes it: revoke it by name.
+        return await auth.create_api_token(name, scope, actor)
     finally:
         await db.close()
 
@@ -59,7 +61,8 @@ async def _with_auth(settings: OracleSettings, action: str, name: str) -> str:
 COMMANDS = {
     "serve": ("run the oracle: dashboard, API, access list, peer-change pushes", None),
     "create-admin": ("create an administrator; prints a generated password once", "username"),
-    "create-token": ("create an API bearer token; prints it once", "name"),
+    "create-token": ("create an API bearer token (--scope read: GETs and /metrics; write:"
+                     " also devices and groups); prints it once", "name"),
     "show-key": ("print the oracle's public key (cpk_…) to configure devices and relays", None),
     "rotate-key": ("with the oracle stopped: move it to a new key its current one signs for;"
                    " relays and devices follow", None),
@@ -82,6 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"continuum-oracle {command}", description=text)
     if positional:
         parser.add_argument(positional)
+    if command == "create-token":
+        parser.add_argument("--scope", required=True, choices=TOKEN_SCOPES,
+                            help="read: GET requests and /metrics only (a Prometheus scrape);"
+                                 " write: also manage devices and groups. No token manages"
+                                 " admins or tokens.")
     settings, args = OracleSettings.from_sources(rest, parser=parser)
     configure_logging(settings.log_level,
                       sampler=EventSampler(SAMPLED_EVENTS, per_s=SAMPLED_LINES_PER_S))
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             print(change.new.text)
         else:
             name = getattr(args, positional or "")
-            secret = asyncio.run(_with_auth(settings, command, name))
+            secret = asyncio.run(_with_auth(settings, command, name,
+                                            getattr(args, "scope", None)))
             label = "password" if command == "create-admin" else "token"
             print(f"{label} for {name!r} (shown once): {secret}")
     except OracleError as exc:

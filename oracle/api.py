@@ -1,5 +1,9 @@
 """The JSON API: everything the dashboard does, for scripts too (see openapi.json).
 
+Who may call what is decided before any handler (`web.auth_middleware`,
+`auth.refusal`): an admin's session everything, a `write` token all but the
+admin and token routes, a `read` token only GETs.
+
 Lists take `limit` and `cursor` (`pagination`); without `limit` the device and
 group lists answer every match at once, as they did before they were paginated,
 so existing scripts keep working.  Every change names its `Actor` for the audit log.
@@ -268,10 +272,12 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 async def create_token(request: web.Request) -> web.Response:
-    """Create an API token; the token is in this answer only (the oracle keeps its hash)."""
-    name = (await _body(request)).get("name")
-    token = await _oracle(request).auth.create_api_token(name, _actor(request))
-    return web.json_response({"name": name, "token": token}, status=201)
+    """Create an API token with its scope (read or write), made by the calling admin (whose
+    deletion revokes it); the token is in this answer only (the oracle keeps its hash)."""
+    body = await _body(request)
+    name, scope = body.get("name"), body.get("scope")
+    token = await _oracle(request).auth.create_api_token(name, scope, _actor(request))
+    return web.json_response({"name": name, "scope": scope, "token": token}, status=201)
 
 
 async def revoke_token(request: web.Request) -> web.Response:
@@ -301,7 +307,8 @@ async def status(request: web.Request) -> web.Response:
 
 async def whoami(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
-    return web.json_response({"name": principal.name, "csrf_token": principal.csrf_token})
+    return web.json_response({"name": principal.name, "scope": principal.scope,
+                              "csrf_token": principal.csrf_token})
 
 
 async def access_list(request: web.Request) -> web.Response:

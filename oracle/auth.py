@@ -15,6 +15,17 @@ Accounts and tokens are managed from the CLI and from the dashboard; each
 change (and each login and logout) is an audit entry.  A token's last use is
 written at most once a minute per token, so API traffic does not turn every
 read into a write.
+
+A token is not an administrator.  It has a scope, chosen when it is made:
+`read` (GET only: the API's reads and /metrics, what a Prometheus scrape or a
+reporting script needs) or `write` (also device and group changes).  Neither
+manages administrators or tokens (/v1/admins*, /v1/tokens*, the Admins page):
+that takes an administrator's session, so a token leaked from a script or a
+Kubernetes Secret cannot mint accounts, more tokens, or delete admins
+(`refusal`).  A token made from the dashboard or the API records the admin who
+made it, and deleting that admin revokes it in the same transaction: a removed
+administrator leaves nothing behind that still works.  Tokens made with the CLI
+(whoever runs it holds the database) have no creator and live until revoked.
 """
 
 from __future__ import annotations
@@ -48,6 +59,14 @@ SCRYPT_CONCURRENCY = 2
 # Sec-Fetch-Site values a login may carry: posted from the oracle's own page, or user-initiated.
 _OWN_FETCH_SITES = {"same-origin", "none"}
 LAST_USED_RESOLUTION_MS = 60_000
+
+READ, WRITE = "read", "write"
+TOKEN_SCOPES = (READ, WRITE)
+# A session's scope: everything, managing administrators and tokens included.
+ADMIN = "admin"
+# Managing administrators and tokens: for administrators' sessions only (`refusal`).
+ADMIN_ONLY_PATHS = ("/v1/admins", "/v1/tokens", "/admins")
+_READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
 def hash_password(password: str) -> str:
@@ -86,14 +105,39 @@ def _token_hash(token: str) -> str:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: an admin by session cookie (with its CSRF token) or an API token."""
+    """Who is calling: an admin by session cookie (with its CSRF token) or an API token.
+
+    `scope` is what it may do: ADMIN for a session, the token's READ or WRITE
+    (`refusal` decides by `via_cookie` first, so no token row can claim ADMIN).
+    """
 
     name: str
     via_cookie: bool
+    scope: str
     csrf_token: str | None = None
 
     def actor(self, address: str) -> Actor:
         return Actor(self.name, "session" if self.via_cookie else "token", address)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def refusal(principal: Principal, method: str, path: str) -> str | None:
+    """Why this principal may not make this request (a 403's message), or None if it may.
+
+    One rule for every route, checked before any handler: a handler cannot
+    forget it, and a new route is covered by its method alone.
+    """
+    if principal.via_cookie:
+        return None  # an administrator's session (CSRF is checked apart: `csrf_ok`)
+    if any(_under(path, prefix) for prefix in ADMIN_ONLY_PATHS):
+        return ("managing administrators and API tokens needs an administrator's session"
+                " (log in to the dashboard); an API token cannot")
+    if principal.scope != WRITE and method not in _READ_METHODS:
+        return f"this API token's scope is {principal.scope!r}: it can only read (GET)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -109,13 +153,18 @@ class AdminAccount:
 
 @dataclass(frozen=True)
 class ApiToken:
+    """A token's record; `created_by` is the admin who made it, None if the CLI made it (or
+    it predates migration 0008 and the audit log named no admin's session for it)."""
+
     name: str
+    scope: str
+    created_by: str | None
     created_at_ms: int
     last_used_ms: int | None
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "created_at_ms": self.created_at_ms,
-                "last_used_ms": self.last_used_ms}
+        return {"name": self.name, "scope": self.scope, "created_by": self.created_by,
+                "created_at_ms": self.created_at_ms, "last_used_ms": self.last_used_ms}
 
 
 class Auth:
@@ -149,8 +198,14 @@ class Auth:
             await audit.record(conn, actor, "admin.create", username)
         return password
 
-    async def delete_admin(self, username: str, actor: Actor = SYSTEM) -> None:
-        """Remove an administrator and end their sessions; never oneself nor the last one."""
+    async def delete_admin(self, username: str, actor: Actor = SYSTEM) -> list[str]:
+        """Remove an administrator, end their sessions and revoke the API tokens they made;
+        never oneself nor the last one.  Returns the names of the tokens revoked.
+
+        All in one transaction: no moment exists where the admin is gone and their
+        tokens still work.  Each revoked token gets its own `token.revoke` entry
+        (found by the token's name in the log), and `admin.delete` lists them.
+        """
         if actor.via == "session" and actor.name == username:
             raise Conflict("you cannot delete your own account: ask another admin")
         async with self._db.transaction() as conn:
@@ -159,27 +214,46 @@ class Auth:
                 raise NotFound(f"no admin {username!r}")
             if await conn.fetchval("SELECT COUNT(*) FROM admins") <= 1:
                 raise Conflict("the last admin cannot be deleted")
+            revoked = [row["name"] for row in await conn.fetch(
+                "SELECT name FROM api_tokens WHERE created_by = $1 ORDER BY name", username)]
+            await conn.execute("DELETE FROM api_tokens WHERE created_by = $1", username)
+            for name in revoked:
+                await audit.record(conn, actor, "token.revoke", name,
+                                   reason="its creator was deleted", created_by=username)
             await conn.execute("DELETE FROM admin_sessions WHERE username = $1", username)
             await conn.execute("DELETE FROM admins WHERE username = $1", username)
-            await audit.record(conn, actor, "admin.delete", username)
+            await audit.record(conn, actor, "admin.delete", username, tokens_revoked=revoked)
+        return revoked
 
     async def admins(self) -> list[AdminAccount]:
         rows = await self._db.fetch(
             "SELECT username, created_at_ms, last_login_ms FROM admins ORDER BY username")
         return [AdminAccount(**row) for row in rows]
 
-    async def create_api_token(self, name: object, actor: Actor = SYSTEM) -> str:
-        """A bearer token for scripts; shown once, stored only as a hash."""
+    async def create_api_token(self, name: object, scope: object,
+                               actor: Actor = SYSTEM) -> str:
+        """A bearer token for scripts, `read` or `write`; shown once, stored only as a hash.
+
+        There is no default scope: whoever makes a token says what it is for.  An
+        admin's session (`actor.via == "session"`) is recorded as its creator, so
+        deleting that admin revokes it; the CLI and the oracle itself make tokens
+        with no creator.
+        """
         if not isinstance(name, str) or not name or len(name) > 64 or not name.isprintable():
             raise InvalidInput("token name must be 1..64 printable characters")
+        if scope not in TOKEN_SCOPES:
+            raise InvalidInput("scope must be read (GET only: reads and /metrics)"
+                               " or write (also device and group changes)")
+        created_by = actor.name if actor.via == "session" else None
         token = "cot_" + secrets.token_urlsafe(32)
         async with self._db.transaction() as conn:
             if await conn.fetchrow("SELECT name FROM api_tokens WHERE name = $1", name):
                 raise Conflict(f"an API token named {name!r} already exists")
             await conn.execute(
-                "INSERT INTO api_tokens (token_hash, name, created_at_ms) VALUES ($1, $2, $3)",
-                _token_hash(token), name, now_ms())
-            await audit.record(conn, actor, "token.create", name)
+                "INSERT INTO api_tokens (token_hash, name, scope, created_by, created_at_ms)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                _token_hash(token), name, scope, created_by, now_ms())
+            await audit.record(conn, actor, "token.create", name, scope=scope)
         return token
 
     async def revoke_api_token(self, name: str, actor: Actor = SYSTEM) -> None:
@@ -192,7 +266,8 @@ class Auth:
 
     async def api_tokens(self) -> list[ApiToken]:
         rows = await self._db.fetch(
-            "SELECT name, created_at_ms, last_used_ms FROM api_tokens ORDER BY name")
+            "SELECT name, scope, created_by, created_at_ms, last_used_ms FROM api_tokens"
+            " ORDER BY name")
         return [ApiToken(**row) for row in rows]
 
     async def is_admin(self, username: str) -> bool:
@@ -238,12 +313,12 @@ class Auth:
         row = await self._db.fetchrow(
             "SELECT username, csrf_token FROM admin_sessions"
             " WHERE token_hash = $1 AND expires_at_ms > $2", _token_hash(session_token), now_ms())
-        return Principal(row["username"], True, row["csrf_token"]) if row else None
+        return Principal(row["username"], True, ADMIN, row["csrf_token"]) if row else None
 
     async def by_bearer(self, token: str) -> Principal | None:
         token_hash = _token_hash(token)
-        row = await self._db.fetchrow("SELECT name FROM api_tokens WHERE token_hash = $1",
-                                      token_hash)
+        row = await self._db.fetchrow(
+            "SELECT name, scope FROM api_tokens WHERE token_hash = $1", token_hash)
         if row is None:
             return None
         now = now_ms()
@@ -251,7 +326,7 @@ class Auth:
             self._last_used_written[token_hash] = now
             await self._db.execute("UPDATE api_tokens SET last_used_ms = $1 WHERE token_hash = $2",
                                    now, token_hash)
-        return Principal("token:" + row["name"], False)
+        return Principal("token:" + row["name"], False, row["scope"])
 
 
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -55,9 +55,10 @@ class OracleServer:
         assert self.oracle is not None, "start the oracle first"
         return await self.oracle.auth.create_admin(username, password)
 
-    async def create_api_token(self, name: str) -> str:
+    async def create_api_token(self, name: str, scope: str) -> str:
+        """A bearer token with its scope (`read` or `write`), with no creator (as the CLI's)."""
         assert self.oracle is not None, "start the oracle first"
-        return await self.oracle.auth.create_api_token(name)
+        return await self.oracle.auth.create_api_token(name, scope)
 
     async def start(self) -> None:
         log = structlog.get_logger("oracle").bind(oracle=self.identity.public.text[:16])

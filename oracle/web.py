@@ -9,7 +9,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from . import api, dashboard, login, metrics, presence_web, templating
-from .auth import ACTOR, CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal, csrf_ok
+from .auth import (ACTOR, CSRF_FIELD, CSRF_HEADER, PRINCIPAL, SESSION_COOKIE, Principal,
+                   csrf_ok, refusal)
 from .context import ORACLE_KEY, OracleContext, address_of
 from .errors import OracleError
 
@@ -69,9 +70,25 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return web.Response(text=exc.message, status=exc.status)
 
 
+def _route_path(request: web.Request) -> str:
+    """The matched route's template ("/v1/admins/{username}"), else the path: what the
+    scope rule is checked against, so it judges the route that will answer, however the
+    path was spelt."""
+    resource = request.match_info.route.resource
+    return request.path if resource is None else resource.canonical
+
+
+def _forbidden(request: web.Request, message: str) -> web.Response:
+    if _is_api(request):
+        return web.json_response({"error": message}, status=403)
+    return web.Response(text=message, status=403)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every non-public route needs an admin; every cookie-authenticated change needs CSRF."""
+    """Every non-public route needs an admin's session or an API token whose scope allows
+    it (`auth.refusal`: tokens never manage admins or tokens, `read` ones only read);
+    every cookie-authenticated change needs CSRF."""
     if _is_public(request):
         return await handler(request)
     principal = await _principal(request)
@@ -79,14 +96,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if _is_api(request):
             return web.json_response({"error": "authentication required"}, status=401)
         raise web.HTTPSeeOther("/login")
+    refused = refusal(principal, request.method, _route_path(request))
+    if refused is not None:
+        return _forbidden(request, refused)
     if request.method not in _SAFE_METHODS:
         presented = request.headers.get(CSRF_HEADER)
         if presented is None and request.content_type == "application/x-www-form-urlencoded":
             presented = (await request.post()).get(CSRF_FIELD)  # type: ignore[assignment]
         if not csrf_ok(principal, presented if isinstance(presented, str) else None):
-            if _is_api(request):
-                return web.json_response({"error": "missing or wrong CSRF token"}, status=403)
-            return web.Response(text="missing or wrong CSRF token", status=403)
+            return _forbidden(request, "missing or wrong CSRF token")
     request[PRINCIPAL] = principal
     request[ACTOR] = principal.actor(address_of(request))
     return await handler(request)

@@ -45,7 +45,7 @@ def signed_by(relay: Identity, server: OracleServer, *, issued_at_ms: int | None
 
 async def test_only_fresh_requests_signed_by_an_allowed_relay_key_are_served(
         server: OracleServer) -> None:
-    token = await server.create_api_token("ops")
+    token = await server.create_api_token("ops", "write")
     refused = {
         "no header": {},
         "an admin's bearer token": {"Authorization": f"Bearer {token}"},

@@ -357,6 +357,29 @@ def test_notes_guide_setup_and_warn_without_access_control() -> None:
     assert "create-admin" not in us and "WITHOUT" not in us
 
 
+def test_notes_make_the_metrics_token_a_read_token() -> None:
+    """The oracle's scrape token sits in a Secret: the notes make it a `read` token, which
+    can scrape and read but never change a device or manage admins (audit F1)."""
+    pytest.importorskip("helm_python")
+    if shutil.which("helm"):
+        pytest.skip("`helm template` does not render NOTES.txt")
+    _, without = render_with_notes("values.yaml")
+    assert "create-token" not in without  # no ServiceMonitor: nothing to scrape with
+    monitored = {"metrics": {"serviceMonitor": {"enabled": True}}}
+    _, unset = render_with_notes("values.yaml", monitored)
+    assert ("kubectl -n default exec deploy/test-continuum-oracle -- continuum-oracle"
+            " create-token prometheus --scope read") in unset
+    assert "set metrics.oracleToken.secretName=test-continuum-oracle-metrics" in unset
+    assert ("create secret generic test-continuum-oracle-metrics --from-literal=token=cot_"
+            in unset)
+    named = deep_merge(monitored, {"metrics": {"oracleToken": {"secretName": "scrape",
+                                                               "secretKey": "bearer"}}})
+    _, given = render_with_notes("values.yaml", named)
+    assert "create-token prometheus --scope read" in given
+    assert "Prometheus scrapes the oracle with the API token in Secret scrape" in given
+    assert "create secret generic scrape --from-literal=bearer=cot_" in given
+
+
 def schema_errors(values: dict[str, Any]) -> list[str]:
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((CHART / "values.schema.json").read_text())

@@ -129,7 +129,7 @@ async def test_cookie_mutation_without_csrf_is_403_but_bearer_needs_none(
                                   headers={"X-CSRF-Token": "guess"}) as response:
         assert response.status == 403
     assert (await admin.call("GET", "/v1/groups"))["groups"] == []
-    token = await server.create_api_token("ci")
+    token = await server.create_api_token("ci", "write")
     async with aiohttp.ClientSession() as session:
         async with session.post(server.url + "/v1/groups", json={"name": "by-token"},
                                 headers={"Authorization": f"Bearer {token}"}) as response:

@@ -1,6 +1,6 @@
 """The dashboard at fleet scale, in Debian's headless Chromium: pages of devices with filters,
-a device's own page (revoke, delete), the audit log of those changes, API tokens made and
-revoked from the dashboard, and every page usable at 390 px with distinct button names.
+a device's own page (revoke, delete), the audit log of those changes, API tokens made (with
+their scope, shown with their creator) and revoked from the dashboard, and every page usable at 390 px with distinct button names.
 
 The oracle runs on 127.0.0.1 (SQLite; the queries behind these pages are checked on both
 databases in test_oracle_fleet_api.py).
@@ -166,18 +166,34 @@ async def test_api_tokens_are_made_and_revoked_from_the_dashboard(tmp_path: Path
             await page.click("button:has-text('Log in')")
             await page.click("nav a:has-text('Admins')")
             await page.fill("input[name=name]", "ci")
+            assert await page.input_value("select[name=scope]") == "read"  # least by default
+            await page.select_option("select[name=scope]", "write")
             await page.click("button:has-text('Create token')")
             token = await page.inner_text("#secret code.secret-value")
             assert token.startswith("cot_")
 
-            async def status_with(bearer: str) -> int:
-                async with http.get(oracle.url + "/v1/status",
-                                    headers={"Authorization": f"Bearer {bearer}"}) as response:
+            async def status_with(bearer: str, method: str = "GET", path: str = "/v1/status",
+                                  body: object = None) -> int:
+                async with http.request(method, oracle.url + path, json=body, headers={
+                        "Authorization": f"Bearer {bearer}"}) as response:
                     return response.status
             assert await status_with(token) == 200
+            assert await status_with(token, "POST", "/v1/groups", {"name": "by-ci"}) == 201
+            assert await status_with(token, "POST", "/v1/admins", {"username": "m"}) == 403
             await page.click("#secret button:has-text('Done')")
             row = page.locator("tr[data-token=ci]")
             assert "never" not in await row.locator("td[data-label='Last used']").inner_text()
+            assert await row.locator("td[data-label='Scope']").inner_text() == "write"
+            assert await row.locator("td[data-label='Created by']").inner_text() == "alice"
+
+            await page.fill("input[name=name]", "prometheus")
+            await page.click("button:has-text('Create token')")
+            scraper = await page.inner_text("#secret code.secret-value")
+            await page.click("#secret button:has-text('Done')")
+            row = page.locator("tr[data-token=prometheus]")
+            assert await row.locator("td[data-label='Scope']").inner_text() == "read"
+            assert await status_with(scraper, "GET", "/metrics") == 200
+            assert await status_with(scraper, "POST", "/v1/groups", {"name": "x"}) == 403
             await page.get_by_role("button", name="Revoke token ci").click()
             await page.wait_for_selector("tr[data-token=ci]", state="detached")
             assert await status_with(token) == 401

@@ -146,7 +146,8 @@ async def test_every_change_is_audited_with_who_when_what_and_from_where(
     await admin.call("POST", f"/v1/devices/{key}/revoke")
     await admin.call("POST", f"/v1/devices/{key}/restore")
     await admin.call("POST", "/v1/peer-lists/reissue")
-    created = await admin.call("POST", "/v1/tokens", {"name": "ci"}, expect=201)
+    created = await admin.call("POST", "/v1/tokens", {"name": "ci", "scope": "write"},
+                               expect=201)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {created['token']}",
                                               "X-Forwarded-For": "203.0.113.9"}) as http:
         async with http.post(f"{server.url}/v1/devices/{key}/revoke") as response:
@@ -253,9 +254,10 @@ async def test_admins_and_tokens_are_managed_through_the_api(
     finally:
         await bob.close()
 
-    token = (await admin.call("POST", "/v1/tokens", {"name": "ci"}, expect=201))["token"]
-    await admin.call("POST", "/v1/tokens", {"name": "ci"}, expect=409)
-    await admin.call("POST", "/v1/tokens", {"name": 7}, expect=400)
+    token = (await admin.call("POST", "/v1/tokens", {"name": "ci", "scope": "read"},
+                              expect=201))["token"]
+    await admin.call("POST", "/v1/tokens", {"name": "ci", "scope": "read"}, expect=409)
+    await admin.call("POST", "/v1/tokens", {"name": 7, "scope": "read"}, expect=400)
     (listed,) = (await admin.call("GET", "/v1/tokens"))["tokens"]
     assert listed["name"] == "ci" and listed["last_used_ms"] is None and "token" not in listed
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:

@@ -57,7 +57,7 @@ def oracle(loop_thread: LoopThread, tmp_path_factory: pytest.TempPathFactory) ->
     tmp: Path = tmp_path_factory.mktemp("oracle-fuzz")
     server = OracleServer(oracle_settings(tmp))
     loop_thread.run(server.start())
-    token = loop_thread.run(server.create_api_token("fuzz"))
+    token = loop_thread.run(server.create_api_token("fuzz", "write"))
 
     async def session() -> aiohttp.ClientSession:
         return aiohttp.ClientSession()
