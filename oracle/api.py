@@ -122,14 +122,14 @@ async def delete_device(request: web.Request) -> web.Response:
 
 
 async def revoke_device(request: web.Request) -> web.Response:
-    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]),
-                                                         True, _actor(request))
-    return web.json_response(device.to_json())
+    revocation = await _oracle(request).registry.revoke(parse_key(request.match_info["key"]),
+                                                        _actor(request))
+    return web.json_response(revocation.to_json())
 
 
 async def restore_device(request: web.Request) -> web.Response:
-    device = await _oracle(request).registry.set_revoked(parse_key(request.match_info["key"]),
-                                                         False, _actor(request))
+    device = await _oracle(request).registry.restore(parse_key(request.match_info["key"]),
+                                                     _actor(request))
     return web.json_response(device.to_json())
 
 

@@ -67,6 +67,18 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """What revoking a key did: the record, and the keys whose drain it ended (SPEC §15),
+    so the answer says when a revoke of a key already revoked still changed something."""
+
+    device: DeviceRecord
+    drains_ended: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.device.to_json(), "drains_ended": list(self.drains_ended)}
+
+
+@dataclass(frozen=True)
 class DeviceCounts:
     """The fleet at a glance: the dashboard's summary and the /metrics gauges."""
 

@@ -30,7 +30,7 @@ from .pagination import Page, decode_cursor, encode_cursor
 from .peers import MAX_PEERS, changed_lists, decode_peer_text, derive_peer_lists, peer_count
 from .regions import Regions
 from .records import (AccessSnapshot, DeviceCounts, DeviceRecord, GroupRecord, GroupRef,
-                      GroupSummary, PendingPush, PushStatus)
+                      GroupSummary, PendingPush, PushStatus, Revocation)
 from .validation import parse_key, parse_name, parse_tags
 
 _DEVICE_COLUMNS = ("d.key, d.name, d.tags, d.enrolled_at_ms, d.revoked_at_ms, d.last_seen_ms,"
@@ -168,14 +168,16 @@ class Registry:
         rotation: deleting an active device would drop it from the access list
         without revoking it, and relays that do not require enrollment let an
         unknown key connect.  A deleted key is unknown again, so a relay that
-        requires enrollment refuses it as not enrolled.
+        requires enrollment refuses it as not enrolled.  Revoking a draining key
+        ends its drain (`revoke`); it may be deleted then.
         """
         device = await self.get_device(key)
         if not device.revoked:
             raise Conflict(f"device {key} is active: revoke it before deleting it")
         if device.drain_until_ms is not None and device.drain_until_ms > now_ms():
             raise Conflict(f"device {key} rotated to {device.rotated_to} and may drain its"
-                           " mailbox until then: delete it after the drain")
+                           " mailbox until then: delete it after the drain, or revoke it to"
+                           " end the drain now")
         async with self.db.transaction() as conn:
             await conn.execute("DELETE FROM peer_changes WHERE device_key = $1", key)
             await conn.execute("DELETE FROM memberships WHERE device_key = $1", key)
@@ -185,21 +187,84 @@ class Registry:
         self._on_change()
 
     async def set_revoked(self, key: str, revoked: bool, actor: Actor = SYSTEM) -> DeviceRecord:
-        """Revoke or restore: the access list and every affected peer list change at once."""
+        """`revoke` or `restore`, for callers that need only the record."""
+        if revoked:
+            return (await self.revoke(key, actor)).device
+        return await self.restore(key, actor)
+
+    async def revoke(self, key: str, actor: Actor = SYSTEM) -> Revocation:
+        """Revoke a device and end the drain of every key it rotated away from, in one change.
+
+        A rotated-away key may drain its mailbox (SPEC §15), but whoever took the
+        device holds that old key too (`identity.key.old`): were it left draining,
+        revoking the device would leave the thief its old mailbox at every relay
+        for the rest of the drain time.  So each key of the `rotated_from` chain
+        still draining gets its drain end set to now; the same access list that
+        revokes the device lists them as revoked.  Revoking a key that rotated away
+        (revoked already; the device is its new key) ends its drain and its
+        predecessors', and leaves the new key as it is.  Nothing to change: no change.
+        """
+        now = now_ms()
+        async with self.db.transaction() as conn:
+            device = await self._device_in(conn, key)
+            ended = await self._end_drains(conn, key, now)
+            if device.revoked and not ended:
+                return Revocation(device, ())
+            # Conditional: if a rotation committed since the read, `key` rotated away and
+            # the device is its new key now.
+            if not device.revoked and not await conn.fetch(
+                    "UPDATE devices SET revoked_at_ms = $1 WHERE key = $2"
+                    " AND revoked_at_ms IS NULL RETURNING key", now, key):
+                raise Conflict(f"device {key} rotated to a new key meanwhile: revoke that key")
+            await self._bump_access_list(conn)
+            if not device.revoked:
+                await self._reconcile(conn, await self._sharing_a_group(conn, [key]))
+                await configuration.reconcile(conn, only={key})
+            await audit.record(conn, actor, "device.revoke", key,
+                               **({"drains_ended": ended} if ended else {}))
+            record = await self._device_in(conn, key)
+        self._on_change()
+        return Revocation(record, tuple(ended))
+
+    async def restore(self, key: str, actor: Actor = SYSTEM) -> DeviceRecord:
+        """Restore a revoked device: the access list and every affected peer list change at once.
+
+        A key that rotated away is not restored (the device is its new key), and
+        restoring the new key gives no drain back: a drain its revocation ended
+        stays ended, since the old key may be the very one that was stolen.
+        """
         device = await self.get_device(key)
-        if device.revoked == revoked:
+        if not device.revoked:
             return device
         if device.rotated_to is not None:
             raise Conflict(f"device {key} rotated to {device.rotated_to}: that key is the device")
         async with self.db.transaction() as conn:
-            await conn.execute("UPDATE devices SET revoked_at_ms = $1 WHERE key = $2",
-                               now_ms() if revoked else None, key)
+            await conn.execute("UPDATE devices SET revoked_at_ms = NULL WHERE key = $1", key)
             await self._bump_access_list(conn)
             await self._reconcile(conn, await self._sharing_a_group(conn, [key]))
             await configuration.reconcile(conn, only={key})
-            await audit.record(conn, actor, "device.revoke" if revoked else "device.restore", key)
+            await audit.record(conn, actor, "device.restore", key)
         self._on_change()
         return await self.get_device(key)
+
+    async def _end_drains(self, conn: Connection, key: str, now: int) -> list[str]:
+        """End at `now` the drain of `key` and of each key before it in its rotation chain
+        (`rotated_from`, newest first); the keys whose drain this ended."""
+        ended: list[str] = []
+        seen: set[str] = set()
+        current: str | None = key
+        while current is not None and current not in seen:
+            seen.add(current)
+            row = await conn.fetchrow("SELECT rotated_from, drain_until_ms FROM devices"
+                                      " WHERE key = $1", current)
+            if row is None:  # deleted once its own drain was over
+                break
+            if row["drain_until_ms"] is not None and int(row["drain_until_ms"]) > now:
+                await conn.execute("UPDATE devices SET drain_until_ms = $1 WHERE key = $2",
+                                   now, current)
+                ended.append(current)
+            current = row["rotated_from"]
+        return ended
 
     async def rotate_device(self, old: str, new: str, drain_until_ms: int) -> DeviceRecord:
         """Re-point a device to its new key (its verified `KeyRotation`), in one transaction.

@@ -5,12 +5,21 @@ old key is refused afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from oracle_support import TRUSTED_RELAY, Admin, eventually, handshake_refusal, oracle_settings
+from oracle_support import (
+    TRUSTED_RELAY,
+    Admin,
+    eventually,
+    fresh_postgres_database,
+    handshake_refusal,
+    oracle_settings,
+    postgres_available,
+)
 from relay_process import free_port
 from wire import RawDevice, error_code, sealed
 
@@ -18,7 +27,7 @@ from client import Device
 from continuum.server import RelayServer
 from oracle import OracleServer
 from proto import Identity, Kind, PublicKey, canonical, seal_envelope
-from proto.frames import Accepted
+from proto.frames import Accepted, Deliver, Error
 from proto.rotation import KeyRotation
 from runtime.clock import now_ms
 
@@ -41,22 +50,44 @@ class Deployment:
             await self.admin.call("PUT", f"/v1/groups/{self.group}/members/{identity.public.text}")
 
 
-@pytest.fixture
-async def deployment(start_relay, tmp_path: Path) -> AsyncIterator[Deployment]:
-    """A relay enforcing the oracle's list (enrollment required), the oracle pushing through it."""
+@contextlib.asynccontextmanager
+async def _deployed(start_relay, tmp_path: Path, database: str | None = None,
+                    drain_s: float = 4) -> AsyncIterator[Deployment]:
     port = free_port()
     identity = Identity.load_or_create(tmp_path / "oracle.key")
     relay = await start_relay(oracle_url=f"http://127.0.0.1:{port}", require_enrollment=True,
                               oracle_key=identity.public.text,
                               relay_key=TRUSTED_RELAY.secret_text())
-    async with OracleServer(oracle_settings(tmp_path, port=port, relays=(relay.url,),
-                                            rotation_drain_s=4)) as oracle:
+    async with OracleServer(oracle_settings(tmp_path, database, port=port, relays=(relay.url,),
+                                            rotation_drain_s=drain_s)) as oracle:
         admin = await Admin.login(oracle)
         group = (await admin.call("POST", "/v1/groups", {"name": "g"}, expect=201))["id"]
         try:
             yield Deployment(relay, oracle, admin, group)
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def deployment(start_relay, tmp_path: Path) -> AsyncIterator[Deployment]:
+    """A relay enforcing the oracle's list (enrollment required), the oracle pushing through it."""
+    async with _deployed(start_relay, tmp_path) as deployed:
+        yield deployed
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def long_drain(request, start_relay, tmp_path: Path) -> AsyncIterator[Deployment]:
+    """As `deployment`, on both databases, with a drain time (an hour) no test outlasts: an
+    old key refused during it is refused because of a revocation, not its deadline."""
+    if request.param == "sqlite":
+        async with _deployed(start_relay, tmp_path, drain_s=3600) as deployed:
+            yield deployed
+        return
+    if not postgres_available():
+        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+    async with fresh_postgres_database() as dsn, \
+            _deployed(start_relay, tmp_path, dsn, drain_s=3600) as deployed:
+        yield deployed
 
 
 async def _has(device: Device, key: PublicKey) -> bool:
@@ -289,3 +320,113 @@ async def test_an_interrupted_rotation_the_oracle_applies_later_is_finished_with
         if deployment.admin is not None:
             await deployment.admin.close()
         await deployment.oracle.stop()
+
+
+async def _rotate_by_statement(deployment: Deployment, old: Identity, new: Identity) -> None:
+    """Rotate `old` to `new` as a device does (its statement, sent from the old key), and
+    wait until the oracle applied it: the old key drains from then on."""
+    await eventually(lambda: _welcomed(deployment.relay.url, old), timeout=10)  # list applied
+    async with await RawDevice.connect(deployment.relay.url, old) as raw:
+        statement = KeyRotation.sign(old, new, now_ms()).encode()
+        envelope = seal_envelope(old, Kind.DATA, [deployment.oracle.identity.public], statement,
+                                 ttl_s=600, now_ms=now_ms())
+        assert isinstance(await raw.send(envelope), Accepted)
+
+    async def applied() -> bool:
+        device = await deployment.admin.call("GET", f"/v1/devices/{old.public.text}")
+        return device["rotated_to"] == new.public.text
+    await eventually(applied, timeout=15)
+
+
+async def _refusal(url: str, identity: Identity) -> str | None:
+    """The relay's refusal of a handshake as `identity`, or None if it WELCOMEs it."""
+    try:
+        return await handshake_refusal(url, identity)
+    except AssertionError:  # WELCOME
+        return None
+
+
+async def _closed_with(raw: RawDevice, timeout: float = 5) -> str | None:
+    """The code of the ERROR a live connection is closed with (deliveries skipped, not
+    acknowledged), or None if none comes within `timeout`."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await raw.recv(timeout)
+                if isinstance(frame, Error):
+                    return error_code(frame)
+    except (TimeoutError, ConnectionError):
+        return None
+
+
+async def test_revoking_a_rotated_device_ends_its_old_keys_drain(long_drain: Deployment) -> None:
+    """The device is stolen after a rotation: the thief holds the old key too
+    (`identity.key.old`), so revoking the device must refuse the old key at once, not
+    leave it its mailbox at every relay until its drain deadline."""
+    deployment, url = long_drain, long_drain.relay.url
+    alice, bob, new = Identity.generate(), Identity.generate(), Identity.generate()
+    await deployment.enroll(alice, bob)
+    async with deployment.device(bob) as b:
+        await eventually(lambda: _has(b, alice.public), timeout=10)
+        await b.send([alice.public], b"waits for alice's old key")
+    await _rotate_by_statement(deployment, alice, new)
+    async with await RawDevice.connect(url, alice) as thief:  # draining: WELCOMEd
+        assert isinstance(await thief.recv(5), Deliver)  # (not acknowledged: it stays)
+        revocation = await deployment.admin.call("POST", f"/v1/devices/{new.public.text}/revoke")
+        # The list revoking the device closes the old key's live connection...
+        assert await _closed_with(thief) == "REVOKED"
+    # ...and refuses its handshake from then on, as the new key's.
+    assert await _refusal(url, alice) == "REVOKED"
+    assert await _refusal(url, new) == "REVOKED"
+    assert revocation["revoked"] and revocation["drains_ended"] == [alice.public.text]
+    old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
+    assert old["drain_until_ms"] <= now_ms()
+    await deployment.admin.call("DELETE", f"/v1/devices/{alice.public.text}", expect=204)
+
+    # Restoring the device gives the new key back, not the old key's drain.
+    restored = await deployment.admin.call("POST", f"/v1/devices/{new.public.text}/restore")
+    assert not restored["revoked"]
+    await eventually(lambda: _welcomed(url, new), timeout=10)
+    assert await _refusal(url, alice) == "NOT_ENROLLED"  # deleted: unknown
+
+
+async def test_revoking_a_draining_key_ends_its_drain_and_leaves_the_device(
+        long_drain: Deployment) -> None:
+    deployment, url = long_drain, long_drain.relay.url
+    alice, bob, new = Identity.generate(), Identity.generate(), Identity.generate()
+    await deployment.enroll(alice, bob)
+    await _rotate_by_statement(deployment, alice, new)
+    assert await _refusal(url, alice) is None  # draining: WELCOMEd
+    status = await deployment.admin.call("GET", "/v1/status")
+
+    revocation = await deployment.admin.call("POST", f"/v1/devices/{alice.public.text}/revoke")
+    assert await _eventually_refused(url, alice) == "REVOKED"
+    assert revocation["drains_ended"] == [alice.public.text]
+    assert revocation["revoked"] and revocation["drain_until_ms"] <= now_ms()
+    after = await deployment.admin.call("GET", "/v1/status")
+    assert after["access_list_version"] == status["access_list_version"] + 1
+    # The device is its new key, untouched.
+    assert await _refusal(url, new) is None
+    assert not (await deployment.admin.call("GET", f"/v1/devices/{new.public.text}"))["revoked"]
+    # Again: nothing left to end, nothing changes; the old key may be deleted now.
+    again = await deployment.admin.call("POST", f"/v1/devices/{alice.public.text}/revoke")
+    assert again["drains_ended"] == []
+    assert (await deployment.admin.call("GET", "/v1/status"))["access_list_version"] == \
+        after["access_list_version"]
+    await deployment.admin.call("POST", f"/v1/devices/{alice.public.text}/restore", expect=409)
+    await deployment.admin.call("DELETE", f"/v1/devices/{alice.public.text}", expect=204)
+
+
+async def _welcomed(url: str, identity: Identity) -> bool:
+    return await _refusal(url, identity) is None
+
+
+async def _eventually_refused(url: str, identity: Identity) -> str | None:
+    """The refusal once the relay applied the list that refuses `identity` (None if it
+    still WELCOMEs it after 10 s)."""
+    async def refused() -> str | None:
+        return await _refusal(url, identity)
+    try:
+        return await eventually(refused, timeout=10, interval=0.2)
+    except AssertionError:
+        return None

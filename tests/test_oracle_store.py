@@ -252,6 +252,63 @@ async def test_rotation_moves_the_device_to_its_new_key_and_drains_the_old(
     assert any(p.device_key == lonely_new for p in await registry.pending_pushes())
 
 
+async def test_revoking_a_device_ends_the_drain_of_every_key_it_rotated_from(
+        open_db: Opener) -> None:
+    changes: list[None] = []
+    registry = Registry(await open_db(), lambda: changes.append(None))
+    first, second, third, peer = key(), key(), key(), key()
+    for k in (first, peer):
+        await registry.enroll(k, f"dev-{k[4:8]}")
+    group = await registry.create_group("g")
+    for k in (first, peer):
+        await registry.add_member(group.id, k)
+    until = now_ms() + 3_600_000
+    await registry.rotate_device(first, second, until)
+    await registry.rotate_device(second, third, until)  # both old keys drain
+    assert set((await registry.access_snapshot()).draining) == {first, second}
+    version, changes[:] = await registry.access_version(), []
+
+    assert (await registry.set_revoked(third, True)).revoked
+    snapshot = await registry.access_snapshot()
+    assert not snapshot.draining and {first, second, third} <= snapshot.revoked
+    assert snapshot.version == version + 1 and changes  # published at once
+    assert (await registry.revoke(third)).drains_ended == ()  # all ended already
+    for old in (first, second):
+        assert (await registry.get_device(old)).drain_until_ms <= now_ms()
+        await registry.delete_device(old)  # no drain left to wait for
+
+    # Restoring the device restores its current key only: no drain comes back.
+    assert not (await registry.set_revoked(third, False)).revoked
+    snapshot = await registry.access_snapshot()
+    assert snapshot.enrolled >= {third} and not snapshot.draining
+
+
+async def test_revoking_a_draining_key_ends_its_drain_and_leaves_the_new_key(
+        open_db: Opener) -> None:
+    registry = Registry(await open_db(), lambda: None)
+    old, new = key(), key()
+    await registry.enroll(old, "d")
+    await registry.rotate_device(old, new, now_ms() + 3_600_000)
+    version = await registry.access_version()
+
+    await registry.set_revoked(old, True)
+    snapshot = await registry.access_snapshot()
+    assert old in snapshot.revoked and not snapshot.draining and new in snapshot.enrolled
+    assert snapshot.version == version + 1
+    assert (await registry.get_device(old)).drain_until_ms <= now_ms()
+    again = await registry.revoke(old)  # nothing left to end: no change
+    assert again.drains_ended == () and await registry.access_version() == version + 1
+    with pytest.raises(Conflict):
+        await registry.set_revoked(old, False)  # the device is its new key
+
+    # A revoke reports the keys whose drain it ended, newest first.
+    older, newer, newest = key(), key(), key()
+    await registry.enroll(older, "e")
+    await registry.rotate_device(older, newer, now_ms() + 3_600_000)
+    await registry.rotate_device(newer, newest, now_ms() + 3_600_000)
+    assert (await registry.revoke(newest)).drains_ended == (newer, older)
+
+
 async def test_an_expired_drain_is_a_plain_revocation(open_db: Opener) -> None:
     registry = Registry(await open_db(), lambda: None)
     old, new = key(), key()
