@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
+import pytest
 from wire import MAX_FRAME, device_handshake, error_code
 
 from oracle import OracleServer, OracleSettings
@@ -45,6 +46,20 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def oracle_database(engine: str, tmp_path: Path) -> AsyncIterator[str]:
+    """The database URL of one test on `engine`, "sqlite" or "postgres" (what the oracle's
+    fixtures are parametrized over): SQLite in `tmp_path`, or a fresh PostgreSQL database
+    dropped afterwards; the test is skipped when PostgreSQL does not answer."""
+    if engine == "sqlite":
+        yield f"sqlite:///{tmp_path / 'oracle.db'}"
+        return
+    if not postgres_available():
+        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
+    async with fresh_postgres_database() as dsn:
+        yield dsn
 
 
 def oracle_settings(tmp_path: Path, database: str | None = None, **overrides: Any) -> OracleSettings:

@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from oracle_support import Admin, fresh_postgres_database, oracle_settings, postgres_available
+from oracle_support import Admin, oracle_database, oracle_settings
 
 from oracle import OracleServer
 from proto import Identity
@@ -18,12 +18,9 @@ from proto.config import MAX_CONFIG_BYTES
 @pytest.fixture(params=["sqlite", "postgres"])
 async def admin(request, tmp_path) -> AsyncIterator[Admin]:
     """An administrator of an oracle on SQLite, then on PostgreSQL (migration 0006 on both)."""
-    if request.param == "postgres" and not postgres_available():
-        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
     async with contextlib.AsyncExitStack() as stack:
-        dsn = (await stack.enter_async_context(fresh_postgres_database())
-               if request.param == "postgres" else None)
-        server = await stack.enter_async_context(OracleServer(oracle_settings(tmp_path, dsn)))
+        url = await stack.enter_async_context(oracle_database(request.param, tmp_path))
+        server = await stack.enter_async_context(OracleServer(oracle_settings(tmp_path, url)))
         client = await Admin.login(server)
         stack.push_async_callback(client.close)
         yield client

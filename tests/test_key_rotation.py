@@ -11,15 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from oracle_support import (
-    TRUSTED_RELAY,
-    Admin,
-    eventually,
-    fresh_postgres_database,
-    handshake_refusal,
-    oracle_settings,
-    postgres_available,
-)
+from oracle_support import (TRUSTED_RELAY, Admin, eventually, handshake_refusal, oracle_database,
+                            oracle_settings)
 from relay_process import free_port
 from wire import RawDevice, error_code, sealed
 
@@ -79,14 +72,8 @@ async def deployment(start_relay, tmp_path: Path) -> AsyncIterator[Deployment]:
 async def long_drain(request, start_relay, tmp_path: Path) -> AsyncIterator[Deployment]:
     """As `deployment`, on both databases, with a drain time (an hour) no test outlasts: an
     old key refused during it is refused because of a revocation, not its deadline."""
-    if request.param == "sqlite":
-        async with _deployed(start_relay, tmp_path, drain_s=3600) as deployed:
-            yield deployed
-        return
-    if not postgres_available():
-        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
-    async with fresh_postgres_database() as dsn, \
-            _deployed(start_relay, tmp_path, dsn, drain_s=3600) as deployed:
+    async with oracle_database(request.param, tmp_path) as url, \
+            _deployed(start_relay, tmp_path, url, drain_s=3600) as deployed:
         yield deployed
 
 
@@ -268,21 +255,9 @@ async def test_an_interrupted_rotation_the_oracle_applies_later_is_finished_with
     oracle comes back on the same database and applies the statement from its mailbox.  The
     device still holds the new key (`pending_rotation`) and finishes the rotation with it:
     it sends as the new key, never locked out on a draining old one."""
-    port = free_port()
-    oracle_key = Identity.load_or_create(tmp_path / "oracle.key")
-    relay = await start_relay(oracle_url=f"http://127.0.0.1:{port}", require_enrollment=True,
-                              oracle_key=oracle_key.public.text,
-                              relay_key=TRUSTED_RELAY.secret_text())
-    settings = oracle_settings(tmp_path, port=port, relays=(relay.url,), rotation_drain_s=60)
     alice, bob = Identity.generate(), Identity.generate()
-    deployment = Deployment(relay, OracleServer(settings), None, "")  # type: ignore[arg-type]
-    await deployment.oracle.start()
-    try:
-        deployment.admin = await Admin.login(deployment.oracle, "first")
-        deployment.group = (await deployment.admin.call("POST", "/v1/groups", {"name": "g"},
-                                                        expect=201))["id"]
+    async with _deployed(start_relay, tmp_path, drain_s=60) as deployment:
         await deployment.enroll(alice, bob)
-        await deployment.admin.close()
         async with deployment.device(alice) as a, deployment.device(bob) as b:
             await eventually(lambda: _has(a, bob.public), timeout=10)
             await eventually(lambda: _has(b, alice.public), timeout=10)
@@ -295,31 +270,29 @@ async def test_an_interrupted_rotation_the_oracle_applies_later_is_finished_with
             with pytest.raises(ValueError, match="pending"):  # the oracle may still apply it
                 await a.rotate_key(Identity.generate())
 
-            deployment.oracle = OracleServer(settings)  # back, on the same database
-            await deployment.oracle.start()
-            deployment.admin = await Admin.login(deployment.oracle, "second")
+            # Back, on the same database (and port).
+            async with OracleServer(deployment.oracle.settings) as restarted:
+                admin = await Admin.login(restarted, "second")
+                try:
+                    async def applied() -> bool:
+                        old = await admin.call("GET", f"/v1/devices/{alice.public.text}")
+                        return old["rotated_to"] == new.public.text and old["revoked"]
+                    await eventually(applied, timeout=15)  # from the statement in its mailbox
+                finally:
+                    await admin.close()
 
-            async def applied() -> bool:
-                old = await deployment.admin.call("GET", f"/v1/devices/{alice.public.text}")
-                return old["rotated_to"] == new.public.text and old["revoked"]
-            await eventually(applied, timeout=15)  # from the statement waiting in its mailbox
-
-            pending = a.pending_rotation
-            assert pending is not None
-            async with asyncio.timeout(20):
-                assert await a.rotate_key(pending) is new
-            assert a.identity is new and a.pending_rotation is None
-            await eventually(lambda: _has(b, new.public), timeout=10)
-            sent = await asyncio.wait_for(a.send([bob.public], b"from the new key"), 10)
-            received = await asyncio.wait_for(anext(b.messages()), 10)
-            assert (received.sender, received.payload) == (new.public, b"from the new key")
-            assert (await sent.wait_receipts(10))[bob.public].value == "delivered"
-        async with await RawDevice.connect(relay.url, alice) as raw_alice:
+                pending = a.pending_rotation
+                assert pending is not None
+                async with asyncio.timeout(20):
+                    assert await a.rotate_key(pending) is new
+                assert a.identity is new and a.pending_rotation is None
+                await eventually(lambda: _has(b, new.public), timeout=10)
+                sent = await asyncio.wait_for(a.send([bob.public], b"from the new key"), 10)
+                received = await asyncio.wait_for(anext(b.messages()), 10)
+                assert (received.sender, received.payload) == (new.public, b"from the new key")
+                assert (await sent.wait_receipts(10))[bob.public].value == "delivered"
+        async with await RawDevice.connect(deployment.relay.url, alice) as raw_alice:
             assert error_code(await raw_alice.send(sealed(alice, [bob.public]))) == "REVOKED"
-    finally:
-        if deployment.admin is not None:
-            await deployment.admin.close()
-        await deployment.oracle.stop()
 
 
 async def _rotate_by_statement(deployment: Deployment, old: Identity, new: Identity) -> None:

@@ -8,13 +8,7 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
-from oracle_support import (
-    Admin,
-    fresh_postgres_database,
-    oracle_settings,
-    postgres_available,
-    relay_headers,
-)
+from oracle_support import Admin, oracle_database, oracle_settings, relay_headers
 
 from proto.access import AccessList
 from oracle import OracleServer
@@ -24,14 +18,8 @@ from proto import Identity
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def server(request, tmp_path) -> AsyncIterator[OracleServer]:
-    if request.param == "sqlite":
-        async with OracleServer(oracle_settings(tmp_path)) as started:
-            yield started
-        return
-    if not postgres_available():
-        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
-    async with fresh_postgres_database() as dsn, \
-            OracleServer(oracle_settings(tmp_path, dsn)) as started:
+    async with oracle_database(request.param, tmp_path) as url, \
+            OracleServer(oracle_settings(tmp_path, url)) as started:
         yield started
 
 

@@ -14,8 +14,7 @@ from dataclasses import replace
 
 import aiohttp
 import pytest
-from oracle_support import (Admin, fresh_postgres_database, oracle_settings, postgres_available,
-                            relay_headers)
+from oracle_support import Admin, oracle_database, oracle_settings, relay_headers
 from test_oracle_api import admin, new_key  # noqa: F401  (`admin` logs in to `server` below)
 
 from oracle import OracleServer
@@ -27,13 +26,8 @@ REGIONS = {"region": "eu", "other_regions": ("us", "ap")}
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database(request, tmp_path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'oracle.db'}"
-        return
-    if not postgres_available():
-        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
-    async with fresh_postgres_database() as dsn:
-        yield dsn
+    async with oracle_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,18 +17,13 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
-from oracle_support import (
-    Admin,
-    fresh_postgres_database,
-    oracle_settings,
-    postgres_available,
-)
+from oracle_support import Admin, oracle_database, oracle_settings
+from test_oracle_api import admin, new_key  # noqa: F401  (`admin` logs in to `server` below)
 
 import oracle.__main__ as oracle_main
 from oracle import OracleServer
 from oracle.auth import _token_hash  # what the table holds of a token
 from oracle.db import MIGRATIONS_DIR, Database, PostgresDatabase, SqliteDatabase
-from proto import Identity
 
 ADMINS_ONLY = "managing administrators and API tokens needs an administrator's session"
 
@@ -36,30 +31,14 @@ ADMINS_ONLY = "managing administrators and API tokens needs an administrator's s
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database(request, tmp_path: Path) -> AsyncIterator[str]:
     """The database URL of one test, on each engine."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'oracle.db'}"
-        return
-    if not postgres_available():
-        pytest.skip("PostgreSQL does not answer on 127.0.0.1:5432")
-    async with fresh_postgres_database() as dsn:
-        yield dsn
+    async with oracle_database(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
 async def server(database: str, tmp_path: Path) -> AsyncIterator[OracleServer]:
     async with OracleServer(oracle_settings(tmp_path, database)) as started:
         yield started
-
-
-@pytest.fixture
-async def admin(server: OracleServer) -> AsyncIterator[Admin]:
-    client = await Admin.login(server)
-    yield client
-    await client.close()
-
-
-def new_key() -> str:
-    return Identity.generate().public.text
 
 
 class Bearer:
