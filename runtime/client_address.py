@@ -67,13 +67,13 @@ def client_address(peer: str, headers: MultiMapping[str], trust: ProxyTrust) -> 
     add its own line after the client's instead of extending it (HAProxy's `option
     forwardfor`), and reading the first line alone believed the client's."""
     trusted = trust.networks
-    if not trusted or not _is_trusted(peer, trusted):
+    if not trusted or not is_trusted(peer, trusted):
         return peer
     name = "Forwarded" if trust.header == FORWARDED else "X-Forwarded-For"
     lines = ", ".join(headers.getall(name, ()))
     hops = _forwarded_for(lines) if trust.header == FORWARDED else _x_forwarded_for(lines)
     for hop in reversed(hops):
-        if not _is_trusted(hop, trusted):
+        if not is_trusted(hop, trusted):
             return hop
     # Every hop is a proxy of ours (or nothing was forwarded): the leftmost is the origin.
     return hops[0] if hops else peer
@@ -95,7 +95,8 @@ def client_unit(address: str) -> str:
     return str(ip)
 
 
-def _is_trusted(text: str, trusted: tuple[Network, ...]) -> bool:
+def is_trusted(text: str, trusted: tuple[Network, ...]) -> bool:
+    """Whether `text` is an address inside one of the `trusted` networks."""
     address = _address(text)
     return address is not None and any(address in network for network in trusted)
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import socket
 import ssl
 import struct
@@ -44,7 +43,7 @@ from collections.abc import Callable
 
 import structlog
 
-from .client_address import Network, client_unit
+from .client_address import Network, client_unit, is_trusted
 
 # How many connections the kernel keeps waiting for accept(): a flood fills it and
 # honest SYNs are retried by their kernels, as with any server; beyond a few
@@ -185,6 +184,9 @@ class SocketCap:
                  unbounded: tuple[Network, ...] = ()) -> None:
         self._inner = inner
         self.limit = limit
+        # Without a share, every socket is counted under one key: no address is parsed on
+        # each accept (the relay's case, where the gate bounds addresses after the upgrade).
+        self._shared = per_address is not None
         self.per_address = limit if per_address is None else min(per_address, limit)
         self.budget = budget  # None: every socket is served as soon as it has data
         self._on_refused = on_refused
@@ -198,13 +200,13 @@ class SocketCap:
     def admit(self, peer: str = "") -> str | None:
         """Count one socket accepted from `peer` in, returning the client address it is counted
         under (`release` it with that), or None: it must be refused (a cap is reached)."""
-        address = client_unit(peer)
+        address = self._unit(peer)
         held = self._by_address.get(address, 0)
         if self.open >= self.limit:
             self._refuse(None, not self._refusing)
             self._refusing = True
             return None
-        if held >= self.per_address and not self._is_unbounded(peer):
+        if held >= self.per_address and not is_trusted(peer, self._unbounded):
             self._refuse(address, address not in self._refusing_addresses)
             self._refusing_addresses.add(address)
             return None
@@ -226,25 +228,19 @@ class SocketCap:
 
     def held_by(self, peer: str) -> int:
         """The sockets open from `peer`'s client address."""
-        return self._by_address.get(client_unit(peer), 0)
+        return self._by_address.get(self._unit(peer), 0)
 
     def protocol(self, address: str = "") -> _Counted:
         """The protocol of one socket admitted under `address`; it counts the socket out when
         it is lost."""
         return _Counted(self, address)
 
+    def _unit(self, peer: str) -> str:
+        return client_unit(peer) if self._shared else ""
+
     def _refuse(self, address: str | None, first: bool) -> None:
         self.refused += 1
         self._on_refused(first, address)
-
-    def _is_unbounded(self, peer: str) -> bool:
-        if not self._unbounded:
-            return False
-        try:
-            ip = ipaddress.ip_address(peer.split("%", 1)[0])
-        except ValueError:
-            return False
-        return any(ip in network for network in self._unbounded)
 
 
 class _Counted(asyncio.Protocol):
