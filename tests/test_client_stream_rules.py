@@ -86,7 +86,7 @@ def test_a_relay_that_tampers_with_chunks_breaks_the_stream_never_the_data(attac
     elif attack == "repeat":
         delivered = [first, first]
     elif attack == "flip":
-        delivered = [StreamData(first.stream_id, first.chunk[:-1] + b"\x00")]
+        delivered = [StreamData(first.stream_id, first.chunk[:-1] + bytes([first.chunk[-1] ^ 1]))]
     elif attack == "fin_as_data":
         delivered = [StreamFin(first.stream_id, first.chunk)]
     elif attack == "cut_as_fin":
