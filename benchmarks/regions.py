@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -144,8 +145,11 @@ def run(delay_ms: float, pairs: int, rate: float, seconds: float, per_sender: in
             for way in WAYS:
                 receiver_relay = relays["us"] if way == "cross-home" else relays["eu"]
                 before = _delivered(receiver_relay)
-                results[name][way] = run_load(relays["eu"], plan, receiver_url=receiver_relay.url,
-                                              seeds=seeds[way])
+                with WanProbe(wan.ports["eu_to_us"], 1 / rate) as probe:
+                    results[name][way] = run_load(relays["eu"], plan,
+                                                  receiver_url=receiver_relay.url,
+                                                  seeds=seeds[way])
+                results[name][way]["wan_during_ms"] = probe.round_trips_ms()
                 after = _delivered(receiver_relay)
                 results[name][way]["delivered_from_wakeups"] = (
                     (after[1] - before[1]) / max(1.0, after[0] - before[0]))
@@ -170,6 +174,40 @@ def _round_trips_ms(port: int, count: int = 50, gap_s: float = 0.0) -> dict[str,
     client.close()
     took.sort()
     return {"p50": took[len(took) // 2], "p99": took[int(0.99 * (len(took) - 1))]}
+
+
+class WanProbe:
+    """A Redis PING through the delay proxy every `gap_s` while a way's load runs: the round
+    trip the WAN gives at that moment, the proxy busy with the load's own crossings as well
+    (the PINGs before the load see an idle proxy)."""
+
+    def __init__(self, port: int, gap_s: float) -> None:
+        self._client = redis.Redis(port=port)
+        self._gap_s = gap_s
+        self._stop = threading.Event()
+        self._took: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="wan-probe")
+
+    def __enter__(self) -> WanProbe:
+        self._client.ping()  # connected
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._gap_s):
+            started = time.perf_counter()
+            self._client.ping()
+            self._took.append((time.perf_counter() - started) * 1000)
+
+    def round_trips_ms(self) -> dict[str, float]:
+        took = sorted(self._took) or [float("nan")]
+        return {"p50": took[len(took) // 2], "p99": took[int(0.99 * (len(took) - 1))],
+                "count": len(self._took)}
 
 
 def _delivered(relay: RelayProcess) -> tuple[float, float]:
@@ -201,6 +239,10 @@ def report(data: dict) -> None:
     print(f"roaming beyond the round trip of a PING paced as the load (both cross the WAN twice):"
           f" p50 {roaming['p50'] - paced_wan['p50']:+.1f} ms, p99"
           f" {roaming['p99'] - paced_wan['p99']:+.1f} ms (target: at most +5)")
+    during = paced["roaming"]["wan_during_ms"]
+    print(f"a PING through the proxy during the roaming load: p50 {during['p50']:.1f} ms, p99"
+          f" {during['p99']:.1f} ms ({during['count']} PINGs); roaming beyond it: p50"
+          f" {roaming['p50'] - during['p50']:+.1f} ms, p99 {roaming['p99'] - during['p99']:+.1f} ms")
     local = saturated["local"]["delivered_per_s"]
     print("saturation (each sender keeps 32 SENDs unanswered), the EU relay:")
     print(table(["way", "delivered/s", "x local", "in flight over the WAN", "relay CPU%",
