@@ -8,15 +8,17 @@ persistence) and a relay process (the CLI, rate limits raised, one shared
 relay key); each relay reaches the other region's Redis through a proxy that
 delays every chunk by `--delay-ms` in each direction (the injected one-way
 WAN latency), in a process of its own, which also serves the signed access
-list placing every device in its home region (SPEC §19).  Senders are homed
-in eu and connect to the EU relay.  Three ways to the receivers, same load
-each, in one run:
+list placing every device in its home region (SPEC §19).  Senders connect to
+the EU relay.  Four ways, same load each, in one run:
 
-- local:      receivers homed in eu, on the EU relay (the baseline: one region);
-- cross-home: receivers homed in us, on the US relay (the EU relay stores into
-              the US Redis; the US relay is woken by the US Redis);
-- roaming:    receivers homed in us, on the EU relay (fetch, ACK and wake-ups
-              cross the WAN too).
+- local:          senders and receivers homed in eu, on the EU relay (the baseline:
+                  one region);
+- cross-home:     receivers homed in us, on the US relay (the EU relay stores into
+                  the US Redis; the US relay is woken by the US Redis);
+- roaming:        receivers homed in us, on the EU relay (fetch, ACK and wake-ups
+                  cross the WAN too);
+- roaming sender: senders homed in us, on the EU relay, to receivers homed in eu
+                  (their rate tokens are in the US Redis).
 
 Paced at `--rate` msg/s: latency SEND -> DELIVER per message (p50/p99), against the
 target of one WAN round trip plus 5 ms: the injected one, and the one a Redis PING
@@ -52,7 +54,7 @@ from runtime.clock import now_ms
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
 PREFIX = "bench-regions:"
-WAYS = ("local", "cross-home", "roaming")
+WAYS = ("local", "cross-home", "roaming", "roaming sender")
 
 
 def _wan_main(eu_port: int, us_port: int, delay_s: float, oracle_secret: str) -> None:
@@ -112,8 +114,9 @@ def run(delay_ms: float, pairs: int, rate: float, seconds: float, per_sender: in
              for way in WAYS}
     homes = {}
     for way, (senders, receivers) in seeds.items():
-        homes.update({Identity(seed).public: "eu" for seed in senders})
-        homes.update({Identity(seed).public: "eu" if way == "local" else "us"
+        roams = way == "roaming sender"
+        homes.update({Identity(seed).public: "us" if roams else "eu" for seed in senders})
+        homes.update({Identity(seed).public: "eu" if way in ("local", "roaming sender") else "us"
                       for seed in receivers})
     # First a few messages each way, not reported: each relay's connections to the other
     # region's Redis are opened, and its scripts loaded there, before anything is measured.

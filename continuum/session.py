@@ -32,6 +32,7 @@ from .connection_gate import AddressBudget, Slot
 from .context import RelayContext
 from .protocol import (Authenticated, CheckRate, Fetch, RelayProtocol, RemoveDelivered,
                        RouteStreams)
+from .rate_ahead import RateTokens
 from .store import NewEntry, Subscription
 from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
@@ -56,7 +57,7 @@ class DeviceSession:
     starts a delivery task, which ends when the protocol asks for no further fetch."""
 
     __slots__ = ("_ws", "_relay", "_protocol", "_delivery", "_next_fetch", "_closing",
-                 "_address", "_watchdog", "_removals", "_sends")
+                 "_address", "_watchdog", "_removals", "_sends", "_tokens")
 
     def __init__(self, ws: DeviceWebSocket, relay: RelayContext, address: str,
                  layout: Layout = Layout.SEALED) -> None:
@@ -76,6 +77,7 @@ class DeviceSession:
         # SENDs in flight, oldest first: at most SENDS_IN_FLIGHT, so a list (an empty deque
         # costs ~0.7 KiB, on every idle connection).
         self._sends: list[_InFlight] = []
+        self._tokens = RateTokens(self._spend_token)
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -155,6 +157,7 @@ class DeviceSession:
                 await asyncio.gather(self._delivery, return_exceptions=True)
             await asyncio.gather(*self._removals, *(send.task for send in self._sends),
                                  return_exceptions=True)
+            await self._tokens.close()
             await self._finish_closing()
             log.info("device_disconnected")
 
@@ -176,12 +179,15 @@ class DeviceSession:
             if isinstance(request, RouteStreams):
                 pause = self._route(request.outputs)
             elif isinstance(request, CheckRate):
+                # A store in this process answers a token at once: nothing to take ahead.
+                ahead = (request.metered and store.answers_later(device)
+                         and self._tokens.arrived())
                 # Inline only with nothing in flight: it must not overtake those (their order).
                 if self._sends or any(map(store.answers_later,
                                           request.envelope.recipient_keys)):
-                    await self._start_send(request)
+                    await self._start_send(request, ahead)
                 else:
-                    await self._admit(request)  # answered within this loop turn
+                    await self._admit(request, ahead)  # answered within this loop turn
             elif isinstance(request, RemoveDelivered):
                 if store.answers_later(device):
                     await self._start_removal(request)
@@ -199,7 +205,7 @@ class DeviceSession:
         self._protocol.receive_non_binary()
         return None
 
-    async def _start_send(self, request: CheckRate) -> None:
+    async def _start_send(self, request: CheckRate, ahead: bool) -> None:
         """Admit one SEND without waiting for the ones before it: up to SENDS_IN_FLIGHT at
         once, so a store a network round trip away (a Redis that answers a batch per loop
         turn; across a WAN, SPEC §19) takes several of this device's SENDs per round trip,
@@ -211,14 +217,16 @@ class DeviceSession:
         previous = sends[-1] if sends else None
         send = _InFlight()
         sends.append(send)
-        send.task = asyncio.create_task(self._admit(request, previous, send), name="send")
+        send.task = asyncio.create_task(self._admit(request, ahead, previous, send), name="send")
         send.task.add_done_callback(lambda _task: send.done(sends))
 
-    async def _admit(self, request: CheckRate, previous: _InFlight | None = None,
+    async def _admit(self, request: CheckRate, ahead: bool, previous: _InFlight | None = None,
                      this: _InFlight | None = None) -> None:
         """Rate token, verify (`rate_checked`), accept, answer: the token is taken before
-        the verify, as always.  Awaited by the reader (`this` None), or one of the SENDs
-        in flight (`this`), which keeps order with the SEND before it (`previous`):
+        the verify, as always.  A SEND that came after an idle gap (`ahead`, see
+        `RateTokens`), once answered with no other SEND in flight, takes the next SEND's
+        token ahead.  Awaited by the reader (`this` None), or one of the SENDs in flight
+        (`this`), which keeps order with the SEND before it (`previous`):
 
         - its accept is issued only after the previous SEND's was: the store applies calls
           in the order they were issued (`MailboxStore`), so per-mailbox order is SEND
@@ -233,10 +241,10 @@ class DeviceSession:
         envelope = request.envelope
         outcome: ProtocolError | None = None
         accepting: Awaitable[None] | None = None
-        answered = False
+        answered = allowed = False
         try:
             try:
-                allowed = not request.metered or await self._spend_token()
+                allowed = not request.metered or await self._tokens.spend()
             except ProtocolError as exc:
                 outcome = exc
             if previous is not None:
@@ -269,6 +277,8 @@ class DeviceSession:
             else:
                 protocol.store_refused(envelope.msg_id, outcome)
             self._write()
+            if ahead and allowed and all(send is this for send in self._sends):
+                self._tokens.take_ahead()
         finally:
             if this is not None:
                 this.done(self._sends)

@@ -405,6 +405,29 @@ async def test_one_rate_limit_across_the_regions_a_sender_uses(world) -> None:
     assert error_code(answers[3]) == "RATE_LIMITED"
 
 
+async def test_a_roaming_senders_paced_sends_do_not_wait_a_wan_round_trip_for_their_token(
+        world) -> None:
+    """carol (homed in us, 40 ms each way) on the EU relay sends to alice (homed in eu) one
+    message at a time, 150 ms apart: her rate tokens live in her home region, but each
+    SEND's token was taken ahead while she was idle (`continuum.rate_ahead`), so from the
+    second on a SEND is answered without a WAN round trip (its accept is in eu).  Before,
+    every SEND waited one (80 ms) for its token; the bound is half of it."""
+    alice, carol = Identity.generate(), Identity.generate()
+    world.place({alice.public: "eu", carol.public: "us"})
+    eu = await world.relay("eu", rate_per_s=1000.0, rate_burst=1000)
+    loop = asyncio.get_running_loop()
+    took = []
+    async with await RawDevice.connect(eu.url, carol) as sender:
+        for index in range(5):
+            await asyncio.sleep(0.150)
+            started = loop.time()
+            answer = await sender.send(sealed(carol, [alice.public], bytes([index]), ttl_s=600))
+            took.append(loop.time() - started)
+            assert isinstance(answer, Accepted), answer
+    assert took[0] >= 2 * 0.040  # the first SEND's token: one WAN round trip
+    assert max(took[1:]) < 0.040, took
+
+
 async def test_without_an_oracle_every_key_is_local(world) -> None:
     """A relay with a region but no oracle has no list to place keys: every mailbox is in
     its own region's store, as before regions."""
