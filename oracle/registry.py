@@ -106,11 +106,13 @@ class Registry:
         return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]),
                             int(row["config_behind"]))
 
-    async def behind_keys(self) -> list[str]:
-        """Active devices that have not acknowledged their newest peer list."""
+    async def behind_keys(self, limit: int) -> list[str]:
+        """The first `limit` active devices, by key, that have not acknowledged their newest
+        peer list (all of them are `device_counts().behind`, a page at a time the device
+        list's `state=behind`)."""
         rows = await self.db.fetch(
             "SELECT key FROM devices WHERE revoked_at_ms IS NULL AND acked_version < peer_version"
-            " ORDER BY key")
+            " ORDER BY key LIMIT $1", limit)
         return [row["key"] for row in rows]
 
     async def get_device(self, key: str) -> DeviceRecord:
