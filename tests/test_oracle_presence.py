@@ -128,6 +128,37 @@ async def test_reports_make_devices_online_and_count_each_message_once(
     assert (await presence_of(admin, alice))["messages"]["sent"] == 10
 
 
+async def test_a_revoked_device_is_offline_and_no_relay_report_brings_it_back(
+        server: OracleServer, admin: Admin) -> None:
+    """Revoking ends what the oracle shows of the device's connections, at once; a relay
+    that reports it afterwards (its access list not yet the new one) changes nothing shown,
+    while the same report's other devices are applied.  Restored, it is reported again."""
+    alice, bob = await enrolled(admin, "alice", "bob")
+    relay = Relay(server)
+    t = now_ms() - 60_000
+    await applied(server, relay.snapshot(conn(alice, t, sent=3), conn(bob, t)))
+    assert (await presence_of(admin, alice))["online"]
+    await admin.call("POST", f"/v1/devices/{alice.public.text}/revoke")
+    revoked = await admin.call("GET", f"/v1/devices/{alice.public.text}")
+    p = revoked["presence"]
+    assert not p["online"] and p["last_seen_ms"] >= revoked["revoked_at_ms"]
+    assert p["messages"]["sent"] == 3
+    assert "continuum_oracle_devices_online 1.0" in await metrics_text(admin)  # bob
+
+    # A relay still holding alice's connection, and a new one, with more messages.
+    await applied(server, relay.report(conn(alice, t, sent=40), conn(alice, now_ms(), sent=7),
+                                       conn(bob, t, sent=2)))
+    after = await admin.call("GET", f"/v1/devices/{alice.public.text}")
+    assert (after["presence"], after["presence_history"]) == (p, revoked["presence_history"])
+    assert (await presence_of(admin, bob))["messages"]["sent"] == 2
+
+    await admin.call("POST", f"/v1/devices/{alice.public.text}/restore")
+    later = now_ms()
+    await applied(server, relay.report(conn(alice, later, sent=1)))
+    p = await presence_of(admin, alice)
+    assert p["online"] and p["connected_at_ms"] == later and p["messages"]["sent"] == 4
+
+
 async def test_a_device_that_moved_relays_stays_online_whatever_order_reports_arrive_in(
         server: OracleServer, admin: Admin) -> None:
     (alice,) = await enrolled(admin, "alice")
