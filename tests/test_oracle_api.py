@@ -167,6 +167,20 @@ async def test_wrong_password_is_refused_and_session_cookie_is_strict(server: Or
             assert response.status == 303
             cookie = response.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Secure" not in cookie  # off by default: plain http:// (README, the dashboard login)
+
+
+async def test_the_session_cookie_is_secure_when_told(tmp_path) -> None:
+    settings = oracle_settings(tmp_path, secure_cookies=True)
+    async with OracleServer(settings) as server:
+        password = await server.create_admin("root")
+        async with aiohttp.ClientSession() as session, session.post(
+                server.url + "/login", data={"username": "root", "password": password},
+                allow_redirects=False) as response:
+            assert response.status == 303
+            cookie = response.headers["Set-Cookie"]
+    for flag in ("HttpOnly", "SameSite=Strict", "Secure", "Path=/", "Max-Age=43200"):
+        assert flag in cookie, (flag, cookie)
 
 
 async def test_openapi_documents_every_api_route(server: OracleServer) -> None:
