@@ -342,8 +342,9 @@ class Presence:
         return [ConnectionRecord(**r) for r in rows]
 
     async def online_count(self) -> int:
-        """Devices a relay holds now (an index count: relays close a revoked device's
-        connections, and report that, so revoked devices do not stay online)."""
+        """Devices a relay holds now (an index count: revoking a device ends its connections
+        here, `end_connections`, and later reports of it are ignored, so it does not count;
+        a key rotated away from counts while it drains)."""
         return int(await self.db.fetchval(
             "SELECT COUNT(*) FROM device_presence WHERE online = 1"))
 
