@@ -145,7 +145,7 @@ async def main(count: int, rounds: int, default_sender_rate: bool) -> None:
 
 async def _drained(registry) -> bool:
     return (not await registry.pending_pushes(1) and not await registry.configs.pending(1)
-            and not await registry.behind_keys())
+            and not await registry.behind_keys(1))
 
 
 async def _round(http: aiohttp.ClientSession, api: str, headers: dict[str, str], group_id: str,

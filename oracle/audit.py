@@ -41,6 +41,13 @@ class Actor:
 SYSTEM = Actor("oracle", "internal")
 
 
+def names_another_kind(username: str) -> bool:
+    """Whether an administrator with this username would read, in the log and its `actor`
+    filter, as another kind of actor: those are `kind:…` (`token:NAME`, `cli:USER`,
+    `device:cpk_…`) or SYSTEM's name, and an admin is their bare username."""
+    return ":" in username or username == SYSTEM.name
+
+
 @dataclass(frozen=True)
 class AuditEntry:
     id: int

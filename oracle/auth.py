@@ -182,11 +182,19 @@ class Auth:
 
     async def create_admin(self, username: object, password: str | None = None,
                            actor: Actor = SYSTEM) -> str:
-        """Create an administrator; returns the password (generated when not given)."""
+        """Create an administrator; returns the password (generated when not given).
+
+        The username is the audit log's "who" for everything they do, so it must not
+        read as another actor: no `:` (`cli:root`, `token:ci`), not `oracle`, no space
+        at either end (" alice" reads as "alice").
+        """
         if (not isinstance(username, str) or not username or len(username) > 64
-                or not username.isprintable() or username.startswith("token:")):
-            raise InvalidInput("username must be 1..64 printable characters,"
-                               " not starting with token:")
+                or not username.isprintable() or username != username.strip()
+                or audit.names_another_kind(username)):
+            raise InvalidInput(
+                "username must be 1..64 printable characters, without ':' and not 'oracle'"
+                " (the audit log names other actors cli:USER, token:NAME, device:cpk_…,"
+                " oracle) and without spaces at either end")
         password = password or secrets.token_urlsafe(18)
         password_hash = await self._off_loop(lambda: hash_password(password))
         async with self._db.transaction() as conn:

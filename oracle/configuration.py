@@ -254,13 +254,16 @@ class Configurations:
     async def record_report(self, device: str, report: ConfigReport) -> bool:
         """Keep a device's report unless it names an older stamp than the one kept (a
         replayed report, through a relay that never stored the original); an equal stamp
-        replaces it (a newer state of the same configuration).  False if not kept."""
+        replaces it (a newer state of the same configuration).  A revoked key's report is
+        not kept: a relay whose access list lags, or one enforcing none, still carries it.
+        False if not kept."""
         async with self.db.transaction() as conn:
             kept = await conn.fetch(
                 "UPDATE devices SET reported_config_epoch = $1, reported_config_version = $2,"
                 " reported_config = $3, reported_config_at_ms = $4, last_seen_ms = $4"
-                " WHERE key = $5 AND (reported_config_epoch < $1 OR (reported_config_epoch = $1"
-                " AND reported_config_version <= $2)) RETURNING key", report.epoch,
+                " WHERE key = $5 AND revoked_at_ms IS NULL AND (reported_config_epoch < $1"
+                " OR (reported_config_epoch = $1 AND reported_config_version <= $2))"
+                " RETURNING key", report.epoch,
                 report.version, document_text(report.reported), now_ms(), device)
         return bool(kept)
 

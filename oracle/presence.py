@@ -23,7 +23,10 @@ Where the oracle's knowledge ends:
   list end at the snapshot's time;
 - a report that does not follow the instance's previous one (a gap: a lost
   report, an unknown instance, a restored database) is applied and answered
-  with a request for a snapshot.
+  with a request for a snapshot;
+- a revoked device's connections end when it is revoked (`end_connections`,
+  in the revocation's transaction), and reports about it are ignored from then
+  on: a relay's access list may lag, and the oracle's own word is the newer.
 
 Writes go in chunks, each its own short transaction, so a 10,000-connection
 snapshot never holds the database (or, on SQLite, the event loop) for long.
@@ -213,9 +216,13 @@ class Presence:
             return
         texts = {c.device: _text(c.device) for c in chunk}
         keys = list(set(texts.values()))
-        enrolled = {r["key"] for r in await conn.fetch(
-            f"SELECT key FROM devices WHERE key IN ({_placeholders(len(keys))})", *keys)}
-        chunk = [c for c in chunk if texts[c.device] in enrolled]  # deleted since: forgotten
+        # Deleted since, or revoked (revoking ended its connections here, and a relay's
+        # list may lag): forgotten.  A key its device rotated away from is not: it drains
+        # its mailbox, and its connection's end is reported when the drain ends.
+        reported = {r["key"] for r in await conn.fetch(
+            f"SELECT key FROM devices WHERE key IN ({_placeholders(len(keys))})"
+            " AND (revoked_at_ms IS NULL OR rotated_to IS NOT NULL)", *keys)}
+        chunk = [c for c in chunk if texts[c.device] in reported]
         if not chunk:
             return
         keys = sorted({texts[c.device] for c in chunk})
@@ -261,7 +268,7 @@ class Presence:
         await conn.executemany(
             "DELETE FROM presence_history WHERE device_key = $1 AND instance = $2"
             " AND connected_at_ms = $3", pruned)
-        await self._write_presence(conn, histories, now_ms)
+        await _write_presence(conn, histories, now_ms)
 
     async def _end_unlisted(self, conn: Connection, instance: str, snapshot_from: int,
                             at_ms: int) -> None:
@@ -273,31 +280,7 @@ class Presence:
             "UPDATE presence_history SET disconnected_at_ms = $3 WHERE instance = $1"
             " AND disconnected_at_ms IS NULL AND confirmed_sequence < $2",
             instance, snapshot_from, at_ms)
-        await self._derive(conn, [r["device_key"] for r in rows], at_ms)
-
-    async def _derive(self, conn: Connection, keys: list[str], now_ms: int) -> None:
-        """Recompute `device_presence` of `keys` from their history, a chunk at a time."""
-        for start in range(0, len(keys), CHUNK):
-            part = keys[start:start + CHUNK]
-            await self._write_presence(conn, await _histories(conn, part), now_ms)
-
-    async def _write_presence(self, conn: Connection,
-                              histories: dict[str, dict[tuple[str, int], dict[str, Any]]],
-                              now_ms: int) -> None:
-        """Online on the open connection that began last, else offline since the last end."""
-        updates = []
-        for key, rows in histories.items():
-            open_rows = [r for r in rows.values() if r["disconnected_at_ms"] is None]
-            if open_rows:
-                r = max(open_rows, key=lambda row: row["connected_at_ms"])
-                updates.append((key, 1, r["relay_key"], r["instance"], r["connected_at_ms"],
-                                now_ms))
-            elif rows:
-                updates.append((key, 0, None, None, None,
-                                max(r["disconnected_at_ms"] for r in rows.values())))
-        await conn.executemany(
-            "UPDATE device_presence SET online = $2, relay_key = $3, instance = $4,"
-            " connected_at_ms = $5, last_seen_ms = $6 WHERE device_key = $1", updates)
+        await _derive(conn, [r["device_key"] for r in rows], at_ms)
 
     async def expire_leases(self, now_ms: int, started_ms: int) -> int:
         """End the connections of relay processes whose lease passed unheard; how many processes.
@@ -318,7 +301,7 @@ class Presence:
                 await conn.execute(
                     "UPDATE presence_history SET disconnected_at_ms = $2 WHERE instance = $1"
                     " AND disconnected_at_ms IS NULL", row["instance"], row["last_heard_ms"])
-                await self._derive(conn, keys, now_ms)
+                await _derive(conn, keys, now_ms)
                 await conn.execute("UPDATE relay_instances SET gone = 1 WHERE instance = $1",
                                    row["instance"])
                 await conn.execute(
@@ -359,13 +342,49 @@ class Presence:
         return [ConnectionRecord(**r) for r in rows]
 
     async def online_count(self) -> int:
-        """Devices a relay holds now (an index count: relays close a revoked device's
-        connections, and report that, so revoked devices do not stay online)."""
+        """Devices a relay holds now (an index count: revoking a device ends its connections
+        here, `end_connections`, and later reports of it are ignored, so it does not count;
+        a key rotated away from counts while it drains)."""
         return int(await self.db.fetchval(
             "SELECT COUNT(*) FROM device_presence WHERE online = 1"))
 
     async def live_instances(self) -> int:
         return int(await self.db.fetchval("SELECT COUNT(*) FROM relay_instances WHERE gone = 0"))
+
+
+async def end_connections(conn: Connection, key: str, at_ms: int) -> None:
+    """The device was revoked: its open connections end now, in the revocation's own
+    transaction, and reports about it are ignored from then on (`_apply_chunk`), so no
+    relay whose access list lags can show it online again."""
+    await conn.execute("UPDATE presence_history SET disconnected_at_ms = $2"
+                       " WHERE device_key = $1 AND disconnected_at_ms IS NULL", key, at_ms)
+    await _derive(conn, [key], at_ms)
+
+
+async def _derive(conn: Connection, keys: list[str], now_ms: int) -> None:
+    """Recompute `device_presence` of `keys` from their history, a chunk at a time."""
+    for start in range(0, len(keys), CHUNK):
+        part = keys[start:start + CHUNK]
+        await _write_presence(conn, await _histories(conn, part), now_ms)
+
+
+async def _write_presence(conn: Connection,
+                          histories: dict[str, dict[tuple[str, int], dict[str, Any]]],
+                          now_ms: int) -> None:
+    """Online on the open connection that began last, else offline since the last end."""
+    updates = []
+    for key, rows in histories.items():
+        open_rows = [r for r in rows.values() if r["disconnected_at_ms"] is None]
+        if open_rows:
+            r = max(open_rows, key=lambda row: row["connected_at_ms"])
+            updates.append((key, 1, r["relay_key"], r["instance"], r["connected_at_ms"],
+                            now_ms))
+        elif rows:
+            updates.append((key, 0, None, None, None,
+                            max(r["disconnected_at_ms"] for r in rows.values())))
+    await conn.executemany(
+        "UPDATE device_presence SET online = $2, relay_key = $3, instance = $4,"
+        " connected_at_ms = $5, last_seen_ms = $6 WHERE device_key = $1", updates)
 
 
 async def _histories(conn: Connection, keys: list[str]

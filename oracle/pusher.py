@@ -273,7 +273,8 @@ class Pusher:
                                version=report.version)
             else:
                 self._log.warning("config_report_ignored", device=sender.text,
-                                  stamp=str(report.stamp), reason="older than the one kept")
+                                  stamp=str(report.stamp),
+                                  reason="older than the one kept, or the device is revoked")
 
     async def _receipts_forever(self) -> None:
         """Devices send a RECEIPT for every peer change they decrypt: that acknowledges a version."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from runtime.clock import now_ms
 
-from . import audit, configuration
+from . import audit, configuration, presence
 from .audit import SYSTEM, Actor
 from .db import Connection, Database
 from .device_search import DeviceQuery, like_pattern
@@ -106,11 +106,13 @@ class Registry:
         return DeviceCounts(int(row["total"]), int(row["revoked"]), int(row["behind"]),
                             int(row["config_behind"]))
 
-    async def behind_keys(self) -> list[str]:
-        """Active devices that have not acknowledged their newest peer list."""
+    async def behind_keys(self, limit: int) -> list[str]:
+        """The first `limit` active devices, by key, that have not acknowledged their newest
+        peer list (all of them are `device_counts().behind`, a page at a time the device
+        list's `state=behind`)."""
         rows = await self.db.fetch(
             "SELECT key FROM devices WHERE revoked_at_ms IS NULL AND acked_version < peer_version"
-            " ORDER BY key")
+            " ORDER BY key LIMIT $1", limit)
         return [row["key"] for row in rows]
 
     async def get_device(self, key: str) -> DeviceRecord:
@@ -220,6 +222,7 @@ class Registry:
             if not device.revoked:
                 await self._reconcile(conn, await self._sharing_a_group(conn, [key]))
                 await configuration.reconcile(conn, only={key})
+                await presence.end_connections(conn, key, now)
             await audit.record(conn, actor, "device.revoke", key,
                                **({"drains_ended": ended} if ended else {}))
             record = await self._device_in(conn, key)
@@ -396,10 +399,13 @@ class Registry:
     async def record_oracle_key(self, device: str, oracle_key: str) -> bool:
         """`device` confirmed it follows `oracle_key`.  Its newest list goes out again unless
         acknowledged, because its receipt for it may have gone to a key the oracle left:
-        True if so (the caller wakes the pusher; nothing the access list says changed)."""
+        True if so (the caller wakes the pusher; nothing the access list says changed).
+        A revoked key's confirmation changes nothing (see `record_receipt`)."""
         async with self.db.transaction() as conn:
-            await conn.execute("UPDATE devices SET oracle_key = $1, last_seen_ms = $2"
-                               " WHERE key = $3", oracle_key, now_ms(), device)
+            if not await conn.fetch("UPDATE devices SET oracle_key = $1, last_seen_ms = $2"
+                                    " WHERE key = $3 AND revoked_at_ms IS NULL RETURNING key",
+                                    oracle_key, now_ms(), device):
+                return False
             again = await conn.fetch(
                 "UPDATE peer_changes SET sent_at_ms = NULL WHERE device_key = $1"
                 " AND sent_at_ms IS NOT NULL AND acked_at_ms IS NULL AND version ="
@@ -594,13 +600,17 @@ class Registry:
             " WHERE device_key = $2 AND version = $3", error[:500], push.device_key, push.version)
 
     async def record_receipt(self, sender: str, msg_id_hex: str) -> int | None:
-        """A device's receipt for a peer change: raise its acknowledged version; the version or None."""
+        """A device's receipt for a peer change: raise its acknowledged version; the version or
+        None.  A revoked key's receipt changes nothing: a relay whose access list lags, or one
+        that enforces none, still carries it to the oracle."""
         async with self.db.transaction() as conn:
+            now = now_ms()
+            if not await conn.fetch("UPDATE devices SET last_seen_ms = $1 WHERE key = $2"
+                                    " AND revoked_at_ms IS NULL RETURNING key", now, sender):
+                return None
             row = await conn.fetchrow(
                 "SELECT version FROM peer_changes WHERE msg_id = $1 AND device_key = $2",
                 msg_id_hex, sender)
-            now = now_ms()
-            await conn.execute("UPDATE devices SET last_seen_ms = $1 WHERE key = $2", now, sender)
             if row is None:
                 return None
             await conn.execute(

@@ -3,8 +3,8 @@
 `notify` only queues (bounded: past `max_batches` the oldest batch is
 dropped and counted); one task posts the batches in order, each with a
 timeout, retrying a failure (a refused connection, a timeout, any status but
-2xx) with doubling waits, `attempts` tries in all, then giving it up and
-counting it.  The body is JSON:
+2xx; a redirect is a failure, never followed) with doubling waits, `attempts`
+tries in all, then giving it up and counting it.  The body is JSON:
 
     {"event": "silent" | "recovered", "at_ms": …, "oracle_key": "cpk_…",
      "devices": [{"key", "name", "silent_since_ms", "last_seen_ms", "interval_s"}, …]}
@@ -127,11 +127,15 @@ class SilenceWebhook:
                    SIGNATURE_HEADER: sign_webhook(self._identity, body)}
         for attempt in range(1, self._attempts + 1):
             try:
-                async with http.post(self._url, data=body, headers=headers) as response:
+                # Never followed: a redirect would carry the signed body and its headers to
+                # wherever the answer points (an internal address the oracle can reach).
+                async with http.post(self._url, data=body, headers=headers,
+                                     allow_redirects=False) as response:
                     if 200 <= response.status < 300:
                         self._counted("delivered")
                         return
-                    problem = f"HTTP {response.status}"
+                    problem = f"HTTP {response.status}" + (
+                        " (a redirect: not followed)" if 300 <= response.status < 400 else "")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             self._log.warning("silence_webhook_failed", attempt=attempt, of=self._attempts,

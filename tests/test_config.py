@@ -16,8 +16,10 @@ from client.device import Device
 from continuum.server import RelayServer
 from oracle import OracleServer
 from proto import Identity, Kind, canonical, seal_envelope
+from proto.envelope import decode_envelope
 from proto.config import ConfigPush, ConfigReport
 from proto.frames import Accepted
+from proto.payloads import Receipt
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -254,6 +256,54 @@ async def test_reports_from_strangers_malformed_and_replayed_reports_are_not_rec
     stats = oracle.oracle.pusher._device.stats  # type: ignore[union-attr]
     assert stats.dropped_non_peer == 1 and stats.dropped_invalid == 3
     await admin.call("GET", f"/v1/devices/{stranger.public.text}/config", expect=404)
+
+
+async def test_a_revoked_device_reports_nothing_the_oracle_records(relay_and_oracle,
+                                                                   admin) -> None:
+    """Revoked, a device may still reach the oracle's mailbox: through a relay that has not
+    taken the new access list yet, or one that enforces none (as here).  Its receipt for the
+    peer list it was sent before, and its configuration report, change nothing shown."""
+    relay, oracle = relay_and_oracle
+    member, marker = Identity.generate(), Identity.generate()
+    await enroll(admin, [member, marker])
+    group = await admin.call("POST", "/v1/groups", {"name": "pair"}, expect=201)
+    for identity in (member, marker):
+        await admin.call("PUT", f"/v1/groups/{group['id']}/members/{identity.public.text}")
+    await admin.call("PUT", f"/v1/devices/{member.public.text}/config", {"a": 1})
+    await eventually(lambda: _no_pending_pushes(admin), timeout=15)
+    await admin.call("POST", f"/v1/devices/{member.public.text}/revoke")
+    before = await admin.call("GET", f"/v1/devices/{member.public.text}")
+    config_before = await admin.call("GET", f"/v1/devices/{member.public.text}/config")
+    to_oracle = [oracle.identity.public]
+    async with await RawDevice.connect(relay.url, member) as raw:
+        while True:  # its mailbox: the peer list, then the configuration, sent before
+            envelope = decode_envelope((await raw.next_delivery()).envelope)
+            if envelope.open(member).kind is Kind.PEER_CHANGE:
+                break
+        for kind, plaintext in ((Kind.RECEIPT, Receipt.of(envelope).encode()),
+                                (Kind.CONFIG_REPORT, ConfigReport(
+                                    config_before["epoch"], config_before["version"],
+                                    {"stolen": True}).encode())):
+            sent = seal_envelope(member, kind, to_oracle, plaintext, ttl_s=600, now_ms=now_ms())
+            assert isinstance(await raw.send(sent), Accepted)
+    # The oracle's mailbox keeps order: once the marker's report is recorded, so are those.
+    async with await RawDevice.connect(relay.url, marker) as raw:
+        marked = ConfigReport(1, 1, {"marker": True}).encode()
+        assert isinstance(await raw.send(seal_envelope(
+            marker, Kind.CONFIG_REPORT, to_oracle, marked, ttl_s=600, now_ms=now_ms())),
+            Accepted)
+    await eventually(lambda: _reported_state(admin, f"/v1/devices/{marker.public.text}/config",
+                                             {"marker": True}))
+    after = await admin.call("GET", f"/v1/devices/{member.public.text}")
+    assert (after["acked_version"], after["last_seen_ms"]) == (
+        before["acked_version"], before["last_seen_ms"])
+    assert after["pushes"] == before["pushes"]  # no list shown acknowledged
+    view = await admin.call("GET", f"/v1/devices/{member.public.text}/config")
+    assert view["reported"] == config_before["reported"]
+
+
+async def _no_pending_pushes(admin: Admin) -> bool:
+    return (await admin.call("GET", "/v1/status"))["pending_pushes"] == 0
 
 
 async def _reported_state(admin: Admin, path: str, state: dict) -> dict | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -95,6 +96,31 @@ async def test_revoke_and_restore_change_peer_lists_and_access_list(admin: Admin
     assert (await admin.call("GET", f"/v1/devices/{k1}"))["peers"] == [k2]
 
 
+async def test_status_stays_small_and_counts_exactly_whatever_the_fleet(
+        admin: Admin, server: OracleServer) -> None:
+    """`/v1/status` listed every device behind on its peer list (100,000 behind: a 5 MB
+    answer, every row read), and counted those behind on their configuration by loading
+    up to 10,000 keys (so never more than 10,000).  Now: counts, and a sample of keys."""
+    assert server.oracle is not None
+    fleet = 10_001  # one past the old count's cap; inserted directly (the API takes minutes)
+    keys = sorted(new_key() for _ in range(fleet))
+    async with server.oracle.registry.db.transaction() as conn:
+        await conn.executemany(
+            "INSERT INTO devices (key, name, tags, enrolled_at_ms, peer_version,"
+            " config_version) VALUES ($1, $2, '', $3, 1, 1)",
+            [(key, f"d{n}", n) for n, key in enumerate(keys)])
+    async with admin.session.get(f"{server.url}/v1/status", headers=admin.headers) as response:
+        assert response.status == 200
+        body = await response.read()
+    assert len(body) < 10_000, f"a {len(body):,}-byte status"
+    status = json.loads(body)
+    assert (status["devices"], status["config_behind"]) == (fleet, fleet)
+    assert status["behind_count"] == fleet
+    assert status["behind"] == keys[:100]  # the first 100 by key; the rest a page at a time:
+    page = await admin.call("GET", "/v1/devices?state=behind&limit=1000")
+    assert len(page["devices"]) == 1000 and page["next_cursor"]
+
+
 async def test_unauthenticated_requests_get_401(server: OracleServer) -> None:
     async with aiohttp.ClientSession() as session:
         for method, path in (("GET", "/v1/devices"), ("POST", "/v1/groups"), ("GET", "/v1/status")):
@@ -141,6 +167,20 @@ async def test_wrong_password_is_refused_and_session_cookie_is_strict(server: Or
             assert response.status == 303
             cookie = response.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    assert "Secure" not in cookie  # off by default: plain http:// (README, the dashboard login)
+
+
+async def test_the_session_cookie_is_secure_when_told(tmp_path) -> None:
+    settings = oracle_settings(tmp_path, secure_cookies=True)
+    async with OracleServer(settings) as server:
+        password = await server.create_admin("root")
+        async with aiohttp.ClientSession() as session, session.post(
+                server.url + "/login", data={"username": "root", "password": password},
+                allow_redirects=False) as response:
+            assert response.status == 303
+            cookie = response.headers["Set-Cookie"]
+    for flag in ("HttpOnly", "SameSite=Strict", "Secure", "Path=/", "Max-Age=43200"):
+        assert flag in cookie, (flag, cookie)
 
 
 async def test_openapi_documents_every_api_route(server: OracleServer) -> None:

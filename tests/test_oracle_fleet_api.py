@@ -232,6 +232,23 @@ async def test_a_device_is_deleted_only_once_revoked_and_then_is_unknown(
     assert fresh["groups"] == [] and fresh["peer_version"] == 0
 
 
+@pytest.mark.parametrize("username", ["cli:root", "device:" + "cpk_x", "token:ci", "oracle",
+                                      "a:b", " admin", "admin\t"])
+async def test_no_admin_can_be_named_like_another_kind_of_actor(
+        admin: Admin, server: OracleServer, username: str) -> None:
+    """The audit log names its actors `cli:USER`, `token:NAME`, `device:cpk_…` and `oracle`
+    (changes no request asked for), and an admin by their bare username: an admin named
+    `cli:root` made entries that read, and filter (`actor=cli:root`), as the CLI's.  Refused
+    where every account is made (the API here, whose request the Admins page's form sends;
+    the CLI in test_oracle_settings), with the reason."""
+    refused = await admin.call("POST", "/v1/admins", {"username": username}, expect=400)
+    assert "username" in refused["error"]
+    assert [a["username"] for a in (await admin.call("GET", "/v1/admins"))["admins"]] == [
+        "admin"]
+    assert [e for e in (await admin.call("GET", "/v1/audit?action=admin.create"))["entries"]
+            if e["target"] == username] == []
+
+
 async def test_admins_and_tokens_are_managed_through_the_api(
         admin: Admin, server: OracleServer) -> None:
     created = await admin.call("POST", "/v1/admins", {"username": "bob"}, expect=201)

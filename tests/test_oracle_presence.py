@@ -128,6 +128,37 @@ async def test_reports_make_devices_online_and_count_each_message_once(
     assert (await presence_of(admin, alice))["messages"]["sent"] == 10
 
 
+async def test_a_revoked_device_is_offline_and_no_relay_report_brings_it_back(
+        server: OracleServer, admin: Admin) -> None:
+    """Revoking ends what the oracle shows of the device's connections, at once; a relay
+    that reports it afterwards (its access list not yet the new one) changes nothing shown,
+    while the same report's other devices are applied.  Restored, it is reported again."""
+    alice, bob = await enrolled(admin, "alice", "bob")
+    relay = Relay(server)
+    t = now_ms() - 60_000
+    await applied(server, relay.snapshot(conn(alice, t, sent=3), conn(bob, t)))
+    assert (await presence_of(admin, alice))["online"]
+    await admin.call("POST", f"/v1/devices/{alice.public.text}/revoke")
+    revoked = await admin.call("GET", f"/v1/devices/{alice.public.text}")
+    p = revoked["presence"]
+    assert not p["online"] and p["last_seen_ms"] >= revoked["revoked_at_ms"]
+    assert p["messages"]["sent"] == 3
+    assert "continuum_oracle_devices_online 1.0" in await metrics_text(admin)  # bob
+
+    # A relay still holding alice's connection, and a new one, with more messages.
+    await applied(server, relay.report(conn(alice, t, sent=40), conn(alice, now_ms(), sent=7),
+                                       conn(bob, t, sent=2)))
+    after = await admin.call("GET", f"/v1/devices/{alice.public.text}")
+    assert (after["presence"], after["presence_history"]) == (p, revoked["presence_history"])
+    assert (await presence_of(admin, bob))["messages"]["sent"] == 2
+
+    await admin.call("POST", f"/v1/devices/{alice.public.text}/restore")
+    later = now_ms()
+    await applied(server, relay.report(conn(alice, later, sent=1)))
+    p = await presence_of(admin, alice)
+    assert p["online"] and p["connected_at_ms"] == later and p["messages"]["sent"] == 4
+
+
 async def test_a_device_that_moved_relays_stays_online_whatever_order_reports_arrive_in(
         server: OracleServer, admin: Admin) -> None:
     (alice,) = await enrolled(admin, "alice")
@@ -308,6 +339,20 @@ async def metrics_text(admin: Admin) -> str:
 
 
 @asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` on a free port of 127.0.0.1, a real HTTP server; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def receiver(failures: int, signed: list[tuple[bytes, str | None]] | None = None
                    ) -> AsyncIterator[tuple[str, list[dict]]]:
     """A real HTTP endpoint on 127.0.0.1 that answers 500 `failures` times, then 204; each
@@ -323,15 +368,8 @@ async def receiver(failures: int, signed: list[tuple[bytes, str | None]] | None 
 
     app = web.Application()
     app.router.add_post("/hook/secret", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/hook/secret", posts
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield f"{base}/hook/secret", posts
 
 
 async def test_the_webhook_is_told_retried_and_given_up_without_holding_the_oracle(
@@ -392,6 +430,50 @@ async def test_the_webhook_is_told_retried_and_given_up_without_holding_the_orac
 
 async def _at_least(posts: list, count: int) -> bool:
     return len(posts) >= count
+
+
+@pytest.mark.parametrize("status", [302, 307])
+async def test_the_webhook_does_not_follow_a_redirect(tmp_path: Path, status: int) -> None:
+    """A webhook URL answering 3xx is a failed delivery: the oracle does not follow it to
+    where it points (an internal address, say) with the signed body and its headers.  307
+    keeps the method and body; 302 turns them into a GET; neither may reach the target."""
+    reached: list[tuple[str, str, bytes, str | None]] = []
+
+    async def internal(request: web.Request) -> web.Response:  # any method, any path
+        reached.append((request.method, request.path, await request.read(),
+                        request.headers.get(SIGNATURE_HEADER)))
+        return web.Response(status=204)
+
+    target = web.Application()
+    target.router.add_route("*", "/{tail:.*}", internal)
+    asked: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        asked.append(request.method)
+        return web.Response(status=status, headers={"Location": f"{internal_url}/admin/do"})
+
+    redirector = web.Application()
+    redirector.router.add_post("/hook", redirect)
+    async with serving(target) as internal_url, serving(redirector) as url:
+        settings = oracle_settings(tmp_path, silence_check_s=0.1,
+                                   silence_webhook_url=url + "/hook", silence_webhook_attempts=2)
+        async with OracleServer(settings) as oracle:
+            admin = await Admin.login(oracle)
+            try:
+                (alice,) = await enrolled(admin, "alice")
+                await admin.call("PUT", f"/v1/devices/{alice.public.text}/check-in",
+                                 {"interval_s": 1})
+
+                async def settled() -> str | None:  # given up, or (wrongly) delivered
+                    text = await metrics_text(admin)
+                    return text if 'silence_webhook_posts_total{result="failed"} 1.0' in text \
+                        or 'silence_webhook_posts_total{result="delivered"}' in text else None
+                text = await eventually(settled, timeout=15, interval=0.1)
+            finally:
+                await admin.close()
+    assert reached == []  # nothing went where the redirect pointed
+    assert asked == ["POST", "POST"]  # each try was one POST to the configured URL
+    assert 'silence_webhook_posts_total{result="failed"} 1.0' in text
 
 
 @pytest.mark.parametrize("bad", ["ftp://x", "not a url"])

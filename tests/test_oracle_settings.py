@@ -50,6 +50,18 @@ def test_cli_creates_admin_once_and_a_0600_key(tmp_path) -> None:
     assert stat.S_IMODE((tmp_path / "oracle.key").stat().st_mode) == 0o600
 
 
+def test_cli_refuses_an_admin_named_like_another_kind_of_actor(tmp_path) -> None:
+    """`cli:USER` is how the audit log names the CLI's own changes (test_oracle_fleet_api:
+    the API refuses such names too)."""
+    env = {**os.environ, "CONTINUUM_ORACLE_DATABASE": f"sqlite:///{tmp_path / 'o.db'}",
+           "CONTINUUM_ORACLE_IDENTITY_FILE": str(tmp_path / "oracle.key")}
+    for username in ("cli:root", "oracle"):
+        made = subprocess.run([sys.executable, "-m", "oracle", "create-admin", username],
+                              env=env, capture_output=True, text=True, timeout=30)
+        assert made.returncode != 0 and "password" not in made.stdout, made.stdout
+        assert "username must" in made.stderr and "cli:" in made.stderr, made.stderr
+
+
 def test_relay_keys_repeat_and_a_bad_key_is_one_clear_error(capsys) -> None:
     first, second = (Identity.generate().public.text for _ in range(2))
     settings, _ = OracleSettings.from_sources(["--relay-key", first, "--relay-key", second], {})
