@@ -278,6 +278,22 @@ async def test_a_connection_that_closes_ends_its_streams_at_the_other_end() -> N
     assert world.budget.open == 0
 
 
+async def test_a_lost_stream_bus_withdraws_opens_waiting_for_an_answer() -> None:
+    """The answer may have been lost with the bus: the opener's relay cannot tell where the
+    half that answered is, so it withdraws the open from every connection of the peer."""
+    world = World()
+    alice, bob = await world.connect(ALICE), await world.connect(BOB)
+    offer, opening = open_frame(ALICE, BOB)
+    alice.send(offer)
+    assert bob.take() == [offer]
+    world.router.lost_replica(None, "the bus was lost")
+    assert aborts(alice.take()) == aborts(bob.take()) == ["STREAM_BROKEN"]
+    assert world.budget.open == 0
+    raw, _ = answer(BOB, offer)
+    bob.send(StreamAccept(opening.stream_id, WINDOW, raw))  # too late: nothing to answer
+    assert bob.dropped == ["stream_ended"] and alice.take() == []
+
+
 async def test_frames_for_a_gone_connection_are_answered_by_the_router() -> None:
     world = World()
     alice, bob, sid, keys, _ = await open_stream(world)

@@ -24,11 +24,11 @@ from typing import Protocol
 import structlog
 
 from proto import Limits, PublicKey
-from proto.frames import StreamFrame, StreamOpen
+from proto.frames import StreamAbort, StreamFrame, StreamOpen
 from runtime.clock import now_ms
 from runtime.tasks import cancel_and_wait
 
-from .table import Address, Offer, Output, ToPeer, answer_gone
+from .table import Address, Offer, Output, ToPeer, Withdraw, answer_gone
 
 
 class StreamEndpoint(Protocol):
@@ -65,6 +65,9 @@ class RemoteStreams(Protocol):
 
     def offer(self, peer: PublicKey, origin: Address, origin_key: PublicKey, frame: StreamOpen,
               stream_id: bytes, delivered_here: int) -> None: ...
+
+    def withdraw(self, peer: PublicKey, origin: Address, origin_key: PublicKey,
+                 frame: StreamAbort) -> None: ...
 
 
 class StreamRouter:
@@ -146,6 +149,8 @@ class StreamRouter:
                         self._to_peer(output, sender, sender_key)
                     elif isinstance(output, Offer):
                         self._offer(output, sender, sender_key)
+                    elif isinstance(output, Withdraw):
+                        self._withdraw(output, sender, sender_key)
                 self._watch(sender)
         finally:
             self._dispatching = False
@@ -167,16 +172,22 @@ class StreamRouter:
                 self._ticking.add(address.connection)
 
     def _offer(self, offer: Offer, origin: Address, origin_key: PublicKey) -> None:
-        delivered = self.offer_here(offer.peer, offer.frame, origin, origin_key)
+        delivered = self.to_connections_of(offer.peer, offer.frame, origin, origin_key)
         if self._remote is not None:
             self._remote.offer(offer.peer, origin, origin_key, offer.frame, offer.stream_id,
                                delivered)
         elif not delivered:
             self.unreachable(origin, offer.stream_id)
 
-    def offer_here(self, peer: PublicKey, frame: StreamOpen, origin: Address,
-                   origin_key: PublicKey) -> int:
-        """Offer an open to every connection of `peer` in this process; how many there were."""
+    def _withdraw(self, withdraw: Withdraw, origin: Address, origin_key: PublicKey) -> None:
+        self.to_connections_of(withdraw.peer, withdraw.frame, origin, origin_key)
+        if self._remote is not None:
+            self._remote.withdraw(withdraw.peer, origin, origin_key, withdraw.frame)
+
+    def to_connections_of(self, peer: PublicKey, frame: StreamOpen | StreamAbort,
+                          origin: Address, origin_key: PublicKey) -> int:
+        """Offer an open (or withdraw one) to every connection of `peer` in this process; how
+        many there were."""
         numbers = list(self._by_key.get(peer, ()))
         for number in numbers:
             endpoint = self._endpoints[number][1]
