@@ -45,6 +45,8 @@ class StreamEndpoint(Protocol):
     def abort_streams_via(self, here: str, replica: str | None,
                           reason: str) -> tuple[Output, ...]: ...
 
+    def recheck_streams(self) -> tuple[Output, ...]: ...
+
     @property
     def streams_need_tick(self) -> bool: ...
 
@@ -222,6 +224,12 @@ class StreamRouter:
         for number, (key, endpoint) in list(self._endpoints.items()):
             self.dispatch(Address(self.replica, number), key,
                           endpoint.abort_streams_via(self.replica, replica, reason))
+
+    def access_changed(self) -> None:
+        """A new access list is in force: end every stream it no longer allows (a draining
+        key's, one between keys that no longer share a peer group), at both ends."""
+        for number, (key, endpoint) in list(self._endpoints.items()):
+            self.dispatch(Address(self.replica, number), key, endpoint.recheck_streams())
 
     # -- deadlines ---------------------------------------------------------------------------
 

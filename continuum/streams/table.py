@@ -537,6 +537,23 @@ class StreamTable:
             out += [ToDevice(abort), ToPeer(route, half.peer, abort)]
         return self._released(out)
 
+    def recheck(self) -> list[Output]:
+        """The access list changed: end every stream whose two ends it no longer lets write
+        to each other, at both ends, with its reason (REVOKED, NOT_PEER, ...).  An open is
+        checked as a SEND is, but a SEND is over at once and a stream lasts: a key that is
+        only draining may fetch its mailbox and nothing else (SPEC §15), yet its tunnels
+        ran on for as long as its connection lived.  (An open still unanswered ends here
+        alone: the half offered it ends at its own relay, under the same list.)"""
+        out: list[Output] = []
+        for stream_id, half in list(self._halves.items()):
+            try:
+                self._access.check_send(self._device, (half.peer,))
+            except ProtocolError as exc:
+                abort = StreamAbort(stream_id, int(exc.code), exc.message)
+                out.append(ToDevice(abort))
+                out += self._end(stream_id, half, to_peer=abort)
+        return self._released(out)
+
     def _end(self, stream_id: bytes, half: Half, *, to_peer: StreamAbort) -> list[Output]:
         self._remove(stream_id)
         return [ToPeer(half.route, half.peer, to_peer)] if half.route is not None else []
