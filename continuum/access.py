@@ -77,6 +77,7 @@ class AccessControl:
         # The highest stamp any relay on this store applied (`access_fetch` reads and raises it).
         self.floor = Stamp(0, 0)
         self._watchers: dict[PublicKey, set[Callable[[ProtocolError], None]]] = {}
+        self._on_applied: list[Callable[[], None]] = []
         self._loaded = asyncio.Event()
         self._applied = asyncio.Event()
         self._alarm: asyncio.Task[None] | None = None
@@ -257,6 +258,12 @@ class AccessControl:
                     del self._watchers[key]
         return unwatch
 
+    def on_applied(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after each list is installed, once the sessions it refuses are
+        told: what the relay carries on the strength of the list before (streams,
+        `StreamRouter.access_changed`) is checked against the new one."""
+        self._on_applied.append(callback)
+
     def apply(self, document: bytes) -> bool:
         """Verify a list and install it if it may be; True if it was installed.
 
@@ -316,6 +323,8 @@ class AccessControl:
         self._check_regions(access)
         self._refuse_watched()
         self._move_watched(homes_before)
+        for callback in self._on_applied:
+            callback()
         return True
 
     def _check_regions(self, access: AccessList) -> None:

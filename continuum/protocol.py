@@ -456,6 +456,17 @@ class RelayProtocol:
         return self._kept(self._streams.abort_via(here, replica, reason))
 
     @property
+    def has_streams(self) -> bool:
+        """Streams are open or opening on this connection."""
+        return bool(self._streams)
+
+    def recheck_streams(self) -> tuple[Output, ...]:
+        """End the streams the access list now in force no longer allows."""
+        if self._streams is None or self.phase is not Phase.OPEN:
+            return ()
+        return self._kept(self._streams.recheck())
+
+    @property
     def streams_need_tick(self) -> bool:
         return self._streams is not None and self._streams.needs_tick
 

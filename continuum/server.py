@@ -102,6 +102,7 @@ class RelayServer:
         streams = StreamRouter(os.urandom(8).hex(), settings.limits, log,
                                tick_s=min(0.5, settings.stream_open_timeout_s / 4),
                                remote=store.stream_bus(), bus_lost=metrics.stream_bus_lost.inc)
+        access.on_applied(streams.access_changed)
         presence = (PresenceReporter(settings, identity, access, metrics, log)
                     if access.enabled and settings.presence_interval_s > 0 else None)
         self.relay = RelayContext(settings, store, identity, metrics, log, gate, access,

@@ -338,6 +338,11 @@ class DeviceSession:
                           reason: str) -> tuple[Output, ...]:
         return self._written(self._protocol.abort_streams_via(here, replica, reason))
 
+    def recheck_streams(self) -> tuple[Output, ...]:
+        if not self._protocol.has_streams:
+            return ()  # most connections, on every list: nothing to check, nothing to watch
+        return self._written(self._protocol.recheck_streams())
+
     @property
     def streams_need_tick(self) -> bool:
         return self._protocol.streams_need_tick

@@ -31,14 +31,21 @@ SETTINGS = Settings(max_streams_per_device=4, max_pending_streams_per_device=2,
                     stream_opens_per_s=1000.0, stream_open_burst=1000)
 
 
+def access_list(version: int, groups: dict[Identity, set[int]],
+                draining: tuple[Identity, ...] = ()) -> bytes:
+    """A list signed by the oracle, valid for an hour from now."""
+    until = time.time_ns() // 1_000_000 + 3_600_000
+    return AccessList(1, version, NOW, until, ORACLE.public,
+                      {key.public: frozenset(group) for key, group in groups.items()},
+                      frozenset(), {key.public: until for key in draining}).sign(ORACLE)
+
+
 def access() -> AccessControl:
     """alice and bob share a peer group; carol is enrolled in another."""
     control = AccessControl(Settings(oracle_url="http://oracle.invalid",
                                      oracle_key=ORACLE.public.text),
                             RelayMetrics(), structlog.get_logger("test"))
-    control.apply(AccessList(1, 1, NOW, time.time_ns() // 1_000_000 + 3_600_000, ORACLE.public,
-                             {ALICE.public: frozenset({0}), BOB.public: frozenset({0}),
-                              CAROL.public: frozenset({1})}, frozenset()).sign(ORACLE))
+    control.apply(access_list(1, {ALICE: {0}, BOB: {0}, CAROL: {1}}))
     return control
 
 
@@ -98,6 +105,9 @@ class Endpoint:
                           reason: str) -> tuple[Output, ...]:
         return self._keep(self.table.abort_via(here, replica, reason))
 
+    def recheck_streams(self) -> tuple[Output, ...]:
+        return self._keep(self.table.recheck())
+
     @property
     def streams_need_tick(self) -> bool:
         return self.table.needs_tick
@@ -113,6 +123,7 @@ class World:
                                    self.settings.stream_relay_window_bytes)
         self.router = StreamRouter("r1", self.settings.limits, structlog.get_logger("test"),
                                    tick_s=1.0)
+        self.access.on_applied(self.router.access_changed)  # as the relay wires them
         self.now = NOW
 
     async def connect(self, device: Identity) -> Endpoint:

@@ -17,9 +17,11 @@ from relay_process import free_port
 from wire import RawDevice, error_code, sealed
 
 from client import Device
+from client.streams import Stream, StreamRequest
 from continuum.server import RelayServer
 from oracle import OracleServer
 from proto import Identity, Kind, PublicKey, canonical, seal_envelope
+from proto.errors import RevokedError
 from proto.frames import Accepted, Deliver, Error
 from proto.rotation import KeyRotation
 from runtime.clock import now_ms
@@ -403,3 +405,44 @@ async def _eventually_refused(url: str, identity: Identity) -> str | None:
         return await eventually(refused, timeout=10, interval=0.2)
     except AssertionError:
         return None
+
+
+async def test_streams_of_a_key_that_starts_draining_end_at_both_ends(
+        start_relay, tmp_path: Path) -> None:
+    """A draining key may only fetch its mailbox (SPEC §15), yet its streams ran on: the
+    oracle applies alice's rotation while her device is still connected as the old key
+    (an interrupted `rotate_key` the oracle applied later), and her stream with bob,
+    tunnel or not, carried data in both directions for as long as that connection lived.
+    Now the list that makes her key draining ends it at both ends (REVOKED), and her
+    connection stays, to drain."""
+    async with _deployed(start_relay, tmp_path, drain_s=3600) as deployment:
+        alice, bob, new = Identity.generate(), Identity.generate(), Identity.generate()
+        await deployment.enroll(alice, bob)
+        theirs: list[Stream] = []
+
+        async def keep(request: StreamRequest) -> None:
+            theirs.append(await request.accept())
+
+        async with deployment.device(alice) as a, deployment.device(bob) as b:
+            b.on_stream(keep)
+            await eventually(lambda: _has(a, bob.public), timeout=10)
+            await eventually(lambda: _has(b, alice.public), timeout=10)
+            stream = await a.open_stream(bob.public, "tcp/22", timeout=10)
+            await stream.write(b"before")
+            assert await asyncio.wait_for(theirs[0].read(), 5) == b"before"
+
+            statement = KeyRotation.sign(alice, new, now_ms()).encode()
+            await a.send_envelope(seal_envelope(alice, Kind.DATA,
+                                                [deployment.oracle.identity.public], statement,
+                                                ttl_s=600, now_ms=now_ms()))
+            access = deployment.relay.relay.access
+
+            async def draining() -> bool:
+                return access.current is not None and alice.public in access.current.draining
+            await eventually(draining, timeout=15)
+            with pytest.raises(RevokedError, match="rotated to a new key"):
+                await asyncio.wait_for(stream.read(), 5)
+            with pytest.raises(RevokedError, match="rotated to a new key"):
+                await asyncio.wait_for(theirs[0].read(), 5)
+            assert deployment.relay.relay.stream_budget.open == 0
+            assert a.connected  # the old key keeps its connection: it may still drain

@@ -21,7 +21,7 @@ from proto.frames import (StreamAbort, StreamAccept, StreamCredit, StreamData, S
                           StreamOpen, encode_frame)
 from proto.streams import OpenRequest
 from proto_support import ALICE, BOB, CAROL, MALLORY
-from stream_support import NOW, World, answer, open_frame
+from stream_support import NOW, World, access_list, answer, open_frame
 from tally import ATTACKS_REJECTED, INPUTS_TRIED, TALLY
 from test_relay_protocol import authenticated, frames
 
@@ -276,6 +276,47 @@ async def test_a_connection_that_closes_ends_its_streams_at_the_other_end() -> N
     [abort] = alice.take()
     assert abort.code == ErrorCode.STREAM_BROKEN and "connection" in abort.message
     assert world.budget.open == 0
+
+
+@pytest.mark.parametrize("change, code", [
+    ({"groups": {ALICE: {0}, BOB: {1}, CAROL: {1}}}, "NOT_PEER"),
+    ({"groups": {BOB: {0, 1}, CAROL: {1}}, "draining": (ALICE,)}, "REVOKED"),
+], ids=["peer-group-left", "key-draining"])
+async def test_a_list_that_no_longer_allows_a_stream_ends_it_at_both_ends(
+        change: dict, code: str) -> None:
+    """Streams and opens are checked against each new list, not only the one they were
+    opened under: a key rotated away from may only drain its mailbox (SPEC §15)."""
+    world = World()
+    world.access.apply(access_list(2, {ALICE: {0}, BOB: {0, 1}, CAROL: {1}}))
+    alice, bob, sid, _, _ = await open_stream(world)
+    unanswered, _ = open_frame(ALICE, BOB)
+    alice.send(unanswered)
+    assert bob.take() == [unanswered]
+    carol = await world.connect(CAROL)
+    other, _ = open_frame(BOB, CAROL)
+    bob.send(other)
+    assert carol.take() == [other]
+    world.access.apply(access_list(3, **change))
+    assert aborts(alice.take()) == aborts(bob.take()) == [code, code]
+    assert carol.take() == [] and world.budget.open == 2  # bob's open to carol waits on
+    assert alice.table.half(sid) is None and len(alice.table) == 0 and len(bob.table) == 1
+    assert alice.refused == bob.refused == []
+
+
+async def test_a_lost_stream_bus_withdraws_opens_waiting_for_an_answer() -> None:
+    """The answer may have been lost with the bus: the opener's relay cannot tell where the
+    half that answered is, so it withdraws the open from every connection of the peer."""
+    world = World()
+    alice, bob = await world.connect(ALICE), await world.connect(BOB)
+    offer, opening = open_frame(ALICE, BOB)
+    alice.send(offer)
+    assert bob.take() == [offer]
+    world.router.lost_replica(None, "the bus was lost")
+    assert aborts(alice.take()) == aborts(bob.take()) == ["STREAM_BROKEN"]
+    assert world.budget.open == 0
+    raw, _ = answer(BOB, offer)
+    bob.send(StreamAccept(opening.stream_id, WINDOW, raw))  # too late: nothing to answer
+    assert bob.dropped == ["stream_ended"] and alice.take() == []
 
 
 async def test_frames_for_a_gone_connection_are_answered_by_the_router() -> None:

@@ -4,17 +4,20 @@ its subscription."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from client import Device, PeerList
 from client.streams import StreamRequest
-from proto import Identity
+from proto import Identity, canonical
 from access_support import metric
 from proto.errors import StreamBrokenError
+from proto.frames import StreamCredit, encode_frame
 from redis_server import RedisServer, kill_client, subscribers_of
 from relay_process import RelayProcess
 from tally import FAULTS_SURVIVED, TALLY
@@ -102,5 +105,143 @@ async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replica
             again = await a.open_stream(bob.public, "keep", timeout=10)
             assert await asyncio.wait_for(again.read(), 5) == b"hello"
     finally:
+        first.stop()
+        second.stop()
+
+
+def answering_when(offered: asyncio.Event, go: asyncio.Event,
+                   theirs: list) -> Callable[[StreamRequest], Awaitable[None]]:
+    """bob's stream handler: say an open arrived, accept it once `go` is set, keep the
+    stream in `theirs` and say hello."""
+    async def answer(request: StreamRequest) -> None:
+        offered.set()
+        await go.wait()
+        await accepting_into(theirs)(request)
+    return answer
+
+
+def bus_subscriber(redis: RedisServer, relay: RelayProcess) -> str:
+    """The id of `relay`'s stream bus subscriber: its relay channel, `alive` and its
+    devices' channels (the wake-up subscriber has one mailbox per device)."""
+    assert relay.process is not None
+    bus = [client for client in subscribers_of(redis.port, relay.process.pid)
+           if int(client["sub"]) >= 2]
+    assert len(bus) == 1, bus
+    return bus[0]["id"]
+
+
+async def test_an_answer_published_while_the_openers_relay_resubscribes_ends_both_halves(
+        private_redis: RedisServer, tmp_path: Path) -> None:
+    """alice's relay has lost its stream bus subscriber and has not subscribed again (here:
+    it is stopped, SIGSTOP, while Redis drops the subscriber) when bob's STREAM_ACCEPT is
+    published: nobody hears it.  bob's half was left open for good (a stream slot, and a
+    tunnel's TCP connection to its service), and alice's open waited its 10 s deadline.
+    Now the answer that reached no subscriber ends bob's half at once, and alice's relay,
+    once it resubscribes, ends the open it can no longer trust an answer for."""
+    first = await RelayProcess("--store", private_redis.url,
+                               log_path=tmp_path / "r1.log").start()
+    second = await RelayProcess("--store", private_redis.url,
+                                log_path=tmp_path / "r2.log").start()
+    alice, bob = Identity.generate(), Identity.generate()
+    offered, go, theirs = asyncio.Event(), asyncio.Event(), []
+    assert first.process is not None
+    try:
+        async with Device(alice, [first.url], PeerList([bob.public])) as a, \
+                Device(bob, [second.url], PeerList([alice.public])) as b:
+            b.on_stream(answering_when(offered, go, theirs))
+            await a.wait_connected(10)
+            await b.wait_connected(10)
+            opening = asyncio.create_task(a.open_stream(bob.public, "keep", timeout=20))
+            await asyncio.wait_for(offered.wait(), 10)
+            first.process.send_signal(signal.SIGSTOP)
+            try:
+                kill_client(private_redis.port, bus_subscriber(private_redis, first))
+                go.set()
+                async with asyncio.timeout(3):
+                    while not theirs:
+                        await asyncio.sleep(0.01)
+                with pytest.raises(StreamBrokenError, match="not listening"):
+                    await asyncio.wait_for(theirs[0].read(), 3)
+            finally:
+                first.process.send_signal(signal.SIGCONT)
+            started = time.monotonic()
+            with pytest.raises(StreamBrokenError, match="lost its connection to the store"):
+                await asyncio.wait_for(opening, 8)
+            assert time.monotonic() - started < 5  # not the open's 10 s deadline
+            b.on_stream(accepting_into(theirs))
+            again = await a.open_stream(bob.public, "keep", timeout=10)
+            assert await asyncio.wait_for(again.read(), 5) == b"hello"
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def client_memory(redis: Redis, client_id: str) -> int | None:
+    """The output buffer Redis holds for one client (`omem`), None once it is gone."""
+    listed = await redis.execute_command("CLIENT", "LIST", "ID", client_id)
+    text = listed.decode() if isinstance(listed, bytes) else str(listed)
+    fields = dict(item.split("=", 1) for item in text.split() if "=" in item)
+    return int(fields["omem"]) if fields else None
+
+
+async def test_an_answer_lost_in_a_dropped_subscribers_buffer_ends_both_halves(
+        private_redis: RedisServer, tmp_path: Path) -> None:
+    """What `client-output-buffer-limit pubsub` does to a relay that reads too slowly: bob's
+    STREAM_ACCEPT reaches Redis while alice's relay is behind (stopped here), waits in its
+    subscriber's output buffer, and is dropped with it.  PUBLISH counted a receiver, so
+    nothing but alice's relay knows it was lost, and only as a loss of its subscriber;
+    it ended the streams across replicas but not the open waiting for that answer, and
+    bob's half stayed open for good.  Now it withdraws that open, and bob's half ends."""
+    first = await RelayProcess("--store", private_redis.url,
+                               log_path=tmp_path / "r1.log").start()
+    second = await RelayProcess("--store", private_redis.url,
+                                log_path=tmp_path / "r2.log").start()
+    alice, bob = Identity.generate(), Identity.generate()
+    offered, go, theirs = asyncio.Event(), asyncio.Event(), []
+    redis = Redis.from_url(private_redis.url)
+    # Valid bus messages the relay drops without a word (a credit with no connection named),
+    # each made 64 KiB long by its origin's replica id.
+    filler = canonical.encode([None, alice.public.raw, "x" * 65_536, 0, bob.public.raw,
+                               encode_frame(StreamCredit(bytes(16), 1))])
+    assert first.process is not None
+    try:
+        async with Device(alice, [first.url], PeerList([bob.public])) as a, \
+                Device(bob, [second.url], PeerList([alice.public])) as b:
+            b.on_stream(answering_when(offered, go, theirs))
+            await a.wait_connected(10)
+            await b.wait_connected(10)
+            opening = asyncio.create_task(a.open_stream(bob.public, "keep", timeout=20))
+            await asyncio.wait_for(offered.wait(), 10)
+            subscriber = bus_subscriber(private_redis, first)
+            [channel] = await redis.pubsub_channels(f"*streams:device:{alice.public.raw.hex()}")
+            await redis.config_set("client-output-buffer-limit", "pubsub 1mb 0 0")
+            first.process.send_signal(signal.SIGSTOP)
+            try:
+                # Fill the socket buffers until Redis holds output for it: what is published
+                # from now on waits in Redis, behind that.
+                for _ in range(1024):
+                    if await client_memory(redis, subscriber):
+                        break
+                    await redis.publish(channel, filler)
+                assert await client_memory(redis, subscriber)
+                go.set()
+                async with asyncio.timeout(3):
+                    while not theirs:
+                        await asyncio.sleep(0.01)
+                await asyncio.sleep(0.5)  # bob's relay publishes the answer: 1 receiver
+                for _ in range(64):
+                    if await client_memory(redis, subscriber) is None:
+                        break
+                    await redis.publish(channel, filler)
+                assert await client_memory(redis, subscriber) is None  # dropped by Redis
+            finally:
+                first.process.send_signal(signal.SIGCONT)
+            with pytest.raises(StreamBrokenError, match="lost its connection to the store"):
+                await asyncio.wait_for(theirs[0].read(), 10)
+            with pytest.raises(StreamBrokenError, match="lost its connection to the store"):
+                await asyncio.wait_for(opening, 5)
+            assert await metric(f"http://127.0.0.1:{second.port}", "continuum_streams_open") == 0
+    finally:
+        await redis.aclose()
         first.stop()
         second.stop()

@@ -6,16 +6,17 @@ Two kinds of channel, under the store's key prefix:
   frames of streams whose other half is on another replica (the message
   names the connection there);
 - `streams:device:<key hex>`: a replica subscribes while one of its
-  connections is that device's, for offers of new streams; PUBLISH answers
-  how many replicas heard, so an open to a device connected nowhere fails at
-  once (PEER_UNREACHABLE) instead of waiting for its deadline.
+  connections is that device's, for offers of new streams (and their
+  withdrawals, below); PUBLISH answers how many replicas heard, so an open to
+  a device connected nowhere fails at once (PEER_UNREACHABLE) instead of
+  waiting for its deadline.
 
 A message is the canonical CBOR array
 
     [connection uint | null, peer bstr(32), origin_replica tstr, origin_connection uint,
      origin_key bstr(32), frame bstr]
 
-(`connection` null for an offer).  Nothing is stored in Redis: a frame lives
+(`connection` null for an offer or a withdrawal).  Nothing is stored in Redis: a frame lives
 in a subscriber's output buffer until that replica reads it, and the credit
 rules bound what a stream can have there to its window, as on any path.
 
@@ -25,12 +26,20 @@ or a publish fails, frames may have been lost, and a lost credit would stall
 a stream for good: every stream with a half on another replica is aborted
 (STREAM_BROKEN) at the ends this replica serves, and the other ends are sent
 the abort; an offer that could not be published fails as PEER_UNREACHABLE.
-Other replicas abort their halves when the aborts, or their own failures,
-reach them.  "Lost" includes the reconnects redis-py makes without raising
-(`ReportingPubSub`): Redis drops a subscriber that reads too slowly
-(`client-output-buffer-limit pubsub`), and a silent resubscribe would lose
-frames just the same.  Each loss is logged (`stream_bus_lost`) and counted by
-the router (`continuum_stream_bus_lost`).
+The answer to an open may have been lost too, leaving the half that sent it
+open for good (a stream slot, a tunnel's TCP connection), and this replica
+cannot tell where that half is: so every open of a device here still waiting
+for its answer ends as well, and is withdrawn (a STREAM_ABORT on the peer's
+device channel, on which the half that took it ends, wherever it is).  A
+frame published on a replica's channel that no subscriber heard (PUBLISH
+answers 0: that replica is resubscribing, or gone) is lost as surely: its
+stream ends at the end this replica serves.  Other replicas abort their
+halves when the aborts, or their own failures, reach them.  "Lost" includes
+the reconnects redis-py makes without raising (`ReportingPubSub`): Redis
+drops a subscriber that reads too slowly (`client-output-buffer-limit
+pubsub`), and a silent resubscribe would lose frames just the same.  Each
+loss is logged (`stream_bus_lost`) and counted by the router
+(`continuum_stream_bus_lost`).
 
 A replica that dies without a word (SIGKILL, a lost host) cannot send those
 aborts, so every replica publishes its id on `streams:alive` every second;
@@ -67,6 +76,10 @@ HEARTBEAT_S = 1.0
 SILENT_S = 5.0  # a replica not heard for this long is taken for gone
 _BATCH = 256  # messages per pipeline
 _MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+_UNREACHABLE_STORE = ("this relay cannot reach the store that carries the stream to the other"
+                      " relay")
+_NOT_LISTENING = ("the other end's relay was not listening to the store that carries the stream"
+                  " (it lost its subscription, or is gone): what this relay passed on was lost")
 
 
 class RedisStreamBus:
@@ -141,8 +154,12 @@ class RedisStreamBus:
     def send(self, route: Address, peer: PublicKey, origin: Address, origin_key: PublicKey,
              frame: StreamFrame) -> None:
         def sent(receivers: int | None) -> None:
-            if receivers is None and not isinstance(frame, StreamAbort):
-                self._failed(route, peer, origin, origin_key, frame)
+            if isinstance(frame, StreamAbort):
+                return
+            if receivers is None:
+                self._failed(route, peer, origin, origin_key, frame, _UNREACHABLE_STORE)
+            elif not receivers:
+                self._failed(route, peer, origin, origin_key, frame, _NOT_LISTENING)
 
         self._queue(self._relay_channel(route.replica),
                     self._message(route.connection, peer, origin, origin_key, frame), sent)
@@ -158,6 +175,12 @@ class RedisStreamBus:
 
         self._queue(self._device_channel(peer),
                     self._message(None, peer, origin, origin_key, frame), offered)
+
+    def withdraw(self, peer: PublicKey, origin: Address, origin_key: PublicKey,
+                 frame: StreamAbort) -> None:
+        """Withdraw an open from every replica serving `peer`, as it was offered."""
+        self._queue(self._device_channel(peer),
+                    self._message(None, peer, origin, origin_key, frame), lambda receivers: None)
 
     @staticmethod
     def _message(connection: int | None, peer: PublicKey, origin: Address,
@@ -199,15 +222,14 @@ class RedisStreamBus:
             return [None] * len(batch)
 
     def _failed(self, route: Address, peer: PublicKey, origin: Address, origin_key: PublicKey,
-                frame: StreamFrame) -> None:
-        """A frame that could not be published: its stream ends at the end this replica
-        serves (the other end hears of it when the path works again, or not at all)."""
+                frame: StreamFrame, reason: str) -> None:
+        """A frame that could not be published, or that no replica heard: its stream ends
+        at the end this replica serves (the other end hears of it when the path works
+        again, or from its own replica's loss, or not at all)."""
         if self._router is None or isinstance(frame, StreamOpen):
             return
         self._router.deliver(origin.connection, origin_key, StreamAbort(
-            frame.stream_id, int(ErrorCode.STREAM_BROKEN),
-            "this relay cannot reach the store that carries the stream to the other relay"),
-            route, peer)
+            frame.stream_id, int(ErrorCode.STREAM_BROKEN), reason), route, peer)
 
     # -- in -------------------------------------------------------------------------------------
 
@@ -256,8 +278,8 @@ class RedisStreamBus:
             raise ValueError("not a stream frame from a relay")
         origin = Address(replica, origin_connection)
         if connection is None:
-            if replica != router.replica and isinstance(frame, StreamOpen):
-                router.offer_here(PublicKey(peer), frame, origin, PublicKey(origin_key))
+            if replica != router.replica and isinstance(frame, (StreamOpen, StreamAbort)):
+                router.to_connections_of(PublicKey(peer), frame, origin, PublicKey(origin_key))
             return
         router.deliver(connection, PublicKey(peer), frame, origin, PublicKey(origin_key))
 

@@ -24,11 +24,11 @@ from typing import Protocol
 import structlog
 
 from proto import Limits, PublicKey
-from proto.frames import StreamFrame, StreamOpen
+from proto.frames import StreamAbort, StreamFrame, StreamOpen
 from runtime.clock import now_ms
 from runtime.tasks import cancel_and_wait
 
-from .table import Address, Offer, Output, ToPeer, answer_gone
+from .table import Address, Offer, Output, ToPeer, Withdraw, answer_gone
 
 
 class StreamEndpoint(Protocol):
@@ -44,6 +44,8 @@ class StreamEndpoint(Protocol):
 
     def abort_streams_via(self, here: str, replica: str | None,
                           reason: str) -> tuple[Output, ...]: ...
+
+    def recheck_streams(self) -> tuple[Output, ...]: ...
 
     @property
     def streams_need_tick(self) -> bool: ...
@@ -65,6 +67,9 @@ class RemoteStreams(Protocol):
 
     def offer(self, peer: PublicKey, origin: Address, origin_key: PublicKey, frame: StreamOpen,
               stream_id: bytes, delivered_here: int) -> None: ...
+
+    def withdraw(self, peer: PublicKey, origin: Address, origin_key: PublicKey,
+                 frame: StreamAbort) -> None: ...
 
 
 class StreamRouter:
@@ -146,6 +151,8 @@ class StreamRouter:
                         self._to_peer(output, sender, sender_key)
                     elif isinstance(output, Offer):
                         self._offer(output, sender, sender_key)
+                    elif isinstance(output, Withdraw):
+                        self._withdraw(output, sender, sender_key)
                 self._watch(sender)
         finally:
             self._dispatching = False
@@ -167,16 +174,22 @@ class StreamRouter:
                 self._ticking.add(address.connection)
 
     def _offer(self, offer: Offer, origin: Address, origin_key: PublicKey) -> None:
-        delivered = self.offer_here(offer.peer, offer.frame, origin, origin_key)
+        delivered = self.to_connections_of(offer.peer, offer.frame, origin, origin_key)
         if self._remote is not None:
             self._remote.offer(offer.peer, origin, origin_key, offer.frame, offer.stream_id,
                                delivered)
         elif not delivered:
             self.unreachable(origin, offer.stream_id)
 
-    def offer_here(self, peer: PublicKey, frame: StreamOpen, origin: Address,
-                   origin_key: PublicKey) -> int:
-        """Offer an open to every connection of `peer` in this process; how many there were."""
+    def _withdraw(self, withdraw: Withdraw, origin: Address, origin_key: PublicKey) -> None:
+        self.to_connections_of(withdraw.peer, withdraw.frame, origin, origin_key)
+        if self._remote is not None:
+            self._remote.withdraw(withdraw.peer, origin, origin_key, withdraw.frame)
+
+    def to_connections_of(self, peer: PublicKey, frame: StreamOpen | StreamAbort,
+                          origin: Address, origin_key: PublicKey) -> int:
+        """Offer an open (or withdraw one) to every connection of `peer` in this process; how
+        many there were."""
         numbers = list(self._by_key.get(peer, ()))
         for number in numbers:
             endpoint = self._endpoints[number][1]
@@ -211,6 +224,12 @@ class StreamRouter:
         for number, (key, endpoint) in list(self._endpoints.items()):
             self.dispatch(Address(self.replica, number), key,
                           endpoint.abort_streams_via(self.replica, replica, reason))
+
+    def access_changed(self) -> None:
+        """A new access list is in force: end every stream it no longer allows (a draining
+        key's, one between keys that no longer share a peer group), at both ends."""
+        for number, (key, endpoint) in list(self._endpoints.items()):
+            self.dispatch(Address(self.replica, number), key, endpoint.recheck_streams())
 
     # -- deadlines ---------------------------------------------------------------------------
 

@@ -34,7 +34,8 @@ connection and decides everything about them:
 
 Frames are relayed live and never stored.  No I/O, no clock read: `now_ms`
 comes in, and every decision comes out as a list of outputs the caller acts
-on in order (`ToDevice`, `ToPeer`, `Offer`, `Refused`, `Dropped`, `Pause`).
+on in order (`ToDevice`, `ToPeer`, `Offer`, `Withdraw`, `Refused`, `Dropped`,
+`Pause`).
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ class Offer:
 
 
 @dataclass(frozen=True)
+class Withdraw:
+    """Tell every connection of `peer`, on any replica, that this device's open is withdrawn
+    (`frame`, a STREAM_ABORT): whichever took it ends its half.  For an open whose answer
+    may have been lost on the way, so this end cannot say where the half that answered is."""
+
+    peer: PublicKey
+    frame: StreamAbort
+
+
+@dataclass(frozen=True)
 class Refused:
     """The device broke a rule or hit a bound: answer it with STREAM_ABORT (or, without a
     usable stream id, ERROR); `abuse` counts toward the connection's limit of refusals."""
@@ -182,7 +193,7 @@ class Pause:
     seconds: float
 
 
-Output = ToDevice | ToPeer | Offer | Refused | Dropped | Pause
+Output = ToDevice | ToPeer | Offer | Withdraw | Refused | Dropped | Pause
 
 _DATA_FRAMES = (StreamData, StreamFin)
 
@@ -505,16 +516,42 @@ class StreamTable:
         """End every stream whose other half is on `replica` (None: on any other replica than
         `here`): frames between them may have been lost, and a lost credit would stall it.
         The other half is sent the abort too: a replica that lost only its subscription
-        still publishes, and a gone one hears nothing, harmlessly."""
+        still publishes, and a gone one hears nothing, harmlessly.
+
+        When the whole path is lost (None), so may be the answer to an open still waiting
+        for one: the half that sent it would stay open for good, never hearing from this
+        end, holding a stream slot (and a tunnel's TCP connection).  Such opens end too,
+        withdrawn from wherever they were taken, since this end does not know where."""
         out: list[Output] = []
         for stream_id, half in list(self._halves.items()):
             route = half.route
-            if route is None or route.replica == here or replica not in (None, route.replica):
+            abort = StreamAbort(stream_id, int(ErrorCode.STREAM_BROKEN), reason)
+            if route is None:  # this device's open, waiting for its answer
+                if replica is None:
+                    self._remove(stream_id)
+                    out += [ToDevice(abort), Withdraw(half.peer, abort)]
+                continue
+            if route.replica == here or replica not in (None, route.replica):
                 continue
             self._remove(stream_id)
-            out.append(ToDevice(StreamAbort(stream_id, int(ErrorCode.STREAM_BROKEN), reason)))
-            out.append(ToPeer(route, half.peer, StreamAbort(
-                stream_id, int(ErrorCode.STREAM_BROKEN), reason)))
+            out += [ToDevice(abort), ToPeer(route, half.peer, abort)]
+        return self._released(out)
+
+    def recheck(self) -> list[Output]:
+        """The access list changed: end every stream whose two ends it no longer lets write
+        to each other, at both ends, with its reason (REVOKED, NOT_PEER, ...).  An open is
+        checked as a SEND is, but a SEND is over at once and a stream lasts: a key that is
+        only draining may fetch its mailbox and nothing else (SPEC §15), yet its tunnels
+        ran on for as long as its connection lived.  (An open still unanswered ends here
+        alone: the half offered it ends at its own relay, under the same list.)"""
+        out: list[Output] = []
+        for stream_id, half in list(self._halves.items()):
+            try:
+                self._access.check_send(self._device, (half.peer,))
+            except ProtocolError as exc:
+                abort = StreamAbort(stream_id, int(exc.code), exc.message)
+                out.append(ToDevice(abort))
+                out += self._end(stream_id, half, to_peer=abort)
         return self._released(out)
 
     def _end(self, stream_id: bytes, half: Half, *, to_peer: StreamAbort) -> list[Output]:
