@@ -30,13 +30,14 @@ from relay_process import free_port, free_port_run  # noqa: E402,F401  (the scri
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-# Raised so the rate limiter, mailbox cap and handshake gate never shape a figure: every
-# benchmark device connects from 127.0.0.1 with a fresh key.
+# Raised so the rate limiters (messages, frames), mailbox cap and handshake gate never shape a
+# figure: every benchmark device connects from 127.0.0.1 with a fresh key.
 UNTHROTTLED = ("--rate-per-s", "1e9", "--rate-burst", "1000000000",
                "--mailbox-max-messages", "1000000", "--mailbox-max-bytes", str(1 << 31),
                "--max-pending-handshakes-per-address", "4096",
                "--max-connections-per-address", "1000000",
                "--unknown-key-rate-per-s", "1e9", "--unknown-key-burst", "1000000000",
+               "--frames-per-s", "1e9", "--frame-burst", "1000000000",
                "--log-level", "warning")
 
 

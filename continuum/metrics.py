@@ -110,6 +110,10 @@ class RelayMetrics:
         self.acked = LoopCounter("continuum_messages_acked",
                                  "Deliveries acknowledged by the device and removed",
                                  self.registry)
+        self.frames_over_rate = LoopCounter(
+            "continuum_frames_over_rate",
+            "Messages read from a device beyond its connection's frame rate (--frames-per-s):"
+            " each made the relay wait before reading that connection again", self.registry)
         self.expired = Counter("continuum_messages_expired",
                                "Envelopes whose TTL passed in a mailbox", registry=self.registry)
         self.expiry_notices_dropped = Counter(

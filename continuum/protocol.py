@@ -12,6 +12,10 @@ The shell (`session.py`) follows one contract:
 
 - after every call, write `data_to_send()` in order, then close the
   WebSocket if `close` is set (and stop reading);
+- after every message read from the device (`receive`, `receive_non_binary`,
+  `receive_control`), read nothing more from it for `read_pause_s()` seconds:
+  every message of an authenticated device costs a token of its connection's
+  frame rate, and one over it is read more slowly, never refused;
 - a call that returns a request (`CheckRate`, `StoreEnvelope`, `RemoveDelivered`,
   `Fetch`) asks for one store call, whose result goes back in through the
   matching method (`rate_checked`, `stored`/`store_refused`, `removed`,
@@ -50,6 +54,7 @@ from proto.handshake import RelayHandshake
 
 from .access import AccessControl
 from .admission import admit, replay_until_ms
+from .bucket import Bucket
 from .metrics import RelayMetrics
 from .presence import ConnectionCounts
 from .settings import Settings
@@ -60,6 +65,11 @@ from .streams.table import (Address, Dropped, Output, Refused, StreamBudget, Str
 CLOSE_NORMAL = 1000
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+
+# A connection over its frame rate waits for at least this long at a time (50 frames at the
+# default 5,000 frames/s), not after every frame: a wait per frame, a timer and an event-loop
+# turn each, added a fifth to what a paced flood cost the relay.
+MIN_READ_PAUSE_S = 0.01
 
 
 class VerifyBudget(Protocol):
@@ -148,7 +158,7 @@ class RelayProtocol:
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
                  "_layout", "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
                  "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "_found_empty",
-                 "counts", "_stream_budget", "_streams")
+                 "counts", "_stream_budget", "_streams", "_frames")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
@@ -185,6 +195,8 @@ class RelayProtocol:
         self._stream_budget = stream_budget or StreamBudget(settings.max_streams,
                                                             settings.stream_relay_window_bytes)
         self._streams: StreamTable | None = None
+        # The frame rate's bucket, made at the first message after WELCOME (as the table).
+        self._frames: Bucket | None = None
 
     @property
     def _log(self) -> structlog.typing.FilteringBoundLogger:
@@ -205,6 +217,7 @@ class RelayProtocol:
             return self._receive_hello(data, now_ms)
         if self.phase is Phase.CLOSED:
             return None
+        self._charge(now_ms)
         assert self._opener is not None
         try:
             # Opened before anything else, an oversize one too: each message counts in the
@@ -249,13 +262,44 @@ class RelayProtocol:
             f"a device may send SEND or ACK here, not {type(frame).__name__.upper()}"))
         return None
 
-    def receive_non_binary(self) -> None:
+    def receive_non_binary(self, now_ms: int) -> None:
         """A text message: frames are binary, so this is refused like a bad frame."""
         if self.phase is Phase.HANDSHAKE:
             self._refuse_handshake(UnauthenticatedError("expected a binary HELLO frame"),
                                    "not_binary")
         elif self.phase is Phase.OPEN:
+            self._charge(now_ms)
             self._reject(None, DecodeError("frames must be binary WebSocket messages"))
+
+    def receive_control(self, now_ms: int) -> None:
+        """A WebSocket PING (the shell answers it with a PONG) or PONG.  Cheap, but read and
+        answered all the same: an authenticated device pays for it like for any frame."""
+        if self.phase is Phase.OPEN:
+            self._charge(now_ms)
+
+    def read_pause_s(self) -> float:
+        """Seconds the shell waits before reading the device's next message: how far the
+        messages read so far put the connection over its frame rate, once that is at least
+        `MIN_READ_PAUSE_S` (0: within it, or not that far yet)."""
+        debt_s = self._frames.debt_s() if self._frames is not None else 0.0
+        return debt_s if debt_s >= MIN_READ_PAUSE_S else 0.0
+
+    def _charge(self, now_ms: int) -> None:
+        """One message of an authenticated device: a token of its connection's bucket
+        (`frames_per_s`, burst `frame_burst`), taken into debt when there is none.
+
+        The abuse count closes a device only for refused frames, the SEND rate counts only
+        SENDs and the stream byte rate only chunk bytes; ACKs, credit, frames for ended
+        streams and PINGs each cost a decode and often an answer, so without this a device
+        could make the relay handle some 30,000 of them a second, a whole core.  Paced, not
+        refused: a device within its rate never notices, and one beyond it only slows.
+        """
+        frames = self._frames
+        if frames is None:
+            settings = self._settings
+            frames = self._frames = Bucket(settings.frames_per_s, settings.frame_burst)
+        if frames.borrow(1, now_ms) > 0:
+            self._metrics.frames_over_rate.inc()
 
     def handshake_timed_out(self, timeout_s: float) -> None:
         """No HELLO arrived within the deadline the shell enforces."""

@@ -37,6 +37,10 @@ from .store import NewEntry, Subscription
 from .streams.table import Address, Output, Pause
 from .websocket import DeviceWebSocket
 
+# Messages `receive` returns that are not the device's frames: the session answers a PING
+# itself (`DeviceWebSocket` has aiohttp's autoping off), so each one is paid for.
+_CONTROL = (WSMsgType.PING, WSMsgType.PONG)
+
 # How often a connection with stream frames still unread is looked at (`_watch_writes`).
 _WATCH_INTERVAL_S = 0.2
 
@@ -98,6 +102,9 @@ class DeviceSession:
         try:
             async with asyncio.timeout(timeout_s):
                 message = await self._ws.receive()
+                while message.type in _CONTROL:  # answered; HELLO is still to come
+                    self._feed(message)
+                    message = await self._ws.receive()
         except TimeoutError:
             protocol.handshake_timed_out(timeout_s)
         else:
@@ -195,14 +202,21 @@ class DeviceSession:
                     await self._remove(request)
             self._write()
             await self._drain()  # a device that sends without reading is not outrun
+            # Over its frame rate or its stream byte rate: read it more slowly.
+            pause = max(pause, protocol.read_pause_s())
             if pause:
-                await asyncio.sleep(pause)  # over its stream byte rate: read it more slowly
+                await asyncio.sleep(pause)
 
     def _feed(self, message: WSMessage
               ) -> Authenticated | CheckRate | RemoveDelivered | RouteStreams | None:
         if message.type == WSMsgType.BINARY:
             return self._protocol.receive(message.data, now_ms())
-        self._protocol.receive_non_binary()
+        if message.type in _CONTROL:
+            self._protocol.receive_control(now_ms())
+            if message.type == WSMsgType.PING:
+                self._ws.write_pong(message.data)
+        else:
+            self._protocol.receive_non_binary(now_ms())
         return None
 
     async def _start_send(self, request: CheckRate, ahead: bool) -> None:

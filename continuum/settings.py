@@ -108,6 +108,13 @@ class Settings:
     forwarded_header: str = X_FORWARDED_FOR
     sweep_interval_s: float = 1.0
     max_invalid_frames: int = 100
+    # Messages an authenticated connection may make the relay read, any kind (SEND, ACK,
+    # stream frames, a WebSocket PING or PONG), per second and at once: beyond them that
+    # connection is read more slowly (nothing is refused), so the CPU one device can make
+    # the relay spend on decoding and answering is bounded.  Far above what a device sends
+    # (a tunnel's round trips, a receiver's ACKs, a stream's chunks and credit).
+    frames_per_s: float = 5_000.0
+    frame_burst: int = 1_000
     heartbeat_s: float = 30.0
     log_level: str = "info"
     # Access control: the oracle's base URL (empty: off; https:// outside one host) and
@@ -211,6 +218,8 @@ class Settings:
                 ("max_ttl_s must be >= 1", self.max_ttl_s >= 1),
                 ("rate_per_s must be > 0", self.rate_per_s > 0),
                 ("rate_burst must be >= 1", self.rate_burst >= 1),
+                ("frames_per_s must be > 0", self.frames_per_s > 0),
+                ("frame_burst must be >= 1", self.frame_burst >= 1),
                 ("delivery_window must be >= 1", self.delivery_window >= 1),
                 ("mailbox_max_messages must be >= 1", self.mailbox_max_messages >= 1),
                 ("request/close/write timeouts must be > 0", min(

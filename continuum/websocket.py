@@ -24,6 +24,7 @@ from aiohttp.web_request import BaseRequest
 
 _FIN_BINARY = 0x82
 _FIN_CLOSE = 0x88
+_FIN_PONG = 0x8A
 _CLOSE_CODE = struct.Struct("!H")
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
@@ -50,8 +51,10 @@ class DeviceWebSocket(web.WebSocketResponse):
 
     def __init__(self, **kwargs: Any) -> None:
         # No CLOSE answered from inside `receive`: the session first answers the SENDs still
-        # in flight when the device's CLOSE arrives, then closes (session.py).
-        super().__init__(autoclose=False, **kwargs)
+        # in flight when the device's CLOSE arrives, then closes (session.py).  No PING
+        # answered there either: `receive` would answer a flood of them without returning,
+        # so the session sees each one, pays for it (its frame rate) and answers it.
+        super().__init__(autoclose=False, autoping=False, **kwargs)
         self._stream: AbstractStreamWriter | None = None
         self._queued: list[bytes] | None = None  # frames waiting for the end of this loop turn
         self._drainer: asyncio.Future[None] | None = None  # see `drain`
@@ -71,11 +74,27 @@ class DeviceWebSocket(web.WebSocketResponse):
         transport = self._stream.transport
         if self.closed or transport is None or transport.is_closing():
             raise ConnectionResetError("cannot write to a closing WebSocket")
+        queued = self._queue()
+        for payload in payloads:
+            queued += (ws_header(len(payload)), payload)
+
+    def write_pong(self, payload: bytes) -> None:
+        """Queue the PONG that answers a PING carrying `payload` (at most 125 bytes, as the
+        reader checks of every control frame), with this turn's other frames.  Nothing once
+        the WebSocket is closing: no frame may follow a CLOSE, and a PING needs no answer
+        then."""
+        assert self._stream is not None, "write_pong before prepare"
+        transport = self._stream.transport
+        if self.closed or transport is None or transport.is_closing():
+            return
+        self._queue().extend((_SHORT.pack(_FIN_PONG, len(payload)), payload))
+
+    def _queue(self) -> list[bytes]:
+        """This turn's queue, and its write at the end of the turn, started by the first frame."""
         if self._queued is None:
             self._queued = []
             asyncio.get_running_loop().call_soon(self.flush)
-        for payload in payloads:
-            self._queued += (ws_header(len(payload)), payload)
+        return self._queued
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait while the device reads too slowly; False if what is queued did not drain within

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -13,9 +13,10 @@ from redis_server import RedisServer
 from wire import RawDevice, now_ms, sealed
 
 from continuum.health import PROBE_EVERY_S
+from continuum.protocol import MIN_READ_PAUSE_S
 from proto import Identity, Kind, seal_envelope
 from proto.errors import ErrorCode, RateLimitedError
-from proto.frames import Accepted, Error, Send, encode_frame
+from proto.frames import Accepted, Ack, Error, Send, StreamCredit, encode_frame
 
 
 async def round_trip_seconds(url: str) -> float:
@@ -48,6 +49,39 @@ async def test_flood_of_tiny_frames_is_rate_limited_then_cut_off(start_relay) ->
     stored = await server.relay.store.depth(target.public)  # type: ignore[union-attr]
     assert 40 <= stored <= 60  # the burst plus what 20/s refilled while flooding
     assert len(answers) < len(frames)  # cut off before it was served in full
+
+
+CHEAP_FRAMES: dict[str, Callable[[RawDevice], Awaitable[None]]] = {
+    "ack_of_an_unknown_tag": lambda device: device.send_frame(Ack("never-delivered")),
+    "credit_for_no_stream": lambda device: device.send_frame(StreamCredit(bytes(16), 1)),
+    "ping": lambda device: device.ws.ping(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CHEAP_FRAMES))
+async def test_a_flood_of_cheap_frames_is_read_at_the_frame_rate_while_others_flow(
+        start_relay, kind: str) -> None:
+    """Frames that are no SEND (which spends a rate token) and break no rule (which counts
+    toward the abuse limit): one connection made the relay handle them as fast as it could
+    decode them, about 30,000 a second, a whole core.  Now every message of a connection
+    costs a token of its frame rate (rate 500/s, burst 50 here) and one over it is read
+    more slowly: the SEND after 1,000 of them is answered only once the rate allowed them
+    all, the flooder is not cut off, and other devices' messages pass meanwhile."""
+    rate, burst, count = 500, 50, 1_000
+    server = await start_relay(frames_per_s=rate, frame_burst=burst)
+    flooder = Identity.generate()
+    async with await RawDevice.connect(server.url, flooder) as f:
+        started = time.perf_counter()
+        for _ in range(count):
+            await CHEAP_FRAMES[kind](f)
+        assert await round_trip_seconds(server.url) < 1.0  # while the flood waits to be read
+        assert isinstance(await f.send(sealed(flooder, [flooder.public])), Accepted)
+        elapsed = time.perf_counter() - started
+    fastest = (count + 1 - burst) / rate - MIN_READ_PAUSE_S  # its last wait need not be over
+    assert elapsed >= fastest, (
+        f"{count} {kind} frames and a SEND handled in {elapsed:.2f}s; at {rate}/s (burst"
+        f" {burst}) that takes at least {fastest:.2f}s")
+    assert server.relay.metrics.frames_over_rate.value > 0  # type: ignore[union-attr]
 
 
 async def test_slow_reader_holds_only_its_window_and_others_flow(start_relay) -> None:

@@ -23,7 +23,7 @@ from access_support import store_fetches
 from fake_oracle import FakeOracle
 from redis_server import RedisServer
 from proto.access import AccessList
-from wire import RawDevice, error_code, now_ms, sealed
+from wire import RawDevice, device_handshake, error_code, now_ms, sealed
 
 
 async def depth(server: RelayServer, identity: Identity) -> int:
@@ -533,3 +533,23 @@ async def test_mail_sent_while_the_relays_pub_sub_is_down_is_delivered_after(sta
             await b.expect_silence(0.3)  # nothing twice
     finally:
         redis_server.remove()
+
+
+async def test_the_relay_answers_pings_before_hello_and_after_welcome(relay) -> None:
+    """The session answers PINGs itself (aiohttp's autoping is off, so each one costs the
+    connection's frame rate): a PONG with the PING's payload, and a PING before HELLO is
+    not taken for a bad HELLO."""
+    identity = Identity.generate()
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(relay.url, autoping=False) as ws:
+            handshake = device_handshake(identity)
+            challenge = await ws.receive_bytes(timeout=5)
+            await ws.ping(b"before")
+            pong = await ws.receive(timeout=5)
+            assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, b"before")
+            await ws.send_bytes(handshake.receive_challenge(challenge))
+            handshake.receive_welcome(await ws.receive_bytes(timeout=5))
+            for payload in (b"", b"after", bytes(125)):
+                await ws.ping(payload)
+                pong = await ws.receive(timeout=5)
+                assert (pong.type, pong.data) == (aiohttp.WSMsgType.PONG, payload)

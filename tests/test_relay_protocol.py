@@ -9,17 +9,20 @@ the same rules is covered by tests/test_relay.py.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from continuum.access import AccessControl
 from continuum.connection_gate import AddressBudget, ConnectionGate
 from continuum.metrics import RelayMetrics
 from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,
-                                Authenticated,
+                                MIN_READ_PAUSE_S, Authenticated,
                                 CheckRate, Fetch, Phase, RelayProtocol, RemoveDelivered,
                                 StoreEnvelope)
 from continuum.settings import Settings
@@ -154,7 +157,7 @@ def test_revoked_key_is_refused_at_the_handshake_with_its_code() -> None:
 
 @pytest.mark.parametrize("fail,reason", [
     (lambda p: p.handshake_timed_out(10.0), "timeout"),
-    (lambda p: p.receive_non_binary(), "not_binary"),
+    (lambda p: p.receive_non_binary(NOW), "not_binary"),
 ])
 def test_handshake_failures_are_counted_by_reason(fail, reason: str) -> None:
     protocol = new_protocol()
@@ -431,6 +434,77 @@ def test_acks_of_unknown_tags_change_no_window() -> None:
     assert protocol.removed("other-connection", existed=True) is None
     assert protocol.removed("other-connection", existed=False) is None
     assert protocol._metrics.acked.value == 1  # counted only when something was removed
+
+
+# -- the frame rate: every message of an authenticated device costs a token ------------------
+
+CHEAP = {  # what a device can send without a SEND's rate token or an abuse count
+    "ack": lambda p, now: p.receive(encode_frame(Ack("not-delivered-here")), now),
+    "credit": lambda p, now: p.receive(encode_frame(StreamCredit(bytes(16), 1)), now),
+    "ping": lambda p, now: p.receive_control(now),
+}
+
+
+def test_messages_beyond_the_frame_burst_are_read_more_slowly_never_refused() -> None:
+    protocol = authenticated(frames_per_s=100, frame_burst=10)
+    for _ in range(10):
+        assert isinstance(protocol.receive(encode_frame(Ack("t")), NOW), RemoveDelivered)
+        assert protocol.read_pause_s() == 0
+    protocol.receive_control(NOW)  # one frame in debt: 10 ms, the shortest wait
+    assert protocol.read_pause_s() == pytest.approx(MIN_READ_PAUSE_S)
+    assert isinstance(protocol.receive(encode_frame(Ack("t")), NOW), RemoveDelivered)
+    assert protocol.read_pause_s() == pytest.approx(0.02)
+    assert protocol.receive(encode_frame(Ack("t")), NOW + 20) is not None  # paid back
+    assert protocol.read_pause_s() == pytest.approx(MIN_READ_PAUSE_S)
+    assert frames(protocol) == [] and protocol.close is None  # nothing refused
+    assert protocol._metrics.frames_over_rate.value == 3
+
+
+def test_the_handshake_costs_no_frame_token() -> None:
+    protocol = new_protocol(frames_per_s=1, frame_burst=1)
+    protocol.receive_control(NOW)  # a PING before HELLO: the listener's budget bounds those
+    handshake = device_handshake(ALICE)
+    hello = handshake.receive_challenge(protocol.data_to_send()[0])
+    assert protocol.receive(hello, NOW) == Authenticated(ALICE.public)
+    assert protocol.read_pause_s() == 0 and protocol._frames is None  # made at the first frame
+    protocol.receive_control(NOW)
+    assert protocol.read_pause_s() == 0  # the one token of the burst
+    protocol.receive_control(NOW)
+    assert protocol.read_pause_s() == pytest.approx(1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rate=st.integers(20, 5_000), burst=st.integers(1, 200),
+       sent=st.lists(st.tuples(st.integers(0, 30), st.sampled_from(sorted(CHEAP))),
+                     min_size=1, max_size=300))
+def test_a_shell_that_waits_as_told_reads_no_more_than_the_rate_allows(
+        rate: int, burst: int, sent: list[tuple[int, str]]) -> None:
+    """Whatever a device sends and when (`sent`: ms after the one before, and what), a shell
+    that waits `read_pause_s()` after each message reads by any time at most the burst,
+    the rate's worth of the time since the first, and the shortest wait's worth more."""
+    protocol = authenticated(frames_per_s=rate, frame_burst=burst)
+    first = arrival = ready = NOW
+    for count, (gap_ms, kind) in enumerate(sent, start=1):
+        arrival += gap_ms
+        read_at = max(arrival, ready)
+        CHEAP[kind](protocol, read_at)
+        ready = read_at + math.ceil(protocol.read_pause_s() * 1000)
+        assert count <= burst + rate * (read_at - first) / 1000 + rate * MIN_READ_PAUSE_S + 1
+    assert protocol.close is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(rate=st.integers(1, 2_000), burst=st.integers(1, 50), slack_ms=st.lists(
+    st.integers(0, 50), min_size=1, max_size=200), kinds=st.lists(st.sampled_from(sorted(CHEAP))))
+def test_a_device_within_its_frame_rate_is_never_slowed(
+        rate: int, burst: int, slack_ms: list[int], kinds: list[str]) -> None:
+    protocol = authenticated(frames_per_s=rate, frame_burst=burst)
+    now = NOW
+    for index, slack in enumerate(slack_ms):
+        CHEAP[kinds[index % len(kinds)] if kinds else "ack"](protocol, now)
+        assert protocol.read_pause_s() == 0
+        now += math.ceil(1000 / rate) + slack
+    assert protocol._metrics.frames_over_rate.value == 0
 
 
 def test_deliveries_stop_once_closed() -> None:

@@ -45,6 +45,7 @@ def test_enrollment_without_an_oracle_is_refused(capsys: pytest.CaptureFixture[s
 
 
 @pytest.mark.parametrize("argv", [["--port", "70000"], ["--rate-per-s", "0"],
+                                  ["--frames-per-s", "0"], ["--frame-burst", "0"],
                                   ["--require-enrollment", "maybe"], ["--port", "abc"],
                                   ["--access-list-expired", "ignore"],
                                   ["--forwarded-header", "via"],
