@@ -35,13 +35,17 @@ from runtime.tasks import cancel_and_wait
 IDLE_GAP_S = 0.002
 
 
+Take = Callable[[], Awaitable[bool]]
+
+
 class RateTokens:
-    """One connection's tokens; `take` spends one of its device's bucket (`store.allow`)."""
+    """One connection's tokens.  `take` (given to each call, not kept: a session's bound
+    method kept here would put the session in a reference cycle, which only the garbage
+    collector frees) spends one of its device's bucket (`store.allow`)."""
 
-    __slots__ = ("_take", "_ahead", "_last_send")
+    __slots__ = ("_ahead", "_last_send")
 
-    def __init__(self, take: Callable[[], Awaitable[bool]]) -> None:
-        self._take = take
+    def __init__(self) -> None:
         self._ahead: asyncio.Task[bool] | None = None
         self._last_send: float | None = None  # the event loop's clock
 
@@ -52,7 +56,7 @@ class RateTokens:
         last, self._last_send = self._last_send, now
         return last is None or now - last >= IDLE_GAP_S
 
-    async def spend(self) -> bool:
+    async def spend(self, take: Take) -> bool:
         """One token for the SEND at hand: the one taken ahead if it was granted, else a
         fresh one.  Raises what the store raises (StoreUnavailableError)."""
         ahead, self._ahead = self._ahead, None
@@ -60,12 +64,12 @@ class RateTokens:
             with contextlib.suppress(Exception):
                 if await ahead:
                     return True
-        return await self._take()
+        return await take()
 
-    def take_ahead(self) -> None:
+    def take_ahead(self, take: Take) -> None:
         """Take the next SEND's token now (one at most)."""
         if self._ahead is None:
-            self._ahead = asyncio.ensure_future(self._take())
+            self._ahead = asyncio.ensure_future(take())
             self._ahead.add_done_callback(_retrieved)
 
     async def close(self) -> None:

@@ -81,7 +81,7 @@ class DeviceSession:
         # SENDs in flight, oldest first: at most SENDS_IN_FLIGHT, so a list (an empty deque
         # costs ~0.7 KiB, on every idle connection).
         self._sends: list[_InFlight] = []
-        self._tokens = RateTokens(self._spend_token)
+        self._tokens = RateTokens()
 
     # -- what the gate asks of this connection ---------------------------------------------
 
@@ -258,7 +258,7 @@ class DeviceSession:
         answered = allowed = False
         try:
             try:
-                allowed = not request.metered or await self._tokens.spend()
+                allowed = not request.metered or await self._tokens.spend(self._spend_token)
             except ProtocolError as exc:
                 outcome = exc
             if previous is not None:
@@ -292,7 +292,7 @@ class DeviceSession:
                 protocol.store_refused(envelope.msg_id, outcome)
             self._write()
             if ahead and allowed and all(send is this for send in self._sends):
-                self._tokens.take_ahead()
+                self._tokens.take_ahead(self._spend_token)
         finally:
             if this is not None:
                 this.done(self._sends)

@@ -36,28 +36,28 @@ class Bucket:
 
 async def test_a_token_granted_ahead_serves_the_next_send_without_another_take() -> None:
     bucket = Bucket(True)
-    tokens = RateTokens(bucket.take)
-    tokens.take_ahead()
-    tokens.take_ahead()  # one at most
-    assert await tokens.spend() is True
+    tokens = RateTokens()
+    tokens.take_ahead(bucket.take)
+    tokens.take_ahead(bucket.take)  # one at most
+    assert await tokens.spend(bucket.take) is True
     assert bucket.takes == 1
 
 
 @pytest.mark.parametrize("ahead", [False, StoreUnavailableError("down then")])
 async def test_a_token_refused_or_failed_ahead_is_taken_again(ahead: bool | Exception) -> None:
     bucket = Bucket(ahead, True)
-    tokens = RateTokens(bucket.take)
-    tokens.take_ahead()
-    assert await tokens.spend() is True
+    tokens = RateTokens()
+    tokens.take_ahead(bucket.take)
+    assert await tokens.spend(bucket.take) is True
     assert bucket.takes == 2
 
 
 async def test_a_send_waits_for_a_token_still_being_taken_ahead() -> None:
     bucket = Bucket(True)
     bucket.release.clear()
-    tokens = RateTokens(bucket.take)
-    tokens.take_ahead()
-    spending = asyncio.ensure_future(tokens.spend())
+    tokens = RateTokens()
+    tokens.take_ahead(bucket.take)
+    spending = asyncio.ensure_future(tokens.spend(bucket.take))
     await asyncio.sleep(0.01)
     assert not spending.done()
     bucket.release.set()
@@ -68,17 +68,17 @@ async def test_a_send_waits_for_a_token_still_being_taken_ahead() -> None:
 async def test_closing_stops_a_take_still_under_way_and_serves_nothing_after() -> None:
     bucket = Bucket(True, False)
     bucket.release.clear()
-    tokens = RateTokens(bucket.take)
-    tokens.take_ahead()
+    tokens = RateTokens()
+    tokens.take_ahead(bucket.take)
     await asyncio.sleep(0)
     await tokens.close()
     bucket.release.set()
-    assert await tokens.spend() is False  # a fresh take, not the one closed
+    assert await tokens.spend(bucket.take) is False  # a fresh take, not the one closed
     assert bucket.takes == 2
 
 
 async def test_only_a_send_after_an_idle_gap_earns_a_token_ahead() -> None:
-    tokens = RateTokens(Bucket().take)
+    tokens = RateTokens()
     assert tokens.arrived()  # the connection's first SEND
     assert not tokens.arrived()  # right behind it
     await asyncio.sleep(IDLE_GAP_S * 2)
