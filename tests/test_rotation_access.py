@@ -3,7 +3,6 @@ and an oracle key followed along the chain, only forward."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import structlog
