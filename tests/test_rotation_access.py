@@ -3,7 +3,6 @@ and an oracle key followed along the chain, only forward."""
 
 from __future__ import annotations
 
-
 import pytest
 import structlog
 from wire import now_ms
