@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from oracle_support import Admin, eventually, oracle_settings
+from web_server import serving
 
 from client.device import Device
 from oracle import OracleServer
@@ -127,15 +128,8 @@ async def _other_site(login_url: str, username: str, password: str) -> AsyncIter
 
     app = web.Application()
     app.router.add_get("/", serve)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
+    async with serving(app) as port:
         yield f"http://localhost:{port}/"
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_login_form_on_another_site_does_not_log_the_browser_in(tmp_path) -> None:

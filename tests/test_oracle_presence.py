@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from oracle_support import TRUSTED_RELAY, Admin, eventually, oracle_settings
 from test_oracle_api import admin, server  # noqa: F401  (fixtures on both databases)
+from web_server import serving
 
 from oracle import OracleServer
 from oracle.presence import HISTORY_PER_DEVICE
@@ -339,20 +340,6 @@ async def metrics_text(admin: Admin) -> str:
 
 
 @asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """`app` on a free port of 127.0.0.1, a real HTTP server; yields its base URL."""
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-@asynccontextmanager
 async def receiver(failures: int, signed: list[tuple[bytes, str | None]] | None = None
                    ) -> AsyncIterator[tuple[str, list[dict]]]:
     """A real HTTP endpoint on 127.0.0.1 that answers 500 `failures` times, then 204; each
@@ -368,8 +355,8 @@ async def receiver(failures: int, signed: list[tuple[bytes, str | None]] | None 
 
     app = web.Application()
     app.router.add_post("/hook/secret", hook)
-    async with serving(app) as base:
-        yield f"{base}/hook/secret", posts
+    async with serving(app) as port:
+        yield f"http://127.0.0.1:{port}/hook/secret", posts
 
 
 async def test_the_webhook_is_told_retried_and_given_up_without_holding_the_oracle(
@@ -454,9 +441,11 @@ async def test_the_webhook_does_not_follow_a_redirect(tmp_path: Path, status: in
 
     redirector = web.Application()
     redirector.router.add_post("/hook", redirect)
-    async with serving(target) as internal_url, serving(redirector) as url:
+    async with serving(target) as internal_port, serving(redirector) as port:
+        internal_url = f"http://127.0.0.1:{internal_port}"
         settings = oracle_settings(tmp_path, silence_check_s=0.1,
-                                   silence_webhook_url=url + "/hook", silence_webhook_attempts=2)
+                                   silence_webhook_url=f"http://127.0.0.1:{port}/hook",
+                                   silence_webhook_attempts=2)
         async with OracleServer(settings) as oracle:
             admin = await Admin.login(oracle)
             try:

@@ -20,6 +20,7 @@ from aiohttp import web
 from cli_support import CliProcess, peer_homes, run_cli
 from relay_process import RelayProcess
 from sshd_server import PrivateSshd
+from web_server import serving
 
 
 @dataclass
@@ -90,15 +91,8 @@ async def web_page() -> AsyncIterator[tuple[int, bytes]]:
     app = web.Application()
     app.router.add_get("/", page)
     app.router.add_get("/big", download)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         yield port, big
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture
