@@ -71,6 +71,11 @@ CLOSE_INTERNAL_ERROR = 1011
 # turn each, added a fifth to what a paced flood cost the relay.
 MIN_READ_PAUSE_S = 0.01
 
+# PINGs and PONGs a peer may send before its HELLO.  It pays no frame rate yet, so the next
+# one is refused as its HELLO: answered without end, a flood of them cost the relay a read
+# and a PONG each until the handshake deadline, for a peer that never authenticates.
+MAX_CONTROL_BEFORE_HELLO = 8
+
 
 class VerifyBudget(Protocol):
     """Signature checks this connection's address may still spend on keys the relay does
@@ -158,7 +163,7 @@ class RelayProtocol:
     __slots__ = ("_settings", "_access", "_budget", "_metrics", "_relay_log", "_handshake", "_out",
                  "_layout", "_sealer", "_opener", "phase", "device_key", "close", "_invalid_frames",
                  "_probation", "_in_flight", "_cursor", "_asked", "_wanted", "_found_empty",
-                 "counts", "_stream_budget", "_streams", "_frames")
+                 "counts", "_stream_budget", "_streams", "_frames", "_controls_before_hello")
 
     def __init__(self, identity: Identity, settings: Settings, access: AccessControl,
                  budget: VerifyBudget, metrics: RelayMetrics,
@@ -181,6 +186,7 @@ class RelayProtocol:
         self.device_key: PublicKey | None = None
         self.close: Close | None = None
         self._invalid_frames = 0
+        self._controls_before_hello = 0
         self._probation = 0  # SENDs still charged to the address's budget for unknown keys
         # The delivery window: tags sent and not yet acked, and where the next fetch starts.
         self._in_flight: set[str] = set()
@@ -271,11 +277,22 @@ class RelayProtocol:
             self._charge(now_ms)
             self._reject(None, DecodeError("frames must be binary WebSocket messages"))
 
-    def receive_control(self, now_ms: int) -> None:
-        """A WebSocket PING (the shell answers it with a PONG) or PONG.  Cheap, but read and
-        answered all the same: an authenticated device pays for it like for any frame."""
+    def receive_control(self, now_ms: int) -> bool:
+        """A WebSocket PING or PONG; True if the shell answers it (a PING, with a PONG).
+        Cheap, but read and answered all the same: an authenticated device pays for it like
+        for any frame, and before HELLO only MAX_CONTROL_BEFORE_HELLO are taken."""
+        if self.phase is Phase.HANDSHAKE:
+            self._controls_before_hello += 1
+            if self._controls_before_hello > MAX_CONTROL_BEFORE_HELLO:
+                self._refuse_handshake(UnauthenticatedError(
+                    f"expected a binary HELLO frame after at most {MAX_CONTROL_BEFORE_HELLO}"
+                    " PINGs or PONGs"), "not_binary")
+                return False
+            return True
         if self.phase is Phase.OPEN:
             self._charge(now_ms)
+            return True
+        return False
 
     def read_pause_s(self) -> float:
         """Seconds the shell waits before reading the device's next message: how far the

@@ -101,14 +101,13 @@ class DeviceSession:
         self._write()
         try:
             async with asyncio.timeout(timeout_s):
-                message = await self._ws.receive()
-                while message.type in _CONTROL:  # answered; HELLO is still to come
-                    self._feed(message)
+                while True:  # a few PINGs are answered; HELLO is still to come after them
                     message = await self._ws.receive()
+                    self._feed(message)
+                    if message.type not in _CONTROL or protocol.close is not None:
+                        break
         except TimeoutError:
             protocol.handshake_timed_out(timeout_s)
-        else:
-            self._feed(message)
         if protocol.device_key is not None and protocol.close is None:
             # Reachable for streams before the device hears WELCOME: an open sent to it as
             # soon as it is connected must find it (on Redis: its channel subscribed).
@@ -212,8 +211,7 @@ class DeviceSession:
         if message.type == WSMsgType.BINARY:
             return self._protocol.receive(message.data, now_ms())
         if message.type in _CONTROL:
-            self._protocol.receive_control(now_ms())
-            if message.type == WSMsgType.PING:
+            if self._protocol.receive_control(now_ms()) and message.type == WSMsgType.PING:
                 self._ws.write_pong(message.data)
         else:
             self._protocol.receive_non_binary(now_ms())

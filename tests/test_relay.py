@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 import redis.asyncio
 
+from continuum.protocol import MAX_CONTROL_BEFORE_HELLO
 from continuum.server import RelayServer
 from proto import Identity, Kind, Origin, decode_envelope, seal_envelope
 from proto.frames import Accepted, Ack, Challenge, Deliver, Send, decode_frame, encode_frame
@@ -533,6 +534,24 @@ async def test_mail_sent_while_the_relays_pub_sub_is_down_is_delivered_after(sta
             await b.expect_silence(0.3)  # nothing twice
     finally:
         redis_server.remove()
+
+
+async def test_a_flood_of_pings_before_hello_is_cut_off_after_a_few(relay) -> None:
+    """A peer that never says HELLO and only PINGs (no frame rate applies before the
+    handshake) is answered MAX_CONTROL_BEFORE_HELLO times, then refused UNAUTHENTICATED and
+    closed 1008; before, each of its PINGs was answered until the handshake deadline."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(relay.url, autoping=False) as ws:
+            await ws.receive_bytes(timeout=5)  # the CHALLENGE
+            for _ in range(50):
+                await ws.ping(b"x")
+            answers = []
+            while (message := await ws.receive(timeout=5)).type == aiohttp.WSMsgType.PONG:
+                answers.append(message)
+            assert len(answers) == MAX_CONTROL_BEFORE_HELLO
+            assert message.type == aiohttp.WSMsgType.BINARY  # the refusal
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1008, closing
 
 
 async def test_the_relay_answers_pings_before_hello_and_after_welcome(relay) -> None:

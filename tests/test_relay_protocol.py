@@ -22,7 +22,7 @@ from continuum.access import AccessControl
 from continuum.connection_gate import AddressBudget, ConnectionGate
 from continuum.metrics import RelayMetrics
 from continuum.protocol import (CLOSE_INTERNAL_ERROR, CLOSE_NORMAL, CLOSE_POLICY_VIOLATION,
-                                MIN_READ_PAUSE_S, Authenticated,
+                                MAX_CONTROL_BEFORE_HELLO, MIN_READ_PAUSE_S, Authenticated,
                                 CheckRate, Fetch, Phase, RelayProtocol, RemoveDelivered,
                                 StoreEnvelope)
 from continuum.settings import Settings
@@ -165,6 +165,28 @@ def test_handshake_failures_are_counted_by_reason(fail, reason: str) -> None:
     fail(protocol)
     assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
     assert protocol._metrics.handshake_failures.labels(reason)._value.get() == 1
+
+
+def test_a_few_pings_before_hello_are_answered_and_then_the_next_is_refused_as_hello() -> None:
+    """A peer that has not authenticated pays no frame rate: the relay answers at most
+    MAX_CONTROL_BEFORE_HELLO PINGs or PONGs before its HELLO, and takes the next one for a
+    bad HELLO (a flood of them was answered until the handshake deadline).  A device that
+    pinged a few times still completes its handshake."""
+    protocol = new_protocol()
+    protocol.data_to_send()
+    assert all(protocol.receive_control(NOW) for _ in range(MAX_CONTROL_BEFORE_HELLO))
+    assert protocol.close is None and protocol.data_to_send() == []
+    assert not protocol.receive_control(NOW)
+    assert error_codes(protocol) == [ErrorCode.UNAUTHENTICATED]
+    assert protocol.close is not None and protocol.close.code == CLOSE_POLICY_VIOLATION
+    assert protocol._metrics.handshake_failures.labels("not_binary")._value.get() == 1
+
+    patient = new_protocol()
+    handshake = device_handshake(ALICE)
+    hello = handshake.receive_challenge(patient.data_to_send()[0])
+    assert all(patient.receive_control(NOW) for _ in range(MAX_CONTROL_BEFORE_HELLO))
+    patient.receive(hello, NOW)
+    assert patient.device_key == ALICE.public and patient.close is None
 
 
 # -- sending ---------------------------------------------------------------------------------
