@@ -41,6 +41,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
         await ws.prepare(request)
         if await session.handshake(slot):
             trust(request.transport)  # its frames no longer wait behind newcomers' turns
+            ws.authenticated()  # before the device hears WELCOME: its first frame may be large
             await session.serve()
     finally:
         slot.release()

@@ -18,9 +18,11 @@ import asyncio
 import struct
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMessage, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
+
+from .framing import FramingBudget
 
 _FIN_BINARY = 0x82
 _FIN_CLOSE = 0x88
@@ -47,7 +49,7 @@ class DeviceWebSocket(web.WebSocketResponse):
 
     # Slots, not new keys in the inherited instance __dict__, which would make
     # it resize and cost about 1 KiB more per connection.
-    __slots__ = ("_stream", "_queued", "_drainer")
+    __slots__ = ("_stream", "_queued", "_drainer", "_framing")
 
     def __init__(self, **kwargs: Any) -> None:
         # No CLOSE answered from inside `receive`: the session first answers the SENDs still
@@ -58,10 +60,25 @@ class DeviceWebSocket(web.WebSocketResponse):
         self._stream: AbstractStreamWriter | None = None
         self._queued: list[bytes] | None = None  # frames waiting for the end of this loop turn
         self._drainer: asyncio.Future[None] | None = None  # see `drain`
+        self._framing = FramingBudget()
 
     async def prepare(self, request: BaseRequest) -> AbstractStreamWriter:
         self._stream = await super().prepare(request)
+        # Every byte the peer sends passes `_Measured` on its way to aiohttp's parser.
+        protocol = request.protocol
+        protocol._payload_parser = _Measured(protocol._payload_parser, self._framing,
+                                             self._stream.transport)
         return self._stream
+
+    def authenticated(self) -> None:
+        """The peer is a device: it may send messages as large as this WebSocket reads."""
+        self._framing.authenticated(self._max_msg_size)
+
+    async def receive(self, timeout: float | None = None) -> WSMessage:
+        message = await super().receive(timeout)
+        data = message.data
+        self._framing.taken(len(data) if isinstance(data, (bytes, str)) else 0)
+        return message
 
     def write_frames(self, payloads: list[bytes]) -> None:
         """Queue these frames, in order, for one write at the end of this loop turn.
@@ -194,3 +211,26 @@ class DeviceWebSocket(web.WebSocketResponse):
         stalled the relay for 0.3-0.5 s.
         """
         self._cancel_heartbeat()
+
+
+class _Measured:
+    """aiohttp's WebSocket parser, behind a `FramingBudget`: a peer whose bytes go beyond
+    the messages it completes is cut off (see `continuum.framing`)."""
+
+    __slots__ = ("_parser", "_budget", "_transport")
+
+    def __init__(self, parser: Any, budget: FramingBudget,
+                 transport: asyncio.BaseTransport | None) -> None:
+        self._parser = parser
+        self._budget = budget
+        self._transport = transport
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._budget.read(len(data)):
+            return self._parser.feed_data(data)
+        if self._transport is not None:
+            self._transport.abort()
+        return True, b""
+
+    def feed_eof(self) -> None:
+        self._parser.feed_eof()

@@ -232,3 +232,83 @@ async def test_handshakes_from_addresses_of_one_ipv6_64_share_one_unknown_key_bu
     async with await RawDevice.connect(relay.url, Identity.generate(),
                                        headers={"X-Forwarded-For": "2001:db8:0:2::1"}):
         pass
+
+
+def _client_frame(first_byte: int, payload: bytes) -> bytes:
+    """One masked client WebSocket frame (mask 0: the payload goes as it is)."""
+    size = len(payload)
+    if size < 126:
+        header = bytes([first_byte, 0x80 | size])
+    elif size < 65536:
+        header = bytes([first_byte, 0x80 | 126]) + size.to_bytes(2, "big")
+    else:
+        header = bytes([first_byte, 0x80 | 127]) + size.to_bytes(8, "big")
+    return header + bytes(4) + payload
+
+
+_BINARY, _CONTINUATION, _FIN = 0x02, 0x00, 0x80
+
+
+async def _closed_within(ws: aiohttp.ClientWebSocketResponse, timeout_s: float) -> bool:
+    """Whether the relay ends the connection within `timeout_s` (anything else it sends first,
+    a refusal or a CLOSE, is read past)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while (await ws.receive()).type not in (aiohttp.WSMsgType.CLOSED,
+                                                    aiohttp.WSMsgType.ERROR):
+                pass
+    except TimeoutError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("when", ["before HELLO", "after WELCOME"])
+async def test_a_message_that_never_ends_in_empty_fragments_is_cut_off(
+        start_relay, when: str) -> None:
+    """A peer starts a binary message and sends empty continuation frames (6 bytes each)
+    that never complete it: aiohttp parses each, but nothing reaches the session, so the
+    frame rate and the PINGs-before-HELLO limit never saw them, and one connection had the
+    relay parse millions a second.  Now the bytes a peer sends beyond the messages it
+    completes are bounded (`continuum.framing`): the relay cuts it off, whether it said
+    HELLO or not, while another device's messages pass (the handshake deadline, 30 s here,
+    is not what ends the first)."""
+    relay = await start_relay(handshake_timeout_s=30.0)
+    flood = (_client_frame(_BINARY, b"")
+             + _client_frame(_CONTINUATION, b"") * 1_000_000)  # 6 MB, far past either bound
+    alice, bob = Identity.generate(), Identity.generate()
+    async with aiohttp.ClientSession() as http:
+        if when == "before HELLO":
+            ws = await http.ws_connect(relay.url)
+            await ws.receive_bytes(timeout=5)  # the CHALLENGE; no HELLO follows
+            transport = ws._response.connection.transport  # type: ignore[union-attr]
+        else:
+            device = await RawDevice.connect(relay.url, alice)
+            ws = device.ws
+            transport = ws._response.connection.transport  # type: ignore[union-attr]
+        try:
+            transport.write(flood)
+            assert await _closed_within(ws, 10), f"still open {when}"
+            async with await RawDevice.connect(relay.url, bob) as other:
+                assert isinstance(await other.send(sealed(bob, [alice.public])), Accepted)
+        finally:
+            await ws.close()
+            if when == "after WELCOME":
+                await device.session.close()
+
+
+async def test_a_frame_sent_in_fragments_is_read_whole(start_relay) -> None:
+    """Fragmentation itself is allowed (RFC 6455): a SEND split into eight WebSocket frames
+    is one message, accepted, and the connection goes on."""
+    relay = await start_relay()
+    alice, bob = Identity.generate(), Identity.generate()
+    async with await RawDevice.connect(relay.url, alice) as device:
+        envelope = sealed(alice, [bob.public])
+        message = device.sealer.seal(Send(envelope.raw))
+        step = -(-len(message) // 8)
+        pieces = [message[i:i + step] for i in range(0, len(message), step)]
+        frames = [_client_frame(_BINARY if n == 0 else _CONTINUATION, piece)
+                  for n, piece in enumerate(pieces[:-1])]
+        frames.append(_client_frame(_FIN | _CONTINUATION, pieces[-1]))
+        device.ws._response.connection.transport.write(b"".join(frames))  # type: ignore[union-attr]
+        assert await device.recv_not_deliver() == Accepted(envelope.msg_id)
+        assert isinstance(await device.send(sealed(alice, [bob.public])), Accepted)
