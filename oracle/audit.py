@@ -44,8 +44,10 @@ SYSTEM = Actor("oracle", "internal")
 def names_another_kind(username: str) -> bool:
     """Whether an administrator with this username would read, in the log and its `actor`
     filter, as another kind of actor: those are `kind:…` (`token:NAME`, `cli:USER`,
-    `device:cpk_…`) or SYSTEM's name, and an admin is their bare username."""
-    return ":" in username or username == SYSTEM.name
+    `device:cpk_…`) or SYSTEM's name, and an admin is their bare username.  Only ASCII is
+    taken: `cli：root` (a fullwidth colon) or `оracle` (a Cyrillic о) read the same."""
+    return (not username.isascii() or ":" in username
+            or username.casefold() == SYSTEM.name.casefold())
 
 
 @dataclass(frozen=True)

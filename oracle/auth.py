@@ -192,7 +192,7 @@ class Auth:
                 or not username.isprintable() or username != username.strip()
                 or audit.names_another_kind(username)):
             raise InvalidInput(
-                "username must be 1..64 printable characters, without ':' and not 'oracle'"
+                "username must be 1..64 printable ASCII characters, without ':' and not 'oracle'"
                 " (the audit log names other actors cli:USER, token:NAME, device:cpk_…,"
                 " oracle) and without spaces at either end")
         password = password or secrets.token_urlsafe(18)

@@ -233,7 +233,8 @@ async def test_a_device_is_deleted_only_once_revoked_and_then_is_unknown(
 
 
 @pytest.mark.parametrize("username", ["cli:root", "device:" + "cpk_x", "token:ci", "oracle",
-                                      "a:b", " admin", "admin\t"])
+                                      "a:b", " admin", "admin\t", "cli\uff1aroot",
+                                      "device\ua789cpk_x", "\u043eracle", "Oracle"])
 async def test_no_admin_can_be_named_like_another_kind_of_actor(
         admin: Admin, server: OracleServer, username: str) -> None:
     """The audit log names its actors `cli:USER`, `token:NAME`, `device:cpk_…` and `oracle`
