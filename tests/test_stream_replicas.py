@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 
 from client import Device, PeerList
 from client.streams import StreamRequest
-from proto import Identity, canonical
+from proto import Identity, PublicKey, canonical
 from access_support import metric
 from proto.errors import StreamBrokenError
 from proto.frames import StreamCredit, encode_frame
@@ -32,17 +33,30 @@ def accepting_into(theirs: list) -> Callable[[StreamRequest], Awaitable[None]]:
     return keep
 
 
+@asynccontextmanager
+async def two_relays(store_url: str, tmp_path: Path) -> AsyncIterator[tuple[RelayProcess,
+                                                                           RelayProcess]]:
+    """Two relay processes on one Redis (logs r1.log and r2.log), each stopped by its PID."""
+    first = await RelayProcess("--store", store_url, log_path=tmp_path / "r1.log").start()
+    try:
+        second = await RelayProcess("--store", store_url, log_path=tmp_path / "r2.log").start()
+        try:
+            yield first, second
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
 async def test_a_stream_through_a_relay_that_is_killed_fails_at_the_other_end(
         redis_url: str, tmp_path: Path) -> None:
     """bob's relay is SIGKILLed mid-stream: it tells nobody, but alice's relay stops hearing
     it and ends the stream with a reason within seconds; bob's device, whose connection
     died, ends it too.  Neither is resumed when bob reconnects elsewhere."""
-    first = await RelayProcess("--store", redis_url, log_path=tmp_path / "r1.log").start()
-    second = await RelayProcess("--store", redis_url, log_path=tmp_path / "r2.log").start()
     alice, bob = Identity.generate(), Identity.generate()
     theirs: list = []
     keep = accepting_into(theirs)
-    try:
+    async with two_relays(redis_url, tmp_path) as (first, second):
         async with Device(alice, [first.url], PeerList([bob.public])) as a, \
                 Device(bob, [second.url, first.url], PeerList([alice.public])) as b:
             b.on_stream(keep)
@@ -61,9 +75,6 @@ async def test_a_stream_through_a_relay_that_is_killed_fails_at_the_other_end(
             await b.wait_connected(20)  # bob fails over to the first relay: fresh streams work
             again = await a.open_stream(bob.public, "keep", timeout=20)
             assert await again.read() == b"hello"
-    finally:
-        first.stop()
-        second.stop()
 
 
 async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replicas(
@@ -73,14 +84,10 @@ async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replica
     raising, and frames published meanwhile are gone (a lost credit stalls a stream for
     good), so the relay ends the streams across replicas, at both ends, within seconds;
     it logs and counts the loss, and new streams work."""
-    first = await RelayProcess("--store", private_redis.url,
-                               log_path=tmp_path / "r1.log").start()
-    second = await RelayProcess("--store", private_redis.url,
-                                log_path=tmp_path / "r2.log").start()
     alice, bob = Identity.generate(), Identity.generate()
     theirs: list = []
     keep = accepting_into(theirs)
-    try:
+    async with two_relays(private_redis.url, tmp_path) as (first, second):
         async with Device(alice, [first.url], PeerList([bob.public])) as a, \
                 Device(bob, [second.url], PeerList([alice.public])) as b:
             b.on_stream(keep)
@@ -88,13 +95,7 @@ async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replica
             await b.wait_connected(10)
             stream = await a.open_stream(bob.public, "keep", timeout=10)
             assert await stream.read() == b"hello"
-            assert second.process is not None
-            # The bus subscribes its relay channel, `alive` and bob's device channel; the
-            # wake-up subscriber, bob's mailbox alone.
-            bus = [client for client in subscribers_of(private_redis.port, second.process.pid)
-                   if int(client["sub"]) >= 2]
-            assert len(bus) == 1, bus
-            kill_client(private_redis.port, bus[0]["id"])
+            kill_client(private_redis.port, bus_subscriber(private_redis, second))
             with pytest.raises(StreamBrokenError, match="lost its connection to the store"):
                 await asyncio.wait_for(theirs[0].read(), 5)
             with pytest.raises(StreamBrokenError, match="lost its connection to the store"):
@@ -104,9 +105,6 @@ async def test_a_dropped_stream_bus_subscription_ends_the_streams_across_replica
             assert "stream_bus_lost" in (tmp_path / "r2.log").read_text()
             again = await a.open_stream(bob.public, "keep", timeout=10)
             assert await asyncio.wait_for(again.read(), 5) == b"hello"
-    finally:
-        first.stop()
-        second.stop()
 
 
 def answering_when(offered: asyncio.Event, go: asyncio.Event,
@@ -130,6 +128,19 @@ def bus_subscriber(redis: RedisServer, relay: RelayProcess) -> str:
     return bus[0]["id"]
 
 
+async def held_open(a: Device, b: Device, bob: PublicKey
+                    ) -> tuple[asyncio.Task[object], asyncio.Event, list]:
+    """alice's device `a` opens a stream to bob's `b`, which holds its answer until `go` is
+    set; returns once bob's device has the offer: (the open, `go`, bob's streams)."""
+    offered, go, theirs = asyncio.Event(), asyncio.Event(), []
+    b.on_stream(answering_when(offered, go, theirs))
+    await a.wait_connected(10)
+    await b.wait_connected(10)
+    opening = asyncio.create_task(a.open_stream(bob, "keep", timeout=20))
+    await asyncio.wait_for(offered.wait(), 10)
+    return opening, go, theirs
+
+
 async def test_an_answer_published_while_the_openers_relay_resubscribes_ends_both_halves(
         private_redis: RedisServer, tmp_path: Path) -> None:
     """alice's relay has lost its stream bus subscriber and has not subscribed again (here:
@@ -138,21 +149,12 @@ async def test_an_answer_published_while_the_openers_relay_resubscribes_ends_bot
     tunnel's TCP connection to its service), and alice's open waited its 10 s deadline.
     Now the answer that reached no subscriber ends bob's half at once, and alice's relay,
     once it resubscribes, ends the open it can no longer trust an answer for."""
-    first = await RelayProcess("--store", private_redis.url,
-                               log_path=tmp_path / "r1.log").start()
-    second = await RelayProcess("--store", private_redis.url,
-                                log_path=tmp_path / "r2.log").start()
     alice, bob = Identity.generate(), Identity.generate()
-    offered, go, theirs = asyncio.Event(), asyncio.Event(), []
-    assert first.process is not None
-    try:
+    async with two_relays(private_redis.url, tmp_path) as (first, second):
+        assert first.process is not None
         async with Device(alice, [first.url], PeerList([bob.public])) as a, \
                 Device(bob, [second.url], PeerList([alice.public])) as b:
-            b.on_stream(answering_when(offered, go, theirs))
-            await a.wait_connected(10)
-            await b.wait_connected(10)
-            opening = asyncio.create_task(a.open_stream(bob.public, "keep", timeout=20))
-            await asyncio.wait_for(offered.wait(), 10)
+            opening, go, theirs = await held_open(a, b, bob.public)
             first.process.send_signal(signal.SIGSTOP)
             try:
                 kill_client(private_redis.port, bus_subscriber(private_redis, first))
@@ -171,9 +173,6 @@ async def test_an_answer_published_while_the_openers_relay_resubscribes_ends_bot
             b.on_stream(accepting_into(theirs))
             again = await a.open_stream(bob.public, "keep", timeout=10)
             assert await asyncio.wait_for(again.read(), 5) == b"hello"
-    finally:
-        first.stop()
-        second.stop()
 
 
 async def client_memory(redis: Redis, client_id: str) -> int | None:
@@ -192,26 +191,18 @@ async def test_an_answer_lost_in_a_dropped_subscribers_buffer_ends_both_halves(
     nothing but alice's relay knows it was lost, and only as a loss of its subscriber;
     it ended the streams across replicas but not the open waiting for that answer, and
     bob's half stayed open for good.  Now it withdraws that open, and bob's half ends."""
-    first = await RelayProcess("--store", private_redis.url,
-                               log_path=tmp_path / "r1.log").start()
-    second = await RelayProcess("--store", private_redis.url,
-                                log_path=tmp_path / "r2.log").start()
     alice, bob = Identity.generate(), Identity.generate()
-    offered, go, theirs = asyncio.Event(), asyncio.Event(), []
     redis = Redis.from_url(private_redis.url)
     # Valid bus messages the relay drops without a word (a credit with no connection named),
     # each made 64 KiB long by its origin's replica id.
     filler = canonical.encode([None, alice.public.raw, "x" * 65_536, 0, bob.public.raw,
                                encode_frame(StreamCredit(bytes(16), 1))])
-    assert first.process is not None
     try:
-        async with Device(alice, [first.url], PeerList([bob.public])) as a, \
+        async with two_relays(private_redis.url, tmp_path) as (first, second), \
+                Device(alice, [first.url], PeerList([bob.public])) as a, \
                 Device(bob, [second.url], PeerList([alice.public])) as b:
-            b.on_stream(answering_when(offered, go, theirs))
-            await a.wait_connected(10)
-            await b.wait_connected(10)
-            opening = asyncio.create_task(a.open_stream(bob.public, "keep", timeout=20))
-            await asyncio.wait_for(offered.wait(), 10)
+            assert first.process is not None
+            opening, go, theirs = await held_open(a, b, bob.public)
             subscriber = bus_subscriber(private_redis, first)
             [channel] = await redis.pubsub_channels(f"*streams:device:{alice.public.raw.hex()}")
             await redis.config_set("client-output-buffer-limit", "pubsub 1mb 0 0")
@@ -243,5 +234,3 @@ async def test_an_answer_lost_in_a_dropped_subscribers_buffer_ends_both_halves(
             assert await metric(f"http://127.0.0.1:{second.port}", "continuum_streams_open") == 0
     finally:
         await redis.aclose()
-        first.stop()
-        second.stop()
