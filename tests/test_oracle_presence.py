@@ -359,60 +359,62 @@ async def receiver(failures: int, signed: list[tuple[bytes, str | None]] | None 
         yield f"http://127.0.0.1:{port}/hook/secret", posts
 
 
+@asynccontextmanager
+async def watched_device(settings_dir: Path, webhook_url: str, attempts: int, name: str
+                         ) -> AsyncIterator[tuple[OracleServer, Admin, Identity]]:
+    """An oracle that posts silences to `webhook_url` (`attempts` tries each), with one device
+    enrolled as `name` and expected every second, so soon silent: (oracle, admin, device)."""
+    settings = oracle_settings(settings_dir, silence_check_s=0.1,
+                               silence_webhook_url=webhook_url,
+                               silence_webhook_attempts=attempts)
+    async with OracleServer(settings) as oracle:
+        admin = await Admin.login(oracle)
+        try:
+            (device,) = await enrolled(admin, name)
+            await admin.call("PUT", f"/v1/devices/{device.public.text}/check-in",
+                             {"interval_s": 1})
+            yield oracle, admin, device
+        finally:
+            await admin.close()
+
+
 async def test_the_webhook_is_told_retried_and_given_up_without_holding_the_oracle(
         tmp_path: Path) -> None:
     signed: list[tuple[bytes, str | None]] = []
     async with receiver(failures=2, signed=signed) as (url, posts):
-        settings = oracle_settings(tmp_path, silence_check_s=0.1, silence_webhook_url=url,
-                                   silence_webhook_attempts=3)
-        async with OracleServer(settings) as oracle:
-            admin = await Admin.login(oracle)
-            try:
-                (alice,) = await enrolled(admin, "alice")
-                await admin.call("PUT", f"/v1/devices/{alice.public.text}/check-in",
-                                 {"interval_s": 1})
-                await eventually(lambda: _at_least(posts, 3), timeout=10)
-                assert [p["event"] for p in posts] == ["silent"] * 3  # two 500s, then taken
-                assert posts[-1]["devices"][0]["key"] == alice.public.text
-                assert posts[-1]["devices"][0]["interval_s"] == 1
-                assert posts[-1]["oracle_key"] == oracle.identity.public.text
-                # Signed by the oracle's key: a receiver can tell it from anyone's POST.
-                for body, header in signed:
-                    verify_webhook(oracle.identity.public, body, header)
-                body, header = signed[-1]
-                for forged in (body.replace(b"silent", b"recovered"), body + b" "):
-                    with pytest.raises(SignatureError):
-                        verify_webhook(oracle.identity.public, forged, header)
+        async with watched_device(tmp_path, url, 3, "alice") as (oracle, admin, alice):
+            await eventually(lambda: _at_least(posts, 3), timeout=10)
+            assert [p["event"] for p in posts] == ["silent"] * 3  # two 500s, then taken
+            assert posts[-1]["devices"][0]["key"] == alice.public.text
+            assert posts[-1]["devices"][0]["interval_s"] == 1
+            assert posts[-1]["oracle_key"] == oracle.identity.public.text
+            # Signed by the oracle's key: a receiver can tell it from anyone's POST.
+            for body, header in signed:
+                verify_webhook(oracle.identity.public, body, header)
+            body, header = signed[-1]
+            for forged in (body.replace(b"silent", b"recovered"), body + b" "):
                 with pytest.raises(SignatureError):
-                    verify_webhook(Identity.generate().public, body, header)
-                with pytest.raises(SignatureError):
-                    verify_webhook(oracle.identity.public, body, None)
-                text = await metrics_text(admin)
-                assert 'continuum_oracle_silence_webhook_posts_total{result="delivered"} 1.0' \
-                    in text
-            finally:
-                await admin.close()
+                    verify_webhook(oracle.identity.public, forged, header)
+            with pytest.raises(SignatureError):
+                verify_webhook(Identity.generate().public, body, header)
+            with pytest.raises(SignatureError):
+                verify_webhook(oracle.identity.public, body, None)
+            text = await metrics_text(admin)
+            assert 'continuum_oracle_silence_webhook_posts_total{result="delivered"} 1.0' \
+                in text
             assert "secret" not in str(oracle.settings.describe())
 
     # Nobody listens at all: three tries, then given up; the oracle answers meanwhile.
     async with receiver(failures=0) as (url, _):
         pass  # the port is free again: connections are refused
-    settings = oracle_settings(tmp_path / "2", silence_check_s=0.1, silence_webhook_url=url,
-                               silence_webhook_attempts=2)
-    async with OracleServer(settings) as oracle:
-        admin = await Admin.login(oracle)
-        try:
-            (bob,) = await enrolled(admin, "bob")
-            await admin.call("PUT", f"/v1/devices/{bob.public.text}/check-in", {"interval_s": 1})
+    async with watched_device(tmp_path / "2", url, 2, "bob") as (_, admin, _):
 
-            async def gave_up() -> bool:
-                started = time.perf_counter()
-                text = await metrics_text(admin)
-                assert time.perf_counter() - started < 1.0  # never held up by the webhook
-                return 'continuum_oracle_silence_webhook_posts_total{result="failed"} 1.0' in text
-            await eventually(gave_up, timeout=15, interval=0.1)
-        finally:
-            await admin.close()
+        async def gave_up() -> bool:
+            started = time.perf_counter()
+            text = await metrics_text(admin)
+            assert time.perf_counter() - started < 1.0  # never held up by the webhook
+            return 'continuum_oracle_silence_webhook_posts_total{result="failed"} 1.0' in text
+        await eventually(gave_up, timeout=15, interval=0.1)
 
 
 async def _at_least(posts: list, count: int) -> bool:
@@ -443,23 +445,14 @@ async def test_the_webhook_does_not_follow_a_redirect(tmp_path: Path, status: in
     redirector.router.add_post("/hook", redirect)
     async with serving(target) as internal_port, serving(redirector) as port:
         internal_url = f"http://127.0.0.1:{internal_port}"
-        settings = oracle_settings(tmp_path, silence_check_s=0.1,
-                                   silence_webhook_url=f"http://127.0.0.1:{port}/hook",
-                                   silence_webhook_attempts=2)
-        async with OracleServer(settings) as oracle:
-            admin = await Admin.login(oracle)
-            try:
-                (alice,) = await enrolled(admin, "alice")
-                await admin.call("PUT", f"/v1/devices/{alice.public.text}/check-in",
-                                 {"interval_s": 1})
+        async with watched_device(tmp_path, f"http://127.0.0.1:{port}/hook", 2,
+                                  "alice") as (_, admin, _):
 
-                async def settled() -> str | None:  # given up, or (wrongly) delivered
-                    text = await metrics_text(admin)
-                    return text if 'silence_webhook_posts_total{result="failed"} 1.0' in text \
-                        or 'silence_webhook_posts_total{result="delivered"}' in text else None
-                text = await eventually(settled, timeout=15, interval=0.1)
-            finally:
-                await admin.close()
+            async def settled() -> str | None:  # given up, or (wrongly) delivered
+                text = await metrics_text(admin)
+                return text if 'silence_webhook_posts_total{result="failed"} 1.0' in text \
+                    or 'silence_webhook_posts_total{result="delivered"}' in text else None
+            text = await eventually(settled, timeout=15, interval=0.1)
     assert reached == []  # nothing went where the redirect pointed
     assert asked == ["POST", "POST"]  # each try was one POST to the configured URL
     assert 'silence_webhook_posts_total{result="failed"} 1.0' in text
