@@ -87,9 +87,7 @@ class DeviceWebSocket(web.WebSocketResponse):
         does: no data frame may follow a CLOSE.  Callers that must not outrun
         a slow reader then await `drain()`.
         """
-        assert self._stream is not None, "write_frames before prepare"
-        transport = self._stream.transport
-        if self.closed or transport is None or transport.is_closing():
+        if self._no_more_frames():
             raise ConnectionResetError("cannot write to a closing WebSocket")
         queued = self._queue()
         for payload in payloads:
@@ -100,11 +98,15 @@ class DeviceWebSocket(web.WebSocketResponse):
         reader checks of every control frame), with this turn's other frames.  Nothing once
         the WebSocket is closing: no frame may follow a CLOSE, and a PING needs no answer
         then."""
-        assert self._stream is not None, "write_pong before prepare"
-        transport = self._stream.transport
-        if self.closed or transport is None or transport.is_closing():
+        if self._no_more_frames():
             return
         self._queue().extend((_SHORT.pack(_FIN_PONG, len(payload)), payload))
+
+    def _no_more_frames(self) -> bool:
+        """No frame may be queued any more: closed, or its socket is going."""
+        assert self._stream is not None, "write before prepare"
+        transport = self._stream.transport
+        return self.closed or transport is None or transport.is_closing()
 
     def _queue(self) -> list[bytes]:
         """This turn's queue, and its write at the end of the turn, started by the first frame."""
@@ -157,9 +159,9 @@ class DeviceWebSocket(web.WebSocketResponse):
     def flush(self) -> None:
         """Write every queued frame now, in one system call."""
         queued, self._queued = self._queued, None
-        transport = self._stream.transport if self._stream is not None else None
-        if queued and not self.closed and transport is not None and not transport.is_closing():
-            transport.write(b"".join(queued))
+        if queued and not self._no_more_frames():
+            assert self._stream is not None and self._stream.transport is not None
+            self._stream.transport.write(b"".join(queued))
 
     def close_at_once(self, code: int, reason: bytes) -> None:
         """Send what is queued and a CLOSE frame, then end the TCP connection without waiting
